@@ -1,0 +1,8 @@
+"""Triton kernels for chunked prefill, one op per module, each with its plain-torch reference."""
+from .chunk_attention import chunk_attention, chunk_attention_ref
+from .rmsnorm import add_rms_norm, add_rms_norm_ref
+from .rope import rope, rope_ref, rope_tables
+from .swiglu import swiglu, swiglu_ref
+
+__all__ = ["chunk_attention", "chunk_attention_ref", "add_rms_norm", "add_rms_norm_ref", "rope", "rope_ref",
+           "rope_tables", "swiglu", "swiglu_ref"]

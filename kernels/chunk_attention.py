@@ -1,0 +1,249 @@
+"""Chunked-prefill attention with the KV-cache append fused in: the queries of one chunk attend to the cached
+prefix and, causally (aligned bottom-right), to the chunk itself. FlashAttention-2 style, one launch.
+
+Reads top to bottom: inner loop, kernel, block-size choice, launcher, plain-torch reference.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_limit, offs_m, offs_n, offs_d, qk_scale,
+            CAUSAL: tl.constexpr, MASK_N: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi) of one source (prefix cache or the chunk itself).
+
+    CAUSAL masks key j > query i (both chunk-local); MASK_N masks keys j >= n_limit (a ragged last block).
+    Blocks without either mask run with unmasked loads: that is the hot loop over the prefix.
+    """
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK_N:
+            k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None], mask=cols[None, :] < n_limit, other=0.0)
+        else:
+            k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None])
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        if CAUSAL:
+            qk = tl.where(offs_m[:, None] >= cols[None, :], qk, float("-inf"))
+        if MASK_N:
+            qk = tl.where(cols[None, :] < n_limit, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK_N:
+            v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :], mask=cols[:, None] < n_limit, other=0.0)
+        else:
+            v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _chunk_attention_kernel(
+    # pointers
+    Q, KN, VN, KC, VC, Out, StartPos,
+    # strides (the head-dim stride is 1)
+    stride_qb, stride_qm, stride_qh,
+    stride_knb, stride_knm, stride_knh,
+    stride_vnb, stride_vnm, stride_vnh,
+    stride_kcb, stride_kcm, stride_kch,
+    stride_vcb, stride_vcm, stride_vch,
+    stride_ob, stride_om, stride_oh,
+    # sizes
+    C, Hq, qk_scale,
+    # meta-parameters
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    kvh = h // GROUP
+    P = tl.load(StartPos + b)  # prefix length of this batch row
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # chunk-local query rows
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < C
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok,
+                other=0.0)
+    kn = KN + b * stride_knb + kvh * stride_knh
+    vn = VN + b * stride_vnb + kvh * stride_vnh
+    kc = KC + b * stride_kcb + kvh * stride_kch
+    vc = VC + b * stride_vcb + kvh * stride_vch
+
+    # Fused cache append: the first query head of each KV group writes this block's new keys and values.
+    # Nothing in this launch reads those cache rows (the chunk phase reads KN/VN), so there is no race.
+    if h % GROUP == 0:
+        kv_rows = offs_m[:, None]
+        k_blk = tl.load(kn + kv_rows * stride_knm + offs_d[None, :], mask=row_ok, other=0.0)
+        v_blk = tl.load(vn + kv_rows * stride_vnm + offs_d[None, :], mask=row_ok, other=0.0)
+        tl.store(kc + (P + kv_rows) * stride_kcm + offs_d[None, :], k_blk, mask=row_ok)
+        tl.store(vc + (P + kv_rows) * stride_vcm + offs_d[None, :], v_blk, mask=row_ok)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Phase 1, the prefix [0, P): every query sees every key. Full blocks unmasked, the ragged tail masked.
+    p_full = (P // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kc, vc, stride_kcm, stride_vcm, 0, p_full, P, offs_m, offs_n,
+                            offs_d, qk_scale, False, False, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kc, vc, stride_kcm, stride_vcm, p_full, P, P, offs_m, offs_n,
+                            offs_d, qk_scale, False, True, BLOCK_N, PRECISION)
+    # Phase 2, the chunk itself: keys before this query block are all visible (unmasked); the diagonal
+    # blocks get the causal mask. Blocks right of the diagonal are fully masked and never visited.
+    m_lo = pid_m * BLOCK_M
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, 0, m_lo, C, offs_m, offs_n, offs_d,
+                            qk_scale, False, False, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, m_lo, tl.minimum(m_lo + BLOCK_M, C),
+                            C, offs_m, offs_n, offs_d, qk_scale, True, True, BLOCK_N, PRECISION)
+
+    out = acc / l_i[:, None]
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok)
+
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def pick_config(chunk_len: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Block sizes and launch shape. Every config this can return is compiled ahead of time in the tests."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:  # exact fp32 dots (no TF32): smaller tiles, this path is for checking, not speed
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if chunk_len <= 16:  # decode-like: do not waste a 128-row tile on one query
+        return dict(BLOCK_M=16, BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+    if head_dim == 256:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+    if head_dim == 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def all_configs() -> list[tuple[int, torch.dtype, dict]]:
+    """(head_dim, dtype, config) for every choice `pick_config` makes on a GPU."""
+    out = []
+    for d in SUPPORTED_HEAD_DIMS:
+        for dtype in SUPPORTED_DTYPES:
+            seen = []
+            for c in (1, 4096):
+                cfg = pick_config(c, d, dtype)
+                if cfg not in seen:
+                    seen.append(cfg)
+                    out.append((d, dtype, cfg))
+    return out
+
+
+def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
+    named = dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache)
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"chunk_attention: {name} must be a 4-D tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"chunk_attention: {name} has unsupported dtype {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"chunk_attention: {name} is {t.dtype} but q is {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"chunk_attention: {name} is on {t.device} but q is on {q.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"chunk_attention: the last dimension of {name} must be contiguous (stride 1)")
+    B, C, Hq, D = q.shape
+    if k_new.shape != v_new.shape or k_new.shape[0] != B or k_new.shape[1] != C or k_new.shape[3] != D:
+        raise ValueError(f"chunk_attention: k_new/v_new must be [B={B}, C={C}, Hkv, D={D}], got "
+                         f"{tuple(k_new.shape)} and {tuple(v_new.shape)}")
+    Hkv = k_new.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"chunk_attention: query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[2:] != (Hkv, D):
+        raise ValueError(f"chunk_attention: k_cache/v_cache must be [B={B}, max_len, Hkv={Hkv}, D={D}], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"chunk_attention: head dim {D} is not supported (use one of {SUPPORTED_HEAD_DIMS})")
+    if C < 1:
+        raise ValueError("chunk_attention: the chunk must hold at least one query")
+    max_len = k_cache.shape[1]
+    if isinstance(start_pos, torch.Tensor):
+        if start_pos.shape != (B,) or start_pos.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"chunk_attention: a start_pos tensor must be int32/int64 of shape [B={B}], got "
+                             f"{start_pos.dtype} {tuple(start_pos.shape)}")
+        if start_pos.device != q.device:
+            raise ValueError(f"chunk_attention: start_pos is on {start_pos.device} but q is on {q.device}")
+        # a device tensor is not read back (that would sync the host); its range is the caller's contract
+    else:
+        if int(start_pos) < 0:
+            raise ValueError(f"chunk_attention: start_pos must be >= 0, got {start_pos}")
+        if int(start_pos) + C > max_len:
+            raise ValueError(f"chunk_attention: start_pos + C = {int(start_pos) + C} is past the cache "
+                             f"(max_len {max_len})")
+    return B, C, Hq, Hkv, D
+
+
+def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None):
+    """Attention of a chunk over the prefix KV cache plus itself, appending the chunk's K/V to the cache.
+
+    q [B, C, Hq, D]: queries at positions [start_pos, start_pos + C).
+    k_new, v_new [B, C, Hkv, D]: written to k_cache, v_cache [B, max_len, Hkv, D] at those positions.
+    start_pos: int, or an int tensor [B] on q's device (one prefix length per row; no host sync).
+    Returns out [B, C, Hq, D]; query i sees cache positions <= start_pos + i.
+    """
+    B, C, Hq, Hkv, D = _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos)
+    if sm_scale is None:
+        sm_scale = D ** -0.5
+    if isinstance(start_pos, torch.Tensor):
+        starts = start_pos.to(torch.int32)
+    else:
+        starts = torch.full((B,), int(start_pos), dtype=torch.int32, device=q.device)
+    out = torch.empty_like(q)
+    cfg = pick_config(C, D, q.dtype)
+    grid = (triton.cdiv(C, cfg["BLOCK_M"]), B * Hq)
+    _chunk_attention_kernel[grid](
+        q, k_new, v_new, k_cache, v_cache, out, starts,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_new.stride(0), k_new.stride(1), k_new.stride(2),
+        v_new.stride(0), v_new.stride(1), v_new.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        C, Hq, sm_scale * LOG2E,
+        GROUP=Hq // Hkv, HEAD_DIM=D, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_scale=None):
+    """Plain-torch reference (and the model's torch backend): same contract, int start_pos only."""
+    B, C, Hq, D = q.shape
+    Hkv = k_new.shape[2]
+    end = start_pos + C
+    if end > k_cache.shape[1]:
+        raise ValueError(f"attention: start_pos + C = {end} is past the cache (max_len {k_cache.shape[1]})")
+    k_cache[:, start_pos:end] = k_new
+    v_cache[:, start_pos:end] = v_new
+    qt = q.transpose(1, 2)  # [B, Hq, C, D]
+    kt = k_cache[:, :end].transpose(1, 2)  # [B, Hkv, end, D]
+    vt = v_cache[:, :end].transpose(1, 2)
+    if start_pos == 0:
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=sm_scale,
+                                                               enable_gqa=Hq != Hkv)
+    else:
+        i = torch.arange(C, device=q.device)[:, None]
+        j = torch.arange(end, device=q.device)[None, :]
+        mask = j <= start_pos + i  # bottom-right aligned causal mask [C, end]
+        out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=sm_scale,
+                                                               enable_gqa=Hq != Hkv)
+    return out.transpose(1, 2)

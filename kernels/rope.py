@@ -1,0 +1,89 @@
+"""Rotate-half rotary position embedding at a position offset: a chunk starting at `start_pos` uses rows
+[start_pos, start_pos + C) of precomputed cos/sin tables, so chunks can start anywhere."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_kernel(
+    # pointers
+    X, Cos, Sin, Out,
+    # strides (the head dimension is contiguous)
+    stride_xb, stride_xm, stride_xh, stride_ob, stride_om, stride_oh, stride_t,
+    # sizes
+    C, H, start_pos,
+    # meta-parameters
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)  # one (batch, position) row, all heads
+    b = (pid // C).to(tl.int64)
+    m = pid % C
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, HALF)[None, :]
+    mask = heads < H
+    x_row = X + b * stride_xb + m * stride_xm + heads * stride_xh
+    x1 = tl.load(x_row + d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + HALF + d, mask=mask, other=0.0).to(tl.float32)
+    pos = (start_pos + m).to(tl.int64)
+    cos = tl.load(Cos + pos * stride_t + d)
+    sin = tl.load(Sin + pos * stride_t + d)
+    o_row = Out + b * stride_ob + m * stride_om + heads * stride_oh
+    tl.store(o_row + d, (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=mask)
+    tl.store(o_row + HALF + d, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=mask)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """x [B, C, H, D]; cos, sin [max_len, D/2] fp32 tables. Returns the rotated x (same shape and dtype)."""
+    if x.dim() != 4:
+        raise ValueError(f"rope: x must be [B, C, H, D], got {tuple(x.shape)}")
+    B, C, H, D = x.shape
+    half = D // 2
+    if D % 2 or half & (half - 1):
+        raise ValueError(f"rope: head dim must be twice a power of two, got {D}")
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != half:
+        raise ValueError(f"rope: cos/sin must be [max_len, {half}], got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.stride() != sin.stride() or cos.stride(1) != 1:
+        raise ValueError("rope: cos/sin must be fp32 tables with identical strides and contiguous rows")
+    if x.stride(-1) != 1:
+        raise ValueError("rope: the last dimension of x must be contiguous (stride 1)")
+    if cos.device != x.device:
+        raise ValueError(f"rope: tables are on {cos.device} but x is on {x.device}")
+    if start_pos < 0 or start_pos + C > cos.shape[0]:
+        raise ValueError(f"rope: positions [{start_pos}, {start_pos + C}) are outside the tables "
+                         f"(max_len {cos.shape[0]})")
+    out = torch.empty_like(x)
+    BLOCK_H = triton.next_power_of_2(H)
+    _rope_kernel[(B * C,)](
+        x, cos, sin, out,
+        x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
+        C, H, start_pos,
+        HALF=half, BLOCK_H=BLOCK_H, num_warps=4,
+    )
+    return out
+
+
+def rope_ref(x, cos, sin, start_pos: int):
+    """Plain-torch reference (and the model's torch backend)."""
+    C, half = x.shape[1], x.shape[-1] // 2
+    c = cos[start_pos:start_pos + C][None, :, None, :]  # [1, C, 1, D/2]
+    s = sin[start_pos:start_pos + C][None, :, None, :]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x1, x2 = x[..., :half].to(work), x[..., half:].to(work)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, llama3_scaling=None, device=None):
+    """cos, sin [max_len, head_dim/2] in fp32, computed in float64 (positions up to 128k stay exact)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if llama3_scaling is not None:  # Llama 3.1: stretch low frequencies, keep high ones, blend between
+        factor, low, high, original = llama3_scaling
+        wavelen = 2 * torch.pi / inv_freq
+        smooth = ((original / wavelen) - low) / (high - low)
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        mid = (wavelen <= original / low) & (wavelen >= original / high)
+        inv_freq = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    angles = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().float().to(device), angles.sin().float().to(device)

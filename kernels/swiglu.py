@@ -1,0 +1,50 @@
+"""SwiGLU activation `silu(gate) * up`, reading each input once and writing the output once. The inputs may be
+strided views (the two halves of one fused gate/up projection)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .shapes import as_rows
+
+
+@triton.jit
+def _swiglu_kernel(
+    # pointers
+    G, U, Out,
+    # strides (rows; the last dimension is contiguous)
+    stride_g, stride_u, stride_o,
+    # sizes
+    N,
+    # meta-parameters
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    g = tl.load(G + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    tl.store(Out + row * stride_o + cols, y.to(Out.dtype.element_ty), mask=mask)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up [..., I] (same shape, dtype, device). Returns silu(gate) * up, contiguous."""
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(f"swiglu: gate {gate.dtype} {tuple(gate.shape)} on {gate.device} and up {up.dtype} "
+                         f"{tuple(up.shape)} on {up.device} must match")
+    g2, u2 = as_rows(gate, "swiglu", "gate"), as_rows(up, "swiglu", "up")
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    o2 = out.view(-1, gate.shape[-1])
+    N = gate.shape[-1]
+    BLOCK = min(4096, triton.next_power_of_2(N))
+    _swiglu_kernel[(g2.shape[0], triton.cdiv(N, BLOCK))](
+        g2, u2, o2, g2.stride(0), u2.stride(0), o2.stride(0), N, BLOCK=BLOCK, num_warps=min(8, max(1, BLOCK // 512)),
+    )
+    return out
+
+
+def swiglu_ref(gate, up):
+    """Plain-torch reference (and the model's torch backend)."""
+    return torch.nn.functional.silu(gate) * up

@@ -1,0 +1,220 @@
+"""A Llama-style decoder (RMSNorm, rotate-half RoPE, GQA attention, SwiGLU) in plain PyTorch, built so that one
+`Transformer` can own any contiguous range of layers: the embedding lives on the first part, the final norm and
+the head on the last. Every op goes through the `Ops` seam (torch reference or Triton kernels)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kernels import rope_tables
+
+from .config import ModelConfig, get_preset
+from .ops import Ops, get_ops
+from .weights import load_hf_weights, random_weights
+
+
+class KVCache:
+    """K and V for the layers of one model part: k, v [layers, B, max_len, Hkv, D]."""
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype, device):
+        shape = (num_layers, batch, max_len, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.attention_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)  # fused q, k, v projections
+        self.wo = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.ffn_norm = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # fused gate, up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, h, residual, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops):
+        """h, residual [B, C, H] (residual None on a part's first block); returns the new (h, residual)."""
+        cfg = self.cfg
+        B, C, _ = h.shape
+        x, residual = ops.add_rms_norm(h, residual, self.attention_norm, cfg.rms_norm_eps)
+        qkv = self.wqkv(x)  # [B, C, (Hq + 2 Hkv) D]
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q = qkv[..., :q_dim].view(B, C, cfg.num_heads, cfg.head_dim)
+        k = qkv[..., q_dim:q_dim + kv_dim].view(B, C, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv[..., q_dim + kv_dim:].view(B, C, cfg.num_kv_heads, cfg.head_dim)
+        q = ops.rope(q, rope_cos, rope_sin, start_pos)
+        k = ops.rope(k, rope_cos, rope_sin, start_pos)
+        attn = ops.attention(q, k, v, k_cache, v_cache, start_pos)  # [B, C, Hq, D], appends k, v to the cache
+        h = self.wo(attn.reshape(B, C, q_dim))
+        x, residual = ops.add_rms_norm(h, residual, self.ffn_norm, cfg.rms_norm_eps)
+        gate_up = self.w13(x)  # [B, C, 2I]
+        I = cfg.intermediate_size
+        h = self.w2(ops.swiglu(gate_up[..., :I], gate_up[..., I:]))
+        return h, residual
+
+
+class Transformer(nn.Module):
+    """Layers `layers` of a Llama-style model. forward(tokens) is the unchunked prefill of the whole model."""
+
+    def __init__(self, cfg: ModelConfig, layers: range | None = None, ops: str | Ops = "torch"):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_ids = range(cfg.num_layers) if layers is None else layers
+        if not (0 <= self.layer_ids.start < self.layer_ids.stop <= cfg.num_layers) or self.layer_ids.step != 1:
+            raise ValueError(f"layers must be a non-empty contiguous range within [0, {cfg.num_layers}), "
+                             f"got {self.layer_ids}")
+        self.is_first = self.layer_ids.start == 0
+        self.is_last = self.layer_ids.stop == cfg.num_layers
+        self.ops = get_ops(ops)
+        # parts a stage does not own are None (torchtitan style); forward skips them
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+        self.layers = nn.ModuleList(Block(cfg) for _ in self.layer_ids)
+        self.norm = nn.Parameter(torch.ones(cfg.hidden_size)) if self.is_last else None
+        self.output = None
+        if self.is_last:
+            self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_llama3_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, D/2] fp32
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    # ---- weights -------------------------------------------------------------------------------------------
+    def load_hf_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copies Hugging Face-named tensors (as from `pipeline.weights`) into this part, fusing qkv and gate/up."""
+        with torch.no_grad():
+            if self.is_first:
+                self.tok_embeddings.weight.copy_(state["model.embed_tokens.weight"])
+            for block, i in zip(self.layers, self.layer_ids):
+                p = f"model.layers.{i}."
+                block.attention_norm.copy_(state[p + "input_layernorm.weight"])
+                block.ffn_norm.copy_(state[p + "post_attention_layernorm.weight"])
+                block.wqkv.weight.copy_(torch.cat([state[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
+                if self.cfg.attention_bias:
+                    block.wqkv.bias.copy_(torch.cat([state[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]))
+                block.wo.weight.copy_(state[p + "self_attn.o_proj.weight"])
+                block.w13.weight.copy_(torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]))
+                block.w2.weight.copy_(state[p + "mlp.down_proj.weight"])
+            if self.is_last:
+                self.norm.copy_(state["model.norm.weight"])
+                head = "model.embed_tokens.weight" if self.cfg.tie_embeddings else "lm_head.weight"
+                self.output.weight.copy_(state[head])
+
+    # ---- running -------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].wo.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].wo.weight.device
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"a cache of {max_len} positions exceeds max_seq_len {self.cfg.max_seq_len}")
+        return KVCache(len(self.layers), batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype,
+                       self.device)
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long:
+            raise TypeError(f"tokens must be a torch.long tensor [B, L], got "
+                            f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+            raise ValueError(f"tokens must have shape [B, L] with B, L >= 1, got {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"prompt of {tokens.shape[1]} tokens is longer than max_seq_len {self.cfg.max_seq_len}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got min {lo}, max {hi}")
+
+    @torch.no_grad()
+    def forward_chunk(self, x: torch.Tensor, start_pos: int, cache: KVCache, last_only: bool = False):
+        """One chunk through this part's layers.
+
+        x: tokens [B, C] on the first part, else the hidden state [B, C, H] from the previous part.
+        Returns logits [B, C, V] (or [B, V] with last_only) on the last part, else the hidden state [B, C, H].
+        """
+        C = x.shape[1]
+        if start_pos + C > cache.max_len:
+            raise ValueError(f"positions [{start_pos}, {start_pos + C}) do not fit the cache ({cache.max_len})")
+        h = self.tok_embeddings(x) if self.is_first else x
+        residual = None
+        for i, block in enumerate(self.layers):
+            h, residual = block(h, residual, start_pos, cache.k[i], cache.v[i], self.rope_cos, self.rope_sin,
+                                self.ops)
+        if not self.is_last:
+            return h + residual  # the residual stream: the one tensor that crosses a stage boundary
+        if last_only:
+            h, residual = h[:, -1:], residual[:, -1:]
+        x, _ = self.ops.add_rms_norm(h, residual, self.norm, self.cfg.rms_norm_eps)
+        logits = self.output(x)
+        return logits[:, -1] if last_only else logits
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, chunk_size: int | None = None, cache: KVCache | None = None,
+                max_len: int | None = None):
+        """Whole model only. Prefill in chunks of `chunk_size` (None: one chunk). Returns (logits [B, L, V], cache)."""
+        if not (self.is_first and self.is_last):
+            raise RuntimeError("prefill() needs the whole model; pipeline stages use forward_chunk()")
+        self.check_tokens(tokens)
+        B, L = tokens.shape
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        if cache is None:
+            cache = self.new_cache(B, max_len or L)
+        step = chunk_size or L
+        logits = [self.forward_chunk(tokens[:, s:s + step], s, cache) for s in range(0, L, step)]
+        return torch.cat(logits, dim=1), cache
+
+    @torch.no_grad()
+    def decode(self, token: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """One decode step: token [B] at position `pos` (the prompt length so far). Returns logits [B, V]."""
+        self.check_tokens(token[:, None])
+        return self.forward_chunk(token[:, None], pos, cache, last_only=True)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Unchunked prefill: tokens [B, L] -> logits [B, L, V]."""
+        return self.prefill(tokens)[0]
+
+
+def resolve_config(source: str | Path) -> ModelConfig:
+    """A preset name or a Hugging Face directory -> its ModelConfig."""
+    if isinstance(source, ModelConfig):
+        return source
+    if Path(source).is_dir():
+        return ModelConfig.from_hf(source)
+    if isinstance(source, str) and ("/" in source or source.startswith(".")):
+        raise FileNotFoundError(f"model directory {source} does not exist")
+    return get_preset(str(source))
+
+
+def load_model(source: str | Path | ModelConfig, dtype: torch.dtype = torch.float32, device="cpu",
+               layers: range | None = None, ops: str | Ops = "torch", seed: int = 0) -> Transformer:
+    """Builds layers `layers` (default all) of a preset (seeded random weights) or a Hugging Face directory
+    (safetensors, only the tensors those layers need)."""
+    cfg = resolve_config(source)
+    layers = range(cfg.num_layers) if layers is None else layers
+    with torch.device("meta"):
+        model = Transformer(cfg, layers, ops)
+    model = model.to_empty(device=device)
+    first, last = model.is_first, model.is_last
+    if isinstance(source, ModelConfig) or not Path(source).is_dir():
+        state = random_weights(cfg, layers, first, last, seed)
+    else:
+        state = load_hf_weights(source, cfg, layers, first, last)
+    model.load_hf_state(state)
+    model = model.to(dtype)
+    # RoPE tables stay fp32 whatever the model dtype (and were left uninitialised by to_empty)
+    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta,
+                                                 cfg.rope_llama3_scaling, device=device)
+    return model.eval()

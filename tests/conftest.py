@@ -1,0 +1,38 @@
+"""Shared fixtures: small Hugging Face checkpoints written with transformers' save_pretrained."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_hf_checkpoint(directory, model_type="llama", gqa=True, tied=False, layers=3, **extra):
+    """Random-weight HF model saved to `directory`; returns the HF model (eval, float32)."""
+    import transformers
+
+    cls_cfg, cls_model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[model_type]
+    torch.manual_seed(1234)
+    cfg = cls_cfg(vocab_size=128, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=1 if gqa else 4, intermediate_size=96, max_position_embeddings=256,
+                  tie_word_embeddings=tied, rms_norm_eps=1e-5, **extra)
+    model = cls_model(cfg).eval()
+    with torch.no_grad():  # HF initialises norms to ones: perturb them so a swapped norm weight is caught
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture
+def cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: no GPU on this machine")
+    return torch.device("cuda")

@@ -1,0 +1,164 @@
+"""The reference model: agrees with Hugging Face transformers, chunked == unchunked, decode == extended forward,
+and bad input is refused with a clear message."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import ModelConfig, PRESETS, load_model
+from tests.conftest import make_hf_checkpoint
+
+
+@pytest.mark.parametrize("model_type,gqa,tied", [
+    ("llama", False, False),  # MHA, untied
+    ("llama", True, False),  # GQA, untied
+    ("llama", True, True),  # GQA, tied
+    ("llama", False, True),  # MHA, tied
+    ("qwen2", True, False),  # q/k/v biases
+])
+def test_logits_match_transformers(tmp_path, model_type, gqa, tied):
+    hf = make_hf_checkpoint(tmp_path, model_type, gqa=gqa, tied=tied)
+    ours = load_model(tmp_path)
+    tokens = torch.randint(0, 128, (2, 41), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    assert (ours(tokens) - expected).abs().max().item() <= 1e-4
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, "rope_theta": 10000.0}
+    hf = make_hf_checkpoint(tmp_path, rope_parameters=scaling)
+    ours = load_model(tmp_path)
+    assert ours.cfg.rope_llama3_scaling is not None
+    tokens = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    assert (ours(tokens) - expected).abs().max().item() <= 1e-4
+
+
+def test_sharded_checkpoint_loads_only_needed_tensors(tmp_path):
+    hf = make_hf_checkpoint(tmp_path, layers=4)
+    # reshard: one file per layer plus one for the rest, with an index
+    state = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    weight_map, shards = {}, {}
+    for name, t in state.items():
+        fname = f"layer{name.split('.')[2]}.safetensors" if ".layers." in name else "rest.safetensors"
+        shards.setdefault(fname, {})[name] = t
+        weight_map[name] = fname
+    for fname, tensors in shards.items():
+        save_file(tensors, tmp_path / fname)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "layer3.safetensors").unlink()  # a middle stage must not need the last layer's shard
+    mid = load_model(tmp_path, layers=range(1, 3))
+    assert not mid.is_first and not mid.is_last and len(mid.layers) == 2
+    with pytest.raises(FileNotFoundError, match="layer3.safetensors"):
+        load_model(tmp_path)  # the whole model does need it
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 41, 64])
+def test_chunked_prefill_equals_unchunked(chunk_size):
+    model = load_model("tiny")
+    tokens = torch.randint(0, 256, (2, 41), generator=torch.Generator().manual_seed(2))
+    full, full_cache = model.prefill(tokens)
+    chunked, cache = model.prefill(tokens, chunk_size=chunk_size)
+    assert (chunked - full).abs().max().item() <= 1e-5
+    assert (cache.k - full_cache.k).abs().max().item() <= 1e-5
+    assert (cache.v - full_cache.v).abs().max().item() <= 1e-5
+
+
+def test_decode_equals_forward_over_extended_sequence():
+    model = load_model("tiny")
+    tokens = torch.randint(0, 256, (3, 30), generator=torch.Generator().manual_seed(3))
+    _, cache = model.prefill(tokens[:, :29], chunk_size=8, max_len=30)
+    step = model.decode(tokens[:, 29], cache, pos=29)
+    assert (step - model(tokens)[:, -1]).abs().max().item() <= 1e-5
+
+
+def test_stage_split_rebuilds_the_same_model():
+    """Random weights depend only on (seed, tensor name): any layer split gives the same function."""
+    whole = load_model("tiny")
+    parts = [load_model("tiny", layers=range(0, 1)), load_model("tiny", layers=range(1, 4))]
+    tokens = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(4))
+    caches = [p.new_cache(1, 20) for p in parts]
+    h = parts[0].forward_chunk(tokens, 0, caches[0])
+    logits = parts[1].forward_chunk(h, 0, caches[1], last_only=True)
+    assert (logits - whole(tokens)[:, -1]).abs().max().item() <= 1e-5
+
+
+def test_presets_exist():
+    assert {"tiny", "small", "llama3-8b", "llama3-70b"} <= set(PRESETS)
+    assert PRESETS["llama3-8b"].num_kv_heads == 8 and PRESETS["llama3-70b"].num_layers == 80
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+@pytest.mark.parametrize("tokens,error,match", [
+    (torch.zeros(1, 4, dtype=torch.int32), TypeError, "torch.long"),
+    (torch.zeros(1, 4), TypeError, "torch.long"),
+    (torch.zeros(4, dtype=torch.long), ValueError, r"\[B, L\]"),
+    (torch.zeros(1, 2, 3, dtype=torch.long), ValueError, r"\[B, L\]"),
+    (torch.full((1, 4), 256, dtype=torch.long), ValueError, "token ids"),
+    (torch.full((1, 4), -1, dtype=torch.long), ValueError, "token ids"),
+    (torch.zeros(1, 1025, dtype=torch.long), ValueError, "max_seq_len"),
+])
+def test_bad_tokens_are_refused(tiny, tokens, error, match):
+    with pytest.raises(error, match=match):
+        tiny(tokens)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3])
+def test_bad_chunk_size_is_refused(tiny, chunk_size):
+    with pytest.raises(ValueError, match="chunk_size"):
+        tiny.prefill(torch.zeros(1, 4, dtype=torch.long), chunk_size=chunk_size)
+
+
+def test_unknown_preset_is_refused():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        load_model("huge")
+
+
+def test_missing_tensor_is_named(tmp_path):
+    make_hf_checkpoint(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(tmp_path)
+
+
+def test_wrong_tensor_shape_is_named(tmp_path):
+    make_hf_checkpoint(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(64, 32)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"o_proj\.weight.*\(64, 32\)"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'gpt2'"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
+])
+def test_other_architectures_are_refused(tmp_path, change, match):
+    make_hf_checkpoint(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf(tmp_path)
+
+
+def test_missing_directory_is_refused():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model("./no/such/model")
