@@ -1,0 +1,149 @@
+"""Ahead-of-time compilation of every kernel configuration the launchers can choose, for a CUDA target, on a
+machine without a GPU: PTX, cubin, shared memory, registers, spills and whether the MMA is a Hopper `wgmma`.
+
+    python -m kernels.aot --arch 90 80      # one JSON line per (kernel, config, arch)
+
+Must run with TRITON_INTERPRET unset (the interpreter replaces the kernels with Python functions).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+# importlib: `kernels.chunk_attention` etc. are also the names of the ops that kernels/__init__ re-exports
+attn_mod = importlib.import_module("kernels.chunk_attention")
+rms_mod = importlib.import_module("kernels.rmsnorm")
+rope_mod = importlib.import_module("kernels.rope")
+swiglu_mod = importlib.import_module("kernels.swiglu")
+
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+@dataclass
+class KernelSpec:
+    name: str
+    fn: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int
+    num_stages: int = 1
+    expect_wgmma: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+def kernel_specs() -> list[KernelSpec]:
+    specs = []
+    for head_dim, dtype, cfg in attn_mod.all_configs():
+        p = _PTR[dtype]
+        sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"StartPos": "*i32"}
+        for n in ("q", "kn", "vn", "kc", "vc", "o"):
+            for axis in ("b", "m", "h"):
+                sig[f"stride_{n}{axis}"] = "i32"
+        sig |= {"C": "i32", "Hq": "i32", "qk_scale": "fp32"}
+        const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                     PRECISION="ieee" if dtype == torch.float32 else "tf32")
+        sig |= {k: "constexpr" for k in const}
+        specs.append(KernelSpec(f"chunk_attention d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}",
+                                attn_mod._chunk_attention_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
+                                expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        p, dt = _PTR[dtype], str(dtype)[6:]
+        for hidden in (4096, 8192):
+            block = triton.next_power_of_2(hidden)
+            sig = {"X": p, "R": p, "W": p, "Out": p, "ROut": p, "stride_x": "i32", "stride_r": "i32",
+                   "stride_o": "i32", "stride_ro": "i32", "N": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr",
+                   "BLOCK": "constexpr"}
+            specs.append(KernelSpec(f"add_rms_norm H{hidden} {dt}", rms_mod._add_rms_norm_kernel, sig,
+                                    dict(HAS_RESIDUAL=True, BLOCK=block), min(16, max(1, block // 256))))
+        for half in (32, 64):
+            sig = {"X": p, "Cos": "*fp32", "Sin": "*fp32", "Out": p} | {
+                n: "i32" for n in ("stride_xb", "stride_xm", "stride_xh", "stride_ob", "stride_om", "stride_oh",
+                                   "stride_t", "C", "H", "start_pos")} | {"HALF": "constexpr", "BLOCK_H": "constexpr"}
+            specs.append(KernelSpec(f"rope D{2 * half} {dt}", rope_mod._rope_kernel, sig,
+                                    dict(HALF=half, BLOCK_H=32), 4))
+        sig = {"G": p, "U": p, "Out": p, "stride_g": "i32", "stride_u": "i32", "stride_o": "i32", "N": "i32",
+               "BLOCK": "constexpr"}
+        specs.append(KernelSpec(f"swiglu {dt}", swiglu_mod._swiglu_kernel, sig, dict(BLOCK=4096), 8))
+    return specs
+
+
+def _ptxas(arch: int) -> str:
+    """The ptxas that Triton itself uses for this arch (its bundled ones; the API differs across 3.6-3.9)."""
+    from triton.backends.nvidia import compiler as nv
+    try:
+        return nv.get_ptxas(arch).path
+    except TypeError:
+        return nv.get_ptxas().path
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes from `ptxas -v` on the kernel's PTX."""
+    ptxas = _ptxas(arch)
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        res = subprocess.run([ptxas, "-v", f"--gpu-name={sm}", str(src), "-o", str(Path(d) / "k.cubin")],
+                             capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"ptxas failed: {res.stderr[-2000:]}")
+    text = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return dict(registers=int(regs.group(1)) if regs else None,
+                spill_stores=int(spills.group(1)) if spills else 0,
+                spill_loads=int(spills.group(2)) if spills else 0)
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> dict:
+    # As at run time, where Triton specialises them: pointers and strides are 16-aligned (D >= 16), which is what
+    # lets the compiler vectorise loads. Without these hints the code is not what a GPU would run.
+    aligned = [i for i, (name, ty) in enumerate(spec.signature.items())
+               if ty.startswith("*") or name.startswith("stride_")]
+    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    options = dict(num_warps=spec.num_warps, num_stages=spec.num_stages)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = kernel.asm["ptx"]
+    return dict(kernel=spec.name, arch=f"sm_{arch}", num_warps=spec.num_warps, num_stages=spec.num_stages,
+                shared_bytes=kernel.metadata.shared, wgmma="wgmma" in ptx, expect_wgmma=spec.expect_wgmma,
+                cubin_bytes=len(kernel.asm["cubin"]), **ptxas_report(ptx, arch))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities, e.g. 90 80")
+    ap.add_argument("--only", default="", help="compile only kernels whose name contains this text")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("kernels.aot: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
+        return 2
+    failed = 0
+    for arch in args.arch:
+        for spec in kernel_specs():
+            if args.only not in spec.name:
+                continue
+            try:
+                row = compile_spec(spec, arch)
+            except Exception as e:  # report every failure, keep going
+                row = dict(kernel=spec.name, arch=f"sm_{arch}", error=f"{type(e).__name__}: {str(e)[:500]}")
+                failed += 1
+            print(json.dumps(row), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Prefill schedules. One stage program serves every mode and both link kinds:
+
+- `unchunked`: the baseline, the whole model in one pass, no pipeline;
+- `naive`: each stage runs the whole prompt, then sends [B, L, H] in one blocking send;
+- `chunked`: the prompt in chunks, each sent with a blocking send (what chunking alone gives);
+- `overlapped`: chunk sends posted asynchronously on the comm lane while the stage computes the next chunk;
+  receives pre-posted into two buffers; at most two sends in flight, a send's tensor kept alive until it is done.
+
+`stage_program` is a generator that yields after each chunk: one process per stage simply exhausts it, and the
+in-process driver interleaves the stages chunk by chunk (on GPU each stage has its own CUDA stream).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+MODES = ("unchunked", "naive", "chunked", "overlapped")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def chunk_plan(prompt_len: int, chunk_size: int | None = None, chunks: list[int] | None = None) -> list[int]:
+    """Chunk lengths for a prompt: uniform `chunk_size` (the last chunk takes the remainder) or an explicit list."""
+    if chunk_size is not None and chunks is not None:
+        raise ValueError("give chunk_size or chunks, not both")
+    if chunks is not None:
+        chunks = list(chunks)
+        if not chunks or any(not isinstance(c, int) or c <= 0 for c in chunks):
+            raise ValueError(f"chunk sizes must be positive integers, got {chunks}")
+        if sum(chunks) != prompt_len:
+            raise ValueError(f"chunk sizes {chunks} sum to {sum(chunks)}, but the prompt has {prompt_len} tokens")
+        return chunks
+    if chunk_size is None:
+        return [prompt_len]
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    full, rest = divmod(prompt_len, chunk_size)
+    return [chunk_size] * full + ([rest] if rest else [])
+
+
+class Clock:
+    """Timestamps on the host (CPU) or as CUDA events on the current stream (GPU); `seconds` resolves them to
+    seconds on one time base (absolute perf_counter on CPU, so processes on one machine share it)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        if self.cuda:
+            self.origin = torch.cuda.Event(enable_timing=True)
+            self.origin.record()
+            self.origin_host = time.perf_counter()
+
+    def mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def seconds(self, mark) -> float:
+        if self.cuda:
+            return self.origin_host + self.origin.elapsed_time(mark) / 1e3
+        return mark
+
+
+@dataclass
+class StageRecord:
+    """What one stage did in one run: per-chunk times (absolute seconds, see Clock) and bytes sent."""
+    stage: int
+    chunks: list[int]
+    compute: list[tuple[float, float]] = field(default_factory=list)  # (start, end) per chunk
+    recv_wait: list[tuple[float, float]] = field(default_factory=list)  # host/stream blocked on a receive
+    send_wait: list[tuple[float, float]] = field(default_factory=list)  # blocked until a send completed
+    send: list[tuple[float, float]] = field(default_factory=list)  # the transfer itself, on the comm lane
+    bytes_sent: int = 0
+
+    def resolve(self, clock: Clock) -> "StageRecord":
+        conv = lambda pairs: [(clock.seconds(a), clock.seconds(b)) for a, b in pairs]  # noqa: E731
+        return StageRecord(self.stage, self.chunks, conv(self.compute), conv(self.recv_wait), conv(self.send_wait),
+                           [h.timing() for h in self.send], self.bytes_sent)
+
+
+def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: StageRecord, *, tokens=None,
+                  recv=None, send=None, batch: int, start_pos: int = 0, result: dict | None = None):
+    """Runs `chunks` of one request through `stage`, yielding after each chunk.
+
+    tokens [B, L] on the first stage; `recv` / `send`: channels from the previous / to the next stage.
+    On the last stage, result["logits"] is set to the last position's logits [B, V].
+    """
+    cfg = stage.cfg
+    hidden_shape = lambda c: (batch, c, cfg.hidden_size)  # noqa: E731
+    overlapped = mode == "overlapped"
+    starts = [start_pos + sum(chunks[:k]) for k in range(len(chunks))]
+    posted: dict[int, object] = {}
+    in_flight: deque = deque()
+
+    def post_recv(k):
+        posted[k] = recv.irecv(hidden_shape(chunks[k]), stage.model.dtype, tag=k)
+
+    if recv is not None and overlapped:  # pre-post the first two receives (double buffering)
+        for k in range(min(2, len(chunks))):
+            post_recv(k)
+    for k, c in enumerate(chunks):
+        if recv is None:
+            x = tokens[:, starts[k] - start_pos:starts[k] - start_pos + c]
+        else:
+            if k not in posted:
+                post_recv(k)
+            t0 = clock.mark()
+            x = posted.pop(k).wait()
+            record.recv_wait.append((t0, clock.mark()))
+        t0 = clock.mark()
+        y = stage.forward(x, starts[k], last_only=True)
+        record.compute.append((t0, clock.mark()))
+        if recv is not None and overlapped and k + 2 < len(chunks):
+            post_recv(k + 2)  # this chunk's input buffer is free again
+        if send is None:
+            if result is not None and k == len(chunks) - 1:
+                result["logits"] = y
+        else:
+            handle = send.isend(y, tag=k)
+            record.send.append(handle)
+            record.bytes_sent += handle.nbytes
+            in_flight.append(handle)
+            if not overlapped or len(in_flight) > 2:  # blocking send, or both send buffers busy
+                t0 = clock.mark()
+                in_flight.popleft().wait()
+                record.send_wait.append((t0, clock.mark()))
+        yield k
+    while in_flight:
+        t0 = clock.mark()
+        in_flight.popleft().wait()
+        record.send_wait.append((t0, clock.mark()))
+
+
+# ---- metrics ---------------------------------------------------------------------------------------------------
+
+def _span(pairs) -> float:
+    return sum(b - a for a, b in pairs)
+
+
+def summarize(records: list[StageRecord], t_start: float, t_end: float) -> dict:
+    """Figures of one run from its stage records (absolute seconds on one time base)."""
+    S = len(records)
+    makespan = t_end - t_start
+    busy = [_span(r.compute) for r in records]
+    exposed = []
+    for s, r in enumerate(records):
+        e = _span(r.send_wait)
+        if s > 0:  # a receive wait is communication only once the sender had started the send
+            up = records[s - 1].send
+            for k, (a, b) in enumerate(r.recv_wait):
+                e += max(0.0, b - max(a, up[k][0]))
+        exposed.append(e)
+    n_chunks = len(records[0].chunks)
+    per_chunk = [max(r.compute[k][1] - r.compute[k][0] for r in records) for k in range(n_chunks)]
+    bound = sum(per_chunk) + (S - 1) * max(per_chunk)
+    return dict(
+        ttft_s=makespan,
+        compute_s=busy,
+        exposed_comm_s=sum(exposed),
+        exposed_comm_per_stage_s=exposed,
+        recv_wait_s=[_span(r.recv_wait) for r in records],
+        send_wait_s=[_span(r.send_wait) for r in records],
+        send_time_s=[_span(r.send) for r in records],
+        bubble_fraction=1.0 - sum(busy) / (S * makespan) if makespan > 0 else 0.0,
+        bound_s=bound,
+        measured_over_bound=makespan / bound if bound > 0 else float("nan"),
+        per_chunk_stage_max_s=per_chunk,
+        bytes_per_boundary=[r.bytes_sent for r in records[:-1]],
+    )
+
+
+def timeline(records: list[StageRecord], t0: float) -> list[dict]:
+    """Timeline events (seconds from t0): one row per stage and lane (compute / send / wait)."""
+    events = []
+    for r in records:
+        for k, (a, b) in enumerate(r.compute):
+            events.append(dict(stage=r.stage, lane="compute", name=f"chunk {k}", start=a - t0, end=b - t0))
+        for k, (a, b) in enumerate(r.send):
+            events.append(dict(stage=r.stage, lane="send", name=f"send {k}", start=a - t0, end=b - t0))
+        for k, (a, b) in enumerate(r.recv_wait):
+            if b - a > 1e-6:
+                events.append(dict(stage=r.stage, lane="wait", name=f"recv wait {k}", start=a - t0, end=b - t0))
+        for k, (a, b) in enumerate(r.send_wait):
+            if b - a > 1e-6:
+                events.append(dict(stage=r.stage, lane="wait", name=f"send wait", start=a - t0, end=b - t0))
+    return events

@@ -1,0 +1,67 @@
+"""A pipeline stage: a contiguous range of layers, their KV cache, and `forward(x, start_pos)`. The first stage
+also holds the embedding, the last the final norm and the head; only the last produces logits."""
+from __future__ import annotations
+
+import torch
+
+from .model import KVCache, Transformer, load_model, resolve_config
+from .ops import Ops
+
+
+def split_layers(num_layers: int, stages: int | list[int]) -> list[range]:
+    """Per-stage layer ranges: `stages` as a count (even split, earlier stages take the remainder) or as an
+    explicit list of per-stage layer counts."""
+    if isinstance(stages, int):
+        if stages < 1:
+            raise ValueError(f"stages must be >= 1, got {stages}")
+        if stages > num_layers:
+            raise ValueError(f"cannot split {num_layers} layers over {stages} stages (more stages than layers)")
+        base, extra = divmod(num_layers, stages)
+        counts = [base + (i < extra) for i in range(stages)]
+    else:
+        counts = list(stages)
+        if not counts or any(not isinstance(c, int) or c < 1 for c in counts):
+            raise ValueError(f"per-stage layer counts must be positive integers, got {counts}")
+        if sum(counts) != num_layers:
+            raise ValueError(f"per-stage layer counts {counts} sum to {sum(counts)}, the model has {num_layers}")
+    ranges, start = [], 0
+    for c in counts:
+        ranges.append(range(start, start + c))
+        start += c
+    return ranges
+
+
+class Stage:
+    """Stage `index` of `num_stages`: owns `layers` of the model and their KV cache."""
+
+    def __init__(self, source, layers: range, index: int, num_stages: int, dtype=torch.float32, device="cpu",
+                 ops: str | Ops = "torch", seed: int = 0):
+        self.index, self.num_stages = index, num_stages
+        self.model: Transformer = load_model(source, dtype=dtype, device=device, layers=layers, ops=ops, seed=seed)
+        self.cfg = self.model.cfg
+        self.cache: KVCache | None = None
+
+    @property
+    def is_first(self) -> bool:
+        return self.model.is_first
+
+    @property
+    def is_last(self) -> bool:
+        return self.model.is_last
+
+    def reset_cache(self, batch: int, max_len: int) -> None:
+        if self.cache is None or self.cache.batch != batch or self.cache.max_len != max_len:
+            self.cache = self.model.new_cache(batch, max_len)
+        # stale entries are never read (attention only reads positions < start_pos + C), so no zeroing needed
+
+    def forward(self, x: torch.Tensor, start_pos: int, last_only: bool = True) -> torch.Tensor:
+        """x: tokens [B, c] (first stage) or hidden [B, c, H]. Returns hidden [B, c, H], or logits [B, V] on the
+        last stage (last position only)."""
+        return self.model.forward_chunk(x, start_pos, self.cache, last_only=last_only)
+
+
+def build_stages(source, stages: int | list[int], **kw) -> list[Stage]:
+    """All stages of a model in this process (the in-process link)."""
+    cfg = resolve_config(source)
+    ranges = split_layers(cfg.num_layers, stages)
+    return [Stage(source, r, i, len(ranges), **kw) for i, r in enumerate(ranges)]
