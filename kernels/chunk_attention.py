@@ -120,14 +120,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def pick_config(chunk_len: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Block sizes and launch shape. Every config this can return is compiled ahead of time in the tests."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # numpy interpreter: fewer, larger blocks run faster
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # exact fp32 dots (FMA, no TF32) are register-hungry: small tiles, for checking
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     if chunk_len <= 16:  # decode-like: do not waste a 128-row tile on one query
-        return dict(BLOCK_M=16, BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=64 if head_dim <= 128 else 16, num_warps=4, num_stages=2)
     if head_dim == 256:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if head_dim == 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
@@ -192,13 +192,13 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
     return B, C, Hq, Hkv, D
 
 
-def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None):
+def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None, out=None):
     """Attention of a chunk over the prefix KV cache plus itself, appending the chunk's K/V to the cache.
 
     q [B, C, Hq, D]: queries at positions [start_pos, start_pos + C).
     k_new, v_new [B, C, Hkv, D]: written to k_cache, v_cache [B, max_len, Hkv, D] at those positions.
     start_pos: int, or an int tensor [B] on q's device (one prefix length per row; no host sync).
-    Returns out [B, C, Hq, D]; query i sees cache positions <= start_pos + i.
+    Returns out [B, C, Hq, D] (written into `out` when given); query i sees cache positions <= start_pos + i.
     """
     B, C, Hq, Hkv, D = _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos)
     if sm_scale is None:
@@ -207,7 +207,10 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None)
         starts = start_pos.to(torch.int32)
     else:
         starts = torch.full((B,), int(start_pos), dtype=torch.int32, device=q.device)
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"chunk_attention: out must match q ({q.dtype} {tuple(q.shape)}, last dim contiguous)")
     cfg = pick_config(C, D, q.dtype)
     grid = (triton.cdiv(C, cfg["BLOCK_M"]), B * Hq)
     _chunk_attention_kernel[grid](

@@ -37,10 +37,11 @@ def _add_rms_norm_kernel(
     tl.store(Out + row * stride_o + cols, y.to(Out.dtype.element_ty), mask=mask)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, out=None,
+                 residual_out=None):
     """x, residual [..., H]; weight [H]. Returns (rmsnorm(x + residual) * weight, x + residual).
 
-    With residual None: (rmsnorm(x) * weight, x).
+    With residual None: (rmsnorm(x) * weight, x). `out` / `residual_out` receive the results when given.
     """
     H = x.shape[-1]
     if weight.shape != (H,):
@@ -54,9 +55,16 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
             raise ValueError(f"add_rms_norm: residual {t.dtype} {tuple(t.shape)} does not match x "
                              f"{x.dtype} {tuple(x.shape)}")
     x2 = as_rows(x, "add_rms_norm", "x")
-    out = torch.empty_like(x)
+    for name, t in (("out", out), ("residual_out", residual_out)):
+        if t is not None and (t.shape != x.shape or t.dtype != x.dtype or t.device != x.device
+                              or not t.is_contiguous()):
+            raise ValueError(f"add_rms_norm: {name} must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)}")
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     r2 = as_rows(residual, "add_rms_norm", "residual") if residual is not None else x2
-    r_out = torch.empty_like(x) if residual is not None else x
+    if residual is None:
+        r_out = x
+    else:
+        r_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual_out is None else residual_out
     BLOCK = triton.next_power_of_2(H)
     o2, ro2 = out.view(-1, H), r_out.view(-1, H)
     _add_rms_norm_kernel[(x2.shape[0],)](

@@ -35,7 +35,7 @@ def _rope_kernel(
     tl.store(o_row + HALF + d, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=mask)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, out=None) -> torch.Tensor:
     """x [B, C, H, D]; cos, sin [max_len, D/2] fp32 tables. Returns the rotated x (same shape and dtype)."""
     if x.dim() != 4:
         raise ValueError(f"rope: x must be [B, C, H, D], got {tuple(x.shape)}")
@@ -54,7 +54,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) 
     if start_pos < 0 or start_pos + C > cos.shape[0]:
         raise ValueError(f"rope: positions [{start_pos}, {start_pos + C}) are outside the tables "
                          f"(max_len {cos.shape[0]})")
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty_like(x)
+    elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride(-1) != 1:
+        raise ValueError(f"rope: out must match x ({x.dtype} {tuple(x.shape)}, last dim contiguous)")
     BLOCK_H = triton.next_power_of_2(H)
     _rope_kernel[(B * C,)](
         x, cos, sin, out,

@@ -29,13 +29,16 @@ def _swiglu_kernel(
     tl.store(Out + row * stride_o + cols, y.to(Out.dtype.element_ty), mask=mask)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, out=None) -> torch.Tensor:
     """gate, up [..., I] (same shape, dtype, device). Returns silu(gate) * up, contiguous."""
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(f"swiglu: gate {gate.dtype} {tuple(gate.shape)} on {gate.device} and up {up.dtype} "
                          f"{tuple(up.shape)} on {up.device} must match")
     g2, u2 = as_rows(gate, "swiglu", "gate"), as_rows(up, "swiglu", "up")
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if out is None:
+        out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    elif out.shape != gate.shape or out.dtype != gate.dtype or out.device != gate.device or not out.is_contiguous():
+        raise ValueError(f"swiglu: out must be a contiguous {gate.dtype} tensor of shape {tuple(gate.shape)}")
     o2 = out.view(-1, gate.shape[-1])
     N = gate.shape[-1]
     BLOCK = min(4096, triton.next_power_of_2(N))

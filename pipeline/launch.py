@@ -352,7 +352,20 @@ def _spawned(rank, world, port, spec, jobs, q):
         dist.destroy_process_group()
     except BaseException as e:  # report, then die non-zero: the parent tears the others down
         q.put(("error", rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        q.close()
+        q.join_thread()  # flush the report before the hard exit
         os._exit(1)
+
+
+_PEER_ERRORS = ("Connection closed", "Connection reset", "Gloo", "gloo", "NCCL", "Timed out", "timed out")
+
+
+def _first_cause(errors: list[tuple[int, str]]) -> str:
+    """When one stage fails its peers fail too (closed connections): name the stage that started it first."""
+    errors = sorted(errors, key=lambda e: any(p in e[1].splitlines()[0] for p in _PEER_ERRORS))
+    rank, msg = errors[0]
+    others = "".join(f"\n(then stage {r}: {m.splitlines()[0]})" for r, m in errors[1:])
+    return f"stage {rank} failed: {msg}{others}"
 
 
 def _run_spawned(spec: PipelineSpec, jobs: list[Job]) -> list[list[PrefillResult]]:
@@ -362,28 +375,33 @@ def _run_spawned(spec: PipelineSpec, jobs: list[Job]) -> list[list[PrefillResult
     procs = [ctx.Process(target=_spawned, args=(r, S, port, spec, jobs, q), daemon=True) for r in range(S)]
     for p in procs:
         p.start()
-    results, error = None, None
+    results, errors, error = None, [], None
     try:
+        deadline = None  # once something failed, collect the other reports for a moment, then stop
         while results is None and error is None:
             try:
-                status, rank, payload = q.get(timeout=0.5)
+                status, rank, payload = q.get(timeout=0.2)
                 if status == "ok":
                     results = pickle.loads(payload)
                 else:
-                    error = f"stage {rank} failed: {payload}"
+                    errors.append((rank, payload))
+                    deadline = deadline or time.time() + 1.0
             except queue.Empty:
                 dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead:
-                    time.sleep(0.5)  # let its own report arrive first
-                    try:
-                        status, rank, payload = q.get_nowait()
-                        error = f"stage {rank} failed: {payload}" if status == "error" else None
-                        results = pickle.loads(payload) if status == "ok" else None
-                    except queue.Empty:
-                        r, code = dead[0]
-                        error = f"stage {r} died (exit code {code}) without reporting an error"
-                elif all(p.exitcode == 0 for p in procs):
+                if dead and deadline is None:
+                    deadline = time.time() + 1.0
+                if results is None and all(p.exitcode == 0 for p in procs):
                     error = "stage processes exited without returning results"
+            if deadline is not None and time.time() > deadline:
+                reported = {r for r, _ in errors}
+                silent = [(r, p.exitcode) for r, p in enumerate(procs)
+                          if p.exitcode not in (None, 0) and r not in reported]
+                if silent:  # a process that died without a word is the likeliest first cause
+                    r, code = silent[0]
+                    error = f"stage {r} died (exit code {code}) without reporting an error" + "".join(
+                        f"\n(then stage {r2}: {m.splitlines()[0]})" for r2, m in errors)
+                else:
+                    error = _first_cause(errors)
     finally:
         if error is not None:
             for p in procs:

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU the Triton kernels run in Triton's interpreter. Must be set before `kernels` is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def make_hf_checkpoint(directory, model_type="llama", gqa=True, tied=False, layers=3, **extra):

@@ -1,0 +1,203 @@
+"""Triton kernels against float64 references computed independently of them (interpreter on CPU, compiled on GPU).
+Outputs are NaN-poisoned before each launch, so an element a kernel forgets to write fails the test."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernels import add_rms_norm, chunk_attention, rope, rope_tables, swiglu
+
+DTYPES = [(torch.float32, 2e-5), (torch.float16, 4e-3)]  # dtype with its absolute tolerance
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def attention_f64(q, k_cache, v_cache, start_pos):
+    """Explicit softmax(QK^T) V in float64 over cache positions [0, start_pos + C), bottom-right causal."""
+    q, k, v = q.double(), k_cache.double(), v_cache.double()
+    B, C, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    end = start_pos + C
+    k = k[:, :end].repeat_interleave(group, dim=2)  # [B, end, Hq, D]
+    v = v[:, :end].repeat_interleave(group, dim=2)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D)
+    visible = torch.arange(end)[None, :] <= start_pos + torch.arange(C)[:, None]
+    scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
+    return torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v)
+
+
+def run_attention_case(B, C, Hq, Hkv, D, start_pos, dtype, tol, seed=0, per_row_starts=None):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEVICE)  # noqa: E731
+    starts = per_row_starts or [start_pos] * B
+    max_len = max(starts) + C + 3
+    q, k_new, v_new = rnd(B, C, Hq, D), rnd(B, C, Hkv, D), rnd(B, C, Hkv, D)
+    k_cache, v_cache = rnd(B, max_len, Hkv, D), rnd(B, max_len, Hkv, D)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = torch.full_like(q, float("nan"))
+    sp = torch.tensor(starts, device=DEVICE) if per_row_starts else start_pos
+    chunk_attention(q, k_new, v_new, k_cache, v_cache, sp, out=out)
+    for b, p in enumerate(starts):
+        kb, vb = k_before[b:b + 1].clone(), v_before[b:b + 1].clone()
+        kb[:, p:p + C], vb[:, p:p + C] = k_new[b:b + 1], v_new[b:b + 1]
+        # the cache: new rows written, everything else untouched (bit-exact)
+        assert torch.equal(k_cache[b:b + 1], kb) and torch.equal(v_cache[b:b + 1], vb)
+        expected = attention_f64(q[b:b + 1], kb, vb, p)
+        assert not out[b].isnan().any()
+        assert (out[b:b + 1].double() - expected).abs().max().item() <= tol
+
+
+ATTENTION_CASES = [  # (B, C, Hq, Hkv, D, start_pos): every odd size, GQA ratio and batch appears
+    (1, 1, 4, 4, 16, 0),
+    (1, 1, 8, 1, 64, 1000),
+    (3, 37, 4, 1, 32, 1),
+    (1, 37, 8, 8, 16, 1000),
+    (3, 217, 8, 1, 16, 0),
+    (1, 217, 4, 1, 32, 1),
+    (1, 217, 8, 2, 16, 1000),
+    (3, 1, 4, 1, 128, 1),
+    (1, 37, 4, 4, 128, 45),
+]
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,C,Hq,Hkv,D,start_pos", ATTENTION_CASES)
+def test_chunk_attention(B, C, Hq, Hkv, D, start_pos, dtype, tol):
+    run_attention_case(B, C, Hq, Hkv, D, start_pos, dtype, tol)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 3), C=st.integers(1, 80), group=st.sampled_from([1, 2, 4]), Hkv=st.integers(1, 2),
+       D=st.sampled_from([16, 32, 64]), start_pos=st.integers(0, 150), half=st.booleans(), seed=st.integers(0, 99))
+def test_chunk_attention_random_shapes(B, C, group, Hkv, D, start_pos, half, seed):
+    dtype, tol = DTYPES[1] if half else DTYPES[0]
+    run_attention_case(B, C, group * Hkv, Hkv, D, start_pos, dtype, tol, seed=seed)
+
+
+def test_chunk_attention_per_row_start_positions():
+    run_attention_case(3, 19, 4, 2, 32, 0, torch.float32, 2e-5, per_row_starts=[0, 7, 70])
+
+
+def test_chunk_attention_default_scale_is_inverse_sqrt_head_dim():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 5, 2, 16, generator=g) for _ in range(3))
+    kc, vc = torch.zeros(1, 8, 2, 16), torch.zeros(1, 8, 2, 16)
+    default = chunk_attention(q, k, v, kc.clone(), vc.clone(), 0)
+    explicit = chunk_attention(q, k, v, kc.clone(), vc.clone(), 0, sm_scale=0.25)
+    halved = chunk_attention(q, k, v, kc.clone(), vc.clone(), 0, sm_scale=0.125)
+    assert torch.allclose(default, explicit) and not torch.allclose(default, halved)
+
+
+def _attn_inputs(**over):
+    t = dict(q=torch.zeros(1, 4, 4, 16), k_new=torch.zeros(1, 4, 2, 16), v_new=torch.zeros(1, 4, 2, 16),
+             k_cache=torch.zeros(1, 10, 2, 16), v_cache=torch.zeros(1, 10, 2, 16), start_pos=0)
+    t.update(over)
+    return t
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(k_new=torch.zeros(1, 4, 3, 16), v_new=torch.zeros(1, 4, 3, 16)), "multiple of KV heads"),
+    (dict(k_new=torch.zeros(1, 5, 2, 16)), "k_new/v_new must be"),
+    (dict(k_cache=torch.zeros(1, 10, 2, 16, dtype=torch.float16)), "float16 but q is torch.float32"),
+    (dict(start_pos=7), "past the cache"),
+    (dict(start_pos=-1), ">= 0"),
+    (dict(q=torch.zeros(1, 4, 16, 4).transpose(2, 3)), "contiguous"),
+    (dict(q=torch.zeros(1, 4, 4, 24), k_new=torch.zeros(1, 4, 2, 24), v_new=torch.zeros(1, 4, 2, 24),
+          k_cache=torch.zeros(1, 10, 2, 24), v_cache=torch.zeros(1, 10, 2, 24)), "head dim 24"),
+    (dict(q=torch.zeros(4, 4, 16)), "4-D"),
+    (dict(q=torch.zeros(1, 4, 4, 16, dtype=torch.float64)), "unsupported dtype"),
+    (dict(start_pos=torch.zeros(2, dtype=torch.int64)), "start_pos tensor"),
+])
+def test_chunk_attention_refuses_bad_input(over, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        chunk_attention(**_attn_inputs(**over))
+
+
+def test_chunk_attention_refuses_device_mismatch():
+    with pytest.raises(ValueError, match="k_cache is on meta"):
+        chunk_attention(**_attn_inputs(k_cache=torch.zeros(1, 10, 2, 16, device="meta")))
+
+
+# ---- memory-bound kernels ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 37, 123), (2, 217, 100)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_rms_norm(shape, dtype, tol, with_residual):
+    g = torch.Generator().manual_seed(1)
+    x, r = (torch.randn(*shape, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype).to(DEVICE)
+    out, r_out = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    y, s = add_rms_norm(x, r if with_residual else None, w, 1e-5, out=out, residual_out=r_out)
+    s64 = x.double() + (r.double() if with_residual else 0)
+    y64 = s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert y is out and (y.double() - y64).abs().max().item() <= tol * 4  # |y| reaches ~4: scale the tolerance
+    assert (s.double() - s64).abs().max().item() <= tol * 2
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,C,H,D,start_pos", [(1, 1, 1, 16, 0), (3, 37, 5, 64, 1000), (2, 217, 3, 128, 1)])
+def test_rope(B, C, H, D, start_pos, dtype, tol):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(B, C, H, D, generator=g).to(dtype).to(DEVICE)
+    cos, sin = rope_tables(D, start_pos + C + 5, 10000.0, device=DEVICE)
+    out = torch.full_like(x, float("nan"))
+    y = rope(x, cos, sin, start_pos, out=out)
+    # independent float64 reference: rotate pairs (i, i + D/2) by angle pos * theta^(-2i/D)
+    pos = torch.arange(start_pos, start_pos + C, dtype=torch.float64)
+    ang = pos[:, None] * 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    c, s = ang.cos()[None, :, None, :].to(DEVICE), ang.sin()[None, :, None, :].to(DEVICE)
+    x1, x2 = x.double()[..., :D // 2], x.double()[..., D // 2:]
+    expected = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    assert y is out and (y.double() - expected).abs().max().item() <= tol * 2
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", [(1, 1, 16), (3, 37, 123), (2, 217, 300)])
+def test_swiglu_on_fused_projection_halves(shape, dtype, tol):
+    g = torch.Generator().manual_seed(3)
+    gate_up = torch.randn(*shape[:-1], 2 * shape[-1], generator=g).to(dtype).to(DEVICE)
+    gate, up = gate_up[..., :shape[-1]], gate_up[..., shape[-1]:]  # strided views, as in the model
+    out = torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+    y = swiglu(gate, up, out=out)
+    g64, u64 = gate.double(), up.double()
+    assert y is out and (y.double() - g64 * torch.sigmoid(g64) * u64).abs().max().item() <= tol * 4
+
+
+def test_memory_bound_kernels_refuse_bad_input():
+    x = torch.zeros(2, 3, 8)
+    with pytest.raises(ValueError, match="weight must be"):
+        add_rms_norm(x, None, torch.ones(7), 1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        add_rms_norm(x, torch.zeros(2, 3, 8, dtype=torch.float16), torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match="must match"):
+        swiglu(x, torch.zeros(2, 3, 9))
+    with pytest.raises(ValueError, match="contiguous"):
+        swiglu(torch.zeros(8, 2).t(), torch.zeros(8, 2).t())
+    cos, sin = rope_tables(8, 4, 10000.0)
+    with pytest.raises(ValueError, match="outside the tables"):
+        rope(torch.zeros(1, 3, 2, 8), cos, sin, 2)
+    with pytest.raises(ValueError, match=r"\[max_len, 4\]"):
+        rope(torch.zeros(1, 3, 2, 8), cos[:, :2], sin[:, :2], 0)
+
+
+# ---- GPU: bf16, long prefixes, large batches (compiled Triton) ---------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,C,Hq,Hkv,D,start_pos", [(1, 2048, 32, 8, 128, 16384), (8, 512, 32, 8, 128, 4000),
+                                                     (4, 1, 32, 8, 128, 30000), (2, 777, 16, 16, 64, 1234)])
+def test_chunk_attention_gpu_bf16(cuda, B, C, Hq, Hkv, D, start_pos):
+    run_attention_case(B, C, Hq, Hkv, D, start_pos, torch.bfloat16, 2e-2)
+
+
+@pytest.mark.gpu
+def test_memory_bound_kernels_gpu_bf16(cuda):
+    x, r = torch.randn(8, 2048, 4096, device=cuda, dtype=torch.bfloat16), torch.randn(8, 2048, 4096, device=cuda,
+                                                                                         dtype=torch.bfloat16)
+    w = torch.ones(4096, device=cuda, dtype=torch.bfloat16)
+    y, s = add_rms_norm(x, r, w, 1e-5)
+    s64 = x.double() + r.double()
+    assert (y.double() - s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-5)).abs().max() < 5e-2

@@ -1,0 +1,176 @@
+"""The pipeline engine: every mode, link and split gives the unchunked baseline's logits and KV cache; bytes per
+boundary are exact; failures are reported, never hung on; bad requests are refused before any work."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from pipeline import (Job, PipelineError, PipelineSpec, chunk_plan, load_model, run_jobs, run_prefill,
+                      split_layers)
+from pipeline.launch import init_process_group
+
+PIPELINE_MODES = ["naive", "chunked", "overlapped"]
+H, ITEM = 64, 4  # tiny preset hidden size, float32
+
+
+def tokens(B, L, seed=0):
+    return torch.randint(0, 256, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+def reference(model, toks):
+    """Unchunked prefill on the plain model: last logits [B, V], caches k, v [layers, B, L, Hkv, D]."""
+    logits, cache = model.prefill(toks)
+    return logits[:, -1], cache.k, cache.v
+
+
+def assert_matches(result, ref_logits, ref_k, ref_v, tol=1e-5):
+    assert (result.logits - ref_logits).abs().max().item() <= tol
+    k = torch.cat([c[0] for c in result.caches])  # stages' layers, in order
+    v = torch.cat([c[1] for c in result.caches])
+    assert k.shape == ref_k.shape
+    assert (k - ref_k).abs().max().item() <= tol and (v - ref_v).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("mode", PIPELINE_MODES)
+@pytest.mark.parametrize("chunking", [dict(chunk_size=8), dict(chunk_size=10), dict(chunks=[3, 20, 1, 16])],
+                         ids=["divides", "ragged", "uneven-list"])
+@pytest.mark.parametrize("B", [1, 2])
+def test_inprocess_modes_equal_unchunked(tiny, stages, mode, chunking, B):
+    toks = tokens(B, 40, seed=B)
+    ref = reference(tiny, toks)
+    res = run_prefill("tiny", toks, mode=mode, stages=stages, return_cache=True, **chunking)
+    assert_matches(res, *ref)
+
+
+def test_unchunked_mode_is_the_baseline(tiny):
+    toks = tokens(2, 33)
+    assert_matches(run_prefill("tiny", toks, mode="unchunked", return_cache=True), *reference(tiny, toks))
+
+
+@pytest.mark.parametrize("mode", ["chunked", "overlapped"])
+def test_triton_ops_pipeline_equals_torch_unchunked(tiny, mode):
+    toks = tokens(2, 37, seed=7)
+    res = run_prefill("tiny", toks, mode=mode, stages=2, chunk_size=16, ops="triton", return_cache=True)
+    assert_matches(res, *reference(tiny, toks))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+def test_gloo_processes_equal_unchunked(tiny, stages):
+    """One process per stage over gloo; all modes and chunkings in one launch (process start-up is the cost)."""
+    cases = [(mode, chunks, B) for B in (1, 2) for mode, chunks in
+             [("naive", [40]), ("chunked", [8] * 5), ("overlapped", [10] * 4), ("overlapped", [3, 20, 1, 16]),
+              ("unchunked", [40])]]
+    jobs = [Job(mode, tokens(B, 40, seed=B), chunks, return_cache=True) for mode, chunks, B in cases]
+    results = run_jobs(PipelineSpec(source="tiny", stages=stages, link="gloo", threads=1), jobs)
+    for (mode, chunks, B), [res] in zip(cases, results):
+        ref = reference(tiny, tokens(B, 40, seed=B))
+        assert_matches(res, *ref)
+        if mode != "unchunked":
+            assert res.metrics["bytes_per_boundary"] == [B * 40 * H * ITEM] * (stages - 1)
+            assert res.metrics["decode_bytes_per_boundary"] == [B * H * ITEM] * (stages - 1)
+
+
+@pytest.mark.parametrize("mode", PIPELINE_MODES)
+@pytest.mark.parametrize("B,L", [(1, 40), (2, 37)])
+def test_bytes_per_boundary_are_exact(mode, B, L):
+    res = run_prefill("tiny", tokens(B, L), mode=mode, stages=4, chunk_size=9)
+    assert res.metrics["bytes_per_boundary"] == [B * L * H * ITEM] * 3  # B·L·H·itemsize
+    assert res.metrics["decode_bytes_per_boundary"] == [B * H * ITEM] * 3  # B·H·itemsize per token
+
+
+def test_decode_after_pipelined_prefill_equals_extended_forward(tiny):
+    toks = tokens(2, 30)
+    res = run_prefill("tiny", toks, mode="overlapped", stages=2, chunk_size=7)
+    nxt = res.logits.argmax(-1)
+    expected = tiny(torch.cat([toks, nxt[:, None]], 1))[:, -1]
+    assert (res.decode_logits - expected).abs().max().item() <= 1e-5
+
+
+def test_emulated_link_bandwidth_slows_blocking_sends():
+    toks = tokens(1, 40)
+    # 40·64·4 = 10240 bytes at 1e-4 GB/s = 0.1 s per boundary for the naive mode's one blocking send
+    res = run_prefill("tiny", toks, mode="naive", stages=2, bandwidth_gbps=1e-4)
+    assert res.metrics["send_time_s"][0] >= 0.1 and res.metrics["exposed_comm_s"] >= 0.1
+
+
+def test_overlapped_sends_hide_behind_compute():
+    """With an emulated link, overlapped mode keeps computing while sends are in flight: its stage 0 finishes
+    its chunks before the sends complete, so the blocking time is less than the total send time."""
+    toks = tokens(1, 40)
+    res = run_prefill("tiny", toks, mode="overlapped", stages=2, chunk_size=10, bandwidth_gbps=5e-4)
+    assert res.metrics["send_wait_s"][0] < res.metrics["send_time_s"][0]
+
+
+# ---- failures: reported, never hung on --------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_stage_that_raises_fails_every_process_with_the_error_named():
+    t0 = time.time()
+    spec = PipelineSpec(source="tiny", stages=3, link="gloo", threads=1, fault=("raise", 1))
+    with pytest.raises(PipelineError, match="stage 1 failed: RuntimeError: injected failure in stage 1"):
+        run_jobs(spec, [Job("overlapped", tokens(1, 40), [10] * 4)])
+    assert time.time() - t0 < 60
+
+
+@pytest.mark.slow
+def test_a_dead_peer_is_reported_not_waited_on():
+    t0 = time.time()
+    spec = PipelineSpec(source="tiny", stages=2, link="gloo", threads=1, fault=("exit", 0))
+    with pytest.raises(PipelineError, match=r"stage 0 died \(exit code 17\)"):
+        run_jobs(spec, [Job("chunked", tokens(1, 40), [10] * 4)])
+    assert time.time() - t0 < 60
+
+
+# ---- invalid requests ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(stages=5), ValueError, "more stages than layers"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be a positive integer"),
+    (dict(chunk_size=-2), ValueError, "chunk_size must be a positive integer"),
+    (dict(chunks=[10, 10]), ValueError, "sum to 20, but the prompt has 40"),
+    (dict(chunks=[40, 0]), ValueError, "positive integers"),
+    (dict(mode="pipelined"), ValueError, "unknown mode 'pipelined'"),
+    (dict(link="carrier-pigeon"), ValueError, "unknown link"),
+    (dict(ops="cuda"), ValueError, "unknown ops backend"),
+    (dict(link="nccl"), ValueError, "nccl link needs CUDA"),
+    (dict(bandwidth_gbps=0.0), ValueError, "bandwidth must be positive"),
+])
+def test_invalid_requests_are_refused_before_work(kwargs, error, match):
+    kw = dict(mode="overlapped", stages=2, chunk_size=10) | kwargs
+    if "chunks" in kwargs:
+        kw.pop("chunk_size")
+    if kw.get("link") == "nccl" and torch.cuda.is_available():
+        pytest.skip("CUDA present: the nccl link is valid here")
+    with pytest.raises(error, match=match):
+        run_prefill("tiny", tokens(1, 40), link=kw.pop("link", "gloo"), **kw)
+
+
+def test_world_size_must_equal_stages(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="world size 3 differs from the number of stages 2"):
+        init_process_group(PipelineSpec(stages=2, link="gloo"))
+
+
+def test_split_layers():
+    assert split_layers(10, 3) == [range(0, 4), range(4, 7), range(7, 10)]
+    assert split_layers(4, [1, 3]) == [range(0, 1), range(1, 4)]
+    with pytest.raises(ValueError, match="sum to 3"):
+        split_layers(4, [1, 2])
+
+
+def test_chunk_plan():
+    assert chunk_plan(10, 4) == [4, 4, 2]
+    assert chunk_plan(8, 4) == [4, 4]
+    assert chunk_plan(10) == [10]
+    with pytest.raises(ValueError, match="not both"):
+        chunk_plan(10, 4, [10])
