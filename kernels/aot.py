@@ -44,9 +44,9 @@ class KernelSpec:
     meta: dict = field(default_factory=dict)
 
 
-def kernel_specs() -> list[KernelSpec]:
+def kernel_specs(arch: int = 90) -> list[KernelSpec]:
     specs = []
-    for head_dim, dtype, cfg in attn_mod.all_configs():
+    for head_dim, dtype, cfg in attn_mod.all_configs(divmod(arch, 10)):
         p = _PTR[dtype]
         sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"StartPos": "*i32"}
         for n in ("q", "kn", "vn", "kc", "vc", "o"):
@@ -127,14 +127,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities, e.g. 90 80")
     ap.add_argument("--only", default="", help="compile only kernels whose name contains this text")
+    ap.add_argument("--quick", action="store_true",
+                    help="attention in bf16 at every head dim, fp16/fp32 at d128 only (fp16 tiles equal bf16's)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("kernels.aot: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
         return 2
     failed = 0
     for arch in args.arch:
-        for spec in kernel_specs():
+        for spec in kernel_specs(arch):
             if args.only not in spec.name:
+                continue
+            if args.quick and spec.name.startswith("chunk_attention") and "bfloat16" not in spec.name \
+                    and " d128 " not in spec.name:
                 continue
             try:
                 row = compile_spec(spec, arch)

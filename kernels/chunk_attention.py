@@ -118,14 +118,17 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def pick_config(chunk_len: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch shape. Every config this can return is compiled ahead of time in the tests."""
+def pick_config(chunk_len: int, head_dim: int, dtype: torch.dtype, capability: tuple[int, int] = (9, 0)) -> dict:
+    """Block sizes and launch shape for a GPU of compute `capability`. Every config this can return is compiled
+    ahead of time in the tests (no spills allowed)."""
     if os.environ.get("TRITON_INTERPRET") == "1":  # numpy interpreter: fewer, larger blocks run faster
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # exact fp32 dots (FMA, no TF32) are register-hungry: small tiles, for checking
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     if chunk_len <= 16:  # decode-like: do not waste a 128-row tile on one query
         return dict(BLOCK_M=16, BLOCK_N=64 if head_dim <= 128 else 16, num_warps=4, num_stages=2)
+    if capability < (9, 0) and head_dim >= 128:  # Ampere: mma.sync keeps acc in registers; 128-row tiles spill
+        return dict(BLOCK_M=64, BLOCK_N=32 if head_dim == 128 else 16, num_warps=4, num_stages=2)
     if head_dim == 256:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if head_dim == 128:
@@ -133,14 +136,14 @@ def pick_config(chunk_len: int, head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
 
 
-def all_configs() -> list[tuple[int, torch.dtype, dict]]:
-    """(head_dim, dtype, config) for every choice `pick_config` makes on a GPU."""
+def all_configs(capability: tuple[int, int] = (9, 0)) -> list[tuple[int, torch.dtype, dict]]:
+    """(head_dim, dtype, config) for every choice `pick_config` makes on a GPU of that capability."""
     out = []
     for d in SUPPORTED_HEAD_DIMS:
         for dtype in SUPPORTED_DTYPES:
             seen = []
             for c in (1, 4096):
-                cfg = pick_config(c, d, dtype)
+                cfg = pick_config(c, d, dtype, capability)
                 if cfg not in seen:
                     seen.append(cfg)
                     out.append((d, dtype, cfg))
@@ -211,7 +214,8 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"chunk_attention: out must match q ({q.dtype} {tuple(q.shape)}, last dim contiguous)")
-    cfg = pick_config(C, D, q.dtype)
+    cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else (9, 0)
+    cfg = pick_config(C, D, q.dtype, cap)
     grid = (triton.cdiv(C, cfg["BLOCK_M"]), B * Hq)
     _chunk_attention_kernel[grid](
         q, k_new, v_new, k_cache, v_cache, out, starts,

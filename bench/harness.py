@@ -1,0 +1,124 @@
+"""The main job: unchunked, naive, chunked and overlapped prefill on the same prompt, with where the time goes
+and proof that the outputs did not change. Writes results JSON, a timeline PNG and a Chrome/Perfetto trace."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipeline import MODES, Job, PipelineSpec, resolve_config, run_jobs
+
+SCHEMA_VERSION = 1
+LOGITS_TOL = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}  # max |Δ logits| vs unchunked that passes
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    import triton
+    cuda = torch.cuda.is_available()
+    return dict(
+        device=torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()}, "
+                                                          f"{os.cpu_count()} cores)",
+        torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+        cuda=torch.version.cuda if cuda else None, git_commit=commit,
+    )
+
+
+def check_output_dir(out: Path) -> None:
+    """Fails before any work when the output directory cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise SystemExit(f"bench: cannot write to output directory {out}: {e.strerror or e}")
+
+
+def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,
+              modes=MODES, seed: int = 0) -> dict:
+    """All modes on one prompt; returns the figures per mode (medians over repeats) and the raw timelines."""
+    cfg = resolve_config(spec.source)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    jobs = [Job(m, tokens, chunks if m in ("chunked", "overlapped") else [prompt_len], repeats=repeats, warmup=warmup)
+            for m in modes]
+    results = dict(zip(modes, run_jobs(spec, jobs)))
+    base = results.get("unchunked")
+    itemsize = torch.tensor([], dtype=getattr(torch, spec.dtype)).element_size()
+    figures, timelines = {}, {}
+    for mode, runs in results.items():
+        best = sorted(runs, key=lambda r: r.metrics["ttft_s"])[len(runs) // 2]  # the median run
+        med = lambda key: statistics.median(r.metrics[key] for r in runs)  # noqa: E731
+        m = dict(
+            ttft_ms=med("ttft_s") * 1e3,
+            ttft_runs_ms=[r.metrics["ttft_s"] * 1e3 for r in runs],
+            exposed_comm_ms=med("exposed_comm_s") * 1e3,
+            bubble_fraction=med("bubble_fraction"),
+            bound_ms=med("bound_s") * 1e3,
+            measured_over_bound=med("measured_over_bound"),
+            compute_ms_per_stage=[x * 1e3 for x in best.metrics["compute_s"]],
+            send_time_ms_per_stage=[x * 1e3 for x in best.metrics["send_time_s"]],
+            per_chunk_stage_max_ms=[x * 1e3 for x in best.metrics["per_chunk_stage_max_s"]],
+            prefill_bytes_per_boundary=best.metrics["bytes_per_boundary"],
+            decode_bytes_per_boundary=best.metrics.get("decode_bytes_per_boundary", []),
+            expected_prefill_bytes=batch * prompt_len * cfg.hidden_size * itemsize,
+            expected_decode_bytes=batch * cfg.hidden_size * itemsize,
+            chunks=best.chunks,
+        )
+        if base is not None:
+            ref = base[0]
+            m["max_abs_dlogits"] = max((r.logits - ref.logits).abs().max().item() for r in runs)
+            m["max_abs_ddecode_logits"] = max((r.decode_logits - ref.decode_logits).abs().max().item() for r in runs)
+        figures[mode] = m
+        timelines[mode] = best.timeline
+    for mode, m in figures.items():
+        if "unchunked" in figures:
+            m["speedup_vs_unchunked"] = figures["unchunked"]["ttft_ms"] / m["ttft_ms"]
+        if "naive" in figures:
+            m["speedup_vs_naive"] = figures["naive"]["ttft_ms"] / m["ttft_ms"]
+        m["bytes_exact"] = (all(b == m["expected_prefill_bytes"] for b in m["prefill_bytes_per_boundary"])
+                            and all(b == m["expected_decode_bytes"] for b in m["decode_bytes_per_boundary"]))
+        m["outputs_match"] = m.get("max_abs_dlogits", 0.0) <= LOGITS_TOL[spec.dtype] and m.get(
+            "max_abs_ddecode_logits", 0.0) <= LOGITS_TOL[spec.dtype]
+    return dict(prompt_len=prompt_len, batch=batch, modes=figures, timelines=timelines)
+
+
+UNITS = {"ttft_ms": "ms", "exposed_comm_ms": "ms", "bound_ms": "ms", "bubble_fraction": "fraction of S·TTFT",
+         "measured_over_bound": "ratio", "speedup_vs_unchunked": "ratio", "speedup_vs_naive": "ratio",
+         "prefill_bytes_per_boundary": "bytes", "decode_bytes_per_boundary": "bytes per token",
+         "max_abs_dlogits": "absolute logit difference vs unchunked", "compute_ms_per_stage": "ms",
+         "send_time_ms_per_stage": "ms", "per_chunk_stage_max_ms": "ms"}
+
+
+def table(point: dict) -> str:
+    """A short table for a person."""
+    rows = [("mode", "TTFT ms", "vs unch", "vs naive", "exp.comm ms", "bubble", "bound ms", "meas/bnd",
+             "prefill B/bnd", "decode B/bnd", "ratio", "max|Δlogit|")]
+    for mode, m in point["modes"].items():
+        pb = m["prefill_bytes_per_boundary"][0] if m["prefill_bytes_per_boundary"] else 0
+        db = m["decode_bytes_per_boundary"][0] if m["decode_bytes_per_boundary"] else 0
+        rows.append((mode, f"{m['ttft_ms']:.1f}", f"{m.get('speedup_vs_unchunked', float('nan')):.2f}x",
+                     f"{m.get('speedup_vs_naive', float('nan')):.2f}x", f"{m['exposed_comm_ms']:.1f}",
+                     f"{100 * m['bubble_fraction']:.0f}%", f"{m['bound_ms']:.1f}", f"{m['measured_over_bound']:.2f}",
+                     f"{pb:,}" if pb else "-", f"{db:,}" if db else "-", f"{pb / db:.0f}" if db else "-",
+                     f"{m.get('max_abs_dlogits', 0.0):.1e}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def write_results(out: Path, doc: dict) -> Path:
+    """Atomically: a reader never sees a half-written results file."""
+    path = out / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+    return path

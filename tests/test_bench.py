@@ -1,0 +1,103 @@
+"""The harness: `python -m bench` writes complete results (JSON, timeline PNG, trace) and a JSON last line, refuses
+bad input before any work, and `compare` flags regressions."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    res = bench("--model", "tiny", "--prompt-len", "96", "--chunk-size", "16", "--repeats", "2", "--warmup", "1",
+                "--out", str(out))
+    return res, out
+
+
+def test_demo_writes_complete_results(demo_run):
+    res, out = demo_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])  # the last line is one JSON document
+    assert summary["outputs_match"] and summary["bytes_exact"]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema_version"] == 1 and doc["config"]["link"] == "gloo" and doc["environment"]["torch"]
+    modes = doc["points"][0]["modes"]
+    assert list(modes) == ["unchunked", "naive", "chunked", "overlapped"]
+    for m in ("naive", "chunked", "overlapped"):
+        assert modes[m]["prefill_bytes_per_boundary"] == [96 * 64 * 4]
+        assert modes[m]["decode_bytes_per_boundary"] == [64 * 4]
+        assert modes[m]["max_abs_dlogits"] <= 1e-4
+    assert (out / "timeline.png").stat().st_size > 1000
+    trace = json.loads((out / "trace.json").read_text())
+    assert any(e.get("name", "").startswith("send") for e in trace["traceEvents"])
+    assert "TTFT ms" in res.stdout
+
+
+def test_sweep_inprocess_writes_one_point_per_length(tmp_path):
+    res = bench("--model", "tiny", "--prompt-len", "32,48", "--chunk-size", "16", "--link", "inprocess",
+                "--repeats", "1", "--warmup", "0", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert [p["prompt_len"] for p in doc["points"]] == [32, 48]
+    assert (tmp_path / "sweep.png").is_file()
+
+
+def test_compare_flags_regressions(demo_run, tmp_path):
+    _, out = demo_run
+    base = out / "results.json"
+    assert bench("compare", str(base), str(base)).returncode == 0
+    doc = json.loads(base.read_text())
+    doc["points"][0]["modes"]["overlapped"]["ttft_ms"] *= 1.5
+    slower = tmp_path / "slower.json"
+    slower.write_text(json.dumps(doc))
+    res = bench("compare", str(base), str(slower))
+    assert res.returncode == 1 and "REGRESSED" in res.stdout
+    doc["points"][0]["modes"]["overlapped"]["ttft_ms"] /= 1.5
+    doc["points"][0]["modes"]["chunked"]["outputs_match"] = False
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(doc))
+    assert bench("compare", str(base), str(wrong)).returncode == 1
+    doc["environment"]["device"] = "another GPU"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(doc))
+    res = bench("compare", str(base), str(other))
+    assert res.returncode == 2 and "different devices" in res.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--no-such-option"], "unrecognized arguments"),
+    (["--stages", "0"], "must be positive"),
+    (["--chunk-size", "-4"], "must be positive"),
+    (["--modes", "warp"], "unknown mode 'warp'"),
+    (["--model", "./missing-model-dir"], "does not exist"),
+    (["--model", "tiny", "--stages", "64"], "stage processes need 64 cores"),
+    (["--model", "tiny", "--link", "inprocess", "--stages", "5"], "more stages than layers"),
+    (["--model", "tiny", "--prompt-len", "5000"], "exceeds the model's max_seq_len"),
+    (["--model", "tiny", "--prompt-len", "64", "--out", "/proc/forbidden"], "cannot write to output directory"),
+])
+def test_bad_input_exits_non_zero_before_work(args, message, tmp_path):
+    if "--out" not in args:
+        args = [*args, "--out", str(tmp_path / "o")]
+    res = bench(*args, timeout=120)
+    assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_kernel_benchmark_says_no_gpu_and_exits_zero():
+    res = bench("kernels")
+    assert res.returncode == 0 and "no CUDA GPU" in res.stdout
