@@ -1,6 +1,8 @@
 """python -m bench [options]             the demo: every prefill mode on one prompt (a sweep with several lengths)
 python -m bench compare BASE NEW       regression check between two results files
+python -m bench simulate               projection of S GPUs over NVLink / PCIe / Ethernet (roofline + simulator)
 python -m bench kernels                kernel benchmark (needs a GPU; says so and exits 0 without one)
+python -m bench gpu-suite --out DIR    every GPU test and benchmark in one pass (refuses without CUDA)
 
 The last line of stdout is a one-line JSON summary."""
 from __future__ import annotations
@@ -44,6 +46,14 @@ def run_parser() -> argparse.ArgumentParser:
                     help="prompt length(s); several, comma-separated, make a sweep (default: 2048)")
     ap.add_argument("--chunk-size", type=_positive(int), default=None, help="uniform chunk size (default: 128)")
     ap.add_argument("--chunks", type=_int_list, default=None, help="explicit chunk sizes, comma-separated")
+    ap.add_argument("--chunk-plan", choices=["uniform", "balanced"], default="uniform",
+                    help="uniform: --chunk-size tokens per chunk; balanced: boundaries chosen by the planner from a "
+                         "cost model fitted on this pipeline first (implies --simulate)")
+    ap.add_argument("--granularity", type=_positive(int), default=32,
+                    help="balanced plan: chunk boundaries are multiples of this (default: 32)")
+    ap.add_argument("--simulate", action="store_true",
+                    help="fit per-stage chunk costs and the link on this pipeline, then report the simulator's "
+                         "TTFT next to each measured one (and draw both timelines)")
     ap.add_argument("--batch", type=_positive(int), default=1, help="batch size B (default: 1)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16" if gpu else "float32")
     ap.add_argument("--link", choices=["gloo", "nccl", "inprocess"], default=None,
@@ -64,7 +74,8 @@ def main_run(argv) -> int:
     from pipeline import MODES, PipelineSpec, chunk_plan, resolve_config
     from pipeline.launch import LINKS  # noqa: F401
 
-    from .harness import SCHEMA_VERSION, check_output_dir, environment, run_point, table, write_results
+    from .harness import (SCHEMA_VERSION, check_output_dir, environment, run_point, simulate_modes, table,
+                          write_results)
     from .timeline import write_chrome_trace, write_sweep_png, write_timeline_png
 
     args = run_parser().parse_args(argv)
@@ -84,6 +95,11 @@ def main_run(argv) -> int:
         fail(f"nccl with {args.stages} stages needs {args.stages} GPUs, found {torch.cuda.device_count()}")
     if args.chunks and len(args.prompt_len) > 1:
         fail("--chunks fits one prompt length; use --chunk-size for a sweep")
+    if args.chunk_plan == "balanced" and (args.chunks or args.chunk_size):
+        fail("--chunk-plan balanced chooses the chunks itself: drop --chunks / --chunk-size")
+    if args.chunk_plan == "balanced" and args.granularity > min(args.prompt_len):
+        fail(f"--granularity {args.granularity} is larger than the prompt ({min(args.prompt_len)} tokens)")
+    simulate = args.simulate or args.chunk_plan == "balanced"
     try:
         cfg = resolve_config(args.model)
         spec = PipelineSpec(source=str(args.model), stages=args.stages, link=link, ops=args.ops, dtype=args.dtype,
@@ -99,9 +115,22 @@ def main_run(argv) -> int:
         fail(str(e))
     out = Path(args.out)
     check_output_dir(out)
+    calibration = None
+    if simulate:
+        from pipeline.costs import stage_max
+        from pipeline.plan import plan_chunks
+        from .harness import bytes_per_token, calibrate
+        print(f"calibrating: fitting chunk costs on this pipeline at L={max(args.prompt_len)} ...", file=sys.stderr)
+        costs, link_model, calibration = calibrate(spec, max(args.prompt_len), args.batch)
+        bpt = bytes_per_token(spec, args.batch)
+        if args.chunk_plan == "balanced":
+            for L in args.prompt_len:
+                plans[L] = plan_chunks(L, stage_max(costs), spec.num_stages, args.granularity, link=link_model,
+                                       bytes_per_token=bpt).chunks
     config = dict(model=str(args.model), stages=args.stages, link=link, device=device, ops=args.ops,
                   dtype=args.dtype, batch=args.batch, prompt_lens=args.prompt_len, chunk_size=args.chunk_size or 128,
-                  chunks=args.chunks, bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us,
+                  chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
+                  plans={str(L): plans[L] for L in args.prompt_len}, bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us,
                   repeats=args.repeats, warmup=args.warmup, modes=modes,
                   threads_per_stage=args.threads or max(1, (os.cpu_count() or 1) // args.stages))
     points = []
@@ -110,15 +139,23 @@ def main_run(argv) -> int:
     bar = tqdm(args.prompt_len, desc="prompt lengths", disable=len(args.prompt_len) == 1, file=sys.stderr)
     for L in bar:
         bar.set_postfix(L=L)
-        points.append(run_point(spec, L, args.batch, plans[L], args.repeats, args.warmup, modes))
+        point = run_point(spec, L, args.batch, plans[L], args.repeats, args.warmup, modes)
+        if simulate:
+            point["sim_timelines"] = simulate_modes(point, costs, link_model, bpt)
+        points.append(point)
     env = environment()
     doc = dict(schema_version=SCHEMA_VERSION, environment=env, config=config, units=_units(),
-               wall_s=time.time() - t0, points=[{k: v for k, v in p.items() if k != "timelines"} for p in points])
+               wall_s=time.time() - t0, calibration=calibration,
+               points=[{k: v for k, v in p.items() if not k.endswith("timelines")} for p in points])
     last = points[-1]
     title = (f"{args.model}, S={args.stages}, L={last['prompt_len']}, B={args.batch}, {link}, {args.dtype}, "
              f"{env['device']}")
     write_timeline_png(last["timelines"], out / "timeline.png", title)
     write_chrome_trace(last["timelines"], out / "trace.json")
+    if simulate:  # measured and simulated, mode by mode, on one time axis
+        write_timeline_png({f"{mode} {kind}": p[mode] for mode in last["timelines"]
+                            for kind, p in (("measured", last["timelines"]), ("simulated", last["sim_timelines"]))},
+                           out / "timeline_vs_sim.png", title + " — measured vs simulated")
     if len(points) > 1:
         write_sweep_png(points, out / "sweep.png", title)
     path = write_results(out, doc)  # last: results.json only exists once everything else is written
@@ -132,6 +169,8 @@ def main_run(argv) -> int:
     if "naive" in last["modes"] and "overlapped" in last["modes"]:
         summary["overlapped_vs_naive"] = round(last["modes"]["overlapped"]["speedup_vs_naive"], 3)
         summary["overlapped_measured_over_bound"] = round(last["modes"]["overlapped"]["measured_over_bound"], 3)
+    if simulate:
+        summary["sim_over_measured"] = {m: round(v["sim_over_measured"], 3) for m, v in last["modes"].items()}
     print(f"\nresults: {path}  timeline: {out / 'timeline.png'}  trace: {out / 'trace.json'}")
     print(json.dumps(summary))
     return 0 if summary["outputs_match"] and summary["bytes_exact"] else 1
@@ -153,6 +192,12 @@ def main(argv=None) -> int:
         a = ap.parse_args(argv[1:])
         from .compare import compare
         return compare(a.base, a.new, a.threshold, a.force)
+    if argv and argv[0] == "simulate":
+        from .simulate import main as simulate_main
+        return simulate_main(argv[1:])
+    if argv and argv[0] == "gpu-suite":
+        from .gpu_suite import main as suite_main
+        return suite_main(argv[1:])
     if argv and argv[0] == "kernels":
         from .kernels import main as kernels_main
         return kernels_main(argv[1:])

@@ -2,6 +2,7 @@
 and proof that the outputs did not change. Writes results JSON, a timeline PNG and a Chrome/Perfetto trace."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -44,6 +45,47 @@ def check_output_dir(out: Path) -> None:
         raise SystemExit(f"bench: cannot write to output directory {out}: {e.strerror or e}")
 
 
+def bytes_per_token(spec: PipelineSpec, batch: int) -> int:
+    """What one token's hidden state weighs on a stage boundary: B·H·itemsize."""
+    itemsize = torch.tensor([], dtype=getattr(torch, spec.dtype)).element_size()
+    return batch * resolve_config(spec.source).hidden_size * itemsize
+
+
+def calibrate(spec: PipelineSpec, prompt_len: int, batch: int, repeats: int = 3, warmup: int = 1, seed: int = 1):
+    """Fits each stage's chunk cost a·x² + b·x·p + c·x + d and the link's latency + bytes/bandwidth from runs of
+    this very pipeline: an overlapped run whose chunk sizes cycle through L/128..L/4 tokens (every size at many
+    prefix lengths) and a naive run (the whole prompt as one chunk). Warm-up runs are not used. Returns (costs, link,
+    description for the results file)."""
+    from pipeline.costs import calibration_chunks, fit_from_runs
+    cfg = resolve_config(spec.source)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    jobs = [Job("overlapped", tokens, calibration_chunks(prompt_len), repeats=repeats, warmup=warmup, decode=False),
+            Job("naive", tokens, [prompt_len], repeats=repeats, warmup=warmup, decode=False)]
+    runs = [r for job_runs in run_jobs(spec, jobs) for r in job_runs]
+    costs, link = fit_from_runs(runs, bytes_per_token(spec, batch))
+    info = dict(prompt_len=prompt_len, repeats=repeats, warmup=warmup, chunks=jobs[0].chunks,
+                stage_costs=[dataclasses.asdict(c) for c in costs], stage_cost_form="a*x^2 + b*x*p + c*x + d seconds",
+                link=dict(bandwidth_gbps=link.bandwidth_gbps, latency_s=link.latency_s))
+    return costs, link, info
+
+
+def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
+    """The simulator's makespan for each measured mode of `point` (same chunks), next to the measured TTFT; adds
+    sim_ttft_ms and sim_over_measured to each mode and returns the simulated timelines. The costs are fitted on
+    the least time of each point over repeats, so the comparison is with the least measured TTFT (ttft_min_ms):
+    both estimate the undisturbed run."""
+    from pipeline.simulate import simulate
+    timelines = {}
+    for mode, m in point["modes"].items():
+        sim = simulate(mode, m["chunks"], costs, link, bpt)
+        m["sim_ttft_ms"] = sim.makespan_s * 1e3
+        m["sim_over_measured"] = m["sim_ttft_ms"] / m["ttft_min_ms"]
+        m["sim_exposed_comm_ms"] = sim.metrics["exposed_comm_s"] * 1e3
+        m["sim_bubble_fraction"] = sim.metrics["bubble_fraction"]
+        timelines[mode] = sim.events
+    return timelines
+
+
 def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,
               modes=MODES, seed: int = 0) -> dict:
     """All modes on one prompt; returns the figures per mode (medians over repeats) and the raw timelines."""
@@ -60,7 +102,11 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         med = lambda key: statistics.median(r.metrics[key] for r in runs)  # noqa: E731
         m = dict(
             ttft_ms=med("ttft_s") * 1e3,
+            ttft_min_ms=min(r.metrics["ttft_s"] for r in runs) * 1e3,
             ttft_runs_ms=[r.metrics["ttft_s"] * 1e3 for r in runs],
+            wall_ttft_ms=med("wall_ttft_s") * 1e3 if "wall_ttft_s" in runs[0].metrics else med("ttft_s") * 1e3,
+            machine_paused_fraction=statistics.median(r.metrics.get("paused_s", 0.0) / r.metrics["wall_ttft_s"]
+                                                      for r in runs) if "wall_ttft_s" in runs[0].metrics else 0.0,
             exposed_comm_ms=med("exposed_comm_s") * 1e3,
             bubble_fraction=med("bubble_fraction"),
             bound_ms=med("bound_s") * 1e3,
@@ -92,17 +138,22 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     return dict(prompt_len=prompt_len, batch=batch, modes=figures, timelines=timelines)
 
 
-UNITS = {"ttft_ms": "ms", "exposed_comm_ms": "ms", "bound_ms": "ms", "bubble_fraction": "fraction of S·TTFT",
+UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see pipeline/pauses.py)",
+         "wall_ttft_ms": "ms of wall clock, pauses included", "ttft_min_ms": "ms, least over repeats", "machine_paused_fraction": "fraction of wall_ttft_ms", "exposed_comm_ms": "ms", "bound_ms": "ms", "bubble_fraction": "fraction of S·TTFT",
          "measured_over_bound": "ratio", "speedup_vs_unchunked": "ratio", "speedup_vs_naive": "ratio",
          "prefill_bytes_per_boundary": "bytes", "decode_bytes_per_boundary": "bytes per token",
          "max_abs_dlogits": "absolute logit difference vs unchunked", "compute_ms_per_stage": "ms",
-         "send_time_ms_per_stage": "ms", "per_chunk_stage_max_ms": "ms"}
+         "send_time_ms_per_stage": "ms", "per_chunk_stage_max_ms": "ms", "sim_ttft_ms": "ms (simulated)",
+         "sim_over_measured": "ratio", "sim_exposed_comm_ms": "ms (simulated)"}
 
 
 def table(point: dict) -> str:
     """A short table for a person."""
     rows = [("mode", "TTFT ms", "vs unch", "vs naive", "exp.comm ms", "bubble", "bound ms", "meas/bnd",
              "prefill B/bnd", "decode B/bnd", "ratio", "max|Δlogit|")]
+    sim = all("sim_ttft_ms" in m for m in point["modes"].values())
+    if sim:
+        rows[0] += ("min ms", "sim ms", "sim/min")
     for mode, m in point["modes"].items():
         pb = m["prefill_bytes_per_boundary"][0] if m["prefill_bytes_per_boundary"] else 0
         db = m["decode_bytes_per_boundary"][0] if m["decode_bytes_per_boundary"] else 0
@@ -110,9 +161,16 @@ def table(point: dict) -> str:
                      f"{m.get('speedup_vs_naive', float('nan')):.2f}x", f"{m['exposed_comm_ms']:.1f}",
                      f"{100 * m['bubble_fraction']:.0f}%", f"{m['bound_ms']:.1f}", f"{m['measured_over_bound']:.2f}",
                      f"{pb:,}" if pb else "-", f"{db:,}" if db else "-", f"{pb / db:.0f}" if db else "-",
-                     f"{m.get('max_abs_dlogits', 0.0):.1e}"))
+                     f"{m.get('max_abs_dlogits', 0.0):.1e}")
+                    + ((f"{m['ttft_min_ms']:.1f}", f"{m['sim_ttft_ms']:.1f}", f"{m['sim_over_measured']:.2f}")
+                       if sim else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+    paused = max(m.get("machine_paused_fraction", 0.0) for m in point["modes"].values())
+    if paused > 0.01:
+        text += (f"\n(the machine was paused by its host for up to {100 * paused:.0f}% of a run's wall time; "
+                 f"times above leave those pauses out, wall_ttft_ms in the results keeps them)")
+    return text
 
 
 def write_results(out: Path, doc: dict) -> Path:

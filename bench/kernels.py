@@ -1,16 +1,44 @@
-"""Kernel benchmark: chunk_attention against torch SDPA (every backend available) on the same work, and the
-memory-bound kernels in GB/s against torch eager. Accuracy is checked in the same run. Needs a GPU.
+"""Kernel benchmark, as providers against a baseline with accuracy checked in the same run:
+- chunk_attention against torch SDPA (every backend available, lower-right causal mask over prefix + chunk), in
+  TFLOP/s counting only visible query-key pairs, with a large bf16 GEMM measured on the same GPU as the ceiling;
+- RMSNorm (+residual), RoPE and SwiGLU in GB/s against torch eager, with a device-to-device copy as the ceiling.
 
     python -m bench kernels [--out bench/results/<gpu>]
+
+Needs a GPU for figures worth reading (without one it says so and exits 0). Every function takes `device` and a
+`timer`, so the same code runs on CPU under Triton's interpreter in the tests, on tiny shapes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
+
+ATTENTION_SHAPES = ((0, 256), (0, 2048), (4096, 1024), (16384, 2048), (32768, 256), (32768, 4096))
+TARGET_SHAPE = (16384, 2048)  # prefix, chunk: where the targets are set
+TARGETS = dict(attention_tflops=500.0, attention_vs_best_sdpa=1.3, memory_bound_of_copy=0.8)
+
+
+def gpu_timer(fn) -> float:
+    """Median milliseconds of `fn` (triton.testing.do_bench: warm-up, L2 flush, CUDA events)."""
+    import triton.testing
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
+def cpu_timer(fn, repeats: int = 3) -> float:
+    """Median milliseconds on the host clock (tests and CPU smoke runs only)."""
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
 
 
 def visible_pairs(C: int, P: int) -> int:
@@ -22,63 +50,154 @@ def attention_flops(B, Hq, D, C, P) -> int:
     return 4 * B * Hq * D * visible_pairs(C, P)
 
 
-def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16,
-                    shapes=((0, 256), (0, 2048), (4096, 1024), (16384, 2048), (32768, 4096))):
-    import triton.testing
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+    return (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+            ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH))
+
+
+def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=ATTENTION_SHAPES, device="cuda",
+                    timer=gpu_timer) -> list[dict]:
+    """One row per (prefix P, chunk C): Triton time and TFLOP/s, each SDPA backend's time (or why it could not
+    run), speed-up over the fastest backend, and the max error against a float64 reference."""
+    from torch.nn.attention import sdpa_kernel
 
     from kernels import chunk_attention
+    F = torch.nn.functional
     rows = []
     for P, C in shapes:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(B, C, Hq, D, device="cuda", dtype=dtype, generator=g)
-        kn, vn = (torch.randn(B, C, Hkv, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
-        kc, vc = (torch.randn(B, P + C, Hkv, D, device="cuda", dtype=dtype, generator=g) for _ in range(2))
-        flops = attention_flops(B, Hq, D, C, P)
-        ms = triton.testing.do_bench(lambda: chunk_attention(q, kn, vn, kc, vc, P))
-        out = chunk_attention(q, kn, vn, kc, vc, P)
+        g = torch.Generator(device=device).manual_seed(P * 7919 + C)
+        q = torch.randn(B, C, Hq, D, device=device, dtype=dtype, generator=g)
+        kn, vn = (torch.randn(B, C, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+        kc, vc = (torch.randn(B, P + C, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+        out = torch.full_like(q, float("nan"))
+        ms = timer(lambda: chunk_attention(q, kn, vn, kc, vc, P, out=out))
+        # SDPA gets the same work: keys/values of prefix + chunk (the cache now holds the chunk too)
         kcat = kc[:, :P + C].transpose(1, 2).repeat_interleave(Hq // Hkv, 1)
         vcat = vc[:, :P + C].transpose(1, 2).repeat_interleave(Hq // Hkv, 1)
-        mask = torch.arange(P + C, device="cuda")[None, :] <= P + torch.arange(C, device="cuda")[:, None]
-        ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2).float(), kcat.float(), vcat.float(),
-                                                               attn_mask=mask).transpose(1, 2)
+        mask = torch.arange(P + C, device=device)[None, :] <= P + torch.arange(C, device=device)[:, None]
+        qt = q.transpose(1, 2)
+        ref = F.scaled_dot_product_attention(qt.double(), kcat.double(), vcat.double(), attn_mask=mask).transpose(1, 2)
+        flops = attention_flops(B, Hq, D, C, P)
         row = dict(prefix=P, chunk=C, triton_ms=ms, triton_tflops=flops / ms / 1e9,
-                   max_abs_err=(out.float() - ref).abs().max().item())
-        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                              ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)):
-            qt = q.transpose(1, 2)
+                   max_abs_err=(out.double() - ref).abs().max().item())
+        for name, backend in _sdpa_backends():
             try:
                 with sdpa_kernel(backend):
-                    fn = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kcat, vcat, attn_mask=mask)  # noqa
-                    fn()
-                    row[f"sdpa_{name}_ms"] = triton.testing.do_bench(fn)
+                    fn = lambda: F.scaled_dot_product_attention(qt, kcat, vcat, attn_mask=mask)  # noqa: E731
+                    err = (fn().transpose(1, 2).double() - ref).abs().max().item()
+                    row[f"sdpa_{name}_ms"] = timer(fn)
+                    row[f"sdpa_{name}_max_abs_err"] = err
             except RuntimeError as e:
                 row[f"sdpa_{name}_ms"] = None
-                row[f"sdpa_{name}_why"] = str(e).splitlines()[0][:200]
-        best = min((v for k, v in row.items() if k.startswith("sdpa_") and k.endswith("_ms") and v), default=None)
-        row["speedup_vs_best_sdpa"] = best / ms if best else None
+                row[f"sdpa_{name}_why"] = str(e).strip().splitlines()[0][:200]
+        times = {k[5:-3]: v for k, v in row.items() if k.startswith("sdpa_") and k.endswith("_ms") and v}
+        row["best_sdpa"] = min(times, key=times.get) if times else None
+        row["speedup_vs_best_sdpa"] = times[row["best_sdpa"]] / ms if times else None
         rows.append(row)
     return rows
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, device="cuda", timer=gpu_timer) -> float:
+    """GB/s of a device-to-device copy (bytes read + bytes written): the ceiling for memory-bound kernels."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6
+
+
+def gemm_tflops(n: int = 8192, dtype=torch.bfloat16, device="cuda", timer=gpu_timer) -> float:
+    """TFLOP/s of an n×n×n matmul: the matrix-unit rate this GPU really reaches (the attention ceiling)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = timer(lambda: a @ b)
+    return 2 * n ** 3 / ms / 1e9
+
+
+def bench_memory_bound(tokens: int = 8192, hidden: int = 4096, intermediate: int = 14336, heads: int = 32,
+                       head_dim: int = 128, dtype=torch.bfloat16, device="cuda", timer=gpu_timer) -> list[dict]:
+    """RMSNorm (+residual), RoPE and SwiGLU on one chunk's activations: Triton and torch eager in GB/s (the bytes
+    each op must move: inputs read once, outputs written once), max error of each against float64."""
+    from kernels import add_rms_norm, add_rms_norm_ref, rope, rope_ref, rope_tables, swiglu, swiglu_ref
+    g = torch.Generator(device=device).manual_seed(0)
+    e = torch.tensor([], dtype=dtype).element_size()
+    rnd = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, generator=g)  # noqa: E731
+    x, r = rnd(tokens, hidden), rnd(tokens, hidden)
+    w = 1 + 0.1 * rnd(hidden)
+    q = rnd(1, tokens, heads, head_dim)
+    cos, sin = rope_tables(head_dim, tokens + 7, 500000.0, device=device)
+    gate, up = rnd(tokens, intermediate), rnd(tokens, intermediate)
+    d = lambda t: t.double()  # noqa: E731
+    ops = {
+        "add_rms_norm": (lambda: add_rms_norm(x, r, w, 1e-5), lambda: add_rms_norm_ref(x, r, w, 1e-5),
+                         lambda: add_rms_norm_ref(d(x), d(r), d(w), 1e-5),
+                         4 * tokens * hidden * e + hidden * e),
+        "rope": (lambda: rope(q, cos, sin, 7), lambda: rope_ref(q, cos, sin, 7),
+                 lambda: rope_ref(d(q), cos.double(), sin.double(), 7),
+                 2 * q.numel() * e + 2 * tokens * head_dim // 2 * 4),
+        "swiglu": (lambda: swiglu(gate, up), lambda: swiglu_ref(gate, up), lambda: swiglu_ref(d(gate), d(up)),
+                   3 * tokens * intermediate * e),
+    }
+    rows = []
+    for name, (tri, eager, ref64, nbytes) in ops.items():
+        want = ref64()
+        want = want if isinstance(want, tuple) else (want,)
+
+        def err(fn):
+            got = fn()
+            got = got if isinstance(got, tuple) else (got,)
+            return max((a.double() - b).abs().max().item() for a, b in zip(got, want))
+        t_ms, e_ms = timer(tri), timer(eager)
+        rows.append(dict(op=name, bytes=nbytes, triton_ms=t_ms, triton_gbps=nbytes / t_ms / 1e6, eager_ms=e_ms,
+                         eager_gbps=nbytes / e_ms / 1e6, triton_max_abs_err=err(tri), eager_max_abs_err=err(eager)))
+    return rows
+
+
+def run_all(device="cuda", timer=gpu_timer, quick=False) -> dict:
+    """Every kernel figure of this GPU in one document (the gpu-suite's kernel part)."""
+    shapes = ((0, 256), TARGET_SHAPE) if quick else ATTENTION_SHAPES
+    copy = copy_bandwidth(device=device, timer=timer)
+    gemm = gemm_tflops(device=device, timer=timer)
+    attention = bench_attention(shapes=shapes, device=device, timer=timer)
+    memory = bench_memory_bound(device=device, timer=timer)
+    for m in memory:
+        m["triton_of_copy"] = m["triton_gbps"] / copy
+        m["eager_of_copy"] = m["eager_gbps"] / copy
+    for a in attention:
+        a["triton_of_gemm"] = a["triton_tflops"] / gemm
+    return dict(copy_gbps=copy, gemm_bf16_tflops=gemm, attention=attention, memory_bound=memory,
+                attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS)
+
+
+def print_report(doc: dict) -> None:
+    print(f"copy {doc['copy_gbps']:.0f} GB/s   bf16 GEMM {doc['gemm_bf16_tflops']:.0f} TFLOP/s")
+    for r in doc["attention"]:
+        print(f"attention P={r['prefix']:>6} C={r['chunk']:>5}  triton {r['triton_ms']:.3f} ms "
+              f"{r['triton_tflops']:.0f} TFLOP/s  vs best SDPA ({r['best_sdpa']}) "
+              f"{r['speedup_vs_best_sdpa'] or float('nan'):.2f}x  err {r['max_abs_err']:.1e}")
+    for m in doc["memory_bound"]:
+        print(f"{m['op']:>13}  triton {m['triton_gbps']:.0f} GB/s ({100 * m['triton_of_copy']:.0f}% of copy)  "
+              f"eager {m['eager_gbps']:.0f} GB/s  err {m['triton_max_abs_err']:.1e}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="directory for kernels.json (default: print only)")
+    ap.add_argument("--quick", action="store_true", help="two attention shapes only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench kernels: no CUDA GPU on this machine; the kernel benchmark needs one (nothing measured).")
         print(json.dumps(dict(skipped="no CUDA GPU")))
         return 0
-    rows = bench_attention()
-    for r in rows:
-        print(f"P={r['prefix']:>6} C={r['chunk']:>5}  triton {r['triton_ms']:.3f} ms {r['triton_tflops']:.0f} TFLOP/s"
-              f"  vs best SDPA {r['speedup_vs_best_sdpa'] or float('nan'):.2f}x  err {r['max_abs_err']:.1e}")
-    doc = dict(gpu=torch.cuda.get_device_name(0), torch=torch.__version__, attention=rows)
+    from .harness import environment
+    doc = dict(environment=environment(), **run_all(quick=args.quick))
+    print_report(doc)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "kernels.json").write_text(json.dumps(doc, indent=1))
     print(json.dumps(dict(attention_tflops={f"P{r['prefix']}_C{r['chunk']}": round(r["triton_tflops"], 1)
-                                            for r in rows})))
+                                            for r in doc["attention"]},
+                          memory_bound_of_copy={m["op"]: round(m["triton_of_copy"], 3) for m in doc["memory_bound"]})))
     return 0
 
 

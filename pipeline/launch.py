@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from .link import DistChannel, LinkModel, LocalChannel
 from .model import resolve_config
+from .pauses import ActiveClock, PauseMonitor
 from .schedule import MODES, Clock, StageRecord, check_mode, chunk_plan, stage_program, summarize, timeline
 from .stage import Stage, split_layers
 
@@ -89,6 +90,9 @@ class PrefillResult:
     timeline: list[dict] = field(default_factory=list)
     caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per stage (k, v) [layers, B, L, Hkv, D]
     decode_logits: torch.Tensor | None = None  # [B, V] for the greedy next token
+    records: list[StageRecord] = field(default_factory=list)  # per stage, absolute seconds (see Clock)
+    t_start: float = 0.0
+    t_end: float = 0.0
 
 
 # ---- one process: a runner that owns this process's stages ---------------------------------------------------
@@ -224,7 +228,8 @@ def _run_job_inprocess(runner: _Runner, job: Job) -> list[PrefillResult]:
         _reset(runner, job.mode, B, L + 1)
         records, t0, t1, logits = runner.run_inprocess(job.mode, tokens, job.chunks)
         metrics = summarize(records, t0, t1)
-        res = PrefillResult(job.mode, job.chunks, logits.float().cpu(), metrics, timeline(records, t0))
+        res = PrefillResult(job.mode, job.chunks, logits.float().cpu(), metrics, timeline(records, t0),
+                            records=records, t_start=t0, t_end=t1)
         if job.decode:
             nxt = logits.argmax(-1)[:, None]  # greedy next token [B, 1]
             drec, d0, d1, dlog = runner.run_inprocess("chunked" if job.mode != "unchunked" else "unchunked", nxt,
@@ -278,7 +283,8 @@ def _run_job_rank(runner: _Runner, job: Job) -> list[dict | None]:
         parts = [p["part"] for p in all_parts if p["part"] is not None]
         records, starts, ends, logits = zip(*parts)
         metrics = summarize(list(records), min(starts), ends[-1])
-        res = PrefillResult(job.mode, job.chunks, logits[-1].float(), metrics, timeline(list(records), min(starts)))
+        res = PrefillResult(job.mode, job.chunks, logits[-1].float(), metrics, timeline(list(records), min(starts)),
+                            records=list(records), t_start=min(starts), t_end=ends[-1])
         if job.decode:
             dparts = [p["decode"] for p in all_parts if p["decode"] is not None]
             res.decode_logits = dparts[-1][3].float()
@@ -432,6 +438,19 @@ def run_jobs(spec: PipelineSpec, jobs: list[Job]) -> list[list[PrefillResult]]:
         chunk_plan(L, chunks=job.chunks)
         if job.repeats < 1 or job.warmup < 0:
             raise ValueError("repeats must be >= 1 and warmup >= 0")
+    if torch.device(spec.device).type != "cpu":  # CUDA events time the device; host pauses do not enter
+        return _run(spec, jobs)
+    with PauseMonitor() as monitor:
+        results = _run(spec, jobs)
+    if results is not None:
+        clock = ActiveClock(monitor.pauses)
+        for runs in results:
+            for res in runs:
+                _cut_pauses(res, clock)
+    return results
+
+
+def _run(spec: PipelineSpec, jobs: list[Job]):
     if spec.link == "inprocess":
         runner = _Runner(spec, None)
         try:
@@ -443,6 +462,20 @@ def run_jobs(spec: PipelineSpec, jobs: list[Job]) -> list[list[PrefillResult]]:
             init_process_group(spec)
         return rank_main(spec, jobs)
     return _run_spawned(spec, jobs)
+
+
+def _cut_pauses(res: PrefillResult, clock: ActiveClock) -> None:
+    """Re-derives a run's figures and timeline with the machine's pauses cut out (see pauses.py); the wall-clock
+    TTFT and the paused time stay in the metrics as wall_ttft_s and paused_s."""
+    conv = lambda pairs: [(clock(a), clock(b)) for a, b in pairs]  # noqa: E731
+    records = [StageRecord(r.stage, r.chunks, conv(r.compute), conv(r.recv_wait), conv(r.send_wait), conv(r.send),
+                           r.bytes_sent) for r in res.records]
+    t0, t1 = clock(res.t_start), clock(res.t_end)
+    extra = {k: v for k, v in res.metrics.items() if k.startswith("decode")}
+    res.metrics = dict(summarize(records, t0, t1), wall_ttft_s=res.t_end - res.t_start,
+                       paused_s=clock.paused_between(res.t_start, res.t_end), **extra)
+    res.timeline = timeline(records, t0)
+    res.records, res.t_start, res.t_end = records, t0, t1
 
 
 def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: int | list[int] = 2,

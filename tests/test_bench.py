@@ -56,6 +56,52 @@ def test_sweep_inprocess_writes_one_point_per_length(tmp_path):
     assert (tmp_path / "sweep.png").is_file()
 
 
+def test_balanced_plan_is_fitted_planned_and_simulated(tmp_path):
+    res = bench("--model", "tiny", "--prompt-len", "256", "--chunk-plan", "balanced", "--granularity", "16",
+                "--link", "inprocess", "--stages", "2", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    cal = doc["calibration"]
+    assert len(cal["stage_costs"]) == 2 and all(min(c.values()) >= 0 for c in cal["stage_costs"])
+    plan = doc["config"]["plans"]["256"]
+    assert sum(plan) == 256 and all(c % 16 == 0 for c in plan)
+    for mode, m in doc["points"][0]["modes"].items():
+        assert m["outputs_match"], mode
+        assert m["sim_ttft_ms"] > 0 and m["sim_over_measured"] > 0
+        if mode in ("chunked", "overlapped"):
+            assert m["chunks"] == plan
+    assert (tmp_path / "timeline_vs_sim.png").stat().st_size > 1000
+    assert "sim/min" in res.stdout
+
+
+def test_projection_writes_table_plot_and_json(tmp_path):
+    res = bench("simulate", "--models", "llama3-8b", "--stages", "2,4", "--links", "nvlink,100gbe",
+                "--prompt-lens", "4096,16384", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((tmp_path / "simulate.json").read_text())
+    assert len(doc["rows"]) == 8 and "not measurements" in doc["kind"]
+    for r in doc["rows"]:
+        assert r["overlapped_ms"] <= r["chunked_ms"] * 1.0001 and r["overlapped_ms"] < r["naive_ms"]
+        assert r["overlapped_ms"] >= r["ideal_ms"]  # no schedule beats a perfect split of the compute
+        assert r["naive_ms"] >= r["t_compute_ms"]  # a naive pipeline runs the stages one after another
+    assert (tmp_path / "simulate.png").stat().st_size > 1000
+    assert json.loads(res.stdout.strip().splitlines()[-1])["points"] == 8
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "tpu"], "unknown device preset 'tpu'"),
+    (["--links", "pcie9"], "unknown link preset 'pcie9'"),
+    (["--prompt-lens", "0"], "--prompt-lens must be positive"),
+    (["--models", "llama3-8b", "--stages", "64"], "cannot make 64 stages"),
+    (["--granularity", "9000", "--prompt-lens", "4096"], "larger than the shortest prompt"),
+    (["--models", "gpt5"], "unknown preset 'gpt5'"),
+])
+def test_projection_refuses_bad_input(args, message, tmp_path):
+    res = bench("simulate", *args, "--out", str(tmp_path / "o"), timeout=120)
+    assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
 def test_compare_flags_regressions(demo_run, tmp_path):
     _, out = demo_run
     base = out / "results.json"
@@ -88,6 +134,9 @@ def test_compare_flags_regressions(demo_run, tmp_path):
     (["--model", "tiny", "--link", "inprocess", "--stages", "5"], "more stages than layers"),
     (["--model", "tiny", "--prompt-len", "5000"], "exceeds the model's max_seq_len"),
     (["--model", "tiny", "--prompt-len", "64", "--out", "/proc/forbidden"], "cannot write to output directory"),
+    (["--model", "tiny", "--chunk-plan", "balanced", "--chunk-size", "16"], "chooses the chunks itself"),
+    (["--model", "tiny", "--chunk-plan", "balanced", "--prompt-len", "64", "--granularity", "65"],
+     "larger than the prompt"),
 ])
 def test_bad_input_exits_non_zero_before_work(args, message, tmp_path):
     if "--out" not in args:

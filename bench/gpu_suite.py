@@ -1,0 +1,260 @@
+"""Everything a GPU can tell us, in one pass (a GPU is at hand only now and then: use it fully in one go).
+
+    python -m bench gpu-suite --out bench/results/<gpu>/
+
+Parts, each with its own JSON (GPU name, driver, torch and Triton versions, commit) and one Markdown summary:
+1. tests.json     the GPU-marked tests (compiled Triton, bf16 against float64, long prefixes, large batches);
+2. kernels.json   chunk_attention vs every SDPA backend (TFLOP/s, bf16 GEMM ceiling), RMSNorm/RoPE/SwiGLU vs
+                  torch eager (GB/s, copy ceiling), the compiler's resource report (registers, spills, wgmma);
+3. pipeline.json  the harness on one GPU, in-process link: S = 2 and 4, every mode, Llama-3-8B shape with random
+                  weights (fewer layers, said in the results), prompts 4k-32k, link emulated at NVLink, PCIe
+                  Gen5 and 100 GbE; timeline.png and trace.json of one run;
+4. summary.md     the figures against their targets, by how much each misses.
+Without CUDA it refuses, saying why, before doing anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_LINKS = ("nvlink", "pcie5", "100gbe")
+
+
+def gpu_environment() -> dict:
+    from .harness import environment
+    env = environment()
+    try:
+        env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        env["driver"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(capability=f"{props.major}.{props.minor}", memory_gb=round(props.total_memory / 2 ** 30, 1),
+                   sms=props.multi_processor_count)
+    return env
+
+
+# ---- part 1: GPU tests ------------------------------------------------------------------------------------------
+
+def parse_junit(path: Path) -> dict:
+    """Counts and failure names from a pytest JUnit XML file."""
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = dict(tests=0, failures=0, errors=0, skipped=0, time_s=0.0)
+    failed = []
+    for s in suites:
+        for key in ("tests", "failures", "errors", "skipped"):
+            counts[key] += int(s.get(key, 0))
+        counts["time_s"] += float(s.get("time", 0.0))
+        for case in s.iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed.append(f"{case.get('classname')}::{case.get('name')}")
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    counts["failed"] = failed
+    return counts
+
+
+def run_gpu_tests(out: Path) -> dict:
+    xml = out / "gpu-tests.xml"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled Triton, not interpreted
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+                           f"--junitxml={xml}", "tests"], cwd=ROOT, env=env, capture_output=True, text=True)
+    doc = parse_junit(xml) if xml.exists() else dict(tests=0, passed=0, failed=["pytest produced no report"])
+    doc.update(exit_code=proc.returncode, wall_s=time.time() - t0, output_tail=proc.stdout[-3000:])
+    return doc
+
+
+# ---- part 2: kernels --------------------------------------------------------------------------------------------
+
+def compiler_report() -> list[dict]:
+    """Registers, spills, shared memory and wgmma of the attention kernel's configurations for this GPU's
+    architecture (the same report as `python -m kernels.aot`)."""
+    major, minor = torch.cuda.get_device_capability(0)
+    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", f"{major}{minor}", "--only", "d128"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    rows = []
+    for line in proc.stdout.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows or [dict(error=(proc.stderr or proc.stdout)[-2000:])]
+
+
+# ---- part 3: the pipeline on one GPU ----------------------------------------------------------------------------
+
+def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 4), links=PIPELINE_LINKS,
+                   prompt_lens=(4096, 8192, 16384, 32768), chunk_size: int = 2048, repeats: int = 3, warmup: int = 1,
+                   device: str = "cuda", dtype: str = "bfloat16", ops: str = "triton", progress=None) -> dict:
+    """The harness's modes on one device with the in-process link, the link emulated at each preset's bandwidth.
+    `layers` cuts the model to that many layers (same shapes otherwise) to keep the run short."""
+    from pipeline import PipelineSpec
+    from pipeline.config import PRESETS, get_preset
+    from pipeline.costs import link_preset
+
+    from .harness import run_point
+    cfg = get_preset(model)
+    name = model
+    if layers is not None and layers != cfg.num_layers:
+        name = f"{model}-{layers}layers"
+        PRESETS[name] = cfg.replace(num_layers=layers, max_seq_len=max(prompt_lens) + 1)
+    points = []
+    last_timelines = None
+    grid = [(S, link, L) for S in stages for link in links for L in prompt_lens]
+    for i, (S, link, L) in enumerate(grid):
+        lm = link_preset(link)
+        spec = PipelineSpec(source=name, stages=S, link="inprocess", ops=ops, dtype=dtype, device=device,
+                            bandwidth_gbps=lm.bandwidth_gbps, latency_s=lm.latency_s)
+        chunks = [chunk_size] * (L // chunk_size) + ([L % chunk_size] if L % chunk_size else [])
+        point = run_point(spec, L, 1, chunks, repeats, warmup)
+        timelines = point.pop("timelines")
+        if (S, link, L) == (max(stages), "pcie5" if "pcie5" in links else links[0], sorted(prompt_lens)[len(
+                prompt_lens) // 2]):
+            last_timelines = (f"{name}, S={S}, L={L}, {link} emulated, {dtype}", timelines)
+        point.update(stages=S, link=link, link_gbps=lm.bandwidth_gbps, link_latency_s=lm.latency_s)
+        points.append(point)
+        if progress:
+            progress(i + 1, len(grid))
+    return dict(model=model, layers=layers or cfg.num_layers, model_layers=cfg.num_layers, chunk_size=chunk_size,
+                repeats=repeats, warmup=warmup, dtype=dtype, ops=ops, points=points), last_timelines
+
+
+# ---- part 4: summary --------------------------------------------------------------------------------------------
+
+def _vs_target(value: float, target: float) -> str:
+    if value >= target:
+        return f"met ({value / target:.2f}x the target)"
+    return f"MISSED by {100 * (1 - value / target):.0f}%"
+
+
+def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeline: dict | None) -> str:
+    """The short table a person reads first; every figure comes from the part documents."""
+    lines = [f"# GPU suite: {env.get('device')}", "",
+             f"driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, Triton "
+             f"{env.get('triton')}, commit `{env.get('git_commit')}`", ""]
+    if tests is not None:
+        lines += ["## GPU tests", "", f"{tests.get('passed', 0)} passed, {len(tests.get('failed', []))} failed, "
+                                      f"{tests.get('skipped', 0)} skipped (exit code {tests.get('exit_code')})", ""]
+        lines += [f"- FAILED `{f}`" for f in tests.get("failed", [])]
+        lines.append("")
+    if kernels is not None:
+        t = kernels["targets"]
+        lines += ["## Kernels", "", f"Ceilings measured here: device copy {kernels['copy_gbps']:.0f} GB/s, bf16 GEMM "
+                  f"{kernels['gemm_bf16_tflops']:.0f} TFLOP/s.", "",
+                  "| prefix | chunk | Triton TFLOP/s | of GEMM | best SDPA | speed-up | max err |",
+                  "|---:|---:|---:|---:|---|---:|---:|"]
+        for r in kernels["attention"]:
+            sp = r["speedup_vs_best_sdpa"]
+            lines.append(f"| {r['prefix']} | {r['chunk']} | {r['triton_tflops']:.0f} | "
+                         f"{100 * r.get('triton_of_gemm', 0):.0f}% | {r['best_sdpa']} | "
+                         f"{sp:.2f}x | {r['max_abs_err']:.1e} |" if sp else
+                         f"| {r['prefix']} | {r['chunk']} | {r['triton_tflops']:.0f} | - | none ran | - | "
+                         f"{r['max_abs_err']:.1e} |")
+        target = next((r for r in kernels["attention"] if (r["prefix"], r["chunk"]) == (16384, 2048)), None)
+        if target is not None:
+            lines += ["", f"- Target ≥ {t['attention_tflops']:.0f} TFLOP/s at prefix 16k, chunk 2k: "
+                          f"{target['triton_tflops']:.0f} → {_vs_target(target['triton_tflops'], t['attention_tflops'])}"]
+            if target["speedup_vs_best_sdpa"]:
+                lines.append(f"- Target ≥ {t['attention_vs_best_sdpa']}x the best SDPA backend: "
+                             f"{target['speedup_vs_best_sdpa']:.2f}x → "
+                             f"{_vs_target(target['speedup_vs_best_sdpa'], t['attention_vs_best_sdpa'])}")
+        lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target |", "|---|---:|---:|---:|---|"]
+        for m in kernels["memory_bound"]:
+            lines.append(f"| {m['op']} | {m['triton_gbps']:.0f} | {100 * m['triton_of_copy']:.0f}% | "
+                         f"{m['eager_gbps']:.0f} | {_vs_target(m['triton_of_copy'], t['memory_bound_of_copy'])} |")
+        report = [r for r in kernels.get("compiler", []) if "registers" in r]
+        if report:
+            lines += ["", "Compiler report (attention, d128): " + "; ".join(
+                f"{r.get('kernel', '?')}: {r['registers']} regs, {r.get('spill_stores', 0)} B spilled, "
+                f"{r.get('shared_bytes', 0) // 1024} KB smem, wgmma {'yes' if r.get('wgmma') else 'no'}"
+                for r in report)]
+        lines.append("")
+    if pipeline is not None:
+        lines += ["## Pipeline on one GPU (in-process link, emulated bandwidth)", "",
+                  f"{pipeline['model']} shape with {pipeline['layers']} of its {pipeline['model_layers']} layers, "
+                  f"random weights, {pipeline['dtype']}, chunks of {pipeline['chunk_size']}, median of "
+                  f"{pipeline['repeats']} runs.", "",
+                  "| S | link | L | unchunked ms | naive ms | chunked ms | overlapped ms | overlapped vs naive | "
+                  "exposed comm ms | outputs match |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for p in pipeline["points"]:
+            m = p["modes"]
+            get = lambda mode, key="ttft_ms": m[mode][key] if mode in m else float("nan")  # noqa: E731
+            lines.append(f"| {p['stages']} | {p['link']} | {p['prompt_len']} | {get('unchunked'):.1f} | "
+                         f"{get('naive'):.1f} | {get('chunked'):.1f} | {get('overlapped'):.1f} | "
+                         f"{get('overlapped', 'speedup_vs_naive'):.2f}x | {get('overlapped', 'exposed_comm_ms'):.1f} | "
+                         f"{'yes' if all(v['outputs_match'] for v in m.values()) else 'NO'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _write(out: Path, name: str, doc: dict) -> None:
+    tmp = out / f"{name}.tmp"
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    tmp.replace(out / name)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench gpu-suite", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="results directory, e.g. bench/results/h100/")
+    ap.add_argument("--parts", default="tests,kernels,pipeline", help="parts to run (default: all)")
+    ap.add_argument("--layers", type=int, default=8, help="layers of the Llama-3-8B shape in the pipeline part")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes and prompts (a smoke run)")
+    args = ap.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - {"tests", "kernels", "pipeline"}
+    if unknown:
+        sys.exit(f"bench gpu-suite: unknown part(s) {', '.join(sorted(unknown))}; choose from tests, kernels, pipeline")
+    if not torch.cuda.is_available():
+        print("bench gpu-suite: refused: no CUDA GPU is visible to torch "
+              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); this command measures a GPU "
+              "and has nothing to measure here. Nothing was written.", file=sys.stderr)
+        return 2
+    if args.layers <= 0:
+        sys.exit("bench gpu-suite: --layers must be positive")
+    out = Path(args.out)
+    from .harness import check_output_dir
+    check_output_dir(out)
+    env = gpu_environment()
+    t0 = time.time()
+    tests = kernels = pipeline = None
+    if "tests" in parts:
+        print("[gpu-suite] GPU tests ...", flush=True)
+        tests = run_gpu_tests(out)
+        _write(out, "tests.json", dict(environment=env, **tests))
+    if "kernels" in parts:
+        print("[gpu-suite] kernel benchmark ...", flush=True)
+        from .kernels import print_report, run_all
+        kernels = run_all(quick=args.quick)
+        kernels["compiler"] = compiler_report()
+        print_report(kernels)
+        _write(out, "kernels.json", dict(environment=env, **kernels))
+    if "pipeline" in parts:
+        print("[gpu-suite] pipeline ...", flush=True)
+        from .timeline import write_chrome_trace, write_timeline_png
+        lens = (4096, 16384) if args.quick else (4096, 8192, 16384, 32768)
+        pipeline, shown = bench_pipeline(layers=args.layers, prompt_lens=lens,
+                                         progress=lambda i, n: print(f"  {i}/{n}", flush=True))
+        if shown:
+            write_timeline_png(shown[1], out / "timeline.png", shown[0])
+            write_chrome_trace(shown[1], out / "trace.json")
+        _write(out, "pipeline.json", dict(environment=env, **pipeline))
+    (out / "summary.md").write_text(summary_markdown(env, tests, kernels, pipeline))
+    print(f"[gpu-suite] done in {time.time() - t0:.0f} s: {out / 'summary.md'}")
+    print(json.dumps(dict(out=str(out), device=env["device"], wall_s=round(time.time() - t0, 1),
+                          tests_failed=len(tests["failed"]) if tests else None)))
+    return 0 if not tests or (not tests["failed"] and tests["exit_code"] in (0, 5)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

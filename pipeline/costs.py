@@ -1,0 +1,276 @@
+"""What one stage's chunk costs, in seconds: fitted from measured per-chunk times (`ChunkCost`, `fit_chunk_cost`),
+or derived from a roofline of FLOPs and bytes against a device's peak rates (`RooflineCost`, `DEVICES`); and what a
+link costs per send (`LinkModel`, `fit_link`, `LINK_PRESETS`). The planner and the simulator consume both kinds
+through one call: `cost(x, p)` -> seconds for a chunk of `x` tokens after a prefix of `p` tokens (numpy arrays
+broadcast)."""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+from .link import LinkModel
+
+# ---- fitted: t(x, p) = a·x² + b·x·p + c·x + d --------------------------------------------------------------------
+
+TERMS = ("a", "b", "c", "d")  # x², x·p, x, 1
+
+
+@dataclass(frozen=True)
+class ChunkCost:
+    """Seconds for a chunk of x tokens after a prefix of p tokens: a·x² + b·x·p + c·x + d.
+    a·x² and b·x·p are attention (quadratic in the chunk, linear in the prefix), c·x the per-token work (GEMMs,
+    norms), d the per-chunk overhead (launches, Python, synchronisation)."""
+    a: float
+    b: float
+    c: float
+    d: float
+
+    def __call__(self, x, p):
+        x = np.asarray(x, dtype=np.float64)
+        p = np.asarray(p, dtype=np.float64)
+        return self.a * x * x + self.b * x * p + self.c * x + self.d
+
+    def __add__(self, other: "ChunkCost") -> "ChunkCost":  # the cost of two stages run back to back
+        return ChunkCost(self.a + other.a, self.b + other.b, self.c + other.c, self.d + other.d)
+
+
+def _design(x, p):
+    x, p = np.asarray(x, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    return np.stack([x * x, x * p, x, np.ones_like(x)], axis=1)
+
+
+def fit_chunk_cost(samples) -> ChunkCost:
+    """Least-squares fit of `ChunkCost` to measured (chunk_len, prefix_len, seconds) samples, in relative error (a
+    1 ms chunk counts as much as a 100 ms one) and with non-negative coefficients (a term the data drives negative is
+    dropped and the rest refitted). Samples of the same (x, p) are reduced to their median first, so one stalled
+    measurement does not bend the fit. Drop warm-up runs before calling: a first call's compile or allocation time
+    is not the chunk's cost."""
+    return _fit_chunk_cost(samples, statistics.median)
+
+
+def fit_chunk_cost_min(samples) -> ChunkCost:
+    """As `fit_chunk_cost`, with the least of the repeated samples of each point: for one-sided noise (pauses and
+    interference only ever slow a measurement down), the minimum estimates the undisturbed time."""
+    return _fit_chunk_cost(samples, min)
+
+
+def _fit_chunk_cost(samples, reduce) -> ChunkCost:
+    groups: dict[tuple[int, int], list[float]] = {}
+    for x, p, t in samples:
+        if x <= 0 or p < 0 or not t >= 0:
+            raise ValueError(f"cost sample (chunk={x}, prefix={p}, seconds={t}): chunk must be > 0, prefix >= 0 and "
+                             f"time >= 0")
+        groups.setdefault((int(x), int(p)), []).append(float(t))
+    points = sorted(q for q in groups if reduce(groups[q]) > 0)  # a 0 s time carries no information
+    xs = {x for x, _ in points}
+    ps = {p for _, p in points}
+    if len(points) < 6 or len(xs) < 3 or len(ps) < 2:
+        raise ValueError(f"fitting a·x² + b·x·p + c·x + d needs at least 6 distinct (chunk, prefix) points with 3 "
+                         f"chunk lengths and 2 prefix lengths; got {len(points)} points, {len(xs)} chunk lengths, "
+                         f"{len(ps)} prefix lengths")
+    x = np.array([q[0] for q in points], dtype=np.float64)
+    p = np.array([q[1] for q in points], dtype=np.float64)
+    t = np.array([reduce(groups[q]) for q in points])
+    A = _design(x, p) / t[:, None]  # relative error: (A·θ − t) / t
+    active = list(range(4))
+    while True:
+        cols = A[:, active]
+        scale = np.abs(cols).max(axis=0)  # the columns differ by orders of magnitude (x² vs 1)
+        theta, *_ = np.linalg.lstsq(cols / scale, np.ones(len(t)), rcond=None)
+        theta = theta / scale
+        if (theta >= 0).all():
+            break
+        active.pop(int(np.argmin(theta)))  # drop the most negative term, refit the rest
+        if not active:
+            raise ValueError("no non-negative cost model fits these samples")
+    coef = [0.0] * 4
+    for i, v in zip(active, theta):
+        coef[i] = float(v)
+    return ChunkCost(*coef)
+
+
+def fit_link(samples, reduce=statistics.median) -> LinkModel:
+    """Fits latency + bytes / bandwidth to measured (bytes, seconds) sends, reduced per size (median by default);
+    sends of at least two sizes are needed to tell the two apart."""
+    groups: dict[int, list[float]] = {}
+    for nbytes, t in samples:
+        if nbytes <= 0 or t < 0:
+            raise ValueError(f"link sample (bytes={nbytes}, seconds={t}): bytes must be > 0 and time >= 0")
+        groups.setdefault(int(nbytes), []).append(float(t))
+    if len(groups) < 2:
+        raise ValueError(f"fitting latency + bytes/bandwidth needs sends of at least 2 sizes, got {len(groups)}")
+    n = np.array(sorted(groups), dtype=np.float64)
+    t = np.array([reduce(groups[int(b)]) for b in n])
+    slope, intercept = np.polyfit(n, t, 1)
+    if slope <= 0:  # no measurable size dependence: all latency, bandwidth unbounded (not emulated)
+        return LinkModel(None, max(0.0, float(np.median(t))))
+    return LinkModel(1.0 / slope / 1e9, max(0.0, float(intercept)))
+
+
+# ---- roofline: devices and links not at hand --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Device:
+    """Nominal datasheet rates (dense bf16, HBM) and the fractions of them the roofline assumes are reached."""
+    name: str
+    matmul_tflops: float  # dense bf16 tensor-core peak
+    hbm_gbps: float  # memory bandwidth, GB/s
+    memory_gb: float
+    nvlink_gbps: float  # NVLink bandwidth per direction, GB/s
+    gemm_efficiency: float = 0.7  # large bf16 GEMMs reach ~70% of peak on Hopper/Ampere
+    attention_efficiency: float = 0.5  # FlashAttention-2/3 class kernels: ~50% of peak on long sequences
+    memory_efficiency: float = 0.8
+    launch_s: float = 4e-6  # per kernel launch (CUDA graphs would shrink it)
+
+
+DEVICES = {
+    "h100": Device("H100 SXM5 80GB", 989.0, 3350.0, 80.0, 450.0),
+    "h200": Device("H200 SXM5 141GB", 989.0, 4800.0, 141.0, 450.0),
+    "a100": Device("A100 SXM4 80GB", 312.0, 2039.0, 80.0, 300.0),
+}
+
+# Per-direction bandwidth (GB/s) and per-send latency (s) a pipeline send sees: nominal rates times ~0.8 for
+# protocol overhead (NVLink: the device's own figure, see `link_preset`).
+LINK_PRESETS = {
+    "pcie4": (32.0 * 0.8, 10e-6),  # PCIe Gen4 x16: 32 GB/s per direction
+    "pcie5": (64.0 * 0.8, 10e-6),  # PCIe Gen5 x16: 64 GB/s per direction
+    "ib-ndr": (50.0 * 0.8, 5e-6),  # InfiniBand NDR, 400 Gb/s
+    "ib-hdr": (25.0 * 0.8, 5e-6),  # InfiniBand HDR, 200 Gb/s
+    "400gbe": (50.0 * 0.8, 20e-6),  # RoCE / TCP Ethernet
+    "100gbe": (12.5 * 0.8, 20e-6),
+}
+
+
+def get_device(name: str) -> Device:
+    if name not in DEVICES:
+        raise ValueError(f"unknown device preset {name!r}; choose one of {', '.join(DEVICES)}")
+    return DEVICES[name]
+
+
+def link_preset(name: str, device: str | Device = "h100") -> LinkModel:
+    """`nvlink` (the device's NVLink), or one of LINK_PRESETS."""
+    if name == "nvlink":
+        dev = get_device(device) if isinstance(device, str) else device
+        return LinkModel(dev.nvlink_gbps * 0.8, 3e-6)
+    if name not in LINK_PRESETS:
+        raise ValueError(f"unknown link preset {name!r}; choose one of nvlink, {', '.join(LINK_PRESETS)}")
+    bw, lat = LINK_PRESETS[name]
+    return LinkModel(bw, lat)
+
+
+@dataclass(frozen=True)
+class RooflineCost:
+    """One stage (`layers` layers of `cfg`, plus the head on the last stage) on `device`: each op group takes the
+    longer of its FLOPs at the assumed compute rate and its bytes at the assumed memory rate.
+    - GEMMs: 2·params·x·B FLOPs; weights read once per chunk;
+    - attention: 4·Hq·D·B·(x·p + x(x+1)/2) FLOPs (visible pairs only); the KV of prefix + chunk read once per
+      128-query block;
+    - element-wise (norms, RoPE, SwiGLU, residual): ~(12·H + 4·I)·x·B elements read or written;
+    - per layer ~8 kernel launches; the last stage adds the LM head on the chunk's last position (weights read).
+    """
+    cfg: ModelConfig
+    layers: int
+    device: Device
+    batch: int = 1
+    itemsize: int = 2
+    last_stage: bool = False
+
+    def __call__(self, x, p):
+        cfg, dev, B, e = self.cfg, self.device, self.batch, self.itemsize
+        x = np.asarray(x, dtype=np.float64)
+        p = np.asarray(p, dtype=np.float64)
+        gemm_rate = dev.matmul_tflops * 1e12 * dev.gemm_efficiency
+        attn_rate = dev.matmul_tflops * 1e12 * dev.attention_efficiency
+        mem_rate = dev.hbm_gbps * 1e9 * dev.memory_efficiency
+        H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        params = cfg.params_per_layer
+        gemm = np.maximum(2 * params * x * B / gemm_rate, params * e / mem_rate)
+        pairs = x * p + x * (x + 1) / 2
+        kv_bytes = (p + x) * 2 * cfg.num_kv_heads * D * e * B * np.ceil(x / 128)
+        attn = np.maximum(4 * cfg.num_heads * D * B * pairs / attn_rate, kv_bytes / mem_rate)
+        elementwise = (12 * H + 4 * I) * x * B * e / mem_rate
+        per_layer = gemm + attn + elementwise + 8 * dev.launch_s
+        t = self.layers * per_layer
+        if self.last_stage:  # final norm + LM head on one position per row
+            head = cfg.vocab_size * H
+            t = t + np.maximum(2 * head * B / gemm_rate, head * e / mem_rate) + 2 * dev.launch_s
+        return t
+
+    def memory_bytes(self, max_len: int) -> int:
+        """Weights + KV cache of this stage for `max_len` positions (activations not counted)."""
+        cfg = self.cfg
+        w = self.layers * cfg.params_per_layer + (cfg.vocab_size * cfg.hidden_size if self.last_stage else 0)
+        kv = self.layers * self.batch * max_len * 2 * cfg.num_kv_heads * cfg.head_dim
+        return int((w + kv) * self.itemsize)
+
+
+def roofline_stage_costs(cfg: ModelConfig, stages: int, device: str | Device, batch: int = 1,
+                         itemsize: int = 2) -> list[RooflineCost]:
+    """Per-stage roofline costs for `cfg` split evenly over `stages` (as `split_layers` splits it)."""
+    from .stage import split_layers
+    dev = get_device(device) if isinstance(device, str) else device
+    ranges = split_layers(cfg.num_layers, stages)
+    return [RooflineCost(cfg, len(r), dev, batch, itemsize, last_stage=i == len(ranges) - 1)
+            for i, r in enumerate(ranges)]
+
+
+# ---- calibration: measured samples from a pipeline run ----------------------------------------------------------
+
+def calibration_chunks(prompt_len: int, sizes=None) -> list[int]:
+    """A chunk plan for fitting: the sizes in turn until the prompt is covered, so every size is seen at several
+    prefix lengths (the last chunk takes the remainder). Default sizes: L/128, L/64, L/16, L/8 and L/4 (16, 32,
+    128, 256, 512 for L = 2048)."""
+    if prompt_len <= 0:
+        raise ValueError(f"prompt length must be positive, got {prompt_len}")
+    if sizes is None:
+        sizes = sorted({max(1, prompt_len // d) for d in (128, 64, 16, 8, 4)})
+    chunks, pos, i = [], 0, 0
+    while pos < prompt_len:
+        c = min(sizes[i % len(sizes)], prompt_len - pos)
+        chunks.append(c)
+        pos += c
+        i += 1
+    return chunks
+
+
+def samples_from_timeline(events: list[dict], chunks: list[int], start_pos: int = 0):
+    """(stage, chunk_len, prefix_len, seconds) per compute event and (stage, bytes_hint_tokens, seconds) per send of
+    one measured run's timeline (see `schedule.timeline`)."""
+    starts = [start_pos + sum(chunks[:k]) for k in range(len(chunks))]
+    compute, sends = [], []
+    for e in events:
+        k = int(e["name"].split()[-1]) if e["lane"] in ("compute", "send") else None
+        if e["lane"] == "compute":
+            compute.append((e["stage"], chunks[k], starts[k], e["end"] - e["start"]))
+        elif e["lane"] == "send":
+            sends.append((e["stage"], chunks[k], e["end"] - e["start"]))
+    return compute, sends
+
+
+def fit_from_runs(results, bytes_per_token: int):
+    """Per-stage `ChunkCost` and one `LinkModel` fitted from repeated measured runs (`PrefillResult`s of the same
+    pipeline, warm-up already excluded), each point taken at its least time over the repeats (one-sided noise)."""
+    per_stage: dict[int, list] = {}
+    link = []
+    for r in results:
+        compute, sends = samples_from_timeline(r.timeline, r.chunks)
+        for s, x, p, t in compute:
+            per_stage.setdefault(s, []).append((x, p, t))
+        link += [(x * bytes_per_token, t) for _, x, t in sends]
+    costs = [fit_chunk_cost_min(per_stage[s]) for s in sorted(per_stage)]
+    return costs, (fit_link(link, min) if link else LinkModel())
+
+
+def stage_max(costs):
+    """The cost of the slowest stage for each chunk: what paces a pipeline."""
+    return lambda x, p: np.max([c(x, p) for c in costs], axis=0)
+
+
+def describe(cost) -> str:
+    if isinstance(cost, ChunkCost):
+        return (f"{cost.a * 1e9:.3g}e-9·x² + {cost.b * 1e9:.3g}e-9·x·p + {cost.c * 1e6:.3g}e-6·x + "
+                f"{cost.d * 1e3:.3g}e-3  (s)")
+    return repr(cost)

@@ -1,0 +1,121 @@
+"""The GPU suite and the kernel benchmark without a GPU: the command refuses cleanly, and every part runs here on
+tiny shapes (Triton's interpreter, the in-process link) so that the first GPU session runs tested code."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import gpu_suite
+from bench.kernels import (attention_flops, bench_attention, bench_memory_bound, copy_bandwidth, cpu_timer,
+                           gemm_tflops, visible_pairs)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_suite_refuses_without_cuda_and_writes_nothing(tmp_path):
+    out = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "bench", "gpu-suite", "--out", str(out)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "no CUDA GPU" in res.stderr and "Nothing was written" in res.stderr
+    assert not out.exists()
+
+
+def test_gpu_suite_refuses_unknown_parts(tmp_path):
+    with pytest.raises(SystemExit, match="unknown part"):
+        gpu_suite.main(["--out", str(tmp_path), "--parts", "tests,benchmarks"])
+
+
+def test_visible_pairs_counts_bottom_right_causal():
+    for C, P in ((1, 0), (5, 3), (17, 100)):
+        mask = torch.arange(P + C)[None, :] <= P + torch.arange(C)[:, None]
+        assert visible_pairs(C, P) == int(mask.sum())
+    assert attention_flops(2, 4, 8, 5, 3) == 4 * 2 * 4 * 8 * visible_pairs(5, 3)
+
+
+def test_attention_benchmark_runs_and_checks_accuracy():
+    rows = bench_attention(B=1, Hq=4, Hkv=2, D=16, dtype=torch.float32, shapes=((0, 5), (37, 16)), device="cpu",
+                           timer=lambda fn: cpu_timer(fn, repeats=1))
+    assert [(r["prefix"], r["chunk"]) for r in rows] == [(0, 5), (37, 16)]
+    for r in rows:
+        assert r["max_abs_err"] < 1e-5  # NaN-poisoned output, float64 reference: NaN would fail this
+        assert r["triton_ms"] > 0 and r["triton_tflops"] > 0
+        assert r["sdpa_math_ms"] > 0 and r["sdpa_math_max_abs_err"] < 1e-5
+        assert r["best_sdpa"] is not None and r["speedup_vs_best_sdpa"] > 0
+        for name in ("flash", "efficient", "cudnn"):  # each backend either ran or says why not
+            assert r[f"sdpa_{name}_ms"] is not None or r[f"sdpa_{name}_why"]
+
+
+def test_memory_bound_benchmark_runs_and_checks_accuracy():
+    rows = bench_memory_bound(tokens=9, hidden=48, intermediate=80, heads=3, head_dim=16, dtype=torch.float32,
+                              device="cpu", timer=lambda fn: cpu_timer(fn, repeats=1))
+    assert [r["op"] for r in rows] == ["add_rms_norm", "rope", "swiglu"]
+    for r in rows:
+        assert r["triton_max_abs_err"] < 1e-5 and r["eager_max_abs_err"] < 1e-5
+        assert r["triton_gbps"] > 0 and r["eager_gbps"] > 0
+    assert rows[2]["bytes"] == 3 * 9 * 80 * 4
+
+
+def test_ceilings_measure_something_on_cpu():
+    timer = lambda fn: cpu_timer(fn, repeats=1)  # noqa: E731
+    assert copy_bandwidth(1 << 20, device="cpu", timer=timer) > 0
+    assert gemm_tflops(64, dtype=torch.float32, device="cpu", timer=timer) > 0
+
+
+def test_junit_report_is_parsed(tmp_path):
+    xml = tmp_path / "r.xml"
+    xml.write_text('<testsuites><testsuite name="pytest" tests="4" failures="1" errors="0" skipped="1" time="2.5">'
+                   '<testcase classname="tests.test_kernels" name="test_a"/>'
+                   '<testcase classname="tests.test_kernels" name="test_b"><failure message="x"/></testcase>'
+                   '<testcase classname="tests.test_kernels" name="test_c"><skipped/></testcase>'
+                   '<testcase classname="tests.test_kernels" name="test_d"/></testsuite></testsuites>')
+    doc = gpu_suite.parse_junit(xml)
+    assert (doc["tests"], doc["passed"], doc["skipped"]) == (4, 2, 1)
+    assert doc["failed"] == ["tests.test_kernels::test_b"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_part():
+    return gpu_suite.bench_pipeline(model="tiny", layers=2, stages=(2,), links=("pcie5", "100gbe"),
+                                    prompt_lens=(48,), chunk_size=16, repeats=1, warmup=0, device="cpu",
+                                    dtype="float32", ops="torch")
+
+
+def test_pipeline_part_runs_every_mode_per_link(pipeline_part):
+    doc, shown = pipeline_part
+    assert doc["layers"] == 2 and doc["model_layers"] == 4
+    assert [(p["stages"], p["link"], p["prompt_len"]) for p in doc["points"]] == [(2, "pcie5", 48), (2, "100gbe", 48)]
+    for p in doc["points"]:
+        assert set(p["modes"]) == {"unchunked", "naive", "chunked", "overlapped"}
+        assert all(m["outputs_match"] and m["bytes_exact"] for m in p["modes"].values())
+    assert shown is not None and set(shown[1]) == set(doc["points"][0]["modes"])
+
+
+def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
+    env = dict(device="NVIDIA H100 80GB HBM3", driver="580.1", cuda="12.8", torch="2.11", triton="3.6",
+               git_commit="abc")
+    attention = [dict(prefix=16384, chunk=2048, triton_tflops=400.0, triton_of_gemm=0.6, best_sdpa="cudnn",
+                      speedup_vs_best_sdpa=1.1, max_abs_err=1e-2)]
+    memory = [dict(op="swiglu", triton_gbps=2700.0, triton_of_copy=0.9, eager_gbps=1500.0),
+              dict(op="rope", triton_gbps=1800.0, triton_of_copy=0.6, eager_gbps=900.0)]
+    kernels = dict(copy_gbps=3000.0, gemm_bf16_tflops=700.0, attention=attention, memory_bound=memory,
+                   targets=dict(attention_tflops=500.0, attention_vs_best_sdpa=1.3, memory_bound_of_copy=0.8),
+                   compiler=[dict(kernel="chunk_attention d128", registers=255, spill_stores=0, shared_bytes=131072,
+                                  wgmma=True)])
+    tests = dict(passed=5, failed=["tests/test_kernels.py::test_x"], skipped=0, exit_code=1)
+    text = gpu_suite.summary_markdown(env, tests, kernels, pipeline_part[0])
+    assert "NVIDIA H100" in text and "commit `abc`" in text
+    assert "MISSED by 20%" in text  # 400 of 500 TFLOP/s
+    assert "MISSED by 15%" in text  # 1.1x of 1.3x
+    assert "met (1.12x the target)" in text  # swiglu at 90% of copy against 80%
+    assert "MISSED by 25%" in text  # rope at 60% against 80%
+    assert "FAILED `tests/test_kernels.py::test_x`" in text
+    assert "255 regs" in text and "wgmma yes" in text
+    assert "| 2 | pcie5 | 48 |" in text

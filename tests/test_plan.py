@@ -1,0 +1,255 @@
+"""Cost models, the chunk planner, the pipeline simulator and the pause-corrected clock: checked against brute force
+and against schedules worked out by hand."""
+import itertools
+
+import numpy as np
+import pytest
+
+from pipeline.costs import (ChunkCost, RooflineCost, calibration_chunks, fit_chunk_cost, fit_chunk_cost_min, fit_link,
+                            get_device, link_preset, roofline_stage_costs, stage_max)
+from pipeline.config import get_preset
+from pipeline.link import LinkModel
+from pipeline.pauses import ActiveClock
+from pipeline.plan import plan_chunks, predicted_makespan, uniform_chunks
+from pipeline.schedule import StageRecord
+from pipeline.simulate import simulate
+
+COST = ChunkCost(a=2e-9, b=4e-9, c=1e-5, d=3e-4)
+
+
+# ---- fitting ---------------------------------------------------------------------------------------------------
+
+def _grid():
+    return [(x, p) for x in (16, 48, 128, 256, 512) for p in (0, 300, 1000, 1800)]
+
+
+def test_fit_recovers_exact_coefficients():
+    samples = [(x, p, float(COST(x, p))) for x, p in _grid()]
+    fit = fit_chunk_cost(samples)
+    for name in "abcd":
+        assert getattr(fit, name) == pytest.approx(getattr(COST, name), rel=1e-6)
+
+
+def test_fit_min_ignores_one_sided_noise():
+    rng = np.random.default_rng(0)
+    samples = []
+    for x, p in _grid():
+        t = float(COST(x, p))
+        samples += [(x, p, t), (x, p, t * (1 + rng.uniform(0.5, 20))), (x, p, t * (1 + rng.uniform(0.5, 20)))]
+    fit = fit_chunk_cost_min(samples)
+    xs, ps = np.meshgrid([16, 100, 512], [0, 900, 1800])
+    np.testing.assert_allclose(fit(xs, ps), COST(xs, ps), rtol=1e-6)
+
+
+def test_fit_drops_a_term_the_data_drives_negative():
+    # pure c·x + d data with a slight downward bend: the x² term would go negative, and is dropped instead
+    samples = [(x, p, 1e-5 * x + 1e-3 - 1e-11 * x * x) for x, p in _grid()]
+    fit = fit_chunk_cost(samples)
+    assert min(fit.a, fit.b, fit.c, fit.d) >= 0
+    assert fit.a == 0.0
+
+
+@pytest.mark.parametrize("samples, needle", [
+    ([(16, 0, 1.0), (32, 0, 2.0), (64, 0, 3.0), (16, 8, 1.0), (32, 8, 2.0)], "at least 6 distinct"),
+    ([(16, p, 1.0) for p in range(10)] + [(32, p, 1.0) for p in range(10)], "3 chunk lengths"),
+    ([(x, 0, 1.0) for x in range(1, 10)], "2 prefix lengths"),
+    ([(0, 0, 1.0)] * 6, "chunk must be > 0"),
+    ([(16, -1, 1.0)] * 6, "prefix >= 0"),
+])
+def test_fit_refuses_too_few_or_bad_points(samples, needle):
+    with pytest.raises(ValueError, match=needle):
+        fit_chunk_cost(samples)
+
+
+def test_fit_link_recovers_bandwidth_and_latency():
+    link = fit_link([(n, 2e-5 + n / 5e9) for n in (1e4, 1e5, 1e6, 1e7)])
+    assert link.bandwidth_gbps == pytest.approx(5.0, rel=1e-6)
+    assert link.latency_s == pytest.approx(2e-5, rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2 sizes"):
+        fit_link([(1000, 1e-3), (1000, 2e-3)])
+
+
+def test_calibration_chunks_cover_the_prompt_with_several_sizes():
+    for L in (1, 7, 256, 2048, 3001):
+        chunks = calibration_chunks(L)
+        assert sum(chunks) == L and min(chunks) >= 1
+    assert set(calibration_chunks(2048)[:5]) == {16, 32, 128, 256, 512}  # and the remainder last
+    with pytest.raises(ValueError, match="positive"):
+        calibration_chunks(0)
+
+
+# ---- roofline ----------------------------------------------------------------------------------------------------
+
+def test_roofline_matches_hand_figures_for_a_compute_bound_chunk():
+    cfg = get_preset("llama3-8b")
+    dev = get_device("h100")
+    cost = RooflineCost(cfg, layers=1, device=dev)
+    x, p = 4096, 8192
+    gemm = 2 * cfg.params_per_layer * x / (989e12 * dev.gemm_efficiency)
+    attn = 4 * 32 * 128 * (x * p + x * (x + 1) / 2) / (989e12 * dev.attention_efficiency)
+    elem = (12 * 4096 + 4 * 14336) * x * 2 / (3350e9 * dev.memory_efficiency)
+    assert float(cost(x, p)) == pytest.approx(gemm + attn + elem + 8 * dev.launch_s, rel=1e-12)
+    # a one-token chunk is weight-bound: reading the layer's weights
+    assert float(cost(1, 0)) > cfg.params_per_layer * 2 / (3350e9 * dev.memory_efficiency)
+
+
+def test_roofline_stages_split_like_the_engine_and_only_the_last_has_the_head():
+    costs = roofline_stage_costs(get_preset("llama3-70b"), 3, "a100")
+    assert [c.layers for c in costs] == [27, 27, 26]
+    assert [c.last_stage for c in costs] == [False, False, True]
+    assert costs[0].memory_bytes(1024) > 27 * get_preset("llama3-70b").params_per_layer * 2
+
+
+def test_unknown_presets_are_named():
+    with pytest.raises(ValueError, match="unknown device preset 'tpu'"):
+        get_device("tpu")
+    with pytest.raises(ValueError, match="unknown link preset 'carrier-pigeon'"):
+        link_preset("carrier-pigeon")
+    assert link_preset("nvlink", "h100").bandwidth_gbps > link_preset("pcie5").bandwidth_gbps > \
+        link_preset("100gbe").bandwidth_gbps
+
+
+# ---- planner -----------------------------------------------------------------------------------------------------
+
+def _brute_force(L, g, S, link, bpt, K):
+    bounds = list(range(0, L, g)) + [L]
+    N = len(bounds) - 1
+    best = (np.inf, None)
+    for r in range(N):
+        for cuts in itertools.combinations(range(1, N), r):
+            b = [0, *cuts, N]
+            chunks = [bounds[j] - bounds[i] for i, j in zip(b[:-1], b[1:])]
+            if K is None or len(chunks) == K:
+                best = min(best, (predicted_makespan(chunks, COST, S, link, bpt), chunks))
+    return best
+
+
+@pytest.mark.parametrize("L, g, S", [(1000, 100, 2), (1030, 64, 4), (777, 50, 3), (300, 300, 2)])
+@pytest.mark.parametrize("link", [None, LinkModel(0.001, 1e-3)])
+@pytest.mark.parametrize("K", [None, 1, 3])
+def test_planner_is_optimal_against_brute_force(L, g, S, link, K):
+    if K is not None and K > -(-L // g):
+        with pytest.raises(ValueError, match="num_chunks must be in"):
+            plan_chunks(L, COST, S, g, num_chunks=K)
+        return
+    value, _ = _brute_force(L, g, S, link, 4096, K)
+    plan = plan_chunks(L, COST, S, g, link=link, bytes_per_token=4096, num_chunks=K)
+    assert sum(plan.chunks) == L and (K is None or len(plan.chunks) == K)
+    assert plan.predicted_s == pytest.approx(value, rel=1e-12)
+    assert plan.predicted_s == pytest.approx(predicted_makespan(plan.chunks, COST, S, link, 4096), rel=1e-12)
+
+
+def test_balanced_chunks_shrink_as_the_prefix_grows_and_beat_uniform():
+    attention_heavy = ChunkCost(a=1e-8, b=2e-8, c=1e-5, d=1e-4)
+    L, S = 8192, 4
+    uniform = uniform_chunks(L, 512)
+    plan = plan_chunks(L, attention_heavy, S, 128, num_chunks=len(uniform))
+    assert plan.chunks[0] > plan.chunks[-1]
+    assert plan.predicted_s < predicted_makespan(uniform, attention_heavy, S)
+
+
+def test_planner_respects_max_chunk_and_scales_to_long_prompts():
+    plan = plan_chunks(131072, COST, 8, 512, max_chunk=4096)
+    assert sum(plan.chunks) == 131072 and max(plan.chunks) <= 4096
+
+
+@pytest.mark.parametrize("kw, needle", [
+    (dict(prompt_len=0), "prompt_len must be a positive integer"),
+    (dict(granularity=-4), "granularity must be a positive integer"),
+    (dict(stages=0), "stages must be a positive integer"),
+    (dict(granularity=2000), "granularity 2000 is larger than the prompt"),
+    (dict(num_chunks=50), "num_chunks must be in 1..16"),
+    (dict(max_chunk=10), "max_chunk 10 is smaller than the granularity"),
+])
+def test_planner_refuses_bad_input(kw, needle):
+    args = dict(prompt_len=1000, cost=COST, stages=2, granularity=64) | kw
+    with pytest.raises(ValueError, match=needle):
+        plan_chunks(**args)
+
+
+# ---- simulator ---------------------------------------------------------------------------------------------------
+
+PER_TOKEN = lambda x, p: 0.001 * np.asarray(x, dtype=float)  # noqa: E731  1 ms per token
+SLOW_LINK = LinkModel(bandwidth_gbps=1e-6)  # 1000 B/s: a 10-token chunk at 1 B/token takes 10 ms
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("unchunked", 0.160),  # one device, 2 × 80 ms
+    ("naive", 0.240),  # 80 compute + 80 send + 80 compute
+    ("chunked", 0.170),  # blocking sends: stage 0 spends 20 ms per chunk (10 compute + 10 send)
+    ("overlapped", 0.100),  # 8 × 10 ms on stage 0, then the last chunk's send and compute
+])
+def test_simulator_matches_hand_worked_schedules(mode, expected):
+    sim = simulate(mode, [10] * 8, [PER_TOKEN, PER_TOKEN], SLOW_LINK, bytes_per_token=1)
+    assert sim.makespan_s == pytest.approx(expected, abs=1e-12)
+    if mode != "unchunked":
+        assert sim.metrics["bytes_per_boundary"] == [80]
+
+
+@pytest.mark.parametrize("S", [1, 2, 3, 5])
+def test_overlapped_with_a_free_link_is_the_flow_shop_bound(S):
+    chunks = [64, 200, 64, 128, 96]
+    sim = simulate("overlapped", chunks, [COST] * S)
+    t = [float(COST(x, sum(chunks[:k]))) for k, x in enumerate(chunks)]
+    assert sim.makespan_s == pytest.approx(sum(t) + (S - 1) * max(t), rel=1e-12)
+    assert sim.metrics["exposed_comm_s"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_simulated_run_reads_like_a_measured_one():
+    sim = simulate("overlapped", [10] * 8, [PER_TOKEN] * 3, SLOW_LINK, bytes_per_token=1)
+    assert {"ttft_s", "exposed_comm_s", "bubble_fraction", "bound_s", "bytes_per_boundary"} <= set(sim.metrics)
+    lanes = {(e["stage"], e["lane"]) for e in sim.events}
+    assert {(0, "compute"), (0, "send"), (1, "send"), (2, "compute")} <= lanes
+    assert all(set(e) == {"stage", "lane", "name", "start", "end"} for e in sim.events)
+    # a stage never runs two chunks at once, and chunks run in order
+    for s in range(3):
+        comp = sorted((e["start"], e["end"]) for e in sim.events if e["stage"] == s and e["lane"] == "compute")
+        assert all(a_end <= b_start + 1e-15 for (_, a_end), (b_start, _) in zip(comp, comp[1:]))
+
+
+def test_overlap_hides_a_link_slower_than_naive_and_chunking_needs_it():
+    stages = [PER_TOKEN] * 4
+    naive = simulate("naive", [10] * 16, stages, SLOW_LINK, 1).makespan_s
+    chunked = simulate("chunked", [10] * 16, stages, SLOW_LINK, 1).makespan_s
+    over = simulate("overlapped", [10] * 16, stages, SLOW_LINK, 1).makespan_s
+    assert over < chunked < naive
+
+
+def test_simulator_refuses_bad_input():
+    with pytest.raises(ValueError, match="unknown mode"):
+        simulate("eager", [4], [COST])
+    with pytest.raises(ValueError, match="positive integers"):
+        simulate("chunked", [4, 0], [COST])
+    with pytest.raises(ValueError, match="one cost per stage"):
+        simulate("chunked", [4], [])
+
+
+def test_stage_max_takes_the_slowest_stage_per_chunk():
+    fast, slow_prefix = ChunkCost(0, 0, 1e-3, 0), ChunkCost(0, 1e-6, 0, 0)
+    f = stage_max([fast, slow_prefix])
+    assert float(f(10, 0)) == pytest.approx(1e-2)
+    assert float(f(10, 10_000)) == pytest.approx(0.1)
+
+
+# ---- pauses ------------------------------------------------------------------------------------------------------
+
+def test_active_clock_cuts_pauses_out():
+    clock = ActiveClock([(3.0, 3.5), (1.0, 2.0)])
+    assert [clock(t) for t in (0.5, 1.0, 1.5, 2.0, 2.5, 3.2, 4.0)] == [0.5, 1.0, 1.0, 1.0, 1.5, 2.0, 2.5]
+    assert clock.paused_between(0.5, 4.0) == pytest.approx(1.5)
+    assert ActiveClock([])(7.0) == 7.0
+
+
+def test_pause_correction_rederives_a_runs_figures():
+    from pipeline.launch import PrefillResult, _cut_pauses
+    rec0 = StageRecord(0, [1, 1], compute=[(0.0, 1.0), (1.0, 4.0)], send=[(1.0, 1.1), (4.0, 4.1)], bytes_sent=8)
+    rec1 = StageRecord(1, [1, 1], compute=[(1.1, 2.1), (4.1, 5.1)], recv_wait=[(0.0, 1.1), (2.1, 4.1)])
+    res = PrefillResult("overlapped", [1, 1], None, {"ttft_s": 5.1, "decode_s": 0.3}, [], records=[rec0, rec1],
+                        t_start=0.0, t_end=5.1)
+    _cut_pauses(res, ActiveClock([(2.0, 4.0)]))  # chunk 1 of stage 0 was paused for 2 of its 3 seconds
+    assert res.metrics["ttft_s"] == pytest.approx(3.1)
+    assert res.metrics["wall_ttft_s"] == pytest.approx(5.1)
+    assert res.metrics["paused_s"] == pytest.approx(2.0)
+    assert res.metrics["compute_s"] == pytest.approx([2.0, 1.9])  # stage 1's chunk 0 ran into the pause too
+    assert res.metrics["decode_s"] == 0.3
+    assert max(e["end"] for e in res.timeline) == pytest.approx(3.1)
