@@ -130,7 +130,8 @@ def main_run(argv) -> int:
     config = dict(model=str(args.model), stages=args.stages, link=link, device=device, ops=args.ops,
                   dtype=args.dtype, batch=args.batch, prompt_lens=args.prompt_len, chunk_size=args.chunk_size or 128,
                   chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
-                  plans={str(L): plans[L] for L in args.prompt_len}, bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us,
+                  plans={str(L): plans[L] for L in args.prompt_len}, bandwidth_gbps=args.bandwidth_gbps,
+                  latency_us=args.latency_us,
                   repeats=args.repeats, warmup=args.warmup, modes=modes,
                   threads_per_stage=args.threads or max(1, (os.cpu_count() or 1) // args.stages))
     points = []

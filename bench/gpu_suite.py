@@ -102,6 +102,7 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
     from pipeline import PipelineSpec
     from pipeline.config import PRESETS, get_preset
     from pipeline.costs import link_preset
+    from pipeline.schedule import chunk_plan
 
     from .harness import run_point
     cfg = get_preset(model)
@@ -116,8 +117,7 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
         lm = link_preset(link)
         spec = PipelineSpec(source=name, stages=S, link="inprocess", ops=ops, dtype=dtype, device=device,
                             bandwidth_gbps=lm.bandwidth_gbps, latency_s=lm.latency_s)
-        chunks = [chunk_size] * (L // chunk_size) + ([L % chunk_size] if L % chunk_size else [])
-        point = run_point(spec, L, 1, chunks, repeats, warmup)
+        point = run_point(spec, L, 1, chunk_plan(L, chunk_size), repeats, warmup)
         timelines = point.pop("timelines")
         if (S, link, L) == (max(stages), "pcie5" if "pcie5" in links else links[0], sorted(prompt_lens)[len(
                 prompt_lens) // 2]):

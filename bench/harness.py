@@ -95,7 +95,7 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
             for m in modes]
     results = dict(zip(modes, run_jobs(spec, jobs)))
     base = results.get("unchunked")
-    itemsize = torch.tensor([], dtype=getattr(torch, spec.dtype)).element_size()
+    bpt = bytes_per_token(spec, batch)
     figures, timelines = {}, {}
     for mode, runs in results.items():
         best = sorted(runs, key=lambda r: r.metrics["ttft_s"])[len(runs) // 2]  # the median run
@@ -116,8 +116,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
             per_chunk_stage_max_ms=[x * 1e3 for x in best.metrics["per_chunk_stage_max_s"]],
             prefill_bytes_per_boundary=best.metrics["bytes_per_boundary"],
             decode_bytes_per_boundary=best.metrics.get("decode_bytes_per_boundary", []),
-            expected_prefill_bytes=batch * prompt_len * cfg.hidden_size * itemsize,
-            expected_decode_bytes=batch * cfg.hidden_size * itemsize,
+            expected_prefill_bytes=prompt_len * bpt,
+            expected_decode_bytes=bpt,
             chunks=best.chunks,
         )
         if base is not None:
@@ -139,7 +139,9 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
 
 
 UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see pipeline/pauses.py)",
-         "wall_ttft_ms": "ms of wall clock, pauses included", "ttft_min_ms": "ms, least over repeats", "machine_paused_fraction": "fraction of wall_ttft_ms", "exposed_comm_ms": "ms", "bound_ms": "ms", "bubble_fraction": "fraction of S·TTFT",
+         "wall_ttft_ms": "ms of wall clock, pauses included", "ttft_min_ms": "ms, least over repeats",
+         "machine_paused_fraction": "fraction of wall_ttft_ms", "exposed_comm_ms": "ms", "bound_ms": "ms",
+         "bubble_fraction": "fraction of S·TTFT",
          "measured_over_bound": "ratio", "speedup_vs_unchunked": "ratio", "speedup_vs_naive": "ratio",
          "prefill_bytes_per_boundary": "bytes", "decode_bytes_per_boundary": "bytes per token",
          "max_abs_dlogits": "absolute logit difference vs unchunked", "compute_ms_per_stage": "ms",

@@ -24,7 +24,8 @@ def project(cfg, S: int, device: str, link_name: str, L: int, batch: int = 1, ch
     """One projected point: every mode's TTFT, the ideal T_compute / S, and how much bandwidth hiding needs."""
     from pipeline.costs import get_device, link_preset, roofline_stage_costs, stage_max
     from pipeline.link import LinkModel
-    from pipeline.plan import plan_chunks, uniform_chunks
+    from pipeline.plan import plan_chunks
+    from pipeline.schedule import chunk_plan
     from pipeline.simulate import simulate
     dev = get_device(device)
     costs = roofline_stage_costs(cfg, S, dev, batch)
@@ -34,7 +35,7 @@ def project(cfg, S: int, device: str, link_name: str, L: int, batch: int = 1, ch
         g = granularity or max(128, L // 64)
         chunks = plan_chunks(L, stage_max(costs), S, min(g, L), link=link, bytes_per_token=bpt).chunks
     else:
-        chunks = uniform_chunks(L, chunk_size)
+        chunks = chunk_plan(L, chunk_size)
     t_compute = sum(float(c(L, 0)) for c in costs)
     row = dict(model=cfg_name(cfg), stages=S, link=link_name, link_gbps=link.bandwidth_gbps, prompt_len=L,
                chunks=len(chunks), first_chunk=chunks[0], last_chunk=chunks[-1], t_compute_ms=t_compute * 1e3,

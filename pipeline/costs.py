@@ -15,9 +15,6 @@ from .link import LinkModel
 
 # ---- fitted: t(x, p) = a·x² + b·x·p + c·x + d --------------------------------------------------------------------
 
-TERMS = ("a", "b", "c", "d")  # x², x·p, x, 1
-
-
 @dataclass(frozen=True)
 class ChunkCost:
     """Seconds for a chunk of x tokens after a prefix of p tokens: a·x² + b·x·p + c·x + d.
@@ -267,10 +264,3 @@ def fit_from_runs(results, bytes_per_token: int):
 def stage_max(costs):
     """The cost of the slowest stage for each chunk: what paces a pipeline."""
     return lambda x, p: np.max([c(x, p) for c in costs], axis=0)
-
-
-def describe(cost) -> str:
-    if isinstance(cost, ChunkCost):
-        return (f"{cost.a * 1e9:.3g}e-9·x² + {cost.b * 1e9:.3g}e-9·x·p + {cost.c * 1e6:.3g}e-6·x + "
-                f"{cost.d * 1e3:.3g}e-3  (s)")
-    return repr(cost)

@@ -42,11 +42,6 @@ def predicted_makespan(chunks: list[int], cost, stages: int, link: LinkModel | N
     return float(t.sum() + (stages - 1) * (t + lk).max())
 
 
-def uniform_chunks(prompt_len: int, chunk_size: int) -> list[int]:
-    full, rest = divmod(prompt_len, chunk_size)
-    return [chunk_size] * full + ([rest] if rest else [])
-
-
 def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: LinkModel | None = None,
                 bytes_per_token: int = 0, num_chunks: int | None = None, max_chunk: int | None = None,
                 start_pos: int = 0, max_caps: int = 256) -> ChunkPlan:
@@ -140,7 +135,6 @@ def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: L
                     best_obj, best_p = obj, path
     try_caps(caps)
     if len(caps_all) > max_caps and best_p is not None:  # refine between the neighbours of the best quantile cap
-        _, t = objective(best_p)
         e_best = max(E[a, b] for a, b in zip(best_p[:-1], best_p[1:]))
         k = int(np.searchsorted(caps, e_best))
         lo, hi = caps[max(0, k - 1)], caps[min(len(caps) - 1, k + 1)]

@@ -10,8 +10,8 @@ from pipeline.costs import (ChunkCost, RooflineCost, calibration_chunks, fit_chu
 from pipeline.config import get_preset
 from pipeline.link import LinkModel
 from pipeline.pauses import ActiveClock
-from pipeline.plan import plan_chunks, predicted_makespan, uniform_chunks
-from pipeline.schedule import StageRecord
+from pipeline.plan import plan_chunks, predicted_makespan
+from pipeline.schedule import StageRecord, chunk_plan
 from pipeline.simulate import simulate
 
 COST = ChunkCost(a=2e-9, b=4e-9, c=1e-5, d=3e-4)
@@ -142,7 +142,7 @@ def test_planner_is_optimal_against_brute_force(L, g, S, link, K):
 def test_balanced_chunks_shrink_as_the_prefix_grows_and_beat_uniform():
     attention_heavy = ChunkCost(a=1e-8, b=2e-8, c=1e-5, d=1e-4)
     L, S = 8192, 4
-    uniform = uniform_chunks(L, 512)
+    uniform = chunk_plan(L, 512)
     plan = plan_chunks(L, attention_heavy, S, 128, num_chunks=len(uniform))
     assert plan.chunks[0] > plan.chunks[-1]
     assert plan.predicted_s < predicted_makespan(uniform, attention_heavy, S)
