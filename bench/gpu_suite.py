@@ -68,8 +68,10 @@ def run_gpu_tests(out: Path) -> dict:
     xml = out / "gpu-tests.xml"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled Triton, not interpreted
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
-                           f"--junitxml={xml}", "tests"], cwd=ROOT, env=env, capture_output=True, text=True)
+    # -o addopts= drops the project's xdist options: the GPU tests run in one process, on the one GPU
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-o", "addopts=", "-p",
+                           "no:cacheprovider", f"--junitxml={xml}", "tests"], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
     doc = parse_junit(xml) if xml.exists() else dict(tests=0, passed=0, failed=["pytest produced no report"])
     doc.update(exit_code=proc.returncode, wall_s=time.time() - t0, output_tail=proc.stdout[-3000:])
     return doc
@@ -204,17 +206,42 @@ def _write(out: Path, name: str, doc: dict) -> None:
     tmp.replace(out / name)
 
 
+def write_summary_only(out: Path) -> int:
+    """summary.md from the tests/kernels/pipeline JSON documents in `out` (each carries its own environment)."""
+    docs = {}
+    for part in ("tests", "kernels", "pipeline"):
+        f = out / f"{part}.json"
+        docs[part] = json.loads(f.read_text()) if f.exists() else None
+    found = [d for d in docs.values() if d is not None]
+    if not found:
+        print(f"bench gpu-suite: no tests.json, kernels.json or pipeline.json in {out}: nothing to summarise",
+              file=sys.stderr)
+        return 2
+    env = found[0]["environment"]
+    commits = sorted({str(d["environment"].get("git_commit")) for d in found})
+    if len(commits) > 1:
+        env = dict(env, git_commit=" / ".join(commits))
+    (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"]))
+    print(f"[gpu-suite] {out / 'summary.md'} from {', '.join(k for k, d in docs.items() if d is not None)}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench gpu-suite", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="results directory, e.g. bench/results/h100/")
     ap.add_argument("--parts", default="tests,kernels,pipeline", help="parts to run (default: all)")
     ap.add_argument("--layers", type=int, default=8, help="layers of the Llama-3-8B shape in the pipeline part")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and prompts (a smoke run)")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="measure nothing: rewrite summary.md from the part documents already in --out (parts run "
+                         "in separate calls)")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - {"tests", "kernels", "pipeline"}
     if unknown:
         sys.exit(f"bench gpu-suite: unknown part(s) {', '.join(sorted(unknown))}; choose from tests, kernels, pipeline")
+    if args.summary_only:
+        return write_summary_only(Path(args.out))
     if not torch.cuda.is_available():
         print("bench gpu-suite: refused: no CUDA GPU is visible to torch "
               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); this command measures a GPU "

@@ -25,6 +25,7 @@ def environment() -> dict:
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except OSError:
         commit = None
+    commit = commit or os.environ.get("GIT_COMMIT")  # a copy of the tree without .git (a lent GPU machine)
     import triton
     cuda = torch.cuda.is_available()
     return dict(

@@ -56,6 +56,48 @@ def _sdpa_backends():
             ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH))
 
 
+def reference_attention(q, k, v, mask):
+    """float64 SDPA one head at a time: the full score matrix of a long prefix in float64 does not fit
+    (32 heads × 4k × 36k × 8 B = 38 GB)."""
+    F = torch.nn.functional
+    return torch.cat([F.scaled_dot_product_attention(q[:, h:h + 1].double(), k[:, h:h + 1].double(),
+                                                     v[:, h:h + 1].double(), attn_mask=mask)
+                      for h in range(q.shape[1])], dim=1)
+
+
+def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, device="cuda",
+                    timer=gpu_timer) -> list[dict]:
+    """chunk_attention at one (prefix, chunk) shape under each launch config: TFLOP/s and max error against
+    float64, one row per config (or why it failed to compile or run). The default grid is the one a tuning
+    session on Hopper would try first."""
+    from kernels import chunk_attention
+    if configs is None:
+        configs = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+                   for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+                   if not (m == 64 and w == 8)]
+    P, C = shape
+    g = torch.Generator(device=device).manual_seed(P * 7919 + C + 1)
+    q = torch.randn(B, C, Hq, D, device=device, dtype=dtype, generator=g)
+    kn, vn = (torch.randn(B, C, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+    kc, vc = (torch.randn(B, P + C, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+    kc[:, P:], vc[:, P:] = kn, vn  # what the kernel writes there
+    mask = torch.arange(P + C, device=device)[None, :] <= P + torch.arange(C, device=device)[:, None]
+    rep = lambda t: t[:, :P + C].transpose(1, 2).repeat_interleave(Hq // Hkv, 1)  # noqa: E731
+    ref = reference_attention(q.transpose(1, 2), rep(kc), rep(vc), mask).transpose(1, 2)
+    flops = attention_flops(B, Hq, D, C, P)
+    rows = []
+    for cfg in configs:
+        out = torch.full_like(q, float("nan"))
+        try:
+            ms = timer(lambda: chunk_attention(q, kn, vn, kc, vc, P, out=out, config=cfg))
+        except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is a result
+            rows.append(dict(cfg, prefix=P, chunk=C, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+            continue
+        rows.append(dict(cfg, prefix=P, chunk=C, ms=ms, tflops=flops / ms / 1e9,
+                         max_abs_err=(out.double() - ref).abs().max().item()))
+    return rows
+
+
 def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=ATTENTION_SHAPES, device="cuda",
                     timer=gpu_timer) -> list[dict]:
     """One row per (prefix P, chunk C): Triton time and TFLOP/s, each SDPA backend's time (or why it could not
@@ -77,7 +119,7 @@ def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=ATTEN
         vcat = vc[:, :P + C].transpose(1, 2).repeat_interleave(Hq // Hkv, 1)
         mask = torch.arange(P + C, device=device)[None, :] <= P + torch.arange(C, device=device)[:, None]
         qt = q.transpose(1, 2)
-        ref = F.scaled_dot_product_attention(qt.double(), kcat.double(), vcat.double(), attn_mask=mask).transpose(1, 2)
+        ref = reference_attention(qt, kcat, vcat, mask).transpose(1, 2)
         flops = attention_flops(B, Hq, D, C, P)
         row = dict(prefix=P, chunk=C, triton_ms=ms, triton_tflops=flops / ms / 1e9,
                    max_abs_err=(out.double() - ref).abs().max().item())
@@ -184,12 +226,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="directory for kernels.json (default: print only)")
     ap.add_argument("--quick", action="store_true", help="two attention shapes only")
+    ap.add_argument("--sweep", action="store_true",
+                    help="instead: chunk_attention under a grid of block sizes/warps/stages at prefix 16k, chunk 2k "
+                         "(sweep.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench kernels: no CUDA GPU on this machine; the kernel benchmark needs one (nothing measured).")
         print(json.dumps(dict(skipped="no CUDA GPU")))
         return 0
     from .harness import environment
+    if args.sweep:
+        rows = sweep_attention()
+        for r in sorted(rows, key=lambda r: -r.get("tflops", 0)):
+            cfg = " ".join(f"{k}={r[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+            print(f"{cfg:<50} " + (f"{r['tflops']:6.0f} TFLOP/s  err {r['max_abs_err']:.1e}" if "tflops" in r
+                                   else r["error"]))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "sweep.json").write_text(json.dumps(dict(environment=environment(), rows=rows), indent=1))
+        return 0
     doc = dict(environment=environment(), **run_all(quick=args.quick))
     print_report(doc)
     if args.out:

@@ -195,15 +195,34 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
     return B, C, Hq, Hkv, D
 
 
-def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None, out=None):
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
+def _check_config(config: dict) -> dict:
+    if set(config) != set(CONFIG_KEYS):
+        raise ValueError(f"chunk_attention: config must give exactly {', '.join(CONFIG_KEYS)}, got {sorted(config)}")
+    for key in CONFIG_KEYS:
+        v = config[key]
+        if not isinstance(v, int) or v < 1 or (key != "num_stages" and v & (v - 1)):
+            raise ValueError(f"chunk_attention: config {key} must be a positive int"
+                             f"{'' if key == 'num_stages' else ' and a power of two'}, got {v!r}")
+    if config["BLOCK_M"] < 16 or config["BLOCK_N"] < 16:
+        raise ValueError(f"chunk_attention: BLOCK_M and BLOCK_N must be >= 16 (tl.dot), got {config}")
+    return dict(config)
+
+
+def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None, out=None, config=None):
     """Attention of a chunk over the prefix KV cache plus itself, appending the chunk's K/V to the cache.
 
     q [B, C, Hq, D]: queries at positions [start_pos, start_pos + C).
     k_new, v_new [B, C, Hkv, D]: written to k_cache, v_cache [B, max_len, Hkv, D] at those positions.
     start_pos: int, or an int tensor [B] on q's device (one prefix length per row; no host sync).
     Returns out [B, C, Hq, D] (written into `out` when given); query i sees cache positions <= start_pos + i.
+    config: block sizes and launch shape (keys CONFIG_KEYS) instead of `pick_config`'s choice, for tuning sweeps.
     """
     B, C, Hq, Hkv, D = _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos)
+    if config is not None:
+        config = _check_config(config)
     if sm_scale is None:
         sm_scale = D ** -0.5
     if isinstance(start_pos, torch.Tensor):
@@ -215,7 +234,7 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
         raise ValueError(f"chunk_attention: out must match q ({q.dtype} {tuple(q.shape)}, last dim contiguous)")
     cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else (9, 0)
-    cfg = pick_config(C, D, q.dtype, cap)
+    cfg = config or pick_config(C, D, q.dtype, cap)
     grid = (triton.cdiv(C, cfg["BLOCK_M"]), B * Hq)
     _chunk_attention_kernel[grid](
         q, k_new, v_new, k_cache, v_cache, out, starts,
