@@ -100,7 +100,8 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
                    prompt_lens=(4096, 8192, 16384, 32768), chunk_size: int = 2048, repeats: int = 3, warmup: int = 1,
                    device: str = "cuda", dtype: str = "bfloat16", ops: str = "triton", progress=None) -> dict:
     """The harness's modes on one device with the in-process link, the link emulated at each preset's bandwidth.
-    `layers` cuts the model to that many layers (same shapes otherwise) to keep the run short."""
+    `layers` cuts the model to that many layers (same shapes otherwise) to keep the run short.
+    `progress(i, n, doc)` is called after each point with the document so far (complete=False until the end)."""
     from pipeline import PipelineSpec
     from pipeline.config import PRESETS, get_preset
     from pipeline.costs import link_preset
@@ -126,10 +127,11 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
             last_timelines = (f"{name}, S={S}, L={L}, {link} emulated, {dtype}", timelines)
         point.update(stages=S, link=link, link_gbps=lm.bandwidth_gbps, link_latency_s=lm.latency_s)
         points.append(point)
+        doc = dict(model=model, layers=layers or cfg.num_layers, model_layers=cfg.num_layers, chunk_size=chunk_size,
+                   repeats=repeats, warmup=warmup, dtype=dtype, ops=ops, points=points, complete=i + 1 == len(grid))
         if progress:
-            progress(i + 1, len(grid))
-    return dict(model=model, layers=layers or cfg.num_layers, model_layers=cfg.num_layers, chunk_size=chunk_size,
-                repeats=repeats, warmup=warmup, dtype=dtype, ops=ops, points=points), last_timelines
+            progress(i + 1, len(grid), doc)
+    return doc, last_timelines
 
 
 # ---- part 4: summary --------------------------------------------------------------------------------------------
@@ -186,7 +188,9 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
         lines += ["## Pipeline on one GPU (in-process link, emulated bandwidth)", "",
                   f"{pipeline['model']} shape with {pipeline['layers']} of its {pipeline['model_layers']} layers, "
                   f"random weights, {pipeline['dtype']}, chunks of {pipeline['chunk_size']}, median of "
-                  f"{pipeline['repeats']} runs.", "",
+                  f"{pipeline['repeats']} runs." + ("" if pipeline.get("complete", True) else
+                                                     " **Incomplete: the run was cut short; these are the points it "
+                                                     "measured.**"), "",
                   "| S | link | L | unchunked ms | naive ms | chunked ms | overlapped ms | overlapped vs naive | "
                   "exposed comm ms | outputs match |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for p in pipeline["points"]:
@@ -270,8 +274,10 @@ def main(argv=None) -> int:
         print("[gpu-suite] pipeline ...", flush=True)
         from .timeline import write_chrome_trace, write_timeline_png
         lens = (4096, 16384) if args.quick else (4096, 8192, 16384, 32768)
-        pipeline, shown = bench_pipeline(layers=args.layers, prompt_lens=lens,
-                                         progress=lambda i, n: print(f"  {i}/{n}", flush=True))
+        def progress(i, n, doc):  # a run cut short still leaves the points it measured
+            print(f"  {i}/{n} ({time.time() - t0:.0f} s)", flush=True)
+            _write(out, "pipeline.json", dict(environment=env, **doc))
+        pipeline, shown = bench_pipeline(layers=args.layers, prompt_lens=lens, progress=progress)
         if shown:
             write_timeline_png(shown[1], out / "timeline.png", shown[0])
             write_chrome_trace(shown[1], out / "trace.json")

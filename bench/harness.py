@@ -25,7 +25,8 @@ def environment() -> dict:
                                 cwd=Path(__file__).parent).stdout.strip() or None
     except OSError:
         commit = None
-    commit = commit or os.environ.get("GIT_COMMIT")  # a copy of the tree without .git (a lent GPU machine)
+    # a lent GPU machine gets a copy of the tree whose .git may be stale: the caller says which commit it is
+    commit = os.environ.get("GIT_COMMIT") or commit
     import triton
     cuda = torch.cuda.is_available()
     return dict(

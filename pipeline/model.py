@@ -209,7 +209,7 @@ def load_model(source: str | Path | ModelConfig, dtype: torch.dtype = torch.floa
     model = model.to_empty(device=device)
     first, last = model.is_first, model.is_last
     if isinstance(source, ModelConfig) or not Path(source).is_dir():
-        state = random_weights(cfg, layers, first, last, seed)
+        state = random_weights(cfg, layers, first, last, seed, device=device)
     else:
         state = load_hf_weights(source, cfg, layers, first, last)
     model.load_hf_state(state)

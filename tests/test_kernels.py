@@ -29,7 +29,7 @@ def attention_f64(q, k_cache, v_cache, start_pos):
     return torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v)
 
 
-def run_attention_case(B, C, Hq, Hkv, D, start_pos, dtype, tol, seed=0, per_row_starts=None):
+def run_attention_case(B, C, Hq, Hkv, D, start_pos, dtype, tol, seed=0, per_row_starts=None, config=None):
     g = torch.Generator(device="cpu").manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEVICE)  # noqa: E731
     starts = per_row_starts or [start_pos] * B
@@ -39,7 +39,7 @@ def run_attention_case(B, C, Hq, Hkv, D, start_pos, dtype, tol, seed=0, per_row_
     k_before, v_before = k_cache.clone(), v_cache.clone()
     out = torch.full_like(q, float("nan"))
     sp = torch.tensor(starts, device=DEVICE) if per_row_starts else start_pos
-    chunk_attention(q, k_new, v_new, k_cache, v_cache, sp, out=out)
+    chunk_attention(q, k_new, v_new, k_cache, v_cache, sp, out=out, config=config)
     for b, p in enumerate(starts):
         kb, vb = k_before[b:b + 1].clone(), v_before[b:b + 1].clone()
         kb[:, p:p + C], vb[:, p:p + C] = k_new[b:b + 1], v_new[b:b + 1]
@@ -75,6 +75,25 @@ def test_chunk_attention(B, C, Hq, Hkv, D, start_pos, dtype, tol):
 def test_chunk_attention_random_shapes(B, C, group, Hkv, D, start_pos, half, seed):
     dtype, tol = DTYPES[1] if half else DTYPES[0]
     run_attention_case(B, C, group * Hkv, Hkv, D, start_pos, dtype, tol, seed=seed)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16), (16, 64), (32, 32)])
+def test_chunk_attention_any_block_shape(block_m, block_n):
+    """Launch configs other than pick_config's (a tuning sweep tries them): key blocks wider than query blocks
+    must not see the chunk's diagonal unmasked (a sweep on an H100 caught exactly that)."""
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
+    run_attention_case(2, 75, 4, 2, 16, 21, torch.float32, 2e-5, config=cfg)
+
+
+@pytest.mark.parametrize("config,match", [
+    (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4), "exactly"),
+    (dict(BLOCK_M=48, BLOCK_N=64, num_warps=4, num_stages=2), "power of two"),
+    (dict(BLOCK_M=8, BLOCK_N=64, num_warps=4, num_stages=2), ">= 16"),
+    (dict(BLOCK_M=64, BLOCK_N=64, num_warps=0, num_stages=2), "positive"),
+])
+def test_chunk_attention_refuses_bad_config(config, match):
+    with pytest.raises(ValueError, match=match):
+        chunk_attention(**_attn_inputs(), config=config)
 
 
 def test_chunk_attention_per_row_start_positions():
@@ -191,6 +210,13 @@ def test_memory_bound_kernels_refuse_bad_input():
                                                      (4, 1, 32, 8, 128, 30000), (2, 777, 16, 16, 64, 1234)])
 def test_chunk_attention_gpu_bf16(cuda, B, C, Hq, Hkv, D, start_pos):
     run_attention_case(B, C, Hq, Hkv, D, start_pos, torch.bfloat16, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m,block_n,warps", [(64, 128, 4), (128, 128, 8), (128, 32, 4)])
+def test_chunk_attention_gpu_bf16_other_configs(cuda, block_m, block_n, warps):
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2)
+    run_attention_case(1, 1000, 16, 4, 128, 3000, torch.bfloat16, 2e-2, config=cfg)
 
 
 @pytest.mark.gpu
