@@ -229,17 +229,26 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true",
                     help="instead: chunk_attention under a grid of block sizes/warps/stages at prefix 16k, chunk 2k "
                          "(sweep.json)")
+    ap.add_argument("--shape", action="append", default=None, metavar="PREFIX,CHUNK",
+                    help="with --sweep: the (prefix, chunk) shape(s) to sweep (default 16384,2048; repeatable)")
     args = ap.parse_args(argv)
+    try:
+        shapes = [tuple(int(v) for v in sh.split(",")) for sh in args.shape or ["16384,2048"]]
+        if any(len(sh) != 2 or sh[0] < 0 or sh[1] < 1 for sh in shapes):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--shape takes PREFIX,CHUNK with PREFIX >= 0 and CHUNK >= 1, got {args.shape}")
     if not torch.cuda.is_available():
         print("bench kernels: no CUDA GPU on this machine; the kernel benchmark needs one (nothing measured).")
         print(json.dumps(dict(skipped="no CUDA GPU")))
         return 0
     from .harness import environment
     if args.sweep:
-        rows = sweep_attention()
-        for r in sorted(rows, key=lambda r: -r.get("tflops", 0)):
-            cfg = " ".join(f"{k}={r[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
-            print(f"{cfg:<50} " + (f"{r['tflops']:6.0f} TFLOP/s  err {r['max_abs_err']:.1e}" if "tflops" in r
+        rows = [r for sh in shapes for r in sweep_attention(shape=sh)]
+        for r in sorted(rows, key=lambda r: (r["prefix"], r["chunk"], -r.get("tflops", 0))):
+            cfg = f"P={r['prefix']} C={r['chunk']} " + " ".join(
+                f"{k}={r[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+            print(f"{cfg:<64} " + (f"{r['tflops']:6.0f} TFLOP/s  err {r['max_abs_err']:.1e}" if "tflops" in r
                                    else r["error"]))
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)

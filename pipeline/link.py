@@ -100,8 +100,10 @@ class _Lane:
             tensor.record_stream(self.stream)
             done = torch.cuda.Event()
             done.record(self.stream)
-            return Handle(lambda: torch.cuda.current_stream(self.device).wait_event(done), nbytes,
-                          lambda: (self.clock.seconds(t0), self.clock.seconds(t1)))
+            handle = Handle(lambda: torch.cuda.current_stream(self.device).wait_event(done), nbytes,
+                            lambda: (self.clock.seconds(t0), self.clock.seconds(t1)))
+            handle.event = done  # for a receiver in this process (LocalChannel): its own stream waits on it
+            return handle
 
         times = {}
 
@@ -164,7 +166,8 @@ class LocalChannel:
     def __init__(self, device: torch.device, model: LinkModel = LinkModel(), clock=None):
         self.device = torch.device(device)
         self.lane = _Lane(self.device, model, clock)
-        self._slots: dict[int, tuple] = {}
+        self._slots: dict[int, torch.Tensor] = {}  # tag -> the delivered copy
+        self._done: dict[int, torch.cuda.Event] = {}  # tag -> the send's completion event (GPU)
         self._cond = threading.Condition()
 
     def isend(self, tensor: torch.Tensor, tag: int) -> Handle:
@@ -176,15 +179,19 @@ class LocalChannel:
 
         handle = self.lane.submit(tensor, deliver)
         if self.device.type == "cuda":
-            self._slots[tag + (1 << 40)] = handle  # the receiver waits on the send's event
+            # The receiver's stream must wait on the event itself: waiting through the sender's Handle would be a
+            # no-op once the sender has waited on it (a blocking send), and the receiver would read the copy
+            # before the (emulated) transfer wrote it.
+            self._done[tag] = handle.event
         return handle
 
     def irecv(self, shape, dtype, tag: int, out: torch.Tensor | None = None) -> Handle:
         def finish():
             if self.device.type == "cuda":
-                self._slots.pop(tag + (1 << 40)).wait()  # current stream waits for the copy
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(self._done.pop(tag))  # the copy is written on the comm stream
                 buf = self._slots.pop(tag)
-                buf.record_stream(torch.cuda.current_stream(self.device))
+                buf.record_stream(stream)
             else:
                 with self._cond:
                     self._cond.wait_for(lambda: tag in self._slots)

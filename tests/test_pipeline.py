@@ -113,6 +113,30 @@ def test_overlapped_sends_hide_behind_compute():
     assert res.metrics["send_wait_s"][0] < res.metrics["send_time_s"][0]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", PIPELINE_MODES)
+@pytest.mark.parametrize("ops", ["torch", "triton"])
+def test_inprocess_gpu_streams_equal_unchunked(cuda, tiny, mode, ops):
+    """Every stage on its own CUDA stream, the link a comm stream with an emulated delay: a receiver that does not
+    wait for the transfer reads the copy before it is written (caught on an H100: blocking sends made the
+    receiver's wait a no-op)."""
+    toks = tokens(2, 40, seed=3)
+    res = run_prefill("tiny", toks, mode=mode, stages=3, chunk_size=8, device="cuda", ops=ops, bandwidth_gbps=1e-3,
+                      return_cache=True)
+    ref_logits, ref_k, ref_v = reference(tiny, toks)
+    res.logits, res.caches = res.logits.cpu(), [(k.cpu(), v.cpu()) for k, v in res.caches]
+    assert_matches(res, ref_logits, ref_k, ref_v, tol=1e-4)
+
+
+@pytest.mark.gpu
+def test_emulated_link_delay_is_paid_on_gpu(cuda):
+    """Naive mode on one GPU with 2 stages: the one send of 40·64·4 = 10240 bytes at 1e-4 GB/s takes 0.1 s, and
+    the second stage cannot start before it has arrived."""
+    res = run_prefill("tiny", tokens(1, 40), mode="naive", stages=2, device="cuda", bandwidth_gbps=1e-4)
+    assert res.metrics["send_time_s"][0] >= 0.095
+    assert res.metrics["ttft_s"] >= 0.095
+
+
 # ---- failures: reported, never hung on --------------------------------------------------------------------
 # The peers' timeout is set to 600 s: a failure that were only noticed by timing out would take that long, so a
 # bound of 300 s tells "reported" from "waited on" with room for a slow or paused machine.
