@@ -35,3 +35,19 @@ def test_kernels_compile_for_gpu_without_spills(arch, extra):
     if arch == "90":
         missing = [r["kernel"] for r in rows if r["expect_wgmma"] and not r["wgmma"]]
         assert not missing, f"no wgmma in sm_90 PTX of {missing}"
+
+
+def test_emulated_link_wait_kernel_reads_the_global_timer_in_its_loop():
+    """The GPU link emulation waits on %globaltimer (wall nanoseconds), not SM cycles, and re-reads it each turn."""
+    code = ("import triton\nfrom triton.compiler import ASTSource\nfrom triton.backends.compiler import GPUTarget\n"
+            "from pipeline.link import _wait_ns_kernel\n"
+            "k = triton.compile(ASTSource(fn=_wait_ns_kernel, signature={'ns': 'i64'}, constexprs={}),"
+            " target=GPUTarget('cuda', 90, 32))\nprint(k.asm['ptx'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    reads = [i for i, line in enumerate(lines) if "%globaltimer" in line]
+    branches = [i for i, line in enumerate(lines) if line.strip().startswith("@") and " bra " in line]
+    assert len(reads) >= 2, "the timer is read once: the wait cannot end"
+    assert any(b > reads[-1] for b in branches), "no loop back-edge after the timer read"

@@ -123,8 +123,9 @@ def test_inprocess_gpu_streams_equal_unchunked(cuda, tiny, mode, ops):
     toks = tokens(2, 40, seed=3)
     res = run_prefill("tiny", toks, mode=mode, stages=3, chunk_size=8, device="cuda", ops=ops, bandwidth_gbps=1e-3,
                       return_cache=True)
-    ref_logits, ref_k, ref_v = reference(tiny, toks)
-    res.logits, res.caches = res.logits.cpu(), [(k.cpu(), v.cpu()) for k, v in res.caches]
+    # random weights are drawn on the model's device: the reference is the plain model on the GPU
+    ref_logits, ref_k, ref_v = (t.cpu() for t in reference(load_model("tiny", device="cuda"), toks.cuda()))
+    res.logits = res.logits.cpu()
     assert_matches(res, ref_logits, ref_k, ref_v, tol=1e-4)
 
 
