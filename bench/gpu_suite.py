@@ -222,9 +222,9 @@ def write_summary_only(out: Path) -> int:
               file=sys.stderr)
         return 2
     env = found[0]["environment"]
-    commits = sorted({str(d["environment"].get("git_commit")) for d in found})
-    if len(commits) > 1:
-        env = dict(env, git_commit=" / ".join(commits))
+    commits = {part: str(d["environment"].get("git_commit")) for part, d in docs.items() if d is not None}
+    if len(set(commits.values())) > 1:  # parts run in separate calls, on different commits: say which is which
+        env = dict(env, git_commit="; ".join(f"{part} {c[:7]}" for part, c in commits.items()))
     (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"]))
     print(f"[gpu-suite] {out / 'summary.md'} from {', '.join(k for k, d in docs.items() if d is not None)}")
     return 0

@@ -119,3 +119,23 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     assert "FAILED `tests/test_kernels.py::test_x`" in text
     assert "255 regs" in text and "wgmma yes" in text
     assert "| 2 | pcie5 | 48 |" in text
+
+
+def test_summary_only_rebuilds_the_summary_from_part_files(tmp_path):
+    """Parts run in separate calls (on different commits) still give one summary that says which commit each
+    part came from; a directory with no part file is refused."""
+    import json
+    import shutil
+    for part in ("tests", "kernels", "pipeline"):
+        shutil.copy(ROOT / "bench/results/h100" / f"{part}.json", tmp_path / f"{part}.json")
+    doc = json.loads((tmp_path / "pipeline.json").read_text())
+    doc["environment"]["git_commit"] = "0123456789abcdef"
+    (tmp_path / "pipeline.json").write_text(json.dumps(doc))
+    assert gpu_suite.main(["--out", str(tmp_path), "--summary-only"]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "pipeline 0123456" in text and "## GPU tests" in text and "## Kernels" in text
+    assert "| 4 | 100gbe | 32768 |" in text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert gpu_suite.main(["--out", str(empty), "--summary-only"]) == 2
+    assert not (empty / "summary.md").exists()
