@@ -28,14 +28,13 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_limit, offs_
             k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None], mask=cols[None, :] < n_limit, other=0.0)
         else:
             k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None])
-        qk = tl.dot(q, k, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N], unscaled
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         if CAUSAL:
             qk = tl.where(offs_m[:, None] >= cols[None, :], qk, float("-inf"))
         if MASK_N:
             qk = tl.where(cols[None, :] < n_limit, qk, float("-inf"))
-        # log2 domain; the scale rides on the max (one row op) and on one FMA per element (qk·scale − m)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK_N:

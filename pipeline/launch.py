@@ -467,6 +467,12 @@ def _run(spec: PipelineSpec, jobs: list[Job]):
 def _cut_pauses(res: PrefillResult, clock: ActiveClock) -> None:
     """Re-derives a run's figures and timeline with the machine's pauses cut out (see pauses.py); the wall-clock
     TTFT and the paused time stay in the metrics as wall_ttft_s and paused_s."""
+    if clock(res.t_end) - clock(res.t_start) <= 0:
+        # "paused" for the whole run: the monitor was starved (CPU contention), not the machine stopped. The
+        # wall-clock figures stand; paused_s says how much the monitor saw.
+        res.metrics = dict(res.metrics, wall_ttft_s=res.t_end - res.t_start,
+                           paused_s=clock.paused_between(res.t_start, res.t_end), pause_cut=False)
+        return
     conv = lambda pairs: [(clock(a), clock(b)) for a, b in pairs]  # noqa: E731
     records = [StageRecord(r.stage, r.chunks, conv(r.compute), conv(r.recv_wait), conv(r.send_wait), conv(r.send),
                            r.bytes_sent) for r in res.records]

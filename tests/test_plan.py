@@ -253,3 +253,14 @@ def test_pause_correction_rederives_a_runs_figures():
     assert res.metrics["compute_s"] == pytest.approx([2.0, 1.9])  # stage 1's chunk 0 ran into the pause too
     assert res.metrics["decode_s"] == 0.3
     assert max(e["end"] for e in res.timeline) == pytest.approx(3.1)
+
+
+def test_a_run_seen_paused_throughout_keeps_its_wall_clock_figures():
+    """A starved monitor can report a 'pause' covering a whole short run; cutting it would leave a TTFT of 0."""
+    from pipeline.launch import PrefillResult, _cut_pauses
+    rec = StageRecord(0, [1], compute=[(1.0, 1.5)])
+    res = PrefillResult("unchunked", [1], None, {"ttft_s": 0.5}, [], records=[rec], t_start=1.0, t_end=1.5)
+    _cut_pauses(res, ActiveClock([(0.9, 1.6)]))
+    assert res.metrics["ttft_s"] == 0.5 and res.metrics["wall_ttft_s"] == 0.5
+    assert res.metrics["pause_cut"] is False and res.metrics["paused_s"] == pytest.approx(0.5)
+    assert res.records == [rec] and (res.t_start, res.t_end) == (1.0, 1.5)
