@@ -65,6 +65,21 @@ def reference_attention(q, k, v, mask):
                       for h in range(q.shape[1])], dim=1)
 
 
+def attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed):
+    """Random inputs of one (prefix P, chunk C) shape, with the cache already holding the chunk (what the kernel
+    writes there), the same work laid out for SDPA (heads first, KV heads repeated, lower-right causal mask) and
+    its float64 reference. Returns (q, kn, vn, kc, vc, sdpa_args, ref) with sdpa_args = (q, k, v, mask)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, C, Hq, D, device=device, dtype=dtype, generator=g)
+    kn, vn = (torch.randn(B, C, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+    kc, vc = (torch.randn(B, P + C, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+    kc[:, P:], vc[:, P:] = kn, vn
+    mask = torch.arange(P + C, device=device)[None, :] <= P + torch.arange(C, device=device)[:, None]
+    rep = lambda t: t[:, :P + C].transpose(1, 2).repeat_interleave(Hq // Hkv, 1)  # noqa: E731
+    sdpa_args = (q.transpose(1, 2), rep(kc), rep(vc), mask)
+    return q, kn, vn, kc, vc, sdpa_args, reference_attention(*sdpa_args).transpose(1, 2)
+
+
 def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, device="cuda",
                     timer=gpu_timer) -> list[dict]:
     """chunk_attention at one (prefix, chunk) shape under each launch config: TFLOP/s and max error against
@@ -76,14 +91,7 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
                    for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
                    if not (m == 64 and w == 8)]
     P, C = shape
-    g = torch.Generator(device=device).manual_seed(P * 7919 + C + 1)
-    q = torch.randn(B, C, Hq, D, device=device, dtype=dtype, generator=g)
-    kn, vn = (torch.randn(B, C, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
-    kc, vc = (torch.randn(B, P + C, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
-    kc[:, P:], vc[:, P:] = kn, vn  # what the kernel writes there
-    mask = torch.arange(P + C, device=device)[None, :] <= P + torch.arange(C, device=device)[:, None]
-    rep = lambda t: t[:, :P + C].transpose(1, 2).repeat_interleave(Hq // Hkv, 1)  # noqa: E731
-    ref = reference_attention(q.transpose(1, 2), rep(kc), rep(vc), mask).transpose(1, 2)
+    q, kn, vn, kc, vc, _, ref = attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 1)
     flops = attention_flops(B, Hq, D, C, P)
     rows = []
     for cfg in configs:
@@ -108,18 +116,10 @@ def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=ATTEN
     F = torch.nn.functional
     rows = []
     for P, C in shapes:
-        g = torch.Generator(device=device).manual_seed(P * 7919 + C)
-        q = torch.randn(B, C, Hq, D, device=device, dtype=dtype, generator=g)
-        kn, vn = (torch.randn(B, C, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
-        kc, vc = (torch.randn(B, P + C, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+        q, kn, vn, kc, vc, (qt, kcat, vcat, mask), ref = attention_case(P, C, B, Hq, Hkv, D, dtype, device,
+                                                                         seed=P * 7919 + C)
         out = torch.full_like(q, float("nan"))
         ms = timer(lambda: chunk_attention(q, kn, vn, kc, vc, P, out=out))
-        # SDPA gets the same work: keys/values of prefix + chunk (the cache now holds the chunk too)
-        kcat = kc[:, :P + C].transpose(1, 2).repeat_interleave(Hq // Hkv, 1)
-        vcat = vc[:, :P + C].transpose(1, 2).repeat_interleave(Hq // Hkv, 1)
-        mask = torch.arange(P + C, device=device)[None, :] <= P + torch.arange(C, device=device)[:, None]
-        qt = q.transpose(1, 2)
-        ref = reference_attention(qt, kcat, vcat, mask).transpose(1, 2)
         flops = attention_flops(B, Hq, D, C, P)
         row = dict(prefix=P, chunk=C, triton_ms=ms, triton_tflops=flops / ms / 1e9,
                    max_abs_err=(out.double() - ref).abs().max().item())

@@ -68,9 +68,10 @@ class Handle:
     """Completion of one send or receive. `wait()` returns the received tensor (None for a send). On CPU it blocks
     the host; on GPU it makes the current stream wait (the host does not block)."""
 
-    def __init__(self, wait_fn, nbytes: int, timing=None):
+    def __init__(self, wait_fn, nbytes: int, timing=None, event=None):
         self._wait_fn, self.nbytes = wait_fn, nbytes
         self.timing = timing  # () -> (start_s, end_s) of the transfer itself, resolvable after the run
+        self.event = event  # GPU sends: the completion event, for a receiver in this process to wait on
         self._done, self._value = False, None
 
     def wait(self):
@@ -104,10 +105,8 @@ class _Lane:
             tensor.record_stream(self.stream)
             done = torch.cuda.Event()
             done.record(self.stream)
-            handle = Handle(lambda: torch.cuda.current_stream(self.device).wait_event(done), nbytes,
-                            lambda: (self.clock.seconds(t0), self.clock.seconds(t1)))
-            handle.event = done  # for a receiver in this process (LocalChannel): its own stream waits on it
-            return handle
+            return Handle(lambda: torch.cuda.current_stream(self.device).wait_event(done), nbytes,
+                          lambda: (self.clock.seconds(t0), self.clock.seconds(t1)), event=done)
 
         times = {}
 

@@ -139,3 +139,12 @@ def test_summary_only_rebuilds_the_summary_from_part_files(tmp_path):
     empty.mkdir()
     assert gpu_suite.main(["--out", str(empty), "--summary-only"]) == 2
     assert not (empty / "summary.md").exists()
+
+
+def test_attention_sweep_reports_each_config_or_why_it_failed():
+    from bench.kernels import sweep_attention
+    good = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+    rows = sweep_attention(configs=[good, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4)], shape=(37, 19), Hq=4, Hkv=2,
+                           D=16, dtype=torch.float32, device="cpu", timer=cpu_timer)
+    assert rows[0]["max_abs_err"] < 2e-5 and rows[0]["tflops"] > 0 and (rows[0]["prefix"], rows[0]["chunk"]) == (37, 19)
+    assert "exactly" in rows[1]["error"] and "tflops" not in rows[1]
