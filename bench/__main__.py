@@ -147,7 +147,7 @@ def main_run(argv) -> int:
     env = environment()
     doc = dict(schema_version=SCHEMA_VERSION, environment=env, config=config, units=_units(),
                wall_s=time.time() - t0, calibration=calibration,
-               points=[{k: v for k, v in p.items() if not k.endswith("timelines")} for p in points])
+               points=[{k: v for k, v in p.items() if not k.endswith("timelines") and k != "records"} for p in points])
     last = points[-1]
     title = (f"{args.model}, S={args.stages}, L={last['prompt_len']}, B={args.batch}, {link}, {args.dtype}, "
              f"{env['device']}")
@@ -172,6 +172,7 @@ def main_run(argv) -> int:
         summary["overlapped_measured_over_bound"] = round(last["modes"]["overlapped"]["measured_over_bound"], 3)
     if simulate:
         summary["sim_over_measured"] = {m: round(v["sim_over_measured"], 3) for m, v in last["modes"].items()}
+        summary["replay_over_measured"] = {m: round(v["replay_over_measured"], 3) for m, v in last["modes"].items()}
     print(f"\nresults: {path}  timeline: {out / 'timeline.png'}  trace: {out / 'trace.json'}")
     print(json.dumps(summary))
     return 0 if summary["outputs_match"] and summary["bytes_exact"] else 1

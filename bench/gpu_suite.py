@@ -122,6 +122,7 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
                             bandwidth_gbps=lm.bandwidth_gbps, latency_s=lm.latency_s)
         point = run_point(spec, L, 1, chunk_plan(L, chunk_size), repeats, warmup)
         timelines = point.pop("timelines")
+        point.pop("records")  # the raw per-run records: the figures above are made from them
         if (S, link, L) == (max(stages), "pcie5" if "pcie5" in links else links[0], sorted(prompt_lens)[len(
                 prompt_lens) // 2]):
             last_timelines = (f"{name}, S={S}, L={L}, {link} emulated, {dtype}", timelines)

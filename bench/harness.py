@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import MODES, Job, PipelineSpec, resolve_config, run_jobs
@@ -75,8 +76,13 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
     """The simulator's makespan for each measured mode of `point` (same chunks), next to the measured TTFT; adds
     sim_ttft_ms and sim_over_measured to each mode and returns the simulated timelines. The costs are fitted on
     the least time of each point over repeats, so the comparison is with the least measured TTFT (ttft_min_ms):
-    both estimate the undisturbed run."""
-    from pipeline.simulate import simulate
+    both estimate the undisturbed run. Each measured run is also replayed: simulated on its own measured compute
+    times (replay_over_measured, the median over runs; replay_over_measured_runs), which tests the event model
+    (dependencies, blocking sends, rendezvous, the fitted link) apart from the cost model and the machine's noise.
+    And the cost model chunk by chunk: chunk_fit_over_measured (median over every chunk of every stage and run of
+    fitted / measured) and outlier_compute_fraction (the share of measured compute time spent in chunks that took
+    more than twice their fitted cost: disturbances of the machine that the least-time fit leaves out)."""
+    from pipeline.simulate import replay, simulate
     timelines = {}
     for mode, m in point["modes"].items():
         sim = simulate(mode, m["chunks"], costs, link, bpt)
@@ -84,8 +90,30 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
         m["sim_over_measured"] = m["sim_ttft_ms"] / m["ttft_min_ms"]
         m["sim_exposed_comm_ms"] = sim.metrics["exposed_comm_s"] * 1e3
         m["sim_bubble_fraction"] = sim.metrics["bubble_fraction"]
+        # the event model alone: each measured run replayed on its own compute times
+        ratios = [replay(mode, records, link, bpt).makespan_s * 1e3 / ttft
+                  for records, ttft in zip(point["records"][mode], m["ttft_runs_ms"])]
+        m["replay_over_measured_runs"] = ratios
+        m["replay_over_measured"] = statistics.median(ratios)
+        fit, took = chunk_costs_vs_measured(mode, point["records"][mode], costs)
+        m["chunk_fit_over_measured"] = float(np.median(fit / took))
+        m["outlier_compute_fraction"] = float(took[took > 2 * fit].sum() / took.sum())
         timelines[mode] = sim.events
     return timelines
+
+
+def chunk_costs_vs_measured(mode: str, runs_records, costs):
+    """(fitted, measured) seconds of every chunk on every stage in the given runs: the cost model against what the
+    stages actually took, chunk by chunk (unchunked: the whole model's cost, the stages' costs summed)."""
+    fit, took = [], []
+    for records in runs_records:
+        for r in records:
+            cost = (lambda x, p: sum(float(c(x, p)) for c in costs)) if mode == "unchunked" else costs[r.stage]
+            starts = [sum(r.chunks[:k]) for k in range(len(r.chunks))]
+            for x, p, (a, b) in zip(r.chunks, starts, r.compute):
+                fit.append(float(cost(x, p)))
+                took.append(b - a)
+    return np.array(fit), np.array(took)
 
 
 def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,
@@ -137,7 +165,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
                             and all(b == m["expected_decode_bytes"] for b in m["decode_bytes_per_boundary"]))
         m["outputs_match"] = m.get("max_abs_dlogits", 0.0) <= LOGITS_TOL[spec.dtype] and m.get(
             "max_abs_ddecode_logits", 0.0) <= LOGITS_TOL[spec.dtype]
-    return dict(prompt_len=prompt_len, batch=batch, modes=figures, timelines=timelines)
+    return dict(prompt_len=prompt_len, batch=batch, modes=figures, timelines=timelines,
+                records={mode: [r.records for r in runs] for mode, runs in results.items()})
 
 
 UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see pipeline/pauses.py)",
@@ -148,7 +177,11 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see pipeline/pa
          "prefill_bytes_per_boundary": "bytes", "decode_bytes_per_boundary": "bytes per token",
          "max_abs_dlogits": "absolute logit difference vs unchunked", "compute_ms_per_stage": "ms",
          "send_time_ms_per_stage": "ms", "per_chunk_stage_max_ms": "ms", "sim_ttft_ms": "ms (simulated)",
-         "sim_over_measured": "ratio", "sim_exposed_comm_ms": "ms (simulated)"}
+         "sim_over_measured": "ratio", "sim_exposed_comm_ms": "ms (simulated)",
+         "replay_over_measured": "ratio, median over runs of (simulated on the run's own compute times / measured)",
+         "replay_over_measured_runs": "ratio per run",
+         "chunk_fit_over_measured": "ratio, median over chunks (every stage and run) of fitted cost / measured time",
+         "outlier_compute_fraction": "fraction of measured compute time in chunks slower than 2x their fitted cost"}
 
 
 def table(point: dict) -> str:
@@ -157,7 +190,7 @@ def table(point: dict) -> str:
              "prefill B/bnd", "decode B/bnd", "ratio", "max|Δlogit|")]
     sim = all("sim_ttft_ms" in m for m in point["modes"].values())
     if sim:
-        rows[0] += ("min ms", "sim ms", "sim/min")
+        rows[0] += ("min ms", "sim ms", "sim/min", "replay/meas")
     for mode, m in point["modes"].items():
         pb = m["prefill_bytes_per_boundary"][0] if m["prefill_bytes_per_boundary"] else 0
         db = m["decode_bytes_per_boundary"][0] if m["decode_bytes_per_boundary"] else 0
@@ -166,10 +199,18 @@ def table(point: dict) -> str:
                      f"{100 * m['bubble_fraction']:.0f}%", f"{m['bound_ms']:.1f}", f"{m['measured_over_bound']:.2f}",
                      f"{pb:,}" if pb else "-", f"{db:,}" if db else "-", f"{pb / db:.0f}" if db else "-",
                      f"{m.get('max_abs_dlogits', 0.0):.1e}")
-                    + ((f"{m['ttft_min_ms']:.1f}", f"{m['sim_ttft_ms']:.1f}", f"{m['sim_over_measured']:.2f}")
-                       if sim else ()))
+                    + ((f"{m['ttft_min_ms']:.1f}", f"{m['sim_ttft_ms']:.1f}", f"{m['sim_over_measured']:.2f}",
+                        f"{m['replay_over_measured']:.2f}") if sim else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+    if sim:
+        out = {mode: m["outlier_compute_fraction"] for mode, m in point["modes"].items()}
+        fit = {mode: m["chunk_fit_over_measured"] for mode, m in point["modes"].items()}
+        text += ("\n(sim: the simulator on the cost model fitted first, against the least measured TTFT; replay/meas: "
+                 "on each run's own measured compute times, the event model alone. Chunk by chunk the fitted cost "
+                 "is " + ", ".join(f"{fit[k]:.2f}" for k in fit) + " of the measured time (median); chunks that took "
+                 "over twice their fitted cost hold " + ", ".join(f"{100 * out[k]:.0f}%" for k in out)
+                 + " of the compute time)")
     paused = max(m.get("machine_paused_fraction", 0.0) for m in point["modes"].values())
     if paused > 0.01:
         text += (f"\n(the machine was paused by its host for up to {100 * paused:.0f}% of a run's wall time; "

@@ -96,6 +96,35 @@ def simulate(mode: str, chunks: list[int], costs, link: LinkModel = LinkModel(),
                       timeline(records, 0.0))
 
 
+class MeasuredCost:
+    """One stage's compute times in one measured run, by chunk: `cost(x, p)` is what that stage took on the chunk
+    of x tokens starting at position p. Given to `simulate` in place of a cost model it replays the run (`replay`)."""
+
+    def __init__(self, record: StageRecord, start_pos: int = 0):
+        if len(record.compute) != len(record.chunks):
+            raise ValueError(f"stage {record.stage} recorded {len(record.compute)} compute intervals for "
+                             f"{len(record.chunks)} chunks: not a complete run")
+        starts = [start_pos + sum(record.chunks[:k]) for k in range(len(record.chunks))]
+        self.times = {(x, p): b - a for x, p, (a, b) in zip(record.chunks, starts, record.compute)}
+
+    def __call__(self, x, p) -> float:
+        try:
+            return self.times[(int(x), int(p))]
+        except KeyError:
+            raise ValueError(f"the measured run has no chunk of {int(x)} tokens at position {int(p)}") from None
+
+
+def replay(mode: str, records: list[StageRecord], link: LinkModel = LinkModel(), bytes_per_token: int = 0,
+           start_pos: int = 0) -> Simulation:
+    """The simulator on one measured run's own compute times: its makespan differs from the measured one only by
+    what the event model gets wrong (dependencies, blocking and rendezvous, the link model, host overhead between
+    events), not by the cost model or by how noisy the machine was during that run."""
+    if not records:
+        raise ValueError("need the measured run's stage records, got none")
+    return simulate(mode, list(records[0].chunks), [MeasuredCost(r, start_pos) for r in records], link,
+                    bytes_per_token, start_pos)
+
+
 def _wait_send(record: StageRecord, free: list[float], s: int, end: float) -> None:
     record.send_wait.append((free[s], max(free[s], end)))
     free[s] = max(free[s], end)

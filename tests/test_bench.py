@@ -68,10 +68,30 @@ def test_balanced_plan_is_fitted_planned_and_simulated(tmp_path):
     for mode, m in doc["points"][0]["modes"].items():
         assert m["outputs_match"], mode
         assert m["sim_ttft_ms"] > 0 and m["sim_over_measured"] > 0
+        assert len(m["replay_over_measured_runs"]) == 1 and m["replay_over_measured"] > 0
+        assert m["chunk_fit_over_measured"] > 0 and 0 <= m["outlier_compute_fraction"] <= 1
         if mode in ("chunked", "overlapped"):
             assert m["chunks"] == plan
     assert (tmp_path / "timeline_vs_sim.png").stat().st_size > 1000
-    assert "sim/min" in res.stdout
+    assert "sim/min" in res.stdout and "replay/meas" in res.stdout
+
+
+def test_chunk_costs_against_measured_chunks():
+    from bench.harness import chunk_costs_vs_measured
+    from pipeline.costs import ChunkCost
+    from pipeline.simulate import simulate
+    costs = [ChunkCost(1e-8, 2e-8, 1e-5, 1e-3), ChunkCost(0, 0, 3e-5, 2e-3)]
+    chunks = [32, 64, 32]
+    runs = [simulate("overlapped", chunks, costs).records for _ in range(2)]
+    fit, took = chunk_costs_vs_measured("overlapped", runs, costs)
+    assert len(fit) == 2 * 2 * 3 and fit == pytest.approx(took, rel=1e-12)
+    a, b = runs[1][1].compute[1]
+    runs[1][1].compute[1] = (a, a + 3 * (b - a))  # one chunk of stage 1 took 3x its cost
+    fit, took = chunk_costs_vs_measured("overlapped", runs, costs)
+    assert took[10] == pytest.approx(3 * fit[10]) and (took > 2 * fit).sum() == 1
+    whole = simulate("unchunked", [128], costs).records  # one stage, the model's whole cost
+    fit, took = chunk_costs_vs_measured("unchunked", [whole], costs)
+    assert fit == pytest.approx([float(costs[0](128, 0) + costs[1](128, 0))]) and fit == pytest.approx(took)
 
 
 def test_projection_writes_table_plot_and_json(tmp_path, capsys):

@@ -12,7 +12,7 @@ from pipeline.link import LinkModel
 from pipeline.pauses import ActiveClock
 from pipeline.plan import plan_chunks, predicted_makespan
 from pipeline.schedule import StageRecord, chunk_plan
-from pipeline.simulate import simulate
+from pipeline.simulate import MeasuredCost, replay, simulate
 
 COST = ChunkCost(a=2e-9, b=4e-9, c=1e-5, d=3e-4)
 
@@ -222,6 +222,35 @@ def test_simulator_refuses_bad_input():
         simulate("chunked", [4, 0], [COST])
     with pytest.raises(ValueError, match="one cost per stage"):
         simulate("chunked", [4], [])
+
+
+@pytest.mark.parametrize("mode", ["unchunked", "naive", "chunked", "overlapped"])
+@pytest.mark.parametrize("S", [2, 3])
+def test_replay_of_a_run_reproduces_it(mode, S):
+    # a simulated run is a run whose every interval the event model explains: replayed on its own compute times it
+    # comes back identical, and a run whose chunk took longer replays with that chunk's time
+    chunks = [64, 200, 64, 128, 96]
+    link = LinkModel(bandwidth_gbps=1e-3, latency_s=2e-4)
+    sim = simulate(mode, chunks, [COST, ChunkCost(0, 0, 2e-5, 1e-4), COST][:S], link, bytes_per_token=4)
+    again = replay(mode, sim.records, link, bytes_per_token=4)
+    assert again.makespan_s == pytest.approx(sim.makespan_s, rel=1e-12)
+    assert [(e["start"], e["end"]) for e in again.events] == pytest.approx(
+        [(e["start"], e["end"]) for e in sim.events], rel=1e-12)
+    a, b = sim.records[-1].compute[-1]
+    sim.records[-1].compute[-1] = (a, b + 0.5)  # the last stage stalled 0.5 s on the last chunk
+    assert replay(mode, sim.records, link, 4).makespan_s == pytest.approx(sim.makespan_s + 0.5, rel=1e-9)
+
+
+def test_measured_cost_refuses_an_incomplete_or_foreign_run():
+    record = StageRecord(0, [4, 4], compute=[(0.0, 1.0)])
+    with pytest.raises(ValueError, match="1 compute intervals for 2 chunks"):
+        MeasuredCost(record)
+    cost = MeasuredCost(StageRecord(0, [4, 4], compute=[(0.0, 1.0), (1.0, 3.0)]))
+    assert cost(4, 4) == 2.0
+    with pytest.raises(ValueError, match="no chunk of 8 tokens at position 0"):
+        cost(8, 0)
+    with pytest.raises(ValueError, match="stage records"):
+        replay("chunked", [])
 
 
 def test_stage_max_takes_the_slowest_stage_per_chunk():
