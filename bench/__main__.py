@@ -3,6 +3,7 @@ python -m bench compare BASE NEW       regression check between two results file
 python -m bench simulate               projection of S GPUs over NVLink / PCIe / Ethernet (roofline + simulator)
 python -m bench kernels                kernel benchmark (needs a GPU; says so and exits 0 without one)
 python -m bench gpu-suite --out DIR    every GPU test and benchmark in one pass (refuses without CUDA)
+python -m bench machine-check          how steady this machine is: host stops and slow-downs (CPU timings vary by them)
 
 The last line of stdout is a one-line JSON summary."""
 from __future__ import annotations
@@ -200,6 +201,21 @@ def main(argv=None) -> int:
     if argv and argv[0] == "gpu-suite":
         from .gpu_suite import main as suite_main
         return suite_main(argv[1:])
+    if argv and argv[0] == "machine-check":
+        ap = argparse.ArgumentParser(prog="python -m bench machine-check",
+                                     description="Spins on one core and reports the share of 10 ms windows the host "
+                                                 "stopped the machine in, and of the rest the share in which it ran "
+                                                 "at less than half its usual speed: CPU timings of this machine "
+                                                 "vary by that much (see pipeline/pauses.py).")
+        ap.add_argument("--seconds", type=_positive(float), default=5.0, help="how long to spin (default: 5)")
+        a = ap.parse_args(argv[1:])
+        from pipeline.pauses import spin_windows, steadiness
+        try:
+            report = steadiness(*spin_windows(a.seconds))
+        except ValueError as e:
+            sys.exit(f"bench machine-check: {e}; spin longer (--seconds)")
+        print(json.dumps({k: round(v, 3) for k, v in report.items()}))
+        return 0
     if argv and argv[0] == "kernels":
         from .kernels import main as kernels_main
         return kernels_main(argv[1:])

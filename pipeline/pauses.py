@@ -76,3 +76,41 @@ class ActiveClock:
 
     def paused_between(self, t0: float, t1: float) -> float:
         return (t1 - t0) - (self(t1) - self(t0))
+
+
+# ---- how steady is this machine? ---------------------------------------------------------------------------------
+
+def spin_windows(seconds: float, window_s: float = 0.010, stop_s: float = 0.010):
+    """Spins on this core for `seconds`, counting loop iterations per `window_s` window. Returns (counts, stopped):
+    per window the iterations done and whether a stop (a gap over `stop_s` between two iterations) touched it."""
+    import time
+    if seconds <= 0 or window_s <= 0:
+        raise ValueError(f"seconds and window_s must be positive, got {seconds}, {window_s}")
+    n = max(1, int(seconds / window_s))
+    counts, stopped = [0] * n, [False] * n
+    t0 = last = time.perf_counter()
+    while True:
+        now = time.perf_counter()
+        w = int((now - t0) / window_s)
+        if w >= n:
+            break
+        counts[w] += 1
+        if now - last > stop_s:
+            for v in range(int((last - t0) / window_s), w + 1):
+                stopped[v] = True
+        last = now
+    return counts, stopped
+
+
+def steadiness(counts, stopped) -> dict:
+    """From `spin_windows`: the share of windows the machine was stopped in, and of the windows it ran through
+    without a stop, the share in which the spin got through less than half of its usual work (the 90th percentile
+    of those windows): slow-downs that no pause monitor can see."""
+    running = sorted(c for c, s in zip(counts, stopped) if not s)
+    if not running:
+        raise ValueError("the machine was stopped in every window: nothing to measure its speed on")
+    usual = running[min(len(running) - 1, int(0.9 * len(running)))]
+    slow = sum(1 for c in running if c < 0.5 * usual)
+    return dict(windows=len(counts), stopped_fraction=sum(stopped) / len(counts),
+                slowed_fraction=slow / len(running), median_speed=running[len(running) // 2] / usual)
+

@@ -173,3 +173,12 @@ def test_bad_input_exits_non_zero_before_work(args, message, tmp_path):
 def test_kernel_benchmark_says_no_gpu_and_exits_zero():
     res = bench("kernels")
     assert res.returncode == 0 and "no CUDA GPU" in res.stdout
+
+
+def test_machine_check_reports_stops_and_slow_downs(capsys):
+    from bench.__main__ import main
+    assert main(["machine-check", "--seconds", "1"]) == 0  # 1 s: longer than any host stop seen here (< 0.7 s)
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["windows"] == 100 and 0 <= report["stopped_fraction"] <= 1 and 0 <= report["slowed_fraction"] <= 1
+    with pytest.raises(SystemExit):
+        main(["machine-check", "--seconds", "0"])

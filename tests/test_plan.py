@@ -293,3 +293,21 @@ def test_a_run_seen_paused_throughout_keeps_its_wall_clock_figures():
     assert res.metrics["ttft_s"] == 0.5 and res.metrics["wall_ttft_s"] == 0.5
     assert res.metrics["pause_cut"] is False and res.metrics["paused_s"] == pytest.approx(0.5)
     assert res.records == [rec] and (res.t_start, res.t_end) == (1.0, 1.5)
+
+
+def test_steadiness_tells_stops_from_slow_downs():
+    from pipeline.pauses import steadiness
+    counts = [1000] * 10 + [400] * 4 + [990] * 6 + [3] * 5  # 20 windows ran (4 at 40% speed), 5 were stopped in
+    stopped = [False] * 20 + [True] * 5
+    s = steadiness(counts, stopped)
+    assert s == dict(windows=25, stopped_fraction=0.2, slowed_fraction=0.2, median_speed=1.0)
+    with pytest.raises(ValueError, match="stopped in every window"):
+        steadiness([1, 2], [True, True])
+
+
+def test_spin_windows_counts_every_window():
+    from pipeline.pauses import spin_windows
+    counts, stopped = spin_windows(0.05, window_s=0.01)
+    assert len(counts) == len(stopped) == 5 and sum(counts) > 0
+    with pytest.raises(ValueError, match="must be positive"):
+        spin_windows(0, 0.01)
