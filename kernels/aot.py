@@ -48,17 +48,21 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
     specs = []
     for head_dim, dtype, cfg in attn_mod.all_configs(divmod(arch, 10)):
         p = _PTR[dtype]
-        sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"StartPos": "*i32"}
+        sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"StartPos": "*i32", "start_pos": "i32"}
         for n in ("q", "kn", "vn", "kc", "vc", "o"):
             for axis in ("b", "m", "h"):
                 sig[f"stride_{n}{axis}"] = "i32"
         sig |= {"C": "i32", "Hq": "i32", "qk_scale": "fp32"}
-        const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                     PRECISION="ieee" if dtype == torch.float32 else "tf32")
-        sig |= {k: "constexpr" for k in const}
-        specs.append(KernelSpec(f"chunk_attention d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}",
-                                attn_mod._chunk_attention_kernel, sig, const, cfg["num_warps"], cfg["num_stages"],
-                                expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64))
+        # the model passes an int start (PER_ROW_START=False); the per-row variant differs by one load and is
+        # compiled for the largest tile of the serving dtype below
+        per_row_too = head_dim == 128 and dtype == torch.bfloat16 and cfg["BLOCK_M"] == 128
+        for per_row in (False, True) if per_row_too else (False,):
+            const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                         PRECISION="ieee" if dtype == torch.float32 else "tf32", PER_ROW_START=per_row)
+            name = f"chunk_attention d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
+            specs.append(KernelSpec(name + (" per-row start" if per_row else ""), attn_mod._chunk_attention_kernel,
+                                    sig | {k: "constexpr" for k in const}, const, cfg["num_warps"], cfg["num_stages"],
+                                    expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         p, dt = _PTR[dtype], str(dtype)[6:]
         for hidden in (4096, 8192):

@@ -46,10 +46,12 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_limit, offs_
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start_pos"])  # a new prefix length every chunk: one compiled kernel for all
 def _chunk_attention_kernel(
-    # pointers
+    # pointers (StartPos is read only with PER_ROW_START)
     Q, KN, VN, KC, VC, Out, StartPos,
+    # the prefix length of every row, unless PER_ROW_START
+    start_pos,
     # strides (the head-dim stride is 1)
     stride_qb, stride_qm, stride_qh,
     stride_knb, stride_knm, stride_knh,
@@ -61,14 +63,17 @@ def _chunk_attention_kernel(
     C, Hq, qk_scale,
     # meta-parameters
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PER_ROW_START: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = pid_bh % Hq
     kvh = h // GROUP
-    P = tl.load(StartPos + b)  # prefix length of this batch row
+    if PER_ROW_START:
+        P = tl.load(StartPos + b)  # prefix length of this batch row
+    else:
+        P = start_pos
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # chunk-local query rows
     offs_n = tl.arange(0, BLOCK_N)
@@ -229,10 +234,9 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
         config = _check_config(config)
     if sm_scale is None:
         sm_scale = D ** -0.5
-    if isinstance(start_pos, torch.Tensor):
-        starts = start_pos.to(torch.int32)
-    else:
-        starts = torch.full((B,), int(start_pos), dtype=torch.int32, device=q.device)
+    # an int start rides in the launch itself; a tensor [B] is read on the device (no host sync)
+    per_row = isinstance(start_pos, torch.Tensor)
+    starts = start_pos.to(torch.int32) if per_row else q  # q: a placeholder pointer the kernel never reads
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
@@ -241,7 +245,7 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     cfg = config or pick_config(C, D, q.dtype, cap)
     grid = (triton.cdiv(C, cfg["BLOCK_M"]), B * Hq)
     _chunk_attention_kernel[grid](
-        q, k_new, v_new, k_cache, v_cache, out, starts,
+        q, k_new, v_new, k_cache, v_cache, out, starts, 0 if per_row else int(start_pos),
         q.stride(0), q.stride(1), q.stride(2),
         k_new.stride(0), k_new.stride(1), k_new.stride(2),
         v_new.stride(0), v_new.stride(1), v_new.stride(2),
@@ -249,7 +253,7 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         C, Hq, sm_scale * LOG2E,
-        GROUP=Hq // Hkv, HEAD_DIM=D, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        GROUP=Hq // Hkv, HEAD_DIM=D, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PER_ROW_START=per_row,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out

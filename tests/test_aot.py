@@ -33,6 +33,7 @@ def test_kernels_compile_for_gpu_without_spills(arch, extra):
     assert {"add_rms_norm", "rope", "swiglu"} <= kinds or extra[0] == "--only"
     assert any(r["kernel"].startswith("chunk_attention d128 bfloat16") for r in rows)
     if arch == "90":
+        assert any(r["kernel"].endswith("per-row start") for r in rows)  # the start-position tensor variant
         missing = [r["kernel"] for r in rows if r["expect_wgmma"] and not r["wgmma"]]
         assert not missing, f"no wgmma in sm_90 PTX of {missing}"
 

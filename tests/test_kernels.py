@@ -100,6 +100,21 @@ def test_chunk_attention_per_row_start_positions():
     run_attention_case(3, 19, 4, 2, 32, 0, torch.float32, 2e-5, per_row_starts=[0, 7, 70])
 
 
+def test_chunk_attention_int_and_tensor_starts_agree_bit_for_bit():
+    # an int start rides in the launch, a tensor is read per row on the device: the same start, the same result
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 21, 4, 32, generator=g).to(DEVICE)
+    k_new, v_new, k0, v0 = (torch.randn(2, n, 1, 32, generator=g).to(DEVICE) for n in (21, 21, 80, 80))  # 4-way GQA
+    outs = []
+    for start in (45, torch.full((2,), 45, device=DEVICE)):
+        k_cache, v_cache = k0.clone(), v0.clone()
+        out = torch.full_like(q, float("nan"))
+        chunk_attention(q, k_new, v_new, k_cache, v_cache, start, out=out)
+        outs.append((out, k_cache, v_cache))
+    assert not outs[0][0].isnan().any()
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 def test_chunk_attention_default_scale_is_inverse_sqrt_head_dim():
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 5, 2, 16, generator=g) for _ in range(3))
