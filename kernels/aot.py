@@ -127,23 +127,38 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
                 cubin_bytes=len(kernel.asm["cubin"]), **ptxas_report(ptx, arch))
 
 
+def selected_specs(arch: int, only: str = "", quick: bool = False) -> list[KernelSpec]:
+    """The specs whose name contains `only`; with `quick`, attention in bf16 at every head dim and in the other
+    dtypes at d128 only."""
+    return [spec for spec in kernel_specs(arch) if only in spec.name and not (
+        quick and spec.name.startswith("chunk_attention") and "bfloat16" not in spec.name and " d128 " not in spec.name)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities, e.g. 90 80")
     ap.add_argument("--only", default="", help="compile only kernels whose name contains this text")
     ap.add_argument("--quick", action="store_true",
                     help="attention in bf16 at every head dim, fp16/fp32 at d128 only (fp16 tiles equal bf16's)")
+    ap.add_argument("--shard", default="0/1", metavar="I/N",
+                    help="compile only every N-th of the selected kernels, from the I-th (0-based): N processes share "
+                         "the work")
+    ap.add_argument("--list", action="store_true", help="print the selected kernels' names, compile nothing")
     args = ap.parse_args(argv)
+    try:
+        shard, shards = (int(v) for v in args.shard.split("/"))
+        if not 0 <= shard < shards:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--shard takes I/N with 0 <= I < N, got {args.shard!r}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("kernels.aot: unset TRITON_INTERPRET (the interpreter cannot compile)", file=sys.stderr)
         return 2
     failed = 0
     for arch in args.arch:
-        for spec in kernel_specs(arch):
-            if args.only not in spec.name:
-                continue
-            if args.quick and spec.name.startswith("chunk_attention") and "bfloat16" not in spec.name \
-                    and " d128 " not in spec.name:
+        for spec in selected_specs(arch, args.only, args.quick)[shard::shards]:
+            if args.list:
+                print(json.dumps(dict(kernel=spec.name, arch=f"sm_{arch}")))
                 continue
             try:
                 row = compile_spec(spec, arch)
