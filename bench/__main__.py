@@ -53,8 +53,8 @@ def run_parser() -> argparse.ArgumentParser:
     ap.add_argument("--granularity", type=_positive(int), default=32,
                     help="balanced plan: chunk boundaries are multiples of this (default: 32)")
     ap.add_argument("--simulate", action="store_true",
-                    help="fit per-stage chunk costs and the link on this pipeline, then report the simulator's "
-                         "TTFT next to each measured one (and draw both timelines)")
+                    help="fit per-stage chunk costs and the link on calibration runs interleaved with the measured "
+                         "ones, then report the simulator's TTFT next to each measured one (and draw both timelines)")
     ap.add_argument("--batch", type=_positive(int), default=1, help="batch size B (default: 1)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16" if gpu else "float32")
     ap.add_argument("--link", choices=["gloo", "nccl", "inprocess"], default=None,
@@ -75,8 +75,7 @@ def main_run(argv) -> int:
     from pipeline import MODES, PipelineSpec, chunk_plan, resolve_config
     from pipeline.launch import LINKS  # noqa: F401
 
-    from .harness import (SCHEMA_VERSION, check_output_dir, environment, run_point, simulate_modes, table,
-                          write_results)
+    from .harness import SCHEMA_VERSION, check_output_dir, environment, run_point, table, write_results
     from .timeline import write_chrome_trace, write_sweep_png, write_timeline_png
 
     args = run_parser().parse_args(argv)
@@ -116,18 +115,17 @@ def main_run(argv) -> int:
         fail(str(e))
     out = Path(args.out)
     check_output_dir(out)
-    calibration = None
-    if simulate:
+    plan_calibration = None
+    if args.chunk_plan == "balanced":
         from pipeline.costs import stage_max
         from pipeline.plan import plan_chunks
         from .harness import bytes_per_token, calibrate
-        print(f"calibrating: fitting chunk costs on this pipeline at L={max(args.prompt_len)} ...", file=sys.stderr)
-        costs, link_model, calibration = calibrate(spec, max(args.prompt_len), args.batch)
-        bpt = bytes_per_token(spec, args.batch)
-        if args.chunk_plan == "balanced":
-            for L in args.prompt_len:
-                plans[L] = plan_chunks(L, stage_max(costs), spec.num_stages, args.granularity, link=link_model,
-                                       bytes_per_token=bpt).chunks
+        print(f"calibrating: fitting chunk costs on this pipeline at L={max(args.prompt_len)} to plan the chunks ...",
+              file=sys.stderr)
+        costs, link_model, plan_calibration = calibrate(spec, max(args.prompt_len), args.batch)
+        for L in args.prompt_len:
+            plans[L] = plan_chunks(L, stage_max(costs), spec.num_stages, args.granularity, link=link_model,
+                                   bytes_per_token=bytes_per_token(spec, args.batch)).chunks
     config = dict(model=str(args.model), stages=args.stages, link=link, device=device, ops=args.ops,
                   dtype=args.dtype, batch=args.batch, prompt_lens=args.prompt_len, chunk_size=args.chunk_size or 128,
                   chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
@@ -141,13 +139,10 @@ def main_run(argv) -> int:
     bar = tqdm(args.prompt_len, desc="prompt lengths", disable=len(args.prompt_len) == 1, file=sys.stderr)
     for L in bar:
         bar.set_postfix(L=L)
-        point = run_point(spec, L, args.batch, plans[L], args.repeats, args.warmup, modes)
-        if simulate:
-            point["sim_timelines"] = simulate_modes(point, costs, link_model, bpt)
-        points.append(point)
+        points.append(run_point(spec, L, args.batch, plans[L], args.repeats, args.warmup, modes, simulate=simulate))
     env = environment()
     doc = dict(schema_version=SCHEMA_VERSION, environment=env, config=config, units=_units(),
-               wall_s=time.time() - t0, calibration=calibration,
+               wall_s=time.time() - t0, plan_calibration=plan_calibration,
                points=[{k: v for k, v in p.items() if not k.endswith("timelines") and k != "records"} for p in points])
     last = points[-1]
     title = (f"{args.model}, S={args.stages}, L={last['prompt_len']}, B={args.batch}, {link}, {args.dtype}, "

@@ -54,29 +54,41 @@ def bytes_per_token(spec: PipelineSpec, batch: int) -> int:
     return batch * resolve_config(spec.source).hidden_size * itemsize
 
 
-def calibrate(spec: PipelineSpec, prompt_len: int, batch: int, repeats: int = 3, warmup: int = 1, seed: int = 1):
-    """Fits each stage's chunk cost a·x² + b·x·p + c·x + d and the link's latency + bytes/bandwidth from runs of
-    this very pipeline: an overlapped run whose chunk sizes cycle through L/128..L/4 tokens (every size at many
-    prefix lengths) and a naive run (the whole prompt as one chunk). Warm-up runs are not used. Returns (costs, link,
-    description for the results file)."""
-    from pipeline.costs import calibration_chunks, fit_from_runs
-    cfg = resolve_config(spec.source)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
-    jobs = [Job("overlapped", tokens, calibration_chunks(prompt_len), repeats=repeats, warmup=warmup, decode=False),
-            Job("naive", tokens, [prompt_len], repeats=repeats, warmup=warmup, decode=False)]
-    runs = [r for job_runs in run_jobs(spec, jobs) for r in job_runs]
-    costs, link = fit_from_runs(runs, bytes_per_token(spec, batch))
-    info = dict(prompt_len=prompt_len, repeats=repeats, warmup=warmup, chunks=jobs[0].chunks,
-                stage_costs=[dataclasses.asdict(c) for c in costs], stage_cost_form="a*x^2 + b*x*p + c*x + d seconds",
+def calibration_jobs(tokens: torch.Tensor, repeats: int, warmup: int) -> list[Job]:
+    """Runs that a cost fit needs, on `tokens` [B, L]: an overlapped run whose chunk sizes cycle through L/128..L/4
+    tokens (every size at many prefix lengths) and a naive run (the whole prompt as one chunk)."""
+    from pipeline.costs import calibration_chunks
+    L = tokens.shape[1]
+    return [Job("overlapped", tokens, calibration_chunks(L), repeats=repeats, warmup=warmup, decode=False),
+            Job("naive", tokens, [L], repeats=repeats, warmup=warmup, decode=False)]
+
+
+def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[list]):
+    """Fits each stage's chunk cost a·x² + b·x·p + c·x + d and the link's latency + bytes/bandwidth from the timed
+    runs of `calibration_jobs` (warm-up runs are not among them). Returns (costs, link, description for the results
+    file)."""
+    from pipeline.costs import fit_from_runs
+    costs, link = fit_from_runs([r for job_runs in runs for r in job_runs], bytes_per_token(spec, batch))
+    info = dict(prompt_len=jobs[0].tokens.shape[1], repeats=jobs[0].repeats, warmup=jobs[0].warmup,
+                chunks=jobs[0].chunks, stage_costs=[dataclasses.asdict(c) for c in costs],
+                stage_cost_form="a*x^2 + b*x*p + c*x + d seconds",
                 link=dict(bandwidth_gbps=link.bandwidth_gbps, latency_s=link.latency_s))
     return costs, link, info
+
+
+def calibrate(spec: PipelineSpec, prompt_len: int, batch: int, repeats: int = 3, warmup: int = 1, seed: int = 1):
+    """`calibration_jobs` on their own, fitted (`fit_calibration`): costs for the planner, before any measured run."""
+    cfg = resolve_config(spec.source)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    jobs = calibration_jobs(tokens, repeats, warmup)
+    return fit_calibration(spec, batch, jobs, run_jobs(spec, jobs))
 
 
 def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
     """The simulator's makespan for each measured mode of `point` (same chunks), next to the measured TTFT; adds
     sim_ttft_ms and sim_over_measured to each mode and returns the simulated timelines. The costs are fitted on
-    the least time of each point over repeats, so the comparison is with the least measured TTFT (ttft_min_ms):
-    both estimate the undisturbed run. Each measured run is also replayed: simulated on its own measured compute
+    the median time of each point over repeats, so the comparison is with the median measured TTFT (ttft_ms): both
+    estimate the typical run. Each measured run is also replayed: simulated on its own measured compute
     times (replay_over_measured, the median over runs; replay_over_measured_runs), which tests the event model
     (dependencies, blocking sends, rendezvous, the fitted link) apart from the cost model and the machine's noise.
     And the cost model chunk by chunk: chunk_fit_over_measured (median over every chunk of every stage and run of
@@ -87,7 +99,7 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
     for mode, m in point["modes"].items():
         sim = simulate(mode, m["chunks"], costs, link, bpt)
         m["sim_ttft_ms"] = sim.makespan_s * 1e3
-        m["sim_over_measured"] = m["sim_ttft_ms"] / m["ttft_min_ms"]
+        m["sim_over_measured"] = m["sim_ttft_ms"] / m["ttft_ms"]
         m["sim_exposed_comm_ms"] = sim.metrics["exposed_comm_s"] * 1e3
         m["sim_bubble_fraction"] = sim.metrics["bubble_fraction"]
         # the event model alone: each measured run replayed on its own compute times
@@ -117,13 +129,17 @@ def chunk_costs_vs_measured(mode: str, runs_records, costs):
 
 
 def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,
-              modes=MODES, seed: int = 0) -> dict:
-    """All modes on one prompt; returns the figures per mode (medians over repeats) and the raw timelines."""
+              modes=MODES, seed: int = 0, simulate: bool = False) -> dict:
+    """All modes on one prompt; returns the figures per mode (medians over repeats) and the raw timelines. With
+    `simulate`, `calibration_jobs` run in the same round-robin as the modes (so a drift of the machine's speed
+    touches the fit and the measurements alike), and each mode gets the simulator's figures (`simulate_modes`)."""
     cfg = resolve_config(spec.source)
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     jobs = [Job(m, tokens, chunks if m in ("chunked", "overlapped") else [prompt_len], repeats=repeats, warmup=warmup)
             for m in modes]
-    results = dict(zip(modes, run_jobs(spec, jobs)))
+    cal_jobs = calibration_jobs(tokens, repeats, warmup) if simulate else []
+    all_runs = run_jobs(spec, jobs + cal_jobs)
+    results = dict(zip(modes, all_runs))
     base = results.get("unchunked")
     bpt = bytes_per_token(spec, batch)
     figures, timelines = {}, {}
@@ -165,8 +181,12 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
                             and all(b == m["expected_decode_bytes"] for b in m["decode_bytes_per_boundary"]))
         m["outputs_match"] = m.get("max_abs_dlogits", 0.0) <= LOGITS_TOL[spec.dtype] and m.get(
             "max_abs_ddecode_logits", 0.0) <= LOGITS_TOL[spec.dtype]
-    return dict(prompt_len=prompt_len, batch=batch, modes=figures, timelines=timelines,
-                records={mode: [r.records for r in runs] for mode, runs in results.items()})
+    point = dict(prompt_len=prompt_len, batch=batch, modes=figures, timelines=timelines,
+                 records={mode: [r.records for r in runs] for mode, runs in results.items()})
+    if simulate:
+        costs, link, point["calibration"] = fit_calibration(spec, batch, cal_jobs, all_runs[len(jobs):])
+        point["sim_timelines"] = simulate_modes(point, costs, link, bpt)
+    return point
 
 
 UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see pipeline/pauses.py)",
@@ -177,7 +197,7 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see pipeline/pa
          "prefill_bytes_per_boundary": "bytes", "decode_bytes_per_boundary": "bytes per token",
          "max_abs_dlogits": "absolute logit difference vs unchunked", "compute_ms_per_stage": "ms",
          "send_time_ms_per_stage": "ms", "per_chunk_stage_max_ms": "ms", "sim_ttft_ms": "ms (simulated)",
-         "sim_over_measured": "ratio", "sim_exposed_comm_ms": "ms (simulated)",
+         "sim_over_measured": "ratio, simulated / median measured TTFT", "sim_exposed_comm_ms": "ms (simulated)",
          "replay_over_measured": "ratio, median over runs of (simulated on the run's own compute times / measured)",
          "replay_over_measured_runs": "ratio per run",
          "chunk_fit_over_measured": "ratio, median over chunks (every stage and run) of fitted cost / measured time",
@@ -190,7 +210,7 @@ def table(point: dict) -> str:
              "prefill B/bnd", "decode B/bnd", "ratio", "max|Δlogit|")]
     sim = all("sim_ttft_ms" in m for m in point["modes"].values())
     if sim:
-        rows[0] += ("min ms", "sim ms", "sim/min", "replay/meas")
+        rows[0] += ("sim ms", "sim/meas", "replay/meas")
     for mode, m in point["modes"].items():
         pb = m["prefill_bytes_per_boundary"][0] if m["prefill_bytes_per_boundary"] else 0
         db = m["decode_bytes_per_boundary"][0] if m["decode_bytes_per_boundary"] else 0
@@ -199,14 +219,15 @@ def table(point: dict) -> str:
                      f"{100 * m['bubble_fraction']:.0f}%", f"{m['bound_ms']:.1f}", f"{m['measured_over_bound']:.2f}",
                      f"{pb:,}" if pb else "-", f"{db:,}" if db else "-", f"{pb / db:.0f}" if db else "-",
                      f"{m.get('max_abs_dlogits', 0.0):.1e}")
-                    + ((f"{m['ttft_min_ms']:.1f}", f"{m['sim_ttft_ms']:.1f}", f"{m['sim_over_measured']:.2f}",
+                    + ((f"{m['sim_ttft_ms']:.1f}", f"{m['sim_over_measured']:.2f}",
                         f"{m['replay_over_measured']:.2f}") if sim else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
     if sim:
         out = {mode: m["outlier_compute_fraction"] for mode, m in point["modes"].items()}
         fit = {mode: m["chunk_fit_over_measured"] for mode, m in point["modes"].items()}
-        text += ("\n(sim: the simulator on the cost model fitted first, against the least measured TTFT; replay/meas: "
+        text += ("\n(sim: the simulator on the cost model fitted on calibration runs interleaved with these, against the "
+                 "median TTFT; replay/meas: "
                  "on each run's own measured compute times, the event model alone. Chunk by chunk the fitted cost "
                  "is " + ", ".join(f"{fit[k]:.2f}" for k in fit) + " of the measured time (median); chunks that took "
                  "over twice their fitted cost hold " + ", ".join(f"{100 * out[k]:.0f}%" for k in out)

@@ -42,26 +42,19 @@ def _design(x, p):
 def fit_chunk_cost(samples) -> ChunkCost:
     """Least-squares fit of `ChunkCost` to measured (chunk_len, prefix_len, seconds) samples, in relative error (a
     1 ms chunk counts as much as a 100 ms one) and with non-negative coefficients (a term the data drives negative is
-    dropped and the rest refitted). Samples of the same (x, p) are reduced to their median first, so one stalled
-    measurement does not bend the fit. Drop warm-up runs before calling: a first call's compile or allocation time
-    is not the chunk's cost."""
-    return _fit_chunk_cost(samples, statistics.median)
-
-
-def fit_chunk_cost_min(samples) -> ChunkCost:
-    """As `fit_chunk_cost`, with the least of the repeated samples of each point: for one-sided noise (pauses and
-    interference only ever slow a measurement down), the minimum estimates the undisturbed time."""
-    return _fit_chunk_cost(samples, min)
-
-
-def _fit_chunk_cost(samples, reduce) -> ChunkCost:
+    dropped and the rest refitted). Samples of the same (x, p) are reduced to their median first: one stalled
+    measurement does not bend the fit, and medians add up (the median run of many chunks takes about the sum of
+    their median times, while the least time of a run is far more than the sum of its chunks' least times, so a
+    fit on least times predicts runs too fast). Drop warm-up runs before calling: a first call's compile or
+    allocation time is not the chunk's cost."""
     groups: dict[tuple[int, int], list[float]] = {}
     for x, p, t in samples:
         if x <= 0 or p < 0 or not t >= 0:
             raise ValueError(f"cost sample (chunk={x}, prefix={p}, seconds={t}): chunk must be > 0, prefix >= 0 and "
                              f"time >= 0")
         groups.setdefault((int(x), int(p)), []).append(float(t))
-    points = sorted(q for q in groups if reduce(groups[q]) > 0)  # a 0 s time carries no information
+    median = {q: statistics.median(ts) for q, ts in groups.items()}
+    points = sorted(q for q in median if median[q] > 0)  # a 0 s time carries no information
     xs = {x for x, _ in points}
     ps = {p for _, p in points}
     if len(points) < 6 or len(xs) < 3 or len(ps) < 2:
@@ -70,7 +63,7 @@ def _fit_chunk_cost(samples, reduce) -> ChunkCost:
                          f"{len(ps)} prefix lengths")
     x = np.array([q[0] for q in points], dtype=np.float64)
     p = np.array([q[1] for q in points], dtype=np.float64)
-    t = np.array([reduce(groups[q]) for q in points])
+    t = np.array([median[q] for q in points])
     A = _design(x, p) / t[:, None]  # relative error: (A·θ − t) / t
     active = list(range(4))
     while True:
@@ -89,9 +82,9 @@ def _fit_chunk_cost(samples, reduce) -> ChunkCost:
     return ChunkCost(*coef)
 
 
-def fit_link(samples, reduce=statistics.median) -> LinkModel:
-    """Fits latency + bytes / bandwidth to measured (bytes, seconds) sends, reduced per size (median by default);
-    sends of at least two sizes are needed to tell the two apart."""
+def fit_link(samples) -> LinkModel:
+    """Fits latency + bytes / bandwidth to measured (bytes, seconds) sends, reduced per size to their median; sends
+    of at least two sizes are needed to tell the two apart."""
     groups: dict[int, list[float]] = {}
     for nbytes, t in samples:
         if nbytes <= 0 or t < 0:
@@ -100,7 +93,7 @@ def fit_link(samples, reduce=statistics.median) -> LinkModel:
     if len(groups) < 2:
         raise ValueError(f"fitting latency + bytes/bandwidth needs sends of at least 2 sizes, got {len(groups)}")
     n = np.array(sorted(groups), dtype=np.float64)
-    t = np.array([reduce(groups[int(b)]) for b in n])
+    t = np.array([statistics.median(groups[int(b)]) for b in n])
     slope, intercept = np.polyfit(n, t, 1)
     if slope <= 0:  # no measurable size dependence: all latency, bandwidth unbounded (not emulated)
         return LinkModel(None, max(0.0, float(np.median(t))))
@@ -249,7 +242,7 @@ def samples_from_timeline(events: list[dict], chunks: list[int], start_pos: int 
 
 def fit_from_runs(results, bytes_per_token: int):
     """Per-stage `ChunkCost` and one `LinkModel` fitted from repeated measured runs (`PrefillResult`s of the same
-    pipeline, warm-up already excluded), each point taken at its least time over the repeats (one-sided noise)."""
+    pipeline, warm-up already excluded), each point taken at its median time over the repeats."""
     per_stage: dict[int, list] = {}
     link = []
     for r in results:
@@ -257,8 +250,8 @@ def fit_from_runs(results, bytes_per_token: int):
         for s, x, p, t in compute:
             per_stage.setdefault(s, []).append((x, p, t))
         link += [(x * bytes_per_token, t) for _, x, t in sends]
-    costs = [fit_chunk_cost_min(per_stage[s]) for s in sorted(per_stage)]
-    return costs, (fit_link(link, min) if link else LinkModel())
+    costs = [fit_chunk_cost(per_stage[s]) for s in sorted(per_stage)]
+    return costs, (fit_link(link) if link else LinkModel())
 
 
 def stage_max(costs):

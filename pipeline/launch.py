@@ -220,79 +220,89 @@ def _reset(runner: _Runner, mode: str, B: int, max_len: int):
         st.reset_cache(B, max_len)
 
 
-def _run_job_inprocess(runner: _Runner, job: Job) -> list[PrefillResult]:
-    out = []
+def _run_once_inprocess(runner: _Runner, job: Job) -> PrefillResult:
+    """One run of `job` with every stage in this process."""
     B, L = job.tokens.shape
     tokens = job.tokens.to(runner.device)
-    for i in range(job.warmup + job.repeats):
-        _reset(runner, job.mode, B, L + 1)
-        records, t0, t1, logits = runner.run_inprocess(job.mode, tokens, job.chunks)
-        metrics = summarize(records, t0, t1)
-        res = PrefillResult(job.mode, job.chunks, logits.float().cpu(), metrics, timeline(records, t0),
-                            records=records, t_start=t0, t_end=t1)
-        if job.decode:
-            nxt = logits.argmax(-1)[:, None]  # greedy next token [B, 1]
-            drec, d0, d1, dlog = runner.run_inprocess("chunked" if job.mode != "unchunked" else "unchunked", nxt,
-                                                      [1], start_pos=L)
-            res.decode_logits = dlog.float().cpu()
-            res.metrics["decode_bytes_per_boundary"] = [r.bytes_sent for r in drec[:-1]]
-            res.metrics["decode_s"] = d1 - d0
-        if job.return_cache:
-            res.caches = [(k[:, :, :L].cpu(), v[:, :, :L].cpu()) for k, v in runner.caches(job.mode)]
-        if i >= job.warmup:
-            out.append(res)
-    return out
+    _reset(runner, job.mode, B, L + 1)
+    records, t0, t1, logits = runner.run_inprocess(job.mode, tokens, job.chunks)
+    metrics = summarize(records, t0, t1)
+    res = PrefillResult(job.mode, job.chunks, logits.float().cpu(), metrics, timeline(records, t0),
+                        records=records, t_start=t0, t_end=t1)
+    if job.decode:
+        nxt = logits.argmax(-1)[:, None]  # greedy next token [B, 1]
+        drec, d0, d1, dlog = runner.run_inprocess("chunked" if job.mode != "unchunked" else "unchunked", nxt,
+                                                  [1], start_pos=L)
+        res.decode_logits = dlog.float().cpu()
+        res.metrics["decode_bytes_per_boundary"] = [r.bytes_sent for r in drec[:-1]]
+        res.metrics["decode_s"] = d1 - d0
+    if job.return_cache:
+        res.caches = [(k[:, :, :L].cpu(), v[:, :, :L].cpu()) for k, v in runner.caches(job.mode)]
+    return res
 
 
-def _run_job_rank(runner: _Runner, job: Job) -> list[dict | None]:
-    """This rank's share of a job; rank 0 gathers everyone's and returns the combined results."""
+def _run_once_rank(runner: _Runner, job: Job) -> PrefillResult | None:
+    """This rank's share of one run of `job`; rank 0 gathers everyone's and returns the combined result."""
     rank, S = runner.rank, runner.S
     B, L = job.tokens.shape
     tokens = job.tokens.to(runner.device)
-    gathered = []
-    for i in range(job.warmup + job.repeats):
-        _reset(runner, job.mode, B, L + 1)
-        part = runner.run_rank(job.mode, tokens, job.chunks)
-        mine = dict(part=part)
-        if job.decode:
-            last = 0 if job.mode == "unchunked" else S - 1
-            nxt = torch.zeros(B, 1, dtype=torch.long, device=runner.device)
-            if job.mode == "unchunked":
-                if rank == 0:
-                    nxt = part[3].argmax(-1)[:, None]
-            elif S > 1:  # the last stage sends the greedy token back to the first
-                if rank == last:
-                    dist.send(part[3].argmax(-1)[:, None].contiguous(), 0, tag=1 << 20)
-                elif rank == 0:
-                    dist.recv(nxt, last, tag=1 << 20)
-            else:
+    _reset(runner, job.mode, B, L + 1)
+    part = runner.run_rank(job.mode, tokens, job.chunks)
+    mine = dict(part=part)
+    if job.decode:
+        last = 0 if job.mode == "unchunked" else S - 1
+        nxt = torch.zeros(B, 1, dtype=torch.long, device=runner.device)
+        if job.mode == "unchunked":
+            if rank == 0:
                 nxt = part[3].argmax(-1)[:, None]
-            dpart = runner.run_rank("chunked" if job.mode != "unchunked" else "unchunked", nxt, [1], start_pos=L)
-            mine["decode"] = dpart
-        if job.return_cache and (job.mode != "unchunked" or rank == 0):
-            mine["cache"] = [(k[:, :, :L].cpu(), v[:, :, :L].cpu()) for k, v in runner.caches(job.mode)]
-        mine = _to_cpu(mine)
-        all_parts = [None] * S if rank == 0 else None
-        dist.gather_object(mine, all_parts, dst=0)
-        if rank == 0 and i >= job.warmup:
-            gathered.append(all_parts)
+        elif S > 1:  # the last stage sends the greedy token back to the first
+            if rank == last:
+                dist.send(part[3].argmax(-1)[:, None].contiguous(), 0, tag=1 << 20)
+            elif rank == 0:
+                dist.recv(nxt, last, tag=1 << 20)
+        else:
+            nxt = part[3].argmax(-1)[:, None]
+        dpart = runner.run_rank("chunked" if job.mode != "unchunked" else "unchunked", nxt, [1], start_pos=L)
+        mine["decode"] = dpart
+    if job.return_cache and (job.mode != "unchunked" or rank == 0):
+        mine["cache"] = [(k[:, :, :L].cpu(), v[:, :, :L].cpu()) for k, v in runner.caches(job.mode)]
+    mine = _to_cpu(mine)
+    all_parts = [None] * S if rank == 0 else None
+    dist.gather_object(mine, all_parts, dst=0)
     if rank != 0:
-        return []
-    out = []
-    for all_parts in gathered:
-        parts = [p["part"] for p in all_parts if p["part"] is not None]
-        records, starts, ends, logits = zip(*parts)
-        metrics = summarize(list(records), min(starts), ends[-1])
-        res = PrefillResult(job.mode, job.chunks, logits[-1].float(), metrics, timeline(list(records), min(starts)),
-                            records=list(records), t_start=min(starts), t_end=ends[-1])
-        if job.decode:
-            dparts = [p["decode"] for p in all_parts if p["decode"] is not None]
-            res.decode_logits = dparts[-1][3].float()
-            res.metrics["decode_bytes_per_boundary"] = [d[0].bytes_sent for d in dparts[:-1]]
-            res.metrics["decode_s"] = dparts[-1][2] - min(d[1] for d in dparts)
-        if job.return_cache:
-            res.caches = [c for p in all_parts if "cache" in p for c in p["cache"]]
-        out.append(res)
+        return None
+    parts = [p["part"] for p in all_parts if p["part"] is not None]
+    records, starts, ends, logits = zip(*parts)
+    metrics = summarize(list(records), min(starts), ends[-1])
+    res = PrefillResult(job.mode, job.chunks, logits[-1].float(), metrics, timeline(list(records), min(starts)),
+                        records=list(records), t_start=min(starts), t_end=ends[-1])
+    if job.decode:
+        dparts = [p["decode"] for p in all_parts if p["decode"] is not None]
+        res.decode_logits = dparts[-1][3].float()
+        res.metrics["decode_bytes_per_boundary"] = [d[0].bytes_sent for d in dparts[:-1]]
+        res.metrics["decode_s"] = dparts[-1][2] - min(d[1] for d in dparts)
+    if job.return_cache:
+        res.caches = [c for p in all_parts if "cache" in p for c in p["cache"]]
+    return res
+
+
+def run_order(jobs: list[Job]) -> list[tuple[int, bool]]:
+    """(job index, timed) for every run: each job's warm-up runs first, then the timed repeats round-robin over
+    the jobs (repeat 1 of every job, then repeat 2, ...). A machine whose speed drifts over seconds then slows
+    every job alike instead of whichever job ran during the slow spell, so their times compare fairly."""
+    order = [(j, False) for j, job in enumerate(jobs) for _ in range(job.warmup)]
+    for r in range(max(job.repeats for job in jobs)):
+        order += [(j, True) for j, job in enumerate(jobs) if r < job.repeats]
+    return order
+
+
+def _run_all(run_once, jobs: list[Job]) -> list[list[PrefillResult]]:
+    """Runs `jobs` in `run_order`; returns, per job, the results of its timed runs (None entries off rank 0)."""
+    out: list[list] = [[] for _ in jobs]
+    for j, timed in run_order(jobs):
+        res = run_once(jobs[j])
+        if timed and res is not None:
+            out[j].append(res)
     return out
 
 
@@ -330,7 +340,7 @@ def rank_main(spec: PipelineSpec, jobs: list[Job]) -> list[list[PrefillResult]] 
         spec = dataclasses.replace(spec, device=f"cuda:{torch.cuda.current_device()}")
     runner = _Runner(spec, rank)
     try:
-        results = [_run_job_rank(runner, job) for job in jobs]
+        results = _run_all(lambda job: _run_once_rank(runner, job), jobs)
     finally:
         runner.close()
     return results if rank == 0 else None
@@ -423,7 +433,8 @@ def _run_spawned(spec: PipelineSpec, jobs: list[Job]) -> list[list[PrefillResult
 # ---- public entry points ---------------------------------------------------------------------------------------
 
 def run_jobs(spec: PipelineSpec, jobs: list[Job]) -> list[list[PrefillResult]]:
-    """Runs each job on one pipeline set-up; returns, per job, one PrefillResult per timed repeat."""
+    """Runs each job on one pipeline set-up; returns, per job, one PrefillResult per timed repeat. Warm-ups run
+    first, then the timed repeats round-robin over the jobs (`run_order`)."""
     spec.validate()
     cfg = resolve_config(spec.source)
     for job in jobs:
@@ -454,7 +465,7 @@ def _run(spec: PipelineSpec, jobs: list[Job]):
     if spec.link == "inprocess":
         runner = _Runner(spec, None)
         try:
-            return [_run_job_inprocess(runner, job) for job in jobs]
+            return _run_all(lambda job: _run_once_inprocess(runner, job), jobs)
         finally:
             runner.close()
     if dist.is_initialized() or "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: this is one rank

@@ -10,7 +10,7 @@ import torch
 
 from pipeline import (Job, PipelineError, PipelineSpec, chunk_plan, load_model, run_jobs, run_prefill,
                       split_layers)
-from pipeline.launch import init_process_group
+from pipeline.launch import init_process_group, run_order
 
 PIPELINE_MODES = ["naive", "chunked", "overlapped"]
 H, ITEM = 64, 4  # tiny preset hidden size, float32
@@ -78,6 +78,22 @@ def test_gloo_processes_equal_unchunked(tiny, stages):
         if mode != "unchunked":
             assert res.metrics["bytes_per_boundary"] == [B * 40 * H * ITEM] * (stages - 1)
             assert res.metrics["decode_bytes_per_boundary"] == [B * H * ITEM] * (stages - 1)
+
+
+def test_run_order_warms_up_first_then_takes_the_timed_repeats_round_robin():
+    jobs = [Job("naive", tokens(1, 8), [8], repeats=3, warmup=1), Job("chunked", tokens(1, 8), [4, 4], warmup=2),
+            Job("overlapped", tokens(1, 8), [4, 4], repeats=2)]
+    assert run_order(jobs) == [(0, False), (1, False), (1, False),  # warm-ups, job by job
+                               (0, True), (1, True), (2, True), (0, True), (2, True), (0, True)]
+
+
+def test_timed_repeats_of_several_jobs_alternate_in_time():
+    """So that a drift of the machine's speed touches every job alike (the harness compares their times)."""
+    jobs = [Job(m, tokens(1, 24), [8] * 3, repeats=3, warmup=1, decode=False) for m in ("chunked", "overlapped")]
+    results = run_jobs(PipelineSpec(source="tiny", stages=2), jobs)
+    assert [len(runs) for runs in results] == [3, 3] and [r.mode for r in results[1]] == ["overlapped"] * 3
+    by_time = sorted((r.t_start, j) for j, runs in enumerate(results) for r in runs)
+    assert [j for _, j in by_time] == [0, 1, 0, 1, 0, 1]
 
 
 @pytest.mark.parametrize("mode", PIPELINE_MODES)
