@@ -44,7 +44,7 @@ def fit_chunk_cost(samples) -> ChunkCost:
     1 ms chunk counts as much as a 100 ms one) and with non-negative coefficients (a term the data drives negative is
     dropped and the rest refitted). Samples of the same (x, p) are reduced to their median first: one stalled
     measurement does not bend the fit, and medians add up (the median run of many chunks takes about the sum of
-    their median times, while the least time of a run is far more than the sum of its chunks' least times, so a
+    their median times, while the least time of a run is well above the sum of its chunks' least times, so a
     fit on least times predicts runs too fast). Drop warm-up runs before calling: a first call's compile or
     allocation time is not the chunk's cost."""
     groups: dict[tuple[int, int], list[float]] = {}

@@ -297,7 +297,8 @@ def run_order(jobs: list[Job]) -> list[tuple[int, bool]]:
 
 
 def _run_all(run_once, jobs: list[Job]) -> list[list[PrefillResult]]:
-    """Runs `jobs` in `run_order`; returns, per job, the results of its timed runs (None entries off rank 0)."""
+    """Runs `jobs` in `run_order`; returns, per job, the results of its timed runs (empty lists off rank 0, where
+    `run_once` returns None)."""
     out: list[list] = [[] for _ in jobs]
     for j, timed in run_order(jobs):
         res = run_once(jobs[j])
