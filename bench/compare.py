@@ -1,57 +1,127 @@
-"""`python -m bench compare BASE.json NEW.json`: the ratio of every timing, and a non-zero exit when one regresses
-past the threshold or a correctness figure fails. Runs of different devices or configurations are refused unless
---force."""
+"""`python -m bench compare BASE.json NEW.json`: every timing and byte figure of two results files side by side, a
+verdict for each, and a non-zero exit when one regresses past the threshold or a correctness figure fails. Runs of
+different devices or configurations are refused unless --force.
+
+Verdicts: a timing (every `*_ms` figure, per-stage lists element by element) REGRESSED when new > base·(1 +
+threshold) and the increase is over 1% of the mode's base TTFT (so that the jitter of a 0.1 ms figure does not fail
+a run), "faster" in the mirror case, else "same"; bytes must be equal (CHANGED fails); outputs_match and
+bytes_exact must hold in the new file."""
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 
-TIMINGS = ("ttft_ms", "exposed_comm_ms")
+FLOOR_OF_TTFT = 0.01  # a timing's increase below this share of the mode's TTFT never counts as a regression
+BYTE_FIGURES = ("prefill_bytes_per_boundary", "decode_bytes_per_boundary")
+CHECKS = ("outputs_match", "bytes_exact")
+
+
+class NotComparable(ValueError):
+    """The files cannot be compared (unreadable, not results files, different runs without --force)."""
+
+
+def load_results(path) -> dict:
+    """A results file of `python -m bench`, checked for the structure compare reads."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NotComparable(f"cannot read {p} as JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("schema_version") != 1:
+        raise NotComparable(f"{p} is not a results file of python -m bench (schema_version 1)")
+    points = doc.get("points")
+    if not isinstance(points, list) or not points or not all(
+            isinstance(pt, dict) and isinstance(pt.get("modes"), dict) and "prompt_len" in pt and "batch" in pt
+            for pt in points):
+        raise NotComparable(f"{p} has no points with prompt_len, batch and modes: not a complete results file")
+    for key in ("environment", "config"):
+        if not isinstance(doc.get(key), dict):
+            raise NotComparable(f"{p} lacks its {key}")
+    return doc
+
+
+def _timings(m: dict):
+    """(name, value) of every timing figure of one mode: scalars and per-stage lists element by element."""
+    for key, v in m.items():
+        if not key.endswith("_ms") or key.startswith("sim_"):
+            continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield key, float(v)
+        elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+            for i, x in enumerate(v):
+                yield f"{key}[{i}]", float(x)
 
 
 def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool = False) -> int:
+    """Prints the table and the verdicts; returns 0 (all same or better), 1 (a regression or a failed check) or 2
+    (not comparable)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+            or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0 (a fraction: 0.1 = 10%), got {threshold!r}")
     try:
-        base, new = (json.loads(Path(p).read_text()) for p in (base_path, new_path))
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"compare: cannot read results: {e}")
+        base, new = load_results(base_path), load_results(new_path)
+        if not force:
+            for key, what in (("device", "devices"), ("config", "configurations")):
+                a = base["environment"].get("device") if key == "device" else base["config"]
+                b = new["environment"].get("device") if key == "device" else new["config"]
+                if a != b:
+                    raise NotComparable(f"the runs are of different {what}; pass --force to compare anyway")
+    except NotComparable as e:
+        print(f"bench compare: {e}", file=sys.stderr)
         return 2
-    for doc, p in ((base, base_path), (new, new_path)):
-        if doc.get("schema_version") != 1:
-            print(f"compare: {p} is not a results file of schema version 1")
-            return 2
-    if not force:
-        for key, what in (("device", "devices"), ("config", "configurations")):
-            a = base["environment"]["device"] if key == "device" else base["config"]
-            b = new["environment"]["device"] if key == "device" else new["config"]
-            if a != b:
-                print(f"compare: the runs are of different {what} ({a} vs {b}); pass --force to compare anyway")
-                return 2
-    failed = []
-    print(f"{'point':>10} {'mode':>11} {'figure':>16} {'base':>10} {'new':>10} {'ratio':>7}")
+    failed, checked, rows = [], set(), []
     new_points = {(p["prompt_len"], p["batch"]): p for p in new["points"]}
     for bp in base["points"]:
+        where = f"L={bp['prompt_len']}"
         np_ = new_points.get((bp["prompt_len"], bp["batch"]))
         if np_ is None:
-            failed.append(f"point L={bp['prompt_len']} missing from {new_path}")
+            failed.append(f"point {where} B={bp['batch']} missing from {new_path}")
             continue
         for mode, bm in bp["modes"].items():
             nm = np_["modes"].get(mode)
             if nm is None:
-                failed.append(f"mode {mode} missing at L={bp['prompt_len']}")
+                failed.append(f"mode {mode} missing at {where}")
                 continue
-            for fig in TIMINGS:
-                ratio = nm[fig] / bm[fig] if bm[fig] else float("inf") if nm[fig] else 1.0
-                flag = ""
-                if fig == "ttft_ms" and ratio > 1 + threshold:
-                    flag = "  REGRESSED"
-                    failed.append(f"{mode} L={bp['prompt_len']} {fig} x{ratio:.2f}")
-                print(f"{'L=' + str(bp['prompt_len']):>10} {mode:>11} {fig:>16} {bm[fig]:>10.2f} {nm[fig]:>10.2f} "
-                      f"{ratio:>7.2f}{flag}")
-            for check in ("outputs_match", "bytes_exact"):
-                if not nm.get(check, False):
-                    failed.append(f"{mode} L={bp['prompt_len']}: {check} is false")
+            floor = FLOOR_OF_TTFT * float(bm.get("ttft_ms") or 0.0)
+            new_t = dict(_timings(nm))
+            for fig, b in _timings(bm):
+                n = new_t.get(fig)
+                checked.add(fig.split("[")[0])
+                if n is None:
+                    failed.append(f"{mode} {where}: {fig} missing")
+                    continue
+                ratio = n / b if b else (math.inf if n else 1.0)
+                if n > b * (1 + threshold) and n - b > floor:
+                    verdict = "REGRESSED"
+                    failed.append(f"{mode} {where} {fig} x{ratio:.2f}")
+                elif b > n * (1 + threshold) and b - n > floor:
+                    verdict = "faster"
+                else:
+                    verdict = "same"
+                rows.append((where, mode, fig, f"{b:.2f}", f"{n:.2f}", f"{ratio:.2f}", verdict))
+            for fig in BYTE_FIGURES:
+                if fig in bm:
+                    checked.add(fig)
+                    same = bm[fig] == nm.get(fig)
+                    rows.append((where, mode, fig, str(bm[fig]), str(nm.get(fig)), "", "same" if same else "CHANGED"))
+                    if not same:
+                        failed.append(f"{mode} {where}: {fig} changed")
+            for check in CHECKS:
+                checked.add(check)
+                ok = nm.get(check) is True
+                rows.append((where, mode, check, str(bm.get(check)), str(nm.get(check)), "", "ok" if ok else "FAILED"))
+                if not ok:
+                    failed.append(f"{mode} {where}: {check} is {nm.get(check)}")
+    head = ("point", "mode", "figure", "base", "new", "ratio", "verdict")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.rjust(w) if i in (3, 4, 5) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    print(f"checked: {', '.join(sorted(checked))}")
     if failed:
         print("FAIL: " + "; ".join(failed))
         return 1
-    print(f"OK: no timing regressed more than {threshold:.0%}, all correctness checks pass")
+    print(f"OK: no timing regressed more than {threshold:.0%} (and {FLOOR_OF_TTFT:.0%} of its TTFT), every byte "
+          "figure equal, every correctness check holds")
     return 0

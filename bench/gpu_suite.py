@@ -14,7 +14,6 @@ Without CUDA it refuses, saying why, before doing anything.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -27,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_LINKS = ("nvlink", "pcie5", "100gbe")
+PARTS = ("tests", "kernels", "pipeline")
 
 
 def gpu_environment() -> dict:
@@ -206,9 +206,8 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
 
 
 def _write(out: Path, name: str, doc: dict) -> None:
-    tmp = out / f"{name}.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    tmp.replace(out / name)
+    from .harness import write_json
+    write_json(out / name, doc)
 
 
 def write_summary_only(out: Path) -> int:
@@ -216,47 +215,56 @@ def write_summary_only(out: Path) -> int:
     docs = {}
     for part in ("tests", "kernels", "pipeline"):
         f = out / f"{part}.json"
-        docs[part] = json.loads(f.read_text()) if f.exists() else None
+        try:
+            docs[part] = json.loads(f.read_text()) if f.exists() else None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f} is not a readable gpu-suite part file: {e}") from None
+        if docs[part] is not None and not (isinstance(docs[part], dict)
+                                           and isinstance(docs[part].get("environment"), dict)):
+            raise ValueError(f"{f} is not a gpu-suite part file (no environment object)")
     found = [d for d in docs.values() if d is not None]
     if not found:
-        print(f"bench gpu-suite: no tests.json, kernels.json or pipeline.json in {out}: nothing to summarise",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"no tests.json, kernels.json or pipeline.json in {out}: nothing to summarise")
     env = found[0]["environment"]
     commits = {part: str(d["environment"].get("git_commit")) for part, d in docs.items() if d is not None}
     if len(set(commits.values())) > 1:  # parts run in separate calls, on different commits: say which is which
         env = dict(env, git_commit="; ".join(f"{part} {c[:7]}" for part, c in commits.items()))
-    (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"]))
+    try:
+        text = summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"the part files in {out} lack a figure the summary needs ({type(e).__name__}: {e})") from None
+    (out / "summary.md").write_text(text)
     print(f"[gpu-suite] {out / 'summary.md'} from {', '.join(k for k, d in docs.items() if d is not None)}")
     return 0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench gpu-suite", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="results directory, e.g. bench/results/h100/")
-    ap.add_argument("--parts", default="tests,kernels,pipeline", help="parts to run (default: all)")
-    ap.add_argument("--layers", type=int, default=8, help="layers of the Llama-3-8B shape in the pipeline part")
+    from .options import Parser, integer, name_list, out_path, output_dir
+    ap = Parser(prog="python -m bench gpu-suite", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=out_path, required=True, help="results directory, e.g. bench/results/h100/")
+    ap.add_argument("--parts", type=name_list(PARTS, "part"), default=list(PARTS),
+                    help=f"parts to run (default: {','.join(PARTS)})")
+    ap.add_argument("--layers", type=integer(1), default=8, help="layers of the Llama-3-8B shape in the pipeline part")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and prompts (a smoke run)")
     ap.add_argument("--summary-only", action="store_true",
                     help="measure nothing: rewrite summary.md from the part documents already in --out (parts run "
                          "in separate calls)")
     args = ap.parse_args(argv)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = set(parts) - {"tests", "kernels", "pipeline"}
-    if unknown:
-        sys.exit(f"bench gpu-suite: unknown part(s) {', '.join(sorted(unknown))}; choose from tests, kernels, pipeline")
+    parts = args.parts
     if args.summary_only:
-        return write_summary_only(Path(args.out))
+        if not args.out.is_dir():
+            raise ValueError(f"--summary-only reads the part files in --out, and {args.out} is not a directory")
+        return write_summary_only(args.out)
     if not torch.cuda.is_available():
         print("bench gpu-suite: refused: no CUDA GPU is visible to torch "
               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); this command measures a GPU "
               "and has nothing to measure here. Nothing was written.", file=sys.stderr)
         return 2
-    if args.layers <= 0:
-        sys.exit("bench gpu-suite: --layers must be positive")
-    out = Path(args.out)
-    from .harness import check_output_dir
-    check_output_dir(out)
+    with output_dir(args.out) as out:
+        return _suite(out, args, parts)
+
+
+def _suite(out: Path, args, parts) -> int:
     env = gpu_environment()
     t0 = time.time()
     tests = kernels = pipeline = None

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
-import tempfile
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import MODES, Job, PipelineSpec, resolve_config, run_jobs
+from pipeline import MODES, Job, PipelineSpec, resolve_config
+
+from .options import say
+from .pauses import measure
 
 SCHEMA_VERSION = 1
+LAST_WRITTEN: dict = {}  # the results file this process wrote last: path, points, complete
 LOGITS_TOL = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}  # max |Δ logits| vs unchunked that passes
 
 
@@ -36,16 +42,6 @@ def environment() -> dict:
         torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
         cuda=torch.version.cuda if cuda else None, git_commit=commit,
     )
-
-
-def check_output_dir(out: Path) -> None:
-    """Fails before any work when the output directory cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise SystemExit(f"bench: cannot write to output directory {out}: {e.strerror or e}")
 
 
 def bytes_per_token(spec: PipelineSpec, batch: int) -> int:
@@ -76,12 +72,15 @@ def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[
     return costs, link, info
 
 
-def calibrate(spec: PipelineSpec, prompt_len: int, batch: int, repeats: int = 3, warmup: int = 1, seed: int = 1):
-    """`calibration_jobs` on their own, fitted (`fit_calibration`): costs for the planner, before any measured run."""
+def calibrate(spec: PipelineSpec, prompt_len: int, batch: int, repeats: int = 3, warmup: int = 1, seed: int = 1,
+              progress=None):
+    """`calibration_jobs` on their own, fitted (`fit_calibration`): costs for the planner, before any measured run.
+    None off rank 0 under torchrun (that rank ran its stage; rank 0 fits)."""
     cfg = resolve_config(spec.source)
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     jobs = calibration_jobs(tokens, repeats, warmup)
-    return fit_calibration(spec, batch, jobs, run_jobs(spec, jobs))
+    runs = measure(spec, jobs, progress)
+    return None if runs is None else fit_calibration(spec, batch, jobs, runs)
 
 
 def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
@@ -129,18 +128,24 @@ def chunk_costs_vs_measured(mode: str, runs_records, costs):
 
 
 def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,
-              modes=MODES, seed: int = 0, simulate: bool = False) -> dict:
-    """All modes on one prompt; returns the figures per mode (medians over repeats) and the raw timelines. With
-    `simulate`, `calibration_jobs` run in the same round-robin as the modes (so a drift of the machine's speed
-    touches the fit and the measurements alike), and each mode gets the simulator's figures (`simulate_modes`)."""
+              modes=MODES, seed: int = 0, simulate: bool = False, progress=None) -> dict | None:
+    """All modes on one prompt; returns the figures per mode (medians over repeats) and the raw timelines. The
+    outputs are always checked against the unchunked baseline: when `unchunked` is not among `modes` it runs once,
+    untimed, as the reference. With `simulate`, `calibration_jobs` run in the same round-robin as the modes (so a
+    drift of the machine's speed touches the fit and the measurements alike), and each mode gets the simulator's
+    figures (`simulate_modes`). None off rank 0 under torchrun."""
     cfg = resolve_config(spec.source)
+    modes = list(modes)
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     jobs = [Job(m, tokens, chunks if m in ("chunked", "overlapped") else [prompt_len], repeats=repeats, warmup=warmup)
             for m in modes]
     cal_jobs = calibration_jobs(tokens, repeats, warmup) if simulate else []
-    all_runs = run_jobs(spec, jobs + cal_jobs)
+    ref_jobs = [] if "unchunked" in modes else [Job("unchunked", tokens, [prompt_len])]
+    all_runs = measure(spec, jobs + cal_jobs + ref_jobs, progress)
+    if all_runs is None:
+        return None
     results = dict(zip(modes, all_runs))
-    base = results.get("unchunked")
+    base = results["unchunked"] if "unchunked" in results else all_runs[-1]
     bpt = bytes_per_token(spec, batch)
     figures, timelines = {}, {}
     for mode, runs in results.items():
@@ -166,10 +171,9 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
             expected_decode_bytes=bpt,
             chunks=best.chunks,
         )
-        if base is not None:
-            ref = base[0]
-            m["max_abs_dlogits"] = max((r.logits - ref.logits).abs().max().item() for r in runs)
-            m["max_abs_ddecode_logits"] = max((r.decode_logits - ref.decode_logits).abs().max().item() for r in runs)
+        ref = base[0]
+        m["max_abs_dlogits"] = max((r.logits - ref.logits).abs().max().item() for r in runs)
+        m["max_abs_ddecode_logits"] = max((r.decode_logits - ref.decode_logits).abs().max().item() for r in runs)
         figures[mode] = m
         timelines[mode] = best.timeline
     for mode, m in figures.items():
@@ -179,17 +183,61 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
             m["speedup_vs_naive"] = figures["naive"]["ttft_ms"] / m["ttft_ms"]
         m["bytes_exact"] = (all(b == m["expected_prefill_bytes"] for b in m["prefill_bytes_per_boundary"])
                             and all(b == m["expected_decode_bytes"] for b in m["decode_bytes_per_boundary"]))
-        m["outputs_match"] = m.get("max_abs_dlogits", 0.0) <= LOGITS_TOL[spec.dtype] and m.get(
-            "max_abs_ddecode_logits", 0.0) <= LOGITS_TOL[spec.dtype]
+        # NaN logits (a broken kernel) must fail the check: NaN <= tol is False, and so is this
+        m["outputs_match"] = bool(m["max_abs_dlogits"] <= LOGITS_TOL[spec.dtype]
+                                  and m["max_abs_ddecode_logits"] <= LOGITS_TOL[spec.dtype])
     point = dict(prompt_len=prompt_len, batch=batch, modes=figures, timelines=timelines,
+                 baseline="unchunked" if "unchunked" in modes else "unchunked reference run (not among the modes)",
                  records={mode: [r.records for r in runs] for mode, runs in results.items()})
     if simulate:
-        costs, link, point["calibration"] = fit_calibration(spec, batch, cal_jobs, all_runs[len(jobs):])
+        costs, link, point["calibration"] = fit_calibration(spec, batch, cal_jobs,
+                                                            all_runs[len(jobs):len(jobs) + len(cal_jobs)])
         point["sim_timelines"] = simulate_modes(point, costs, link, bpt)
     return point
 
 
-UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see pipeline/pauses.py)",
+class Progress:
+    """Progress on stderr: on a terminal a bar per batch of runs; otherwise one line per phase (start, warm-up,
+    timed runs, done) so that a log shows where the time went. `enabled` False (torchrun ranks other than 0):
+    silent."""
+
+    def __init__(self, enabled: bool = True, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def phase(self, text: str) -> None:
+        if self.enabled:
+            print(f"bench: {text}", file=self.stream, flush=True)
+
+    def runs(self, label: str):
+        """A callback for run_jobs: (done, total, what) before each run and once at the end."""
+        if not self.enabled:
+            return None
+        state = dict(kind=None, bar=None, t0=time.time())
+
+        def update(done: int, total: int, what: str):
+            kind = what.split()[-1]  # warm-up | timed | done
+            if self.tty:
+                from tqdm import tqdm
+                if state["bar"] is None:
+                    state["bar"] = tqdm(total=total, desc=label, unit="run", file=self.stream, leave=False)
+                state["bar"].n = done
+                state["bar"].set_postfix_str(what, refresh=True)
+                if done == total:
+                    state["bar"].close()
+            if kind != state["kind"]:
+                state["kind"] = kind
+                text = {"warm-up": f"warm-up runs ({done} of {total} runs done)",
+                        "timed": f"timed runs, round-robin over the jobs ({done} of {total} runs done)",
+                        "done": f"{total} runs done"}.get(kind, what)
+                if not self.tty or kind == "done":
+                    print(f"bench: {label}: {text} after {time.time() - state['t0']:.1f} s", file=self.stream,
+                          flush=True)
+        return update
+
+
+UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pauses.py)",
          "wall_ttft_ms": "ms of wall clock, pauses included", "ttft_min_ms": "ms, least over repeats",
          "machine_paused_fraction": "fraction of wall_ttft_ms", "exposed_comm_ms": "ms", "bound_ms": "ms",
          "bubble_fraction": "fraction of S·TTFT",
@@ -204,6 +252,10 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see pipeline/pa
          "outlier_compute_fraction": "fraction of measured compute time in chunks slower than 2x their fitted cost"}
 
 
+def _x(v) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v:.2f}x"
+
+
 def table(point: dict) -> str:
     """A short table for a person."""
     rows = [("mode", "TTFT ms", "vs unch", "vs naive", "exp.comm ms", "bubble", "bound ms", "meas/bnd",
@@ -214,8 +266,8 @@ def table(point: dict) -> str:
     for mode, m in point["modes"].items():
         pb = m["prefill_bytes_per_boundary"][0] if m["prefill_bytes_per_boundary"] else 0
         db = m["decode_bytes_per_boundary"][0] if m["decode_bytes_per_boundary"] else 0
-        rows.append((mode, f"{m['ttft_ms']:.1f}", f"{m.get('speedup_vs_unchunked', float('nan')):.2f}x",
-                     f"{m.get('speedup_vs_naive', float('nan')):.2f}x", f"{m['exposed_comm_ms']:.1f}",
+        rows.append((mode, f"{m['ttft_ms']:.1f}", _x(m.get("speedup_vs_unchunked")), _x(m.get("speedup_vs_naive")),
+                     f"{m['exposed_comm_ms']:.1f}",
                      f"{100 * m['bubble_fraction']:.0f}%", f"{m['bound_ms']:.1f}", f"{m['measured_over_bound']:.2f}",
                      f"{pb:,}" if pb else "-", f"{db:,}" if db else "-", f"{pb / db:.0f}" if db else "-",
                      f"{m.get('max_abs_dlogits', 0.0):.1e}")
@@ -239,10 +291,86 @@ def table(point: dict) -> str:
     return text
 
 
-def write_results(out: Path, doc: dict) -> Path:
-    """Atomically: a reader never sees a half-written results file."""
-    path = out / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
+def strict_json(obj, path: str = "$", nulls: dict | None = None):
+    """`obj` with every NaN or ±inf replaced by None (strict JSON has neither); `nulls` collects where and why."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if nulls is not None:
+            nulls[path] = f"was {obj} (not a number JSON can hold: undefined for this run)"
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v, f"{path}.{k}", nulls) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v, f"{path}[{i}]", nulls) for i, v in enumerate(obj)]
+    if isinstance(obj, (np.floating, np.integer)):
+        return strict_json(obj.item(), path, nulls)
+    return obj
+
+
+def dump_json(doc) -> str:
+    """Strict JSON text (no NaN/Infinity): non-finite figures become null, listed under "nulls" with a reason."""
+    nulls: dict = {}
+    clean = strict_json(doc, "$", nulls)
+    if nulls and isinstance(clean, dict):
+        clean["nulls"] = nulls
+    return json.dumps(clean, indent=1, allow_nan=False)
+
+
+def write_json(path: Path, doc) -> Path:
+    """Atomically: a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump_json(doc))
     tmp.replace(path)
     return path
+
+
+def results_doc(config: dict, points: list[dict], plan_calibration, wall_s: float, complete: bool) -> dict:
+    return dict(schema_version=SCHEMA_VERSION, complete=complete, environment=environment(), config=config,
+                units=UNITS, wall_s=wall_s, plan_calibration=plan_calibration,
+                points=[{k: v for k, v in p.items() if not k.endswith("timelines") and k != "records"}
+                        for p in points])
+
+
+def write_results(out: Path, doc: dict) -> Path:
+    """results.json, atomically; written after every point of a sweep (complete: false until the last)."""
+    path = write_json(out / "results.json", doc)
+    LAST_WRITTEN.update(path=path, points=len(doc["points"]), complete=doc["complete"])
+    return path
+
+
+def write_pictures(out: Path, points: list[dict], config: dict, simulate: bool) -> str:
+    """timeline.png and trace.json of the last point (and measured-vs-simulated, sweep plots); returns the title."""
+    from .timeline import write_chrome_trace, write_sweep_png, write_timeline_png
+    last = points[-1]
+    env = environment()
+    title = (f"{config['model']}, S={config['stages']}, L={last['prompt_len']}, B={config['batch']}, "
+             f"{config['link']}, {config['dtype']}, {env['device']}")
+    write_timeline_png(last["timelines"], out / "timeline.png", title)
+    write_chrome_trace(last["timelines"], out / "trace.json")
+    if simulate:  # measured and simulated, mode by mode, on one time axis
+        write_timeline_png({f"{mode} {kind}": p[mode] for mode in last["timelines"]
+                            for kind, p in (("measured", last["timelines"]), ("simulated", last["sim_timelines"]))},
+                           out / "timeline_vs_sim.png", title + " — measured vs simulated")
+    if len(points) > 1:
+        write_sweep_png(points, out / "sweep.png", title)
+    return title
+
+
+def report(points: list[dict], path: Path, title: str, simulate: bool) -> dict:
+    """Prints each point's table (stdout) and returns the one-line summary."""
+    for p in points:
+        print(f"\nL={p['prompt_len']} B={p['batch']}  ({title})")
+        print(table(p))
+    last = points[-1]
+    out = path.parent
+    summary = dict(results=str(path), device=environment()["device"],
+                   ttft_ms={m: round(v["ttft_ms"], 2) for m, v in last["modes"].items()},
+                   outputs_match=all(v["outputs_match"] for p in points for v in p["modes"].values()),
+                   bytes_exact=all(v["bytes_exact"] for p in points for v in p["modes"].values()))
+    if "naive" in last["modes"] and "overlapped" in last["modes"]:
+        summary["overlapped_vs_naive"] = round(last["modes"]["overlapped"]["speedup_vs_naive"], 3)
+        summary["overlapped_measured_over_bound"] = round(last["modes"]["overlapped"]["measured_over_bound"], 3)
+    if simulate:
+        summary["sim_over_measured"] = {m: round(v["sim_over_measured"], 3) for m, v in last["modes"].items()}
+        summary["replay_over_measured"] = {m: round(v["replay_over_measured"], 3) for m, v in last["modes"].items()}
+    print(f"\nresults: {path}  timeline: {out / 'timeline.png'}  trace: {out / 'trace.json'}")
+    return strict_json(summary)

@@ -10,7 +10,6 @@ Needs a GPU for figures worth reading (without one it says so and exits 0). Ever
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -222,27 +221,36 @@ def print_report(doc: dict) -> None:
               f"eager {m['eager_gbps']:.0f} GB/s  err {m['triton_max_abs_err']:.1e}")
 
 
+def _shape(text: str) -> tuple[int, int]:
+    import argparse
+    try:
+        prefix, chunk = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PREFIX,CHUNK (two integers), got {text!r}") from None
+    if prefix < 0 or chunk < 1 or prefix + chunk > 1 << 20:
+        raise argparse.ArgumentTypeError(f"expected PREFIX >= 0, CHUNK >= 1 and PREFIX + CHUNK <= 1048576, got {text}")
+    return prefix, chunk
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench kernels", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=None, help="directory for kernels.json (default: print only)")
+    from .options import Parser, out_path, output_dir
+    ap = Parser(prog="python -m bench kernels", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=out_path, default=None, help="directory for kernels.json (default: print only)")
     ap.add_argument("--quick", action="store_true", help="two attention shapes only")
     ap.add_argument("--sweep", action="store_true",
                     help="instead: chunk_attention under a grid of block sizes/warps/stages at prefix 16k, chunk 2k "
                          "(sweep.json)")
-    ap.add_argument("--shape", action="append", default=None, metavar="PREFIX,CHUNK",
+    ap.add_argument("--shape", action="append", type=_shape, default=None, metavar="PREFIX,CHUNK",
                     help="with --sweep: the (prefix, chunk) shape(s) to sweep (default 16384,2048; repeatable)")
     args = ap.parse_args(argv)
-    try:
-        shapes = [tuple(int(v) for v in sh.split(",")) for sh in args.shape or ["16384,2048"]]
-        if any(len(sh) != 2 or sh[0] < 0 or sh[1] < 1 for sh in shapes):
-            raise ValueError
-    except ValueError:
-        ap.error(f"--shape takes PREFIX,CHUNK with PREFIX >= 0 and CHUNK >= 1, got {args.shape}")
+    if args.shape and not args.sweep:
+        ap.error("--shape goes with --sweep")
+    shapes = args.shape or [TARGET_SHAPE]
     if not torch.cuda.is_available():
         print("bench kernels: no CUDA GPU on this machine; the kernel benchmark needs one (nothing measured).")
         print(json.dumps(dict(skipped="no CUDA GPU")))
         return 0
-    from .harness import environment
+    from .harness import environment, write_json
     if args.sweep:
         rows = [r for sh in shapes for r in sweep_attention(shape=sh)]
         for r in sorted(rows, key=lambda r: (r["prefix"], r["chunk"], -r.get("tflops", 0))):
@@ -251,14 +259,14 @@ def main(argv=None) -> int:
             print(f"{cfg:<64} " + (f"{r['tflops']:6.0f} TFLOP/s  err {r['max_abs_err']:.1e}" if "tflops" in r
                                    else r["error"]))
         if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "sweep.json").write_text(json.dumps(dict(environment=environment(), rows=rows), indent=1))
+            with output_dir(args.out) as out:
+                write_json(out / "sweep.json", dict(environment=environment(), rows=rows))
         return 0
     doc = dict(environment=environment(), **run_all(quick=args.quick))
     print_report(doc)
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "kernels.json").write_text(json.dumps(doc, indent=1))
+        with output_dir(args.out) as out:
+            write_json(out / "kernels.json", doc)
     print(json.dumps(dict(attention_tflops={f"P{r['prefix']}_C{r['chunk']}": round(r["triton_tflops"], 1)
                                             for r in doc["attention"]},
                           memory_bound_of_copy={m["op"]: round(m["triton_of_copy"], 3) for m in doc["memory_bound"]})))

@@ -10,7 +10,6 @@ not measurements: the device rates and efficiencies they assume are in pipeline/
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 HIDDEN_TOLERANCE = 0.05  # communication counts as hidden while it adds less than 5% to the overlapped TTFT
 
 
-def project(cfg, S: int, device: str, link_name: str, L: int, batch: int = 1, chunk_plan: str = "balanced",
+def project(cfg, S: int, device: str, link_name: str, L: int, batch: int = 1, plan: str = "balanced",
             chunk_size: int = 2048, granularity: int | None = None) -> dict:
     """One projected point: every mode's TTFT, the ideal T_compute / S, and how much bandwidth hiding needs."""
     from pipeline.costs import get_device, link_preset, roofline_stage_costs, stage_max
@@ -31,13 +30,15 @@ def project(cfg, S: int, device: str, link_name: str, L: int, batch: int = 1, ch
     costs = roofline_stage_costs(cfg, S, dev, batch)
     link = link_preset(link_name, dev)
     bpt = batch * cfg.hidden_size * 2  # bf16 hidden state
-    if chunk_plan == "balanced":
+    if plan not in ("balanced", "uniform"):
+        raise ValueError(f"plan must be 'balanced' or 'uniform', got {plan!r}")
+    if plan == "balanced":
         g = granularity or max(128, L // 64)
         chunks = plan_chunks(L, stage_max(costs), S, min(g, L), link=link, bytes_per_token=bpt).chunks
     else:
         chunks = chunk_plan(L, chunk_size)
     t_compute = sum(float(c(L, 0)) for c in costs)
-    row = dict(model=cfg_name(cfg), stages=S, link=link_name, link_gbps=link.bandwidth_gbps, prompt_len=L,
+    row = dict(model=cfg_name(cfg), stages=S, link=link_name, link_gbps=link.bandwidth_gbps, prompt_len=L, plan=plan,
                chunks=len(chunks), first_chunk=chunks[0], last_chunk=chunks[-1], t_compute_ms=t_compute * 1e3,
                ideal_ms=t_compute / S * 1e3,
                fits_in_memory=max(c.memory_bytes(L + 1) for c in costs) <= dev.memory_gb * 1e9)
@@ -79,7 +80,8 @@ def table(rows: list[dict]) -> str:
             "exp.comm ms", "hidden", "≥GB/s", "fits")
     out = [head]
     for r in rows:
-        out.append((r["model"], str(r["stages"]), r["link"], f"{r['prompt_len'] // 1024}k", str(r["chunks"]),
+        L = r["prompt_len"]
+        out.append((r["model"], str(r["stages"]), r["link"], f"{L // 1024}k" if L % 1024 == 0 else str(L), str(r["chunks"]),
                     f"{r['ideal_ms']:.0f}", f"{r['naive_ms']:.0f}", f"{r['chunked_ms']:.0f}",
                     f"{r['overlapped_ms']:.0f}", f"{r['overlapped_over_ideal']:.2f}",
                     f"{r['overlapped_exposed_comm_ms']:.1f}", "yes" if r["comm_hidden"] else "NO",
@@ -127,70 +129,61 @@ def write_plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _list(kind):
-    def parse(text):
-        vals = [kind(v) for v in text.split(",") if v.strip()]
-        if not vals:
-            raise argparse.ArgumentTypeError("empty list")
-        return vals
-    return parse
-
-
 def main(argv=None) -> int:
-    from pipeline.config import get_preset
-    from pipeline.costs import DEVICES, get_device, link_preset
-    ap = argparse.ArgumentParser(prog="python -m bench simulate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", type=_list(str), default=["llama3-8b", "llama3-70b"], help="model presets")
-    ap.add_argument("--device", default="h100", help=f"device preset: {', '.join(DEVICES)} (default: h100)")
-    ap.add_argument("--stages", type=_list(int), default=[2, 4, 8], help="pipeline stages (default: 2,4,8)")
-    ap.add_argument("--links", type=_list(str), default=["nvlink", "pcie5", "100gbe"],
-                    help="link presets: nvlink, pcie4, pcie5, ib-hdr, ib-ndr, 100gbe, 400gbe")
-    ap.add_argument("--prompt-lens", type=_list(int), default=[4096, 8192, 16384, 32768, 65536, 131072])
-    ap.add_argument("--batch", type=int, default=1)
+    from pipeline.config import PRESETS
+    from pipeline.costs import DEVICES, LINK_PRESETS, get_device, link_preset
+
+    from .harness import write_json
+    from .options import Parser, int_list, integer, name_list, out_path, output_dir, say
+    ap = Parser(prog="python -m bench simulate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", type=name_list([m for m in PRESETS if m not in ("tiny", "small")] + ["tiny", "small"],
+                                               "model preset"), default=["llama3-8b", "llama3-70b"],
+                    help="model presets (default: llama3-8b,llama3-70b)")
+    ap.add_argument("--device", choices=list(DEVICES), default="h100", help="device preset (default: h100)")
+    ap.add_argument("--stages", type=int_list(1), default=[2, 4, 8], help="pipeline stages (default: 2,4,8)")
+    ap.add_argument("--links", type=name_list(["nvlink", *LINK_PRESETS], "link preset"),
+                    default=["nvlink", "pcie5", "100gbe"], help="link presets (default: nvlink,pcie5,100gbe)")
+    ap.add_argument("--prompt-lens", type=int_list(1), default=[4096, 8192, 16384, 32768, 65536, 131072],
+                    help="prompt lengths (default: 4k-128k); each must fit the model's context")
+    ap.add_argument("--batch", type=integer(1), default=1, help="batch size (default: 1)")
     ap.add_argument("--chunk-plan", choices=["balanced", "uniform"], default="balanced")
-    ap.add_argument("--chunk-size", type=int, default=2048, help="uniform plan: tokens per chunk")
-    ap.add_argument("--granularity", type=int, default=None, help="balanced plan: boundary step (default L/64, "
-                                                                  "at least 128)")
-    ap.add_argument("--out", default="bench_out/simulate", help="output directory")
+    ap.add_argument("--chunk-size", type=integer(1), default=2048, help="uniform plan: tokens per chunk")
+    ap.add_argument("--granularity", type=integer(1), default=None, help="balanced plan: boundary step (default L/64, "
+                                                                         "at least 128)")
+    ap.add_argument("--out", type=out_path, default=Path("bench_out/simulate"), help="output directory")
     args = ap.parse_args(argv)
-    try:  # every name and size checked before any work
-        cfgs = {m: get_preset(m) for m in args.models}
-        dev = get_device(args.device)
-        for name in args.links:
-            link_preset(name, dev)
-        for name, vals in (("--stages", args.stages), ("--prompt-lens", args.prompt_lens),
-                           ("--batch", [args.batch]), ("--chunk-size", [args.chunk_size]),
-                           ("--granularity", [args.granularity or 1])):
-            if any(v <= 0 for v in vals):
-                raise ValueError(f"{name} must be positive, got {vals}")
-        for m, cfg in cfgs.items():
-            for S in args.stages:
-                if S > cfg.num_layers:
-                    raise ValueError(f"{m} has {cfg.num_layers} layers, cannot make {S} stages")
-        if args.granularity and args.granularity > min(args.prompt_lens):
-            raise ValueError(f"--granularity {args.granularity} is larger than the shortest prompt "
-                             f"({min(args.prompt_lens)} tokens)")
-    except ValueError as e:
-        sys.exit(f"bench simulate: {e}")
-    out = Path(args.out)
-    from .harness import check_output_dir
-    check_output_dir(out)
+    cfgs = {m: PRESETS[m] for m in args.models}
+    dev = get_device(args.device)
+    for m, cfg in cfgs.items():  # every size checked before any work
+        for S in args.stages:
+            if S > cfg.num_layers:
+                raise ValueError(f"{m} has {cfg.num_layers} layers, cannot make {S} stages")
+        for L in args.prompt_lens:
+            if L + 1 > cfg.max_seq_len:
+                raise ValueError(f"prompt length {L} (+1 decode token) exceeds {m}'s context of {cfg.max_seq_len} "
+                                 "tokens")
+    if args.granularity and args.granularity > min(args.prompt_lens):
+        raise ValueError(f"--granularity {args.granularity} is larger than the shortest prompt "
+                         f"({min(args.prompt_lens)} tokens)")
     from tqdm import tqdm
     grid = [(m, S, link, L) for m in args.models for S in args.stages for link in args.links for L in args.prompt_lens]
-    rows = [project(cfgs[m], S, args.device, link, L, args.batch, args.chunk_plan, args.chunk_size, args.granularity)
-            for m, S, link, L in tqdm(grid, desc="simulating", file=sys.stderr)]
-    title = f"projection: {dev.name}, batch {args.batch}, bf16, {args.chunk_plan} chunks (roofline model)"
-    write_plot(rows, out / "simulate.png", title)
-    doc = dict(kind="projection (model figures, not measurements)", device=dataclasses.asdict(dev),
-               links={name: dataclasses.asdict(link_preset(name, dev)) for name in args.links},
-               hidden_tolerance=HIDDEN_TOLERANCE, config=vars(args), rows=rows)
-    tmp = out / "simulate.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(out / "simulate.json")
+    with output_dir(args.out) as out:
+        say(f"bench simulate: {len(grid)} points ({dev.name} roofline, {args.chunk_plan} chunks)")
+        rows = [project(cfgs[m], S, args.device, link, L, args.batch, args.chunk_plan, args.chunk_size,
+                        args.granularity)
+                for m, S, link, L in tqdm(grid, desc="simulating", file=sys.stderr, disable=not sys.stderr.isatty())]
+        title = f"projection: {dev.name}, batch {args.batch}, bf16, {args.chunk_plan} chunks (roofline model)"
+        write_plot(rows, out / "simulate.png", title)
+        doc = dict(kind="projection (model figures, not measurements)", device=dataclasses.asdict(dev),
+                   links={name: dataclasses.asdict(link_preset(name, dev)) for name in args.links},
+                   hidden_tolerance=HIDDEN_TOLERANCE, config={k: str(v) if isinstance(v, Path) else v
+                                                              for k, v in vars(args).items()}, rows=rows)
+        write_json(out / "simulate.json", doc)
     print(title)
     print(table(rows))
     print(f"\n'hidden': overlapped sends add < {100 * HIDDEN_TOLERANCE:.0f}% to TTFT; '≥GB/s': the least link "
-          f"bandwidth for that; 'fits': weights + KV cache of the largest stage fit in {dev.memory_gb:.0f} GB.")
+          f"bandwidth for that ('inf': none does); 'fits': weights + KV cache of the largest stage fit in "
+          f"{dev.memory_gb:.0f} GB.")
     print(f"results: {out / 'simulate.json'}  plot: {out / 'simulate.png'}")
     print(json.dumps(dict(results=str(out / "simulate.json"), points=len(rows),
                           hidden=sum(r["comm_hidden"] for r in rows),

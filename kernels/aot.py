@@ -48,7 +48,8 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
     specs = []
     for head_dim, dtype, cfg in attn_mod.all_configs(divmod(arch, 10)):
         p = _PTR[dtype]
-        sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"StartPos": "*i32", "start_pos": "i32"}
+        sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"StartPos": "*i32", "start_pos": "i32",
+                                                                    "max_len": "i32"}
         for n in ("q", "kn", "vn", "kc", "vc", "o"):
             for axis in ("b", "m", "h"):
                 sig[f"stride_{n}{axis}"] = "i32"

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .shapes import integer, positive_number
+
 LOG2E = 1.4426950408889634
 
 
@@ -46,12 +48,12 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_limit, offs_
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["start_pos"])  # a new prefix length every chunk: one compiled kernel for all
+@triton.jit(do_not_specialize=["start_pos", "max_len"])  # a new prefix every chunk: one compiled kernel for all
 def _chunk_attention_kernel(
     # pointers (StartPos is read only with PER_ROW_START)
     Q, KN, VN, KC, VC, Out, StartPos,
-    # the prefix length of every row, unless PER_ROW_START
-    start_pos,
+    # the prefix length of every row, unless PER_ROW_START; the cache's length
+    start_pos, max_len,
     # strides (the head-dim stride is 1)
     stride_qb, stride_qm, stride_qh,
     stride_knb, stride_knm, stride_knh,
@@ -74,6 +76,11 @@ def _chunk_attention_kernel(
         P = tl.load(StartPos + b)  # prefix length of this batch row
     else:
         P = start_pos
+    # A row whose prefix + chunk does not fit the cache (a bad per-row start: the launcher cannot read a device
+    # tensor without a host sync) touches nothing: no cache write, no read past the cache, NaN out.
+    in_range = (P >= 0) & (P + C <= max_len)
+    P = tl.where(in_range, P, 0)
+    rows_ok = tl.where(in_range, C, 0)  # the chunk rows this program may write to the cache and to out
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # chunk-local query rows
     offs_n = tl.arange(0, BLOCK_N)
@@ -93,8 +100,8 @@ def _chunk_attention_kernel(
         kv_rows = offs_m[:, None]
         k_blk = tl.load(kn + kv_rows * stride_knm + offs_d[None, :], mask=row_ok, other=0.0)
         v_blk = tl.load(vn + kv_rows * stride_vnm + offs_d[None, :], mask=row_ok, other=0.0)
-        tl.store(kc + (P + kv_rows) * stride_kcm + offs_d[None, :], k_blk, mask=row_ok)
-        tl.store(vc + (P + kv_rows) * stride_vcm + offs_d[None, :], v_blk, mask=row_ok)
+        tl.store(kc + (P + kv_rows) * stride_kcm + offs_d[None, :], k_blk, mask=kv_rows < rows_ok)
+        tl.store(vc + (P + kv_rows) * stride_vcm + offs_d[None, :], v_blk, mask=kv_rows < rows_ok)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -116,7 +123,7 @@ def _chunk_attention_kernel(
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, diag, tl.minimum(m_lo + BLOCK_M, C),
                             C, offs_m, offs_n, offs_d, qk_scale, True, True, BLOCK_N, PRECISION)
 
-    out = acc / l_i[:, None]
+    out = tl.where(offs_m[:, None] < rows_ok, acc / l_i[:, None], float("nan"))
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok)
 
@@ -162,9 +169,11 @@ def all_configs(capability: tuple[int, int] = (9, 0)) -> list[tuple[int, torch.d
 def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
     named = dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache)
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"chunk_attention: {name} must be a 4-D tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"chunk_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4 or 0 in t.shape[:1] + t.shape[2:]:
+            raise ValueError(f"chunk_attention: {name} must be a 4-D tensor [B, len, heads, D] with B, heads, D >= 1, "
+                             f"got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"chunk_attention: {name} has unsupported dtype {t.dtype}")
         if t.dtype != q.dtype:
@@ -194,13 +203,25 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
                              f"{start_pos.dtype} {tuple(start_pos.shape)}")
         if start_pos.device != q.device:
             raise ValueError(f"chunk_attention: start_pos is on {start_pos.device} but q is on {q.device}")
-        # a device tensor is not read back (that would sync the host); its range is the caller's contract
+        if start_pos.device.type == "cpu":  # reading it costs nothing here: check every row
+            bad = [(b, int(p)) for b, p in enumerate(start_pos.tolist()) if not 0 <= p <= max_len - C]
+            if bad:
+                b, p = bad[0]
+                raise ValueError(f"chunk_attention: start_pos[{b}] = {p} puts the chunk of {C} at [{p}, {p + C}), "
+                                 f"outside the cache (each start must be in [0, {max_len - C}] for max_len "
+                                 f"{max_len})")
+        # on a GPU the kernel masks such rows off (NaN out, nothing written) and the launcher asserts
+        # asynchronously: no host sync on the hot path
     else:
-        if int(start_pos) < 0:
+        start_pos = integer("start_pos", start_pos)
+        if start_pos < 0:
             raise ValueError(f"chunk_attention: start_pos must be >= 0, got {start_pos}")
-        if int(start_pos) + C > max_len:
-            raise ValueError(f"chunk_attention: start_pos + C = {int(start_pos) + C} is past the cache "
+        if start_pos + C > max_len:
+            raise ValueError(f"chunk_attention: start_pos + C = {start_pos + C} is past the cache "
                              f"(max_len {max_len})")
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise TypeError("chunk_attention: bfloat16 on CPU runs in Triton's interpreter, which computes bf16 dots "
+                        "wrongly; use float32 or float16 there")
     return B, C, Hq, Hkv, D
 
 
@@ -234,18 +255,30 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
         config = _check_config(config)
     if sm_scale is None:
         sm_scale = D ** -0.5
+    sm_scale = positive_number("chunk_attention: sm_scale", sm_scale)
+    if out is None:
+        out = torch.empty_like(q)
+    elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+          or out.stride(-1) != 1):
+        raise ValueError(f"chunk_attention: out must match q ({q.dtype} {tuple(q.shape)}, last dim contiguous)")
+    if isinstance(start_pos, torch.Tensor) and q.is_cuda:  # reported at a later sync (device-side assert)
+        torch._assert_async(((start_pos >= 0) & (start_pos <= k_cache.shape[1] - C)).all(),
+                            "chunk_attention: a start_pos row puts the chunk outside the KV cache (row masked off)")
+    return _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config)
+
+
+def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=None):
+    """The kernel launch alone, on checked inputs (`chunk_attention` checks them)."""
+    B, C, Hq, D = q.shape
+    Hkv = k_new.shape[2]
     # an int start rides in the launch itself; a tensor [B] is read on the device (no host sync)
     per_row = isinstance(start_pos, torch.Tensor)
     starts = start_pos.to(torch.int32) if per_row else q  # q: a placeholder pointer the kernel never reads
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-        raise ValueError(f"chunk_attention: out must match q ({q.dtype} {tuple(q.shape)}, last dim contiguous)")
     cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else (9, 0)
     cfg = config or pick_config(C, D, q.dtype, cap)
     grid = (triton.cdiv(C, cfg["BLOCK_M"]), B * Hq)
     _chunk_attention_kernel[grid](
-        q, k_new, v_new, k_cache, v_cache, out, starts, 0 if per_row else int(start_pos),
+        q, k_new, v_new, k_cache, v_cache, out, starts, 0 if per_row else int(start_pos), k_cache.shape[1],
         q.stride(0), q.stride(1), q.stride(2),
         k_new.stride(0), k_new.stride(1), k_new.stride(2),
         v_new.stride(0), v_new.stride(1), v_new.stride(2),

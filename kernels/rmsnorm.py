@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import as_rows
+from .shapes import as_rows, non_negative_number, tensor
 
 
 @triton.jit
@@ -43,6 +43,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
     With residual None: (rmsnorm(x) * weight, x). `out` / `residual_out` receive the results when given.
     """
+    for name, t in (("x", x), ("weight", weight)) + ((("residual", residual),) if residual is not None else ()):
+        tensor(f"add_rms_norm: {name}", t)
+    eps = non_negative_number("add_rms_norm: eps", eps)
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"add_rms_norm: x must be [..., H] with at least one element, got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
+        raise TypeError(f"add_rms_norm: x and weight must share one of float32, float16, bfloat16, got {x.dtype} "
+                        f"and {weight.dtype}")
     H = x.shape[-1]
     if weight.shape != (H,):
         raise ValueError(f"add_rms_norm: weight must be [{H}], got {tuple(weight.shape)}")

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .shapes import integer, tensor
+
 
 @triton.jit
 def _rope_kernel(
@@ -37,8 +39,13 @@ def _rope_kernel(
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, out=None) -> torch.Tensor:
     """x [B, C, H, D]; cos, sin [max_len, D/2] fp32 tables. Returns the rotated x (same shape and dtype)."""
-    if x.dim() != 4:
-        raise ValueError(f"rope: x must be [B, C, H, D], got {tuple(x.shape)}")
+    for name, t in (("x", x), ("cos", cos), ("sin", sin)):
+        tensor(f"rope: {name}", t)
+    start_pos = integer("rope: start_pos", start_pos)
+    if x.dim() != 4 or 0 in x.shape:
+        raise ValueError(f"rope: x must be [B, C, H, D] with every size >= 1, got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"rope: x must be float32, float16 or bfloat16, got {x.dtype}")
     B, C, H, D = x.shape
     half = D // 2
     if D % 2 or half & (half - 1):

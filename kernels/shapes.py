@@ -1,7 +1,36 @@
-"""Input checks shared by the row-wise kernels (RMSNorm, SwiGLU): views of [..., N] tensors as rows [rows, N]."""
+"""Input checks shared by the launchers: integers and scales that must be what they say (a bool or 5.7 is not a
+position), and views of [..., N] tensors as rows [rows, N] for the row-wise kernels (RMSNorm, SwiGLU)."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+
+
+def integer(name: str, v) -> int:
+    """An int (numpy ints too), never a bool or a float: a position of 5.7 or True is a caller's bug."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
+    return int(v)
+
+
+def positive_number(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    return float(v)
+
+
+def non_negative_number(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
+def tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
 
 
 def as_rows(t: torch.Tensor, op: str, name: str) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import as_rows
+from .shapes import as_rows, tensor
 
 
 @triton.jit
@@ -31,6 +31,12 @@ def _swiglu_kernel(
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, out=None) -> torch.Tensor:
     """gate, up [..., I] (same shape, dtype, device). Returns silu(gate) * up, contiguous."""
+    tensor("swiglu: gate", gate)
+    tensor("swiglu: up", up)
+    if gate.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"swiglu: gate and up must be float32, float16 or bfloat16, got {gate.dtype}")
+    if gate.dim() < 1 or gate.numel() == 0:
+        raise ValueError(f"swiglu: gate must be [..., I] with at least one element, got {tuple(gate.shape)}")
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(f"swiglu: gate {gate.dtype} {tuple(gate.shape)} on {gate.device} and up {up.dtype} "
                          f"{tuple(up.shape)} on {up.device} must match")

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from .checks import NotFound
 
 # Architectures that share Llama's decoder (RMSNorm, rotate-half RoPE, GQA, SwiGLU) and its tensor names.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -23,15 +26,21 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     max_seq_len: int = 4096
     tie_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2 has biases on q/k/v
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2; Llama with attention_bias)
+    o_bias: bool = False  # a bias on the output projection (Llama with attention_bias)
     # Llama-3.1 style frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_len) or None
     rope_llama3_scaling: tuple[float, float, float, int] | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                      "intermediate_size", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {v!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
@@ -48,11 +57,18 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, directory: str | Path) -> "ModelConfig":
-        """Reads a Hugging Face `config.json` of a Llama-architecture model (Llama, Mistral, Qwen2)."""
+        """Reads a Hugging Face `config.json` of a Llama-architecture model (Llama, Mistral, Qwen2). Every field the
+        model's math depends on is checked: a missing or ill-typed one is named, and so is any option that would
+        change the math in a way this model does not implement (it is refused, never ignored)."""
         path = Path(directory) / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no config.json in {directory}")
-        hf = json.loads(path.read_text())
+            raise NotFound(f"no config.json in {directory}")
+        try:
+            hf = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported architecture {model_type!r} (architectures={hf.get('architectures')}) "
@@ -61,32 +77,67 @@ class ModelConfig:
             raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} in {path}: only 'silu' (SwiGLU)")
         if hf.get("mlp_bias", False):
             raise ValueError(f"mlp_bias=True in {path} is not supported")
-        if hf.get("sliding_window") and hf.get("use_sliding_window", model_type != "qwen2"):
+        window = hf.get("sliding_window")
+        if (window and hf.get("use_sliding_window", model_type != "qwen2")
+                and not (isinstance(window, int) and isinstance(hf.get("max_position_embeddings", 4096), int)
+                         and window >= hf.get("max_position_embeddings", 4096))):
+            # a window as long as the context never hides a key: the plain causal model
             raise ValueError(f"sliding-window attention (sliding_window={hf['sliding_window']}) in {path} "
                              "is not supported")
-        heads = hf["num_attention_heads"]
+        if hf.get("pretraining_tp", 1) not in (1, None):
+            raise ValueError(f"pretraining_tp={hf['pretraining_tp']} in {path} is not supported (only 1)")
+
+        def get(name, kind=int, default=None, positive=True):
+            if name not in hf or hf[name] is None:
+                if default is None:
+                    raise ValueError(f"{path} lacks {name!r}, which a {model_type} model needs")
+                return default
+            v = hf[name]
+            ok = (isinstance(v, bool) if kind is bool else
+                  isinstance(v, int) and not isinstance(v, bool) if kind is int else
+                  isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            if not ok or (positive and kind is not bool and v <= 0):
+                allowed = {bool: "true or false", int: "a positive integer", float: "a positive number"}[kind]
+                raise ValueError(f"{name}={v!r} in {path}: must be {allowed}")
+            return kind(v)
+
+        heads = get("num_attention_heads")
+        hidden = get("hidden_size")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters/rope_scaling in {path} must be an object, got {rope!r}")
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not math.isfinite(theta) or theta <= 0:
+            raise ValueError(f"rope_theta={theta!r} in {path}: must be a positive number")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         llama3 = None
         if rope_type == "llama3":
-            llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
-                      int(rope["original_max_position_embeddings"]))
+            try:
+                llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
+                          int(rope["original_max_position_embeddings"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"llama3 RoPE scaling in {path} needs numeric factor, low_freq_factor, "
+                                 f"high_freq_factor and original_max_position_embeddings ({e})") from None
         elif rope_type != "default":
             raise ValueError(f"unsupported RoPE type {rope_type!r} in {path}: only 'default' and 'llama3'")
+        # biases exactly where each architecture's Hugging Face model has them (transformers 4.45-5.x):
+        # Llama: attention_bias puts one on q, k, v and o; Qwen2: always on q, k, v, never on o; Mistral: none
+        bias = get("attention_bias", bool, False) if model_type == "llama" else False
+        head_dim = get("head_dim", int, hidden // heads if hidden % heads == 0 else None)
         return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=get("vocab_size"),
+            hidden_size=hidden,
+            num_layers=get("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            intermediate_size=hf["intermediate_size"],
+            num_kv_heads=get("num_key_value_heads", int, heads),
+            head_dim=head_dim,
+            intermediate_size=get("intermediate_size"),
             rope_theta=float(theta),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_seq_len=int(hf.get("max_position_embeddings", 4096)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            rms_norm_eps=get("rms_norm_eps", float, 1e-6),
+            max_seq_len=get("max_position_embeddings", int, 4096),
+            tie_embeddings=get("tie_word_embeddings", bool, False),
+            qkv_bias=bias or model_type == "qwen2",
+            o_bias=bias,
             rope_llama3_scaling=llama3,
         )
 

@@ -5,36 +5,30 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
-import queue
-import socket
+import signal
 import time
-import traceback
 from dataclasses import dataclass, field
-from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from . import checks
+from .checks import DTYPES
 from .link import DistChannel, LinkModel, LocalChannel
+from .config import ModelConfig
 from .model import resolve_config
-from .pauses import ActiveClock, PauseMonitor
+from .procs import PipelineError, init_process_group, run_spawned, torchrun_rank
 from .schedule import MODES, Clock, StageRecord, check_mode, chunk_plan, stage_program, summarize, timeline
 from .stage import Stage, split_layers
 
 LINKS = ("inprocess", "gloo", "nccl")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class PipelineError(RuntimeError):
-    """A stage failed or died; the message names the stage and the error."""
 
 
 @dataclass(frozen=True)
 class PipelineSpec:
     """How the pipeline is set up: the model, its split, the link, the ops and where it runs."""
-    source: str = "tiny"
+    source: str | ModelConfig = "tiny"  # preset name, Hugging Face directory or a ModelConfig
     stages: int | tuple[int, ...] = 2
     link: str = "inprocess"
     ops: str = "torch"
@@ -45,28 +39,50 @@ class PipelineSpec:
     seed: int = 0
     threads: int | None = None  # torch threads per stage process (default: cores // stages)
     timeout_s: float = 60.0  # a stage blocked this long on a peer fails instead of hanging
-    fault: tuple[str, int] | None = None  # tests only: ("raise" | "exit", stage) injects a failure
+    fault: tuple[str, int] | None = None  # tests only: ("raise" | "exit" | "stop" | "hang", stage) injects one
 
     @property
     def num_stages(self) -> int:
         return self.stages if isinstance(self.stages, int) else len(self.stages)
 
     def validate(self) -> None:
+        """Every field checked, and a Hugging Face checkpoint read (config and safetensors headers, no tensor
+        data) against its config, here in the calling process: before any stage process starts."""
         if self.link not in LINKS:
             raise ValueError(f"unknown link {self.link!r}; choose one of {', '.join(LINKS)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        checks.dtype_name(self.dtype)
+        if not isinstance(self.dtype, str):
+            raise TypeError(f"dtype must be the name of a dtype ({', '.join(DTYPES)}), got {self.dtype!r}")
         cfg = resolve_config(self.source)
+        if isinstance(self.stages, bool) or not isinstance(self.stages, (int, tuple)):
+            raise TypeError(f"stages must be a number of stages or per-stage layer counts, got {self.stages!r}")
         split_layers(cfg.num_layers, self.stages if isinstance(self.stages, int) else list(self.stages))
-        LinkModel(self.bandwidth_gbps, self.latency_s)
+        if self.bandwidth_gbps is not None:
+            checks.number("bandwidth_gbps", self.bandwidth_gbps, 0, strict=True)
+        checks.number("latency_s", self.latency_s, 0)
+        checks.integer("seed", self.seed)
+        if self.threads is not None:
+            checks.positive_int("threads", self.threads)
+        checks.number("timeout_s", self.timeout_s, 0, strict=True)
         from .ops import get_ops
         get_ops(self.ops)
+        device = checks.device(self.device)
         if self.link == "nccl" and not torch.cuda.is_available():
             raise ValueError("the nccl link needs CUDA devices; use gloo or inprocess on CPU")
-        if self.link == "gloo" and torch.device(self.device).type != "cpu":
+        if self.link == "gloo" and device.type != "cpu":
             raise ValueError("the gloo link carries CPU tensors: use device='cpu' (or the nccl link)")
-        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        if self.ops == "triton" and device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("ops='triton' on CPU needs TRITON_INTERPRET=1 set before Python starts (Triton's "
+                                 "interpreter: correct, far from fast); use ops='torch' otherwise")
+            if self.dtype == "bfloat16":
+                raise ValueError("ops='triton' with bfloat16 on CPU: Triton's interpreter computes bf16 wrongly; "
+                                 "use float32 or float16 (or ops='torch')")
+        if isinstance(self.source, ModelConfig):
+            return
+        if Path(self.source).is_dir():
+            from .weights import validate_checkpoint
+            validate_checkpoint(self.source, cfg)
 
 
 @dataclass
@@ -137,6 +153,10 @@ class _Runner:
         if self.spec.fault and self.spec.fault[1] == stage_index:
             if self.spec.fault[0] == "exit":
                 os._exit(17)
+            if self.spec.fault[0] == "stop":  # stops answering: as if sent SIGSTOP
+                os.kill(os.getpid(), signal.SIGSTOP)
+            if self.spec.fault[0] == "hang":  # alive, heartbeat running, never gets on
+                time.sleep(1e6)
             raise RuntimeError(f"injected failure in stage {stage_index}")
 
     # in-process: every stage here, interleaved chunk by chunk
@@ -296,14 +316,19 @@ def run_order(jobs: list[Job]) -> list[tuple[int, bool]]:
     return order
 
 
-def _run_all(run_once, jobs: list[Job]) -> list[list[PrefillResult]]:
+def _run_all(run_once, jobs: list[Job], progress=None) -> list[list[PrefillResult]]:
     """Runs `jobs` in `run_order`; returns, per job, the results of its timed runs (empty lists off rank 0, where
-    `run_once` returns None)."""
+    `run_once` returns None). `progress(done, total, what)` is called before each run and once at the end."""
     out: list[list] = [[] for _ in jobs]
-    for j, timed in run_order(jobs):
+    order = run_order(jobs)
+    for i, (j, timed) in enumerate(order):
+        if progress is not None:
+            progress(i, len(order), f"{jobs[j].mode} {'timed' if timed else 'warm-up'}")
         res = run_once(jobs[j])
         if timed and res is not None:
             out[j].append(res)
+    if progress is not None:
+        progress(len(order), len(order), "done")
     return out
 
 
@@ -314,26 +339,16 @@ def _to_cpu(obj):
         return type(obj)(_to_cpu(o) for o in obj)
     if isinstance(obj, dict):
         return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, StageRecord):
-        return obj
     return obj
-
-
-# ---- multi-process --------------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _threads(spec: PipelineSpec) -> int:
     return spec.threads or max(1, (os.cpu_count() or 1) // spec.num_stages)
 
 
-def rank_main(spec: PipelineSpec, jobs: list[Job]) -> list[list[PrefillResult]] | None:
+def rank_main(spec: PipelineSpec, jobs: list[Job], progress=None) -> list[list[PrefillResult]] | None:
     """Entry point of one stage process (spawned here or started by torchrun); the process group must be up.
-    Returns the results on rank 0, None elsewhere."""
+    Returns the results on rank 0, None elsewhere; `progress` is called on rank 0 only."""
     torch.set_num_threads(_threads(spec))
     rank = dist.get_rank()
     if spec.link == "nccl":
@@ -341,179 +356,106 @@ def rank_main(spec: PipelineSpec, jobs: list[Job]) -> list[list[PrefillResult]] 
         spec = dataclasses.replace(spec, device=f"cuda:{torch.cuda.current_device()}")
     runner = _Runner(spec, rank)
     try:
-        results = _run_all(lambda job: _run_once_rank(runner, job), jobs)
+        results = _run_all(lambda job: _run_once_rank(runner, job), jobs, progress if rank == 0 else None)
     finally:
         runner.close()
     return results if rank == 0 else None
 
 
-def init_process_group(spec: PipelineSpec, rank: int | None = None, world: int | None = None, port: int | None = None):
-    """env:// rendezvous (torchrun sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) or an explicit local one."""
-    if rank is not None:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    world = int(os.environ["WORLD_SIZE"])
-    if world != spec.num_stages:
-        raise ValueError(f"world size {world} differs from the number of stages {spec.num_stages}: launch "
-                         f"torchrun --nproc-per-node {spec.num_stages}")
-    backend = "nccl" if spec.link == "nccl" else "gloo"
-    dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=spec.timeout_s))
-
-
-def _spawned(rank, world, port, spec, jobs, q):
-    try:
-        init_process_group(spec, rank, world, port)
-        results = rank_main(spec, jobs)
-        if rank == 0:  # plain pickle: no shared-memory handles that die with this process
-            q.put(("ok", rank, pickle.dumps(results)))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as e:  # report, then die non-zero: the parent tears the others down
-        q.put(("error", rank, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-        q.close()
-        q.join_thread()  # flush the report before the hard exit
-        os._exit(1)
-
-
-_PEER_ERRORS = ("Connection closed", "Connection reset", "Gloo", "gloo", "NCCL", "Timed out", "timed out")
-
-
-def _first_cause(errors: list[tuple[int, str]]) -> str:
-    """When one stage fails its peers fail too (closed connections): name the stage that started it first."""
-    errors = sorted(errors, key=lambda e: any(p in e[1].splitlines()[0] for p in _PEER_ERRORS))
-    rank, msg = errors[0]
-    others = "".join(f"\n(then stage {r}: {m.splitlines()[0]})" for r, m in errors[1:])
-    return f"stage {rank} failed: {msg}{others}"
-
-
-def _run_spawned(spec: PipelineSpec, jobs: list[Job]) -> list[list[PrefillResult]]:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port, S = _free_port(), spec.num_stages
-    procs = [ctx.Process(target=_spawned, args=(r, S, port, spec, jobs, q), daemon=True) for r in range(S)]
-    for p in procs:
-        p.start()
-    results, errors, error = None, [], None
-    try:
-        deadline = None  # once something failed, collect the other reports for a moment, then stop
-        while results is None and error is None:
-            try:
-                status, rank, payload = q.get(timeout=0.2)
-                if status == "ok":
-                    results = pickle.loads(payload)
-                else:
-                    errors.append((rank, payload))
-                    deadline = deadline or time.time() + 1.0
-            except queue.Empty:
-                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead and deadline is None:
-                    deadline = time.time() + 1.0
-                if results is None and all(p.exitcode == 0 for p in procs):
-                    error = "stage processes exited without returning results"
-            if deadline is not None and time.time() > deadline:
-                reported = {r for r, _ in errors}
-                silent = [(r, p.exitcode) for r, p in enumerate(procs)
-                          if p.exitcode not in (None, 0) and r not in reported]
-                if silent:  # a process that died without a word is the likeliest first cause
-                    r, code = silent[0]
-                    error = f"stage {r} died (exit code {code}) without reporting an error" + "".join(
-                        f"\n(then stage {r2}: {m.splitlines()[0]})" for r2, m in errors)
-                else:
-                    error = _first_cause(errors)
-    finally:
-        if error is not None:
-            for p in procs:
-                if p.is_alive():
-                    p.kill()
-        for p in procs:
-            p.join(timeout=spec.timeout_s)
-    if error is not None:
-        raise PipelineError(error)
-    return results
-
-
 # ---- public entry points ---------------------------------------------------------------------------------------
 
-def run_jobs(spec: PipelineSpec, jobs: list[Job]) -> list[list[PrefillResult]]:
+def check_job(job: Job, cfg) -> None:
+    """A job's fields, one by one, against the model's limits: a one-line error naming the bad value."""
+    if not isinstance(job, Job):
+        raise TypeError(f"jobs must be Job objects, got {job!r}")
+    check_mode(job.mode)
+    check_tokens(job.tokens, cfg, decode=job.decode)
+    chunk_plan(job.tokens.shape[1], chunks=job.chunks)
+    checks.positive_int("repeats", job.repeats)
+    checks.integer("warmup", job.warmup, 0)
+    checks.flag("decode", job.decode)
+    checks.flag("return_cache", job.return_cache)
+
+
+def check_tokens(tokens, cfg, decode: bool = False) -> None:
+    """tokens: a torch.long tensor [B, L] with B, L >= 1, ids in [0, vocab), L (+1 with decode) within context."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a torch.long tensor [B, L], got {type(tokens).__name__}")
+    if tokens.dtype != torch.long:
+        raise TypeError(f"tokens must be a torch.long tensor [B, L], got {tokens.dtype}")
+    if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+        raise ValueError(f"tokens must have shape [B, L] with B, L >= 1 (an empty prompt has nothing to prefill), "
+                         f"got {tuple(tokens.shape)}")
+    L = tokens.shape[1]
+    if L + int(bool(decode)) > cfg.max_seq_len:
+        raise ValueError(f"prompt of {L} tokens{' (+1 decode)' if decode else ''} exceeds the model's max_seq_len "
+                         f"{cfg.max_seq_len}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got min {lo}, max {hi}")
+
+
+def run_jobs(spec: PipelineSpec, jobs: list[Job], progress=None) -> list[list[PrefillResult]] | None:
     """Runs each job on one pipeline set-up; returns, per job, one PrefillResult per timed repeat. Warm-ups run
-    first, then the timed repeats round-robin over the jobs (`run_order`)."""
+    first, then the timed repeats round-robin over the jobs (`run_order`). Under torchrun (one process per stage,
+    process group from env://) every rank calls this with the same arguments; rank 0 gets the results, the other
+    ranks None. `progress(done, total, what)`, if given, is called (on rank 0) before each run and at the end."""
+    if not isinstance(spec, PipelineSpec):
+        raise TypeError(f"spec must be a PipelineSpec, got {spec!r}")
     spec.validate()
     cfg = resolve_config(spec.source)
+    if not isinstance(jobs, (list, tuple)) or not jobs:
+        raise ValueError(f"jobs must be a non-empty list of Job, got {jobs!r}")
     for job in jobs:
-        check_mode(job.mode)
-        if not isinstance(job.tokens, torch.Tensor) or job.tokens.dtype != torch.long or job.tokens.dim() != 2:
-            raise TypeError("tokens must be a torch.long tensor [B, L]")
-        L = job.tokens.shape[1]
-        if L + int(job.decode) > cfg.max_seq_len:
-            raise ValueError(f"prompt of {L} tokens (+1 decode) exceeds max_seq_len {cfg.max_seq_len}")
-        if int(job.tokens.min()) < 0 or int(job.tokens.max()) >= cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
-        chunk_plan(L, chunks=job.chunks)
-        if job.repeats < 1 or job.warmup < 0:
-            raise ValueError("repeats must be >= 1 and warmup >= 0")
-    if torch.device(spec.device).type != "cpu":  # CUDA events time the device; host pauses do not enter
-        return _run(spec, jobs)
-    with PauseMonitor() as monitor:
-        results = _run(spec, jobs)
-    if results is not None:
-        clock = ActiveClock(monitor.pauses)
-        for runs in results:
-            for res in runs:
-                _cut_pauses(res, clock)
-    return results
+        check_job(job, cfg)
+    return _run(spec, jobs, progress)
 
 
-def _run(spec: PipelineSpec, jobs: list[Job]):
+def _run(spec: PipelineSpec, jobs: list[Job], progress=None):
+    rank = torchrun_rank()
     if spec.link == "inprocess":
+        if rank is not None and dist.get_world_size() > 1:
+            raise ValueError("link 'inprocess' runs every stage in this one process: launch it without torchrun")
         runner = _Runner(spec, None)
         try:
-            return _run_all(lambda job: _run_once_inprocess(runner, job), jobs)
+            return _run_all(lambda job: _run_once_inprocess(runner, job), jobs, progress)
         finally:
             runner.close()
-    if dist.is_initialized() or "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: this is one rank
+    if rank is not None:  # started by torchrun: this process is one stage
         if not dist.is_initialized():
             init_process_group(spec)
-        return rank_main(spec, jobs)
-    return _run_spawned(spec, jobs)
-
-
-def _cut_pauses(res: PrefillResult, clock: ActiveClock) -> None:
-    """Re-derives a run's figures and timeline with the machine's pauses cut out (see pauses.py); the wall-clock
-    TTFT and the paused time stay in the metrics as wall_ttft_s and paused_s."""
-    if clock(res.t_end) - clock(res.t_start) <= 0:
-        # "paused" for the whole run: the monitor was starved (CPU contention), not the machine stopped. The
-        # wall-clock figures stand; paused_s says how much the monitor saw.
-        res.metrics = dict(res.metrics, wall_ttft_s=res.t_end - res.t_start,
-                           paused_s=clock.paused_between(res.t_start, res.t_end), pause_cut=False)
-        return
-    conv = lambda pairs: [(clock(a), clock(b)) for a, b in pairs]  # noqa: E731
-    records = [StageRecord(r.stage, r.chunks, conv(r.compute), conv(r.recv_wait), conv(r.send_wait), conv(r.send),
-                           r.bytes_sent) for r in res.records]
-    t0, t1 = clock(res.t_start), clock(res.t_end)
-    extra = {k: v for k, v in res.metrics.items() if k.startswith("decode")}
-    res.metrics = dict(summarize(records, t0, t1), wall_ttft_s=res.t_end - res.t_start,
-                       paused_s=clock.paused_between(res.t_start, res.t_end), **extra)
-    res.timeline = timeline(records, t0)
-    res.records, res.t_start, res.t_end = records, t0, t1
+        return rank_main(spec, jobs, progress)
+    return run_spawned(spec, jobs, rank_main, progress)
 
 
 def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: int | list[int] = 2,
                 chunk_size: int | None = None, chunks: list[int] | None = None, link: str = "inprocess",
                 ops: str = "torch", dtype: str = "float32", device: str = "cpu", bandwidth_gbps: float | None = None,
-                latency_s: float = 0.0, decode: bool = True, return_cache: bool = False, **spec_kw) -> PrefillResult:
+                latency_s: float = 0.0, decode: bool = True, return_cache: bool = False,
+                **spec_kw) -> PrefillResult | None:
     """One prefill request through the pipeline. Returns the last-position logits [B, V], the measurements and,
-    with return_cache, every stage's KV cache. `unchunked` ignores stages and chunks (it is the baseline)."""
+    with return_cache, every stage's KV cache. `unchunked` ignores stages and chunks (it is the baseline).
+
+    link 'gloo' / 'nccl' start one process per stage (spawn): in a script, call this under
+    `if __name__ == "__main__":`. Under torchrun every rank calls it; rank 0 gets the result, the others None."""
     check_mode(mode)
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-        raise ValueError("tokens must be a torch.long tensor [B, L]")
+    cfg = resolve_config(source)
+    check_tokens(tokens, cfg, decode=decode)
     plan = chunk_plan(tokens.shape[1], chunk_size, chunks)  # validated in every mode
     if mode in ("unchunked", "naive"):
         plan = [tokens.shape[1]]  # the baseline and the naive pipeline run the prompt whole
-    spec = PipelineSpec(source=str(source), stages=stages if isinstance(stages, int) else tuple(stages), link=link,
-                        ops=ops, dtype=dtype, device=device, bandwidth_gbps=bandwidth_gbps, latency_s=latency_s,
-                        **spec_kw)
+    unknown = set(spec_kw) - {f.name for f in dataclasses.fields(PipelineSpec)}
+    if unknown:
+        raise TypeError(f"run_prefill() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+    if isinstance(stages, (list, tuple)):
+        stages = tuple(checks.int_list("stages", stages))
+    spec = PipelineSpec(source=source if isinstance(source, ModelConfig) else str(source), stages=stages, link=link,
+                        ops=ops, dtype=checks.dtype_name(dtype), device=device, bandwidth_gbps=bandwidth_gbps,
+                        latency_s=latency_s, **spec_kw)
     job = Job(mode, tokens, plan, decode=decode, return_cache=return_cache)
-    return run_jobs(spec, [job])[0][0]
+    results = run_jobs(spec, [job])
+    return None if results is None else results[0][0]
 
 
 __all__ = ["MODES", "LINKS", "PipelineSpec", "Job", "PrefillResult", "PipelineError", "run_jobs", "run_prefill",
-           "init_process_group", "rank_main"]
+           "init_process_group", "rank_main", "check_tokens"]

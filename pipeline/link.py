@@ -23,6 +23,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from . import checks
+
 
 @dataclass(frozen=True)
 class LinkModel:
@@ -31,10 +33,9 @@ class LinkModel:
     latency_s: float = 0.0
 
     def __post_init__(self):
-        if self.bandwidth_gbps is not None and self.bandwidth_gbps <= 0:
-            raise ValueError(f"emulated link bandwidth must be positive, got {self.bandwidth_gbps} GB/s")
-        if self.latency_s < 0:
-            raise ValueError(f"emulated link latency must be >= 0, got {self.latency_s}")
+        if self.bandwidth_gbps is not None:
+            checks.number("emulated link bandwidth (GB/s)", self.bandwidth_gbps, 0, strict=True)
+        checks.number("emulated link latency (s)", self.latency_s, 0)
 
     @property
     def active(self) -> bool:

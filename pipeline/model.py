@@ -10,6 +10,7 @@ from torch import nn
 
 from kernels import rope_tables
 
+from . import checks
 from .config import ModelConfig, get_preset
 from .ops import Ops, get_ops
 from .weights import load_hf_weights, random_weights
@@ -38,8 +39,8 @@ class Block(nn.Module):
         self.cfg = cfg
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.attention_norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)  # fused q, k, v projections
-        self.wo = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)  # fused q, k, v projections
+        self.wo = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
         self.ffn_norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # fused gate, up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
@@ -100,9 +101,11 @@ class Transformer(nn.Module):
                 block.attention_norm.copy_(state[p + "input_layernorm.weight"])
                 block.ffn_norm.copy_(state[p + "post_attention_layernorm.weight"])
                 block.wqkv.weight.copy_(torch.cat([state[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
-                if self.cfg.attention_bias:
+                if self.cfg.qkv_bias:
                     block.wqkv.bias.copy_(torch.cat([state[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]))
                 block.wo.weight.copy_(state[p + "self_attn.o_proj.weight"])
+                if self.cfg.o_bias:
+                    block.wo.bias.copy_(state[p + "self_attn.o_proj.bias"])
                 block.w13.weight.copy_(torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]))
                 block.w2.weight.copy_(state[p + "mlp.down_proj.weight"])
             if self.is_last:
@@ -187,31 +190,44 @@ class Transformer(nn.Module):
         return self.prefill(tokens)[0]
 
 
-def resolve_config(source: str | Path) -> ModelConfig:
-    """A preset name or a Hugging Face directory -> its ModelConfig."""
+def resolve_config(source: str | Path | ModelConfig) -> ModelConfig:
+    """A preset name, a Hugging Face directory or a ModelConfig -> its ModelConfig."""
     if isinstance(source, ModelConfig):
         return source
+    if not isinstance(source, (str, Path)):
+        raise TypeError(f"model source must be a preset name, a directory or a ModelConfig, got {source!r}")
+    if str(source).strip() == "":
+        raise ValueError(f"model source must be a preset name or a Hugging Face directory, got {str(source)!r}")
     if Path(source).is_dir():
         return ModelConfig.from_hf(source)
-    if isinstance(source, str) and ("/" in source or source.startswith(".")):
-        raise FileNotFoundError(f"model directory {source} does not exist")
-    return get_preset(str(source))
+    if isinstance(source, Path) or "/" in source or source.startswith("."):
+        if Path(source).exists():
+            raise ValueError(f"model {source} is a file; give the Hugging Face directory that holds config.json")
+        raise checks.NotFound(f"model directory {source} does not exist")
+    return get_preset(source)
 
 
-def load_model(source: str | Path | ModelConfig, dtype: torch.dtype = torch.float32, device="cpu",
+def load_model(source: str | Path | ModelConfig, dtype: torch.dtype | str = torch.float32, device="cpu",
                layers: range | None = None, ops: str | Ops = "torch", seed: int = 0) -> Transformer:
     """Builds layers `layers` (default all) of a preset (seeded random weights) or a Hugging Face directory
-    (safetensors, only the tensors those layers need)."""
+    (safetensors, only the tensors those layers need, after checking the checkpoint against config.json).
+    dtype: float32, float16 or bfloat16 (name or torch dtype)."""
     cfg = resolve_config(source)
+    dtype = checks.DTYPES[checks.dtype_name(dtype)]
+    device = checks.device(device)
+    checks.integer("seed", seed)
+    if layers is not None and not isinstance(layers, range):
+        raise TypeError(f"layers must be a range of layer indices, got {layers!r}")
     layers = range(cfg.num_layers) if layers is None else layers
+    get_ops(ops)
     with torch.device("meta"):
         model = Transformer(cfg, layers, ops)
-    model = model.to_empty(device=device)
     first, last = model.is_first, model.is_last
     if isinstance(source, ModelConfig) or not Path(source).is_dir():
         state = random_weights(cfg, layers, first, last, seed, device=device)
     else:
         state = load_hf_weights(source, cfg, layers, first, last)
+    model = model.to_empty(device=device)
     model.load_hf_state(state)
     model = model.to(dtype)
     # RoPE tables stay fp32 whatever the model dtype (and were left uninitialised by to_empty)

@@ -7,9 +7,9 @@ included) and per-chunk send times l_k, an S-stage pipeline with overlapped send
     T = Σ_k t_k + (S − 1) · max_k (t_k + l_k)
 
 (every chunk passes the first stage; the slowest chunk, with its send, once more through each further stage).
-`plan_chunks` minimises T by dynamic programming over chunk boundaries on a granularity: for a cap M on
+`plan_chunks` minimises T exactly by dynamic programming over chunk boundaries on a granularity: for a cap M on
 t_k + l_k it finds the boundaries with the least Σ t_k among those with every chunk under the cap; T is then
-minimised over the caps.
+minimised over every cap that can matter.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import checks
 from .link import LinkModel
 
 
@@ -44,25 +45,33 @@ def predicted_makespan(chunks: list[int], cost, stages: int, link: LinkModel | N
 
 def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: LinkModel | None = None,
                 bytes_per_token: int = 0, num_chunks: int | None = None, max_chunk: int | None = None,
-                start_pos: int = 0, max_caps: int = 256) -> ChunkPlan:
+                start_pos: int = 0) -> ChunkPlan:
     """Chunk boundaries (multiples of `granularity`, the last chunk ending at the prompt's end) that minimise the
-    predicted makespan. `cost(x, p)` is the slowest stage's seconds for a chunk of x tokens after p (numpy
+    predicted makespan, exactly. `cost(x, p)` is the slowest stage's seconds for a chunk of x tokens after p (numpy
     broadcasting, see `costs`); `link` and `bytes_per_token` add each chunk's send; `num_chunks` fixes the number
     of chunks (otherwise the planner picks it, trading overhead against pipeline fill); `max_chunk` bounds a chunk
-    (e.g. activation memory). Caps are tried exhaustively up to `max_caps` distinct values, otherwise on quantiles
-    refined around the best."""
-    for name, v in (("prompt_len", prompt_len), ("stages", stages), ("granularity", granularity)):
-        if not isinstance(v, (int, np.integer)) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    (e.g. activation memory).
+
+    For a cap M on t_k + l_k, f(M) = the least Σ t_k over plans whose every chunk is under the cap; the optimum is
+    min over M of f(M) + (S − 1)·M, and only the distinct values of t_k + l_k matter as caps. Every cap between the
+    least feasible one and the one where even the unconstrained Σ t_k can no longer win is evaluated, all caps at
+    once per DP step (numpy over caps), so the result is exact at any prompt length."""
+    prompt_len = checks.positive_int("prompt_len", prompt_len)
+    stages = checks.positive_int("stages", stages)
+    granularity = checks.positive_int("granularity", granularity)
+    if not callable(cost):
+        raise TypeError(f"cost must be a callable cost(x, p) -> seconds, got {cost!r}")
+    if link is not None and not isinstance(link, LinkModel):
+        raise TypeError(f"link must be a LinkModel or None, got {link!r}")
+    bytes_per_token = checks.integer("bytes_per_token", bytes_per_token, 0)
+    start_pos = checks.integer("start_pos", start_pos, 0)
     if granularity > prompt_len:
         raise ValueError(f"granularity {granularity} is larger than the prompt ({prompt_len} tokens)")
-    if start_pos < 0:
-        raise ValueError(f"start_pos must be >= 0, got {start_pos}")
-    if max_chunk is not None and max_chunk < granularity:
+    if max_chunk is not None and checks.positive_int("max_chunk", max_chunk) < granularity:
         raise ValueError(f"max_chunk {max_chunk} is smaller than the granularity {granularity}")
     bounds = np.array(list(range(0, prompt_len, granularity)) + [prompt_len], dtype=np.int64)
     N = len(bounds) - 1
-    if num_chunks is not None and not 1 <= num_chunks <= N:
+    if num_chunks is not None and not 1 <= checks.integer("num_chunks", num_chunks) <= N:
         raise ValueError(f"num_chunks must be in 1..{N} for {prompt_len} tokens at granularity {granularity}, "
                          f"got {num_chunks}")
     i, j = np.meshgrid(np.arange(N + 1), np.arange(N + 1), indexing="ij")
@@ -71,16 +80,37 @@ def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: L
     if max_chunk is not None:
         valid &= x <= max_chunk
     xs = np.where(valid, x, 1.0)
-    T = np.where(valid, np.broadcast_to(cost(xs, start_pos + bounds[i].astype(np.float64)), xs.shape), np.inf)
+    ps = start_pos + bounds[i].astype(np.float64)
+    t_all = np.broadcast_to(np.asarray(cost(xs, ps), dtype=np.float64), xs.shape)
+    bad = valid & ~(np.isfinite(t_all) & (t_all >= 0))
+    if bad.any():
+        a, b = np.argwhere(bad)[0]
+        checks.seconds("cost", cost, xs[a, b], ps[a, b])  # raises, naming the chunk
+    T = np.where(valid, t_all, np.inf)  # T[a, b]: the chunk (bounds[a], bounds[b]]
     if link is not None:
         sizes = np.unique(xs[valid]).astype(np.int64)
-        delay = {int(s): link.delay_s(int(s) * bytes_per_token) for s in sizes}
-        Lk = np.where(valid, np.vectorize(lambda s: delay.get(int(s), 0.0))(xs), 0.0)
+        delay = {int(sz): link.delay_s(int(sz) * bytes_per_token) for sz in sizes}
+        Lk = np.where(valid, np.vectorize(lambda sz: delay.get(int(sz), 0.0))(xs), 0.0)
     else:
         Lk = np.zeros_like(T)
     E = T + Lk
 
-    def best_path(cap: float):
+    def least_sums(caps: np.ndarray) -> np.ndarray:
+        """f(M) for every cap M at once: best[c, j] = least Σ t over plans of bounds[0..j] under cap c."""
+        best = np.full((len(caps), N + 1), np.inf)
+        best[:, 0] = 0.0
+        if num_chunks is None:
+            for jj in range(1, N + 1):
+                Tc = np.where(E[None, :jj, jj] <= caps[:, None], T[None, :jj, jj], np.inf)  # [caps, from]
+                best[:, jj] = (best[:, :jj] + Tc).min(axis=1)
+            return best[:, N]
+        for _ in range(num_chunks):
+            Tc = np.where(E[None] <= caps[:, None, None], T[None], np.inf)  # [caps, from, to]
+            best = (best[:, :, None] + Tc).min(axis=1)
+        return best[:, N]
+
+    def path_under(cap: float) -> list[int]:
+        """The boundary indices of the plan that attains f(cap)."""
         Tc = np.where(E <= cap, T, np.inf)
         if num_chunks is None:
             best = np.full(N + 1, np.inf)
@@ -90,8 +120,6 @@ def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: L
                 cand = best[:jj] + Tc[:jj, jj]
                 arg[jj] = int(np.argmin(cand))
                 best[jj] = cand[arg[jj]]
-            if not np.isfinite(best[N]):
-                return None
             path, jj = [N], N
             while jj:
                 jj = arg[jj]
@@ -105,45 +133,35 @@ def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: L
             a = np.argmin(cand, axis=0)
             args.append(a)
             best = cand[a, np.arange(N + 1)]
-        if not np.isfinite(best[N]):
-            return None
         path, jj = [N], N
         for a in reversed(args):
             jj = int(a[jj])
             path.append(jj)
         return path[::-1]
 
-    def objective(path):
-        steps = list(zip(path[:-1], path[1:]))
-        t = np.array([T[a, b] for a, b in steps])
-        e = np.array([E[a, b] for a, b in steps])
-        return float(t.sum() + (stages - 1) * e.max()), t
-
-    caps_all = np.unique(E[np.isfinite(E)])
-    if stages == 1:
-        caps_all = caps_all[-1:]
-    caps = caps_all if len(caps_all) <= max_caps else np.quantile(caps_all, np.linspace(0, 1, max_caps))
-    best_obj, best_p = np.inf, None
-
-    def try_caps(cs):
-        nonlocal best_obj, best_p
-        for cap in cs:
-            path = best_path(cap)
-            if path is not None:
-                obj, _ = objective(path)
-                if obj < best_obj - 1e-15:
-                    best_obj, best_p = obj, path
-    try_caps(caps)
-    if len(caps_all) > max_caps and best_p is not None:  # refine between the neighbours of the best quantile cap
-        e_best = max(E[a, b] for a, b in zip(best_p[:-1], best_p[1:]))
-        k = int(np.searchsorted(caps, e_best))
-        lo, hi = caps[max(0, k - 1)], caps[min(len(caps) - 1, k + 1)]
-        inner = caps_all[(caps_all > lo) & (caps_all < hi)]
-        if len(inner) > max_caps:
-            inner = inner[np.linspace(0, len(inner) - 1, max_caps).astype(np.int64)]
-        try_caps(inner)
-    if best_p is None:
+    caps = np.unique(E[np.isfinite(E)])
+    unconstrained = least_sums(caps[-1:])[0]
+    if not np.isfinite(unconstrained):
         raise ValueError(f"no chunk plan satisfies the constraints (max_chunk={max_chunk}, num_chunks={num_chunks})")
-    chunks = [int(bounds[b] - bounds[a]) for a, b in zip(best_p[:-1], best_p[1:])]
-    _, t = objective(best_p)
-    return ChunkPlan(chunks, best_obj, [float(v) for v in t])
+    if stages == 1:  # no pipeline fill: the least total work wins
+        best_cap = caps[-1]
+    else:
+        # a first answer from a spread of caps bounds the rest: a cap M can only win while
+        # unconstrained + (S-1)·M is below the best objective found
+        probe = caps[np.unique(np.linspace(0, len(caps) - 1, min(len(caps), 64)).astype(np.int64))]
+        values = least_sums(probe) + (stages - 1) * probe
+        best_obj, best_cap = float(values.min()), float(probe[int(values.argmin())])
+        todo = caps[caps < (best_obj - unconstrained) / (stages - 1) + 1e-15]
+        per = max(1, int(4e6 // (N + 1) ** (2 if num_chunks else 1)))  # caps per batch: arrays of ~4M elements
+        for k in range(0, len(todo), per):
+            batch = todo[k:k + per]
+            values = least_sums(batch) + (stages - 1) * batch
+            m = int(np.argmin(values))
+            if values[m] < best_obj - 1e-15:
+                best_obj, best_cap = float(values[m]), float(batch[m])
+    path = path_under(best_cap)
+    steps = list(zip(path[:-1], path[1:]))
+    t = np.array([T[a, b] for a, b in steps])
+    e = np.array([E[a, b] for a, b in steps])
+    chunks = [int(bounds[b] - bounds[a]) for a, b in steps]
+    return ChunkPlan(chunks, float(t.sum() + (stages - 1) * e.max()), [float(v) for v in t])

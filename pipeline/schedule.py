@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import checks
+
 MODES = ("unchunked", "naive", "chunked", "overlapped")
 
 
@@ -27,19 +29,17 @@ def check_mode(mode: str) -> None:
 
 def chunk_plan(prompt_len: int, chunk_size: int | None = None, chunks: list[int] | None = None) -> list[int]:
     """Chunk lengths for a prompt: uniform `chunk_size` (the last chunk takes the remainder) or an explicit list."""
+    prompt_len = checks.positive_int("prompt length", prompt_len)
     if chunk_size is not None and chunks is not None:
         raise ValueError("give chunk_size or chunks, not both")
     if chunks is not None:
-        chunks = list(chunks)
-        if not chunks or any(not isinstance(c, int) or c <= 0 for c in chunks):
-            raise ValueError(f"chunk sizes must be positive integers, got {chunks}")
+        chunks = checks.int_list("chunk sizes", chunks, 1)
         if sum(chunks) != prompt_len:
             raise ValueError(f"chunk sizes {chunks} sum to {sum(chunks)}, but the prompt has {prompt_len} tokens")
         return chunks
     if chunk_size is None:
         return [prompt_len]
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = checks.positive_int("chunk_size", chunk_size)
     full, rest = divmod(prompt_len, chunk_size)
     return [chunk_size] * full + ([rest] if rest else [])
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import checks
 from .link import LinkModel
 from .schedule import StageRecord, check_mode, summarize, timeline
 
@@ -38,12 +39,17 @@ def simulate(mode: str, chunks: list[int], costs, link: LinkModel = LinkModel(),
     `bytes_per_token`: what one token's hidden state weighs on the link (B·H·itemsize). For `naive` and
     `unchunked` the chunk list is ignored: the whole prompt is one chunk."""
     check_mode(mode)
-    if not chunks or any(int(c) != c or c <= 0 for c in chunks):
-        raise ValueError(f"chunk sizes must be positive integers, got {chunks}")
-    if not costs:
-        raise ValueError("need one cost per stage, got none")
-    if bytes_per_token < 0:
-        raise ValueError(f"bytes_per_token must be >= 0, got {bytes_per_token}")
+    chunks = checks.int_list("chunk sizes", chunks, 1)
+    if not isinstance(costs, (list, tuple)) or not costs:
+        raise ValueError(f"need one cost per stage, got {costs!r}")
+    for s, c in enumerate(costs):
+        if not callable(c):
+            raise TypeError(f"costs[{s}] must be a callable cost(x, p) -> seconds, got {c!r}")
+    if not isinstance(link, LinkModel):
+        raise TypeError(f"link must be a LinkModel, got {link!r}")
+    bytes_per_token = checks.integer("bytes_per_token", bytes_per_token, 0)
+    start_pos = checks.integer("start_pos", start_pos, 0)
+    costs = [_checked(c, f"costs[{s}]") for s, c in enumerate(costs)]
     L = sum(chunks)
     if mode in ("naive", "unchunked"):
         chunks = [L]
@@ -94,6 +100,11 @@ def simulate(mode: str, chunks: list[int], costs, link: LinkModel = LinkModel(),
     makespan = max(free)
     return Simulation(mode, list(chunks), records, makespan, summarize(records, 0.0, makespan),
                       timeline(records, 0.0))
+
+
+def _checked(cost, name):
+    """`cost` whose every answer is checked: finite seconds >= 0 (a NaN would silently poison the schedule)."""
+    return lambda x, p: float(checks.seconds(name, cost, x, p))
 
 
 class MeasuredCost:

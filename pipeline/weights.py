@@ -3,12 +3,15 @@ so a pipeline stage never loads the parts of the checkpoint it does not own. No 
 from __future__ import annotations
 
 import json
+import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from .checks import NotFound
 from .config import ModelConfig
 
 
@@ -32,9 +35,11 @@ def hf_tensor_shapes(cfg: ModelConfig, layers: range, first: bool, last: bool) -
             p + "mlp.up_proj.weight": (I, H),
             p + "mlp.down_proj.weight": (H, I),
         }
-        if cfg.attention_bias:
+        if cfg.qkv_bias:
             shapes |= {p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                        p + "self_attn.v_proj.bias": (kv,)}
+        if cfg.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (H,)
     if last:
         shapes["model.norm.weight"] = (H,)
         if not cfg.tie_embeddings:
@@ -62,39 +67,116 @@ def random_weights(cfg: ModelConfig, layers: range, first: bool, last: bool, see
     return out
 
 
-def _checkpoint_files(directory: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it (single file, or shards with an index)."""
+# Tensors some checkpoints carry that no model reads (old Llama exports saved RoPE's inverse frequencies).
+IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: F32, BF16, ...
+
+
+def checkpoint_index(directory: str | Path, names=None) -> dict[str, TensorEntry]:
+    """Tensor name -> (file, shape, dtype) of a safetensors checkpoint (one file, or shards with an index), from the
+    files' headers only (no tensor data is read): every file, or with `names` only the shards that hold those (a
+    pipeline stage need not have the others). A truncated or corrupt file, a shard the index names but that is
+    missing, or an index that disagrees with its shards is an error that names the file."""
+    directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     single = directory / "model.safetensors"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: directory / fname for name, fname in weight_map.items()}
-    if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to file names")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map): {e}") from None
+        wanted_files = weight_map.values() if names is None else [weight_map[n] for n in names if n in weight_map]
+        files = sorted({directory / f for f in wanted_files})
+    elif single.is_file():
+        weight_map, files = None, [single]
+    else:
+        raise NotFound(f"no model.safetensors or model.safetensors.index.json in {directory}")
+    entries: dict[str, TensorEntry] = {}
+    for path in files:
+        if not path.is_file():
+            raise NotFound(f"checkpoint shard {path.name} (listed in {index.name}) is missing from "
+                                    f"{directory}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    entries[name] = TensorEntry(path, tuple(sl.get_shape()), sl.get_dtype())
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"checkpoint file {path} cannot be read (truncated or not safetensors): {e}") from None
+    if weight_map is not None:
+        opened = {p.name for p in files}
+        for name, fname in weight_map.items():
+            if fname in opened and (name not in entries or entries[name].file.name != fname):
+                raise ValueError(f"{index.name} puts {name} in {fname}, but "
+                                 + (f"it is in {entries[name].file.name}" if name in entries else "no shard holds it"))
+        unlisted = [n for n in entries if n not in weight_map]
+        if unlisted:
+            raise ValueError(f"{entries[unlisted[0]].file.name} holds {unlisted[0]}, which {index.name} does not "
+                             "list")
+    return entries
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def validate_checkpoint(directory: str | Path, cfg: ModelConfig, layers: range | None = None, first: bool = True,
+                        last: bool = True) -> dict[str, TensorEntry]:
+    """Checks a checkpoint against what `cfg` defines, before any tensor is read: every tensor the model (or the
+    part `layers`, `first`, `last` of it) needs is present with its shape and a floating-point dtype, and no file
+    looked at holds anything else (a tensor the model would not read, such as an o_proj bias the config does not
+    announce, would silently change the function). Returns the index (`checkpoint_index`)."""
+    layers = range(cfg.num_layers) if layers is None else layers
+    wanted = hf_tensor_shapes(cfg, layers, first, last)
+    entries = checkpoint_index(directory, None if (first and last and len(layers) == cfg.num_layers) else wanted)
+    known = hf_tensor_shapes(cfg, range(cfg.num_layers), True, True)
+    missing = [n for n in wanted if n not in entries]
+    if missing:
+        raise ValueError(f"checkpoint {directory} lacks tensor(s) {_names(missing)} that config.json implies")
+    unexpected = [n for n in entries if n not in known and not IGNORED_TENSORS.fullmatch(n)]
+    if unexpected:
+        hint = ""
+        if any(n.endswith("_proj.bias") for n in unexpected):
+            hint = " (biases the config does not announce: check attention_bias and the model_type)"
+        elif "lm_head.weight" in unexpected and cfg.tie_embeddings:
+            hint = " (config.json says tie_word_embeddings=true: the head is the embedding)"
+        raise ValueError(f"checkpoint {directory} has tensor(s) {_names(unexpected)} that this {cfg.num_layers}-layer "
+                         f"model does not use{hint}; refusing to load it partly")
+    for name, shape in wanted.items():
+        e = entries[name]
+        if e.shape != shape:
+            raise ValueError(f"checkpoint tensor {name} in {e.file.name} has shape {e.shape}, expected {shape} from "
+                             "config.json")
+        if e.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"checkpoint tensor {name} in {e.file.name} is {e.dtype}: only {', '.join(FLOAT_DTYPES)} "
+                             "weights are supported (quantized checkpoints are not)")
+    return entries
 
 
 def load_hf_weights(directory: str | Path, cfg: ModelConfig, layers: range, first: bool,
                     last: bool) -> dict[str, torch.Tensor]:
-    """Reads only the tensors of `layers` (plus embedding / final norm / head when first / last)."""
-    directory = Path(directory)
-    files = _checkpoint_files(directory)
+    """Validates the checkpoint (`validate_checkpoint`), then reads only the tensors of `layers` (plus embedding /
+    final norm / head when first / last)."""
+    entries = validate_checkpoint(directory, cfg, layers, first, last)
     wanted = hf_tensor_shapes(cfg, layers, first, last)
-    missing = [n for n in wanted if n not in files]
-    if missing:
-        raise KeyError(f"checkpoint {directory} lacks tensor(s) {', '.join(missing[:5])}"
-                       + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     out = {}
     by_file: dict[Path, list[str]] = {}
     for name in wanted:
-        by_file.setdefault(files[name], []).append(name)
+        by_file.setdefault(entries[name].file, []).append(name)
     for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
-            for name in names:
-                t = f.get_tensor(name)
-                if tuple(t.shape) != wanted[name]:
-                    raise ValueError(f"checkpoint tensor {name} in {path.name} has shape {tuple(t.shape)}, "
-                                     f"expected {wanted[name]} from config.json")
-                out[name] = t
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in names:
+                    out[name] = f.get_tensor(name)
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"checkpoint file {path} cannot be read: {e}") from None
     return out

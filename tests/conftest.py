@@ -26,9 +26,9 @@ def make_hf_checkpoint(directory, model_type="llama", gqa=True, tied=False, laye
                   num_key_value_heads=1 if gqa else 4, intermediate_size=96, max_position_embeddings=256,
                   tie_word_embeddings=tied, rms_norm_eps=1e-5, **extra)
     model = cls_model(cfg).eval()
-    with torch.no_grad():  # HF initialises norms to ones: perturb them so a swapped norm weight is caught
-        for name, p in model.named_parameters():
-            if "norm" in name:
+    with torch.no_grad():  # HF initialises norms to ones and biases to zeros: perturb them so that a swapped
+        for name, p in model.named_parameters():  # norm weight or an ignored bias changes the logits
+            if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(directory)
     return model

@@ -109,22 +109,6 @@ def test_projection_writes_table_plot_and_json(tmp_path, capsys):
     assert json.loads(stdout.strip().splitlines()[-1])["points"] == 8
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--device", "tpu"], "unknown device preset 'tpu'"),
-    (["--links", "pcie9"], "unknown link preset 'pcie9'"),
-    (["--prompt-lens", "0"], "--prompt-lens must be positive"),
-    (["--models", "llama3-8b", "--stages", "64"], "cannot make 64 stages"),
-    (["--granularity", "9000", "--prompt-lens", "4096"], "larger than the shortest prompt"),
-    (["--models", "gpt5"], "unknown preset 'gpt5'"),
-])
-def test_projection_refuses_bad_input(args, message, tmp_path):
-    from bench.simulate import main as simulate_main
-    with pytest.raises(SystemExit) as exit_info:
-        simulate_main([*args, "--out", str(tmp_path / "o")])
-    assert exit_info.value.code != 0 and message in str(exit_info.value.code)
-    assert not (tmp_path / "o").exists()
-
-
 def test_compare_flags_regressions(demo_run, tmp_path):
     _, out = demo_run
     base = out / "results.json"
@@ -144,29 +128,7 @@ def test_compare_flags_regressions(demo_run, tmp_path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps(doc))
     res = bench("compare", str(base), str(other))
-    assert res.returncode == 2 and "different devices" in res.stdout
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--no-such-option"], "unrecognized arguments"),
-    (["--stages", "0"], "must be positive"),
-    (["--chunk-size", "-4"], "must be positive"),
-    (["--modes", "warp"], "unknown mode 'warp'"),
-    (["--model", "./missing-model-dir"], "does not exist"),
-    (["--model", "tiny", "--stages", "64"], "stage processes need 64 cores"),
-    (["--model", "tiny", "--link", "inprocess", "--stages", "5"], "more stages than layers"),
-    (["--model", "tiny", "--prompt-len", "5000"], "exceeds the model's max_seq_len"),
-    (["--model", "tiny", "--prompt-len", "64", "--out", "/proc/forbidden"], "cannot write to output directory"),
-    (["--model", "tiny", "--chunk-plan", "balanced", "--chunk-size", "16"], "chooses the chunks itself"),
-    (["--model", "tiny", "--chunk-plan", "balanced", "--prompt-len", "64", "--granularity", "65"],
-     "larger than the prompt"),
-])
-def test_bad_input_exits_non_zero_before_work(args, message, tmp_path):
-    if "--out" not in args:
-        args = [*args, "--out", str(tmp_path / "o")]
-    res = bench(*args, timeout=120)
-    assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
-    assert not (tmp_path / "o" / "results.json").exists()
+    assert res.returncode == 2 and "different devices" in res.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")

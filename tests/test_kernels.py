@@ -115,6 +115,46 @@ def test_chunk_attention_int_and_tensor_starts_agree_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
+@pytest.mark.parametrize("starts", [[-4, 7], [7, 70], [2**30, 0]], ids=["negative", "past-the-end", "huge"])
+def test_chunk_attention_refuses_a_cpu_start_row_outside_the_cache(starts):
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 9, 2, 16, generator=g) for _ in range(3))
+    kc, vc = torch.zeros(2, 20, 2, 16), torch.zeros(2, 20, 2, 16)
+    bad = next(b for b, p in enumerate(starts) if not 0 <= p <= 11)
+    with pytest.raises(ValueError, match=rf"start_pos\[{bad}\] = {starts[bad]} .* \[0, 11\]"):
+        chunk_attention(q, k, v, kc, vc, torch.tensor(starts))
+    assert not kc.any() and not vc.any()  # refused before any launch
+
+
+def test_chunk_attention_kernel_masks_off_rows_whose_start_is_out_of_range():
+    """What a GPU does with a bad device-side start (the launcher cannot read it without a sync): the kernel itself
+    writes nothing outside the cache, leaves the cache alone for that row and returns NaN there; the good row is
+    computed as usual. The cache is a window of a larger buffer, so a stray write would land in the guard rows."""
+    from kernels.chunk_attention import _launch
+    g = torch.Generator().manual_seed(7)
+    B, C, H, D, max_len, guard = 4, 9, 2, 16, 20, 64
+    q, k, v = (torch.randn(B, C, H, D, generator=g) for _ in range(3))
+    bufs = [torch.full((B, guard + max_len + guard, H, D), 7.0) for _ in range(2)]
+    kc, vc = (b[:, guard:guard + max_len] for b in bufs)
+    kc[:], vc[:] = 0.0, 0.0
+    starts = torch.tensor([5, -4, max_len - C + 1, 2**20], dtype=torch.int32)
+    out = torch.full_like(q, 123.0)
+    _launch(q, k, v, kc, vc, starts, D ** -0.5, out)
+    for b in bufs:  # guard rows untouched
+        assert (b[:, :guard] == 7.0).all() and (b[:, guard + max_len:] == 7.0).all()
+    assert not kc[1:].any() and not vc[1:].any() and out[1:].isnan().all()
+    kb, vb = torch.zeros(1, max_len, H, D), torch.zeros(1, max_len, H, D)
+    kb[:, 5:5 + C], vb[:, 5:5 + C] = k[:1], v[:1]
+    assert torch.equal(kc[:1], kb) and torch.equal(vc[:1], vb)
+    assert (out[:1].double() - attention_f64(q[:1], kb, vb, 5)).abs().max().item() <= 2e-5
+
+
+@pytest.mark.parametrize("start_pos", [5.7, 5.0, True, "5", None])
+def test_chunk_attention_start_must_be_an_integer(start_pos):
+    with pytest.raises(TypeError, match="start_pos must be an integer"):
+        chunk_attention(**_attn_inputs(start_pos=start_pos))
+
+
 def test_chunk_attention_default_scale_is_inverse_sqrt_head_dim():
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 5, 2, 16, generator=g) for _ in range(3))
@@ -242,3 +282,34 @@ def test_memory_bound_kernels_gpu_bf16(cuda):
     y, s = add_rms_norm(x, r, w, 1e-5)
     s64 = x.double() + r.double()
     assert (y.double() - s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-5)).abs().max() < 5e-2
+
+
+@pytest.mark.gpu
+def test_chunk_attention_gpu_bad_start_row_is_masked_and_asserted(cuda):
+    """A device start tensor is not read back on the hot path: the kernel masks the bad row off and an asynchronous
+    assert reports it at the next sync. A device-side assert leaves the CUDA context unusable, so this runs in a
+    process of its own; the guard rows around the cache are checked before the sync that raises."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import torch
+        from kernels.chunk_attention import _launch
+        from kernels import chunk_attention
+        q = torch.randn(2, 8, 4, 64, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(2, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+        buf = torch.full((2, 160, 2, 64), 7.0, device="cuda", dtype=torch.bfloat16)
+        kc = buf[:, 64:96]
+        vc = torch.zeros_like(kc)
+        starts = torch.tensor([0, 30], device="cuda")
+        out = _launch(q, k, k, kc, vc, starts, 0.125, torch.empty_like(q))
+        guard_ok = bool((buf[:, :64] == 7).all() and (buf[:, 96:] == 7).all() and out[1].isnan().all())
+        print("guard_ok", guard_ok, flush=True)
+        chunk_attention(q, k, k, kc, vc, starts)
+        torch.cuda.synchronize()
+        print("no error", flush=True)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert "guard_ok True" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert res.returncode != 0 and "no error" not in res.stdout

@@ -18,6 +18,8 @@ from tests.conftest import make_hf_checkpoint
     ("llama", True, True),  # GQA, tied
     ("llama", False, True),  # MHA, tied
     ("qwen2", True, False),  # q/k/v biases
+    ("qwen2", True, True),  # q/k/v biases, tied
+    ("mistral", True, False),  # no biases, no sliding window
 ])
 def test_logits_match_transformers(tmp_path, model_type, gqa, tied):
     hf = make_hf_checkpoint(tmp_path, model_type, gqa=gqa, tied=tied)
@@ -26,6 +28,28 @@ def test_logits_match_transformers(tmp_path, model_type, gqa, tied):
     with torch.no_grad():
         expected = hf(tokens).logits
     assert (ours(tokens) - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("gqa", [True, False])
+def test_llama_attention_bias_puts_biases_on_q_k_v_and_o(tmp_path, gqa):
+    """Llama's attention_bias=True means a bias on q, k, v *and* o: dropping o's would shift every logit."""
+    hf = make_hf_checkpoint(tmp_path, gqa=gqa, attention_bias=True)
+    ours = load_model(tmp_path)
+    assert ours.cfg.qkv_bias and ours.cfg.o_bias
+    tokens = torch.randint(0, 128, (2, 29), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    assert (ours(tokens) - expected).abs().max().item() <= 1e-4
+
+
+def test_a_tensor_the_model_would_not_read_is_refused(tmp_path):
+    """A bias the config does not announce (here o_proj's, with attention_bias false) would silently be ignored."""
+    make_hf_checkpoint(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.layers.1.self_attn.o_proj.bias"] = torch.randn(64)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"o_proj\.bias.*does not use.*attention_bias"):
+        load_model(tmp_path)
 
 
 def test_llama3_rope_scaling_matches_transformers(tmp_path):
@@ -132,7 +156,7 @@ def test_missing_tensor_is_named(tmp_path):
     state = load_file(tmp_path / "model.safetensors")
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(ValueError, match=r"lacks tensor\(s\) model\.layers\.1\.mlp\.up_proj\.weight"):
         load_model(tmp_path)
 
 

@@ -116,9 +116,8 @@ def test_emulated_link_bandwidth_slows_blocking_sends():
     toks = tokens(1, 40)
     # 40·64·4 = 10240 bytes at 1e-4 GB/s = 0.1 s per boundary for the naive mode's one blocking send
     res = run_prefill("tiny", toks, mode="naive", stages=2, bandwidth_gbps=1e-4)
-    # the emulated delay is a wall-clock sleep: host pauses cut out of the timings (pauses.py) may shorten it
-    paused = res.metrics.get("paused_s", 0.0)
-    assert res.metrics["send_time_s"][0] + paused >= 0.1 and res.metrics["exposed_comm_s"] + paused >= 0.1
+    # wall-clock timings (the pipeline cuts no pauses; the harness does): a sleep never ends early
+    assert res.metrics["send_time_s"][0] >= 0.1 and res.metrics["exposed_comm_s"] >= 0.1
 
 
 def test_overlapped_sends_hide_behind_compute():
@@ -183,12 +182,12 @@ def test_a_dead_peer_is_reported_not_waited_on():
     (dict(chunk_size=0), ValueError, "chunk_size must be a positive integer"),
     (dict(chunk_size=-2), ValueError, "chunk_size must be a positive integer"),
     (dict(chunks=[10, 10]), ValueError, "sum to 20, but the prompt has 40"),
-    (dict(chunks=[40, 0]), ValueError, "positive integers"),
+    (dict(chunks=[40, 0]), ValueError, r"chunk sizes\[1\] must be a positive integer"),
     (dict(mode="pipelined"), ValueError, "unknown mode 'pipelined'"),
     (dict(link="carrier-pigeon"), ValueError, "unknown link"),
     (dict(ops="cuda"), ValueError, "unknown ops backend"),
     (dict(link="nccl"), ValueError, "nccl link needs CUDA"),
-    (dict(bandwidth_gbps=0.0), ValueError, "bandwidth must be positive"),
+    (dict(bandwidth_gbps=0.0), ValueError, "bandwidth_gbps must be > 0"),
 ])
 def test_invalid_requests_are_refused_before_work(kwargs, error, match):
     kw = dict(mode="overlapped", stages=2, chunk_size=10) | kwargs

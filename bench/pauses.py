@@ -6,7 +6,8 @@ is developed on pause for roughly half of the wall time, in 20-600 ms pieces.) A
 which chunk is hit is chance. `PauseMonitor` runs a tiny side process (no torch: it starts in milliseconds) that
 wakes every millisecond and records each gap over `threshold_s` as a pause; `active_time` maps a timestamp to
 "seconds of running machine" so that every interval of a run can be measured without the pauses. A machine that
-never pauses records none, and the correction is the identity.
+never pauses records none, and the correction is the identity. The pipeline itself measures wall-clock time;
+`measure` is how the harness runs it with the pauses cut out.
 """
 from __future__ import annotations
 
@@ -15,8 +16,15 @@ import json
 import subprocess
 import sys
 
+import torch
+
+from pipeline import run_jobs
+from pipeline.launch import PrefillResult
+from pipeline.schedule import StageRecord, summarize, timeline
+
 _MONITOR = r"""
-import json, os, sys, threading, time
+import json, os, signal, sys, threading, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends this by closing stdin
 try:  # a starved monitor would take CPU contention for a pause: run ahead of the busy processes where allowed
     os.nice(-10)
 except (OSError, AttributeError):
@@ -32,7 +40,10 @@ while not stop.is_set():
     if now - last > threshold:
         pauses.append((last + 0.001, now))  # the sleep itself was due; the rest is the pause
     last = now
-print(json.dumps(pauses), flush=True)
+try:
+    print(json.dumps(pauses), flush=True)
+except OSError:  # the parent is gone (killed, interrupted): nobody to tell
+    os._exit(0)
 """
 
 
@@ -46,14 +57,27 @@ class PauseMonitor:
         self._proc = None
 
     def __enter__(self) -> "PauseMonitor":
-        self._proc = subprocess.Popen([sys.executable, "-c", _MONITOR, str(self.threshold_s)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True)
+        from pipeline.procs import sigint_blocked
+        with sigint_blocked():  # started with SIGINT blocked: a Ctrl-C to the process group does not kill it
+            self._proc = subprocess.Popen([sys.executable, "-c", _MONITOR, str(self.threshold_s)],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._proc.stdout.readline()  # "ready": pauses from here on are seen
         return self
 
-    def __exit__(self, *exc) -> bool:
-        out, _ = self._proc.communicate("", timeout=10)
-        self.pauses = [tuple(p) for p in json.loads(out.strip().splitlines()[-1])]
+    def __exit__(self, exc_type, *exc) -> bool:
+        if exc_type is not None:  # the run failed or was interrupted: its timings are not wanted
+            self._proc.kill()
+            self._proc.wait()
+            return False
+        try:
+            out, _ = self._proc.communicate("", timeout=10)
+            self.pauses = [tuple(p) for p in json.loads(out.strip().splitlines()[-1])]
+        except (subprocess.TimeoutExpired, IndexError, ValueError):  # the monitor died: no pause was seen
+            self.pauses = []
+        finally:  # also when interrupted while reading: the monitor never outlives this
+            if self._proc.poll() is None:
+                self._proc.kill()
+                self._proc.wait()
         return False
 
 
@@ -76,6 +100,41 @@ class ActiveClock:
 
     def paused_between(self, t0: float, t1: float) -> float:
         return (t1 - t0) - (self(t1) - self(t0))
+
+
+def measure(spec, jobs, progress=None):
+    """`run_jobs` with the machine's pauses cut out of every CPU timing (GPU timings come from CUDA events, which
+    host pauses do not enter). None off rank 0 under torchrun."""
+    if torch.device(spec.device).type != "cpu":
+        return run_jobs(spec, jobs, progress)
+    with PauseMonitor() as monitor:
+        results = run_jobs(spec, jobs, progress)
+    if results is not None:
+        clock = ActiveClock(monitor.pauses)
+        for runs in results:
+            for res in runs:
+                cut_pauses(res, clock)
+    return results
+
+
+def cut_pauses(res: PrefillResult, clock: ActiveClock) -> None:
+    """Re-derives a run's figures and timeline with the machine's pauses cut out (see pauses.py); the wall-clock
+    TTFT and the paused time stay in the metrics as wall_ttft_s and paused_s."""
+    if clock(res.t_end) - clock(res.t_start) <= 0:
+        # "paused" for the whole run: the monitor was starved (CPU contention), not the machine stopped. The
+        # wall-clock figures stand; paused_s says how much the monitor saw.
+        res.metrics = dict(res.metrics, wall_ttft_s=res.t_end - res.t_start,
+                           paused_s=clock.paused_between(res.t_start, res.t_end), pause_cut=False)
+        return
+    conv = lambda pairs: [(clock(a), clock(b)) for a, b in pairs]  # noqa: E731
+    records = [StageRecord(r.stage, r.chunks, conv(r.compute), conv(r.recv_wait), conv(r.send_wait), conv(r.send),
+                           r.bytes_sent) for r in res.records]
+    t0, t1 = clock(res.t_start), clock(res.t_end)
+    extra = {k: v for k, v in res.metrics.items() if k.startswith("decode")}
+    res.metrics = dict(summarize(records, t0, t1), wall_ttft_s=res.t_end - res.t_start,
+                       paused_s=clock.paused_between(res.t_start, res.t_end), **extra)
+    res.timeline = timeline(records, t0)
+    res.records, res.t_start, res.t_end = records, t0, t1
 
 
 # ---- how steady is this machine? ---------------------------------------------------------------------------------

@@ -1,0 +1,265 @@
+"""python -m bench [options]             the demo: every prefill mode on one prompt (a sweep with several lengths)
+python -m bench compare BASE NEW       regression check between two results files
+python -m bench simulate               projection of S GPUs over NVLink / PCIe / Ethernet (roofline + simulator)
+python -m bench kernels                kernel benchmark (needs a GPU; says so and exits 0 without one)
+python -m bench gpu-suite --out DIR    every GPU test and benchmark in one pass (refuses without CUDA)
+python -m bench machine-check          how steady this machine is: host stops and slow-downs (CPU timings vary by them)
+
+The last line of stdout is a one-line JSON summary. Progress goes to stderr. Under
+`torchrun --nproc-per-node S -m bench ...` each process runs one stage (env:// rendezvous); rank 0 reports.
+Exit codes: 0 done, 1 a check failed (outputs differ, a regression), 2 bad input or a failed run,
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .options import Parser, int_list, integer, name_list, number, out_path, output_dir, say
+
+SUBCOMMANDS = ("compare", "simulate", "kernels", "gpu-suite", "machine-check")
+
+
+def run_parser():
+    import torch
+
+    from pipeline import MODES
+    gpu = torch.cuda.is_available()
+    ap = Parser(prog="python -m bench", description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="small", help="preset name or Hugging Face directory (default: small)")
+    ap.add_argument("--stages", type=integer(1), default=None,
+                    help="pipeline stages S (default: 2; under torchrun the number of processes)")
+    ap.add_argument("--prompt-len", type=int_list(1), default=[2048],
+                    help="prompt length(s); several, comma-separated, make a sweep (default: 2048)")
+    ap.add_argument("--chunk-size", type=integer(1), default=None, help="uniform chunk size (default: 128)")
+    ap.add_argument("--chunks", type=int_list(1, unique=False), default=None,
+                    help="explicit chunk sizes, comma-separated, summing to the prompt length")
+    ap.add_argument("--chunk-plan", choices=["uniform", "balanced"], default="uniform",
+                    help="uniform: --chunk-size tokens per chunk; balanced: boundaries chosen by the planner from a "
+                         "cost model fitted on this pipeline first (implies --simulate)")
+    ap.add_argument("--granularity", type=integer(1), default=32,
+                    help="balanced plan: chunk boundaries are multiples of this (default: 32)")
+    ap.add_argument("--simulate", action="store_true",
+                    help="fit per-stage chunk costs and the link on calibration runs interleaved with the measured "
+                         "ones, then report the simulator's TTFT next to each measured one (and draw both timelines)")
+    ap.add_argument("--batch", type=integer(1), default=1, help="batch size B (default: 1)")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16" if gpu else "float32")
+    ap.add_argument("--link", choices=["gloo", "nccl", "inprocess"], default=None,
+                    help="stage link (default: gloo processes on CPU; nccl with >= S GPUs; inprocess on one GPU)")
+    ap.add_argument("--bandwidth-gbps", type=number(0.0), default=None, help="emulated link bandwidth, GB/s")
+    ap.add_argument("--latency-us", type=number(0.0, strict=False, maximum=1e7), default=0.0,
+                    help="emulated per-send latency, microseconds (default: 0)")
+    ap.add_argument("--ops", choices=["torch", "triton"], default="triton" if gpu else "torch",
+                    help="op backend (default: triton on GPU, torch on CPU)")
+    ap.add_argument("--modes", type=name_list(MODES, "mode"), default=list(MODES),
+                    help=f"modes to run, comma-separated (default: {','.join(MODES)}); the unchunked baseline is "
+                         "always run once to check the outputs")
+    ap.add_argument("--repeats", type=integer(1), default=3, help="timed runs per mode (median reported)")
+    ap.add_argument("--warmup", type=integer(0), default=1, help="untimed runs per mode first (default: 1)")
+    ap.add_argument("--threads", type=integer(1), default=None, help="torch threads per stage process")
+    ap.add_argument("--out", type=out_path, default=Path("bench_out"), help="output directory (default: bench_out)")
+    return ap
+
+
+def main_run(argv) -> int:
+    import torch
+
+    from pipeline import PipelineSpec, chunk_plan, resolve_config
+    from pipeline.procs import torchrun_rank
+
+    from .harness import Progress, bytes_per_token, run_point, results_doc, write_results, write_pictures, report
+    args = run_parser().parse_args(argv)
+    rank = torchrun_rank()
+    lead = rank in (None, 0)  # prints and writes (rank 0 of torchrun, or the one process here)
+    world = int(os.environ.get("WORLD_SIZE", "1")) if rank is not None else None
+    gpu = torch.cuda.is_available()
+    stages = args.stages or world or 2
+    if world is not None and stages != world:
+        raise ValueError(f"--stages {stages} differs from torchrun's {world} processes: one process runs one stage")
+    link = args.link or ("gloo" if not gpu else "nccl" if torch.cuda.device_count() >= stages else "inprocess")
+    if world is not None and world > 1 and link == "inprocess":
+        raise ValueError("--link inprocess runs every stage in one process: launch it without torchrun")
+    device = "cuda" if gpu and link != "gloo" else "cpu"
+    if link == "gloo" and world is None and stages > (os.cpu_count() or 1):
+        raise ValueError(f"{stages} stage processes need {stages} cores, this machine has {os.cpu_count()}")
+    if link == "nccl" and world is None and torch.cuda.device_count() < stages:
+        raise ValueError(f"nccl with {stages} stages needs {stages} GPUs, found {torch.cuda.device_count()}")
+    if args.chunks and len(args.prompt_len) > 1:
+        raise ValueError("--chunks fits one prompt length; use --chunk-size for a sweep")
+    if args.chunks and args.chunk_size:
+        raise ValueError("give --chunk-size or --chunks, not both")
+    if args.chunk_plan == "balanced" and (args.chunks or args.chunk_size):
+        raise ValueError("--chunk-plan balanced chooses the chunks itself: drop --chunks / --chunk-size")
+    if args.chunk_plan == "balanced" and args.granularity > min(args.prompt_len):
+        raise ValueError(f"--granularity {args.granularity} is larger than the prompt ({min(args.prompt_len)} tokens)")
+    simulate = args.simulate or args.chunk_plan == "balanced"
+    cfg = resolve_config(args.model)
+    for L in args.prompt_len:
+        if L + 1 > cfg.max_seq_len:
+            raise ValueError(f"prompt length {L} (+1 decode token) exceeds the model's max_seq_len {cfg.max_seq_len}")
+    spec = PipelineSpec(source=str(args.model), stages=stages, link=link, ops=args.ops, dtype=args.dtype,
+                        device=device, bandwidth_gbps=args.bandwidth_gbps, latency_s=args.latency_us * 1e-6,
+                        threads=args.threads)
+    spec.validate()  # the checkpoint too (config, safetensors headers), before any process starts
+    plans = {L: chunk_plan(L, None if args.chunks else (args.chunk_size or 128), args.chunks)
+             for L in args.prompt_len}
+    config = dict(model=str(args.model), stages=stages, link=link, device=device, ops=args.ops, dtype=args.dtype,
+                  batch=args.batch, prompt_lens=args.prompt_len, chunk_size=args.chunk_size or 128,
+                  chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
+                  bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us, repeats=args.repeats,
+                  warmup=args.warmup, modes=args.modes, torchrun=world is not None,
+                  threads_per_stage=args.threads or max(1, (os.cpu_count() or 1) // stages))
+    progress = Progress(enabled=lead)
+    out = args.out
+    with output_dir(out) if lead else contextlib.nullcontext(out):
+        plan_calibration = None
+        if args.chunk_plan == "balanced":
+            from pipeline.costs import stage_max
+            from pipeline.plan import plan_chunks
+
+            from .harness import calibrate
+            L = max(args.prompt_len)
+            progress.phase(f"calibration: fitting chunk costs on this pipeline at L={L} to plan the chunks")
+            fitted = calibrate(spec, L, args.batch, progress=progress.runs(f"calibration L={L}"))
+            if fitted is not None:
+                costs, link_model, plan_calibration = fitted
+                for L in args.prompt_len:
+                    plans[L] = plan_chunks(L, stage_max(costs), spec.num_stages, args.granularity, link=link_model,
+                                           bytes_per_token=bytes_per_token(spec, args.batch)).chunks
+            if world is not None:  # every stage runs the plan rank 0 made
+                import torch.distributed as dist
+                box = [plans, plan_calibration]
+                dist.broadcast_object_list(box, src=0)
+                plans, plan_calibration = box
+        config["plans"] = {str(L): plans[L] for L in args.prompt_len}
+        points, t0 = [], time.time()
+        for i, L in enumerate(args.prompt_len):
+            label = f"L={L}" + (f" (point {i + 1} of {len(args.prompt_len)})" if len(args.prompt_len) > 1 else "")
+            progress.phase(f"{label}: {len(args.modes)} mode(s) x ({args.warmup} warm-up + {args.repeats} timed) "
+                           f"runs on {stages} stage(s), {link}, model {args.model}")
+            point = run_point(spec, L, args.batch, plans[L], args.repeats, args.warmup, args.modes,
+                              simulate=simulate, progress=progress.runs(label))
+            if point is None:  # a torchrun rank other than 0: it ran its stage, rank 0 reports
+                continue
+            points.append(point)
+            complete = i + 1 == len(args.prompt_len)
+            # after every point: a sweep cut short (Ctrl-C, a failure) keeps the points it finished
+            write_results(out, results_doc(config, points, plan_calibration, time.time() - t0, complete=complete))
+        if not lead:
+            _finish_torchrun()
+            return 0
+        title = write_pictures(out, points, config, simulate)
+        path = out / "results.json"
+        summary = report(points, path, title, simulate)
+    _finish_torchrun()
+    print(json.dumps(summary))
+    return 0 if summary["outputs_match"] and summary["bytes_exact"] else 1
+
+
+def _finish_torchrun() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---- the small subcommands ----------------------------------------------------------------------------------------
+
+def main_compare(argv) -> int:
+    ap = Parser(prog="python -m bench compare",
+                description="Compares two results files (python -m bench) or two kernel benchmark files "
+                            "(python -m bench kernels / gpu-suite): the ratio of every figure, a verdict for each, "
+                            "exit 1 on a regression past the threshold or a failed correctness check, 2 for runs "
+                            "of different devices or configurations (unless --force).")
+    ap.add_argument("base")
+    ap.add_argument("new")
+    ap.add_argument("--threshold", type=number(0.0, strict=False, maximum=100.0), default=0.10,
+                    help="allowed slow-down of a timing, as a fraction (default 0.10: 10%%)")
+    ap.add_argument("--force", action="store_true", help="compare runs of different devices/configurations")
+    a = ap.parse_args(argv)
+    from .compare import compare
+    return compare(a.base, a.new, a.threshold, a.force)
+
+
+def main_machine_check(argv) -> int:
+    ap = Parser(prog="python -m bench machine-check",
+                description="Spins on one core and reports the share of 10 ms windows the host stopped the machine "
+                            "in, and of the rest the share in which it ran at less than half its usual speed: CPU "
+                            "timings of this machine vary by that much (see bench/pauses.py).")
+    ap.add_argument("--seconds", type=number(0.0, maximum=3600.0), default=5.0,
+                    help="how long to spin, up to an hour (default: 5)")
+    a = ap.parse_args(argv)
+    from .pauses import spin_windows, steadiness
+    try:
+        report = steadiness(*spin_windows(a.seconds))
+    except ValueError as e:
+        raise ValueError(f"{e}; spin longer (--seconds)") from None
+    print(json.dumps({k: round(v, 3) for k, v in report.items()}))
+    return 0
+
+
+def _dispatch(argv) -> int:
+    if argv and argv[0] in SUBCOMMANDS:
+        from pipeline.procs import torchrun_rank
+        if torchrun_rank() is not None:
+            raise ValueError(f"bench {argv[0]} runs no pipeline: run it without torchrun")
+    if argv and argv[0] == "compare":
+        return main_compare(argv[1:])
+    if argv and argv[0] == "simulate":
+        from .simulate import main as simulate_main
+        return simulate_main(argv[1:])
+    if argv and argv[0] == "gpu-suite":
+        from .gpu_suite import main as suite_main
+        return suite_main(argv[1:])
+    if argv and argv[0] == "machine-check":
+        return main_machine_check(argv[1:])
+    if argv and argv[0] == "kernels":
+        from .kernels import main as kernels_main
+        return kernels_main(argv[1:])
+    return main_run(argv)
+
+
+def main(argv=None) -> int:
+    """Every subcommand behind one error policy: bad input or a failed run is one line on stderr and exit 2 (no
+    traceback; BENCH_TRACEBACK=1 shows it), Ctrl-C 130 and SIGTERM 143 after every stage has been stopped."""
+    from pipeline.procs import PipelineError, Terminated, sigterm_raises
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = "bench" + (f" {argv[0]}" if argv and argv[0] in SUBCOMMANDS else "")
+    try:
+        with sigterm_raises():
+            return _dispatch(argv)
+    except KeyboardInterrupt as e:
+        kind, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        say(f"{prog}: {kind}; every stage process was stopped" + _kept(argv))
+        return code
+    except (ValueError, TypeError, OSError, PipelineError) as e:
+        if os.environ.get("BENCH_TRACEBACK") == "1":
+            traceback.print_exc()
+        text = str(e).strip() or type(e).__name__
+        first, _, rest = text.partition("\n")
+        if isinstance(e, PipelineError) and rest:  # the first cause; a stage's traceback only when asked for
+            first += " (BENCH_TRACEBACK=1 shows the stage's traceback)"
+        say(f"{prog}: {first}")
+        if os.environ.get("BENCH_TRACEBACK") == "1" and rest:
+            say(rest)
+        return 2
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - a bug: still one line, the traceback on request
+        if os.environ.get("BENCH_TRACEBACK") == "1":
+            raise
+        say(f"{prog}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(BENCH_TRACEBACK=1 shows the traceback; please report it)")
+        return 1
+
+
+def _kept(argv) -> str:
+    """After an interrupt: what the results file written during this run keeps."""
+    from .harness import LAST_WRITTEN
+    if not LAST_WRITTEN or LAST_WRITTEN["complete"]:
+        return ""
+    return f"; {LAST_WRITTEN['path']} keeps the {LAST_WRITTEN['points']} point(s) finished"

@@ -1,0 +1,125 @@
+"""Command-line plumbing shared by every `python -m bench` subcommand: option types that refuse NaN, infinities,
+negatives and empty lists with a message naming the value and what is allowed; a parser whose errors are one line;
+and an output directory that is created only once the input is known good and removed again if nothing was written
+into it."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+from pathlib import Path
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), not the usage block plus the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _kind(text: str, cast, what: str):
+    try:
+        return cast(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def integer(minimum: int = 1):
+    """An integer >= minimum (1: positive)."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def parse(text: str) -> int:
+        v = _kind(text, int, what)
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return v
+    return parse
+
+
+def number(minimum: float = 0.0, strict: bool = True, maximum: float | None = None):
+    """A finite real number > minimum (>= with strict False), <= maximum: never NaN or ±inf."""
+    what = f"a finite number {'>' if strict else '>='} {minimum:g}" + (f" and <= {maximum:g}" if maximum else "")
+
+    def parse(text: str) -> float:
+        v = _kind(text, float, what)
+        if not math.isfinite(v) or (v <= minimum if strict else v < minimum) or (maximum is not None and v > maximum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return v
+    return parse
+
+
+def int_list(minimum: int = 1, unique: bool = True):
+    """Comma-separated integers >= minimum, at least one, none twice."""
+    def parse(text: str) -> list[int]:
+        parts = [p.strip() for p in text.split(",")]
+        if not text.strip() or any(p == "" for p in parts):
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        vals = [integer(minimum)(p) for p in parts]
+        if unique and len(set(vals)) != len(vals):
+            raise argparse.ArgumentTypeError(f"a value is listed twice in {text!r}")
+        return vals
+    return parse
+
+
+def name_list(choices, what: str = "name"):
+    """Comma-separated names from `choices` (None: any non-empty name), at least one, none twice."""
+    def parse(text: str) -> list[str]:
+        parts = [p.strip() for p in text.split(",")]
+        if not text.strip() or any(p == "" for p in parts):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}s, got {text!r}")
+        for p in parts:
+            if choices is not None and p not in choices:
+                raise argparse.ArgumentTypeError(f"unknown {what} {p!r}; choose from {', '.join(choices)}")
+        if len(set(parts)) != len(parts):
+            raise argparse.ArgumentTypeError(f"a {what} is listed twice in {text!r}")
+        return parts
+    return parse
+
+
+def out_path(text: str) -> Path:
+    """An output directory: not empty, not an existing file. Nothing is created here (see `output_dir`)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory, got an empty path")
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    return p
+
+
+@contextlib.contextmanager
+def output_dir(path: Path):
+    """Creates `path` (and missing parents) and checks that it can be written, once the input has been checked.
+    If the body fails or is interrupted while the directories it created are still empty, they are removed: a
+    failed run leaves nothing behind. Yields the path."""
+    created = []
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        created.append(p)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".bench-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        _remove_empty(created)
+        raise ValueError(f"cannot write to output directory {path}: {e.strerror or e}") from None
+    try:
+        yield path
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _remove_empty(dirs) -> None:
+    for d in dirs:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def say(text: str) -> None:
+    """One line on stderr (progress and phase lines go there; stdout carries the tables and the JSON line)."""
+    print(text, file=sys.stderr, flush=True)

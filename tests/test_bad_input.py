@@ -1,0 +1,461 @@
+"""Bad input, table-driven: every subcommand of the CLI and every public function refuses it before any work, with
+one line that names the bad value and what is allowed. CLI: a non-zero exit, exactly one line on stderr, no
+traceback, no output files, within seconds. API: a ValueError or TypeError whose message is one line."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import make_hf_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "tiny", "--prompt-len", "64"]
+
+# ---- broken checkpoints ------------------------------------------------------------------------------------------
+
+
+def _config(d: Path, **change):
+    cfg = json.loads((d / "config.json").read_text())
+    for k, v in change.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _tensors(d: Path, fn):
+    state = load_file(d / "model.safetensors")
+    fn(state)
+    save_file(state, d / "model.safetensors")
+
+
+def _truncate(d: Path):
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+
+
+def _index_with_missing_shard(d: Path):
+    state = load_file(d / "model.safetensors")
+    (d / "model.safetensors").unlink()
+    save_file(state, d / "part1.safetensors")
+    weight_map = {n: "part1.safetensors" for n in state} | {"model.layers.1.mlp.down_proj.weight": "part2.safetensors"}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+BROKEN = {
+    "no-config": lambda d: (d / "config.json").unlink(),
+    "no-heads": lambda d: _config(d, num_attention_heads=None),
+    "heads-text": lambda d: _config(d, num_attention_heads="four"),
+    "bad-json": lambda d: (d / "config.json").write_text("{not json"),
+    "gpt2": lambda d: _config(d, model_type="gpt2"),
+    "yarn": lambda d: _config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0}),
+    "no-weights": lambda d: (d / "model.safetensors").unlink(),
+    "truncated": _truncate,
+    "o-bias": lambda d: _tensors(d, lambda s: s.__setitem__("model.layers.0.self_attn.o_proj.bias", torch.ones(64))),
+    "int8": lambda d: _tensors(d, lambda s: s.__setitem__("model.layers.0.mlp.up_proj.weight",
+                                                         torch.zeros(96, 64, dtype=torch.int8))),
+    "shape": lambda d: _tensors(d, lambda s: s.__setitem__("model.norm.weight", torch.ones(65))),
+    "missing": lambda d: _tensors(d, lambda s: s.pop("model.layers.1.mlp.down_proj.weight")),
+    "missing-shard": _index_with_missing_shard,
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """kind -> a directory holding a 2-layer Llama checkpoint broken that way ("good": not broken)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    make_hf_checkpoint(root / "good", layers=2)
+    out = {"good": root / "good"}
+    for kind, breaks in BROKEN.items():
+        shutil.copytree(root / "good", root / kind)
+        breaks(root / kind)
+        out[kind] = root / kind
+    (root / "a-file").write_text("not a directory")
+    out["a-file"] = root / "a-file"
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, checkpoints):
+    """Files a user might hand to compare and gpu-suite by mistake."""
+    root = tmp_path_factory.mktemp("files")
+    (root / "not-json.json").write_text("hello")
+    (root / "other.json").write_text(json.dumps({"a": 1}))
+    (root / "no-points.json").write_text(json.dumps({"schema_version": 1, "environment": {}, "config": {},
+                                                     "points": []}))
+    (root / "list.json").write_text("[1, 2]")
+    (root / "suite-corrupt").mkdir()
+    (root / "suite-corrupt" / "kernels.json").write_text("{truncated")
+    (root / "suite-empty").mkdir()
+    (root / "suite-noenv").mkdir()
+    (root / "suite-noenv" / "tests.json").write_text(json.dumps({"passed": 3}))
+    return root
+
+
+# ---- the CLI -----------------------------------------------------------------------------------------------------
+# (id, argv, what the one line must say). {ckpt:KIND} is a broken checkpoint, {file:NAME} a file above, {out} a
+# fresh output directory that must not be created.
+
+CLI = [
+    # python -m bench: every option
+    ("stages-0", [*TINY, "--stages", "0"], ["--stages", "positive integer", "got 0"]),
+    ("stages-negative", [*TINY, "--stages", "-1"], ["--stages", "positive integer"]),
+    ("stages-text", [*TINY, "--stages", "two"], ["--stages", "'two'"]),
+    ("stages-float", [*TINY, "--stages", "2.5"], ["--stages", "'2.5'"]),
+    ("stages-too-many-processes", [*TINY, "--stages", "4096"], ["4096 stage processes need 4096 cores"]),
+    ("stages-more-than-layers", [*TINY, "--link", "inprocess", "--stages", "5"], ["more stages than layers"]),
+    ("prompt-0", ["--model", "tiny", "--prompt-len", "0"], ["--prompt-len", "positive integer"]),
+    ("prompt-empty", ["--model", "tiny", "--prompt-len", ""], ["--prompt-len", "comma-separated"]),
+    ("prompt-hole", ["--model", "tiny", "--prompt-len", "64,,96"], ["--prompt-len", "'64,,96'"]),
+    ("prompt-twice", ["--model", "tiny", "--prompt-len", "64,64"], ["--prompt-len", "listed twice"]),
+    ("prompt-past-context", ["--model", "tiny", "--prompt-len", "5000"], ["5000", "max_seq_len 1024"]),
+    ("chunk-size-0", [*TINY, "--chunk-size", "0"], ["--chunk-size", "positive integer"]),
+    ("chunk-size-negative", [*TINY, "--chunk-size", "-4"], ["--chunk-size", "positive integer"]),
+    ("chunk-size-nan", [*TINY, "--chunk-size", "nan"], ["--chunk-size", "'nan'"]),
+    ("chunks-zero", [*TINY, "--chunks", "64,0"], ["--chunks", "positive integer"]),
+    ("chunks-wrong-sum", [*TINY, "--chunks", "10,10"], ["sum to 20", "64 tokens"]),
+    ("chunks-and-size", [*TINY, "--chunks", "32,32", "--chunk-size", "16"], ["--chunk-size or --chunks"]),
+    ("chunks-sweep", ["--model", "tiny", "--prompt-len", "32,64", "--chunks", "32"], ["--chunks fits one prompt"]),
+    ("granularity-0", [*TINY, "--granularity", "0"], ["--granularity", "positive integer"]),
+    ("balanced-with-size", [*TINY, "--chunk-plan", "balanced", "--chunk-size", "16"], ["chooses the chunks"]),
+    ("balanced-coarse", [*TINY, "--chunk-plan", "balanced", "--granularity", "65"], ["65", "larger than the prompt"]),
+    ("chunk-plan-unknown", [*TINY, "--chunk-plan", "random"], ["--chunk-plan", "'random'"]),
+    ("batch-0", [*TINY, "--batch", "0"], ["--batch", "positive integer"]),
+    ("dtype-unknown", [*TINY, "--dtype", "float64"], ["--dtype", "'float64'"]),
+    ("link-unknown", [*TINY, "--link", "pigeon"], ["--link", "'pigeon'"]),
+    ("link-nccl-without-gpu", [*TINY, "--link", "nccl"], ["nccl", "GPU"]),
+    ("bandwidth-0", [*TINY, "--bandwidth-gbps", "0"], ["--bandwidth-gbps", "finite number > 0", "0"]),
+    ("bandwidth-negative", [*TINY, "--bandwidth-gbps", "-3"], ["--bandwidth-gbps", "-3"]),
+    ("bandwidth-nan", [*TINY, "--bandwidth-gbps", "nan"], ["--bandwidth-gbps", "nan"]),
+    ("bandwidth-inf", [*TINY, "--bandwidth-gbps", "inf"], ["--bandwidth-gbps", "inf"]),
+    ("bandwidth-text", [*TINY, "--bandwidth-gbps", "fast"], ["--bandwidth-gbps", "'fast'"]),
+    ("latency-negative", [*TINY, "--latency-us", "-1"], ["--latency-us", "-1"]),
+    ("latency-inf", [*TINY, "--latency-us", "inf"], ["--latency-us", "inf"]),
+    ("latency-nan", [*TINY, "--latency-us", "nan"], ["--latency-us", "nan"]),
+    ("ops-unknown", [*TINY, "--ops", "cuda"], ["--ops", "'cuda'"]),
+    ("triton-bf16-interpreter", [*TINY, "--ops", "triton", "--dtype", "bfloat16"], ["bfloat16", "interpreter"]),
+    ("modes-empty", [*TINY, "--modes", ","], ["--modes", "','"]),
+    ("modes-unknown", [*TINY, "--modes", "warp"], ["--modes", "'warp'", "unchunked"]),
+    ("modes-twice", [*TINY, "--modes", "naive,naive"], ["--modes", "listed twice"]),
+    ("repeats-0", [*TINY, "--repeats", "0"], ["--repeats", "positive integer"]),
+    ("warmup-negative", [*TINY, "--warmup", "-1"], ["--warmup", "integer >= 0", "-1"]),
+    ("threads-0", [*TINY, "--threads", "0"], ["--threads", "positive integer"]),
+    ("out-empty", [*TINY, "--out", ""], ["--out", "empty path"]),
+    ("out-is-a-file", [*TINY, "--out", "{file:other.json}"], ["--out", "not a directory"]),
+    ("out-unwritable", [*TINY, "--out", "/proc/forbidden/o"], ["cannot write to output directory"]),
+    ("unknown-option", [*TINY, "--no-such-option"], ["unrecognized arguments: --no-such-option"]),
+    ("model-unknown", ["--model", "gpt5", "--prompt-len", "64"], ["unknown preset 'gpt5'", "tiny"]),
+    ("model-missing-dir", ["--model", "./no/such/model", "--prompt-len", "64"], ["./no/such/model", "not exist"]),
+    ("model-a-file", ["--model", "{ckpt:a-file}", "--prompt-len", "64"], ["is a file", "config.json"]),
+    # checkpoints: validated in this process before any stage starts
+    ("ckpt-no-config", ["--model", "{ckpt:no-config}", "--prompt-len", "64"], ["no config.json"]),
+    ("ckpt-no-heads", ["--model", "{ckpt:no-heads}", "--prompt-len", "64"], ["lacks 'num_attention_heads'"]),
+    ("ckpt-heads-text", ["--model", "{ckpt:heads-text}", "--prompt-len", "64"],
+     ["num_attention_heads='four'", "positive integer"]),
+    ("ckpt-bad-json", ["--model", "{ckpt:bad-json}", "--prompt-len", "64"], ["not valid JSON"]),
+    ("ckpt-gpt2", ["--model", "{ckpt:gpt2}", "--prompt-len", "64"], ["unsupported architecture 'gpt2'", "llama"]),
+    ("ckpt-yarn", ["--model", "{ckpt:yarn}", "--prompt-len", "64"], ["RoPE type 'yarn'", "llama3"]),
+    ("ckpt-no-weights", ["--model", "{ckpt:no-weights}", "--prompt-len", "64"], ["no model.safetensors"]),
+    ("ckpt-truncated", ["--model", "{ckpt:truncated}", "--prompt-len", "64"], ["model.safetensors", "truncated"]),
+    ("ckpt-o-bias", ["--model", "{ckpt:o-bias}", "--prompt-len", "64"], ["o_proj.bias", "does not use"]),
+    ("ckpt-int8", ["--model", "{ckpt:int8}", "--prompt-len", "64"], ["up_proj.weight", "I8", "F32"]),
+    ("ckpt-shape", ["--model", "{ckpt:shape}", "--prompt-len", "64"], ["model.norm.weight", "(65,)", "(64,)"]),
+    ("ckpt-missing", ["--model", "{ckpt:missing}", "--prompt-len", "64"], ["lacks tensor(s)", "down_proj"]),
+    ("ckpt-missing-shard", ["--model", "{ckpt:missing-shard}", "--prompt-len", "64"], ["part2.safetensors"]),
+    # compare
+    ("compare-missing-file", ["compare", "{file:nothing.json}", "{file:other.json}"], ["nothing.json"]),
+    ("compare-not-json", ["compare", "{file:not-json.json}", "{file:not-json.json}"], ["not-json.json", "JSON"]),
+    ("compare-not-results", ["compare", "{file:other.json}", "{file:other.json}"], ["other.json", "not a results"]),
+    ("compare-a-list", ["compare", "{file:list.json}", "{file:list.json}"], ["list.json", "not a results"]),
+    ("compare-no-points", ["compare", "{file:no-points.json}", "{file:no-points.json}"], ["no points"]),
+    ("compare-threshold-nan", ["compare", "{file:other.json}", "{file:other.json}", "--threshold", "nan"],
+     ["--threshold", "nan"]),
+    ("compare-threshold-negative", ["compare", "{file:other.json}", "{file:other.json}", "--threshold", "-0.5"],
+     ["--threshold", "-0.5", ">= 0"]),
+    ("compare-threshold-inf", ["compare", "{file:other.json}", "{file:other.json}", "--threshold", "inf"],
+     ["--threshold", "inf"]),
+    ("compare-one-file", ["compare", "{file:other.json}"], ["required", "new"]),
+    # simulate
+    ("sim-device", ["simulate", "--device", "tpu"], ["--device", "'tpu'", "h100"]),
+    ("sim-link", ["simulate", "--links", "pcie9"], ["--links", "'pcie9'", "nvlink"]),
+    ("sim-model", ["simulate", "--models", "gpt5"], ["--models", "'gpt5'", "llama3-8b"]),
+    ("sim-prompt-0", ["simulate", "--prompt-lens", "0"], ["--prompt-lens", "positive integer"]),
+    ("sim-past-context", ["simulate", "--models", "llama3-8b", "--prompt-lens", "200000"],
+     ["200000", "context of 131072"]),
+    ("sim-stages", ["simulate", "--models", "llama3-8b", "--stages", "64"], ["32 layers", "64 stages"]),
+    ("sim-stages-empty", ["simulate", "--stages", ""], ["--stages", "comma-separated"]),
+    ("sim-granularity", ["simulate", "--granularity", "9000", "--prompt-lens", "4096"], ["9000", "shortest prompt"]),
+    ("sim-batch-0", ["simulate", "--batch", "0"], ["--batch", "positive integer"]),
+    ("sim-chunk-size", ["simulate", "--chunk-size", "-1"], ["--chunk-size", "positive integer"]),
+    ("sim-out-empty", ["simulate", "--out", ""], ["--out", "empty path"]),
+    # kernels
+    ("kernels-shape-three", ["kernels", "--sweep", "--shape", "1,2,3"], ["--shape", "PREFIX,CHUNK", "'1,2,3'"]),
+    ("kernels-shape-negative", ["kernels", "--sweep", "--shape=-1,5"], ["--shape", "PREFIX >= 0"]),
+    ("kernels-shape-alone", ["kernels", "--shape", "16,16"], ["--shape goes with --sweep"]),
+    # gpu-suite
+    ("suite-parts", ["gpu-suite", "--out", "{out}", "--parts", "tests,benchmarks"], ["--parts", "'benchmarks'"]),
+    ("suite-layers", ["gpu-suite", "--out", "{out}", "--layers", "0"], ["--layers", "positive integer"]),
+    ("suite-no-out", ["gpu-suite"], ["--out", "required"]),
+    ("suite-corrupt", ["gpu-suite", "--summary-only", "--out", "{file:suite-corrupt}"], ["kernels.json", "readable"]),
+    ("suite-empty", ["gpu-suite", "--summary-only", "--out", "{file:suite-empty}"], ["nothing to summarise"]),
+    ("suite-no-environment", ["gpu-suite", "--summary-only", "--out", "{file:suite-noenv}"],
+     ["tests.json", "environment"]),
+    ("suite-summary-no-dir", ["gpu-suite", "--summary-only", "--out", "{out}"], ["--summary-only", "not a directory"]),
+    # machine-check
+    ("check-inf", ["machine-check", "--seconds", "inf"], ["--seconds", "inf"]),
+    ("check-nan", ["machine-check", "--seconds", "nan"], ["--seconds", "nan"]),
+    ("check-0", ["machine-check", "--seconds", "0"], ["--seconds", "> 0"]),
+    ("check-negative", ["machine-check", "--seconds", "-2"], ["--seconds", "-2"]),
+    ("check-day", ["machine-check", "--seconds", "86400"], ["--seconds", "<= 3600"]),
+]
+
+
+def _expand(argv, checkpoints, files, out):
+    def one(a):
+        if a.startswith("{ckpt:"):
+            return str(checkpoints[a[6:-1]])
+        if a.startswith("{file:"):
+            return str(files / a[6:-1])
+        return str(out) if a == "{out}" else a
+    argv = [one(a) for a in argv]
+    if argv[:1] not in (["compare"], ["machine-check"], ["kernels"], ["gpu-suite"]) and "--out" not in argv:
+        argv += ["--out", str(out)]
+    return argv
+
+
+@pytest.mark.parametrize("argv,needles", [c[1:] for c in CLI], ids=[c[0] for c in CLI])
+def test_cli_refuses_bad_input_in_one_line(argv, needles, checkpoints, files, tmp_path, capsys, monkeypatch):
+    from bench.cli import main
+    monkeypatch.chdir(tmp_path)  # nothing may appear here either
+    out = tmp_path / "o"
+    argv = _expand(argv, checkpoints, files, out)
+    t0 = time.time()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    took = time.time() - t0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code not in (0, None), f"exit {code} for {argv}"
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    assert not out.exists() and list(tmp_path.iterdir()) == [out.parent / "o"] * 0
+    assert took < 30, f"took {took:.0f} s to refuse"
+
+
+def test_cli_refuses_triton_on_cpu_without_the_interpreter(tmp_path, capsys, monkeypatch):
+    from bench.cli import main
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main([*TINY, "--ops", "triton", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "TRITON_INTERPRET=1" in err and "\n" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "tiny", "--prompt-len", "64", "--warmup", "-1"], "--warmup"),
+    (["compare", "{file:other.json}", "{file:other.json}"], "not a results file"),
+    (["--model", "{ckpt:truncated}", "--prompt-len", "64"], "truncated"),
+], ids=["usage", "compare", "checkpoint"])
+def test_the_real_entry_point_prints_one_line_and_no_traceback(argv, needle, checkpoints, files, tmp_path):
+    """The same through `python -m bench` in a process of its own: what a user's terminal shows."""
+    argv = _expand(argv, checkpoints, files, tmp_path / "o")
+    res = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and needle in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+# ---- the Python API ----------------------------------------------------------------------------------------------
+
+def _tokens(L=40, B=1, dtype=torch.long, high=256):
+    return torch.randint(0, high, (B, L), generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+def _prefill(**kw):
+    from pipeline import run_prefill
+    args = dict(source="tiny", tokens=_tokens(), mode="overlapped", stages=2, chunk_size=10) | kw
+    return lambda: run_prefill(**args)
+
+
+def _attn(**over):
+    from kernels import chunk_attention
+    t = dict(q=torch.zeros(1, 4, 4, 16), k_new=torch.zeros(1, 4, 2, 16), v_new=torch.zeros(1, 4, 2, 16),
+             k_cache=torch.zeros(1, 10, 2, 16), v_cache=torch.zeros(1, 10, 2, 16), start_pos=0) | over
+    return lambda: chunk_attention(**t)
+
+
+def _call(module, name, *args, **kw):
+    def f():
+        import importlib
+        return getattr(importlib.import_module(module), name)(*args, **kw)
+    return f
+
+
+def _plan(**kw):
+    from pipeline.costs import ChunkCost
+    args = dict(prompt_len=1000, cost=ChunkCost(1e-9, 1e-9, 1e-5, 1e-4), stages=2, granularity=64) | kw
+    return _call("pipeline.plan", "plan_chunks", **args)
+
+
+def _sim(mode="chunked", chunks=(4, 4), costs=None, **kw):
+    from pipeline.costs import ChunkCost
+    costs = [ChunkCost(0, 0, 1e-3, 0)] * 2 if costs is None else costs
+    return _call("pipeline.simulate", "simulate", mode, list(chunks), costs, **kw)
+
+
+X = torch.zeros(2, 3, 8)
+COS, SIN = (torch.zeros(16, 4), torch.zeros(16, 4))
+
+API = [
+    # run_prefill: each argument
+    ("mode", _prefill(mode="pipelined"), ["'pipelined'", "overlapped"]),
+    ("tokens-list", _prefill(tokens=[[1, 2, 3]]), ["tokens", "list"]),
+    ("tokens-int32", _prefill(tokens=_tokens(dtype=torch.int32)), ["torch.long", "int32"]),
+    ("tokens-float", _prefill(tokens=_tokens(dtype=torch.float32)), ["torch.long", "float32"]),
+    ("tokens-1d", _prefill(tokens=torch.zeros(40, dtype=torch.long)), ["[B, L]", "(40,)"]),
+    ("tokens-empty", _prefill(tokens=torch.zeros(1, 0, dtype=torch.long)), ["empty prompt", "(1, 0)"]),
+    ("tokens-no-rows", _prefill(tokens=torch.zeros(0, 5, dtype=torch.long)), ["[B, L]", "(0, 5)"]),
+    ("tokens-id-too-big", _prefill(tokens=torch.full((1, 40), 256)), ["[0, 256)", "max 256"]),
+    ("tokens-id-negative", _prefill(tokens=torch.full((1, 40), -1)), ["[0, 256)", "min -1"]),
+    ("tokens-past-context", _prefill(tokens=_tokens(L=1024)), ["1024 tokens", "max_seq_len 1024"]),
+    ("chunk-size-bool", _prefill(chunk_size=True), ["chunk_size", "True"]),
+    ("chunk-size-0", _prefill(chunk_size=0), ["chunk_size", "positive integer"]),
+    ("chunk-size-float", _prefill(chunk_size=2.5), ["chunk_size", "2.5"]),
+    ("chunks-float", _prefill(chunk_size=None, chunks=[20, 20.0]), ["chunk sizes[1]", "20.0"]),
+    ("chunks-sum", _prefill(chunk_size=None, chunks=[10, 10]), ["sum to 20", "40 tokens"]),
+    ("chunks-and-size", _prefill(chunks=[40]), ["chunk_size or chunks"]),
+    ("stages-0", _prefill(stages=0), ["stages", "got 0"]),
+    ("stages-too-many", _prefill(stages=5), ["more stages than layers"]),
+    ("stages-list-sum", _prefill(stages=[1, 2]), ["sum to 3", "4"]),
+    ("stages-bool", _prefill(stages=True), ["stages", "True"]),
+    ("link", _prefill(link="carrier-pigeon"), ["'carrier-pigeon'", "gloo"]),
+    ("ops", _prefill(ops="cuda"), ["'cuda'", "torch"]),
+    ("dtype", _prefill(dtype="float64"), ["'float64'", "bfloat16"]),
+    ("device", _prefill(device="gpu"), ["'gpu'", "cpu"]),
+    ("device-cuda-absent", _prefill(device="cuda"), ["'cuda'", "CUDA is not available"]),
+    ("bandwidth-nan", _prefill(bandwidth_gbps=float("nan")), ["bandwidth_gbps", "nan"]),
+    ("bandwidth-0", _prefill(bandwidth_gbps=0.0), ["bandwidth_gbps", "> 0"]),
+    ("bandwidth-inf", _prefill(bandwidth_gbps=math.inf), ["bandwidth_gbps", "inf"]),
+    ("latency-negative", _prefill(latency_s=-1.0), ["latency_s", ">= 0"]),
+    ("latency-nan", _prefill(latency_s=float("nan")), ["latency_s", "nan"]),
+    ("decode-text", _prefill(decode="yes"), ["decode", "'yes'"]),
+    ("unknown-keyword", _prefill(colour="blue"), ["unexpected keyword", "colour"]),
+    ("source-number", _prefill(source=42), ["model source", "42"]),
+    ("source-empty", _prefill(source=""), ["model source", "''"]),
+    ("source-unknown", _prefill(source="gpt5"), ["unknown preset 'gpt5'"]),
+    ("source-missing-dir", _prefill(source="./no/such"), ["./no/such", "not exist"]),
+    ("seed", _prefill(seed=1.5), ["seed", "1.5"]),
+    ("threads", _prefill(threads=0), ["threads", "positive integer"]),
+    ("timeout", _prefill(timeout_s=0), ["timeout_s", "> 0"]),
+    # load_model
+    ("load-dtype", _call("pipeline", "load_model", "tiny", dtype="half"), ["'half'", "float16"]),
+    ("load-device", _call("pipeline", "load_model", "tiny", device="tpu"), ["'tpu'", "cpu"]),
+    ("load-layers-list", _call("pipeline", "load_model", "tiny", layers=[0, 1]), ["layers", "range"]),
+    ("load-layers-outside", _call("pipeline", "load_model", "tiny", layers=range(2, 9)), ["range(2, 9)", "[0, 4)"]),
+    ("load-ops", _call("pipeline", "load_model", "tiny", ops="numpy"), ["'numpy'", "triton"]),
+    # chunk_attention
+    ("attn-start-float", _attn(start_pos=5.7), ["start_pos", "5.7"]),
+    ("attn-start-bool", _attn(start_pos=True), ["start_pos", "True"]),
+    ("attn-start-negative", _attn(start_pos=-1), ["start_pos", ">= 0", "-1"]),
+    ("attn-start-past-cache", _attn(start_pos=7), ["start_pos + C = 11", "max_len 10"]),
+    ("attn-start-row", _attn(start_pos=torch.tensor([-4])), ["start_pos[0] = -4", "[0, 6]"]),
+    ("attn-q-list", _attn(q=[[0.0]]), ["q", "torch.Tensor", "list"]),
+    ("attn-head-dim", _attn(q=torch.zeros(1, 4, 4, 24), k_new=torch.zeros(1, 4, 2, 24), v_new=torch.zeros(1, 4, 2, 24),
+                            k_cache=torch.zeros(1, 10, 2, 24), v_cache=torch.zeros(1, 10, 2, 24)), ["head dim 24"]),
+    ("attn-zero-heads", _attn(k_new=torch.zeros(1, 4, 0, 16), v_new=torch.zeros(1, 4, 0, 16)), ["k_new", "(1, 4, 0, 16)"]),
+    ("attn-scale-nan", _attn(sm_scale=float("nan")), ["sm_scale", "nan"]),
+    ("attn-scale-0", _attn(sm_scale=0.0), ["sm_scale", "positive"]),
+    ("attn-bf16-cpu", _attn(**{n: torch.zeros(1, L, H, 16, dtype=torch.bfloat16) for n, L, H in
+                               (("q", 4, 4), ("k_new", 4, 2), ("v_new", 4, 2), ("k_cache", 10, 2), ("v_cache", 10, 2))}),
+     ["bfloat16", "interpreter"]),
+    ("attn-config", _attn(config=dict(BLOCK_M=48, BLOCK_N=64, num_warps=4, num_stages=2)), ["BLOCK_M", "power of two"]),
+    # the other ops
+    ("rope-start-float", _call("kernels", "rope", torch.zeros(1, 3, 2, 8), COS, SIN, 2.5), ["start_pos", "2.5"]),
+    ("rope-start-negative", _call("kernels", "rope", torch.zeros(1, 3, 2, 8), COS, SIN, -1), ["positions [-1, 2)"]),
+    ("rope-3d", _call("kernels", "rope", torch.zeros(3, 2, 8), COS, SIN, 0), ["[B, C, H, D]", "(3, 2, 8)"]),
+    ("norm-eps-nan", _call("kernels", "add_rms_norm", X, None, torch.ones(8), float("nan")), ["eps", "nan"]),
+    ("norm-eps-negative", _call("kernels", "add_rms_norm", X, None, torch.ones(8), -1.0), ["eps", "-1"]),
+    ("norm-x-list", _call("kernels", "add_rms_norm", [1.0], None, torch.ones(8), 1e-5), ["x", "torch.Tensor"]),
+    ("norm-weight", _call("kernels", "add_rms_norm", X, None, torch.ones(7), 1e-5), ["weight must be [8]", "(7,)"]),
+    ("swiglu-shapes", _call("kernels", "swiglu", X, torch.zeros(2, 3, 9)), ["gate", "up", "must match"]),
+    ("swiglu-int", _call("kernels", "swiglu", X.long(), X.long()), ["gate and up", "int64"]),
+    ("swiglu-gate-none", _call("kernels", "swiglu", None, X), ["gate", "NoneType"]),
+    # planner
+    ("plan-length-0", _plan(prompt_len=0), ["prompt_len", "positive integer"]),
+    ("plan-granularity-bool", _plan(granularity=True), ["granularity", "True"]),
+    ("plan-stages-float", _plan(stages=1.5), ["stages", "1.5"]),
+    ("plan-num-chunks", _plan(num_chunks=50), ["num_chunks", "1..16", "50"]),
+    ("plan-max-chunk", _plan(max_chunk=10), ["max_chunk 10", "granularity 64"]),
+    ("plan-start-negative", _plan(start_pos=-1), ["start_pos", "-1"]),
+    ("plan-cost", _plan(cost="fast"), ["cost", "callable"]),
+    ("plan-cost-nan", _plan(cost=lambda x, p: x * np.nan), ["cost returned nan"]),
+    ("plan-bytes", _plan(bytes_per_token=-1), ["bytes_per_token", "-1"]),
+    # simulator
+    ("sim-mode", _sim(mode="eager"), ["'eager'", "overlapped"]),
+    ("sim-chunk-0", _sim(chunks=(4, 0)), ["chunk sizes[1]", "0"]),
+    ("sim-chunk-float", _sim(chunks=(4.5,)), ["chunk sizes[0]", "4.5"]),
+    ("sim-no-costs", _sim(costs=[]), ["one cost per stage"]),
+    ("sim-cost-text", _sim(costs=["fast"]), ["costs[0]", "callable"]),
+    ("sim-cost-negative", _sim(costs=[lambda x, p: -1.0]), ["costs[0] returned -1.0"]),
+    ("sim-link", _sim(link=100.0), ["link", "LinkModel"]),
+    ("sim-bytes", _sim(bytes_per_token=-4), ["bytes_per_token", "-4"]),
+    # links, configs, compare
+    ("link-bandwidth-nan", _call("pipeline", "LinkModel", float("nan")), ["bandwidth", "nan"]),
+    ("link-latency-inf", _call("pipeline", "LinkModel", None, math.inf), ["latency", "inf"]),
+    ("config-hidden-0", _call("pipeline", "ModelConfig", 256, 0, 2, 2, 2, 16, 32), ["hidden_size", "0"]),
+    ("config-eps-nan", _call("pipeline", "ModelConfig", 256, 64, 2, 4, 2, 16, 32, rms_norm_eps=float("nan")),
+     ["rms_norm_eps", "nan"]),
+    ("config-heads", _call("pipeline", "ModelConfig", 256, 64, 2, 4, 3, 16, 32), ["num_heads (4)", "num_kv_heads (3)"]),
+    ("compare-threshold", _call("bench.compare", "compare", "a.json", "b.json", float("nan")), ["threshold", "nan"]),
+    ("compare-threshold-negative", _call("bench.compare", "compare", "a.json", "b.json", -1.0), ["threshold", "-1"]),
+]
+
+
+@pytest.mark.parametrize("call,needles", [c[1:] for c in API], ids=[c[0] for c in API])
+def test_api_refuses_bad_input_in_one_line(call, needles):
+    t0 = time.time()
+    with pytest.raises((ValueError, TypeError)) as info:
+        call()
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for needle in needles:
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    assert time.time() - t0 < 30
+
+
+def test_there_are_at_least_80_distinct_cases():
+    assert len({c[0] for c in CLI}) == len(CLI) and len({c[0] for c in API}) == len(API)
+    assert len(CLI) + len(API) >= 80
+
+
+def test_a_checkpoint_loads_after_the_same_checks(checkpoints):
+    """The good checkpoint passes every check the broken ones fail (the table above is not refusing everything)."""
+    from pipeline import PipelineSpec, load_model
+    PipelineSpec(source=str(checkpoints["good"]), stages=2, link="gloo").validate()
+    assert load_model(checkpoints["good"]).cfg.num_layers == 2
+
+
+def test_results_json_is_strict(tmp_path):
+    """No NaN or Infinity in what the harness writes: null, with the reason listed under "nulls"."""
+    from bench.harness import dump_json
+    text = dump_json({"a": float("nan"), "b": [1.0, math.inf], "c": {"d": 2}})
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}"))
+    assert doc["a"] is None and doc["b"] == [1.0, None] and doc["c"] == {"d": 2}
+    assert set(doc["nulls"]) == {"$.a", "$.b[1]"}
+    assert os.linesep  # (a strict reader: json.loads with parse_constant failing on NaN/Infinity)
