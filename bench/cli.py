@@ -226,11 +226,11 @@ def _dispatch(argv) -> int:
 def main(argv=None) -> int:
     """Every subcommand behind one error policy: bad input or a failed run is one line on stderr and exit 2 (no
     traceback; BENCH_TRACEBACK=1 shows it), Ctrl-C 130 and SIGTERM 143 after every stage has been stopped."""
-    from pipeline.procs import PipelineError, Terminated, sigterm_raises
+    from pipeline.procs import PipelineError, Terminated, sigint_raises, sigterm_raises
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = "bench" + (f" {argv[0]}" if argv and argv[0] in SUBCOMMANDS else "")
     try:
-        with sigterm_raises():
+        with sigterm_raises(), sigint_raises():
             return _dispatch(argv)
     except KeyboardInterrupt as e:
         kind, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)

@@ -2,7 +2,8 @@
 verdict for each, and a non-zero exit when one regresses past the threshold or a correctness figure fails. Runs of
 different devices or configurations are refused unless --force.
 
-Verdicts: a timing (every `*_ms` figure, per-stage lists element by element) REGRESSED when new > base·(1 +
+Verdicts: a timing (every figure in ms, per-stage and per-chunk lists element by element; per-run lists are left out,
+their medians are compared) REGRESSED when new > base·(1 +
 threshold) and the increase is over 1% of the mode's base TTFT (so that the jitter of a 0.1 ms figure does not fail
 a run), "faster" in the mirror case, else "same"; bytes must be equal (CHANGED fails); outputs_match and
 bytes_exact must hold in the new file."""
@@ -44,8 +45,8 @@ def load_results(path) -> dict:
 
 def _timings(m: dict):
     """(name, value) of every timing figure of one mode: scalars and per-stage lists element by element."""
-    for key, v in m.items():
-        if not key.endswith("_ms") or key.startswith("sim_"):
+    for key, v in m.items():  # per-run lists are left out: their medians are compared
+        if "_ms" not in key or key.endswith("_runs_ms") or key.startswith("sim_"):
             continue
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             yield key, float(v)

@@ -147,6 +147,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     results = dict(zip(modes, all_runs))
     base = results["unchunked"] if "unchunked" in results else all_runs[-1]
     bpt = bytes_per_token(spec, batch)
+    from pipeline.simulate import free_link_bound
+    bounds = {mode: [free_link_bound(mode, r.records) for r in runs] for mode, runs in results.items()}
     figures, timelines = {}, {}
     for mode, runs in results.items():
         best = sorted(runs, key=lambda r: r.metrics["ttft_s"])[len(runs) // 2]  # the median run
@@ -160,8 +162,11 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
                                                       for r in runs) if "wall_ttft_s" in runs[0].metrics else 0.0,
             exposed_comm_ms=med("exposed_comm_s") * 1e3,
             bubble_fraction=med("bubble_fraction"),
-            bound_ms=med("bound_s") * 1e3,
-            measured_over_bound=med("measured_over_bound"),
+            bound_ms=statistics.median(bounds[mode]) * 1e3,
+            bound_runs_ms=[b * 1e3 for b in bounds[mode]],
+            measured_over_bound_runs=[r.metrics["ttft_s"] / b for r, b in zip(runs, bounds[mode])],
+            ideal_ms=med("ideal_s") * 1e3,
+            equal_stage_formula_ms=med("equal_stage_formula_s") * 1e3,
             compute_ms_per_stage=[x * 1e3 for x in best.metrics["compute_s"]],
             send_time_ms_per_stage=[x * 1e3 for x in best.metrics["send_time_s"]],
             per_chunk_stage_max_ms=[x * 1e3 for x in best.metrics["per_chunk_stage_max_s"]],
@@ -174,6 +179,7 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         ref = base[0]
         m["max_abs_dlogits"] = max((r.logits - ref.logits).abs().max().item() for r in runs)
         m["max_abs_ddecode_logits"] = max((r.decode_logits - ref.decode_logits).abs().max().item() for r in runs)
+        m["measured_over_bound"] = m["ttft_ms"] / m["bound_ms"]  # the quotient of the two medians printed
         figures[mode] = m
         timelines[mode] = best.timeline
     for mode, m in figures.items():
@@ -239,9 +245,15 @@ class Progress:
 
 UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pauses.py)",
          "wall_ttft_ms": "ms of wall clock, pauses included", "ttft_min_ms": "ms, least over repeats",
-         "machine_paused_fraction": "fraction of wall_ttft_ms", "exposed_comm_ms": "ms", "bound_ms": "ms",
-         "bubble_fraction": "fraction of S·TTFT",
-         "measured_over_bound": "ratio", "speedup_vs_unchunked": "ratio", "speedup_vs_naive": "ratio",
+         "machine_paused_fraction": "fraction of wall_ttft_ms", "exposed_comm_ms": "ms",
+         "bound_ms": "ms, median over runs of the least time the run's schedule can take: the run replayed on its "
+                     "own compute times with a free link (pipeline.simulate.free_link_bound)",
+         "bound_runs_ms": "ms per run", "measured_over_bound": "ratio, median TTFT / median bound (ttft_ms / bound_ms)",
+         "measured_over_bound_runs": "ratio per run (its TTFT / its bound)",
+         "ideal_ms": "ms, median over runs of the run's compute time summed over stages / S (no bubble at all)",
+         "equal_stage_formula_ms": "ms, median of sum_k max_s t + (S-1) max_k max_s t: the makespan if every stage "
+                                   "took the slowest stage's time on each chunk (an estimate, not a bound)",
+         "bubble_fraction": "fraction of S·TTFT", "speedup_vs_unchunked": "ratio", "speedup_vs_naive": "ratio",
          "prefill_bytes_per_boundary": "bytes", "decode_bytes_per_boundary": "bytes per token",
          "max_abs_dlogits": "absolute logit difference vs unchunked", "compute_ms_per_stage": "ms",
          "send_time_ms_per_stage": "ms", "per_chunk_stage_max_ms": "ms", "sim_ttft_ms": "ms (simulated)",
@@ -258,8 +270,8 @@ def _x(v) -> str:
 
 def table(point: dict) -> str:
     """A short table for a person."""
-    rows = [("mode", "TTFT ms", "vs unch", "vs naive", "exp.comm ms", "bubble", "bound ms", "meas/bnd",
-             "prefill B/bnd", "decode B/bnd", "ratio", "max|Δlogit|")]
+    rows = [("mode", "TTFT ms", "vs unch", "vs naive", "exp.comm ms", "bubble", "bound ms", "meas/bnd", "ideal ms",
+             "eq.stage ms", "prefill B/bnd", "decode B/bnd", "ratio", "max|Δlogit|")]
     sim = all("sim_ttft_ms" in m for m in point["modes"].values())
     if sim:
         rows[0] += ("sim ms", "sim/meas", "replay/meas")
@@ -269,12 +281,16 @@ def table(point: dict) -> str:
         rows.append((mode, f"{m['ttft_ms']:.1f}", _x(m.get("speedup_vs_unchunked")), _x(m.get("speedup_vs_naive")),
                      f"{m['exposed_comm_ms']:.1f}",
                      f"{100 * m['bubble_fraction']:.0f}%", f"{m['bound_ms']:.1f}", f"{m['measured_over_bound']:.2f}",
+                     f"{m['ideal_ms']:.1f}", f"{m['equal_stage_formula_ms']:.1f}",
                      f"{pb:,}" if pb else "-", f"{db:,}" if db else "-", f"{pb / db:.0f}" if db else "-",
                      f"{m.get('max_abs_dlogits', 0.0):.1e}")
                     + ((f"{m['sim_ttft_ms']:.1f}", f"{m['sim_over_measured']:.2f}",
                         f"{m['replay_over_measured']:.2f}") if sim else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+    text += ("\n(bound: each run replayed on its own compute times with a free link, the least time its schedule "
+             "can take; meas/bnd = TTFT ms / bound ms; ideal: compute summed over stages / S; eq.stage: "
+             "Σ_k max_s t + (S−1)·max t, exact only when every stage takes the same time on a chunk)")
     if sim:
         out = {mode: m["outlier_compute_fraction"] for mode, m in point["modes"].items()}
         fit = {mode: m["chunk_fit_over_measured"] for mode, m in point["modes"].items()}

@@ -105,7 +105,8 @@ class ActiveClock:
 def measure(spec, jobs, progress=None):
     """`run_jobs` with the machine's pauses cut out of every CPU timing (GPU timings come from CUDA events, which
     host pauses do not enter). None off rank 0 under torchrun."""
-    if torch.device(spec.device).type != "cpu":
+    from pipeline.procs import torchrun_rank
+    if torch.device(spec.device).type != "cpu" or torchrun_rank() not in (None, 0):  # rank 0 alone reports
         return run_jobs(spec, jobs, progress)
     with PauseMonitor() as monitor:
         results = run_jobs(spec, jobs, progress)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import integer, positive_number
+from .shapes import integer, launching, positive_number
 
 LOG2E = 1.4426950408889634
 
@@ -77,10 +77,11 @@ def _chunk_attention_kernel(
     else:
         P = start_pos
     # A row whose prefix + chunk does not fit the cache (a bad per-row start: the launcher cannot read a device
-    # tensor without a host sync) touches nothing: no cache write, no read past the cache, NaN out.
+    # tensor without a host sync) touches nothing: it attends to no key (no read past the cache), writes no cache
+    # row, and its output is 0 / 0 = NaN. Scalars only: the hot loops do not change.
     in_range = (P >= 0) & (P + C <= max_len)
     P = tl.where(in_range, P, 0)
-    rows_ok = tl.where(in_range, C, 0)  # the chunk rows this program may write to the cache and to out
+    C_ok = tl.where(in_range, C, 0)  # chunk rows this program attends over and appends
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # chunk-local query rows
     offs_n = tl.arange(0, BLOCK_N)
@@ -100,8 +101,8 @@ def _chunk_attention_kernel(
         kv_rows = offs_m[:, None]
         k_blk = tl.load(kn + kv_rows * stride_knm + offs_d[None, :], mask=row_ok, other=0.0)
         v_blk = tl.load(vn + kv_rows * stride_vnm + offs_d[None, :], mask=row_ok, other=0.0)
-        tl.store(kc + (P + kv_rows) * stride_kcm + offs_d[None, :], k_blk, mask=kv_rows < rows_ok)
-        tl.store(vc + (P + kv_rows) * stride_vcm + offs_d[None, :], v_blk, mask=kv_rows < rows_ok)
+        tl.store(kc + (P + kv_rows) * stride_kcm + offs_d[None, :], k_blk, mask=kv_rows < C_ok)
+        tl.store(vc + (P + kv_rows) * stride_vcm + offs_d[None, :], v_blk, mask=kv_rows < C_ok)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -118,12 +119,12 @@ def _chunk_attention_kernel(
     # BLOCK_N, so BLOCK_N > BLOCK_M stays exact). Blocks right of the diagonal are never visited.
     m_lo = pid_m * BLOCK_M
     diag = (m_lo // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, 0, diag, C, offs_m, offs_n, offs_d,
-                            qk_scale, False, False, BLOCK_N, PRECISION)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, diag, tl.minimum(m_lo + BLOCK_M, C),
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, 0, tl.minimum(diag, C_ok), C, offs_m,
+                            offs_n, offs_d, qk_scale, False, False, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, diag, tl.minimum(m_lo + BLOCK_M, C_ok),
                             C, offs_m, offs_n, offs_d, qk_scale, True, True, BLOCK_N, PRECISION)
 
-    out = tl.where(offs_m[:, None] < rows_ok, acc / l_i[:, None], float("nan"))
+    out = acc / l_i[:, None]
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok)
 
@@ -139,10 +140,12 @@ def pick_config(chunk_len: int, head_dim: int, dtype: torch.dtype, capability: t
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # exact fp32 dots (FMA, no TF32) are register-hungry: small tiles, for checking
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if chunk_len <= 16:  # decode-like: do not waste a 128-row tile on one query
-        return dict(BLOCK_M=16, BLOCK_N=64 if head_dim <= 128 else 16, num_warps=4, num_stages=2)
-    if capability < (9, 0) and head_dim >= 128:  # Ampere: mma.sync keeps acc in registers; 128-row tiles spill
-        return dict(BLOCK_M=64, BLOCK_N=32 if head_dim == 128 else 16, num_warps=4, num_stages=2)
+    if chunk_len <= 16:  # decode-like: do not waste a 128-row tile on one query. Wide heads take narrower key
+        # blocks (d128: 64-key blocks spilled under Triton 3.7) and d256 eight warps (four spilled 4-8 B)
+        return dict(BLOCK_M=16, BLOCK_N=64 if head_dim <= 64 else 32 if head_dim == 128 else 16,
+                    num_warps=8 if head_dim == 256 else 4, num_stages=2)
+    if capability < (9, 0) and head_dim >= 64:  # Ampere: mma.sync keeps acc in registers; 128-row tiles spill
+        return dict(BLOCK_M=64, BLOCK_N={64: 64, 128: 32}.get(head_dim, 16), num_warps=4, num_stages=2)
     if head_dim == 256:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
     if head_dim == 128 and chunk_len <= 512:  # H100 sweep (bench/results/h100): short chunks need more programs
@@ -277,18 +280,19 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
     cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else (9, 0)
     cfg = config or pick_config(C, D, q.dtype, cap)
     grid = (triton.cdiv(C, cfg["BLOCK_M"]), B * Hq)
-    _chunk_attention_kernel[grid](
-        q, k_new, v_new, k_cache, v_cache, out, starts, 0 if per_row else int(start_pos), k_cache.shape[1],
-        q.stride(0), q.stride(1), q.stride(2),
-        k_new.stride(0), k_new.stride(1), k_new.stride(2),
-        v_new.stride(0), v_new.stride(1), v_new.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        C, Hq, sm_scale * LOG2E,
-        GROUP=Hq // Hkv, HEAD_DIM=D, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PER_ROW_START=per_row,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with launching():
+        _chunk_attention_kernel[grid](
+            q, k_new, v_new, k_cache, v_cache, out, starts, 0 if per_row else int(start_pos), k_cache.shape[1],
+            q.stride(0), q.stride(1), q.stride(2),
+            k_new.stride(0), k_new.stride(1), k_new.stride(2),
+            v_new.stride(0), v_new.stride(1), v_new.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            C, Hq, sm_scale * LOG2E,
+            GROUP=Hq // Hkv, HEAD_DIM=D, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PER_ROW_START=per_row,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return out
 
 

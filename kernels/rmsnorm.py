@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import as_rows, non_negative_number, tensor
+from .shapes import as_rows, launching, non_negative_number, tensor
 
 
 @triton.jit
@@ -75,12 +75,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         r_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual_out is None else residual_out
     BLOCK = triton.next_power_of_2(H)
     o2, ro2 = out.view(-1, H), r_out.view(-1, H)
-    _add_rms_norm_kernel[(x2.shape[0],)](
-        x2, r2, weight, o2, ro2,
-        x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0),
-        H, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 256)),
-    )
+    with launching():
+        _add_rms_norm_kernel[(x2.shape[0],)](
+            x2, r2, weight, o2, ro2,
+            x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0),
+            H, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 256)),
+        )
     return out, r_out
 
 

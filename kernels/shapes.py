@@ -1,11 +1,23 @@
-"""Input checks shared by the launchers: integers and scales that must be what they say (a bool or 5.7 is not a
-position), and views of [..., N] tensors as rows [rows, N] for the row-wise kernels (RMSNorm, SwiGLU)."""
+"""What the launchers share: input checks (integers and scales that must be what they say: a bool or 5.7 is not a
+position), views of [..., N] tensors as rows [rows, N] for the row-wise kernels (RMSNorm, SwiGLU), and the lock
+that serialises launches under Triton's interpreter (its launch state is global: two threads launching at once,
+e.g. two in-process pipeline stages on CPU, corrupt each other's grids)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import os
+import threading
 
 import torch
+
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def launching():
+    """A context for one kernel launch: exclusive under TRITON_INTERPRET=1, free otherwise."""
+    return _INTERPRETER_LOCK if os.environ.get("TRITON_INTERPRET") == "1" else contextlib.nullcontext()
 
 
 def integer(name: str, v) -> int:

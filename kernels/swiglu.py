@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import as_rows, tensor
+from .shapes import as_rows, launching, tensor
 
 
 @triton.jit
@@ -48,9 +48,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out=None) -> torch.Tensor:
     o2 = out.view(-1, gate.shape[-1])
     N = gate.shape[-1]
     BLOCK = min(4096, triton.next_power_of_2(N))
-    _swiglu_kernel[(g2.shape[0], triton.cdiv(N, BLOCK))](
-        g2, u2, o2, g2.stride(0), u2.stride(0), o2.stride(0), N, BLOCK=BLOCK, num_warps=min(8, max(1, BLOCK // 512)),
-    )
+    with launching():
+        _swiglu_kernel[(g2.shape[0], triton.cdiv(N, BLOCK))](
+            g2, u2, o2, g2.stride(0), u2.stride(0), o2.stride(0), N, BLOCK=BLOCK,
+            num_warps=min(8, max(1, BLOCK // 512)),
+        )
     return out
 
 

@@ -167,6 +167,7 @@ class RooflineCost:
     batch: int = 1
     itemsize: int = 2
     last_stage: bool = False
+    first_stage: bool = False
 
     def __call__(self, x, p):
         cfg, dev, B, e = self.cfg, self.device, self.batch, self.itemsize
@@ -190,9 +191,13 @@ class RooflineCost:
         return t
 
     def memory_bytes(self, max_len: int) -> int:
-        """Weights + KV cache of this stage for `max_len` positions (activations not counted)."""
+        """Weights (with the embedding table on the first stage and the head on the last) + KV cache of this stage
+        for `max_len` positions (activations not counted)."""
         cfg = self.cfg
-        w = self.layers * cfg.params_per_layer + (cfg.vocab_size * cfg.hidden_size if self.last_stage else 0)
+        table = cfg.vocab_size * cfg.hidden_size  # the embedding on the first stage, the head on the last (a tied
+        # head is the same table: one copy when one stage holds both, a copy on each device otherwise)
+        tables = self.first_stage + self.last_stage - (self.first_stage and self.last_stage and cfg.tie_embeddings)
+        w = self.layers * cfg.params_per_layer + tables * table
         kv = self.layers * self.batch * max_len * 2 * cfg.num_kv_heads * cfg.head_dim
         return int((w + kv) * self.itemsize)
 
@@ -203,7 +208,7 @@ def roofline_stage_costs(cfg: ModelConfig, stages: int, device: str | Device, ba
     from .stage import split_layers
     dev = get_device(device) if isinstance(device, str) else device
     ranges = split_layers(cfg.num_layers, stages)
-    return [RooflineCost(cfg, len(r), dev, batch, itemsize, last_stage=i == len(ranges) - 1)
+    return [RooflineCost(cfg, len(r), dev, batch, itemsize, last_stage=i == len(ranges) - 1, first_stage=i == 0)
             for i, r in enumerate(ranges)]
 
 

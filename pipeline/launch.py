@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch.distributed as dist
 
 from . import checks
 from .checks import DTYPES
-from .link import DistChannel, LinkModel, LocalChannel
+from .link import DistChannel, LinkAborted, LinkModel, LocalChannel
 from .config import ModelConfig
 from .model import resolve_config
 from .procs import PipelineError, init_process_group, run_spawned, torchrun_rank
@@ -130,7 +131,7 @@ class _Runner:
         self.clock = Clock(self.device)
         model = LinkModel(spec.bandwidth_gbps, spec.latency_s)
         if rank is None:
-            self.channels = [LocalChannel(self.device, model, self.clock) for _ in range(self.S - 1)]
+            self.channels = [LocalChannel(self.device, model, self.clock, spec.timeout_s) for _ in range(self.S - 1)]
         else:
             self.recv = DistChannel(rank - 1, rank, self.device, model, self.clock) if rank > 0 else None
             self.send = DistChannel(rank, rank + 1, self.device, model, self.clock) if rank < self.S - 1 else None
@@ -159,34 +160,55 @@ class _Runner:
                 time.sleep(1e6)
             raise RuntimeError(f"injected failure in stage {stage_index}")
 
-    # in-process: every stage here, interleaved chunk by chunk
-    def run_inprocess(self, mode: str, tokens, chunks, start_pos=0, tokens_are_decode=False):
+    # in-process: every stage here; on CPU a thread per stage, on GPU a stream per stage (one host thread)
+    def run_inprocess(self, mode: str, tokens, chunks, start_pos=0):
         stages = [self.full()] if mode == "unchunked" else [self.stages[i] for i in range(self.S)]
         S, B = len(stages), tokens.shape[0]
         records = [StageRecord(i, chunks) for i in range(S)]
         result = {}
-        streams = [torch.cuda.Stream(self.device) for _ in range(S)] if self.device.type == "cuda" else None
-        self._sync()
-        t_start = time.perf_counter() if streams is None else self.clock.mark()
-        gens = []
-        for i, st in enumerate(stages):
-            self._inject_fault(i)
-            gens.append(stage_program(st, mode, chunks, self.clock, records[i], tokens=tokens if i == 0 else None,
-                                      recv=self.channels[i - 1] if i > 0 and S > 1 else None,
-                                      send=self.channels[i] if i < S - 1 else None, batch=B, start_pos=start_pos,
-                                      result=result if i == S - 1 else None))
-        for k in range(len(chunks) + 1):  # the last round drains pending sends
-            for i, g in enumerate(gens):
-                ctx = torch.cuda.stream(streams[i]) if streams else _nullctx()
-                with ctx:
-                    next(g, None)
-        if streams:
+        for ch in self.channels:
+            ch.reset()
+        gens = [stage_program(st, mode, chunks, self.clock, records[i], tokens=tokens if i == 0 else None,
+                              recv=self.channels[i - 1] if i > 0 and S > 1 else None,
+                              send=self.channels[i] if i < S - 1 else None, batch=B, start_pos=start_pos,
+                              result=result if i == S - 1 else None) for i, st in enumerate(stages)]
+        if self.device.type == "cuda":  # the host only enqueues: interleave the stages chunk by chunk
+            streams = [torch.cuda.Stream(self.device) for _ in range(S)]
+            self.clock.anchor()
+            t0 = self.clock.mark()
+            for i in range(S):
+                self._inject_fault(i)
+            for k in range(len(chunks) + 1):  # the last round drains pending sends
+                for i, g in enumerate(gens):
+                    with torch.cuda.stream(streams[i]):
+                        next(g, None)
             with torch.cuda.stream(streams[-1]):
                 end_mark = self.clock.mark()
             self._sync()
-            t_start, t_end = self.clock.seconds(t_start), self.clock.seconds(end_mark)
-        else:
+            t_start, t_end = self.clock.seconds(t0), self.clock.seconds(end_mark)
+        else:  # each stage blocks on its links like a process of its own would
+            errors: list[tuple[int, BaseException]] = []
+
+            def drive(i, g):
+                try:
+                    self._inject_fault(i)
+                    for _ in g:
+                        pass
+                except BaseException as e:  # noqa: BLE001 - re-raised below, after every stage has stopped
+                    errors.append((i, e))
+                    for ch in self.channels:
+                        ch.abort(f"stage {i} failed")
+            threads = [threading.Thread(target=drive, args=(i, g), name=f"stage-{i}", daemon=True)
+                       for i, g in enumerate(gens)]
+            t_start = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
             t_end = time.perf_counter()
+            if errors:
+                first = sorted(errors, key=lambda e: isinstance(e[1], LinkAborted))[0]
+                raise first[1]
         return [r.resolve(self.clock) for r in records], t_start, t_end, result["logits"]
 
     # one process per stage: this rank's part of a run
@@ -205,6 +227,7 @@ class _Runner:
         record = StageRecord(rank if mode != "unchunked" else 0, chunks)
         result = {}
         self._sync()
+        self.clock.anchor()  # every rank's GPU clock on the host time base, from an idle device
         t_start = time.perf_counter()
         for k in stage_program(st, mode, chunks, self.clock, record, tokens=tokens if (recv is None) else None,
                                recv=recv, send=send, batch=tokens.shape[0], start_pos=start_pos, result=result):
@@ -224,14 +247,6 @@ class _Runner:
         for ch in getattr(self, "channels", []) + [getattr(self, "recv", None), getattr(self, "send", None)]:
             if ch is not None:
                 ch.close()
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _reset(runner: _Runner, mode: str, B: int, max_len: int):
@@ -377,6 +392,54 @@ def check_job(job: Job, cfg) -> None:
     checks.flag("return_cache", job.return_cache)
 
 
+def memory_needed(spec: PipelineSpec, cfg, job: Job) -> int:
+    """A lower estimate of the bytes one run of `job` holds at once on one machine (the device's memory, or the
+    host's): the stages' weights and KV cache and those of the unchunked baseline's whole model, one chunk's
+    activations and, with the torch ops, the attention scores SDPA materialises for a chunk after a prefix."""
+    B, L = job.tokens.shape
+    item = DTYPES[spec.dtype].itemsize
+    params = cfg.num_layers * cfg.params_per_layer + cfg.vocab_size * cfg.hidden_size * (1 + (not cfg.tie_embeddings))
+    kv = 2 * cfg.num_layers * B * (L + 1) * cfg.num_kv_heads * cfg.head_dim * item
+    C = max(job.chunks)
+    act = B * C * (4 * cfg.hidden_size + 2 * cfg.intermediate_size
+                   + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) * item
+    scores = 0
+    if spec.ops == "torch":  # [B, Hq, c, p + c] fp32 scores for a chunk after a prefix (masked SDPA, math path)
+        starts = [sum(job.chunks[:k]) for k in range(len(job.chunks))]
+        scores = max((B * cfg.num_heads * c * (p + c) * 4 for c, p in zip(job.chunks, starts) if p > 0), default=0)
+    return 2 * (params * item + kv) + act + scores
+
+
+def memory_available(device: str) -> int:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev.index or 0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_resources(spec: PipelineSpec, cfg, jobs: list[Job]) -> None:
+    """Refuses, before any allocation, a request that cannot fit this machine's memory (it would end in the OOM
+    killer), and an emulated link so slow that one run's sends would take over an hour."""
+    have = memory_available(spec.device)
+    for job in jobs:
+        need = memory_needed(spec, cfg, job)
+        if need > have:
+            B, L = job.tokens.shape
+            raise ValueError(f"batch {B} x prompt {L} needs at least {need / 1e9:.1f} GB at once (weights, KV cache "
+                             f"and activations of the stages and of the unchunked baseline), more than the "
+                             f"{have / 1e9:.1f} GB of {torch.device(spec.device).type} memory here")
+    link = LinkModel(spec.bandwidth_gbps, spec.latency_s)
+    if link.active:
+        item = DTYPES[spec.dtype].itemsize
+        for job in jobs:
+            B, L = job.tokens.shape
+            per_run = sum(link.delay_s(B * c * cfg.hidden_size * item) for c in job.chunks)
+            if per_run > 3600:
+                raise ValueError(f"the emulated link ({spec.bandwidth_gbps} GB/s, {spec.latency_s} s per send) "
+                                 f"would take {per_run / 3600:.1f} h to carry one {L}-token prompt across a boundary; "
+                                 "choose a faster one")
+
+
 def check_tokens(tokens, cfg, decode: bool = False) -> None:
     """tokens: a torch.long tensor [B, L] with B, L >= 1, ids in [0, vocab), L (+1 with decode) within context."""
     if not isinstance(tokens, torch.Tensor):
@@ -408,6 +471,7 @@ def run_jobs(spec: PipelineSpec, jobs: list[Job], progress=None) -> list[list[Pr
         raise ValueError(f"jobs must be a non-empty list of Job, got {jobs!r}")
     for job in jobs:
         check_job(job, cfg)
+    check_resources(spec, cfg, jobs)
     return _run(spec, jobs, progress)
 
 

@@ -1,15 +1,22 @@
 """Links: one directed channel from stage s to stage s+1 that carries a chunk's hidden state [B, c, H].
 
-Two implementations behind one interface (`isend(t, tag) -> Handle`, `irecv(shape, dtype, tag, out) -> Handle`):
-- `DistChannel`: torch.distributed point-to-point (gloo for CPU tensors, NCCL for CUDA tensors), one process per
-  stage.
-- `LocalChannel`: both stages in one process; a send is a copy into a buffer the receiver then owns.
+One interface (`Link`: `isend(t, tag) -> Handle`, `irecv(shape, dtype, tag, slot) -> Handle`, `close()`), two
+implementations:
+- `DistChannel`: torch.distributed point-to-point, one process per stage; the same code for gloo (CPU tensors) and
+  NCCL (CUDA tensors), which differ only in where the waiting happens (a lane thread / a CUDA stream);
+- `LocalChannel`: both stages in one process (a stage per thread on CPU, a CUDA stream per stage on GPU); a send is
+  a copy into the receiver's buffer.
 
-Sends run on a communication lane: a CUDA stream ordered by events on GPU, a single worker thread on CPU (gloo's
-own `Work` is also asynchronous, the thread adds the optional emulated link delay and exact send timing). An
-emulated bandwidth and latency (`LinkModel`) lets slow links (PCIe, Ethernet) be studied on fast hardware.
+A transfer behaves like a real point-to-point link: it starts once the send is posted (the data produced, the
+link's lane free: sends of one link are serial) *and* the matching receive is posted, and it takes
+`LinkModel.delay_s(bytes)` from then (an emulated slow link) or what the hardware takes. A send is complete, for
+blocking modes, the two-sends-in-flight cap and its recorded end time, when its transfer is. The simulator
+(`simulate.py`) has the same rules.
 
-Metadata: every rank derives each chunk's shape from the shared chunk plan, so only the tensor crosses the link.
+Receives land in a pair of buffers per channel, reused chunk after chunk (slot k % 2); a buffer is written again only
+after the stage that read it has finished with it (the next receive into a slot is posted after the chunk that used
+it was computed; on GPU the receive also waits for the compute stream). Every rank derives each chunk's shape from
+the shared chunk plan, so only the tensor crosses the link.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -28,7 +36,8 @@ from . import checks
 
 @dataclass(frozen=True)
 class LinkModel:
-    """Emulated link: each send takes at least latency_s + bytes / bandwidth. bandwidth_gbps None = no emulation."""
+    """Emulated link: each transfer takes latency_s + bytes / bandwidth from the moment both ends are ready.
+    bandwidth_gbps None = no emulation (as fast as the real link)."""
     bandwidth_gbps: float | None = None  # gigabytes per second
     latency_s: float = 0.0
 
@@ -46,6 +55,35 @@ class LinkModel:
         return self.latency_s + (nbytes / (bw * 1e9) if bw else 0.0)
 
 
+class LinkAborted(RuntimeError):
+    """The other end of an in-process link failed: waiting for it is pointless."""
+
+
+class Handle:
+    """Completion of one send or receive. `wait()` returns the received tensor (None for a send). On CPU it blocks
+    the host; on GPU it makes the current stream wait (the host does not block). `timing()` gives the transfer's
+    (start, end) on the run's clock once the run is over."""
+
+    def __init__(self, wait_fn, nbytes: int, timing=None, keep=None):
+        self._wait_fn, self.nbytes = wait_fn, nbytes
+        self.timing = timing
+        self._keep = keep  # a send's tensor stays alive until its transfer is done
+        self._done, self._value = False, None
+
+    def wait(self):
+        if not self._done:
+            self._value, self._done = self._wait_fn(), True
+        return self._value
+
+
+class Link(Protocol):
+    def isend(self, tensor: torch.Tensor, tag: int) -> Handle: ...
+    def irecv(self, shape, dtype, tag: int, slot: int = 0) -> Handle: ...
+    def close(self) -> None: ...
+
+
+# ---- GPU waiting without the SMs' math ------------------------------------------------------------------------
+
 @triton.jit
 def _wait_ns_kernel(ns):
     """One thread spins until the GPU's global timer (nanoseconds, independent of the SM clock) has advanced by
@@ -58,152 +96,236 @@ def _wait_ns_kernel(ns):
                                         pack=1)
 
 
+@triton.jit
+def _wait_flag_kernel(flag, want):
+    """One thread spins until the int32 at `flag` (written by another stream) reaches `want`: the receive has been
+    posted. Volatile loads: each turn reads memory, not a register."""
+    seen = tl.load(flag, volatile=True)
+    while seen < want:
+        seen = tl.load(flag, volatile=True)
+
+
 def _gpu_sleep(seconds: float) -> None:
-    """Occupies the current CUDA stream for `seconds` of wall time without using the SMs' math (an emulated
-    transfer): one single-warp program, whatever the clocks do."""
+    """Occupies the current CUDA stream for `seconds` of wall time (an emulated transfer): one single-warp program,
+    whatever the clocks do."""
     if seconds > 0:
         _wait_ns_kernel[(1,)](int(seconds * 1e9), num_warps=1)
 
 
-class Handle:
-    """Completion of one send or receive. `wait()` returns the received tensor (None for a send). On CPU it blocks
-    the host; on GPU it makes the current stream wait (the host does not block)."""
+# ---- receive buffers ---------------------------------------------------------------------------------------------
 
-    def __init__(self, wait_fn, nbytes: int, timing=None, event=None):
-        self._wait_fn, self.nbytes = wait_fn, nbytes
-        self.timing = timing  # () -> (start_s, end_s) of the transfer itself, resolvable after the run
-        self.event = event  # GPU sends: the completion event, for a receiver in this process to wait on
-        self._done, self._value = False, None
+class _Buffers:
+    """Two flat buffers reused round-robin; a chunk's receive is a view of its slot's buffer (grown on demand)."""
 
-    def wait(self):
-        if not self._done:
-            self._value, self._done = self._wait_fn(), True
-        return self._value
+    def __init__(self, device):
+        self.device = device
+        self.flat: list[torch.Tensor | None] = [None, None]
+
+    def take(self, slot: int, shape, dtype) -> torch.Tensor:
+        n = int(torch.Size(shape).numel())
+        buf = self.flat[slot % 2]
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            buf = self.flat[slot % 2] = torch.empty(n, dtype=dtype, device=self.device)
+        return buf[:n].view(shape)
 
 
-class _Lane:
-    """Where sends execute: a CUDA stream (device tensors) or one worker thread (CPU tensors)."""
+def _nbytes(shape, dtype) -> int:
+    return int(torch.Size(shape).numel()) * torch.tensor([], dtype=dtype).element_size()
 
-    def __init__(self, device: torch.device, model: LinkModel, clock):
-        self.device, self.model, self.clock = device, model, clock
-        if device.type == "cuda":
-            self.stream = torch.cuda.Stream(device=device)
+
+# ---- one process per stage -----------------------------------------------------------------------------------------
+
+class DistChannel:
+    """torch.distributed point-to-point between ranks `src` and `dst` (each process creates the ends it uses).
+    gloo: the send runs on a lane thread (a blocking send, then the emulated delay), the receive is an irecv whose
+    wait also pays the emulated delay, both counted from the rendezvous; NCCL: the same on a lane stream per end."""
+
+    def __init__(self, src: int, dst: int, device, model: LinkModel = LinkModel(), clock=None):
+        self.src, self.dst, self.device = src, dst, torch.device(device)
+        self.model, self.clock = model, clock
+        self.buffers = _Buffers(self.device)
+        if self.device.type == "cuda":
+            self.stream = torch.cuda.Stream(device=self.device)
         else:
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="comm")
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="send")
+            self.rpool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recv") if model.active else None
 
-    def submit(self, tensor: torch.Tensor, transfer) -> Handle:
-        """Runs transfer(tensor) -> finish_fn on the lane after the emulated delay; returns the send's handle."""
+    def isend(self, tensor: torch.Tensor, tag: int) -> Handle:
         nbytes = tensor.numel() * tensor.element_size()
         delay = self.model.delay_s(nbytes)
         if self.device.type == "cuda":
-            producer = torch.cuda.current_stream(self.device)
-            self.stream.wait_stream(producer)  # the send starts when the tensor has been computed
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the send starts once computed
             with torch.cuda.stream(self.stream):
                 t0 = self.clock.mark()
-                _gpu_sleep(delay)
-                transfer(tensor)
+                work = dist.isend(tensor, self.dst, tag=tag)
+                work.wait()  # this stream waits for the transfer: it completes at the rendezvous
+                _gpu_sleep(delay)  # then the emulated link's time, counted from there
                 t1 = self.clock.mark()
+                done = torch.cuda.Event()
+                done.record(self.stream)
             tensor.record_stream(self.stream)
-            done = torch.cuda.Event()
-            done.record(self.stream)
             return Handle(lambda: torch.cuda.current_stream(self.device).wait_event(done), nbytes,
-                          lambda: (self.clock.seconds(t0), self.clock.seconds(t1)), event=done)
-
+                          lambda: (self.clock.seconds(t0), self.clock.seconds(t1)), keep=(tensor, work))
         times = {}
 
         def run():
             times["start"] = time.perf_counter()
+            dist.send(tensor, self.dst, tag=tag)  # returns when the receiver has it: the rendezvous
             if delay > 0:
                 time.sleep(delay)
-            transfer(tensor)
             times["end"] = time.perf_counter()
 
         fut = self.pool.submit(run)
-        return Handle(fut.result, nbytes, lambda: (self.clock.seconds(times["start"]), self.clock.seconds(times["end"])))
+        return Handle(fut.result, nbytes, lambda: (times["start"], times["end"]), keep=tensor)
+
+    def irecv(self, shape, dtype, tag: int, slot: int = 0) -> Handle:
+        buf = self.buffers.take(slot, shape, dtype)
+        nbytes = _nbytes(shape, dtype)
+        delay = self.model.delay_s(nbytes)
+        if self.device.type == "cuda":
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the slot's last reader is done
+            with torch.cuda.stream(self.stream):
+                work = dist.irecv(buf, self.src, tag=tag)
+                work.wait()
+                _gpu_sleep(delay)  # the data is usable once the emulated transfer is over
+                done = torch.cuda.Event()
+                done.record(self.stream)
+
+            def finish():
+                torch.cuda.current_stream(self.device).wait_event(done)
+                buf.record_stream(torch.cuda.current_stream(self.device))
+                return buf
+            return Handle(finish, nbytes, keep=work)
+        work = dist.irecv(buf, self.src, tag=tag)
+        if self.rpool is None:
+            return Handle(lambda: (work.wait(), buf)[1], nbytes, keep=work)
+        arrived = self.rpool.submit(lambda: (work.wait(), time.perf_counter())[1])  # when the data came
+
+        def finish():
+            rest = arrived.result() + delay - time.perf_counter()
+            if rest > 0:
+                time.sleep(rest)
+            return buf
+        return Handle(finish, nbytes, keep=work)
 
     def close(self):
         if self.device.type != "cuda":
             self.pool.shutdown(wait=True)
+            if self.rpool is not None:
+                self.rpool.shutdown(wait=True)
 
 
-class DistChannel:
-    """torch.distributed P2P between ranks `src` and `dst`; each process creates the ends it uses."""
-
-    def __init__(self, src: int, dst: int, device: torch.device, model: LinkModel = LinkModel(), clock=None):
-        self.src, self.dst, self.device = src, dst, torch.device(device)
-        self.lane = _Lane(self.device, model, clock)
-
-    def isend(self, tensor: torch.Tensor, tag: int) -> Handle:
-        if self.device.type == "cuda":  # NCCL: enqueue on the comm stream, ordered after the producer
-            return self.lane.submit(tensor, lambda t: dist.isend(t, self.dst, tag=tag))
-        return self.lane.submit(tensor, lambda t: dist.send(t, self.dst, tag=tag))
-
-    def irecv(self, shape, dtype, tag: int, out: torch.Tensor | None = None) -> Handle:
-        buf = out if out is not None else torch.empty(shape, dtype=dtype, device=self.device)
-        if self.device.type == "cuda":
-            stream = self.lane.stream
-            stream.wait_stream(torch.cuda.current_stream(self.device))  # the buffer's last reader is done
-            with torch.cuda.stream(stream):
-                work = dist.irecv(buf, self.src, tag=tag)
-            done = torch.cuda.Event()
-            done.record(stream)
-
-            def finish():
-                work.wait()
-                torch.cuda.current_stream(self.device).wait_event(done)
-                return buf
-        else:
-            work = dist.irecv(buf, self.src, tag=tag)
-
-            def finish():
-                work.wait()
-                return buf
-        return Handle(finish, buf.numel() * buf.element_size())
-
-    def close(self):
-        self.lane.close()
-
+# ---- both ends in this process -------------------------------------------------------------------------------------
 
 class LocalChannel:
-    """Both ends in one process: a send copies the tensor (on the comm lane) into a buffer the receiver owns."""
+    """Both ends in one process; the n-th send pairs with the n-th receive (both ends post in chunk order). CPU: the
+    stages run in threads of their own; a send's lane thread waits for its receive to be posted, pays the emulated
+    delay and copies into the receiver's buffer. GPU: every stage has its own stream, and nothing waits on the host:
+    the lane stream waits for the receive (a one-warp spin kernel on a flag that the receiver's stream sets when it
+    posts the receive), pays the delay and copies. `timeout_s` bounds how long a CPU send waits for its receive."""
 
-    def __init__(self, device: torch.device, model: LinkModel = LinkModel(), clock=None):
-        self.device = torch.device(device)
-        self.lane = _Lane(self.device, model, clock)
-        self._slots: dict[int, torch.Tensor] = {}  # tag -> the delivered copy
-        self._done: dict[int, torch.cuda.Event] = {}  # tag -> the send's completion event (GPU)
+    def __init__(self, device, model: LinkModel = LinkModel(), clock=None, timeout_s: float = 60.0):
+        self.device, self.model, self.clock, self.timeout_s = torch.device(device), model, clock, timeout_s
+        self.buffers = _Buffers(self.device)
         self._cond = threading.Condition()
+        self._posted: dict[int, torch.Tensor] = {}  # receive number -> the receiver's buffer (CPU)
+        self._delivered: set[int] = set()
+        self._done: dict[int, torch.cuda.Event] = {}  # send number -> the copy's completion (GPU)
+        self._sends = self._recvs = 0
+        self._aborted: str | None = None
+        if self.device.type == "cuda":
+            self.stream = torch.cuda.Stream(device=self.device)
+            self._flags = torch.zeros(2, dtype=torch.int32, device=self.device)  # the last receive number posted
+        else:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="send")
 
     def isend(self, tensor: torch.Tensor, tag: int) -> Handle:
-        def deliver(t):
-            copy = t.clone()
+        nbytes = tensor.numel() * tensor.element_size()
+        delay = self.model.delay_s(nbytes)
+        self._sends += 1
+        n = self._sends
+        if self.device.type == "cuda":
+            buf = self.buffers.take(n - 1, tensor.shape, tensor.dtype)  # the slot receive n lands in
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the data has been computed
+            with torch.cuda.stream(self.stream):
+                t0 = self.clock.mark()
+                # ... and receive n posted, which the receiver's stream does once it is done with the slot
+                _wait_flag_kernel[(1,)](self._flags[(n - 1) % 2:], n, num_warps=1)
+                _gpu_sleep(delay)
+                buf.copy_(tensor)
+                t1 = self.clock.mark()
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            tensor.record_stream(self.stream)
+            # the receiver's stream waits on this event itself: through the sender's Handle the wait would be a
+            # no-op once a blocking sender had waited on it
+            self._done[n] = done
+            return Handle(lambda: torch.cuda.current_stream(self.device).wait_event(done), nbytes,
+                          lambda: (self.clock.seconds(t0), self.clock.seconds(t1)), keep=tensor)
+        times = {}
+
+        def run():
+            times["start"] = time.perf_counter()
             with self._cond:
-                self._slots[tag] = copy
+                if not self._cond.wait_for(lambda: n in self._posted or self._aborted, timeout=self.timeout_s):
+                    raise TimeoutError(f"link: receive {n} (chunk {tag}) was not posted within {self.timeout_s} s")
+                if self._aborted:
+                    raise LinkAborted(self._aborted)
+                buf = self._posted.pop(n)
+            if delay > 0:  # from the rendezvous on
+                time.sleep(delay)
+            buf.copy_(tensor)
+            times["end"] = time.perf_counter()
+            with self._cond:
+                self._delivered.add(n)
                 self._cond.notify_all()
 
-        handle = self.lane.submit(tensor, deliver)
-        if self.device.type == "cuda":
-            # The receiver's stream must wait on the event itself: waiting through the sender's Handle would be a
-            # no-op once the sender has waited on it (a blocking send), and the receiver would read the copy
-            # before the (emulated) transfer wrote it.
-            self._done[tag] = handle.event
-        return handle
+        fut = self.pool.submit(run)
+        return Handle(fut.result, nbytes, lambda: (times["start"], times["end"]), keep=tensor)
 
-    def irecv(self, shape, dtype, tag: int, out: torch.Tensor | None = None) -> Handle:
-        def finish():
-            if self.device.type == "cuda":
-                stream = torch.cuda.current_stream(self.device)
-                stream.wait_event(self._done.pop(tag))  # the copy is written on the comm stream
-                buf = self._slots.pop(tag)
+    def irecv(self, shape, dtype, tag: int, slot: int = 0) -> Handle:
+        self._recvs += 1
+        n = self._recvs
+        buf = self.buffers.take(n - 1, shape, dtype)
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            self._flags[(n - 1) % 2:(n - 1) % 2 + 1].fill_(n)  # posted: set on this stream, after its last reader
+
+            def finish():
+                stream.wait_event(self._done.pop(n))  # the copy is written on the lane stream
                 buf.record_stream(stream)
-            else:
-                with self._cond:
-                    self._cond.wait_for(lambda: tag in self._slots)
-                    buf = self._slots.pop(tag)
-            if tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
-                raise RuntimeError(f"link: received {buf.dtype} {tuple(buf.shape)}, expected {dtype} {tuple(shape)}")
+                return buf
+            return Handle(finish, _nbytes(shape, dtype))
+        with self._cond:
+            self._posted[n] = buf
+            self._cond.notify_all()
+
+        def finish():
+            with self._cond:
+                if not self._cond.wait_for(lambda: n in self._delivered or self._aborted, timeout=self.timeout_s):
+                    raise TimeoutError(f"link: chunk {tag} did not arrive within {self.timeout_s} s")
+                if n not in self._delivered:
+                    raise LinkAborted(self._aborted)
+                self._delivered.discard(n)
             return buf
-        return Handle(finish, int(torch.Size(shape).numel()) * torch.tensor([], dtype=dtype).element_size())
+        return Handle(finish, _nbytes(shape, dtype))
+
+    def abort(self, reason: str) -> None:
+        """Wakes every waiter of this link with LinkAborted (a stage on the other end failed)."""
+        with self._cond:
+            self._aborted = reason
+            self._cond.notify_all()
+
+    def reset(self) -> None:
+        """Before a run: no abort pending, both ends counting from zero."""
+        with self._cond:
+            self._aborted, self._sends, self._recvs = None, 0, 0
+            self._posted.clear()
+            self._delivered.clear()
+            self._done.clear()
+        if self.device.type == "cuda":
+            self._flags.zero_()
 
     def close(self):
-        self.lane.close()
+        if self.device.type != "cuda":
+            self.pool.shutdown(wait=True)

@@ -21,6 +21,9 @@ from . import checks
 from .link import LinkModel
 
 
+MAX_BOUNDARIES = 1024  # candidate cut points: the DP tables are (N + 1)^2, the search O(caps · N^2)
+
+
 @dataclass(frozen=True)
 class ChunkPlan:
     chunks: list[int]
@@ -53,9 +56,8 @@ def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: L
     (e.g. activation memory).
 
     For a cap M on t_k + l_k, f(M) = the least Σ t_k over plans whose every chunk is under the cap; the optimum is
-    min over M of f(M) + (S − 1)·M, and only the distinct values of t_k + l_k matter as caps. Every cap between the
-    least feasible one and the one where even the unconstrained Σ t_k can no longer win is evaluated, all caps at
-    once per DP step (numpy over caps), so the result is exact at any prompt length."""
+    min over M of f(M) + (S − 1)·M, and only the distinct values of t_k + l_k matter as caps. A branch and bound
+    over the sorted caps (f is non-increasing) finds that minimum exactly while solving the DP for few caps."""
     prompt_len = checks.positive_int("prompt_len", prompt_len)
     stages = checks.positive_int("stages", stages)
     granularity = checks.positive_int("granularity", granularity)
@@ -69,8 +71,11 @@ def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: L
         raise ValueError(f"granularity {granularity} is larger than the prompt ({prompt_len} tokens)")
     if max_chunk is not None and checks.positive_int("max_chunk", max_chunk) < granularity:
         raise ValueError(f"max_chunk {max_chunk} is smaller than the granularity {granularity}")
+    N = -(-prompt_len // granularity)
+    if N > MAX_BOUNDARIES:
+        raise ValueError(f"granularity {granularity} cuts a {prompt_len}-token prompt into {N} pieces; the planner "
+                         f"takes up to {MAX_BOUNDARIES} (granularity >= {-(-prompt_len // MAX_BOUNDARIES)})")
     bounds = np.array(list(range(0, prompt_len, granularity)) + [prompt_len], dtype=np.int64)
-    N = len(bounds) - 1
     if num_chunks is not None and not 1 <= checks.integer("num_chunks", num_chunks) <= N:
         raise ValueError(f"num_chunks must be in 1..{N} for {prompt_len} tokens at granularity {granularity}, "
                          f"got {num_chunks}")
@@ -140,25 +145,39 @@ def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: L
         return path[::-1]
 
     caps = np.unique(E[np.isfinite(E)])
-    unconstrained = least_sums(caps[-1:])[0]
-    if not np.isfinite(unconstrained):
+    values: dict[int, float] = {}
+
+    def f(k: int) -> float:  # least Σ t under cap caps[k], memoised
+        if k not in values:
+            values[k] = float(least_sums(caps[k:k + 1])[0])
+        return values[k]
+
+    if not np.isfinite(f(len(caps) - 1)):
         raise ValueError(f"no chunk plan satisfies the constraints (max_chunk={max_chunk}, num_chunks={num_chunks})")
+    lo, hi = 0, len(caps) - 1  # the least feasible cap (feasibility grows with the cap): bisection
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if np.isfinite(f(mid)) else (mid + 1, hi)
+    first, last = lo, len(caps) - 1
     if stages == 1:  # no pipeline fill: the least total work wins
-        best_cap = caps[-1]
+        best_k = last
     else:
-        # a first answer from a spread of caps bounds the rest: a cap M can only win while
-        # unconstrained + (S-1)·M is below the best objective found
-        probe = caps[np.unique(np.linspace(0, len(caps) - 1, min(len(caps), 64)).astype(np.int64))]
-        values = least_sums(probe) + (stages - 1) * probe
-        best_obj, best_cap = float(values.min()), float(probe[int(values.argmin())])
-        todo = caps[caps < (best_obj - unconstrained) / (stages - 1) + 1e-15]
-        per = max(1, int(4e6 // (N + 1) ** (2 if num_chunks else 1)))  # caps per batch: arrays of ~4M elements
-        for k in range(0, len(todo), per):
-            batch = todo[k:k + per]
-            values = least_sums(batch) + (stages - 1) * batch
-            m = int(np.argmin(values))
-            if values[m] < best_obj - 1e-15:
-                best_obj, best_cap = float(values[m]), float(batch[m])
+        # Branch and bound over the sorted caps. f is non-increasing, so on caps[a..b] the objective
+        # f(M) + (S-1)·M is at least f(caps[b]) + (S-1)·caps[a]; and where f(caps[a]) == f(caps[b]) it is constant,
+        # and the objective is least at caps[a]. Every interval that could hold a better plan is split.
+        g = lambda k: f(k) + (stages - 1) * float(caps[k])  # noqa: E731
+        best_k = min((first, last), key=g)
+        todo = [(first, last)]
+        while todo:
+            a, b = todo.pop()
+            if b - a <= 1 or f(a) == f(b) or f(b) + (stages - 1) * float(caps[a]) >= g(best_k):
+                continue
+            m = (a + b) // 2
+            if g(m) < g(best_k):
+                best_k = m
+            todo += [(a, m), (m, b)]
+        best_k = min((k for k in values if first <= k and np.isfinite(values[k])), key=lambda k: (g(k), k))
+    best_cap = float(caps[best_k])
     path = path_under(best_cap)
     steps = list(zip(path[:-1], path[1:]))
     t = np.array([T[a, b] for a, b in steps])

@@ -55,6 +55,20 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, old)
 
 
+@contextlib.contextmanager
+def sigint_raises():
+    """While inside, SIGINT raises KeyboardInterrupt even if this process was started with it ignored (as a shell
+    starts background jobs): Python keeps an inherited SIG_IGN otherwise, and `kill -INT` would do nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def torchrun_rank() -> int | None:
     """This process's rank when started by torchrun (or with a process group already up), else None."""
     if dist.is_available() and dist.is_initialized():
@@ -176,7 +190,8 @@ def _triage(errors, procs, started) -> str:
             if r not in started:
                 hint = f"; {GUARD_HINT}" if getattr(sys.modules.get("__main__"), "__file__", None) else ""
                 return f"stage {r} exited ({_exit_text(p.exitcode)}) while starting, before it ran anything{hint}"
-            return f"stage {r} died ({_exit_text(p.exitcode)}) without reporting an error" + then(None)
+            oom = " (the kernel's out-of-memory killer sends SIGKILL: was memory short?)" if p.exitcode == -9 else ""
+            return f"stage {r} died ({_exit_text(p.exitcode)}) without reporting an error{oom}" + then(None)
     first = sorted(errors, key=lambda e: _is_peer_error(e[1]))
     if first and not _is_peer_error(first[0][1]):
         r, msg = first[0]

@@ -46,13 +46,22 @@ def chunk_plan(prompt_len: int, chunk_size: int | None = None, chunks: list[int]
 
 class Clock:
     """Timestamps on the host (CPU) or as CUDA events on the current stream (GPU); `seconds` resolves them to
-    seconds on one time base (absolute perf_counter on CPU, so processes on one machine share it)."""
+    seconds on one time base (absolute perf_counter on CPU, so processes on one machine share it). A GPU clock is
+    re-anchored at the start of every run (`anchor`): the origin event is recorded on an idle device, so its host
+    time is the time it ran, and every rank's GPU times land on the shared host time base."""
 
     def __init__(self, device: torch.device):
         self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
         if self.cuda:
+            self.anchor()
+
+    def anchor(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
             self.origin = torch.cuda.Event(enable_timing=True)
             self.origin.record()
+            torch.cuda.synchronize(self.device)
             self.origin_host = time.perf_counter()
 
     def mark(self):
@@ -78,11 +87,13 @@ class StageRecord:
     send_wait: list[tuple[float, float]] = field(default_factory=list)  # blocked until a send completed
     send: list[tuple[float, float]] = field(default_factory=list)  # the transfer itself, on the comm lane
     bytes_sent: int = 0
+    recv_posted: list[float] = field(default_factory=list)  # when each chunk's receive was posted
 
     def resolve(self, clock: Clock) -> "StageRecord":
         conv = lambda pairs: [(clock.seconds(a), clock.seconds(b)) for a, b in pairs]  # noqa: E731
         return StageRecord(self.stage, self.chunks, conv(self.compute), conv(self.recv_wait), conv(self.send_wait),
-                           [h.timing() for h in self.send], self.bytes_sent)
+                           [h.timing() for h in self.send], self.bytes_sent,
+                           [clock.seconds(t) for t in self.recv_posted])
 
 
 def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: StageRecord, *, tokens=None,
@@ -99,8 +110,9 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
     posted: dict[int, object] = {}
     in_flight: deque = deque()
 
-    def post_recv(k):
-        posted[k] = recv.irecv(hidden_shape(chunks[k]), stage.model.dtype, tag=k)
+    def post_recv(k):  # into buffer slot k % 2: the one chunk k - 2 used, whose compute is done
+        record.recv_posted.append(clock.mark())
+        posted[k] = recv.irecv(hidden_shape(chunks[k]), stage.model.dtype, tag=k, slot=k % 2)
 
     if recv is not None and overlapped:  # pre-post the first two receives (double buffering)
         for k in range(min(2, len(chunks))):
@@ -159,7 +171,6 @@ def summarize(records: list[StageRecord], t_start: float, t_end: float) -> dict:
         exposed.append(e)
     n_chunks = len(records[0].chunks)
     per_chunk = [max(r.compute[k][1] - r.compute[k][0] for r in records) for k in range(n_chunks)]
-    bound = sum(per_chunk) + (S - 1) * max(per_chunk)
     return dict(
         ttft_s=makespan,
         compute_s=busy,
@@ -169,8 +180,11 @@ def summarize(records: list[StageRecord], t_start: float, t_end: float) -> dict:
         send_wait_s=[_span(r.send_wait) for r in records],
         send_time_s=[_span(r.send) for r in records],
         bubble_fraction=1.0 - sum(busy) / (S * makespan) if makespan > 0 else 0.0,
-        bound_s=bound,
-        measured_over_bound=makespan / bound if bound > 0 else float("nan"),
+        # the run's compute split evenly over the stages, no bubble: no schedule of this work is faster
+        ideal_s=sum(busy) / S,
+        # the makespan if every stage took the slowest stage's time on each chunk: an estimate, not a bound (stages
+        # that differ, or blocking sends, take longer or shorter); `simulate.free_link_bound` is the bound
+        equal_stage_formula_s=sum(per_chunk) + (S - 1) * max(per_chunk),
         per_chunk_stage_max_s=per_chunk,
         bytes_per_boundary=[r.bytes_sent for r in records[:-1]],
     )

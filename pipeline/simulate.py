@@ -139,3 +139,11 @@ def replay(mode: str, records: list[StageRecord], link: LinkModel = LinkModel(),
 def _wait_send(record: StageRecord, free: list[float], s: int, end: float) -> None:
     record.send_wait.append((free[s], max(free[s], end)))
     free[s] = max(free[s], end)
+
+
+def free_link_bound(mode: str, records: list[StageRecord], start_pos: int = 0) -> float:
+    """The least time the schedule of one measured run can take: the run replayed on its own per-(stage, chunk)
+    compute times with a link that costs nothing. Whatever the measured TTFT adds to it is communication, host
+    overhead and waiting the event model does not explain."""
+    return replay(mode, records, LinkModel(), 0, start_pos).makespan_s
+

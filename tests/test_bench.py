@@ -34,9 +34,12 @@ def test_demo_writes_complete_results(demo_run):
     summary = json.loads(res.stdout.strip().splitlines()[-1])  # the last line is one JSON document
     assert summary["outputs_match"] and summary["bytes_exact"]
     doc = json.loads((out / "results.json").read_text())
-    assert doc["schema_version"] == 1 and doc["config"]["link"] == "gloo" and doc["environment"]["torch"]
+    assert doc["schema_version"] == 1 and doc["complete"] and doc["config"]["link"] == "gloo" and doc["environment"]["torch"]
     modes = doc["points"][0]["modes"]
     assert list(modes) == ["unchunked", "naive", "chunked", "overlapped"]
+    for m in modes.values():  # printed ratios are the quotients of the figures printed beside them
+        assert m["measured_over_bound"] == pytest.approx(m["ttft_ms"] / m["bound_ms"], rel=1e-12)
+        assert m["bound_ms"] <= m["ttft_ms"] * 1.05 and m["ideal_ms"] <= m["bound_ms"] * 1.0001
     for m in ("naive", "chunked", "overlapped"):
         assert modes[m]["prefill_bytes_per_boundary"] == [96 * 64 * 4]
         assert modes[m]["decode_bytes_per_boundary"] == [64 * 4]
@@ -124,6 +127,24 @@ def test_compare_flags_regressions(demo_run, tmp_path):
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps(doc))
     assert bench("compare", str(base), str(wrong)).returncode == 1
+    doc["points"][0]["modes"]["chunked"]["outputs_match"] = True
+    m = doc["points"][0]["modes"]["overlapped"]
+    m["exposed_comm_ms"] = 5 * m["exposed_comm_ms"] + 0.02 * m["ttft_ms"]  # grew 5x (and by 2% of the TTFT)
+    comm = tmp_path / "comm.json"
+    comm.write_text(json.dumps(doc))
+    res = bench("compare", str(base), str(comm))
+    assert res.returncode == 1 and "overlapped L=96 exposed_comm_ms" in res.stdout, res.stdout
+    doc = json.loads(base.read_text())
+    doc["points"][0]["modes"]["naive"]["prefill_bytes_per_boundary"] = [1]
+    changed = tmp_path / "bytes.json"
+    changed.write_text(json.dumps(doc))
+    res = bench("compare", str(base), str(changed))
+    assert res.returncode == 1 and "prefill_bytes_per_boundary changed" in res.stdout
+    checked = next(line for line in res.stdout.splitlines() if line.startswith("checked:"))
+    for fig in ("ttft_ms", "exposed_comm_ms", "bound_ms", "compute_ms_per_stage", "send_time_ms_per_stage",
+                "prefill_bytes_per_boundary", "decode_bytes_per_boundary", "outputs_match", "bytes_exact"):
+        assert fig in checked, fig
+    doc = json.loads(base.read_text())
     doc["environment"]["device"] = "another GPU"
     other = tmp_path / "other.json"
     other.write_text(json.dumps(doc))

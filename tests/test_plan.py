@@ -101,6 +101,35 @@ def test_roofline_stages_split_like_the_engine_and_only_the_last_has_the_head():
     assert costs[0].memory_bytes(1024) > 27 * get_preset("llama3-70b").params_per_layer * 2
 
 
+def test_memory_counts_the_embedding_on_the_first_stage_and_the_head_on_the_last():
+    """70B over 3 stages, batch 4, 72k tokens: stage 0 holds 27 layers + the 128256 x 8192 embedding + its KV cache,
+    80.9 GB, which an 80 GB H100 does not fit (the projection used to leave the embedding out and say it fits)."""
+    cfg = get_preset("llama3-70b")
+    costs = roofline_stage_costs(cfg, 3, "h100", batch=4)
+    L = 73728 + 1
+    kv = lambda layers: layers * 4 * L * 2 * 8 * 128 * 2  # noqa: E731
+    table = 128256 * 8192 * 2
+    assert costs[0].memory_bytes(L) == 27 * cfg.params_per_layer * 2 + table + kv(27)
+    assert costs[1].memory_bytes(L) == 27 * cfg.params_per_layer * 2 + kv(27)
+    assert costs[2].memory_bytes(L) == 26 * cfg.params_per_layer * 2 + table + kv(26)
+    assert costs[0].memory_bytes(L) > 80e9
+    from bench.simulate import project
+    assert project(cfg, 3, "h100", "nvlink", 73728, batch=4)["fits_in_memory"] is False
+    one = roofline_stage_costs(cfg.replace(tie_embeddings=True), 1, "h100")[0]  # one stage, tied: one table
+    assert one.memory_bytes(1) == 80 * cfg.params_per_layer * 2 + table + 80 * 2 * 8 * 128 * 2
+
+
+def test_projection_uses_the_balanced_plan_it_announces():
+    """`chunk_plan` was shadowed by the uniform helper: every point ran 2048-token chunks. 70B on 8 stages over
+    NVLink at 4k: the planner's 16 x 256 (182 ms), not 2 x 2048 (524 ms)."""
+    from bench.simulate import project
+    row = project(get_preset("llama3-70b"), 8, "h100", "nvlink", 4096)
+    assert row["plan"] == "balanced" and row["chunks"] == 16 and row["first_chunk"] == row["last_chunk"] == 256
+    assert row["overlapped_ms"] == pytest.approx(182.07, abs=0.05)
+    uniform = project(get_preset("llama3-70b"), 8, "h100", "nvlink", 4096, plan="uniform", chunk_size=2048)
+    assert uniform["chunks"] == 2 and uniform["overlapped_ms"] > 500
+
+
 def test_unknown_presets_are_named():
     with pytest.raises(ValueError, match="unknown device preset 'tpu'"):
         get_device("tpu")
@@ -140,6 +169,54 @@ def test_planner_is_optimal_against_brute_force(L, g, S, link, K):
     assert plan.predicted_s == pytest.approx(predicted_makespan(plan.chunks, COST, S, link, 4096), rel=1e-12)
 
 
+def _every_cap(L, g, S, cost, link, bpt):
+    """The planner's objective minimised by trying every distinct cap (one DP each): slow, simple, exact."""
+    bounds = np.array(list(range(0, L, g)) + [L])
+    N = len(bounds) - 1
+    x = lambda a, b: bounds[b] - bounds[a]  # noqa: E731
+    t = {(a, b): float(cost(x(a, b), bounds[a])) for a in range(N) for b in range(a + 1, N + 1)}
+    e = {k: v + (link.delay_s(int(x(*k)) * bpt) if link else 0.0) for k, v in t.items()}
+    best = np.inf
+    for cap in sorted(set(e.values())):
+        f = np.full(N + 1, np.inf)
+        f[0] = 0.0
+        arg = [0] * (N + 1)
+        for b in range(1, N + 1):
+            cands = [(f[a] + t[a, b], a) for a in range(b) if e[a, b] <= cap]
+            if cands:
+                f[b], arg[b] = min(cands)
+        if np.isfinite(f[N]):
+            path, b = [], N
+            while b:
+                path.append((arg[b], b))
+                b = arg[b]
+            best = min(best, f[N] + (S - 1) * max(e[k] for k in path))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_planner_is_exact_where_a_sampled_search_was_not(seed):
+    """40-70 boundaries give ~800-2500 distinct caps, past the 256 the planner used to sample from: every cap,
+    tried one by one, finds nothing better than the planner."""
+    rng = np.random.default_rng(seed)
+    cost = ChunkCost(*(rng.uniform(0, 1) * np.array([2e-9, 4e-9, 1e-5, 3e-4])))
+    L, g, S = int(rng.integers(40, 70)) * 64, 64, int(rng.integers(2, 9))
+    link = LinkModel(float(rng.uniform(0.5, 20)), 2e-5) if seed % 2 else None
+    plan = plan_chunks(L, cost, S, g, link=link, bytes_per_token=16384)
+    assert plan.predicted_s == pytest.approx(_every_cap(L, g, S, cost, link, 16384), rel=1e-12)
+    assert plan.predicted_s == pytest.approx(predicted_makespan(plan.chunks, cost, S, link, 16384), rel=1e-12)
+
+
+def test_planner_finds_the_70b_plan_that_sampling_missed():
+    """70B over 8 stages on 100 GbE at 16k tokens, granularity 256: 64 chunks of 256 (672.5 ms predicted), not the
+    32 x 512 (702.0 ms) a search over 256 sampled caps settled on."""
+    from pipeline.costs import link_preset
+    cfg = get_preset("llama3-70b")
+    plan = plan_chunks(16384, stage_max(roofline_stage_costs(cfg, 8, "h100")), 8, 256, link=link_preset("100gbe"),
+                       bytes_per_token=cfg.hidden_size * 2)
+    assert plan.chunks == [256] * 64 and plan.predicted_s == pytest.approx(0.67254, abs=1e-5)
+
+
 def test_balanced_chunks_shrink_as_the_prefix_grows_and_beat_uniform():
     attention_heavy = ChunkCost(a=1e-8, b=2e-8, c=1e-5, d=1e-4)
     L, S = 8192, 4
@@ -161,6 +238,7 @@ def test_planner_respects_max_chunk_and_scales_to_long_prompts():
     (dict(granularity=2000), "granularity 2000 is larger than the prompt"),
     (dict(num_chunks=50), "num_chunks must be in 1..16"),
     (dict(max_chunk=10), "max_chunk 10 is smaller than the granularity"),
+    (dict(prompt_len=100_000, granularity=32), "3125 pieces; the planner takes up to 1024"),
 ])
 def test_planner_refuses_bad_input(kw, needle):
     args = dict(prompt_len=1000, cost=COST, stages=2, granularity=64) | kw
@@ -198,7 +276,8 @@ def test_overlapped_with_a_free_link_is_the_flow_shop_bound(S):
 
 def test_simulated_run_reads_like_a_measured_one():
     sim = simulate("overlapped", [10] * 8, [PER_TOKEN] * 3, SLOW_LINK, bytes_per_token=1)
-    assert {"ttft_s", "exposed_comm_s", "bubble_fraction", "bound_s", "bytes_per_boundary"} <= set(sim.metrics)
+    assert {"ttft_s", "exposed_comm_s", "bubble_fraction", "ideal_s", "equal_stage_formula_s",
+            "bytes_per_boundary"} <= set(sim.metrics)
     lanes = {(e["stage"], e["lane"]) for e in sim.events}
     assert {(0, "compute"), (0, "send"), (1, "send"), (2, "compute")} <= lanes
     assert all(set(e) == {"stage", "lane", "name", "start", "end"} for e in sim.events)
@@ -241,6 +320,29 @@ def test_replay_of_a_run_reproduces_it(mode, S):
     a, b = sim.records[-1].compute[-1]
     sim.records[-1].compute[-1] = (a, b + 0.5)  # the last stage stalled 0.5 s on the last chunk
     assert replay(mode, sim.records, link, 4).makespan_s == pytest.approx(sim.makespan_s + 0.5, rel=1e-9)
+
+
+STAGE_TIMES = {  # hand-worked schedules: (mode, per-stage cost, chunks) -> (free-link makespan, equal-stage formula)
+    # naive, stages of 1 s and 3 s: 1 + 3 = 4 s; the formula takes the slowest stage twice: 3 + 3 = 6 s
+    "naive-unequal": ("naive", [lambda x, p: 1.0, lambda x, p: 3.0], [4], 4.0, 6.0),
+    # chunked, both stages [1, 3, 1, 3] s on the four chunks, free link: blocking sends wait for the receiver, so
+    # stage 0 starts chunk 2 at 4 and hands it over at 7 (stage 1 busy with chunk 1): 13 s; formula 8 + 3 = 11 s
+    "chunked-blocking": ("chunked", [lambda x, p: [1.0, 3.0][int(p) % 2]] * 2, [1, 1, 1, 1], 13.0, 11.0),
+    # overlapped, same work: sends never block the sender, the flow-shop bound holds: 8 + 3 = 11 s
+    "overlapped": ("overlapped", [lambda x, p: [1.0, 3.0][int(p) % 2]] * 2, [1, 1, 1, 1], 11.0, 11.0),
+}
+
+
+@pytest.mark.parametrize("case", list(STAGE_TIMES))
+def test_the_bound_is_the_free_link_makespan_not_the_equal_stage_formula(case):
+    from pipeline.simulate import free_link_bound
+    mode, costs, chunks, makespan, formula = STAGE_TIMES[case]
+    run = simulate(mode, chunks, costs)  # a run whose compute times are exactly these
+    assert free_link_bound(mode, run.records) == pytest.approx(makespan, abs=1e-12)
+    assert run.metrics["equal_stage_formula_s"] == pytest.approx(formula, abs=1e-12)
+    assert run.metrics["ideal_s"] == pytest.approx(sum(sum(b - a for a, b in r.compute) for r in run.records) / 2)
+    slower = simulate(mode, chunks, costs, LinkModel(None, 0.25))  # a link that costs time: above the bound
+    assert slower.makespan_s > free_link_bound(mode, slower.records) - 1e-12
 
 
 def test_measured_cost_refuses_an_incomplete_or_foreign_run():
