@@ -41,7 +41,7 @@ def project(cfg, S: int, device: str, link_name: str, L: int, batch: int = 1, pl
     row = dict(model=cfg_name(cfg), stages=S, link=link_name, link_gbps=link.bandwidth_gbps, prompt_len=L, plan=plan,
                chunks=len(chunks), first_chunk=chunks[0], last_chunk=chunks[-1], t_compute_ms=t_compute * 1e3,
                ideal_ms=t_compute / S * 1e3,
-               fits_in_memory=max(c.memory_bytes(L + 1) for c in costs) <= dev.memory_gb * 1e9)
+               fits_in_memory=max(c.memory_bytes(L) for c in costs) <= dev.memory_gb * 1e9)
     for mode in ("naive", "chunked", "overlapped"):
         sim = simulate(mode, chunks, costs, link, bpt)
         row[f"{mode}_ms"] = sim.makespan_s * 1e3
@@ -159,9 +159,8 @@ def main(argv=None) -> int:
             if S > cfg.num_layers:
                 raise ValueError(f"{m} has {cfg.num_layers} layers, cannot make {S} stages")
         for L in args.prompt_lens:
-            if L + 1 > cfg.max_seq_len:
-                raise ValueError(f"prompt length {L} (+1 decode token) exceeds {m}'s context of {cfg.max_seq_len} "
-                                 "tokens")
+            if L > cfg.max_seq_len:  # a prefill of the whole context is fine: the TTFT needs no further position
+                raise ValueError(f"prompt length {L} exceeds {m}'s context of {cfg.max_seq_len} tokens")
     if args.granularity and args.granularity > min(args.prompt_lens):
         raise ValueError(f"--granularity {args.granularity} is larger than the shortest prompt "
                          f"({min(args.prompt_lens)} tokens)")
