@@ -52,34 +52,33 @@ def test_the_compiled_selection_covers_every_kernel():
     assert any(n.startswith("chunk_attention d128 bfloat16") for n in ampere)
 
 
-def test_emulated_link_wait_kernel_reads_the_global_timer_in_its_loop():
-    """The GPU link emulation waits on %globaltimer (wall nanoseconds), not SM cycles, and re-reads it each turn."""
+def _ptx_of_link_kernel(name: str, signature: dict) -> list[str]:
+    """PTX lines of one of pipeline.link's small wait kernels, compiled for sm_90 in a process of its own."""
     code = ("import triton\nfrom triton.compiler import ASTSource\nfrom triton.backends.compiler import GPUTarget\n"
-            "from pipeline.link import _wait_ns_kernel\n"
-            "k = triton.compile(ASTSource(fn=_wait_ns_kernel, signature={'ns': 'i64'}, constexprs={}),"
+            f"from pipeline.link import {name}\n"
+            f"k = triton.compile(ASTSource(fn={name}, signature={signature!r}, constexprs={{}}),"
             " target=GPUTarget('cuda', 90, 32))\nprint(k.asm['ptx'])\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.splitlines()
-    reads = [i for i, line in enumerate(lines) if "%globaltimer" in line]
+    return res.stdout.splitlines()
+
+
+def _rereads_in_a_loop(lines: list[str], is_read) -> bool:
+    """At least two reads (one before the loop, one in it) and a branch back after the last one."""
+    reads = [i for i, line in enumerate(lines) if is_read(line)]
     branches = [i for i, line in enumerate(lines) if line.strip().startswith("@") and " bra " in line]
-    assert len(reads) >= 2, "the timer is read once: the wait cannot end"
-    assert any(b > reads[-1] for b in branches), "no loop back-edge after the timer read"
+    return len(reads) >= 2 and any(b > reads[-1] for b in branches)
+
+
+def test_emulated_link_wait_kernel_reads_the_global_timer_in_its_loop():
+    """The GPU link emulation waits on %globaltimer (wall nanoseconds), not SM cycles, and re-reads it each turn."""
+    lines = _ptx_of_link_kernel("_wait_ns_kernel", {"ns": "i64"})
+    assert _rereads_in_a_loop(lines, lambda line: "%globaltimer" in line)
 
 
 def test_receive_posted_flag_kernel_rereads_memory_in_its_loop():
     """The in-process GPU link waits, on the device, for the receiver's stream to post the receive: a one-warp spin
     on a flag. Its loads must be volatile (re-read from memory every turn), or the wait never ends."""
-    code = ("import triton\nfrom triton.compiler import ASTSource\nfrom triton.backends.compiler import GPUTarget\n"
-            "from pipeline.link import _wait_flag_kernel\n"
-            "k = triton.compile(ASTSource(fn=_wait_flag_kernel, signature={'flag': '*i32', 'want': 'i32'},"
-            " constexprs={}), target=GPUTarget('cuda', 90, 32))\nprint(k.asm['ptx'])\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.splitlines()
-    loads = [i for i, line in enumerate(lines) if "ld." in line and "volatile" in line]
-    branches = [i for i, line in enumerate(lines) if line.strip().startswith("@") and " bra " in line]
-    assert len(loads) >= 2, "the flag is not re-read with a volatile load"
-    assert any(b > loads[-1] for b in branches), "no loop back-edge after the flag read"
+    lines = _ptx_of_link_kernel("_wait_flag_kernel", {"flag": "*i32", "want": "i32"})
+    assert _rereads_in_a_loop(lines, lambda line: "ld." in line and "volatile" in line)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -254,7 +253,7 @@ def test_cli_refuses_bad_input_in_one_line(argv, needles, checkpoints, files, tm
     assert "Traceback" not in err
     for needle in needles:
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    assert not out.exists() and list(tmp_path.iterdir()) == [out.parent / "o"] * 0
+    assert list(tmp_path.iterdir()) == []  # no output directory, nothing in the working directory either
     assert took < 30, f"took {took:.0f} s to refuse"
 
 
@@ -458,4 +457,3 @@ def test_results_json_is_strict(tmp_path):
     doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}"))
     assert doc["a"] is None and doc["b"] == [1.0, None] and doc["c"] == {"d": 2}
     assert set(doc["nulls"]) == {"$.a", "$.b[1]"}
-    assert os.linesep  # (a strict reader: json.loads with parse_constant failing on NaN/Infinity)
