@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from pipeline import MODES, Job, PipelineSpec, resolve_config
+from pipeline.schedule import chunk_starts, mode_chunks
 
-from .options import say
 from .pauses import measure
 
 SCHEMA_VERSION = 1
@@ -120,7 +120,7 @@ def chunk_costs_vs_measured(mode: str, runs_records, costs):
     for records in runs_records:
         for r in records:
             cost = (lambda x, p: sum(float(c(x, p)) for c in costs)) if mode == "unchunked" else costs[r.stage]
-            starts = [sum(r.chunks[:k]) for k in range(len(r.chunks))]
+            starts = chunk_starts(r.chunks)
             for x, p, (a, b) in zip(r.chunks, starts, r.compute):
                 fit.append(float(cost(x, p)))
                 took.append(b - a)
@@ -137,8 +137,7 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     cfg = resolve_config(spec.source)
     modes = list(modes)
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
-    jobs = [Job(m, tokens, chunks if m in ("chunked", "overlapped") else [prompt_len], repeats=repeats, warmup=warmup)
-            for m in modes]
+    jobs = [Job(m, tokens, mode_chunks(m, chunks), repeats=repeats, warmup=warmup) for m in modes]
     cal_jobs = calibration_jobs(tokens, repeats, warmup) if simulate else []
     ref_jobs = [] if "unchunked" in modes else [Job("unchunked", tokens, [prompt_len])]
     all_runs = measure(spec, jobs + cal_jobs + ref_jobs, progress)

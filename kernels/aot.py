@@ -15,7 +15,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +41,6 @@ class KernelSpec:
     num_warps: int
     num_stages: int = 1
     expect_wgmma: bool = False
-    meta: dict = field(default_factory=dict)
 
 
 def kernel_specs(arch: int = 90) -> list[KernelSpec]:

@@ -12,6 +12,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .link import LinkModel
+from .schedule import chunk_starts
 
 # ---- fitted: t(x, p) = a·x² + b·x·p + c·x + d --------------------------------------------------------------------
 
@@ -30,8 +31,6 @@ class ChunkCost:
         p = np.asarray(p, dtype=np.float64)
         return self.a * x * x + self.b * x * p + self.c * x + self.d
 
-    def __add__(self, other: "ChunkCost") -> "ChunkCost":  # the cost of two stages run back to back
-        return ChunkCost(self.a + other.a, self.b + other.b, self.c + other.c, self.d + other.d)
 
 
 def _design(x, p):
@@ -234,7 +233,7 @@ def calibration_chunks(prompt_len: int, sizes=None) -> list[int]:
 def samples_from_timeline(events: list[dict], chunks: list[int], start_pos: int = 0):
     """(stage, chunk_len, prefix_len, seconds) per compute event and (stage, bytes_hint_tokens, seconds) per send of
     one measured run's timeline (see `schedule.timeline`)."""
-    starts = [start_pos + sum(chunks[:k]) for k in range(len(chunks))]
+    starts = chunk_starts(chunks, start_pos)
     compute, sends = [], []
     for e in events:
         k = int(e["name"].split()[-1]) if e["lane"] in ("compute", "send") else None

@@ -20,7 +20,8 @@ from .link import DistChannel, LinkAborted, LinkModel, LocalChannel
 from .config import ModelConfig
 from .model import resolve_config
 from .procs import PipelineError, init_process_group, run_spawned, torchrun_rank
-from .schedule import MODES, Clock, StageRecord, check_mode, chunk_plan, stage_program, summarize, timeline
+from .schedule import (MODES, Clock, StageRecord, check_mode, chunk_plan, chunk_starts, mode_chunks, stage_program,
+                       summarize, timeline)
 from .stage import Stage, split_layers
 
 LINKS = ("inprocess", "gloo", "nccl")
@@ -213,7 +214,7 @@ class _Runner:
 
     # one process per stage: this rank's part of a run
     def run_rank(self, mode: str, tokens, chunks, start_pos=0):
-        rank, S = self.rank, self.S
+        rank = self.rank
         if mode == "unchunked":  # no pipeline: rank 0 runs the whole model, the others wait
             dist.barrier()
             if rank != 0:
@@ -405,7 +406,7 @@ def memory_needed(spec: PipelineSpec, cfg, job: Job) -> int:
                    + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) * item
     scores = 0
     if spec.ops == "torch":  # [B, Hq, c, p + c] fp32 scores for a chunk after a prefix (masked SDPA, math path)
-        starts = [sum(job.chunks[:k]) for k in range(len(job.chunks))]
+        starts = chunk_starts(job.chunks)
         scores = max((B * cfg.num_heads * c * (p + c) * 4 for c, p in zip(job.chunks, starts) if p > 0), default=0)
     return 2 * (params * item + kv) + act + scores
 
@@ -505,9 +506,7 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
     check_mode(mode)
     cfg = resolve_config(source)
     check_tokens(tokens, cfg, decode=decode)
-    plan = chunk_plan(tokens.shape[1], chunk_size, chunks)  # validated in every mode
-    if mode in ("unchunked", "naive"):
-        plan = [tokens.shape[1]]  # the baseline and the naive pipeline run the prompt whole
+    plan = mode_chunks(mode, chunk_plan(tokens.shape[1], chunk_size, chunks))  # validated in every mode
     unknown = set(spec_kw) - {f.name for f in dataclasses.fields(PipelineSpec)}
     if unknown:
         raise TypeError(f"run_prefill() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")

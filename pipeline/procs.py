@@ -154,6 +154,30 @@ def sigint_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """While inside, SIGINT and SIGTERM are noted, not acted on; on leaving, the first one noted is acted on as its
+    handler would have (KeyboardInterrupt, `Terminated`, ...). For code that must not be cut in half: a process
+    start interrupted between the fork and the hand-over of its arguments leaves a child that dies with a
+    traceback of its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted: list[int] = []
+    old = {sig: signal.signal(sig, lambda s, f: noted.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if noted:
+            handler = old[noted[0]]
+            if callable(handler):
+                handler(noted[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), noted[0])
+
+
 def _process_state(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -221,7 +245,7 @@ def run_spawned(spec, jobs, main, progress=None):
     spawned_at = time.monotonic()
     ok = False
     try:
-        with sigint_blocked():
+        with signals_deferred(), sigint_blocked():  # every stage starts whole, with SIGINT blocked
             for p in procs:
                 p.start()
         results, errors, started, deadline, error = None, [], set(), None, None

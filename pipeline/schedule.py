@@ -27,6 +27,20 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
 
 
+def mode_chunks(mode: str, chunks: list[int]) -> list[int]:
+    """The chunks a mode runs: `unchunked` (the baseline) and `naive` run the prompt whole, as one chunk."""
+    return [sum(chunks)] if mode in ("unchunked", "naive") else list(chunks)
+
+
+def chunk_starts(chunks: list[int], start_pos: int = 0) -> list[int]:
+    """The position each chunk starts at: start_pos, then the running sum of the chunk lengths."""
+    starts, p = [], start_pos
+    for c in chunks:
+        starts.append(p)
+        p += c
+    return starts
+
+
 def chunk_plan(prompt_len: int, chunk_size: int | None = None, chunks: list[int] | None = None) -> list[int]:
     """Chunk lengths for a prompt: uniform `chunk_size` (the last chunk takes the remainder) or an explicit list."""
     prompt_len = checks.positive_int("prompt length", prompt_len)
@@ -106,7 +120,7 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
     cfg = stage.cfg
     hidden_shape = lambda c: (batch, c, cfg.hidden_size)  # noqa: E731
     overlapped = mode == "overlapped"
-    starts = [start_pos + sum(chunks[:k]) for k in range(len(chunks))]
+    starts = chunk_starts(chunks, start_pos)
     posted: dict[int, object] = {}
     in_flight: deque = deque()
 
@@ -203,5 +217,5 @@ def timeline(records: list[StageRecord], t0: float) -> list[dict]:
                 events.append(dict(stage=r.stage, lane="wait", name=f"recv wait {k}", start=a - t0, end=b - t0))
         for k, (a, b) in enumerate(r.send_wait):
             if b - a > 1e-6:
-                events.append(dict(stage=r.stage, lane="wait", name=f"send wait", start=a - t0, end=b - t0))
+                events.append(dict(stage=r.stage, lane="wait", name="send wait", start=a - t0, end=b - t0))
     return events

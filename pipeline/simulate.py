@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from . import checks
 from .link import LinkModel
-from .schedule import StageRecord, check_mode, summarize, timeline
+from .schedule import StageRecord, check_mode, chunk_starts, mode_chunks, summarize, timeline
 
 
 @dataclass
@@ -50,13 +50,11 @@ def simulate(mode: str, chunks: list[int], costs, link: LinkModel = LinkModel(),
     bytes_per_token = checks.integer("bytes_per_token", bytes_per_token, 0)
     start_pos = checks.integer("start_pos", start_pos, 0)
     costs = [_checked(c, f"costs[{s}]") for s, c in enumerate(costs)]
-    L = sum(chunks)
-    if mode in ("naive", "unchunked"):
-        chunks = [L]
+    chunks = mode_chunks(mode, chunks)
     if mode == "unchunked":  # one device runs every layer
         costs = [lambda x, p, cs=tuple(costs): sum(float(c(x, p)) for c in cs)]
-    S, K = len(costs), len(chunks)
-    starts = [start_pos + sum(chunks[:k]) for k in range(K)]
+    S = len(costs)
+    starts = chunk_starts(chunks, start_pos)
     xfer_s = [link.delay_s(c * bytes_per_token) for c in chunks]
     overlapped = mode == "overlapped"
 
@@ -115,7 +113,7 @@ class MeasuredCost:
         if len(record.compute) != len(record.chunks):
             raise ValueError(f"stage {record.stage} recorded {len(record.compute)} compute intervals for "
                              f"{len(record.chunks)} chunks: not a complete run")
-        starts = [start_pos + sum(record.chunks[:k]) for k in range(len(record.chunks))]
+        starts = chunk_starts(record.chunks, start_pos)
         self.times = {(x, p): b - a for x, p, (a, b) in zip(record.chunks, starts, record.compute)}
 
     def __call__(self, x, p) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import KVCache, Transformer, load_model, resolve_config
+from .model import KVCache, Transformer, load_model
 from .ops import Ops
 
 
@@ -58,10 +58,3 @@ class Stage:
         """x: tokens [B, c] (first stage) or hidden [B, c, H]. Returns hidden [B, c, H], or logits [B, V] on the
         last stage (last position only)."""
         return self.model.forward_chunk(x, start_pos, self.cache, last_only=last_only)
-
-
-def build_stages(source, stages: int | list[int], **kw) -> list[Stage]:
-    """All stages of a model in this process (the in-process link)."""
-    cfg = resolve_config(source)
-    ranges = split_layers(cfg.num_layers, stages)
-    return [Stage(source, r, i, len(ranges), **kw) for i, r in enumerate(ranges)]

@@ -65,7 +65,7 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
 
 
 def test_sharded_checkpoint_loads_only_needed_tensors(tmp_path):
-    hf = make_hf_checkpoint(tmp_path, layers=4)
+    make_hf_checkpoint(tmp_path, layers=4)
     # reshard: one file per layer plus one for the rest, with an index
     state = load_file(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()

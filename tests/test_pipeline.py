@@ -2,7 +2,6 @@
 boundary are exact; failures are reported, never hung on; bad requests are refused before any work."""
 from __future__ import annotations
 
-import os
 import statistics
 import time
 

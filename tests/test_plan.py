@@ -130,6 +130,14 @@ def test_projection_uses_the_balanced_plan_it_announces():
     assert uniform["chunks"] == 2 and uniform["overlapped_ms"] > 500
 
 
+def test_projection_table_prints_prompt_lengths_as_given():
+    """1000 tokens read '0k' in the projection table; lengths that are not whole k are printed whole."""
+    from bench.simulate import project, table
+    rows = [project(get_preset("llama3-8b"), 2, "h100", "nvlink", L) for L in (1000, 4096)]
+    lines = table(rows).splitlines()
+    assert " 1000 " in lines[1] and " 4k " in lines[2] and " 0k " not in table(rows)
+
+
 def test_unknown_presets_are_named():
     with pytest.raises(ValueError, match="unknown device preset 'tpu'"):
         get_device("tpu")
