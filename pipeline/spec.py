@@ -1,0 +1,104 @@
+"""What a pipeline run is asked to do and what it returns: `PipelineSpec` (the set-up: model, split, link, ops,
+dtype, device, emulated link), `Job` (one request, its chunks and repeats) and `PrefillResult`."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checks
+from .checks import DTYPES
+from .config import ModelConfig
+from .model import resolve_config
+from .schedule import StageRecord
+from .stage import split_layers
+
+LINKS = ("inprocess", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """How the pipeline is set up: the model, its split, the link, the ops and where it runs."""
+    source: str | ModelConfig = "tiny"  # preset name, Hugging Face directory or a ModelConfig
+    stages: int | tuple[int, ...] = 2
+    link: str = "inprocess"
+    ops: str = "torch"
+    dtype: str = "float32"
+    device: str = "cpu"
+    bandwidth_gbps: float | None = None  # emulated link bandwidth (None: as fast as the real link)
+    latency_s: float = 0.0
+    seed: int = 0
+    threads: int | None = None  # torch threads per stage process (default: cores // stages)
+    timeout_s: float = 60.0  # a stage blocked this long on a peer fails instead of hanging
+    fault: tuple[str, int] | None = None  # tests only: ("raise" | "exit" | "stop" | "hang", stage) injects one
+
+    @property
+    def num_stages(self) -> int:
+        return self.stages if isinstance(self.stages, int) else len(self.stages)
+
+    def validate(self) -> None:
+        """Every field checked, and a Hugging Face checkpoint read (config and safetensors headers, no tensor
+        data) against its config, here in the calling process: before any stage process starts."""
+        if self.link not in LINKS:
+            raise ValueError(f"unknown link {self.link!r}; choose one of {', '.join(LINKS)}")
+        checks.dtype_name(self.dtype)
+        if not isinstance(self.dtype, str):
+            raise TypeError(f"dtype must be the name of a dtype ({', '.join(DTYPES)}), got {self.dtype!r}")
+        cfg = resolve_config(self.source)
+        if isinstance(self.stages, bool) or not isinstance(self.stages, (int, tuple)):
+            raise TypeError(f"stages must be a number of stages or per-stage layer counts, got {self.stages!r}")
+        split_layers(cfg.num_layers, self.stages if isinstance(self.stages, int) else list(self.stages))
+        if self.bandwidth_gbps is not None:
+            checks.number("bandwidth_gbps", self.bandwidth_gbps, 0, strict=True)
+        checks.number("latency_s", self.latency_s, 0)
+        checks.integer("seed", self.seed)
+        if self.threads is not None:
+            checks.positive_int("threads", self.threads)
+        checks.number("timeout_s", self.timeout_s, 0, strict=True)
+        from .ops import get_ops
+        get_ops(self.ops)
+        device = checks.device(self.device)
+        if self.link == "nccl" and not torch.cuda.is_available():
+            raise ValueError("the nccl link needs CUDA devices; use gloo or inprocess on CPU")
+        if self.link == "gloo" and device.type != "cpu":
+            raise ValueError("the gloo link carries CPU tensors: use device='cpu' (or the nccl link)")
+        if self.ops == "triton" and device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("ops='triton' on CPU needs TRITON_INTERPRET=1 set before Python starts (Triton's "
+                                 "interpreter: correct, far from fast); use ops='torch' otherwise")
+            if self.dtype == "bfloat16":
+                raise ValueError("ops='triton' with bfloat16 on CPU: Triton's interpreter computes bf16 wrongly; "
+                                 "use float32 or float16 (or ops='torch')")
+        if isinstance(self.source, ModelConfig):
+            return
+        if Path(self.source).is_dir():
+            from .weights import validate_checkpoint
+            validate_checkpoint(self.source, cfg)
+
+
+@dataclass
+class Job:
+    """One prefill request run `repeats` times after `warmup` untimed runs."""
+    mode: str
+    tokens: torch.Tensor  # [B, L]
+    chunks: list[int]
+    repeats: int = 1
+    warmup: int = 0
+    decode: bool = True
+    return_cache: bool = False
+
+
+@dataclass
+class PrefillResult:
+    mode: str
+    chunks: list[int]
+    logits: torch.Tensor  # [B, V] at the last prompt position
+    metrics: dict  # see schedule.summarize; plus decode figures
+    timeline: list[dict] = field(default_factory=list)
+    caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per stage (k, v) [layers, B, L, Hkv, D]
+    decode_logits: torch.Tensor | None = None  # [B, V] for the greedy next token
+    records: list[StageRecord] = field(default_factory=list)  # per stage, absolute seconds (see Clock)
+    t_start: float = 0.0
+    t_end: float = 0.0
