@@ -50,6 +50,9 @@ def run_parser():
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16" if gpu else "float32")
     ap.add_argument("--link", choices=["gloo", "nccl", "inprocess"], default=None,
                     help="stage link (default: gloo processes on CPU; nccl with >= S GPUs; inprocess on one GPU)")
+    ap.add_argument("--sm-partitions", action="store_true",
+                    help="one GPU as S smaller ones: each stage computes on its own disjoint set of SMs (CUDA green "
+                         "contexts), the links on the SMs left over (implies --link inprocess)")
     ap.add_argument("--bandwidth-gbps", type=number(0.0), default=None, help="emulated link bandwidth, GB/s")
     ap.add_argument("--latency-us", type=number(0.0, strict=False, maximum=1e7), default=0.0,
                     help="emulated per-send latency, microseconds (default: 0)")
@@ -80,7 +83,13 @@ def main_run(argv) -> int:
     stages = args.stages or world or 2
     if world is not None and stages != world:
         raise ValueError(f"--stages {stages} differs from torchrun's {world} processes: one process runs one stage")
-    link = args.link or ("gloo" if not gpu else "nccl" if torch.cuda.device_count() >= stages else "inprocess")
+    if args.sm_partitions and not gpu:
+        raise ValueError("--sm-partitions splits a CUDA GPU's SMs between the stages (green contexts); there is no "
+                         "CUDA GPU here")
+    if args.sm_partitions and args.link not in (None, "inprocess"):
+        raise ValueError(f"--sm-partitions runs every stage in this process on one GPU: drop --link {args.link}")
+    link = args.link or ("gloo" if not gpu else "inprocess" if args.sm_partitions
+                         else "nccl" if torch.cuda.device_count() >= stages else "inprocess")
     if world is not None and world > 1 and link == "inprocess":
         raise ValueError("--link inprocess runs every stage in one process: launch it without torchrun")
     device = "cuda" if gpu and link != "gloo" else "cpu"
@@ -103,7 +112,7 @@ def main_run(argv) -> int:
             raise ValueError(f"prompt length {L} (+1 decode token) exceeds the model's max_seq_len {cfg.max_seq_len}")
     spec = PipelineSpec(source=str(args.model), stages=stages, link=link, ops=args.ops, dtype=args.dtype,
                         device=device, bandwidth_gbps=args.bandwidth_gbps, latency_s=args.latency_us * 1e-6,
-                        threads=args.threads)
+                        threads=args.threads, sm_partitions=args.sm_partitions)
     spec.validate()  # the checkpoint too (config, safetensors headers), before any process starts
     plans = {L: chunk_plan(L, None if args.chunks else (args.chunk_size or 128), args.chunks)
              for L in args.prompt_len}
@@ -111,7 +120,7 @@ def main_run(argv) -> int:
                   batch=args.batch, prompt_lens=args.prompt_len, chunk_size=args.chunk_size or 128,
                   chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
                   bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us, repeats=args.repeats,
-                  warmup=args.warmup, modes=args.modes, torchrun=world is not None,
+                  warmup=args.warmup, modes=args.modes, torchrun=world is not None, sm_partitions=args.sm_partitions,
                   threads_per_stage=args.threads or max(1, (os.cpu_count() or 1) // stages))
     progress = Progress(enabled=lead)
     out = args.out

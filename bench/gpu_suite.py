@@ -2,15 +2,20 @@
 
     python -m bench gpu-suite --out bench/results/<gpu>/
 
-Parts, each with its own JSON (GPU name, driver, torch and Triton versions, commit) and one Markdown summary:
-1. tests.json     the GPU-marked tests (compiled Triton, bf16 against float64, long prefixes, large batches);
-2. kernels.json   chunk_attention vs every SDPA backend (TFLOP/s, bf16 GEMM ceiling), RMSNorm/RoPE/SwiGLU vs
-                  torch eager (GB/s, copy ceiling), the compiler's resource report (registers, spills, wgmma);
-3. pipeline.json  the harness on one GPU, in-process link: S = 2 and 4, every mode, Llama-3-8B shape with random
-                  weights (fewer layers, said in the results), prompts 4k-32k, link emulated at NVLink, PCIe
-                  Gen5 and 100 GbE; timeline.png and trace.json of one run;
-4. summary.md     the figures against their targets, by how much each misses.
-Without CUDA it refuses, saying why, before doing anything.
+Parts, in the order they run, each with its own JSON (GPU name, driver, torch and Triton versions, commit) and one
+Markdown summary:
+1. tests.json       the GPU-marked tests (compiled Triton, bf16 against float64, long prefixes, large batches);
+2. kernels.json     chunk_attention vs every SDPA backend (TFLOP/s, bf16 GEMM ceiling), RMSNorm/RoPE/SwiGLU vs
+                    torch eager (GB/s, copy ceiling), the compiler's resource report (registers, spills, wgmma);
+3. partitions.json  one GPU as S GPUs: each stage on its own SMs (green contexts), S = 2 and 4, every mode,
+                    Llama-3-8B shape with random weights (fewer layers, said in the results), prompts 4k-32k, link
+                    emulated at NVLink, PCIe Gen5 and 100 GbE; overlapped against naive and the ideal S·C/(C+S−1),
+                    the simulator against chunked and overlapped; timeline-partitions.png and its trace;
+4. pipeline.json    the same harness with the stages taking turns on the whole GPU (S = 2 and 4, PCIe Gen5 and
+                    100 GbE, 4k and 16k): how much of an emulated link overlapping hides; timeline.png, trace.json;
+5. summary.md       the figures against their targets, by how much each misses.
+The pipeline parts start no point that would end past --budget-s (default 540 s), so the suite fits one 10-minute
+call; a part cut short says so. Without CUDA it refuses, saying why, before doing anything.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_LINKS = ("nvlink", "pcie5", "100gbe")
-PARTS = ("tests", "kernels", "pipeline")
+PARTS = ("tests", "kernels", "partitions", "pipeline")  # the order they run in: the most wanted first
 
 
 def gpu_environment() -> dict:
@@ -96,12 +101,22 @@ def compiler_report() -> list[dict]:
 
 # ---- part 3: the pipeline on one GPU ----------------------------------------------------------------------------
 
+def ideal_speedup(stages: int, chunks: int) -> float:
+    """Overlapped over naive with equal chunks on equal stages and a free link: naive takes S·T, the pipeline
+    (C + S − 1)·T / C, so S·C / (C + S − 1)."""
+    return stages * chunks / (chunks + stages - 1)
+
+
 def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 4), links=PIPELINE_LINKS,
                    prompt_lens=(4096, 8192, 16384, 32768), chunk_size: int = 2048, repeats: int = 3, warmup: int = 1,
-                   device: str = "cuda", dtype: str = "bfloat16", ops: str = "triton", progress=None) -> dict:
-    """The harness's modes on one device with the in-process link, the link emulated at each preset's bandwidth.
-    `layers` cuts the model to that many layers (same shapes otherwise) to keep the run short.
-    `progress(i, n, doc)` is called after each point with the document so far (complete=False until the end)."""
+                   device: str = "cuda", dtype: str = "bfloat16", ops: str = "triton", sm_partitions: bool = False,
+                   simulate: bool = False, deadline: float | None = None, progress=None) -> dict:
+    """The harness's modes on one device with the in-process link, the link emulated at each preset's bandwidth;
+    with `sm_partitions` each stage on its own SMs (one GPU as S), with `simulate` the simulator's figures too.
+    `layers` cuts the model to that many layers (same shapes otherwise) to keep the run short. Points are skipped
+    once `deadline` (time.time()) would be passed (the doc says so: complete False). With SM partitions, Triton
+    kernels that cannot launch on a green context's stream make the part fall back to the torch ops (`ops_fallback`
+    says why). `progress(i, n, doc)` is called after each point with the document so far."""
     from pipeline import PipelineSpec
     from pipeline.config import PRESETS, get_preset
     from pipeline.costs import link_preset
@@ -113,25 +128,50 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
     if layers is not None and layers != cfg.num_layers:
         name = f"{model}-{layers}layers"
         PRESETS[name] = cfg.replace(num_layers=layers, max_seq_len=max(prompt_lens) + 1)
-    points = []
-    last_timelines = None
+    points, last_timelines, fallback, stopped = [], None, None, None
     grid = [(S, link, L) for S in stages for link in links for L in prompt_lens]
+    doc = dict(model=model, layers=layers or cfg.num_layers, model_layers=cfg.num_layers, chunk_size=chunk_size,
+               repeats=repeats, warmup=warmup, dtype=dtype, ops=ops, sm_partitions=sm_partitions, points=points,
+               complete=False)
+    longest = 0.0
     for i, (S, link, L) in enumerate(grid):
+        if deadline is not None and time.time() + 1.5 * longest > deadline:
+            stopped = f"stopped at the time budget after {i} of {len(grid)} points"
+            break
+        t_point = time.time()
         lm = link_preset(link)
-        spec = PipelineSpec(source=name, stages=S, link="inprocess", ops=ops, dtype=dtype, device=device,
-                            bandwidth_gbps=lm.bandwidth_gbps, latency_s=lm.latency_s)
-        point = run_point(spec, L, 1, chunk_plan(L, chunk_size), repeats, warmup)
+        chunks = chunk_plan(L, chunk_size)
+
+        def measure(backend):
+            spec = PipelineSpec(source=name, stages=S, link="inprocess", ops=backend, dtype=dtype, device=device,
+                                bandwidth_gbps=lm.bandwidth_gbps, latency_s=lm.latency_s, sm_partitions=sm_partitions)
+            return run_point(spec, L, 1, chunks, repeats, warmup, simulate=simulate)
+        try:
+            point = measure(ops if fallback is None else "torch")
+        except RuntimeError as e:
+            if not sm_partitions or ops == "torch" or fallback is not None:
+                raise
+            fallback = (f"ops {ops!r} failed on the SM partitions' streams ({str(e).splitlines()[0][:200]}); "
+                        "measured with the torch ops")
+            point = measure("torch")
         timelines = point.pop("timelines")
         point.pop("records")  # the raw per-run records: the figures above are made from them
+        point.pop("sim_timelines", None)
         if (S, link, L) == (max(stages), "pcie5" if "pcie5" in links else links[0], sorted(prompt_lens)[len(
                 prompt_lens) // 2]):
             last_timelines = (f"{name}, S={S}, L={L}, {link} emulated, {dtype}", timelines)
         point.update(stages=S, link=link, link_gbps=lm.bandwidth_gbps, link_latency_s=lm.latency_s)
+        m = point["modes"]
+        if "naive" in m and "overlapped" in m:
+            point["ideal_speedup"] = ideal_speedup(S, len(chunks))
+            point["overlapped_of_ideal"] = m["overlapped"]["speedup_vs_naive"] / point["ideal_speedup"]
         points.append(point)
-        doc = dict(model=model, layers=layers or cfg.num_layers, model_layers=cfg.num_layers, chunk_size=chunk_size,
-                   repeats=repeats, warmup=warmup, dtype=dtype, ops=ops, points=points, complete=i + 1 == len(grid))
+        longest = max(longest, time.time() - t_point)
+        doc.update(complete=i + 1 == len(grid), ops_fallback=fallback)
         if progress:
             progress(i + 1, len(grid), doc)
+    if stopped:
+        doc.update(complete=False, stopped=stopped)
     return doc, last_timelines
 
 
@@ -143,7 +183,61 @@ def _vs_target(value: float, target: float) -> str:
     return f"MISSED by {100 * (1 - value / target):.0f}%"
 
 
-def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeline: dict | None) -> str:
+PARTITION_TARGETS = dict(overlapped_of_ideal=0.9, overlapped_of_ideal_link="100gbe", sim_within=0.10)
+
+
+def partitions_markdown(doc: dict) -> list[str]:
+    """The partitions part: overlapped against naive and against the ideal S·C/(C+S−1), measured over the free-link
+    bound, the simulator against the measured chunked and overlapped runs, and the targets (overlapped >= 0.9 of the
+    ideal with 100 GbE emulated at every S; the simulator within 10% for chunked and overlapped)."""
+    t = PARTITION_TARGETS
+    head = (f"{doc['model']} shape with {doc['layers']} of its {doc['model_layers']} layers, random weights, "
+            f"{doc['dtype']}, chunks of {doc['chunk_size']}, median of {doc['repeats']} runs; each stage on its own "
+            "SMs (green contexts), the links on the rest.")
+    if doc.get("ops_fallback"):
+        head += f" {doc['ops_fallback']}."
+    if not doc.get("complete", True):
+        head += f" **Incomplete: {doc.get('stopped', 'the run was cut short')}; these are the points it measured.**"
+    first = next((p.get("sm_partitions") for p in doc["points"] if p.get("sm_partitions")), None)
+    if first:
+        head += (f" SMs per stage {first['stage_sms']}, for the links {first['link_sms']}; not modelled: "
+                 f"{first['not_modelled']}.")
+    lines = ["## One GPU as S GPUs (SM partitions, in-process link, emulated bandwidth)", "", head, "",
+             "| S | link | L | naive ms | chunked ms | overlapped ms | overlapped vs naive | ideal | of ideal | "
+             "meas/bnd | sim/meas chunked | sim/meas overlapped | outputs match |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    for p in doc["points"]:
+        m = p["modes"]
+        get = lambda mode, key: m.get(mode, {}).get(key)  # noqa: E731
+        lines.append(f"| {p['stages']} | {p['link']} | {p['prompt_len']} | {fmt(get('naive', 'ttft_ms'), '{:.1f}')} | "
+                     f"{fmt(get('chunked', 'ttft_ms'), '{:.1f}')} | {fmt(get('overlapped', 'ttft_ms'), '{:.1f}')} | "
+                     f"{fmt(get('overlapped', 'speedup_vs_naive'))}x | {fmt(p.get('ideal_speedup'))}x | "
+                     f"{fmt(p.get('overlapped_of_ideal'))} | {fmt(get('overlapped', 'measured_over_bound'))} | "
+                     f"{fmt(get('chunked', 'sim_over_measured'))} | {fmt(get('overlapped', 'sim_over_measured'))} | "
+                     f"{'yes' if all(v['outputs_match'] for v in m.values()) else 'NO'} |")
+    lines.append("")
+    for S in sorted({p["stages"] for p in doc["points"]}):
+        pts = [p for p in doc["points"] if p["stages"] == S and p["link"] == t["overlapped_of_ideal_link"]
+               and p.get("overlapped_of_ideal") is not None]
+        if pts:
+            worst = min(p["overlapped_of_ideal"] for p in pts)
+            lines.append(f"- Target overlapped >= {t['overlapped_of_ideal']} of the ideal speed-up over naive, S={S}, "
+                         f"{t['overlapped_of_ideal_link']}: worst {worst:.2f} → "
+                         f"{_vs_target(worst, t['overlapped_of_ideal'])}")
+    sims = [(mode, p["modes"][mode]["sim_over_measured"]) for p in doc["points"] for mode in ("chunked", "overlapped")
+            if p["modes"].get(mode, {}).get("sim_over_measured") is not None]
+    if sims:
+        off = max(abs(r - 1) for _, r in sims)
+        verdict = "met" if off <= t["sim_within"] else f"MISSED (off by {100 * off:.0f}%)"
+        lines.append(f"- Target simulator within {100 * t['sim_within']:.0f}% of measured for chunked and overlapped: "
+                     f"{min(r for _, r in sims):.2f}-{max(r for _, r in sims):.2f} → {verdict}")
+    lines.append("")
+    return lines
+
+
+def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeline: dict | None,
+                     partitions: dict | None = None) -> str:
     """The short table a person reads first; every figure comes from the part documents."""
     lines = [f"# GPU suite: {env.get('device')}", "",
              f"driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, Triton "
@@ -202,6 +296,8 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
                          f"{get('overlapped', 'speedup_vs_naive'):.2f}x | {get('overlapped', 'exposed_comm_ms'):.1f} | "
                          f"{'yes' if all(v['outputs_match'] for v in m.values()) else 'NO'} |")
         lines.append("")
+    if partitions is not None:
+        lines += partitions_markdown(partitions)
     return "\n".join(lines)
 
 
@@ -213,7 +309,7 @@ def _write(out: Path, name: str, doc: dict) -> None:
 def write_summary_only(out: Path) -> int:
     """summary.md from the tests/kernels/pipeline JSON documents in `out` (each carries its own environment)."""
     docs = {}
-    for part in ("tests", "kernels", "pipeline"):
+    for part in PARTS:
         f = out / f"{part}.json"
         try:
             docs[part] = json.loads(f.read_text()) if f.exists() else None
@@ -224,13 +320,13 @@ def write_summary_only(out: Path) -> int:
             raise ValueError(f"{f} is not a gpu-suite part file (no environment object)")
     found = [d for d in docs.values() if d is not None]
     if not found:
-        raise ValueError(f"no tests.json, kernels.json or pipeline.json in {out}: nothing to summarise")
+        raise ValueError(f"no part file ({', '.join(p + '.json' for p in PARTS)}) in {out}: nothing to summarise")
     env = found[0]["environment"]
     commits = {part: str(d["environment"].get("git_commit")) for part, d in docs.items() if d is not None}
     if len(set(commits.values())) > 1:  # parts run in separate calls, on different commits: say which is which
         env = dict(env, git_commit="; ".join(f"{part} {c[:7]}" for part, c in commits.items()))
     try:
-        text = summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"])
+        text = summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"], docs["partitions"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"the part files in {out} lack a figure the summary needs ({type(e).__name__}: {e})") from None
     (out / "summary.md").write_text(text)
@@ -239,13 +335,16 @@ def write_summary_only(out: Path) -> int:
 
 
 def main(argv=None) -> int:
-    from .options import Parser, integer, name_list, out_path, output_dir
+    from .options import Parser, integer, name_list, number, out_path, output_dir
     ap = Parser(prog="python -m bench gpu-suite", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=out_path, required=True, help="results directory, e.g. bench/results/h100/")
     ap.add_argument("--parts", type=name_list(PARTS, "part"), default=list(PARTS),
                     help=f"parts to run (default: {','.join(PARTS)})")
     ap.add_argument("--layers", type=integer(1), default=8, help="layers of the Llama-3-8B shape in the pipeline part")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and prompts (a smoke run)")
+    ap.add_argument("--budget-s", type=number(60.0, strict=False, maximum=86400.0), default=540.0,
+                    help="the pipeline parts start no point that would end past this many seconds from the start "
+                         "(default 540: the whole suite in one 10-minute call)")
     ap.add_argument("--summary-only", action="store_true",
                     help="measure nothing: rewrite summary.md from the part documents already in --out (parts run "
                          "in separate calls)")
@@ -267,7 +366,8 @@ def main(argv=None) -> int:
 def _suite(out: Path, args, parts) -> int:
     env = gpu_environment()
     t0 = time.time()
-    tests = kernels = pipeline = None
+    deadline = t0 + args.budget_s
+    tests = kernels = pipeline = partitions = None
     if "tests" in parts:
         print("[gpu-suite] GPU tests ...", flush=True)
         tests = run_gpu_tests(out)
@@ -279,19 +379,31 @@ def _suite(out: Path, args, parts) -> int:
         kernels["compiler"] = compiler_report()
         print_report(kernels)
         _write(out, "kernels.json", dict(environment=env, **kernels))
-    if "pipeline" in parts:
-        print("[gpu-suite] pipeline ...", flush=True)
-        from .timeline import write_chrome_trace, write_timeline_png
-        lens = (4096, 16384) if args.quick else (4096, 8192, 16384, 32768)
+    from .timeline import write_chrome_trace, write_timeline_png
+    lens = (4096, 16384) if args.quick else (4096, 8192, 16384, 32768)
+
+    def progress_to(name):
         def progress(i, n, doc):  # a run cut short still leaves the points it measured
             print(f"  {i}/{n} ({time.time() - t0:.0f} s)", flush=True)
-            _write(out, "pipeline.json", dict(environment=env, **doc))
-        pipeline, shown = bench_pipeline(layers=args.layers, prompt_lens=lens, progress=progress)
+            _write(out, f"{name}.json", dict(environment=env, **doc))
+        return progress
+    if "partitions" in parts:  # one GPU as S: each stage on its own SMs, the simulator checked against it
+        print("[gpu-suite] SM partitions ...", flush=True)
+        partitions, shown = bench_pipeline(layers=args.layers, prompt_lens=lens, sm_partitions=True, simulate=True,
+                                           deadline=deadline, progress=progress_to("partitions"))
+        if shown:
+            write_timeline_png(shown[1], out / "timeline-partitions.png", shown[0])
+            write_chrome_trace(shown[1], out / "trace-partitions.json")
+        _write(out, "partitions.json", dict(environment=env, **partitions))
+    if "pipeline" in parts:  # the stages take turns on the whole GPU
+        print("[gpu-suite] pipeline ...", flush=True)
+        pipeline, shown = bench_pipeline(layers=args.layers, prompt_lens=(4096, 16384), links=("pcie5", "100gbe"),
+                                         deadline=deadline, progress=progress_to("pipeline"))
         if shown:
             write_timeline_png(shown[1], out / "timeline.png", shown[0])
             write_chrome_trace(shown[1], out / "trace.json")
         _write(out, "pipeline.json", dict(environment=env, **pipeline))
-    (out / "summary.md").write_text(summary_markdown(env, tests, kernels, pipeline))
+    (out / "summary.md").write_text(summary_markdown(env, tests, kernels, pipeline, partitions))
     print(f"[gpu-suite] done in {time.time() - t0:.0f} s: {out / 'summary.md'}")
     print(json.dumps(dict(out=str(out), device=env["device"], wall_s=round(time.time() - t0, 1),
                           tests_failed=len(tests["failed"]) if tests else None)))

@@ -191,7 +191,10 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         # NaN logits (a broken kernel) must fail the check: NaN <= tol is False, and so is this
         m["outputs_match"] = bool(m["max_abs_dlogits"] <= LOGITS_TOL[spec.dtype]
                                   and m["max_abs_ddecode_logits"] <= LOGITS_TOL[spec.dtype])
+    partitions = next((r.metrics["sm_partitions"] for runs in all_runs for r in runs if "sm_partitions" in r.metrics),
+                      None)
     point = dict(prompt_len=prompt_len, batch=batch, modes=figures, timelines=timelines,
+                 **({"sm_partitions": partitions} if partitions else {}),
                  baseline="unchunked" if "unchunked" in modes else "unchunked reference run (not among the modes)",
                  records={mode: [r.records for r in runs] for mode, runs in results.items()})
     if simulate:

@@ -224,7 +224,7 @@ class LocalChannel:
     the lane stream waits for the receive (a one-warp spin kernel on a flag that the receiver's stream sets when it
     posts the receive), pays the delay and copies. `timeout_s` bounds how long a CPU send waits for its receive."""
 
-    def __init__(self, device, model: LinkModel = LinkModel(), clock=None, timeout_s: float = 60.0):
+    def __init__(self, device, model: LinkModel = LinkModel(), clock=None, timeout_s: float = 60.0, stream=None):
         self.device, self.model, self.clock, self.timeout_s = torch.device(device), model, clock, timeout_s
         self.buffers = _Buffers(self.device)
         self._cond = threading.Condition()
@@ -233,8 +233,8 @@ class LocalChannel:
         self._done: dict[int, torch.cuda.Event] = {}  # send number -> the copy's completion (GPU)
         self._sends = self._recvs = 0
         self._aborted: str | None = None
-        if self.device.type == "cuda":
-            self.stream = torch.cuda.Stream(device=self.device)
+        if self.device.type == "cuda":  # the lane: a stream of its own, or the one given (an SM partition's)
+            self.stream = stream if stream is not None else torch.cuda.Stream(device=self.device)
             self._flags = torch.zeros(2, dtype=torch.int32, device=self.device)  # the last receive number posted
         else:
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="send")

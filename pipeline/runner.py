@@ -35,8 +35,14 @@ class Runner:
         self._full = None
         self.clock = Clock(self.device)
         model = LinkModel(spec.bandwidth_gbps, spec.latency_s)
+        self.partitions = None
+        if rank is None and spec.sm_partitions:  # one GPU as S: each stage on its SMs, the links on the rest
+            from .partitions import SMPartitions
+            self.partitions = SMPartitions(self.device, self.S, self.S - 1)
         if rank is None:
-            self.channels = [LocalChannel(self.device, model, self.clock, spec.timeout_s) for _ in range(self.S - 1)]
+            lanes = self.partitions.link_streams if self.partitions else [None] * (self.S - 1)
+            self.channels = [LocalChannel(self.device, model, self.clock, spec.timeout_s, stream=lane)
+                             for lane in lanes]
         else:
             self.recv = DistChannel(rank - 1, rank, self.device, model, self.clock) if rank > 0 else None
             self.send = DistChannel(rank, rank + 1, self.device, model, self.clock) if rank < self.S - 1 else None
@@ -78,7 +84,8 @@ class Runner:
                               send=self.channels[i] if i < S - 1 else None, batch=B, start_pos=start_pos,
                               result=result if i == S - 1 else None) for i, st in enumerate(stages)]
         if self.device.type == "cuda":  # the host only enqueues: interleave the stages chunk by chunk
-            streams = [torch.cuda.Stream(self.device) for _ in range(S)]
+            streams = (self.partitions.stage_streams[:S] if self.partitions  # unchunked: on partition 0
+                       else [torch.cuda.Stream(self.device) for _ in range(S)])
             self.clock.anchor()
             t0 = self.clock.mark()
             for i in range(S):
@@ -167,6 +174,8 @@ def run_once_inprocess(runner: Runner, job: Job) -> PrefillResult:
     _reset(runner, job.mode, B, L + 1)
     records, t0, t1, logits = runner.run_inprocess(job.mode, tokens, job.chunks)
     metrics = summarize(records, t0, t1)
+    if runner.partitions is not None:
+        metrics["sm_partitions"] = runner.partitions.describe()
     res = PrefillResult(job.mode, job.chunks, logits.float().cpu(), metrics, timeline(records, t0),
                         records=records, t_start=t0, t_end=t1)
     if job.decode:

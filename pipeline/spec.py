@@ -32,6 +32,7 @@ class PipelineSpec:
     seed: int = 0
     threads: int | None = None  # torch threads per stage process (default: cores // stages)
     timeout_s: float = 60.0  # a stage blocked this long on a peer fails instead of hanging
+    sm_partitions: bool = False  # in-process on one GPU: each stage on its own SMs (see partitions.py)
     fault: tuple[str, int] | None = None  # tests only: ("raise" | "exit" | "stop" | "hang", stage) injects one
 
     @property
@@ -71,6 +72,13 @@ class PipelineSpec:
             if self.dtype == "bfloat16":
                 raise ValueError("ops='triton' with bfloat16 on CPU: Triton's interpreter computes bf16 wrongly; "
                                  "use float32 or float16 (or ops='torch')")
+        checks.flag("sm_partitions", self.sm_partitions)
+        if self.sm_partitions:
+            if self.link != "inprocess" or device.type != "cuda":
+                raise ValueError("sm_partitions splits one GPU between in-process stages: use link='inprocess' on a "
+                                 f"CUDA device (got link {self.link!r}, device {self.device!r})")
+            from .partitions import _driver
+            _driver()
         if isinstance(self.source, ModelConfig):
             return
         if Path(self.source).is_dir():

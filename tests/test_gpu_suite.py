@@ -150,3 +150,59 @@ def test_attention_sweep_reports_each_config_or_why_it_failed():
                            D=16, dtype=torch.float32, device="cpu", timer=cpu_timer)
     assert rows[0]["max_abs_err"] < 2e-5 and rows[0]["tflops"] > 0 and (rows[0]["prefix"], rows[0]["chunk"]) == (37, 19)
     assert "exactly" in rows[1]["error"] and "tflops" not in rows[1]
+
+
+# ---- one GPU as S GPUs (SM partitions) ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("total,stages,granularity,per,left", [
+    (132, 2, 8, 64, 4),  # H100 SXM: 2 x 64 SMs, 4 for the links
+    (132, 4, 8, 32, 4),
+    (132, 8, 8, 16, 4),
+    (132, 16, 8, 8, 4),
+    (108, 3, 2, 34, 6),  # A100: pairs of SMs
+])
+def test_sm_partitions_are_equal_disjoint_and_leave_the_links_some(total, stages, granularity, per, left):
+    from pipeline.partitions import plan_partitions
+    plan = plan_partitions(total, stages, granularity)
+    assert (plan.stage_sms, plan.link_sms) == (per, left)
+    assert plan.stage_sms % granularity == 0 and plan.stage_sms * stages + plan.link_sms == total
+
+
+def test_sm_partitions_refuse_what_cannot_be_split():
+    from pipeline.partitions import SMPartitions, plan_partitions
+    with pytest.raises(ValueError, match="132 SMs cannot make 17 partitions of at least 8 SMs.*at most 16 stages"):
+        plan_partitions(132, 17, 8)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="there is none here"):
+            SMPartitions("cpu", 2, 1)
+    from pipeline import PipelineSpec
+    with pytest.raises(ValueError, match="sm_partitions splits one GPU between in-process stages"):
+        PipelineSpec(source="tiny", stages=2, link="gloo", sm_partitions=True).validate()
+
+
+def test_ideal_speedup_of_a_pipeline_over_naive():
+    assert gpu_suite.ideal_speedup(2, 16) == pytest.approx(32 / 17)
+    assert gpu_suite.ideal_speedup(4, 1) == pytest.approx(1.0)  # one chunk: nothing to overlap
+    assert gpu_suite.ideal_speedup(4, 10 ** 6) == pytest.approx(4.0, rel=1e-5)
+
+
+def test_partitions_part_measures_and_summarises_on_cpu():
+    """The part's code on CPU (in-process stages, no partitions: there is no GPU to split): every mode, the ideal
+    speed-up, the simulator's figures, and the summary with its targets; a spent budget starts no point."""
+    doc, shown = gpu_suite.bench_pipeline(model="tiny", layers=None, stages=(2,), links=("100gbe",),
+                                          prompt_lens=(64,), chunk_size=16, repeats=1, warmup=0, device="cpu",
+                                          dtype="float32", ops="torch", simulate=True)
+    point = doc["points"][0]
+    assert doc["complete"] and point["ideal_speedup"] == pytest.approx(2 * 4 / 5)
+    assert point["overlapped_of_ideal"] == pytest.approx(
+        point["modes"]["overlapped"]["speedup_vs_naive"] / point["ideal_speedup"])
+    assert point["modes"]["chunked"]["sim_over_measured"] > 0
+    text = "\n".join(gpu_suite.partitions_markdown(doc))
+    assert "| 2 | 100gbe | 64 |" in text and "Target overlapped >= 0.9 of the ideal" in text
+    assert "Target simulator within 10%" in text
+    import time
+    late, _ = gpu_suite.bench_pipeline(model="tiny", layers=None, stages=(2,), links=("100gbe",), prompt_lens=(64,),
+                                       chunk_size=16, repeats=1, warmup=0, device="cpu", dtype="float32",
+                                       ops="torch", deadline=time.time() - 1)
+    assert late["points"] == [] and not late["complete"] and "time budget after 0 of 1" in late["stopped"]
+    assert "Incomplete: stopped at the time budget" in "\n".join(gpu_suite.partitions_markdown(late))
