@@ -1,6 +1,7 @@
 """`python -m bench compare BASE.json NEW.json`: every timing and byte figure of two results files side by side, a
 verdict for each, and a non-zero exit when one regresses past the threshold or a correctness figure fails. Runs of
-different devices or configurations are refused unless --force.
+different devices or configurations are refused unless --force. Two kernel benchmark files (`kernels.json` of
+`python -m bench kernels` or the gpu-suite) are compared per shape and provider (`compare_kernels`).
 
 Verdicts: a timing (every figure in ms, per-stage and per-chunk lists element by element; per-run lists are left out,
 their medians are compared) REGRESSED when new > base·(1 +
@@ -55,6 +56,18 @@ def _timings(m: dict):
                 yield f"{key}[{i}]", float(x)
 
 
+def _load_json(path):
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NotComparable(f"cannot read {p} as JSON: {e}") from None
+
+
+def _is_kernels(doc) -> bool:
+    return isinstance(doc, dict) and (doc.get("kind") == "kernels" or ("attention" in doc and "memory_bound" in doc))
+
+
 def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool = False) -> int:
     """Prints the table and the verdicts; returns 0 (all same or better), 1 (a regression or a failed check) or 2
     (not comparable)."""
@@ -62,6 +75,9 @@ def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool 
             or threshold < 0:
         raise ValueError(f"threshold must be a finite number >= 0 (a fraction: 0.1 = 10%), got {threshold!r}")
     try:
+        docs = [_load_json(p) for p in (base_path, new_path)]
+        if all(_is_kernels(d) for d in docs):
+            return compare_kernels(*docs, threshold, force)
         base, new = load_results(base_path), load_results(new_path)
         if not force:
             for key, what in (("device", "devices"), ("config", "configurations")):
@@ -126,3 +142,63 @@ def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool 
     print(f"OK: no timing regressed more than {threshold:.0%} (and {FLOOR_OF_TTFT:.0%} of its TTFT), every byte "
           "figure equal, every correctness check holds")
     return 0
+
+
+def _kernel_rows(doc: dict) -> dict:
+    """(kind, shape) -> row: attention rows by (prefix, chunk), memory-bound rows by op."""
+    rows = {}
+    for r in doc.get("attention", []):
+        rows[("attention", f"P={r['prefix']} C={r['chunk']}")] = r
+    for r in doc.get("memory_bound", []):
+        rows[("memory-bound", r["op"])] = r
+    return rows
+
+
+def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool = False) -> int:
+    """Two kernel benchmark files, per shape and provider: chunk_attention's and the Triton memory-bound ops' time
+    REGRESSED past the threshold fails (exit 1), and so does a kernel whose error is over its tolerance; the peers'
+    (SDPA, flex, torch eager) times get a verdict each but never fail the run: they are the yardstick. Files of
+    different devices are refused unless `force`. Older files (no schema_version: SDPA peers only) are read too."""
+    for doc in (base, new):
+        if doc.get("schema_version", 0) not in (0, 1):
+            raise NotComparable(f"kernel benchmark file of unknown schema_version {doc.get('schema_version')}")
+    dev = [(d.get("environment") or {}).get("device") for d in (base, new)]
+    if not force and dev[0] != dev[1]:
+        raise NotComparable(f"the runs are of different devices ({dev[0]} vs {dev[1]}); pass --force to compare anyway")
+    failed, rows = [], []
+    new_rows = _kernel_rows(new)
+    for key, b in _kernel_rows(base).items():
+        n = new_rows.get(key)
+        if n is None:
+            failed.append(f"{key[0]} {key[1]} missing from the new file")
+            continue
+        for fig in sorted(k for k in b if k.endswith("_ms") and isinstance(b[k], (int, float)) and b[k]):
+            ours = fig in ("triton_ms",)
+            if not isinstance(n.get(fig), (int, float)) or not n[fig]:
+                rows.append((key[1], fig, f"{b[fig]:.4f}", "-", "", "did not run"))
+                if ours:
+                    failed.append(f"{key[1]} {fig} did not run")
+                continue
+            ratio = n[fig] / b[fig]
+            verdict = "same"
+            if ratio > 1 + threshold:
+                verdict = "REGRESSED" if ours else "peer slower"
+                if ours:
+                    failed.append(f"{key[1]} {fig} x{ratio:.2f}")
+            elif ratio < 1 / (1 + threshold):
+                verdict = "faster" if ours else "peer faster"
+            rows.append((key[1], fig, f"{b[fig]:.4f}", f"{n[fig]:.4f}", f"{ratio:.2f}", verdict))
+        tol = n.get("peer_tolerance")
+        err = n.get("max_abs_err", n.get("triton_max_abs_err"))
+        if tol is not None and err is not None and not err <= tol:
+            failed.append(f"{key[1]}: error {err:.1e} over the tolerance {tol:.0e}")
+    head = ("shape", "figure", "base ms", "new ms", "ratio", "verdict")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.rjust(w) if i in (2, 3, 4) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if failed:
+        print("FAIL: " + "; ".join(failed))
+        return 1
+    print(f"OK: no kernel of this project regressed more than {threshold:.0%}; every error within its tolerance")
+    return 0
+

@@ -165,3 +165,33 @@ def test_machine_check_reports_stops_and_slow_downs(capsys):
     assert report["windows"] == 100 and 0 <= report["stopped_fraction"] <= 1 and 0 <= report["slowed_fraction"] <= 1
     with pytest.raises(SystemExit):
         main(["machine-check", "--seconds", "0"])
+
+
+def test_compare_reads_kernel_benchmark_files(tmp_path, capsys):
+    """kernels.json, per shape and provider: our kernels' regressions fail, the peers' changes are reported (they are
+    the yardstick); the committed H100 file (schema 0: SDPA peers only) is the stored baseline."""
+    from bench.compare import compare
+    base = ROOT / "bench/results/h100/kernels.json"
+    assert compare(str(base), str(base)) == 0
+    doc = json.loads(base.read_text())
+    doc.update(schema_version=1, kind="kernels")
+    doc["attention"][3]["triton_ms"] *= 1.5  # prefix 16k, chunk 2k
+    doc["attention"][0]["sdpa_cudnn_ms"] *= 2  # a peer got slower: not our regression
+    slower = tmp_path / "kernels.json"
+    slower.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert compare(str(base), str(slower)) == 1
+    out = capsys.readouterr().out
+    assert "P=16384 C=2048 triton_ms x1.50" in out and "peer slower" in out
+    doc["attention"][3]["triton_ms"] /= 1.5
+    doc["memory_bound"][0]["triton_ms"] *= 1.3  # a memory-bound kernel of ours regressed
+    slower.write_text(json.dumps(doc))
+    assert compare(str(base), str(slower)) == 1
+    doc["memory_bound"][0]["triton_ms"] /= 1.3
+    doc["attention"][1].update(max_abs_err=0.5, peer_tolerance=3e-2)  # wrong results
+    slower.write_text(json.dumps(doc))
+    assert compare(str(base), str(slower)) == 1 and "over the tolerance" in capsys.readouterr().out
+    doc["attention"][1]["max_abs_err"] = 1e-3
+    doc["environment"]["device"] = "another GPU"
+    slower.write_text(json.dumps(doc))
+    assert compare(str(base), str(slower)) == 2 and "different devices" in capsys.readouterr().err
