@@ -45,7 +45,9 @@ class KernelSpec:
 
 def kernel_specs(arch: int = 90) -> list[KernelSpec]:
     specs = []
-    for head_dim, dtype, cfg in attn_mod.all_configs(divmod(arch, 10)):
+    padded = [(d, torch.bfloat16, attn_mod.pick_config(4096, attn_mod.block_d(d), torch.bfloat16, divmod(arch, 10)))
+              for d in (80, 96)]  # real models' head dims that are not powers of two: padded tiles
+    for head_dim, dtype, cfg in attn_mod.all_configs(divmod(arch, 10)) + padded:
         p = _PTR[dtype]
         sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"StartPos": "*i32", "start_pos": "i32",
                                                                     "max_len": "i32"}
@@ -57,7 +59,8 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
         # compiled for the largest tile of the serving dtype below
         per_row_too = head_dim == 128 and dtype == torch.bfloat16 and cfg["BLOCK_M"] == 128
         for per_row in (False, True) if per_row_too else (False,):
-            const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim), BLOCK_M=cfg["BLOCK_M"],
+                         BLOCK_N=cfg["BLOCK_N"],
                          PRECISION="ieee" if dtype == torch.float32 else "tf32", PER_ROW_START=per_row)
             name = f"chunk_attention d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
             specs.append(KernelSpec(name + (" per-row start" if per_row else ""), attn_mod._chunk_attention_kernel,
@@ -72,12 +75,13 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
                    "BLOCK": "constexpr"}
             specs.append(KernelSpec(f"add_rms_norm H{hidden} {dt}", rms_mod._add_rms_norm_kernel, sig,
                                     dict(HAS_RESIDUAL=True, BLOCK=block), min(16, max(1, block // 256))))
-        for half in (32, 64):
+        for half in (32, 40, 64):  # D = 64, 80 (padded), 128
             sig = {"X": p, "Cos": "*fp32", "Sin": "*fp32", "Out": p} | {
                 n: "i32" for n in ("stride_xb", "stride_xm", "stride_xh", "stride_ob", "stride_om", "stride_oh",
-                                   "stride_t", "C", "H", "start_pos")} | {"HALF": "constexpr", "BLOCK_H": "constexpr"}
+                                   "stride_t", "C", "H", "start_pos")} | {
+                "HALF": "constexpr", "BLOCK_HALF": "constexpr", "BLOCK_H": "constexpr"}
             specs.append(KernelSpec(f"rope D{2 * half} {dt}", rope_mod._rope_kernel, sig,
-                                    dict(HALF=half, BLOCK_H=32), 4))
+                                    dict(HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_H=32), 4))
         sig = {"G": p, "U": p, "Out": p, "stride_g": "i32", "stride_u": "i32", "stride_o": "i32", "N": "i32",
                "BLOCK": "constexpr"}
         specs.append(KernelSpec(f"swiglu {dt}", swiglu_mod._swiglu_kernel, sig, dict(BLOCK=4096), 8))

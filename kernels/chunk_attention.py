@@ -18,16 +18,23 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_limit, offs_m, offs_n, offs_d, qk_scale,
-            CAUSAL: tl.constexpr, MASK_N: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+            CAUSAL: tl.constexpr, MASK_N: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+            HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr):
     """Online softmax over key blocks [lo, hi) of one source (prefix cache or the chunk itself).
 
-    CAUSAL masks key j > query i (both chunk-local); MASK_N masks keys j >= n_limit (a ragged last block).
-    Blocks without either mask run with unmasked loads: that is the hot loop over the prefix.
+    CAUSAL masks key j > query i (both chunk-local); MASK_N masks keys j >= n_limit (a ragged last block); PAD_D
+    masks the head-dim columns past HEAD_DIM of a padded tile (a head dim that is not a power of two).
+    Blocks without a mask run with unmasked loads: that is the hot loop over the prefix.
     """
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASK_N:
-            k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None], mask=cols[None, :] < n_limit, other=0.0)
+            k_ok = cols[None, :] < n_limit
+            if PAD_D:
+                k_ok = k_ok & (offs_d[:, None] < HEAD_DIM)
+            k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None], mask=k_ok, other=0.0)
+        elif PAD_D:
+            k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None], mask=offs_d[:, None] < HEAD_DIM, other=0.0)
         else:
             k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None])
         qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
@@ -40,7 +47,12 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_limit, offs_
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK_N:
-            v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :], mask=cols[:, None] < n_limit, other=0.0)
+            v_ok = cols[:, None] < n_limit
+            if PAD_D:
+                v_ok = v_ok & (offs_d[None, :] < HEAD_DIM)
+            v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :], mask=v_ok, other=0.0)
+        elif PAD_D:
+            v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :], mask=offs_d[None, :] < HEAD_DIM, other=0.0)
         else:
             v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :])
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -64,9 +76,10 @@ def _chunk_attention_kernel(
     # sizes
     C, Hq, qk_scale,
     # meta-parameters
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, PER_ROW_START: tl.constexpr,
 ):
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM  # a head dim that is not a power of two: padded tiles, masked columns
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
@@ -85,10 +98,16 @@ def _chunk_attention_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # chunk-local query rows
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m[:, None] < C
+    if PAD_D:
+        io_ok = row_ok & (offs_d[None, :] < HEAD_DIM)  # the rows and columns that exist
+        new_ok = (offs_m[:, None] < C_ok) & (offs_d[None, :] < HEAD_DIM)
+    else:
+        io_ok = row_ok
+        new_ok = offs_m[:, None] < C_ok
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok,
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=io_ok,
                 other=0.0)
     kn = KN + b * stride_knb + kvh * stride_knh
     vn = VN + b * stride_vnb + kvh * stride_vnh
@@ -99,37 +118,43 @@ def _chunk_attention_kernel(
     # Nothing in this launch reads those cache rows (the chunk phase reads KN/VN), so there is no race.
     if h % GROUP == 0:
         kv_rows = offs_m[:, None]
-        k_blk = tl.load(kn + kv_rows * stride_knm + offs_d[None, :], mask=row_ok, other=0.0)
-        v_blk = tl.load(vn + kv_rows * stride_vnm + offs_d[None, :], mask=row_ok, other=0.0)
-        tl.store(kc + (P + kv_rows) * stride_kcm + offs_d[None, :], k_blk, mask=kv_rows < C_ok)
-        tl.store(vc + (P + kv_rows) * stride_vcm + offs_d[None, :], v_blk, mask=kv_rows < C_ok)
+        k_blk = tl.load(kn + kv_rows * stride_knm + offs_d[None, :], mask=io_ok, other=0.0)
+        v_blk = tl.load(vn + kv_rows * stride_vnm + offs_d[None, :], mask=io_ok, other=0.0)
+        tl.store(kc + (P + kv_rows) * stride_kcm + offs_d[None, :], k_blk, mask=new_ok)
+        tl.store(vc + (P + kv_rows) * stride_vcm + offs_d[None, :], v_blk, mask=new_ok)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Phase 1, the prefix [0, P): every query sees every key. Full blocks unmasked, the ragged tail masked.
     p_full = (P // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, kc, vc, stride_kcm, stride_vcm, 0, p_full, P, offs_m, offs_n,
-                            offs_d, qk_scale, False, False, BLOCK_N, PRECISION)
+                            offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, kc, vc, stride_kcm, stride_vcm, p_full, P, P, offs_m, offs_n,
-                            offs_d, qk_scale, False, True, BLOCK_N, PRECISION)
+                            offs_d, qk_scale, False, True, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
     # Phase 2, the chunk itself: whole key blocks before this query block are all visible (unmasked); the
     # blocks from the one holding the block's first query on get the causal mask (that start is rounded down to
     # BLOCK_N, so BLOCK_N > BLOCK_M stays exact). Blocks right of the diagonal are never visited.
     m_lo = pid_m * BLOCK_M
     diag = (m_lo // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, 0, tl.minimum(diag, C_ok), C, offs_m,
-                            offs_n, offs_d, qk_scale, False, False, BLOCK_N, PRECISION)
+                            offs_n, offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, diag, tl.minimum(m_lo + BLOCK_M, C_ok),
-                            C, offs_m, offs_n, offs_d, qk_scale, True, True, BLOCK_N, PRECISION)
+                            C, offs_m, offs_n, offs_d, qk_scale, True, True, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
 
     out = acc / l_i[:, None]
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok)
+             out.to(Out.dtype.element_ty), mask=io_ok)
 
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)  # the tile shapes; any head dim up to 256 runs in the next one up
+MAX_HEAD_DIM = 256
+
+
+def block_d(head_dim: int) -> int:
+    """The tile width for a head dim: the next power of two, at least 16 (tl.dot's least K)."""
+    return max(16, triton.next_power_of_2(head_dim))
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -195,8 +220,8 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[2:] != (Hkv, D):
         raise ValueError(f"chunk_attention: k_cache/v_cache must be [B={B}, max_len, Hkv={Hkv}, D={D}], got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"chunk_attention: head dim {D} is not supported (use one of {SUPPORTED_HEAD_DIMS})")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"chunk_attention: head dim {D} is not supported (1 to {MAX_HEAD_DIM})")
     if C < 1:
         raise ValueError("chunk_attention: the chunk must hold at least one query")
     max_len = k_cache.shape[1]
@@ -278,7 +303,7 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
     per_row = isinstance(start_pos, torch.Tensor)
     starts = start_pos.to(torch.int32) if per_row else q  # q: a placeholder pointer the kernel never reads
     cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else (9, 0)
-    cfg = config or pick_config(C, D, q.dtype, cap)
+    cfg = config or pick_config(C, block_d(D), q.dtype, cap)
     grid = (triton.cdiv(C, cfg["BLOCK_M"]), B * Hq)
     with launching():
         _chunk_attention_kernel[grid](
@@ -290,8 +315,9 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             C, Hq, sm_scale * LOG2E,
-            GROUP=Hq // Hkv, HEAD_DIM=D, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PER_ROW_START=per_row,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            PER_ROW_START=per_row, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
     return out
 

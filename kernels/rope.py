@@ -18,20 +18,20 @@ def _rope_kernel(
     # sizes
     C, H, start_pos,
     # meta-parameters
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)  # one (batch, position) row, all heads
     b = (pid // C).to(tl.int64)
     m = pid % C
     heads = tl.arange(0, BLOCK_H)[:, None]
-    d = tl.arange(0, HALF)[None, :]
-    mask = heads < H
+    d = tl.arange(0, BLOCK_HALF)[None, :]  # padded to a power of two when D/2 is not one (D = 80, 96, ...)
+    mask = (heads < H) & (d < HALF)
     x_row = X + b * stride_xb + m * stride_xm + heads * stride_xh
     x1 = tl.load(x_row + d, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + HALF + d, mask=mask, other=0.0).to(tl.float32)
     pos = (start_pos + m).to(tl.int64)
-    cos = tl.load(Cos + pos * stride_t + d)
-    sin = tl.load(Sin + pos * stride_t + d)
+    cos = tl.load(Cos + pos * stride_t + d, mask=d < HALF, other=0.0)
+    sin = tl.load(Sin + pos * stride_t + d, mask=d < HALF, other=0.0)
     o_row = Out + b * stride_ob + m * stride_om + heads * stride_oh
     tl.store(o_row + d, (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=mask)
     tl.store(o_row + HALF + d, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=mask)
@@ -48,8 +48,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, 
         raise TypeError(f"rope: x must be float32, float16 or bfloat16, got {x.dtype}")
     B, C, H, D = x.shape
     half = D // 2
-    if D % 2 or half & (half - 1):
-        raise ValueError(f"rope: head dim must be twice a power of two, got {D}")
+    if D % 2:
+        raise ValueError(f"rope: head dim must be even (rotate-half pairs i and i + D/2), got {D}")
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != half:
         raise ValueError(f"rope: cos/sin must be [max_len, {half}], got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if cos.dtype != torch.float32 or sin.dtype != torch.float32 or cos.stride() != sin.stride() or cos.stride(1) != 1:
@@ -71,7 +71,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, 
             x, cos, sin, out,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
             C, H, start_pos,
-            HALF=half, BLOCK_H=BLOCK_H, num_warps=4,
+            HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_H=BLOCK_H, num_warps=4,
         )
     return out
 

@@ -60,6 +60,12 @@ ATTENTION_CASES = [  # (B, C, Hq, Hkv, D, start_pos): every odd size, GQA ratio 
     (1, 217, 8, 2, 16, 1000),
     (3, 1, 4, 1, 128, 1),
     (1, 37, 4, 4, 128, 45),
+    # head dims that are not powers of two (padded tiles, masked columns): real models' 80 and 96, and odd ones
+    (2, 37, 4, 2, 80, 21),
+    (1, 19, 6, 2, 96, 0),
+    (3, 5, 2, 1, 24, 7),
+    (1, 33, 2, 2, 200, 3),
+    (1, 9, 2, 1, 6, 11),
 ]
 
 
@@ -180,8 +186,8 @@ def _attn_inputs(**over):
     (dict(start_pos=7), "past the cache"),
     (dict(start_pos=-1), ">= 0"),
     (dict(q=torch.zeros(1, 4, 16, 4).transpose(2, 3)), "contiguous"),
-    (dict(q=torch.zeros(1, 4, 4, 24), k_new=torch.zeros(1, 4, 2, 24), v_new=torch.zeros(1, 4, 2, 24),
-          k_cache=torch.zeros(1, 10, 2, 24), v_cache=torch.zeros(1, 10, 2, 24)), "head dim 24"),
+    (dict(q=torch.zeros(1, 4, 4, 264), k_new=torch.zeros(1, 4, 2, 264), v_new=torch.zeros(1, 4, 2, 264),
+          k_cache=torch.zeros(1, 10, 2, 264), v_cache=torch.zeros(1, 10, 2, 264)), r"head dim 264 .*1 to 256"),
     (dict(q=torch.zeros(4, 4, 16)), "4-D"),
     (dict(q=torch.zeros(1, 4, 4, 16, dtype=torch.float64)), "unsupported dtype"),
     (dict(start_pos=torch.zeros(2, dtype=torch.int64)), "start_pos tensor"),
@@ -214,7 +220,8 @@ def test_add_rms_norm(shape, dtype, tol, with_residual):
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
-@pytest.mark.parametrize("B,C,H,D,start_pos", [(1, 1, 1, 16, 0), (3, 37, 5, 64, 1000), (2, 217, 3, 128, 1)])
+@pytest.mark.parametrize("B,C,H,D,start_pos", [(1, 1, 1, 16, 0), (3, 37, 5, 64, 1000), (2, 217, 3, 128, 1),
+                                               (2, 19, 3, 80, 5), (1, 7, 2, 96, 0), (1, 5, 1, 6, 2)])
 def test_rope(B, C, H, D, start_pos, dtype, tol):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(B, C, H, D, generator=g).to(dtype).to(DEVICE)

@@ -63,6 +63,17 @@ def test_triton_ops_pipeline_equals_torch_unchunked(tiny, mode):
     assert_matches(res, *reference(tiny, toks))
 
 
+def test_triton_ops_run_a_model_whose_head_dim_is_not_a_power_of_two():
+    """Head dim 40 (as 80 and 96 in real models): padded attention and RoPE tiles, same logits as the torch ops."""
+    from pipeline import ModelConfig
+    cfg = ModelConfig(vocab_size=128, hidden_size=80, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=40,
+                      intermediate_size=96, max_seq_len=64)
+    toks = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(9))
+    ref = run_prefill(cfg, toks, mode="unchunked", decode=False)
+    res = run_prefill(cfg, toks, mode="overlapped", stages=2, chunk_size=8, ops="triton", decode=False)
+    assert (res.logits - ref.logits).abs().max().item() <= 1e-4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stages", [2, 3, 4])
 def test_gloo_processes_equal_unchunked(tiny, stages):
