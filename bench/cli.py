@@ -11,6 +11,7 @@ Exit codes: 0 done, 1 a check failed (outputs differ, a regression), 2 bad input
 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -29,7 +30,7 @@ def run_parser():
 
     from pipeline import MODES
     gpu = torch.cuda.is_available()
-    ap = Parser(prog="python -m bench", description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    ap = Parser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small", help="preset name or Hugging Face directory (default: small)")
     ap.add_argument("--stages", type=integer(1), default=None,
                     help="pipeline stages S (default: 2; under torchrun the number of processes)")
@@ -235,11 +236,11 @@ def _dispatch(argv) -> int:
 def main(argv=None) -> int:
     """Every subcommand behind one error policy: bad input or a failed run is one line on stderr and exit 2 (no
     traceback; BENCH_TRACEBACK=1 shows it), Ctrl-C 130 and SIGTERM 143 after every stage has been stopped."""
-    from pipeline.procs import PipelineError, Terminated, sigint_raises, sigterm_raises
+    from pipeline.procs import PipelineError, Terminated, interrupts_raise
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = "bench" + (f" {argv[0]}" if argv and argv[0] in SUBCOMMANDS else "")
     try:
-        with sigterm_raises(), sigint_raises():
+        with interrupts_raise():
             return _dispatch(argv)
     except KeyboardInterrupt as e:
         kind, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)

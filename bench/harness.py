@@ -3,6 +3,7 @@ and proof that the outputs did not change. Writes results JSON, a timeline PNG a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -27,6 +28,12 @@ LOGITS_TOL = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}  # max |Δ log
 
 
 def environment() -> dict:
+    """Device, versions and commit of this run (a copy: callers add to it)."""
+    return dict(_environment())
+
+
+@functools.cache  # one git call per process, not one per point written
+def _environment() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip() or None

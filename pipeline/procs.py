@@ -39,34 +39,26 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that it unwinds (and stops the stages) like Ctrl-C does."""
 
 
-@contextlib.contextmanager
-def sigterm_raises():
-    """While inside, SIGTERM raises `Terminated` in the main thread instead of killing the process outright."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise Terminated()
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 @contextlib.contextmanager
-def sigint_raises():
-    """While inside, SIGINT raises KeyboardInterrupt even if this process was started with it ignored (as a shell
-    starts background jobs): Python keeps an inherited SIG_IGN otherwise, and `kill -INT` would do nothing."""
+def interrupts_raise():
+    """While inside, SIGTERM raises `Terminated` and SIGINT KeyboardInterrupt in the main thread, so that both unwind
+    (and stop the stages) instead of killing the process outright; SIGINT even if this process was started with it
+    ignored (as a shell starts background jobs: Python keeps an inherited SIG_IGN, and `kill -INT` would do
+    nothing)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    wanted = {signal.SIGTERM: _raise_terminated, signal.SIGINT: signal.default_int_handler}
+    old = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def torchrun_rank() -> int | None:
