@@ -84,19 +84,32 @@ def run_gpu_tests(out: Path) -> dict:
 
 # ---- part 2: kernels --------------------------------------------------------------------------------------------
 
-def compiler_report() -> list[dict]:
-    """Registers, spills, shared memory and wgmma of the attention kernel's configurations for this GPU's
-    architecture (the same report as `python -m kernels.aot`)."""
-    major, minor = torch.cuda.get_device_capability(0)
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", f"{major}{minor}", "--only", "d128"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    rows = []
-    for line in proc.stdout.splitlines():
+def compiler_report(arch: int | None = None, only: str = "d128", shards: int = 8) -> list[dict]:
+    """Registers, spills, shared memory and wgmma of the attention kernel's configurations for `arch` (default: this
+    GPU's), the same report as `python -m kernels.aot`, compiled by `shards` processes at once."""
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability(0)
+        arch = 10 * major + minor
+    shards = max(1, min(shards, os.cpu_count() or 1))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen([sys.executable, "-m", "kernels.aot", "--arch", str(arch), "--only", only,
+                               "--shard", f"{i}/{shards}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(shards)]
+    rows, errors = [], []
+    for proc in procs:
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows or [dict(error=(proc.stderr or proc.stdout)[-2000:])]
+            out, err = proc.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        for line in out.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        if proc.returncode and not out.strip():
+            errors.append((err or "")[-2000:])
+    return rows or [dict(error="\n".join(errors) or "kernels.aot printed nothing")]
 
 
 # ---- part 3: the pipeline on one GPU ----------------------------------------------------------------------------

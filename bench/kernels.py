@@ -20,7 +20,7 @@ import time
 import torch
 
 ATTENTION_SHAPES = ((0, 256), (0, 2048), (4096, 1024), (16384, 2048), (32768, 256), (32768, 4096), (32768, 128),
-                    (0, 64))
+                    (0, 64), (32768, 16), (32768, 1))  # the last two: GQA packing and split-KV territory
 TARGET_SHAPE = (16384, 2048)  # prefix, chunk: where the targets are set
 # H100, bf16, B=1, 32 query / 8 KV heads, d128: at least the best fair peer at every shape, 560 TFLOP/s at 16k/2k
 TARGETS = dict(attention_tflops=560.0, attention_vs_best_peer=1.0, memory_bound_of_copy=0.8)
@@ -41,6 +41,33 @@ def cpu_timer(fn, repeats: int = 3) -> float:
         fn()
         ts.append((time.perf_counter() - t) * 1e3)
     return statistics.median(ts)
+
+
+def launch_cost(fn, device, timer=gpu_timer, calls: int = 50) -> dict:
+    """The Python launcher's host time per call, measured apart from the kernel: `host_us` is the median wall time of
+    one call that only enqueues work (the device is synchronised before each, so a full queue never blocks it);
+    `graph_us` is the same work replayed from a CUDA graph (no Python, no launch path: the device's time alone,
+    None off CUDA). A short chunk whose host_us exceeds graph_us is launch-bound: back to back, the GPU idles."""
+    fn()
+    ts = []
+    for _ in range(calls):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e6)
+    graph_us = None
+    if device != "cpu":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch's graph docs ask
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph_us = timer(graph.replay) * 1e3
+    return dict(host_us=statistics.median(ts), graph_us=graph_us)
 
 
 def visible_pairs(C: int, P: int) -> int:
@@ -128,11 +155,14 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
     float64, one row per config (or why it failed to compile or run). The default grid is the one a tuning
     session on Hopper would try first."""
     from kernels import chunk_attention
+    P, C = shape
     if configs is None:
         configs = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
                    for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
                    if not (m == 64 and w == 8)]
-    P, C = shape
+        if C <= 512 and P >= 4096:  # short chunks over long prefixes: split-KV and GQA packing too
+            configs += [dict(BLOCK_M=64, BLOCK_N=n, num_warps=4, num_stages=3, num_splits=k, pack_gqa=pack)
+                        for n in (64, 128) for k in (2, 4, 8) for pack in (False, True) if not (pack and C > 64)]
     q, kn, vn, kc, vc, _, ref = attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 1)
     flops = attention_flops(B, Hq, D, C, P)
     rows = []
@@ -154,16 +184,21 @@ def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=ATTEN
     error against float64, the best peer (the fastest whose error is within PEER_TOL, handicapped rows excluded)
     and chunk_attention's speed-up over it."""
     from kernels import chunk_attention
+    from kernels.chunk_attention import launch_plan
     tol = PEER_TOL[dtype]
     rows = []
     for P, C in shapes:
         q, kn, vn, kc, vc, heads_first, ref = attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed=P * 7919 + C)
         out = torch.full_like(q, float("nan"))
-        ms = timer(lambda: chunk_attention(q, kn, vn, kc, vc, P, out=out))
+        run = lambda: chunk_attention(q, kn, vn, kc, vc, P, out=out)  # noqa: E731
+        ms = timer(run)
         flops = attention_flops(B, Hq, D, C, P)
         err = (out.double() - ref).abs().max().item()
+        plan = launch_plan(q, kn, kc, P)
         row = dict(prefix=P, chunk=C, triton_ms=ms, triton_tflops=flops / ms / 1e9, max_abs_err=err,
-                   triton_correct=err <= tol, peer_tolerance=tol)
+                   triton_correct=err <= tol, peer_tolerance=tol,
+                   launch=dict(plan["config"], pack_heads=plan["pack"], splits=plan["splits"], grid=plan["grid"]),
+                   **{f"launch_{k}": v for k, v in launch_cost(run, device, timer).items()})
         for name, fn in attention_peers(*heads_first, P, compile_flex=compile_flex).items():
             try:
                 got = fn()
@@ -272,9 +307,12 @@ def run_all(device="cuda", timer=gpu_timer, quick=False) -> dict:
 def print_report(doc: dict) -> None:
     print(f"copy {doc['copy_gbps']:.0f} GB/s   bf16 GEMM {doc['gemm_bf16_tflops']:.0f} TFLOP/s")
     for r in doc["attention"]:
+        graph = r.get("launch_graph_us")
         print(f"attention P={r['prefix']:>6} C={r['chunk']:>5}  triton {r['triton_ms']:.3f} ms "
               f"{r['triton_tflops']:.0f} TFLOP/s  vs best peer ({r['best_peer']}) "
-              f"{r['speedup_vs_best_peer'] or float('nan'):.2f}x  err {r['max_abs_err']:.1e}")
+              f"{r['speedup_vs_best_peer'] or float('nan'):.2f}x  err {r['max_abs_err']:.1e}  launcher "
+              f"{r.get('launch_host_us', float('nan')):.0f} us host / "
+              f"{graph if graph is not None else float('nan'):.0f} us graph")
     for m in doc["memory_bound"]:
         print(f"{m['op']:>13}  triton {m['triton_gbps']:.0f} GB/s ({100 * m['triton_of_copy']:.0f}% of copy)  "
               f"eager {m['eager_gbps']:.0f} GB/s  err {m['triton_max_abs_err']:.1e}")
@@ -314,7 +352,8 @@ def main(argv=None) -> int:
         rows = [r for sh in shapes for r in sweep_attention(shape=sh)]
         for r in sorted(rows, key=lambda r: (r["prefix"], r["chunk"], -r.get("tflops", 0))):
             cfg = f"P={r['prefix']} C={r['chunk']} " + " ".join(
-                f"{k}={r[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"))
+                f"{k}={r[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_splits", "pack_gqa")
+                if k in r)
             print(f"{cfg:<64} " + (f"{r['tflops']:6.0f} TFLOP/s  err {r['max_abs_err']:.1e}" if "tflops" in r
                                    else r["error"]))
         if args.out:

@@ -45,27 +45,40 @@ class KernelSpec:
 
 def kernel_specs(arch: int = 90) -> list[KernelSpec]:
     specs = []
-    padded = [(d, torch.bfloat16, attn_mod.pick_config(4096, attn_mod.block_d(d), torch.bfloat16, divmod(arch, 10)))
+    padded = [(d, torch.bfloat16, 1,
+               attn_mod.pick_config(4096, attn_mod.block_d(d), torch.bfloat16, divmod(arch, 10)))
               for d in (80, 96)]  # real models' head dims that are not powers of two: padded tiles
-    for head_dim, dtype, cfg in attn_mod.all_configs(divmod(arch, 10)) + padded:
+    for head_dim, dtype, group, cfg in attn_mod.all_configs(divmod(arch, 10)) + padded:
         p = _PTR[dtype]
-        sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"StartPos": "*i32", "start_pos": "i32",
-                                                                    "max_len": "i32"}
+        sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"Lse": "*fp32", "StartPos": "*i32",
+                                                                    "start_pos": "i32", "max_len": "i32"}
         for n in ("q", "kn", "vn", "kc", "vc", "o"):
             for axis in ("b", "m", "h"):
                 sig[f"stride_{n}{axis}"] = "i32"
-        sig |= {"C": "i32", "Hq": "i32", "qk_scale": "fp32"}
+        sig |= {"B": "i32", "C": "i32", "Hq": "i32", "qk_scale": "fp32"}
+        pack = attn_mod.pack_heads(group) if cfg["pack_gqa"] else 1
         # the model passes an int start (PER_ROW_START=False); the per-row variant differs by one load and is
-        # compiled for the largest tile of the serving dtype below
+        # compiled for the largest tile of the serving dtype below. Split-KV (any config may be split when its grid
+        # leaves SMs idle) differs in the prologue and the float32 epilogue: compiled for every 16-bit config.
         per_row_too = head_dim == 128 and dtype == torch.bfloat16 and cfg["BLOCK_M"] == 128
-        for per_row in (False, True) if per_row_too else (False,):
-            const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim), BLOCK_M=cfg["BLOCK_M"],
-                         BLOCK_N=cfg["BLOCK_N"],
-                         PRECISION="ieee" if dtype == torch.float32 else "tf32", PER_ROW_START=per_row)
-            name = f"chunk_attention d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
-            specs.append(KernelSpec(name + (" per-row start" if per_row else ""), attn_mod._chunk_attention_kernel,
-                                    sig | {k: "constexpr" for k in const}, const, cfg["num_warps"], cfg["num_stages"],
+        variants = [(False, False)] + [(True, False)] * per_row_too + [(False, True)] * (dtype != torch.float32)
+        for per_row, split in variants:
+            const = dict(GROUP=group if pack > 1 else 4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim),
+                         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                         PRECISION="ieee" if dtype == torch.float32 else "tf32", PER_ROW_START=per_row, PACK=pack,
+                         SPLIT=split)
+            name = (f"chunk_attention d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
+                    + (f" pack{pack}" if pack > 1 else "") + (" per-row start" if per_row else "")
+                    + (" split" if split else ""))
+            specs.append(KernelSpec(name, attn_mod._chunk_attention_kernel, sig | {k: "constexpr" for k in const},
+                                    const, cfg["num_warps"], cfg["num_stages"],
                                     expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64))
+    for head_dim in (64, 80, 128, 256):  # the split-KV merge: float32 partials into the output's dtype
+        sig = {"Part": "*fp32", "Lse": "*fp32", "Out": "*bf16"} | {
+            n: "i32" for n in ("n_splits", "n_rows", "C", "Hq", "stride_ob", "stride_om", "stride_oh")}
+        const = dict(HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim), BLOCK_R=attn_mod.MERGE_ROWS)
+        specs.append(KernelSpec(f"chunk_attention_merge d{head_dim} bfloat16", attn_mod._merge_splits_kernel,
+                                sig | {k: "constexpr" for k in const}, const, 4))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         p, dt = _PTR[dtype], str(dtype)[6:]
         for hidden in (4096, 8192):

@@ -5,13 +5,14 @@ Reads top to bottom: inner loop, kernel, block-size choice, launcher, plain-torc
 """
 from __future__ import annotations
 
-import os
+import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .shapes import integer, launching, positive_number
+from .shapes import cdiv, integer, interpreted, launching, next_pow2, positive_number
 
 LOG2E = 1.4426950408889634
 
@@ -62,11 +63,11 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_limit, offs_
 
 @triton.jit(do_not_specialize=["start_pos", "max_len"])  # a new prefix every chunk: one compiled kernel for all
 def _chunk_attention_kernel(
-    # pointers (StartPos is read only with PER_ROW_START)
-    Q, KN, VN, KC, VC, Out, StartPos,
+    # pointers (StartPos is read only with PER_ROW_START, Lse only with SPLIT)
+    Q, KN, VN, KC, VC, Out, Lse, StartPos,
     # the prefix length of every row, unless PER_ROW_START; the cache's length
     start_pos, max_len,
-    # strides (the head-dim stride is 1)
+    # strides (the head-dim stride is 1); with SPLIT, Out is the float32 partial [splits, B, C, Hq, D]
     stride_qb, stride_qm, stride_qh,
     stride_knb, stride_knm, stride_knh,
     stride_vnb, stride_vnm, stride_vnh,
@@ -74,17 +75,40 @@ def _chunk_attention_kernel(
     stride_vcb, stride_vcm, stride_vch,
     stride_ob, stride_om, stride_oh,
     # sizes
-    C, Hq, qk_scale,
+    B, C, Hq, qk_scale,
     # meta-parameters
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr, PER_ROW_START: tl.constexpr,
+    PRECISION: tl.constexpr, PER_ROW_START: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
 ):
+    """One program: BLOCK_M tile rows x every visible key, for one batch row. The tile rows are BLOCK_M queries of
+    one query head, or, with PACK > 1 (GQA packing), BLOCK_M // PACK queries of each of the PACK query heads that
+    share one KV head (PACK is GROUP rounded up to a power of two; the extra rows are masked): each K/V tile is
+    then read once for the whole group. With SPLIT, program (., ., s) of a grid of n splits covers the s-th
+    block-aligned slice of the prefix (the last one the chunk too) and writes its unnormalised partial result with
+    its log-sum-exp; `_merge_splits_kernel` combines them."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM  # a head dim that is not a power of two: padded tiles, masked columns
+    BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # queries per head in the tile
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    kvh = h // GROUP
+    pid_s = tl.program_id(2)
+    n_splits = tl.num_programs(2)
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    if PACK > 1:  # rows (g, i): query i of head kvh * GROUP + g; the program owns its KV head's cache append
+        Hkv = Hq // GROUP
+        b = (pid_bh // Hkv).to(tl.int64)
+        kvh = pid_bh % Hkv
+        heads = kvh * GROUP + rows // BLOCK_Q
+        offs_m = pid_m * BLOCK_Q + rows % BLOCK_Q  # chunk-local query rows
+        row_ok = (offs_m < C) & (rows // BLOCK_Q < GROUP)
+        writer = pid_s == 0
+    else:
+        b = (pid_bh // Hq).to(tl.int64)
+        heads = pid_bh % Hq
+        kvh = heads // GROUP
+        offs_m = pid_m * BLOCK_M + rows
+        row_ok = offs_m < C
+        writer = (heads % GROUP == 0) & (pid_s == 0)  # the first query head of each KV group appends
     if PER_ROW_START:
         P = tl.load(StartPos + b)  # prefix length of this batch row
     else:
@@ -96,30 +120,30 @@ def _chunk_attention_kernel(
     P = tl.where(in_range, P, 0)
     C_ok = tl.where(in_range, C, 0)  # chunk rows this program attends over and appends
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # chunk-local query rows
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m[:, None] < C
     if PAD_D:
-        io_ok = row_ok & (offs_d[None, :] < HEAD_DIM)  # the rows and columns that exist
-        new_ok = (offs_m[:, None] < C_ok) & (offs_d[None, :] < HEAD_DIM)
+        io_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)  # the rows and columns that exist
     else:
-        io_ok = row_ok
-        new_ok = offs_m[:, None] < C_ok
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], mask=io_ok,
+        io_ok = row_ok[:, None]
+    q = tl.load(Q + b * stride_qb + (heads * stride_qh + offs_m * stride_qm)[:, None] + offs_d[None, :], mask=io_ok,
                 other=0.0)
     kn = KN + b * stride_knb + kvh * stride_knh
     vn = VN + b * stride_vnb + kvh * stride_vnh
     kc = KC + b * stride_kcb + kvh * stride_kch
     vc = VC + b * stride_vcb + kvh * stride_vch
 
-    # Fused cache append: the first query head of each KV group writes this block's new keys and values.
-    # Nothing in this launch reads those cache rows (the chunk phase reads KN/VN), so there is no race.
-    if h % GROUP == 0:
-        kv_rows = offs_m[:, None]
-        k_blk = tl.load(kn + kv_rows * stride_knm + offs_d[None, :], mask=io_ok, other=0.0)
-        v_blk = tl.load(vn + kv_rows * stride_vnm + offs_d[None, :], mask=io_ok, other=0.0)
+    # Fused cache append of this block's BLOCK_Q new keys and values, once per KV head and query block. Nothing in
+    # this launch reads those cache rows (the chunk phase reads KN/VN), so there is no race.
+    q_lo = pid_m * BLOCK_Q
+    if writer:
+        kv_rows = q_lo + tl.arange(0, BLOCK_Q)[:, None]
+        kv_ok = kv_rows < C
+        new_ok = kv_rows < C_ok
+        if PAD_D:
+            kv_ok = kv_ok & (offs_d[None, :] < HEAD_DIM)
+            new_ok = new_ok & (offs_d[None, :] < HEAD_DIM)
+        k_blk = tl.load(kn + kv_rows * stride_knm + offs_d[None, :], mask=kv_ok, other=0.0)
+        v_blk = tl.load(vn + kv_rows * stride_vnm + offs_d[None, :], mask=kv_ok, other=0.0)
         tl.store(kc + (P + kv_rows) * stride_kcm + offs_d[None, :], k_blk, mask=new_ok)
         tl.store(vc + (P + kv_rows) * stride_vcm + offs_d[None, :], v_blk, mask=new_ok)
 
@@ -127,71 +151,171 @@ def _chunk_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Phase 1, the prefix [0, P): every query sees every key. Full blocks unmasked, the ragged tail masked.
-    p_full = (P // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kc, vc, stride_kcm, stride_vcm, 0, p_full, P, offs_m, offs_n,
+    # Phase 1, the prefix: every query sees every key. Full blocks unmasked, the ragged tail masked. Split: this
+    # program's block-aligned slice [lo, hi) of [0, P); the chunk phase only in the last split.
+    if SPLIT:
+        per = tl.cdiv(tl.cdiv(P, BLOCK_N), n_splits) * BLOCK_N
+        lo = pid_s * per
+        hi = tl.maximum(tl.minimum(lo + per, P), lo)
+        chunk_end = tl.where(pid_s == n_splits - 1, C_ok, 0)
+    else:
+        lo = 0
+        hi = P
+        chunk_end = C_ok
+    # the slice's keys are addressed from its start (a loop from 0 with a constant-free start compiles to fewer
+    # registers: a loop from a runtime `lo` spilled 92-108 B in the 64x128 tile under Triton 3.9)
+    n = hi - lo
+    n_full = (n // BLOCK_N) * BLOCK_N
+    kcs, vcs = kc + lo * stride_kcm, vc + lo * stride_vcm
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, 0, n_full, n, offs_m, offs_n,
                             offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kc, vc, stride_kcm, stride_vcm, p_full, P, P, offs_m, offs_n,
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, n_full, n, n, offs_m, offs_n,
                             offs_d, qk_scale, False, True, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
     # Phase 2, the chunk itself: whole key blocks before this query block are all visible (unmasked); the
     # blocks from the one holding the block's first query on get the causal mask (that start is rounded down to
-    # BLOCK_N, so BLOCK_N > BLOCK_M stays exact). Blocks right of the diagonal are never visited.
-    m_lo = pid_m * BLOCK_M
-    diag = (m_lo // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, 0, tl.minimum(diag, C_ok), C, offs_m,
-                            offs_n, offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, diag, tl.minimum(m_lo + BLOCK_M, C_ok),
-                            C, offs_m, offs_n, offs_d, qk_scale, True, True, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
+    # BLOCK_N, so BLOCK_N > BLOCK_Q stays exact). Blocks right of the diagonal are never visited.
+    diag = (q_lo // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, 0, tl.minimum(diag, chunk_end), C,
+                            offs_m, offs_n, offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, diag,
+                            tl.minimum(q_lo + BLOCK_Q, chunk_end), C, offs_m, offs_n, offs_d, qk_scale, True, True,
+                            BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
 
-    out = acc / l_i[:, None]
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=io_ok)
+    o_rows = (heads * stride_oh + offs_m * stride_om)[:, None] + offs_d[None, :]
+    if SPLIT:  # partial result and its log2-sum-exp (-inf and 0 for a split that saw no key)
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        split_b = pid_s.to(tl.int64) * B + b  # the partials are contiguous [splits, B, C, Hq, (D)]
+        tl.store(Out + split_b * stride_ob + o_rows, out, mask=io_ok)
+        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(Lse + (split_b * C + offs_m) * Hq + heads, lse, mask=row_ok)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(Out + b * stride_ob + o_rows, out.to(Out.dtype.element_ty), mask=io_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(Part, Lse, Out, n_splits, n_rows, C, Hq, stride_ob, stride_om, stride_oh,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Out[b, i, h] = the splits' partial results [splits, rows, HEAD_DIM] weighted by exp2 of their log2-sum-exp
+    [splits, rows], for BLOCK_R rows (b, i, h) at a time. A row that no split saw (every lse -inf) becomes NaN, as
+    in the unsplit kernel."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    r_ok = r < n_rows
+    io_ok = r_ok[:, None] & (d[None, :] < HEAD_DIM)
+    r64 = r.to(tl.int64)
+    m = tl.zeros([BLOCK_R], dtype=tl.float32) - float("inf")
+    l = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for s in range(n_splits):
+        base = r64 + s * n_rows
+        lse = tl.load(Lse + base, mask=r_ok, other=float("-inf"))
+        part = tl.load(Part + base[:, None] * HEAD_DIM + d[None, :], mask=io_ok, other=0.0)
+        m_new = tl.maximum(m, lse)
+        none = m_new == float("-inf")  # no split so far saw a key: nothing to rescale
+        alpha = tl.where(none, 0.0, tl.math.exp2(m - m_new))
+        w = tl.where(none, 0.0, tl.math.exp2(lse - m_new))
+        acc = acc * alpha[:, None] + part * w[:, None]
+        l = l * alpha + w
+        m = m_new
+    out = acc / l[:, None]
+    h = r64 % Hq
+    bi = r64 // Hq
+    dst = Out + (bi // C) * stride_ob + (bi % C) * stride_om + h * stride_oh
+    tl.store(dst[:, None] + d[None, :], out.to(Out.dtype.element_ty), mask=io_ok)
 
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)  # the tile shapes; any head dim up to 256 runs in the next one up
 MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PACK_MAX_CHUNK = 16  # GQA packing for chunks this short: their query rows alone would leave a tile mostly empty
+MAX_SPLITS = 16
+MIN_SPLIT_BLOCKS = 4  # key blocks per split at least: fewer, and the merge costs more than the split saves
 
 
 def block_d(head_dim: int) -> int:
     """The tile width for a head dim: the next power of two, at least 16 (tl.dot's least K)."""
-    return max(16, triton.next_power_of_2(head_dim))
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+    return max(16, next_pow2(head_dim))
 
 
-def pick_config(chunk_len: int, head_dim: int, dtype: torch.dtype, capability: tuple[int, int] = (9, 0)) -> dict:
-    """Block sizes and launch shape for a GPU of compute `capability`. Every config this can return is compiled
-    ahead of time in the tests (no spills allowed)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":  # numpy interpreter: fewer, larger blocks run faster
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+def pack_heads(group: int) -> int:
+    """Query heads per program under GQA packing: the group rounded up to a power of two (extra rows masked)."""
+    return next_pow2(group)
+
+
+def pick_config(chunk_len: int, head_dim: int, dtype: torch.dtype, capability: tuple[int, int] = (9, 0),
+                group: int = 1) -> dict:
+    """Block sizes, launch shape and GQA packing for a GPU of compute `capability` (`group` = query heads per KV
+    head). Every config this can return is compiled ahead of time in the tests (no spills allowed)."""
+    return dict(_pick_config(chunk_len, head_dim, dtype, capability, group, interpreted()))
+
+
+@functools.lru_cache(maxsize=1024)  # the launcher asks on every call: host time counts for short chunks
+def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted) -> dict:
+    pack = group > 1 and chunk_len <= PACK_MAX_CHUNK
+    # at least 32 rows: 16-row packed tiles spilled 4-8 B under Triton 3.7 (d64 split, d256), 32-row ones do not
+    packed_rows = min(64, max(32, next_pow2(chunk_len) * pack_heads(group)))
+    if pack and pack_heads(group) > 64:
+        pack = False
+    if interpreted:  # numpy interpreter: fewer, larger blocks run faster
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, pack_gqa=pack)
     if dtype == torch.float32:  # exact fp32 dots (FMA, no TF32) are register-hungry: small tiles, for checking
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    if chunk_len <= 16:  # decode-like: do not waste a 128-row tile on one query. Wide heads take narrower key
-        # blocks (d128: 64-key blocks spilled under Triton 3.7) and d256 eight warps (four spilled 4-8 B)
-        return dict(BLOCK_M=16, BLOCK_N=64 if head_dim <= 64 else 32 if head_dim == 128 else 16,
-                    num_warps=8 if head_dim == 256 else 4, num_stages=2)
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, pack_gqa=pack and pack_heads(group) <= 16)
+    if chunk_len <= 16:  # decode-like: do not waste a 128-row tile on one query; pack a GQA group's heads into
+        # the rows instead. Wide heads take narrower key blocks (d128: 64-key blocks spilled under Triton 3.7) and
+        # d256 eight warps (four spilled 4-8 B)
+        return dict(BLOCK_M=packed_rows if pack else 16,
+                    BLOCK_N=64 if head_dim <= 64 else 32 if head_dim == 128 else 16,
+                    num_warps=8 if head_dim == 256 else 4, num_stages=2, pack_gqa=pack)
     if capability < (9, 0) and head_dim >= 64:  # Ampere: mma.sync keeps acc in registers; 128-row tiles spill
-        return dict(BLOCK_M=64, BLOCK_N={64: 64, 128: 32}.get(head_dim, 16), num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N={64: 64, 128: 32}.get(head_dim, 16), num_warps=4, num_stages=2,
+                    pack_gqa=False)
     if head_dim == 256:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2, pack_gqa=False)
     if head_dim == 128 and chunk_len <= 512:  # H100 sweep (bench/results/h100): short chunks need more programs
-        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)  # P=32k C=256: 412 vs 263 TFLOP/s
+        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, pack_gqa=False)  # P=32k C=256: 412 vs 263
     if head_dim == 128:  # H100 sweep: 128x128 480-490 TFLOP/s, 128x64 457-469 at prefix 16k chunk 2k
-        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, pack_gqa=False)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False)
 
 
-def all_configs(capability: tuple[int, int] = (9, 0)) -> list[tuple[int, torch.dtype, dict]]:
-    """(head_dim, dtype, config) for every choice `pick_config` makes on a GPU of that capability."""
+# (chunk length, group) pairs that reach every branch of pick_config: decode unpacked and packed (16 and 64 rows)
+CONFIG_PROBES = ((1, 1), (1, 4), (16, 8), (256, 1), (4096, 1))
+
+
+def all_configs(capability: tuple[int, int] = (9, 0)) -> list[tuple[int, torch.dtype, int, dict]]:
+    """(head_dim, dtype, group, config) for every choice `pick_config` makes on a GPU of that capability."""
     out = []
     for d in SUPPORTED_HEAD_DIMS:
         for dtype in SUPPORTED_DTYPES:
             seen = []
-            for c in (1, 256, 4096):
-                cfg = pick_config(c, d, dtype, capability)
+            for c, group in CONFIG_PROBES:
+                cfg = pick_config(c, d, dtype, capability, group)
                 if cfg not in seen:
                     seen.append(cfg)
-                    out.append((d, dtype, cfg))
+                    out.append((d, dtype, group, cfg))
     return out
+
+
+def pick_splits(programs: int, key_blocks: int, n_sm: int) -> int:
+    """How many slices to split the prefix's key blocks into (split-KV, flash-decoding style): 1 unless the grid
+    fills less than 80% of the SMs; otherwise the fewest splits whose wave efficiency (programs per SM over the
+    whole waves they need) is within 85% of the best, with at least MIN_SPLIT_BLOCKS blocks per split."""
+    if programs >= 0.8 * n_sm:
+        return 1
+    most = min(MAX_SPLITS, key_blocks // MIN_SPLIT_BLOCKS)
+    if most < 2:
+        return 1
+    eff = {s: programs * s / n_sm / math.ceil(programs * s / n_sm) for s in range(1, most + 1)}
+    best = max(eff.values())
+    return min(s for s, e in eff.items() if e >= 0.85 * best)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_facts(index: int) -> tuple[tuple[int, int], int]:
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
 
 
 def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
@@ -199,7 +323,8 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"chunk_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4 or 0 in t.shape[:1] + t.shape[2:]:
+        shape = t.shape
+        if len(shape) != 4 or not (shape[0] and shape[2] and shape[3]):
             raise ValueError(f"chunk_attention: {name} must be a 4-D tensor [B, len, heads, D] with B, heads, D >= 1, "
                              f"got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
@@ -254,18 +379,29 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
 
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits")  # GQA packing (default off); prefix splits (default: heuristic)
 
 
-def _check_config(config: dict) -> dict:
-    if set(config) != set(CONFIG_KEYS):
-        raise ValueError(f"chunk_attention: config must give exactly {', '.join(CONFIG_KEYS)}, got {sorted(config)}")
+def _check_config(config: dict, group: int) -> dict:
+    if not isinstance(config, dict) or not set(CONFIG_KEYS) <= set(config) <= set(CONFIG_KEYS + OPTIONAL_CONFIG_KEYS):
+        got = sorted(config) if isinstance(config, dict) else repr(config)
+        raise ValueError(f"chunk_attention: config must give {', '.join(CONFIG_KEYS)} and optionally "
+                         f"{', '.join(OPTIONAL_CONFIG_KEYS)}, got {got}")
     for key in CONFIG_KEYS:
         v = config[key]
-        if not isinstance(v, int) or v < 1 or (key != "num_stages" and v & (v - 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (key != "num_stages" and v & (v - 1)):
             raise ValueError(f"chunk_attention: config {key} must be a positive int"
                              f"{'' if key == 'num_stages' else ' and a power of two'}, got {v!r}")
     if config["BLOCK_M"] < 16 or config["BLOCK_N"] < 16:
         raise ValueError(f"chunk_attention: BLOCK_M and BLOCK_N must be >= 16 (tl.dot), got {config}")
+    if not isinstance(config.get("pack_gqa", False), bool):
+        raise ValueError(f"chunk_attention: config pack_gqa must be True or False, got {config['pack_gqa']!r}")
+    if config.get("pack_gqa") and pack_heads(group) > config["BLOCK_M"]:
+        raise ValueError(f"chunk_attention: config pack_gqa puts {pack_heads(group)} query heads in a tile of "
+                         f"BLOCK_M = {config['BLOCK_M']} rows; BLOCK_M must be at least that")
+    splits = config.get("num_splits", 1)
+    if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= 256:
+        raise ValueError(f"chunk_attention: config num_splits must be an int in [1, 256], got {splits!r}")
     return dict(config)
 
 
@@ -276,11 +412,12 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     k_new, v_new [B, C, Hkv, D]: written to k_cache, v_cache [B, max_len, Hkv, D] at those positions.
     start_pos: int, or an int tensor [B] on q's device (one prefix length per row; no host sync).
     Returns out [B, C, Hq, D] (written into `out` when given); query i sees cache positions <= start_pos + i.
-    config: block sizes and launch shape (keys CONFIG_KEYS) instead of `pick_config`'s choice, for tuning sweeps.
+    config: block sizes and launch shape (keys CONFIG_KEYS, optionally OPTIONAL_CONFIG_KEYS) instead of
+    `pick_config`'s choice and `pick_splits`'s, for tuning sweeps.
     """
     B, C, Hq, Hkv, D = _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos)
     if config is not None:
-        config = _check_config(config)
+        config = _check_config(config, Hq // Hkv)
     if sm_scale is None:
         sm_scale = D ** -0.5
     sm_scale = positive_number("chunk_attention: sm_scale", sm_scale)
@@ -295,31 +432,61 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     return _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config)
 
 
+def launch_plan(q, k_new, k_cache, start_pos, config=None) -> dict:
+    """What `chunk_attention` launches for these inputs: the tile config (given or `pick_config`'s), the query heads
+    packed per program, the prefix splits (given or `pick_splits`'s) and the grid. Host work only."""
+    B, C, Hq, D = q.shape
+    Hkv = k_new.shape[2]
+    group = Hq // Hkv
+    cap, n_sm = _device_facts(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+        if q.is_cuda else ((9, 0), 0)
+    cfg = config or _pick_config(C, block_d(D), q.dtype, cap, group, interpreted())
+    pack = pack_heads(group) if cfg.get("pack_gqa") and group > 1 else 1
+    grid_m, grid_h = cdiv(C, cfg["BLOCK_M"] // pack), B * (Hkv if pack > 1 else Hq)
+    splits = cfg.get("num_splits")
+    if splits is None:  # a device start tensor is not read: the longest prefix the cache allows stands in for it
+        prefix = k_cache.shape[1] - C if isinstance(start_pos, torch.Tensor) else start_pos
+        splits = pick_splits(grid_m * grid_h, prefix // cfg["BLOCK_N"], n_sm) if q.is_cuda else 1
+    return dict(config=cfg, pack=pack, splits=splits, grid=(grid_m, grid_h, splits))
+
+
 def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=None):
     """The kernel launch alone, on checked inputs (`chunk_attention` checks them)."""
     B, C, Hq, D = q.shape
-    Hkv = k_new.shape[2]
     # an int start rides in the launch itself; a tensor [B] is read on the device (no host sync)
     per_row = isinstance(start_pos, torch.Tensor)
     starts = start_pos.to(torch.int32) if per_row else q  # q: a placeholder pointer the kernel never reads
-    cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else (9, 0)
-    cfg = config or pick_config(C, block_d(D), q.dtype, cap)
-    grid = (triton.cdiv(C, cfg["BLOCK_M"]), B * Hq)
+    plan = launch_plan(q, k_new, k_cache, start_pos, config)
+    cfg, pack, splits = plan["config"], plan["pack"], plan["splits"]
+    if splits > 1:  # float32 partial results and their log2-sum-exp, merged into `out` below
+        dst = torch.empty((splits, B, C, Hq, D), device=q.device, dtype=torch.float32)
+        lse = torch.empty((splits, B, C, Hq), device=q.device, dtype=torch.float32)
+    else:
+        dst, lse = out, q  # q: a placeholder pointer the kernel never reads
     with launching():
-        _chunk_attention_kernel[grid](
-            q, k_new, v_new, k_cache, v_cache, out, starts, 0 if per_row else int(start_pos), k_cache.shape[1],
+        _chunk_attention_kernel[plan["grid"]](
+            q, k_new, v_new, k_cache, v_cache, dst, lse, starts, 0 if per_row else int(start_pos), k_cache.shape[1],
             q.stride(0), q.stride(1), q.stride(2),
             k_new.stride(0), k_new.stride(1), k_new.stride(2),
             v_new.stride(0), v_new.stride(1), v_new.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            C, Hq, sm_scale * LOG2E,
-            GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            PER_ROW_START=per_row, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            dst.stride(-4), dst.stride(-3), dst.stride(-2),
+            B, C, Hq, sm_scale * LOG2E,
+            GROUP=Hq // k_new.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D),
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PER_ROW_START=per_row, PACK=pack,
+            SPLIT=splits > 1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
+        if splits > 1:
+            rows = B * C * Hq
+            _merge_splits_kernel[(cdiv(rows, MERGE_ROWS),)](
+                dst, lse, out, splits, rows, C, Hq, out.stride(0), out.stride(1), out.stride(2),
+                HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_R=MERGE_ROWS, num_warps=4)
     return out
+
+
+MERGE_ROWS = 16
 
 
 def chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_scale=None):

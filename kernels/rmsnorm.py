@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import as_rows, launching, non_negative_number, tensor
+from .shapes import as_rows, launching, next_pow2, non_negative_number, tensor
 
 
 @triton.jit
@@ -73,7 +73,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         r_out = x
     else:
         r_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual_out is None else residual_out
-    BLOCK = triton.next_power_of_2(H)
+    BLOCK = next_pow2(H)
     o2, ro2 = out.view(-1, H), r_out.view(-1, H)
     with launching():
         _add_rms_norm_kernel[(x2.shape[0],)](

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import integer, launching, tensor
+from .shapes import integer, launching, next_pow2, tensor
 
 
 @triton.jit
@@ -65,13 +65,13 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, 
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride(-1) != 1:
         raise ValueError(f"rope: out must match x ({x.dtype} {tuple(x.shape)}, last dim contiguous)")
-    BLOCK_H = triton.next_power_of_2(H)
+    BLOCK_H = next_pow2(H)
     with launching():
         _rope_kernel[(B * C,)](
             x, cos, sin, out,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
             C, H, start_pos,
-            HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_H=BLOCK_H, num_warps=4,
+            HALF=half, BLOCK_HALF=next_pow2(half), BLOCK_H=BLOCK_H, num_warps=4,
         )
     return out
 

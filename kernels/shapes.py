@@ -15,9 +15,27 @@ import torch
 _INTERPRETER_LOCK = threading.Lock()
 
 
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1, read now: tests change it)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def launching():
     """A context for one kernel launch: exclusive under TRITON_INTERPRET=1, free otherwise."""
-    return _INTERPRETER_LOCK if os.environ.get("TRITON_INTERPRET") == "1" else contextlib.nullcontext()
+    return _INTERPRETER_LOCK if interpreted() else _FREE
+
+
+_FREE = contextlib.nullcontext()
+
+
+# Plain-Python twins of triton.cdiv / triton.next_power_of_2 for the launch path: Triton's own cost about 4 us a
+# call (they are also usable inside kernels), and a launcher calls them several times per launch.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def integer(name: str, v) -> int:

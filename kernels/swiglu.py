@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import as_rows, launching, tensor
+from .shapes import as_rows, cdiv, launching, next_pow2, tensor
 
 
 @triton.jit
@@ -47,9 +47,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out=None) -> torch.Tensor:
         raise ValueError(f"swiglu: out must be a contiguous {gate.dtype} tensor of shape {tuple(gate.shape)}")
     o2 = out.view(-1, gate.shape[-1])
     N = gate.shape[-1]
-    BLOCK = min(4096, triton.next_power_of_2(N))
+    BLOCK = min(4096, next_pow2(N))
     with launching():
-        _swiglu_kernel[(g2.shape[0], triton.cdiv(N, BLOCK))](
+        _swiglu_kernel[(g2.shape[0], cdiv(N, BLOCK))](
             g2, u2, o2, g2.stride(0), u2.stride(0), o2.stride(0), N, BLOCK=BLOCK,
             num_warps=min(8, max(1, BLOCK // 512)),
         )

@@ -44,7 +44,13 @@ def test_kernels_compile_for_gpu_without_spills(arch, extra, shard):
 def test_the_compiled_selection_covers_every_kernel():
     # listed by kernels.aot itself: in this process TRITON_INTERPRET would pick the interpreter's tiles
     names = [r["kernel"] for r in compile_rows("--arch", "90", "--quick", "--list")]
-    assert {n.split()[0] for n in names} == {"chunk_attention", "add_rms_norm", "rope", "swiglu"}
+    assert {n.split()[0] for n in names} == {"chunk_attention", "chunk_attention_merge", "add_rms_norm", "rope",
+                                             "swiglu"}
+    # GQA-packed decode tiles and the split-KV variant of every 16-bit tile (any grid that leaves SMs idle splits)
+    assert any(" pack" in n for n in names)
+    plain = {n for n in names if n.startswith("chunk_attention ") and "float32" not in n and not n.endswith(
+        (" split", " per-row start"))}
+    assert {n + " split" for n in plain} <= set(names)
     assert any(n.startswith("chunk_attention d128 bfloat16") for n in names)
     assert any(n.endswith("per-row start") for n in names)  # the start-position tensor variant
     assert {f"d{d}" for d in (16, 32, 64, 128, 256)} <= {n.split()[1] for n in names if "bfloat16" in n}

@@ -48,6 +48,8 @@ def test_attention_benchmark_runs_and_checks_accuracy():
     for r in rows:
         assert r["max_abs_err"] < 1e-5  # NaN-poisoned output, float64 reference: NaN would fail this
         assert r["triton_ms"] > 0 and r["triton_tflops"] > 0
+        assert r["launch_host_us"] > 0 and r["launch_graph_us"] is None  # no CUDA graph off a GPU
+        assert r["launch"]["splits"] == 1 and r["launch"]["grid"][2] == 1 and "BLOCK_M" in r["launch"]
         assert r["triton_correct"] and r["flex_max_abs_err"] < 1e-5 and r["sdpa_dense_repeat_max_abs_err"] < 1e-5
         assert r["best_peer"] not in (None, "sdpa_dense_repeat") and r["speedup_vs_best_peer"] > 0
         for name in ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex"):  # each peer either ran or says why not
@@ -150,7 +152,23 @@ def test_attention_sweep_reports_each_config_or_why_it_failed():
     rows = sweep_attention(configs=[good, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4)], shape=(37, 19), Hq=4, Hkv=2,
                            D=16, dtype=torch.float32, device="cpu", timer=cpu_timer)
     assert rows[0]["max_abs_err"] < 2e-5 and rows[0]["tflops"] > 0 and (rows[0]["prefix"], rows[0]["chunk"]) == (37, 19)
-    assert "exactly" in rows[1]["error"] and "tflops" not in rows[1]
+    assert "must give BLOCK_M" in rows[1]["error"] and "tflops" not in rows[1]
+
+
+def test_compiler_report_compiles_in_parallel_shards_and_keeps_every_row():
+    rows = gpu_suite.compiler_report(arch=90, only="chunk_attention_merge", shards=2)
+    assert sorted(r["kernel"] for r in rows) == [f"chunk_attention_merge d{d} bfloat16" for d in (128, 256, 64, 80)]
+    assert all(r["registers"] and not r["spill_stores"] for r in rows)
+    assert "error" in gpu_suite.compiler_report(arch=90, only="no such kernel", shards=2)[0]
+
+
+def test_attention_sweep_tries_split_kv_and_packing_on_short_chunks_over_long_prefixes():
+    from bench.kernels import sweep_attention
+    seen = []
+    rows = sweep_attention(shape=(4096, 16), Hq=4, Hkv=1, D=16, dtype=torch.float32, device="cpu",
+                           timer=lambda fn: seen.append(fn) or 1.0)  # configs listed, nothing run but the reference
+    assert len(seen) == len(rows)
+    assert {r.get("num_splits", 1) for r in rows} == {1, 2, 4, 8} and any(r.get("pack_gqa") for r in rows)
 
 
 # ---- one GPU as S GPUs (SM partitions) ------------------------------------------------------------------------------

@@ -92,7 +92,12 @@ def test_chunk_attention_any_block_shape(block_m, block_n):
 
 
 @pytest.mark.parametrize("config,match", [
-    (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4), "exactly"),
+    (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4), "must give BLOCK_M"),
+    (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, split=2), "must give BLOCK_M"),
+    (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0), r"num_splits .* \[1, 256\], got 0"),
+    (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, num_splits=2.0), "num_splits"),
+    (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, pack_gqa=1), "pack_gqa must be True or False"),
+    (dict(BLOCK_M=64, BLOCK_N=64, num_warps=True, num_stages=2), "num_warps must be a positive int"),
     (dict(BLOCK_M=48, BLOCK_N=64, num_warps=4, num_stages=2), "power of two"),
     (dict(BLOCK_M=8, BLOCK_N=64, num_warps=4, num_stages=2), ">= 16"),
     (dict(BLOCK_M=64, BLOCK_N=64, num_warps=0, num_stages=2), "positive"),
@@ -100,6 +105,89 @@ def test_chunk_attention_any_block_shape(block_m, block_n):
 def test_chunk_attention_refuses_bad_config(config, match):
     with pytest.raises(ValueError, match=match):
         chunk_attention(**_attn_inputs(), config=config)
+
+
+# GQA packing (a group's query heads share a program's tile rows) and split-KV (prefix slices merged by their
+# log-sum-exp), forced by config on the interpreter; on a GPU `pick_config`/`pick_splits` choose them.
+PACK_SPLIT_CASES = [  # (B, C, Hq, Hkv, D, start_pos, pack, splits)
+    (1, 1, 8, 2, 64, 300, True, 1),      # decode, packed (4 heads x 16 queries per 64-row tile)
+    (2, 5, 6, 2, 32, 77, True, 1),       # group 3: rounded up to 4 heads per tile, the 4th masked
+    (1, 37, 16, 1, 16, 200, True, 1),    # group 16: 4 queries per head per 64-row tile, many query blocks
+    (3, 1, 4, 1, 128, 333, False, 5),    # split, decode
+    (1, 19, 4, 2, 80, 150, False, 3),    # split, padded head dim
+    (1, 1, 8, 1, 32, 1000, True, 7),     # both
+    (2, 9, 4, 2, 24, 130, True, 16),     # more splits than prefix blocks: empty splits merge to nothing
+    (1, 23, 4, 4, 16, 0, False, 4),      # no prefix at all: every split but the last is empty
+]
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,C,Hq,Hkv,D,start_pos,pack,splits", PACK_SPLIT_CASES)
+def test_chunk_attention_gqa_packing_and_split_kv(B, C, Hq, Hkv, D, start_pos, pack, splits, dtype, tol):
+    cfg = dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1, pack_gqa=pack, num_splits=splits)
+    run_attention_case(B, C, Hq, Hkv, D, start_pos, dtype, tol, config=cfg)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 2), C=st.integers(1, 40), group=st.sampled_from([1, 2, 3, 4, 8]), Hkv=st.integers(1, 2),
+       start_pos=st.integers(0, 200), pack=st.booleans(), splits=st.integers(1, 9), block_n=st.sampled_from([16, 32]),
+       seed=st.integers(0, 99))
+def test_chunk_attention_random_pack_and_splits(B, C, group, Hkv, start_pos, pack, splits, block_n, seed):
+    cfg = dict(BLOCK_M=32, BLOCK_N=block_n, num_warps=4, num_stages=1, pack_gqa=pack, num_splits=splits)
+    run_attention_case(B, C, group * Hkv, Hkv, 16, start_pos, torch.float32, 2e-5, seed=seed, config=cfg)
+
+
+def test_chunk_attention_split_with_per_row_starts():
+    """Splits are cut per row from that row's own prefix: a long and a short prefix in one launch."""
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, pack_gqa=True, num_splits=6)
+    run_attention_case(3, 7, 8, 2, 32, 0, torch.float32, 2e-5, per_row_starts=[0, 9, 250], config=cfg)
+
+
+@pytest.mark.parametrize("pack,splits", [(False, 1), (True, 1), (False, 4), (True, 4)])
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide")  # 0 / 0: the NaN rows
+def test_packed_and_split_kernels_mask_off_out_of_range_rows(pack, splits):
+    from kernels.chunk_attention import _launch
+    g = torch.Generator().manual_seed(8)
+    B, C, Hq, Hkv, D, max_len, guard = 3, 9, 4, 2, 16, 60, 64
+    q = torch.randn(B, C, Hq, D, generator=g)
+    k, v = (torch.randn(B, C, Hkv, D, generator=g) for _ in range(2))
+    bufs = [torch.full((B, guard + max_len + guard, Hkv, D), 7.0) for _ in range(2)]
+    kc, vc = (b[:, guard:guard + max_len] for b in bufs)
+    kc[:], vc[:] = 0.0, 0.0
+    starts = torch.tensor([40, -4, max_len - C + 1], dtype=torch.int32)
+    out = torch.full_like(q, 123.0)
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, pack_gqa=pack, num_splits=splits)
+    _launch(q, k, v, kc, vc, starts, D ** -0.5, out, cfg)
+    for b in bufs:
+        assert (b[:, :guard] == 7.0).all() and (b[:, guard + max_len:] == 7.0).all()
+    assert not kc[1:].any() and not vc[1:].any() and out[1:].isnan().all()
+    assert (out[:1].double() - attention_f64(q[:1], kc[:1], vc[:1], 40)).abs().max().item() <= 2e-5
+
+
+def test_pick_splits_fills_idle_sms_only_when_the_prefix_is_long():
+    from kernels.chunk_attention import MAX_SPLITS, MIN_SPLIT_BLOCKS, pick_splits
+    assert pick_splits(programs=128, key_blocks=256, n_sm=132) == 1  # the grid already fills the GPU
+    assert pick_splits(programs=1024, key_blocks=4096, n_sm=132) == 1
+    assert pick_splits(programs=8, key_blocks=3, n_sm=132) == 1  # too short a prefix to split
+    s = pick_splits(programs=8, key_blocks=1000, n_sm=132)  # decode, 8 KV heads packed: 8 programs
+    assert 10 <= s <= MAX_SPLITS and 8 * s <= 132
+    assert pick_splits(programs=32, key_blocks=1000, n_sm=132) == 4  # 128 programs: one nearly full wave
+    assert pick_splits(programs=8, key_blocks=5 * MIN_SPLIT_BLOCKS, n_sm=132) <= 5  # each split >= MIN blocks
+
+
+def test_pick_config_packs_gqa_for_short_chunks_only(monkeypatch):
+    from kernels.chunk_attention import pick_config
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU's choices, not the interpreter's
+    for cap in ((9, 0), (8, 0)):
+        decode = pick_config(1, 128, torch.bfloat16, cap, group=4)
+        assert decode["pack_gqa"] and decode["BLOCK_M"] == 32  # 4 heads x 8 queries (1 real)
+        assert pick_config(16, 128, torch.bfloat16, cap, group=8)["BLOCK_M"] == 64  # 8 heads x 8 queries, capped
+        assert not pick_config(1, 128, torch.bfloat16, cap, group=1)["pack_gqa"]  # MHA: nothing to pack
+        assert not pick_config(2048, 128, torch.bfloat16, cap, group=4)["pack_gqa"]
+    assert not pick_config(1, 128, torch.bfloat16, (9, 0), group=128)["pack_gqa"]  # 128 heads do not fit a tile
+    cfg = pick_config(1, 64, torch.bfloat16, (9, 0), group=4)
+    cfg["BLOCK_M"] = 999  # a copy: the launcher's cached choice is not changed by the caller
+    assert pick_config(1, 64, torch.bfloat16, (9, 0), group=4)["BLOCK_M"] == 32
 
 
 def test_chunk_attention_per_row_start_positions():
@@ -321,3 +409,12 @@ def test_chunk_attention_gpu_bad_start_row_is_masked_and_asserted(cuda):
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert "guard_ok True" in res.stdout, res.stdout + res.stderr[-2000:]
     assert res.returncode != 0 and "no error" not in res.stdout
+
+
+@given(a=st.integers(1, 1 << 40), b=st.integers(1, 1 << 20))
+def test_launch_path_arithmetic_matches_tritons(a, b):
+    """The launchers' plain-Python cdiv/next_pow2 (Triton's cost ~4 us a call on the launch path) agree with Triton."""
+    import triton
+
+    from kernels.shapes import cdiv, next_pow2
+    assert cdiv(a, b) == triton.cdiv(a, b) and next_pow2(a) == triton.next_power_of_2(a)
