@@ -13,6 +13,7 @@ from kernels import rope_tables
 from . import checks
 from .config import ModelConfig, get_preset
 from .ops import Ops, get_ops
+from .tp import check_tp, local_config, shard_state
 from .weights import load_hf_weights, random_weights
 
 
@@ -45,8 +46,10 @@ class Block(nn.Module):
         self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # fused gate, up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, h, residual, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops):
-        """h, residual [B, C, H] (residual None on a part's first block); returns the new (h, residual)."""
+    def forward(self, h, residual, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops, reduce=None):
+        """h, residual [B, C, H] (residual None on a part's first block); returns the new (h, residual).
+        With tensor parallelism this block is one rank's shard (its cfg has this rank's heads and MLP columns) and
+        `reduce` sums the row-parallel outputs of wo and w2 over the ranks."""
         cfg = self.cfg
         B, C, _ = h.shape
         x, residual = ops.add_rms_norm(h, residual, self.attention_norm, cfg.rms_norm_eps)
@@ -59,19 +62,29 @@ class Block(nn.Module):
         k = ops.rope(k, rope_cos, rope_sin, start_pos)
         attn = ops.attention(q, k, v, k_cache, v_cache, start_pos)  # [B, C, Hq, D], appends k, v to the cache
         h = self.wo(attn.reshape(B, C, q_dim))
+        if reduce is not None:
+            h = reduce(h)
         x, residual = ops.add_rms_norm(h, residual, self.ffn_norm, cfg.rms_norm_eps)
         gate_up = self.w13(x)  # [B, C, 2I]
         I = cfg.intermediate_size
         h = self.w2(ops.swiglu(gate_up[..., :I], gate_up[..., I:]))
+        if reduce is not None:
+            h = reduce(h)
         return h, residual
 
 
 class Transformer(nn.Module):
-    """Layers `layers` of a Llama-style model. forward(tokens) is the unchunked prefill of the whole model."""
+    """Layers `layers` of a Llama-style model. forward(tokens) is the unchunked prefill of the whole model.
+    With tp > 1, the blocks are rank `tp_rank`'s shards (`pipeline.tp`) and `self.reduce` must be set to the TP
+    group's all-reduce before running."""
 
-    def __init__(self, cfg: ModelConfig, layers: range | None = None, ops: str | Ops = "torch"):
+    def __init__(self, cfg: ModelConfig, layers: range | None = None, ops: str | Ops = "torch", tp_rank: int = 0,
+                 tp: int = 1):
         super().__init__()
         self.cfg = cfg
+        self.tp, self.tp_rank = tp, tp_rank
+        self.local_cfg = local_config(cfg, tp)  # this rank's heads and MLP columns
+        self.reduce = None
         self.layer_ids = range(cfg.num_layers) if layers is None else layers
         if not (0 <= self.layer_ids.start < self.layer_ids.stop <= cfg.num_layers) or self.layer_ids.step != 1:
             raise ValueError(f"layers must be a non-empty contiguous range within [0, {cfg.num_layers}), "
@@ -81,7 +94,7 @@ class Transformer(nn.Module):
         self.ops = get_ops(ops)
         # parts a stage does not own are None (torchtitan style); forward skips them
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
-        self.layers = nn.ModuleList(Block(cfg) for _ in self.layer_ids)
+        self.layers = nn.ModuleList(Block(self.local_cfg) for _ in self.layer_ids)
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size)) if self.is_last else None
         self.output = None
         if self.is_last:
@@ -125,7 +138,7 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"a cache of {max_len} positions exceeds max_seq_len {self.cfg.max_seq_len}")
-        return KVCache(len(self.layers), batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim, self.dtype,
+        return KVCache(len(self.layers), batch, max_len, self.local_cfg.num_kv_heads, self.cfg.head_dim, self.dtype,
                        self.device)
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
@@ -154,7 +167,7 @@ class Transformer(nn.Module):
         residual = None
         for i, block in enumerate(self.layers):
             h, residual = block(h, residual, start_pos, cache.k[i], cache.v[i], self.rope_cos, self.rope_sin,
-                                self.ops)
+                                self.ops, self.reduce)
         if not self.is_last:
             return h + residual  # the residual stream: the one tensor that crosses a stage boundary
         if last_only:
@@ -208,10 +221,12 @@ def resolve_config(source: str | Path | ModelConfig) -> ModelConfig:
 
 
 def load_model(source: str | Path | ModelConfig, dtype: torch.dtype | str = torch.float32, device="cpu",
-               layers: range | None = None, ops: str | Ops = "torch", seed: int = 0) -> Transformer:
+               layers: range | None = None, ops: str | Ops = "torch", seed: int = 0, tp_rank: int = 0,
+               tp: int = 1) -> Transformer:
     """Builds layers `layers` (default all) of a preset (seeded random weights) or a Hugging Face directory
     (safetensors, only the tensors those layers need, after checking the checkpoint against config.json).
-    dtype: float32, float16 or bfloat16 (name or torch dtype)."""
+    dtype: float32, float16 or bfloat16 (name or torch dtype). tp > 1: rank `tp_rank`'s shard of those layers
+    (`pipeline.tp`); the same weights as tp = 1, split."""
     cfg = resolve_config(source)
     dtype = checks.DTYPES[checks.dtype_name(dtype)]
     device = checks.device(device)
@@ -220,15 +235,19 @@ def load_model(source: str | Path | ModelConfig, dtype: torch.dtype | str = torc
         raise TypeError(f"layers must be a range of layer indices, got {layers!r}")
     layers = range(cfg.num_layers) if layers is None else layers
     get_ops(ops)
+    check_tp(cfg, tp)
+    checks.integer("tp_rank", tp_rank)
+    if not 0 <= tp_rank < tp:
+        raise ValueError(f"tp_rank must be in [0, {tp}), got {tp_rank}")
     with torch.device("meta"):
-        model = Transformer(cfg, layers, ops)
+        model = Transformer(cfg, layers, ops, tp_rank, tp)
     first, last = model.is_first, model.is_last
     if isinstance(source, ModelConfig) or not Path(source).is_dir():
         state = random_weights(cfg, layers, first, last, seed, device=device)
     else:
         state = load_hf_weights(source, cfg, layers, first, last)
     model = model.to_empty(device=device)
-    model.load_hf_state(state)
+    model.load_hf_state(shard_state(state, cfg, tp_rank, tp))
     model = model.to(dtype)
     # RoPE tables stay fp32 whatever the model dtype (and were left uninitialised by to_empty)
     model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta,

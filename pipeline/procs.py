@@ -75,9 +75,10 @@ def init_process_group(spec, rank: int | None = None, world: int | None = None, 
     if rank is not None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     world = int(os.environ["WORLD_SIZE"])
-    if world != spec.num_stages:
-        raise ValueError(f"world size {world} differs from the number of stages {spec.num_stages}: launch "
-                         f"torchrun --nproc-per-node {spec.num_stages}")
+    if world != spec.world_size:
+        what = f"the number of stages {spec.num_stages}" if spec.tp == 1 else (
+            f"stages x tp = {spec.num_stages} x {spec.tp}")
+        raise ValueError(f"world size {world} differs from {what}: launch torchrun --nproc-per-node {spec.world_size}")
     backend = "nccl" if spec.link == "nccl" else "gloo"
     dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=spec.timeout_s))
 
@@ -229,7 +230,7 @@ def run_spawned(spec, jobs, main, progress=None):
         raise SystemExit(f"prefill-overlap: the pipeline was started while a stage process was starting; {GUARD_HINT}")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    S = spec.num_stages
+    S = spec.world_size
     beats = ctx.Array("d", S, lock=False)  # each stage's last heartbeat (time.monotonic); 0 until it starts
     port = _free_port()
     procs = [ctx.Process(target=_child, args=(r, S, port, spec, jobs, q, beats, main), daemon=True,

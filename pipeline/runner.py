@@ -18,6 +18,7 @@ from .model import resolve_config
 from .schedule import Clock, StageRecord, stage_program, summarize, timeline
 from .spec import Job, PipelineSpec, PrefillResult
 from .stage import Stage, split_layers
+from .tp import DistReducer, LocalGroup, LocalReducer, kv_heads_of
 
 class Runner:
     """Owns the stages of this process (all of them in-process, one with gloo/NCCL) and runs jobs on them."""
@@ -29,9 +30,23 @@ class Runner:
         self.cfg = resolve_config(spec.source)
         self.ranges = split_layers(self.cfg.num_layers,
                                    spec.stages if isinstance(spec.stages, int) else list(spec.stages))
-        self.S = len(self.ranges)
-        mine = range(self.S) if rank is None else [rank]
-        self.stages = {i: self._stage(self.ranges[i], i, self.S) for i in mine}
+        self.S, self.T = len(self.ranges), spec.tp
+        S, T = self.S, self.T
+        # every (stage, TP rank) this process runs: all of them in-process, one per rank (rank = stage * T + t)
+        self.groups = {}
+        if rank is None:
+            mine = [(s, t) for s in range(S) for t in range(T)]
+            if T > 1:  # TP ranks as threads: an all-reduce is a barrier and a sum
+                self.groups = {s: LocalGroup(T, spec.timeout_s) for s in range(S)}
+            reducers = {(s, t): LocalReducer(self.groups[s], t) if T > 1 else None for s, t in mine}
+        else:
+            self.s, self.t = divmod(rank, T)
+            mine = [(self.s, self.t)]
+            # every rank creates every stage's TP group, in the same order (new_group is collective)
+            tp_groups = [dist.new_group(list(range(g * T, (g + 1) * T))) for g in range(S)] if T > 1 else []
+            reducers = {mine[0]: DistReducer(T, tp_groups[self.s]) if T > 1 else None}
+        self.shards = {(s, t): self._stage(self.ranges[s], s, S, t, reducers[(s, t)]) for s, t in mine}
+        self.stages = {s: st for (s, t), st in self.shards.items() if t == 0}  # TP rank 0 of each stage here
         self._full = None
         self.clock = Clock(self.device)
         model = LinkModel(spec.bandwidth_gbps, spec.latency_s)
@@ -39,17 +54,31 @@ class Runner:
         if rank is None and spec.sm_partitions:  # one GPU as S: each stage on its SMs, the links on the rest
             from .partitions import SMPartitions
             self.partitions = SMPartitions(self.device, self.S, self.S - 1)
-        if rank is None:
-            lanes = self.partitions.link_streams if self.partitions else [None] * (self.S - 1)
-            self.channels = [LocalChannel(self.device, model, self.clock, spec.timeout_s, stream=lane)
-                             for lane in lanes]
+        if rank is None:  # channels[boundary][t]: stage s, TP rank t sends to stage s + 1, TP rank t
+            lanes = self.partitions.link_streams if self.partitions else [None] * (S - 1)
+            self.channels = [[LocalChannel(self.device, model, self.clock, spec.timeout_s, stream=lane)
+                              for _ in range(T)] for lane in lanes]
         else:
-            self.recv = DistChannel(rank - 1, rank, self.device, model, self.clock) if rank > 0 else None
-            self.send = DistChannel(rank, rank + 1, self.device, model, self.clock) if rank < self.S - 1 else None
+            self.recv = DistChannel(rank - T, rank, self.device, model, self.clock) if self.s > 0 else None
+            self.send = DistChannel(rank, rank + T, self.device, model, self.clock) if self.s < S - 1 else None
 
-    def _stage(self, layers, index, n):
+    def _stage(self, layers, index, n, tp_rank=0, reduce=None):
+        tp = self.T if reduce is not None else 1
         return Stage(self.spec.source, layers, index, n, dtype=self.dtype, device=self.device, ops=self.spec.ops,
-                     seed=self.spec.seed)
+                     seed=self.spec.seed, tp_rank=tp_rank, tp=tp, reduce=reduce)
+
+    def reducer_stats(self, mode: str) -> list[dict] | None:
+        """The all-reduce accounting of the last run, per stage here (TP rank 0's in-process, this rank's in a
+        process of its own); None without TP."""
+        if self.T == 1 or mode == "unchunked":
+            return None
+        return [st.model.reduce.stats() for (s, t), st in sorted(self.shards.items())
+                if t == 0 or self.rank is not None]
+
+    def _reset_reducers(self):
+        for st in self.shards.values():
+            if st.model.reduce is not None:
+                st.model.reduce.reset()
 
     def full(self) -> Stage:
         """The whole model as a single stage: the unchunked baseline (built on first use)."""
@@ -73,16 +102,20 @@ class Runner:
 
     # in-process: every stage here; on CPU a thread per stage, on GPU a stream per stage (one host thread)
     def run_inprocess(self, mode: str, tokens, chunks, start_pos=0):
-        stages = [self.full()] if mode == "unchunked" else [self.stages[i] for i in range(self.S)]
-        S, B = len(stages), tokens.shape[0]
-        records = [StageRecord(i, chunks) for i in range(S)]
+        shards = {(0, 0): self.full()} if mode == "unchunked" else self.shards
+        S, B = (1 if mode == "unchunked" else self.S), tokens.shape[0]
+        records = {key: StageRecord(key[0], chunks) for key in shards}
         result = {}
-        for ch in self.channels:
-            ch.reset()
-        gens = [stage_program(st, mode, chunks, self.clock, records[i], tokens=tokens if i == 0 else None,
-                              recv=self.channels[i - 1] if i > 0 and S > 1 else None,
-                              send=self.channels[i] if i < S - 1 else None, batch=B, start_pos=start_pos,
-                              result=result if i == S - 1 else None) for i, st in enumerate(stages)]
+        for lanes in self.channels:
+            for ch in lanes:
+                ch.reset()
+        self._reset_reducers()
+        gens = {(s, t): stage_program(st, mode, chunks, self.clock, records[(s, t)],
+                                      tokens=tokens if s == 0 else None,
+                                      recv=self.channels[s - 1][t] if s > 0 and S > 1 else None,
+                                      send=self.channels[s][t] if s < S - 1 else None, batch=B, start_pos=start_pos,
+                                      result=(result if t == 0 else {}) if s == S - 1 else None)
+                for (s, t), st in shards.items()}
         if self.device.type == "cuda":  # the host only enqueues: interleave the stages chunk by chunk
             streams = (self.partitions.stage_streams[:S] if self.partitions  # unchunked: on partition 0
                        else [torch.cuda.Stream(self.device) for _ in range(S)])
@@ -90,8 +123,8 @@ class Runner:
             t0 = self.clock.mark()
             for i in range(S):
                 self._inject_fault(i)
-            for k in range(len(chunks) + 1):  # the last round drains pending sends
-                for i, g in enumerate(gens):
+            for k in range(len(chunks) + 1):  # the last round drains pending sends (tp is 1 here: validated)
+                for (i, _), g in gens.items():
                     with torch.cuda.stream(streams[i]):
                         next(g, None)
             with torch.cuda.stream(streams[-1]):
@@ -108,24 +141,30 @@ class Runner:
                         pass
                 except BaseException as e:  # noqa: BLE001 - re-raised below, after every stage has stopped
                     errors.append((i, e))
-                    for ch in self.channels:
-                        ch.abort(f"stage {i} failed")
-            threads = [threading.Thread(target=drive, args=(i, g), name=f"stage-{i}", daemon=True)
-                       for i, g in enumerate(gens)]
+                    for lanes in self.channels:
+                        for ch in lanes:
+                            ch.abort(f"stage {i} failed")
+                    for group in self.groups.values():
+                        group.abort()
+            threads = [threading.Thread(target=drive, args=(s, g), name=f"stage-{s}" + (f"-tp{t}" if self.T > 1
+                                                                                          else ""), daemon=True)
+                       for (s, t), g in gens.items()]
             t_start = time.perf_counter()
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             t_end = time.perf_counter()
-            if errors:
-                first = sorted(errors, key=lambda e: isinstance(e[1], LinkAborted))[0]
+            if errors:  # the failure itself, not a peer that saw its link or TP group abort
+                first = sorted(errors, key=lambda e: isinstance(e[1], (LinkAborted, threading.BrokenBarrierError)))[0]
                 raise first[1]
-        return [r.resolve(self.clock) for r in records], t_start, t_end, result["logits"]
+        mine = [records[key].resolve(self.clock) for key in sorted(records) if key[1] == 0]
+        return mine, t_start, t_end, result["logits"]
 
     # one process per stage: this rank's part of a run
     def run_rank(self, mode: str, tokens, chunks, start_pos=0):
         rank = self.rank
+        self._reset_reducers()
         if mode == "unchunked":  # no pipeline: rank 0 runs the whole model, the others wait
             dist.barrier()
             if rank != 0:
@@ -134,9 +173,9 @@ class Runner:
             self._inject_fault(0)
             st, recv, send = self.full(), None, None
         else:
-            st, recv, send = self.stages[rank], self.recv, self.send
+            st, recv, send = self.shards[(self.s, self.t)], self.recv, self.send
             dist.barrier()
-        record = StageRecord(rank if mode != "unchunked" else 0, chunks)
+        record = StageRecord(self.s if mode != "unchunked" else 0, chunks)
         result = {}
         self._sync()
         self.clock.anchor()  # every rank's GPU clock on the host time base, from an idle device
@@ -144,7 +183,7 @@ class Runner:
         for k in stage_program(st, mode, chunks, self.clock, record, tokens=tokens if (recv is None) else None,
                                recv=recv, send=send, batch=tokens.shape[0], start_pos=start_pos, result=result):
             if k == 0 and mode != "unchunked":
-                self._inject_fault(rank)
+                self._inject_fault(self.s)
         self._sync()
         t_end = time.perf_counter()
         if mode == "unchunked":
@@ -152,17 +191,56 @@ class Runner:
         return record.resolve(self.clock), t_start, t_end, result.get("logits")
 
     def caches(self, mode):
-        stages = [self.full()] if mode == "unchunked" else list(self.stages.values())
-        return [(s.cache.k.clone(), s.cache.v.clone()) for s in stages]
+        """Per stage here, (k, v) [layers, B, max_len, Hkv, D]: with TP, every KV head once, gathered from the
+        ranks here (`merge_tp_caches`)."""
+        if mode == "unchunked":
+            return [(self._full.cache.k.clone(), self._full.cache.v.clone())]
+        by_stage = {}
+        for (s, t), st in sorted(self.shards.items()):
+            by_stage.setdefault(s, []).append((t, st.cache.k.clone(), st.cache.v.clone()))
+        return [merge_tp_caches(parts, self.cfg, self.T) for parts in by_stage.values()]
 
     def close(self):
-        for ch in getattr(self, "channels", []) + [getattr(self, "recv", None), getattr(self, "send", None)]:
+        lanes = [ch for lane in getattr(self, "channels", []) for ch in lane]
+        for ch in lanes + [getattr(self, "recv", None), getattr(self, "send", None)]:
             if ch is not None:
                 ch.close()
 
 
+def merge_tp_caches(parts, cfg, T: int):
+    """[(t, k, v)] of one stage's TP ranks -> (k, v) with every KV head once, in head order (a KV head replicated
+    over several ranks is taken from the first). A single part of a TP stage is returned as it is."""
+    if T == 1 or len(parts) == 1:
+        return parts[0][1], parts[0][2]
+    ks, vs, seen = [], [], set()
+    for t, k, v in sorted(parts, key=lambda p: p[0]):
+        heads = kv_heads_of(cfg, t, T)
+        if heads.start not in seen:
+            seen.add(heads.start)
+            ks.append(k)
+            vs.append(v)
+    return torch.cat(ks, dim=3), torch.cat(vs, dim=3)
+
+
+def tp_metrics(prefill: list[dict] | None, decode: list[dict] | None, tp: int) -> dict:
+    """The reduce traffic of a run, per stage: all-reduce payload bytes (what each rank contributes), the ring's
+    bytes on the wire per rank (2(T-1)/T of that), calls and seconds spent in them, for the prefill and one decode
+    token, and prefill over decode (= L, the prompt length)."""
+    if prefill is None:
+        return {}
+    out = dict(tp=tp, allreduce_bytes_per_stage=[p["payload_bytes"] for p in prefill],
+               allreduce_wire_bytes_per_stage=[p["wire_bytes"] for p in prefill],
+               allreduce_calls_per_stage=[p["calls"] for p in prefill],
+               allreduce_s_per_stage=[p["seconds"] for p in prefill])
+    if decode is not None:
+        out["decode_allreduce_bytes_per_stage"] = [d["payload_bytes"] for d in decode]
+        out["allreduce_prefill_over_decode"] = [p["payload_bytes"] / d["payload_bytes"] if d["payload_bytes"] else None
+                                                for p, d in zip(prefill, decode)]
+    return out
+
+
 def _reset(runner: Runner, mode: str, B: int, max_len: int):
-    stages = [runner.full()] if mode == "unchunked" else list(runner.stages.values())
+    stages = [runner.full()] if mode == "unchunked" else list(runner.shards.values())
     for st in stages:
         st.reset_cache(B, max_len)
 
@@ -174,6 +252,7 @@ def run_once_inprocess(runner: Runner, job: Job) -> PrefillResult:
     _reset(runner, job.mode, B, L + 1)
     records, t0, t1, logits = runner.run_inprocess(job.mode, tokens, job.chunks)
     metrics = summarize(records, t0, t1)
+    reduce_prefill = runner.reducer_stats(job.mode)
     if runner.partitions is not None:
         metrics["sm_partitions"] = runner.partitions.describe()
     res = PrefillResult(job.mode, job.chunks, logits.float().cpu(), metrics, timeline(records, t0),
@@ -185,6 +264,7 @@ def run_once_inprocess(runner: Runner, job: Job) -> PrefillResult:
         res.decode_logits = dlog.float().cpu()
         res.metrics["decode_bytes_per_boundary"] = [r.bytes_sent for r in drec[:-1]]
         res.metrics["decode_s"] = d1 - d0
+    res.metrics |= tp_metrics(reduce_prefill, runner.reducer_stats(job.mode) if job.decode else None, runner.T)
     if job.return_cache:
         res.caches = [(k[:, :, :L].cpu(), v[:, :, :L].cpu()) for k, v in runner.caches(job.mode)]
     return res
@@ -192,34 +272,36 @@ def run_once_inprocess(runner: Runner, job: Job) -> PrefillResult:
 
 def _run_once_rank(runner: Runner, job: Job) -> PrefillResult | None:
     """This rank's share of one run of `job`; rank 0 gathers everyone's and returns the combined result."""
-    rank, S = runner.rank, runner.S
+    rank, S, T = runner.rank, runner.S, runner.T
+    s, t = runner.s, runner.t
     B, L = job.tokens.shape
     tokens = job.tokens.to(runner.device)
     _reset(runner, job.mode, B, L + 1)
     part = runner.run_rank(job.mode, tokens, job.chunks)
-    mine = dict(part=part)
+    mine = dict(part=part, tp_rank=t, reduce=runner.reducer_stats(job.mode))
     if job.decode:
-        last = 0 if job.mode == "unchunked" else S - 1
         nxt = torch.zeros(B, 1, dtype=torch.long, device=runner.device)
         if job.mode == "unchunked":
             if rank == 0:
                 nxt = part[3].argmax(-1)[:, None]
-        elif S > 1:  # the last stage sends the greedy token back to the first
-            if rank == last:
-                dist.send(part[3].argmax(-1)[:, None].contiguous(), 0, tag=1 << 20)
-            elif rank == 0:
-                dist.recv(nxt, last, tag=1 << 20)
+        elif S > 1:  # the last stage's TP rank t sends the greedy token back to the first stage's TP rank t
+            if s == S - 1:
+                dist.send(part[3].argmax(-1)[:, None].contiguous(), t, tag=1 << 20)
+            elif s == 0:
+                dist.recv(nxt, (S - 1) * T + t, tag=1 << 20)
         else:
             nxt = part[3].argmax(-1)[:, None]
         dpart = runner.run_rank("chunked" if job.mode != "unchunked" else "unchunked", nxt, [1], start_pos=L)
         mine["decode"] = dpart
+        mine["decode_reduce"] = runner.reducer_stats(job.mode)
     if job.return_cache and (job.mode != "unchunked" or rank == 0):
-        mine["cache"] = [(k[:, :, :L].cpu(), v[:, :, :L].cpu()) for k, v in runner.caches(job.mode)]
+        mine["cache"] = [(t, k[:, :, :L].cpu(), v[:, :, :L].cpu()) for k, v in runner.caches(job.mode)]
     mine = _to_cpu(mine)
-    all_parts = [None] * S if rank == 0 else None
+    all_parts = [None] * (S * T) if rank == 0 else None
     dist.gather_object(mine, all_parts, dst=0)
     if rank != 0:
         return None
+    everyone, all_parts = all_parts, [p for p in all_parts if p["tp_rank"] == 0]  # the pipeline: TP rank 0s
     parts = [p["part"] for p in all_parts if p["part"] is not None]
     records, starts, ends, logits = zip(*parts)
     metrics = summarize(list(records), min(starts), ends[-1])
@@ -230,8 +312,15 @@ def _run_once_rank(runner: Runner, job: Job) -> PrefillResult | None:
         res.decode_logits = dparts[-1][3].float()
         res.metrics["decode_bytes_per_boundary"] = [d[0].bytes_sent for d in dparts[:-1]]
         res.metrics["decode_s"] = dparts[-1][2] - min(d[1] for d in dparts)
+    if all_parts[0]["reduce"] is not None:
+        res.metrics |= tp_metrics([p["reduce"][0] for p in all_parts],
+                                  [p["decode_reduce"][0] for p in all_parts] if job.decode else None, T)
     if job.return_cache:
-        res.caches = [c for p in all_parts if "cache" in p for c in p["cache"]]
+        if job.mode == "unchunked":
+            res.caches = [(k, v) for _, k, v in everyone[0]["cache"]]
+        else:
+            res.caches = [merge_tp_caches([c for p in everyone[g * T:(g + 1) * T] for c in p["cache"]], runner.cfg, T)
+                          for g in range(S)]
     return res
 
 
@@ -272,7 +361,7 @@ def _to_cpu(obj):
 
 
 def _threads(spec: PipelineSpec) -> int:
-    return spec.threads or max(1, (os.cpu_count() or 1) // spec.num_stages)
+    return spec.threads or max(1, (os.cpu_count() or 1) // spec.world_size)
 
 
 def rank_main(spec: PipelineSpec, jobs: list[Job], progress=None) -> list[list[PrefillResult]] | None:

@@ -33,11 +33,17 @@ class PipelineSpec:
     threads: int | None = None  # torch threads per stage process (default: cores // stages)
     timeout_s: float = 60.0  # a stage blocked this long on a peer fails instead of hanging
     sm_partitions: bool = False  # in-process on one GPU: each stage on its own SMs (see partitions.py)
+    tp: int = 1  # tensor-parallel ranks per stage (pipeline.tp): S x tp processes, rank = stage * tp + TP rank
     fault: tuple[str, int] | None = None  # tests only: ("raise" | "exit" | "stop" | "hang", stage) injects one
 
     @property
     def num_stages(self) -> int:
         return self.stages if isinstance(self.stages, int) else len(self.stages)
+
+    @property
+    def world_size(self) -> int:
+        """Processes (gloo/NCCL) or threads (in-process) of the pipeline: S x tp."""
+        return self.num_stages * self.tp
 
     def validate(self) -> None:
         """Every field checked, and a Hugging Face checkpoint read (config and safetensors headers, no tensor
@@ -72,6 +78,11 @@ class PipelineSpec:
             if self.dtype == "bfloat16":
                 raise ValueError("ops='triton' with bfloat16 on CPU: Triton's interpreter computes bf16 wrongly; "
                                  "use float32 or float16 (or ops='torch')")
+        from .tp import check_tp
+        check_tp(cfg, self.tp)
+        if self.tp > 1 and self.link == "inprocess" and device.type != "cpu":
+            raise ValueError(f"tp={self.tp} in-process runs the TP ranks as threads on CPU; on GPUs launch one "
+                             f"process per rank: torchrun --nproc-per-node {self.world_size} ... --link nccl")
         checks.flag("sm_partitions", self.sm_partitions)
         if self.sm_partitions:
             if self.link != "inprocess" or device.type != "cuda":
