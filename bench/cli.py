@@ -34,6 +34,8 @@ def run_parser():
     ap.add_argument("--model", default="small", help="preset name or Hugging Face directory (default: small)")
     ap.add_argument("--stages", type=integer(1), default=None,
                     help="pipeline stages S (default: 2; under torchrun the number of processes)")
+    ap.add_argument("--tp", type=integer(1), default=1,
+                    help="tensor-parallel ranks per stage T (default 1): S x T processes, two all-reduces per layer")
     ap.add_argument("--prompt-len", type=int_list(1), default=[2048],
                     help="prompt length(s); several, comma-separated, make a sweep (default: 2048)")
     ap.add_argument("--chunk-size", type=integer(1), default=None, help="uniform chunk size (default: 128)")
@@ -81,9 +83,13 @@ def main_run(argv) -> int:
     lead = rank in (None, 0)  # prints and writes (rank 0 of torchrun, or the one process here)
     world = int(os.environ.get("WORLD_SIZE", "1")) if rank is not None else None
     gpu = torch.cuda.is_available()
-    stages = args.stages or world or 2
-    if world is not None and stages != world:
-        raise ValueError(f"--stages {stages} differs from torchrun's {world} processes: one process runs one stage")
+    tp = args.tp
+    if world is not None and world % tp:
+        raise ValueError(f"--tp {tp} does not divide torchrun's {world} processes (S x T processes, one per rank)")
+    stages = args.stages or (world // tp if world is not None else 2)
+    if world is not None and stages * tp != world:
+        raise ValueError(f"--stages {stages} x --tp {tp} differs from torchrun's {world} processes: one process runs "
+                         f"one (stage, TP rank)")
     if args.sm_partitions and not gpu:
         raise ValueError("--sm-partitions splits a CUDA GPU's SMs between the stages (green contexts); there is no "
                          "CUDA GPU here")
@@ -94,10 +100,12 @@ def main_run(argv) -> int:
     if world is not None and world > 1 and link == "inprocess":
         raise ValueError("--link inprocess runs every stage in one process: launch it without torchrun")
     device = "cuda" if gpu and link != "gloo" else "cpu"
-    if link == "gloo" and world is None and stages > (os.cpu_count() or 1):
-        raise ValueError(f"{stages} stage processes need {stages} cores, this machine has {os.cpu_count()}")
-    if link == "nccl" and world is None and torch.cuda.device_count() < stages:
-        raise ValueError(f"nccl with {stages} stages needs {stages} GPUs, found {torch.cuda.device_count()}")
+    if link == "gloo" and world is None and stages * tp > (os.cpu_count() or 1):
+        raise ValueError(f"{stages * tp} stage processes ({stages} stages x tp {tp}) need {stages * tp} cores, this "
+                         f"machine has {os.cpu_count()}")
+    if link == "nccl" and world is None and torch.cuda.device_count() < stages * tp:
+        raise ValueError(f"nccl with {stages} stages x tp {tp} needs {stages * tp} GPUs, found "
+                         f"{torch.cuda.device_count()}")
     if args.chunks and len(args.prompt_len) > 1:
         raise ValueError("--chunks fits one prompt length; use --chunk-size for a sweep")
     if args.chunks and args.chunk_size:
@@ -113,16 +121,16 @@ def main_run(argv) -> int:
             raise ValueError(f"prompt length {L} (+1 decode token) exceeds the model's max_seq_len {cfg.max_seq_len}")
     spec = PipelineSpec(source=str(args.model), stages=stages, link=link, ops=args.ops, dtype=args.dtype,
                         device=device, bandwidth_gbps=args.bandwidth_gbps, latency_s=args.latency_us * 1e-6,
-                        threads=args.threads, sm_partitions=args.sm_partitions)
+                        threads=args.threads, sm_partitions=args.sm_partitions, tp=tp)
     spec.validate()  # the checkpoint too (config, safetensors headers), before any process starts
     plans = {L: chunk_plan(L, None if args.chunks else (args.chunk_size or 128), args.chunks)
              for L in args.prompt_len}
-    config = dict(model=str(args.model), stages=stages, link=link, device=device, ops=args.ops, dtype=args.dtype,
+    config = dict(model=str(args.model), stages=stages, tp=tp, link=link, device=device, ops=args.ops, dtype=args.dtype,
                   batch=args.batch, prompt_lens=args.prompt_len, chunk_size=args.chunk_size or 128,
                   chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
                   bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us, repeats=args.repeats,
                   warmup=args.warmup, modes=args.modes, torchrun=world is not None, sm_partitions=args.sm_partitions,
-                  threads_per_stage=args.threads or max(1, (os.cpu_count() or 1) // stages))
+                  threads_per_stage=args.threads or max(1, (os.cpu_count() or 1) // (stages * tp)))
     progress = Progress(enabled=lead)
     out = args.out
     with output_dir(out) if lead else contextlib.nullcontext(out):

@@ -19,6 +19,7 @@ import torch
 
 from pipeline import MODES, Job, PipelineSpec, resolve_config
 from pipeline.schedule import chunk_starts, mode_chunks
+from pipeline.stage import split_layers
 
 from .pauses import measure
 
@@ -182,6 +183,19 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
             expected_decode_bytes=bpt,
             chunks=best.chunks,
         )
+        if "allreduce_bytes_per_stage" in best.metrics:  # tensor parallelism: the reduce traffic, per stage
+            bm = best.metrics
+            layers = [len(r) for r in split_layers(cfg.num_layers, spec.stages if isinstance(spec.stages, int)
+                                                   else list(spec.stages))]
+            m.update(tp=spec.tp, allreduce_bytes_per_stage=bm["allreduce_bytes_per_stage"],
+                     allreduce_wire_bytes_per_stage=bm["allreduce_wire_bytes_per_stage"],
+                     allreduce_calls_per_stage=bm["allreduce_calls_per_stage"],
+                     allreduce_ms_per_stage=[statistics.median(r.metrics["allreduce_s_per_stage"][s] for r in runs)
+                                             * 1e3 for s in range(len(layers))],
+                     decode_allreduce_bytes_per_stage=bm.get("decode_allreduce_bytes_per_stage", []),
+                     allreduce_prefill_over_decode=bm.get("allreduce_prefill_over_decode", []),
+                     # two all-reduces of [B, L, H] per layer (after attention, after the MLP)
+                     expected_allreduce_bytes_per_stage=[2 * n * prompt_len * bpt for n in layers])
         ref = base[0]
         m["max_abs_dlogits"] = max((r.logits - ref.logits).abs().max().item() for r in runs)
         m["max_abs_ddecode_logits"] = max((r.decode_logits - ref.decode_logits).abs().max().item() for r in runs)
@@ -194,7 +208,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         if "naive" in figures:
             m["speedup_vs_naive"] = figures["naive"]["ttft_ms"] / m["ttft_ms"]
         m["bytes_exact"] = (all(b == m["expected_prefill_bytes"] for b in m["prefill_bytes_per_boundary"])
-                            and all(b == m["expected_decode_bytes"] for b in m["decode_bytes_per_boundary"]))
+                            and all(b == m["expected_decode_bytes"] for b in m["decode_bytes_per_boundary"])
+                            and m.get("allreduce_bytes_per_stage") == m.get("expected_allreduce_bytes_per_stage"))
         # NaN logits (a broken kernel) must fail the check: NaN <= tol is False, and so is this
         m["outputs_match"] = bool(m["max_abs_dlogits"] <= LOGITS_TOL[spec.dtype]
                                   and m["max_abs_ddecode_logits"] <= LOGITS_TOL[spec.dtype])
@@ -263,7 +278,13 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pause
          "equal_stage_formula_ms": "ms, median of sum_k max_s t + (S-1) max_k max_s t: the makespan if every stage "
                                    "took the slowest stage's time on each chunk (an estimate, not a bound)",
          "bubble_fraction": "fraction of S·TTFT", "speedup_vs_unchunked": "ratio", "speedup_vs_naive": "ratio",
-         "prefill_bytes_per_boundary": "bytes", "decode_bytes_per_boundary": "bytes per token",
+         "prefill_bytes_per_boundary": "bytes (per TP lane: with tp T, each of the T rank pairs sends this)",
+         "decode_bytes_per_boundary": "bytes per token",
+         "allreduce_bytes_per_stage": "bytes, all-reduce payload of the prefill per TP rank (2 per layer, [B, L, H])",
+         "allreduce_wire_bytes_per_stage": "bytes a ring all-reduce moves per rank: 2(T-1)/T of the payload",
+         "allreduce_ms_per_stage": "ms, median over runs of TP rank 0's time in all-reduces (serial: all exposed)",
+         "decode_allreduce_bytes_per_stage": "bytes, all-reduce payload of one decode token per TP rank",
+         "allreduce_prefill_over_decode": "ratio, prefill all-reduce bytes / one decode token's (= L)",
          "max_abs_dlogits": "absolute logit difference vs unchunked", "compute_ms_per_stage": "ms",
          "send_time_ms_per_stage": "ms", "per_chunk_stage_max_ms": "ms", "sim_ttft_ms": "ms (simulated)",
          "sim_over_measured": "ratio, simulated / median measured TTFT", "sim_exposed_comm_ms": "ms (simulated)",
@@ -295,6 +316,16 @@ def table(point: dict) -> str:
                      f"{m.get('max_abs_dlogits', 0.0):.1e}")
                     + ((f"{m['sim_ttft_ms']:.1f}", f"{m['sim_over_measured']:.2f}",
                         f"{m['replay_over_measured']:.2f}") if sim else ()))
+    tp = [(mode, m) for mode, m in point["modes"].items() if "allreduce_bytes_per_stage" in m]
+    if tp:  # the reduce traffic next to the boundary's: stage 0's figures
+        rows[0] += ("AR B/stage", "AR wire B", "AR ms", "AR ratio")
+        for row_i, (mode, m) in enumerate(point["modes"].items(), start=1):
+            if "allreduce_bytes_per_stage" in m:
+                ratio = (m["allreduce_prefill_over_decode"] or [None])[0]
+                rows[row_i] += (f"{m['allreduce_bytes_per_stage'][0]:,}", f"{m['allreduce_wire_bytes_per_stage'][0]:,}",
+                                f"{m['allreduce_ms_per_stage'][0]:.1f}", f"{ratio:.0f}" if ratio else "-")
+            else:
+                rows[row_i] += ("-",) * 4
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
     text += ("\n(bound: each run replayed on its own compute times with a free link, the least time its schedule "

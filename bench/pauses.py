@@ -131,9 +131,9 @@ def cut_pauses(res: PrefillResult, clock: ActiveClock) -> None:
     records = [StageRecord(r.stage, r.chunks, conv(r.compute), conv(r.recv_wait), conv(r.send_wait), conv(r.send),
                            r.bytes_sent) for r in res.records]
     t0, t1 = clock(res.t_start), clock(res.t_end)
-    extra = {k: v for k, v in res.metrics.items() if k.startswith("decode")}
-    res.metrics = dict(summarize(records, t0, t1), wall_ttft_s=res.t_end - res.t_start,
-                       paused_s=clock.paused_between(res.t_start, res.t_end), **extra)
+    # the schedule's figures re-derived; the others (decode, all-reduce accounting, partitions) kept as they were
+    res.metrics = dict(res.metrics, **summarize(records, t0, t1), wall_ttft_s=res.t_end - res.t_start,
+                       paused_s=clock.paused_between(res.t_start, res.t_end))
     res.timeline = timeline(records, t0)
     res.records, res.t_start, res.t_end = records, t0, t1
 

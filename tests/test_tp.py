@@ -1,0 +1,147 @@
+"""Tensor parallelism inside stages (pipeline.tp): shards that sum to the whole model, TP x PP in every mode and
+link, and the all-reduce accounting (the reduce traffic of prefill is L times one decode token's)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from pipeline import run_prefill
+from pipeline.config import get_preset
+from pipeline.model import load_model
+from pipeline.tp import LocalGroup, LocalReducer, check_tp, kv_heads_of
+from tests.conftest import make_hf_checkpoint
+
+TINY = get_preset("tiny")  # 4 layers, H 64, 4 query / 2 KV heads, I 160
+
+
+def run_shards(source, tp, tokens, chunk_size=None, **kw):
+    """Every TP rank's shard of the whole model as a thread, all-reducing through a LocalGroup; their logits."""
+    group, outs, errors = LocalGroup(tp, timeout_s=30), [None] * tp, []
+
+    def rank(t):
+        try:
+            m = load_model(source, tp_rank=t, tp=tp, **kw)
+            m.reduce = LocalReducer(group, t)
+            outs[t] = m.prefill(tokens, chunk_size)[0]
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            group.abort()
+    threads = [threading.Thread(target=rank, args=(t,)) for t in range(tp)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    return outs
+
+
+@pytest.mark.parametrize("tp,kv,biases", [(2, 2, False), (4, 2, True), (4, 1, False), (2, 1, True), (4, 4, True)],
+                         ids=["kv-split", "kv-split-4", "kv-replicated-4", "kv-replicated-2", "mha"])
+def test_shards_sum_to_the_whole_model(tp, kv, biases):
+    cfg = TINY.replace(num_kv_heads=kv, qkv_bias=biases, o_bias=biases)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+    whole = load_model(cfg, seed=3).prefill(tokens, 10)[0]
+    outs = run_shards(cfg, tp, tokens, 10, seed=3)
+    assert all(torch.equal(outs[0], o) for o in outs)  # the same sum on every rank: replicated outputs agree
+    assert (outs[0] - whole).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type,gqa", [("llama", True), ("qwen2", True), ("llama", False)])
+def test_shards_of_a_hugging_face_checkpoint_match_transformers(tmp_path, model_type, gqa):
+    extra = dict(attention_bias=True) if model_type == "llama" and not gqa else {}
+    hf = make_hf_checkpoint(tmp_path, model_type, gqa=gqa, **extra)
+    tokens = torch.randint(0, 128, (2, 29), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    for out in run_shards(tmp_path, 2, tokens, 8):
+        assert (out - expected).abs().max().item() <= 1e-4
+
+
+def test_kv_heads_split_or_replicate():
+    assert [kv_heads_of(TINY, t, 2) for t in range(2)] == [range(0, 1), range(1, 2)]
+    assert [kv_heads_of(TINY, t, 4) for t in range(4)] == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
+
+
+@pytest.mark.parametrize("tp,match", [(3, "does not divide the 4 query heads"), (0, "positive integer"),
+                                      (True, "positive integer")])
+def test_impossible_splits_are_refused(tp, match):
+    with pytest.raises(ValueError, match=match):
+        check_tp(TINY, tp)
+    if tp == 3:
+        with pytest.raises(ValueError, match="does not divide"):
+            run_prefill(TINY, torch.zeros(1, 8, dtype=torch.long), stages=1, tp=3)
+
+
+def test_kv_heads_that_neither_split_nor_replicate_evenly_are_refused():
+    cfg = TINY.replace(num_heads=12, num_kv_heads=4, intermediate_size=192)  # 4 KV heads over 3 ranks
+    with pytest.raises(ValueError, match="KV heads must split evenly"):
+        check_tp(cfg, 3)
+    cfg = TINY.replace(num_heads=6, num_kv_heads=3, head_dim=16, intermediate_size=192)  # 3 KV heads over 2 ranks
+    with pytest.raises(ValueError, match="tp=2 does not divide the 6|KV heads must split"):
+        check_tp(cfg, 2)
+
+
+def _expected_allreduce(layers, B, L, H=64, elem=4):
+    return 2 * layers * B * L * H * elem  # two all-reduces of [B, L, H] per layer
+
+
+@pytest.mark.parametrize("stages,tp", [(2, 2), (1, 4), (4, 1)])
+@pytest.mark.parametrize("mode", ["naive", "chunked", "overlapped"])
+def test_tp_x_pp_in_process_equals_unchunked_and_counts_the_reduce_traffic(stages, tp, mode):
+    cfg = TINY.replace(num_kv_heads=1, qkv_bias=True, o_bias=True)
+    B, L = 2, 41
+    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(2))
+    ref = run_prefill(cfg, tokens, mode="unchunked", return_cache=True)
+    res = run_prefill(cfg, tokens, mode=mode, stages=stages, tp=tp, chunk_size=10, return_cache=True)
+    assert (res.logits - ref.logits).abs().max().item() <= 1e-5
+    assert (res.decode_logits - ref.decode_logits).abs().max().item() <= 1e-5
+    k = torch.cat([c[0] for c in res.caches], 0)  # every KV head once, stages' layers in order
+    assert k.shape == ref.caches[0][0].shape and (k - ref.caches[0][0]).abs().max().item() <= 1e-5
+    m = res.metrics
+    layers = 4 // stages
+    if tp == 1:
+        assert "allreduce_bytes_per_stage" not in m
+        return
+    assert m["tp"] == tp
+    assert m["allreduce_bytes_per_stage"] == [_expected_allreduce(layers, B, L)] * stages
+    assert m["decode_allreduce_bytes_per_stage"] == [_expected_allreduce(layers, B, 1)] * stages
+    assert m["allreduce_prefill_over_decode"] == [L] * stages  # prefill's reduce traffic is L times decode's
+    assert m["allreduce_wire_bytes_per_stage"] == [2 * (tp - 1) * b // tp for b in m["allreduce_bytes_per_stage"]]
+    chunks = 1 if mode == "naive" else 5
+    assert m["allreduce_calls_per_stage"] == [2 * layers * chunks] * stages
+    assert all(s >= 0 for s in m["allreduce_s_per_stage"])
+
+
+@pytest.mark.parametrize("stages,tp,mode", [(1, 2, "chunked"), (2, 2, "overlapped")])
+def test_tp_x_pp_over_gloo_processes_equals_unchunked(stages, tp, mode):
+    """S x T gloo processes (four on two cores for 2 x 2: correctness only), boundaries between matching TP ranks."""
+    cfg = TINY.replace(num_kv_heads=1)
+    B, L = 1, 33
+    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(4))
+    ref = run_prefill(cfg, tokens, mode="unchunked", return_cache=True)
+    res = run_prefill(cfg, tokens, mode=mode, stages=stages, tp=tp, chunk_size=8, link="gloo", return_cache=True,
+                      threads=1)
+    assert (res.logits - ref.logits).abs().max().item() <= 1e-5
+    assert (res.decode_logits - ref.decode_logits).abs().max().item() <= 1e-5
+    k = torch.cat([c[0] for c in res.caches], 0)
+    assert (k - ref.caches[0][0]).abs().max().item() <= 1e-5
+    assert res.metrics["allreduce_bytes_per_stage"] == [_expected_allreduce(4 // stages, B, L)] * stages
+    assert res.metrics["allreduce_prefill_over_decode"] == [L] * stages
+    assert res.metrics["bytes_per_boundary"] == [B * L * 64 * 4] * (stages - 1)
+
+
+def test_a_failing_tp_rank_is_reported_not_a_broken_barrier():
+    with pytest.raises(RuntimeError, match="injected failure in stage 1"):
+        run_prefill(TINY, torch.zeros(1, 16, dtype=torch.long), stages=2, tp=2, chunk_size=4, fault=("raise", 1),
+                    timeout_s=10)
+
+
+def test_tp_on_a_gpu_in_process_is_refused_with_what_to_run_instead():
+    from pipeline import PipelineSpec
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA to get past the device check")
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node 4"):
+        PipelineSpec(source="tiny", stages=2, tp=2, device="cuda").validate()
