@@ -104,27 +104,39 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     # ---- weights -------------------------------------------------------------------------------------------
-    def load_hf_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Copies Hugging Face-named tensors (as from `pipeline.weights`) into this part, fusing qkv and gate/up."""
+    def load_hf_state(self, state) -> None:
+        """Copies Hugging Face-named tensors (a mapping, as from `pipeline.weights`: each read or drawn when asked
+        for) into this part, one at a time, into the fused qkv and gate/up weights' slices: nothing is held twice."""
+        def put(dst: torch.Tensor, name: str) -> None:
+            dst.copy_(state[name])  # cast to the parameter's dtype on the way in; the source is dropped here
+
+        def put_rows(dst: torch.Tensor, names: list[str]) -> None:
+            row = 0
+            for name in names:
+                t = state[name]
+                dst[row:row + t.shape[0]].copy_(t)
+                row += t.shape[0]
+                del t
+            if row != dst.shape[0]:
+                raise ValueError(f"{names} give {row} rows, the fused weight has {dst.shape[0]}")
         with torch.no_grad():
             if self.is_first:
-                self.tok_embeddings.weight.copy_(state["model.embed_tokens.weight"])
+                put(self.tok_embeddings.weight, "model.embed_tokens.weight")
             for block, i in zip(self.layers, self.layer_ids):
                 p = f"model.layers.{i}."
-                block.attention_norm.copy_(state[p + "input_layernorm.weight"])
-                block.ffn_norm.copy_(state[p + "post_attention_layernorm.weight"])
-                block.wqkv.weight.copy_(torch.cat([state[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
+                put(block.attention_norm, p + "input_layernorm.weight")
+                put(block.ffn_norm, p + "post_attention_layernorm.weight")
+                put_rows(block.wqkv.weight, [p + f"self_attn.{n}_proj.weight" for n in "qkv"])
                 if self.cfg.qkv_bias:
-                    block.wqkv.bias.copy_(torch.cat([state[p + f"self_attn.{n}_proj.bias"] for n in "qkv"]))
-                block.wo.weight.copy_(state[p + "self_attn.o_proj.weight"])
+                    put_rows(block.wqkv.bias, [p + f"self_attn.{n}_proj.bias" for n in "qkv"])
+                put(block.wo.weight, p + "self_attn.o_proj.weight")
                 if self.cfg.o_bias:
-                    block.wo.bias.copy_(state[p + "self_attn.o_proj.bias"])
-                block.w13.weight.copy_(torch.cat([state[p + "mlp.gate_proj.weight"], state[p + "mlp.up_proj.weight"]]))
-                block.w2.weight.copy_(state[p + "mlp.down_proj.weight"])
+                    put(block.wo.bias, p + "self_attn.o_proj.bias")
+                put_rows(block.w13.weight, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+                put(block.w2.weight, p + "mlp.down_proj.weight")
             if self.is_last:
-                self.norm.copy_(state["model.norm.weight"])
-                head = "model.embed_tokens.weight" if self.cfg.tie_embeddings else "lm_head.weight"
-                self.output.weight.copy_(state[head])
+                put(self.norm, "model.norm.weight")
+                put(self.output.weight, "model.embed_tokens.weight" if self.cfg.tie_embeddings else "lm_head.weight")
 
     # ---- running -------------------------------------------------------------------------------------------
     @property
@@ -240,15 +252,16 @@ def load_model(source: str | Path | ModelConfig, dtype: torch.dtype | str = torc
     if not 0 <= tp_rank < tp:
         raise ValueError(f"tp_rank must be in [0, {tp}), got {tp_rank}")
     with torch.device("meta"):
-        model = Transformer(cfg, layers, ops, tp_rank, tp)
+        model = Transformer(cfg, layers, ops, tp_rank, tp).to(dtype)
     first, last = model.is_first, model.is_last
     if isinstance(source, ModelConfig) or not Path(source).is_dir():
         state = random_weights(cfg, layers, first, last, seed, device=device)
     else:
         state = load_hf_weights(source, cfg, layers, first, last)
+    # allocated straight in the target dtype on the target device, then filled one tensor at a time: the peak is
+    # this part's weights plus one source tensor (in float32, or the checkpoint's dtype)
     model = model.to_empty(device=device)
     model.load_hf_state(shard_state(state, cfg, tp_rank, tp))
-    model = model.to(dtype)
     # RoPE tables stay fp32 whatever the model dtype (and were left uninitialised by to_empty)
     model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta,
                                                  cfg.rope_llama3_scaling, device=device)

@@ -55,34 +55,35 @@ def kv_heads_of(cfg: ModelConfig, rank: int, tp: int) -> range:
     return range(h, h + 1)
 
 
-def shard_state(state: dict[str, torch.Tensor], cfg: ModelConfig, rank: int, tp: int) -> dict[str, torch.Tensor]:
-    """Hugging Face-named full tensors -> this rank's slices (views where possible)."""
+def shard_state(state, cfg: ModelConfig, rank: int, tp: int):
+    """Hugging Face-named full tensors -> this rank's slices, each made when asked for (a lazy state stays lazy)."""
     if tp == 1:
         return state
+    from .weights import LazyState
     D, I = cfg.head_dim, cfg.intermediate_size
     hq = cfg.num_heads // tp
     q_rows = slice(rank * hq * D, (rank + 1) * hq * D)
     kv = kv_heads_of(cfg, rank, tp)
     kv_rows = slice(kv.start * D, kv.stop * D)
     cols = slice(rank * (I // tp), (rank + 1) * (I // tp))
-    out = {}
-    for name, t in state.items():
-        if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
-            out[name] = t[q_rows]
-        elif name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_proj.bias",
-                            "self_attn.v_proj.bias")):
-            out[name] = t[kv_rows]
-        elif name.endswith("self_attn.o_proj.weight"):
-            out[name] = t[:, q_rows]
-        elif name.endswith("self_attn.o_proj.bias"):  # added once, after the sum
-            out[name] = t if rank == 0 else torch.zeros_like(t)
-        elif name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
-            out[name] = t[cols]
-        elif name.endswith("mlp.down_proj.weight"):
-            out[name] = t[:, cols]
-        else:  # embedding, norms, head: replicated
-            out[name] = t
-    return out
+
+    def part(name):
+        t = state[name]
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+            return t[q_rows]
+        if name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.k_proj.bias",
+                          "self_attn.v_proj.bias")):
+            return t[kv_rows]
+        if name.endswith("self_attn.o_proj.weight"):
+            return t[:, q_rows]
+        if name.endswith("self_attn.o_proj.bias"):  # added once, after the sum
+            return t if rank == 0 else torch.zeros_like(t)
+        if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+            return t[cols]
+        if name.endswith("mlp.down_proj.weight"):
+            return t[:, cols]
+        return t  # embedding, norms, head: replicated
+    return LazyState(list(state), part)
 
 
 class Reducer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,24 +48,45 @@ def hf_tensor_shapes(cfg: ModelConfig, layers: range, first: bool, last: bool) -
     return shapes
 
 
+class LazyState(Mapping):
+    """Hugging Face tensor name -> tensor, made when asked for (drawn, or read from the checkpoint) and not kept: a
+    model copies one tensor at a time into its own (already target-dtype) parameters, so loading never holds a
+    second copy of the stage's weights."""
+
+    def __init__(self, names, make):
+        self._names, self._make = dict.fromkeys(names), make
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def random_weights(cfg: ModelConfig, layers: range, first: bool, last: bool, seed: int = 0,
-                   device="cpu") -> dict[str, torch.Tensor]:
-    """Seeded random weights in float32, drawn on `device`. Each tensor's values depend only on (seed, its name,
-    the device type), so any split of the layers over stages rebuilds exactly the same model. Drawing on the GPU
-    matters: a CPU draws an 8B model's 32 layers in minutes, a GPU in a second."""
-    out = {}
+                   device="cpu") -> LazyState:
+    """Seeded random weights in float32, drawn on `device` when asked for. Each tensor's values depend only on
+    (seed, its name, the device type), so any split of the layers over stages rebuilds exactly the same model. Drawing
+    on the GPU matters: a CPU draws an 8B model's 32 layers in minutes, a GPU in a second."""
     device = torch.device(device)
-    for name, shape in hf_tensor_shapes(cfg, layers, first, last).items():
+    shapes = hf_tensor_shapes(cfg, layers, first, last)
+
+    def draw(name):
+        shape = shapes[name]
         g = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         randn = lambda: torch.randn(shape, generator=g, device=device)  # noqa: E731
+        t = randn()  # scaled in place: one float32 tensor alive at a time
         if name.endswith("norm.weight"):
-            t = 1.0 + 0.1 * randn()
-        elif name.endswith("bias"):
-            t = 0.02 * randn()
-        else:
-            t = randn() * (0.5 if "embed" in name else shape[-1] ** -0.5)
-        out[name] = t
-    return out
+            return t.mul_(0.1).add_(1.0)
+        if name.endswith("bias"):
+            return t.mul_(0.02)
+        return t.mul_(0.5 if "embed" in name else shape[-1] ** -0.5)
+    return LazyState(shapes, draw)
 
 
 # Tensors some checkpoints carry that no model reads (old Llama exports saved RoPE's inverse frequencies).
@@ -163,20 +185,18 @@ def validate_checkpoint(directory: str | Path, cfg: ModelConfig, layers: range |
 
 
 def load_hf_weights(directory: str | Path, cfg: ModelConfig, layers: range, first: bool,
-                    last: bool) -> dict[str, torch.Tensor]:
-    """Validates the checkpoint (`validate_checkpoint`), then reads only the tensors of `layers` (plus embedding /
-    final norm / head when first / last)."""
+                    last: bool) -> LazyState:
+    """Validates the checkpoint (`validate_checkpoint`), then gives the tensors of `layers` (plus embedding / final
+    norm / head when first / last), each read from its file when asked for."""
     entries = validate_checkpoint(directory, cfg, layers, first, last)
-    wanted = hf_tensor_shapes(cfg, layers, first, last)
-    out = {}
-    by_file: dict[Path, list[str]] = {}
-    for name in wanted:
-        by_file.setdefault(entries[name].file, []).append(name)
-    for path, names in by_file.items():
+    handles: dict[Path, object] = {}
+
+    def read(name):
+        path = entries[name].file
         try:
-            with safe_open(path, framework="pt") as f:
-                for name in names:
-                    out[name] = f.get_tensor(name)
+            if path not in handles:
+                handles[path] = safe_open(path, framework="pt")
+            return handles[path].get_tensor(name)
         except (OSError, SafetensorError) as e:
             raise ValueError(f"checkpoint file {path} cannot be read: {e}") from None
-    return out
+    return LazyState(hf_tensor_shapes(cfg, layers, first, last), read)
