@@ -19,7 +19,6 @@ import torch
 
 from pipeline import MODES, Job, PipelineSpec, resolve_config
 from pipeline.schedule import chunk_starts, mode_chunks
-from pipeline.stage import split_layers
 
 from .pauses import measure
 
@@ -157,6 +156,7 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     from pipeline.simulate import free_link_bound
     bounds = {mode: [free_link_bound(mode, r.records) for r in runs] for mode, runs in results.items()}
     figures, timelines = {}, {}
+    stage_layers = [len(r) for r in spec.layer_ranges(cfg)]
     for mode, runs in results.items():
         best = sorted(runs, key=lambda r: r.metrics["ttft_s"])[len(runs) // 2]  # the median run
         med = lambda key: statistics.median(r.metrics[key] for r in runs)  # noqa: E731
@@ -185,17 +185,15 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         )
         if "allreduce_bytes_per_stage" in best.metrics:  # tensor parallelism: the reduce traffic, per stage
             bm = best.metrics
-            layers = [len(r) for r in split_layers(cfg.num_layers, spec.stages if isinstance(spec.stages, int)
-                                                   else list(spec.stages))]
             m.update(tp=spec.tp, allreduce_bytes_per_stage=bm["allreduce_bytes_per_stage"],
                      allreduce_wire_bytes_per_stage=bm["allreduce_wire_bytes_per_stage"],
                      allreduce_calls_per_stage=bm["allreduce_calls_per_stage"],
                      allreduce_ms_per_stage=[statistics.median(r.metrics["allreduce_s_per_stage"][s] for r in runs)
-                                             * 1e3 for s in range(len(layers))],
+                                             * 1e3 for s in range(len(stage_layers))],
                      decode_allreduce_bytes_per_stage=bm.get("decode_allreduce_bytes_per_stage", []),
                      allreduce_prefill_over_decode=bm.get("allreduce_prefill_over_decode", []),
                      # two all-reduces of [B, L, H] per layer (after attention, after the MLP)
-                     expected_allreduce_bytes_per_stage=[2 * n * prompt_len * bpt for n in layers])
+                     expected_allreduce_bytes_per_stage=[2 * n * prompt_len * bpt for n in stage_layers])
         ref = base[0]
         m["max_abs_dlogits"] = max((r.logits - ref.logits).abs().max().item() for r in runs)
         m["max_abs_ddecode_logits"] = max((r.decode_logits - ref.decode_logits).abs().max().item() for r in runs)

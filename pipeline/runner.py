@@ -17,7 +17,7 @@ from .link import DistChannel, LinkAborted, LinkModel, LocalChannel
 from .model import resolve_config
 from .schedule import Clock, StageRecord, stage_program, summarize, timeline
 from .spec import Job, PipelineSpec, PrefillResult
-from .stage import Stage, split_layers
+from .stage import Stage
 from .tp import DistReducer, LocalGroup, LocalReducer, kv_heads_of
 
 class Runner:
@@ -28,8 +28,7 @@ class Runner:
         self.device = torch.device(spec.device)
         self.dtype = DTYPES[spec.dtype]
         self.cfg = resolve_config(spec.source)
-        self.ranges = split_layers(self.cfg.num_layers,
-                                   spec.stages if isinstance(spec.stages, int) else list(spec.stages))
+        self.ranges = spec.layer_ranges(self.cfg)
         self.S, self.T = len(self.ranges), spec.tp
         S, T = self.S, self.T
         # every (stage, TP rank) this process runs: all of them in-process, one per rank (rank = stage * T + t)
@@ -46,7 +45,6 @@ class Runner:
             tp_groups = [dist.new_group(list(range(g * T, (g + 1) * T))) for g in range(S)] if T > 1 else []
             reducers = {mine[0]: DistReducer(T, tp_groups[self.s]) if T > 1 else None}
         self.shards = {(s, t): self._stage(self.ranges[s], s, S, t, reducers[(s, t)]) for s, t in mine}
-        self.stages = {s: st for (s, t), st in self.shards.items() if t == 0}  # TP rank 0 of each stage here
         self._full = None
         self.clock = Clock(self.device)
         model = LinkModel(spec.bandwidth_gbps, spec.latency_s)

@@ -40,6 +40,10 @@ class PipelineSpec:
     def num_stages(self) -> int:
         return self.stages if isinstance(self.stages, int) else len(self.stages)
 
+    def layer_ranges(self, cfg: ModelConfig) -> list[range]:
+        """Each stage's layers of `cfg` (`split_layers` of the stage count or the per-stage counts)."""
+        return split_layers(cfg.num_layers, self.stages if isinstance(self.stages, int) else list(self.stages))
+
     @property
     def world_size(self) -> int:
         """Processes (gloo/NCCL) or threads (in-process) of the pipeline: S x tp."""
@@ -56,7 +60,7 @@ class PipelineSpec:
         cfg = resolve_config(self.source)
         if isinstance(self.stages, bool) or not isinstance(self.stages, (int, tuple)):
             raise TypeError(f"stages must be a number of stages or per-stage layer counts, got {self.stages!r}")
-        split_layers(cfg.num_layers, self.stages if isinstance(self.stages, int) else list(self.stages))
+        self.layer_ranges(cfg)
         if self.bandwidth_gbps is not None:
             checks.number("bandwidth_gbps", self.bandwidth_gbps, 0, strict=True)
         checks.number("latency_s", self.latency_s, 0)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ModelConfig
+from .weights import LazyState
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
@@ -59,7 +60,6 @@ def shard_state(state, cfg: ModelConfig, rank: int, tp: int):
     """Hugging Face-named full tensors -> this rank's slices, each made when asked for (a lazy state stays lazy)."""
     if tp == 1:
         return state
-    from .weights import LazyState
     D, I = cfg.head_dim, cfg.intermediate_size
     hq = cfg.num_heads // tp
     q_rows = slice(rank * hq * D, (rank + 1) * hq * D)
