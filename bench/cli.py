@@ -29,6 +29,7 @@ def run_parser():
     import torch
 
     from pipeline import MODES
+    from pipeline.tp import TP_COMMS
     gpu = torch.cuda.is_available()
     ap = Parser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small", help="preset name or Hugging Face directory (default: small)")
@@ -36,6 +37,11 @@ def run_parser():
                     help="pipeline stages S (default: 2; under torchrun the number of processes)")
     ap.add_argument("--tp", type=integer(1), default=1,
                     help="tensor-parallel ranks per stage T (default 1): S x T processes, two all-reduces per layer")
+    ap.add_argument("--tp-comm", type=name_list(TP_COMMS, "tp-comm"), default=["serial"],
+                    help="with --tp > 1, how the TP ranks combine partial sums, comma-separated to compare them in one "
+                         "run: serial (a blocking all-reduce after attention and after the MLP), overlap (each chunk "
+                         "in two token halves, one half's all-reduce running while the other half computes) or "
+                         "sequence (reduce-scatter + all-gather, norms on 1/T of the tokens). Default: serial")
     ap.add_argument("--prompt-len", type=int_list(1), default=[2048],
                     help="prompt length(s); several, comma-separated, make a sweep (default: 2048)")
     ap.add_argument("--chunk-size", type=integer(1), default=None, help="uniform chunk size (default: 128)")
@@ -59,6 +65,11 @@ def run_parser():
     ap.add_argument("--bandwidth-gbps", type=number(0.0), default=None, help="emulated link bandwidth, GB/s")
     ap.add_argument("--latency-us", type=number(0.0, strict=False, maximum=1e7), default=0.0,
                     help="emulated per-send latency, microseconds (default: 0)")
+    ap.add_argument("--tp-bandwidth-gbps", type=number(0.0), default=None,
+                    help="with --tp > 1, an emulated TP interconnect: each collective takes its ring bytes on the "
+                         "wire / this bandwidth (GB/s) more, the host free meanwhile")
+    ap.add_argument("--tp-latency-us", type=number(0.0, strict=False, maximum=1e7), default=0.0,
+                    help="emulated per-collective latency of the TP interconnect, microseconds (default: 0)")
     ap.add_argument("--ops", choices=["torch", "triton"], default="triton" if gpu else "torch",
                     help="op backend (default: triton on GPU, torch on CPU)")
     ap.add_argument("--modes", type=name_list(MODES, "mode"), default=list(MODES),
@@ -86,6 +97,12 @@ def main_run(argv) -> int:
     tp = args.tp
     if world is not None and world % tp:
         raise ValueError(f"--tp {tp} does not divide torchrun's {world} processes (S x T processes, one per rank)")
+    if tp == 1 and (args.tp_bandwidth_gbps is not None or args.tp_latency_us):
+        raise ValueError("--tp-bandwidth-gbps / --tp-latency-us emulate the interconnect between tensor-parallel "
+                         "ranks: they need --tp 2 or more")
+    if tp == 1 and args.tp_comm != ["serial"]:
+        raise ValueError(f"--tp-comm {','.join(args.tp_comm)} chooses how tensor-parallel ranks combine their sums: "
+                         f"it needs --tp 2 or more")
     stages = args.stages or (world // tp if world is not None else 2)
     if world is not None and stages * tp != world:
         raise ValueError(f"--stages {stages} x --tp {tp} differs from torchrun's {world} processes: one process runs "
@@ -121,14 +138,17 @@ def main_run(argv) -> int:
             raise ValueError(f"prompt length {L} (+1 decode token) exceeds the model's max_seq_len {cfg.max_seq_len}")
     spec = PipelineSpec(source=str(args.model), stages=stages, link=link, ops=args.ops, dtype=args.dtype,
                         device=device, bandwidth_gbps=args.bandwidth_gbps, latency_s=args.latency_us * 1e-6,
-                        threads=args.threads, sm_partitions=args.sm_partitions, tp=tp)
+                        threads=args.threads, sm_partitions=args.sm_partitions, tp=tp,
+                        tp_comm=args.tp_comm[0], tp_bandwidth_gbps=args.tp_bandwidth_gbps,
+                        tp_latency_s=args.tp_latency_us * 1e-6)
     spec.validate()  # the checkpoint too (config, safetensors headers), before any process starts
     plans = {L: chunk_plan(L, None if args.chunks else (args.chunk_size or 128), args.chunks)
              for L in args.prompt_len}
-    config = dict(model=str(args.model), stages=stages, tp=tp, link=link, device=device, ops=args.ops, dtype=args.dtype,
+    config = dict(model=str(args.model), stages=stages, tp=tp, tp_comm=args.tp_comm, link=link, device=device, ops=args.ops, dtype=args.dtype,
                   batch=args.batch, prompt_lens=args.prompt_len, chunk_size=args.chunk_size or 128,
                   chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
-                  bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us, repeats=args.repeats,
+                  bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us,
+                  tp_bandwidth_gbps=args.tp_bandwidth_gbps, tp_latency_us=args.tp_latency_us, repeats=args.repeats,
                   warmup=args.warmup, modes=args.modes, torchrun=world is not None, sm_partitions=args.sm_partitions,
                   threads_per_stage=args.threads or max(1, (os.cpu_count() or 1) // (stages * tp)))
     progress = Progress(enabled=lead)
@@ -157,10 +177,11 @@ def main_run(argv) -> int:
         points, t0 = [], time.time()
         for i, L in enumerate(args.prompt_len):
             label = f"L={L}" + (f" (point {i + 1} of {len(args.prompt_len)})" if len(args.prompt_len) > 1 else "")
-            progress.phase(f"{label}: {len(args.modes)} mode(s) x ({args.warmup} warm-up + {args.repeats} timed) "
+            progress.phase(f"{label}: {len(args.modes)} mode(s)"
+                           + (f" x {len(args.tp_comm)} tp-comm(s)" if len(args.tp_comm) > 1 else "") + f" x ({args.warmup} warm-up + {args.repeats} timed) "
                            f"runs on {stages} stage(s), {link}, model {args.model}")
             point = run_point(spec, L, args.batch, plans[L], args.repeats, args.warmup, args.modes,
-                              simulate=simulate, progress=progress.runs(label))
+                              simulate=simulate, progress=progress.runs(label), tp_comms=args.tp_comm)
             if point is None:  # a torchrun rank other than 0: it ran its stage, rank 0 reports
                 continue
             points.append(point)

@@ -103,17 +103,17 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
     from pipeline.simulate import replay, simulate
     timelines = {}
     for mode, m in point["modes"].items():
-        sim = simulate(mode, m["chunks"], costs, link, bpt)
+        sim = simulate(m.get("mode", mode), m["chunks"], costs, link, bpt)
         m["sim_ttft_ms"] = sim.makespan_s * 1e3
         m["sim_over_measured"] = m["sim_ttft_ms"] / m["ttft_ms"]
         m["sim_exposed_comm_ms"] = sim.metrics["exposed_comm_s"] * 1e3
         m["sim_bubble_fraction"] = sim.metrics["bubble_fraction"]
         # the event model alone: each measured run replayed on its own compute times
-        ratios = [replay(mode, records, link, bpt).makespan_s * 1e3 / ttft
+        ratios = [replay(m.get("mode", mode), records, link, bpt).makespan_s * 1e3 / ttft
                   for records, ttft in zip(point["records"][mode], m["ttft_runs_ms"])]
         m["replay_over_measured_runs"] = ratios
         m["replay_over_measured"] = statistics.median(ratios)
-        fit, took = chunk_costs_vs_measured(mode, point["records"][mode], costs)
+        fit, took = chunk_costs_vs_measured(m.get("mode", mode), point["records"][mode], costs)
         m["chunk_fit_over_measured"] = float(np.median(fit / took))
         m["outlier_compute_fraction"] = float(took[took > 2 * fit].sum() / took.sum())
         timelines[mode] = sim.events
@@ -135,26 +135,34 @@ def chunk_costs_vs_measured(mode: str, runs_records, costs):
 
 
 def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,
-              modes=MODES, seed: int = 0, simulate: bool = False, progress=None) -> dict | None:
+              modes=MODES, seed: int = 0, simulate: bool = False, progress=None, tp_comms=None) -> dict | None:
     """All modes on one prompt; returns the figures per mode (medians over repeats) and the raw timelines. The
     outputs are always checked against the unchunked baseline: when `unchunked` is not among `modes` it runs once,
     untimed, as the reference. With `simulate`, `calibration_jobs` run in the same round-robin as the modes (so a
     drift of the machine's speed touches the fit and the measurements alike), and each mode gets the simulator's
-    figures (`simulate_modes`). None off rank 0 under torchrun."""
+    figures (`simulate_modes`). With tensor parallelism, `tp_comms` (default: the spec's) lists the ways the TP ranks
+    combine their partial sums (`pipeline.tp.TP_COMMS`) to run side by side, in the same round-robin: the first
+    keeps the mode's name, the others are keyed "mode/tp_comm" (the unchunked baseline has no TP: once). None off
+    rank 0 under torchrun."""
     cfg = resolve_config(spec.source)
     modes = list(modes)
+    tp_comms = list(tp_comms or [spec.tp_comm])
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
-    jobs = [Job(m, tokens, mode_chunks(m, chunks), repeats=repeats, warmup=warmup) for m in modes]
+    variants = [(m, c) for c in tp_comms for m in modes if c == tp_comms[0] or m != "unchunked"]
+    labels = [m if c == tp_comms[0] else f"{m}/{c}" for m, c in variants]
+    jobs = [Job(m, tokens, mode_chunks(m, chunks), repeats=repeats, warmup=warmup, tp_comm=c) for m, c in variants]
     cal_jobs = calibration_jobs(tokens, repeats, warmup) if simulate else []
     ref_jobs = [] if "unchunked" in modes else [Job("unchunked", tokens, [prompt_len])]
     all_runs = measure(spec, jobs + cal_jobs + ref_jobs, progress)
     if all_runs is None:
         return None
-    results = dict(zip(modes, all_runs))
+    results = dict(zip(labels, all_runs))
+    variant_of = dict(zip(labels, variants))
     base = results["unchunked"] if "unchunked" in results else all_runs[-1]
     bpt = bytes_per_token(spec, batch)
     from pipeline.simulate import free_link_bound
-    bounds = {mode: [free_link_bound(mode, r.records) for r in runs] for mode, runs in results.items()}
+    bounds = {label: [free_link_bound(variant_of[label][0], r.records) for r in runs]
+              for label, runs in results.items()}
     figures, timelines = {}, {}
     stage_layers = [len(r) for r in spec.layer_ranges(cfg)]
     for mode, runs in results.items():
@@ -185,7 +193,7 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         )
         if "allreduce_bytes_per_stage" in best.metrics:  # tensor parallelism: the reduce traffic, per stage
             bm = best.metrics
-            m.update(tp=spec.tp, allreduce_bytes_per_stage=bm["allreduce_bytes_per_stage"],
+            m.update(mode=variant_of[mode][0], tp_comm=variant_of[mode][1], tp=spec.tp, allreduce_bytes_per_stage=bm["allreduce_bytes_per_stage"],
                      allreduce_wire_bytes_per_stage=bm["allreduce_wire_bytes_per_stage"],
                      allreduce_calls_per_stage=bm["allreduce_calls_per_stage"],
                      allreduce_ms_per_stage=[statistics.median(r.metrics["allreduce_s_per_stage"][s] for r in runs)
@@ -279,8 +287,15 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pause
          "prefill_bytes_per_boundary": "bytes (per TP lane: with tp T, each of the T rank pairs sends this)",
          "decode_bytes_per_boundary": "bytes per token",
          "allreduce_bytes_per_stage": "bytes, all-reduce payload of the prefill per TP rank (2 per layer, [B, L, H])",
-         "allreduce_wire_bytes_per_stage": "bytes a ring all-reduce moves per rank: 2(T-1)/T of the payload",
-         "allreduce_ms_per_stage": "ms, median over runs of TP rank 0's time in all-reduces (serial: all exposed)",
+         "allreduce_wire_bytes_per_stage": "bytes a ring moves per rank: 2(T-1)/T of the payload for an all-reduce or "
+                                           "a reduce-scatter + all-gather pair (sequence: padding to T rows and the "
+                                           "stage's closing all-gather come on top)",
+         "allreduce_ms_per_stage": "ms, median over runs of the time TP rank 0 was blocked in its collectives (serial: "
+                                   "all of the all-reduces' time; overlap: only what the other half's compute did "
+                                   "not hide)",
+         "tp_comm": "how the TP ranks combine partial sums: serial all-reduces, overlap (two token halves, each "
+                    "half's all-reduce behind the other's compute) or sequence (reduce-scatter + all-gather)",
+         "mode": "the schedule of this row (a row keyed mode/tp_comm runs that mode with that tp_comm)",
          "decode_allreduce_bytes_per_stage": "bytes, all-reduce payload of one decode token per TP rank",
          "allreduce_prefill_over_decode": "ratio, prefill all-reduce bytes / one decode token's (= L)",
          "max_abs_dlogits": "absolute logit difference vs unchunked", "compute_ms_per_stage": "ms",

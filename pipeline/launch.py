@@ -19,6 +19,7 @@ from .procs import PipelineError, init_process_group, run_spawned, torchrun_rank
 from .runner import Runner, rank_main, run_all, run_once_inprocess, run_order
 from .schedule import MODES, check_mode, chunk_plan, chunk_starts, mode_chunks
 from .spec import LINKS, Job, PipelineSpec, PrefillResult
+from .tp import check_tp_comm
 
 # ---- public entry points ---------------------------------------------------------------------------------------
 
@@ -33,6 +34,8 @@ def check_job(job: Job, cfg) -> None:
     checks.integer("warmup", job.warmup, 0)
     checks.flag("decode", job.decode)
     checks.flag("return_cache", job.return_cache)
+    if job.tp_comm is not None:
+        check_tp_comm(job.tp_comm)
 
 
 def memory_needed(spec: PipelineSpec, cfg, job: Job) -> int:

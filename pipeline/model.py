@@ -46,13 +46,11 @@ class Block(nn.Module):
         self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # fused gate, up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, h, residual, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops, reduce=None):
-        """h, residual [B, C, H] (residual None on a part's first block); returns the new (h, residual).
-        With tensor parallelism this block is one rank's shard (its cfg has this rank's heads and MLP columns) and
-        `reduce` sums the row-parallel outputs of wo and w2 over the ranks."""
+    def attend(self, x, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops):
+        """x: the normed input [B, C, H] of the attention at positions [start_pos, start_pos + C). Appends K, V to
+        the cache; returns wo's output [B, C, H] (with TP, this rank's partial sum)."""
         cfg = self.cfg
-        B, C, _ = h.shape
-        x, residual = ops.add_rms_norm(h, residual, self.attention_norm, cfg.rms_norm_eps)
+        B, C, _ = x.shape
         qkv = self.wqkv(x)  # [B, C, (Hq + 2 Hkv) D]
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q = qkv[..., :q_dim].view(B, C, cfg.num_heads, cfg.head_dim)
@@ -61,13 +59,25 @@ class Block(nn.Module):
         q = ops.rope(q, rope_cos, rope_sin, start_pos)
         k = ops.rope(k, rope_cos, rope_sin, start_pos)
         attn = ops.attention(q, k, v, k_cache, v_cache, start_pos)  # [B, C, Hq, D], appends k, v to the cache
-        h = self.wo(attn.reshape(B, C, q_dim))
+        return self.wo(attn.reshape(B, C, q_dim))
+
+    def feed_forward(self, x, ops: Ops):
+        """x: the normed input [B, C, H] of the MLP; returns w2's output (with TP, this rank's partial sum)."""
+        gate_up = self.w13(x)  # [B, C, 2I]
+        I = self.cfg.intermediate_size
+        return self.w2(ops.swiglu(gate_up[..., :I], gate_up[..., I:]))
+
+    def forward(self, h, residual, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops, reduce=None):
+        """h, residual [B, C, H] (residual None on a part's first block); returns the new (h, residual).
+        With tensor parallelism this block is one rank's shard (its cfg has this rank's heads and MLP columns) and
+        `reduce` sums the row-parallel outputs of wo and w2 over the ranks."""
+        eps = self.cfg.rms_norm_eps
+        x, residual = ops.add_rms_norm(h, residual, self.attention_norm, eps)
+        h = self.attend(x, start_pos, k_cache, v_cache, rope_cos, rope_sin, ops)
         if reduce is not None:
             h = reduce(h)
-        x, residual = ops.add_rms_norm(h, residual, self.ffn_norm, cfg.rms_norm_eps)
-        gate_up = self.w13(x)  # [B, C, 2I]
-        I = cfg.intermediate_size
-        h = self.w2(ops.swiglu(gate_up[..., :I], gate_up[..., I:]))
+        x, residual = ops.add_rms_norm(h, residual, self.ffn_norm, eps)
+        h = self.feed_forward(x, ops)
         if reduce is not None:
             h = reduce(h)
         return h, residual
@@ -85,6 +95,7 @@ class Transformer(nn.Module):
         self.tp, self.tp_rank = tp, tp_rank
         self.local_cfg = local_config(cfg, tp)  # this rank's heads and MLP columns
         self.reduce = None
+        self.tp_comm = "serial"  # how the TP ranks combine their partial sums (TP_COMMS), with tp > 1
         self.layer_ids = range(cfg.num_layers) if layers is None else layers
         if not (0 <= self.layer_ids.start < self.layer_ids.stop <= cfg.num_layers) or self.layer_ids.step != 1:
             raise ValueError(f"layers must be a non-empty contiguous range within [0, {cfg.num_layers}), "
@@ -176,17 +187,66 @@ class Transformer(nn.Module):
         if start_pos + C > cache.max_len:
             raise ValueError(f"positions [{start_pos}, {start_pos + C}) do not fit the cache ({cache.max_len})")
         h = self.tok_embeddings(x) if self.is_first else x
-        residual = None
-        for i, block in enumerate(self.layers):
-            h, residual = block(h, residual, start_pos, cache.k[i], cache.v[i], self.rope_cos, self.rope_sin,
-                                self.ops, self.reduce)
-        if not self.is_last:
-            return h + residual  # the residual stream: the one tensor that crosses a stage boundary
+        if self.reduce is not None and self.tp_comm == "overlap" and C >= 2:
+            h, residual = self._layers_overlapped(h, start_pos, cache)
+        elif self.reduce is not None and self.tp_comm == "sequence" and C >= self.tp:
+            h, residual = self._layers_sequence_parallel(h, start_pos, cache), None
+        else:
+            residual = None
+            for i, block in enumerate(self.layers):
+                h, residual = block(h, residual, start_pos, cache.k[i], cache.v[i], self.rope_cos, self.rope_sin,
+                                    self.ops, self.reduce)
+        if not self.is_last:  # the residual stream: the one tensor that crosses a stage boundary
+            return h if residual is None else h + residual
         if last_only:
-            h, residual = h[:, -1:], residual[:, -1:]
+            h, residual = h[:, -1:], (None if residual is None else residual[:, -1:])
         x, _ = self.ops.add_rms_norm(h, residual, self.norm, self.cfg.rms_norm_eps)
         logits = self.output(x)
         return logits[:, -1] if last_only else logits
+
+    def _layers_overlapped(self, h, start_pos: int, cache: KVCache):
+        """ISO-style overlap of the reduce (tp_comm="overlap"): the chunk's tokens in two halves; each half's
+        all-reduce is posted asynchronously and runs while the other half computes: attention(a), attention(b),
+        then mlp(a) once a's reduce is in, mlp(b), ... Half b attends to half a's keys, appended to the cache by
+        then. Returns (h, residual) of the whole chunk."""
+        C, eps = h.shape[1], self.cfg.rms_norm_eps
+        m = C // 2
+        starts = (start_pos, start_pos + m)
+        pending = [h[:, :m], h[:, m:]]  # a tensor, or an all-reduce in flight (Pending)
+        residual = [None, None]
+        value = lambda p: p if isinstance(p, torch.Tensor) else p.wait()  # noqa: E731
+        for i, block in enumerate(self.layers):
+            for j in (0, 1):
+                x, residual[j] = self.ops.add_rms_norm(value(pending[j]), residual[j], block.attention_norm, eps)
+                pending[j] = self.reduce.start(block.attend(x, starts[j], cache.k[i], cache.v[i], self.rope_cos,
+                                                            self.rope_sin, self.ops))
+            for j in (0, 1):
+                x, residual[j] = self.ops.add_rms_norm(pending[j].wait(), residual[j], block.ffn_norm, eps)
+                pending[j] = self.reduce.start(block.feed_forward(x, self.ops))
+        h = torch.cat([value(p) for p in pending], dim=1)
+        return h, torch.cat(residual, dim=1)
+
+    def _layers_sequence_parallel(self, h, start_pos: int, cache: KVCache):
+        """Megatron sequence parallelism (tp_comm="sequence"): between the row-parallel outputs and the next
+        column-parallel inputs, each rank holds 1/T of the tokens; wo and w2's partial sums are reduce-scattered
+        over tokens, the residual add and the norms run on this rank's n = ceil(C/T) tokens, and an all-gather
+        rebuilds the whole chunk for wqkv and w13 (the chunk is padded to T·n rows for the collectives). Returns the
+        whole chunk's residual stream [B, C, H] (one more all-gather)."""
+        B, C, H = h.shape
+        T, eps, reduce = self.tp, self.cfg.rms_norm_eps, self.reduce
+        n = -(-C // T)
+        pad = lambda t: t if T * n == C else torch.nn.functional.pad(t, (0, 0, 0, T * n - C))  # noqa: E731
+        payload = B * C * H * h.element_size()
+        mine = slice(self.tp_rank * n, (self.tp_rank + 1) * n)
+        h, residual = pad(h)[:, mine].contiguous(), None  # this rank's tokens of the residual stream
+        for i, block in enumerate(self.layers):
+            x, residual = self.ops.add_rms_norm(h, residual, block.attention_norm, eps)
+            out = block.attend(reduce.all_gather(x)[:, :C], start_pos, cache.k[i], cache.v[i], self.rope_cos,
+                               self.rope_sin, self.ops)
+            h = reduce.reduce_scatter(pad(out), payload)
+            x, residual = self.ops.add_rms_norm(h, residual, block.ffn_norm, eps)
+            h = reduce.reduce_scatter(pad(block.feed_forward(reduce.all_gather(x)[:, :C], self.ops)), payload)
+        return reduce.all_gather((h + residual).contiguous())[:, :C]
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, chunk_size: int | None = None, cache: KVCache | None = None,

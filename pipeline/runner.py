@@ -33,17 +33,18 @@ class Runner:
         S, T = self.S, self.T
         # every (stage, TP rank) this process runs: all of them in-process, one per rank (rank = stage * T + t)
         self.groups = {}
+        tp_link = LinkModel(spec.tp_bandwidth_gbps, spec.tp_latency_s)
         if rank is None:
             mine = [(s, t) for s in range(S) for t in range(T)]
             if T > 1:  # TP ranks as threads: an all-reduce is a barrier and a sum
                 self.groups = {s: LocalGroup(T, spec.timeout_s) for s in range(S)}
-            reducers = {(s, t): LocalReducer(self.groups[s], t) if T > 1 else None for s, t in mine}
+            reducers = {(s, t): LocalReducer(self.groups[s], t, tp_link) if T > 1 else None for s, t in mine}
         else:
             self.s, self.t = divmod(rank, T)
             mine = [(self.s, self.t)]
             # every rank creates every stage's TP group, in the same order (new_group is collective)
             tp_groups = [dist.new_group(list(range(g * T, (g + 1) * T))) for g in range(S)] if T > 1 else []
-            reducers = {mine[0]: DistReducer(T, tp_groups[self.s]) if T > 1 else None}
+            reducers = {mine[0]: DistReducer(T, tp_groups[self.s], tp_link) if T > 1 else None}
         self.shards = {(s, t): self._stage(self.ranges[s], s, S, t, reducers[(s, t)]) for s, t in mine}
         self._full = None
         self.clock = Clock(self.device)
@@ -63,7 +64,7 @@ class Runner:
     def _stage(self, layers, index, n, tp_rank=0, reduce=None):
         tp = self.T if reduce is not None else 1
         return Stage(self.spec.source, layers, index, n, dtype=self.dtype, device=self.device, ops=self.spec.ops,
-                     seed=self.spec.seed, tp_rank=tp_rank, tp=tp, reduce=reduce)
+                     seed=self.spec.seed, tp_rank=tp_rank, tp=tp, reduce=reduce, tp_comm=self.spec.tp_comm)
 
     def reducer_stats(self, mode: str) -> list[dict] | None:
         """The all-reduce accounting of the last run, per stage here (TP rank 0's in-process, this rank's in a
@@ -72,6 +73,11 @@ class Runner:
             return None
         return [st.model.reduce.stats() for (s, t), st in sorted(self.shards.items())
                 if t == 0 or self.rank is not None]
+
+    def use_tp_comm(self, tp_comm: str | None) -> None:
+        """How this process's TP shards combine their partial sums in the next run (None: the spec's)."""
+        for st in self.shards.values():
+            st.model.tp_comm = tp_comm or self.spec.tp_comm
 
     def _reset_reducers(self):
         for st in self.shards.values():
@@ -199,6 +205,9 @@ class Runner:
         return [merge_tp_caches(parts, self.cfg, self.T) for parts in by_stage.values()]
 
     def close(self):
+        for st in getattr(self, "shards", {}).values():
+            if st.model.reduce is not None:
+                st.model.reduce.close()
         lanes = [ch for lane in getattr(self, "channels", []) for ch in lane]
         for ch in lanes + [getattr(self, "recv", None), getattr(self, "send", None)]:
             if ch is not None:
@@ -248,6 +257,7 @@ def run_once_inprocess(runner: Runner, job: Job) -> PrefillResult:
     B, L = job.tokens.shape
     tokens = job.tokens.to(runner.device)
     _reset(runner, job.mode, B, L + 1)
+    runner.use_tp_comm(job.tp_comm)
     records, t0, t1, logits = runner.run_inprocess(job.mode, tokens, job.chunks)
     metrics = summarize(records, t0, t1)
     reduce_prefill = runner.reducer_stats(job.mode)
@@ -275,6 +285,7 @@ def _run_once_rank(runner: Runner, job: Job) -> PrefillResult | None:
     B, L = job.tokens.shape
     tokens = job.tokens.to(runner.device)
     _reset(runner, job.mode, B, L + 1)
+    runner.use_tp_comm(job.tp_comm)
     part = runner.run_rank(job.mode, tokens, job.chunks)
     mine = dict(part=part, tp_rank=t, reduce=runner.reducer_stats(job.mode))
     if job.decode:

@@ -34,6 +34,9 @@ class PipelineSpec:
     timeout_s: float = 60.0  # a stage blocked this long on a peer fails instead of hanging
     sm_partitions: bool = False  # in-process on one GPU: each stage on its own SMs (see partitions.py)
     tp: int = 1  # tensor-parallel ranks per stage (pipeline.tp): S x tp processes, rank = stage * tp + TP rank
+    tp_bandwidth_gbps: float | None = None  # emulated TP interconnect: each collective + latency + wire bytes / bw
+    tp_latency_s: float = 0.0
+    tp_comm: str = "serial"  # with tp > 1: serial all-reduces, "overlap" (ISO halves) or "sequence" (pipeline.tp)
     fault: tuple[str, int] | None = None  # tests only: ("raise" | "exit" | "stop" | "hang", stage) injects one
 
     @property
@@ -64,6 +67,9 @@ class PipelineSpec:
         if self.bandwidth_gbps is not None:
             checks.number("bandwidth_gbps", self.bandwidth_gbps, 0, strict=True)
         checks.number("latency_s", self.latency_s, 0)
+        if self.tp_bandwidth_gbps is not None:
+            checks.number("tp_bandwidth_gbps", self.tp_bandwidth_gbps, 0, strict=True)
+        checks.number("tp_latency_s", self.tp_latency_s, 0)
         checks.integer("seed", self.seed)
         if self.threads is not None:
             checks.positive_int("threads", self.threads)
@@ -82,8 +88,9 @@ class PipelineSpec:
             if self.dtype == "bfloat16":
                 raise ValueError("ops='triton' with bfloat16 on CPU: Triton's interpreter computes bf16 wrongly; "
                                  "use float32 or float16 (or ops='torch')")
-        from .tp import check_tp
+        from .tp import check_tp, check_tp_comm
         check_tp(cfg, self.tp)
+        check_tp_comm(self.tp_comm)
         if self.tp > 1 and self.link == "inprocess" and device.type != "cpu":
             raise ValueError(f"tp={self.tp} in-process runs the TP ranks as threads on CPU; on GPUs launch one "
                              f"process per rank: torchrun --nproc-per-node {self.world_size} ... --link nccl")
@@ -111,6 +118,7 @@ class Job:
     warmup: int = 0
     decode: bool = True
     return_cache: bool = False
+    tp_comm: str | None = None  # how TP ranks combine partial sums in this run (None: the spec's; pipeline.tp)
 
 
 @dataclass

@@ -33,15 +33,17 @@ def split_layers(num_layers: int, stages: int | list[int]) -> list[range]:
 
 class Stage:
     """Stage `index` of `num_stages`: owns `layers` of the model and their KV cache (with tp > 1, TP rank
-    `tp_rank`'s shard of them; `reduce` is the TP group's all-reduce)."""
+    `tp_rank`'s shard of them; `reduce` is the TP group's collectives, `tp_comm` how they are used: `pipeline.tp`)."""
 
     def __init__(self, source, layers: range, index: int, num_stages: int, dtype=torch.float32, device="cpu",
-                 ops: str | Ops = "torch", seed: int = 0, tp_rank: int = 0, tp: int = 1, reduce=None):
+                 ops: str | Ops = "torch", seed: int = 0, tp_rank: int = 0, tp: int = 1, reduce=None,
+                 tp_comm: str = "serial"):
         self.index, self.num_stages = index, num_stages
         self.tp_rank, self.tp = tp_rank, tp
         self.model: Transformer = load_model(source, dtype=dtype, device=device, layers=layers, ops=ops, seed=seed,
                                              tp_rank=tp_rank, tp=tp)
         self.model.reduce = reduce
+        self.model.tp_comm = tp_comm
         self.cfg = self.model.cfg
         self.cache: KVCache | None = None
 

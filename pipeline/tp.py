@@ -16,12 +16,26 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
 
 from .config import ModelConfig
+from .link import LinkModel
 from .weights import LazyState
+
+
+# how a stage's TP ranks combine the row-parallel partial sums: a blocking all-reduce after wo and after w2 (serial);
+# the chunk in two token halves, each half's all-reduce hidden behind the other half's compute (overlap, ISO); or
+# reduce-scatter + all-gather with the norms on 1/T of the tokens (sequence, Megatron sequence parallelism)
+TP_COMMS = ("serial", "overlap", "sequence")
+
+
+def check_tp_comm(tp_comm: str) -> str:
+    if tp_comm not in TP_COMMS:
+        raise ValueError(f"unknown tp_comm {tp_comm!r}; choose one of {', '.join(TP_COMMS)}")
+    return tp_comm
 
 
 def check_tp(cfg: ModelConfig, tp: int) -> None:
@@ -86,77 +100,214 @@ def shard_state(state, cfg: ModelConfig, rank: int, tp: int):
     return LazyState(list(state), part)
 
 
-class Reducer:
-    """The all-reduce (sum) of a stage's TP group, with its accounting: calls, payload bytes (one rank's tensor)
-    and seconds spent in it (host wall time, so on CPU the time the rank was blocked)."""
+class Pending:
+    """An all-reduce in flight (`Reducer.start`): `wait()` returns the summed tensor, blocking (CPU) or making the
+    current stream wait (NCCL) only now; the time blocked here is the reduce's exposed time. With an emulated
+    interconnect the result is usable `delay` seconds after the collective itself completed."""
 
-    def __init__(self, tp: int):
-        self.tp = tp
+    def __init__(self, reducer: "Reducer", work, t: torch.Tensor, delay: float = 0.0):
+        self.reducer, self.work, self.t, self.delay = reducer, work, t, delay
+        self.arrived = None
+        if delay > 0:  # note when the real collective completes, to pay the emulated time from there
+            self.arrived = reducer.watcher().submit(lambda: (work is not None and work.wait(), time.perf_counter())[1])
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None or self.arrived is not None:
+            t0 = time.perf_counter()
+            if self.arrived is not None:
+                rest = self.arrived.result() + self.delay - time.perf_counter()
+                if rest > 0:
+                    time.sleep(rest)
+            else:
+                self.work.wait()
+            self.reducer.seconds += time.perf_counter() - t0
+            self.work = self.arrived = None
+        return self.t
+
+
+class Reducer:
+    """The collectives of a stage's TP group, with their accounting: calls, payload bytes (the activation each rank
+    contributes to a sum: one rank's [B, C, H]), bytes a ring moves per rank ("wire") and seconds the rank spent
+    blocked in them (host wall time: on CPU the time the rank waited; with `start` only the part not hidden).
+    `model`: an emulated interconnect (as for stage links): each collective then takes latency + its wire bytes /
+    bandwidth more, counted from when the real one completed, with the host free meanwhile (a DMA or NVLink
+    transfer does not use the CPU; on GPUs NCCL's kernels do take SMs, which this leaves out).
+
+    - `__call__(t)`: all-reduce (sum) in place, blocking; a ring moves 2(T-1)/T of the payload;
+    - `start(t)`: the same, asynchronous: a `Pending` to wait on later (ISO-style overlap);
+    - `reduce_scatter(t, payload)` / `all_gather(shard)`: sequence parallelism's pair, along dim 1 (tokens) of
+      [B, T·n, H]; each moves (T-1)/T of the full tensor, so the pair moves what one all-reduce does."""
+
+    def __init__(self, tp: int, model: LinkModel = LinkModel()):
+        self.tp, self.model = tp, model
+        self._watcher = None
         self.reset()
 
     def reset(self) -> None:
-        self.calls, self.bytes, self.seconds = 0, 0, 0.0
+        self.calls, self.bytes, self.wire, self.seconds = 0, 0, 0, 0.0
+
+    def watcher(self) -> ThreadPoolExecutor:
+        if self._watcher is None:
+            self._watcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tp-wait")
+        return self._watcher
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.shutdown(wait=True)
+
+    def _count(self, payload: int, wire: int) -> float:
+        """Counts one collective; returns its emulated time (0 without emulation: `model`)."""
+        self.calls += 1
+        self.bytes += payload
+        self.wire += wire
+        return self.model.delay_s(wire) if self.model.active else 0.0
+
+    def _paid(self, t0: float, delay: float) -> None:
+        """A blocking collective done: pays the emulated interconnect's time, counts the time blocked."""
+        if delay > 0:
+            time.sleep(delay)
+        self.seconds += time.perf_counter() - t0
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
         out = self._reduce(t)
+        n = _nbytes(t)
+        self._paid(t0, self._count(n, 2 * (self.tp - 1) * n // self.tp))
+        return out
+
+    def start(self, t: torch.Tensor) -> Pending:
+        t0 = time.perf_counter()
+        work = self._start(t)
         self.seconds += time.perf_counter() - t0
-        self.calls += 1
-        self.bytes += t.numel() * t.element_size()
+        n = _nbytes(t)
+        return Pending(self, work, t, self._count(n, 2 * (self.tp - 1) * n // self.tp))
+
+    def reduce_scatter(self, t: torch.Tensor, payload: int | None = None) -> torch.Tensor:
+        """t [B, T·n, H] (each rank's partial sum) -> [B, n, H]: rows [rank·n, (rank+1)·n) of the sum. `payload`:
+        the bytes to count as reduced (the unpadded activation; default all of t)."""
+        if t.shape[1] % self.tp:
+            raise ValueError(f"reduce_scatter needs dim 1 ({t.shape[1]}) divisible by tp={self.tp}")
+        t0 = time.perf_counter()
+        out = self._reduce_scatter(t)
+        n = _nbytes(t)
+        self._paid(t0, self._count(n if payload is None else payload, (self.tp - 1) * n // self.tp))
+        return out
+
+    def all_gather(self, shard: torch.Tensor) -> torch.Tensor:
+        """shard [B, n, H] of every rank -> [B, T·n, H] in rank order."""
+        t0 = time.perf_counter()
+        out = self._all_gather(shard)
+        self._paid(t0, self._count(0, (self.tp - 1) * _nbytes(shard)))
         return out
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _start(self, t: torch.Tensor):
+        """Posts the all-reduce; returns something with wait(), or None when it is already done."""
+        self._reduce(t)
+        return None
+
+    def _reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _all_gather(self, shard: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def stats(self) -> dict:
-        """payload: bytes each rank contributes; wire: what a ring all-reduce moves per rank, 2(T-1)/T of that."""
-        wire = 2 * (self.tp - 1) * self.bytes // self.tp
-        return dict(calls=self.calls, payload_bytes=self.bytes, wire_bytes=wire, seconds=self.seconds)
+        return dict(calls=self.calls, payload_bytes=self.bytes, wire_bytes=self.wire, seconds=self.seconds)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 class DistReducer(Reducer):
-    """torch.distributed all-reduce over `group` (gloo: CPU tensors, NCCL: CUDA tensors; a collective on NCCL runs
-    on the current stream, so the compute stream orders it)."""
+    """torch.distributed collectives over `group` (gloo: CPU tensors, NCCL: CUDA tensors). NCCL runs a collective
+    on its own stream, ordered after the current stream's work; waiting on it makes the current stream wait, so
+    `start` lets the compute stream run on while the reduce is in flight. gloo runs it on a worker thread."""
 
-    def __init__(self, tp: int, group):
+    def __init__(self, tp: int, group, model: LinkModel = LinkModel()):
         self.group = group
-        super().__init__(tp)
+        super().__init__(tp, model)
 
     def _reduce(self, t):
         dist.all_reduce(t, group=self.group)
         return t
 
+    def _start(self, t):
+        return dist.all_reduce(t, group=self.group, async_op=True)
+
+    # torch's single-tensor collectives split dim 0: tokens are moved there and back
+    def _reduce_scatter(self, t):
+        x = t.transpose(0, 1).contiguous()
+        out = x.new_empty((x.shape[0] // self.tp,) + tuple(x.shape[1:]))
+        _reduce_scatter_tensor(out, x, group=self.group)
+        return out.transpose(0, 1).contiguous()
+
+    def _all_gather(self, shard):
+        x = shard.transpose(0, 1).contiguous()
+        out = x.new_empty((x.shape[0] * self.tp,) + tuple(x.shape[1:]))
+        _all_gather_tensor(out, x, group=self.group)
+        return out.transpose(0, 1).contiguous()
+
+
+# torch 2.13 renamed all_gather_into_tensor and reduce_scatter_tensor (which now warn) to *_single; 2.11 has only
+# the old names
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class LocalGroup:
-    """T ranks as threads of one process: an all-reduce is a barrier, a sum in rank order (the same on every rank,
-    so the ranks stay bit-identical) and a second barrier before anyone reuses the slots."""
+    """T ranks as threads of one process. A collective is a barrier, the combination of every rank's tensor in rank
+    order (the same on every rank, so the ranks stay bit-identical) and a second barrier before anyone reuses the
+    slots."""
 
     def __init__(self, tp: int, timeout_s: float = 60.0):
         self.tp = tp
         self.slots: list[torch.Tensor | None] = [None] * tp
         self.barrier = threading.Barrier(tp, timeout=timeout_s)
-        self.total: torch.Tensor | None = None
 
     def abort(self) -> None:
         self.barrier.abort()
 
-    def all_reduce(self, rank: int, t: torch.Tensor) -> torch.Tensor:
+    def _exchange(self, rank: int, t: torch.Tensor, combine) -> torch.Tensor:
         self.slots[rank] = t
-        if self.barrier.wait() == 0:
-            total = self.slots[0].clone()
-            for other in self.slots[1:]:
-                total += other
-            self.total = total
         self.barrier.wait()
-        t.copy_(self.total)
-        self.barrier.wait()  # every rank has its copy: the slots and the total may be reused
-        return t
+        out = combine(self.slots)  # every rank combines the same tensors in the same order
+        self.barrier.wait()  # everyone has read the slots: they may be reused
+        return out
+
+    @staticmethod
+    def _sum(slots):
+        total = slots[0].clone()
+        for other in slots[1:]:
+            total += other
+        return total
+
+    def all_reduce(self, rank: int, t: torch.Tensor) -> torch.Tensor:
+        return t.copy_(self._exchange(rank, t, self._sum))
+
+    def reduce_scatter(self, rank: int, t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[1] // self.tp
+        return self._exchange(rank, t, lambda slots: self._sum(slots)[:, rank * n:(rank + 1) * n].contiguous())
+
+    def all_gather(self, rank: int, shard: torch.Tensor) -> torch.Tensor:
+        return self._exchange(rank, shard, lambda slots: torch.cat(slots, dim=1))
 
 
 class LocalReducer(Reducer):
-    def __init__(self, group: LocalGroup, rank: int):
+    """One thread-rank's collectives over a `LocalGroup` (`start` completes at once: the threads are the ranks)."""
+
+    def __init__(self, group: LocalGroup, rank: int, model: LinkModel = LinkModel()):
         self.group, self.rank = group, rank
-        super().__init__(group.tp)
+        super().__init__(group.tp, model)
 
     def _reduce(self, t):
         return self.group.all_reduce(self.rank, t)
+
+    def _reduce_scatter(self, t):
+        return self.group.reduce_scatter(self.rank, t)
+
+    def _all_gather(self, shard):
+        return self.group.all_gather(self.rank, shard)

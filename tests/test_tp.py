@@ -2,6 +2,7 @@
 link, and the all-reduce accounting (the reduce traffic of prefill is L times one decode token's)."""
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -145,3 +146,110 @@ def test_tp_on_a_gpu_in_process_is_refused_with_what_to_run_instead():
         pytest.skip("needs CUDA to get past the device check")
     with pytest.raises(ValueError, match="torchrun --nproc-per-node 4"):
         PipelineSpec(source="tiny", stages=2, tp=2, device="cuda").validate()
+
+
+# ---- how the TP ranks combine their sums: serial, overlap (ISO halves), sequence parallelism ---------------------
+
+@pytest.mark.parametrize("tp_comm", ["overlap", "sequence"])
+@pytest.mark.parametrize("stages,tp,chunks", [(1, 2, [1, 10, 3, 27]), (2, 2, [7, 7, 7, 7, 7, 6]), (1, 4, [2, 39])])
+@pytest.mark.parametrize("mode", ["naive", "overlapped"])
+def test_overlapped_and_sequence_parallel_reduces_equal_unchunked(tp_comm, stages, tp, chunks, mode):
+    """Odd chunks, a chunk of one token (overlap: no halves; sequence: fewer tokens than ranks, so a plain
+    all-reduce), chunks that do not split evenly over T (sequence pads them): logits, decode, every KV entry."""
+    cfg = TINY.replace(num_kv_heads=1, qkv_bias=True, o_bias=True)
+    B, L = 2, 41
+    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(5))
+    ref = run_prefill(cfg, tokens, mode="unchunked", return_cache=True)
+    res = run_prefill(cfg, tokens, mode=mode, stages=stages, tp=tp, chunks=chunks, tp_comm=tp_comm,
+                      return_cache=True)
+    assert (res.logits - ref.logits).abs().max().item() <= 1e-5
+    assert (res.decode_logits - ref.decode_logits).abs().max().item() <= 1e-5
+    k = torch.cat([c[0] for c in res.caches], 0)
+    v = torch.cat([c[1] for c in res.caches], 0)
+    assert (k - ref.caches[0][0]).abs().max().item() <= 1e-5 and (v - ref.caches[0][1]).abs().max().item() <= 1e-5
+    m, layers = res.metrics, 4 // stages
+    # the payload reduced is the same whichever way: two [B, L, H] sums per layer; decode stays L times smaller
+    assert m["allreduce_bytes_per_stage"] == [_expected_allreduce(layers, B, L)] * stages
+    assert m["allreduce_prefill_over_decode"] == [L] * stages
+    plan = [L] if mode == "naive" else chunks
+    row = B * 64 * 4  # one token's hidden state
+    if tp_comm == "overlap":  # each chunk of 2+ tokens: both halves all-reduced apart
+        assert m["allreduce_calls_per_stage"] == [2 * layers * sum(1 + (c >= 2) for c in plan)] * stages
+        assert m["allreduce_wire_bytes_per_stage"] == [2 * (tp - 1) * b // tp for b in m["allreduce_bytes_per_stage"]]
+    else:  # per layer 2 reduce-scatters + 2 all-gathers of the chunk padded to T rows, + 1 all-gather per chunk
+        sp = [c for c in plan if c >= tp]
+        calls = sum(4 * layers + 1 for _ in sp) + 2 * layers * (len(plan) - len(sp))
+        wire = sum((4 * layers + 1) * (tp - 1) * (-(-c // tp)) * row for c in sp)
+        wire += sum(2 * (tp - 1) * 2 * layers * c * row // tp for c in plan if c < tp)
+        assert m["allreduce_calls_per_stage"] == [calls] * stages
+        assert m["allreduce_wire_bytes_per_stage"] == [wire] * stages
+
+
+@pytest.mark.parametrize("tp_comm", ["overlap", "sequence"])
+def test_overlapped_and_sequence_parallel_reduces_over_gloo_equal_unchunked(tp_comm):
+    """Real asynchronous all-reduces (gloo's worker threads) and torch's reduce-scatter / all-gather, T = 2."""
+    cfg = TINY.replace(num_kv_heads=1)
+    B, L = 2, 29
+    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(6))
+    ref = run_prefill(cfg, tokens, mode="unchunked", return_cache=True)
+    res = run_prefill(cfg, tokens, mode="overlapped", stages=1, tp=2, chunks=[9, 1, 19], link="gloo",
+                      tp_comm=tp_comm, return_cache=True, threads=1)
+    assert (res.logits - ref.logits).abs().max().item() <= 1e-5
+    assert (res.decode_logits - ref.decode_logits).abs().max().item() <= 1e-5
+    assert (res.caches[0][0] - ref.caches[0][0]).abs().max().item() <= 1e-5
+    assert res.metrics["allreduce_bytes_per_stage"] == [_expected_allreduce(4, B, L)]
+
+
+def test_an_emulated_tp_interconnect_delays_each_collective_from_its_completion():
+    """LocalReducer with a 20 ms latency: a blocking all-reduce takes at least that; a started one is usable no
+    sooner than 20 ms after it completed, and waiting late costs nothing more; the time blocked is counted."""
+    import time
+
+    from pipeline.link import LinkModel
+    group = LocalGroup(1)
+    r = LocalReducer(group, 0, LinkModel(None, 0.02))
+    t = torch.ones(4)
+    t0 = time.perf_counter()
+    assert r(t) is t and time.perf_counter() - t0 >= 0.02
+    p = r.start(torch.ones(4))
+    t0 = time.perf_counter()
+    p.wait()
+    assert time.perf_counter() - t0 >= 0.015  # most of the 20 ms was still to run
+    p = r.start(torch.ones(4))
+    time.sleep(0.03)  # compute that hides it
+    t0 = time.perf_counter()
+    p.wait()
+    hidden_wait = time.perf_counter() - t0
+    assert hidden_wait < 0.015
+    assert r.stats()["calls"] == 3 and r.stats()["seconds"] >= 0.035
+    r.close()
+
+
+def test_the_harness_runs_tp_comms_side_by_side(tmp_path):
+    from bench.harness import run_point
+    from pipeline import PipelineSpec
+    spec = PipelineSpec(source="tiny", stages=1, tp=2)
+    point = run_point(spec, 24, 1, [8, 8, 8], repeats=1, warmup=0, modes=["unchunked", "chunked"],
+                      tp_comms=["serial", "overlap", "sequence"])
+    assert list(point["modes"]) == ["unchunked", "chunked", "chunked/overlap", "chunked/sequence"]
+    for label in ("chunked", "chunked/overlap", "chunked/sequence"):
+        m = point["modes"][label]
+        assert m["mode"] == "chunked" and m["tp_comm"] == (label.partition("/")[2] or "serial")
+        assert m["outputs_match"] and m["bytes_exact"], label
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--tp-comm", "overlap"], "--tp-comm overlap .* needs --tp 2 or more"),
+    (["--tp", "2", "--tp-comm", "iso"], "unknown tp-comm 'iso'"),
+    (["--tp-bandwidth-gbps", "1"], "need --tp 2 or more"),
+    (["--tp", "2", "--tp-bandwidth-gbps", "0"], "tp-bandwidth-gbps"),
+])
+def test_bad_tp_comm_options_are_refused_in_one_line(argv, match, capsys):
+    from bench.cli import main
+    try:
+        code = main(["--model", "tiny", "--stages", "1", "--out", "/nonexistent/never-made"] + argv)
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(match, err), err
