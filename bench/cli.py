@@ -29,6 +29,7 @@ def run_parser():
     import torch
 
     from pipeline import MODES
+    from pipeline.compress import CODECS
     from pipeline.tp import TP_COMMS
     gpu = torch.cuda.is_available()
     ap = Parser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,6 +43,11 @@ def run_parser():
                          "run: serial (a blocking all-reduce after attention and after the MLP), overlap (each chunk "
                          "in two token halves, one half's all-reduce running while the other half computes) or "
                          "sequence (reduce-scatter + all-gather, norms on 1/T of the tokens). Default: serial")
+    ap.add_argument("--compress", type=name_list(CODECS, "compression"), default=["none"],
+                    help="what crosses each stage boundary, comma-separated to compare in one run: none (the hidden "
+                         "state as computed), bf16 (float32 models: half the bytes) or fp8 (e4m3 with a float32 scale "
+                         "per token: H + 4 bytes a token). Lossy rows report their logit difference against the "
+                         "unchunked baseline and the same mode uncompressed. Default: none")
     ap.add_argument("--prompt-len", type=int_list(1), default=[2048],
                     help="prompt length(s); several, comma-separated, make a sweep (default: 2048)")
     ap.add_argument("--chunk-size", type=integer(1), default=None, help="uniform chunk size (default: 128)")
@@ -82,10 +88,17 @@ def run_parser():
     return ap
 
 
+def stages_given(args, world, tp) -> int:
+    """--stages, or under torchrun the processes / tp, or 2."""
+    return args.stages or (world // tp if world is not None else 2)
+
+
 def main_run(argv) -> int:
     import torch
 
     from pipeline import PipelineSpec, chunk_plan, resolve_config
+    from pipeline.checks import DTYPES
+    from pipeline.compress import check_codec
     from pipeline.procs import torchrun_rank
 
     from .harness import Progress, bytes_per_token, run_point, results_doc, write_results, write_pictures, report
@@ -97,13 +110,18 @@ def main_run(argv) -> int:
     tp = args.tp
     if world is not None and world % tp:
         raise ValueError(f"--tp {tp} does not divide torchrun's {world} processes (S x T processes, one per rank)")
+    if args.compress != ["none"] and stages_given(args, world, tp) == 1:
+        raise ValueError(f"--compress {','.join(args.compress)} compresses what crosses stage boundaries: it needs "
+                         f"--stages 2 or more")
+    for z in args.compress:
+        check_codec(z, DTYPES[args.dtype])
     if tp == 1 and (args.tp_bandwidth_gbps is not None or args.tp_latency_us):
         raise ValueError("--tp-bandwidth-gbps / --tp-latency-us emulate the interconnect between tensor-parallel "
                          "ranks: they need --tp 2 or more")
     if tp == 1 and args.tp_comm != ["serial"]:
         raise ValueError(f"--tp-comm {','.join(args.tp_comm)} chooses how tensor-parallel ranks combine their sums: "
                          f"it needs --tp 2 or more")
-    stages = args.stages or (world // tp if world is not None else 2)
+    stages = stages_given(args, world, tp)
     if world is not None and stages * tp != world:
         raise ValueError(f"--stages {stages} x --tp {tp} differs from torchrun's {world} processes: one process runs "
                          f"one (stage, TP rank)")
@@ -144,7 +162,7 @@ def main_run(argv) -> int:
     spec.validate()  # the checkpoint too (config, safetensors headers), before any process starts
     plans = {L: chunk_plan(L, None if args.chunks else (args.chunk_size or 128), args.chunks)
              for L in args.prompt_len}
-    config = dict(model=str(args.model), stages=stages, tp=tp, tp_comm=args.tp_comm, link=link, device=device, ops=args.ops, dtype=args.dtype,
+    config = dict(model=str(args.model), stages=stages, tp=tp, tp_comm=args.tp_comm, compress=args.compress, link=link, device=device, ops=args.ops, dtype=args.dtype,
                   batch=args.batch, prompt_lens=args.prompt_len, chunk_size=args.chunk_size or 128,
                   chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
                   bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us,
@@ -178,10 +196,12 @@ def main_run(argv) -> int:
         for i, L in enumerate(args.prompt_len):
             label = f"L={L}" + (f" (point {i + 1} of {len(args.prompt_len)})" if len(args.prompt_len) > 1 else "")
             progress.phase(f"{label}: {len(args.modes)} mode(s)"
-                           + (f" x {len(args.tp_comm)} tp-comm(s)" if len(args.tp_comm) > 1 else "") + f" x ({args.warmup} warm-up + {args.repeats} timed) "
+                           + (f" x {len(args.tp_comm)} tp-comm(s)" if len(args.tp_comm) > 1 else "")
+                           + (f" x {len(args.compress)} compression(s)" if len(args.compress) > 1 else "") + f" x ({args.warmup} warm-up + {args.repeats} timed) "
                            f"runs on {stages} stage(s), {link}, model {args.model}")
             point = run_point(spec, L, args.batch, plans[L], args.repeats, args.warmup, args.modes,
-                              simulate=simulate, progress=progress.runs(label), tp_comms=args.tp_comm)
+                              simulate=simulate, progress=progress.runs(label), tp_comms=args.tp_comm,
+                              compress=args.compress)
             if point is None:  # a torchrun rank other than 0: it ran its stage, rank 0 reports
                 continue
             points.append(point)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from pipeline import MODES, Job, PipelineSpec, resolve_config
+from pipeline.checks import DTYPES
+from pipeline.compress import Codec
 from pipeline.schedule import chunk_starts, mode_chunks
 
 from .pauses import measure
@@ -103,6 +105,7 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
     from pipeline.simulate import replay, simulate
     timelines = {}
     for mode, m in point["modes"].items():
+        bpt = m["expected_decode_bytes"]  # what one token weighs on this row's boundaries (compressed or not)
         sim = simulate(m.get("mode", mode), m["chunks"], costs, link, bpt)
         m["sim_ttft_ms"] = sim.makespan_s * 1e3
         m["sim_over_measured"] = m["sim_ttft_ms"] / m["ttft_ms"]
@@ -135,22 +138,29 @@ def chunk_costs_vs_measured(mode: str, runs_records, costs):
 
 
 def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,
-              modes=MODES, seed: int = 0, simulate: bool = False, progress=None, tp_comms=None) -> dict | None:
+              modes=MODES, seed: int = 0, simulate: bool = False, progress=None, tp_comms=None,
+              compress=None) -> dict | None:
     """All modes on one prompt; returns the figures per mode (medians over repeats) and the raw timelines. The
     outputs are always checked against the unchunked baseline: when `unchunked` is not among `modes` it runs once,
     untimed, as the reference. With `simulate`, `calibration_jobs` run in the same round-robin as the modes (so a
     drift of the machine's speed touches the fit and the measurements alike), and each mode gets the simulator's
     figures (`simulate_modes`). With tensor parallelism, `tp_comms` (default: the spec's) lists the ways the TP ranks
-    combine their partial sums (`pipeline.tp.TP_COMMS`) to run side by side, in the same round-robin: the first
-    keeps the mode's name, the others are keyed "mode/tp_comm" (the unchunked baseline has no TP: once). None off
-    rank 0 under torchrun."""
+    combine their partial sums (`pipeline.tp.TP_COMMS`) and `compress` (default none) the boundary compressions
+    (`pipeline.compress`) to run side by side, in the same round-robin: the first of each keeps the mode's name, the
+    others are keyed "mode/tp_comm", "mode/compress" or both (the unchunked baseline, no TP and no boundary, runs
+    once). A lossy row's logits are compared with the unchunked baseline and with the same mode uncompressed in this
+    run; its outputs_match only asks for finite logits. None off rank 0 under torchrun."""
     cfg = resolve_config(spec.source)
     modes = list(modes)
-    tp_comms = list(tp_comms or [spec.tp_comm])
+    tp_comms, compress = list(tp_comms or [spec.tp_comm]), list(compress or ["none"])
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
-    variants = [(m, c) for c in tp_comms for m in modes if c == tp_comms[0] or m != "unchunked"]
-    labels = [m if c == tp_comms[0] else f"{m}/{c}" for m, c in variants]
-    jobs = [Job(m, tokens, mode_chunks(m, chunks), repeats=repeats, warmup=warmup, tp_comm=c) for m, c in variants]
+    # every mode with every (tp_comm, compress); the unchunked baseline (no TP, no boundary) once
+    variants = [(m, c, z) for z in compress for c in tp_comms for m in modes
+                if (c, z) == (tp_comms[0], compress[0]) or m != "unchunked"]
+    labels = [m + (f"/{c}" if c != tp_comms[0] else "") + (f"/{z}" if z != compress[0] else "")
+              for m, c, z in variants]
+    jobs = [Job(m, tokens, mode_chunks(m, chunks), repeats=repeats, warmup=warmup, tp_comm=c, compress=z)
+            for m, c, z in variants]
     cal_jobs = calibration_jobs(tokens, repeats, warmup) if simulate else []
     ref_jobs = [] if "unchunked" in modes else [Job("unchunked", tokens, [prompt_len])]
     all_runs = measure(spec, jobs + cal_jobs + ref_jobs, progress)
@@ -160,6 +170,7 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     variant_of = dict(zip(labels, variants))
     base = results["unchunked"] if "unchunked" in results else all_runs[-1]
     bpt = bytes_per_token(spec, batch)
+    wire_bpt = {z: Codec(z).bytes_per_token(batch, cfg.hidden_size, DTYPES[spec.dtype]) for z in compress}
     from pipeline.simulate import free_link_bound
     bounds = {label: [free_link_bound(variant_of[label][0], r.records) for r in runs]
               for label, runs in results.items()}
@@ -187,13 +198,14 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
             per_chunk_stage_max_ms=[x * 1e3 for x in best.metrics["per_chunk_stage_max_s"]],
             prefill_bytes_per_boundary=best.metrics["bytes_per_boundary"],
             decode_bytes_per_boundary=best.metrics.get("decode_bytes_per_boundary", []),
-            expected_prefill_bytes=prompt_len * bpt,
-            expected_decode_bytes=bpt,
+            expected_prefill_bytes=prompt_len * wire_bpt[variant_of[mode][2]],
+            expected_decode_bytes=wire_bpt[variant_of[mode][2]],
             chunks=best.chunks,
+            mode=variant_of[mode][0], compress=variant_of[mode][2],
         )
         if "allreduce_bytes_per_stage" in best.metrics:  # tensor parallelism: the reduce traffic, per stage
             bm = best.metrics
-            m.update(mode=variant_of[mode][0], tp_comm=variant_of[mode][1], tp=spec.tp, allreduce_bytes_per_stage=bm["allreduce_bytes_per_stage"],
+            m.update(tp_comm=variant_of[mode][1], tp=spec.tp, allreduce_bytes_per_stage=bm["allreduce_bytes_per_stage"],
                      allreduce_wire_bytes_per_stage=bm["allreduce_wire_bytes_per_stage"],
                      allreduce_calls_per_stage=bm["allreduce_calls_per_stage"],
                      allreduce_ms_per_stage=[statistics.median(r.metrics["allreduce_s_per_stage"][s] for r in runs)
@@ -205,6 +217,15 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         ref = base[0]
         m["max_abs_dlogits"] = max((r.logits - ref.logits).abs().max().item() for r in runs)
         m["max_abs_ddecode_logits"] = max((r.decode_logits - ref.decode_logits).abs().max().item() for r in runs)
+        if variant_of[mode][2] != "none":  # lossy sends: how far the logits moved, against the same run uncompressed
+            m["rel_dlogits"] = m["max_abs_dlogits"] / ref.logits.abs().max().item()
+            m["greedy_match_fraction"] = min((r.logits.argmax(-1) == ref.logits.argmax(-1)).float().mean().item()
+                                             for r in runs)
+            plain = next((lab for lab, v in variant_of.items()
+                          if v == (variant_of[mode][0], variant_of[mode][1], "none")), None)
+            if plain is not None:
+                m["max_abs_dlogits_vs_uncompressed"] = max((r.logits - results[plain][0].logits).abs().max().item()
+                                                           for r in runs)
         m["measured_over_bound"] = m["ttft_ms"] / m["bound_ms"]  # the quotient of the two medians printed
         figures[mode] = m
         timelines[mode] = best.timeline
@@ -217,8 +238,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
                             and all(b == m["expected_decode_bytes"] for b in m["decode_bytes_per_boundary"])
                             and m.get("allreduce_bytes_per_stage") == m.get("expected_allreduce_bytes_per_stage"))
         # NaN logits (a broken kernel) must fail the check: NaN <= tol is False, and so is this
-        m["outputs_match"] = bool(m["max_abs_dlogits"] <= LOGITS_TOL[spec.dtype]
-                                  and m["max_abs_ddecode_logits"] <= LOGITS_TOL[spec.dtype])
+        tol = LOGITS_TOL[spec.dtype] if m["compress"] == "none" else math.inf  # lossy: reported, not judged
+        m["outputs_match"] = bool(m["max_abs_dlogits"] <= tol and m["max_abs_ddecode_logits"] <= tol)
     partitions = next((r.metrics["sm_partitions"] for runs in all_runs for r in runs if "sm_partitions" in r.metrics),
                       None)
     point = dict(prompt_len=prompt_len, batch=batch, modes=figures, timelines=timelines,
@@ -298,7 +319,13 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pause
          "mode": "the schedule of this row (a row keyed mode/tp_comm runs that mode with that tp_comm)",
          "decode_allreduce_bytes_per_stage": "bytes, all-reduce payload of one decode token per TP rank",
          "allreduce_prefill_over_decode": "ratio, prefill all-reduce bytes / one decode token's (= L)",
-         "max_abs_dlogits": "absolute logit difference vs unchunked", "compute_ms_per_stage": "ms",
+         "max_abs_dlogits": "absolute logit difference vs unchunked",
+         "compress": "what crossed the stage boundaries: none, bf16 or fp8 (e4m3 + a float32 scale per token)",
+         "rel_dlogits": "lossy rows: max_abs_dlogits / max |logit| of the unchunked baseline",
+         "greedy_match_fraction": "lossy rows: fraction of the batch whose greedy next token is the baseline's "
+                                  "(least over runs)",
+         "max_abs_dlogits_vs_uncompressed": "lossy rows: absolute logit difference vs the same mode uncompressed in "
+                                            "this run", "compute_ms_per_stage": "ms",
          "send_time_ms_per_stage": "ms", "per_chunk_stage_max_ms": "ms", "sim_ttft_ms": "ms (simulated)",
          "sim_over_measured": "ratio, simulated / median measured TTFT", "sim_exposed_comm_ms": "ms (simulated)",
          "replay_over_measured": "ratio, median over runs of (simulated on the run's own compute times / measured)",
@@ -435,6 +462,9 @@ def report(points: list[dict], path: Path, title: str, simulate: bool) -> dict:
                    ttft_ms={m: round(v["ttft_ms"], 2) for m, v in last["modes"].items()},
                    outputs_match=all(v["outputs_match"] for p in points for v in p["modes"].values()),
                    bytes_exact=all(v["bytes_exact"] for p in points for v in p["modes"].values()))
+    lossy = {m: v["max_abs_dlogits"] for m, v in last["modes"].items() if v.get("compress", "none") != "none"}
+    if lossy:  # not judged by outputs_match: how far compression moved the logits
+        summary["lossy_max_abs_dlogits"] = lossy
     if "naive" in last["modes"] and "overlapped" in last["modes"]:
         summary["overlapped_vs_naive"] = round(last["modes"]["overlapped"]["speedup_vs_naive"], 3)
         summary["overlapped_measured_over_bound"] = round(last["modes"]["overlapped"]["measured_over_bound"], 3)

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from . import checks
 from .checks import DTYPES
+from .compress import check_codec
 from .config import ModelConfig
 from .link import LinkModel
 from .model import resolve_config
@@ -36,6 +37,7 @@ def check_job(job: Job, cfg) -> None:
     checks.flag("return_cache", job.return_cache)
     if job.tp_comm is not None:
         check_tp_comm(job.tp_comm)
+    check_codec(job.compress)
 
 
 def memory_needed(spec: PipelineSpec, cfg, job: Job) -> int:
@@ -117,6 +119,7 @@ def run_jobs(spec: PipelineSpec, jobs: list[Job], progress=None) -> list[list[Pr
         raise ValueError(f"jobs must be a non-empty list of Job, got {jobs!r}")
     for job in jobs:
         check_job(job, cfg)
+        check_codec(job.compress, DTYPES[spec.dtype])
     check_resources(spec, cfg, jobs)
     return _run(spec, jobs, progress)
 
@@ -141,10 +144,12 @@ def _run(spec: PipelineSpec, jobs: list[Job], progress=None):
 def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: int | list[int] = 2,
                 chunk_size: int | None = None, chunks: list[int] | None = None, link: str = "inprocess",
                 ops: str = "torch", dtype: str = "float32", device: str = "cpu", bandwidth_gbps: float | None = None,
-                latency_s: float = 0.0, decode: bool = True, return_cache: bool = False,
+                latency_s: float = 0.0, decode: bool = True, return_cache: bool = False, compress: str = "none",
                 **spec_kw) -> PrefillResult | None:
     """One prefill request through the pipeline. Returns the last-position logits [B, V], the measurements and,
     with return_cache, every stage's KV cache. `unchunked` ignores stages and chunks (it is the baseline).
+    compress: what crosses each stage boundary, "none", "bf16" (float32 models) or "fp8" (e4m3 with per-token
+    scales): lossy, the logits then differ from the unchunked model's (`pipeline.compress`).
 
     link 'gloo' / 'nccl' start one process per stage (spawn): in a script, call this under
     `if __name__ == "__main__":`. Under torchrun every rank calls it; rank 0 gets the result, the others None."""
@@ -160,7 +165,7 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
     spec = PipelineSpec(source=source if isinstance(source, ModelConfig) else str(source), stages=stages, link=link,
                         ops=ops, dtype=checks.dtype_name(dtype), device=device, bandwidth_gbps=bandwidth_gbps,
                         latency_s=latency_s, **spec_kw)
-    job = Job(mode, tokens, plan, decode=decode, return_cache=return_cache)
+    job = Job(mode, tokens, plan, decode=decode, return_cache=return_cache, compress=compress)
     results = run_jobs(spec, [job])
     return None if results is None else results[0][0]
 

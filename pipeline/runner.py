@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .checks import DTYPES
+from .compress import Codec
 from .link import DistChannel, LinkAborted, LinkModel, LocalChannel
 from .model import resolve_config
 from .schedule import Clock, StageRecord, stage_program, summarize, timeline
@@ -45,6 +46,7 @@ class Runner:
             # every rank creates every stage's TP group, in the same order (new_group is collective)
             tp_groups = [dist.new_group(list(range(g * T, (g + 1) * T))) for g in range(S)] if T > 1 else []
             reducers = {mine[0]: DistReducer(T, tp_groups[self.s], tp_link) if T > 1 else None}
+        self.codec = Codec()
         self.shards = {(s, t): self._stage(self.ranges[s], s, S, t, reducers[(s, t)]) for s, t in mine}
         self._full = None
         self.clock = Clock(self.device)
@@ -74,10 +76,12 @@ class Runner:
         return [st.model.reduce.stats() for (s, t), st in sorted(self.shards.items())
                 if t == 0 or self.rank is not None]
 
-    def use_tp_comm(self, tp_comm: str | None) -> None:
-        """How this process's TP shards combine their partial sums in the next run (None: the spec's)."""
+    def configure(self, job: Job) -> None:
+        """What may change from job to job on the same stages: how the TP shards combine their partial sums
+        (job.tp_comm, None: the spec's) and how boundary sends are compressed (job.compress)."""
         for st in self.shards.values():
-            st.model.tp_comm = tp_comm or self.spec.tp_comm
+            st.model.tp_comm = job.tp_comm or self.spec.tp_comm
+        self.codec = Codec(job.compress)
 
     def _reset_reducers(self):
         for st in self.shards.values():
@@ -118,7 +122,7 @@ class Runner:
                                       tokens=tokens if s == 0 else None,
                                       recv=self.channels[s - 1][t] if s > 0 and S > 1 else None,
                                       send=self.channels[s][t] if s < S - 1 else None, batch=B, start_pos=start_pos,
-                                      result=(result if t == 0 else {}) if s == S - 1 else None)
+                                      result=(result if t == 0 else {}) if s == S - 1 else None, codec=self.codec)
                 for (s, t), st in shards.items()}
         if self.device.type == "cuda":  # the host only enqueues: interleave the stages chunk by chunk
             streams = (self.partitions.stage_streams[:S] if self.partitions  # unchunked: on partition 0
@@ -185,7 +189,8 @@ class Runner:
         self.clock.anchor()  # every rank's GPU clock on the host time base, from an idle device
         t_start = time.perf_counter()
         for k in stage_program(st, mode, chunks, self.clock, record, tokens=tokens if (recv is None) else None,
-                               recv=recv, send=send, batch=tokens.shape[0], start_pos=start_pos, result=result):
+                               recv=recv, send=send, batch=tokens.shape[0], start_pos=start_pos, result=result,
+                               codec=self.codec):
             if k == 0 and mode != "unchunked":
                 self._inject_fault(self.s)
         self._sync()
@@ -257,7 +262,7 @@ def run_once_inprocess(runner: Runner, job: Job) -> PrefillResult:
     B, L = job.tokens.shape
     tokens = job.tokens.to(runner.device)
     _reset(runner, job.mode, B, L + 1)
-    runner.use_tp_comm(job.tp_comm)
+    runner.configure(job)
     records, t0, t1, logits = runner.run_inprocess(job.mode, tokens, job.chunks)
     metrics = summarize(records, t0, t1)
     reduce_prefill = runner.reducer_stats(job.mode)
@@ -285,7 +290,7 @@ def _run_once_rank(runner: Runner, job: Job) -> PrefillResult | None:
     B, L = job.tokens.shape
     tokens = job.tokens.to(runner.device)
     _reset(runner, job.mode, B, L + 1)
-    runner.use_tp_comm(job.tp_comm)
+    runner.configure(job)
     part = runner.run_rank(job.mode, tokens, job.chunks)
     mine = dict(part=part, tp_rank=t, reduce=runner.reducer_stats(job.mode))
     if job.decode:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import checks
+from .compress import Codec
 
 MODES = ("unchunked", "naive", "chunked", "overlapped")
 
@@ -111,14 +112,17 @@ class StageRecord:
 
 
 def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: StageRecord, *, tokens=None,
-                  recv=None, send=None, batch: int, start_pos: int = 0, result: dict | None = None):
+                  recv=None, send=None, batch: int, start_pos: int = 0, result: dict | None = None, codec=None):
     """Runs `chunks` of one request through `stage`, yielding after each chunk.
 
-    tokens [B, L] on the first stage; `recv` / `send`: channels from the previous / to the next stage.
+    tokens [B, L] on the first stage; `recv` / `send`: channels from the previous / to the next stage; `codec`
+    (`pipeline.compress`): what crosses them (default: the hidden state as computed).
     On the last stage, result["logits"] is set to the last position's logits [B, V].
     """
     cfg = stage.cfg
-    hidden_shape = lambda c: (batch, c, cfg.hidden_size)  # noqa: E731
+    codec = codec or Codec()
+    dtype = stage.model.dtype
+    wire = lambda c: codec.wire((batch, c, cfg.hidden_size), dtype)  # noqa: E731
     overlapped = mode == "overlapped"
     starts = chunk_starts(chunks, start_pos)
     posted: dict[int, object] = {}
@@ -126,7 +130,7 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
 
     def post_recv(k):  # into buffer slot k % 2: the one chunk k - 2 used, whose compute is done
         record.recv_posted.append(clock.mark())
-        posted[k] = recv.irecv(hidden_shape(chunks[k]), stage.model.dtype, tag=k, slot=k % 2)
+        posted[k] = recv.irecv(*wire(chunks[k]), tag=k, slot=k % 2)
 
     if recv is not None and overlapped:  # pre-post the first two receives (double buffering)
         for k in range(min(2, len(chunks))):
@@ -140,6 +144,7 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
             t0 = clock.mark()
             x = posted.pop(k).wait()
             record.recv_wait.append((t0, clock.mark()))
+            x = codec.decode(x, dtype)
         t0 = clock.mark()
         y = stage.forward(x, starts[k], last_only=True)
         record.compute.append((t0, clock.mark()))
@@ -149,7 +154,7 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
             if result is not None and k == len(chunks) - 1:
                 result["logits"] = y
         else:
-            handle = send.isend(y, tag=k)
+            handle = send.isend(codec.encode(y), tag=k)
             record.send.append(handle)
             record.bytes_sent += handle.nbytes
             in_flight.append(handle)

@@ -119,6 +119,7 @@ class Job:
     decode: bool = True
     return_cache: bool = False
     tp_comm: str | None = None  # how TP ranks combine partial sums in this run (None: the spec's; pipeline.tp)
+    compress: str = "none"  # what crosses stage boundaries: none, bf16 or fp8 (pipeline.compress)
 
 
 @dataclass
