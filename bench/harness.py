@@ -61,23 +61,39 @@ def bytes_per_token(spec: PipelineSpec, batch: int) -> int:
 
 def calibration_jobs(tokens: torch.Tensor, repeats: int, warmup: int) -> list[Job]:
     """Runs that a cost fit needs, on `tokens` [B, L]: an overlapped run whose chunk sizes cycle through L/128..L/4
-    tokens (every size at many prefix lengths) and a naive run (the whole prompt as one chunk)."""
+    tokens (every size at many prefix lengths) and a naive run (the whole prompt as one chunk). With tensor
+    parallelism they use serial all-reduces, so that each chunk's time splits into compute and all-reduce."""
     from pipeline.costs import calibration_chunks
     L = tokens.shape[1]
-    return [Job("overlapped", tokens, calibration_chunks(L), repeats=repeats, warmup=warmup, decode=False),
-            Job("naive", tokens, [L], repeats=repeats, warmup=warmup, decode=False)]
+    return [Job("overlapped", tokens, calibration_chunks(L), repeats=repeats, warmup=warmup, decode=False,
+                tp_comm="serial"),
+            Job("naive", tokens, [L], repeats=repeats, warmup=warmup, decode=False, tp_comm="serial")]
 
 
 def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[list]):
     """Fits each stage's chunk cost a·x² + b·x·p + c·x + d and the link's latency + bytes/bandwidth from the timed
-    runs of `calibration_jobs` (warm-up runs are not among them). Returns (costs, link, description for the results
-    file)."""
-    from pipeline.costs import fit_from_runs
-    costs, link = fit_from_runs([r for job_runs in runs for r in job_runs], bytes_per_token(spec, batch))
+    runs of `calibration_jobs` (warm-up runs are not among them). With tp > 1 the chunk cost is the compute alone
+    (each chunk's time less its all-reduces') and the TP interconnect is fitted too (latency + ring bytes /
+    bandwidth per all-reduce); each stage's cost is then a `pipeline.costs.TPCost` (serial all-reduces; the
+    simulator swaps in the overlapped schedule for rows that ran it). Returns (costs, link, description)."""
+    from pipeline.costs import TPCost, attention_share, fit_from_runs, fit_tp_from_runs
+    flat = [r for job_runs in runs for r in job_runs]
+    bpt = bytes_per_token(spec, batch)
+    costs, link = fit_from_runs(flat, bpt)
     info = dict(prompt_len=jobs[0].tokens.shape[1], repeats=jobs[0].repeats, warmup=jobs[0].warmup,
                 chunks=jobs[0].chunks, stage_costs=[dataclasses.asdict(c) for c in costs],
                 stage_cost_form="a*x^2 + b*x*p + c*x + d seconds",
                 link=dict(bandwidth_gbps=link.bandwidth_gbps, latency_s=link.latency_s))
+    if spec.tp > 1:
+        compute, tp_link = fit_tp_from_runs(flat, spec.tp)
+        cfg = resolve_config(spec.source)
+        layers = [len(r) for r in spec.layer_ranges(cfg)]
+        costs = [TPCost(c, n, spec.tp, tp_link, bpt, "serial", attention_share(cfg)) for c, n in zip(compute, layers)]
+        info.update(stage_costs=[dataclasses.asdict(c) for c in compute],
+                    stage_cost_form="one TP rank's compute alone: a*x^2 + b*x*p + c*x + d seconds, plus 2 all-reduces "
+                                    "per layer (pipeline.costs.TPCost)",
+                    tp_link=dict(bandwidth_gbps=tp_link.bandwidth_gbps, latency_s=tp_link.latency_s,
+                                 form="per all-reduce: latency_s + 2(T-1)/T payload bytes / bandwidth"))
     return costs, link, info
 
 
@@ -102,24 +118,35 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
     And the cost model chunk by chunk: chunk_fit_over_measured (median over every chunk of every stage and run of
     fitted / measured) and outlier_compute_fraction (the share of measured compute time spent in chunks that took
     more than twice their fitted cost: disturbances of the machine that the least-time fit leaves out)."""
+    from pipeline.costs import TPCost
     from pipeline.simulate import replay, simulate
     timelines = {}
+    tp = isinstance(costs[0], TPCost)
     for mode, m in point["modes"].items():
         bpt = m["expected_decode_bytes"]  # what one token weighs on this row's boundaries (compressed or not)
-        sim = simulate(m.get("mode", mode), m["chunks"], costs, link, bpt)
-        m["sim_ttft_ms"] = sim.makespan_s * 1e3
-        m["sim_over_measured"] = m["sim_ttft_ms"] / m["ttft_ms"]
-        m["sim_exposed_comm_ms"] = sim.metrics["exposed_comm_s"] * 1e3
-        m["sim_bubble_fraction"] = sim.metrics["bubble_fraction"]
+        row_costs = costs
+        if tp:  # the row's own all-reduce schedule; the baseline (no TP) and sequence parallelism are not modelled
+            comm = m.get("tp_comm")
+            row_costs = [dataclasses.replace(c, comm=comm) for c in costs] if comm in ("serial", "overlap") else None
+        if row_costs is None:
+            for key in ("sim_ttft_ms", "sim_over_measured", "sim_exposed_comm_ms", "sim_bubble_fraction",
+                        "chunk_fit_over_measured", "outlier_compute_fraction"):
+                m[key] = math.nan
+        else:
+            sim = simulate(m.get("mode", mode), m["chunks"], row_costs, link, bpt)
+            m["sim_ttft_ms"] = sim.makespan_s * 1e3
+            m["sim_over_measured"] = m["sim_ttft_ms"] / m["ttft_ms"]
+            m["sim_exposed_comm_ms"] = sim.metrics["exposed_comm_s"] * 1e3
+            m["sim_bubble_fraction"] = sim.metrics["bubble_fraction"]
+            fit, took = chunk_costs_vs_measured(m.get("mode", mode), point["records"][mode], row_costs)
+            m["chunk_fit_over_measured"] = float(np.median(fit / took))
+            m["outlier_compute_fraction"] = float(took[took > 2 * fit].sum() / took.sum())
+            timelines[mode] = sim.events
         # the event model alone: each measured run replayed on its own compute times
         ratios = [replay(m.get("mode", mode), records, link, bpt).makespan_s * 1e3 / ttft
                   for records, ttft in zip(point["records"][mode], m["ttft_runs_ms"])]
         m["replay_over_measured_runs"] = ratios
         m["replay_over_measured"] = statistics.median(ratios)
-        fit, took = chunk_costs_vs_measured(m.get("mode", mode), point["records"][mode], costs)
-        m["chunk_fit_over_measured"] = float(np.median(fit / took))
-        m["outlier_compute_fraction"] = float(took[took > 2 * fit].sum() / took.sum())
-        timelines[mode] = sim.events
     return timelines
 
 
@@ -444,7 +471,8 @@ def write_pictures(out: Path, points: list[dict], config: dict, simulate: bool) 
     write_chrome_trace(last["timelines"], out / "trace.json")
     if simulate:  # measured and simulated, mode by mode, on one time axis
         write_timeline_png({f"{mode} {kind}": p[mode] for mode in last["timelines"]
-                            for kind, p in (("measured", last["timelines"]), ("simulated", last["sim_timelines"]))},
+                            for kind, p in (("measured", last["timelines"]), ("simulated", last["sim_timelines"]))
+                            if mode in p},
                            out / "timeline_vs_sim.png", title + " — measured vs simulated")
     if len(points) > 1:
         write_sweep_png(points, out / "sweep.png", title)

@@ -5,6 +5,11 @@ chunked and overlapped schedules; compared with T_compute / S, the ideal split o
     python -m bench simulate [--models llama3-8b,llama3-70b] [--device h100] [--stages 2,4,8]
                              [--links nvlink,pcie5,100gbe] [--prompt-lens 4096,...,131072] [--out DIR]
 
+With --gpus N,...: tensor x pipeline parallelism instead. Every (T, S) with T·S = N GPUs, each stage split over T
+ranks with two all-reduces per layer (ring: latency + 2(T-1)/T bytes / bandwidth), serial or overlapped ISO-style
+(`pipeline.costs.TPCost`); defaults llama3-8b/70b/405b over nvlink, pcie5 and ib-ndr. Every link, the stage sends
+and the all-reduces alike, is the named fabric.
+
 Writes simulate.json and simulate.png; the last stdout line is a one-line JSON summary. These are model figures,
 not measurements: the device rates and efficiencies they assume are in pipeline/costs.py and in the JSON.
 """
@@ -68,6 +73,114 @@ def _min_bandwidth(chunks, costs, bpt, latency_s, free_s) -> float:
         mid = (lo * hi) ** 0.5
         lo, hi = (lo, mid) if ok(mid) else (mid, hi)
     return hi
+
+
+# ---- tensor parallelism x pipeline parallelism -----------------------------------------------------------------
+
+TP_MODES = ("naive", "chunked", "overlapped")
+
+
+def tp_splits(cfg, gpus: int) -> list[tuple[int, int]]:
+    """Every (T, S) with T·S = gpus that the model allows: T splits the heads and MLP (`pipeline.tp.check_tp`), S is
+    at most the layer count."""
+    from pipeline.tp import check_tp
+    out = []
+    for T in range(1, gpus + 1):
+        if gpus % T or gpus // T > cfg.num_layers:
+            continue
+        try:
+            check_tp(cfg, T)
+        except ValueError:
+            continue
+        out.append((T, gpus // T))
+    return out
+
+
+class _Tabled:
+    """A cost evaluated once, vectorised, at the (x, p) a simulation asks for: lookups after that."""
+
+    def __init__(self, cost, points):
+        import numpy as np
+        xs = np.array([x for x, _ in points], dtype=np.float64)
+        ps = np.array([p for _, p in points], dtype=np.float64)
+        self.table = dict(zip(points, np.broadcast_to(cost(xs, ps), xs.shape).tolist()))
+
+    def __call__(self, x, p):
+        return self.table[(int(x), int(p))]
+
+
+def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: int, batch: int = 1,
+               granularity: int | None = None) -> dict:
+    """One TP x PP point: `gpus` = T·S GPUs, every link (stage sends and all-reduces) on `link_name`. For serial
+    and overlapped all-reduces (`pipeline.costs.TPCost` on one rank's roofline), a balanced chunk plan and every
+    mode's TTFT; the same with a free TP interconnect, to tell how much of the reduce stays exposed."""
+    from pipeline.costs import TPCost, attention_share, get_device, link_preset, roofline_stage_costs, stage_max
+    from pipeline.link import LinkModel
+    from pipeline.plan import plan_chunks
+    from pipeline.schedule import chunk_starts
+    from pipeline.simulate import simulate
+    dev = get_device(device)
+    compute = roofline_stage_costs(cfg, S, dev, batch, tp=T)
+    link = link_preset(link_name, dev)
+    # a ring all-reduce over T ranks takes 2(T-1) steps, each paying the link's latency
+    tp_link = LinkModel(link.bandwidth_gbps, link.latency_s * 2 * (T - 1)) if T > 1 else LinkModel()
+    bpt = batch * cfg.hidden_size * 2  # bf16 hidden state
+    share = attention_share(cfg)
+    g = min(granularity or max(128, L // 64), L)
+    full = sum(float(c(L, 0)) for c in roofline_stage_costs(cfg, 1, dev, batch))  # the unchunked prefill, 1 GPU
+    layers = [c.layers for c in compute]
+    row = dict(model=cfg_name(cfg), gpus=gpus, tp=T, stages=S, link=link_name, link_gbps=link.bandwidth_gbps,
+               prompt_len=L, t_compute_1gpu_ms=full * 1e3, ideal_ms=full / gpus * 1e3,
+               fits_in_memory=max(c.memory_bytes(L) for c in compute) <= dev.memory_gb * 1e9,
+               boundary_bytes=L * bpt, allreduce_bytes_per_stage=[2 * n * L * bpt for n in layers])
+    for comm in ("serial", "overlap"):
+        costs = [TPCost(c, n, T, tp_link, bpt, comm, share) for c, n in zip(compute, layers)]
+        chunks = plan_chunks(L, stage_max(costs), S, g, link=link, bytes_per_token=bpt).chunks
+        points = list(zip(chunks, chunk_starts(chunks))) + [(L, 0)]
+        tabled = [_Tabled(c, points) for c in costs]
+        row[f"chunks_{comm}"] = len(chunks)
+        for mode in TP_MODES:
+            row[f"{mode}_{comm}_ms"] = simulate(mode, chunks, tabled, link, bpt).makespan_s * 1e3
+        if comm == "overlap":
+            free = [_Tabled(TPCost(c, n, T, LinkModel(), bpt, comm, share), points) for c, n in zip(compute, layers)]
+            row["overlapped_free_tp_ms"] = simulate("overlapped", chunks, free, link, bpt).makespan_s * 1e3
+    best = min(((mode, comm) for mode in TP_MODES for comm in ("serial", "overlap")),
+               key=lambda mc: row[f"{mc[0]}_{mc[1]}_ms"])
+    row["best_mode"], row["best_tp_comm"] = best
+    row["best_ms"] = row[f"{best[0]}_{best[1]}_ms"]
+    row["best_over_ideal"] = row["best_ms"] / row["ideal_ms"]
+    # what the all-reduces still add to the overlapped pipeline once overlapped themselves
+    row["reduce_exposed_ms"] = row["overlapped_overlap_ms"] - row["overlapped_free_tp_ms"]
+    row["reduce_hidden"] = row["overlapped_overlap_ms"] <= (1 + HIDDEN_TOLERANCE) * row["overlapped_free_tp_ms"]
+    return row
+
+
+def mark_fastest(rows: list[dict]) -> None:
+    """rows[i]["fastest"]: the least TTFT among the (T, S) splits of its (model, GPUs, link, prompt length)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["gpus"], r["link"], r["prompt_len"]), []).append(r)
+    for group in groups.values():
+        winner = min(group, key=lambda r: (not r["fits_in_memory"], r["best_ms"]))
+        for r in group:
+            r["fastest"] = r is winner
+
+
+def tp_table(rows: list[dict]) -> str:
+    head = ("model", "GPUs", "TxS", "link", "L", "naive ms", "overl. ms", "overl.+ISO ms", "free-AR ms", "AR exposed",
+            "hidden", "best", "best/ideal", "fits", "fastest")
+    out = [head]
+    for r in rows:
+        L = r["prompt_len"]
+        out.append((r["model"], str(r["gpus"]), f"{r['tp']}x{r['stages']}", r["link"],
+                    f"{L // 1024}k" if L % 1024 == 0 else str(L), f"{r['naive_serial_ms']:.0f}",
+                    f"{r['overlapped_serial_ms']:.0f}", f"{r['overlapped_overlap_ms']:.0f}",
+                    f"{r['overlapped_free_tp_ms']:.0f}", f"{r['reduce_exposed_ms']:.0f}",
+                    "yes" if r["reduce_hidden"] else "NO", f"{r['best_mode']}/{r['best_tp_comm']}",
+                    f"{r['best_over_ideal']:.2f}", "yes" if r["fits_in_memory"] else "no",
+                    "<--" if r["fastest"] else ""))
+    widths = [max(len(row[i]) for row in out) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in out)
 
 
 def cfg_name(cfg) -> str:
@@ -137,12 +250,15 @@ def main(argv=None) -> int:
     from .options import Parser, int_list, integer, name_list, out_path, output_dir, say
     ap = Parser(prog="python -m bench simulate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=name_list([m for m in PRESETS if m not in ("tiny", "small")] + ["tiny", "small"],
-                                               "model preset"), default=["llama3-8b", "llama3-70b"],
-                    help="model presets (default: llama3-8b,llama3-70b)")
+                                               "model preset"), default=None,
+                    help="model presets (default: llama3-8b,llama3-70b; with --gpus also llama3-405b)")
     ap.add_argument("--device", choices=list(DEVICES), default="h100", help="device preset (default: h100)")
-    ap.add_argument("--stages", type=int_list(1), default=[2, 4, 8], help="pipeline stages (default: 2,4,8)")
-    ap.add_argument("--links", type=name_list(["nvlink", *LINK_PRESETS], "link preset"),
-                    default=["nvlink", "pcie5", "100gbe"], help="link presets (default: nvlink,pcie5,100gbe)")
+    ap.add_argument("--stages", type=int_list(1), default=None, help="pipeline stages (default: 2,4,8)")
+    ap.add_argument("--gpus", type=int_list(1), default=None,
+                    help="tensor x pipeline parallelism: GPU counts N, each split every way T x S = N the model allows "
+                         "(e.g. 8,16); replaces --stages")
+    ap.add_argument("--links", type=name_list(["nvlink", *LINK_PRESETS], "link preset"), default=None,
+                    help="link presets (default: nvlink,pcie5,100gbe; with --gpus nvlink,pcie5,ib-ndr)")
     ap.add_argument("--prompt-lens", type=int_list(1), default=[4096, 8192, 16384, 32768, 65536, 131072],
                     help="prompt lengths (default: 4k-128k); each must fit the model's context")
     ap.add_argument("--batch", type=integer(1), default=1, help="batch size (default: 1)")
@@ -152,6 +268,13 @@ def main(argv=None) -> int:
                                                                          "at least 128)")
     ap.add_argument("--out", type=out_path, default=Path("bench_out/simulate"), help="output directory")
     args = ap.parse_args(argv)
+    if args.gpus and args.stages:
+        raise ValueError("--gpus splits each GPU count every way T x S itself: drop --stages")
+    if args.gpus:
+        return main_tp(args)
+    args.models = args.models or ["llama3-8b", "llama3-70b"]
+    args.stages = args.stages or [2, 4, 8]
+    args.links = args.links or ["nvlink", "pcie5", "100gbe"]
     cfgs = {m: PRESETS[m] for m in args.models}
     dev = get_device(args.device)
     for m, cfg in cfgs.items():  # every size checked before any work
@@ -188,6 +311,103 @@ def main(argv=None) -> int:
                           hidden=sum(r["comm_hidden"] for r in rows),
                           worst_overlapped_over_ideal=round(max(r["overlapped_over_ideal"] for r in rows), 3))))
     return 0
+
+
+def check_grid(cfgs: dict, prompt_lens: list[int], granularity: int | None) -> None:
+    for m, cfg in cfgs.items():
+        for L in prompt_lens:
+            if L > cfg.max_seq_len:
+                raise ValueError(f"prompt length {L} exceeds {m}'s context of {cfg.max_seq_len} tokens")
+    if granularity and granularity > min(prompt_lens):
+        raise ValueError(f"--granularity {granularity} is larger than the shortest prompt ({min(prompt_lens)} tokens)")
+
+
+def main_tp(args) -> int:
+    """`simulate --gpus`: the TP x PP projection."""
+    from pipeline.config import PRESETS
+    from pipeline.costs import get_device, link_preset
+
+    from .harness import write_json
+    from .options import output_dir, say
+    if args.chunk_plan != "balanced":
+        raise ValueError("--gpus plans balanced chunks for each split: drop --chunk-plan uniform")
+    models = args.models or ["llama3-8b", "llama3-70b", "llama3-405b"]
+    links = args.links or ["nvlink", "pcie5", "ib-ndr"]
+    cfgs = {m: PRESETS[m] for m in models}
+    check_grid(cfgs, args.prompt_lens, args.granularity)
+    splits = {(m, N): tp_splits(cfg, N) for m, cfg in cfgs.items() for N in args.gpus}
+    for (m, N), options in splits.items():
+        if not options:
+            raise ValueError(f"{m} cannot be split over {N} GPUs (no T x S = {N} with T dividing its heads and MLP "
+                             f"and S at most its {cfgs[m].num_layers} layers)")
+    dev = get_device(args.device)
+    grid = [(m, N, T, S, link, L) for m in models for N in args.gpus for T, S in splits[(m, N)] for link in links
+            for L in args.prompt_lens]
+    from tqdm import tqdm
+    with output_dir(args.out) as out:
+        say(f"bench simulate: {len(grid)} TP x PP points ({dev.name} roofline, balanced chunks)")
+        rows = [project_tp(cfgs[m], N, T, S, args.device, link, L, args.batch, args.granularity)
+                for m, N, T, S, link, L in tqdm(grid, desc="simulating", file=sys.stderr,
+                                                 disable=not sys.stderr.isatty())]
+        mark_fastest(rows)
+        title = f"TP x PP projection: {dev.name}, batch {args.batch}, bf16, balanced chunks (roofline model)"
+        write_tp_plot(rows, out / "simulate.png", title)
+        doc = dict(kind="projection (model figures, not measurements)", device=dataclasses.asdict(dev),
+                   links={name: dataclasses.asdict(link_preset(name, dev)) for name in links},
+                   hidden_tolerance=HIDDEN_TOLERANCE,
+                   allreduce_model="ring over T ranks: 2(T-1) x link latency + 2(T-1)/T x payload / link bandwidth "
+                                   "per all-reduce, 2 per layer; overlap: ISO token halves (pipeline.costs.TPCost)",
+                   config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, rows=rows)
+        write_json(out / "simulate.json", doc)
+    print(title)
+    print(tp_table(rows))
+    print(f"\n'naive ms' / 'overl. ms': serial all-reduces; 'overl.+ISO ms': the overlapped pipeline with ISO-overlapped "
+          f"all-reduces; 'free-AR ms': the same with a free TP interconnect; 'AR exposed': what the all-reduces still "
+          f"add; 'hidden': under {100 * HIDDEN_TOLERANCE:.0f}%; 'best/ideal': the best mode over (1-GPU compute)/N; "
+          f"'fastest': the least TTFT among the splits that fit, per model, GPUs, link and prompt.")
+    print(f"results: {out / 'simulate.json'}  plot: {out / 'simulate.png'}")
+    fastest = {f"{r['model']} {r['gpus']} GPUs {r['link']} L={r['prompt_len']}":
+               f"T{r['tp']}xS{r['stages']} {r['best_mode']}/{r['best_tp_comm']}" for r in rows if r["fastest"]}
+    print(json.dumps(dict(results=str(out / "simulate.json"), points=len(rows),
+                          reduce_hidden=sum(r["reduce_hidden"] for r in rows), fastest=fastest)))
+    return 0
+
+
+def write_tp_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Per model (rows) and link (columns): the best TTFT of each T x S split against the prompt length, on the
+    largest GPU count; x where the overlapped all-reduces are no longer hidden."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    fig, axes = plt.subplots(len(models), len(links), figsize=(4.2 * len(links), 3.4 * len(models)), squeeze=False,
+                             sharex=True)
+    for i, model in enumerate(models):
+        N = max(r["gpus"] for r in rows if r["model"] == model)
+        for j, link in enumerate(links):
+            ax = axes[i, j]
+            mine = [r for r in rows if (r["model"], r["link"], r["gpus"]) == (model, link, N)]
+            for T, S in dict.fromkeys((r["tp"], r["stages"]) for r in mine):
+                pts = sorted((r["prompt_len"], r) for r in mine if (r["tp"], r["stages"]) == (T, S))
+                line, = ax.plot([x for x, _ in pts], [r["best_ms"] / 1e3 for _, r in pts], marker="o", ms=3,
+                                label=f"T={T} S={S}")
+                for x, r in pts:
+                    if not r["reduce_hidden"]:
+                        ax.plot(x, r["best_ms"] / 1e3, "x", color="black", ms=6)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{model}, {N} GPUs — {link}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if i == len(models) - 1:
+                ax.set_xlabel("prompt length (tokens)")
+            if j == 0:
+                ax.set_ylabel("best TTFT (s)")
+            ax.legend(fontsize=6)
+    fig.suptitle(title + "  (x: all-reduces not hidden)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

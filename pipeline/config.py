@@ -154,6 +154,8 @@ PRESETS: dict[str, ModelConfig] = {
                              head_dim=128, intermediate_size=14336, rope_theta=500000.0, max_seq_len=131072),
     "llama3-70b": ModelConfig(vocab_size=128256, hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                               head_dim=128, intermediate_size=28672, rope_theta=500000.0, max_seq_len=131072),
+    "llama3-405b": ModelConfig(vocab_size=128256, hidden_size=16384, num_layers=126, num_heads=128, num_kv_heads=8,
+                               head_dim=128, intermediate_size=53248, rope_theta=500000.0, max_seq_len=131072),
 }
 
 

@@ -159,6 +159,8 @@ class RooflineCost:
       128-query block;
     - element-wise (norms, RoPE, SwiGLU, residual): ~(12·H + 4·I)·x·B elements read or written;
     - per layer ~8 kernel launches; the last stage adds the LM head on the chunk's last position (weights read).
+    With tp > 1 this is one of T tensor-parallel ranks (`pipeline.tp`): 1/T of the layer's weights, heads and MLP
+    columns (KV heads at least one), norms and the head whole; its all-reduces are `TPCost`'s.
     """
     cfg: ModelConfig
     layers: int
@@ -167,21 +169,22 @@ class RooflineCost:
     itemsize: int = 2
     last_stage: bool = False
     first_stage: bool = False
+    tp: int = 1
 
     def __call__(self, x, p):
-        cfg, dev, B, e = self.cfg, self.device, self.batch, self.itemsize
+        cfg, dev, B, e, T = self.cfg, self.device, self.batch, self.itemsize, self.tp
         x = np.asarray(x, dtype=np.float64)
         p = np.asarray(p, dtype=np.float64)
         gemm_rate = dev.matmul_tflops * 1e12 * dev.gemm_efficiency
         attn_rate = dev.matmul_tflops * 1e12 * dev.attention_efficiency
         mem_rate = dev.hbm_gbps * 1e9 * dev.memory_efficiency
         H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-        params = cfg.params_per_layer
+        params = self.layer_params
         gemm = np.maximum(2 * params * x * B / gemm_rate, params * e / mem_rate)
         pairs = x * p + x * (x + 1) / 2
-        kv_bytes = (p + x) * 2 * cfg.num_kv_heads * D * e * B * np.ceil(x / 128)
-        attn = np.maximum(4 * cfg.num_heads * D * B * pairs / attn_rate, kv_bytes / mem_rate)
-        elementwise = (12 * H + 4 * I) * x * B * e / mem_rate
+        kv_bytes = (p + x) * 2 * self.kv_heads * D * e * B * np.ceil(x / 128)
+        attn = np.maximum(4 * cfg.num_heads / T * D * B * pairs / attn_rate, kv_bytes / mem_rate)
+        elementwise = (12 * H + 4 * I / T) * x * B * e / mem_rate
         per_layer = gemm + attn + elementwise + 8 * dev.launch_s
         t = self.layers * per_layer
         if self.last_stage:  # final norm + LM head on one position per row
@@ -189,26 +192,39 @@ class RooflineCost:
             t = t + np.maximum(2 * head * B / gemm_rate, head * e / mem_rate) + 2 * dev.launch_s
         return t
 
+    @property
+    def kv_heads(self) -> int:
+        return max(1, self.cfg.num_kv_heads // self.tp)
+
+    @property
+    def layer_params(self) -> float:
+        """One rank's weights of a layer: 1/T of the q, o and MLP projections, the K and V projections of its
+        (possibly replicated) KV heads, the norms whole."""
+        cfg, T = self.cfg, self.tp
+        H, D = cfg.hidden_size, cfg.head_dim
+        return (H * D * 2 * cfg.num_heads + 3 * H * cfg.intermediate_size) / T + H * D * 2 * self.kv_heads + 2 * H
+
     def memory_bytes(self, max_len: int) -> int:
         """Weights (with the embedding table on the first stage and the head on the last) + KV cache of this stage
-        for `max_len` positions (activations not counted)."""
+        for `max_len` positions (activations not counted); with tp > 1, one rank's."""
         cfg = self.cfg
         table = cfg.vocab_size * cfg.hidden_size  # the embedding on the first stage, the head on the last (a tied
         # head is the same table: one copy when one stage holds both, a copy on each device otherwise)
         tables = self.first_stage + self.last_stage - (self.first_stage and self.last_stage and cfg.tie_embeddings)
-        w = self.layers * cfg.params_per_layer + tables * table
-        kv = self.layers * self.batch * max_len * 2 * cfg.num_kv_heads * cfg.head_dim
+        w = self.layers * self.layer_params + tables * table
+        kv = self.layers * self.batch * max_len * 2 * self.kv_heads * cfg.head_dim
         return int((w + kv) * self.itemsize)
 
 
 def roofline_stage_costs(cfg: ModelConfig, stages: int, device: str | Device, batch: int = 1,
-                         itemsize: int = 2) -> list[RooflineCost]:
-    """Per-stage roofline costs for `cfg` split evenly over `stages` (as `split_layers` splits it)."""
+                         itemsize: int = 2, tp: int = 1) -> list[RooflineCost]:
+    """Per-stage roofline costs for `cfg` split evenly over `stages` (as `split_layers` splits it); with tp > 1,
+    one TP rank's compute (wrap in `TPCost` for the all-reduces)."""
     from .stage import split_layers
     dev = get_device(device) if isinstance(device, str) else device
     ranges = split_layers(cfg.num_layers, stages)
-    return [RooflineCost(cfg, len(r), dev, batch, itemsize, last_stage=i == len(ranges) - 1, first_stage=i == 0)
-            for i, r in enumerate(ranges)]
+    return [RooflineCost(cfg, len(r), dev, batch, itemsize, last_stage=i == len(ranges) - 1, first_stage=i == 0,
+                         tp=tp) for i, r in enumerate(ranges)]
 
 
 # ---- calibration: measured samples from a pipeline run ----------------------------------------------------------
@@ -261,3 +277,111 @@ def fit_from_runs(results, bytes_per_token: int):
 def stage_max(costs):
     """The cost of the slowest stage for each chunk: what paces a pipeline."""
     return lambda x, p: np.max([c(x, p) for c in costs], axis=0)
+
+
+# ---- tensor parallelism: a stage's all-reduces ----------------------------------------------------------------
+
+TP_COMMS_MODELLED = ("serial", "overlap")
+
+
+def allreduce_s(link: LinkModel, tp: int, payload_bytes):
+    """One all-reduce of `payload_bytes` per rank over `tp` ranks on `link`, as the engine's emulated TP interconnect
+    times one: latency + the ring's bytes on the wire, 2(T-1)/T of the payload, / bandwidth (numpy broadcasts)."""
+    wire = 2 * (tp - 1) / tp * np.asarray(payload_bytes, dtype=np.float64)
+    bw = link.bandwidth_gbps
+    return link.latency_s + (wire / (bw * 1e9) if bw else 0.0 * wire)
+
+
+def attention_share(cfg: ModelConfig):
+    """(x, p) -> the attention block's share of a layer's FLOPs for a chunk of x tokens after p (qkv, attention and
+    wo, against those plus the MLP): where the first of a layer's two all-reduces falls. The same on every TP rank
+    (everything is split by T)."""
+    H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    proj = 2 * H * D * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+
+    def share(x, p):
+        x, p = np.asarray(x, dtype=np.float64), np.asarray(p, dtype=np.float64)
+        attn = proj * x + 4 * cfg.num_heads * D * (x * p + x * (x + 1) / 2)
+        return attn / (attn + 6 * H * I * x)
+    return share
+
+
+@dataclass(frozen=True)
+class TPCost:
+    """A stage split over `tp` tensor-parallel ranks: one rank's chunk compute, `compute(x, p)` (its all-reduces
+    left out), plus the 2·`layers` all-reduces of a chunk's [B, x, H] (`bytes_per_token` = B·H·itemsize) over
+    `link` (`allreduce_s`).
+
+    - comm "serial": the compute, then each all-reduce in turn: compute + 2·layers·allreduce_s(x);
+    - comm "overlap": ISO's schedule, as `pipeline.model` runs it: the chunk in two token halves a, b; per layer the
+      compute lane runs attention(a), attention(b), mlp(a), mlp(b) and the communication lane each one's all-reduce
+      as soon as it is computed, in that order; mlp(a) waits for a's attention reduce, the next layer's attention(a)
+      for a's MLP reduce. Evaluated event by event (exactly, for any costs), with the layer's compute split at
+      `attn_share(x, p)`. The compute lane is assumed not to slow down while a reduce runs (on GPUs NCCL's kernels
+      take some SMs: the overlap there hides a little less).
+    """
+    compute: object  # cost(x, p) -> seconds
+    layers: int
+    tp: int
+    link: LinkModel
+    bytes_per_token: int
+    comm: str = "serial"
+    attn_share: object = 0.5  # a fraction, or share(x, p)
+
+    def __post_init__(self):
+        if self.comm not in TP_COMMS_MODELLED:
+            raise ValueError(f"TPCost models tp_comm {', '.join(TP_COMMS_MODELLED)}, got {self.comm!r}")
+
+    def reduce_s(self, tokens):
+        return allreduce_s(self.link, self.tp, np.asarray(tokens, dtype=np.float64) * self.bytes_per_token)
+
+    def _share(self, x, p):
+        return self.attn_share(x, p) if callable(self.attn_share) else np.full_like(x, float(self.attn_share))
+
+    def __call__(self, x, p):
+        x = np.asarray(x, dtype=np.float64)
+        p = np.asarray(p, dtype=np.float64)
+        x, p = np.broadcast_arrays(x, p)
+        serial = np.asarray(self.compute(x, p), dtype=np.float64) + 2 * self.layers * self.reduce_s(x)
+        if self.comm == "serial" or self.tp == 1:
+            return serial if serial.ndim else float(serial)
+        xa = np.floor(x / 2)
+        xb = x - xa
+        pb = p + xa
+        n = self.layers
+        safe_a = np.maximum(xa, 1)  # chunks of one token are not split: they take the serial path below
+        ca = np.asarray(self.compute(safe_a, p), dtype=np.float64) / n
+        cb = np.asarray(self.compute(xb, pb), dtype=np.float64) / n
+        fa, fb = self._share(safe_a, p), self._share(xb, pb)
+        ra, rb = self.reduce_s(safe_a), self.reduce_s(xb)
+        t = c = done_a = done_b = np.zeros_like(x)  # compute lane, communication lane, each half's last reduce
+        for _ in range(n):
+            for work, r, half in ((ca * fa, ra, "a"), (cb * fb, rb, "b"), (ca * (1 - fa), ra, "a"),
+                                  (cb * (1 - fb), rb, "b")):
+                t = np.maximum(t, done_a if half == "a" else done_b) + work
+                c = np.maximum(c, t) + r
+                if half == "a":
+                    done_a = c
+                else:
+                    done_b = c
+        out = np.where(x >= 2, np.maximum(done_a, done_b), serial)
+        return out if out.ndim else float(out)
+
+
+def fit_tp_from_runs(results, tp: int):
+    """From measured runs over `tp` TP ranks (`PrefillResult`s whose stage records carry per-chunk all-reduce
+    times; serial all-reduces, so the time blocked is the all-reduce's): per-stage `ChunkCost` of the compute alone
+    (each chunk's time minus its all-reduces') and the TP interconnect as a `LinkModel` (latency per call +
+    ring wire bytes / bandwidth, as `allreduce_s` reads it)."""
+    per_stage: dict[int, list] = {}
+    calls = []
+    for r in results:
+        for rec in r.records:
+            if len(rec.reduce) != len(rec.compute):
+                raise ValueError(f"stage {rec.stage}'s record has no per-chunk all-reduce times: not a TP run")
+            for x, p, (a, b), (sec, n, payload) in zip(rec.chunks, chunk_starts(rec.chunks), rec.compute, rec.reduce):
+                per_stage.setdefault(rec.stage, []).append((x, p, max(0.0, b - a - sec)))
+                if n:
+                    calls.append((2 * (tp - 1) / tp * payload / n, sec / n))
+    costs = [fit_chunk_cost(per_stage[s]) for s in sorted(per_stage)]
+    return costs, fit_link(calls)

@@ -103,12 +103,14 @@ class StageRecord:
     send: list[tuple[float, float]] = field(default_factory=list)  # the transfer itself, on the comm lane
     bytes_sent: int = 0
     recv_posted: list[float] = field(default_factory=list)  # when each chunk's receive was posted
+    # with tensor parallelism, per chunk: (seconds blocked in TP collectives, calls, payload bytes), within compute
+    reduce: list[tuple[float, int, int]] = field(default_factory=list)
 
     def resolve(self, clock: Clock) -> "StageRecord":
         conv = lambda pairs: [(clock.seconds(a), clock.seconds(b)) for a, b in pairs]  # noqa: E731
         return StageRecord(self.stage, self.chunks, conv(self.compute), conv(self.recv_wait), conv(self.send_wait),
                            [h.timing() for h in self.send], self.bytes_sent,
-                           [clock.seconds(t) for t in self.recv_posted])
+                           [clock.seconds(t) for t in self.recv_posted], list(self.reduce))
 
 
 def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: StageRecord, *, tokens=None,
@@ -127,6 +129,7 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
     starts = chunk_starts(chunks, start_pos)
     posted: dict[int, object] = {}
     in_flight: deque = deque()
+    reducer = getattr(stage.model, "reduce", None)
 
     def post_recv(k):  # into buffer slot k % 2: the one chunk k - 2 used, whose compute is done
         record.recv_posted.append(clock.mark())
@@ -146,8 +149,11 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
             record.recv_wait.append((t0, clock.mark()))
             x = codec.decode(x, dtype)
         t0 = clock.mark()
+        before = reducer.snapshot() if reducer is not None else None
         y = stage.forward(x, starts[k], last_only=True)
         record.compute.append((t0, clock.mark()))
+        if reducer is not None:  # host time: on CPU what the rank was blocked; with NCCL only the host's share
+            record.reduce.append(reducer.since(before))
         if recv is not None and overlapped and k + 2 < len(chunks):
             post_recv(k + 2)  # this chunk's input buffer is free again
         if send is None:

@@ -217,6 +217,13 @@ class Reducer:
     def stats(self) -> dict:
         return dict(calls=self.calls, payload_bytes=self.bytes, wire_bytes=self.wire, seconds=self.seconds)
 
+    def snapshot(self) -> tuple[float, int, int]:
+        return self.seconds, self.calls, self.bytes
+
+    def since(self, snap: tuple[float, int, int]) -> tuple[float, int, int]:
+        """(seconds, calls, payload bytes) since `snap`: one chunk's share."""
+        return self.seconds - snap[0], self.calls - snap[1], self.bytes - snap[2]
+
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -253,3 +254,138 @@ def test_bad_tp_comm_options_are_refused_in_one_line(argv, match, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(match, err), err
+
+
+# ---- the all-reduce in the cost model, the simulator and the TP x PP projection ---------------------------------
+
+def _tp_cost(latency, comm, layers=1, share=0.5):
+    from pipeline.costs import TPCost
+    from pipeline.link import LinkModel
+    return TPCost(lambda x, p: x * 1.0, layers, 2, LinkModel(None, latency), 4, comm, share)  # 1 s per token
+
+
+@pytest.mark.parametrize("latency,serial,overlap", [
+    # halves of 1 token: attention 0.5 s, MLP 0.5 s each; a's reduce runs while b computes and the other way round
+    (0.25, 2.5, 2.25),
+    # reduces dominate: the comm lane never rests after the first half's attention, and ISO pays 4 reduces, not 2
+    (10.0, 22.0, 40.5),
+])
+def test_tp_cost_serial_and_iso_schedules_by_hand(latency, serial, overlap):
+    assert _tp_cost(latency, "serial")(2, 0) == pytest.approx(serial)
+    assert _tp_cost(latency, "overlap")(2, 0) == pytest.approx(overlap)
+    assert _tp_cost(latency, "overlap")(1, 0) == pytest.approx(1 + 2 * latency)  # one token: not split
+
+
+def test_tp_cost_is_bounded_by_its_lanes_and_vectorises():
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.integers(2, 5000), st.integers(0, 5000), st.floats(0, 0.05), st.integers(1, 12),
+           st.floats(0.1, 0.9))
+    def check(x, p, latency, layers, share):
+        from pipeline.costs import TPCost
+        from pipeline.link import LinkModel
+        compute = lambda x, p: 1e-4 * x + 1e-8 * x * (x + p) + 1e-3  # noqa: E731
+        link = LinkModel(5.0, latency)
+        serial = TPCost(compute, layers, 2, link, 2048, "serial", share)(x, p)
+        iso = TPCost(compute, layers, 2, link, 2048, "overlap", share)
+        t = iso(x, p)
+        xa, xb = x // 2, x - x // 2
+        work = compute(xa, p) + compute(xb, p + xa)
+        comm = 2 * layers * (float(iso.reduce_s(xa)) + float(iso.reduce_s(xb)))
+        assert max(work, comm) - 1e-12 <= t <= work + comm + 1e-12
+        assert serial == pytest.approx(compute(x, p) + 2 * layers * float(iso.reduce_s(x)))
+        assert float(iso(np.array([x, x]), np.array([p, p]))[1]) == pytest.approx(t)
+    check()
+
+
+def test_the_tp_fit_recovers_compute_and_interconnect_from_per_chunk_reduce_times():
+    from types import SimpleNamespace
+
+    from pipeline.costs import ChunkCost, allreduce_s, fit_tp_from_runs
+    from pipeline.link import LinkModel
+    from pipeline.schedule import StageRecord, chunk_starts
+    true, link, layers, bpt = ChunkCost(1e-8, 2e-8, 1e-4, 2e-3), LinkModel(0.5, 3e-4), 3, 1536
+    runs = []
+    for chunks in ([16, 32, 128, 256, 512, 112], [2048], [256] * 8):
+        rec, t = StageRecord(0, chunks), 0.0
+        for x, p in zip(chunks, chunk_starts(chunks)):
+            red = 2 * layers * float(allreduce_s(link, 2, x * bpt))
+            took = float(true(x, p)) + red
+            rec.compute.append((t, t + took))
+            rec.reduce.append((red, 2 * layers, 2 * layers * x * bpt))
+            t += took
+        runs.append(SimpleNamespace(records=[rec]))
+    (fit,), fitted = fit_tp_from_runs(runs, 2)
+    for x, p in ((64, 0), (256, 1024), (2048, 0)):
+        assert float(fit(x, p)) == pytest.approx(float(true(x, p)), rel=1e-6)
+    assert fitted.bandwidth_gbps == pytest.approx(0.5, rel=1e-6) and fitted.latency_s == pytest.approx(3e-4, rel=1e-6)
+    with pytest.raises(ValueError, match="not a TP run"):
+        fit_tp_from_runs([SimpleNamespace(records=[StageRecord(0, [4], compute=[(0.0, 1.0)])])], 2)
+
+
+def test_a_tp_rank_s_roofline_holds_its_share_of_the_weights():
+    from pipeline.costs import DEVICES, RooflineCost
+    cfg = get_preset("llama3-70b")
+    one = RooflineCost(cfg, 80, DEVICES["h100"])
+    assert one.layer_params == cfg.params_per_layer
+    eight, sixteen = RooflineCost(cfg, 80, DEVICES["h100"], tp=8), RooflineCost(cfg, 80, DEVICES["h100"], tp=16)
+    H, D = cfg.hidden_size, cfg.head_dim
+    assert eight.layer_params == pytest.approx(cfg.params_per_layer / 8 + 2 * H * (1 - 1 / 8))  # norms whole
+    assert sixteen.kv_heads == 1  # 8 KV heads over 16 ranks: one each, replicated
+    assert sixteen.layer_params > cfg.params_per_layer / 16
+    assert 0.1 < eight(8192, 0) / one(8192, 0) < 0.2
+
+
+def test_tp_splits_respect_heads_and_layers():
+    from bench.simulate import tp_splits
+    assert tp_splits(get_preset("llama3-8b"), 16) == [(1, 16), (2, 8), (4, 4), (8, 2), (16, 1)]
+    assert tp_splits(TINY, 8) == [(2, 4), (4, 2)]  # 4 layers: S <= 4; 4 heads: T <= 4
+
+
+def test_simulate_gpus_projects_every_split_and_marks_the_fastest(tmp_path, capsys):
+    import json
+
+    from bench.simulate import main
+    out = tmp_path / "proj"
+    assert main(["--gpus", "8", "--models", "llama3-8b", "--links", "nvlink,pcie5", "--prompt-lens", "4096,32768",
+                 "--out", str(out)]) == 0
+    rows = json.loads((out / "simulate.json").read_text())["rows"]
+    assert len(rows) == 4 * 2 * 2 and (out / "simulate.png").exists()
+    for r in rows:
+        modes = {f"{m}_{c}_ms": r[f"{m}_{c}_ms"] for m in ("naive", "chunked", "overlapped")
+                 for c in ("serial", "overlap")}
+        assert r["best_ms"] == min(modes.values())
+        assert r["overlapped_free_tp_ms"] <= r["overlapped_overlap_ms"] + 1e-9
+        assert r["allreduce_bytes_per_stage"][0] == 2 * (32 // r["stages"]) * r["prompt_len"] * 4096 * 2
+        if r["tp"] == 1:
+            assert r["reduce_exposed_ms"] == 0 and r["reduce_hidden"]
+    for key in {(r["link"], r["prompt_len"]) for r in rows}:
+        group = [r for r in rows if (r["link"], r["prompt_len"]) == key]
+        assert sum(r["fastest"] for r in group) == 1
+        assert next(r for r in group if r["fastest"])["best_ms"] == min(r["best_ms"] for r in group)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["points"] == 16 and len(summary["fastest"]) == 4
+
+
+def test_simulate_gpus_refuses_stages_and_impossible_splits(tmp_path):
+    from bench.simulate import main
+    with pytest.raises(ValueError, match="drop --stages"):
+        main(["--gpus", "8", "--stages", "2", "--out", str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="cannot be split over 64 GPUs"):
+        main(["--gpus", "64", "--models", "tiny", "--prompt-lens", "256", "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_harness_simulates_tp_rows_on_a_fitted_compute_and_interconnect():
+    from bench.harness import run_point
+    from pipeline import PipelineSpec
+    spec = PipelineSpec(source="tiny", stages=2, tp=2, tp_latency_s=2e-3)
+    point = run_point(spec, 64, 1, [16] * 4, repeats=1, warmup=0, modes=["unchunked", "overlapped"],
+                      tp_comms=["serial", "overlap", "sequence"], simulate=True)
+    cal = point["calibration"]
+    assert cal["tp_link"]["latency_s"] >= 1e-3  # the emulated 2 ms per all-reduce, found again
+    for label in ("overlapped", "overlapped/overlap"):
+        assert point["modes"][label]["sim_ttft_ms"] > 0
+    assert np.isnan(point["modes"]["overlapped/sequence"]["sim_ttft_ms"])  # not modelled: said so, not guessed
+    assert np.isnan(point["modes"]["unchunked"]["sim_ttft_ms"])
