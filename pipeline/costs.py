@@ -379,7 +379,8 @@ def fit_tp_from_runs(results, tp: int):
         for rec in r.records:
             if len(rec.reduce) != len(rec.compute):
                 raise ValueError(f"stage {rec.stage}'s record has no per-chunk all-reduce times: not a TP run")
-            for x, p, (a, b), (sec, n, payload) in zip(rec.chunks, chunk_starts(rec.chunks), rec.compute, rec.reduce):
+            for x, p, (a, b), red in zip(rec.chunks, chunk_starts(rec.chunks), rec.compute, rec.reduce):
+                sec, n, payload = red[:3]
                 per_stage.setdefault(rec.stage, []).append((x, p, max(0.0, b - a - sec)))
                 if n:
                     calls.append((2 * (tp - 1) / tp * payload / n, sec / n))

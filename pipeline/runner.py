@@ -166,7 +166,9 @@ class Runner:
             if errors:  # the failure itself, not a peer that saw its link or TP group abort
                 first = sorted(errors, key=lambda e: isinstance(e[1], (LinkAborted, threading.BrokenBarrierError)))[0]
                 raise first[1]
-        mine = [records[key].resolve(self.clock) for key in sorted(records) if key[1] == 0]
+        resolved = {key: rec.resolve(self.clock) for key, rec in records.items()}
+        mine = [least_reduce(resolved[key], [resolved[(key[0], t)] for t in range(self.T) if (key[0], t) in resolved])
+                for key in sorted(resolved) if key[1] == 0]
         return mine, t_start, t_end, result["logits"]
 
     # one process per stage: this rank's part of a run
@@ -217,6 +219,20 @@ class Runner:
         for ch in lanes + [getattr(self, "recv", None), getattr(self, "send", None)]:
             if ch is not None:
                 ch.close()
+
+
+def least_reduce(record: StageRecord, tp_records: list[StageRecord]) -> StageRecord:
+    """`record` (TP rank 0's) with each chunk's all-reduce time replaced by the sum over its calls of the least
+    wait over the stage's TP ranks. A rank that computed faster waits in a collective for the slowest; the last to
+    arrive waits only for the transfer. The least wait is the collective's own time, and the chunk's time less it
+    is the slowest rank's compute: what paces the stage."""
+    if len(tp_records) <= 1 or not record.reduce:
+        return record
+    least = []
+    for k, (_, calls, payload, per_call) in enumerate(record.reduce):
+        each = [min(r.reduce[k][3][i] for r in tp_records) for i in range(len(per_call))]
+        least.append((sum(each), calls, payload, tuple(each)))
+    return dataclasses.replace(record, reduce=least)
 
 
 def merge_tp_caches(parts, cfg, T: int):
@@ -317,6 +333,9 @@ def _run_once_rank(runner: Runner, job: Job) -> PrefillResult | None:
         return None
     everyone, all_parts = all_parts, [p for p in all_parts if p["tp_rank"] == 0]  # the pipeline: TP rank 0s
     parts = [p["part"] for p in all_parts if p["part"] is not None]
+    if T > 1 and job.mode != "unchunked":  # each chunk's collective time: the least any rank of the stage waited
+        parts = [(least_reduce(part[0], [everyone[g * T + t]["part"][0] for t in range(T)]),) + tuple(part[1:])
+                 for g, part in enumerate(parts)]
     records, starts, ends, logits = zip(*parts)
     metrics = summarize(list(records), min(starts), ends[-1])
     res = PrefillResult(job.mode, job.chunks, logits[-1].float(), metrics, timeline(list(records), min(starts)),

@@ -103,8 +103,9 @@ class StageRecord:
     send: list[tuple[float, float]] = field(default_factory=list)  # the transfer itself, on the comm lane
     bytes_sent: int = 0
     recv_posted: list[float] = field(default_factory=list)  # when each chunk's receive was posted
-    # with tensor parallelism, per chunk: (seconds blocked in TP collectives, calls, payload bytes), within compute
-    reduce: list[tuple[float, int, int]] = field(default_factory=list)
+    # with tensor parallelism, per chunk: (seconds blocked in TP collectives, calls, payload bytes, seconds per
+    # call), all within its compute interval
+    reduce: list[tuple] = field(default_factory=list)
 
     def resolve(self, clock: Clock) -> "StageRecord":
         conv = lambda pairs: [(clock.seconds(a), clock.seconds(b)) for a, b in pairs]  # noqa: E731

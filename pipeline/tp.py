@@ -103,24 +103,36 @@ def shard_state(state, cfg: ModelConfig, rank: int, tp: int):
 class Pending:
     """An all-reduce in flight (`Reducer.start`): `wait()` returns the summed tensor, blocking (CPU) or making the
     current stream wait (NCCL) only now; the time blocked here is the reduce's exposed time. With an emulated
-    interconnect the result is usable `delay` seconds after the collective itself completed."""
+    interconnect the result is usable `delay` seconds after the collective itself completed and the emulated lane
+    finished the collectives posted before it: one transfer at a time, as one link carries them (gloo would
+    otherwise run two on its two worker threads side by side, twice the emulated bandwidth)."""
 
     def __init__(self, reducer: "Reducer", work, t: torch.Tensor, delay: float = 0.0):
         self.reducer, self.work, self.t, self.delay = reducer, work, t, delay
+        self.index = len(reducer.log) - 1  # this call's entry in the reducer's per-call log
         self.arrived = None
-        if delay > 0:  # note when the real collective completes, to pay the emulated time from there
-            self.arrived = reducer.watcher().submit(lambda: (work is not None and work.wait(), time.perf_counter())[1])
+        if delay > 0:  # when the real collective completes the emulated transfer starts, once the lane is free
+            def lane():
+                if work is not None:
+                    work.wait()
+                end = max(time.perf_counter(), reducer.lane_free) + delay
+                reducer.lane_free = end
+                return end
+            self.arrived = reducer.watcher().submit(lane)  # one watcher thread: the lane's order is the posts'
+
 
     def wait(self) -> torch.Tensor:
         if self.work is not None or self.arrived is not None:
             t0 = time.perf_counter()
             if self.arrived is not None:
-                rest = self.arrived.result() + self.delay - time.perf_counter()
+                rest = self.arrived.result() - time.perf_counter()
                 if rest > 0:
                     time.sleep(rest)
             else:
                 self.work.wait()
-            self.reducer.seconds += time.perf_counter() - t0
+            waited = time.perf_counter() - t0
+            self.reducer.seconds += waited
+            self.reducer.log[self.index] += waited
             self.work = self.arrived = None
         return self.t
 
@@ -145,6 +157,8 @@ class Reducer:
 
     def reset(self) -> None:
         self.calls, self.bytes, self.wire, self.seconds = 0, 0, 0, 0.0
+        self.log: list[float] = []  # seconds blocked, per call
+        self.lane_free = 0.0  # emulated interconnect: when its last transfer ends
 
     def watcher(self) -> ThreadPoolExecutor:
         if self._watcher is None:
@@ -165,8 +179,11 @@ class Reducer:
     def _paid(self, t0: float, delay: float) -> None:
         """A blocking collective done: pays the emulated interconnect's time, counts the time blocked."""
         if delay > 0:
-            time.sleep(delay)
+            end = max(time.perf_counter(), self.lane_free) + delay
+            self.lane_free = end
+            time.sleep(max(0.0, end - time.perf_counter()))
         self.seconds += time.perf_counter() - t0
+        self.log.append(time.perf_counter() - t0)
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -179,6 +196,7 @@ class Reducer:
         t0 = time.perf_counter()
         work = self._start(t)
         self.seconds += time.perf_counter() - t0
+        self.log.append(time.perf_counter() - t0)
         n = _nbytes(t)
         return Pending(self, work, t, self._count(n, 2 * (self.tp - 1) * n // self.tp))
 
@@ -217,12 +235,12 @@ class Reducer:
     def stats(self) -> dict:
         return dict(calls=self.calls, payload_bytes=self.bytes, wire_bytes=self.wire, seconds=self.seconds)
 
-    def snapshot(self) -> tuple[float, int, int]:
-        return self.seconds, self.calls, self.bytes
+    def snapshot(self) -> tuple[float, int, int, int]:
+        return self.seconds, self.calls, self.bytes, len(self.log)
 
-    def since(self, snap: tuple[float, int, int]) -> tuple[float, int, int]:
-        """(seconds, calls, payload bytes) since `snap`: one chunk's share."""
-        return self.seconds - snap[0], self.calls - snap[1], self.bytes - snap[2]
+    def since(self, snap) -> tuple[float, int, int, tuple[float, ...]]:
+        """(seconds, calls, payload bytes, seconds per call) since `snap`: one chunk's share."""
+        return self.seconds - snap[0], self.calls - snap[1], self.bytes - snap[2], tuple(self.log[snap[3]:])
 
 
 def _nbytes(t: torch.Tensor) -> int:

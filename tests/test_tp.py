@@ -330,7 +330,7 @@ def test_a_tp_rank_s_roofline_holds_its_share_of_the_weights():
     one = RooflineCost(cfg, 80, DEVICES["h100"])
     assert one.layer_params == cfg.params_per_layer
     eight, sixteen = RooflineCost(cfg, 80, DEVICES["h100"], tp=8), RooflineCost(cfg, 80, DEVICES["h100"], tp=16)
-    H, D = cfg.hidden_size, cfg.head_dim
+    H = cfg.hidden_size
     assert eight.layer_params == pytest.approx(cfg.params_per_layer / 8 + 2 * H * (1 - 1 / 8))  # norms whole
     assert sixteen.kv_heads == 1  # 8 KV heads over 16 ranks: one each, replicated
     assert sixteen.layer_params > cfg.params_per_layer / 16
@@ -389,3 +389,31 @@ def test_the_harness_simulates_tp_rows_on_a_fitted_compute_and_interconnect():
         assert point["modes"][label]["sim_ttft_ms"] > 0
     assert np.isnan(point["modes"]["overlapped/sequence"]["sim_ttft_ms"])  # not modelled: said so, not guessed
     assert np.isnan(point["modes"]["unchunked"]["sim_ttft_ms"])
+
+
+def test_emulated_all_reduces_share_one_lane():
+    """Two all-reduces posted back to back over an emulated 20 ms interconnect end 20 and 40 ms later, not both at
+    20 ms (gloo's two worker threads would otherwise carry them side by side)."""
+    import time
+
+    from pipeline.link import LinkModel
+    r = LocalReducer(LocalGroup(1), 0, LinkModel(None, 0.02))
+    t0 = time.perf_counter()
+    a, b = r.start(torch.ones(2)), r.start(torch.ones(2))
+    a.wait()
+    first = time.perf_counter() - t0
+    b.wait()
+    second = time.perf_counter() - t0
+    assert 0.02 <= first < 0.035 and second >= 0.04
+    assert len(r.log) == 2 and r.stats()["calls"] == 2
+    r.close()
+
+
+def test_least_reduce_takes_each_calls_least_wait_over_the_ranks():
+    from pipeline.runner import least_reduce
+    from pipeline.schedule import StageRecord
+    r0 = StageRecord(0, [4, 4], reduce=[(0.9, 2, 64, (0.1, 0.8)), (0.5, 2, 64, (0.25, 0.25))])
+    r1 = StageRecord(0, [4, 4], reduce=[(0.7, 2, 64, (0.6, 0.1)), (0.3, 2, 64, (0.2, 0.1))])
+    least = least_reduce(r0, [r0, r1])
+    assert least.reduce == [(pytest.approx(0.2), 2, 64, (0.1, 0.1)), (pytest.approx(0.3), 2, 64, (0.2, 0.1))]
+    assert r0.reduce[0][0] == 0.9  # the rank's own record is left as it was
