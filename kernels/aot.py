@@ -28,6 +28,7 @@ attn_mod = importlib.import_module("kernels.chunk_attention")
 rms_mod = importlib.import_module("kernels.rmsnorm")
 rope_mod = importlib.import_module("kernels.rope")
 swiglu_mod = importlib.import_module("kernels.swiglu")
+paged_mod = importlib.import_module("kernels.paged_attention")
 
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
@@ -73,6 +74,24 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
             specs.append(KernelSpec(name, attn_mod._chunk_attention_kernel, sig | {k: "constexpr" for k in const},
                                     const, cfg["num_warps"], cfg["num_stages"],
                                     expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64))
+    paged = [(d, dtype, paged_mod.pick_config(paged_mod.block_d(d), dtype, divmod(arch, 10))) for d, dtype in
+             [(d, t) for d in paged_mod.HEAD_DIMS for t in paged_mod.SUPPORTED_DTYPES] + [(80, torch.bfloat16)]]
+    for head_dim, dtype, cfg in paged:  # the paged, varlen kernel: small pages (16) and large (256)
+        p = _PTR[dtype]
+        sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"BT": "*i32", "CuQ": "*i32", "Prefix": "*i32"}
+        for n in ("stride_qn", "stride_qh", "stride_knn", "stride_knh", "stride_vnn", "stride_vnh", "stride_kcp",
+                  "stride_kcs", "stride_kch", "stride_vcp", "stride_vcs", "stride_vch", "stride_on", "stride_oh",
+                  "stride_bt", "max_pages", "Hq"):
+            sig[n] = "i32"
+        sig["qk_scale"] = "fp32"
+        for page in (16, 256) if dtype == torch.bfloat16 else (16,):
+            const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=paged_mod.block_d(head_dim), BLOCK_M=cfg["BLOCK_M"],
+                         BLOCK_N=cfg["BLOCK_N"], PAGE_SIZE=page,
+                         PRECISION="ieee" if dtype == torch.float32 else "tf32")
+            specs.append(KernelSpec(f"chunk_attention_paged d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}"
+                                    f"n{cfg['BLOCK_N']} page{page}", paged_mod._paged_chunk_attention_kernel,
+                                    sig | {k: "constexpr" for k in const}, const, cfg["num_warps"],
+                                    cfg["num_stages"], expect_wgmma=dtype != torch.float32))
     for head_dim in (64, 80, 128, 256):  # the split-KV merge: float32 partials into the output's dtype
         sig = {"Part": "*fp32", "Lse": "*fp32", "Out": "*bf16"} | {
             n: "i32" for n in ("n_splits", "n_rows", "C", "Hq", "stride_ob", "stride_om", "stride_oh")}

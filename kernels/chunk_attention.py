@@ -405,7 +405,8 @@ def _check_config(config: dict, group: int) -> dict:
     return dict(config)
 
 
-def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None, out=None, config=None):
+def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None, out=None, config=None, *,
+                    block_table=None, cu_seqlens=None, max_chunk=None):
     """Attention of a chunk over the prefix KV cache plus itself, appending the chunk's K/V to the cache.
 
     q [B, C, Hq, D]: queries at positions [start_pos, start_pos + C).
@@ -414,7 +415,22 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     Returns out [B, C, Hq, D] (written into `out` when given); query i sees cache positions <= start_pos + i.
     config: block sizes and launch shape (keys CONFIG_KEYS, optionally OPTIONAL_CONFIG_KEYS) instead of
     `pick_config`'s choice and `pick_splits`'s, for tuning sweeps.
+
+    A serving stack's layout (`kernels.paged_attention`): with `block_table` [B, max_pages] int32 the caches are
+    pages [num_pages, page_size, Hkv, D]; with `cu_seqlens` [B + 1] the rows' chunks are packed, q [N, Hq, D] and
+    k_new, v_new [N, Hkv, D] (each row its own chunk length; `max_chunk`, the longest, spares a GPU launch a host
+    sync). Either one alone works: a dense cache with packed rows, or paged caches with equal chunks.
     """
+    if block_table is not None or cu_seqlens is not None:
+        from .paged_attention import paged_chunk_attention
+        if config is not None:
+            raise ValueError("chunk_attention: config tunes the dense kernel; the paged / varlen kernel picks its own")
+        if block_table is None:  # a dense cache is one page of max_len positions per row
+            block_table = _one_page_per_row(k_cache, q.device)
+        return paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, block_table, cu_seqlens,
+                                     max_chunk, sm_scale, out)
+    if max_chunk is not None:
+        raise ValueError("chunk_attention: max_chunk goes with cu_seqlens (packed rows of different lengths)")
     B, C, Hq, Hkv, D = _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos)
     if config is not None:
         config = _check_config(config, Hq // Hkv)
@@ -489,8 +505,23 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
 MERGE_ROWS = 16
 
 
-def chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_scale=None):
-    """Plain-torch reference (and the model's torch backend): same contract, int start_pos only."""
+def _one_page_per_row(k_cache, device) -> torch.Tensor:
+    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+        raise ValueError("chunk_attention: with cu_seqlens and no block_table, k_cache must be the dense "
+                         f"[B, max_len, Hkv, D], got {getattr(k_cache, 'shape', type(k_cache).__name__)}")
+    return torch.arange(k_cache.shape[0], device=device, dtype=torch.int32)[:, None]
+
+
+def chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_scale=None, *, block_table=None,
+                        cu_seqlens=None, max_chunk=None):
+    """Plain-torch reference (and the model's torch backend): same contract; int start_pos only on the dense
+    path (the paged / varlen path takes per-row tensors too: `paged_attention.paged_chunk_attention_ref`)."""
+    if block_table is not None or cu_seqlens is not None:
+        from .paged_attention import paged_chunk_attention_ref
+        if block_table is None:
+            block_table = _one_page_per_row(k_cache, q.device)
+        return paged_chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos, block_table, cu_seqlens,
+                                         sm_scale)
     B, C, Hq, D = q.shape
     Hkv = k_new.shape[2]
     end = start_pos + C

@@ -1,0 +1,397 @@
+"""Chunked-prefill attention over a paged KV cache, for batches of chunks of different lengths (varlen): what a
+serving stack's scheduler hands a kernel. The same contract as `chunk_attention` (the chunk attends to its row's
+cached prefix and, causally, to itself; its K/V are appended to the cache in the same launch), with the cache in
+pages and the rows packed:
+
+- k_cache, v_cache [num_pages, page_size, Hkv, D] (vLLM's NHD layout); block_table [B, max_pages] int32: page
+  `block_table[b, i]` holds positions [i·page_size, (i+1)·page_size) of row b;
+- q [N, Hq, D], k_new, v_new [N, Hkv, D]: the rows' chunks one after another, row b's at [cu_seqlens[b],
+  cu_seqlens[b+1]) (cumulative offsets, as varlen kernels take them); or q [B, C, Hq, D] for equal chunks;
+- prefix_lens: row b's cached positions before this chunk (an int for every row, or an int tensor [B]).
+
+A dense cache [B, max_len, Hkv, D] is the paged one with one page of max_len positions per row (block table
+[[0], [1], ...]): `chunk_attention(..., cu_seqlens=...)` uses this kernel that way for varlen batches.
+
+Reads top to bottom: kernel, block-size choice, launcher, plain-torch reference.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .shapes import cdiv, integer, interpreted, launching, next_pow2, positive_number
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_pages(acc, l_i, m_i, q, KC, VC, bt, stride_kp, stride_ks, stride_vp, stride_vs, lo, hi, n_limit,
+                  offs_n, offs_d, qk_scale, MASK_N: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                  PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr):
+    """Online softmax over cached key positions [lo, hi) of one row: each key's page looked up in the row's block
+    table `bt` (every query sees every cached key). MASK_N masks positions >= n_limit (a ragged last block)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK_N:
+            ok = cols < n_limit
+            page = tl.load(bt + cols // PAGE_SIZE, mask=ok, other=0).to(tl.int64)
+        else:
+            page = tl.load(bt + cols // PAGE_SIZE).to(tl.int64)
+        slot = cols % PAGE_SIZE
+        k_ptr = KC + (page * stride_kp + slot * stride_ks)[None, :] + offs_d[:, None]
+        v_ptr = VC + (page * stride_vp + slot * stride_vs)[:, None] + offs_d[None, :]
+        if MASK_N:
+            k_ok = ok[None, :]
+            v_ok = ok[:, None]
+            if PAD_D:
+                k_ok = k_ok & (offs_d[:, None] < HEAD_DIM)
+                v_ok = v_ok & (offs_d[None, :] < HEAD_DIM)
+            k = tl.load(k_ptr, mask=k_ok, other=0.0)
+        elif PAD_D:
+            k = tl.load(k_ptr, mask=offs_d[:, None] < HEAD_DIM, other=0.0)
+        else:
+            k = tl.load(k_ptr)
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        if MASK_N:
+            qk = tl.where(ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK_N:
+            v = tl.load(v_ptr, mask=v_ok, other=0.0)
+        elif PAD_D:
+            v = tl.load(v_ptr, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+        else:
+            v = tl.load(v_ptr)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_chunk(acc, l_i, m_i, q, KN, VN, stride_kn, stride_vn, hi, n_limit, offs_m, offs_n, offs_d, qk_scale,
+                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr):
+    """Online softmax over the chunk's own keys [0, hi), causal (key j <= query i), keys >= n_limit masked."""
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        ok = cols < n_limit
+        k_ok = ok[None, :]
+        v_ok = ok[:, None]
+        if PAD_D:
+            k_ok = k_ok & (offs_d[:, None] < HEAD_DIM)
+            v_ok = v_ok & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(KN + cols[None, :] * stride_kn + offs_d[:, None], mask=k_ok, other=0.0)
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        qk = tl.where((offs_m[:, None] >= cols[None, :]) & ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(VN + cols[:, None] * stride_vn + offs_d[None, :], mask=v_ok, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _paged_chunk_attention_kernel(
+    Q, KN, VN, KC, VC, Out, BT, CuQ, Prefix,
+    stride_qn, stride_qh, stride_knn, stride_knh, stride_vnn, stride_vnh,
+    stride_kcp, stride_kcs, stride_kch, stride_vcp, stride_vcs, stride_vch,
+    stride_on, stride_oh, stride_bt,
+    max_pages, Hq, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M queries of one query head of one row (b = program_id(1) // Hq). Row b's chunk is
+    packed rows [CuQ[b], CuQ[b+1]); its prefix is Prefix[b] positions in the pages BT[b, :]. A program past its
+    row's chunk does nothing. A row whose prefix + chunk does not fit its block table touches nothing and gets
+    NaN (0 / 0), as in `chunk_attention`."""
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    kvh = h // GROUP
+    q0 = tl.load(CuQ + b).to(tl.int64)
+    C = (tl.load(CuQ + b + 1) - q0).to(tl.int32)
+    P = tl.load(Prefix + b).to(tl.int32)
+    in_range = (P >= 0) & (C >= 0) & (P + C <= max_pages * PAGE_SIZE)
+    mine = pid_m * BLOCK_M < C  # this program has queries of its row
+    P = tl.where(in_range & mine, P, 0)
+    C_ok = tl.where(in_range & mine, C, 0)
+
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + rows  # chunk-local query rows
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < C
+    if PAD_D:
+        io_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    else:
+        io_ok = row_ok[:, None]
+    q = tl.load(Q + (q0 + offs_m)[:, None] * stride_qn + h * stride_qh + offs_d[None, :], mask=io_ok, other=0.0)
+    kn = KN + q0 * stride_knn + kvh * stride_knh
+    vn = VN + q0 * stride_vnn + kvh * stride_vnh
+    kc = KC + kvh * stride_kch
+    vc = VC + kvh * stride_vch
+    bt = BT + b.to(tl.int64) * stride_bt
+
+    # Fused append: the first query head of each KV group writes this block's new keys and values into their
+    # pages. Nothing in this launch reads those positions (the chunk phase reads KN/VN): no race.
+    if h % GROUP == 0:
+        new_ok = offs_m < C_ok
+        pos = P + offs_m
+        page = tl.load(bt + pos // PAGE_SIZE, mask=new_ok, other=0).to(tl.int64)
+        slot = pos % PAGE_SIZE
+        w_ok = new_ok[:, None]
+        if PAD_D:
+            w_ok = w_ok & (offs_d[None, :] < HEAD_DIM)
+        k_blk = tl.load(kn + offs_m[:, None] * stride_knn + offs_d[None, :], mask=w_ok, other=0.0)
+        v_blk = tl.load(vn + offs_m[:, None] * stride_vnn + offs_d[None, :], mask=w_ok, other=0.0)
+        tl.store(kc + (page * stride_kcp + slot * stride_kcs)[:, None] + offs_d[None, :], k_blk, mask=w_ok)
+        tl.store(vc + (page * stride_vcp + slot * stride_vcs)[:, None] + offs_d[None, :], v_blk, mask=w_ok)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # the prefix: full key blocks unmasked, the ragged tail masked
+    n_full = (P // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, kc, vc, bt, stride_kcp, stride_kcs, stride_vcp, stride_vcs, 0,
+                                  n_full, P, offs_n, offs_d, qk_scale, False, BLOCK_N, PAGE_SIZE, PRECISION,
+                                  HEAD_DIM, PAD_D)
+    acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, kc, vc, bt, stride_kcp, stride_kcs, stride_vcp, stride_vcs,
+                                  n_full, P, P, offs_n, offs_d, qk_scale, True, BLOCK_N, PAGE_SIZE, PRECISION,
+                                  HEAD_DIM, PAD_D)
+    # the chunk itself, causal: keys up to this block's last query
+    acc, l_i, m_i = _attend_chunk(acc, l_i, m_i, q, kn, vn, stride_knn, stride_vnn,
+                                  tl.minimum(pid_m * BLOCK_M + BLOCK_M, C_ok), C_ok, offs_m, offs_n, offs_d,
+                                  qk_scale, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
+    out = acc / l_i[:, None]
+    tl.store(Out + (q0 + offs_m)[:, None] * stride_on + h * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=io_ok)
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, next_pow2(head_dim))
+
+
+def pick_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] = (9, 0)) -> dict:
+    """Block sizes for a GPU of compute `capability` (every config this returns is compiled ahead of time in the
+    tests, no spills allowed). Untuned: no GPU has timed this kernel yet."""
+    return dict(_pick_config(head_dim, dtype, capability, interpreted()))
+
+
+@functools.lru_cache(maxsize=256)
+def _pick_config(head_dim, dtype, capability, interpreted) -> dict:
+    if interpreted:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+    if dtype == torch.float32:  # exact fp32 dots, for checking: small tiles, chosen from a grid of warps x key
+        # blocks compiled under Triton 3.6, 3.7 and 3.9 for sm_90 and sm_80 as the ones no version spills in
+        if head_dim >= 256:
+            return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
+        return dict(BLOCK_M=16, BLOCK_N=32 if head_dim <= 16 else 16, num_warps=4, num_stages=1)
+    if head_dim >= 256:
+        return dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
+    if head_dim == 128:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def all_configs(capability: tuple[int, int] = (9, 0)) -> list[tuple[int, torch.dtype, dict]]:
+    return [(d, dtype, pick_config(d, dtype, capability)) for d in HEAD_DIMS for dtype in SUPPORTED_DTYPES]
+
+
+def _tensor(name: str, t, dims: int, what: str, packed: bool = False) -> torch.Tensor:
+    """`packed`: dim 0 is the packed rows' tokens, which may be none (every row's chunk empty)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"paged chunk_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims or 0 in t.shape[1 if packed else 0:]:
+        raise ValueError(f"paged chunk_attention: {name} must be {what}, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens):
+    """Shapes, dtypes and devices; on CPU also the values (row offsets, prefix lengths, pages): reading them costs
+    nothing there. Returns (B, N, Hq, Hkv, D, page_size, chunk lengths on the host or None)."""
+    varlen = cu_seqlens is not None
+    _tensor("q", q, 3 if varlen else 4, "[N, Hq, D] (with cu_seqlens)" if varlen else "[B, C, Hq, D]", varlen)
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        _tensor(name, t, q.dim(), "[N, Hkv, D]" if varlen else "[B, C, Hkv, D]", varlen)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _tensor(name, t, 4, "[num_pages, page_size, Hkv, D]")
+    _tensor("block_table", block_table, 2, "[B, max_pages]")
+    for name, t in dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache).items():
+        if t.dtype not in SUPPORTED_DTYPES or t.dtype != q.dtype:
+            raise TypeError(f"paged chunk_attention: {name} is {t.dtype}; q is {q.dtype} (all of q, k_new, v_new and "
+                            f"the caches in one of float32, float16, bfloat16)")
+        if t.device != q.device:
+            raise ValueError(f"paged chunk_attention: {name} is on {t.device} but q is on {q.device}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"paged chunk_attention: the last dimension of {name} must be contiguous (stride 1)")
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        raise TypeError("paged chunk_attention: bfloat16 on CPU runs in Triton's interpreter, which computes bf16 "
+                        "dots wrongly; use float32 or float16 there")
+    Hq, D = q.shape[-2], q.shape[-1]
+    Hkv = k_new.shape[-2]
+    if k_new.shape != v_new.shape or k_new.shape[:-2] != q.shape[:-2] or k_new.shape[-1] != D:
+        raise ValueError(f"paged chunk_attention: k_new/v_new must be {list(q.shape[:-2]) + ['Hkv', D]}, got "
+                         f"{tuple(k_new.shape)} and {tuple(v_new.shape)}")
+    if Hq % Hkv:
+        raise ValueError(f"paged chunk_attention: query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"paged chunk_attention: head dim {D} is not supported (1 to {MAX_HEAD_DIM})")
+    if k_cache.shape != v_cache.shape or k_cache.shape[2:] != (Hkv, D):
+        raise ValueError(f"paged chunk_attention: k_cache/v_cache must be [num_pages, page_size, Hkv={Hkv}, D={D}], "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    num_pages, page_size = k_cache.shape[:2]
+    B, max_pages = block_table.shape
+    if block_table.dtype != torch.int32 or block_table.device != q.device:
+        raise TypeError(f"paged chunk_attention: block_table must be int32 on {q.device}, got {block_table.dtype} on "
+                        f"{block_table.device}")
+    if varlen:
+        if (not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.shape != (B + 1,)
+                or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.device != q.device):
+            raise ValueError(f"paged chunk_attention: cu_seqlens must be an int32/int64 tensor [B + 1 = {B + 1}] on "
+                             f"{q.device} (B from block_table), got "
+                             f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)} "
+                             f"{tuple(getattr(cu_seqlens, 'shape', ()))}")
+    elif q.shape[0] != B:
+        raise ValueError(f"paged chunk_attention: q has {q.shape[0]} rows, block_table {B}")
+    if isinstance(prefix_lens, torch.Tensor):
+        if prefix_lens.shape != (B,) or prefix_lens.dtype not in (torch.int32, torch.int64) \
+                or prefix_lens.device != q.device:
+            raise ValueError(f"paged chunk_attention: a prefix_lens tensor must be int32/int64 [B={B}] on {q.device}, "
+                             f"got {prefix_lens.dtype} {tuple(prefix_lens.shape)} on {prefix_lens.device}")
+    else:
+        integer("prefix_lens", prefix_lens)
+    lens = None
+    if q.device.type == "cpu":  # every value checked before the launch
+        N = q.shape[0]
+        if varlen:
+            cu = cu_seqlens.tolist()
+            if cu[0] != 0 or cu[-1] != N or any(b < a for a, b in zip(cu, cu[1:])):
+                raise ValueError(f"paged chunk_attention: cu_seqlens must rise from 0 to N = {N}, got {cu}")
+            lens = [b - a for a, b in zip(cu, cu[1:])]
+        else:
+            lens = [q.shape[1]] * B
+        pre = prefix_lens.tolist() if isinstance(prefix_lens, torch.Tensor) else [prefix_lens] * B
+        table = block_table.tolist()
+        for b, (p, c) in enumerate(zip(pre, lens)):
+            if p < 0 or p + c > max_pages * page_size:
+                raise ValueError(f"paged chunk_attention: row {b}: prefix {p} + chunk {c} does not fit its block table "
+                                 f"({max_pages} pages of {page_size}: prefixes in [0, {max_pages * page_size - c}])")
+            used = table[b][:cdiv(p + c, page_size)]
+            if any(not 0 <= page < num_pages for page in used):
+                raise ValueError(f"paged chunk_attention: row {b}'s block table addresses pages {used} for its "
+                                 f"{p + c} positions; pages must be in [0, {num_pages})")
+    return B, Hq, Hkv, D, page_size, lens
+
+
+def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens=None,
+                          max_chunk: int | None = None, sm_scale=None, out=None, config=None):
+    """Chunked-prefill attention over a paged KV cache (module docstring), the chunks' K/V appended to their pages.
+
+    q [N, Hq, D] with cu_seqlens [B+1], or [B, C, Hq, D]; k_new, v_new likewise with Hkv heads; k_cache, v_cache
+    [num_pages, page_size, Hkv, D]; block_table [B, max_pages] int32; prefix_lens an int or an int tensor [B].
+    max_chunk: the longest row's chunk (the grid's height); without it a GPU launch reads cu_seqlens once (a host
+    sync). Returns out shaped like q; query i of row b sees that row's positions <= prefix_lens[b] + i.
+    Pages written by one row must not be read by another in the same launch (a shared prefix's pages are only read).
+    """
+    B, Hq, Hkv, D, page_size, lens = _check(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens)
+    if sm_scale is None:
+        sm_scale = D ** -0.5
+    sm_scale = positive_number("paged chunk_attention: sm_scale", sm_scale)
+    varlen = cu_seqlens is not None
+    if out is None:
+        out = torch.empty_like(q)
+    elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+          or out.stride(-1) != 1):
+        raise ValueError(f"paged chunk_attention: out must match q ({q.dtype} {tuple(q.shape)}, last dim contiguous)")
+    if not varlen:  # equal chunks: the packed layout with offsets 0, C, 2C, ...
+        C = q.shape[1]
+        cu_seqlens = torch.arange(0, (B + 1) * C, C, device=q.device, dtype=torch.int32)
+        q, k_new, v_new, flat_out = (t.reshape(B * C, *t.shape[2:]) for t in (q, k_new, v_new, out))
+        max_chunk = C
+    else:
+        flat_out = out
+    if max_chunk is None:
+        max_chunk = max(lens) if lens is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    max_chunk = integer("max_chunk", max_chunk)
+    if isinstance(prefix_lens, torch.Tensor):
+        prefix = prefix_lens.to(torch.int32)
+    else:
+        prefix = torch.full((B,), int(prefix_lens), device=q.device, dtype=torch.int32)
+    if q.is_cuda:  # reported at a later sync (device-side asserts), no host sync now
+        lens_d = cu_seqlens[1:] - cu_seqlens[:-1]
+        ends = prefix + lens_d
+        torch._assert_async(((prefix >= 0) & (ends <= block_table.shape[1] * page_size)).all(),
+                            "paged chunk_attention: a row's prefix + chunk does not fit its block table")
+        used = torch.arange(block_table.shape[1], device=q.device)[None, :] * page_size < ends[:, None]
+        torch._assert_async((~used | ((block_table >= 0) & (block_table < k_cache.shape[0]))).all(),
+                            "paged chunk_attention: a block table entry in use is not a page of the cache")
+    if max_chunk == 0 or q.shape[0] == 0:
+        return out
+    cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else (9, 0)
+    cfg = config or _pick_config(block_d(D), q.dtype, cap, interpreted())
+    grid = (cdiv(max_chunk, cfg["BLOCK_M"]), B * Hq)
+    with launching():
+        _paged_chunk_attention_kernel[grid](
+            q, k_new, v_new, k_cache, v_cache, flat_out, block_table, cu_seqlens, prefix,
+            q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+            v_cache.stride(2), flat_out.stride(0), flat_out.stride(1), block_table.stride(0),
+            block_table.shape[1], Hq, sm_scale * LOG2E,
+            GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            PAGE_SIZE=page_size, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return out
+
+
+def paged_chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens=None,
+                              sm_scale=None):
+    """Plain-torch reference: row by row, the new K/V written into their pages, the row's positions gathered from
+    its pages into a dense cache and `chunk_attention_ref` on it. Same contract as `paged_chunk_attention`."""
+    from .chunk_attention import chunk_attention_ref
+    B = block_table.shape[0]
+    page_size = k_cache.shape[1]
+    varlen = cu_seqlens is not None
+    if varlen:
+        cu = [int(x) for x in cu_seqlens.tolist()]
+        spans = [(cu[b], cu[b + 1]) for b in range(B)]
+    out = torch.empty_like(q)
+    pre = prefix_lens.tolist() if isinstance(prefix_lens, torch.Tensor) else [int(prefix_lens)] * B
+    for b in range(B):
+        if varlen:
+            s, e = spans[b]
+            qb, kb, vb = q[s:e][None], k_new[s:e][None], v_new[s:e][None]
+        else:
+            qb, kb, vb = q[b:b + 1], k_new[b:b + 1], v_new[b:b + 1]
+        P, C = int(pre[b]), qb.shape[1]
+        if P < 0 or P + C > block_table.shape[1] * page_size:
+            raise ValueError(f"paged attention: row {b}: prefix {P} + chunk {C} does not fit its block table "
+                             f"({block_table.shape[1]} pages of {page_size})")
+        pos = torch.arange(P + C, device=q.device)
+        pages = block_table[b].long()[pos // page_size]
+        slots = pos % page_size
+        k_cache[pages[P:], slots[P:]] = kb[0]
+        v_cache[pages[P:], slots[P:]] = vb[0]
+        if C == 0:
+            continue
+        dense_k, dense_v = k_cache[pages, slots][None], v_cache[pages, slots][None]  # [1, P + C, Hkv, D]
+        o = chunk_attention_ref(qb, kb, vb, dense_k, dense_v, P, sm_scale)
+        if varlen:
+            out[s:e] = o[0]
+        else:
+            out[b] = o[0]
+    return out

@@ -1,0 +1,197 @@
+"""chunk_attention over a paged KV cache, with rows of different chunk and prefix lengths in one launch
+(kernels.paged_attention): against float64 on fresh random data, outputs poisoned before the launch, the pool of
+pages checked bit for bit (new positions written, everything else untouched), and against the dense path."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernels import chunk_attention, chunk_attention_ref
+from kernels.paged_attention import paged_chunk_attention_ref
+from tests.test_kernels import DEVICE, DTYPES, attention_f64
+
+
+def make_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, seed=0, spare_pages=3):
+    """Random packed chunks, a shuffled pool of pages, each row's pages drawn from it; unused table entries -1."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEVICE)  # noqa: E731
+    B, N = len(lens), sum(lens)
+    need = [-(-(p + c) // page_size) for p, c in zip(prefixes, lens)]
+    max_pages = max(need) + 1
+    num_pages = sum(need) + spare_pages
+    order = torch.randperm(num_pages, generator=g).tolist()
+    table = torch.full((B, max_pages), -1, dtype=torch.int32)
+    for b, n in enumerate(need):
+        table[b, :n] = torch.tensor(order[:n], dtype=torch.int32)
+        order = order[n:]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    q, kn, vn = rnd(N, Hq, D), rnd(N, Hkv, D), rnd(N, Hkv, D)
+    kc, vc = rnd(num_pages, page_size, Hkv, D), rnd(num_pages, page_size, Hkv, D)
+    return q, kn, vn, kc, vc, table.to(DEVICE), cu
+
+
+def expected_pool(pool, new, table, prefixes, lens, page_size):
+    """The pool after appending each row's new K (or V) at its positions [prefix, prefix + len)."""
+    pool = pool.clone()
+    start = 0
+    for b, (p, c) in enumerate(zip(prefixes, lens)):
+        for i in range(c):
+            pos = p + i
+            pool[int(table[b, pos // page_size]), pos % page_size] = new[start + i]
+        start += c
+    return pool
+
+
+def row_dense(pool, table, b, n, page_size):
+    """Row b's first n positions gathered from its pages: [1, n, Hkv, D]."""
+    pos = torch.arange(n, device=pool.device)
+    return pool[table[b].long()[pos // page_size], pos % page_size][None]
+
+
+def run_paged_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol, seed=0, tensor_prefix=True):
+    q, kn, vn, kc, vc, table, cu = make_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, seed)
+    k_after = expected_pool(kc, kn, table, prefixes, lens, page_size)
+    v_after = expected_pool(vc, vn, table, prefixes, lens, page_size)
+    out = torch.full_like(q, float("nan"))
+    pre = torch.tensor(prefixes, dtype=torch.int32, device=DEVICE) if tensor_prefix else prefixes[0]
+    res = chunk_attention(q, kn, vn, kc, vc, pre, out=out, block_table=table, cu_seqlens=cu)
+    assert res is out
+    assert torch.equal(kc, k_after) and torch.equal(vc, v_after)  # appended where due, nothing else touched
+    start = 0
+    for b, (p, c) in enumerate(zip(prefixes, lens)):
+        if c:
+            k_row, v_row = row_dense(k_after, table, b, p + c, page_size), row_dense(v_after, table, b, p + c,
+                                                                                    page_size)
+            expected = attention_f64(q[start:start + c][None], k_row, v_row, p)[0]
+            got = out[start:start + c]
+            assert not got.isnan().any(), f"row {b}"
+            assert (got.double() - expected).abs().max().item() <= tol, f"row {b}"
+        start += c
+    return q, kn, vn, out
+
+
+PAGED_CASES = [  # (chunk lengths, prefix lengths, Hq, Hkv, D, page size)
+    ([5, 37, 1], [0, 20, 33], 4, 2, 64, 16),  # a fresh row, a prefix mid-page, a decode-like row
+    ([1, 1, 1, 1], [0, 15, 16, 17], 8, 1, 32, 16),  # decode at page boundaries
+    ([64, 0, 3], [128, 7, 0], 4, 4, 16, 64),  # a row with no chunk this time (its cache untouched)
+    ([130, 2], [100, 700], 8, 1, 128, 256),  # large pages, a long prefix
+    ([17, 9], [3, 40], 6, 3, 80, 32),  # padded head dim, GQA 2
+    ([33], [0], 2, 2, 24, 16),  # one row, odd head dim
+    ([6, 3], [5, 0], 4, 2, 32, 1),  # pages of one token (SGLang's token-level pool)
+]
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lens,prefixes,Hq,Hkv,D,page_size", PAGED_CASES)
+def test_paged_varlen_chunk_attention(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol):
+    run_paged_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lens=st.lists(st.integers(0, 60), min_size=1, max_size=4), data=st.data(),
+       group=st.sampled_from([1, 2, 4]), D=st.sampled_from([16, 32, 64]), page=st.sampled_from([16, 32, 128]),
+       half=st.booleans(), seed=st.integers(0, 99))
+def test_paged_varlen_random(lens, data, group, D, page, half, seed):
+    prefixes = data.draw(st.lists(st.integers(0, 300), min_size=len(lens), max_size=len(lens)))
+    dtype, tol = DTYPES[1] if half else DTYPES[0]
+    run_paged_case(lens, prefixes, 2 * group, 2, D, page, dtype, tol, seed=seed)
+
+
+def test_an_int_prefix_serves_every_row():
+    run_paged_case([7, 7], [40, 40], 4, 2, 32, 16, torch.float32, 2e-5, tensor_prefix=False)
+
+
+def test_paged_equals_the_dense_path():
+    """The same rows through the dense kernel (cache [B, max_len, Hkv, D], one launch per row) and the paged one."""
+    lens, prefixes, page = [11, 40, 1], [5, 64, 200], 16
+    q, kn, vn, kc, vc, table, cu = make_case(lens, prefixes, 8, 2, 64, page, torch.float32, seed=3)
+    dense_k = [row_dense(kc, table, b, p, page) for b, p in enumerate(prefixes)]
+    dense_v = [row_dense(vc, table, b, p, page) for b, p in enumerate(prefixes)]
+    out = chunk_attention(q, kn, vn, kc, vc, torch.tensor(prefixes, dtype=torch.int32), block_table=table,
+                          cu_seqlens=cu)
+    start = 0
+    for b, (p, c) in enumerate(zip(prefixes, lens)):
+        kd = torch.cat([dense_k[b], torch.zeros(1, c, 2, 64)], 1)
+        vd = torch.cat([dense_v[b], torch.zeros(1, c, 2, 64)], 1)
+        want = chunk_attention(q[start:start + c][None], kn[start:start + c][None], vn[start:start + c][None], kd, vd,
+                               p)[0]
+        assert (out[start:start + c] - want).abs().max().item() <= 1e-5
+        start += c
+
+
+def test_equal_chunks_in_pages_and_packed_rows_in_a_dense_cache():
+    """block_table alone (q [B, C, Hq, D]) and cu_seqlens alone (a dense cache): the same answers as the full
+    layout."""
+    g = torch.Generator().manual_seed(5)
+    B, C, Hq, Hkv, D, page = 3, 9, 4, 2, 32, 16
+    prefixes = [0, 17, 30]
+    q, kn, vn = (torch.randn(B, C, h, D, generator=g) for h in (Hq, Hkv, Hkv))
+    pool_k, pool_v = torch.randn(12, page, Hkv, D, generator=g), torch.randn(12, page, Hkv, D, generator=g)
+    table = torch.tensor([[0, 1, 2, -1], [3, 4, 5, -1], [6, 7, 8, 9]], dtype=torch.int32)
+    pre = torch.tensor(prefixes, dtype=torch.int32)
+    ref_k, ref_v = pool_k.clone(), pool_v.clone()
+    ref = paged_chunk_attention_ref(q.double(), kn.double(), vn.double(), ref_k.double(), ref_v.double(), pre, table)
+    out = torch.full_like(q, float("nan"))
+    chunk_attention(q, kn, vn, pool_k, pool_v, pre, out=out, block_table=table)
+    assert (out.double() - ref).abs().max().item() <= 2e-5
+    # the dense cache, rows packed: [B, max_len, Hkv, D] is B pages of max_len positions
+    dk, dv = torch.randn(B, 48, Hkv, D, generator=g), torch.randn(B, 48, Hkv, D, generator=g)
+    cu = torch.arange(0, (B + 1) * C, C, dtype=torch.int32)
+    dk2, dv2 = dk.clone(), dv.clone()
+    packed = chunk_attention(q.reshape(B * C, Hq, D), kn.reshape(B * C, Hkv, D), vn.reshape(B * C, Hkv, D), dk, dv,
+                             pre, cu_seqlens=cu)
+    for b, p in enumerate(prefixes):
+        row = chunk_attention(q[b:b + 1], kn[b:b + 1], vn[b:b + 1], dk2[b:b + 1], dv2[b:b + 1], p)
+        assert (packed[b * C:(b + 1) * C] - row[0]).abs().max().item() <= 1e-5
+    assert torch.equal(dk, dk2) and torch.equal(dv, dv2)
+
+
+def test_the_torch_reference_takes_the_same_layouts():
+    lens, prefixes, page = [4, 13], [9, 0], 16
+    q, kn, vn, kc, vc, table, cu = make_case(lens, prefixes, 4, 1, 32, page, torch.float32, seed=8)
+    kc2, vc2 = kc.clone(), vc.clone()
+    pre = torch.tensor(prefixes, dtype=torch.int32)
+    want = chunk_attention(q, kn, vn, kc, vc, pre, block_table=table, cu_seqlens=cu)
+    got = chunk_attention_ref(q, kn, vn, kc2, vc2, pre, block_table=table, cu_seqlens=cu)
+    assert (got - want).abs().max().item() <= 1e-5 and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+def _bad(**over):
+    lens, prefixes, page = [4, 6], [3, 20], 16
+    q, kn, vn, kc, vc, table, cu = make_case(lens, prefixes, 4, 2, 32, page, torch.float32, seed=1)
+    args = dict(q=q, k_new=kn, v_new=vn, k_cache=kc, v_cache=vc, start_pos=torch.tensor(prefixes, dtype=torch.int32),
+                block_table=table, cu_seqlens=cu)
+    args.update(over)
+    before = kc.clone()
+    return args, kc, before
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(cu_seqlens=torch.tensor([0, 6, 4], dtype=torch.int32)), "cu_seqlens must rise from 0 to N = 10"),
+    (dict(cu_seqlens=torch.tensor([0, 4], dtype=torch.int32)), r"cu_seqlens must be .* \[B \+ 1 = 3\]"),
+    (dict(start_pos=torch.tensor([3, 60], dtype=torch.int32)), "row 1: prefix 60 \\+ chunk 6 does not fit"),
+    (dict(start_pos=-1), "row 0: prefix -1"),
+    (dict(block_table=torch.tensor([[0, 1, 2], [3, 99, 5]], dtype=torch.int32)), "row 1's block table addresses"),
+    (dict(block_table=torch.zeros(2, 3, dtype=torch.int64)), "block_table must be int32"),
+    (dict(v_new=torch.zeros(10, 1, 32)), "k_new/v_new must be"),
+    (dict(max_chunk="4"), "max_chunk"),
+])
+def test_bad_paged_input_is_refused_before_the_launch(over, match):
+    args, kc, before = _bad(**over)
+    with pytest.raises((ValueError, TypeError), match=match):
+        chunk_attention(**args)
+    assert torch.equal(kc, before)  # nothing written
+
+
+def test_a_tuning_config_is_refused_on_the_paged_path():
+    args, _, _ = _bad()
+    with pytest.raises(ValueError, match="config tunes the dense kernel"):
+        chunk_attention(**args, config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [16, 256])
+def test_paged_varlen_gpu_bf16(cuda, page):
+    run_paged_case([2048, 1, 300, 17], [16384, 9000, 0, 4097], 32, 8, 128, page, torch.bfloat16, 2e-2)
