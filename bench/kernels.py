@@ -3,6 +3,8 @@
   a bottom-right causal bias and native GQA, flex_attention compiled with a block mask; the old dense-mask,
   repeated-K/V SDPA kept only as a labelled row), in TFLOP/s counting only visible query-key pairs, with a large
   bf16 GEMM measured on the same GPU as the ceiling; the shapes include the planner's (`planner_shapes`);
+- the paged, varlen chunk_attention on serving-like batches (rows of different prefixes and chunks, pages of 16
+  and 256) against the dense kernel and SDPA run once per row (`bench_paged`);
 - RMSNorm (+residual), RoPE and SwiGLU in GB/s against torch eager, with a device-to-device copy as the ceiling.
 
     python -m bench kernels [--out bench/results/<gpu>]
@@ -215,6 +217,84 @@ def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=ATTEN
     return rows
 
 
+# a serving step: a long prompt's chunk, a mid-size one, decode rows, a fresh prompt (prefix, chunk) per row
+PAGED_BATCHES = (((16384, 2048),), ((0, 2048), (8192, 512), (30000, 1), (4000, 256), (12000, 1)))
+
+
+def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128, dtype=torch.bfloat16,
+                device="cuda", timer=gpu_timer) -> list[dict]:
+    """The paged, varlen kernel (one launch for a batch of rows of different prefixes and chunk lengths, the cache
+    in pages of a shuffled pool) against what a stack without one would run on the same rows: the dense kernel once
+    per row (each row's own contiguous cache) and SDPA once per row (the fastest correct backend, bottom-right causal
+    bias, native GQA). One row per (batch, page size): times, TFLOP/s over the visible pairs, errors vs float64."""
+    from kernels import chunk_attention
+    F = torch.nn.functional
+    tol = PEER_TOL[dtype]
+    rows = []
+    for bi, batch in enumerate(batches):
+        cases = [attention_case(P, C, 1, Hq, Hkv, D, dtype, device, seed=bi * 1000 + i)
+                 for i, (P, C) in enumerate(batch)]
+        flops = sum(attention_flops(1, Hq, D, C, P) for P, C in batch)
+        ref = torch.cat([c[6][0] for c in cases])  # [N, Hq, D]
+        q = torch.cat([c[0][0] for c in cases])
+        kn, vn = torch.cat([c[1][0] for c in cases]), torch.cat([c[2][0] for c in cases])
+        cu = torch.tensor([0] + [sum(C for _, C in batch[:i + 1]) for i in range(len(batch))], dtype=torch.int32,
+                          device=device)
+        prefix = torch.tensor([P for P, _ in batch], dtype=torch.int32, device=device)
+        dense_out = [torch.full_like(c[0], float("nan")) for c in cases]
+
+        def dense_rows():
+            for c, o, (P, _) in zip(cases, dense_out, batch):
+                chunk_attention(c[0], c[1], c[2], c[3], c[4], P, out=o)
+        dense_ms = timer(dense_rows)
+        dense_err = (torch.cat([o[0] for o in dense_out]).double() - ref).abs().max().item()
+        from torch.nn.attention import sdpa_kernel
+        from torch.nn.attention.bias import causal_lower_right
+        sdpa = {}
+        for name, backend in _sdpa_backends():
+            def run(backend=backend):
+                with sdpa_kernel(backend):
+                    return [F.scaled_dot_product_attention(qt, kt, vt, attn_mask=causal_lower_right(qt.shape[2],
+                                                                                                    kt.shape[2]),
+                                                           enable_gqa=True) for qt, kt, vt in (c[5] for c in cases)]
+            try:
+                err = (torch.cat([o.transpose(1, 2)[0] for o in run()]).double() - ref).abs().max().item()
+                if err <= tol:
+                    sdpa[name] = (timer(run), err)
+            except Exception:  # noqa: BLE001 - a backend that cannot run these shapes is not a peer here
+                pass
+        best = min(sdpa, key=lambda n: sdpa[n][0]) if sdpa else None
+        for page in page_sizes:
+            need = [-(-(P + C) // page) for P, C in batch]
+            pool_pages = sum(need)
+            order = torch.randperm(pool_pages, generator=torch.Generator().manual_seed(page)).tolist()
+            table = torch.full((len(batch), max(need)), -1, dtype=torch.int32)
+            start = 0
+            for b, n in enumerate(need):
+                table[b, :n] = torch.tensor(order[start:start + n], dtype=torch.int32)
+                start += n
+            table = table.to(device)
+            kc = torch.empty(pool_pages, page, Hkv, D, device=device, dtype=dtype)
+            vc = torch.empty_like(kc)
+            for b, ((P, C), c) in enumerate(zip(batch, cases)):  # each row's prefix into its pages
+                pos = torch.arange(P + C, device=device)
+                pages, slots = table[b].long()[pos // page], pos % page
+                kc[pages, slots], vc[pages, slots] = c[3][0, :P + C], c[4][0, :P + C]
+            out = torch.full_like(q, float("nan"))
+            max_chunk = max(C for _, C in batch)
+            ms = timer(lambda: chunk_attention(q, kn, vn, kc, vc, prefix, out=out, block_table=table,
+                                               cu_seqlens=cu, max_chunk=max_chunk))
+            err = (out.double() - ref).abs().max().item()
+            rows.append(dict(batch=[list(x) for x in batch], page_size=page, paged_ms=ms,
+                             paged_tflops=flops / ms / 1e9, paged_max_abs_err=err, paged_correct=err <= tol,
+                             dense_rows_ms=dense_ms, dense_rows_max_abs_err=dense_err, best_sdpa=best,
+                             sdpa_rows_ms=sdpa[best][0] if best else None,
+                             sdpa_rows_max_abs_err=sdpa[best][1] if best else None,
+                             paged_vs_dense_rows=dense_ms / ms,
+                             paged_vs_sdpa_rows=sdpa[best][0] / ms if best else None))
+    return rows
+
+
 def planner_shapes(model: str = "llama3-8b", prompt_len: int = 32768, stages: int = 4) -> list[tuple[int, int]]:
     """(prefix, chunk) of the first, a middle and the last chunk the planner cuts for `model` at `prompt_len` on an
     H100 roofline over NVLink: the shapes a balanced pipeline really runs."""
@@ -293,6 +373,7 @@ def run_all(device="cuda", timer=gpu_timer, quick=False) -> dict:
     copy = copy_bandwidth(device=device, timer=timer)
     gemm = gemm_tflops(device=device, timer=timer)
     attention = bench_attention(shapes=shapes, device=device, timer=timer)
+    paged = bench_paged(batches=PAGED_BATCHES[:1] if quick else PAGED_BATCHES, device=device, timer=timer)
     memory = bench_memory_bound(device=device, timer=timer)
     for m in memory:
         m["triton_of_copy"] = m["triton_gbps"] / copy
@@ -300,7 +381,7 @@ def run_all(device="cuda", timer=gpu_timer, quick=False) -> dict:
     for a in attention:
         a["triton_of_gemm"] = a["triton_tflops"] / gemm
     return dict(schema_version=SCHEMA_VERSION, kind="kernels", copy_gbps=copy, gemm_bf16_tflops=gemm,
-                attention=attention, memory_bound=memory,
+                attention=attention, paged=paged, memory_bound=memory,
                 attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS)
 
 
@@ -313,6 +394,11 @@ def print_report(doc: dict) -> None:
               f"{r['speedup_vs_best_peer'] or float('nan'):.2f}x  err {r['max_abs_err']:.1e}  launcher "
               f"{r.get('launch_host_us', float('nan')):.0f} us host / "
               f"{graph if graph is not None else float('nan'):.0f} us graph")
+    for r in doc.get("paged", []):
+        sdpa = r["paged_vs_sdpa_rows"]
+        print(f"paged {len(r['batch'])} row(s) page {r['page_size']:>3}  {r['paged_ms']:.3f} ms "
+              f"{r['paged_tflops']:.0f} TFLOP/s  vs dense per row {r['paged_vs_dense_rows']:.2f}x  vs SDPA per row "
+              f"({r['best_sdpa']}) {sdpa if sdpa is not None else float('nan'):.2f}x  err {r['paged_max_abs_err']:.1e}")
     for m in doc["memory_bound"]:
         print(f"{m['op']:>13}  triton {m['triton_gbps']:.0f} GB/s ({100 * m['triton_of_copy']:.0f}% of copy)  "
               f"eager {m['eager_gbps']:.0f} GB/s  err {m['triton_max_abs_err']:.1e}")

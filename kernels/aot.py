@@ -108,12 +108,15 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
             specs.append(KernelSpec(f"add_rms_norm H{hidden} {dt}", rms_mod._add_rms_norm_kernel, sig,
                                     dict(HAS_RESIDUAL=True, BLOCK=block), min(16, max(1, block // 256))))
         for half in (32, 40, 64):  # D = 64, 80 (padded), 128
-            sig = {"X": p, "Cos": "*fp32", "Sin": "*fp32", "Out": p} | {
+            sig = {"X": p, "Cos": "*fp32", "Sin": "*fp32", "Out": p, "Pos": "*i32"} | {
                 n: "i32" for n in ("stride_xb", "stride_xm", "stride_xh", "stride_ob", "stride_om", "stride_oh",
                                    "stride_t", "C", "H", "start_pos")} | {
-                "HALF": "constexpr", "BLOCK_HALF": "constexpr", "BLOCK_H": "constexpr"}
-            specs.append(KernelSpec(f"rope D{2 * half} {dt}", rope_mod._rope_kernel, sig,
-                                    dict(HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_H=32), 4))
+                "HALF": "constexpr", "BLOCK_HALF": "constexpr", "BLOCK_H": "constexpr", "POSITIONS": "constexpr"}
+            for positions in (False, True):
+                specs.append(KernelSpec(f"rope D{2 * half} {dt}" + (" positions" if positions else ""),
+                                        rope_mod._rope_kernel, sig,
+                                        dict(HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_H=32,
+                                             POSITIONS=positions), 4))
         sig = {"G": p, "U": p, "Out": p, "stride_g": "i32", "stride_u": "i32", "stride_o": "i32", "N": "i32",
                "BLOCK": "constexpr"}
         specs.append(KernelSpec(f"swiglu {dt}", swiglu_mod._swiglu_kernel, sig, dict(BLOCK=4096), 8))

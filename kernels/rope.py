@@ -12,13 +12,13 @@ from .shapes import integer, launching, next_pow2, tensor
 @triton.jit
 def _rope_kernel(
     # pointers
-    X, Cos, Sin, Out,
+    X, Cos, Sin, Out, Pos,
     # strides (the head dimension is contiguous)
     stride_xb, stride_xm, stride_xh, stride_ob, stride_om, stride_oh, stride_t,
     # sizes
     C, H, start_pos,
     # meta-parameters
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, POSITIONS: tl.constexpr,
 ):
     pid = tl.program_id(0)  # one (batch, position) row, all heads
     b = (pid // C).to(tl.int64)
@@ -29,7 +29,10 @@ def _rope_kernel(
     x_row = X + b * stride_xb + m * stride_xm + heads * stride_xh
     x1 = tl.load(x_row + d, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + HALF + d, mask=mask, other=0.0).to(tl.float32)
-    pos = (start_pos + m).to(tl.int64)
+    if POSITIONS:  # one position per token, [B, C] contiguous (packed rows of different requests)
+        pos = tl.load(Pos + pid).to(tl.int64)
+    else:
+        pos = (start_pos + m).to(tl.int64)
     cos = tl.load(Cos + pos * stride_t + d, mask=d < HALF, other=0.0)
     sin = tl.load(Sin + pos * stride_t + d, mask=d < HALF, other=0.0)
     o_row = Out + b * stride_ob + m * stride_om + heads * stride_oh
@@ -37,11 +40,14 @@ def _rope_kernel(
     tl.store(o_row + HALF + d, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=mask)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, out=None) -> torch.Tensor:
-    """x [B, C, H, D]; cos, sin [max_len, D/2] fp32 tables. Returns the rotated x (same shape and dtype)."""
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos, out=None) -> torch.Tensor:
+    """x [B, C, H, D]; cos, sin [max_len, D/2] fp32 tables. Returns the rotated x (same shape and dtype).
+    start_pos: an int (token m of every row at start_pos + m) or an int tensor [B, C] of each token's position
+    (packed rows of different requests; on a GPU not read back: positions must be inside the tables)."""
     for name, t in (("x", x), ("cos", cos), ("sin", sin)):
         tensor(f"rope: {name}", t)
-    start_pos = integer("rope: start_pos", start_pos)
+    positions = start_pos if isinstance(start_pos, torch.Tensor) else None
+    start_pos = 0 if positions is not None else integer("rope: start_pos", start_pos)
     if x.dim() != 4 or 0 in x.shape:
         raise ValueError(f"rope: x must be [B, C, H, D] with every size >= 1, got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -58,7 +64,17 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, 
         raise ValueError("rope: the last dimension of x must be contiguous (stride 1)")
     if cos.device != x.device:
         raise ValueError(f"rope: tables are on {cos.device} but x is on {x.device}")
-    if start_pos < 0 or start_pos + C > cos.shape[0]:
+    if positions is not None:
+        if positions.shape != (B, C) or positions.dtype not in (torch.int32, torch.int64) \
+                or positions.device != x.device:
+            raise ValueError(f"rope: a positions tensor must be int32/int64 [B={B}, C={C}] on {x.device}, got "
+                             f"{positions.dtype} {tuple(positions.shape)} on {positions.device}")
+        if x.device.type == "cpu" and positions.numel() and (int(positions.min()) < 0
+                                                              or int(positions.max()) >= cos.shape[0]):
+            raise ValueError(f"rope: positions {int(positions.min())}..{int(positions.max())} are outside the tables "
+                             f"(max_len {cos.shape[0]})")
+        positions = positions.contiguous()
+    elif start_pos < 0 or start_pos + C > cos.shape[0]:
         raise ValueError(f"rope: positions [{start_pos}, {start_pos + C}) are outside the tables "
                          f"(max_len {cos.shape[0]})")
     if out is None:
@@ -68,19 +84,22 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int, 
     BLOCK_H = next_pow2(H)
     with launching():
         _rope_kernel[(B * C,)](
-            x, cos, sin, out,
+            x, cos, sin, out, positions if positions is not None else cos,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
             C, H, start_pos,
-            HALF=half, BLOCK_HALF=next_pow2(half), BLOCK_H=BLOCK_H, num_warps=4,
+            HALF=half, BLOCK_HALF=next_pow2(half), BLOCK_H=BLOCK_H, POSITIONS=positions is not None, num_warps=4,
         )
     return out
 
 
-def rope_ref(x, cos, sin, start_pos: int):
-    """Plain-torch reference (and the model's torch backend)."""
+def rope_ref(x, cos, sin, start_pos):
+    """Plain-torch reference (and the model's torch backend); start_pos an int or positions [B, C]."""
     C, half = x.shape[1], x.shape[-1] // 2
-    c = cos[start_pos:start_pos + C][None, :, None, :]  # [1, C, 1, D/2]
-    s = sin[start_pos:start_pos + C][None, :, None, :]
+    if isinstance(start_pos, torch.Tensor):
+        c, s = cos[start_pos.long()][:, :, None, :], sin[start_pos.long()][:, :, None, :]  # [B, C, 1, D/2]
+    else:
+        c = cos[start_pos:start_pos + C][None, :, None, :]  # [1, C, 1, D/2]
+        s = sin[start_pos:start_pos + C][None, :, None, :]
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     x1, x2 = x[..., :half].to(work), x[..., half:].to(work)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)

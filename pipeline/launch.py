@@ -13,6 +13,7 @@ import torch.distributed as dist
 from . import checks
 from .checks import DTYPES
 from .compress import check_codec
+from .ragged import check_rows
 from .config import ModelConfig
 from .link import LinkModel
 from .model import resolve_config
@@ -29,8 +30,16 @@ def check_job(job: Job, cfg) -> None:
     if not isinstance(job, Job):
         raise TypeError(f"jobs must be Job objects, got {job!r}")
     check_mode(job.mode)
-    check_tokens(job.tokens, cfg, decode=job.decode)
-    chunk_plan(job.tokens.shape[1], chunks=job.chunks)
+    if job.ragged:
+        check_rows(job.tokens, cfg.vocab_size, cfg.max_seq_len, decode=job.decode)
+        if job.chunk_size is not None:
+            checks.positive_int("chunk_size", job.chunk_size)
+        want = [st.tokens for st in job.steps()]
+        if list(job.chunks) != want:
+            raise ValueError(f"a ragged job's chunks are its steps' packed tokens, {want}; got {job.chunks}")
+    else:
+        check_tokens(job.tokens, cfg, decode=job.decode)
+        chunk_plan(job.tokens.shape[1], chunks=job.chunks)
     checks.positive_int("repeats", job.repeats)
     checks.integer("warmup", job.warmup, 0)
     checks.flag("decode", job.decode)
@@ -44,7 +53,7 @@ def memory_needed(spec: PipelineSpec, cfg, job: Job) -> int:
     """A lower estimate of the bytes one run of `job` holds at once on one machine (the device's memory, or the
     host's): the stages' weights and KV cache and those of the unchunked baseline's whole model, one chunk's
     activations and, with the torch ops, the attention scores SDPA materialises for a chunk after a prefix."""
-    B, L = job.tokens.shape
+    B, L = job.dims()
     item = DTYPES[spec.dtype].itemsize
     params = cfg.num_layers * cfg.params_per_layer + cfg.vocab_size * cfg.hidden_size * (1 + (not cfg.tie_embeddings))
     kv = 2 * cfg.num_layers * B * (L + 1) * cfg.num_kv_heads * cfg.head_dim * item
@@ -72,7 +81,7 @@ def check_resources(spec: PipelineSpec, cfg, jobs: list[Job]) -> None:
     for job in jobs:
         need = memory_needed(spec, cfg, job)
         if need > have:
-            B, L = job.tokens.shape
+            B, L = job.dims()
             raise ValueError(f"batch {B} x prompt {L} needs at least {need / 1e9:.1f} GB at once (weights, KV cache "
                              f"and activations of the stages and of the unchunked baseline), more than the "
                              f"{have / 1e9:.1f} GB of {torch.device(spec.device).type} memory here")
@@ -80,7 +89,7 @@ def check_resources(spec: PipelineSpec, cfg, jobs: list[Job]) -> None:
     if link.active:
         item = DTYPES[spec.dtype].itemsize
         for job in jobs:
-            B, L = job.tokens.shape
+            B, L = job.dims()
             per_run = sum(link.delay_s(B * c * cfg.hidden_size * item) for c in job.chunks)
             if per_run > 3600:
                 raise ValueError(f"the emulated link ({spec.bandwidth_gbps} GB/s, {spec.latency_s} s per send) "
@@ -150,13 +159,26 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
     with return_cache, every stage's KV cache. `unchunked` ignores stages and chunks (it is the baseline).
     compress: what crosses each stage boundary, "none", "bf16" (float32 models) or "fp8" (e4m3 with per-token
     scales): lossy, the logits then differ from the unchunked model's (`pipeline.compress`).
+    tokens may also be a list of 1-D rows of different lengths (a ragged batch, `pipeline.ragged`): each row in
+    chunks of chunk_size, the rows' chunks packed into one step, the KV cache in pages of `page_size`; logits
+    [B, V] are then each row's at its own last token, decode continues each row from its own length, and with
+    return_cache `row_caches[b]` holds row b's (k, v) per stage.
 
     link 'gloo' / 'nccl' start one process per stage (spawn): in a script, call this under
     `if __name__ == "__main__":`. Under torchrun every rank calls it; rank 0 gets the result, the others None."""
     check_mode(mode)
     cfg = resolve_config(source)
-    check_tokens(tokens, cfg, decode=decode)
-    plan = mode_chunks(mode, chunk_plan(tokens.shape[1], chunk_size, chunks))  # validated in every mode
+    ragged = isinstance(tokens, (list, tuple))
+    if ragged:  # rows of different lengths: each in chunks of chunk_size, packed step by step
+        check_rows(tokens, cfg.vocab_size, cfg.max_seq_len, decode=decode)
+        if chunks is not None:
+            raise ValueError("a ragged batch (a list of rows) takes chunk_size, the tokens per row per step; "
+                             "explicit chunks fit a [B, L] tensor")
+        if chunk_size is not None:
+            checks.positive_int("chunk_size", chunk_size)
+    else:
+        check_tokens(tokens, cfg, decode=decode)
+        plan = mode_chunks(mode, chunk_plan(tokens.shape[1], chunk_size, chunks))  # validated in every mode
     unknown = set(spec_kw) - {f.name for f in dataclasses.fields(PipelineSpec)}
     if unknown:
         raise TypeError(f"run_prefill() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
@@ -165,7 +187,12 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
     spec = PipelineSpec(source=source if isinstance(source, ModelConfig) else str(source), stages=stages, link=link,
                         ops=ops, dtype=checks.dtype_name(dtype), device=device, bandwidth_gbps=bandwidth_gbps,
                         latency_s=latency_s, **spec_kw)
-    job = Job(mode, tokens, plan, decode=decode, return_cache=return_cache, compress=compress)
+    if ragged:
+        job = Job(mode, list(tokens), [], decode=decode, return_cache=return_cache, compress=compress,
+                  chunk_size=chunk_size)
+        job.chunks = [st.tokens for st in job.steps()]
+    else:
+        job = Job(mode, tokens, plan, decode=decode, return_cache=return_cache, compress=compress)
     results = run_jobs(spec, [job])
     return None if results is None else results[0][0]
 

@@ -13,6 +13,7 @@ from kernels import rope_tables
 from . import checks
 from .config import ModelConfig, get_preset
 from .ops import Ops, get_ops
+from .ragged import PagePool, RaggedStep, pages_needed
 from .tp import check_tp, local_config, shard_state
 from .weights import load_hf_weights, random_weights
 
@@ -60,6 +61,36 @@ class Block(nn.Module):
         k = ops.rope(k, rope_cos, rope_sin, start_pos)
         attn = ops.attention(q, k, v, k_cache, v_cache, start_pos)  # [B, C, Hq, D], appends k, v to the cache
         return self.wo(attn.reshape(B, C, q_dim))
+
+    def attend_packed(self, x, meta: dict, k_pages, v_pages, block_table, rope_cos, rope_sin, ops: Ops):
+        """x: the normed input [1, N, H] of the packed rows of a ragged step (`pipeline.ragged`), each token at
+        its own position (meta["positions"]); K/V appended to the rows' pages. Returns wo's output [1, N, H]."""
+        cfg = self.cfg
+        N = x.shape[1]
+        qkv = self.wqkv(x)
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q = qkv[..., :q_dim].view(1, N, cfg.num_heads, cfg.head_dim)
+        k = qkv[..., q_dim:q_dim + kv_dim].view(1, N, cfg.num_kv_heads, cfg.head_dim)
+        v = qkv[..., q_dim + kv_dim:].view(1, N, cfg.num_kv_heads, cfg.head_dim)
+        q = ops.rope(q, rope_cos, rope_sin, meta["positions"])
+        k = ops.rope(k, rope_cos, rope_sin, meta["positions"])
+        attn = ops.attention(q[0], k[0], v[0], k_pages, v_pages, meta["prefix"], block_table=block_table,
+                             cu_seqlens=meta["cu_seqlens"], max_chunk=meta["max_chunk"])  # [N, Hq, D]
+        return self.wo(attn.reshape(1, N, q_dim))
+
+    def forward_packed(self, h, residual, meta: dict, k_pages, v_pages, block_table, rope_cos, rope_sin, ops: Ops,
+                       reduce=None):
+        """`forward` for a ragged step's packed rows [1, N, H] over paged K/V (serial all-reduces with TP)."""
+        eps = self.cfg.rms_norm_eps
+        x, residual = ops.add_rms_norm(h, residual, self.attention_norm, eps)
+        h = self.attend_packed(x, meta, k_pages, v_pages, block_table, rope_cos, rope_sin, ops)
+        if reduce is not None:
+            h = reduce(h)
+        x, residual = ops.add_rms_norm(h, residual, self.ffn_norm, eps)
+        h = self.feed_forward(x, ops)
+        if reduce is not None:
+            h = reduce(h)
+        return h, residual
 
     def feed_forward(self, x, ops: Ops):
         """x: the normed input [B, C, H] of the MLP; returns w2's output (with TP, this rank's partial sum)."""
@@ -203,6 +234,40 @@ class Transformer(nn.Module):
         x, _ = self.ops.add_rms_norm(h, residual, self.norm, self.cfg.rms_norm_eps)
         logits = self.output(x)
         return logits[:, -1] if last_only else logits
+
+    def new_pool(self, lengths: list[int], page_size: int) -> PagePool:
+        """A page pool for ragged rows of these lengths (and one decode token each): this part's layers, this
+        rank's KV heads."""
+        return PagePool.create(len(self.layers), pages_needed(lengths, page_size), page_size,
+                               self.local_cfg.num_kv_heads, self.cfg.head_dim, self.dtype, self.device)
+
+    @torch.no_grad()
+    def forward_packed(self, x: torch.Tensor, step: RaggedStep, pool: PagePool) -> torch.Tensor:
+        """One ragged step through this part's layers (`pipeline.ragged`): the rows' chunks packed, x tokens
+        [1, N] on the first part, else the hidden state [1, N, H]; each row's K/V go to its pages in `pool`
+        (reserved here, as the positions grow). Returns, on the last part, logits [R, V] at the last token of the
+        R rows whose prompt ends in this step (in `step.ends` order); else the hidden state [1, N, H]. With TP the
+        all-reduces are serial whatever tp_comm says (the halves and token shards of the other schedules would cut
+        through rows)."""
+        for b, (p, n) in enumerate(zip(step.starts, step.lengths)):
+            if n:
+                pool.reserve(b, p + n)
+        if step.tokens and max(p + n for p, n in zip(step.starts, step.lengths)) > self.cfg.max_seq_len:
+            raise ValueError(f"a row's positions pass max_seq_len {self.cfg.max_seq_len}")
+        table = pool.block_table(self.device)
+        meta = step.tensors(self.device)
+        h = self.tok_embeddings(x) if self.is_first else x
+        residual = None
+        for i, block in enumerate(self.layers):
+            h, residual = block.forward_packed(h, residual, meta, pool.k[i], pool.v[i], table, self.rope_cos,
+                                               self.rope_sin, self.ops, self.reduce)
+        if not self.is_last:
+            return h + residual
+        if not step.ends:  # no row's prompt ends in this step
+            return h.new_empty((0, self.cfg.vocab_size))
+        idx = torch.tensor([step.last_index(b) for b in step.ends], dtype=torch.long, device=self.device)
+        x, _ = self.ops.add_rms_norm(h[:, idx], residual[:, idx], self.norm, self.cfg.rms_norm_eps)
+        return self.output(x)[0]
 
     def _layers_overlapped(self, h, start_pos: int, cache: KVCache):
         """ISO-style overlap of the reduce (tp_comm="overlap"): the chunk's tokens in two halves; each half's

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from .checks import DTYPES
 from .compress import Codec
+from .ragged import decode_step
 from .link import DistChannel, LinkAborted, LinkModel, LocalChannel
 from .model import resolve_config
 from .schedule import Clock, StageRecord, stage_program, summarize, timeline
@@ -109,9 +110,9 @@ class Runner:
             raise RuntimeError(f"injected failure in stage {stage_index}")
 
     # in-process: every stage here; on CPU a thread per stage, on GPU a stream per stage (one host thread)
-    def run_inprocess(self, mode: str, tokens, chunks, start_pos=0):
+    def run_inprocess(self, mode: str, tokens, chunks, start_pos=0, ragged=None):
         shards = {(0, 0): self.full()} if mode == "unchunked" else self.shards
-        S, B = (1 if mode == "unchunked" else self.S), tokens.shape[0]
+        S, B = (1 if mode == "unchunked" else self.S), (1 if ragged is not None else tokens.shape[0])
         records = {key: StageRecord(key[0], chunks) for key in shards}
         result = {}
         for lanes in self.channels:
@@ -122,7 +123,8 @@ class Runner:
                                       tokens=tokens if s == 0 else None,
                                       recv=self.channels[s - 1][t] if s > 0 and S > 1 else None,
                                       send=self.channels[s][t] if s < S - 1 else None, batch=B, start_pos=start_pos,
-                                      result=(result if t == 0 else {}) if s == S - 1 else None, codec=self.codec)
+                                      result=(result if t == 0 else {}) if s == S - 1 else None, codec=self.codec,
+                                      ragged=ragged)
                 for (s, t), st in shards.items()}
         if self.device.type == "cuda":  # the host only enqueues: interleave the stages chunk by chunk
             streams = (self.partitions.stage_streams[:S] if self.partitions  # unchunked: on partition 0
@@ -172,7 +174,7 @@ class Runner:
         return mine, t_start, t_end, result["logits"]
 
     # one process per stage: this rank's part of a run
-    def run_rank(self, mode: str, tokens, chunks, start_pos=0):
+    def run_rank(self, mode: str, tokens, chunks, start_pos=0, ragged=None):
         rank = self.rank
         self._reset_reducers()
         if mode == "unchunked":  # no pipeline: rank 0 runs the whole model, the others wait
@@ -191,8 +193,8 @@ class Runner:
         self.clock.anchor()  # every rank's GPU clock on the host time base, from an idle device
         t_start = time.perf_counter()
         for k in stage_program(st, mode, chunks, self.clock, record, tokens=tokens if (recv is None) else None,
-                               recv=recv, send=send, batch=tokens.shape[0], start_pos=start_pos, result=result,
-                               codec=self.codec):
+                               recv=recv, send=send, batch=1 if ragged is not None else tokens.shape[0],
+                               start_pos=start_pos, result=result, codec=self.codec, ragged=ragged):
             if k == 0 and mode != "unchunked":
                 self._inject_fault(self.s)
         self._sync()
@@ -275,6 +277,8 @@ def _reset(runner: Runner, mode: str, B: int, max_len: int):
 
 def run_once_inprocess(runner: Runner, job: Job) -> PrefillResult:
     """One run of `job` with every stage in this process."""
+    if job.ragged:
+        return run_ragged_inprocess(runner, job)
     B, L = job.tokens.shape
     tokens = job.tokens.to(runner.device)
     _reset(runner, job.mode, B, L + 1)
@@ -301,6 +305,8 @@ def run_once_inprocess(runner: Runner, job: Job) -> PrefillResult:
 
 def _run_once_rank(runner: Runner, job: Job) -> PrefillResult | None:
     """This rank's share of one run of `job`; rank 0 gathers everyone's and returns the combined result."""
+    if job.ragged:
+        return _run_ragged_rank(runner, job)
     rank, S, T = runner.rank, runner.S, runner.T
     s, t = runner.s, runner.t
     B, L = job.tokens.shape
@@ -354,6 +360,112 @@ def _run_once_rank(runner: Runner, job: Job) -> PrefillResult | None:
         else:
             res.caches = [merge_tp_caches([c for p in everyone[g * T:(g + 1) * T] for c in p["cache"]], runner.cfg, T)
                           for g in range(S)]
+    return res
+
+
+# ---- ragged batches: rows of different lengths, packed, over paged caches (pipeline.ragged) ------------------
+
+def _ragged_setup(runner: Runner, job: Job):
+    """The job's steps, each step's packed tokens [1, N_k], and every stage here with a fresh page pool."""
+    rows = [r.to(runner.device) for r in job.tokens]
+    lengths = [len(r) for r in rows]
+    steps = job.steps()
+    inputs = [torch.cat([r[p:p + n] for r, p, n in zip(rows, st.starts, st.lengths)])[None] for st in steps]
+    stages = [runner.full()] if job.mode == "unchunked" else list(runner.shards.values())
+    for st in stages:
+        st.reset_pool(lengths, runner.spec.page_size)
+    runner.configure(job)
+    return lengths, steps, inputs, [st.tokens for st in steps]
+
+
+def _row_caches(runner: Runner, mode: str, lengths: list[int]) -> list[list[tuple]]:
+    """Per stage here, per row: (t, k, v) [layers, 1, len, Hkv, D] gathered from the pages."""
+    shards = {(0, 0): runner.full()} if mode == "unchunked" else runner.shards
+    by_stage: dict[int, list] = {}
+    for (s, t), st in sorted(shards.items()):
+        by_stage.setdefault(s, []).append([(t,) + tuple(c.cpu() for c in st.pool.row_cache(b, n))
+                                           for b, n in enumerate(lengths)])
+    return [by_stage[s] for s in sorted(by_stage)]
+
+
+def _merge_row_caches(per_stage_parts, cfg, T: int, rows: int):
+    """[stage][TP part][row] (t, k, v) -> [row][stage] (k, v) with every KV head once."""
+    return [[merge_tp_caches([part[b] for part in parts], cfg, T) for parts in per_stage_parts] for b in range(rows)]
+
+
+def run_ragged_inprocess(runner: Runner, job: Job) -> PrefillResult:
+    """One run of a ragged job with every stage in this process."""
+    lengths, steps, inputs, chunks = _ragged_setup(runner, job)
+    records, t0, t1, logits = runner.run_inprocess(job.mode, inputs, chunks, ragged=steps)
+    res = PrefillResult(job.mode, chunks, logits.float().cpu(), summarize(records, t0, t1), timeline(records, t0),
+                        records=records, t_start=t0, t_end=t1)
+    reduce_prefill = runner.reducer_stats(job.mode)
+    if job.decode:  # each row's greedy token, at its own position
+        nxt = logits.argmax(-1)[None]  # [1, B]
+        drec, d0, d1, dlog = runner.run_inprocess("chunked" if job.mode != "unchunked" else "unchunked", [nxt],
+                                                  [len(lengths)], ragged=[decode_step(lengths)])
+        res.decode_logits = dlog.float().cpu()
+        res.metrics["decode_bytes_per_boundary"] = [r.bytes_sent for r in drec[:-1]]
+        res.metrics["decode_s"] = d1 - d0
+    res.metrics |= tp_metrics(reduce_prefill, runner.reducer_stats(job.mode) if job.decode else None, runner.T)
+    if job.return_cache:
+        res.row_caches = _merge_row_caches(_row_caches(runner, job.mode, lengths), runner.cfg, runner.T,
+                                           len(lengths))
+    return res
+
+
+def _run_ragged_rank(runner: Runner, job: Job) -> PrefillResult | None:
+    """This rank's share of a ragged job; rank 0 gathers everyone's and returns the combined result."""
+    rank, S, T, s, t = runner.rank, runner.S, runner.T, runner.s, runner.t
+    lengths, steps, inputs, chunks = _ragged_setup(runner, job)
+    part = runner.run_rank(job.mode, inputs, chunks, ragged=steps)
+    mine = dict(part=part, tp_rank=t, reduce=runner.reducer_stats(job.mode))
+    if job.decode:
+        B = len(lengths)
+        nxt = torch.zeros(1, B, dtype=torch.long, device=runner.device)
+        if job.mode == "unchunked":
+            if rank == 0:
+                nxt = part[3].argmax(-1)[None]
+        elif S > 1:  # the last stage's TP rank t sends the greedy tokens back to the first stage's TP rank t
+            if s == S - 1:
+                dist.send(part[3].argmax(-1)[None].contiguous(), t, tag=1 << 20)
+            elif s == 0:
+                dist.recv(nxt, (S - 1) * T + t, tag=1 << 20)
+        else:
+            nxt = part[3].argmax(-1)[None]
+        mine["decode"] = runner.run_rank("chunked" if job.mode != "unchunked" else "unchunked", [nxt], [B],
+                                         ragged=[decode_step(lengths)])
+        mine["decode_reduce"] = runner.reducer_stats(job.mode)
+    if job.return_cache and (job.mode != "unchunked" or rank == 0):
+        mine["cache"] = _row_caches(runner, job.mode, lengths)
+    mine = _to_cpu(mine)
+    everyone = [None] * (S * T) if rank == 0 else None
+    dist.gather_object(mine, everyone, dst=0)
+    if rank != 0:
+        return None
+    lead = [p for p in everyone if p["tp_rank"] == 0]
+    parts = [p["part"] for p in lead if p["part"] is not None]
+    if T > 1 and job.mode != "unchunked":
+        parts = [(least_reduce(part[0], [everyone[g * T + u]["part"][0] for u in range(T)]),) + tuple(part[1:])
+                 for g, part in enumerate(parts)]
+    records, starts, ends, logits = zip(*parts)
+    res = PrefillResult(job.mode, chunks, logits[-1].float(), summarize(list(records), min(starts), ends[-1]),
+                        timeline(list(records), min(starts)), records=list(records), t_start=min(starts),
+                        t_end=ends[-1])
+    if job.decode:
+        dparts = [p["decode"] for p in lead if p["decode"] is not None]
+        res.decode_logits = dparts[-1][3].float()
+        res.metrics["decode_bytes_per_boundary"] = [d[0].bytes_sent for d in dparts[:-1]]
+        res.metrics["decode_s"] = dparts[-1][2] - min(d[1] for d in dparts)
+    if lead[0]["reduce"] is not None:
+        res.metrics |= tp_metrics([p["reduce"][0] for p in lead],
+                                  [p["decode_reduce"][0] for p in lead] if job.decode else None, T)
+    if job.return_cache:
+        if job.mode == "unchunked":
+            per_stage = everyone[0]["cache"]
+        else:  # stage g: its T ranks' parts
+            per_stage = [[everyone[g * T + u]["cache"][0][0] for u in range(T)] for g in range(S)]
+        res.row_caches = _merge_row_caches(per_stage, runner.cfg, T, len(lengths))
     return res
 
 

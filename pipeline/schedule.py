@@ -115,12 +115,16 @@ class StageRecord:
 
 
 def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: StageRecord, *, tokens=None,
-                  recv=None, send=None, batch: int, start_pos: int = 0, result: dict | None = None, codec=None):
+                  recv=None, send=None, batch: int, start_pos: int = 0, result: dict | None = None, codec=None,
+                  ragged=None):
     """Runs `chunks` of one request through `stage`, yielding after each chunk.
 
     tokens [B, L] on the first stage; `recv` / `send`: channels from the previous / to the next stage; `codec`
     (`pipeline.compress`): what crosses them (default: the hidden state as computed).
     On the last stage, result["logits"] is set to the last position's logits [B, V].
+    `ragged`: a ragged batch's steps (`pipeline.ragged.RaggedStep`, one per chunk; chunks[k] is step k's packed
+    tokens, batch 1); tokens is then the list of each step's packed tokens [1, N_k], and result["logits"] holds
+    each row's logits at its own last token, in row order.
     """
     cfg = stage.cfg
     codec = codec or Codec()
@@ -141,7 +145,7 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
             post_recv(k)
     for k, c in enumerate(chunks):
         if recv is None:
-            x = tokens[:, starts[k] - start_pos:starts[k] - start_pos + c]
+            x = tokens[k] if ragged is not None else tokens[:, starts[k] - start_pos:starts[k] - start_pos + c]
         else:
             if k not in posted:
                 post_recv(k)
@@ -151,14 +155,19 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
             x = codec.decode(x, dtype)
         t0 = clock.mark()
         before = reducer.snapshot() if reducer is not None else None
-        y = stage.forward(x, starts[k], last_only=True)
+        y = stage.forward_packed(x, ragged[k]) if ragged is not None else stage.forward(x, starts[k], last_only=True)
         record.compute.append((t0, clock.mark()))
         if reducer is not None:  # host time: on CPU what the rank was blocked; with NCCL only the host's share
             record.reduce.append(reducer.since(before))
         if recv is not None and overlapped and k + 2 < len(chunks):
             post_recv(k + 2)  # this chunk's input buffer is free again
         if send is None:
-            if result is not None and k == len(chunks) - 1:
+            if result is not None and ragged is not None:  # the rows ending in this step
+                rows = result.setdefault("rows", {})
+                rows.update({b: y[i] for i, b in enumerate(ragged[k].ends)})
+                if k == len(chunks) - 1:
+                    result["logits"] = torch.stack([rows[b] for b in sorted(rows)])
+            elif result is not None and k == len(chunks) - 1:
                 result["logits"] = y
         else:
             handle = send.isend(codec.encode(y), tag=k)

@@ -36,6 +36,7 @@ class PipelineSpec:
     tp: int = 1  # tensor-parallel ranks per stage (pipeline.tp): S x tp processes, rank = stage * tp + TP rank
     tp_bandwidth_gbps: float | None = None  # emulated TP interconnect: each collective + latency + wire bytes / bw
     tp_latency_s: float = 0.0
+    page_size: int = 16  # ragged batches: positions per KV page (pipeline.ragged)
     tp_comm: str = "serial"  # with tp > 1: serial all-reduces, "overlap" (ISO halves) or "sequence" (pipeline.tp)
     fault: tuple[str, int] | None = None  # tests only: ("raise" | "exit" | "stop" | "hang", stage) injects one
 
@@ -74,6 +75,7 @@ class PipelineSpec:
         if self.threads is not None:
             checks.positive_int("threads", self.threads)
         checks.number("timeout_s", self.timeout_s, 0, strict=True)
+        checks.positive_int("page_size", self.page_size)
         from .ops import get_ops
         get_ops(self.ops)
         device = checks.device(self.device)
@@ -112,7 +114,7 @@ class PipelineSpec:
 class Job:
     """One prefill request run `repeats` times after `warmup` untimed runs."""
     mode: str
-    tokens: torch.Tensor  # [B, L]
+    tokens: torch.Tensor | list  # [B, L], or a ragged batch: a list of 1-D rows (then chunks is per step)
     chunks: list[int]
     repeats: int = 1
     warmup: int = 0
@@ -120,6 +122,24 @@ class Job:
     return_cache: bool = False
     tp_comm: str | None = None  # how TP ranks combine partial sums in this run (None: the spec's; pipeline.tp)
     compress: str = "none"  # what crosses stage boundaries: none, bf16 or fp8 (pipeline.compress)
+    chunk_size: int | None = None  # a ragged batch (tokens a list of 1-D rows): each row's tokens per step
+
+    @property
+    def ragged(self) -> bool:
+        """tokens is a list of 1-D rows of different lengths (pipeline.ragged), not a tensor [B, L]."""
+        return isinstance(self.tokens, (list, tuple))
+
+    def dims(self) -> tuple[int, int]:
+        """(rows, longest prompt)."""
+        if self.ragged:
+            return len(self.tokens), max(len(t) for t in self.tokens)
+        return tuple(self.tokens.shape)
+
+    def steps(self):
+        """A ragged job's steps (`pipeline.ragged.ragged_plan`): unchunked and naive run every row whole."""
+        from .ragged import ragged_plan
+        whole = self.mode in ("unchunked", "naive")
+        return ragged_plan([len(t) for t in self.tokens], None if whole else self.chunk_size)
 
 
 @dataclass
@@ -132,5 +152,6 @@ class PrefillResult:
     caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per stage (k, v) [layers, B, L, Hkv, D]
     decode_logits: torch.Tensor | None = None  # [B, V] for the greedy next token
     records: list[StageRecord] = field(default_factory=list)  # per stage, absolute seconds (see Clock)
+    row_caches: list | None = None  # a ragged batch with return_cache: per row, per stage (k, v) [layers, 1, len, ..]
     t_start: float = 0.0
     t_end: float = 0.0

@@ -6,6 +6,7 @@ import torch
 
 from .model import KVCache, Transformer, load_model
 from .ops import Ops
+from .ragged import pages_needed
 
 
 def split_layers(num_layers: int, stages: int | list[int]) -> list[range]:
@@ -46,6 +47,7 @@ class Stage:
         self.model.tp_comm = tp_comm
         self.cfg = self.model.cfg
         self.cache: KVCache | None = None
+        self.pool = None  # ragged batches: a PagePool (pipeline.ragged)
 
     @property
     def is_first(self) -> bool:
@@ -59,6 +61,18 @@ class Stage:
         if self.cache is None or self.cache.batch != batch or self.cache.max_len != max_len:
             self.cache = self.model.new_cache(batch, max_len)
         # stale entries are never read (attention only reads positions < start_pos + C), so no zeroing needed
+
+    def reset_pool(self, lengths: list[int], page_size: int) -> None:
+        """A page pool for ragged rows of these lengths: every page free, no row holding any."""
+        if self.pool is None or self.pool.num_pages < pages_needed(lengths, page_size) or \
+                self.pool.page_size != page_size:
+            self.pool = self.model.new_pool(lengths, page_size)
+        self.pool.reset(len(lengths))
+
+    def forward_packed(self, x: torch.Tensor, step) -> torch.Tensor:
+        """One ragged step (`pipeline.ragged.RaggedStep`): packed rows in, packed hidden [1, N, H] or the ending
+        rows' logits [R, V] out."""
+        return self.model.forward_packed(x, step, self.pool)
 
     def forward(self, x: torch.Tensor, start_pos: int, last_only: bool = True) -> torch.Tensor:
         """x: tokens [B, c] (first stage) or hidden [B, c, H]. Returns hidden [B, c, H], or logits [B, V] on the

@@ -57,6 +57,17 @@ def test_attention_benchmark_runs_and_checks_accuracy():
             assert r[f"{name}_ms"] is None or r[f"{name}_max_abs_err"] < 1e-5  # ran: and was checked
 
 
+def test_paged_benchmark_runs_and_checks_accuracy():
+    from bench.kernels import bench_paged
+    rows = bench_paged(batches=(((0, 5),), ((37, 16), (0, 3), (20, 1))), page_sizes=(4, 16), Hq=4, Hkv=2, D=16,
+                       dtype=torch.float32, device="cpu", timer=lambda fn: cpu_timer(fn, repeats=1))
+    assert [(len(r["batch"]), r["page_size"]) for r in rows] == [(1, 4), (1, 16), (3, 4), (3, 16)]
+    for r in rows:
+        assert r["paged_correct"] and r["paged_max_abs_err"] < 1e-5 and r["dense_rows_max_abs_err"] < 1e-5
+        assert r["paged_ms"] > 0 and r["paged_tflops"] > 0 and r["paged_vs_dense_rows"] > 0
+        assert r["best_sdpa"] is None or r["sdpa_rows_max_abs_err"] < 1e-5
+
+
 def test_memory_bound_benchmark_runs_and_checks_accuracy():
     rows = bench_memory_bound(tokens=9, hidden=48, intermediate=80, heads=3, head_dim=16, dtype=torch.float32,
                               device="cpu", timer=lambda fn: cpu_timer(fn, repeats=1))

@@ -1,0 +1,154 @@
+"""Batches of prompts of different lengths, as a serving stack runs them: the rows' chunks packed one after another
+(no padding), each token at its own position, the KV cache in pages that a stage allocates as chunks arrive.
+
+- `ragged_plan(lengths, chunk_size)`: the steps of a prefill. Step k holds the k-th chunk of every row still
+  running (up to `chunk_size` tokens each; None: every row whole, in one step). A row's chunk is empty once its
+  prompt is done, and rows end at different steps.
+- `RaggedStep`: one step's metadata, what `chunk_attention`'s paged path takes (cu_seqlens, prefix lengths) and
+  the positions RoPE takes, plus which rows end in it (their last token gives their logits).
+- `PagePool`: one stage's K/V pages [layers, num_pages, page_size, Hkv, D] and each row's pages; `reserve` hands
+  out free pages as a row's positions grow, `block_table` is the int32 [B, max_pages] the kernel reads.
+
+On the wire a step's hidden state is [1, N, H] (N: the step's tokens over all rows), so links, codecs and schedules
+treat it as a chunk of N tokens of a batch of one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import checks
+
+
+@dataclass(frozen=True)
+class RaggedStep:
+    starts: tuple[int, ...]  # each row's prefix length before this step
+    lengths: tuple[int, ...]  # each row's tokens in this step (0: nothing this step)
+    ends: tuple[int, ...]  # rows whose prompt ends in this step
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def offsets(self) -> list[int]:
+        """cu_seqlens: where each row's tokens start in the packed step, and the total."""
+        out = [0]
+        for n in self.lengths:
+            out.append(out[-1] + n)
+        return out
+
+    def last_index(self, row: int) -> int:
+        """The packed index of `row`'s last token in this step."""
+        return self.offsets[row + 1] - 1
+
+    def positions(self) -> list[int]:
+        return [p + i for p, n in zip(self.starts, self.lengths) for i in range(n)]
+
+    def tensors(self, device) -> dict:
+        """cu_seqlens [B+1], prefix lengths [B] (int32) and positions [1, N] (int64) on `device`."""
+        return dict(cu_seqlens=torch.tensor(self.offsets, dtype=torch.int32, device=device),
+                    prefix=torch.tensor(self.starts, dtype=torch.int32, device=device),
+                    positions=torch.tensor(self.positions(), dtype=torch.int64, device=device)[None],
+                    max_chunk=max(self.lengths))
+
+
+def check_rows(rows, vocab_size: int, max_seq_len: int, decode: bool = True) -> list[torch.Tensor]:
+    """A ragged batch: a non-empty list of 1-D torch.long token tensors, each at least one token, ids in the
+    vocabulary, each fitting the context (with one more position for decode)."""
+    if not isinstance(rows, (list, tuple)) or not rows:
+        raise ValueError(f"tokens: a ragged batch must be a non-empty list of 1-D token tensors, got "
+                         f"{type(rows).__name__} of {len(rows) if isinstance(rows, (list, tuple)) else '?'} rows")
+    for b, t in enumerate(rows):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tokens must be a torch.long tensor [B, L] or a list of 1-D torch.long tensors (a ragged "
+                            f"batch); row {b} of the list is a {type(t).__name__}")
+        if t.dtype != torch.long or t.dim() != 1 or t.numel() < 1:
+            raise ValueError(f"tokens: row {b} of a ragged batch must be a non-empty 1-D torch.long tensor, got "
+                             f"{t.dtype} {tuple(t.shape)}")
+        if t.numel() + decode > max_seq_len:
+            raise ValueError(f"row {b} has {t.numel()} tokens{' (+1 decode)' if decode else ''}, more than "
+                             f"max_seq_len {max_seq_len}")
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"row {b}: token ids must be in [0, {vocab_size}), got min {lo}, max {hi}")
+    return list(rows)
+
+
+def ragged_plan(lengths: list[int], chunk_size: int | None = None) -> list[RaggedStep]:
+    """The steps of a ragged prefill: every row in chunks of `chunk_size` tokens (None: whole), step k holding
+    every row's k-th chunk."""
+    lengths = checks.int_list("row lengths", lengths, 1)
+    if chunk_size is not None:
+        chunk_size = checks.positive_int("chunk_size", chunk_size)
+    step = chunk_size or max(lengths)
+    steps = []
+    for k in range(-(-max(lengths) // step)):
+        starts = tuple(min(k * step, n) for n in lengths)
+        sizes = tuple(min(step, n - s) for s, n in zip(starts, lengths))
+        ends = tuple(b for b, (s, c, n) in enumerate(zip(starts, sizes, lengths)) if c and s + c == n)
+        steps.append(RaggedStep(starts, sizes, ends))
+    return steps
+
+
+def decode_step(lengths: list[int]) -> RaggedStep:
+    """One decode token per row, each at its own position (the row's length so far)."""
+    return RaggedStep(tuple(lengths), (1,) * len(lengths), tuple(range(len(lengths))))
+
+
+@dataclass
+class PagePool:
+    """A stage's KV pages for `layers` layers and the rows' page lists (allocated in order, freed all at once)."""
+    k: torch.Tensor  # [layers, num_pages, page_size, Hkv, D]
+    v: torch.Tensor
+    rows: list[list[int]] = field(default_factory=list)
+    free: list[int] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype, device):
+        shape = (layers, num_pages, page_size, kv_heads, head_dim)
+        pool = cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        pool.reset(0)
+        return pool
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self, rows: int) -> None:
+        """Every page free, `rows` empty rows."""
+        self.rows = [[] for _ in range(rows)]
+        self.free = list(range(self.num_pages - 1, -1, -1))  # popped from the end: pages 0, 1, 2, ... first
+
+    def reserve(self, row: int, length: int) -> None:
+        """Pages for `row`'s positions [0, length)."""
+        need = -(-length // self.page_size) - len(self.rows[row])
+        if need > len(self.free):
+            raise RuntimeError(f"page pool exhausted: row {row} needs {need} more pages of {self.page_size}, "
+                               f"{len(self.free)} of {self.num_pages} are free")
+        for _ in range(max(0, need)):
+            self.rows[row].append(self.free.pop())
+
+    def block_table(self, device) -> torch.Tensor:
+        width = max(1, max((len(r) for r in self.rows), default=1))
+        table = torch.full((len(self.rows), width), -1, dtype=torch.int32)
+        for b, pages in enumerate(self.rows):
+            table[b, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        return table.to(device)
+
+    def row_cache(self, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row `row`'s first `length` positions, gathered from its pages: (k, v) [layers, 1, length, Hkv, D]."""
+        pos = torch.arange(length)
+        pages = torch.tensor(self.rows[row], dtype=torch.long)[pos // self.page_size].to(self.k.device)
+        slots = (pos % self.page_size).to(self.k.device)
+        return self.k[:, pages, slots][:, None], self.v[:, pages, slots][:, None]
+
+
+def pages_needed(lengths: list[int], page_size: int, decode: bool = True) -> int:
+    """Pages a pool needs for every row's prompt (and its decode token)."""
+    return sum(-(-(n + decode) // page_size) for n in lengths)

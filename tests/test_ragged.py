@@ -1,0 +1,145 @@
+"""Ragged batches (pipeline.ragged): prompts of different lengths packed step by step over paged KV caches, every
+row checked against the same prompt run alone and against Hugging Face, in every mode and link, with TP and decode."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from pipeline import load_model, run_prefill
+from pipeline.config import get_preset
+from pipeline.ragged import PagePool, decode_step, pages_needed, ragged_plan
+from tests.conftest import make_hf_checkpoint
+
+TINY = get_preset("tiny")
+LENGTHS = (5, 23, 1, 40)
+
+
+def rows_of(lengths, seed=0, vocab=256):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g) for n in lengths]
+
+
+def test_a_ragged_plan_steps_every_row_through_its_own_chunks():
+    steps = ragged_plan([5, 12, 1], 4)
+    assert [s.starts for s in steps] == [(0, 0, 0), (4, 4, 1), (5, 8, 1)]
+    assert [s.lengths for s in steps] == [(4, 4, 1), (1, 4, 0), (0, 4, 0)]
+    assert [s.ends for s in steps] == [(2,), (0,), (1,)]
+    assert [s.tokens for s in steps] == [9, 5, 4]
+    assert steps[1].offsets == [0, 1, 5, 5] and steps[1].last_index(1) == 4 and steps[1].positions() == [4, 4, 5, 6, 7]
+    whole = ragged_plan([5, 12, 1])
+    assert len(whole) == 1 and whole[0].lengths == (5, 12, 1) and whole[0].ends == (0, 1, 2)
+    assert decode_step([5, 12]).starts == (5, 12) and decode_step([5, 12]).lengths == (1, 1)
+
+
+def test_a_page_pool_hands_out_pages_as_rows_grow_and_says_when_it_runs_out():
+    pool = PagePool.create(2, pages_needed([5, 17], 8), 8, 1, 4, torch.float32, "cpu")
+    assert pool.num_pages == 1 + 3  # (5+1)/8 -> 1, (17+1)/8 -> 3
+    pool.reset(2)
+    pool.reserve(0, 5)
+    pool.reserve(1, 9)
+    pool.reserve(1, 9)  # nothing more needed
+    assert pool.rows == [[0], [1, 2]]
+    assert pool.block_table("cpu").tolist() == [[0, -1], [1, 2]]
+    pool.reserve(1, 18)
+    with pytest.raises(RuntimeError, match="page pool exhausted: row 0 needs 1 more pages of 8, 0 of 4 are free"):
+        pool.reserve(0, 9)
+
+
+# one-token steps with the torch ops only: the interpreter is slow
+@pytest.mark.parametrize("ops,chunk_size", [("torch", None), ("torch", 7), ("torch", 1), ("triton", None),
+                                            ("triton", 7)])
+def test_the_model_on_packed_rows_equals_each_row_alone(ops, chunk_size):
+    model, ref = load_model("tiny", ops=ops), load_model("tiny")
+    rows = rows_of(LENGTHS[:3])
+    pool = model.new_pool([len(r) for r in rows], 16)
+    pool.reset(len(rows))
+    got = {}
+    for st in ragged_plan([len(r) for r in rows], chunk_size):
+        x = torch.cat([r[p:p + n] for r, p, n in zip(rows, st.starts, st.lengths)])[None]
+        y = model.forward_packed(x, st, pool)
+        assert y.shape == (len(st.ends), TINY.vocab_size)
+        got.update({b: y[i] for i, b in enumerate(st.ends)})
+    for b, r in enumerate(rows):
+        assert (got[b] - ref(r[None])[0, -1]).abs().max().item() <= 1e-5, b
+
+
+def _check_rows(res, rows, alone, tol=1e-5):
+    assert res.logits.shape == (len(rows), TINY.vocab_size)
+    for b, a in enumerate(alone):
+        assert (res.logits[b] - a.logits[0]).abs().max().item() <= tol, f"row {b} logits"
+        assert (res.decode_logits[b] - a.decode_logits[0]).abs().max().item() <= tol, f"row {b} decode"
+        k = torch.cat([k for k, _ in res.row_caches[b]], 0)
+        v = torch.cat([v for _, v in res.row_caches[b]], 0)
+        assert k.shape == a.caches[0][0].shape
+        assert (k - a.caches[0][0]).abs().max().item() <= tol and (v - a.caches[0][1]).abs().max().item() <= tol
+
+
+@pytest.fixture(scope="module")
+def alone():
+    rows = rows_of(LENGTHS)
+    return rows, [run_prefill("tiny", r[None], mode="unchunked", return_cache=True) for r in rows]
+
+
+@pytest.mark.parametrize("mode", ["unchunked", "naive", "chunked", "overlapped"])
+@pytest.mark.parametrize("stages,tp,page_size", [(2, 1, 16), (3, 1, 1), (1, 2, 64), (2, 2, 16)])
+def test_a_ragged_batch_in_process_equals_each_prompt_alone(alone, mode, stages, tp, page_size):
+    rows, ref = alone
+    res = run_prefill("tiny", rows, mode=mode, stages=stages, tp=tp, chunk_size=7, return_cache=True,
+                      page_size=page_size)
+    _check_rows(res, rows, ref)
+    total, H = sum(LENGTHS), TINY.hidden_size
+    if mode != "unchunked":
+        assert res.metrics["bytes_per_boundary"] == [total * H * 4] * (stages - 1)  # no padding on the wire
+        assert res.metrics["decode_bytes_per_boundary"] == [len(rows) * H * 4] * (stages - 1)
+    expected_steps = [sum(LENGTHS)] if mode in ("unchunked", "naive") else [s.tokens for s in ragged_plan(LENGTHS, 7)]
+    assert res.chunks == expected_steps
+
+
+@pytest.mark.parametrize("stages,tp", [(2, 1), (1, 2)])
+def test_a_ragged_batch_over_gloo_equals_each_prompt_alone(alone, stages, tp):
+    rows, ref = alone
+    res = run_prefill("tiny", rows, mode="overlapped", stages=stages, tp=tp, chunk_size=9, link="gloo",
+                      return_cache=True, threads=1)
+    _check_rows(res, rows, ref)
+
+
+def test_a_ragged_batch_of_a_hugging_face_checkpoint_matches_transformers(tmp_path):
+    hf = make_hf_checkpoint(tmp_path, "qwen2")
+    rows = rows_of([3, 30, 17], seed=4, vocab=128)
+    res = run_prefill(str(tmp_path), rows, mode="overlapped", stages=2, chunk_size=8)
+    with torch.no_grad():
+        for b, r in enumerate(rows):
+            assert (res.logits[b] - hf(r[None]).logits[0, -1]).abs().max().item() <= 1e-4, b
+            nxt = torch.cat([r, res.logits[b].argmax()[None]])
+            assert (res.decode_logits[b] - hf(nxt[None]).logits[0, -1]).abs().max().item() <= 1e-4, b
+
+
+def test_a_ragged_batch_with_compressed_boundaries_rounds_at_the_boundary_only():
+    rows = rows_of([6, 11], seed=2)
+    res = run_prefill("tiny", rows, mode="chunked", stages=2, chunk_size=4, compress="fp8")
+    assert res.metrics["bytes_per_boundary"] == [17 * (TINY.hidden_size + 4)]
+    plain = run_prefill("tiny", rows, mode="chunked", stages=2, chunk_size=4)
+    assert 0 < (res.logits - plain.logits).abs().max().item() < 0.5
+
+
+@pytest.mark.parametrize("rows,kw,match", [
+    ([], {}, "non-empty list"),
+    ([torch.zeros(3, dtype=torch.long), torch.zeros(0, dtype=torch.long)], {}, "row 1 of a ragged batch"),
+    ([torch.zeros(1, 3, dtype=torch.long)], {}, "row 0 of a ragged batch must be a non-empty 1-D"),
+    ([torch.tensor([1, 999])], {}, r"row 0: token ids must be in \[0, 256\)"),
+    ([torch.zeros(1024, dtype=torch.long)], {}, r"row 0 has 1024 tokens \(\+1 decode\)"),
+    ([torch.zeros(4, dtype=torch.long)], {"chunks": [2, 2]}, "takes chunk_size"),
+    ([torch.zeros(4, dtype=torch.long)], {"chunk_size": 0}, "chunk_size"),
+    ([torch.zeros(4, dtype=torch.long)], {"page_size": 0}, "page_size"),
+])
+def test_bad_ragged_input_is_refused_before_any_work(rows, kw, match):
+    with pytest.raises(ValueError, match=match):
+        run_prefill("tiny", rows, **kw)
+
+
+def test_ragged_errors_are_one_line():
+    with pytest.raises(ValueError) as e:
+        run_prefill("tiny", [torch.tensor([1, 2]), torch.tensor([1.0])])
+    assert len(str(e.value).splitlines()) == 1 and re.search("row 1", str(e.value))
