@@ -55,16 +55,24 @@ def memory_needed(spec: PipelineSpec, cfg, job: Job) -> int:
     activations and, with the torch ops, the attention scores SDPA materialises for a chunk after a prefix."""
     B, L = job.dims()
     item = DTYPES[spec.dtype].itemsize
-    params = cfg.num_layers * cfg.params_per_layer + cfg.vocab_size * cfg.hidden_size * (1 + (not cfg.tie_embeddings))
+    T = spec.tp
+    tables = cfg.vocab_size * cfg.hidden_size * (1 + (not cfg.tie_embeddings))  # embedding and head
+    params = cfg.num_layers * cfg.params_per_layer + tables
     kv = 2 * cfg.num_layers * B * (L + 1) * cfg.num_kv_heads * cfg.head_dim * item
-    C = max(job.chunks)
-    act = B * C * (4 * cfg.hidden_size + 2 * cfg.intermediate_size
-                   + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) * item
+    # the stages' TP ranks: layers split, embedding and head on every rank, KV heads replicated when T > Hkv
+    stage_params = params + (T - 1) * tables
+    stage_kv = kv * max(1, T // cfg.num_kv_heads)
+    C = max(job.chunks)  # a ragged job's chunks are its steps' packed tokens: a batch of one
+    act = (1 if job.ragged else B) * C * (4 * cfg.hidden_size + 2 * cfg.intermediate_size
+                                          + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim) * item
     scores = 0
-    if spec.ops == "torch":  # [B, Hq, c, p + c] fp32 scores for a chunk after a prefix (masked SDPA, math path)
+    if spec.ops == "torch" and job.ragged:  # the reference attends row by row
+        scores = max(cfg.num_heads * n * (p + n) * 4 for st in job.steps() for p, n in zip(st.starts, st.lengths))
+    elif spec.ops == "torch":  # [B, Hq, c, p + c] fp32 scores for a chunk after a prefix (masked SDPA, math path)
         starts = chunk_starts(job.chunks)
         scores = max((B * cfg.num_heads * c * (p + c) * 4 for c, p in zip(job.chunks, starts) if p > 0), default=0)
-    return 2 * (params * item + kv) + act + scores
+    # the stages, and the unchunked baseline's whole model (one rank)
+    return (stage_params + params) * item + stage_kv + kv + act + scores
 
 
 def memory_available(device: str) -> int:

@@ -198,28 +198,34 @@ def _is_peer_error(msg: str) -> bool:
     return any(p in msg.splitlines()[0] for p in _PEER_ERRORS)
 
 
-def _triage(errors, procs, started) -> str:
+def process_name(rank: int, tp: int = 1) -> str:
+    """How a failure names process `rank`: its stage, and with tensor parallelism its TP rank too."""
+    return f"stage {rank}" if tp == 1 else f"stage {rank // tp} (TP rank {rank % tp}, process {rank})"
+
+
+def _triage(errors, procs, started, tp: int = 1) -> str:
     """The first cause among the reports and the silent deaths (see the module's docstring)."""
     reported = {r for r, _ in errors}
-    then = lambda skip: "".join(f"\n(then stage {r}: {m.splitlines()[0]})" for r, m in errors if r != skip)  # noqa
+    name = lambda r: process_name(r, tp)  # noqa: E731
+    then = lambda skip: "".join(f"\n(then {name(r)}: {m.splitlines()[0]})" for r, m in errors if r != skip)  # noqa
     for r, p in enumerate(procs):  # a process that died without a word is the likeliest first cause
         if p.exitcode not in (None, 0) and r not in reported:
             if r not in started:
                 hint = f"; {GUARD_HINT}" if getattr(sys.modules.get("__main__"), "__file__", None) else ""
-                return f"stage {r} exited ({_exit_text(p.exitcode)}) while starting, before it ran anything{hint}"
+                return f"{name(r)} exited ({_exit_text(p.exitcode)}) while starting, before it ran anything{hint}"
             oom = " (the kernel's out-of-memory killer sends SIGKILL: was memory short?)" if p.exitcode == -9 else ""
-            return f"stage {r} died ({_exit_text(p.exitcode)}) without reporting an error{oom}" + then(None)
+            return f"{name(r)} died ({_exit_text(p.exitcode)}) without reporting an error{oom}" + then(None)
     first = sorted(errors, key=lambda e: _is_peer_error(e[1]))
     if first and not _is_peer_error(first[0][1]):
         r, msg = first[0]
-        return f"stage {r} failed: {msg}" + then(r)
+        return f"{name(r)} failed: {msg}" + then(r)
     silent = [r for r, p in enumerate(procs) if p.exitcode is None and r not in reported]
     if silent:  # every report is a peer's complaint (timed out, connection closed): the silent one is the cause
         r = silent[0]
-        return (f"stage {r} stopped answering ({_process_state(procs[r].pid)}, reported no error); its peers "
+        return (f"{name(r)} stopped answering ({_process_state(procs[r].pid)}, reported no error); its peers "
                 "gave up waiting for it" + then(None))
     r, msg = first[0]
-    return f"stage {r} failed: {msg}" + then(r)
+    return f"{name(r)} failed: {msg}" + then(r)
 
 
 def run_spawned(spec, jobs, main, progress=None):
@@ -267,11 +273,11 @@ def run_spawned(spec, jobs, main, progress=None):
                         last = beats[r]
                         limit, since = (STALL_S, last) if last else (START_S, spawned_at)
                         if p.exitcode is None and now - since > limit:
-                            error = (f"stage {r} stopped answering: no heartbeat for {now - since:.0f} s "
+                            error = (f"{process_name(r, spec.tp)} stopped answering: no heartbeat for {now - since:.0f} s "
                                      f"({_process_state(p.pid)})")
                             break
             if error is None and deadline is not None and now > deadline:
-                error = _triage(errors, procs, started)
+                error = _triage(errors, procs, started, spec.tp)
         if error is not None:
             raise PipelineError(error)
         ok = True

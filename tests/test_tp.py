@@ -417,3 +417,24 @@ def test_least_reduce_takes_each_calls_least_wait_over_the_ranks():
     least = least_reduce(r0, [r0, r1])
     assert least.reduce == [(pytest.approx(0.2), 2, 64, (0.1, 0.1)), (pytest.approx(0.3), 2, 64, (0.2, 0.1))]
     assert r0.reduce[0][0] == 0.9  # the rank's own record is left as it was
+
+
+def test_the_memory_check_counts_what_tp_replicates():
+    """Each TP rank holds the embedding and the head whole, and KV heads fewer than T are replicated."""
+    from pipeline import Job, PipelineSpec
+    from pipeline.launch import memory_needed
+    cfg = TINY  # 2 KV heads
+    job = Job("overlapped", torch.zeros(1, 64, dtype=torch.long), [32, 32])
+    need = {T: memory_needed(PipelineSpec(source="tiny", stages=1, tp=T), cfg, job) for T in (1, 2, 4)}
+    tables = cfg.vocab_size * cfg.hidden_size * 2 * 4  # untied embedding + head, float32
+    kv = 2 * cfg.num_layers * 65 * cfg.num_kv_heads * cfg.head_dim * 4
+    assert need[2] - need[1] == tables
+    assert need[4] - need[1] == 3 * tables + kv  # 4 ranks over 2 KV heads: each KV head twice
+
+
+def test_a_failing_tp_process_is_named_by_stage_and_tp_rank():
+    from pipeline import PipelineError
+    with pytest.raises(PipelineError, match=r"stage 1 \(TP rank \d, process [23]\) failed: .*injected failure in "
+                                            r"stage 1"):
+        run_prefill(TINY, torch.zeros(1, 16, dtype=torch.long), stages=2, tp=2, chunk_size=4, link="gloo",
+                    fault=("raise", 1), timeout_s=20, threads=1)
