@@ -61,20 +61,20 @@ def test_codecs_that_would_not_shrink_the_sends_are_refused(name, dtype, match):
         check_codec(name, dtype)
 
 
-def _boundary_rounded_reference(cfg, tokens, codec, stages=2):
+def _boundary_rounded_reference(cfg, tokens, codec, stages=2, device="cpu"):
     """The whole model unchunked, each stage-boundary hidden state passed through the codec: per-token scales make
     this what a chunked, compressed pipeline computes."""
     from pipeline.stage import split_layers
     h, caches = tokens, []
     parts = split_layers(cfg.num_layers, stages)
     for i, layers in enumerate(parts):
-        m = load_model(cfg, layers=layers)
+        m = load_model(cfg, layers=layers, device=device)
         cache = m.new_cache(tokens.shape[0], tokens.shape[1] + 1)
         h = m.forward_chunk(h, 0, cache, last_only=i == len(parts) - 1)
         caches.append(cache)
         if i < len(parts) - 1:
             h = codec.decode(codec.encode(h), torch.float32)
-    return h, caches
+    return h.cpu(), caches
 
 
 @pytest.mark.parametrize("name", ["bf16", "fp8"])
@@ -123,3 +123,15 @@ def test_bad_compress_options_are_refused_in_one_line(argv, match, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(match, err), err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["bf16", "fp8"])
+def test_a_compressed_pipeline_on_gpu_streams_equals_the_rounded_model(cuda, name):
+    B, L = 2, 37
+    tokens = torch.randint(0, TINY.vocab_size, (B, L), generator=torch.Generator().manual_seed(7))
+    ref_logits, _ = _boundary_rounded_reference(TINY, tokens.cuda(), Codec(name), device="cuda")
+    res = run_prefill(TINY, tokens, mode="overlapped", stages=2, chunk_size=8, device="cuda", compress=name,
+                      bandwidth_gbps=1e-3)
+    assert (res.logits - ref_logits).abs().max().item() <= 1e-4
+    assert res.metrics["bytes_per_boundary"] == [L * Codec(name).bytes_per_token(B, TINY.hidden_size, torch.float32)]

@@ -143,3 +143,14 @@ def test_ragged_errors_are_one_line():
     with pytest.raises(ValueError) as e:
         run_prefill("tiny", [torch.tensor([1, 2]), torch.tensor([1.0])])
     assert len(str(e.value).splitlines()) == 1 and re.search("row 1", str(e.value))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ops", ["torch", "triton"])
+def test_a_ragged_batch_on_gpu_streams_equals_each_prompt_alone(cuda, ops):
+    """Stages on CUDA streams, the link emulated, the paged kernel compiled (triton) or its torch reference."""
+    rows = rows_of(LENGTHS)
+    ref = [run_prefill("tiny", r[None], mode="unchunked", device="cuda", return_cache=True) for r in rows]
+    res = run_prefill("tiny", rows, mode="overlapped", stages=2, chunk_size=7, device="cuda", ops=ops,
+                      bandwidth_gbps=1e-3, return_cache=True)
+    _check_rows(res, rows, ref, tol=1e-4)
