@@ -182,10 +182,13 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     tp_comms, compress = list(tp_comms or [spec.tp_comm]), list(compress or ["none"])
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     # every mode with every (tp_comm, compress); the unchunked baseline (no TP, no boundary) once
-    variants = [(m, c, z) for z in compress for c in tp_comms for m in modes
-                if (c, z) == (tp_comms[0], compress[0]) or m != "unchunked"]
+    variants = [(m, c, z) for z in compress for c in tp_comms for m in modes if m != "unchunked"]
     labels = [m + (f"/{c}" if c != tp_comms[0] else "") + (f"/{z}" if z != compress[0] else "")
               for m, c, z in variants]
+    if "unchunked" in modes:  # no TP, no boundary: once, uncompressed, where the caller listed it
+        at = modes.index("unchunked")
+        variants.insert(at, ("unchunked", tp_comms[0], "none"))
+        labels.insert(at, "unchunked")
     jobs = [Job(m, tokens, mode_chunks(m, chunks), repeats=repeats, warmup=warmup, tp_comm=c, compress=z)
             for m, c, z in variants]
     cal_jobs = calibration_jobs(tokens, repeats, warmup) if simulate else []
@@ -197,7 +200,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     variant_of = dict(zip(labels, variants))
     base = results["unchunked"] if "unchunked" in results else all_runs[-1]
     bpt = bytes_per_token(spec, batch)
-    wire_bpt = {z: Codec(z).bytes_per_token(batch, cfg.hidden_size, DTYPES[spec.dtype]) for z in compress}
+    wire_bpt = {z: Codec(z).bytes_per_token(batch, cfg.hidden_size, DTYPES[spec.dtype])
+                for z in {"none", *compress}}
     from pipeline.simulate import free_link_bound
     bounds = {label: [free_link_bound(variant_of[label][0], r.records) for r in runs]
               for label, runs in results.items()}

@@ -109,6 +109,19 @@ def test_the_harness_reports_lossy_rows_against_the_same_run_uncompressed():
     assert plain["outputs_match"] and plain["max_abs_dlogits"] <= 1e-4
 
 
+def test_one_lossy_codec_leaves_the_baseline_uncompressed():
+    """--compress fp8 alone: every pipelined row is fp8 and keeps its mode's name; the unchunked baseline crosses no
+    boundary, so it is neither compressed nor reported as lossy."""
+    from bench.harness import run_point
+    from pipeline import PipelineSpec
+    point = run_point(PipelineSpec(source="tiny", stages=2), 24, 1, [8, 8, 8], repeats=1, warmup=0,
+                      modes=["naive", "unchunked"], compress=["fp8"])
+    assert list(point["modes"]) == ["naive", "unchunked"]
+    assert point["modes"]["unchunked"]["compress"] == "none" and point["modes"]["unchunked"]["max_abs_dlogits"] == 0
+    assert point["modes"]["naive"]["compress"] == "fp8" and point["modes"]["naive"]["bytes_exact"]
+    assert "max_abs_dlogits_vs_uncompressed" not in point["modes"]["naive"]  # no uncompressed row in this run
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--stages", "1", "--compress", "fp8"], "needs --stages 2 or more"),
     (["--compress", "bf16", "--dtype", "bfloat16"], "needs a float32 model"),
