@@ -70,6 +70,19 @@ def calibration_jobs(tokens: torch.Tensor, repeats: int, warmup: int) -> list[Jo
             Job("naive", tokens, [L], repeats=repeats, warmup=warmup, decode=False, tp_comm="serial")]
 
 
+def split_tp_link(fitted, emulated):
+    """(wire, busy) of a fitted per-all-reduce cost on CPU: the emulated interconnect (sleeps: the CPU is free) is
+    the wire, what the fit finds beyond it is the ranks' own CPU work (gloo copies and sums on the cores that
+    compute), each term at least 0. Without emulation the whole all-reduce is CPU work."""
+    from pipeline.link import LinkModel
+    if not emulated.active:
+        return LinkModel(), fitted
+    latency = max(0.0, fitted.latency_s - emulated.latency_s)
+    inv = lambda m: 1.0 / m.bandwidth_gbps if m.bandwidth_gbps else 0.0  # noqa: E731 - seconds per GB
+    extra = inv(fitted) - inv(emulated)
+    return emulated, LinkModel(1.0 / extra if extra > 0 else None, latency)
+
+
 def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[list]):
     """Fits each stage's chunk cost a·x² + b·x·p + c·x + d and the link's latency + bytes/bandwidth from the timed
     runs of `calibration_jobs` (warm-up runs are not among them). With tp > 1 the chunk cost is the compute alone
@@ -77,6 +90,7 @@ def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[
     bandwidth per all-reduce); each stage's cost is then a `pipeline.costs.TPCost` (serial all-reduces; the
     simulator swaps in the overlapped schedule for rows that ran it). Returns (costs, link, description)."""
     from pipeline.costs import TPCost, attention_share, fit_from_runs, fit_tp_from_runs
+    from pipeline.link import LinkModel
     flat = [r for job_runs in runs for r in job_runs]
     bpt = bytes_per_token(spec, batch)
     costs, link = fit_from_runs(flat, bpt)
@@ -88,12 +102,17 @@ def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[
         compute, tp_link = fit_tp_from_runs(flat, spec.tp)
         cfg = resolve_config(spec.source)
         layers = [len(r) for r in spec.layer_ranges(cfg)]
-        costs = [TPCost(c, n, spec.tp, tp_link, bpt, "serial", attention_share(cfg)) for c, n in zip(compute, layers)]
+        wire, busy = split_tp_link(tp_link, LinkModel(spec.tp_bandwidth_gbps, spec.tp_latency_s))
+        costs = [TPCost(c, n, spec.tp, wire, bpt, "serial", attention_share(cfg), busy)
+                 for c, n in zip(compute, layers)]
         info.update(stage_costs=[dataclasses.asdict(c) for c in compute],
                     stage_cost_form="one TP rank's compute alone: a*x^2 + b*x*p + c*x + d seconds, plus 2 all-reduces "
                                     "per layer (pipeline.costs.TPCost)",
                     tp_link=dict(bandwidth_gbps=tp_link.bandwidth_gbps, latency_s=tp_link.latency_s,
-                                 form="per all-reduce: latency_s + 2(T-1)/T payload bytes / bandwidth"))
+                                 form="per all-reduce: latency_s + 2(T-1)/T payload bytes / bandwidth"),
+                    tp_wire=dataclasses.asdict(wire), tp_busy=dataclasses.asdict(busy),
+                    tp_split="the emulated interconnect is the wire; the rest of the fitted all-reduce (gloo's own "
+                             "copies, sums and wake-ups) occupies the rank's CPU, the compute lane")
     return costs, link, info
 
 

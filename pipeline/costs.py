@@ -317,8 +317,12 @@ class TPCost:
       compute lane runs attention(a), attention(b), mlp(a), mlp(b) and the communication lane each one's all-reduce
       as soon as it is computed, in that order; mlp(a) waits for a's attention reduce, the next layer's attention(a)
       for a's MLP reduce. Evaluated event by event (exactly, for any costs), with the layer's compute split at
-      `attn_share(x, p)`. The compute lane is assumed not to slow down while a reduce runs (on GPUs NCCL's kernels
-      take some SMs: the overlap there hides a little less).
+      `attn_share(x, p)`.
+
+    `busy`: the share of each all-reduce that occupies the compute lane rather than the wire (a CPU's copies and
+    sums in gloo, NCCL's kernels on SMs), paid on the compute lane as the all-reduce is posted; `link` is then the
+    transfer alone. Serial costs compute + both. Default none: the wire takes it all and the compute lane never
+    slows down (what the GPU projection assumes: NCCL's SM share is left out there).
     """
     compute: object  # cost(x, p) -> seconds
     layers: int
@@ -327,13 +331,21 @@ class TPCost:
     bytes_per_token: int
     comm: str = "serial"
     attn_share: object = 0.5  # a fraction, or share(x, p)
+    busy: LinkModel = LinkModel()
 
     def __post_init__(self):
         if self.comm not in TP_COMMS_MODELLED:
             raise ValueError(f"TPCost models tp_comm {', '.join(TP_COMMS_MODELLED)}, got {self.comm!r}")
 
     def reduce_s(self, tokens):
+        """The wire's share of one all-reduce of `tokens` tokens."""
         return allreduce_s(self.link, self.tp, np.asarray(tokens, dtype=np.float64) * self.bytes_per_token)
+
+    def busy_s(self, tokens):
+        """The compute lane's share of one all-reduce of `tokens` tokens."""
+        if not self.busy.active:
+            return 0.0 * np.asarray(tokens, dtype=np.float64)
+        return allreduce_s(self.busy, self.tp, np.asarray(tokens, dtype=np.float64) * self.bytes_per_token)
 
     def _share(self, x, p):
         return self.attn_share(x, p) if callable(self.attn_share) else np.full_like(x, float(self.attn_share))
@@ -342,7 +354,8 @@ class TPCost:
         x = np.asarray(x, dtype=np.float64)
         p = np.asarray(p, dtype=np.float64)
         x, p = np.broadcast_arrays(x, p)
-        serial = np.asarray(self.compute(x, p), dtype=np.float64) + 2 * self.layers * self.reduce_s(x)
+        serial = np.asarray(self.compute(x, p), dtype=np.float64) + 2 * self.layers * (self.reduce_s(x)
+                                                                                      + self.busy_s(x))
         if self.comm == "serial" or self.tp == 1:
             return serial if serial.ndim else float(serial)
         xa = np.floor(x / 2)
@@ -354,11 +367,12 @@ class TPCost:
         cb = np.asarray(self.compute(xb, pb), dtype=np.float64) / n
         fa, fb = self._share(safe_a, p), self._share(xb, pb)
         ra, rb = self.reduce_s(safe_a), self.reduce_s(xb)
+        ba, bb = self.busy_s(safe_a), self.busy_s(xb)
         t = c = done_a = done_b = np.zeros_like(x)  # compute lane, communication lane, each half's last reduce
         for _ in range(n):
-            for work, r, half in ((ca * fa, ra, "a"), (cb * fb, rb, "b"), (ca * (1 - fa), ra, "a"),
-                                  (cb * (1 - fb), rb, "b")):
-                t = np.maximum(t, done_a if half == "a" else done_b) + work
+            for work, r, half in ((ca * fa + ba, ra, "a"), (cb * fb + bb, rb, "b"), (ca * (1 - fa) + ba, ra, "a"),
+                                  (cb * (1 - fb) + bb, rb, "b")):
+                t = np.maximum(t, done_a if half == "a" else done_b) + work  # the block, then posting its reduce
                 c = np.maximum(c, t) + r
                 if half == "a":
                     done_a = c

@@ -258,10 +258,11 @@ def test_bad_tp_comm_options_are_refused_in_one_line(argv, match, capsys):
 
 # ---- the all-reduce in the cost model, the simulator and the TP x PP projection ---------------------------------
 
-def _tp_cost(latency, comm, layers=1, share=0.5):
+def _tp_cost(latency, comm, layers=1, share=0.5, busy=0.0):
     from pipeline.costs import TPCost
     from pipeline.link import LinkModel
-    return TPCost(lambda x, p: x * 1.0, layers, 2, LinkModel(None, latency), 4, comm, share)  # 1 s per token
+    return TPCost(lambda x, p: x * 1.0, layers, 2, LinkModel(None, latency), 4, comm, share,
+                  LinkModel(None, busy))  # 1 s per token
 
 
 @pytest.mark.parametrize("latency,serial,overlap", [
@@ -274,6 +275,25 @@ def test_tp_cost_serial_and_iso_schedules_by_hand(latency, serial, overlap):
     assert _tp_cost(latency, "serial")(2, 0) == pytest.approx(serial)
     assert _tp_cost(latency, "overlap")(2, 0) == pytest.approx(overlap)
     assert _tp_cost(latency, "overlap")(1, 0) == pytest.approx(1 + 2 * latency)  # one token: not split
+
+
+def test_an_all_reduces_cpu_share_runs_on_the_compute_lane():
+    """0.1 s of each all-reduce is the rank's own work: each block then takes 0.6 s on the compute lane, and the
+    0.25 s transfer starts after it: a 0.85, b 1.45, a 2.05, b 2.65. Serial pays both shares: 2 + 2 x 0.35."""
+    assert _tp_cost(0.25, "overlap", busy=0.1)(2, 0) == pytest.approx(2.65)
+    assert _tp_cost(0.25, "serial", busy=0.1)(2, 0) == pytest.approx(2.7)
+
+
+def test_a_fitted_all_reduce_splits_into_the_emulated_wire_and_the_cpu_rest():
+    from bench.harness import split_tp_link
+    from pipeline.link import LinkModel
+    fitted = LinkModel(0.175, 1.3e-3)
+    wire, busy = split_tp_link(fitted, LinkModel(0.2, 0.0))
+    assert wire == LinkModel(0.2, 0.0)
+    assert busy.latency_s == pytest.approx(1.3e-3) and busy.bandwidth_gbps == pytest.approx(1 / (1 / 0.175 - 1 / 0.2))
+    assert split_tp_link(fitted, LinkModel()) == (LinkModel(), fitted)  # no emulation: all of it is CPU work
+    _, none = split_tp_link(LinkModel(0.3, 0.0), LinkModel(0.2, 1e-3))  # faster than emulated: nothing left over
+    assert not none.active
 
 
 def test_tp_cost_is_bounded_by_its_lanes_and_vectorises():
