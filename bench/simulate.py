@@ -203,6 +203,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in out)
 
 
+def _style(ax, title: str, bottom: bool, left: bool, ylabel: str, ybase: int) -> None:
+    """One panel of a projection grid: log axes, title, grid, axis labels on the outer panels."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=ybase)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if bottom:
+        ax.set_xlabel("prompt length (tokens)")
+    if left:
+        ax.set_ylabel(ylabel)
+
+
 def write_plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -227,14 +239,7 @@ def write_plot(rows: list[dict], path: Path, title: str) -> None:
                     if not r["comm_hidden"]:  # where sends stop hiding behind compute
                         ax.plot(x, r["overlapped_over_ideal"], "x", color="black", ms=7)
             ax.axhline(1.0, color="gray", lw=0.8)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log", base=2)
-            ax.set_title(f"{model} — {link}", fontsize=9)
-            ax.grid(alpha=0.3)
-            if i == len(models) - 1:
-                ax.set_xlabel("prompt length (tokens)")
-            if j == 0:
-                ax.set_ylabel("TTFT / (T_compute / S)")
+            _style(ax, f"{model} — {link}", i == len(models) - 1, j == 0, "TTFT / (T_compute / S)", ybase=2)
     axes[0, 0].legend(fontsize=6, ncol=2)
     fig.suptitle(title + "  (x: communication no longer hidden)", fontsize=10)
     fig.tight_layout()
@@ -395,14 +400,7 @@ def write_tp_plot(rows: list[dict], path: Path, title: str) -> None:
                 for x, r in pts:
                     if not r["reduce_hidden"]:
                         ax.plot(x, r["best_ms"] / 1e3, "x", color="black", ms=6)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_title(f"{model}, {N} GPUs — {link}", fontsize=9)
-            ax.grid(alpha=0.3)
-            if i == len(models) - 1:
-                ax.set_xlabel("prompt length (tokens)")
-            if j == 0:
-                ax.set_ylabel("best TTFT (s)")
+            _style(ax, f"{model}, {N} GPUs — {link}", i == len(models) - 1, j == 0, "best TTFT (s)", ybase=10)
             ax.legend(fontsize=6)
     fig.suptitle(title + "  (x: all-reduces not hidden)", fontsize=10)
     fig.tight_layout()

@@ -303,12 +303,61 @@ def run_once_inprocess(runner: Runner, job: Job) -> PrefillResult:
     return res
 
 
+def _greedy_tokens(runner: Runner, job: Job, part, as_tokens, shape) -> torch.Tensor:
+    """The greedy next tokens where the decode step starts (the first stage's ranks): `as_tokens(logits)` on the
+    last stage, sent back by its TP rank t to the first stage's TP rank t; zeros of `shape` on the other ranks."""
+    rank, S, T, s, t = runner.rank, runner.S, runner.T, runner.s, runner.t
+    nxt = torch.zeros(shape, dtype=torch.long, device=runner.device)
+    if job.mode == "unchunked":
+        if rank == 0:
+            nxt = as_tokens(part[3])
+    elif S > 1:
+        if s == S - 1:
+            dist.send(as_tokens(part[3]).contiguous(), t, tag=1 << 20)
+        elif s == 0:
+            dist.recv(nxt, (S - 1) * T + t, tag=1 << 20)
+    else:
+        nxt = as_tokens(part[3])
+    return nxt
+
+
+def _gathered(runner: Runner, job: Job, chunks, everyone: list[dict]) -> PrefillResult:
+    """Rank 0: every rank's share of a run (`everyone`, in rank order) combined into one result, caches aside:
+    the pipeline's records from the TP rank 0s (each chunk's collective time the least over its stage's ranks),
+    the last stage's logits, the decode step's and the reduce traffic."""
+    T = runner.T
+    lead = [p for p in everyone if p["tp_rank"] == 0]
+    parts = [p["part"] for p in lead if p["part"] is not None]
+    if T > 1 and job.mode != "unchunked":  # each chunk's collective time: the least any rank of the stage waited
+        parts = [(least_reduce(part[0], [everyone[g * T + u]["part"][0] for u in range(T)]),) + tuple(part[1:])
+                 for g, part in enumerate(parts)]
+    records, starts, ends, logits = zip(*parts)
+    res = PrefillResult(job.mode, chunks, logits[-1].float(), summarize(list(records), min(starts), ends[-1]),
+                        timeline(list(records), min(starts)), records=list(records), t_start=min(starts),
+                        t_end=ends[-1])
+    if job.decode:
+        dparts = [p["decode"] for p in lead if p["decode"] is not None]
+        res.decode_logits = dparts[-1][3].float()
+        res.metrics["decode_bytes_per_boundary"] = [d[0].bytes_sent for d in dparts[:-1]]
+        res.metrics["decode_s"] = dparts[-1][2] - min(d[1] for d in dparts)
+    if lead[0]["reduce"] is not None:
+        res.metrics |= tp_metrics([p["reduce"][0] for p in lead],
+                                  [p["decode_reduce"][0] for p in lead] if job.decode else None, T)
+    return res
+
+
+def _gather(runner: Runner, mine: dict) -> list[dict] | None:
+    """Every rank's share on rank 0 (None elsewhere)."""
+    everyone = [None] * (runner.S * runner.T) if runner.rank == 0 else None
+    dist.gather_object(_to_cpu(mine), everyone, dst=0)
+    return everyone
+
+
 def _run_once_rank(runner: Runner, job: Job) -> PrefillResult | None:
     """This rank's share of one run of `job`; rank 0 gathers everyone's and returns the combined result."""
     if job.ragged:
         return _run_ragged_rank(runner, job)
-    rank, S, T = runner.rank, runner.S, runner.T
-    s, t = runner.s, runner.t
+    rank, S, T, t = runner.rank, runner.S, runner.T, runner.t
     B, L = job.tokens.shape
     tokens = job.tokens.to(runner.device)
     _reset(runner, job.mode, B, L + 1)
@@ -316,44 +365,16 @@ def _run_once_rank(runner: Runner, job: Job) -> PrefillResult | None:
     part = runner.run_rank(job.mode, tokens, job.chunks)
     mine = dict(part=part, tp_rank=t, reduce=runner.reducer_stats(job.mode))
     if job.decode:
-        nxt = torch.zeros(B, 1, dtype=torch.long, device=runner.device)
-        if job.mode == "unchunked":
-            if rank == 0:
-                nxt = part[3].argmax(-1)[:, None]
-        elif S > 1:  # the last stage's TP rank t sends the greedy token back to the first stage's TP rank t
-            if s == S - 1:
-                dist.send(part[3].argmax(-1)[:, None].contiguous(), t, tag=1 << 20)
-            elif s == 0:
-                dist.recv(nxt, (S - 1) * T + t, tag=1 << 20)
-        else:
-            nxt = part[3].argmax(-1)[:, None]
-        dpart = runner.run_rank("chunked" if job.mode != "unchunked" else "unchunked", nxt, [1], start_pos=L)
-        mine["decode"] = dpart
+        nxt = _greedy_tokens(runner, job, part, lambda logits: logits.argmax(-1)[:, None], (B, 1))
+        mine["decode"] = runner.run_rank("chunked" if job.mode != "unchunked" else "unchunked", nxt, [1],
+                                         start_pos=L)
         mine["decode_reduce"] = runner.reducer_stats(job.mode)
     if job.return_cache and (job.mode != "unchunked" or rank == 0):
         mine["cache"] = [(t, k[:, :, :L].cpu(), v[:, :, :L].cpu()) for k, v in runner.caches(job.mode)]
-    mine = _to_cpu(mine)
-    all_parts = [None] * (S * T) if rank == 0 else None
-    dist.gather_object(mine, all_parts, dst=0)
+    everyone = _gather(runner, mine)
     if rank != 0:
         return None
-    everyone, all_parts = all_parts, [p for p in all_parts if p["tp_rank"] == 0]  # the pipeline: TP rank 0s
-    parts = [p["part"] for p in all_parts if p["part"] is not None]
-    if T > 1 and job.mode != "unchunked":  # each chunk's collective time: the least any rank of the stage waited
-        parts = [(least_reduce(part[0], [everyone[g * T + t]["part"][0] for t in range(T)]),) + tuple(part[1:])
-                 for g, part in enumerate(parts)]
-    records, starts, ends, logits = zip(*parts)
-    metrics = summarize(list(records), min(starts), ends[-1])
-    res = PrefillResult(job.mode, job.chunks, logits[-1].float(), metrics, timeline(list(records), min(starts)),
-                        records=list(records), t_start=min(starts), t_end=ends[-1])
-    if job.decode:
-        dparts = [p["decode"] for p in all_parts if p["decode"] is not None]
-        res.decode_logits = dparts[-1][3].float()
-        res.metrics["decode_bytes_per_boundary"] = [d[0].bytes_sent for d in dparts[:-1]]
-        res.metrics["decode_s"] = dparts[-1][2] - min(d[1] for d in dparts)
-    if all_parts[0]["reduce"] is not None:
-        res.metrics |= tp_metrics([p["reduce"][0] for p in all_parts],
-                                  [p["decode_reduce"][0] for p in all_parts] if job.decode else None, T)
+    res = _gathered(runner, job, job.chunks, everyone)
     if job.return_cache:
         if job.mode == "unchunked":
             res.caches = [(k, v) for _, k, v in everyone[0]["cache"]]
@@ -416,50 +437,22 @@ def run_ragged_inprocess(runner: Runner, job: Job) -> PrefillResult:
 
 def _run_ragged_rank(runner: Runner, job: Job) -> PrefillResult | None:
     """This rank's share of a ragged job; rank 0 gathers everyone's and returns the combined result."""
-    rank, S, T, s, t = runner.rank, runner.S, runner.T, runner.s, runner.t
+    rank, S, T, t = runner.rank, runner.S, runner.T, runner.t
     lengths, steps, inputs, chunks = _ragged_setup(runner, job)
     part = runner.run_rank(job.mode, inputs, chunks, ragged=steps)
     mine = dict(part=part, tp_rank=t, reduce=runner.reducer_stats(job.mode))
     if job.decode:
         B = len(lengths)
-        nxt = torch.zeros(1, B, dtype=torch.long, device=runner.device)
-        if job.mode == "unchunked":
-            if rank == 0:
-                nxt = part[3].argmax(-1)[None]
-        elif S > 1:  # the last stage's TP rank t sends the greedy tokens back to the first stage's TP rank t
-            if s == S - 1:
-                dist.send(part[3].argmax(-1)[None].contiguous(), t, tag=1 << 20)
-            elif s == 0:
-                dist.recv(nxt, (S - 1) * T + t, tag=1 << 20)
-        else:
-            nxt = part[3].argmax(-1)[None]
+        nxt = _greedy_tokens(runner, job, part, lambda logits: logits.argmax(-1)[None], (1, B))
         mine["decode"] = runner.run_rank("chunked" if job.mode != "unchunked" else "unchunked", [nxt], [B],
                                          ragged=[decode_step(lengths)])
         mine["decode_reduce"] = runner.reducer_stats(job.mode)
     if job.return_cache and (job.mode != "unchunked" or rank == 0):
         mine["cache"] = _row_caches(runner, job.mode, lengths)
-    mine = _to_cpu(mine)
-    everyone = [None] * (S * T) if rank == 0 else None
-    dist.gather_object(mine, everyone, dst=0)
+    everyone = _gather(runner, mine)
     if rank != 0:
         return None
-    lead = [p for p in everyone if p["tp_rank"] == 0]
-    parts = [p["part"] for p in lead if p["part"] is not None]
-    if T > 1 and job.mode != "unchunked":
-        parts = [(least_reduce(part[0], [everyone[g * T + u]["part"][0] for u in range(T)]),) + tuple(part[1:])
-                 for g, part in enumerate(parts)]
-    records, starts, ends, logits = zip(*parts)
-    res = PrefillResult(job.mode, chunks, logits[-1].float(), summarize(list(records), min(starts), ends[-1]),
-                        timeline(list(records), min(starts)), records=list(records), t_start=min(starts),
-                        t_end=ends[-1])
-    if job.decode:
-        dparts = [p["decode"] for p in lead if p["decode"] is not None]
-        res.decode_logits = dparts[-1][3].float()
-        res.metrics["decode_bytes_per_boundary"] = [d[0].bytes_sent for d in dparts[:-1]]
-        res.metrics["decode_s"] = dparts[-1][2] - min(d[1] for d in dparts)
-    if lead[0]["reduce"] is not None:
-        res.metrics |= tp_metrics([p["reduce"][0] for p in lead],
-                                  [p["decode_reduce"][0] for p in lead] if job.decode else None, T)
+    res = _gathered(runner, job, chunks, everyone)
     if job.return_cache:
         if job.mode == "unchunked":
             per_stage = everyone[0]["cache"]
