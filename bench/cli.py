@@ -30,7 +30,7 @@ def run_parser():
 
     from pipeline import MODES
     from pipeline.compress import CODECS
-    from pipeline.tp import TP_COMMS
+    from pipeline.tp import TP_BOUNDARIES, TP_COMMS
     gpu = torch.cuda.is_available()
     ap = Parser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small", help="preset name or Hugging Face directory (default: small)")
@@ -43,6 +43,10 @@ def run_parser():
                          "run: serial (a blocking all-reduce after attention and after the MLP), overlap (each chunk "
                          "in two token halves, one half's all-reduce running while the other half computes) or "
                          "sequence (reduce-scatter + all-gather, norms on 1/T of the tokens). Default: serial")
+    ap.add_argument("--tp-boundary", type=name_list(TP_BOUNDARIES, "tp-boundary"), default=["matching"],
+                    help="with --tp > 1 and --stages > 1, how stage boundaries cross, comma-separated to compare in "
+                         "one run: matching (each TP rank sends to the next stage's same TP rank, T sends) or broadcast "
+                         "(TP rank 0 sends once, the next stage broadcasts it over its TP group). Default: matching")
     ap.add_argument("--compress", type=name_list(CODECS, "compression"), default=["none"],
                     help="what crosses each stage boundary, comma-separated to compare in one run: none (the hidden "
                          "state as computed), bf16 (float32 models: half the bytes) or fp8 (e4m3 with a float32 scale "
@@ -115,6 +119,9 @@ def main_run(argv) -> int:
                          f"--stages 2 or more")
     for z in args.compress:
         check_codec(z, DTYPES[args.dtype])
+    if args.tp_boundary != ["matching"] and (tp == 1 or stages_given(args, world, tp) == 1):
+        raise ValueError(f"--tp-boundary {','.join(args.tp_boundary)} chooses how a boundary crosses between "
+                         f"tensor-parallel stages: it needs --tp 2 or more and --stages 2 or more")
     if tp == 1 and (args.tp_bandwidth_gbps is not None or args.tp_latency_us):
         raise ValueError("--tp-bandwidth-gbps / --tp-latency-us emulate the interconnect between tensor-parallel "
                          "ranks: they need --tp 2 or more")
@@ -162,7 +169,8 @@ def main_run(argv) -> int:
     spec.validate()  # the checkpoint too (config, safetensors headers), before any process starts
     plans = {L: chunk_plan(L, None if args.chunks else (args.chunk_size or 128), args.chunks)
              for L in args.prompt_len}
-    config = dict(model=str(args.model), stages=stages, tp=tp, tp_comm=args.tp_comm, compress=args.compress, link=link, device=device, ops=args.ops, dtype=args.dtype,
+    config = dict(model=str(args.model), stages=stages, tp=tp, tp_comm=args.tp_comm, compress=args.compress,
+                  tp_boundary=args.tp_boundary, link=link, device=device, ops=args.ops, dtype=args.dtype,
                   batch=args.batch, prompt_lens=args.prompt_len, chunk_size=args.chunk_size or 128,
                   chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
                   bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us,
@@ -197,11 +205,12 @@ def main_run(argv) -> int:
             label = f"L={L}" + (f" (point {i + 1} of {len(args.prompt_len)})" if len(args.prompt_len) > 1 else "")
             progress.phase(f"{label}: {len(args.modes)} mode(s)"
                            + (f" x {len(args.tp_comm)} tp-comm(s)" if len(args.tp_comm) > 1 else "")
-                           + (f" x {len(args.compress)} compression(s)" if len(args.compress) > 1 else "") + f" x ({args.warmup} warm-up + {args.repeats} timed) "
+                           + (f" x {len(args.compress)} compression(s)" if len(args.compress) > 1 else "")
+                           + (f" x {len(args.tp_boundary)} tp-boundaries" if len(args.tp_boundary) > 1 else "") + f" x ({args.warmup} warm-up + {args.repeats} timed) "
                            f"runs on {stages} stage(s), {link}, model {args.model}")
             point = run_point(spec, L, args.batch, plans[L], args.repeats, args.warmup, args.modes,
                               simulate=simulate, progress=progress.runs(label), tp_comms=args.tp_comm,
-                              compress=args.compress)
+                              compress=args.compress, tp_boundaries=args.tp_boundary)
             if point is None:  # a torchrun rank other than 0: it ran its stage, rank 0 reports
                 continue
             points.append(point)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -185,31 +186,34 @@ def chunk_costs_vs_measured(mode: str, runs_records, costs):
 
 def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,
               modes=MODES, seed: int = 0, simulate: bool = False, progress=None, tp_comms=None,
-              compress=None) -> dict | None:
+              compress=None, tp_boundaries=None) -> dict | None:
     """All modes on one prompt; returns the figures per mode (medians over repeats) and the raw timelines. The
     outputs are always checked against the unchunked baseline: when `unchunked` is not among `modes` it runs once,
     untimed, as the reference. With `simulate`, `calibration_jobs` run in the same round-robin as the modes (so a
     drift of the machine's speed touches the fit and the measurements alike), and each mode gets the simulator's
     figures (`simulate_modes`). With tensor parallelism, `tp_comms` (default: the spec's) lists the ways the TP ranks
     combine their partial sums (`pipeline.tp.TP_COMMS`) and `compress` (default none) the boundary compressions
-    (`pipeline.compress`) to run side by side, in the same round-robin: the first of each keeps the mode's name, the
-    others are keyed "mode/tp_comm", "mode/compress" or both (the unchunked baseline, no TP and no boundary, runs
-    once). A lossy row's logits are compared with the unchunked baseline and with the same mode uncompressed in this
+    (`pipeline.compress`), and `tp_boundaries` (default matching) how boundaries cross TP stages, to run side by
+    side, in the same round-robin: the first of each keeps the mode's name, the others are keyed "mode/<value>..."
+    (the unchunked baseline, no TP and no boundary, runs once). A lossy row's logits are compared with the unchunked baseline and with the same mode uncompressed in this
     run; its outputs_match only asks for finite logits. None off rank 0 under torchrun."""
     cfg = resolve_config(spec.source)
     modes = list(modes)
-    tp_comms, compress = list(tp_comms or [spec.tp_comm]), list(compress or ["none"])
+    axes = dict(tp_comm=list(tp_comms or [spec.tp_comm]), compress=list(compress or ["none"]),
+                tp_boundary=list(tp_boundaries or ["matching"]))
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
-    # every mode with every (tp_comm, compress); the unchunked baseline (no TP, no boundary) once
-    variants = [(m, c, z) for z in compress for c in tp_comms for m in modes if m != "unchunked"]
-    labels = [m + (f"/{c}" if c != tp_comms[0] else "") + (f"/{z}" if z != compress[0] else "")
-              for m, c, z in variants]
+    # every mode under every combination of the axes; the unchunked baseline (no TP, no boundary) once
+    variants = [dict(mode=m, **dict(zip(axes, combo))) for combo in itertools.product(*axes.values())
+                for m in modes if m != "unchunked"]
+    labels = [v["mode"] + "".join(f"/{v[a]}" for a in axes if v[a] != axes[a][0]) for v in variants]
     if "unchunked" in modes:  # no TP, no boundary: once, uncompressed, where the caller listed it
         at = modes.index("unchunked")
-        variants.insert(at, ("unchunked", tp_comms[0], "none"))
+        variants.insert(at, dict(mode="unchunked", tp_comm=axes["tp_comm"][0], compress="none",
+                                 tp_boundary="matching"))
         labels.insert(at, "unchunked")
-    jobs = [Job(m, tokens, mode_chunks(m, chunks), repeats=repeats, warmup=warmup, tp_comm=c, compress=z)
-            for m, c, z in variants]
+    jobs = [Job(v["mode"], tokens, mode_chunks(v["mode"], chunks), repeats=repeats, warmup=warmup,
+                tp_comm=v["tp_comm"], compress=v["compress"], tp_boundary=v["tp_boundary"]) for v in variants]
+    compress = axes["compress"]
     cal_jobs = calibration_jobs(tokens, repeats, warmup) if simulate else []
     ref_jobs = [] if "unchunked" in modes else [Job("unchunked", tokens, [prompt_len])]
     all_runs = measure(spec, jobs + cal_jobs + ref_jobs, progress)
@@ -222,7 +226,7 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     wire_bpt = {z: Codec(z).bytes_per_token(batch, cfg.hidden_size, DTYPES[spec.dtype])
                 for z in {"none", *compress}}
     from pipeline.simulate import free_link_bound
-    bounds = {label: [free_link_bound(variant_of[label][0], r.records) for r in runs]
+    bounds = {label: [free_link_bound(variant_of[label]["mode"], r.records) for r in runs]
               for label, runs in results.items()}
     figures, timelines = {}, {}
     stage_layers = [len(r) for r in spec.layer_ranges(cfg)]
@@ -248,14 +252,15 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
             per_chunk_stage_max_ms=[x * 1e3 for x in best.metrics["per_chunk_stage_max_s"]],
             prefill_bytes_per_boundary=best.metrics["bytes_per_boundary"],
             decode_bytes_per_boundary=best.metrics.get("decode_bytes_per_boundary", []),
-            expected_prefill_bytes=prompt_len * wire_bpt[variant_of[mode][2]],
-            expected_decode_bytes=wire_bpt[variant_of[mode][2]],
+            expected_prefill_bytes=prompt_len * wire_bpt[variant_of[mode]["compress"]],
+            expected_decode_bytes=wire_bpt[variant_of[mode]["compress"]],
             chunks=best.chunks,
-            mode=variant_of[mode][0], compress=variant_of[mode][2],
+            mode=variant_of[mode]["mode"], compress=variant_of[mode]["compress"],
         )
         if "allreduce_bytes_per_stage" in best.metrics:  # tensor parallelism: the reduce traffic, per stage
             bm = best.metrics
-            m.update(tp_comm=variant_of[mode][1], tp=spec.tp, allreduce_bytes_per_stage=bm["allreduce_bytes_per_stage"],
+            m.update(tp_comm=variant_of[mode]["tp_comm"], tp_boundary=variant_of[mode]["tp_boundary"], tp=spec.tp,
+                     allreduce_bytes_per_stage=bm["allreduce_bytes_per_stage"],
                      allreduce_wire_bytes_per_stage=bm["allreduce_wire_bytes_per_stage"],
                      allreduce_calls_per_stage=bm["allreduce_calls_per_stage"],
                      allreduce_ms_per_stage=[statistics.median(r.metrics["allreduce_s_per_stage"][s] for r in runs)
@@ -264,15 +269,20 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
                      allreduce_prefill_over_decode=bm.get("allreduce_prefill_over_decode", []),
                      # two all-reduces of [B, L, H] per layer (after attention, after the MLP)
                      expected_allreduce_bytes_per_stage=[2 * n * prompt_len * bpt for n in stage_layers])
+            if "boundary_broadcast_bytes_per_stage" in bm:  # each boundary sent once, then broadcast in its stage
+                m["boundary_broadcast_bytes_per_stage"] = bm["boundary_broadcast_bytes_per_stage"]
+                m["boundary_broadcast_ms_per_stage"] = [
+                    statistics.median(r.metrics["boundary_broadcast_s_per_stage"][s] for r in runs) * 1e3
+                    for s in range(len(stage_layers))]
         ref = base[0]
         m["max_abs_dlogits"] = max((r.logits - ref.logits).abs().max().item() for r in runs)
         m["max_abs_ddecode_logits"] = max((r.decode_logits - ref.decode_logits).abs().max().item() for r in runs)
-        if variant_of[mode][2] != "none":  # lossy sends: how far the logits moved, against the same run uncompressed
+        if variant_of[mode]["compress"] != "none":  # lossy sends: how far the logits moved, against the same run uncompressed
             m["rel_dlogits"] = m["max_abs_dlogits"] / ref.logits.abs().max().item()
             m["greedy_match_fraction"] = min((r.logits.argmax(-1) == ref.logits.argmax(-1)).float().mean().item()
                                              for r in runs)
             plain = next((lab for lab, v in variant_of.items()
-                          if v == (variant_of[mode][0], variant_of[mode][1], "none")), None)
+                          if v == dict(variant_of[mode], compress="none")), None)
             if plain is not None:
                 m["max_abs_dlogits_vs_uncompressed"] = max((r.logits - results[plain][0].logits).abs().max().item()
                                                            for r in runs)
@@ -366,6 +376,11 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pause
                                    "not hide)",
          "tp_comm": "how the TP ranks combine partial sums: serial all-reduces, overlap (two token halves, each "
                     "half's all-reduce behind the other's compute) or sequence (reduce-scatter + all-gather)",
+         "tp_boundary": "with TP, how a boundary crosses: matching (each TP rank sends to its peer: T sends) or "
+                        "broadcast (TP rank 0 to TP rank 0 once, then a broadcast over the receiving stage's TP group)",
+         "boundary_broadcast_bytes_per_stage": "bytes, tp_boundary broadcast: what each stage broadcast to its TP "
+                                               "ranks (the prefill's boundary, once)",
+         "boundary_broadcast_ms_per_stage": "ms, median over runs of TP rank 0's time in those broadcasts",
          "mode": "the schedule of this row (a row keyed mode/tp_comm runs that mode with that tp_comm)",
          "decode_allreduce_bytes_per_stage": "bytes, all-reduce payload of one decode token per TP rank",
          "allreduce_prefill_over_decode": "ratio, prefill all-reduce bytes / one decode token's (= L)",

@@ -21,7 +21,7 @@ from .procs import PipelineError, init_process_group, run_spawned, torchrun_rank
 from .runner import Runner, rank_main, run_all, run_once_inprocess, run_order
 from .schedule import MODES, check_mode, chunk_plan, chunk_starts, mode_chunks
 from .spec import LINKS, Job, PipelineSpec, PrefillResult
-from .tp import check_tp_comm
+from .tp import check_tp_boundary, check_tp_comm
 
 # ---- public entry points ---------------------------------------------------------------------------------------
 
@@ -47,6 +47,7 @@ def check_job(job: Job, cfg) -> None:
     if job.tp_comm is not None:
         check_tp_comm(job.tp_comm)
     check_codec(job.compress)
+    check_tp_boundary(job.tp_boundary)
 
 
 def memory_needed(spec: PipelineSpec, cfg, job: Job) -> int:
@@ -162,7 +163,7 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
                 chunk_size: int | None = None, chunks: list[int] | None = None, link: str = "inprocess",
                 ops: str = "torch", dtype: str = "float32", device: str = "cpu", bandwidth_gbps: float | None = None,
                 latency_s: float = 0.0, decode: bool = True, return_cache: bool = False, compress: str = "none",
-                **spec_kw) -> PrefillResult | None:
+                tp_boundary: str = "matching", **spec_kw) -> PrefillResult | None:
     """One prefill request through the pipeline. Returns the last-position logits [B, V], the measurements and,
     with return_cache, every stage's KV cache. `unchunked` ignores stages and chunks (it is the baseline).
     compress: what crosses each stage boundary, "none", "bf16" (float32 models) or "fp8" (e4m3 with per-token
@@ -171,6 +172,8 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
     chunks of chunk_size, the rows' chunks packed into one step, the KV cache in pages of `page_size`; logits
     [B, V] are then each row's at its own last token, decode continues each row from its own length, and with
     return_cache `row_caches[b]` holds row b's (k, v) per stage.
+    tp_boundary (tp > 1): "matching" sends each stage boundary between matching TP ranks (T sends of [B, c, H]);
+    "broadcast" sends it once, TP rank 0 to TP rank 0, and the receiving stage broadcasts it over its TP group.
 
     link 'gloo' / 'nccl' start one process per stage (spawn): in a script, call this under
     `if __name__ == "__main__":`. Under torchrun every rank calls it; rank 0 gets the result, the others None."""
@@ -197,10 +200,11 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
                         latency_s=latency_s, **spec_kw)
     if ragged:
         job = Job(mode, list(tokens), [], decode=decode, return_cache=return_cache, compress=compress,
-                  chunk_size=chunk_size)
+                  chunk_size=chunk_size, tp_boundary=tp_boundary)
         job.chunks = [st.tokens for st in job.steps()]
     else:
-        job = Job(mode, tokens, plan, decode=decode, return_cache=return_cache, compress=compress)
+        job = Job(mode, tokens, plan, decode=decode, return_cache=return_cache, compress=compress,
+                  tp_boundary=tp_boundary)
     results = run_jobs(spec, [job])
     return None if results is None else results[0][0]
 

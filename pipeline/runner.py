@@ -20,7 +20,7 @@ from .model import resolve_config
 from .schedule import Clock, StageRecord, stage_program, summarize, timeline
 from .spec import Job, PipelineSpec, PrefillResult
 from .stage import Stage
-from .tp import DistReducer, LocalGroup, LocalReducer, kv_heads_of
+from .tp import BroadcastRecv, DistReducer, LocalGroup, LocalReducer, NoSend, kv_heads_of
 
 class Runner:
     """Owns the stages of this process (all of them in-process, one with gloo/NCCL) and runs jobs on them."""
@@ -46,8 +46,8 @@ class Runner:
             mine = [(self.s, self.t)]
             # every rank creates every stage's TP group, in the same order (new_group is collective)
             tp_groups = [dist.new_group(list(range(g * T, (g + 1) * T))) for g in range(S)] if T > 1 else []
-            reducers = {mine[0]: DistReducer(T, tp_groups[self.s], tp_link) if T > 1 else None}
-        self.codec = Codec()
+            reducers = {mine[0]: DistReducer(T, tp_groups[self.s], tp_link, src=self.s * T) if T > 1 else None}
+        self.codec, self.tp_boundary = Codec(), "matching"
         self.shards = {(s, t): self._stage(self.ranges[s], s, S, t, reducers[(s, t)]) for s, t in mine}
         self._full = None
         self.clock = Clock(self.device)
@@ -83,6 +83,19 @@ class Runner:
         for st in self.shards.values():
             st.model.tp_comm = job.tp_comm or self.spec.tp_comm
         self.codec = Codec(job.compress)
+        self.tp_boundary = job.tp_boundary
+
+    def links(self, s: int, t: int, recv, send):
+        """Stage s, TP rank t's receive and send ends for this job: the channels between matching TP ranks, or
+        with tp_boundary 'broadcast' TP rank 0's alone, the rest of the stage taking the boundary by broadcast."""
+        if self.T == 1 or self.tp_boundary == "matching":
+            return recv, send
+        reducer = self.shards[(s, t)].model.reduce
+        if recv is not None:
+            recv = BroadcastRecv(recv if t == 0 else None, reducer, self.device)
+        if send is not None and t != 0:
+            send = NoSend()
+        return recv, send
 
     def _reset_reducers(self):
         for st in self.shards.values():
@@ -119,10 +132,11 @@ class Runner:
             for ch in lanes:
                 ch.reset()
         self._reset_reducers()
+        ends = {(s, t): self.links(s, t, self.channels[s - 1][t] if s > 0 and S > 1 else None,
+                                   self.channels[s][t] if s < S - 1 else None) for s, t in shards}
         gens = {(s, t): stage_program(st, mode, chunks, self.clock, records[(s, t)],
                                       tokens=tokens if s == 0 else None,
-                                      recv=self.channels[s - 1][t] if s > 0 and S > 1 else None,
-                                      send=self.channels[s][t] if s < S - 1 else None, batch=B, start_pos=start_pos,
+                                      recv=ends[(s, t)][0], send=ends[(s, t)][1], batch=B, start_pos=start_pos,
                                       result=(result if t == 0 else {}) if s == S - 1 else None, codec=self.codec,
                                       ragged=ragged)
                 for (s, t), st in shards.items()}
@@ -185,7 +199,8 @@ class Runner:
             self._inject_fault(0)
             st, recv, send = self.full(), None, None
         else:
-            st, recv, send = self.shards[(self.s, self.t)], self.recv, self.send
+            st = self.shards[(self.s, self.t)]
+            recv, send = self.links(self.s, self.t, self.recv, self.send)
             dist.barrier()
         record = StageRecord(self.s if mode != "unchunked" else 0, chunks)
         result = {}
@@ -262,6 +277,9 @@ def tp_metrics(prefill: list[dict] | None, decode: list[dict] | None, tp: int) -
                allreduce_wire_bytes_per_stage=[p["wire_bytes"] for p in prefill],
                allreduce_calls_per_stage=[p["calls"] for p in prefill],
                allreduce_s_per_stage=[p["seconds"] for p in prefill])
+    if any(p["broadcast_calls"] for p in prefill):  # tp_boundary 'broadcast': each boundary once, then broadcast
+        out["boundary_broadcast_bytes_per_stage"] = [p["broadcast_bytes"] for p in prefill]
+        out["boundary_broadcast_s_per_stage"] = [p["broadcast_seconds"] for p in prefill]
     if decode is not None:
         out["decode_allreduce_bytes_per_stage"] = [d["payload_bytes"] for d in decode]
         out["allreduce_prefill_over_decode"] = [p["payload_bytes"] / d["payload_bytes"] if d["payload_bytes"] else None

@@ -123,6 +123,7 @@ class Job:
     tp_comm: str | None = None  # how TP ranks combine partial sums in this run (None: the spec's; pipeline.tp)
     compress: str = "none"  # what crosses stage boundaries: none, bf16 or fp8 (pipeline.compress)
     chunk_size: int | None = None  # a ragged batch (tokens a list of 1-D rows): each row's tokens per step
+    tp_boundary: str = "matching"  # with TP: boundaries between matching TP ranks, or once and "broadcast"
 
     @property
     def ragged(self) -> bool:

@@ -157,6 +157,7 @@ class Reducer:
 
     def reset(self) -> None:
         self.calls, self.bytes, self.wire, self.seconds = 0, 0, 0, 0.0
+        self.bcast_calls, self.bcast_bytes, self.bcast_seconds = 0, 0, 0.0  # boundary broadcasts (tp_boundary)
         self.log: list[float] = []  # seconds blocked, per call
         self.lane_free = 0.0  # emulated interconnect: when its last transfer ends
 
@@ -218,6 +219,25 @@ class Reducer:
         self._paid(t0, self._count(0, (self.tp - 1) * _nbytes(shard)))
         return out
 
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        """TP rank 0's `t` to every rank of the group, in place (a stage boundary received once: tp_boundary
+        'broadcast'). Counted apart from the all-reduces; over an emulated interconnect it takes its bytes /
+        bandwidth on the same lane."""
+        t0 = time.perf_counter()
+        out = self._broadcast(t)
+        n = _nbytes(t)
+        if self.model.active:
+            end = max(time.perf_counter(), self.lane_free) + self.model.delay_s(n)
+            self.lane_free = end
+            time.sleep(max(0.0, end - time.perf_counter()))
+        self.bcast_calls += 1
+        self.bcast_bytes += n
+        self.bcast_seconds += time.perf_counter() - t0
+        return out
+
+    def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -233,7 +253,9 @@ class Reducer:
         raise NotImplementedError
 
     def stats(self) -> dict:
-        return dict(calls=self.calls, payload_bytes=self.bytes, wire_bytes=self.wire, seconds=self.seconds)
+        return dict(calls=self.calls, payload_bytes=self.bytes, wire_bytes=self.wire, seconds=self.seconds,
+                    broadcast_calls=self.bcast_calls, broadcast_bytes=self.bcast_bytes,
+                    broadcast_seconds=self.bcast_seconds)
 
     def snapshot(self) -> tuple[float, int, int, int]:
         return self.seconds, self.calls, self.bytes, len(self.log)
@@ -252,12 +274,16 @@ class DistReducer(Reducer):
     on its own stream, ordered after the current stream's work; waiting on it makes the current stream wait, so
     `start` lets the compute stream run on while the reduce is in flight. gloo runs it on a worker thread."""
 
-    def __init__(self, tp: int, group, model: LinkModel = LinkModel()):
-        self.group = group
+    def __init__(self, tp: int, group, model: LinkModel = LinkModel(), src: int = 0):
+        self.group, self.src = group, src  # src: the global rank of the group's TP rank 0
         super().__init__(tp, model)
 
     def _reduce(self, t):
         dist.all_reduce(t, group=self.group)
+        return t
+
+    def _broadcast(self, t):
+        dist.broadcast(t, src=self.src, group=self.group)
         return t
 
     def _start(self, t):
@@ -320,6 +346,10 @@ class LocalGroup:
     def all_gather(self, rank: int, shard: torch.Tensor) -> torch.Tensor:
         return self._exchange(rank, shard, lambda slots: torch.cat(slots, dim=1))
 
+    def broadcast(self, rank: int, t: torch.Tensor) -> torch.Tensor:
+        first = self._exchange(rank, t, lambda slots: slots[0].clone() if rank else None)
+        return t if rank == 0 else t.copy_(first)
+
 
 class LocalReducer(Reducer):
     """One thread-rank's collectives over a `LocalGroup` (`start` completes at once: the threads are the ranks)."""
@@ -336,3 +366,49 @@ class LocalReducer(Reducer):
 
     def _all_gather(self, shard):
         return self.group.all_gather(self.rank, shard)
+
+    def _broadcast(self, t):
+        return self.group.broadcast(self.rank, t)
+
+
+# ---- stage boundaries sent once per stage and broadcast (tp_boundary="broadcast") --------------------------------
+
+TP_BOUNDARIES = ("matching", "broadcast")
+
+
+def check_tp_boundary(name: str) -> str:
+    if name not in TP_BOUNDARIES:
+        raise ValueError(f"unknown tp_boundary {name!r}; choose one of {', '.join(TP_BOUNDARIES)}")
+    return name
+
+
+class NoSend:
+    """The send end of a TP rank other than 0 when TP rank 0 alone sends its stage's boundary."""
+
+    def isend(self, tensor: torch.Tensor, tag: int):
+        from .link import Handle
+        now = time.perf_counter()
+        return Handle(lambda: None, 0, lambda: (now, now))
+
+    def close(self) -> None:
+        pass
+
+
+class BroadcastRecv:
+    """The receive end of a stage whose boundary arrives once: TP rank 0 receives it from the previous stage's TP
+    rank 0 (`link`), then the stage's TP group broadcasts it from rank 0 (every rank calls `wait` in chunk order,
+    so the broadcasts pair up like the all-reduces do)."""
+
+    def __init__(self, link, reducer: Reducer, device):
+        self.link, self.reducer, self.device = link, reducer, device
+
+    def irecv(self, shape, dtype, tag: int, slot: int = 0):
+        from .link import Handle
+        if self.link is not None:
+            inner = self.link.irecv(shape, dtype, tag, slot)
+            return Handle(lambda: self.reducer.broadcast(inner.wait()), inner.nbytes)
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        return Handle(lambda: self.reducer.broadcast(buf), 0)
+
+    def close(self) -> None:
+        pass

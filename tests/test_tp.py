@@ -458,3 +458,54 @@ def test_a_failing_tp_process_is_named_by_stage_and_tp_rank():
                                             r"stage 1"):
         run_prefill(TINY, torch.zeros(1, 16, dtype=torch.long), stages=2, tp=2, chunk_size=4, link="gloo",
                     fault=("raise", 1), timeout_s=20, threads=1)
+
+
+# ---- boundaries between TP stages: matching TP ranks, or once and broadcast -----------------------------------
+
+@pytest.mark.parametrize("mode", ["naive", "chunked", "overlapped"])
+@pytest.mark.parametrize("compress", ["none", "fp8"])
+def test_a_boundary_sent_once_and_broadcast_equals_matching_sends(mode, compress):
+    cfg = TINY.replace(num_kv_heads=1)
+    B, L = 2, 37
+    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(9))
+    kw = dict(mode=mode, stages=2, tp=2, chunk_size=7, compress=compress, return_cache=True)
+    matching = run_prefill(cfg, tokens, **kw)
+    once = run_prefill(cfg, tokens, tp_boundary="broadcast", **kw)
+    assert torch.equal(once.logits, matching.logits) and torch.equal(once.decode_logits, matching.decode_logits)
+    for (k1, v1), (k2, v2) in zip(once.caches, matching.caches):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    wire = L * (B * 64 * 4 if compress == "none" else B * (64 + 4))
+    assert once.metrics["bytes_per_boundary"] == matching.metrics["bytes_per_boundary"] == [wire]  # TP rank 0's
+    assert once.metrics["boundary_broadcast_bytes_per_stage"] == [0, wire]  # the receiving stage broadcasts it
+    assert "boundary_broadcast_bytes_per_stage" not in matching.metrics
+
+
+def test_a_boundary_sent_once_and_broadcast_over_gloo_equals_unchunked():
+    cfg = TINY.replace(num_kv_heads=1)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 33), generator=torch.Generator().manual_seed(4))
+    ref = run_prefill(cfg, tokens, mode="unchunked")
+    res = run_prefill(cfg, tokens, mode="overlapped", stages=2, tp=2, chunk_size=8, link="gloo",
+                      tp_boundary="broadcast", threads=1)
+    assert (res.logits - ref.logits).abs().max().item() <= 1e-5
+    assert (res.decode_logits - ref.decode_logits).abs().max().item() <= 1e-5
+    assert res.metrics["boundary_broadcast_bytes_per_stage"] == [0, 33 * 64 * 4]
+
+
+def test_the_harness_runs_both_boundary_kinds_side_by_side():
+    from bench.harness import run_point
+    from pipeline import PipelineSpec
+    point = run_point(PipelineSpec(source="tiny", stages=2, tp=2), 24, 1, [8, 8, 8], repeats=1, warmup=0,
+                      modes=["unchunked", "overlapped"], tp_boundaries=["matching", "broadcast"])
+    assert list(point["modes"]) == ["unchunked", "overlapped", "overlapped/broadcast"]
+    once = point["modes"]["overlapped/broadcast"]
+    assert once["tp_boundary"] == "broadcast" and once["outputs_match"] and once["bytes_exact"]
+    assert once["boundary_broadcast_bytes_per_stage"] == [0, 24 * 64 * 4]
+
+
+@pytest.mark.parametrize("argv", [["--tp-boundary", "broadcast"], ["--tp", "2", "--stages", "1", "--tp-boundary",
+                                                                  "broadcast"]])
+def test_a_tp_boundary_needs_tp_stages(argv, capsys):
+    from bench.cli import main
+    assert main(["--model", "tiny", "--out", "/nonexistent/never-made"] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs --tp 2 or more and --stages 2 or more" in err
