@@ -162,6 +162,8 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
         configs = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
                    for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
                    if not (m == 64 and w == 8)]
+        from kernels.chunk_attention import TMA_SWEEP
+        configs += [cfg for d, cfg in TMA_SWEEP if d == D]  # the TMA prefix loads (Hopper)
         if C <= 512 and P >= 4096:  # short chunks over long prefixes: split-KV and GQA packing too
             configs += [dict(BLOCK_M=64, BLOCK_N=n, num_warps=4, num_stages=3, num_splits=k, pack_gqa=pack)
                         for n in (64, 128) for k in (2, 4, 8) for pack in (False, True) if not (pack and C > 64)]
@@ -438,7 +440,7 @@ def main(argv=None) -> int:
         rows = [r for sh in shapes for r in sweep_attention(shape=sh)]
         for r in sorted(rows, key=lambda r: (r["prefix"], r["chunk"], -r.get("tflops", 0))):
             cfg = f"P={r['prefix']} C={r['chunk']} " + " ".join(
-                f"{k}={r[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_splits", "pack_gqa")
+                f"{k}={r[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_splits", "pack_gqa", "tma")
                 if k in r)
             print(f"{cfg:<64} " + (f"{r['tflops']:6.0f} TFLOP/s  err {r['max_abs_err']:.1e}" if "tflops" in r
                                    else r["error"]))

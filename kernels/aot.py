@@ -62,15 +62,16 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
         # compiled for the largest tile of the serving dtype below. Split-KV (any config may be split when its grid
         # leaves SMs idle) differs in the prologue and the float32 epilogue: compiled for every 16-bit config.
         per_row_too = head_dim == 128 and dtype == torch.bfloat16 and cfg["BLOCK_M"] == 128
-        variants = [(False, False)] + [(True, False)] * per_row_too + [(False, True)] * (dtype != torch.float32)
-        for per_row, split in variants:
+        variants = [(False, False, False)] + [(True, False, False)] * per_row_too + [(False, True, False)] * (
+            dtype != torch.float32)
+        for per_row, split, tma in variants:
             const = dict(GROUP=group if pack > 1 else 4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim),
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                          PRECISION="ieee" if dtype == torch.float32 else "tf32", PER_ROW_START=per_row, PACK=pack,
-                         SPLIT=split)
+                         SPLIT=split, TMA=tma)
             name = (f"chunk_attention d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
                     + (f" pack{pack}" if pack > 1 else "") + (" per-row start" if per_row else "")
-                    + (" split" if split else ""))
+                    + (" split" if split else "") + (" tma" if tma else ""))
             specs.append(KernelSpec(name, attn_mod._chunk_attention_kernel, sig | {k: "constexpr" for k in const},
                                     const, cfg["num_warps"], cfg["num_stages"],
                                     expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64))
@@ -92,6 +93,24 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
                                     f"n{cfg['BLOCK_N']} page{page}", paged_mod._paged_chunk_attention_kernel,
                                     sig | {k: "constexpr" for k in const}, const, cfg["num_warps"],
                                     cfg["num_stages"], expect_wgmma=dtype != torch.float32))
+    if arch >= 90:  # the TMA prefix loads (config tma, Hopper only): the tiles a tuning sweep tries, alone and split
+        for head_dim, cfg in attn_mod.TMA_SWEEP:
+            p = _PTR[torch.bfloat16]
+            sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"Lse": "*fp32", "StartPos": "*i32",
+                                                                        "start_pos": "i32", "max_len": "i32"}
+            for n in ("q", "kn", "vn", "kc", "vc", "o"):
+                for axis in ("b", "m", "h"):
+                    sig[f"stride_{n}{axis}"] = "i32"
+            sig |= {"B": "i32", "C": "i32", "Hq": "i32", "qk_scale": "fp32"}
+            for split in (False, True):
+                const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim), BLOCK_M=cfg["BLOCK_M"],
+                             BLOCK_N=cfg["BLOCK_N"], PRECISION="tf32", PER_ROW_START=False, PACK=1, SPLIT=split,
+                             TMA=True)
+                specs.append(KernelSpec(f"chunk_attention d{head_dim} bfloat16 m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
+                                        f" w{cfg['num_warps']}s{cfg['num_stages']}" + (" split" if split else "")
+                                        + " tma", attn_mod._chunk_attention_kernel,
+                                        sig | {k: "constexpr" for k in const}, const, cfg["num_warps"],
+                                        cfg["num_stages"], expect_wgmma=True))
     for head_dim in (64, 80, 128, 256):  # the split-KV merge: float32 partials into the output's dtype
         sig = {"Part": "*fp32", "Lse": "*fp32", "Out": "*bf16"} | {
             n: "i32" for n in ("n_splits", "n_rows", "C", "Hq", "stride_ob", "stride_om", "stride_oh")}
@@ -163,6 +182,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     ptx = kernel.asm["ptx"]
     return dict(kernel=spec.name, arch=f"sm_{arch}", num_warps=spec.num_warps, num_stages=spec.num_stages,
                 shared_bytes=kernel.metadata.shared, wgmma="wgmma" in ptx, expect_wgmma=spec.expect_wgmma,
+                tma="cp.async.bulk.tensor" in ptx,
                 cubin_bytes=len(kernel.asm["cubin"]), **ptxas_report(ptx, arch))
 
 

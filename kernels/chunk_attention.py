@@ -61,6 +61,24 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_limit, offs_
     return acc, l_i, m_i
 
 
+@triton.jit
+def _attend_tma(acc, l_i, m_i, q, kd, vd, row0, kvh, hi, offs_d, qk_scale, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """`_attend` over whole, unmasked key blocks [0, hi) from row `row0` of the cache, each K and V tile fetched by
+    the tensor-memory accelerator through descriptors over [B·max_len, Hkv, HEAD_DIM] (zero-filled past HEAD_DIM)."""
+    for start_n in range(0, hi, BLOCK_N):
+        k = kd.load([row0 + start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = vd.load([row0 + start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 @triton.jit(do_not_specialize=["start_pos", "max_len"])  # a new prefix every chunk: one compiled kernel for all
 def _chunk_attention_kernel(
     # pointers (StartPos is read only with PER_ROW_START, Lse only with SPLIT)
@@ -79,13 +97,15 @@ def _chunk_attention_kernel(
     # meta-parameters
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, PER_ROW_START: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
+    TMA: tl.constexpr = False,
 ):
     """One program: BLOCK_M tile rows x every visible key, for one batch row. The tile rows are BLOCK_M queries of
     one query head, or, with PACK > 1 (GQA packing), BLOCK_M // PACK queries of each of the PACK query heads that
     share one KV head (PACK is GROUP rounded up to a power of two; the extra rows are masked): each K/V tile is
     then read once for the whole group. With SPLIT, program (., ., s) of a grid of n splits covers the s-th
     block-aligned slice of the prefix (the last one the chunk too) and writes its unnormalised partial result with
-    its log-sum-exp; `_merge_splits_kernel` combines them."""
+    its log-sum-exp; `_merge_splits_kernel` combines them. With TMA the prefix's whole key blocks are fetched
+    through tensor descriptors (Hopper's tensor-memory accelerator); the ragged tail and the chunk as before."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM  # a head dim that is not a power of two: padded tiles, masked columns
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # queries per head in the tile
     pid_m = tl.program_id(0)
@@ -167,8 +187,17 @@ def _chunk_attention_kernel(
     n = hi - lo
     n_full = (n // BLOCK_N) * BLOCK_N
     kcs, vcs = kc + lo * stride_kcm, vc + lo * stride_vcm
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, 0, n_full, n, offs_m, offs_n,
-                            offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
+    if TMA:  # the cache as [B·max_len, Hkv, HEAD_DIM]: the launcher checked it flattens (batch stride = max_len rows)
+        Hkv_all = Hq // GROUP
+        kd = tl.make_tensor_descriptor(KC, shape=[B * max_len, Hkv_all, HEAD_DIM], strides=[stride_kcm, stride_kch, 1],
+                                       block_shape=[BLOCK_N, 1, BLOCK_D])
+        vd = tl.make_tensor_descriptor(VC, shape=[B * max_len, Hkv_all, HEAD_DIM], strides=[stride_vcm, stride_vch, 1],
+                                       block_shape=[BLOCK_N, 1, BLOCK_D])
+        acc, l_i, m_i = _attend_tma(acc, l_i, m_i, q, kd, vd, (b * max_len + lo).to(tl.int32), kvh, n_full, offs_d,
+                                    qk_scale, BLOCK_N, BLOCK_D, PRECISION)
+    else:
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, 0, n_full, n, offs_m, offs_n,
+                                offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, n_full, n, n, offs_m, offs_n,
                             offs_d, qk_scale, False, True, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
     # Phase 2, the chunk itself: whole key blocks before this query block are all visible (unmasked); the
@@ -280,6 +309,12 @@ def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted) -> 
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False)
 
 
+# Tiles for the TMA prefix loads (config tma=True; Hopper): pick_config does not choose TMA until a GPU session has
+# timed it against these plain tiles (`python -m bench kernels --sweep` tries both); compiled in the tests.
+TMA_SWEEP = tuple((d, dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, tma=True))
+                  for d, m, n, w, s in ((128, 128, 128, 8, 3), (128, 64, 128, 4, 3), (128, 128, 64, 8, 3),
+                                        (64, 128, 64, 8, 3), (64, 64, 64, 4, 3)))
+
 # (chunk length, group) pairs that reach every branch of pick_config: decode unpacked and packed (16 and 64 rows)
 CONFIG_PROBES = ((1, 1), (1, 4), (16, 8), (256, 1), (4096, 1))
 
@@ -379,7 +414,8 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
 
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits")  # GQA packing (default off); prefix splits (default: heuristic)
+# GQA packing (default off); prefix splits (default: heuristic); TMA loads of the prefix (default off: untimed)
+OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits", "tma")
 
 
 def _check_config(config: dict, group: int) -> dict:
@@ -399,6 +435,8 @@ def _check_config(config: dict, group: int) -> dict:
     if config.get("pack_gqa") and pack_heads(group) > config["BLOCK_M"]:
         raise ValueError(f"chunk_attention: config pack_gqa puts {pack_heads(group)} query heads in a tile of "
                          f"BLOCK_M = {config['BLOCK_M']} rows; BLOCK_M must be at least that")
+    if not isinstance(config.get("tma", False), bool):
+        raise ValueError(f"chunk_attention: config tma must be True or False, got {config['tma']!r}")
     splits = config.get("num_splits", 1)
     if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= 256:
         raise ValueError(f"chunk_attention: config num_splits must be an int in [1, 256], got {splits!r}")
@@ -474,6 +512,8 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
     starts = start_pos.to(torch.int32) if per_row else q  # q: a placeholder pointer the kernel never reads
     plan = launch_plan(q, k_new, k_cache, start_pos, config)
     cfg, pack, splits = plan["config"], plan["pack"], plan["splits"]
+    if cfg.get("tma"):
+        _check_tma(k_cache, v_cache)
     if splits > 1:  # float32 partial results and their log2-sum-exp, merged into `out` below
         dst = torch.empty((splits, B, C, Hq, D), device=q.device, dtype=torch.float32)
         lse = torch.empty((splits, B, C, Hq), device=q.device, dtype=torch.float32)
@@ -491,7 +531,7 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
             B, C, Hq, sm_scale * LOG2E,
             GROUP=Hq // k_new.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D),
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PER_ROW_START=per_row, PACK=pack,
-            SPLIT=splits > 1, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            SPLIT=splits > 1, TMA=bool(cfg.get("tma")), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if splits > 1:
@@ -503,6 +543,30 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
 
 
 MERGE_ROWS = 16
+
+
+def _check_tma(k_cache, v_cache) -> None:
+    """What the TMA path's descriptors need: each cache flattens to [B·max_len, Hkv, D] (the batch stride is
+    max_len rows), 16-byte aligned rows and base, and the device-side descriptors a scratch allocator."""
+    if k_cache.is_cuda and _device_facts(k_cache.device.index or 0)[0] < (9, 0):
+        raise ValueError("chunk_attention: config tma needs a Hopper GPU or newer (compute capability 9.0); this one "
+                         f"is {_device_facts(k_cache.device.index or 0)[0]}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        B, L, H, D = c.shape
+        e = c.element_size()
+        if c.stride(0) != L * c.stride(1) or (c.stride(1) * e) % 16 or (c.stride(2) * e) % 16 \
+                or c.data_ptr() % 16:
+            raise ValueError(f"chunk_attention: config tma needs {name} to flatten to [B*max_len, Hkv, D] with 16-byte "
+                             f"aligned rows and base (strides {tuple(c.stride())}, {e}-byte elements)")
+    _tma_allocator(k_cache.device)
+
+
+def _tma_allocator(device) -> None:
+    """Device-side tensor descriptors live in a scratch buffer Triton asks an allocator for; set one (torch's
+    caching allocator) unless the caller has."""
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
 
 
 def _one_page_per_row(k_cache, device) -> torch.Tensor:

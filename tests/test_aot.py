@@ -39,6 +39,8 @@ def test_kernels_compile_for_gpu_without_spills(arch, extra, shard):
     if arch == "90":
         missing = [r["kernel"] for r in rows if r["expect_wgmma"] and not r["wgmma"]]
         assert not missing, f"no wgmma in sm_90 PTX of {missing}"
+        no_tma = [r["kernel"] for r in rows if r["kernel"].endswith(" tma") and not r["tma"]]
+        assert not no_tma, f"no TMA copies (cp.async.bulk.tensor) in {no_tma}"
 
 
 def test_the_compiled_selection_covers_every_kernel():
@@ -53,10 +55,13 @@ def test_the_compiled_selection_covers_every_kernel():
     # GQA-packed decode tiles and the split-KV variant of every 16-bit tile (any grid that leaves SMs idle splits)
     assert any(" pack" in n for n in names)
     plain = {n for n in names if n.startswith("chunk_attention ") and "float32" not in n and not n.endswith(
-        (" split", " per-row start"))}
+        (" split", " per-row start", " tma"))}
     assert {n + " split" for n in plain} <= set(names)
     assert any(n.startswith("chunk_attention d128 bfloat16") for n in names)
     assert any(n.endswith("per-row start") for n in names)  # the start-position tensor variant
+    tma = [n for n in names if n.endswith(" tma")]  # the TMA prefix loads, alone and split, on sm_90 only
+    assert any(" d128 " in n for n in tma) and any(" split tma" in n for n in tma)
+    assert not [r for r in compile_rows("--arch", "80", "--quick", "--list") if r["kernel"].endswith(" tma")]
     assert {f"d{d}" for d in (16, 32, 64, 128, 256)} <= {n.split()[1] for n in names if "bfloat16" in n}
     ampere = [r["kernel"] for r in compile_rows("--arch", "80", "--only", "d128", "--list")]
     assert any(n.startswith("chunk_attention d128 bfloat16") for n in ampere)

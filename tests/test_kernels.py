@@ -137,6 +137,35 @@ def test_chunk_attention_random_pack_and_splits(B, C, group, Hkv, start_pos, pac
     run_attention_case(B, C, group * Hkv, Hkv, 16, start_pos, torch.float32, 2e-5, seed=seed, config=cfg)
 
 
+TMA_CASES = [(1, 37, 4, 4, 128, 45), (2, 37, 4, 2, 80, 21), (3, 5, 2, 1, 24, 70), (1, 217, 8, 2, 16, 1000),
+             (1, 1, 8, 1, 64, 1000)]
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,C,Hq,Hkv,D,start_pos", TMA_CASES)
+@pytest.mark.parametrize("extra", [{}, {"num_splits": 3}, {"pack_gqa": True}], ids=["plain", "split", "pack"])
+def test_chunk_attention_tma_prefix_loads(B, C, Hq, Hkv, D, start_pos, dtype, tol, extra):
+    """The prefix's whole key blocks through tensor descriptors (config tma): odd sizes, padded head dims (zero-filled
+    past D), splits, GQA packing, per-row starts."""
+    if extra.get("pack_gqa") and Hq == Hkv:
+        extra = {}
+    cfg = dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1, tma=True, **extra)
+    run_attention_case(B, C, Hq, Hkv, D, start_pos, dtype, tol, config=cfg)
+    run_attention_case(B, C, Hq, Hkv, D, start_pos, dtype, tol, config=cfg,
+                       per_row_starts=[start_pos + 3 * b for b in range(B)])
+
+
+def test_chunk_attention_tma_refuses_a_cache_that_does_not_flatten():
+    q, k = torch.randn(2, 4, 2, 16), torch.randn(2, 4, 2, 16)
+    big = torch.zeros(2, 64, 2, 16)
+    with pytest.raises(ValueError, match="config tma needs k_cache to flatten"):
+        chunk_attention(q, k, k, big[:, :32], big[:, :32].clone(), 3,
+                        config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, tma=True))
+    with pytest.raises(ValueError, match="config tma must be True or False"):
+        chunk_attention(q, k, k, big.clone(), big.clone(), 3,
+                        config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, tma="yes"))
+
+
 def test_chunk_attention_split_with_per_row_starts():
     """Splits are cut per row from that row's own prefix: a long and a short prefix in one launch."""
     cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, pack_gqa=True, num_splits=6)
