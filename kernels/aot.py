@@ -44,19 +44,24 @@ class KernelSpec:
     expect_wgmma: bool = False
 
 
+def _attention_signature(dtype) -> dict[str, str]:
+    """`_chunk_attention_kernel`'s runtime arguments and their types (the constexprs are added per spec)."""
+    p = _PTR[dtype]
+    sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"Lse": "*fp32", "StartPos": "*i32",
+                                                                "start_pos": "i32", "max_len": "i32"}
+    for n in ("q", "kn", "vn", "kc", "vc", "o"):
+        for axis in ("b", "m", "h"):
+            sig[f"stride_{n}{axis}"] = "i32"
+    return sig | {"B": "i32", "C": "i32", "Hq": "i32", "qk_scale": "fp32"}
+
+
 def kernel_specs(arch: int = 90) -> list[KernelSpec]:
     specs = []
     padded = [(d, torch.bfloat16, 1,
                attn_mod.pick_config(4096, attn_mod.block_d(d), torch.bfloat16, divmod(arch, 10)))
               for d in (80, 96)]  # real models' head dims that are not powers of two: padded tiles
     for head_dim, dtype, group, cfg in attn_mod.all_configs(divmod(arch, 10)) + padded:
-        p = _PTR[dtype]
-        sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"Lse": "*fp32", "StartPos": "*i32",
-                                                                    "start_pos": "i32", "max_len": "i32"}
-        for n in ("q", "kn", "vn", "kc", "vc", "o"):
-            for axis in ("b", "m", "h"):
-                sig[f"stride_{n}{axis}"] = "i32"
-        sig |= {"B": "i32", "C": "i32", "Hq": "i32", "qk_scale": "fp32"}
+        sig = _attention_signature(dtype)
         pack = attn_mod.pack_heads(group) if cfg["pack_gqa"] else 1
         # the model passes an int start (PER_ROW_START=False); the per-row variant differs by one load and is
         # compiled for the largest tile of the serving dtype below. Split-KV (any config may be split when its grid
@@ -95,13 +100,7 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
                                     cfg["num_stages"], expect_wgmma=dtype != torch.float32))
     if arch >= 90:  # the TMA prefix loads (config tma, Hopper only): the tiles a tuning sweep tries, alone and split
         for head_dim, cfg in attn_mod.TMA_SWEEP:
-            p = _PTR[torch.bfloat16]
-            sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"Lse": "*fp32", "StartPos": "*i32",
-                                                                        "start_pos": "i32", "max_len": "i32"}
-            for n in ("q", "kn", "vn", "kc", "vc", "o"):
-                for axis in ("b", "m", "h"):
-                    sig[f"stride_{n}{axis}"] = "i32"
-            sig |= {"B": "i32", "C": "i32", "Hq": "i32", "qk_scale": "fp32"}
+            sig = _attention_signature(torch.bfloat16)
             for split in (False, True):
                 const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim), BLOCK_M=cfg["BLOCK_M"],
                              BLOCK_N=cfg["BLOCK_N"], PRECISION="tf32", PER_ROW_START=False, PACK=1, SPLIT=split,
