@@ -47,9 +47,9 @@ class Block(nn.Module):
         self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # fused gate, up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def attend(self, x, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops):
-        """x: the normed input [B, C, H] of the attention at positions [start_pos, start_pos + C). Appends K, V to
-        the cache; returns wo's output [B, C, H] (with TP, this rank's partial sum)."""
+    def _rotated_qkv(self, x, positions, rope_cos, rope_sin, ops: Ops):
+        """x [B, C, H] -> q [B, C, Hq, D], k, v [B, C, Hkv, D] from the fused projection, q and k rotated at
+        `positions` (an int start, or a tensor [B, C] of each token's position)."""
         cfg = self.cfg
         B, C, _ = x.shape
         qkv = self.wqkv(x)  # [B, C, (Hq + 2 Hkv) D]
@@ -57,40 +57,24 @@ class Block(nn.Module):
         q = qkv[..., :q_dim].view(B, C, cfg.num_heads, cfg.head_dim)
         k = qkv[..., q_dim:q_dim + kv_dim].view(B, C, cfg.num_kv_heads, cfg.head_dim)
         v = qkv[..., q_dim + kv_dim:].view(B, C, cfg.num_kv_heads, cfg.head_dim)
-        q = ops.rope(q, rope_cos, rope_sin, start_pos)
-        k = ops.rope(k, rope_cos, rope_sin, start_pos)
+        return ops.rope(q, rope_cos, rope_sin, positions), ops.rope(k, rope_cos, rope_sin, positions), v
+
+    def attend(self, x, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops):
+        """x: the normed input [B, C, H] of the attention at positions [start_pos, start_pos + C). Appends K, V to
+        the cache; returns wo's output [B, C, H] (with TP, this rank's partial sum)."""
+        B, C, _ = x.shape
+        q, k, v = self._rotated_qkv(x, start_pos, rope_cos, rope_sin, ops)
         attn = ops.attention(q, k, v, k_cache, v_cache, start_pos)  # [B, C, Hq, D], appends k, v to the cache
-        return self.wo(attn.reshape(B, C, q_dim))
+        return self.wo(attn.reshape(B, C, -1))
 
     def attend_packed(self, x, meta: dict, k_pages, v_pages, block_table, rope_cos, rope_sin, ops: Ops):
         """x: the normed input [1, N, H] of the packed rows of a ragged step (`pipeline.ragged`), each token at
         its own position (meta["positions"]); K/V appended to the rows' pages. Returns wo's output [1, N, H]."""
-        cfg = self.cfg
         N = x.shape[1]
-        qkv = self.wqkv(x)
-        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        q = qkv[..., :q_dim].view(1, N, cfg.num_heads, cfg.head_dim)
-        k = qkv[..., q_dim:q_dim + kv_dim].view(1, N, cfg.num_kv_heads, cfg.head_dim)
-        v = qkv[..., q_dim + kv_dim:].view(1, N, cfg.num_kv_heads, cfg.head_dim)
-        q = ops.rope(q, rope_cos, rope_sin, meta["positions"])
-        k = ops.rope(k, rope_cos, rope_sin, meta["positions"])
+        q, k, v = self._rotated_qkv(x, meta["positions"], rope_cos, rope_sin, ops)
         attn = ops.attention(q[0], k[0], v[0], k_pages, v_pages, meta["prefix"], block_table=block_table,
                              cu_seqlens=meta["cu_seqlens"], max_chunk=meta["max_chunk"])  # [N, Hq, D]
-        return self.wo(attn.reshape(1, N, q_dim))
-
-    def forward_packed(self, h, residual, meta: dict, k_pages, v_pages, block_table, rope_cos, rope_sin, ops: Ops,
-                       reduce=None):
-        """`forward` for a ragged step's packed rows [1, N, H] over paged K/V (serial all-reduces with TP)."""
-        eps = self.cfg.rms_norm_eps
-        x, residual = ops.add_rms_norm(h, residual, self.attention_norm, eps)
-        h = self.attend_packed(x, meta, k_pages, v_pages, block_table, rope_cos, rope_sin, ops)
-        if reduce is not None:
-            h = reduce(h)
-        x, residual = ops.add_rms_norm(h, residual, self.ffn_norm, eps)
-        h = self.feed_forward(x, ops)
-        if reduce is not None:
-            h = reduce(h)
-        return h, residual
+        return self.wo(attn.reshape(1, N, -1))
 
     def feed_forward(self, x, ops: Ops):
         """x: the normed input [B, C, H] of the MLP; returns w2's output (with TP, this rank's partial sum)."""
@@ -98,13 +82,11 @@ class Block(nn.Module):
         I = self.cfg.intermediate_size
         return self.w2(ops.swiglu(gate_up[..., :I], gate_up[..., I:]))
 
-    def forward(self, h, residual, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops, reduce=None):
-        """h, residual [B, C, H] (residual None on a part's first block); returns the new (h, residual).
-        With tensor parallelism this block is one rank's shard (its cfg has this rank's heads and MLP columns) and
-        `reduce` sums the row-parallel outputs of wo and w2 over the ranks."""
+    def _residual_step(self, h, residual, attend, ops: Ops, reduce):
+        """norm, `attend(x)`, (all-reduce), add + norm, MLP, (all-reduce): the block around either attention."""
         eps = self.cfg.rms_norm_eps
         x, residual = ops.add_rms_norm(h, residual, self.attention_norm, eps)
-        h = self.attend(x, start_pos, k_cache, v_cache, rope_cos, rope_sin, ops)
+        h = attend(x)
         if reduce is not None:
             h = reduce(h)
         x, residual = ops.add_rms_norm(h, residual, self.ffn_norm, eps)
@@ -112,6 +94,19 @@ class Block(nn.Module):
         if reduce is not None:
             h = reduce(h)
         return h, residual
+
+    def forward_packed(self, h, residual, meta: dict, k_pages, v_pages, block_table, rope_cos, rope_sin, ops: Ops,
+                       reduce=None):
+        """`forward` for a ragged step's packed rows [1, N, H] over paged K/V (serial all-reduces with TP)."""
+        return self._residual_step(h, residual, lambda x: self.attend_packed(x, meta, k_pages, v_pages, block_table,
+                                                                             rope_cos, rope_sin, ops), ops, reduce)
+
+    def forward(self, h, residual, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops, reduce=None):
+        """h, residual [B, C, H] (residual None on a part's first block); returns the new (h, residual).
+        With tensor parallelism this block is one rank's shard (its cfg has this rank's heads and MLP columns) and
+        `reduce` sums the row-parallel outputs of wo and w2 over the ranks."""
+        return self._residual_step(h, residual, lambda x: self.attend(x, start_pos, k_cache, v_cache, rope_cos,
+                                                                      rope_sin, ops), ops, reduce)
 
 
 class Transformer(nn.Module):
