@@ -97,7 +97,7 @@ class Block(nn.Module):
 
     def forward_packed(self, h, residual, meta: dict, k_pages, v_pages, block_table, rope_cos, rope_sin, ops: Ops,
                        reduce=None):
-        """`forward` for a ragged step's packed rows [1, N, H] over paged K/V (serial all-reduces with TP)."""
+        """`forward` for a ragged step's packed rows [1, N, H] over paged K/V."""
         return self._residual_step(h, residual, lambda x: self.attend_packed(x, meta, k_pages, v_pages, block_table,
                                                                              rope_cos, rope_sin, ops), ops, reduce)
 
@@ -213,10 +213,14 @@ class Transformer(nn.Module):
         if start_pos + C > cache.max_len:
             raise ValueError(f"positions [{start_pos}, {start_pos + C}) do not fit the cache ({cache.max_len})")
         h = self.tok_embeddings(x) if self.is_first else x
+        rope = (self.rope_cos, self.rope_sin, self.ops)
         if self.reduce is not None and self.tp_comm == "overlap" and C >= 2:
-            h, residual = self._layers_overlapped(h, start_pos, cache)
+            starts = (start_pos, start_pos + C // 2)
+            h, residual = self._layers_overlapped(
+                h, C // 2, lambda j, i, x: self.layers[i].attend(x, starts[j], cache.k[i], cache.v[i], *rope))
         elif self.reduce is not None and self.tp_comm == "sequence" and C >= self.tp:
-            h, residual = self._layers_sequence_parallel(h, start_pos, cache), None
+            h, residual = self._layers_sequence_parallel(
+                h, lambda i, x: self.layers[i].attend(x, start_pos, cache.k[i], cache.v[i], *rope)), None
         else:
             residual = None
             for i, block in enumerate(self.layers):
@@ -241,9 +245,10 @@ class Transformer(nn.Module):
         """One ragged step through this part's layers (`pipeline.ragged`): the rows' chunks packed, x tokens
         [1, N] on the first part, else the hidden state [1, N, H]; each row's K/V go to its pages in `pool`
         (reserved here, as the positions grow). Returns, on the last part, logits [R, V] at the last token of the
-        R rows whose prompt ends in this step (in `step.ends` order); else the hidden state [1, N, H]. With TP the
-        all-reduces are serial whatever tp_comm says (the halves and token shards of the other schedules would cut
-        through rows)."""
+        R rows whose prompt ends in this step (in `step.ends` order); else the hidden state [1, N, H]. With TP,
+        tp_comm applies as to a dense chunk: "overlap" halves the packed tokens (a row cut in two continues in the
+        second half over the first half's K/V, `RaggedStep.split`), "sequence" shards them over the ranks between
+        attentions."""
         for b, (p, n) in enumerate(zip(step.starts, step.lengths)):
             if n:
                 pool.reserve(b, p + n)
@@ -252,46 +257,57 @@ class Transformer(nn.Module):
         table = pool.block_table(self.device)
         meta = step.tensors(self.device)
         h = self.tok_embeddings(x) if self.is_first else x
-        residual = None
-        for i, block in enumerate(self.layers):
-            h, residual = block.forward_packed(h, residual, meta, pool.k[i], pool.v[i], table, self.rope_cos,
-                                               self.rope_sin, self.ops, self.reduce)
+        rope = (self.rope_cos, self.rope_sin, self.ops)
+        N = step.tokens
+        if self.reduce is not None and self.tp_comm == "overlap" and N >= 2:
+            halves = [half.tensors(self.device) for half in step.split(N // 2)]
+            h, residual = self._layers_overlapped(
+                h, N // 2, lambda j, i, x: self.layers[i].attend_packed(x, halves[j], pool.k[i], pool.v[i], table,
+                                                                       *rope))
+        elif self.reduce is not None and self.tp_comm == "sequence" and N >= self.tp:
+            h, residual = self._layers_sequence_parallel(
+                h, lambda i, x: self.layers[i].attend_packed(x, meta, pool.k[i], pool.v[i], table, *rope)), None
+        else:
+            residual = None
+            for i, block in enumerate(self.layers):
+                h, residual = block.forward_packed(h, residual, meta, pool.k[i], pool.v[i], table, *rope,
+                                                   self.reduce)
         if not self.is_last:
-            return h + residual
+            return h if residual is None else h + residual
         if not step.ends:  # no row's prompt ends in this step
             return h.new_empty((0, self.cfg.vocab_size))
         idx = torch.tensor([step.last_index(b) for b in step.ends], dtype=torch.long, device=self.device)
-        x, _ = self.ops.add_rms_norm(h[:, idx], residual[:, idx], self.norm, self.cfg.rms_norm_eps)
+        x, _ = self.ops.add_rms_norm(h[:, idx], None if residual is None else residual[:, idx], self.norm,
+                                     self.cfg.rms_norm_eps)
         return self.output(x)[0]
 
-    def _layers_overlapped(self, h, start_pos: int, cache: KVCache):
-        """ISO-style overlap of the reduce (tp_comm="overlap"): the chunk's tokens in two halves; each half's
-        all-reduce is posted asynchronously and runs while the other half computes: attention(a), attention(b),
-        then mlp(a) once a's reduce is in, mlp(b), ... Half b attends to half a's keys, appended to the cache by
-        then. Returns (h, residual) of the whole chunk."""
-        C, eps = h.shape[1], self.cfg.rms_norm_eps
-        m = C // 2
-        starts = (start_pos, start_pos + m)
+    def _layers_overlapped(self, h, m: int, attend):
+        """ISO-style overlap of the reduce (tp_comm="overlap"): the chunk's tokens in two halves, [0, m) and
+        [m, C); each half's all-reduce is posted asynchronously and runs while the other half computes:
+        attention(a), attention(b), then mlp(a) once a's reduce is in, mlp(b), ... `attend(j, i, x)` is layer i's
+        attention of half j (wo's partial sum); half b attends to half a's keys, appended to the cache by then.
+        Returns (h, residual) of the whole chunk."""
+        eps = self.cfg.rms_norm_eps
         pending = [h[:, :m], h[:, m:]]  # a tensor, or an all-reduce in flight (Pending)
         residual = [None, None]
         value = lambda p: p if isinstance(p, torch.Tensor) else p.wait()  # noqa: E731
         for i, block in enumerate(self.layers):
             for j in (0, 1):
                 x, residual[j] = self.ops.add_rms_norm(value(pending[j]), residual[j], block.attention_norm, eps)
-                pending[j] = self.reduce.start(block.attend(x, starts[j], cache.k[i], cache.v[i], self.rope_cos,
-                                                            self.rope_sin, self.ops))
+                pending[j] = self.reduce.start(attend(j, i, x))
             for j in (0, 1):
                 x, residual[j] = self.ops.add_rms_norm(pending[j].wait(), residual[j], block.ffn_norm, eps)
                 pending[j] = self.reduce.start(block.feed_forward(x, self.ops))
         h = torch.cat([value(p) for p in pending], dim=1)
         return h, torch.cat(residual, dim=1)
 
-    def _layers_sequence_parallel(self, h, start_pos: int, cache: KVCache):
+    def _layers_sequence_parallel(self, h, attend):
         """Megatron sequence parallelism (tp_comm="sequence"): between the row-parallel outputs and the next
         column-parallel inputs, each rank holds 1/T of the tokens; wo and w2's partial sums are reduce-scattered
         over tokens, the residual add and the norms run on this rank's n = ceil(C/T) tokens, and an all-gather
-        rebuilds the whole chunk for wqkv and w13 (the chunk is padded to T·n rows for the collectives). Returns the
-        whole chunk's residual stream [B, C, H] (one more all-gather)."""
+        rebuilds the whole chunk for wqkv and w13 (the chunk is padded to T·n rows for the collectives).
+        `attend(i, x)` is layer i's attention of the whole chunk. Returns the whole chunk's residual stream
+        [B, C, H] (one more all-gather)."""
         B, C, H = h.shape
         T, eps, reduce = self.tp, self.cfg.rms_norm_eps, self.reduce
         n = -(-C // T)
@@ -301,8 +317,7 @@ class Transformer(nn.Module):
         h, residual = pad(h)[:, mine].contiguous(), None  # this rank's tokens of the residual stream
         for i, block in enumerate(self.layers):
             x, residual = self.ops.add_rms_norm(h, residual, block.attention_norm, eps)
-            out = block.attend(reduce.all_gather(x)[:, :C], start_pos, cache.k[i], cache.v[i], self.rope_cos,
-                               self.rope_sin, self.ops)
+            out = attend(i, reduce.all_gather(x)[:, :C])
             h = reduce.reduce_scatter(pad(out), payload)
             x, residual = self.ops.add_rms_norm(h, residual, block.ffn_norm, eps)
             h = reduce.reduce_scatter(pad(block.feed_forward(reduce.all_gather(x)[:, :C], self.ops)), payload)

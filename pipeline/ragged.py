@@ -46,6 +46,17 @@ class RaggedStep:
     def positions(self) -> list[int]:
         return [p + i for p, n in zip(self.starts, self.lengths) for i in range(n)]
 
+    def split(self, m: int) -> tuple["RaggedStep", "RaggedStep"]:
+        """The step's packed tokens [0, m) and [m, N) as two steps, in order: a row cut at m continues in the second
+        from where the first leaves it (its first part is the second's prefix). Rows end in neither (`ends` empty):
+        logits come from the whole step."""
+        if not 0 < m < self.tokens:
+            raise ValueError(f"a step of {self.tokens} tokens splits at 1..{self.tokens - 1}, got {m}")
+        first = tuple(max(0, min(n, m - o)) for o, n in zip(self.offsets, self.lengths))
+        rest = tuple(n - a for n, a in zip(self.lengths, first))
+        return (RaggedStep(self.starts, first, ()),
+                RaggedStep(tuple(p + a for p, a in zip(self.starts, first)), rest, ()))
+
     def tensors(self, device) -> dict:
         """cu_seqlens [B+1], prefix lengths [B] (int32) and positions [1, N] (int64) on `device`."""
         return dict(cu_seqlens=torch.tensor(self.offsets, dtype=torch.int32, device=device),

@@ -33,6 +33,21 @@ def test_a_ragged_plan_steps_every_row_through_its_own_chunks():
     assert decode_step([5, 12]).starts == (5, 12) and decode_step([5, 12]).lengths == (1, 1)
 
 
+def test_a_step_splits_into_two_that_continue_each_other():
+    st = ragged_plan([5, 12, 1, 9], 7)[0]  # lengths (5, 7, 1, 7), packed offsets 0, 5, 12, 13, 20
+    a, b = st.split(8)  # cuts row 1 after 3 of its 7 tokens
+    assert a.lengths == (5, 3, 0, 0) and b.lengths == (0, 4, 1, 7)
+    assert a.starts == (0, 0, 0, 0) and b.starts == (5, 3, 0, 0)
+    assert a.positions() + b.positions() == st.positions() and a.ends == b.ends == ()
+    for m in range(1, st.tokens):  # every cut: the halves hold the step's tokens, in order
+        a, b = st.split(m)
+        assert (a.tokens, b.tokens) == (m, st.tokens - m) and a.positions() + b.positions() == st.positions()
+        assert all(pa + na == pb for pa, na, pb, nb in zip(a.starts, a.lengths, b.starts, b.lengths) if nb)
+    for m in (0, st.tokens):
+        with pytest.raises(ValueError, match=f"a step of 20 tokens splits at 1..19, got {m}"):
+            st.split(m)
+
+
 def test_a_page_pool_hands_out_pages_as_rows_grow_and_says_when_it_runs_out():
     pool = PagePool.create(2, pages_needed([5, 17], 8), 8, 1, 4, torch.float32, "cpu")
     assert pool.num_pages == 1 + 3  # (5+1)/8 -> 1, (17+1)/8 -> 3
@@ -97,12 +112,34 @@ def test_a_ragged_batch_in_process_equals_each_prompt_alone(alone, mode, stages,
     assert res.chunks == expected_steps
 
 
-@pytest.mark.parametrize("stages,tp", [(2, 1), (1, 2)])
-def test_a_ragged_batch_over_gloo_equals_each_prompt_alone(alone, stages, tp):
+@pytest.mark.parametrize("stages,tp,tp_comm", [(2, 1, "serial"), (1, 2, "serial"), (1, 2, "overlap"),
+                                               (1, 2, "sequence")])
+def test_a_ragged_batch_over_gloo_equals_each_prompt_alone(alone, stages, tp, tp_comm):
     rows, ref = alone
     res = run_prefill("tiny", rows, mode="overlapped", stages=stages, tp=tp, chunk_size=9, link="gloo",
-                      return_cache=True, threads=1)
+                      tp_comm=tp_comm, return_cache=True, threads=1)
     _check_rows(res, rows, ref)
+
+
+@pytest.mark.parametrize("tp_comm", ["overlap", "sequence"])
+@pytest.mark.parametrize("stages,tp,chunk_size", [(1, 2, 7), (2, 2, 4), (1, 4, 13)])
+def test_a_ragged_batch_with_overlapped_or_sequence_parallel_reduces_equals_each_prompt_alone(
+        alone, tp_comm, stages, tp, chunk_size):
+    """ISO halves cut through rows (the cut row's second part attends to its first over the pages), sequence
+    parallelism shards and pads the packed tokens; steps of 1 token (fewer than T: a plain all-reduce) at the end."""
+    rows, ref = alone
+    res = run_prefill("tiny", rows, mode="overlapped", stages=stages, tp=tp, chunk_size=chunk_size, tp_comm=tp_comm,
+                      return_cache=True, page_size=8)
+    _check_rows(res, rows, ref)
+    m, layers = res.metrics, 4 // stages
+    steps = [s.tokens for s in ragged_plan(LENGTHS, chunk_size)]
+    assert m["allreduce_bytes_per_stage"] == [2 * layers * sum(LENGTHS) * TINY.hidden_size * 4] * stages
+    assert steps[-1] == 1 or tp == 2  # (1, 4, 13) ends in a one-token step
+    if tp_comm == "overlap":  # every step of 2+ tokens: both halves all-reduced apart
+        calls = 2 * layers * sum(1 + (n >= 2) for n in steps)
+    else:  # per layer 2 reduce-scatters + 2 all-gathers, + 1 all-gather per step; steps under T tokens: all-reduces
+        calls = sum(4 * layers + 1 if n >= tp else 2 * layers for n in steps)
+    assert m["allreduce_calls_per_stage"] == [calls] * stages
 
 
 def test_a_ragged_batch_of_a_hugging_face_checkpoint_matches_transformers(tmp_path):
