@@ -147,7 +147,10 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
         row_costs = costs
         if tp:  # the row's own all-reduce schedule; the baseline (no TP) and sequence parallelism are not modelled
             comm = m.get("tp_comm")
-            row_costs = [dataclasses.replace(c, comm=comm) for c in costs] if comm in ("serial", "overlap") else None
+            # a boundary received once is broadcast over the receiving stage's TP group before its chunk computes
+            bcast = bpt if m.get("tp_boundary") == "broadcast" else 0
+            row_costs = ([dataclasses.replace(c, comm=comm, broadcast_bytes_per_token=bcast if s else 0)
+                          for s, c in enumerate(costs)] if comm in ("serial", "overlap") else None)
         if row_costs is None:
             for key in ("sim_ttft_ms", "sim_over_measured", "sim_exposed_comm_ms", "sim_bubble_fraction",
                         "chunk_fit_over_measured", "outlier_compute_fraction"):
@@ -172,15 +175,17 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
 
 def chunk_costs_vs_measured(mode: str, runs_records, costs):
     """(fitted, measured) seconds of every chunk on every stage in the given runs: the cost model against what the
-    stages actually took, chunk by chunk (unchunked: the whole model's cost, the stages' costs summed)."""
+    stages actually took, chunk by chunk (unchunked: the whole model's cost, the stages' costs summed; a boundary
+    broadcast over the TP group counts with its chunk, as the cost model has it)."""
     fit, took = [], []
     for records in runs_records:
         for r in records:
             cost = (lambda x, p: sum(float(c(x, p)) for c in costs)) if mode == "unchunked" else costs[r.stage]
             starts = chunk_starts(r.chunks)
-            for x, p, (a, b) in zip(r.chunks, starts, r.compute):
+            bcast = r.broadcast or [0.0] * len(r.chunks)
+            for x, p, (a, b), t in zip(r.chunks, starts, r.compute, bcast):
                 fit.append(float(cost(x, p)))
-                took.append(b - a)
+                took.append(b - a + t)
     return np.array(fit), np.array(took)
 
 

@@ -8,7 +8,9 @@ chunked and overlapped schedules; compared with T_compute / S, the ideal split o
 With --gpus N,...: tensor x pipeline parallelism instead. Every (T, S) with T·S = N GPUs, each stage split over T
 ranks with two all-reduces per layer (ring: latency + 2(T-1)/T bytes / bandwidth), serial or overlapped ISO-style
 (`pipeline.costs.TPCost`); defaults llama3-8b/70b/405b over nvlink, pcie5 and ib-ndr. Every link, the stage sends
-and the all-reduces alike, is the named fabric.
+and the all-reduces alike, is the named fabric, unless --tp-link names the all-reduces' own for TP groups that fit
+in a node of --node-gpus GPUs (nvlink, say; wider groups cross nodes over the named fabric). Where T > 1 and S > 1 it also says how a stage boundary should cross: T matching sends (over a NIC per GPU,
+or sharing one NIC) or one send and a broadcast inside the receiving stage.
 
 Writes simulate.json and simulate.png; the last stdout line is a one-line JSON summary. These are model figures,
 not measurements: the device rates and efficiencies they assume are in pipeline/costs.py and in the JSON.
@@ -109,11 +111,18 @@ class _Tabled:
         return self.table[(int(x), int(p))]
 
 
+BOUNDARIES = ("matching", "matching_shared_nic", "broadcast")
+
+
 def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: int, batch: int = 1,
-               granularity: int | None = None) -> dict:
-    """One TP x PP point: `gpus` = T·S GPUs, every link (stage sends and all-reduces) on `link_name`. For serial
-    and overlapped all-reduces (`pipeline.costs.TPCost` on one rank's roofline), a balanced chunk plan and every
-    mode's TTFT; the same with a free TP interconnect, to tell how much of the reduce stays exposed."""
+               granularity: int | None = None, tp_link_name: str | None = None) -> dict:
+    """One TP x PP point: `gpus` = T·S GPUs, stage sends on `link_name`, all-reduces on `tp_link_name` (default the
+    same fabric). For serial and overlapped all-reduces (`pipeline.costs.TPCost` on one rank's roofline), a balanced
+    chunk plan and every mode's TTFT; the same with a free TP interconnect, to tell how much of the reduce stays
+    exposed. With T > 1 and S > 1, the overlapped pipeline's TTFT for each way a boundary can cross
+    (`BOUNDARIES`): each TP rank to its peer over its own NIC ("matching", what the modes above assume), the same
+    T sends sharing one NIC per stage ("matching_shared_nic": each at 1/T of the bandwidth), or one send and a
+    broadcast over the receiving stage's TP group ("broadcast", on the TP interconnect)."""
     from pipeline.costs import TPCost, attention_share, get_device, link_preset, roofline_stage_costs, stage_max
     from pipeline.link import LinkModel
     from pipeline.plan import plan_chunks
@@ -122,14 +131,18 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
     dev = get_device(device)
     compute = roofline_stage_costs(cfg, S, dev, batch, tp=T)
     link = link_preset(link_name, dev)
+    fabric = link_preset(tp_link_name or link_name, dev)
     # a ring all-reduce over T ranks takes 2(T-1) steps, each paying the link's latency
-    tp_link = LinkModel(link.bandwidth_gbps, link.latency_s * 2 * (T - 1)) if T > 1 else LinkModel()
+    tp_link = LinkModel(fabric.bandwidth_gbps, fabric.latency_s * 2 * (T - 1)) if T > 1 else LinkModel()
+    # a pipelined ring broadcast: the bytes once per link, T-1 hops of latency
+    bcast_link = LinkModel(fabric.bandwidth_gbps, fabric.latency_s * (T - 1)) if T > 1 else LinkModel()
     bpt = batch * cfg.hidden_size * 2  # bf16 hidden state
     share = attention_share(cfg)
     g = min(granularity or max(128, L // 64), L)
     full = sum(float(c(L, 0)) for c in roofline_stage_costs(cfg, 1, dev, batch))  # the unchunked prefill, 1 GPU
     layers = [c.layers for c in compute]
     row = dict(model=cfg_name(cfg), gpus=gpus, tp=T, stages=S, link=link_name, link_gbps=link.bandwidth_gbps,
+               tp_link=tp_link_name or link_name, tp_link_gbps=fabric.bandwidth_gbps,
                prompt_len=L, t_compute_1gpu_ms=full * 1e3, ideal_ms=full / gpus * 1e3,
                fits_in_memory=max(c.memory_bytes(L) for c in compute) <= dev.memory_gb * 1e9,
                boundary_bytes=L * bpt, allreduce_bytes_per_stage=[2 * n * L * bpt for n in layers])
@@ -144,6 +157,14 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
         if comm == "overlap":
             free = [_Tabled(TPCost(c, n, T, LinkModel(), bpt, comm, share), points) for c, n in zip(compute, layers)]
             row["overlapped_free_tp_ms"] = simulate("overlapped", chunks, free, link, bpt).makespan_s * 1e3
+        if T > 1 and S > 1:  # the boundary crossing T times (own NICs, one shared NIC) or once and broadcast
+            shared = LinkModel(link.bandwidth_gbps / T, link.latency_s)
+            bcast = [_Tabled(dataclasses.replace(c, broadcast_bytes_per_token=bpt if s else 0,
+                                                 broadcast_link=bcast_link), points) for s, c in enumerate(costs)]
+            row[f"boundary_{comm}_ms"] = dict(
+                matching=row[f"overlapped_{comm}_ms"],
+                matching_shared_nic=simulate("overlapped", chunks, tabled, shared, bpt).makespan_s * 1e3,
+                broadcast=simulate("overlapped", chunks, bcast, link, bpt).makespan_s * 1e3)
     best = min(((mode, comm) for mode in TP_MODES for comm in ("serial", "overlap")),
                key=lambda mc: row[f"{mc[0]}_{mc[1]}_ms"])
     row["best_mode"], row["best_tp_comm"] = best
@@ -152,6 +173,14 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
     # what the all-reduces still add to the overlapped pipeline once overlapped themselves
     row["reduce_exposed_ms"] = row["overlapped_overlap_ms"] - row["overlapped_free_tp_ms"]
     row["reduce_hidden"] = row["overlapped_overlap_ms"] <= (1 + HIDDEN_TOLERANCE) * row["overlapped_free_tp_ms"]
+    if T > 1 and S > 1:  # which crossing, for the overlapped pipeline's faster all-reduce schedule
+        comm = min(("serial", "overlap"), key=lambda c: row[f"overlapped_{c}_ms"])
+        b = row[f"boundary_{comm}_ms"]
+        row["boundary_tp_comm"] = comm
+        row["boundary_own_nics"] = min(("matching", "broadcast"), key=b.get)
+        row["boundary_shared_nic"] = "matching" if b["matching_shared_nic"] <= b["broadcast"] else "broadcast"
+        row["broadcast_over_matching"] = b["broadcast"] / b["matching"]  # NIC per GPU: what the broadcast costs
+        row["shared_nic_matching_over_broadcast"] = b["matching_shared_nic"] / b["broadcast"]  # one NIC: T sends
     return row
 
 
@@ -168,7 +197,7 @@ def mark_fastest(rows: list[dict]) -> None:
 
 def tp_table(rows: list[dict]) -> str:
     head = ("model", "GPUs", "TxS", "link", "L", "naive ms", "overl. ms", "overl.+ISO ms", "free-AR ms", "AR exposed",
-            "hidden", "best", "best/ideal", "fits", "fastest")
+            "hidden", "best", "best/ideal", "boundary", "fits", "fastest")
     out = [head]
     for r in rows:
         L = r["prompt_len"]
@@ -177,10 +206,21 @@ def tp_table(rows: list[dict]) -> str:
                     f"{r['overlapped_serial_ms']:.0f}", f"{r['overlapped_overlap_ms']:.0f}",
                     f"{r['overlapped_free_tp_ms']:.0f}", f"{r['reduce_exposed_ms']:.0f}",
                     "yes" if r["reduce_hidden"] else "NO", f"{r['best_mode']}/{r['best_tp_comm']}",
-                    f"{r['best_over_ideal']:.2f}", "yes" if r["fits_in_memory"] else "no",
+                    f"{r['best_over_ideal']:.2f}", _boundary_cell(r), "yes" if r["fits_in_memory"] else "no",
                     "<--" if r["fastest"] else ""))
     widths = [max(len(row[i]) for row in out) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in out)
+
+
+def _worst(rows: list[dict], key: str) -> float | None:
+    return round(max(r[key] for r in rows), 3) if rows else None
+
+
+def _boundary_cell(r: dict) -> str:
+    """Which boundary crossing wins with a NIC per GPU / one NIC per stage: m (matching sends) or b (broadcast)."""
+    if "boundary_own_nics" not in r:
+        return "-"
+    return f"{r['boundary_own_nics'][0]}/{r['boundary_shared_nic'][0]}"
 
 
 def cfg_name(cfg) -> str:
@@ -264,6 +304,13 @@ def main(argv=None) -> int:
                          "(e.g. 8,16); replaces --stages")
     ap.add_argument("--links", type=name_list(["nvlink", *LINK_PRESETS], "link preset"), default=None,
                     help="link presets (default: nvlink,pcie5,100gbe; with --gpus nvlink,pcie5,ib-ndr)")
+    ap.add_argument("--tp-link", choices=["nvlink", *LINK_PRESETS], default=None,
+                    help="with --gpus: the fabric of the all-reduces (and of boundary broadcasts) of TP groups that "
+                         "fit in one node (--node-gpus), e.g. nvlink, while --links names the fabric between nodes "
+                         "(default: the same as each link)")
+    ap.add_argument("--node-gpus", type=integer(1), default=8,
+                    help="with --tp-link: GPUs per node; a TP group wider than a node all-reduces over --links "
+                         "(default: 8)")
     ap.add_argument("--prompt-lens", type=int_list(1), default=[4096, 8192, 16384, 32768, 65536, 131072],
                     help="prompt lengths (default: 4k-128k); each must fit the model's context")
     ap.add_argument("--batch", type=integer(1), default=1, help="batch size (default: 1)")
@@ -277,6 +324,10 @@ def main(argv=None) -> int:
         raise ValueError("--gpus splits each GPU count every way T x S itself: drop --stages")
     if args.gpus:
         return main_tp(args)
+    if args.tp_link:
+        raise ValueError("--tp-link names the fabric of tensor parallelism's all-reduces: it needs --gpus")
+    if args.node_gpus != 8:
+        raise ValueError("--node-gpus says which TP groups --tp-link serves: it needs --gpus and --tp-link")
     args.models = args.models or ["llama3-8b", "llama3-70b"]
     args.stages = args.stages or [2, 4, 8]
     args.links = args.links or ["nvlink", "pcie5", "100gbe"]
@@ -336,6 +387,8 @@ def main_tp(args) -> int:
     from .options import output_dir, say
     if args.chunk_plan != "balanced":
         raise ValueError("--gpus plans balanced chunks for each split: drop --chunk-plan uniform")
+    if args.node_gpus != 8 and not args.tp_link:
+        raise ValueError("--node-gpus says which TP groups --tp-link serves: it needs --tp-link")
     models = args.models or ["llama3-8b", "llama3-70b", "llama3-405b"]
     links = args.links or ["nvlink", "pcie5", "ib-ndr"]
     cfgs = {m: PRESETS[m] for m in models}
@@ -351,15 +404,22 @@ def main_tp(args) -> int:
     from tqdm import tqdm
     with output_dir(args.out) as out:
         say(f"bench simulate: {len(grid)} TP x PP points ({dev.name} roofline, balanced chunks)")
-        rows = [project_tp(cfgs[m], N, T, S, args.device, link, L, args.batch, args.granularity)
+        rows = [project_tp(cfgs[m], N, T, S, args.device, link, L, args.batch, args.granularity,
+                           args.tp_link if T <= args.node_gpus else None)
                 for m, N, T, S, link, L in tqdm(grid, desc="simulating", file=sys.stderr,
                                                  disable=not sys.stderr.isatty())]
         mark_fastest(rows)
         title = f"TP x PP projection: {dev.name}, batch {args.batch}, bf16, balanced chunks (roofline model)"
         write_tp_plot(rows, out / "simulate.png", title)
         doc = dict(kind="projection (model figures, not measurements)", device=dataclasses.asdict(dev),
-                   links={name: dataclasses.asdict(link_preset(name, dev)) for name in links},
+                   links={name: dataclasses.asdict(link_preset(name, dev))
+                          for name in dict.fromkeys([*links, *([args.tp_link] if args.tp_link else [])])},
                    hidden_tolerance=HIDDEN_TOLERANCE,
+                   boundary_model="with T > 1 and S > 1, the overlapped pipeline with each boundary crossing as "
+                                  "T matching sends over a NIC per GPU (the modes' figures), the same T sends "
+                                  "sharing one NIC per stage (1/T of the bandwidth each), or one send then a "
+                                  "broadcast over the receiving stage's TP group (pipelined ring on the TP link: "
+                                  "(T-1) x latency + bytes / bandwidth, before the chunk's compute)",
                    allreduce_model="ring over T ranks: 2(T-1) x link latency + 2(T-1)/T x payload / link bandwidth "
                                    "per all-reduce, 2 per layer; overlap: ISO token halves (pipeline.costs.TPCost)",
                    config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, rows=rows)
@@ -369,12 +429,21 @@ def main_tp(args) -> int:
     print(f"\n'naive ms' / 'overl. ms': serial all-reduces; 'overl.+ISO ms': the overlapped pipeline with ISO-overlapped "
           f"all-reduces; 'free-AR ms': the same with a free TP interconnect; 'AR exposed': what the all-reduces still "
           f"add; 'hidden': under {100 * HIDDEN_TOLERANCE:.0f}%; 'best/ideal': the best mode over (1-GPU compute)/N; "
+          f"'boundary': which crossing the overlapped pipeline prefers with a NIC per GPU / one NIC per stage "
+          f"(m: each TP rank sends to its peer, b: one send, then a broadcast in the stage); "
           f"'fastest': the least TTFT among the splits that fit, per model, GPUs, link and prompt.")
     print(f"results: {out / 'simulate.json'}  plot: {out / 'simulate.png'}")
     fastest = {f"{r['model']} {r['gpus']} GPUs {r['link']} L={r['prompt_len']}":
                f"T{r['tp']}xS{r['stages']} {r['best_mode']}/{r['best_tp_comm']}" for r in rows if r["fastest"]}
+    pp_tp = [r for r in rows if "boundary_own_nics" in r]
     print(json.dumps(dict(results=str(out / "simulate.json"), points=len(rows),
-                          reduce_hidden=sum(r["reduce_hidden"] for r in rows), fastest=fastest)))
+                          reduce_hidden=sum(r["reduce_hidden"] for r in rows), fastest=fastest,
+                          broadcast_wins=dict(own_nics=sum(r["boundary_own_nics"] == "broadcast" for r in pp_tp),
+                                              shared_nic=sum(r["boundary_shared_nic"] == "broadcast" for r in pp_tp),
+                                              of=len(pp_tp)),
+                          worst_broadcast_over_matching=_worst(pp_tp, "broadcast_over_matching"),
+                          worst_shared_nic_matching_over_broadcast=_worst(pp_tp,
+                                                                          "shared_nic_matching_over_broadcast"))))
     return 0
 
 

@@ -323,6 +323,11 @@ class TPCost:
     sums in gloo, NCCL's kernels on SMs), paid on the compute lane as the all-reduce is posted; `link` is then the
     transfer alone. Serial costs compute + both. Default none: the wire takes it all and the compute lane never
     slows down (what the GPU projection assumes: NCCL's SM share is left out there).
+
+    `broadcast_bytes_per_token` > 0: the stage receives its boundary once and broadcasts it over its TP group before
+    computing the chunk (tp_boundary "broadcast", as `pipeline.tp.BroadcastRecv` does): each chunk first pays
+    `broadcast_s`, latency + x·bytes / bandwidth on `broadcast_link` (default `link`: one collective's latency, as
+    a fit per call finds it; plus `busy`'s share), on both lanes.
     """
     compute: object  # cost(x, p) -> seconds
     layers: int
@@ -332,6 +337,8 @@ class TPCost:
     comm: str = "serial"
     attn_share: object = 0.5  # a fraction, or share(x, p)
     busy: LinkModel = LinkModel()
+    broadcast_bytes_per_token: int = 0
+    broadcast_link: LinkModel | None = None
 
     def __post_init__(self):
         if self.comm not in TP_COMMS_MODELLED:
@@ -347,6 +354,14 @@ class TPCost:
             return 0.0 * np.asarray(tokens, dtype=np.float64)
         return allreduce_s(self.busy, self.tp, np.asarray(tokens, dtype=np.float64) * self.bytes_per_token)
 
+    def broadcast_s(self, tokens):
+        """A received boundary of `tokens` tokens broadcast over the TP group (0 unless it is sent once)."""
+        nbytes = np.asarray(tokens, dtype=np.float64) * self.broadcast_bytes_per_token
+        if not self.broadcast_bytes_per_token or self.tp == 1:
+            return 0.0 * nbytes
+        lanes = (self.link if self.broadcast_link is None else self.broadcast_link, self.busy)
+        return sum(m.delay_s(nbytes) if m.active else 0.0 * nbytes for m in lanes)
+
     def _share(self, x, p):
         return self.attn_share(x, p) if callable(self.attn_share) else np.full_like(x, float(self.attn_share))
 
@@ -354,8 +369,9 @@ class TPCost:
         x = np.asarray(x, dtype=np.float64)
         p = np.asarray(p, dtype=np.float64)
         x, p = np.broadcast_arrays(x, p)
-        serial = np.asarray(self.compute(x, p), dtype=np.float64) + 2 * self.layers * (self.reduce_s(x)
-                                                                                      + self.busy_s(x))
+        pre = self.broadcast_s(x)
+        serial = pre + np.asarray(self.compute(x, p), dtype=np.float64) + 2 * self.layers * (self.reduce_s(x)
+                                                                                            + self.busy_s(x))
         if self.comm == "serial" or self.tp == 1:
             return serial if serial.ndim else float(serial)
         xa = np.floor(x / 2)
@@ -368,7 +384,8 @@ class TPCost:
         fa, fb = self._share(safe_a, p), self._share(xb, pb)
         ra, rb = self.reduce_s(safe_a), self.reduce_s(xb)
         ba, bb = self.busy_s(safe_a), self.busy_s(xb)
-        t = c = done_a = done_b = np.zeros_like(x)  # compute lane, communication lane, each half's last reduce
+        t = c = pre + np.zeros_like(x)  # compute lane, communication lane: free once the boundary is broadcast
+        done_a = done_b = np.zeros_like(x)  # each half's last reduce
         for _ in range(n):
             for work, r, half in ((ca * fa + ba, ra, "a"), (cb * fb + bb, rb, "b"), (ca * (1 - fa) + ba, ra, "a"),
                                   (cb * (1 - fb) + bb, rb, "b")):

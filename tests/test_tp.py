@@ -277,6 +277,22 @@ def test_tp_cost_serial_and_iso_schedules_by_hand(latency, serial, overlap):
     assert _tp_cost(latency, "overlap")(1, 0) == pytest.approx(1 + 2 * latency)  # one token: not split
 
 
+@pytest.mark.parametrize("comm,without", [("serial", 2.5), ("overlap", 2.25)])
+def test_a_boundary_broadcast_comes_before_the_chunk_on_both_lanes(comm, without):
+    """Latency 0.25 s per collective: a boundary received once and broadcast first delays the whole chunk's
+    schedule by one broadcast, 0.25 s + 8 bytes / 1 GB/s (and busy's share on top); nothing without bytes."""
+    import dataclasses
+
+    from pipeline.link import LinkModel
+    cost = _tp_cost(0.25, comm)
+    assert cost.broadcast_s(2) == 0
+    once = dataclasses.replace(cost, broadcast_bytes_per_token=4, broadcast_link=LinkModel(1.0, 0.25))
+    assert once(2, 0) == pytest.approx(without + 0.25 + 8e-9)
+    assert dataclasses.replace(once, busy=LinkModel(None, 0.1))(2, 0) > once(2, 0) + 0.1  # busy: each reduce too
+    assert dataclasses.replace(cost, broadcast_bytes_per_token=4)(2, 0) == pytest.approx(without + 0.25)  # on link
+    assert float(once(np.array([2, 2]), np.array([0, 0]))[0]) == pytest.approx(once(2, 0))
+
+
 def test_an_all_reduces_cpu_share_runs_on_the_compute_lane():
     """0.1 s of each all-reduce is the rank's own work: each block then takes 0.6 s on the compute lane, and the
     0.25 s transfer starts after it: a 0.85, b 1.45, a 2.05, b 2.65. Serial pays both shares: 2 + 2 x 0.35."""
@@ -500,6 +516,81 @@ def test_the_harness_runs_both_boundary_kinds_side_by_side():
     once = point["modes"]["overlapped/broadcast"]
     assert once["tp_boundary"] == "broadcast" and once["outputs_match"] and once["bytes_exact"]
     assert once["boundary_broadcast_bytes_per_stage"] == [0, 24 * 64 * 4]
+
+
+def test_the_harness_simulates_a_broadcast_boundary_and_replays_it():
+    """Over a slow emulated TP lane (2 ms a collective) the broadcast row is simulated with a broadcast before each
+    of stage 1's chunks: at least the last chunk's 2 ms more than the matching row on the same fit (the others
+    may fall in stage 1's slack); the records keep each measured broadcast for the replay."""
+    from bench.harness import run_point
+    from pipeline import PipelineSpec
+    spec = PipelineSpec(source="tiny", stages=2, tp=2, tp_latency_s=2e-3)
+    point = run_point(spec, 64, 1, [16] * 4, repeats=1, warmup=0, modes=["overlapped"],
+                      tp_boundaries=["matching", "broadcast"], simulate=True)
+    matching, once = point["modes"]["overlapped"], point["modes"]["overlapped/broadcast"]
+    assert once["sim_ttft_ms"] - matching["sim_ttft_ms"] >= 2.0 * 0.9
+    stage1 = [r for r in point["records"]["overlapped/broadcast"][0] if r.stage == 1][0]
+    assert len(stage1.broadcast) == 4 and min(stage1.broadcast) >= 2e-3 * 0.9
+    assert not [r for r in point["records"]["overlapped"][0] if r.stage == 1][0].broadcast
+
+
+def test_a_measured_cost_counts_a_chunks_broadcast_with_it():
+    from pipeline.schedule import StageRecord
+    from pipeline.simulate import MeasuredCost
+    rec = StageRecord(1, [4, 4], compute=[(0.0, 1.0), (1.0, 3.0)], broadcast=[0.5, 0.25])
+    cost = MeasuredCost(rec)
+    assert cost(4, 0) == 1.5 and cost(4, 4) == 2.25
+    with pytest.raises(ValueError, match="1 boundary broadcasts for 2 chunks"):
+        MeasuredCost(StageRecord(1, [4, 4], compute=[(0.0, 1.0), (1.0, 3.0)], broadcast=[0.5]))
+
+
+def test_the_projection_says_how_a_tp_stage_boundary_should_cross(tmp_path, capsys):
+    """A NIC per GPU: T matching sends cost nothing more than one, so the broadcast can only add; one NIC per
+    stage: the T sends share it and cost more than one send plus a broadcast over NVLink. The TP fabric is its own
+    (--tp-link) for groups within a node: all-reduces over NVLink expose less than over 100GbE."""
+    import json
+
+    from bench.simulate import main, project_tp
+    from pipeline.config import get_preset
+    out = tmp_path / "proj"
+    assert main(["--gpus", "16", "--models", "llama3-8b", "--links", "100gbe", "--tp-link", "nvlink",
+                 "--prompt-lens", "8192", "--out", str(out)]) == 0
+    rows = json.loads((out / "simulate.json").read_text())["rows"]
+    both = [r for r in rows if r["tp"] > 1 and r["stages"] > 1]
+    assert [(r["tp"], r["stages"]) for r in both] == [(2, 8), (4, 4), (8, 2)]
+    for r in rows:
+        assert r["tp_link"] == ("nvlink" if r["tp"] <= 8 else "100gbe") and r["link"] == "100gbe"  # 16: two nodes
+        assert ("boundary_own_nics" in r) == (r in both)
+    for r in both:
+        b = r[f"boundary_{r['boundary_tp_comm']}_ms"]
+        assert b["matching"] == r[f"overlapped_{r['boundary_tp_comm']}_ms"]
+        assert b["matching"] <= b["broadcast"] < b["matching_shared_nic"]
+        assert r["boundary_own_nics"] == "matching" and r["boundary_shared_nic"] == "broadcast"
+        assert r["shared_nic_matching_over_broadcast"] == pytest.approx(b["matching_shared_nic"] / b["broadcast"])
+    by_t = {r["tp"]: r["shared_nic_matching_over_broadcast"] for r in both}
+    assert by_t[8] > by_t[2]  # the more ranks share the NIC, the more the T sends cost
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["broadcast_wins"] == {"own_nics": 0, "shared_nic": 3, "of": 3}
+    cfg = get_preset("llama3-8b")
+    nv = project_tp(cfg, 16, 8, 2, "h100", "100gbe", 8192, tp_link_name="nvlink")
+    slow = project_tp(cfg, 16, 8, 2, "h100", "100gbe", 8192)
+    assert nv["reduce_exposed_ms"] < slow["reduce_exposed_ms"] and slow["tp_link"] == "100gbe"
+
+
+def test_tp_link_serves_groups_within_a_node_and_needs_gpus(tmp_path):
+    import json
+
+    from bench.simulate import main
+    assert main(["--gpus", "8", "--models", "tiny", "--links", "pcie5", "--tp-link", "nvlink", "--node-gpus", "2",
+                 "--prompt-lens", "512", "--out", str(tmp_path / "p")]) == 0
+    rows = json.loads((tmp_path / "p" / "simulate.json").read_text())["rows"]
+    assert {r["tp"]: r["tp_link"] for r in rows} == {2: "nvlink", 4: "pcie5"}
+    for argv, match in ((["--tp-link", "nvlink"], "--tp-link names the fabric .* it needs --gpus"),
+                        (["--node-gpus", "4"], "--node-gpus says which TP groups --tp-link serves"),
+                        (["--gpus", "8", "--node-gpus", "4"], "it needs --tp-link")):
+        with pytest.raises(ValueError, match=match):
+            main(argv + ["--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("argv", [["--tp-boundary", "broadcast"], ["--tp", "2", "--stages", "1", "--tp-boundary",
