@@ -219,8 +219,10 @@ def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=ATTEN
     return rows
 
 
-# a serving step: a long prompt's chunk, a mid-size one, decode rows, a fresh prompt (prefix, chunk) per row
-PAGED_BATCHES = (((16384, 2048),), ((0, 2048), (8192, 512), (30000, 1), (4000, 256), (12000, 1)))
+# (prefix, chunk) per row: one long prompt's chunk; a serving step (a fresh prompt, a mid-size chunk, decode rows);
+# a decode step of 4 rows over long prefixes (GQA packing and split-KV)
+PAGED_BATCHES = (((16384, 2048),), ((0, 2048), (8192, 512), (30000, 1), (4000, 256), (12000, 1)),
+                 ((4096, 1), (9000, 1), (16384, 1), (32000, 1)))
 
 
 def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128, dtype=torch.bfloat16,
@@ -230,6 +232,7 @@ def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128
     per row (each row's own contiguous cache) and SDPA once per row (the fastest correct backend, bottom-right causal
     bias, native GQA). One row per (batch, page size): times, TFLOP/s over the visible pairs, errors vs float64."""
     from kernels import chunk_attention
+    from kernels.paged_attention import paged_launch_plan
     F = torch.nn.functional
     tol = PEER_TOL[dtype]
     rows = []
@@ -283,11 +286,12 @@ def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128
                 pages, slots = table[b].long()[pos // page], pos % page
                 kc[pages, slots], vc[pages, slots] = c[3][0, :P + C], c[4][0, :P + C]
             out = torch.full_like(q, float("nan"))
-            max_chunk = max(C for _, C in batch)
+            max_chunk, max_prefix = max(C for _, C in batch), max(P for P, _ in batch)
             ms = timer(lambda: chunk_attention(q, kn, vn, kc, vc, prefix, out=out, block_table=table,
-                                               cu_seqlens=cu, max_chunk=max_chunk))
+                                               cu_seqlens=cu, max_chunk=max_chunk, max_prefix=max_prefix))
             err = (out.double() - ref).abs().max().item()
-            rows.append(dict(batch=[list(x) for x in batch], page_size=page, paged_ms=ms,
+            plan = paged_launch_plan(device, dtype, len(batch), Hq, Hkv, D, max_chunk, max_prefix)
+            rows.append(dict(batch=[list(x) for x in batch], page_size=page, launch_plan=plan, paged_ms=ms,
                              paged_tflops=flops / ms / 1e9, paged_max_abs_err=err, paged_correct=err <= tol,
                              dense_rows_ms=dense_ms, dense_rows_max_abs_err=dense_err, best_sdpa=best,
                              sdpa_rows_ms=sdpa[best][0] if best else None,

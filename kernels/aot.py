@@ -80,24 +80,31 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
             specs.append(KernelSpec(name, attn_mod._chunk_attention_kernel, sig | {k: "constexpr" for k in const},
                                     const, cfg["num_warps"], cfg["num_stages"],
                                     expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64))
-    paged = [(d, dtype, paged_mod.pick_config(paged_mod.block_d(d), dtype, divmod(arch, 10))) for d, dtype in
-             [(d, t) for d in paged_mod.HEAD_DIMS for t in paged_mod.SUPPORTED_DTYPES] + [(80, torch.bfloat16)]]
-    for head_dim, dtype, cfg in paged:  # the paged, varlen kernel: small pages (16) and large (256)
-        p = _PTR[dtype]
-        sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"BT": "*i32", "CuQ": "*i32", "Prefix": "*i32"}
-        for n in ("stride_qn", "stride_qh", "stride_knn", "stride_knh", "stride_vnn", "stride_vnh", "stride_kcp",
-                  "stride_kcs", "stride_kch", "stride_vcp", "stride_vcs", "stride_vch", "stride_on", "stride_oh",
-                  "stride_bt", "max_pages", "Hq"):
-            sig[n] = "i32"
-        sig["qk_scale"] = "fp32"
-        for page in (16, 256) if dtype == torch.bfloat16 else (16,):
-            const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=paged_mod.block_d(head_dim), BLOCK_M=cfg["BLOCK_M"],
-                         BLOCK_N=cfg["BLOCK_N"], PAGE_SIZE=page,
-                         PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    cap = divmod(arch, 10)
+    paged = [c for c in paged_mod.all_configs(cap) if c[1] != torch.float16 or not c[3]["pack_gqa"]]  # fp16: as bf16
+    paged.append((80, torch.bfloat16, 1, paged_mod.pick_config(paged_mod.block_d(80), torch.bfloat16, cap)))
+    for head_dim, dtype, group, cfg in paged:  # the paged, varlen kernel
+        pack = paged_mod.pack_heads(group) if cfg["pack_gqa"] else 1
+        # pages of 16 and (bf16, unpacked) 256; the split-KV variant (float32 partials) of every bf16 tile
+        variants = [(16, False)] + [(16, True)] * (dtype == torch.bfloat16) + [(256, False)] * (
+            dtype == torch.bfloat16 and pack == 1)
+        for page, split in variants:
+            p = _PTR[dtype]
+            sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC")} | {"Out": "*fp32" if split else p, "Lse": "*fp32",
+                                                                     "BT": "*i32", "CuQ": "*i32", "Prefix": "*i32"}
+            for n in ("stride_qn", "stride_qh", "stride_knn", "stride_knh", "stride_vnn", "stride_vnh", "stride_kcp",
+                      "stride_kcs", "stride_kch", "stride_vcp", "stride_vcs", "stride_vch", "stride_os", "stride_on",
+                      "stride_oh", "stride_bt", "max_pages", "N", "Hq"):
+                sig[n] = "i32"
+            sig["qk_scale"] = "fp32"
+            const = dict(GROUP=group if pack > 1 else 4, HEAD_DIM=head_dim, BLOCK_D=paged_mod.block_d(head_dim),
+                         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PAGE_SIZE=page,
+                         PRECISION="ieee" if dtype == torch.float32 else "tf32", PACK=pack, SPLIT=split)
             specs.append(KernelSpec(f"chunk_attention_paged d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}"
-                                    f"n{cfg['BLOCK_N']} page{page}", paged_mod._paged_chunk_attention_kernel,
+                                    f"n{cfg['BLOCK_N']}" + (f" pack{pack}" if pack > 1 else "") + f" page{page}"
+                                    + (" split" if split else ""), paged_mod._paged_chunk_attention_kernel,
                                     sig | {k: "constexpr" for k in const}, const, cfg["num_warps"],
-                                    cfg["num_stages"], expect_wgmma=dtype != torch.float32))
+                                    cfg["num_stages"], expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64))
     if arch >= 90:  # the TMA prefix loads (config tma, Hopper only): the tiles a tuning sweep tries, alone and split
         for head_dim, cfg in attn_mod.TMA_SWEEP:
             sig = _attention_signature(torch.bfloat16)

@@ -444,7 +444,7 @@ def _check_config(config: dict, group: int) -> dict:
 
 
 def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None, out=None, config=None, *,
-                    block_table=None, cu_seqlens=None, max_chunk=None):
+                    block_table=None, cu_seqlens=None, max_chunk=None, max_prefix=None):
     """Attention of a chunk over the prefix KV cache plus itself, appending the chunk's K/V to the cache.
 
     q [B, C, Hq, D]: queries at positions [start_pos, start_pos + C).
@@ -457,18 +457,18 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     A serving stack's layout (`kernels.paged_attention`): with `block_table` [B, max_pages] int32 the caches are
     pages [num_pages, page_size, Hkv, D]; with `cu_seqlens` [B + 1] the rows' chunks are packed, q [N, Hq, D] and
     k_new, v_new [N, Hkv, D] (each row its own chunk length; `max_chunk`, the longest, spares a GPU launch a host
-    sync). Either one alone works: a dense cache with packed rows, or paged caches with equal chunks.
+    sync; `max_prefix`, the longest prefix, informs the split-KV choice). Either one alone works: a dense cache
+    with packed rows, or paged caches with equal chunks. config there may not ask for TMA.
     """
     if block_table is not None or cu_seqlens is not None:
         from .paged_attention import paged_chunk_attention
-        if config is not None:
-            raise ValueError("chunk_attention: config tunes the dense kernel; the paged / varlen kernel picks its own")
         if block_table is None:  # a dense cache is one page of max_len positions per row
             block_table = _one_page_per_row(k_cache, q.device)
         return paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, block_table, cu_seqlens,
-                                     max_chunk, sm_scale, out)
-    if max_chunk is not None:
-        raise ValueError("chunk_attention: max_chunk goes with cu_seqlens (packed rows of different lengths)")
+                                     max_chunk, sm_scale, out, config, max_prefix)
+    if max_chunk is not None or max_prefix is not None:
+        raise ValueError("chunk_attention: max_chunk and max_prefix go with cu_seqlens or block_table (the paged / "
+                         "varlen path)")
     B, C, Hq, Hkv, D = _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos)
     if config is not None:
         config = _check_config(config, Hq // Hkv)
@@ -577,9 +577,10 @@ def _one_page_per_row(k_cache, device) -> torch.Tensor:
 
 
 def chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_scale=None, *, block_table=None,
-                        cu_seqlens=None, max_chunk=None):
+                        cu_seqlens=None, max_chunk=None, max_prefix=None):
     """Plain-torch reference (and the model's torch backend): same contract; int start_pos only on the dense
-    path (the paged / varlen path takes per-row tensors too: `paged_attention.paged_chunk_attention_ref`)."""
+    path (the paged / varlen path takes per-row tensors too: `paged_attention.paged_chunk_attention_ref`).
+    max_chunk and max_prefix, the kernel's launch hints, are not needed here."""
     if block_table is not None or cu_seqlens is not None:
         from .paged_attention import paged_chunk_attention_ref
         if block_table is None:

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk_attention import MERGE_ROWS, PACK_MAX_CHUNK, _check_config, _device_facts, _merge_splits_kernel, \
+    pack_heads, pick_splits
 from .shapes import cdiv, integer, interpreted, launching, next_pow2, positive_number
 
 LOG2E = 1.4426950408889634
@@ -99,81 +101,121 @@ def _attend_chunk(acc, l_i, m_i, q, KN, VN, stride_kn, stride_vn, hi, n_limit, o
 
 @triton.jit
 def _paged_chunk_attention_kernel(
-    Q, KN, VN, KC, VC, Out, BT, CuQ, Prefix,
+    Q, KN, VN, KC, VC, Out, Lse, BT, CuQ, Prefix,
     stride_qn, stride_qh, stride_knn, stride_knh, stride_vnn, stride_vnh,
     stride_kcp, stride_kcs, stride_kch, stride_vcp, stride_vcs, stride_vch,
-    stride_on, stride_oh, stride_bt,
-    max_pages, Hq, qk_scale,
+    stride_os, stride_on, stride_oh, stride_bt,
+    max_pages, N, Hq, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, PACK: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """One program: BLOCK_M queries of one query head of one row (b = program_id(1) // Hq). Row b's chunk is
-    packed rows [CuQ[b], CuQ[b+1]); its prefix is Prefix[b] positions in the pages BT[b, :]. A program past its
-    row's chunk does nothing. A row whose prefix + chunk does not fit its block table touches nothing and gets
-    NaN (0 / 0), as in `chunk_attention`."""
+    """One program: BLOCK_M tile rows of one row b of the batch. The tile rows are BLOCK_M queries of one query
+    head (program_id(1) = b·Hq + head), or, with PACK > 1 (GQA packing), BLOCK_M // PACK queries of each of the
+    query heads sharing one KV head (program_id(1) = b·Hkv + kv head; PACK is the group rounded up to a power of
+    two, the extra rows masked): each K/V tile is then read once for the whole group. Row b's chunk is packed
+    tokens [CuQ[b], CuQ[b+1]); its prefix is Prefix[b] positions in the pages BT[b, :]. With SPLIT, program
+    (., ., s) of n splits covers the s-th block-aligned slice of its row's prefix (the last split the chunk too)
+    and writes a float32 partial result [splits, N, Hq, D] with its log2-sum-exp [splits, N, Hq], merged by
+    `chunk_attention`'s merge kernel. A program past its row's chunk does nothing. A row whose prefix + chunk does
+    not fit its block table touches nothing and gets NaN (0 / 0), as in `chunk_attention`."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # queries per head in the tile
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    kvh = h // GROUP
+    pid_s = tl.program_id(2)
+    n_splits = tl.num_programs(2)
+    rows = tl.arange(0, BLOCK_M)
+    if PACK > 1:  # rows (g, i): query i of head kvh * GROUP + g; the program owns its KV head's page append
+        Hkv = Hq // GROUP
+        b = pid_bh // Hkv
+        kvh = pid_bh % Hkv
+        heads = kvh * GROUP + rows // BLOCK_Q
+        offs_m = pid_m * BLOCK_Q + rows % BLOCK_Q  # chunk-local query rows
+        head_ok = rows // BLOCK_Q < GROUP
+        writer = pid_s == 0
+    else:
+        b = pid_bh // Hq
+        heads = pid_bh % Hq
+        kvh = heads // GROUP
+        offs_m = pid_m * BLOCK_M + rows
+        head_ok = rows >= 0
+        writer = (heads % GROUP == 0) & (pid_s == 0)  # the first query head of each KV group appends
     q0 = tl.load(CuQ + b).to(tl.int64)
     C = (tl.load(CuQ + b + 1) - q0).to(tl.int32)
     P = tl.load(Prefix + b).to(tl.int32)
     in_range = (P >= 0) & (C >= 0) & (P + C <= max_pages * PAGE_SIZE)
-    mine = pid_m * BLOCK_M < C  # this program has queries of its row
+    q_lo = pid_m * BLOCK_Q
+    mine = q_lo < C  # this program has queries of its row
     P = tl.where(in_range & mine, P, 0)
     C_ok = tl.where(in_range & mine, C, 0)
 
-    rows = tl.arange(0, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + rows  # chunk-local query rows
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < C
+    row_ok = (offs_m < C) & head_ok
     if PAD_D:
         io_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     else:
         io_ok = row_ok[:, None]
-    q = tl.load(Q + (q0 + offs_m)[:, None] * stride_qn + h * stride_qh + offs_d[None, :], mask=io_ok, other=0.0)
+    q = tl.load(Q + ((q0 + offs_m) * stride_qn + heads * stride_qh)[:, None] + offs_d[None, :], mask=io_ok,
+                other=0.0)
     kn = KN + q0 * stride_knn + kvh * stride_knh
     vn = VN + q0 * stride_vnn + kvh * stride_vnh
     kc = KC + kvh * stride_kch
     vc = VC + kvh * stride_vch
     bt = BT + b.to(tl.int64) * stride_bt
 
-    # Fused append: the first query head of each KV group writes this block's new keys and values into their
-    # pages. Nothing in this launch reads those positions (the chunk phase reads KN/VN): no race.
-    if h % GROUP == 0:
-        new_ok = offs_m < C_ok
-        pos = P + offs_m
+    # Fused append of this block's BLOCK_Q new keys and values into their pages, once per KV head and query block.
+    # Nothing in this launch reads those positions (the chunk phase reads KN/VN): no race.
+    if writer:
+        kv_rows = q_lo + tl.arange(0, BLOCK_Q)
+        new_ok = kv_rows < C_ok
+        pos = P + kv_rows
         page = tl.load(bt + pos // PAGE_SIZE, mask=new_ok, other=0).to(tl.int64)
         slot = pos % PAGE_SIZE
         w_ok = new_ok[:, None]
         if PAD_D:
             w_ok = w_ok & (offs_d[None, :] < HEAD_DIM)
-        k_blk = tl.load(kn + offs_m[:, None] * stride_knn + offs_d[None, :], mask=w_ok, other=0.0)
-        v_blk = tl.load(vn + offs_m[:, None] * stride_vnn + offs_d[None, :], mask=w_ok, other=0.0)
+        k_blk = tl.load(kn + kv_rows[:, None] * stride_knn + offs_d[None, :], mask=w_ok, other=0.0)
+        v_blk = tl.load(vn + kv_rows[:, None] * stride_vnn + offs_d[None, :], mask=w_ok, other=0.0)
         tl.store(kc + (page * stride_kcp + slot * stride_kcs)[:, None] + offs_d[None, :], k_blk, mask=w_ok)
         tl.store(vc + (page * stride_vcp + slot * stride_vcs)[:, None] + offs_d[None, :], v_blk, mask=w_ok)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # the prefix: full key blocks unmasked, the ragged tail masked
-    n_full = (P // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, kc, vc, bt, stride_kcp, stride_kcs, stride_vcp, stride_vcs, 0,
-                                  n_full, P, offs_n, offs_d, qk_scale, False, BLOCK_N, PAGE_SIZE, PRECISION,
+    # the prefix: this program's block-aligned slice [lo, hi) of it (all of it unsplit), full key blocks unmasked,
+    # the ragged tail masked; the chunk only in the last split
+    if SPLIT:
+        per = tl.cdiv(tl.cdiv(P, BLOCK_N), n_splits) * BLOCK_N
+        lo = pid_s * per
+        hi = tl.maximum(tl.minimum(lo + per, P), lo)
+        chunk_end = tl.where(pid_s == n_splits - 1, C_ok, 0)
+    else:
+        lo = 0
+        hi = P
+        chunk_end = C_ok
+    n_full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, kc, vc, bt, stride_kcp, stride_kcs, stride_vcp, stride_vcs, lo,
+                                  n_full, hi, offs_n, offs_d, qk_scale, False, BLOCK_N, PAGE_SIZE, PRECISION,
                                   HEAD_DIM, PAD_D)
     acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, kc, vc, bt, stride_kcp, stride_kcs, stride_vcp, stride_vcs,
-                                  n_full, P, P, offs_n, offs_d, qk_scale, True, BLOCK_N, PAGE_SIZE, PRECISION,
+                                  n_full, hi, hi, offs_n, offs_d, qk_scale, True, BLOCK_N, PAGE_SIZE, PRECISION,
                                   HEAD_DIM, PAD_D)
     # the chunk itself, causal: keys up to this block's last query
     acc, l_i, m_i = _attend_chunk(acc, l_i, m_i, q, kn, vn, stride_knn, stride_vnn,
-                                  tl.minimum(pid_m * BLOCK_M + BLOCK_M, C_ok), C_ok, offs_m, offs_n, offs_d,
+                                  tl.minimum(q_lo + BLOCK_Q, chunk_end), chunk_end, offs_m, offs_n, offs_d,
                                   qk_scale, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
-    out = acc / l_i[:, None]
-    tl.store(Out + (q0 + offs_m)[:, None] * stride_on + h * stride_oh + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=io_ok)
+    o_rows = ((q0 + offs_m) * stride_on + heads * stride_oh)[:, None] + offs_d[None, :]
+    if SPLIT:  # partial result and its log2-sum-exp (-inf and 0 for a split that saw no key)
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        tl.store(Out + pid_s.to(tl.int64) * stride_os + o_rows, out, mask=io_ok)
+        lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(Lse + (pid_s.to(tl.int64) * N + q0 + offs_m) * Hq + heads, lse, mask=row_ok)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(Out + o_rows, out.to(Out.dtype.element_ty), mask=io_ok)
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -185,30 +227,55 @@ def block_d(head_dim: int) -> int:
     return max(16, next_pow2(head_dim))
 
 
-def pick_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] = (9, 0)) -> dict:
-    """Block sizes for a GPU of compute `capability` (every config this returns is compiled ahead of time in the
-    tests, no spills allowed). Untuned: no GPU has timed this kernel yet."""
-    return dict(_pick_config(head_dim, dtype, capability, interpreted()))
+def pick_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] = (9, 0), max_chunk: int = 64,
+                group: int = 1) -> dict:
+    """Block sizes and GQA packing for a GPU of compute `capability`, for a launch whose longest chunk is
+    `max_chunk` with `group` query heads per KV head (every config this returns is compiled ahead of time in the
+    tests, no spills allowed). Packs a group's heads into the tile rows for chunks of up to PACK_MAX_CHUNK queries
+    (decode and short chunks: their own queries would leave a tile mostly empty), as the dense kernel does.
+    Untuned: no GPU has timed this kernel yet."""
+    return dict(_pick_config(head_dim, dtype, capability, max_chunk <= PACK_MAX_CHUNK and group > 1,
+                             pack_heads(group), interpreted()))
 
 
 @functools.lru_cache(maxsize=256)
-def _pick_config(head_dim, dtype, capability, interpreted) -> dict:
+def _pick_config(head_dim, dtype, capability, short_gqa, pack, interpreted) -> dict:
     if interpreted:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, pack_gqa=short_gqa and pack <= 64)
     if dtype == torch.float32:  # exact fp32 dots, for checking: small tiles, chosen from a grid of warps x key
         # blocks compiled under Triton 3.6, 3.7 and 3.9 for sm_90 and sm_80 as the ones no version spills in
         if head_dim >= 256:
-            return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
-        return dict(BLOCK_M=16, BLOCK_N=32 if head_dim <= 16 else 16, num_warps=4, num_stages=1)
+            return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1, pack_gqa=short_gqa and pack <= 16)
+        return dict(BLOCK_M=16, BLOCK_N=32 if head_dim <= 16 else 16, num_warps=4, num_stages=1,
+                    pack_gqa=short_gqa and pack <= 16)
+    if short_gqa and pack <= 64:  # a group's heads x up to 16 queries in one 64-row tile; the unpacked tiles'
+        # key blocks (compiled without spills under Triton 3.6-3.9)
+        return dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32 if head_dim == 128 else 16,
+                    num_warps=8 if head_dim >= 256 else 4, num_stages=2, pack_gqa=True)
     if head_dim >= 256:
-        return dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2, pack_gqa=False)
     if head_dim == 128:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, pack_gqa=False)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, pack_gqa=False)
 
 
-def all_configs(capability: tuple[int, int] = (9, 0)) -> list[tuple[int, torch.dtype, dict]]:
-    return [(d, dtype, pick_config(d, dtype, capability)) for d in HEAD_DIMS for dtype in SUPPORTED_DTYPES]
+# (longest chunk, group) pairs that reach every branch of pick_config: unpacked, and packed (PACK only changes how
+# tile rows map to heads and queries, so one group stands for all)
+CONFIG_PROBES = ((64, 1), (16, 8))
+
+
+def all_configs(capability: tuple[int, int] = (9, 0)) -> list[tuple[int, torch.dtype, int, dict]]:
+    """(head_dim, dtype, group, config) for every choice `pick_config` makes on a GPU of that capability."""
+    out = []
+    for d in HEAD_DIMS:
+        for dtype in SUPPORTED_DTYPES:
+            seen = []
+            for c, group in CONFIG_PROBES:
+                cfg = pick_config(d, dtype, capability, c, group)
+                if cfg not in seen:
+                    seen.append(cfg)
+                    out.append((d, dtype, group, cfg))
+    return out
 
 
 def _tensor(name: str, t, dims: int, what: str, packed: bool = False) -> torch.Tensor:
@@ -298,16 +365,28 @@ def _check(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqle
 
 
 def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens=None,
-                          max_chunk: int | None = None, sm_scale=None, out=None, config=None):
+                          max_chunk: int | None = None, sm_scale=None, out=None, config=None,
+                          max_prefix: int | None = None):
     """Chunked-prefill attention over a paged KV cache (module docstring), the chunks' K/V appended to their pages.
 
     q [N, Hq, D] with cu_seqlens [B+1], or [B, C, Hq, D]; k_new, v_new likewise with Hkv heads; k_cache, v_cache
     [num_pages, page_size, Hkv, D]; block_table [B, max_pages] int32; prefix_lens an int or an int tensor [B].
     max_chunk: the longest row's chunk (the grid's height); without it a GPU launch reads cu_seqlens once (a host
-    sync). Returns out shaped like q; query i of row b sees that row's positions <= prefix_lens[b] + i.
-    Pages written by one row must not be read by another in the same launch (a shared prefix's pages are only read).
+    sync). max_prefix: the longest row's prefix, for the split-KV choice (without it, and with a prefix tensor, the
+    longest the block table allows stands in). Returns out shaped like q; query i of row b sees that row's positions
+    <= prefix_lens[b] + i. Pages written by one row must not be read by another in the same launch (a shared
+    prefix's pages are only read). config: block sizes, `pack_gqa` and `num_splits` instead of `pick_config`'s and
+    `pick_splits`'s choice, for tuning sweeps (as `chunk_attention` takes them; no TMA here).
     """
     B, Hq, Hkv, D, page_size, lens = _check(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens)
+    if config is not None:
+        config = _check_config(config, Hq // Hkv)
+        if config.get("tma"):
+            raise ValueError("paged chunk_attention: config tma is not supported on the paged path (pages are not "
+                             "one tensor a descriptor can address)")
+    if max_prefix is not None and integer("max_prefix", max_prefix) < 0:
+        raise ValueError(f"paged chunk_attention: max_prefix (the longest row's prefix, a hint for the split-KV "
+                         f"choice) must be >= 0, got {max_prefix}")
     if sm_scale is None:
         sm_scale = D ** -0.5
     sm_scale = positive_number("paged chunk_attention: sm_scale", sm_scale)
@@ -327,6 +406,9 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
     if max_chunk is None:
         max_chunk = max(lens) if lens is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     max_chunk = integer("max_chunk", max_chunk)
+    if lens is not None and max_chunk < max(lens, default=0):
+        raise ValueError(f"paged chunk_attention: max_chunk {max_chunk} is shorter than the longest row's chunk "
+                         f"({max(lens)}); it sizes the grid")
     if isinstance(prefix_lens, torch.Tensor):
         prefix = prefix_lens.to(torch.int32)
     else:
@@ -341,21 +423,57 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
                             "paged chunk_attention: a block table entry in use is not a page of the cache")
     if max_chunk == 0 or q.shape[0] == 0:
         return out
-    cap = torch.cuda.get_device_capability(q.device) if q.is_cuda else (9, 0)
-    cfg = config or _pick_config(block_d(D), q.dtype, cap, interpreted())
-    grid = (cdiv(max_chunk, cfg["BLOCK_M"]), B * Hq)
+    if max_prefix is None:  # a device tensor is not read: the longest prefix the block table allows stands in
+        if not isinstance(prefix_lens, torch.Tensor):
+            max_prefix = int(prefix_lens)
+        elif not q.is_cuda:
+            max_prefix = int(prefix_lens.max())
+        else:
+            max_prefix = max(0, block_table.shape[1] * page_size - max_chunk)
+    plan = paged_launch_plan(q.device, q.dtype, B, Hq, Hkv, D, max_chunk, max_prefix, config)
+    cfg, pack, splits = plan["config"], plan["pack"], plan["splits"]
+    N = q.shape[0]
+    if splits > 1:  # float32 partial results and their log2-sum-exp, merged into `out` below
+        dst = torch.empty((splits, N, Hq, D), device=q.device, dtype=torch.float32)
+        lse = torch.empty((splits, N, Hq), device=q.device, dtype=torch.float32)
+    else:
+        dst, lse = flat_out[None], q  # q: a placeholder pointer the kernel never reads
     with launching():
-        _paged_chunk_attention_kernel[grid](
-            q, k_new, v_new, k_cache, v_cache, flat_out, block_table, cu_seqlens, prefix,
+        _paged_chunk_attention_kernel[plan["grid"]](
+            q, k_new, v_new, k_cache, v_cache, dst, lse, block_table, cu_seqlens, prefix,
             q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-            v_cache.stride(2), flat_out.stride(0), flat_out.stride(1), block_table.stride(0),
-            block_table.shape[1], Hq, sm_scale * LOG2E,
+            v_cache.stride(2), dst.stride(0), dst.stride(1), dst.stride(2), block_table.stride(0),
+            block_table.shape[1], N, Hq, sm_scale * LOG2E,
             GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            PAGE_SIZE=page_size, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            PAGE_SIZE=page_size, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACK=pack,
+            SPLIT=splits > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
+        if splits > 1:  # the packed tokens as one row of N positions: Out[0, n, h]
+            rows = N * Hq
+            _merge_splits_kernel[(cdiv(rows, MERGE_ROWS),)](
+                dst, lse, flat_out, splits, rows, N, Hq, 0, flat_out.stride(0), flat_out.stride(1),
+                HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_R=MERGE_ROWS, num_warps=4)
     return out
+
+
+def paged_launch_plan(device, dtype, B: int, Hq: int, Hkv: int, D: int, max_chunk: int, max_prefix: int,
+                      config=None) -> dict:
+    """What `paged_chunk_attention` launches: the tile config (given or `pick_config`'s), the query heads packed per
+    program, the prefix splits (given, or `pick_splits`'s from the grid's occupancy on a GPU) and the grid. Host
+    work only."""
+    device = torch.device(device)
+    cap, n_sm = _device_facts(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else ((9, 0), 0)
+    group = Hq // Hkv
+    cfg = config or _pick_config(block_d(D), dtype, cap, max_chunk <= PACK_MAX_CHUNK and group > 1,
+                                 pack_heads(group), interpreted())
+    pack = pack_heads(group) if cfg.get("pack_gqa") and group > 1 else 1
+    grid_m, grid_h = cdiv(max_chunk, cfg["BLOCK_M"] // pack), B * (Hkv if pack > 1 else Hq)
+    splits = cfg.get("num_splits")
+    if splits is None:
+        splits = pick_splits(grid_m * grid_h, max_prefix // cfg["BLOCK_N"], n_sm) if device.type == "cuda" else 1
+    return dict(config=dict(cfg), pack=pack, splits=splits, grid=(grid_m, grid_h, splits))
 
 
 def paged_chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens=None,

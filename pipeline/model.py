@@ -73,7 +73,8 @@ class Block(nn.Module):
         N = x.shape[1]
         q, k, v = self._rotated_qkv(x, meta["positions"], rope_cos, rope_sin, ops)
         attn = ops.attention(q[0], k[0], v[0], k_pages, v_pages, meta["prefix"], block_table=block_table,
-                             cu_seqlens=meta["cu_seqlens"], max_chunk=meta["max_chunk"])  # [N, Hq, D]
+                             cu_seqlens=meta["cu_seqlens"], max_chunk=meta["max_chunk"],
+                             max_prefix=meta["max_prefix"])  # [N, Hq, D]
         return self.wo(attn.reshape(1, N, -1))
 
     def feed_forward(self, x, ops: Ops):

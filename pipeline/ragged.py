@@ -58,11 +58,12 @@ class RaggedStep:
                 RaggedStep(tuple(p + a for p, a in zip(self.starts, first)), rest, ()))
 
     def tensors(self, device) -> dict:
-        """cu_seqlens [B+1], prefix lengths [B] (int32) and positions [1, N] (int64) on `device`."""
+        """cu_seqlens [B+1], prefix lengths [B] (int32) and positions [1, N] (int64) on `device`, and the longest
+        chunk and prefix (the kernel's launch hints, from the host: no sync)."""
         return dict(cu_seqlens=torch.tensor(self.offsets, dtype=torch.int32, device=device),
                     prefix=torch.tensor(self.starts, dtype=torch.int32, device=device),
                     positions=torch.tensor(self.positions(), dtype=torch.int64, device=device)[None],
-                    max_chunk=max(self.lengths))
+                    max_chunk=max(self.lengths), max_prefix=max(self.starts))
 
 
 def check_rows(rows, vocab_size: int, max_seq_len: int, decode: bool = True) -> list[torch.Tensor]:

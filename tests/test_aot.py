@@ -51,7 +51,10 @@ def test_the_compiled_selection_covers_every_kernel():
     # the paged, varlen kernel: every head dim in bf16, small and large pages, a padded head dim
     paged = {n for n in names if n.startswith("chunk_attention_paged ")}
     assert {f"d{d}" for d in (16, 32, 64, 80, 128, 256)} <= {n.split()[1] for n in paged if "bfloat16" in n}
-    assert {n.split()[-1] for n in paged} == {"page16", "page256"}
+    assert {w for n in paged for w in n.split() if w.startswith("page")} == {"page16", "page256"}
+    # and its GQA-packed tiles, and the split-KV variant of every bf16 tile
+    assert any(" pack" in n for n in paged)
+    assert {n + " split" for n in paged if "bfloat16" in n and "page16" in n and not n.endswith(" split")} <= paged
     # GQA-packed decode tiles and the split-KV variant of every 16-bit tile (any grid that leaves SMs idle splits)
     assert any(" pack" in n for n in names)
     plain = {n for n in names if n.startswith("chunk_attention ") and "float32" not in n and not n.endswith(

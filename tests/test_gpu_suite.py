@@ -66,6 +66,8 @@ def test_paged_benchmark_runs_and_checks_accuracy():
         assert r["paged_correct"] and r["paged_max_abs_err"] < 1e-5 and r["dense_rows_max_abs_err"] < 1e-5
         assert r["paged_ms"] > 0 and r["paged_tflops"] > 0 and r["paged_vs_dense_rows"] > 0
         assert r["best_sdpa"] is None or r["sdpa_rows_max_abs_err"] < 1e-5
+        assert r["launch_plan"]["splits"] == 1 and r["launch_plan"]["grid"][2] == 1  # no SM count on CPU
+    assert [r["launch_plan"]["pack"] for r in rows] == [2, 2, 2, 2]  # chunks of up to 16: the group's 2 heads packed
 
 
 def test_memory_bound_benchmark_runs_and_checks_accuracy():

@@ -50,13 +50,13 @@ def row_dense(pool, table, b, n, page_size):
     return pool[table[b].long()[pos // page_size], pos % page_size][None]
 
 
-def run_paged_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol, seed=0, tensor_prefix=True):
+def run_paged_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol, seed=0, tensor_prefix=True, config=None):
     q, kn, vn, kc, vc, table, cu = make_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, seed)
     k_after = expected_pool(kc, kn, table, prefixes, lens, page_size)
     v_after = expected_pool(vc, vn, table, prefixes, lens, page_size)
     out = torch.full_like(q, float("nan"))
     pre = torch.tensor(prefixes, dtype=torch.int32, device=DEVICE) if tensor_prefix else prefixes[0]
-    res = chunk_attention(q, kn, vn, kc, vc, pre, out=out, block_table=table, cu_seqlens=cu)
+    res = chunk_attention(q, kn, vn, kc, vc, pre, out=out, block_table=table, cu_seqlens=cu, config=config)
     assert res is out
     assert torch.equal(kc, k_after) and torch.equal(vc, v_after)  # appended where due, nothing else touched
     start = 0
@@ -89,14 +89,52 @@ def test_paged_varlen_chunk_attention(lens, prefixes, Hq, Hkv, D, page_size, dty
     run_paged_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol)
 
 
+# GQA packing (a KV group's query heads in one tile) and split-KV (the prefix in slices, merged by log-sum-exp),
+# alone and together, on tiles the interpreter runs: 16 rows (fp32's), 64 rows packing 8 heads x 8 queries
+PACKED_SPLIT = {"pack": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1, pack_gqa=True),
+                "split3": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, num_splits=3),
+                "pack+split4": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, pack_gqa=True, num_splits=4)}
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("config", list(PACKED_SPLIT.values()), ids=list(PACKED_SPLIT))
+@pytest.mark.parametrize("lens,prefixes,Hq,Hkv,D,page_size", [
+    ([1, 1, 1, 1], [0, 15, 16, 17], 8, 1, 32, 16),  # decode, group 8: every head of the group in one tile
+    ([5, 37, 1], [0, 20, 33], 4, 2, 64, 16),  # a chunk longer than a packed tile's queries per head
+    ([17, 9, 0], [3, 140, 7], 6, 2, 80, 32),  # group 3 (padded to 4 rows of heads), padded head dim, an empty row
+    ([3, 2], [300, 0], 12, 4, 24, 1),  # pages of one token, a row with no prefix: its splits see nothing
+])
+def test_paged_gqa_packing_and_split_kv(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol, config):
+    run_paged_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol, config=config)
+
+
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lens=st.lists(st.integers(0, 60), min_size=1, max_size=4), data=st.data(),
        group=st.sampled_from([1, 2, 4]), D=st.sampled_from([16, 32, 64]), page=st.sampled_from([16, 32, 128]),
-       half=st.booleans(), seed=st.integers(0, 99))
-def test_paged_varlen_random(lens, data, group, D, page, half, seed):
+       half=st.booleans(), seed=st.integers(0, 99), config=st.sampled_from([None, *PACKED_SPLIT.values()]))
+def test_paged_varlen_random(lens, data, group, D, page, half, seed, config):
     prefixes = data.draw(st.lists(st.integers(0, 300), min_size=len(lens), max_size=len(lens)))
     dtype, tol = DTYPES[1] if half else DTYPES[0]
-    run_paged_case(lens, prefixes, 2 * group, 2, D, page, dtype, tol, seed=seed)
+    run_paged_case(lens, prefixes, 2 * group, 2, D, page, dtype, tol, seed=seed, config=config)
+
+
+def test_the_paged_launch_packs_short_gqa_chunks_and_splits_long_prefixes_on_an_idle_grid(monkeypatch):
+    """pick_config packs a KV group's heads for chunks of up to 16 queries; on a GPU of 132 SMs a decode batch of
+    2 rows x 8 KV heads over 16k-token prefixes fills 16 programs and is split; 64 rows are not. Host work only."""
+    from kernels import paged_attention as pa
+    monkeypatch.setattr(pa, "_device_facts", lambda index: ((9, 0), 132))
+    assert pa.pick_config(128, torch.bfloat16, (9, 0), max_chunk=1, group=4)["pack_gqa"]
+    assert not pa.pick_config(128, torch.bfloat16, (9, 0), max_chunk=17, group=4)["pack_gqa"]
+    assert not pa.pick_config(128, torch.bfloat16, (9, 0), max_chunk=1, group=1)["pack_gqa"]
+    plan = pa.paged_launch_plan("cuda:0", torch.bfloat16, 2, 32, 8, 128, 1, 16384)
+    assert plan["pack"] == 4 and plan["grid"][:2] == (1, 16) and plan["splits"] > 1
+    assert plan["grid"][2] == plan["splits"]
+    assert pa.paged_launch_plan("cuda:0", torch.bfloat16, 64, 32, 8, 128, 1, 16384)["splits"] == 1
+    assert pa.paged_launch_plan("cuda:0", torch.bfloat16, 2, 32, 8, 128, 1, 64)["splits"] == 1  # too few blocks
+    forced = pa.paged_launch_plan("cuda:0", torch.bfloat16, 2, 32, 8, 128, 300, 16384,
+                                  dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, num_splits=2))
+    assert forced["pack"] == 1 and forced["splits"] == 2 and forced["grid"] == (5, 64, 2)
+    assert pa.paged_launch_plan("cpu", torch.float32, 2, 32, 8, 128, 1, 16384)["splits"] == 1  # no SM count
 
 
 def test_an_int_prefix_serves_every_row():
@@ -185,10 +223,27 @@ def test_bad_paged_input_is_refused_before_the_launch(over, match):
     assert torch.equal(kc, before)  # nothing written
 
 
-def test_a_tuning_config_is_refused_on_the_paged_path():
-    args, _, _ = _bad()
-    with pytest.raises(ValueError, match="config tunes the dense kernel"):
-        chunk_attention(**args, config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1))
+@pytest.mark.parametrize("over,match", [
+    (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, tma=True)), "config tma is not supported"),
+    (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, pack_gqa=True)), "BLOCK_M must be at least"),
+    (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, num_splits=0)), "num_splits"),
+    (dict(config=dict(BLOCK_M=16)), "config must give"),
+    (dict(max_chunk=5), "max_chunk 5 is shorter than the longest row's chunk \\(6\\)"),
+    (dict(max_prefix=-1), "max_prefix"),
+])
+def test_bad_paged_tuning_is_refused_before_the_launch(over, match):
+    args, kc, before = _bad(**over)
+    if "config" in over and over["config"].get("pack_gqa"):  # 32 query heads per KV head: 32 rows at least
+        args.update(q=torch.zeros(10, 64, 32))
+    with pytest.raises(ValueError, match=match):
+        chunk_attention(**args)
+    assert torch.equal(kc, before)
+
+
+def test_max_prefix_goes_with_the_paged_path():
+    q = torch.zeros(1, 2, 2, 16)
+    with pytest.raises(ValueError, match="max_chunk and max_prefix go with cu_seqlens or block_table"):
+        chunk_attention(q, q, q, torch.zeros(1, 8, 2, 16), torch.zeros(1, 8, 2, 16), 0, max_prefix=4)
 
 
 @pytest.mark.gpu
