@@ -45,8 +45,10 @@ def run_parser():
                          "sequence (reduce-scatter + all-gather, norms on 1/T of the tokens). Default: serial")
     ap.add_argument("--tp-boundary", type=name_list(TP_BOUNDARIES, "tp-boundary"), default=["matching"],
                     help="with --tp > 1 and --stages > 1, how stage boundaries cross, comma-separated to compare in "
-                         "one run: matching (each TP rank sends to the next stage's same TP rank, T sends) or broadcast "
-                         "(TP rank 0 sends once, the next stage broadcasts it over its TP group). Default: matching")
+                         "one run: matching (each TP rank sends to the next stage's same TP rank, T sends), broadcast "
+                         "(TP rank 0 sends once, the next stage broadcasts it over its TP group) or sharded (each TP "
+                         "rank sends 1/T of the tokens to its peer, the next stage all-gathers them). Default: "
+                         "matching")
     ap.add_argument("--compress", type=name_list(CODECS, "compression"), default=["none"],
                     help="what crosses each stage boundary, comma-separated to compare in one run: none (the hidden "
                          "state as computed), bf16 (float32 models: half the bytes) or fp8 (e4m3 with a float32 scale "

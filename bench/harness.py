@@ -138,7 +138,7 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
     And the cost model chunk by chunk: chunk_fit_over_measured (median over every chunk of every stage and run of
     fitted / measured) and outlier_compute_fraction (the share of measured compute time spent in chunks that took
     more than twice their fitted cost: disturbances of the machine that the least-time fit leaves out)."""
-    from pipeline.costs import TPCost
+    from pipeline.costs import TPCost, boundary_lane_bytes
     from pipeline.simulate import replay, simulate
     timelines = {}
     tp = isinstance(costs[0], TPCost)
@@ -147,10 +147,13 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
         row_costs = costs
         if tp:  # the row's own all-reduce schedule; the baseline (no TP) and sequence parallelism are not modelled
             comm = m.get("tp_comm")
-            # a boundary received once is broadcast over the receiving stage's TP group before its chunk computes
-            bcast = bpt if m.get("tp_boundary") == "broadcast" else 0
-            row_costs = ([dataclasses.replace(c, comm=comm, broadcast_bytes_per_token=bcast if s else 0)
+            # a boundary received once (broadcast) or in 1/T slices (all-gathered) goes through the receiving stage's TP
+            # group before its chunk computes; sharded sends carry 1/T of the bytes per link
+            lane = boundary_lane_bytes(m.get("tp_boundary", "matching"), costs[0].tp, bpt)
+            row_costs = ([dataclasses.replace(c, comm=comm, boundary_bytes_per_token=lane if s else 0)
                           for s, c in enumerate(costs)] if comm in ("serial", "overlap") else None)
+            if m.get("tp_boundary") == "sharded":
+                bpt = -(-bpt // costs[0].tp)  # per link: each rank its 1/T of the tokens
         if row_costs is None:
             for key in ("sim_ttft_ms", "sim_over_measured", "sim_exposed_comm_ms", "sim_bubble_fraction",
                         "chunk_fit_over_measured", "outlier_compute_fraction"):
@@ -175,14 +178,14 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
 
 def chunk_costs_vs_measured(mode: str, runs_records, costs):
     """(fitted, measured) seconds of every chunk on every stage in the given runs: the cost model against what the
-    stages actually took, chunk by chunk (unchunked: the whole model's cost, the stages' costs summed; a boundary
-    broadcast over the TP group counts with its chunk, as the cost model has it)."""
+    stages actually took, chunk by chunk (unchunked: the whole model's cost, the stages' costs summed; a boundary's
+    collective over the TP group, a broadcast or an all-gather, counts with its chunk, as the cost model has it)."""
     fit, took = [], []
     for records in runs_records:
         for r in records:
             cost = (lambda x, p: sum(float(c(x, p)) for c in costs)) if mode == "unchunked" else costs[r.stage]
             starts = chunk_starts(r.chunks)
-            bcast = r.broadcast or [0.0] * len(r.chunks)
+            bcast = r.boundary or [0.0] * len(r.chunks)
             for x, p, (a, b), t in zip(r.chunks, starts, r.compute, bcast):
                 fit.append(float(cost(x, p)))
                 took.append(b - a + t)
@@ -257,7 +260,10 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
             per_chunk_stage_max_ms=[x * 1e3 for x in best.metrics["per_chunk_stage_max_s"]],
             prefill_bytes_per_boundary=best.metrics["bytes_per_boundary"],
             decode_bytes_per_boundary=best.metrics.get("decode_bytes_per_boundary", []),
-            expected_prefill_bytes=prompt_len * wire_bpt[variant_of[mode]["compress"]],
+            # per TP lane: the whole boundary, or with tp_boundary 'sharded' 1/T of each chunk's tokens (rounded up)
+            expected_prefill_bytes=wire_bpt[variant_of[mode]["compress"]] * (
+                sum(-(-c // spec.tp) for c in best.chunks) if variant_of[mode]["tp_boundary"] == "sharded"
+                else prompt_len),
             expected_decode_bytes=wire_bpt[variant_of[mode]["compress"]],
             chunks=best.chunks,
             mode=variant_of[mode]["mode"], compress=variant_of[mode]["compress"],
@@ -274,11 +280,12 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
                      allreduce_prefill_over_decode=bm.get("allreduce_prefill_over_decode", []),
                      # two all-reduces of [B, L, H] per layer (after attention, after the MLP)
                      expected_allreduce_bytes_per_stage=[2 * n * prompt_len * bpt for n in stage_layers])
-            if "boundary_broadcast_bytes_per_stage" in bm:  # each boundary sent once, then broadcast in its stage
-                m["boundary_broadcast_bytes_per_stage"] = bm["boundary_broadcast_bytes_per_stage"]
-                m["boundary_broadcast_ms_per_stage"] = [
-                    statistics.median(r.metrics["boundary_broadcast_s_per_stage"][s] for r in runs) * 1e3
-                    for s in range(len(stage_layers))]
+            for kind in ("broadcast", "gather"):  # a boundary once then broadcast, or in 1/T slices all-gathered
+                if f"boundary_{kind}_bytes_per_stage" in bm:
+                    m[f"boundary_{kind}_bytes_per_stage"] = bm[f"boundary_{kind}_bytes_per_stage"]
+                    m[f"boundary_{kind}_ms_per_stage"] = [
+                        statistics.median(r.metrics[f"boundary_{kind}_s_per_stage"][s] for r in runs) * 1e3
+                        for s in range(len(stage_layers))]
         ref = base[0]
         m["max_abs_dlogits"] = max((r.logits - ref.logits).abs().max().item() for r in runs)
         m["max_abs_ddecode_logits"] = max((r.decode_logits - ref.decode_logits).abs().max().item() for r in runs)
@@ -370,7 +377,8 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pause
          "equal_stage_formula_ms": "ms, median of sum_k max_s t + (S-1) max_k max_s t: the makespan if every stage "
                                    "took the slowest stage's time on each chunk (an estimate, not a bound)",
          "bubble_fraction": "fraction of S·TTFT", "speedup_vs_unchunked": "ratio", "speedup_vs_naive": "ratio",
-         "prefill_bytes_per_boundary": "bytes (per TP lane: with tp T, each of the T rank pairs sends this)",
+         "prefill_bytes_per_boundary": "bytes (per TP lane: with tp T, each of the T rank pairs sends this; 1/T of "
+                                       "the boundary with tp_boundary sharded)",
          "decode_bytes_per_boundary": "bytes per token",
          "allreduce_bytes_per_stage": "bytes, all-reduce payload of the prefill per TP rank (2 per layer, [B, L, H])",
          "allreduce_wire_bytes_per_stage": "bytes a ring moves per rank: 2(T-1)/T of the payload for an all-reduce or "
@@ -381,11 +389,15 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pause
                                    "not hide)",
          "tp_comm": "how the TP ranks combine partial sums: serial all-reduces, overlap (two token halves, each "
                     "half's all-reduce behind the other's compute) or sequence (reduce-scatter + all-gather)",
-         "tp_boundary": "with TP, how a boundary crosses: matching (each TP rank sends to its peer: T sends) or "
-                        "broadcast (TP rank 0 to TP rank 0 once, then a broadcast over the receiving stage's TP group)",
+         "tp_boundary": "with TP, how a boundary crosses: matching (each TP rank sends to its peer: T sends), "
+                        "broadcast (TP rank 0 to TP rank 0 once, then a broadcast over the receiving stage's TP group) "
+                        "or sharded (each TP rank sends 1/T of the tokens to its peer, then an all-gather)",
          "boundary_broadcast_bytes_per_stage": "bytes, tp_boundary broadcast: what each stage broadcast to its TP "
                                                "ranks (the prefill's boundary, once)",
          "boundary_broadcast_ms_per_stage": "ms, median over runs of TP rank 0's time in those broadcasts",
+         "boundary_gather_bytes_per_stage": "bytes, tp_boundary sharded: what each stage's all-gathers of the slices "
+                                            "assembled on a TP rank (the prefill's boundary, padded to T slices)",
+         "boundary_gather_ms_per_stage": "ms, median over runs of TP rank 0's time in those all-gathers",
          "mode": "the schedule of this row (a row keyed mode/tp_comm runs that mode with that tp_comm)",
          "decode_allreduce_bytes_per_stage": "bytes, all-reduce payload of one decode token per TP rank",
          "allreduce_prefill_over_decode": "ratio, prefill all-reduce bytes / one decode token's (= L)",

@@ -129,7 +129,7 @@ def cut_pauses(res: PrefillResult, clock: ActiveClock) -> None:
         return
     conv = lambda pairs: [(clock(a), clock(b)) for a, b in pairs]  # noqa: E731
     records = [StageRecord(r.stage, r.chunks, conv(r.compute), conv(r.recv_wait), conv(r.send_wait), conv(r.send),
-                           r.bytes_sent, reduce=list(r.reduce), broadcast=list(r.broadcast)) for r in res.records]
+                           r.bytes_sent, reduce=list(r.reduce), boundary=list(r.boundary)) for r in res.records]
     t0, t1 = clock(res.t_start), clock(res.t_end)
     # the schedule's figures re-derived; the others (decode, all-reduce accounting, partitions) kept as they were
     res.metrics = dict(res.metrics, **summarize(records, t0, t1), wall_ttft_s=res.t_end - res.t_start,

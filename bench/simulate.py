@@ -111,7 +111,7 @@ class _Tabled:
         return self.table[(int(x), int(p))]
 
 
-BOUNDARIES = ("matching", "matching_shared_nic", "broadcast")
+BOUNDARIES = ("matching", "matching_shared_nic", "broadcast", "sharded", "sharded_shared_nic")
 
 
 def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: int, batch: int = 1,
@@ -121,9 +121,12 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
     chunk plan and every mode's TTFT; the same with a free TP interconnect, to tell how much of the reduce stays
     exposed. With T > 1 and S > 1, the overlapped pipeline's TTFT for each way a boundary can cross
     (`BOUNDARIES`): each TP rank to its peer over its own NIC ("matching", what the modes above assume), the same
-    T sends sharing one NIC per stage ("matching_shared_nic": each at 1/T of the bandwidth), or one send and a
-    broadcast over the receiving stage's TP group ("broadcast", on the TP interconnect)."""
-    from pipeline.costs import TPCost, attention_share, get_device, link_preset, roofline_stage_costs, stage_max
+    T sends sharing one NIC per stage ("matching_shared_nic": each at 1/T of the bandwidth), one send and a
+    broadcast over the receiving stage's TP group ("broadcast", on the TP interconnect), or each TP rank sending
+    1/T of the tokens to its peer and an all-gather in the receiving stage ("sharded", over a NIC per GPU or one
+    shared NIC)."""
+    from pipeline.costs import (TPCost, attention_share, boundary_lane_bytes, get_device, link_preset,
+                                roofline_stage_costs, stage_max)
     from pipeline.link import LinkModel
     from pipeline.plan import plan_chunks
     from pipeline.schedule import chunk_starts
@@ -134,7 +137,7 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
     fabric = link_preset(tp_link_name or link_name, dev)
     # a ring all-reduce over T ranks takes 2(T-1) steps, each paying the link's latency
     tp_link = LinkModel(fabric.bandwidth_gbps, fabric.latency_s * 2 * (T - 1)) if T > 1 else LinkModel()
-    # a pipelined ring broadcast: the bytes once per link, T-1 hops of latency
+    # a pipelined ring broadcast or all-gather: T-1 hops of latency (the bytes per rank: `boundary_lane_bytes`)
     bcast_link = LinkModel(fabric.bandwidth_gbps, fabric.latency_s * (T - 1)) if T > 1 else LinkModel()
     bpt = batch * cfg.hidden_size * 2  # bf16 hidden state
     share = attention_share(cfg)
@@ -157,14 +160,21 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
         if comm == "overlap":
             free = [_Tabled(TPCost(c, n, T, LinkModel(), bpt, comm, share), points) for c, n in zip(compute, layers)]
             row["overlapped_free_tp_ms"] = simulate("overlapped", chunks, free, link, bpt).makespan_s * 1e3
-        if T > 1 and S > 1:  # the boundary crossing T times (own NICs, one shared NIC) or once and broadcast
+        if T > 1 and S > 1:  # the boundary crossing T times (own NICs, one shared NIC), once and broadcast, or in
+            # 1/T slices (T sends of 1/T: over one shared NIC as long as one whole send) and all-gathered
             shared = LinkModel(link.bandwidth_gbps / T, link.latency_s)
-            bcast = [_Tabled(dataclasses.replace(c, broadcast_bytes_per_token=bpt if s else 0,
-                                                 broadcast_link=bcast_link), points) for s, c in enumerate(costs)]
+
+            def collective(kind):
+                return [_Tabled(dataclasses.replace(c, boundary_bytes_per_token=boundary_lane_bytes(kind, T, bpt)
+                                                    if s else 0, boundary_link=bcast_link), points)
+                        for s, c in enumerate(costs)]
+            bcast, gather = collective("broadcast"), collective("sharded")
             row[f"boundary_{comm}_ms"] = dict(
                 matching=row[f"overlapped_{comm}_ms"],
                 matching_shared_nic=simulate("overlapped", chunks, tabled, shared, bpt).makespan_s * 1e3,
-                broadcast=simulate("overlapped", chunks, bcast, link, bpt).makespan_s * 1e3)
+                broadcast=simulate("overlapped", chunks, bcast, link, bpt).makespan_s * 1e3,
+                sharded=simulate("overlapped", chunks, gather, link, -(-bpt // T)).makespan_s * 1e3,
+                sharded_shared_nic=simulate("overlapped", chunks, gather, shared, -(-bpt // T)).makespan_s * 1e3)
     best = min(((mode, comm) for mode in TP_MODES for comm in ("serial", "overlap")),
                key=lambda mc: row[f"{mc[0]}_{mc[1]}_ms"])
     row["best_mode"], row["best_tp_comm"] = best
@@ -177,10 +187,14 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
         comm = min(("serial", "overlap"), key=lambda c: row[f"overlapped_{c}_ms"])
         b = row[f"boundary_{comm}_ms"]
         row["boundary_tp_comm"] = comm
-        row["boundary_own_nics"] = min(("matching", "broadcast"), key=b.get)
-        row["boundary_shared_nic"] = "matching" if b["matching_shared_nic"] <= b["broadcast"] else "broadcast"
+        own = {"matching": b["matching"], "broadcast": b["broadcast"], "sharded": b["sharded"]}
+        shared_nic = {"matching": b["matching_shared_nic"], "broadcast": b["broadcast"],
+                      "sharded": b["sharded_shared_nic"]}
+        row["boundary_own_nics"] = min(own, key=own.get)
+        row["boundary_shared_nic"] = min(shared_nic, key=shared_nic.get)
         row["broadcast_over_matching"] = b["broadcast"] / b["matching"]  # NIC per GPU: what the broadcast costs
         row["shared_nic_matching_over_broadcast"] = b["matching_shared_nic"] / b["broadcast"]  # one NIC: T sends
+        row["sharded_over_matching"] = b["sharded"] / b["matching"]  # NIC per GPU: 1/T per link + an all-gather
     return row
 
 
@@ -217,7 +231,8 @@ def _worst(rows: list[dict], key: str) -> float | None:
 
 
 def _boundary_cell(r: dict) -> str:
-    """Which boundary crossing wins with a NIC per GPU / one NIC per stage: m (matching sends) or b (broadcast)."""
+    """Which boundary crossing wins with a NIC per GPU / one NIC per stage: m (matching sends), b (broadcast) or s
+    (sharded sends, all-gathered)."""
     if "boundary_own_nics" not in r:
         return "-"
     return f"{r['boundary_own_nics'][0]}/{r['boundary_shared_nic'][0]}"
@@ -417,9 +432,11 @@ def main_tp(args) -> int:
                    hidden_tolerance=HIDDEN_TOLERANCE,
                    boundary_model="with T > 1 and S > 1, the overlapped pipeline with each boundary crossing as "
                                   "T matching sends over a NIC per GPU (the modes' figures), the same T sends "
-                                  "sharing one NIC per stage (1/T of the bandwidth each), or one send then a "
+                                  "sharing one NIC per stage (1/T of the bandwidth each), one send then a "
                                   "broadcast over the receiving stage's TP group (pipelined ring on the TP link: "
-                                  "(T-1) x latency + bytes / bandwidth, before the chunk's compute)",
+                                  "(T-1) x latency + bytes / bandwidth, before the chunk's compute), or T sends of "
+                                  "1/T of the tokens (NIC per GPU or shared) then an all-gather ((T-1) x latency + "
+                                  "(T-1)/T bytes / bandwidth)",
                    allreduce_model="ring over T ranks: 2(T-1) x link latency + 2(T-1)/T x payload / link bandwidth "
                                    "per all-reduce, 2 per layer; overlap: ISO token halves (pipeline.costs.TPCost)",
                    config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, rows=rows)
@@ -430,7 +447,8 @@ def main_tp(args) -> int:
           f"all-reduces; 'free-AR ms': the same with a free TP interconnect; 'AR exposed': what the all-reduces still "
           f"add; 'hidden': under {100 * HIDDEN_TOLERANCE:.0f}%; 'best/ideal': the best mode over (1-GPU compute)/N; "
           f"'boundary': which crossing the overlapped pipeline prefers with a NIC per GPU / one NIC per stage "
-          f"(m: each TP rank sends to its peer, b: one send, then a broadcast in the stage); "
+          f"(m: each TP rank sends to its peer, b: one send, then a broadcast in the stage, s: each TP rank sends 1/T "
+          f"of the tokens, then an all-gather); "
           f"'fastest': the least TTFT among the splits that fit, per model, GPUs, link and prompt.")
     print(f"results: {out / 'simulate.json'}  plot: {out / 'simulate.png'}")
     fastest = {f"{r['model']} {r['gpus']} GPUs {r['link']} L={r['prompt_len']}":
@@ -438,10 +456,12 @@ def main_tp(args) -> int:
     pp_tp = [r for r in rows if "boundary_own_nics" in r]
     print(json.dumps(dict(results=str(out / "simulate.json"), points=len(rows),
                           reduce_hidden=sum(r["reduce_hidden"] for r in rows), fastest=fastest,
-                          broadcast_wins=dict(own_nics=sum(r["boundary_own_nics"] == "broadcast" for r in pp_tp),
-                                              shared_nic=sum(r["boundary_shared_nic"] == "broadcast" for r in pp_tp),
-                                              of=len(pp_tp)),
+                          boundary_wins={nic: {kind: sum(r[f"boundary_{nic}"] == kind for r in pp_tp)
+                                               for kind in ("matching", "broadcast", "sharded")}
+                                         for nic in ("own_nics", "shared_nic")},
                           worst_broadcast_over_matching=_worst(pp_tp, "broadcast_over_matching"),
+                          best_sharded_over_matching=round(min(r["sharded_over_matching"] for r in pp_tp), 3)
+                          if pp_tp else None,
                           worst_shared_nic_matching_over_broadcast=_worst(pp_tp,
                                                                           "shared_nic_matching_over_broadcast"))))
     return 0

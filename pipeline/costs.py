@@ -324,10 +324,12 @@ class TPCost:
     transfer alone. Serial costs compute + both. Default none: the wire takes it all and the compute lane never
     slows down (what the GPU projection assumes: NCCL's SM share is left out there).
 
-    `broadcast_bytes_per_token` > 0: the stage receives its boundary once and broadcasts it over its TP group before
-    computing the chunk (tp_boundary "broadcast", as `pipeline.tp.BroadcastRecv` does): each chunk first pays
-    `broadcast_s`, latency + x·bytes / bandwidth on `broadcast_link` (default `link`: one collective's latency, as
-    a fit per call finds it; plus `busy`'s share), on both lanes.
+    `boundary_bytes_per_token` > 0: the stage takes its boundary through a collective over its TP group before
+    computing the chunk (`pipeline.tp.BroadcastRecv`, `ShardRecv`): each chunk first pays `boundary_s`, latency + x ·
+    boundary_bytes_per_token / bandwidth on `boundary_link` (default `link`: one collective's latency, as a fit per
+    call finds it; plus `busy`'s share), on both lanes. The bytes a rank's lane carries per token: the whole
+    boundary's for a broadcast (tp_boundary "broadcast"), (T-1)/T of it for the all-gather of 1/T slices
+    ("sharded"); `boundary_lane_bytes` gives them.
     """
     compute: object  # cost(x, p) -> seconds
     layers: int
@@ -337,8 +339,8 @@ class TPCost:
     comm: str = "serial"
     attn_share: object = 0.5  # a fraction, or share(x, p)
     busy: LinkModel = LinkModel()
-    broadcast_bytes_per_token: int = 0
-    broadcast_link: LinkModel | None = None
+    boundary_bytes_per_token: float = 0
+    boundary_link: LinkModel | None = None
 
     def __post_init__(self):
         if self.comm not in TP_COMMS_MODELLED:
@@ -354,12 +356,12 @@ class TPCost:
             return 0.0 * np.asarray(tokens, dtype=np.float64)
         return allreduce_s(self.busy, self.tp, np.asarray(tokens, dtype=np.float64) * self.bytes_per_token)
 
-    def broadcast_s(self, tokens):
-        """A received boundary of `tokens` tokens broadcast over the TP group (0 unless it is sent once)."""
-        nbytes = np.asarray(tokens, dtype=np.float64) * self.broadcast_bytes_per_token
-        if not self.broadcast_bytes_per_token or self.tp == 1:
+    def boundary_s(self, tokens):
+        """A received boundary of `tokens` tokens through the TP group's collective (0 with matching sends)."""
+        nbytes = np.asarray(tokens, dtype=np.float64) * self.boundary_bytes_per_token
+        if not self.boundary_bytes_per_token or self.tp == 1:
             return 0.0 * nbytes
-        lanes = (self.link if self.broadcast_link is None else self.broadcast_link, self.busy)
+        lanes = (self.link if self.boundary_link is None else self.boundary_link, self.busy)
         return sum(m.delay_s(nbytes) if m.active else 0.0 * nbytes for m in lanes)
 
     def _share(self, x, p):
@@ -369,7 +371,7 @@ class TPCost:
         x = np.asarray(x, dtype=np.float64)
         p = np.asarray(p, dtype=np.float64)
         x, p = np.broadcast_arrays(x, p)
-        pre = self.broadcast_s(x)
+        pre = self.boundary_s(x)
         serial = pre + np.asarray(self.compute(x, p), dtype=np.float64) + 2 * self.layers * (self.reduce_s(x)
                                                                                             + self.busy_s(x))
         if self.comm == "serial" or self.tp == 1:
@@ -397,6 +399,14 @@ class TPCost:
                     done_b = c
         out = np.where(x >= 2, np.maximum(done_a, done_b), serial)
         return out if out.ndim else float(out)
+
+
+def boundary_lane_bytes(tp_boundary: str, tp: int, bytes_per_token: float) -> float:
+    """Per token, what a TP rank's lane carries to take in a stage boundary: nothing with matching sends, the whole
+    token once with a broadcast, the other ranks' (T-1)/T of it with the all-gather of sharded sends."""
+    if tp == 1 or tp_boundary == "matching":
+        return 0.0
+    return bytes_per_token * (1.0 if tp_boundary == "broadcast" else (tp - 1) / tp)
 
 
 def fit_tp_from_runs(results, tp: int):

@@ -20,7 +20,7 @@ from .model import resolve_config
 from .schedule import Clock, StageRecord, stage_program, summarize, timeline
 from .spec import Job, PipelineSpec, PrefillResult
 from .stage import Stage
-from .tp import BroadcastRecv, DistReducer, LocalGroup, LocalReducer, NoSend, kv_heads_of
+from .tp import BroadcastRecv, DistReducer, LocalGroup, LocalReducer, NoSend, ShardRecv, ShardSend, kv_heads_of
 
 class Runner:
     """Owns the stages of this process (all of them in-process, one with gloo/NCCL) and runs jobs on them."""
@@ -86,11 +86,15 @@ class Runner:
         self.tp_boundary = job.tp_boundary
 
     def links(self, s: int, t: int, recv, send):
-        """Stage s, TP rank t's receive and send ends for this job: the channels between matching TP ranks, or
-        with tp_boundary 'broadcast' TP rank 0's alone, the rest of the stage taking the boundary by broadcast."""
+        """Stage s, TP rank t's receive and send ends for this job: the channels between matching TP ranks; with
+        tp_boundary 'broadcast' TP rank 0's alone, the rest of the stage taking the boundary by broadcast; with
+        'sharded' each rank's 1/T of the tokens over its channel, all-gathered in the receiving stage."""
         if self.T == 1 or self.tp_boundary == "matching":
             return recv, send
         reducer = self.shards[(s, t)].model.reduce
+        if self.tp_boundary == "sharded":
+            return (None if recv is None else ShardRecv(recv, reducer),
+                    None if send is None else ShardSend(send, t, self.T))
         if recv is not None:
             recv = BroadcastRecv(recv if t == 0 else None, reducer, self.device)
         if send is not None and t != 0:
@@ -280,6 +284,9 @@ def tp_metrics(prefill: list[dict] | None, decode: list[dict] | None, tp: int) -
     if any(p["broadcast_calls"] for p in prefill):  # tp_boundary 'broadcast': each boundary once, then broadcast
         out["boundary_broadcast_bytes_per_stage"] = [p["broadcast_bytes"] for p in prefill]
         out["boundary_broadcast_s_per_stage"] = [p["broadcast_seconds"] for p in prefill]
+    if any(p["gather_calls"] for p in prefill):  # tp_boundary 'sharded': 1/T per rank, then an all-gather
+        out["boundary_gather_bytes_per_stage"] = [p["gather_bytes"] for p in prefill]
+        out["boundary_gather_s_per_stage"] = [p["gather_seconds"] for p in prefill]
     if decode is not None:
         out["decode_allreduce_bytes_per_stage"] = [d["payload_bytes"] for d in decode]
         out["allreduce_prefill_over_decode"] = [p["payload_bytes"] / d["payload_bytes"] if d["payload_bytes"] else None

@@ -106,15 +106,15 @@ class StageRecord:
     # with tensor parallelism, per chunk: (seconds blocked in TP collectives, calls, payload bytes, seconds per
     # call), all within its compute interval
     reduce: list[tuple] = field(default_factory=list)
-    # with tp_boundary "broadcast", per received chunk: seconds of its broadcast over the TP group (within its
-    # receive wait, before its compute)
-    broadcast: list[float] = field(default_factory=list)
+    # with tp_boundary "broadcast" or "sharded", per received chunk: seconds of its collective over the TP group (the
+    # broadcast, or the all-gather of the slices; within its receive wait, before its compute)
+    boundary: list[float] = field(default_factory=list)
 
     def resolve(self, clock: Clock) -> "StageRecord":
         conv = lambda pairs: [(clock.seconds(a), clock.seconds(b)) for a, b in pairs]  # noqa: E731
         return StageRecord(self.stage, self.chunks, conv(self.compute), conv(self.recv_wait), conv(self.send_wait),
                            [h.timing() for h in self.send], self.bytes_sent,
-                           [clock.seconds(t) for t in self.recv_posted], list(self.reduce), list(self.broadcast))
+                           [clock.seconds(t) for t in self.recv_posted], list(self.reduce), list(self.boundary))
 
 
 def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: StageRecord, *, tokens=None,
@@ -153,11 +153,11 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
             if k not in posted:
                 post_recv(k)
             t0 = clock.mark()
-            b0 = reducer.bcast_seconds if reducer is not None else 0.0
+            b0 = reducer.boundary_seconds() if reducer is not None else 0.0
             x = posted.pop(k).wait()
             record.recv_wait.append((t0, clock.mark()))
-            if reducer is not None and reducer.bcast_seconds > b0:  # the boundary came once, then a broadcast
-                record.broadcast.append(reducer.bcast_seconds - b0)
+            if reducer is not None and reducer.boundary_seconds() > b0:  # a broadcast or all-gather in the stage
+                record.boundary.append(reducer.boundary_seconds() - b0)
             x = codec.decode(x, dtype)
         t0 = clock.mark()
         before = reducer.snapshot() if reducer is not None else None

@@ -107,18 +107,18 @@ def _checked(cost, name):
 
 class MeasuredCost:
     """One stage's compute times in one measured run, by chunk: `cost(x, p)` is what that stage took on the chunk
-    of x tokens starting at position p (with its boundary broadcast over the TP group first, where it took one).
+    of x tokens starting at position p (with its boundary's collective over the TP group first, where it took one).
     Given to `simulate` in place of a cost model it replays the run (`replay`)."""
 
     def __init__(self, record: StageRecord, start_pos: int = 0):
         if len(record.compute) != len(record.chunks):
             raise ValueError(f"stage {record.stage} recorded {len(record.compute)} compute intervals for "
                              f"{len(record.chunks)} chunks: not a complete run")
-        if record.broadcast and len(record.broadcast) != len(record.chunks):
-            raise ValueError(f"stage {record.stage} recorded {len(record.broadcast)} boundary broadcasts for "
+        if record.boundary and len(record.boundary) != len(record.chunks):
+            raise ValueError(f"stage {record.stage} recorded {len(record.boundary)} boundary collectives for "
                              f"{len(record.chunks)} chunks: not a complete run")
         starts = chunk_starts(record.chunks, start_pos)
-        bcast = record.broadcast or [0.0] * len(record.chunks)
+        bcast = record.boundary or [0.0] * len(record.chunks)
         self.times = {(x, p): b - a + t for x, p, (a, b), t in zip(record.chunks, starts, record.compute, bcast)}
 
     def __call__(self, x, p) -> float:

@@ -158,6 +158,7 @@ class Reducer:
     def reset(self) -> None:
         self.calls, self.bytes, self.wire, self.seconds = 0, 0, 0, 0.0
         self.bcast_calls, self.bcast_bytes, self.bcast_seconds = 0, 0, 0.0  # boundary broadcasts (tp_boundary)
+        self.gather_calls, self.gather_bytes, self.gather_seconds = 0, 0, 0.0  # sharded boundaries' all-gathers
         self.log: list[float] = []  # seconds blocked, per call
         self.lane_free = 0.0  # emulated interconnect: when its last transfer ends
 
@@ -219,21 +220,41 @@ class Reducer:
         self._paid(t0, self._count(0, (self.tp - 1) * _nbytes(shard)))
         return out
 
+    def _lane(self, nbytes: int) -> None:
+        """A boundary collective done: over an emulated interconnect it takes latency + `nbytes` / bandwidth more on
+        the same lane as the all-reduces."""
+        if self.model.active:
+            end = max(time.perf_counter(), self.lane_free) + self.model.delay_s(nbytes)
+            self.lane_free = end
+            time.sleep(max(0.0, end - time.perf_counter()))
+
     def broadcast(self, t: torch.Tensor) -> torch.Tensor:
         """TP rank 0's `t` to every rank of the group, in place (a stage boundary received once: tp_boundary
-        'broadcast'). Counted apart from the all-reduces; over an emulated interconnect it takes its bytes /
-        bandwidth on the same lane."""
+        'broadcast'). Counted apart from the all-reduces; the lane carries its bytes once."""
         t0 = time.perf_counter()
         out = self._broadcast(t)
         n = _nbytes(t)
-        if self.model.active:
-            end = max(time.perf_counter(), self.lane_free) + self.model.delay_s(n)
-            self.lane_free = end
-            time.sleep(max(0.0, end - time.perf_counter()))
+        self._lane(n)
         self.bcast_calls += 1
         self.bcast_bytes += n
         self.bcast_seconds += time.perf_counter() - t0
         return out
+
+    def gather_boundary(self, shard: torch.Tensor) -> torch.Tensor:
+        """Every rank's slice of a stage boundary, [B, n, W] each, all-gathered along dim 1 into [B, T·n, W] (a
+        boundary received as 1/T per rank: tp_boundary 'sharded'). Counted apart from the all-reduces; a ring
+        carries T-1 slices per rank."""
+        t0 = time.perf_counter()
+        out = self._all_gather(shard)
+        self._lane((self.tp - 1) * _nbytes(shard))
+        self.gather_calls += 1
+        self.gather_bytes += _nbytes(out)
+        self.gather_seconds += time.perf_counter() - t0
+        return out
+
+    def boundary_seconds(self) -> float:
+        """Seconds so far in boundary collectives (broadcasts and all-gathers)."""
+        return self.bcast_seconds + self.gather_seconds
 
     def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -255,7 +276,8 @@ class Reducer:
     def stats(self) -> dict:
         return dict(calls=self.calls, payload_bytes=self.bytes, wire_bytes=self.wire, seconds=self.seconds,
                     broadcast_calls=self.bcast_calls, broadcast_bytes=self.bcast_bytes,
-                    broadcast_seconds=self.bcast_seconds)
+                    broadcast_seconds=self.bcast_seconds, gather_calls=self.gather_calls,
+                    gather_bytes=self.gather_bytes, gather_seconds=self.gather_seconds)
 
     def snapshot(self) -> tuple[float, int, int, int]:
         return self.seconds, self.calls, self.bytes, len(self.log)
@@ -371,9 +393,12 @@ class LocalReducer(Reducer):
         return self.group.broadcast(self.rank, t)
 
 
-# ---- stage boundaries sent once per stage and broadcast (tp_boundary="broadcast") --------------------------------
+# ---- how a stage boundary crosses between TP stages (tp_boundary) -----------------------------------------------
+# "matching": each TP rank sends the whole boundary to the next stage's same TP rank (T sends); "broadcast": TP rank 0
+# sends it once, the receiving stage broadcasts it over its TP group; "sharded": each TP rank sends 1/T of its tokens
+# to its peer and the receiving stage all-gathers them (Megatron's scatter-gather: T sends of 1/T)
 
-TP_BOUNDARIES = ("matching", "broadcast")
+TP_BOUNDARIES = ("matching", "broadcast", "sharded")
 
 
 def check_tp_boundary(name: str) -> str:
@@ -409,6 +434,49 @@ class BroadcastRecv:
             return Handle(lambda: self.reducer.broadcast(inner.wait()), inner.nbytes)
         buf = torch.empty(shape, dtype=dtype, device=self.device)
         return Handle(lambda: self.reducer.broadcast(buf), 0)
+
+    def close(self) -> None:
+        pass
+
+
+def shard_tokens(t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+    """Rank `rank`'s slice of a boundary message [B, c, W] along its tokens: rows [rank·n, (rank+1)·n) with
+    n = ceil(c/T), the last slices padded with zero rows (every rank sends n, the all-gather needs equal slices)."""
+    c = t.shape[1]
+    n = -(-c // tp)
+    lo, hi = rank * n, min((rank + 1) * n, c)
+    part = t[:, lo:hi] if lo < c else t[:, :0]
+    if hi - lo < n:
+        part = torch.nn.functional.pad(part, (0, 0, 0, n - max(0, hi - lo)))
+    return part.contiguous()
+
+
+class ShardSend:
+    """The send end of TP rank `rank` with tp_boundary 'sharded': its 1/T of each message's tokens to its peer."""
+
+    def __init__(self, link, rank: int, tp: int):
+        self.link, self.rank, self.tp = link, rank, tp
+
+    def isend(self, tensor: torch.Tensor, tag: int):
+        return self.link.isend(shard_tokens(tensor, self.rank, self.tp), tag)
+
+    def close(self) -> None:
+        pass
+
+
+class ShardRecv:
+    """The receive end with tp_boundary 'sharded': this rank's 1/T of the tokens from its peer in the previous
+    stage, then the stage's TP group all-gathers the slices into the whole message (every rank calls `wait` in
+    chunk order, so the all-gathers pair up like the all-reduces do)."""
+
+    def __init__(self, link, reducer: Reducer):
+        self.link, self.reducer = link, reducer
+
+    def irecv(self, shape, dtype, tag: int, slot: int = 0):
+        from .link import Handle
+        B, c, W = shape
+        inner = self.link.irecv((B, -(-c // self.reducer.tp), W), dtype, tag, slot)
+        return Handle(lambda: self.reducer.gather_boundary(inner.wait())[:, :c].contiguous(), inner.nbytes)
 
     def close(self) -> None:
         pass

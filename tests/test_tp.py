@@ -285,11 +285,11 @@ def test_a_boundary_broadcast_comes_before_the_chunk_on_both_lanes(comm, without
 
     from pipeline.link import LinkModel
     cost = _tp_cost(0.25, comm)
-    assert cost.broadcast_s(2) == 0
-    once = dataclasses.replace(cost, broadcast_bytes_per_token=4, broadcast_link=LinkModel(1.0, 0.25))
+    assert cost.boundary_s(2) == 0
+    once = dataclasses.replace(cost, boundary_bytes_per_token=4, boundary_link=LinkModel(1.0, 0.25))
     assert once(2, 0) == pytest.approx(without + 0.25 + 8e-9)
     assert dataclasses.replace(once, busy=LinkModel(None, 0.1))(2, 0) > once(2, 0) + 0.1  # busy: each reduce too
-    assert dataclasses.replace(cost, broadcast_bytes_per_token=4)(2, 0) == pytest.approx(without + 0.25)  # on link
+    assert dataclasses.replace(cost, boundary_bytes_per_token=4)(2, 0) == pytest.approx(without + 0.25)  # on link
     assert float(once(np.array([2, 2]), np.array([0, 0]))[0]) == pytest.approx(once(2, 0))
 
 
@@ -496,15 +496,63 @@ def test_a_boundary_sent_once_and_broadcast_equals_matching_sends(mode, compress
     assert "boundary_broadcast_bytes_per_stage" not in matching.metrics
 
 
-def test_a_boundary_sent_once_and_broadcast_over_gloo_equals_unchunked():
+@pytest.mark.parametrize("tp_boundary", ["broadcast", "sharded"])
+def test_a_boundary_sent_once_or_sharded_over_gloo_equals_unchunked(tp_boundary):
     cfg = TINY.replace(num_kv_heads=1)
     tokens = torch.randint(0, cfg.vocab_size, (1, 33), generator=torch.Generator().manual_seed(4))
     ref = run_prefill(cfg, tokens, mode="unchunked")
     res = run_prefill(cfg, tokens, mode="overlapped", stages=2, tp=2, chunk_size=8, link="gloo",
-                      tp_boundary="broadcast", threads=1)
+                      tp_boundary=tp_boundary, threads=1)
     assert (res.logits - ref.logits).abs().max().item() <= 1e-5
     assert (res.decode_logits - ref.decode_logits).abs().max().item() <= 1e-5
-    assert res.metrics["boundary_broadcast_bytes_per_stage"] == [0, 33 * 64 * 4]
+    if tp_boundary == "broadcast":
+        assert res.metrics["boundary_broadcast_bytes_per_stage"] == [0, 33 * 64 * 4]
+    else:  # chunks 8, 8, 8, 8, 1: slices of 4, 4, 4, 4, 1 tokens per rank, gathered back into 2 x that
+        assert res.metrics["bytes_per_boundary"] == [17 * 64 * 4]
+        assert res.metrics["boundary_gather_bytes_per_stage"] == [0, 34 * 64 * 4]
+
+
+def test_shard_tokens_slices_every_rank_the_same_length():
+    from pipeline.tp import shard_tokens
+    t = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    parts = [shard_tokens(t, r, 2) for r in range(2)]
+    assert [p.shape for p in parts] == [(2, 3, 3), (2, 3, 3)] and all(p.is_contiguous() for p in parts)
+    assert torch.equal(torch.cat(parts, 1)[:, :5], t) and not parts[1][:, 2].any()  # one zero row of padding
+    one = [shard_tokens(t[:, :1], r, 4) for r in range(4)]  # a decode token over 4 ranks: rank 0 has it
+    assert torch.equal(one[0], t[:, :1]) and all(p.shape == (2, 1, 3) and not p.any() for p in one[1:])
+
+
+@pytest.mark.parametrize("mode", ["naive", "chunked", "overlapped"])
+@pytest.mark.parametrize("tp,chunks,compress", [(2, [7, 7, 7, 7, 7, 2], "none"), (4, [1, 3, 10, 23], "fp8")])
+def test_sharded_boundaries_equal_matching_sends(mode, tp, chunks, compress):
+    """Each TP rank sends ceil(c/T) of a chunk's c tokens (chunks of fewer tokens than ranks too: zero rows pad the
+    slices), the receiving stage all-gathers them: the same logits, decode and caches as matching sends, bit for
+    bit, with 1/T of the bytes on each link."""
+    cfg = TINY.replace(num_kv_heads=1)
+    B, L = 2, 37
+    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(9))
+    kw = dict(mode=mode, stages=2, tp=tp, chunks=chunks, compress=compress, return_cache=True)
+    matching = run_prefill(cfg, tokens, **kw)
+    sharded = run_prefill(cfg, tokens, tp_boundary="sharded", **kw)
+    assert torch.equal(sharded.logits, matching.logits)
+    assert torch.equal(sharded.decode_logits, matching.decode_logits)
+    for (k1, v1), (k2, v2) in zip(sharded.caches, matching.caches):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    bpt = B * (64 * 4 if compress == "none" else 64 + 4)
+    plan = [L] if mode == "naive" else chunks
+    assert sharded.metrics["bytes_per_boundary"] == [sum(-(-c // tp) for c in plan) * bpt]
+    assert matching.metrics["bytes_per_boundary"] == [L * bpt]
+    assert sharded.metrics["boundary_gather_bytes_per_stage"] == [0, tp * sum(-(-c // tp) for c in plan) * bpt]
+    assert sharded.metrics["decode_bytes_per_boundary"] == [bpt]  # one token: rank 0's slice (the others pad)
+
+
+def test_a_ragged_batch_crosses_sharded_boundaries():
+    rows = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 23, 1)]
+    alone = [run_prefill("tiny", r[None], mode="unchunked") for r in rows]
+    res = run_prefill("tiny", rows, mode="overlapped", stages=2, tp=2, chunk_size=7, tp_boundary="sharded")
+    for b, a in enumerate(alone):
+        assert (res.logits[b] - a.logits[0]).abs().max().item() <= 1e-5
+        assert (res.decode_logits[b] - a.decode_logits[0]).abs().max().item() <= 1e-5
 
 
 def test_the_harness_runs_both_boundary_kinds_side_by_side():
@@ -526,28 +574,32 @@ def test_the_harness_simulates_a_broadcast_boundary_and_replays_it():
     from pipeline import PipelineSpec
     spec = PipelineSpec(source="tiny", stages=2, tp=2, tp_latency_s=2e-3)
     point = run_point(spec, 64, 1, [16] * 4, repeats=1, warmup=0, modes=["overlapped"],
-                      tp_boundaries=["matching", "broadcast"], simulate=True)
+                      tp_boundaries=["matching", "broadcast", "sharded"], simulate=True)
     matching, once = point["modes"]["overlapped"], point["modes"]["overlapped/broadcast"]
+    sharded = point["modes"]["overlapped/sharded"]
     assert once["sim_ttft_ms"] - matching["sim_ttft_ms"] >= 2.0 * 0.9
+    assert sharded["sim_ttft_ms"] - matching["sim_ttft_ms"] >= 2.0 * 0.9  # the all-gather, one collective too
+    assert sharded["bytes_exact"] and sharded["prefill_bytes_per_boundary"] == [4 * 8 * 64 * 4]
     stage1 = [r for r in point["records"]["overlapped/broadcast"][0] if r.stage == 1][0]
-    assert len(stage1.broadcast) == 4 and min(stage1.broadcast) >= 2e-3 * 0.9
-    assert not [r for r in point["records"]["overlapped"][0] if r.stage == 1][0].broadcast
+    assert len(stage1.boundary) == 4 and min(stage1.boundary) >= 2e-3 * 0.9
+    assert not [r for r in point["records"]["overlapped"][0] if r.stage == 1][0].boundary
 
 
 def test_a_measured_cost_counts_a_chunks_broadcast_with_it():
     from pipeline.schedule import StageRecord
     from pipeline.simulate import MeasuredCost
-    rec = StageRecord(1, [4, 4], compute=[(0.0, 1.0), (1.0, 3.0)], broadcast=[0.5, 0.25])
+    rec = StageRecord(1, [4, 4], compute=[(0.0, 1.0), (1.0, 3.0)], boundary=[0.5, 0.25])
     cost = MeasuredCost(rec)
     assert cost(4, 0) == 1.5 and cost(4, 4) == 2.25
-    with pytest.raises(ValueError, match="1 boundary broadcasts for 2 chunks"):
-        MeasuredCost(StageRecord(1, [4, 4], compute=[(0.0, 1.0), (1.0, 3.0)], broadcast=[0.5]))
+    with pytest.raises(ValueError, match="1 boundary collectives for 2 chunks"):
+        MeasuredCost(StageRecord(1, [4, 4], compute=[(0.0, 1.0), (1.0, 3.0)], boundary=[0.5]))
 
 
 def test_the_projection_says_how_a_tp_stage_boundary_should_cross(tmp_path, capsys):
-    """A NIC per GPU: T matching sends cost nothing more than one, so the broadcast can only add; one NIC per
-    stage: the T sends share it and cost more than one send plus a broadcast over NVLink. The TP fabric is its own
-    (--tp-link) for groups within a node: all-reduces over NVLink expose less than over 100GbE."""
+    """A NIC per GPU: T matching sends cost nothing more than one, so the broadcast can only add, while sharded sends
+    carry 1/T each; one NIC per stage: the T sends share it and cost more than one send plus a broadcast over
+    NVLink, and T slices of 1/T through it cost one send, their all-gather less than a broadcast. The TP fabric is
+    its own (--tp-link) for groups within a node: all-reduces over NVLink expose less than over 100GbE."""
     import json
 
     from bench.simulate import main, project_tp
@@ -565,12 +617,16 @@ def test_the_projection_says_how_a_tp_stage_boundary_should_cross(tmp_path, caps
         b = r[f"boundary_{r['boundary_tp_comm']}_ms"]
         assert b["matching"] == r[f"overlapped_{r['boundary_tp_comm']}_ms"]
         assert b["matching"] <= b["broadcast"] < b["matching_shared_nic"]
-        assert r["boundary_own_nics"] == "matching" and r["boundary_shared_nic"] == "broadcast"
+        assert b["sharded"] <= b["sharded_shared_nic"] <= b["broadcast"]
+        assert r["boundary_own_nics"] in ("matching", "sharded") and r["boundary_shared_nic"] == "sharded"
+        assert r["sharded_over_matching"] == pytest.approx(b["sharded"] / b["matching"])
         assert r["shared_nic_matching_over_broadcast"] == pytest.approx(b["matching_shared_nic"] / b["broadcast"])
     by_t = {r["tp"]: r["shared_nic_matching_over_broadcast"] for r in both}
     assert by_t[8] > by_t[2]  # the more ranks share the NIC, the more the T sends cost
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["broadcast_wins"] == {"own_nics": 0, "shared_nic": 3, "of": 3}
+    wins = summary["boundary_wins"]
+    assert wins["own_nics"]["broadcast"] == 0 and wins["shared_nic"] == {"matching": 0, "broadcast": 0, "sharded": 3}
+    assert sum(wins["own_nics"].values()) == 3
     cfg = get_preset("llama3-8b")
     nv = project_tp(cfg, 16, 8, 2, "h100", "100gbe", 8192, tp_link_name="nvlink")
     slow = project_tp(cfg, 16, 8, 2, "h100", "100gbe", 8192)
