@@ -9,8 +9,9 @@ With --gpus N,...: tensor x pipeline parallelism instead. Every (T, S) with T·S
 ranks with two all-reduces per layer (ring: latency + 2(T-1)/T bytes / bandwidth), serial or overlapped ISO-style
 (`pipeline.costs.TPCost`); defaults llama3-8b/70b/405b over nvlink, pcie5 and ib-ndr. Every link, the stage sends
 and the all-reduces alike, is the named fabric, unless --tp-link names the all-reduces' own for TP groups that fit
-in a node of --node-gpus GPUs (nvlink, say; wider groups cross nodes over the named fabric). Where T > 1 and S > 1 it also says how a stage boundary should cross: T matching sends (over a NIC per GPU,
-or sharing one NIC) or one send and a broadcast inside the receiving stage.
+in a node of --node-gpus GPUs (nvlink, say; wider groups cross nodes over the named fabric). Where T > 1 and
+S > 1 it also says how a stage boundary should cross: T matching sends, one send and a broadcast inside the
+receiving stage, or T sends of 1/T of the tokens and an all-gather, over a NIC per GPU or one shared NIC.
 
 Writes simulate.json and simulate.png; the last stdout line is a one-line JSON summary. These are model figures,
 not measurements: the device rates and efficiencies they assume are in pipeline/costs.py and in the JSON.
@@ -174,7 +175,8 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
                 matching_shared_nic=simulate("overlapped", chunks, tabled, shared, bpt).makespan_s * 1e3,
                 broadcast=simulate("overlapped", chunks, bcast, link, bpt).makespan_s * 1e3,
                 sharded=simulate("overlapped", chunks, gather, link, -(-bpt // T)).makespan_s * 1e3,
-                sharded_shared_nic=simulate("overlapped", chunks, gather, shared, -(-bpt // T)).makespan_s * 1e3)
+                sharded_shared_nic=simulate("overlapped", chunks, gather, shared,
+                                            -(-bpt // T)).makespan_s * 1e3)
     best = min(((mode, comm) for mode in TP_MODES for comm in ("serial", "overlap")),
                key=lambda mc: row[f"{mc[0]}_{mc[1]}_ms"])
     row["best_mode"], row["best_tp_comm"] = best

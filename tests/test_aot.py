@@ -22,11 +22,13 @@ def compile_rows(*args) -> list[dict]:
     return rows
 
 
-# sm_90 in two shards: the longest compile of the suite, shared between the xdist workers
-AOT_RUNS = [("90", ["--quick"], "0/2"), ("90", ["--quick"], "1/2"), ("80", ["--quick"], "0/1")]
+# each arch in two shards: the longest compiles of the suite, shared between the xdist workers
+AOT_RUNS = [("90", ["--quick"], "0/2"), ("90", ["--quick"], "1/2"), ("80", ["--quick"], "0/2"),
+            ("80", ["--quick"], "1/2")]
 
 
-@pytest.mark.parametrize("arch,extra,shard", AOT_RUNS, ids=["sm90-shard0", "sm90-shard1", "sm80"])
+@pytest.mark.parametrize("arch,extra,shard", AOT_RUNS, ids=["sm90-shard0", "sm90-shard1", "sm80-shard0",
+                                                             "sm80-shard1"])
 def test_kernels_compile_for_gpu_without_spills(arch, extra, shard):
     rows = compile_rows("--arch", arch, *extra, "--shard", shard)
     i, n = (int(v) for v in shard.split("/"))
@@ -52,9 +54,12 @@ def test_the_compiled_selection_covers_every_kernel():
     paged = {n for n in names if n.startswith("chunk_attention_paged ")}
     assert {f"d{d}" for d in (16, 32, 64, 80, 128, 256)} <= {n.split()[1] for n in paged if "bfloat16" in n}
     assert {w for n in paged for w in n.split() if w.startswith("page")} == {"page16", "page256"}
-    # and its GQA-packed tiles, and the split-KV variant of every bf16 tile
+    # and its GQA-packed tiles, and the split-KV variant of every bf16 tile (at d128 in the quick selection)
     assert any(" pack" in n for n in paged)
-    assert {n + " split" for n in paged if "bfloat16" in n and "page16" in n and not n.endswith(" split")} <= paged
+    assert {n + " split" for n in paged if "bfloat16 " in n and " d128 " in n and "page16" in n
+            and not n.endswith(" split")} <= paged
+    full = {r["kernel"] for r in compile_rows("--arch", "90", "--only", "paged", "--list")}
+    assert {n + " split" for n in full if "bfloat16 " in n and "page16" in n and not n.endswith(" split")} <= full
     # GQA-packed decode tiles and the split-KV variant of every 16-bit tile (any grid that leaves SMs idle splits)
     assert any(" pack" in n for n in names)
     plain = {n for n in names if n.startswith("chunk_attention ") and "float32" not in n and not n.endswith(
