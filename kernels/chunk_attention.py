@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import cdiv, integer, interpreted, launching, next_pow2, positive_number
+from .shapes import cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number
 
 LOG2E = 1.4426950408889634
 
@@ -77,6 +77,22 @@ def _attend_tma(acc, l_i, m_i, q, kd, vd, row0, kvh, hi, offs_d, qk_scale, BLOCK
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
+
+
+@triton.jit
+def _split_slice(P, C_ok, pid_s, n_splits, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-KV: program `pid_s` of `n_splits` covers the block-aligned slice [lo, hi) of a prefix of P keys, and
+    the chunk's C_ok keys only in the last split (chunk_end); unsplit, all of them. Returns (lo, hi, chunk_end)."""
+    if SPLIT:
+        per = tl.cdiv(tl.cdiv(P, BLOCK_N), n_splits) * BLOCK_N
+        lo = pid_s * per
+        hi = tl.maximum(tl.minimum(lo + per, P), lo)
+        chunk_end = tl.where(pid_s == n_splits - 1, C_ok, 0)
+    else:
+        lo = 0
+        hi = P
+        chunk_end = C_ok
+    return lo, hi, chunk_end
 
 
 @triton.jit(do_not_specialize=["start_pos", "max_len"])  # a new prefix every chunk: one compiled kernel for all
@@ -173,15 +189,7 @@ def _chunk_attention_kernel(
 
     # Phase 1, the prefix: every query sees every key. Full blocks unmasked, the ragged tail masked. Split: this
     # program's block-aligned slice [lo, hi) of [0, P); the chunk phase only in the last split.
-    if SPLIT:
-        per = tl.cdiv(tl.cdiv(P, BLOCK_N), n_splits) * BLOCK_N
-        lo = pid_s * per
-        hi = tl.maximum(tl.minimum(lo + per, P), lo)
-        chunk_end = tl.where(pid_s == n_splits - 1, C_ok, 0)
-    else:
-        lo = 0
-        hi = P
-        chunk_end = C_ok
+    lo, hi, chunk_end = _split_slice(P, C_ok, pid_s, n_splits, SPLIT, BLOCK_N)
     # the slice's keys are addressed from its start (a loop from 0 with a constant-free start compiles to fewer
     # registers: a loop from a runtime `lo` spilled 92-108 B in the 64x128 tile under Triton 3.9)
     n = hi - lo
@@ -321,16 +329,8 @@ CONFIG_PROBES = ((1, 1), (1, 4), (16, 8), (256, 1), (4096, 1))
 
 def all_configs(capability: tuple[int, int] = (9, 0)) -> list[tuple[int, torch.dtype, int, dict]]:
     """(head_dim, dtype, group, config) for every choice `pick_config` makes on a GPU of that capability."""
-    out = []
-    for d in SUPPORTED_HEAD_DIMS:
-        for dtype in SUPPORTED_DTYPES:
-            seen = []
-            for c, group in CONFIG_PROBES:
-                cfg = pick_config(c, d, dtype, capability, group)
-                if cfg not in seen:
-                    seen.append(cfg)
-                    out.append((d, dtype, group, cfg))
-    return out
+    return distinct_configs(SUPPORTED_HEAD_DIMS, SUPPORTED_DTYPES, CONFIG_PROBES,
+                            lambda c, d, dtype, group: pick_config(c, d, dtype, capability, group))
 
 
 def pick_splits(programs: int, key_blocks: int, n_sm: int) -> int:

@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from .chunk_attention import MERGE_ROWS, PACK_MAX_CHUNK, _check_config, _device_facts, _merge_splits_kernel, \
-    pack_heads, pick_splits
-from .shapes import cdiv, integer, interpreted, launching, next_pow2, positive_number
+    _split_slice, pack_heads, pick_splits
+from .shapes import cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number
 
 LOG2E = 1.4426950408889634
 
@@ -186,15 +186,7 @@ def _paged_chunk_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # the prefix: this program's block-aligned slice [lo, hi) of it (all of it unsplit), full key blocks unmasked,
     # the ragged tail masked; the chunk only in the last split
-    if SPLIT:
-        per = tl.cdiv(tl.cdiv(P, BLOCK_N), n_splits) * BLOCK_N
-        lo = pid_s * per
-        hi = tl.maximum(tl.minimum(lo + per, P), lo)
-        chunk_end = tl.where(pid_s == n_splits - 1, C_ok, 0)
-    else:
-        lo = 0
-        hi = P
-        chunk_end = C_ok
+    lo, hi, chunk_end = _split_slice(P, C_ok, pid_s, n_splits, SPLIT, BLOCK_N)
     n_full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, kc, vc, bt, stride_kcp, stride_kcs, stride_vcp, stride_vcs, lo,
                                   n_full, hi, offs_n, offs_d, qk_scale, False, BLOCK_N, PAGE_SIZE, PRECISION,
@@ -266,16 +258,8 @@ CONFIG_PROBES = ((64, 1), (16, 8))
 
 def all_configs(capability: tuple[int, int] = (9, 0)) -> list[tuple[int, torch.dtype, int, dict]]:
     """(head_dim, dtype, group, config) for every choice `pick_config` makes on a GPU of that capability."""
-    out = []
-    for d in HEAD_DIMS:
-        for dtype in SUPPORTED_DTYPES:
-            seen = []
-            for c, group in CONFIG_PROBES:
-                cfg = pick_config(d, dtype, capability, c, group)
-                if cfg not in seen:
-                    seen.append(cfg)
-                    out.append((d, dtype, group, cfg))
-    return out
+    return distinct_configs(HEAD_DIMS, SUPPORTED_DTYPES, CONFIG_PROBES,
+                            lambda c, d, dtype, group: pick_config(d, dtype, capability, c, group))
 
 
 def _tensor(name: str, t, dims: int, what: str, packed: bool = False) -> torch.Tensor:
