@@ -250,3 +250,15 @@ def test_max_prefix_goes_with_the_paged_path():
 @pytest.mark.parametrize("page", [16, 256])
 def test_paged_varlen_gpu_bf16(cuda, page):
     run_paged_case([2048, 1, 300, 17], [16384, 9000, 0, 4097], 32, 8, 128, page, torch.bfloat16, 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [16, 256])
+def test_paged_decode_batch_gpu_bf16_packs_and_splits(cuda, page):
+    """A decode step of 4 rows over long prefixes, 4 query heads per KV head: the launcher packs each group's heads
+    into one tile and, with 32 programs on a GPU of many more SMs, splits the prefixes; compiled kernel and merge
+    against float64."""
+    from kernels.paged_attention import paged_launch_plan
+    plan = paged_launch_plan(cuda, torch.bfloat16, 4, 32, 8, 128, 1, 16384)
+    assert plan["pack"] == 4 and plan["splits"] > 1
+    run_paged_case([1, 1, 1, 1], [16384, 9000, 300, 4097], 32, 8, 128, page, torch.bfloat16, 2e-2)
