@@ -7,7 +7,9 @@
 - `RaggedStep`: one step's metadata, what `chunk_attention`'s paged path takes (cu_seqlens, prefix lengths) and
   the positions RoPE takes, plus which rows end in it (their last token gives their logits).
 - `PagePool`: one stage's K/V pages [layers, num_pages, page_size, Hkv, D] and each row's pages; `reserve` hands
-  out free pages as a row's positions grow, `block_table` is the int32 [B, max_pages] the kernel reads.
+  out free pages as a row's positions grow, `block_table` is the int32 [B, max_pages] the kernel reads;
+  `free_row` returns a finished row's pages, `share_prefix` lets a row start from another row's cached prefix
+  (its full pages shared, read only; the partial last page copied), as a serving stack's prefix cache does.
 
 On the wire a step's hidden state is [1, N, H] (N: the step's tokens over all rows), so links, codecs and schedules
 treat it as a chunk of N tokens of a batch of one.
@@ -111,11 +113,13 @@ def decode_step(lengths: list[int]) -> RaggedStep:
 
 @dataclass
 class PagePool:
-    """A stage's KV pages for `layers` layers and the rows' page lists (allocated in order, freed all at once)."""
+    """A stage's KV pages for `layers` layers and the rows' page lists. Pages are counted by the rows holding them:
+    a page two rows share (a common prefix) goes back to the free list when the last of them lets it go."""
     k: torch.Tensor  # [layers, num_pages, page_size, Hkv, D]
     v: torch.Tensor
     rows: list[list[int]] = field(default_factory=list)
     free: list[int] = field(default_factory=list)
+    refs: list[int] = field(default_factory=list)  # rows holding each page
 
     @classmethod
     def create(cls, layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int, dtype, device):
@@ -136,15 +140,56 @@ class PagePool:
         """Every page free, `rows` empty rows."""
         self.rows = [[] for _ in range(rows)]
         self.free = list(range(self.num_pages - 1, -1, -1))  # popped from the end: pages 0, 1, 2, ... first
+        self.refs = [0] * self.num_pages
+
+    def _row(self, row: int) -> list[int]:
+        if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < len(self.rows):
+            raise ValueError(f"page pool: row must be an int in [0, {len(self.rows)}), got {row!r}")
+        return self.rows[row]
+
+    def _take(self, row: int, n: int) -> list[int]:
+        if n > len(self.free):
+            raise RuntimeError(f"page pool exhausted: row {row} needs {n} more pages of {self.page_size}, "
+                               f"{len(self.free)} of {self.num_pages} are free")
+        pages = [self.free.pop() for _ in range(n)]
+        for p in pages:
+            self.refs[p] = 1
+        return pages
 
     def reserve(self, row: int, length: int) -> None:
         """Pages for `row`'s positions [0, length)."""
-        need = -(-length // self.page_size) - len(self.rows[row])
-        if need > len(self.free):
-            raise RuntimeError(f"page pool exhausted: row {row} needs {need} more pages of {self.page_size}, "
-                               f"{len(self.free)} of {self.num_pages} are free")
-        for _ in range(max(0, need)):
-            self.rows[row].append(self.free.pop())
+        need = -(-length // self.page_size) - len(self._row(row))
+        self.rows[row] += self._take(row, max(0, need))
+
+    def free_row(self, row: int) -> None:
+        """`row` is done: it lets go of its pages (those no other row shares are free again) and holds none."""
+        for p in self._row(row):
+            self.refs[p] -= 1
+            if self.refs[p] == 0:
+                self.free.append(p)
+        self.rows[row] = []
+
+    def share_prefix(self, row: int, src: int, length: int) -> None:
+        """An empty `row` starts from `src`'s cached positions [0, length) (a common prompt prefix, already computed
+        there): the full pages among them are shared (the kernel only reads positions below a row's prefix, so
+        neither row writes them again), the partial last one is copied into a page of `row`'s own, which its next
+        tokens then fill. `row`'s next chunk starts at position `length`."""
+        mine, theirs = self._row(row), self._row(src)
+        if mine:
+            raise ValueError(f"page pool: row {row} already holds pages; share a prefix into an empty row")
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= len(theirs) * self.page_size:
+            raise ValueError(f"page pool: row {src} holds {len(theirs) * self.page_size} positions; a shared prefix "
+                             f"must be an int in [0, that], got {length!r}")
+        full, rest = divmod(length, self.page_size)
+        for p in theirs[:full]:
+            self.refs[p] += 1
+        self.rows[row] = theirs[:full]
+        if rest:
+            (page,) = self._take(row, 1)
+            src_page = theirs[full]
+            self.k[:, page, :rest] = self.k[:, src_page, :rest]
+            self.v[:, page, :rest] = self.v[:, src_page, :rest]
+            self.rows[row].append(page)
 
     def block_table(self, device) -> torch.Tensor:
         width = max(1, max((len(r) for r in self.rows), default=1))

@@ -62,6 +62,55 @@ def test_a_page_pool_hands_out_pages_as_rows_grow_and_says_when_it_runs_out():
         pool.reserve(0, 9)
 
 
+def test_a_page_pool_frees_finished_rows_and_shares_prefixes_by_count():
+    pool = PagePool.create(1, 8, 4, 1, 2, torch.float32, "cpu")
+    pool.reset(3)
+    pool.reserve(0, 10)  # pages 0, 1, 2: positions 8, 9 in page 2
+    pool.k[0, 2, :2] = torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]]])
+    pool.share_prefix(1, 0, 10)  # full pages 0, 1 shared; page 2's two positions copied into a page of its own
+    assert pool.rows[1][:2] == [0, 1] and pool.rows[1][2] not in pool.rows[0]
+    assert torch.equal(pool.k[0, pool.rows[1][2], :2], pool.k[0, 2, :2])
+    pool.share_prefix(2, 0, 8)  # a prefix ending on a page boundary: nothing copied
+    assert pool.rows[2] == [0, 1] and pool.refs[:4] == [3, 3, 1, 1]
+    free_before = len(pool.free)
+    pool.free_row(0)  # pages 0 and 1 stay (rows 1 and 2 hold them), page 2 is free again
+    assert pool.rows[0] == [] and len(pool.free) == free_before + 1 and pool.refs[:3] == [2, 2, 0]
+    pool.free_row(1)
+    pool.free_row(2)
+    assert sorted(pool.free) == list(range(8)) and not any(pool.refs)
+    pool.reserve(0, 4)
+    for bad, match in (((0, 2, 4), "already holds pages"), ((1, 0, 5), r"holds 4 positions; .* got 5"),
+                       ((1, 3, 0), r"row must be an int in \[0, 3\), got 3")):
+        with pytest.raises(ValueError, match=match):
+            pool.share_prefix(*bad)
+
+
+@pytest.mark.parametrize("prefix_len", [13, 16, 0])
+def test_a_row_started_from_a_shared_prefix_equals_the_prompt_run_alone(prefix_len):
+    """Prefix caching: row 1's prompt starts with row 0's first `prefix_len` tokens; after row 0 ran, row 1 shares
+    those positions' pages (13: the partial page copied) and computes only its own suffix. Its logits equal its
+    whole prompt run alone, and row 0's cache is untouched by row 1's writes."""
+    model = load_model("tiny")
+    g = torch.Generator().manual_seed(7)
+    common = torch.randint(0, 256, (prefix_len,), generator=g)
+    a = torch.cat([common, torch.randint(0, 256, (9,), generator=g)])
+    b = torch.cat([common, torch.randint(0, 256, (11,), generator=g)])
+    pool = model.new_pool([len(a), len(b)], 8)
+    pool.reset(2)
+    from pipeline.ragged import RaggedStep
+    first = model.forward_packed(a[None], RaggedStep((0, 0), (len(a), 0), (0,)), pool)
+    a_cache = pool.row_cache(0, len(a))
+    pool.share_prefix(1, 0, prefix_len)
+    suffix = b[prefix_len:]
+    second = model.forward_packed(suffix[None], RaggedStep((len(a), prefix_len), (0, len(suffix)), (1,)), pool)
+    assert (first[0] - model(a[None])[0, -1]).abs().max().item() <= 1e-5
+    assert (second[0] - model(b[None])[0, -1]).abs().max().item() <= 1e-5
+    assert all(torch.equal(x, y) for x, y in zip(a_cache, pool.row_cache(0, len(a))))
+    b_cache = pool.row_cache(1, len(b))
+    ref = run_prefill("tiny", b[None], mode="unchunked", return_cache=True).caches[0]
+    assert (b_cache[0][:, 0] - ref[0][:, 0]).abs().max().item() <= 1e-5
+
+
 # one-token steps with the torch ops only: the interpreter is slow
 @pytest.mark.parametrize("ops,chunk_size", [("torch", None), ("torch", 7), ("torch", 1), ("triton", None),
                                             ("triton", 7)])
