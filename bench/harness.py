@@ -185,8 +185,8 @@ def chunk_costs_vs_measured(mode: str, runs_records, costs):
         for r in records:
             cost = (lambda x, p: sum(float(c(x, p)) for c in costs)) if mode == "unchunked" else costs[r.stage]
             starts = chunk_starts(r.chunks)
-            bcast = r.boundary or [0.0] * len(r.chunks)
-            for x, p, (a, b), t in zip(r.chunks, starts, r.compute, bcast):
+            boundary = r.boundary or [0.0] * len(r.chunks)
+            for x, p, (a, b), t in zip(r.chunks, starts, r.compute, boundary):
                 fit.append(float(cost(x, p)))
                 took.append(b - a + t)
     return np.array(fit), np.array(took)

@@ -325,7 +325,7 @@ def main(argv=None) -> int:
                     help="with --gpus: the fabric of the all-reduces (and of boundary broadcasts) of TP groups that "
                          "fit in one node (--node-gpus), e.g. nvlink, while --links names the fabric between nodes "
                          "(default: the same as each link)")
-    ap.add_argument("--node-gpus", type=integer(1), default=8,
+    ap.add_argument("--node-gpus", type=integer(1), default=None,
                     help="with --tp-link: GPUs per node; a TP group wider than a node all-reduces over --links "
                          "(default: 8)")
     ap.add_argument("--prompt-lens", type=int_list(1), default=[4096, 8192, 16384, 32768, 65536, 131072],
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
         return main_tp(args)
     if args.tp_link:
         raise ValueError("--tp-link names the fabric of tensor parallelism's all-reduces: it needs --gpus")
-    if args.node_gpus != 8:
+    if args.node_gpus is not None:
         raise ValueError("--node-gpus says which TP groups --tp-link serves: it needs --gpus and --tp-link")
     args.models = args.models or ["llama3-8b", "llama3-70b"]
     args.stages = args.stages or [2, 4, 8]
@@ -404,8 +404,9 @@ def main_tp(args) -> int:
     from .options import output_dir, say
     if args.chunk_plan != "balanced":
         raise ValueError("--gpus plans balanced chunks for each split: drop --chunk-plan uniform")
-    if args.node_gpus != 8 and not args.tp_link:
+    if args.node_gpus is not None and not args.tp_link:
         raise ValueError("--node-gpus says which TP groups --tp-link serves: it needs --tp-link")
+    args.node_gpus = args.node_gpus or 8
     models = args.models or ["llama3-8b", "llama3-70b", "llama3-405b"]
     links = args.links or ["nvlink", "pcie5", "ib-ndr"]
     cfgs = {m: PRESETS[m] for m in models}

@@ -83,8 +83,11 @@ class Block(nn.Module):
         I = self.cfg.intermediate_size
         return self.w2(ops.swiglu(gate_up[..., :I], gate_up[..., I:]))
 
-    def _residual_step(self, h, residual, attend, ops: Ops, reduce):
-        """norm, `attend(x)`, (all-reduce), add + norm, MLP, (all-reduce): the block around either attention."""
+    def forward(self, h, residual, attend, ops: Ops, reduce=None):
+        """h, residual [B, C, H] (residual None on a part's first block); returns the new (h, residual): norm,
+        `attend(x)` (`attend` or `attend_packed` bound to their caches), all-reduce, add + norm, MLP, all-reduce.
+        With tensor parallelism this block is one rank's shard (its cfg has this rank's heads and MLP columns) and
+        `reduce` sums the row-parallel outputs of wo and w2 over the ranks."""
         eps = self.cfg.rms_norm_eps
         x, residual = ops.add_rms_norm(h, residual, self.attention_norm, eps)
         h = attend(x)
@@ -96,18 +99,6 @@ class Block(nn.Module):
             h = reduce(h)
         return h, residual
 
-    def forward_packed(self, h, residual, meta: dict, k_pages, v_pages, block_table, rope_cos, rope_sin, ops: Ops,
-                       reduce=None):
-        """`forward` for a ragged step's packed rows [1, N, H] over paged K/V."""
-        return self._residual_step(h, residual, lambda x: self.attend_packed(x, meta, k_pages, v_pages, block_table,
-                                                                             rope_cos, rope_sin, ops), ops, reduce)
-
-    def forward(self, h, residual, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops, reduce=None):
-        """h, residual [B, C, H] (residual None on a part's first block); returns the new (h, residual).
-        With tensor parallelism this block is one rank's shard (its cfg has this rank's heads and MLP columns) and
-        `reduce` sums the row-parallel outputs of wo and w2 over the ranks."""
-        return self._residual_step(h, residual, lambda x: self.attend(x, start_pos, k_cache, v_cache, rope_cos,
-                                                                      rope_sin, ops), ops, reduce)
 
 
 class Transformer(nn.Module):
@@ -215,18 +206,10 @@ class Transformer(nn.Module):
             raise ValueError(f"positions [{start_pos}, {start_pos + C}) do not fit the cache ({cache.max_len})")
         h = self.tok_embeddings(x) if self.is_first else x
         rope = (self.rope_cos, self.rope_sin, self.ops)
-        if self.reduce is not None and self.tp_comm == "overlap" and C >= 2:
-            starts = (start_pos, start_pos + C // 2)
-            h, residual = self._layers_overlapped(
-                h, C // 2, lambda j, i, x: self.layers[i].attend(x, starts[j], cache.k[i], cache.v[i], *rope))
-        elif self.reduce is not None and self.tp_comm == "sequence" and C >= self.tp:
-            h, residual = self._layers_sequence_parallel(
-                h, lambda i, x: self.layers[i].attend(x, start_pos, cache.k[i], cache.v[i], *rope)), None
-        else:
-            residual = None
-            for i, block in enumerate(self.layers):
-                h, residual = block(h, residual, start_pos, cache.k[i], cache.v[i], self.rope_cos, self.rope_sin,
-                                    self.ops, self.reduce)
+        starts = (start_pos, start_pos + C // 2)  # the token halves of the ISO schedule
+        h, residual = self._layers(
+            h, self._schedule(C), lambda i, x: self.layers[i].attend(x, start_pos, cache.k[i], cache.v[i], *rope),
+            lambda j, i, x: self.layers[i].attend(x, starts[j], cache.k[i], cache.v[i], *rope))
         if not self.is_last:  # the residual stream: the one tensor that crosses a stage boundary
             return h if residual is None else h + residual
         if last_only:
@@ -256,23 +239,16 @@ class Transformer(nn.Module):
         if step.tokens and max(p + n for p, n in zip(step.starts, step.lengths)) > self.cfg.max_seq_len:
             raise ValueError(f"a row's positions pass max_seq_len {self.cfg.max_seq_len}")
         table = pool.block_table(self.device)
-        meta = step.tensors(self.device)
         h = self.tok_embeddings(x) if self.is_first else x
         rope = (self.rope_cos, self.rope_sin, self.ops)
-        N = step.tokens
-        if self.reduce is not None and self.tp_comm == "overlap" and N >= 2:
-            halves = [half.tensors(self.device) for half in step.split(N // 2)]
-            h, residual = self._layers_overlapped(
-                h, N // 2, lambda j, i, x: self.layers[i].attend_packed(x, halves[j], pool.k[i], pool.v[i], table,
-                                                                       *rope))
-        elif self.reduce is not None and self.tp_comm == "sequence" and N >= self.tp:
-            h, residual = self._layers_sequence_parallel(
-                h, lambda i, x: self.layers[i].attend_packed(x, meta, pool.k[i], pool.v[i], table, *rope)), None
+        schedule = self._schedule(step.tokens)
+        if schedule == "overlap":  # each token half's metadata; the whole step's is not needed
+            halves = [half.tensors(self.device) for half in step.split(step.tokens // 2)]
         else:
-            residual = None
-            for i, block in enumerate(self.layers):
-                h, residual = block.forward_packed(h, residual, meta, pool.k[i], pool.v[i], table, *rope,
-                                                   self.reduce)
+            meta = step.tensors(self.device)
+        h, residual = self._layers(
+            h, schedule, lambda i, x: self.layers[i].attend_packed(x, meta, pool.k[i], pool.v[i], table, *rope),
+            lambda j, i, x: self.layers[i].attend_packed(x, halves[j], pool.k[i], pool.v[i], table, *rope))
         if not self.is_last:
             return h if residual is None else h + residual
         if not step.ends:  # no row's prompt ends in this step
@@ -281,6 +257,27 @@ class Transformer(nn.Module):
         x, _ = self.ops.add_rms_norm(h[:, idx], None if residual is None else residual[:, idx], self.norm,
                                      self.cfg.rms_norm_eps)
         return self.output(x)[0]
+
+    def _schedule(self, tokens: int) -> str:
+        """How this part combines its TP ranks' partial sums on a chunk of `tokens` tokens: tp_comm, unless the
+        chunk is too short for it (one token has no halves; fewer tokens than ranks, no shards), then serial."""
+        if self.reduce is None or (self.tp_comm == "overlap" and tokens < 2) or \
+                (self.tp_comm == "sequence" and tokens < self.tp):
+            return "serial"
+        return self.tp_comm
+
+    def _layers(self, h, schedule: str, attend, attend_half):
+        """This part's layers on a chunk, under `schedule` (`_schedule`): `attend(i, x)` is layer i's attention of
+        the whole chunk, `attend_half(j, i, x)` of token half j (ISO overlap). Returns (h, residual); residual None
+        when already added in."""
+        if schedule == "overlap":
+            return self._layers_overlapped(h, h.shape[1] // 2, attend_half)
+        if schedule == "sequence":
+            return self._layers_sequence_parallel(h, attend), None
+        residual = None
+        for i, block in enumerate(self.layers):
+            h, residual = block(h, residual, lambda x, i=i: attend(i, x), self.ops, self.reduce)
+        return h, residual
 
     def _layers_overlapped(self, h, m: int, attend):
         """ISO-style overlap of the reduce (tp_comm="overlap"): the chunk's tokens in two halves, [0, m) and

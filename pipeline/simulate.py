@@ -118,8 +118,8 @@ class MeasuredCost:
             raise ValueError(f"stage {record.stage} recorded {len(record.boundary)} boundary collectives for "
                              f"{len(record.chunks)} chunks: not a complete run")
         starts = chunk_starts(record.chunks, start_pos)
-        bcast = record.boundary or [0.0] * len(record.chunks)
-        self.times = {(x, p): b - a + t for x, p, (a, b), t in zip(record.chunks, starts, record.compute, bcast)}
+        boundary = record.boundary or [0.0] * len(record.chunks)
+        self.times = {(x, p): b - a + t for x, p, (a, b), t in zip(record.chunks, starts, record.compute, boundary)}
 
     def __call__(self, x, p) -> float:
         try:
