@@ -76,8 +76,13 @@ def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool 
         raise ValueError(f"threshold must be a finite number >= 0 (a fraction: 0.1 = 10%), got {threshold!r}")
     try:
         docs = [_load_json(p) for p in (base_path, new_path)]
-        if all(_is_kernels(d) for d in docs):
+        kinds = [_is_kernels(d) for d in docs]
+        if all(kinds):
             return compare_kernels(*docs, threshold, force)
+        if any(kinds):
+            which, other = (base_path, new_path) if kinds[0] else (new_path, base_path)
+            raise NotComparable(f"{which} is a kernel benchmark file (python -m bench kernels) and {other} is not: "
+                                "compare two files of the same kind")
         base, new = load_results(base_path), load_results(new_path)
         if not force:
             for key, what in (("device", "devices"), ("config", "configurations")):
@@ -144,20 +149,31 @@ def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool 
     return 0
 
 
+# this project's kernels' times (a regression past the threshold fails); every other *_ms figure is a peer's
+OURS = ("triton_ms", "paged_ms", "dense_rows_ms")
+# this project's kernels' errors against float64, checked against the row's tolerance
+OUR_ERRORS = ("max_abs_err", "triton_max_abs_err", "paged_max_abs_err", "dense_rows_max_abs_err")
+
+
 def _kernel_rows(doc: dict) -> dict:
-    """(kind, shape) -> row: attention rows by (prefix, chunk), memory-bound rows by op."""
+    """(kind, shape) -> row: attention rows by (prefix, chunk), paged rows by their batch of (prefix+chunk) rows and
+    page size, memory-bound rows by op."""
     rows = {}
     for r in doc.get("attention", []):
         rows[("attention", f"P={r['prefix']} C={r['chunk']}")] = r
+    for r in doc.get("paged", []):
+        rows[("paged", f"paged {','.join(f'{p}+{c}' for p, c in r['batch'])} page={r['page_size']}")] = r
     for r in doc.get("memory_bound", []):
         rows[("memory-bound", r["op"])] = r
     return rows
 
 
 def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool = False) -> int:
-    """Two kernel benchmark files, per shape and provider: chunk_attention's and the Triton memory-bound ops' time
-    REGRESSED past the threshold fails (exit 1), and so does a kernel whose error is over its tolerance; the peers'
-    (SDPA, flex, torch eager) times get a verdict each but never fail the run: they are the yardstick. Files of
+    """Two kernel benchmark files, per shape and provider: the time of chunk_attention (dense, and paged on a mixed
+    batch, with the dense kernel run per row) or of a Triton memory-bound op REGRESSED past the threshold fails
+    (exit 1), and so does a kernel whose error is over its tolerance; the peers' (SDPA, flex, torch eager) times get
+    a verdict each but never fail the run: they are the yardstick. A shape of the base missing from the new file
+    fails. Files of
     different devices are refused unless `force`. Older files (no schema_version: SDPA peers only) are read too."""
     for doc in (base, new):
         if doc.get("schema_version", 0) not in (0, 1):
@@ -173,7 +189,7 @@ def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool 
             failed.append(f"{key[0]} {key[1]} missing from the new file")
             continue
         for fig in sorted(k for k in b if k.endswith("_ms") and isinstance(b[k], (int, float)) and b[k]):
-            ours = fig in ("triton_ms",)
+            ours = fig in OURS
             if not isinstance(n.get(fig), (int, float)) or not n[fig]:
                 rows.append((key[1], fig, f"{b[fig]:.4f}", "-", "", "did not run"))
                 if ours:
@@ -188,10 +204,13 @@ def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool 
             elif ratio < 1 / (1 + threshold):
                 verdict = "faster" if ours else "peer faster"
             rows.append((key[1], fig, f"{b[fig]:.4f}", f"{n[fig]:.4f}", f"{ratio:.2f}", verdict))
-        tol = n.get("peer_tolerance")
-        err = n.get("max_abs_err", n.get("triton_max_abs_err"))
-        if tol is not None and err is not None and not err <= tol:
-            failed.append(f"{key[1]}: error {err:.1e} over the tolerance {tol:.0e}")
+        tol = n.get("peer_tolerance", n.get("tolerance"))
+        for fig in OUR_ERRORS:
+            err = n.get(fig)
+            if tol is not None and err is not None and not err <= tol:
+                failed.append(f"{key[1]}: {fig} {err:.1e} over the tolerance {tol:.0e}")
+        if n.get("paged_correct") is False and tol is None:  # an older paged row: its verdict alone
+            failed.append(f"{key[1]}: paged kernel incorrect (paged_correct false)")
     head = ("shape", "figure", "base ms", "new ms", "ratio", "verdict")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:

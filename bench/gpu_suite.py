@@ -249,6 +249,17 @@ def partitions_markdown(doc: dict) -> list[str]:
     return lines
 
 
+def _launcher(row: dict) -> str:
+    """The launcher's host µs per call against the same work replayed from a CUDA graph; 'launch-bound' where the
+    host takes longer than the device."""
+    host, graph = row.get("launch_host_us"), row.get("launch_graph_us")
+    if host is None:
+        return "-"
+    if graph is None:
+        return f"{host:.0f} / -"
+    return f"{host:.0f} / {graph:.0f}" + (" launch-bound" if host > graph else "")
+
+
 def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeline: dict | None,
                      partitions: dict | None = None) -> str:
     """The short table a person reads first; every figure comes from the part documents."""
@@ -264,17 +275,15 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
         t = kernels["targets"]
         lines += ["## Kernels", "", f"Ceilings measured here: device copy {kernels['copy_gbps']:.0f} GB/s, bf16 GEMM "
                   f"{kernels['gemm_bf16_tflops']:.0f} TFLOP/s.", "",
-                  "| prefix | chunk | Triton TFLOP/s | of GEMM | best peer | speed-up | max err |",
-                  "|---:|---:|---:|---:|---|---:|---:|"]
+                  "| prefix | chunk | Triton TFLOP/s | of GEMM | best peer | speed-up | max err | launcher host / "
+                  "graph µs |", "|---:|---:|---:|---:|---|---:|---:|---:|"]
         best = lambda r: r.get("best_peer", r.get("best_sdpa"))  # noqa: E731 - older files: SDPA only
         speedup = lambda r: r.get("speedup_vs_best_peer", r.get("speedup_vs_best_sdpa"))  # noqa: E731
         for r in kernels["attention"]:
             sp = speedup(r)
             lines.append(f"| {r['prefix']} | {r['chunk']} | {r['triton_tflops']:.0f} | "
-                         f"{100 * r.get('triton_of_gemm', 0):.0f}% | {best(r)} | "
-                         f"{sp:.2f}x | {r['max_abs_err']:.1e} |" if sp else
-                         f"| {r['prefix']} | {r['chunk']} | {r['triton_tflops']:.0f} | - | none ran | - | "
-                         f"{r['max_abs_err']:.1e} |")
+                         f"{100 * r.get('triton_of_gemm', 0):.0f}% | {best(r) if sp else 'none ran'} | "
+                         f"{f'{sp:.2f}x' if sp else '-'} | {r['max_abs_err']:.1e} | {_launcher(r)} |")
         vs_peer = t.get("attention_vs_best_peer", t.get("attention_vs_best_sdpa"))
         target = next((r for r in kernels["attention"] if (r["prefix"], r["chunk"]) == (16384, 2048)), None)
         if target is not None:
@@ -286,6 +295,19 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
             lines.append(f"- Target ≥ {vs_peer}x the best peer at every shape: worst {speedup(worst):.2f}x at prefix "
                          f"{worst['prefix']}, chunk {worst['chunk']} ({best(worst)}) → "
                          f"{_vs_target(speedup(worst), vs_peer)}")
+        if kernels.get("paged"):
+            lines += ["", "Paged, varlen chunk_attention: one launch over a batch of rows (prefix+chunk each), the cache "
+                          "in shuffled pages, against the dense kernel and the best SDPA backend run once per row.", "",
+                      "| rows | page | paged TFLOP/s | vs dense per row | vs SDPA per row | launch | max err |",
+                      "|---|---:|---:|---:|---:|---|---:|"]
+            for r in kernels["paged"]:
+                plan = r.get("launch_plan") or {}
+                vs = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
+                lines.append(f"| {', '.join(f'{p}+{c}' for p, c in r['batch'])} | {r['page_size']} | "
+                             f"{r['paged_tflops']:.0f} | {vs(r.get('paged_vs_dense_rows'))} | "
+                             f"{vs(r.get('paged_vs_sdpa_rows'))} ({r.get('best_sdpa') or 'none ran'}) | "
+                             f"pack {plan.get('pack', '?')}, splits {plan.get('splits', '?')} | "
+                             f"{r['paged_max_abs_err']:.1e}{'' if r.get('paged_correct', True) else ' WRONG'} |")
         lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target |", "|---|---:|---:|---:|---|"]
         for m in kernels["memory_bound"]:
             lines.append(f"| {m['op']} | {m['triton_gbps']:.0f} | {100 * m['triton_of_copy']:.0f}% | "

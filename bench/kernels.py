@@ -293,6 +293,7 @@ def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128
             plan = paged_launch_plan(device, dtype, len(batch), Hq, Hkv, D, max_chunk, max_prefix)
             rows.append(dict(batch=[list(x) for x in batch], page_size=page, launch_plan=plan, paged_ms=ms,
                              paged_tflops=flops / ms / 1e9, paged_max_abs_err=err, paged_correct=err <= tol,
+                             tolerance=tol,
                              dense_rows_ms=dense_ms, dense_rows_max_abs_err=dense_err, best_sdpa=best,
                              sdpa_rows_ms=sdpa[best][0] if best else None,
                              sdpa_rows_max_abs_err=sdpa[best][1] if best else None,

@@ -95,6 +95,8 @@ def files(tmp_path_factory, checkpoints):
     (root / "no-points.json").write_text(json.dumps({"schema_version": 1, "environment": {}, "config": {},
                                                      "points": []}))
     (root / "list.json").write_text("[1, 2]")
+    (root / "kernels.json").write_text(json.dumps({"schema_version": 1, "kind": "kernels", "attention": [],
+                                                   "memory_bound": []}))
     (root / "suite-corrupt").mkdir()
     (root / "suite-corrupt" / "kernels.json").write_text("{truncated")
     (root / "suite-empty").mkdir()
@@ -182,6 +184,8 @@ CLI = [
     ("compare-not-json", ["compare", "{file:not-json.json}", "{file:not-json.json}"], ["not-json.json", "JSON"]),
     ("compare-not-results", ["compare", "{file:other.json}", "{file:other.json}"], ["other.json", "not a results"]),
     ("compare-a-list", ["compare", "{file:list.json}", "{file:list.json}"], ["list.json", "not a results"]),
+    ("compare-kernels-with-results", ["compare", "{file:kernels.json}", "{file:no-points.json}"],
+     ["kernels.json is a kernel benchmark file", "no-points.json is not"]),
     ("compare-no-points", ["compare", "{file:no-points.json}", "{file:no-points.json}"], ["no points"]),
     ("compare-threshold-nan", ["compare", "{file:other.json}", "{file:other.json}", "--threshold", "nan"],
      ["--threshold", "nan"]),

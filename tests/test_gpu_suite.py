@@ -57,7 +57,7 @@ def test_attention_benchmark_runs_and_checks_accuracy():
             assert r[f"{name}_ms"] is None or r[f"{name}_max_abs_err"] < 1e-5  # ran: and was checked
 
 
-def test_paged_benchmark_runs_and_checks_accuracy():
+def test_paged_benchmark_runs_and_checks_accuracy(tmp_path):
     from bench.kernels import bench_paged
     rows = bench_paged(batches=(((0, 5),), ((37, 16), (0, 3), (20, 1))), page_sizes=(4, 16), Hq=4, Hkv=2, D=16,
                        dtype=torch.float32, device="cpu", timer=lambda fn: cpu_timer(fn, repeats=1))
@@ -68,6 +68,32 @@ def test_paged_benchmark_runs_and_checks_accuracy():
         assert r["best_sdpa"] is None or r["sdpa_rows_max_abs_err"] < 1e-5
         assert r["launch_plan"]["splits"] == 1 and r["launch_plan"]["grid"][2] == 1  # no SM count on CPU
     assert [r["launch_plan"]["pack"] for r in rows] == [2, 2, 2, 2]  # chunks of up to 16: the group's 2 heads packed
+    _compare_paged_rows(rows, tmp_path)
+
+
+def _compare_paged_rows(rows, tmp_path):
+    """`bench compare` on two kernel files holding these paged rows: the paged kernel's (or the per-row dense
+    kernel's) regression and error fail, a peer's slow-down does not, a batch missing from the new file fails."""
+    import copy
+    import json
+    from bench.compare import compare
+    doc = dict(schema_version=1, kind="kernels", environment=dict(device="cpu"), attention=[], memory_bound=[],
+               paged=rows)
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(doc))
+
+    def verdict(edit):
+        new = copy.deepcopy(doc)
+        edit(new["paged"])
+        path = tmp_path / "new.json"
+        path.write_text(json.dumps(new))
+        return compare(str(base), str(path))
+    assert verdict(lambda p: None) == 0
+    assert verdict(lambda p: p[2].update(paged_ms=p[2]["paged_ms"] * 1.5)) == 1
+    assert verdict(lambda p: p[1].update(dense_rows_ms=p[1]["dense_rows_ms"] * 1.5)) == 1
+    assert verdict(lambda p: p[0].update(sdpa_rows_ms=(p[0]["sdpa_rows_ms"] or 1.0) * 2)) == 0  # a peer: reported
+    assert verdict(lambda p: p[3].update(paged_max_abs_err=1.0)) == 1
+    assert verdict(lambda p: p.pop(3)) == 1
 
 
 def test_memory_bound_benchmark_runs_and_checks_accuracy():
@@ -119,10 +145,15 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     env = dict(device="NVIDIA H100 80GB HBM3", driver="580.1", cuda="12.8", torch="2.11", triton="3.6",
                git_commit="abc")
     attention = [dict(prefix=16384, chunk=2048, triton_tflops=400.0, triton_of_gemm=0.6, best_peer="sdpa_cudnn",
-                      speedup_vs_best_peer=1.1, max_abs_err=1e-2)]
+                      speedup_vs_best_peer=1.1, max_abs_err=1e-2, launch_host_us=30.0, launch_graph_us=900.0),
+                 dict(prefix=0, chunk=256, triton_tflops=50.0, triton_of_gemm=0.07, best_peer=None,
+                      speedup_vs_best_peer=None, max_abs_err=2e-3, launch_host_us=40.0, launch_graph_us=12.0)]
+    paged = [dict(batch=[[0, 2048], [30000, 1]], page_size=16, paged_tflops=321.0, paged_vs_dense_rows=1.25,
+                  paged_vs_sdpa_rows=None, best_sdpa=None, launch_plan=dict(pack=1, splits=4), paged_max_abs_err=3e-3,
+                  paged_correct=False)]
     memory = [dict(op="swiglu", triton_gbps=2700.0, triton_of_copy=0.9, eager_gbps=1500.0),
               dict(op="rope", triton_gbps=1800.0, triton_of_copy=0.6, eager_gbps=900.0)]
-    kernels = dict(copy_gbps=3000.0, gemm_bf16_tflops=700.0, attention=attention, memory_bound=memory,
+    kernels = dict(copy_gbps=3000.0, gemm_bf16_tflops=700.0, attention=attention, memory_bound=memory, paged=paged,
                    targets=dict(attention_tflops=500.0, attention_vs_best_peer=1.3, memory_bound_of_copy=0.8),
                    compiler=[dict(kernel="chunk_attention d128", registers=255, spill_stores=0, shared_bytes=131072,
                                   wgmma=True)])
@@ -136,6 +167,8 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     assert "FAILED `tests/test_kernels.py::test_x`" in text
     assert "255 regs" in text and "wgmma yes" in text
     assert "| 2 | pcie5 | 48 |" in text
+    assert "| 30 / 900 |" in text and "| 40 / 12 launch-bound |" in text and "| none ran | - |" in text
+    assert "| 0+2048, 30000+1 | 16 | 321 | 1.25x | - (none ran) | pack 1, splits 4 | 3.0e-03 WRONG |" in text
 
 
 def test_summary_only_rebuilds_the_summary_from_part_files(tmp_path):
