@@ -47,8 +47,9 @@ def run_parser():
                     help="with --tp > 1 and --stages > 1, how stage boundaries cross, comma-separated to compare in "
                          "one run: matching (each TP rank sends to the next stage's same TP rank, T sends), broadcast "
                          "(TP rank 0 sends once, the next stage broadcasts it over its TP group) or sharded (each TP "
-                         "rank sends 1/T of the tokens to its peer, the next stage all-gathers them). Default: "
-                         "matching")
+                         "rank sends 1/T of the tokens to its peer, the next stage all-gathers them; with --tp-comm "
+                         "sequence each rank sends the slice it holds and the next computes on it as it arrives, "
+                         "neither stage all-gathering). Default: matching")
     ap.add_argument("--compress", type=name_list(CODECS, "compression"), default=["none"],
                     help="what crosses each stage boundary, comma-separated to compare in one run: none (the hidden "
                          "state as computed), bf16 (float32 models: half the bytes) or fp8 (e4m3 with a float32 scale "

@@ -383,7 +383,8 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pause
          "allreduce_bytes_per_stage": "bytes, all-reduce payload of the prefill per TP rank (2 per layer, [B, L, H])",
          "allreduce_wire_bytes_per_stage": "bytes a ring moves per rank: 2(T-1)/T of the payload for an all-reduce or "
                                            "a reduce-scatter + all-gather pair (sequence: padding to T rows and the "
-                                           "stage's closing all-gather come on top)",
+                                           "stage's closing all-gather come on top; with tp_boundary sharded a "
+                                           "stage that sends hands on its slice instead of that all-gather)",
          "allreduce_ms_per_stage": "ms, median over runs of the time TP rank 0 was blocked in its collectives (serial: "
                                    "all of the all-reduces' time; overlap: only what the other half's compute did "
                                    "not hide)",
@@ -396,7 +397,9 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pause
                                                "ranks (the prefill's boundary, once)",
          "boundary_broadcast_ms_per_stage": "ms, median over runs of TP rank 0's time in those broadcasts",
          "boundary_gather_bytes_per_stage": "bytes, tp_boundary sharded: what each stage's all-gathers of the slices "
-                                            "assembled on a TP rank (the prefill's boundary, padded to T slices)",
+                                            "assembled on a TP rank (the prefill's boundary, padded to T slices; "
+                                            "under sequence parallelism only chunks of fewer tokens than T ranks: "
+                                            "the others stay the slices the ranks compute on)",
          "boundary_gather_ms_per_stage": "ms, median over runs of TP rank 0's time in those all-gathers",
          "mode": "the schedule of this row (a row keyed mode/tp_comm runs that mode with that tp_comm)",
          "decode_allreduce_bytes_per_stage": "bytes, all-reduce payload of one decode token per TP rank",

@@ -14,7 +14,7 @@ from . import checks
 from .config import ModelConfig, get_preset
 from .ops import Ops, get_ops
 from .ragged import PagePool, RaggedStep, pages_needed
-from .tp import check_tp, local_config, shard_state
+from .tp import check_tp, local_config, shard_state, shard_tokens
 from .weights import load_hf_weights, random_weights
 
 
@@ -114,6 +114,10 @@ class Transformer(nn.Module):
         self.local_cfg = local_config(cfg, tp)  # this rank's heads and MLP columns
         self.reduce = None
         self.tp_comm = "serial"  # how the TP ranks combine their partial sums (TP_COMMS), with tp > 1
+        # stage boundaries crossing as 1/T of the tokens per TP rank (tp_boundary "sharded") under sequence
+        # parallelism: this part hands on and takes in its own slice, the one sequence parallelism holds, with no
+        # all-gather at either end (`hands_on_shards`, `keeps_shard`); set per job by the runner
+        self.shard_boundaries = False
         self.layer_ids = range(cfg.num_layers) if layers is None else layers
         if not (0 <= self.layer_ids.start < self.layer_ids.stop <= cfg.num_layers) or self.layer_ids.step != 1:
             raise ValueError(f"layers must be a non-empty contiguous range within [0, {cfg.num_layers}), "
@@ -195,23 +199,27 @@ class Transformer(nn.Module):
             raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got min {lo}, max {hi}")
 
     @torch.no_grad()
-    def forward_chunk(self, x: torch.Tensor, start_pos: int, cache: KVCache, last_only: bool = False):
+    def forward_chunk(self, x: torch.Tensor, start_pos: int, cache: KVCache, last_only: bool = False,
+                      tokens: int | None = None):
         """One chunk through this part's layers.
 
-        x: tokens [B, C] on the first part, else the hidden state [B, C, H] from the previous part.
-        Returns logits [B, C, V] (or [B, V] with last_only) on the last part, else the hidden state [B, C, H].
+        x: tokens [B, C] on the first part, else the hidden state [B, C, H] from the previous part (with
+        `keeps_shard(C)`, this rank's slice [B, ceil(C/T), H] of it; `tokens` then gives C).
+        Returns logits [B, C, V] (or [B, V] with last_only) on the last part, else the hidden state [B, C, H] (with
+        `shard_boundaries`, this rank's slice of it: `hands_on_shards`).
         """
-        C = x.shape[1]
+        C = x.shape[1] if tokens is None else tokens
         if start_pos + C > cache.max_len:
             raise ValueError(f"positions [{start_pos}, {start_pos + C}) do not fit the cache ({cache.max_len})")
         h = self.tok_embeddings(x) if self.is_first else x
         rope = (self.rope_cos, self.rope_sin, self.ops)
         starts = (start_pos, start_pos + C // 2)  # the token halves of the ISO schedule
+        schedule = self._schedule(C)
         h, residual = self._layers(
-            h, self._schedule(C), lambda i, x: self.layers[i].attend(x, start_pos, cache.k[i], cache.v[i], *rope),
-            lambda j, i, x: self.layers[i].attend(x, starts[j], cache.k[i], cache.v[i], *rope))
+            h, schedule, lambda i, x: self.layers[i].attend(x, start_pos, cache.k[i], cache.v[i], *rope),
+            lambda j, i, x: self.layers[i].attend(x, starts[j], cache.k[i], cache.v[i], *rope), C)
         if not self.is_last:  # the residual stream: the one tensor that crosses a stage boundary
-            return h if residual is None else h + residual
+            return self._hand_on(h if residual is None else h + residual, schedule)
         if last_only:
             h, residual = h[:, -1:], (None if residual is None else residual[:, -1:])
         x, _ = self.ops.add_rms_norm(h, residual, self.norm, self.cfg.rms_norm_eps)
@@ -248,9 +256,10 @@ class Transformer(nn.Module):
             meta = step.tensors(self.device)
         h, residual = self._layers(
             h, schedule, lambda i, x: self.layers[i].attend_packed(x, meta, pool.k[i], pool.v[i], table, *rope),
-            lambda j, i, x: self.layers[i].attend_packed(x, halves[j], pool.k[i], pool.v[i], table, *rope))
+            lambda j, i, x: self.layers[i].attend_packed(x, halves[j], pool.k[i], pool.v[i], table, *rope),
+            step.tokens)
         if not self.is_last:
-            return h if residual is None else h + residual
+            return self._hand_on(h if residual is None else h + residual, schedule)
         if not step.ends:  # no row's prompt ends in this step
             return h.new_empty((0, self.cfg.vocab_size))
         idx = torch.tensor([step.last_index(b) for b in step.ends], dtype=torch.long, device=self.device)
@@ -266,14 +275,31 @@ class Transformer(nn.Module):
             return "serial"
         return self.tp_comm
 
-    def _layers(self, h, schedule: str, attend, attend_half):
-        """This part's layers on a chunk, under `schedule` (`_schedule`): `attend(i, x)` is layer i's attention of
-        the whole chunk, `attend_half(j, i, x)` of token half j (ISO overlap). Returns (h, residual); residual None
-        when already added in."""
+    def hands_on_shards(self) -> bool:
+        """Whether this part sends each stage boundary as its TP rank's 1/T of the tokens (`shard_boundaries`, not
+        the last part): a chunk it runs sequence parallel as the slice it holds, any other sliced by
+        `pipeline.tp.shard_tokens`."""
+        return self.shard_boundaries and not self.is_last
+
+    def keeps_shard(self, tokens: int) -> bool:
+        """Whether a received boundary of `tokens` tokens stays this TP rank's 1/T slice, the one sequence
+        parallelism computes on (`shard_boundaries`, a sequence-parallel chunk), rather than being all-gathered."""
+        return self.shard_boundaries and not self.is_first and self._schedule(tokens) == "sequence"
+
+    def _hand_on(self, h: torch.Tensor, schedule: str) -> torch.Tensor:
+        """What crosses to the next part: the chunk's residual stream, or this rank's slice of its tokens."""
+        if not self.hands_on_shards() or schedule == "sequence":  # a sequence-parallel h already is the slice
+            return h
+        return shard_tokens(h, self.tp_rank, self.tp)
+
+    def _layers(self, h, schedule: str, attend, attend_half, tokens: int):
+        """This part's layers on a chunk of `tokens` tokens, under `schedule` (`_schedule`): `attend(i, x)` is
+        layer i's attention of the whole chunk, `attend_half(j, i, x)` of token half j (ISO overlap). Returns (h,
+        residual); residual None when already added in."""
         if schedule == "overlap":
             return self._layers_overlapped(h, h.shape[1] // 2, attend_half)
         if schedule == "sequence":
-            return self._layers_sequence_parallel(h, attend), None
+            return self._layers_sequence_parallel(h, attend, tokens), None
         residual = None
         for i, block in enumerate(self.layers):
             h, residual = block(h, residual, lambda x, i=i: attend(i, x), self.ops, self.reduce)
@@ -299,27 +325,35 @@ class Transformer(nn.Module):
         h = torch.cat([value(p) for p in pending], dim=1)
         return h, torch.cat(residual, dim=1)
 
-    def _layers_sequence_parallel(self, h, attend):
+    def _layers_sequence_parallel(self, h, attend, C: int):
         """Megatron sequence parallelism (tp_comm="sequence"): between the row-parallel outputs and the next
         column-parallel inputs, each rank holds 1/T of the tokens; wo and w2's partial sums are reduce-scattered
         over tokens, the residual add and the norms run on this rank's n = ceil(C/T) tokens, and an all-gather
         rebuilds the whole chunk for wqkv and w13 (the chunk is padded to T·n rows for the collectives).
-        `attend(i, x)` is layer i's attention of the whole chunk. Returns the whole chunk's residual stream
-        [B, C, H] (one more all-gather)."""
-        B, C, H = h.shape
+        `attend(i, x)` is layer i's attention of the whole chunk. h: the chunk [B, C, H], or with
+        `shard_boundaries` on a part that is not the first, this rank's slice [B, n, H] as the previous part handed
+        it on. Returns the whole chunk's residual stream [B, C, H] (one more all-gather), or with
+        `hands_on_shards` this rank's slice of it."""
+        B, H = h.shape[0], h.shape[2]
         T, eps, reduce = self.tp, self.cfg.rms_norm_eps, self.reduce
         n = -(-C // T)
         pad = lambda t: t if T * n == C else torch.nn.functional.pad(t, (0, 0, 0, T * n - C))  # noqa: E731
         payload = B * C * H * h.element_size()
         mine = slice(self.tp_rank * n, (self.tp_rank + 1) * n)
-        h, residual = pad(h)[:, mine].contiguous(), None  # this rank's tokens of the residual stream
+        if not self.keeps_shard(C):
+            h = pad(h)[:, mine]
+        elif h.shape[1] != n:
+            raise ValueError(f"a sequence-parallel slice of a {C}-token chunk over tp={T} has {n} rows, got "
+                             f"{h.shape[1]}")
+        h, residual = h.contiguous(), None  # this rank's tokens of the residual stream
         for i, block in enumerate(self.layers):
             x, residual = self.ops.add_rms_norm(h, residual, block.attention_norm, eps)
             out = attend(i, reduce.all_gather(x)[:, :C])
             h = reduce.reduce_scatter(pad(out), payload)
             x, residual = self.ops.add_rms_norm(h, residual, block.ffn_norm, eps)
             h = reduce.reduce_scatter(pad(block.feed_forward(reduce.all_gather(x)[:, :C], self.ops)), payload)
-        return reduce.all_gather((h + residual).contiguous())[:, :C]
+        h = (h + residual).contiguous()
+        return h if self.hands_on_shards() else reduce.all_gather(h)[:, :C]
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, chunk_size: int | None = None, cache: KVCache | None = None,

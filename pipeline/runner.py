@@ -82,19 +82,26 @@ class Runner:
         (job.tp_comm, None: the spec's) and how boundary sends are compressed (job.compress)."""
         for st in self.shards.values():
             st.model.tp_comm = job.tp_comm or self.spec.tp_comm
+            # sharded boundaries under sequence parallelism: each rank hands on and takes in the slice it holds
+            st.model.shard_boundaries = self.T > 1 and job.tp_boundary == "sharded" and st.model.tp_comm == "sequence"
         self.codec = Codec(job.compress)
         self.tp_boundary = job.tp_boundary
 
     def links(self, s: int, t: int, recv, send):
         """Stage s, TP rank t's receive and send ends for this job: the channels between matching TP ranks; with
         tp_boundary 'broadcast' TP rank 0's alone, the rest of the stage taking the boundary by broadcast; with
-        'sharded' each rank's 1/T of the tokens over its channel, all-gathered in the receiving stage."""
+        'sharded' each rank's 1/T of the tokens over its channel, all-gathered in the receiving stage (under
+        sequence parallelism the model slices what it sends itself, and keeps a sequence-parallel chunk's slice as
+        it arrives: `Transformer.shard_boundaries`)."""
         if self.T == 1 or self.tp_boundary == "matching":
             return recv, send
-        reducer = self.shards[(s, t)].model.reduce
+        model = self.shards[(s, t)].model
         if self.tp_boundary == "sharded":
-            return (None if recv is None else ShardRecv(recv, reducer),
+            if model.shard_boundaries:
+                return None if recv is None else ShardRecv(recv, model.reduce, keep=model.keeps_shard), send
+            return (None if recv is None else ShardRecv(recv, model.reduce),
                     None if send is None else ShardSend(send, t, self.T))
+        reducer = model.reduce
         if recv is not None:
             recv = BroadcastRecv(recv if t == 0 else None, reducer, self.device)
         if send is not None and t != 0:

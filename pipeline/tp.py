@@ -467,15 +467,18 @@ class ShardSend:
 class ShardRecv:
     """The receive end with tp_boundary 'sharded': this rank's 1/T of the tokens from its peer in the previous
     stage, then the stage's TP group all-gathers the slices into the whole message (every rank calls `wait` in
-    chunk order, so the all-gathers pair up like the all-reduces do)."""
+    chunk order, so the all-gathers pair up like the all-reduces do). `keep(c)`: whether a message of c tokens stays
+    the slice as it arrived (a sequence-parallel stage computes on it: no all-gather); default never."""
 
-    def __init__(self, link, reducer: Reducer):
-        self.link, self.reducer = link, reducer
+    def __init__(self, link, reducer: Reducer, keep=None):
+        self.link, self.reducer, self.keep = link, reducer, keep
 
     def irecv(self, shape, dtype, tag: int, slot: int = 0):
         from .link import Handle
         B, c, W = shape
         inner = self.link.irecv((B, -(-c // self.reducer.tp), W), dtype, tag, slot)
+        if self.keep is not None and self.keep(c):
+            return inner
         return Handle(lambda: self.reducer.gather_boundary(inner.wait())[:, :c].contiguous(), inner.nbytes)
 
     def close(self) -> None:

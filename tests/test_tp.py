@@ -496,20 +496,23 @@ def test_a_boundary_sent_once_and_broadcast_equals_matching_sends(mode, compress
     assert "boundary_broadcast_bytes_per_stage" not in matching.metrics
 
 
-@pytest.mark.parametrize("tp_boundary", ["broadcast", "sharded"])
-def test_a_boundary_sent_once_or_sharded_over_gloo_equals_unchunked(tp_boundary):
+@pytest.mark.parametrize("tp_boundary,tp_comm", [("broadcast", "serial"), ("sharded", "serial"),
+                                                  ("sharded", "sequence")])
+def test_a_boundary_sent_once_or_sharded_over_gloo_equals_unchunked(tp_boundary, tp_comm):
     cfg = TINY.replace(num_kv_heads=1)
     tokens = torch.randint(0, cfg.vocab_size, (1, 33), generator=torch.Generator().manual_seed(4))
     ref = run_prefill(cfg, tokens, mode="unchunked")
     res = run_prefill(cfg, tokens, mode="overlapped", stages=2, tp=2, chunk_size=8, link="gloo",
-                      tp_boundary=tp_boundary, threads=1)
+                      tp_boundary=tp_boundary, tp_comm=tp_comm, threads=1)
     assert (res.logits - ref.logits).abs().max().item() <= 1e-5
     assert (res.decode_logits - ref.decode_logits).abs().max().item() <= 1e-5
     if tp_boundary == "broadcast":
         assert res.metrics["boundary_broadcast_bytes_per_stage"] == [0, 33 * 64 * 4]
     else:  # chunks 8, 8, 8, 8, 1: slices of 4, 4, 4, 4, 1 tokens per rank, gathered back into 2 x that
         assert res.metrics["bytes_per_boundary"] == [17 * 64 * 4]
-        assert res.metrics["boundary_gather_bytes_per_stage"] == [0, 34 * 64 * 4]
+        # sequence parallel: the slices stay as they are; only the 1-token chunk (run serially) is all-gathered
+        gathered = 34 if tp_comm == "serial" else 2
+        assert res.metrics["boundary_gather_bytes_per_stage"] == [0, gathered * 64 * 4]
 
 
 def test_shard_tokens_slices_every_rank_the_same_length():
@@ -546,13 +549,49 @@ def test_sharded_boundaries_equal_matching_sends(mode, tp, chunks, compress):
     assert sharded.metrics["decode_bytes_per_boundary"] == [bpt]  # one token: rank 0's slice (the others pad)
 
 
+@pytest.mark.parametrize("mode", ["naive", "overlapped"])
+@pytest.mark.parametrize("tp,chunks,compress", [(2, [7, 7, 7, 7, 7, 2], "none"), (4, [1, 3, 10, 23], "fp8")])
+def test_sequence_parallel_stages_hand_on_the_slices_they_hold(mode, tp, chunks, compress):
+    """Sharded boundaries under sequence parallelism (Megatron's SP x PP): each rank sends the 1/T of the tokens it
+    already holds and the next stage computes on it as it arrives, so neither the sending stage's closing all-gather
+    nor the receiving stage's all-gather happens (chunks shorter than T, run serially, still take both). Bit for bit
+    the matching sends' logits, decode and caches over three stages (the middle one receives and sends slices);
+    the ring bytes saved are exactly the closing all-gathers of the stages that send."""
+    cfg = TINY.replace(num_kv_heads=1)
+    B, L = 2, 37
+    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(11))
+    kw = dict(mode=mode, stages=3, tp=tp, chunks=chunks, compress=compress, return_cache=True, tp_comm="sequence")
+    matching = run_prefill(cfg, tokens, **kw)
+    sharded = run_prefill(cfg, tokens, tp_boundary="sharded", **kw)
+    assert torch.equal(sharded.logits, matching.logits)
+    assert torch.equal(sharded.decode_logits, matching.decode_logits)
+    for (k1, v1), (k2, v2) in zip(sharded.caches, matching.caches):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    plan = [L] if mode == "naive" else chunks
+    bpt = B * (64 * 4 if compress == "none" else 64 + 4)
+    assert sharded.metrics["bytes_per_boundary"] == [sum(-(-c // tp) for c in plan) * bpt] * 2
+    short = [c for c in plan if c < tp]  # run serially: sliced by the sender, all-gathered by the receiver
+    if short:
+        assert sharded.metrics["boundary_gather_bytes_per_stage"] == [0] + [tp * len(short) * bpt] * 2
+    else:
+        assert "boundary_gather_bytes_per_stage" not in sharded.metrics
+    closing = (tp - 1) * sum(-(-c // tp) for c in plan if c >= tp) * B * 64 * 4  # per sending stage
+    saved = [m - s for m, s in zip(matching.metrics["allreduce_wire_bytes_per_stage"],
+                                   sharded.metrics["allreduce_wire_bytes_per_stage"])]
+    assert saved == [closing, closing, 0]
+    assert sharded.metrics["allreduce_bytes_per_stage"] == matching.metrics["allreduce_bytes_per_stage"]
+
+
 def test_a_ragged_batch_crosses_sharded_boundaries():
     rows = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 23, 1)]
     alone = [run_prefill("tiny", r[None], mode="unchunked") for r in rows]
-    res = run_prefill("tiny", rows, mode="overlapped", stages=2, tp=2, chunk_size=7, tp_boundary="sharded")
-    for b, a in enumerate(alone):
-        assert (res.logits[b] - a.logits[0]).abs().max().item() <= 1e-5
-        assert (res.decode_logits[b] - a.decode_logits[0]).abs().max().item() <= 1e-5
+    for tp_comm in ("serial", "sequence"):  # sequence parallel: the stages hand on their slices of the packed tokens
+        res = run_prefill("tiny", rows, mode="overlapped", stages=3, tp=2, chunk_size=7, tp_boundary="sharded",
+                          tp_comm=tp_comm)
+        for b, a in enumerate(alone):
+            assert (res.logits[b] - a.logits[0]).abs().max().item() <= 1e-5
+            assert (res.decode_logits[b] - a.decode_logits[0]).abs().max().item() <= 1e-5
+        assert res.metrics["bytes_per_boundary"] == [(7 + 4 + 4 + 1) * 64 * 4] * 2  # steps of 13, 7, 7, 2 tokens
 
 
 def test_the_harness_runs_both_boundary_kinds_side_by_side():
