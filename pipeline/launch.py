@@ -50,6 +50,17 @@ def check_job(job: Job, cfg) -> None:
     check_tp_boundary(job.tp_boundary)
 
 
+def check_job_tp(job: Job, spec: PipelineSpec) -> None:
+    """A job's TP choices against the set-up: a non-default one where it could change nothing is refused (the CLI
+    refuses the same), not silently ignored."""
+    if job.tp_comm not in (None, "serial") and spec.tp == 1:
+        raise ValueError(f"tp_comm={job.tp_comm!r} chooses how tensor-parallel ranks combine their sums: it needs "
+                         "tp >= 2 (got tp=1)")
+    if job.tp_boundary != "matching" and (spec.tp == 1 or spec.num_stages == 1):
+        raise ValueError(f"tp_boundary={job.tp_boundary!r} chooses how a boundary crosses between tensor-parallel "
+                         f"stages: it needs tp >= 2 and stages >= 2 (got tp={spec.tp}, stages={spec.num_stages})")
+
+
 def memory_needed(spec: PipelineSpec, cfg, job: Job) -> int:
     """A lower estimate of the bytes one run of `job` holds at once on one machine (the device's memory, or the
     host's): the stages' weights and KV cache and those of the unchunked baseline's whole model, one chunk's
@@ -138,6 +149,7 @@ def run_jobs(spec: PipelineSpec, jobs: list[Job], progress=None) -> list[list[Pr
     for job in jobs:
         check_job(job, cfg)
         check_codec(job.compress, DTYPES[spec.dtype])
+        check_job_tp(job, spec)
     check_resources(spec, cfg, jobs)
     return _run(spec, jobs, progress)
 

@@ -93,6 +93,9 @@ class PipelineSpec:
         from .tp import check_tp, check_tp_comm
         check_tp(cfg, self.tp)
         check_tp_comm(self.tp_comm)
+        if self.tp == 1 and self.tp_comm != "serial":
+            raise ValueError(f"tp_comm={self.tp_comm!r} chooses how tensor-parallel ranks combine their sums: it "
+                             "needs tp >= 2 (got tp=1)")
         if self.tp > 1 and self.link == "inprocess" and device.type != "cpu":
             raise ValueError(f"tp={self.tp} in-process runs the TP ranks as threads on CPU; on GPUs launch one "
                              f"process per rank: torchrun --nproc-per-node {self.world_size} ... --link nccl")

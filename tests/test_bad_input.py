@@ -334,6 +334,10 @@ COS, SIN = (torch.zeros(16, 4), torch.zeros(16, 4))
 API = [
     # run_prefill: each argument
     ("mode", _prefill(mode="pipelined"), ["'pipelined'", "overlapped"]),
+    ("tp-comm-without-tp", _prefill(tp_comm="sequence"), ["tp_comm='sequence'", "tp >= 2", "tp=1"]),
+    ("tp-boundary-without-tp", _prefill(tp_boundary="sharded"), ["tp_boundary='sharded'", "tp >= 2", "tp=1"]),
+    ("tp-boundary-one-stage", _prefill(tp_boundary="broadcast", tp=2, stages=1),
+     ["tp_boundary='broadcast'", "stages >= 2", "stages=1"]),
     ("tokens-list", _prefill(tokens=[[1, 2, 3]]), ["tokens", "list"]),
     ("tokens-int32", _prefill(tokens=_tokens(dtype=torch.int32)), ["torch.long", "int32"]),
     ("tokens-float", _prefill(tokens=_tokens(dtype=torch.float32)), ["torch.long", "float32"]),
