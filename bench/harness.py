@@ -145,13 +145,18 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
     for mode, m in point["modes"].items():
         bpt = m["expected_decode_bytes"]  # what one token weighs on this row's boundaries (compressed or not)
         row_costs = costs
-        if tp:  # the row's own all-reduce schedule; the baseline (no TP) and sequence parallelism are not modelled
-            comm = m.get("tp_comm")
+        if tp:  # the row's own all-reduce schedule (the baseline has no TP)
+            comm, crossing = m.get("tp_comm"), m.get("tp_boundary", "matching")
             # a boundary received once (broadcast) or in 1/T slices (all-gathered) goes through the receiving stage's TP
-            # group before its chunk computes; sharded sends carry 1/T of the bytes per link
-            lane = boundary_lane_bytes(m.get("tp_boundary", "matching"), costs[0].tp, bpt)
-            row_costs = ([dataclasses.replace(c, comm=comm, boundary_bytes_per_token=lane if s else 0)
-                          for s, c in enumerate(costs)] if comm in ("serial", "overlap") else None)
+            # group before its chunk computes; sharded sends carry 1/T of the bytes per link. Sequence parallel
+            # stages with sharded boundaries send the slices they hold and keep the ones they receive: neither the
+            # closing all-gather nor the boundary's
+            kept = comm == "sequence" and crossing == "sharded"
+            lane = 0 if kept else boundary_lane_bytes(crossing, costs[0].tp, bpt)
+            last = len(costs) - 1
+            row_costs = ([dataclasses.replace(c, comm=comm, boundary_bytes_per_token=lane if s else 0,
+                                              hands_on_shards=kept and s < last)
+                          for s, c in enumerate(costs)] if comm in ("serial", "overlap", "sequence") else None)
             if m.get("tp_boundary") == "sharded":
                 bpt = -(-bpt // costs[0].tp)  # per link: each rank its 1/T of the tokens
         if row_costs is None:

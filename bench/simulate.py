@@ -125,7 +125,9 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
     T sends sharing one NIC per stage ("matching_shared_nic": each at 1/T of the bandwidth), one send and a
     broadcast over the receiving stage's TP group ("broadcast", on the TP interconnect), or each TP rank sending
     1/T of the tokens to its peer and an all-gather in the receiving stage ("sharded", over a NIC per GPU or one
-    shared NIC)."""
+    shared NIC). Sequence parallelism ("sequence": reduce-scatters and all-gathers in turn) is projected too, with
+    matching sends and with sharded ones, where each stage sends the slices it holds and keeps those it receives
+    (no all-gather at either end: `sequence_sharded_ms`, `sequence_sharded_shared_nic_ms`)."""
     from pipeline.costs import (TPCost, attention_share, boundary_lane_bytes, get_device, link_preset,
                                 roofline_stage_costs, stage_max)
     from pipeline.link import LinkModel
@@ -150,8 +152,11 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
                prompt_len=L, t_compute_1gpu_ms=full * 1e3, ideal_ms=full / gpus * 1e3,
                fits_in_memory=max(c.memory_bytes(L) for c in compute) <= dev.memory_gb * 1e9,
                boundary_bytes=L * bpt, allreduce_bytes_per_stage=[2 * n * L * bpt for n in layers])
-    for comm in ("serial", "overlap"):
-        costs = [TPCost(c, n, T, tp_link, bpt, comm, share) for c, n in zip(compute, layers)]
+    # reduce-scatters and all-gathers: pipelined rings of T-1 hops each
+    half_link = bcast_link
+    for comm in ("serial", "overlap", "sequence"):
+        costs = [TPCost(c, n, T, half_link if comm == "sequence" else tp_link, bpt, comm, share)
+                 for c, n in zip(compute, layers)]
         chunks = plan_chunks(L, stage_max(costs), S, g, link=link, bytes_per_token=bpt).chunks
         points = list(zip(chunks, chunk_starts(chunks))) + [(L, 0)]
         tabled = [_Tabled(c, points) for c in costs]
@@ -161,9 +166,15 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
         if comm == "overlap":
             free = [_Tabled(TPCost(c, n, T, LinkModel(), bpt, comm, share), points) for c, n in zip(compute, layers)]
             row["overlapped_free_tp_ms"] = simulate("overlapped", chunks, free, link, bpt).makespan_s * 1e3
-        if T > 1 and S > 1:  # the boundary crossing T times (own NICs, one shared NIC), once and broadcast, or in
-            # 1/T slices (T sends of 1/T: over one shared NIC as long as one whole send) and all-gathered
-            shared = LinkModel(link.bandwidth_gbps / T, link.latency_s)
+        shared = LinkModel(link.bandwidth_gbps / T, link.latency_s)
+        if comm == "sequence" and T > 1 and S > 1:  # the slices each rank holds, sent as they are and kept
+            kept = [_Tabled(dataclasses.replace(c, hands_on_shards=s < S - 1), points) for s, c in enumerate(costs)]
+            row["sequence_sharded_ms"] = simulate("overlapped", chunks, kept, link, -(-bpt // T)).makespan_s * 1e3
+            row["sequence_sharded_shared_nic_ms"] = simulate("overlapped", chunks, kept, shared,
+                                                             -(-bpt // T)).makespan_s * 1e3
+        if T > 1 and S > 1 and comm != "sequence":  # the boundary crossing T times (own NICs, one shared NIC), once
+            # and broadcast, or in 1/T slices (T sends of 1/T: over one shared NIC as long as one whole send) and
+            # all-gathered
 
             def collective(kind):
                 return [_Tabled(dataclasses.replace(c, boundary_bytes_per_token=boundary_lane_bytes(kind, T, bpt)
@@ -177,7 +188,7 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
                 sharded=simulate("overlapped", chunks, gather, link, -(-bpt // T)).makespan_s * 1e3,
                 sharded_shared_nic=simulate("overlapped", chunks, gather, shared,
                                             -(-bpt // T)).makespan_s * 1e3)
-    best = min(((mode, comm) for mode in TP_MODES for comm in ("serial", "overlap")),
+    best = min(((mode, comm) for mode in TP_MODES for comm in ("serial", "overlap", "sequence")),
                key=lambda mc: row[f"{mc[0]}_{mc[1]}_ms"])
     row["best_mode"], row["best_tp_comm"] = best
     row["best_ms"] = row[f"{best[0]}_{best[1]}_ms"]
@@ -197,6 +208,10 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
         row["broadcast_over_matching"] = b["broadcast"] / b["matching"]  # NIC per GPU: what the broadcast costs
         row["shared_nic_matching_over_broadcast"] = b["matching_shared_nic"] / b["broadcast"]  # one NIC: T sends
         row["sharded_over_matching"] = b["sharded"] / b["matching"]  # NIC per GPU: 1/T per link + an all-gather
+        # sequence parallelism with sharded boundaries against the best crossing of the faster all-reduce schedule
+        row["sequence_sharded_over_best_boundary"] = row["sequence_sharded_ms"] / min(own.values())
+        row["sequence_sharded_shared_nic_over_best_boundary"] = (row["sequence_sharded_shared_nic_ms"]
+                                                                 / min(shared_nic.values()))
     return row
 
 
@@ -230,6 +245,10 @@ def tp_table(rows: list[dict]) -> str:
 
 def _worst(rows: list[dict], key: str) -> float | None:
     return round(max(r[key] for r in rows), 3) if rows else None
+
+
+def _range(rows: list[dict], key: str) -> list[float] | None:
+    return [round(min(r[key] for r in rows), 3), round(max(r[key] for r in rows), 3)] if rows else None
 
 
 def _boundary_cell(r: dict) -> str:
@@ -466,7 +485,10 @@ def main_tp(args) -> int:
                           best_sharded_over_matching=round(min(r["sharded_over_matching"] for r in pp_tp), 3)
                           if pp_tp else None,
                           worst_shared_nic_matching_over_broadcast=_worst(pp_tp,
-                                                                          "shared_nic_matching_over_broadcast"))))
+                                                                          "shared_nic_matching_over_broadcast"),
+                          sequence_sharded_over_best_boundary=dict(
+                              own_nics=_range(pp_tp, "sequence_sharded_over_best_boundary"),
+                              shared_nic=_range(pp_tp, "sequence_sharded_shared_nic_over_best_boundary")))))
     return 0
 
 

@@ -281,13 +281,22 @@ def stage_max(costs):
 
 # ---- tensor parallelism: a stage's all-reduces ----------------------------------------------------------------
 
-TP_COMMS_MODELLED = ("serial", "overlap")
+TP_COMMS_MODELLED = ("serial", "overlap", "sequence")
 
 
 def allreduce_s(link: LinkModel, tp: int, payload_bytes):
     """One all-reduce of `payload_bytes` per rank over `tp` ranks on `link`, as the engine's emulated TP interconnect
     times one: latency + the ring's bytes on the wire, 2(T-1)/T of the payload, / bandwidth (numpy broadcasts)."""
     wire = 2 * (tp - 1) / tp * np.asarray(payload_bytes, dtype=np.float64)
+    bw = link.bandwidth_gbps
+    return link.latency_s + (wire / (bw * 1e9) if bw else 0.0 * wire)
+
+
+def ring_half_s(link: LinkModel, tp: int, payload_bytes):
+    """One reduce-scatter, or one all-gather, of `payload_bytes` (the whole tensor, per rank) over `tp` ranks on
+    `link`: latency + (T-1)/T of the payload / bandwidth, half an all-reduce's bytes (as the engine's emulated TP
+    interconnect times them; each call pays the link's whole latency)."""
+    wire = (tp - 1) / tp * np.asarray(payload_bytes, dtype=np.float64)
     bw = link.bandwidth_gbps
     return link.latency_s + (wire / (bw * 1e9) if bw else 0.0 * wire)
 
@@ -317,7 +326,14 @@ class TPCost:
       compute lane runs attention(a), attention(b), mlp(a), mlp(b) and the communication lane each one's all-reduce
       as soon as it is computed, in that order; mlp(a) waits for a's attention reduce, the next layer's attention(a)
       for a's MLP reduce. Evaluated event by event (exactly, for any costs), with the layer's compute split at
-      `attn_share(x, p)`.
+      `attn_share(x, p)`;
+    - comm "sequence" (Megatron sequence parallelism, as `pipeline.model` runs it): per layer two reduce-scatters
+      and two all-gathers of the chunk padded to T·ceil(x/T) tokens, in turn (`ring_half_s`: together an
+      all-reduce's bytes in twice its calls), then the stage's closing all-gather, which `hands_on_shards` drops
+      (sharded boundaries: the stage sends the slices it holds). Chunks of fewer tokens than T run serially. The
+      norms on 1/T of the tokens are not modelled: the compute is the serial path's. A stage that keeps received
+      slices as they arrive (sequence parallel with sharded boundaries) takes no boundary collective: leave
+      `boundary_bytes_per_token` at 0 (its chunks shorter than T, all-gathered in fact, are then costed as kept).
 
     `busy`: the share of each all-reduce that occupies the compute lane rather than the wire (a CPU's copies and
     sums in gloo, NCCL's kernels on SMs), paid on the compute lane as the all-reduce is posted; `link` is then the
@@ -341,6 +357,7 @@ class TPCost:
     busy: LinkModel = LinkModel()
     boundary_bytes_per_token: float = 0
     boundary_link: LinkModel | None = None
+    hands_on_shards: bool = False
 
     def __post_init__(self):
         if self.comm not in TP_COMMS_MODELLED:
@@ -364,6 +381,14 @@ class TPCost:
         lanes = (self.link if self.boundary_link is None else self.boundary_link, self.busy)
         return sum(m.delay_s(nbytes) if m.active else 0.0 * nbytes for m in lanes)
 
+    def sequence_s(self, tokens):
+        """A sequence-parallel chunk's collectives, in turn: 4 per layer and the closing all-gather (unless
+        `hands_on_shards`), each of the chunk padded to a multiple of T, on the wire and the compute lane."""
+        T = self.tp
+        padded = np.ceil(np.asarray(tokens, dtype=np.float64) / T) * T * self.bytes_per_token
+        one = ring_half_s(self.link, T, padded) + ring_half_s(self.busy, T, padded)
+        return (4 * self.layers + (not self.hands_on_shards)) * one
+
     def _share(self, x, p):
         return self.attn_share(x, p) if callable(self.attn_share) else np.full_like(x, float(self.attn_share))
 
@@ -376,6 +401,10 @@ class TPCost:
                                                                                             + self.busy_s(x))
         if self.comm == "serial" or self.tp == 1:
             return serial if serial.ndim else float(serial)
+        if self.comm == "sequence":
+            seq = pre + np.asarray(self.compute(x, p), dtype=np.float64) + self.sequence_s(x)
+            out = np.where(x >= self.tp, seq, serial)
+            return out if out.ndim else float(out)
         xa = np.floor(x / 2)
         xb = x - xa
         pb = p + xa
