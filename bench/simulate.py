@@ -460,7 +460,11 @@ def main_tp(args) -> int:
                                   "1/T of the tokens (NIC per GPU or shared) then an all-gather ((T-1) x latency + "
                                   "(T-1)/T bytes / bandwidth)",
                    allreduce_model="ring over T ranks: 2(T-1) x link latency + 2(T-1)/T x payload / link bandwidth "
-                                   "per all-reduce, 2 per layer; overlap: ISO token halves (pipeline.costs.TPCost)",
+                                   "per all-reduce, 2 per layer; overlap: ISO token halves; sequence: 2 reduce-scatters "
+                                   "+ 2 all-gathers per layer of the chunk padded to T rows, each (T-1) x latency + "
+                                   "(T-1)/T x payload / bandwidth, plus the stage's closing all-gather unless it hands "
+                                   "on its slices (sequence_sharded_*: sharded boundaries, sent and kept as the ranks "
+                                   "hold them) (pipeline.costs.TPCost)",
                    config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, rows=rows)
         write_json(out / "simulate.json", doc)
     print(title)

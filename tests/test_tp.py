@@ -277,6 +277,25 @@ def test_tp_cost_serial_and_iso_schedules_by_hand(latency, serial, overlap):
     assert _tp_cost(latency, "overlap")(1, 0) == pytest.approx(1 + 2 * latency)  # one token: not split
 
 
+def test_tp_cost_of_sequence_parallelism_by_hand():
+    """Sequence parallelism: per layer two reduce-scatters and two all-gathers, in turn, then the stage's closing
+    all-gather (none when the stage hands on its slices); each moves (T-1)/T of the chunk padded to a multiple of T;
+    a chunk of fewer tokens than T runs serially."""
+    import dataclasses
+
+    from pipeline.costs import TPCost, ring_half_s
+    from pipeline.link import LinkModel
+    seq = _tp_cost(0.25, "sequence", layers=3)
+    assert seq(2, 0) == pytest.approx(2 + (4 * 3 + 1) * 0.25)
+    assert dataclasses.replace(seq, hands_on_shards=True)(2, 0) == pytest.approx(2 + 4 * 3 * 0.25)
+    assert seq(1, 0) == pytest.approx(_tp_cost(0.25, "serial", layers=3)(1, 0))  # one token over 2 ranks: serial
+    wire = TPCost(lambda x, p: 0.0 * x, 1, 4, LinkModel(1.0, 0.0), 10, "sequence")  # 1 GB/s, 10 B a token, T = 4
+    assert wire(5, 0) == pytest.approx(5 * 3 / 4 * 8 * 10 / 1e9)  # 5 tokens padded to 8, 3/4 of them, 5 calls
+    assert float(ring_half_s(LinkModel(1.0, 0.0), 4, 80)) * 2 == pytest.approx(
+        float(wire.reduce_s(8)))  # a reduce-scatter + all-gather pair: one all-reduce's bytes
+    assert float(seq(np.array([2, 1]), np.array([0, 0]))[0]) == pytest.approx(seq(2, 0))
+
+
 @pytest.mark.parametrize("comm,without", [("serial", 2.5), ("overlap", 2.25)])
 def test_a_boundary_broadcast_comes_before_the_chunk_on_both_lanes(comm, without):
     """Latency 0.25 s per collective: a boundary received once and broadcast first delays the whole chunk's
@@ -423,7 +442,7 @@ def test_the_harness_simulates_tp_rows_on_a_fitted_compute_and_interconnect():
     assert cal["tp_link"]["latency_s"] >= 1e-3  # the emulated 2 ms per all-reduce, found again
     for label in ("overlapped", "overlapped/overlap"):
         assert point["modes"][label]["sim_ttft_ms"] > 0
-    assert np.isnan(point["modes"]["overlapped/sequence"]["sim_ttft_ms"])  # not modelled: said so, not guessed
+    assert point["modes"]["overlapped/sequence"]["sim_ttft_ms"] > 0
     assert np.isnan(point["modes"]["unchunked"]["sim_ttft_ms"])
 
 
@@ -660,6 +679,12 @@ def test_the_projection_says_how_a_tp_stage_boundary_should_cross(tmp_path, caps
         assert r["boundary_own_nics"] in ("matching", "sharded") and r["boundary_shared_nic"] == "sharded"
         assert r["sharded_over_matching"] == pytest.approx(b["sharded"] / b["matching"])
         assert r["shared_nic_matching_over_broadcast"] == pytest.approx(b["matching_shared_nic"] / b["broadcast"])
+        # sequence parallel stages that send the slices they hold and keep the ones they receive: less than the same
+        # schedule with matching sends (no closing all-gather, 1/T on each link)
+        assert r["sequence_sharded_ms"] <= r["overlapped_sequence_ms"]
+        assert r["sequence_sharded_ms"] <= r["sequence_sharded_shared_nic_ms"]
+        assert r["sequence_sharded_over_best_boundary"] == pytest.approx(
+            r["sequence_sharded_ms"] / min(b["matching"], b["broadcast"], b["sharded"]))
     by_t = {r["tp"]: r["shared_nic_matching_over_broadcast"] for r in both}
     assert by_t[8] > by_t[2]  # the more ranks share the NIC, the more the T sends cost
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
