@@ -155,8 +155,9 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
     # reduce-scatters and all-gathers: pipelined rings of T-1 hops each
     half_link = bcast_link
     for comm in ("serial", "overlap", "sequence"):
-        costs = [TPCost(c, n, T, half_link if comm == "sequence" else tp_link, bpt, comm, share)
-                 for c, n in zip(compute, layers)]
+        costs = [TPCost(c, n, T, half_link if comm == "sequence" else tp_link, bpt, comm, share,
+                        closing="token" if s == S - 1 else "chunk")
+                 for s, (c, n) in enumerate(zip(compute, layers))]
         chunks = plan_chunks(L, stage_max(costs), S, g, link=link, bytes_per_token=bpt).chunks
         points = list(zip(chunks, chunk_starts(chunks))) + [(L, 0)]
         tabled = [_Tabled(c, points) for c in costs]
@@ -168,7 +169,8 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
             row["overlapped_free_tp_ms"] = simulate("overlapped", chunks, free, link, bpt).makespan_s * 1e3
         shared = LinkModel(link.bandwidth_gbps / T, link.latency_s)
         if comm == "sequence" and T > 1 and S > 1:  # the slices each rank holds, sent as they are and kept
-            kept = [_Tabled(dataclasses.replace(c, hands_on_shards=s < S - 1), points) for s, c in enumerate(costs)]
+            kept = [_Tabled(dataclasses.replace(c, closing="token" if s == S - 1 else "none"), points)
+                    for s, c in enumerate(costs)]
             row["sequence_sharded_ms"] = simulate("overlapped", chunks, kept, link, -(-bpt // T)).makespan_s * 1e3
             row["sequence_sharded_shared_nic_ms"] = simulate("overlapped", chunks, kept, shared,
                                                              -(-bpt // T)).makespan_s * 1e3
@@ -462,9 +464,10 @@ def main_tp(args) -> int:
                    allreduce_model="ring over T ranks: 2(T-1) x link latency + 2(T-1)/T x payload / link bandwidth "
                                    "per all-reduce, 2 per layer; overlap: ISO token halves; sequence: 2 reduce-scatters "
                                    "+ 2 all-gathers per layer of the chunk padded to T rows, each (T-1) x latency + "
-                                   "(T-1)/T x payload / bandwidth, plus the stage's closing all-gather unless it hands "
-                                   "on its slices (sequence_sharded_*: sharded boundaries, sent and kept as the ranks "
-                                   "hold them) (pipeline.costs.TPCost)",
+                                   "(T-1)/T x payload / bandwidth, plus the stage's closing all-gather: of the chunk, "
+                                   "of its last token on the last stage, none where the stage hands on its slices "
+                                   "(sequence_sharded_*: sharded boundaries, sent and kept as the ranks hold them) "
+                                   "(pipeline.costs.TPCost)",
                    config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, rows=rows)
         write_json(out / "simulate.json", doc)
     print(title)

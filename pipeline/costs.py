@@ -282,6 +282,9 @@ def stage_max(costs):
 # ---- tensor parallelism: a stage's all-reduces ----------------------------------------------------------------
 
 TP_COMMS_MODELLED = ("serial", "overlap", "sequence")
+# a sequence-parallel stage's closing all-gather: of the whole chunk (a stage that sends whole boundaries), of its
+# last token alone (the last stage: only that token's logits are wanted), or none (a stage that hands on its slices)
+CLOSINGS = ("chunk", "token", "none")
 
 
 def allreduce_s(link: LinkModel, tp: int, payload_bytes):
@@ -329,8 +332,9 @@ class TPCost:
       `attn_share(x, p)`;
     - comm "sequence" (Megatron sequence parallelism, as `pipeline.model` runs it): per layer two reduce-scatters
       and two all-gathers of the chunk padded to T·ceil(x/T) tokens, in turn (`ring_half_s`: together an
-      all-reduce's bytes in twice its calls), then the stage's closing all-gather, which `hands_on_shards` drops
-      (sharded boundaries: the stage sends the slices it holds). Chunks of fewer tokens than T run serially. The
+      all-reduce's bytes in twice its calls), then the stage's closing all-gather (`closing`: of the whole chunk
+      where the stage sends whole boundaries on, of the last token alone on the last stage, none where the stage
+      hands on its slices over sharded boundaries). Chunks of fewer tokens than T run serially. The
       norms on 1/T of the tokens are not modelled: the compute is the serial path's. A stage that keeps received
       slices as they arrive (sequence parallel with sharded boundaries) takes no boundary collective: leave
       `boundary_bytes_per_token` at 0 (its chunks shorter than T, all-gathered in fact, are then costed as kept).
@@ -357,11 +361,13 @@ class TPCost:
     busy: LinkModel = LinkModel()
     boundary_bytes_per_token: float = 0
     boundary_link: LinkModel | None = None
-    hands_on_shards: bool = False
+    closing: str = "chunk"  # sequence: the stage's closing all-gather (CLOSINGS)
 
     def __post_init__(self):
         if self.comm not in TP_COMMS_MODELLED:
             raise ValueError(f"TPCost models tp_comm {', '.join(TP_COMMS_MODELLED)}, got {self.comm!r}")
+        if self.closing not in CLOSINGS:
+            raise ValueError(f"TPCost closing must be one of {', '.join(CLOSINGS)}, got {self.closing!r}")
 
     def reduce_s(self, tokens):
         """The wire's share of one all-reduce of `tokens` tokens."""
@@ -383,11 +389,13 @@ class TPCost:
 
     def sequence_s(self, tokens):
         """A sequence-parallel chunk's collectives, in turn: 4 per layer and the closing all-gather (unless
-        `hands_on_shards`), each of the chunk padded to a multiple of T, on the wire and the compute lane."""
+        `closing`), each of the chunk padded to a multiple of T, on the wire and the compute lane."""
         T = self.tp
+        gather = lambda nbytes: ring_half_s(self.link, T, nbytes) + ring_half_s(self.busy, T, nbytes)  # noqa: E731
         padded = np.ceil(np.asarray(tokens, dtype=np.float64) / T) * T * self.bytes_per_token
-        one = ring_half_s(self.link, T, padded) + ring_half_s(self.busy, T, padded)
-        return (4 * self.layers + (not self.hands_on_shards)) * one
+        closing = {"chunk": gather(padded), "token": gather(T * self.bytes_per_token + 0.0 * padded),
+                   "none": 0.0 * padded}[self.closing]
+        return 4 * self.layers * gather(padded) + closing
 
     def _share(self, x, p):
         return self.attn_share(x, p) if callable(self.attn_share) else np.full_like(x, float(self.attn_share))

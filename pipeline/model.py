@@ -217,7 +217,8 @@ class Transformer(nn.Module):
         schedule = self._schedule(C)
         h, residual = self._layers(
             h, schedule, lambda i, x: self.layers[i].attend(x, start_pos, cache.k[i], cache.v[i], *rope),
-            lambda j, i, x: self.layers[i].attend(x, starts[j], cache.k[i], cache.v[i], *rope), C)
+            lambda j, i, x: self.layers[i].attend(x, starts[j], cache.k[i], cache.v[i], *rope), C,
+            last_only and self.is_last)
         if not self.is_last:  # the residual stream: the one tensor that crosses a stage boundary
             return self._hand_on(h if residual is None else h + residual, schedule)
         if last_only:
@@ -292,14 +293,15 @@ class Transformer(nn.Module):
             return h
         return shard_tokens(h, self.tp_rank, self.tp)
 
-    def _layers(self, h, schedule: str, attend, attend_half, tokens: int):
+    def _layers(self, h, schedule: str, attend, attend_half, tokens: int, last_token: bool = False):
         """This part's layers on a chunk of `tokens` tokens, under `schedule` (`_schedule`): `attend(i, x)` is
         layer i's attention of the whole chunk, `attend_half(j, i, x)` of token half j (ISO overlap). Returns (h,
-        residual); residual None when already added in."""
+        residual); residual None when already added in. `last_token`: only the chunk's last token is wanted (the
+        last part's logits); a sequence-parallel chunk then all-gathers that token alone, [B, 1, H]."""
         if schedule == "overlap":
             return self._layers_overlapped(h, h.shape[1] // 2, attend_half)
         if schedule == "sequence":
-            return self._layers_sequence_parallel(h, attend, tokens), None
+            return self._layers_sequence_parallel(h, attend, tokens, last_token), None
         residual = None
         for i, block in enumerate(self.layers):
             h, residual = block(h, residual, lambda x, i=i: attend(i, x), self.ops, self.reduce)
@@ -325,7 +327,7 @@ class Transformer(nn.Module):
         h = torch.cat([value(p) for p in pending], dim=1)
         return h, torch.cat(residual, dim=1)
 
-    def _layers_sequence_parallel(self, h, attend, C: int):
+    def _layers_sequence_parallel(self, h, attend, C: int, last_token: bool = False):
         """Megatron sequence parallelism (tp_comm="sequence"): between the row-parallel outputs and the next
         column-parallel inputs, each rank holds 1/T of the tokens; wo and w2's partial sums are reduce-scattered
         over tokens, the residual add and the norms run on this rank's n = ceil(C/T) tokens, and an all-gather
@@ -333,7 +335,8 @@ class Transformer(nn.Module):
         `attend(i, x)` is layer i's attention of the whole chunk. h: the chunk [B, C, H], or with
         `shard_boundaries` on a part that is not the first, this rank's slice [B, n, H] as the previous part handed
         it on. Returns the whole chunk's residual stream [B, C, H] (one more all-gather), or with
-        `hands_on_shards` this rank's slice of it."""
+        `hands_on_shards` this rank's slice of it, or with `last_token` the chunk's last token [B, 1, H] (an
+        all-gather of one row per rank)."""
         B, H = h.shape[0], h.shape[2]
         T, eps, reduce = self.tp, self.cfg.rms_norm_eps, self.reduce
         n = -(-C // T)
@@ -353,7 +356,13 @@ class Transformer(nn.Module):
             x, residual = self.ops.add_rms_norm(h, residual, block.ffn_norm, eps)
             h = reduce.reduce_scatter(pad(block.feed_forward(reduce.all_gather(x)[:, :C], self.ops)), payload)
         h = (h + residual).contiguous()
-        return h if self.hands_on_shards() else reduce.all_gather(h)[:, :C]
+        if self.hands_on_shards():
+            return h
+        if last_token:  # token C-1 is row (C-1) % n of rank (C-1) // n: each rank offers one row, that one is kept
+            owner, row = divmod(C - 1, n)
+            mine_last = h[:, row:row + 1] if self.tp_rank == owner else torch.zeros_like(h[:, :1])
+            return reduce.all_gather(mine_last.contiguous())[:, owner:owner + 1]
+        return reduce.all_gather(h)[:, :C]
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, chunk_size: int | None = None, cache: KVCache | None = None,

@@ -177,13 +177,15 @@ def test_overlapped_and_sequence_parallel_reduces_equal_unchunked(tp_comm, stage
     if tp_comm == "overlap":  # each chunk of 2+ tokens: both halves all-reduced apart
         assert m["allreduce_calls_per_stage"] == [2 * layers * sum(1 + (c >= 2) for c in plan)] * stages
         assert m["allreduce_wire_bytes_per_stage"] == [2 * (tp - 1) * b // tp for b in m["allreduce_bytes_per_stage"]]
-    else:  # per layer 2 reduce-scatters + 2 all-gathers of the chunk padded to T rows, + 1 all-gather per chunk
+    else:  # per layer 2 reduce-scatters + 2 all-gathers of the chunk padded to T rows, + 1 all-gather per chunk: of
+        # the whole chunk where it is sent on, of its last token alone on the last stage (only its logits are wanted)
         sp = [c for c in plan if c >= tp]
         calls = sum(4 * layers + 1 for _ in sp) + 2 * layers * (len(plan) - len(sp))
-        wire = sum((4 * layers + 1) * (tp - 1) * (-(-c // tp)) * row for c in sp)
+        wire = sum(4 * layers * (tp - 1) * (-(-c // tp)) * row for c in sp)
         wire += sum(2 * (tp - 1) * 2 * layers * c * row // tp for c in plan if c < tp)
+        closing = [sum((tp - 1) * (-(-c // tp)) * row for c in sp)] * (stages - 1) + [len(sp) * (tp - 1) * row]
         assert m["allreduce_calls_per_stage"] == [calls] * stages
-        assert m["allreduce_wire_bytes_per_stage"] == [wire] * stages
+        assert m["allreduce_wire_bytes_per_stage"] == [wire + x for x in closing]
 
 
 @pytest.mark.parametrize("tp_comm", ["overlap", "sequence"])
@@ -287,10 +289,15 @@ def test_tp_cost_of_sequence_parallelism_by_hand():
     from pipeline.link import LinkModel
     seq = _tp_cost(0.25, "sequence", layers=3)
     assert seq(2, 0) == pytest.approx(2 + (4 * 3 + 1) * 0.25)
-    assert dataclasses.replace(seq, hands_on_shards=True)(2, 0) == pytest.approx(2 + 4 * 3 * 0.25)
+    assert dataclasses.replace(seq, closing="none")(2, 0) == pytest.approx(2 + 4 * 3 * 0.25)
+    assert dataclasses.replace(seq, closing="token")(2, 0) == pytest.approx(seq(2, 0))  # latency alone: no bandwidth
+    with pytest.raises(ValueError, match="closing must be one of chunk, token, none"):
+        dataclasses.replace(seq, closing="all")
     assert seq(1, 0) == pytest.approx(_tp_cost(0.25, "serial", layers=3)(1, 0))  # one token over 2 ranks: serial
     wire = TPCost(lambda x, p: 0.0 * x, 1, 4, LinkModel(1.0, 0.0), 10, "sequence")  # 1 GB/s, 10 B a token, T = 4
     assert wire(5, 0) == pytest.approx(5 * 3 / 4 * 8 * 10 / 1e9)  # 5 tokens padded to 8, 3/4 of them, 5 calls
+    last = dataclasses.replace(wire, closing="token")  # the closing all-gather of one row per rank: 4 rows
+    assert last(5, 0) == pytest.approx((4 * 3 / 4 * 8 + 3 / 4 * 4) * 10 / 1e9)
     assert float(ring_half_s(LinkModel(1.0, 0.0), 4, 80)) * 2 == pytest.approx(
         float(wire.reduce_s(8)))  # a reduce-scatter + all-gather pair: one all-reduce's bytes
     assert float(seq(np.array([2, 1]), np.array([0, 0]))[0]) == pytest.approx(seq(2, 0))
