@@ -551,22 +551,28 @@ def test_shard_tokens_slices_every_rank_the_same_length():
     assert torch.equal(one[0], t[:, :1]) and all(p.shape == (2, 1, 3) and not p.any() for p in one[1:])
 
 
+def _matching_and_sharded(seed: int, B: int, L: int, **kw):
+    """The same prompt with matching and with sharded boundaries: logits, decode and every cache equal bit for bit.
+    Returns both results."""
+    cfg = TINY.replace(num_kv_heads=1)
+    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(seed))
+    matching = run_prefill(cfg, tokens, return_cache=True, **kw)
+    sharded = run_prefill(cfg, tokens, tp_boundary="sharded", return_cache=True, **kw)
+    assert torch.equal(sharded.logits, matching.logits)
+    assert torch.equal(sharded.decode_logits, matching.decode_logits)
+    for (k1, v1), (k2, v2) in zip(sharded.caches, matching.caches):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    return matching, sharded
+
+
 @pytest.mark.parametrize("mode", ["naive", "chunked", "overlapped"])
 @pytest.mark.parametrize("tp,chunks,compress", [(2, [7, 7, 7, 7, 7, 2], "none"), (4, [1, 3, 10, 23], "fp8")])
 def test_sharded_boundaries_equal_matching_sends(mode, tp, chunks, compress):
     """Each TP rank sends ceil(c/T) of a chunk's c tokens (chunks of fewer tokens than ranks too: zero rows pad the
     slices), the receiving stage all-gathers them: the same logits, decode and caches as matching sends, bit for
     bit, with 1/T of the bytes on each link."""
-    cfg = TINY.replace(num_kv_heads=1)
     B, L = 2, 37
-    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(9))
-    kw = dict(mode=mode, stages=2, tp=tp, chunks=chunks, compress=compress, return_cache=True)
-    matching = run_prefill(cfg, tokens, **kw)
-    sharded = run_prefill(cfg, tokens, tp_boundary="sharded", **kw)
-    assert torch.equal(sharded.logits, matching.logits)
-    assert torch.equal(sharded.decode_logits, matching.decode_logits)
-    for (k1, v1), (k2, v2) in zip(sharded.caches, matching.caches):
-        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    matching, sharded = _matching_and_sharded(9, B, L, mode=mode, stages=2, tp=tp, chunks=chunks, compress=compress)
     bpt = B * (64 * 4 if compress == "none" else 64 + 4)
     plan = [L] if mode == "naive" else chunks
     assert sharded.metrics["bytes_per_boundary"] == [sum(-(-c // tp) for c in plan) * bpt]
@@ -583,16 +589,9 @@ def test_sequence_parallel_stages_hand_on_the_slices_they_hold(mode, tp, chunks,
     nor the receiving stage's all-gather happens (chunks shorter than T, run serially, still take both). Bit for bit
     the matching sends' logits, decode and caches over three stages (the middle one receives and sends slices);
     the ring bytes saved are exactly the closing all-gathers of the stages that send."""
-    cfg = TINY.replace(num_kv_heads=1)
     B, L = 2, 37
-    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(11))
-    kw = dict(mode=mode, stages=3, tp=tp, chunks=chunks, compress=compress, return_cache=True, tp_comm="sequence")
-    matching = run_prefill(cfg, tokens, **kw)
-    sharded = run_prefill(cfg, tokens, tp_boundary="sharded", **kw)
-    assert torch.equal(sharded.logits, matching.logits)
-    assert torch.equal(sharded.decode_logits, matching.decode_logits)
-    for (k1, v1), (k2, v2) in zip(sharded.caches, matching.caches):
-        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    matching, sharded = _matching_and_sharded(11, B, L, mode=mode, stages=3, tp=tp, chunks=chunks, compress=compress,
+                                              tp_comm="sequence")
     plan = [L] if mode == "naive" else chunks
     bpt = B * (64 * 4 if compress == "none" else 64 + 4)
     assert sharded.metrics["bytes_per_boundary"] == [sum(-(-c // tp) for c in plan) * bpt] * 2
