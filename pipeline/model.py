@@ -218,11 +218,9 @@ class Transformer(nn.Module):
         h, residual = self._layers(
             h, schedule, lambda i, x: self.layers[i].attend(x, start_pos, cache.k[i], cache.v[i], *rope),
             lambda j, i, x: self.layers[i].attend(x, starts[j], cache.k[i], cache.v[i], *rope), C,
-            last_only and self.is_last)
+            [C - 1] if last_only and self.is_last else None)
         if not self.is_last:  # the residual stream: the one tensor that crosses a stage boundary
             return self._hand_on(h if residual is None else h + residual, schedule)
-        if last_only:
-            h, residual = h[:, -1:], (None if residual is None else residual[:, -1:])
         x, _ = self.ops.add_rms_norm(h, residual, self.norm, self.cfg.rms_norm_eps)
         logits = self.output(x)
         return logits[:, -1] if last_only else logits
@@ -258,14 +256,12 @@ class Transformer(nn.Module):
         h, residual = self._layers(
             h, schedule, lambda i, x: self.layers[i].attend_packed(x, meta, pool.k[i], pool.v[i], table, *rope),
             lambda j, i, x: self.layers[i].attend_packed(x, halves[j], pool.k[i], pool.v[i], table, *rope),
-            step.tokens)
+            step.tokens, [step.last_index(b) for b in step.ends] if self.is_last else None)
         if not self.is_last:
             return self._hand_on(h if residual is None else h + residual, schedule)
         if not step.ends:  # no row's prompt ends in this step
             return h.new_empty((0, self.cfg.vocab_size))
-        idx = torch.tensor([step.last_index(b) for b in step.ends], dtype=torch.long, device=self.device)
-        x, _ = self.ops.add_rms_norm(h[:, idx], None if residual is None else residual[:, idx], self.norm,
-                                     self.cfg.rms_norm_eps)
+        x, _ = self.ops.add_rms_norm(h, residual, self.norm, self.cfg.rms_norm_eps)
         return self.output(x)[0]
 
     def _schedule(self, tokens: int) -> str:
@@ -293,19 +289,23 @@ class Transformer(nn.Module):
             return h
         return shard_tokens(h, self.tp_rank, self.tp)
 
-    def _layers(self, h, schedule: str, attend, attend_half, tokens: int, last_token: bool = False):
+    def _layers(self, h, schedule: str, attend, attend_half, tokens: int, rows: list[int] | None = None):
         """This part's layers on a chunk of `tokens` tokens, under `schedule` (`_schedule`): `attend(i, x)` is
         layer i's attention of the whole chunk, `attend_half(j, i, x)` of token half j (ISO overlap). Returns (h,
-        residual); residual None when already added in. `last_token`: only the chunk's last token is wanted (the
-        last part's logits); a sequence-parallel chunk then all-gathers that token alone, [B, 1, H]."""
-        if schedule == "overlap":
-            return self._layers_overlapped(h, h.shape[1] // 2, attend_half)
+        residual) of the whole chunk, or of the tokens at indices `rows` alone (the last part's logits need only
+        those; a sequence-parallel chunk then all-gathers them alone); residual None when already added in."""
         if schedule == "sequence":
-            return self._layers_sequence_parallel(h, attend, tokens, last_token), None
-        residual = None
-        for i, block in enumerate(self.layers):
-            h, residual = block(h, residual, lambda x, i=i: attend(i, x), self.ops, self.reduce)
-        return h, residual
+            return self._layers_sequence_parallel(h, attend, tokens, rows), None
+        if schedule == "overlap":
+            h, residual = self._layers_overlapped(h, h.shape[1] // 2, attend_half)
+        else:
+            residual = None
+            for i, block in enumerate(self.layers):
+                h, residual = block(h, residual, lambda x, i=i: attend(i, x), self.ops, self.reduce)
+        if rows is None:
+            return h, residual
+        idx = torch.tensor(rows, dtype=torch.long, device=h.device)
+        return h[:, idx], None if residual is None else residual[:, idx]
 
     def _layers_overlapped(self, h, m: int, attend):
         """ISO-style overlap of the reduce (tp_comm="overlap"): the chunk's tokens in two halves, [0, m) and
@@ -327,7 +327,7 @@ class Transformer(nn.Module):
         h = torch.cat([value(p) for p in pending], dim=1)
         return h, torch.cat(residual, dim=1)
 
-    def _layers_sequence_parallel(self, h, attend, C: int, last_token: bool = False):
+    def _layers_sequence_parallel(self, h, attend, C: int, rows: list[int] | None = None):
         """Megatron sequence parallelism (tp_comm="sequence"): between the row-parallel outputs and the next
         column-parallel inputs, each rank holds 1/T of the tokens; wo and w2's partial sums are reduce-scattered
         over tokens, the residual add and the norms run on this rank's n = ceil(C/T) tokens, and an all-gather
@@ -335,8 +335,9 @@ class Transformer(nn.Module):
         `attend(i, x)` is layer i's attention of the whole chunk. h: the chunk [B, C, H], or with
         `shard_boundaries` on a part that is not the first, this rank's slice [B, n, H] as the previous part handed
         it on. Returns the whole chunk's residual stream [B, C, H] (one more all-gather), or with
-        `hands_on_shards` this rank's slice of it, or with `last_token` the chunk's last token [B, 1, H] (an
-        all-gather of one row per rank)."""
+        `hands_on_shards` this rank's slice of it, or with `rows` the tokens at those indices [B, len(rows), H]
+        (each rank offers the ones it holds, zeros for the others, and an all-gather of len(rows) per rank
+        assembles them)."""
         B, H = h.shape[0], h.shape[2]
         T, eps, reduce = self.tp, self.cfg.rms_norm_eps, self.reduce
         n = -(-C // T)
@@ -358,11 +359,16 @@ class Transformer(nn.Module):
         h = (h + residual).contiguous()
         if self.hands_on_shards():
             return h
-        if last_token:  # token C-1 is row (C-1) % n of rank (C-1) // n: each rank offers one row, that one is kept
-            owner, row = divmod(C - 1, n)
-            mine_last = h[:, row:row + 1] if self.tp_rank == owner else torch.zeros_like(h[:, :1])
-            return reduce.all_gather(mine_last.contiguous())[:, owner:owner + 1]
-        return reduce.all_gather(h)[:, :C]
+        if rows is None:
+            return reduce.all_gather(h)[:, :C]
+        if not rows:
+            return h[:, :0]
+        # token r is row r % n of rank r // n: each rank offers the wanted tokens it holds (zeros elsewhere)
+        want = torch.tensor(rows, dtype=torch.long, device=h.device)
+        owner, local = want // n, want % n
+        offered = torch.where((owner == self.tp_rank)[None, :, None], h[:, local], 0).contiguous()
+        everyone = reduce.all_gather(offered).view(B, T, len(rows), H)  # rank by rank
+        return everyone[:, owner, torch.arange(len(rows), device=h.device)]
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, chunk_size: int | None = None, cache: KVCache | None = None,

@@ -181,14 +181,22 @@ def test_a_ragged_batch_with_overlapped_or_sequence_parallel_reduces_equals_each
                       return_cache=True, page_size=8)
     _check_rows(res, rows, ref)
     m, layers = res.metrics, 4 // stages
-    steps = [s.tokens for s in ragged_plan(LENGTHS, chunk_size)]
+    plan = ragged_plan(LENGTHS, chunk_size)
+    steps = [s.tokens for s in plan]
     assert m["allreduce_bytes_per_stage"] == [2 * layers * sum(LENGTHS) * TINY.hidden_size * 4] * stages
     assert steps[-1] == 1 or tp == 2  # (1, 4, 13) ends in a one-token step
     if tp_comm == "overlap":  # every step of 2+ tokens: both halves all-reduced apart
-        calls = 2 * layers * sum(1 + (n >= 2) for n in steps)
-    else:  # per layer 2 reduce-scatters + 2 all-gathers, + 1 all-gather per step; steps under T tokens: all-reduces
-        calls = sum(4 * layers + 1 if n >= tp else 2 * layers for n in steps)
-    assert m["allreduce_calls_per_stage"] == [calls] * stages
+        calls = [2 * layers * sum(1 + (n >= 2) for n in steps)] * stages
+    else:  # per layer 2 reduce-scatters + 2 all-gathers, + 1 closing all-gather per step (on the last stage only in
+        # steps where some row ends: of those rows' last tokens alone); steps under T tokens: plain all-reduces
+        calls = [sum(4 * layers + (s < stages - 1 or bool(st.ends)) if st.tokens >= tp else 2 * layers
+                     for st in plan) for s in range(stages)]
+        assert any(st.tokens >= tp and not st.ends for st in plan)  # such a step is here: its gather is skipped
+        row = TINY.hidden_size * 4
+        last = sum(4 * layers * (tp - 1) * -(-st.tokens // tp) * row + (tp - 1) * len(st.ends) * row
+                   if st.tokens >= tp else 2 * (tp - 1) * 2 * layers * st.tokens * row // tp for st in plan)
+        assert m["allreduce_wire_bytes_per_stage"][-1] == last
+    assert m["allreduce_calls_per_stage"] == calls
 
 
 def test_a_ragged_batch_of_a_hugging_face_checkpoint_matches_transformers(tmp_path):
