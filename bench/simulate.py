@@ -230,7 +230,7 @@ def mark_fastest(rows: list[dict]) -> None:
 
 def tp_table(rows: list[dict]) -> str:
     head = ("model", "GPUs", "TxS", "link", "L", "naive ms", "overl. ms", "overl.+ISO ms", "free-AR ms", "AR exposed",
-            "hidden", "best", "best/ideal", "boundary", "fits", "fastest")
+            "hidden", "best", "best/ideal", "boundary", "SP+sh/bnd", "fits", "fastest")
     out = [head]
     for r in rows:
         L = r["prompt_len"]
@@ -239,7 +239,9 @@ def tp_table(rows: list[dict]) -> str:
                     f"{r['overlapped_serial_ms']:.0f}", f"{r['overlapped_overlap_ms']:.0f}",
                     f"{r['overlapped_free_tp_ms']:.0f}", f"{r['reduce_exposed_ms']:.0f}",
                     "yes" if r["reduce_hidden"] else "NO", f"{r['best_mode']}/{r['best_tp_comm']}",
-                    f"{r['best_over_ideal']:.2f}", _boundary_cell(r), "yes" if r["fits_in_memory"] else "no",
+                    f"{r['best_over_ideal']:.2f}", _boundary_cell(r),
+                    f"{r['sequence_sharded_over_best_boundary']:.3f}" if "sequence_sharded_over_best_boundary" in r
+                    else "-", "yes" if r["fits_in_memory"] else "no",
                     "<--" if r["fastest"] else ""))
     widths = [max(len(row[i]) for row in out) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in out)
@@ -477,7 +479,9 @@ def main_tp(args) -> int:
           f"add; 'hidden': under {100 * HIDDEN_TOLERANCE:.0f}%; 'best/ideal': the best mode over (1-GPU compute)/N; "
           f"'boundary': which crossing the overlapped pipeline prefers with a NIC per GPU / one NIC per stage "
           f"(m: each TP rank sends to its peer, b: one send, then a broadcast in the stage, s: each TP rank sends 1/T "
-          f"of the tokens, then an all-gather); "
+          f"of the tokens, then an all-gather); 'SP+sh/bnd': the overlapped pipeline with sequence parallelism and "
+          f"sharded boundaries (each rank sends and keeps its slices, no all-gather at either end) over the best "
+          f"crossing, NIC per GPU; "
           f"'fastest': the least TTFT among the splits that fit, per model, GPUs, link and prompt.")
     print(f"results: {out / 'simulate.json'}  plot: {out / 'simulate.png'}")
     fastest = {f"{r['model']} {r['gpus']} GPUs {r['link']} L={r['prompt_len']}":
