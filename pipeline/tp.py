@@ -11,6 +11,12 @@
 A `Reducer` is the all-reduce a block calls; it counts what it moves and how long it takes. Three kinds: none
 (T = 1), `LocalReducer` (T ranks as threads of one process: tests and in-process runs on CPU) and `DistReducer`
 (torch.distributed over a TP process group: gloo or NCCL).
+
+Between TP stages a boundary crosses (`TP_BOUNDARIES`) between matching TP ranks, once from TP rank 0 and then
+broadcast (`BroadcastRecv`, `NoSend`), or as 1/T of its tokens per rank pair, all-gathered by the receiving stage
+(`ShardSend`, `ShardRecv`). Under sequence parallelism the sharded crossing needs no all-gather at either end: each
+rank sends the slice it holds and the next stage computes on the slice it receives (the model slices what it sends,
+`Transformer.shard_boundaries`; `ShardRecv(keep=...)` leaves a sequence-parallel chunk's slice as it arrived).
 """
 from __future__ import annotations
 
