@@ -22,6 +22,7 @@ from pipeline import MODES, Job, PipelineSpec, resolve_config
 from pipeline.checks import DTYPES
 from pipeline.compress import Codec
 from pipeline.schedule import chunk_starts, mode_chunks
+from pipeline.tp import link_tokens
 
 from .pauses import measure
 
@@ -265,9 +266,10 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
             per_chunk_stage_max_ms=[x * 1e3 for x in best.metrics["per_chunk_stage_max_s"]],
             prefill_bytes_per_boundary=best.metrics["bytes_per_boundary"],
             decode_bytes_per_boundary=best.metrics.get("decode_bytes_per_boundary", []),
-            # per TP lane: the whole boundary, or with tp_boundary 'sharded' 1/T of each chunk's tokens (rounded up)
+            # per TP lane: the whole boundary, or with tp_boundary 'sharded' 1/T of each chunk's tokens (rounded up;
+            # a chunk of fewer tokens than T whole)
             expected_prefill_bytes=wire_bpt[variant_of[mode]["compress"]] * (
-                sum(-(-c // spec.tp) for c in best.chunks) if variant_of[mode]["tp_boundary"] == "sharded"
+                sum(link_tokens(c, spec.tp) for c in best.chunks) if variant_of[mode]["tp_boundary"] == "sharded"
                 else prompt_len),
             expected_decode_bytes=wire_bpt[variant_of[mode]["compress"]],
             chunks=best.chunks,

@@ -187,7 +187,7 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
     tp_boundary (tp > 1): "matching" sends each stage boundary between matching TP ranks (T sends of [B, c, H]);
     "broadcast" sends it once, TP rank 0 to TP rank 0, and the receiving stage broadcasts it over its TP group;
     "sharded" sends 1/T of its tokens between each pair of matching TP ranks, and the receiving stage all-gathers
-    them (T sends of [B, ceil(c/T), H]).
+    them (T sends of [B, ceil(c/T), H]; a message of fewer than T tokens, a decode token, crosses whole).
 
     link 'gloo' / 'nccl' start one process per stage (spawn): in a script, call this under
     `if __name__ == "__main__":`. Under torchrun every rank calls it; rank 0 gets the result, the others None."""

@@ -14,7 +14,7 @@ from . import checks
 from .config import ModelConfig, get_preset
 from .ops import Ops, get_ops
 from .ragged import PagePool, RaggedStep, pages_needed
-from .tp import check_tp, local_config, shard_state, shard_tokens
+from .tp import check_tp, local_config, shard_state
 from .weights import load_hf_weights, random_weights
 
 
@@ -206,7 +206,7 @@ class Transformer(nn.Module):
         x: tokens [B, C] on the first part, else the hidden state [B, C, H] from the previous part (with
         `keeps_shard(C)`, this rank's slice [B, ceil(C/T), H] of it; `tokens` then gives C).
         Returns logits [B, C, V] (or [B, V] with last_only) on the last part, else the hidden state [B, C, H] (with
-        `shard_boundaries`, this rank's slice of it: `hands_on_shards`).
+        `hands_on_shards`, of a sequence-parallel chunk this rank's slice of it).
         """
         C = x.shape[1] if tokens is None else tokens
         if start_pos + C > cache.max_len:
@@ -220,7 +220,7 @@ class Transformer(nn.Module):
             lambda j, i, x: self.layers[i].attend(x, starts[j], cache.k[i], cache.v[i], *rope), C,
             [C - 1] if last_only and self.is_last else None)
         if not self.is_last:  # the residual stream: the one tensor that crosses a stage boundary
-            return self._hand_on(h if residual is None else h + residual, schedule)
+            return h if residual is None else h + residual
         x, _ = self.ops.add_rms_norm(h, residual, self.norm, self.cfg.rms_norm_eps)
         logits = self.output(x)
         return logits[:, -1] if last_only else logits
@@ -258,7 +258,7 @@ class Transformer(nn.Module):
             lambda j, i, x: self.layers[i].attend_packed(x, halves[j], pool.k[i], pool.v[i], table, *rope),
             step.tokens, [step.last_index(b) for b in step.ends] if self.is_last else None)
         if not self.is_last:
-            return self._hand_on(h if residual is None else h + residual, schedule)
+            return h if residual is None else h + residual
         if not step.ends:  # no row's prompt ends in this step
             return h.new_empty((0, self.cfg.vocab_size))
         x, _ = self.ops.add_rms_norm(h, residual, self.norm, self.cfg.rms_norm_eps)
@@ -273,21 +273,15 @@ class Transformer(nn.Module):
         return self.tp_comm
 
     def hands_on_shards(self) -> bool:
-        """Whether this part sends each stage boundary as its TP rank's 1/T of the tokens (`shard_boundaries`, not
-        the last part): a chunk it runs sequence parallel as the slice it holds, any other sliced by
-        `pipeline.tp.shard_tokens`."""
+        """Whether this part sends the chunks it runs sequence parallel as the slice of their tokens its TP rank
+        holds (`shard_boundaries`, not the last part), with no closing all-gather. A chunk of fewer tokens than T
+        (run serially) crosses whole, as every sharded boundary that short does (`pipeline.tp.sliced`)."""
         return self.shard_boundaries and not self.is_last
 
     def keeps_shard(self, tokens: int) -> bool:
         """Whether a received boundary of `tokens` tokens stays this TP rank's 1/T slice, the one sequence
         parallelism computes on (`shard_boundaries`, a sequence-parallel chunk), rather than being all-gathered."""
         return self.shard_boundaries and not self.is_first and self._schedule(tokens) == "sequence"
-
-    def _hand_on(self, h: torch.Tensor, schedule: str) -> torch.Tensor:
-        """What crosses to the next part: the chunk's residual stream, or this rank's slice of its tokens."""
-        if not self.hands_on_shards() or schedule == "sequence":  # a sequence-parallel h already is the slice
-            return h
-        return shard_tokens(h, self.tp_rank, self.tp)
 
     def _layers(self, h, schedule: str, attend, attend_half, tokens: int, rows: list[int] | None = None):
         """This part's layers on a chunk of `tokens` tokens, under `schedule` (`_schedule`): `attend(i, x)` is

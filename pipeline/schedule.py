@@ -106,8 +106,8 @@ class StageRecord:
     # with tensor parallelism, per chunk: (seconds blocked in TP collectives, calls, payload bytes, seconds per
     # call), all within its compute interval
     reduce: list[tuple] = field(default_factory=list)
-    # with tp_boundary "broadcast" or "sharded", per received chunk: seconds of its collective over the TP group (the
-    # broadcast, or the all-gather of the slices; within its receive wait, before its compute)
+    # with TP, per received chunk: seconds of its collective over the TP group (tp_boundary "broadcast": the broadcast,
+    # "sharded": the all-gather of the slices; within its receive wait, before its compute), 0 where it took none
     boundary: list[float] = field(default_factory=list)
 
     def resolve(self, clock: Clock) -> "StageRecord":
@@ -156,7 +156,7 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
             b0 = reducer.boundary_seconds() if reducer is not None else 0.0
             x = posted.pop(k).wait()
             record.recv_wait.append((t0, clock.mark()))
-            if reducer is not None and reducer.boundary_seconds() > b0:  # a broadcast or all-gather in the stage
+            if reducer is not None:  # a broadcast or all-gather in the stage (0 where the chunk took none)
                 record.boundary.append(reducer.boundary_seconds() - b0)
             x = codec.decode(x, dtype)
         t0 = clock.mark()

@@ -402,7 +402,8 @@ class LocalReducer(Reducer):
 # ---- how a stage boundary crosses between TP stages (tp_boundary) -----------------------------------------------
 # "matching": each TP rank sends the whole boundary to the next stage's same TP rank (T sends); "broadcast": TP rank 0
 # sends it once, the receiving stage broadcasts it over its TP group; "sharded": each TP rank sends 1/T of its tokens
-# to its peer and the receiving stage all-gathers them (Megatron's scatter-gather: T sends of 1/T)
+# to its peer and the receiving stage all-gathers them (Megatron's scatter-gather: T sends of 1/T; a message of fewer
+# tokens than T crosses whole, as with matching sends: `sliced`)
 
 TP_BOUNDARIES = ("matching", "broadcast", "sharded")
 
@@ -445,6 +446,19 @@ class BroadcastRecv:
         pass
 
 
+def sliced(tokens: int, tp: int) -> bool:
+    """Whether a boundary message of `tokens` tokens crosses sharded boundaries as 1/T per rank pair: only when it
+    has at least T tokens. A shorter one (a decode token) crosses whole on each rank pair's link, as matching sends
+    do: slicing it would still cost every link one (padded) row and add an all-gather for nothing."""
+    return tokens >= tp
+
+
+def link_tokens(tokens: int, tp: int) -> int:
+    """What each rank pair's link carries of a `tokens`-token message with sharded boundaries: ceil(tokens/T)
+    rows, or all of a message too short to slice (`sliced`)."""
+    return -(-tokens // tp) if sliced(tokens, tp) else tokens
+
+
 def shard_tokens(t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
     """Rank `rank`'s slice of a boundary message [B, c, W] along its tokens: rows [rank·n, (rank+1)·n) with
     n = ceil(c/T), the last slices padded with zero rows (every rank sends n, the all-gather needs equal slices)."""
@@ -458,12 +472,15 @@ def shard_tokens(t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
 
 
 class ShardSend:
-    """The send end of TP rank `rank` with tp_boundary 'sharded': its 1/T of each message's tokens to its peer."""
+    """The send end of TP rank `rank` with tp_boundary 'sharded': its 1/T of each message's tokens to its peer (a
+    message of fewer tokens than T whole: `sliced`)."""
 
     def __init__(self, link, rank: int, tp: int):
         self.link, self.rank, self.tp = link, rank, tp
 
     def isend(self, tensor: torch.Tensor, tag: int):
+        if not sliced(tensor.shape[1], self.tp):
+            return self.link.isend(tensor, tag)
         return self.link.isend(shard_tokens(tensor, self.rank, self.tp), tag)
 
     def close(self) -> None:
@@ -473,8 +490,9 @@ class ShardSend:
 class ShardRecv:
     """The receive end with tp_boundary 'sharded': this rank's 1/T of the tokens from its peer in the previous
     stage, then the stage's TP group all-gathers the slices into the whole message (every rank calls `wait` in
-    chunk order, so the all-gathers pair up like the all-reduces do). `keep(c)`: whether a message of c tokens stays
-    the slice as it arrived (a sequence-parallel stage computes on it: no all-gather); default never."""
+    chunk order, so the all-gathers pair up like the all-reduces do). A message of fewer tokens than T arrives
+    whole (`sliced`). `keep(c)`: whether a message of c tokens stays the slice as it arrived (a sequence-parallel
+    stage computes on it: no all-gather); default never."""
 
     def __init__(self, link, reducer: Reducer, keep=None):
         self.link, self.reducer, self.keep = link, reducer, keep
@@ -482,8 +500,8 @@ class ShardRecv:
     def irecv(self, shape, dtype, tag: int, slot: int = 0):
         from .link import Handle
         B, c, W = shape
-        inner = self.link.irecv((B, -(-c // self.reducer.tp), W), dtype, tag, slot)
-        if self.keep is not None and self.keep(c):
+        inner = self.link.irecv((B, link_tokens(c, self.reducer.tp), W), dtype, tag, slot)
+        if not sliced(c, self.reducer.tp) or (self.keep is not None and self.keep(c)):
             return inner
         return Handle(lambda: self.reducer.gather_boundary(inner.wait())[:, :c].contiguous(), inner.nbytes)
 
