@@ -156,6 +156,7 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
             lane = 0 if kept else boundary_lane_bytes(crossing, costs[0].tp, bpt)
             last = len(costs) - 1
             row_costs = ([dataclasses.replace(c, comm=comm, boundary_bytes_per_token=lane if s else 0,
+                                              boundary_sliced=crossing == "sharded",
                                               closing="token" if s == last else "none" if kept else "chunk")
                           for s, c in enumerate(costs)] if comm in ("serial", "overlap", "sequence") else None)
             if m.get("tp_boundary") == "sharded":

@@ -180,7 +180,8 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
 
             def collective(kind):
                 return [_Tabled(dataclasses.replace(c, boundary_bytes_per_token=boundary_lane_bytes(kind, T, bpt)
-                                                    if s else 0, boundary_link=bcast_link), points)
+                                                    if s else 0, boundary_link=bcast_link,
+                                                    boundary_sliced=kind == "sharded"), points)
                         for s, c in enumerate(costs)]
             bcast, gather = collective("broadcast"), collective("sharded")
             row[f"boundary_{comm}_ms"] = dict(

@@ -349,7 +349,8 @@ class TPCost:
     boundary_bytes_per_token / bandwidth on `boundary_link` (default `link`: one collective's latency, as a fit per
     call finds it; plus `busy`'s share), on both lanes. The bytes a rank's lane carries per token: the whole
     boundary's for a broadcast (tp_boundary "broadcast"), (T-1)/T of it for the all-gather of 1/T slices
-    ("sharded"); `boundary_lane_bytes` gives them.
+    ("sharded"); `boundary_lane_bytes` gives them. `boundary_sliced` (sharded sends): a chunk of fewer tokens than
+    T crosses whole and takes no collective (`pipeline.tp.sliced`).
     """
     compute: object  # cost(x, p) -> seconds
     layers: int
@@ -362,6 +363,7 @@ class TPCost:
     boundary_bytes_per_token: float = 0
     boundary_link: LinkModel | None = None
     closing: str = "chunk"  # sequence: the stage's closing all-gather (CLOSINGS)
+    boundary_sliced: bool = False  # the boundary collective is sharded sends' all-gather: none under T tokens
 
     def __post_init__(self):
         if self.comm not in TP_COMMS_MODELLED:
@@ -385,7 +387,8 @@ class TPCost:
         if not self.boundary_bytes_per_token or self.tp == 1:
             return 0.0 * nbytes
         lanes = (self.link if self.boundary_link is None else self.boundary_link, self.busy)
-        return sum(m.delay_s(nbytes) if m.active else 0.0 * nbytes for m in lanes)
+        paid = sum(m.delay_s(nbytes) if m.active else 0.0 * nbytes for m in lanes)
+        return np.where(np.asarray(tokens) >= self.tp, paid, 0.0) if self.boundary_sliced else paid
 
     def sequence_s(self, tokens):
         """A sequence-parallel chunk's collectives, in turn: 4 per layer and the closing all-gather (unless

@@ -322,6 +322,9 @@ def test_a_boundary_broadcast_comes_before_the_chunk_on_both_lanes(comm, without
     assert once(2, 0) == pytest.approx(without + 0.25 + 8e-9)
     assert dataclasses.replace(once, busy=LinkModel(None, 0.1))(2, 0) > once(2, 0) + 0.1  # busy: each reduce too
     assert dataclasses.replace(cost, boundary_bytes_per_token=4)(2, 0) == pytest.approx(without + 0.25)  # on link
+    sliced = dataclasses.replace(once, boundary_sliced=True)  # sharded sends: a chunk under T tokens crosses whole
+    assert sliced(2, 0) == pytest.approx(once(2, 0)) and sliced(1, 0) == pytest.approx(cost(1, 0))
+    assert list(sliced.boundary_s(np.array([1, 2]))) == pytest.approx([0.0, once.boundary_s(2)])
     assert float(once(np.array([2, 2]), np.array([0, 0]))[0]) == pytest.approx(once(2, 0))
 
 
