@@ -296,8 +296,9 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
                          f"{worst['prefix']}, chunk {worst['chunk']} ({best(worst)}) → "
                          f"{_vs_target(speedup(worst), vs_peer)}")
         if kernels.get("paged"):
-            lines += ["", "Paged, varlen chunk_attention: one launch over a batch of rows (prefix+chunk each), the cache "
-                          "in shuffled pages, against the dense kernel and the best SDPA backend run once per row.", "",
+            lines += ["", "Paged, varlen chunk_attention: one launch over a batch of rows (prefix+chunk each), the "
+                          "cache in shuffled pages, against the dense kernel and the best SDPA backend run once per "
+                          "row.", "",
                       "| rows | page | paged TFLOP/s | vs dense per row | vs SDPA per row | launch | max err |",
                       "|---|---:|---:|---:|---:|---|---:|"]
             for r in kernels["paged"]:

@@ -159,7 +159,7 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
                                               boundary_sliced=crossing == "sharded",
                                               closing="token" if s == last else "none" if kept else "chunk")
                           for s, c in enumerate(costs)] if comm in ("serial", "overlap", "sequence") else None)
-            if m.get("tp_boundary") == "sharded":
+            if crossing == "sharded":
                 bpt = -(-bpt // costs[0].tp)  # per link: each rank its 1/T of the tokens
         if row_costs is None:
             for key in ("sim_ttft_ms", "sim_over_measured", "sim_exposed_comm_ms", "sim_bubble_fraction",

@@ -290,9 +290,7 @@ CLOSINGS = ("chunk", "token", "none")
 def allreduce_s(link: LinkModel, tp: int, payload_bytes):
     """One all-reduce of `payload_bytes` per rank over `tp` ranks on `link`, as the engine's emulated TP interconnect
     times one: latency + the ring's bytes on the wire, 2(T-1)/T of the payload, / bandwidth (numpy broadcasts)."""
-    wire = 2 * (tp - 1) / tp * np.asarray(payload_bytes, dtype=np.float64)
-    bw = link.bandwidth_gbps
-    return link.latency_s + (wire / (bw * 1e9) if bw else 0.0 * wire)
+    return ring_half_s(link, tp, 2 * np.asarray(payload_bytes, dtype=np.float64))
 
 
 def ring_half_s(link: LinkModel, tp: int, payload_bytes):
@@ -337,7 +335,7 @@ class TPCost:
       hands on its slices over sharded boundaries). Chunks of fewer tokens than T run serially. The
       norms on 1/T of the tokens are not modelled: the compute is the serial path's. A stage that keeps received
       slices as they arrive (sequence parallel with sharded boundaries) takes no boundary collective: leave
-      `boundary_bytes_per_token` at 0 (its chunks shorter than T, all-gathered in fact, are then costed as kept).
+      `boundary_bytes_per_token` at 0 (its chunks shorter than T cross whole: no collective either).
 
     `busy`: the share of each all-reduce that occupies the compute lane rather than the wire (a CPU's copies and
     sums in gloo, NCCL's kernels on SMs), paid on the compute lane as the all-reduce is posted; `link` is then the

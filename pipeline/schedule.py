@@ -161,7 +161,8 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
             x = codec.decode(x, dtype)
         t0 = clock.mark()
         before = reducer.snapshot() if reducer is not None else None
-        y = stage.forward_packed(x, ragged[k]) if ragged is not None else stage.forward(x, starts[k], last_only=True, tokens=c)
+        y = (stage.forward_packed(x, ragged[k]) if ragged is not None
+             else stage.forward(x, starts[k], last_only=True, tokens=c))
         record.compute.append((t0, clock.mark()))
         if reducer is not None:  # host time: on CPU what the rank was blocked; with NCCL only the host's share
             record.reduce.append(reducer.since(before))

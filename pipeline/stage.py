@@ -74,7 +74,8 @@ class Stage:
         rows' logits [R, V] out."""
         return self.model.forward_packed(x, step, self.pool)
 
-    def forward(self, x: torch.Tensor, start_pos: int, last_only: bool = True, tokens: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: int, last_only: bool = True,
+                tokens: int | None = None) -> torch.Tensor:
         """x: tokens [B, c] (first stage) or hidden [B, c, H] (a TP rank's slice of it under sequence parallelism
         with sharded boundaries: `tokens` gives c). Returns hidden [B, c, H] (or the rank's slice), or logits
         [B, V] on the last stage (last position only)."""
