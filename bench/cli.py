@@ -55,9 +55,15 @@ def run_parser():
                          "state as computed), bf16 (float32 models: half the bytes) or fp8 (e4m3 with a float32 scale "
                          "per token: H + 4 bytes a token). Lossy rows report their logit difference against the "
                          "unchunked baseline and the same mode uncompressed. Default: none")
-    ap.add_argument("--prompt-len", type=int_list(1), default=[2048],
+    ap.add_argument("--prompt-len", type=int_list(1), default=None,
                     help="prompt length(s); several, comma-separated, make a sweep (default: 2048)")
-    ap.add_argument("--chunk-size", type=integer(1), default=None, help="uniform chunk size (default: 128)")
+    ap.add_argument("--rows", type=int_list(1, unique=False), default=None,
+                    help="a ragged batch instead of one [B, L] prompt: one prompt per row of these lengths, "
+                         "comma-separated (e.g. 300,1000,2048), run as a serving stack runs them: each row in chunks "
+                         "of --chunk-size, the rows' chunks packed into one step, the KV cache in pages. Every mode "
+                         "is checked row by row against the row run alone; each row's TTFT is reported")
+    ap.add_argument("--chunk-size", type=integer(1), default=None,
+                    help="uniform chunk size (default: 128); with --rows each row's tokens per step")
     ap.add_argument("--chunks", type=int_list(1, unique=False), default=None,
                     help="explicit chunk sizes, comma-separated, summing to the prompt length")
     ap.add_argument("--chunk-plan", choices=["uniform", "balanced"], default="uniform",
@@ -151,6 +157,15 @@ def main_run(argv) -> int:
     if link == "nccl" and world is None and torch.cuda.device_count() < stages * tp:
         raise ValueError(f"nccl with {stages} stages x tp {tp} needs {stages * tp} GPUs, found "
                          f"{torch.cuda.device_count()}")
+    if args.rows is not None:  # one ragged batch: its own lengths and steps
+        for flag, given in (("--prompt-len", args.prompt_len is not None), ("--batch", args.batch != 1),
+                            ("--chunks", args.chunks is not None), ("--chunk-plan balanced",
+                                                                    args.chunk_plan == "balanced"),
+                            ("--simulate", args.simulate)):
+            if given:
+                raise ValueError(f"--rows {','.join(map(str, args.rows))} is one ragged batch (its rows' lengths, "
+                                 f"each in chunks of --chunk-size): drop {flag}")
+    args.prompt_len = [max(args.rows)] if args.rows else args.prompt_len or [2048]
     if args.chunks and len(args.prompt_len) > 1:
         raise ValueError("--chunks fits one prompt length; use --chunk-size for a sweep")
     if args.chunks and args.chunk_size:
@@ -161,6 +176,10 @@ def main_run(argv) -> int:
         raise ValueError(f"--granularity {args.granularity} is larger than the prompt ({min(args.prompt_len)} tokens)")
     simulate = args.simulate or args.chunk_plan == "balanced"
     cfg = resolve_config(args.model)
+    for b, n in enumerate(args.rows or []):
+        if n + 1 > cfg.max_seq_len:
+            raise ValueError(f"--rows: row {b} has {n} tokens (+1 decode token), past the model's max_seq_len "
+                             f"{cfg.max_seq_len}")
     for L in args.prompt_len:
         if L + 1 > cfg.max_seq_len:
             raise ValueError(f"prompt length {L} (+1 decode token) exceeds the model's max_seq_len {cfg.max_seq_len}")
@@ -174,7 +193,9 @@ def main_run(argv) -> int:
              for L in args.prompt_len}
     config = dict(model=str(args.model), stages=stages, tp=tp, tp_comm=args.tp_comm, compress=args.compress,
                   tp_boundary=args.tp_boundary, link=link, device=device, ops=args.ops, dtype=args.dtype,
-                  batch=args.batch, prompt_lens=args.prompt_len, chunk_size=args.chunk_size or 128,
+                  batch=len(args.rows) if args.rows else args.batch,
+                  prompt_lens=None if args.rows else args.prompt_len, rows=args.rows,
+                  chunk_size=args.chunk_size or 128,
                   chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
                   bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us,
                   tp_bandwidth_gbps=args.tp_bandwidth_gbps, tp_latency_us=args.tp_latency_us, repeats=args.repeats,
@@ -202,10 +223,12 @@ def main_run(argv) -> int:
                 box = [plans, plan_calibration]
                 dist.broadcast_object_list(box, src=0)
                 plans, plan_calibration = box
-        config["plans"] = {str(L): plans[L] for L in args.prompt_len}
+        # a ragged batch's steps are in each mode's figures ("chunks": the packed tokens of each step)
+        config["plans"] = None if args.rows else {str(L): plans[L] for L in args.prompt_len}
         points, t0 = [], time.time()
         for i, L in enumerate(args.prompt_len):
-            label = f"L={L}" + (f" (point {i + 1} of {len(args.prompt_len)})" if len(args.prompt_len) > 1 else "")
+            label = (f"rows={','.join(map(str, args.rows))}" if args.rows else
+                     f"L={L}" + (f" (point {i + 1} of {len(args.prompt_len)})" if len(args.prompt_len) > 1 else ""))
             progress.phase(f"{label}: {len(args.modes)} mode(s)"
                            + (f" x {len(args.tp_comm)} tp-comm(s)" if len(args.tp_comm) > 1 else "")
                            + (f" x {len(args.compress)} compression(s)" if len(args.compress) > 1 else "")
@@ -213,7 +236,8 @@ def main_run(argv) -> int:
                            f"runs on {stages} stage(s), {link}, model {args.model}")
             point = run_point(spec, L, args.batch, plans[L], args.repeats, args.warmup, args.modes,
                               simulate=simulate, progress=progress.runs(label), tp_comms=args.tp_comm,
-                              compress=args.compress, tp_boundaries=args.tp_boundary)
+                              compress=args.compress, tp_boundaries=args.tp_boundary, rows=args.rows,
+                              chunk_size=args.chunk_size or 128)
             if point is None:  # a torchrun rank other than 0: it ran its stage, rank 0 reports
                 continue
             points.append(point)

@@ -96,7 +96,7 @@ def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool 
     failed, checked, rows = [], set(), []
     new_points = {(p["prompt_len"], p["batch"]): p for p in new["points"]}
     for bp in base["points"]:
-        where = f"L={bp['prompt_len']}"
+        where = ("rows=" + ",".join(map(str, bp["rows"]))) if "rows" in bp else f"L={bp['prompt_len']}"
         np_ = new_points.get((bp["prompt_len"], bp["batch"]))
         if np_ is None:
             failed.append(f"point {where} B={bp['batch']} missing from {new_path}")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline import MODES, Job, PipelineSpec, resolve_config
+from pipeline import checks
 from pipeline.checks import DTYPES
 from pipeline.compress import Codec
 from pipeline.schedule import chunk_starts, mode_chunks
@@ -201,7 +202,8 @@ def chunk_costs_vs_measured(mode: str, runs_records, costs):
 
 def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,
               modes=MODES, seed: int = 0, simulate: bool = False, progress=None, tp_comms=None,
-              compress=None, tp_boundaries=None) -> dict | None:
+              compress=None, tp_boundaries=None, rows: list[int] | None = None,
+              chunk_size: int | None = None) -> dict | None:
     """All modes on one prompt; returns the figures per mode (medians over repeats) and the raw timelines. The
     outputs are always checked against the unchunked baseline: when `unchunked` is not among `modes` it runs once,
     untimed, as the reference. With `simulate`, `calibration_jobs` run in the same round-robin as the modes (so a
@@ -211,12 +213,35 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     (`pipeline.compress`), and `tp_boundaries` (default matching) how boundaries cross TP stages, to run side by
     side, in the same round-robin: the first of each keeps the mode's name, the others are keyed "mode/<value>..."
     (the unchunked baseline, no TP and no boundary, runs once). A lossy row's logits are compared with the unchunked baseline and with the same mode uncompressed in this
-    run; its outputs_match only asks for finite logits. None off rank 0 under torchrun."""
+    run; its outputs_match only asks for finite logits.
+    With `rows` (prompt lengths; prompt_len, batch and chunks are then ignored) the point is one ragged batch, as a
+    serving stack runs it (`pipeline.ragged`): a random prompt per row, each row in chunks of `chunk_size` tokens
+    (unchunked and naive: whole), the rows' chunks packed into one step, the KV cache in pages. Every mode's logits
+    are checked row by row against the unchunked ragged baseline and against each row run alone (an unchunked
+    [1, L] run per row, untimed); each row's TTFT is when the last stage finishes the step its prompt ends in.
+    None off rank 0 under torchrun."""
     cfg = resolve_config(spec.source)
     modes = list(modes)
+    ragged = rows is not None
+    if ragged:
+        if simulate:
+            raise ValueError("the simulator's chunk costs are fitted on [B, L] prompts: a ragged batch (rows) runs "
+                             "without simulate")
+        checks.positive_int("chunk_size", chunk_size)
+        rows = checks.int_list("rows", rows)
+        prompt_len, batch = max(rows), len(rows)
     axes = dict(tp_comm=list(tp_comms or [spec.tp_comm]), compress=list(compress or ["none"]),
                 tp_boundary=list(tp_boundaries or ["matching"]))
-    tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    tokens = ([torch.randint(0, cfg.vocab_size, (n,), generator=gen) for n in rows] if ragged
+              else torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen))
+
+    def job(mode: str, **kw) -> Job:  # a ragged job's chunks are its steps' token counts
+        if not ragged:
+            return Job(mode, tokens, mode_chunks(mode, chunks), **kw)
+        j = Job(mode, tokens, [], chunk_size=chunk_size, **kw)
+        j.chunks = [st.tokens for st in j.steps()]
+        return j
     # every mode under every combination of the axes; the unchunked baseline (no TP, no boundary) once
     variants = [dict(mode=m, **dict(zip(axes, combo))) for combo in itertools.product(*axes.values())
                 for m in modes if m != "unchunked"]
@@ -226,19 +251,26 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         variants.insert(at, dict(mode="unchunked", tp_comm=axes["tp_comm"][0], compress="none",
                                  tp_boundary="matching"))
         labels.insert(at, "unchunked")
-    jobs = [Job(v["mode"], tokens, mode_chunks(v["mode"], chunks), repeats=repeats, warmup=warmup,
-                tp_comm=v["tp_comm"], compress=v["compress"], tp_boundary=v["tp_boundary"]) for v in variants]
+    jobs = [job(v["mode"], repeats=repeats, warmup=warmup, tp_comm=v["tp_comm"], compress=v["compress"],
+                tp_boundary=v["tp_boundary"]) for v in variants]
     compress = axes["compress"]
     cal_jobs = calibration_jobs(tokens, repeats, warmup) if simulate else []
-    ref_jobs = [] if "unchunked" in modes else [Job("unchunked", tokens, [prompt_len])]
-    all_runs = measure(spec, jobs + cal_jobs + ref_jobs, progress)
+    ref_jobs = [] if "unchunked" in modes else [job("unchunked")]
+    alone_jobs = [Job("unchunked", row[None], [len(row)]) for row in tokens] if ragged else []
+    all_runs = measure(spec, jobs + cal_jobs + ref_jobs + alone_jobs, progress)
     if all_runs is None:
         return None
     results = dict(zip(labels, all_runs))
     variant_of = dict(zip(labels, variants))
-    base = results["unchunked"] if "unchunked" in results else all_runs[-1]
-    bpt = bytes_per_token(spec, batch)
-    wire_bpt = {z: Codec(z).bytes_per_token(batch, cfg.hidden_size, DTYPES[spec.dtype])
+    job_of = dict(zip(labels, jobs))
+    base = results["unchunked"] if "unchunked" in results else all_runs[len(jobs) + len(cal_jobs)]
+    alone = [runs[0] for runs in all_runs[len(all_runs) - len(alone_jobs):]] if ragged else []
+    # what crosses a boundary: [B, c, H] of a [B, L] prompt; [1, N, H] of a ragged step (N: its packed tokens)
+    wire_batch = 1 if ragged else batch
+    n_tokens = sum(rows) if ragged else prompt_len  # one boundary's tokens over the prefill
+    decode_tokens = batch if ragged else 1  # a ragged decode step is one token per row, packed
+    bpt = bytes_per_token(spec, wire_batch)
+    wire_bpt = {z: Codec(z).bytes_per_token(wire_batch, cfg.hidden_size, DTYPES[spec.dtype])
                 for z in {"none", *compress}}
     from pipeline.simulate import free_link_bound
     bounds = {label: [free_link_bound(variant_of[label]["mode"], r.records) for r in runs]
@@ -271,8 +303,10 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
             # a chunk of fewer tokens than T whole)
             expected_prefill_bytes=wire_bpt[variant_of[mode]["compress"]] * (
                 sum(link_tokens(c, spec.tp) for c in best.chunks) if variant_of[mode]["tp_boundary"] == "sharded"
-                else prompt_len),
-            expected_decode_bytes=wire_bpt[variant_of[mode]["compress"]],
+                else n_tokens),
+            expected_decode_bytes=wire_bpt[variant_of[mode]["compress"]] * (
+                link_tokens(decode_tokens, spec.tp) if variant_of[mode]["tp_boundary"] == "sharded"
+                else decode_tokens),
             chunks=best.chunks,
             mode=variant_of[mode]["mode"], compress=variant_of[mode]["compress"],
         )
@@ -287,7 +321,7 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
                      decode_allreduce_bytes_per_stage=bm.get("decode_allreduce_bytes_per_stage", []),
                      allreduce_prefill_over_decode=bm.get("allreduce_prefill_over_decode", []),
                      # two all-reduces of [B, L, H] per layer (after attention, after the MLP)
-                     expected_allreduce_bytes_per_stage=[2 * n * prompt_len * bpt for n in stage_layers])
+                     expected_allreduce_bytes_per_stage=[2 * n * n_tokens * bpt for n in stage_layers])
             for kind in ("broadcast", "gather"):  # a boundary once then broadcast, or in 1/T slices all-gathered
                 if f"boundary_{kind}_bytes_per_stage" in bm:
                     m[f"boundary_{kind}_bytes_per_stage"] = bm[f"boundary_{kind}_bytes_per_stage"]
@@ -297,6 +331,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         ref = base[0]
         m["max_abs_dlogits"] = max((r.logits - ref.logits).abs().max().item() for r in runs)
         m["max_abs_ddecode_logits"] = max((r.decode_logits - ref.decode_logits).abs().max().item() for r in runs)
+        if ragged:  # row by row: against the ragged baseline, against the row run alone, and when its logits were ready
+            m.update(rows=rows, chunk_size=chunk_size, **ragged_figures(job_of[mode], runs, ref, alone))
         if variant_of[mode]["compress"] != "none":  # lossy sends: how far the logits moved, against the same run uncompressed
             m["rel_dlogits"] = m["max_abs_dlogits"] / ref.logits.abs().max().item()
             m["greedy_match_fraction"] = min((r.logits.argmax(-1) == ref.logits.argmax(-1)).float().mean().item()
@@ -319,10 +355,13 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
                             and m.get("allreduce_bytes_per_stage") == m.get("expected_allreduce_bytes_per_stage"))
         # NaN logits (a broken kernel) must fail the check: NaN <= tol is False, and so is this
         tol = LOGITS_TOL[spec.dtype] if m["compress"] == "none" else math.inf  # lossy: reported, not judged
-        m["outputs_match"] = bool(m["max_abs_dlogits"] <= tol and m["max_abs_ddecode_logits"] <= tol)
+        m["outputs_match"] = bool(m["max_abs_dlogits"] <= tol and m["max_abs_ddecode_logits"] <= tol
+                                  and m.get("max_abs_dlogits_vs_alone", 0.0) <= tol
+                                  and m.get("max_abs_ddecode_logits_vs_alone", 0.0) <= tol)
     partitions = next((r.metrics["sm_partitions"] for runs in all_runs for r in runs if "sm_partitions" in r.metrics),
                       None)
-    point = dict(prompt_len=prompt_len, batch=batch, modes=figures, timelines=timelines,
+    point = dict(prompt_len=prompt_len, batch=batch, **({"rows": rows} if ragged else {}), modes=figures,
+                 timelines=timelines,
                  **({"sm_partitions": partitions} if partitions else {}),
                  baseline="unchunked" if "unchunked" in modes else "unchunked reference run (not among the modes)",
                  records={mode: [r.records for r in runs] for mode, runs in results.items()})
@@ -331,6 +370,25 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
                                                             all_runs[len(jobs):len(jobs) + len(cal_jobs)])
         point["sim_timelines"] = simulate_modes(point, costs, link, bpt)
     return point
+
+
+def ragged_figures(job: Job, runs, ref, alone) -> dict:
+    """A ragged mode's figures row by row: its logits against the ragged baseline `ref` and against each row run
+    alone (`alone[b]`, an unchunked [1, L_b] run), the greedy decode step's too, and each row's TTFT: when the last
+    stage finished the step the row's prompt ends in (median over runs, pauses cut like the TTFT's)."""
+    B = len(alone)
+    ends = {b: k for k, st in enumerate(job.steps()) for b in st.ends}
+    diff = lambda a, b: (a - b).abs().max().item()  # noqa: E731
+    return dict(
+        max_abs_dlogits_per_row=[max(diff(r.logits[b], ref.logits[b]) for r in runs) for b in range(B)],
+        max_abs_dlogits_vs_alone_per_row=[max(diff(r.logits[b], alone[b].logits[0]) for r in runs)
+                                          for b in range(B)],
+        max_abs_dlogits_vs_alone=max(diff(r.logits[b], alone[b].logits[0]) for r in runs for b in range(B)),
+        max_abs_ddecode_logits_vs_alone=max(diff(r.decode_logits[b], alone[b].decode_logits[0])
+                                            for r in runs for b in range(B)),
+        row_ttft_ms=[statistics.median(r.records[-1].compute[ends[b]][1] - r.t_start for r in runs) * 1e3
+                     for b in range(B)],
+        row_end_step=[ends[b] for b in range(B)])
 
 
 class Progress:
@@ -411,7 +469,8 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pause
          "boundary_gather_ms_per_stage": "ms, median over runs of TP rank 0's time in those all-gathers",
          "mode": "the schedule of this row (a row keyed mode/tp_comm runs that mode with that tp_comm)",
          "decode_allreduce_bytes_per_stage": "bytes, all-reduce payload of one decode token per TP rank",
-         "allreduce_prefill_over_decode": "ratio, prefill all-reduce bytes / one decode token's (= L)",
+         "allreduce_prefill_over_decode": "ratio, prefill all-reduce bytes / one decode step's (= L; a ragged batch: "
+                                          "its tokens / its rows)",
          "max_abs_dlogits": "absolute logit difference vs unchunked",
          "compress": "what crossed the stage boundaries: none, bf16 or fp8 (e4m3 + a float32 scale per token)",
          "rel_dlogits": "lossy rows: max_abs_dlogits / max |logit| of the unchunked baseline",
@@ -424,7 +483,18 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pause
          "replay_over_measured": "ratio, median over runs of (simulated on the run's own compute times / measured)",
          "replay_over_measured_runs": "ratio per run",
          "chunk_fit_over_measured": "ratio, median over chunks (every stage and run) of fitted cost / measured time",
-         "outlier_compute_fraction": "fraction of measured compute time in chunks slower than 2x their fitted cost"}
+         "outlier_compute_fraction": "fraction of measured compute time in chunks slower than 2x their fitted cost",
+         "rows": "a ragged batch (--rows): each row's prompt length; prompt_len is then the longest, batch the rows, "
+                 "chunks the packed tokens of each step, and the bytes per boundary the steps' tokens summed",
+         "chunk_size": "a ragged batch: each row's tokens per step (unchunked and naive: every row whole)",
+         "row_ttft_ms": "ms per row, median over runs: when the last stage finished the step the row's prompt ends in "
+                        "(its logits ready), from the run's start, pauses cut out",
+         "row_end_step": "per row, the step (0-based) its prompt ends in",
+         "max_abs_dlogits_per_row": "per row, absolute logit difference vs the ragged unchunked baseline",
+         "max_abs_dlogits_vs_alone": "absolute logit difference vs each row run alone (an unchunked [1, L] run), "
+                                     "the largest over rows and runs",
+         "max_abs_dlogits_vs_alone_per_row": "per row, absolute logit difference vs the row run alone",
+         "max_abs_ddecode_logits_vs_alone": "the greedy decode step's logits vs each row's alone"}
 
 
 def _x(v) -> str:
@@ -473,11 +543,32 @@ def table(point: dict) -> str:
                  "is " + ", ".join(f"{fit[k]:.2f}" for k in fit) + " of the measured time (median); chunks that took "
                  "over twice their fitted cost hold " + ", ".join(f"{100 * out[k]:.0f}%" for k in out)
                  + " of the compute time)")
+    if "rows" in point:
+        text += "\n\n" + row_table(point)
     paused = max(m.get("machine_paused_fraction", 0.0) for m in point["modes"].values())
     if paused > 0.01:
         text += (f"\n(the machine was paused by its host for up to {100 * paused:.0f}% of a run's wall time; "
                  f"times above leave those pauses out, wall_ttft_ms in the results keeps them)")
     return text
+
+
+def row_table(point: dict) -> str:
+    """A ragged batch row by row, a line per mode: when each row's logits were ready (its TTFT), and how far any
+    uncompressed mode's logits of the row are from the row run alone."""
+    modes = point["modes"]
+    steps = next((m for m in modes.values() if m["mode"] in ("chunked", "overlapped")), next(iter(modes.values())))
+    rows = [("row TTFT ms",) + tuple(f"row {b}: {n} tok" for b, n in enumerate(point["rows"])),
+            ("ends at step",) + tuple(f"{k + 1} of {len(steps['chunks'])}" for k in steps["row_end_step"])]
+    rows += [(mode,) + tuple(f"{t:.1f}" for t in m["row_ttft_ms"]) for mode, m in modes.items()]
+    exact = [m for m in modes.values() if m.get("compress", "none") == "none"]  # lossy rows are not judged here
+    if exact:
+        rows.append(("max|Δlogit| alone",) + tuple(f"{max(m['max_abs_dlogits_vs_alone_per_row'][b] for m in exact):.1e}"
+                                                   for b in range(len(point["rows"]))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+    return (text + "\n(a row's TTFT: when the last stage finished the step its prompt ends in; steps of a chunked "
+            "mode; max|Δlogit| alone: the largest logit difference of any uncompressed mode against the row run "
+            "alone, an unchunked [1, L] run)")
 
 
 def strict_json(obj, path: str = "$", nulls: dict | None = None):
@@ -531,7 +622,9 @@ def write_pictures(out: Path, points: list[dict], config: dict, simulate: bool) 
     from .timeline import write_chrome_trace, write_sweep_png, write_timeline_png
     last = points[-1]
     env = environment()
-    title = (f"{config['model']}, S={config['stages']}, L={last['prompt_len']}, B={config['batch']}, "
+    shape = (f"rows={','.join(map(str, last['rows']))}" if "rows" in last
+             else f"L={last['prompt_len']}, B={config['batch']}")
+    title = (f"{config['model']}, S={config['stages']}, {shape}, "
              f"{config['link']}, {config['dtype']}, {env['device']}")
     write_timeline_png(last["timelines"], out / "timeline.png", title)
     write_chrome_trace(last["timelines"], out / "trace.json")
@@ -548,7 +641,8 @@ def write_pictures(out: Path, points: list[dict], config: dict, simulate: bool) 
 def report(points: list[dict], path: Path, title: str, simulate: bool) -> dict:
     """Prints each point's table (stdout) and returns the one-line summary."""
     for p in points:
-        print(f"\nL={p['prompt_len']} B={p['batch']}  ({title})")
+        shape = ("rows=" + ",".join(map(str, p["rows"]))) if "rows" in p else f"L={p['prompt_len']} B={p['batch']}"
+        print(f"\n{shape}  ({title})")
         print(table(p))
     last = points[-1]
     out = path.parent
@@ -562,6 +656,8 @@ def report(points: list[dict], path: Path, title: str, simulate: bool) -> dict:
     if "naive" in last["modes"] and "overlapped" in last["modes"]:
         summary["overlapped_vs_naive"] = round(last["modes"]["overlapped"]["speedup_vs_naive"], 3)
         summary["overlapped_measured_over_bound"] = round(last["modes"]["overlapped"]["measured_over_bound"], 3)
+    if "rows" in last:  # a ragged batch: when each row's logits were ready
+        summary["row_ttft_ms"] = {m: [round(t, 2) for t in v["row_ttft_ms"]] for m, v in last["modes"].items()}
     if simulate:
         summary["sim_over_measured"] = {m: round(v["sim_over_measured"], 3) for m, v in last["modes"].items()}
         summary["replay_over_measured"] = {m: round(v["replay_over_measured"], 3) for m, v in last["modes"].items()}

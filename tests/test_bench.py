@@ -59,6 +59,83 @@ def test_sweep_inprocess_writes_one_point_per_length(tmp_path):
     assert (tmp_path / "sweep.png").is_file()
 
 
+def test_ragged_batch_runs_every_mode_and_checks_each_row(tmp_path):
+    """`--rows`: one mixed batch over two gloo processes; bytes are the rows' tokens, each row's logits are its own
+    (against the row run alone) and each row's TTFT is when the step it ends in left the last stage."""
+    res = bench("--model", "tiny", "--rows", "40,100,17", "--chunk-size", "16", "--repeats", "1", "--warmup", "0",
+                "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["outputs_match"] and summary["bytes_exact"] and set(summary["row_ttft_ms"]) == set(
+        ["unchunked", "naive", "chunked", "overlapped"])
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["config"]["rows"] == [40, 100, 17] and doc["config"]["prompt_lens"] is None
+    point = doc["points"][0]
+    assert point["rows"] == [40, 100, 17] and point["prompt_len"] == 100 and point["batch"] == 3
+    for mode, m in point["modes"].items():
+        assert m["max_abs_dlogits_vs_alone"] <= 1e-4 and len(m["max_abs_dlogits_vs_alone_per_row"]) == 3, mode
+        assert m["max_abs_ddecode_logits_vs_alone"] <= 1e-4, mode
+        ttft = m["row_ttft_ms"]
+        assert len(ttft) == 3 and max(ttft) <= m["ttft_ms"] * 1.0001, mode
+        if mode in ("unchunked", "naive"):  # every row whole in one step: ready together
+            assert m["chunks"] == [157] and m["row_end_step"] == [0, 0, 0] and len(set(ttft)) == 1
+        else:  # 16 tokens per row per step: the short rows end first, and their logits are ready first
+            assert m["chunks"] == [48, 33, 24, 16, 16, 16, 4] and m["row_end_step"] == [2, 6, 1]
+            assert ttft[2] < ttft[0] < ttft[1]
+        if mode != "unchunked":  # the steps' packed tokens, no padding; a decode step of one token per row
+            assert m["prefill_bytes_per_boundary"] == [157 * 64 * 4]
+            assert m["decode_bytes_per_boundary"] == [3 * 64 * 4]
+    assert "row TTFT ms" in res.stdout and "row 1: 100 tok" in res.stdout
+
+
+def test_ragged_figures_catch_a_wrong_row():
+    """The row-by-row check fails on one row's logits, not only on the batch's."""
+    from types import SimpleNamespace
+
+    from bench.harness import ragged_figures
+    from pipeline import Job
+    rows = [torch.zeros(5, dtype=torch.long), torch.zeros(3, dtype=torch.long)]
+    job = Job("chunked", rows, [], chunk_size=2)
+    steps = job.steps()
+    assert [st.ends for st in steps] == [(), (1,), (0,)]
+    logits, dec = torch.randn(2, 7), torch.randn(2, 7)
+    alone = [SimpleNamespace(logits=logits[b:b + 1].clone(), decode_logits=dec[b:b + 1].clone()) for b in range(2)]
+    record = SimpleNamespace(compute=[(1.0, 1.5), (1.5, 2.25), (2.25, 3.0)])
+    run = SimpleNamespace(logits=logits.clone(), decode_logits=dec.clone(), records=[record], t_start=1.0)
+    f = ragged_figures(job, [run], run, alone)
+    assert f["max_abs_dlogits_vs_alone"] == 0 and f["row_end_step"] == [2, 1]
+    assert f["row_ttft_ms"] == pytest.approx([2000.0, 1250.0])
+    run.logits[1, 3] += 0.5  # row 1 wrong, row 0 right
+    f = ragged_figures(job, [run], run, alone)
+    assert f["max_abs_dlogits_vs_alone_per_row"] == pytest.approx([0.0, 0.5])
+    assert f["max_abs_dlogits_vs_alone"] == pytest.approx(0.5) and f["max_abs_ddecode_logits_vs_alone"] == 0
+
+
+def test_ragged_point_with_tp_crossings_and_compression_is_exact():
+    """A ragged batch over 2 stages x 2 TP ranks in-process: every crossing and tp_comm, with and without fp8,
+    bytes exact (sharded steps in 1/T slices, the decode step of 3 tokens sliced too) and each row its own."""
+    from bench.harness import run_point
+    from pipeline import PipelineSpec
+    spec = PipelineSpec(source="tiny", stages=2, link="inprocess", tp=2)
+    point = run_point(spec, 0, 1, [], repeats=1, warmup=0, modes=["naive", "overlapped"], rows=[21, 6, 3],
+                      chunk_size=8, tp_comms=["serial", "sequence"], tp_boundaries=["matching", "sharded"],
+                      compress=["none", "fp8"])
+    modes = point["modes"]
+    assert len(modes) == 16 and point["rows"] == [21, 6, 3]
+    fp8 = 64 + 4  # e4m3 + a float32 scale per token
+    for label, m in modes.items():
+        assert m["bytes_exact"] and m["outputs_match"], label
+        wire = fp8 if m["compress"] == "fp8" else 64 * 4
+        if m["tp_boundary"] == "sharded":  # each step ceil(N/2) per lane, the 3-token decode step 2
+            assert m["prefill_bytes_per_boundary"] == [wire * sum(-(-n // 2) for n in m["chunks"])], label
+            assert m["decode_bytes_per_boundary"] == [wire * 2], label
+        else:
+            assert m["prefill_bytes_per_boundary"] == [wire * 30] and m["decode_bytes_per_boundary"] == [wire * 3]
+        assert m["allreduce_bytes_per_stage"] == [2 * 2 * 30 * 64 * 4] * 2, label
+        if m["compress"] == "none":
+            assert m["max_abs_dlogits_vs_alone"] <= 1e-4, label
+
+
 def test_balanced_plan_is_fitted_planned_and_simulated(tmp_path):
     res = bench("--model", "tiny", "--prompt-len", "256", "--chunk-plan", "balanced", "--granularity", "16",
                 "--link", "inprocess", "--stages", "2", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path))
