@@ -62,6 +62,8 @@ def run_parser():
                          "comma-separated (e.g. 300,1000,2048), run as a serving stack runs them: each row in chunks "
                          "of --chunk-size, the rows' chunks packed into one step, the KV cache in pages. Every mode "
                          "is checked row by row against the row run alone; each row's TTFT is reported")
+    ap.add_argument("--page-size", type=integer(1), default=None,
+                    help="with --rows, positions per KV cache page (default: 16)")
     ap.add_argument("--chunk-size", type=integer(1), default=None,
                     help="uniform chunk size (default: 128); with --rows each row's tokens per step")
     ap.add_argument("--chunks", type=int_list(1, unique=False), default=None,
@@ -165,6 +167,9 @@ def main_run(argv) -> int:
             if given:
                 raise ValueError(f"--rows {','.join(map(str, args.rows))} is one ragged batch (its rows' lengths, "
                                  f"each in chunks of --chunk-size): drop {flag}")
+    if args.page_size is not None and args.rows is None:
+        raise ValueError(f"--page-size {args.page_size} sets the KV pages of a ragged batch: it goes with --rows (one "
+                         f"prompt runs on a dense cache)")
     args.prompt_len = [max(args.rows)] if args.rows else args.prompt_len or [2048]
     if args.chunks and len(args.prompt_len) > 1:
         raise ValueError("--chunks fits one prompt length; use --chunk-size for a sweep")
@@ -187,7 +192,7 @@ def main_run(argv) -> int:
                         device=device, bandwidth_gbps=args.bandwidth_gbps, latency_s=args.latency_us * 1e-6,
                         threads=args.threads, sm_partitions=args.sm_partitions, tp=tp,
                         tp_comm=args.tp_comm[0], tp_bandwidth_gbps=args.tp_bandwidth_gbps,
-                        tp_latency_s=args.tp_latency_us * 1e-6)
+                        tp_latency_s=args.tp_latency_us * 1e-6, page_size=args.page_size or 16)
     spec.validate()  # the checkpoint too (config, safetensors headers), before any process starts
     plans = {L: chunk_plan(L, None if args.chunks else (args.chunk_size or 128), args.chunks)
              for L in args.prompt_len}
@@ -195,6 +200,7 @@ def main_run(argv) -> int:
                   tp_boundary=args.tp_boundary, link=link, device=device, ops=args.ops, dtype=args.dtype,
                   batch=len(args.rows) if args.rows else args.batch,
                   prompt_lens=None if args.rows else args.prompt_len, rows=args.rows,
+                  page_size=args.page_size or 16 if args.rows else None,
                   chunk_size=args.chunk_size or 128,
                   chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
                   bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us,

@@ -207,6 +207,9 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
     unknown = set(spec_kw) - {f.name for f in dataclasses.fields(PipelineSpec)}
     if unknown:
         raise TypeError(f"run_prefill() got unexpected keyword argument(s) {', '.join(sorted(unknown))}")
+    if "page_size" in spec_kw and not ragged:
+        raise ValueError(f"page_size={spec_kw['page_size']!r} sets the KV pages of a ragged batch (tokens a list of "
+                         f"1-D rows); a [B, L] tensor runs on a dense cache: drop page_size")
     if isinstance(stages, (list, tuple)):
         stages = tuple(checks.int_list("stages", stages))
     spec = PipelineSpec(source=source if isinstance(source, ModelConfig) else str(source), stages=stages, link=link,

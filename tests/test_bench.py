@@ -62,14 +62,15 @@ def test_sweep_inprocess_writes_one_point_per_length(tmp_path):
 def test_ragged_batch_runs_every_mode_and_checks_each_row(tmp_path):
     """`--rows`: one mixed batch over two gloo processes; bytes are the rows' tokens, each row's logits are its own
     (against the row run alone) and each row's TTFT is when the step it ends in left the last stage."""
-    res = bench("--model", "tiny", "--rows", "40,100,17", "--chunk-size", "16", "--repeats", "1", "--warmup", "0",
-                "--out", str(tmp_path))
+    res = bench("--model", "tiny", "--rows", "40,100,17", "--chunk-size", "16", "--page-size", "8", "--repeats", "1",
+                "--warmup", "0", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["outputs_match"] and summary["bytes_exact"] and set(summary["row_ttft_ms"]) == set(
         ["unchunked", "naive", "chunked", "overlapped"])
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["config"]["rows"] == [40, 100, 17] and doc["config"]["prompt_lens"] is None
+    assert doc["config"]["page_size"] == 8
     point = doc["points"][0]
     assert point["rows"] == [40, 100, 17] and point["prompt_len"] == 100 and point["batch"] == 3
     for mode, m in point["modes"].items():
