@@ -13,7 +13,8 @@ Markdown summary:
                     the simulator against chunked and overlapped; timeline-partitions.png and its trace;
 4. pipeline.json    the same harness with the stages taking turns on the whole GPU (S = 2 and 4, PCIe Gen5 and
                     100 GbE, 4k and 16k): how much of an emulated link overlapping hides; timeline.png, trace.json;
-5. summary.md       the figures against their targets, by how much each misses.
+5. summary.md       the figures against their targets, by how much each misses; a part that failed, named
+                    (it does not stop the parts after it).
 The pipeline parts start no point that would end past --budget-s (default 540 s), so the suite fits one 10-minute
 call; a part cut short says so. Without CUDA it refuses, saying why, before doing anything.
 """
@@ -199,6 +200,12 @@ def _vs_target(value: float, target: float) -> str:
 PARTITION_TARGETS = dict(overlapped_of_ideal=0.9, overlapped_of_ideal_link="100gbe", sim_within=0.10)
 
 
+def _why_incomplete(doc: dict) -> str:
+    if doc.get("part_failed"):
+        return f"the part failed ({doc['part_failed']})"
+    return doc.get("stopped") or "the run was cut short"
+
+
 def partitions_markdown(doc: dict) -> list[str]:
     """The partitions part: overlapped against naive and against the ideal S·C/(C+S−1), measured over the free-link
     bound, the simulator against the measured chunked and overlapped runs, and the targets (overlapped >= 0.9 of the
@@ -210,7 +217,7 @@ def partitions_markdown(doc: dict) -> list[str]:
     if doc.get("ops_fallback"):
         head += f" {doc['ops_fallback']}."
     if not doc.get("complete", True):
-        head += f" **Incomplete: {doc.get('stopped', 'the run was cut short')}; these are the points it measured.**"
+        head += f" **Incomplete: {_why_incomplete(doc)}; these are the points it measured.**"
     first = next((p.get("sm_partitions") for p in doc["points"] if p.get("sm_partitions")), None)
     if first:
         head += (f" SMs per stage {first['stage_sms']}, for the links {first['link_sms']}; not modelled: "
@@ -266,6 +273,15 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
     lines = [f"# GPU suite: {env.get('device')}", "",
              f"driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, Triton "
              f"{env.get('triton')}, commit `{env.get('git_commit')}`", ""]
+    parts = dict(tests=tests, kernels=kernels, partitions=partitions, pipeline=pipeline)
+    failed = [(name, d["part_failed"]) for name, d in parts.items() if d is not None and d.get("part_failed")]
+    if failed:  # the suite went on after these; what they measured before failing is below
+        lines += [f"- **{name} part FAILED**: {why} (traceback in `{name}.json`)" for name, why in failed] + [""]
+    # a part that failed before measuring anything has nothing more to show
+    tests = tests if tests is not None and "exit_code" in tests else None
+    kernels = kernels if kernels is not None and "attention" in kernels else None
+    pipeline = pipeline if pipeline is not None and "points" in pipeline else None
+    partitions = partitions if partitions is not None and "points" in partitions else None
     if tests is not None:
         lines += ["## GPU tests", "", f"{tests.get('passed', 0)} passed, {len(tests.get('failed', []))} failed, "
                                       f"{tests.get('skipped', 0)} skipped (exit code {tests.get('exit_code')})", ""]
@@ -325,8 +341,8 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
                   f"{pipeline['model']} shape with {pipeline['layers']} of its {pipeline['model_layers']} layers, "
                   f"random weights, {pipeline['dtype']}, chunks of {pipeline['chunk_size']}, median of "
                   f"{pipeline['repeats']} runs." + ("" if pipeline.get("complete", True) else
-                                                     " **Incomplete: the run was cut short; these are the points it "
-                                                     "measured.**"), "",
+                                                     f" **Incomplete: {_why_incomplete(pipeline)}; these are the "
+                                                     "points it measured.**"), "",
                   "| S | link | L | unchunked ms | naive ms | chunked ms | overlapped ms | overlapped vs naive | "
                   "exposed comm ms | outputs match |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for p in pipeline["points"]:
@@ -404,22 +420,32 @@ def main(argv=None) -> int:
         return _suite(out, args, parts)
 
 
+def _guarded(out: Path, name: str, env: dict, run):
+    """Runs one part; a part that raises does not stop the parts after it (GPU time is scarce: one call should
+    bring back all it can). Its `<name>.json` then keeps what it measured before the failure (the pipeline parts
+    write after every point) with `part_failed` (the error, one line) and `traceback` added, or holds only those."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - recorded in the part's file and the summary; the suite goes on
+        import traceback
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        f = out / f"{name}.json"
+        try:
+            doc = json.loads(f.read_text()) if f.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            doc = {}
+        doc.update(environment=env, complete=False, part_failed=f"{type(e).__name__}: {first}",
+                   traceback=traceback.format_exc())
+        _write(out, f"{name}.json", doc)
+        print(f"[gpu-suite] {name} part FAILED: {doc['part_failed']} (kept in {f}; going on)", flush=True)
+        return doc
+
+
 def _suite(out: Path, args, parts) -> int:
     env = gpu_environment()
     t0 = time.time()
     deadline = t0 + args.budget_s
-    tests = kernels = pipeline = partitions = None
-    if "tests" in parts:
-        print("[gpu-suite] GPU tests ...", flush=True)
-        tests = run_gpu_tests(out)
-        _write(out, "tests.json", dict(environment=env, **tests))
-    if "kernels" in parts:
-        print("[gpu-suite] kernel benchmark ...", flush=True)
-        from .kernels import print_report, run_all
-        kernels = run_all(quick=args.quick)
-        kernels["compiler"] = compiler_report()
-        print_report(kernels)
-        _write(out, "kernels.json", dict(environment=env, **kernels))
+    docs = dict.fromkeys(PARTS)
     from .timeline import write_chrome_trace, write_timeline_png
     lens = (4096, 16384) if args.quick else (4096, 8192, 16384, 32768)
 
@@ -428,27 +454,51 @@ def _suite(out: Path, args, parts) -> int:
             print(f"  {i}/{n} ({time.time() - t0:.0f} s)", flush=True)
             _write(out, f"{name}.json", dict(environment=env, **doc))
         return progress
-    if "partitions" in parts:  # one GPU as S: each stage on its own SMs, the simulator checked against it
-        print("[gpu-suite] SM partitions ...", flush=True)
-        partitions, shown = bench_pipeline(layers=args.layers, prompt_lens=lens, sm_partitions=True, simulate=True,
-                                           deadline=deadline, progress=progress_to("partitions"))
-        if shown:
-            write_timeline_png(shown[1], out / "timeline-partitions.png", shown[0])
-            write_chrome_trace(shown[1], out / "trace-partitions.json")
-        _write(out, "partitions.json", dict(environment=env, **partitions))
-    if "pipeline" in parts:  # the stages take turns on the whole GPU
-        print("[gpu-suite] pipeline ...", flush=True)
-        pipeline, shown = bench_pipeline(layers=args.layers, prompt_lens=(4096, 16384), links=("pcie5", "100gbe"),
-                                         deadline=deadline, progress=progress_to("pipeline"))
-        if shown:
-            write_timeline_png(shown[1], out / "timeline.png", shown[0])
-            write_chrome_trace(shown[1], out / "trace.json")
-        _write(out, "pipeline.json", dict(environment=env, **pipeline))
-    (out / "summary.md").write_text(summary_markdown(env, tests, kernels, pipeline, partitions))
+
+    def tests():
+        doc = dict(environment=env, **run_gpu_tests(out))
+        _write(out, "tests.json", doc)
+        return doc
+
+    def kernels():
+        from .kernels import print_report, run_all
+        doc = run_all(quick=args.quick)
+        doc["compiler"] = compiler_report()
+        print_report(doc)
+        doc = dict(environment=env, **doc)
+        _write(out, "kernels.json", doc)
+        return doc
+
+    def pipeline_part(name, pictures, **kw):
+        def run():
+            doc, shown = bench_pipeline(layers=args.layers, deadline=deadline, progress=progress_to(name), **kw)
+            if shown:
+                write_timeline_png(shown[1], out / f"{pictures}.png", shown[0])
+                write_chrome_trace(shown[1], out / f"{pictures.replace('timeline', 'trace')}.json")
+            doc = dict(environment=env, **doc)
+            _write(out, f"{name}.json", doc)
+            return doc
+        return run
+    runs = dict(tests=tests, kernels=kernels,
+                # one GPU as S: each stage on its own SMs, the simulator checked against it
+                partitions=pipeline_part("partitions", "timeline-partitions", prompt_lens=lens, sm_partitions=True,
+                                         simulate=True),
+                # the stages take turns on the whole GPU
+                pipeline=pipeline_part("pipeline", "timeline", prompt_lens=(4096, 16384), links=("pcie5", "100gbe")))
+    titles = dict(tests="GPU tests", kernels="kernel benchmark", partitions="SM partitions", pipeline="pipeline")
+    for name in PARTS:
+        if name in parts:
+            print(f"[gpu-suite] {titles[name]} ...", flush=True)
+            docs[name] = _guarded(out, name, env, runs[name])
+    (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"],
+                                                     docs["partitions"]))
+    failed = [name for name, d in docs.items() if d is not None and d.get("part_failed")]
+    tests_doc = docs["tests"]
     print(f"[gpu-suite] done in {time.time() - t0:.0f} s: {out / 'summary.md'}")
     print(json.dumps(dict(out=str(out), device=env["device"], wall_s=round(time.time() - t0, 1),
-                          tests_failed=len(tests["failed"]) if tests else None)))
-    return 0 if not tests or (not tests["failed"] and tests["exit_code"] in (0, 5)) else 1
+                          tests_failed=len(tests_doc.get("failed", [])) if tests_doc else None, parts_failed=failed)))
+    tests_ok = tests_doc is None or (not tests_doc.get("failed") and tests_doc.get("exit_code") in (0, 5))
+    return 0 if tests_ok and not failed else 1
 
 
 if __name__ == "__main__":

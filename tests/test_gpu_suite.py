@@ -171,6 +171,54 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     assert "| 0+2048, 30000+1 | 16 | 321 | 1.25x | - (none ran) | pack 1, splits 4 | 3.0e-03 WRONG |" in text
 
 
+def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
+    """The whole suite on CPU (the GPU work stubbed or shrunk): the kernel part raises, the partitions part fails
+    after its first point, the pipeline part runs for real; every part file is written, the failures are named in
+    the summary and the exit code, and the partitions part keeps the point it measured."""
+    import argparse
+    import json
+
+    import bench.kernels
+    real = gpu_suite.bench_pipeline
+
+    def fake_kernels(quick=False):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+
+    def small_pipeline(layers, deadline, progress, prompt_lens, sm_partitions=False, simulate=False, links=None):
+        def failing_progress(i, n, doc):
+            progress(i, n, doc)
+            if sm_partitions:  # the first point is written, then the part dies
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model="tiny", layers=2, stages=(2,), links=("pcie5", "100gbe"), prompt_lens=(48,), chunk_size=16,
+                    repeats=1, warmup=0, device="cpu", dtype="float32", ops="torch", deadline=deadline,
+                    progress=failing_progress)
+    monkeypatch.setattr(gpu_suite, "run_gpu_tests", lambda out: dict(tests=3, passed=3, failed=[], skipped=0,
+                                                                     exit_code=0))
+    monkeypatch.setattr(bench.kernels, "run_all", fake_kernels)
+    monkeypatch.setattr(gpu_suite, "bench_pipeline", small_pipeline)
+    args = argparse.Namespace(budget_s=540.0, quick=True, layers=2)
+    code = gpu_suite._suite(tmp_path, args, list(gpu_suite.PARTS))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert json.loads(out.strip().splitlines()[-1])["parts_failed"] == ["kernels", "partitions"]
+    kernels = json.loads((tmp_path / "kernels.json").read_text())
+    assert kernels["part_failed"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert "fake_kernels" in kernels["traceback"] and kernels["environment"]["torch"]
+    partitions = json.loads((tmp_path / "partitions.json").read_text())
+    assert partitions["part_failed"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert len(partitions["points"]) == 1 and partitions["complete"] is False  # the point measured before failing
+    pipeline = json.loads((tmp_path / "pipeline.json").read_text())
+    assert "part_failed" not in pipeline and pipeline["complete"] and len(pipeline["points"]) == 2
+    assert (tmp_path / "timeline.png").is_file()
+    text = (tmp_path / "summary.md").read_text()
+    assert "**kernels part FAILED**: RuntimeError: CUDA error: an illegal memory access" in text
+    assert "**partitions part FAILED**" in text and "## Kernels" not in text
+    assert "Incomplete: the part failed (OutOfMemoryError" in text and "| 2 | pcie5 | 48 |" in text
+    assert "3 passed, 0 failed" in text
+    assert gpu_suite.main(["--out", str(tmp_path), "--summary-only"]) == 0  # the same summary from the files
+    assert (tmp_path / "summary.md").read_text() == text
+
+
 def test_summary_only_rebuilds_the_summary_from_part_files(tmp_path):
     """Parts run in separate calls (on different commits) still give one summary that says which commit each
     part came from; a directory with no part file is refused."""
