@@ -75,7 +75,8 @@ def run_parser():
                     help="balanced plan: chunk boundaries are multiples of this (default: 32)")
     ap.add_argument("--simulate", action="store_true",
                     help="fit per-stage chunk costs and the link on calibration runs interleaved with the measured "
-                         "ones, then report the simulator's TTFT next to each measured one (and draw both timelines)")
+                         "ones, then report the simulator's TTFT next to each measured one (and draw both timelines); "
+                         "with --rows (tp 1) each packed step is costed row by row from the dense fit")
     ap.add_argument("--batch", type=integer(1), default=1, help="batch size B (default: 1)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16" if gpu else "float32")
     ap.add_argument("--link", choices=["gloo", "nccl", "inprocess"], default=None,
@@ -163,7 +164,7 @@ def main_run(argv) -> int:
         for flag, given in (("--prompt-len", args.prompt_len is not None), ("--batch", args.batch != 1),
                             ("--chunks", args.chunks is not None), ("--chunk-plan balanced",
                                                                     args.chunk_plan == "balanced"),
-                            ("--simulate", args.simulate)):
+                            ("--simulate (it models a ragged batch on --tp 1 stages)", args.simulate and tp > 1)):
             if given:
                 raise ValueError(f"--rows {','.join(map(str, args.rows))} is one ragged batch (its rows' lengths, "
                                  f"each in chunks of --chunk-size): drop {flag}")

@@ -130,7 +130,7 @@ def calibrate(spec: PipelineSpec, prompt_len: int, batch: int, repeats: int = 3,
     return None if runs is None else fit_calibration(spec, batch, jobs, runs)
 
 
-def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
+def simulate_modes(point: dict, costs, link, bpt: int, steps: dict | None = None) -> dict:
     """The simulator's makespan for each measured mode of `point` (same chunks), next to the measured TTFT; adds
     sim_ttft_ms and sim_over_measured to each mode and returns the simulated timelines. The costs are fitted on
     the median time of each point over repeats, so the comparison is with the median measured TTFT (ttft_ms): both
@@ -139,14 +139,16 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
     (dependencies, blocking sends, rendezvous, the fitted link) apart from the cost model and the machine's noise.
     And the cost model chunk by chunk: chunk_fit_over_measured (median over every chunk of every stage and run of
     fitted / measured) and outlier_compute_fraction (the share of measured compute time spent in chunks that took
-    more than twice their fitted cost: disturbances of the machine that the least-time fit leaves out)."""
-    from pipeline.costs import TPCost, boundary_lane_bytes
+    more than twice their fitted cost: disturbances of the machine that the least-time fit leaves out).
+    `steps` (a ragged batch: each mode's `RaggedStep`s) costs each step row by row from the dense fit
+    (`pipeline.costs.RaggedStepCost`)."""
+    from pipeline.costs import RaggedStepCost, TPCost, boundary_lane_bytes
     from pipeline.simulate import replay, simulate
     timelines = {}
     tp = isinstance(costs[0], TPCost)
     for mode, m in point["modes"].items():
-        bpt = m["expected_decode_bytes"]  # what one token weighs on this row's boundaries (compressed or not)
-        row_costs = costs
+        bpt = m["wire_bytes_per_token"]  # what one token weighs on this row's boundaries (compressed or not)
+        row_costs = costs if steps is None else [RaggedStepCost(c, steps[mode]) for c in costs]
         if tp:  # the row's own all-reduce schedule (the baseline has no TP)
             comm, crossing = m.get("tp_comm"), m.get("tp_boundary", "matching")
             # a boundary received once (broadcast) or in 1/T slices (all-gathered) goes through the receiving stage's TP
@@ -173,6 +175,8 @@ def simulate_modes(point: dict, costs, link, bpt: int) -> dict:
             m["sim_exposed_comm_ms"] = sim.metrics["exposed_comm_s"] * 1e3
             m["sim_bubble_fraction"] = sim.metrics["bubble_fraction"]
             fit, took = chunk_costs_vs_measured(m.get("mode", mode), point["records"][mode], row_costs)
+            if steps is not None:  # when each row's step left the last stage, simulated
+                m["sim_row_ttft_ms"] = [sim.records[-1].compute[k][1] * 1e3 for k in m["row_end_step"]]
             m["chunk_fit_over_measured"] = float(np.median(fit / took))
             m["outlier_compute_fraction"] = float(took[took > 2 * fit].sum() / took.sum())
             timelines[mode] = sim.events
@@ -224,9 +228,9 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     modes = list(modes)
     ragged = rows is not None
     if ragged:
-        if simulate:
-            raise ValueError("the simulator's chunk costs are fitted on [B, L] prompts: a ragged batch (rows) runs "
-                             "without simulate")
+        if simulate and spec.tp > 1:
+            raise ValueError(f"simulating a ragged batch models tp=1 stages only (the TP cost model splits dense "
+                             f"chunks), got tp={spec.tp}")
         checks.positive_int("chunk_size", chunk_size)
         rows = checks.int_list("rows", rows)
         prompt_len, batch = max(rows), len(rows)
@@ -254,7 +258,9 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     jobs = [job(v["mode"], repeats=repeats, warmup=warmup, tp_comm=v["tp_comm"], compress=v["compress"],
                 tp_boundary=v["tp_boundary"]) for v in variants]
     compress = axes["compress"]
-    cal_jobs = calibration_jobs(tokens, repeats, warmup) if simulate else []
+    # a ragged batch's costs are fitted on a dense prompt as long as its longest row (`RaggedStepCost`)
+    cal_tokens = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=gen) if ragged else tokens
+    cal_jobs = calibration_jobs(cal_tokens, repeats, warmup) if simulate else []
     ref_jobs = [] if "unchunked" in modes else [job("unchunked")]
     alone_jobs = [Job("unchunked", row[None], [len(row)]) for row in tokens] if ragged else []
     all_runs = measure(spec, jobs + cal_jobs + ref_jobs + alone_jobs, progress)
@@ -304,6 +310,7 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
             expected_prefill_bytes=wire_bpt[variant_of[mode]["compress"]] * (
                 sum(link_tokens(c, spec.tp) for c in best.chunks) if variant_of[mode]["tp_boundary"] == "sharded"
                 else n_tokens),
+            wire_bytes_per_token=wire_bpt[variant_of[mode]["compress"]],
             expected_decode_bytes=wire_bpt[variant_of[mode]["compress"]] * (
                 link_tokens(decode_tokens, spec.tp) if variant_of[mode]["tp_boundary"] == "sharded"
                 else decode_tokens),
@@ -366,9 +373,10 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
                  baseline="unchunked" if "unchunked" in modes else "unchunked reference run (not among the modes)",
                  records={mode: [r.records for r in runs] for mode, runs in results.items()})
     if simulate:
-        costs, link, point["calibration"] = fit_calibration(spec, batch, cal_jobs,
+        costs, link, point["calibration"] = fit_calibration(spec, wire_batch, cal_jobs,
                                                             all_runs[len(jobs):len(jobs) + len(cal_jobs)])
-        point["sim_timelines"] = simulate_modes(point, costs, link, bpt)
+        point["sim_timelines"] = simulate_modes(point, costs, link, bpt,
+                                                {label: j.steps() for label, j in job_of.items()} if ragged else None)
     return point
 
 
@@ -490,6 +498,8 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pause
          "row_ttft_ms": "ms per row, median over runs: when the last stage finished the step the row's prompt ends in "
                         "(its logits ready), from the run's start, pauses cut out",
          "row_end_step": "per row, the step (0-based) its prompt ends in",
+         "sim_row_ttft_ms": "ms per row (simulated): when the last stage finished the row's step",
+         "wire_bytes_per_token": "bytes one token weighs on this row's boundaries (compressed or not; per TP lane)",
          "max_abs_dlogits_per_row": "per row, absolute logit difference vs the ragged unchunked baseline",
          "max_abs_dlogits_vs_alone": "absolute logit difference vs each row run alone (an unchunked [1, L] run), "
                                      "the largest over rows and runs",
@@ -560,6 +570,8 @@ def row_table(point: dict) -> str:
     rows = [("row TTFT ms",) + tuple(f"row {b}: {n} tok" for b, n in enumerate(point["rows"])),
             ("ends at step",) + tuple(f"{k + 1} of {len(steps['chunks'])}" for k in steps["row_end_step"])]
     rows += [(mode,) + tuple(f"{t:.1f}" for t in m["row_ttft_ms"]) for mode, m in modes.items()]
+    rows += [(f"{mode} sim",) + tuple(f"{t:.1f}" for t in m["sim_row_ttft_ms"]) for mode, m in modes.items()
+             if "sim_row_ttft_ms" in m]
     exact = [m for m in modes.values() if m.get("compress", "none") == "none"]  # lossy rows are not judged here
     if exact:
         rows.append(("max|Δlogit| alone",) + tuple(f"{max(m['max_abs_dlogits_vs_alone_per_row'][b] for m in exact):.1e}"
@@ -567,8 +579,9 @@ def row_table(point: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
     return (text + "\n(a row's TTFT: when the last stage finished the step its prompt ends in; steps of a chunked "
-            "mode; max|Δlogit| alone: the largest logit difference of any uncompressed mode against the row run "
-            "alone, an unchunked [1, L] run)")
+            "mode; sim: the same from the simulator, each step costed row by row from the dense fit; max|Δlogit| "
+            "alone: the largest logit difference of any uncompressed mode against the row run alone, an unchunked "
+            "[1, L] run)")
 
 
 def strict_json(obj, path: str = "$", nulls: dict | None = None):

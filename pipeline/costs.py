@@ -33,6 +33,29 @@ class ChunkCost:
 
 
 
+class RaggedStepCost:
+    """One stage's cost of the steps of a ragged batch (`pipeline.ragged`), from a cost fitted on dense chunks: a
+    packed step's attention is each row's own, a·x_b² + b·x_b·p_b (x_b its tokens in the step, p_b its prefix), its
+    per-token work c·N over the step's N packed tokens, and one overhead d. The simulator calls it as `cost(N, p)`
+    with p the step's start in the packed stream (`chunk_starts` of the steps' token counts), which names the step;
+    a (N, p) that is no step of `steps` is an error."""
+
+    def __init__(self, base: ChunkCost, steps):
+        self.base = base
+        self.by_start = {}
+        pos = 0
+        for st in steps:
+            self.by_start[pos] = st
+            pos += st.tokens
+
+    def __call__(self, x, p) -> float:
+        st = self.by_start.get(int(p))
+        if st is None or st.tokens != int(x):
+            raise ValueError(f"no step of {int(x)} tokens starts at {int(p)} in this ragged batch")
+        c = self.base
+        return float(sum(c.a * n * n + c.b * n * q for n, q in zip(st.lengths, st.starts)) + c.c * st.tokens + c.d)
+
+
 def _design(x, p):
     x, p = np.asarray(x, dtype=np.float64), np.asarray(p, dtype=np.float64)
     return np.stack([x * x, x * p, x, np.ones_like(x)], axis=1)

@@ -137,6 +137,27 @@ def test_ragged_point_with_tp_crossings_and_compression_is_exact():
             assert m["max_abs_dlogits_vs_alone"] <= 1e-4, label
 
 
+def test_ragged_point_is_simulated_row_by_row_from_a_dense_fit():
+    """--rows with --simulate: costs fitted on a dense prompt as long as the longest row, each packed step costed
+    row by row; every mode gets the simulator's TTFT and each row's, the rows' in the order their steps end."""
+    from bench.harness import run_point
+    from pipeline import PipelineSpec
+    spec = PipelineSpec(source="tiny", stages=2, link="inprocess")
+    point = run_point(spec, 0, 1, [], repeats=2, warmup=0, rows=[40, 9, 23], chunk_size=8, simulate=True)
+    assert point["calibration"]["prompt_len"] == 40
+    for mode, m in point["modes"].items():
+        assert m["outputs_match"] and m["bytes_exact"], mode
+        assert m["sim_ttft_ms"] > 0 and m["chunk_fit_over_measured"] > 0 and m["replay_over_measured"] > 0, mode
+        sim_rows = m["sim_row_ttft_ms"]
+        assert max(sim_rows) == pytest.approx(m["sim_ttft_ms"]), mode
+        order = sorted(range(3), key=lambda b: m["row_end_step"][b])
+        assert [sim_rows[b] for b in order] == sorted(sim_rows), mode
+    assert point["modes"]["overlapped"]["row_end_step"] == [4, 1, 2]
+    with pytest.raises(ValueError, match="tp=1 stages only"):
+        run_point(PipelineSpec(source="tiny", stages=1, link="inprocess", tp=2), 0, 1, [], 1, 0, rows=[5, 3],
+                  chunk_size=4, simulate=True)
+
+
 def test_balanced_plan_is_fitted_planned_and_simulated(tmp_path):
     res = bench("--model", "tiny", "--prompt-len", "256", "--chunk-plan", "balanced", "--granularity", "16",
                 "--link", "inprocess", "--stages", "2", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path))

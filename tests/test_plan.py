@@ -30,6 +30,30 @@ def test_fit_recovers_exact_coefficients():
         assert getattr(fit, name) == pytest.approx(getattr(COST, name), rel=1e-6)
 
 
+def test_ragged_step_cost_is_each_rows_attention_plus_the_steps_tokens():
+    """A packed step costs a·x_b² + b·x_b·p_b per row, c per packed token and d once; a single-row batch costs
+    what the dense chunk does; the simulator runs on it and a (x, p) that is no step is refused."""
+    from pipeline.costs import ChunkCost, RaggedStepCost
+    from pipeline.ragged import ragged_plan
+    from pipeline.simulate import simulate
+    base = ChunkCost(a=2e-6, b=1e-6, c=3e-4, d=5e-3)
+    steps = ragged_plan([10, 3, 25], 8)
+    cost = RaggedStepCost(base, steps)
+    pos = 0
+    for st in steps:
+        want = sum(base.a * x * x + base.b * x * q for x, q in zip(st.lengths, st.starts)) + base.c * st.tokens + base.d
+        assert cost(st.tokens, pos) == pytest.approx(want, rel=1e-12)
+        pos += st.tokens
+    assert cost(steps[1].tokens, steps[0].tokens) != pytest.approx(float(base(steps[1].tokens, steps[0].tokens)))
+    alone = RaggedStepCost(base, ragged_plan([20], 8))  # one row: the dense chunks' costs
+    assert [alone(x, p) for x, p in ((8, 0), (8, 8), (4, 16))] == pytest.approx(
+        [float(base(x, p)) for x, p in ((8, 0), (8, 8), (4, 16))], rel=1e-12)
+    sim = simulate("overlapped", [st.tokens for st in steps], [cost, cost])
+    assert sim.records[1].compute[-1][1] == pytest.approx(sim.makespan_s)
+    with pytest.raises(ValueError, match="no step of 9 tokens starts at 0"):
+        cost(9, 0)
+
+
 def test_fit_takes_each_points_median_so_a_minority_of_outliers_does_not_bend_it():
     rng = np.random.default_rng(0)
     samples = []
