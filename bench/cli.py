@@ -62,6 +62,10 @@ def run_parser():
                          "comma-separated (e.g. 300,1000,2048), run as a serving stack runs them: each row in chunks "
                          "of --chunk-size, the rows' chunks packed into one step, the KV cache in pages. Every mode "
                          "is checked row by row against the row run alone; each row's TTFT is reported")
+    ap.add_argument("--token-budget", type=integer(1), default=None,
+                    help="with --rows, a serving scheduler's per-step budget: each step packs up to this many tokens, "
+                         "filled from the rows in order (first come, first served); --chunk-size then caps one row's "
+                         "share of a step (default: no cap)")
     ap.add_argument("--page-size", type=integer(1), default=None,
                     help="with --rows, positions per KV cache page (default: 16)")
     ap.add_argument("--chunk-size", type=integer(1), default=None,
@@ -168,6 +172,9 @@ def main_run(argv) -> int:
             if given:
                 raise ValueError(f"--rows {','.join(map(str, args.rows))} is one ragged batch (its rows' lengths, "
                                  f"each in chunks of --chunk-size): drop {flag}")
+    if args.token_budget is not None and args.rows is None:
+        raise ValueError(f"--token-budget {args.token_budget} packs the steps of a ragged batch: it goes with --rows "
+                         f"(one prompt takes --chunk-size or --chunks)")
     if args.page_size is not None and args.rows is None:
         raise ValueError(f"--page-size {args.page_size} sets the KV pages of a ragged batch: it goes with --rows (one "
                          f"prompt runs on a dense cache)")
@@ -201,8 +208,8 @@ def main_run(argv) -> int:
                   tp_boundary=args.tp_boundary, link=link, device=device, ops=args.ops, dtype=args.dtype,
                   batch=len(args.rows) if args.rows else args.batch,
                   prompt_lens=None if args.rows else args.prompt_len, rows=args.rows,
-                  page_size=args.page_size or 16 if args.rows else None,
-                  chunk_size=args.chunk_size or 128,
+                  page_size=args.page_size or 16 if args.rows else None, token_budget=args.token_budget,
+                  chunk_size=args.chunk_size if args.token_budget else args.chunk_size or 128,
                   chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
                   bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us,
                   tp_bandwidth_gbps=args.tp_bandwidth_gbps, tp_latency_us=args.tp_latency_us, repeats=args.repeats,
@@ -244,7 +251,9 @@ def main_run(argv) -> int:
             point = run_point(spec, L, args.batch, plans[L], args.repeats, args.warmup, args.modes,
                               simulate=simulate, progress=progress.runs(label), tp_comms=args.tp_comm,
                               compress=args.compress, tp_boundaries=args.tp_boundary, rows=args.rows,
-                              chunk_size=args.chunk_size or 128)
+                              # under a token budget the chunk size caps a row's share only where given
+                              chunk_size=args.chunk_size if args.token_budget else args.chunk_size or 128,
+                              token_budget=args.token_budget)
             if point is None:  # a torchrun rank other than 0: it ran its stage, rank 0 reports
                 continue
             points.append(point)

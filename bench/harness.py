@@ -207,7 +207,7 @@ def chunk_costs_vs_measured(mode: str, runs_records, costs):
 def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,
               modes=MODES, seed: int = 0, simulate: bool = False, progress=None, tp_comms=None,
               compress=None, tp_boundaries=None, rows: list[int] | None = None,
-              chunk_size: int | None = None) -> dict | None:
+              chunk_size: int | None = None, token_budget: int | None = None) -> dict | None:
     """All modes on one prompt; returns the figures per mode (medians over repeats) and the raw timelines. The
     outputs are always checked against the unchunked baseline: when `unchunked` is not among `modes` it runs once,
     untimed, as the reference. With `simulate`, `calibration_jobs` run in the same round-robin as the modes (so a
@@ -220,7 +220,9 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     run; its outputs_match only asks for finite logits.
     With `rows` (prompt lengths; prompt_len, batch and chunks are then ignored) the point is one ragged batch, as a
     serving stack runs it (`pipeline.ragged`): a random prompt per row, each row in chunks of `chunk_size` tokens
-    (unchunked and naive: whole), the rows' chunks packed into one step, the KV cache in pages. Every mode's logits
+    (unchunked and naive: whole), the rows' chunks packed into one step, or with `token_budget` steps of that many
+    tokens filled from the rows in order (`chunk_size` then caps a row's share, None: no cap), the KV cache in
+    pages. Every mode's logits
     are checked row by row against the unchunked ragged baseline and against each row run alone (an unchunked
     [1, L] run per row, untimed); each row's TTFT is when the last stage finishes the step its prompt ends in.
     None off rank 0 under torchrun."""
@@ -231,7 +233,10 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         if simulate and spec.tp > 1:
             raise ValueError(f"simulating a ragged batch models tp=1 stages only (the TP cost model splits dense "
                              f"chunks), got tp={spec.tp}")
-        checks.positive_int("chunk_size", chunk_size)
+        if chunk_size is not None:
+            checks.positive_int("chunk_size", chunk_size)
+        if token_budget is not None:
+            checks.positive_int("token_budget", token_budget)
         rows = checks.int_list("rows", rows)
         prompt_len, batch = max(rows), len(rows)
     axes = dict(tp_comm=list(tp_comms or [spec.tp_comm]), compress=list(compress or ["none"]),
@@ -243,7 +248,7 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     def job(mode: str, **kw) -> Job:  # a ragged job's chunks are its steps' token counts
         if not ragged:
             return Job(mode, tokens, mode_chunks(mode, chunks), **kw)
-        j = Job(mode, tokens, [], chunk_size=chunk_size, **kw)
+        j = Job(mode, tokens, [], chunk_size=chunk_size, token_budget=token_budget, **kw)
         j.chunks = [st.tokens for st in j.steps()]
         return j
     # every mode under every combination of the axes; the unchunked baseline (no TP, no boundary) once
@@ -339,7 +344,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         m["max_abs_dlogits"] = max((r.logits - ref.logits).abs().max().item() for r in runs)
         m["max_abs_ddecode_logits"] = max((r.decode_logits - ref.decode_logits).abs().max().item() for r in runs)
         if ragged:  # row by row: against the ragged baseline, against the row run alone, and when its logits were ready
-            m.update(rows=rows, chunk_size=chunk_size, **ragged_figures(job_of[mode], runs, ref, alone))
+            m.update(rows=rows, chunk_size=chunk_size, token_budget=token_budget,
+                     **ragged_figures(job_of[mode], runs, ref, alone))
         if variant_of[mode]["compress"] != "none":  # lossy sends: how far the logits moved, against the same run uncompressed
             m["rel_dlogits"] = m["max_abs_dlogits"] / ref.logits.abs().max().item()
             m["greedy_match_fraction"] = min((r.logits.argmax(-1) == ref.logits.argmax(-1)).float().mean().item()
@@ -494,7 +500,10 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pause
          "outlier_compute_fraction": "fraction of measured compute time in chunks slower than 2x their fitted cost",
          "rows": "a ragged batch (--rows): each row's prompt length; prompt_len is then the longest, batch the rows, "
                  "chunks the packed tokens of each step, and the bytes per boundary the steps' tokens summed",
-         "chunk_size": "a ragged batch: each row's tokens per step (unchunked and naive: every row whole)",
+         "chunk_size": "a ragged batch: each row's tokens per step (unchunked and naive: every row whole); with a "
+                       "token budget the most a row takes in one step (null: no cap)",
+         "token_budget": "a ragged batch: the most packed tokens a step takes, filled from the rows in order (null: "
+                         "each step holds every running row's next chunk)",
          "row_ttft_ms": "ms per row, median over runs: when the last stage finished the step the row's prompt ends in "
                         "(its logits ready), from the run's start, pauses cut out",
          "row_end_step": "per row, the step (0-based) its prompt ends in",

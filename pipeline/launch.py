@@ -34,12 +34,17 @@ def check_job(job: Job, cfg) -> None:
         check_rows(job.tokens, cfg.vocab_size, cfg.max_seq_len, decode=job.decode)
         if job.chunk_size is not None:
             checks.positive_int("chunk_size", job.chunk_size)
+        if job.token_budget is not None:
+            checks.positive_int("token_budget", job.token_budget)
         want = [st.tokens for st in job.steps()]
         if list(job.chunks) != want:
             raise ValueError(f"a ragged job's chunks are its steps' packed tokens, {want}; got {job.chunks}")
     else:
         check_tokens(job.tokens, cfg, decode=job.decode)
         chunk_plan(job.tokens.shape[1], chunks=job.chunks)
+        if job.token_budget is not None:
+            raise ValueError(f"token_budget={job.token_budget!r} packs the steps of a ragged batch (tokens a list of "
+                             "1-D rows); a [B, L] tensor takes chunks")
     checks.positive_int("repeats", job.repeats)
     checks.integer("warmup", job.warmup, 0)
     checks.flag("decode", job.decode)
@@ -175,7 +180,8 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
                 chunk_size: int | None = None, chunks: list[int] | None = None, link: str = "inprocess",
                 ops: str = "torch", dtype: str = "float32", device: str = "cpu", bandwidth_gbps: float | None = None,
                 latency_s: float = 0.0, decode: bool = True, return_cache: bool = False, compress: str = "none",
-                tp_boundary: str = "matching", **spec_kw) -> PrefillResult | None:
+                tp_boundary: str = "matching", token_budget: int | None = None,
+                **spec_kw) -> PrefillResult | None:
     """One prefill request through the pipeline. Returns the last-position logits [B, V], the measurements and,
     with return_cache, every stage's KV cache. `unchunked` ignores stages and chunks (it is the baseline).
     compress: what crosses each stage boundary, "none", "bf16" (float32 models) or "fp8" (e4m3 with per-token
@@ -183,7 +189,9 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
     tokens may also be a list of 1-D rows of different lengths (a ragged batch, `pipeline.ragged`): each row in
     chunks of chunk_size, the rows' chunks packed into one step, the KV cache in pages of `page_size`; logits
     [B, V] are then each row's at its own last token, decode continues each row from its own length, and with
-    return_cache `row_caches[b]` holds row b's (k, v) per stage.
+    return_cache `row_caches[b]` holds row b's (k, v) per stage. token_budget (ragged only): each step packs at
+    most that many tokens, filled from the rows in order (`pipeline.ragged.ragged_plan`), as a serving scheduler's
+    per-step token budget does.
     tp_boundary (tp > 1): "matching" sends each stage boundary between matching TP ranks (T sends of [B, c, H]);
     "broadcast" sends it once, TP rank 0 to TP rank 0, and the receiving stage broadcasts it over its TP group;
     "sharded" sends 1/T of its tokens between each pair of matching TP ranks, and the receiving stage all-gathers
@@ -201,7 +209,12 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
                              "explicit chunks fit a [B, L] tensor")
         if chunk_size is not None:
             checks.positive_int("chunk_size", chunk_size)
+        if token_budget is not None:
+            checks.positive_int("token_budget", token_budget)
     else:
+        if token_budget is not None:
+            raise ValueError(f"token_budget={token_budget!r} packs the steps of a ragged batch (tokens a list of 1-D "
+                             "rows); a [B, L] tensor takes chunk_size or chunks")
         check_tokens(tokens, cfg, decode=decode)
         plan = mode_chunks(mode, chunk_plan(tokens.shape[1], chunk_size, chunks))  # validated in every mode
     unknown = set(spec_kw) - {f.name for f in dataclasses.fields(PipelineSpec)}
@@ -217,7 +230,7 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
                         latency_s=latency_s, **spec_kw)
     if ragged:
         job = Job(mode, list(tokens), [], decode=decode, return_cache=return_cache, compress=compress,
-                  chunk_size=chunk_size, tp_boundary=tp_boundary)
+                  chunk_size=chunk_size, tp_boundary=tp_boundary, token_budget=token_budget)
         job.chunks = [st.tokens for st in job.steps()]
     else:
         job = Job(mode, tokens, plan, decode=decode, return_cache=return_cache, compress=compress,

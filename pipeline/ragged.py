@@ -1,8 +1,9 @@
 """Batches of prompts of different lengths, as a serving stack runs them: the rows' chunks packed one after another
 (no padding), each token at its own position, the KV cache in pages that a stage allocates as chunks arrive.
 
-- `ragged_plan(lengths, chunk_size)`: the steps of a prefill. Step k holds the k-th chunk of every row still
-  running (up to `chunk_size` tokens each; None: every row whole, in one step). A row's chunk is empty once its
+- `ragged_plan(lengths, chunk_size, token_budget)`: the steps of a prefill. Step k holds the k-th chunk of every
+  row still running (up to `chunk_size` tokens each; None: every row whole, in one step), or, with a token budget,
+  up to that many tokens a step filled from the rows in order. A row's chunk is empty before it starts and once its
   prompt is done, and rows end at different steps.
 - `RaggedStep`: one step's metadata, what `chunk_attention`'s paged path takes (cu_seqlens, prefix lengths) and
   the positions RoPE takes, plus which rows end in it (their last token gives their logits).
@@ -90,12 +91,29 @@ def check_rows(rows, vocab_size: int, max_seq_len: int, decode: bool = True) -> 
     return list(rows)
 
 
-def ragged_plan(lengths: list[int], chunk_size: int | None = None) -> list[RaggedStep]:
-    """The steps of a ragged prefill: every row in chunks of `chunk_size` tokens (None: whole), step k holding
-    every row's k-th chunk."""
+def ragged_plan(lengths: list[int], chunk_size: int | None = None,
+                token_budget: int | None = None) -> list[RaggedStep]:
+    """The steps of a ragged prefill. Without `token_budget`: every row in chunks of `chunk_size` tokens (None:
+    whole), step k holding every row's k-th chunk. With `token_budget` (a serving scheduler's per-step token
+    budget, vLLM's max_num_batched_tokens): each step packs up to that many tokens, filled from the rows in order,
+    first come first served: a row takes what it has left (at most `chunk_size` per step where given), the next
+    row what the budget leaves; the rows behind wait for a later step (their chunk is empty until then)."""
     lengths = checks.int_list("row lengths", lengths, 1)
     if chunk_size is not None:
         chunk_size = checks.positive_int("chunk_size", chunk_size)
+    if token_budget is not None:
+        token_budget = checks.positive_int("token_budget", token_budget)
+        done, steps = [0] * len(lengths), []
+        while any(d < n for d, n in zip(done, lengths)):
+            left, sizes = token_budget, []
+            for d, n in zip(done, lengths):
+                c = min(n - d, left, chunk_size or n)
+                sizes.append(c)
+                left -= c
+            ends = tuple(b for b, (d, c, n) in enumerate(zip(done, sizes, lengths)) if c and d + c == n)
+            steps.append(RaggedStep(tuple(done), tuple(sizes), ends))
+            done = [d + c for d, c in zip(done, sizes)]
+        return steps
     step = chunk_size or max(lengths)
     steps = []
     for k in range(-(-max(lengths) // step)):

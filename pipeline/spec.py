@@ -127,6 +127,7 @@ class Job:
     compress: str = "none"  # what crosses stage boundaries: none, bf16 or fp8 (pipeline.compress)
     chunk_size: int | None = None  # a ragged batch (tokens a list of 1-D rows): each row's tokens per step
     tp_boundary: str = "matching"  # with TP: boundaries between matching TP ranks, or once and "broadcast"
+    token_budget: int | None = None  # a ragged batch: at most this many packed tokens a step, rows in order
 
     @property
     def ragged(self) -> bool:
@@ -143,7 +144,9 @@ class Job:
         """A ragged job's steps (`pipeline.ragged.ragged_plan`): unchunked and naive run every row whole."""
         from .ragged import ragged_plan
         whole = self.mode in ("unchunked", "naive")
-        return ragged_plan([len(t) for t in self.tokens], None if whole else self.chunk_size)
+        if whole:
+            return ragged_plan([len(t) for t in self.tokens])
+        return ragged_plan([len(t) for t in self.tokens], self.chunk_size, self.token_budget)
 
 
 @dataclass

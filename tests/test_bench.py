@@ -137,13 +137,17 @@ def test_ragged_point_with_tp_crossings_and_compression_is_exact():
             assert m["max_abs_dlogits_vs_alone"] <= 1e-4, label
 
 
-def test_ragged_point_is_simulated_row_by_row_from_a_dense_fit():
+@pytest.mark.parametrize("chunk_size,budget,ends,steps", [(8, None, [4, 1, 2], [24, 17, 15, 8, 8]),
+                                                           (None, 16, [2, 3, 4], [16, 16, 16, 16, 8])])
+def test_ragged_point_is_simulated_row_by_row_from_a_dense_fit(chunk_size, budget, ends, steps):
     """--rows with --simulate: costs fitted on a dense prompt as long as the longest row, each packed step costed
-    row by row; every mode gets the simulator's TTFT and each row's, the rows' in the order their steps end."""
+    row by row; every mode gets the simulator's TTFT and each row's, the rows' in the order their steps end. Per-row
+    chunks or a token budget (first come, first served)."""
     from bench.harness import run_point
     from pipeline import PipelineSpec
     spec = PipelineSpec(source="tiny", stages=2, link="inprocess")
-    point = run_point(spec, 0, 1, [], repeats=2, warmup=0, rows=[40, 9, 23], chunk_size=8, simulate=True)
+    point = run_point(spec, 0, 1, [], repeats=2, warmup=0, rows=[40, 9, 23], chunk_size=chunk_size, simulate=True,
+                      token_budget=budget)
     assert point["calibration"]["prompt_len"] == 40
     for mode, m in point["modes"].items():
         assert m["outputs_match"] and m["bytes_exact"], mode
@@ -152,7 +156,8 @@ def test_ragged_point_is_simulated_row_by_row_from_a_dense_fit():
         assert max(sim_rows) == pytest.approx(m["sim_ttft_ms"]), mode
         order = sorted(range(3), key=lambda b: m["row_end_step"][b])
         assert [sim_rows[b] for b in order] == sorted(sim_rows), mode
-    assert point["modes"]["overlapped"]["row_end_step"] == [4, 1, 2]
+    assert point["modes"]["overlapped"]["row_end_step"] == ends and point["modes"]["overlapped"]["chunks"] == steps
+    assert point["modes"]["naive"]["chunks"] == [72] and point["modes"]["overlapped"]["token_budget"] == budget
     with pytest.raises(ValueError, match="tp=1 stages only"):
         run_point(PipelineSpec(source="tiny", stages=1, link="inprocess", tp=2), 0, 1, [], 1, 0, rows=[5, 3],
                   chunk_size=4, simulate=True)

@@ -33,6 +33,39 @@ def test_a_ragged_plan_steps_every_row_through_its_own_chunks():
     assert decode_step([5, 12]).starts == (5, 12) and decode_step([5, 12]).lengths == (1, 1)
 
 
+def test_a_token_budget_packs_each_step_full_from_the_rows_in_order():
+    """A serving scheduler's budget: each step takes up to `token_budget` tokens, first come first served; a row
+    behind waits (empty chunks) and a per-row cap (chunk_size) leaves the rest of the budget to the next rows."""
+    steps = ragged_plan([5, 12, 1], token_budget=8)
+    assert [s.lengths for s in steps] == [(5, 3, 0), (0, 8, 0), (0, 1, 1)]
+    assert [s.starts for s in steps] == [(0, 0, 0), (5, 3, 0), (5, 11, 0)]
+    assert [s.ends for s in steps] == [(0,), (), (1, 2)] and [s.tokens for s in steps] == [8, 8, 2]
+    capped = ragged_plan([5, 12, 1], chunk_size=4, token_budget=10)
+    assert [s.lengths for s in capped] == [(4, 4, 1), (1, 4, 0), (0, 4, 0)]  # the cap binds before the budget
+    assert [s.lengths for s in ragged_plan([3, 3], token_budget=100)] == [(3, 3)]
+    for lengths, budget in (((5, 23, 1, 40), 7), ((300, 1000, 2048), 384), ((1,), 1)):
+        plan = ragged_plan(lengths, token_budget=budget)
+        assert all(s.tokens == budget for s in plan[:-1]) and 0 < plan[-1].tokens <= budget
+        assert sorted(b for s in plan for b in s.ends) == list(range(len(lengths)))
+        for b, n in enumerate(lengths):  # every row's tokens once, in order
+            assert sum(s.lengths[b] for s in plan) == n
+            assert all(s.starts[b] == sum(t.lengths[b] for t in plan[:k]) for k, s in enumerate(plan))
+    with pytest.raises(ValueError, match="token_budget"):
+        ragged_plan([4], token_budget=0)
+
+
+@pytest.mark.parametrize("mode", ["chunked", "overlapped"])
+@pytest.mark.parametrize("stages,tp,tp_comm", [(2, 1, "serial"), (2, 2, "overlap"), (2, 2, "sequence")])
+def test_a_ragged_batch_under_a_token_budget_equals_each_prompt_alone(alone, mode, stages, tp, tp_comm):
+    """Rows that wait for a later step (empty chunks before they start) and steps that start a row mid-budget."""
+    rows, ref = alone
+    res = run_prefill("tiny", rows, mode=mode, stages=stages, tp=tp, tp_comm=tp_comm, token_budget=9,
+                      return_cache=True, page_size=4)
+    _check_rows(res, rows, ref)
+    assert res.chunks == [9] * 7 + [6]  # 69 tokens
+    assert res.metrics["bytes_per_boundary"] == [sum(LENGTHS) * TINY.hidden_size * 4] * (stages - 1)
+
+
 def test_a_step_splits_into_two_that_continue_each_other():
     st = ragged_plan([5, 12, 1, 9], 7)[0]  # lengths (5, 7, 1, 7), packed offsets 0, 5, 12, 13, 20
     a, b = st.split(8)  # cuts row 1 after 3 of its 7 tokens
@@ -227,6 +260,8 @@ def test_a_ragged_batch_with_compressed_boundaries_rounds_at_the_boundary_only()
     ([torch.zeros(4, dtype=torch.long)], {"chunks": [2, 2]}, "takes chunk_size"),
     ([torch.zeros(4, dtype=torch.long)], {"chunk_size": 0}, "chunk_size"),
     ([torch.zeros(4, dtype=torch.long)], {"page_size": 0}, "page_size"),
+    ([torch.zeros(4, dtype=torch.long)], {"token_budget": 0}, "token_budget"),
+    (torch.zeros(1, 4, dtype=torch.long), {"token_budget": 8}, "token_budget=8 packs the steps of a ragged batch"),
 ])
 def test_bad_ragged_input_is_refused_before_any_work(rows, kw, match):
     with pytest.raises(ValueError, match=match):
