@@ -25,6 +25,17 @@ from .options import Parser, int_list, integer, name_list, number, out_path, out
 SUBCOMMANDS = ("compare", "simulate", "kernels", "gpu-suite", "machine-check")
 
 
+def budget_list(text: str) -> list:
+    """Comma-separated token budgets: positive integers or 'none' (per-row chunks), none twice."""
+    parts = [p.strip().lower() for p in text.split(",")]
+    if not text.strip() or any(p == "" for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers or 'none', got {text!r}")
+    vals = [None if p == "none" else integer(1)(p) for p in parts]
+    if len(set(vals)) != len(vals):
+        raise argparse.ArgumentTypeError(f"a budget is listed twice in {text!r}")
+    return vals
+
+
 def run_parser():
     import torch
 
@@ -62,10 +73,11 @@ def run_parser():
                          "comma-separated (e.g. 300,1000,2048), run as a serving stack runs them: each row in chunks "
                          "of --chunk-size, the rows' chunks packed into one step, the KV cache in pages. Every mode "
                          "is checked row by row against the row run alone; each row's TTFT is reported")
-    ap.add_argument("--token-budget", type=integer(1), default=None,
-                    help="with --rows, a serving scheduler's per-step budget: each step packs up to this many tokens, "
-                         "filled from the rows in order (first come, first served); --chunk-size then caps one row's "
-                         "share of a step (default: no cap)")
+    ap.add_argument("--token-budget", type=budget_list, default=None,
+                    help="with --rows, a serving scheduler's per-step budget: the chunked and overlapped steps pack up "
+                         "to this many tokens each, filled from the rows in order (first come, first served; no row "
+                         "capped); comma-separated to compare plans in one run, 'none' for per-row chunks of "
+                         "--chunk-size (e.g. none,384)")
     ap.add_argument("--page-size", type=integer(1), default=None,
                     help="with --rows, positions per KV cache page (default: 16)")
     ap.add_argument("--chunk-size", type=integer(1), default=None,
@@ -173,7 +185,7 @@ def main_run(argv) -> int:
                 raise ValueError(f"--rows {','.join(map(str, args.rows))} is one ragged batch (its rows' lengths, "
                                  f"each in chunks of --chunk-size): drop {flag}")
     if args.token_budget is not None and args.rows is None:
-        raise ValueError(f"--token-budget {args.token_budget} packs the steps of a ragged batch: it goes with --rows "
+        raise ValueError(f"--token-budget {','.join(str(b).lower() for b in args.token_budget)} packs the steps of a ragged batch: it goes with --rows "
                          f"(one prompt takes --chunk-size or --chunks)")
     if args.page_size is not None and args.rows is None:
         raise ValueError(f"--page-size {args.page_size} sets the KV pages of a ragged batch: it goes with --rows (one "
@@ -209,7 +221,7 @@ def main_run(argv) -> int:
                   batch=len(args.rows) if args.rows else args.batch,
                   prompt_lens=None if args.rows else args.prompt_len, rows=args.rows,
                   page_size=args.page_size or 16 if args.rows else None, token_budget=args.token_budget,
-                  chunk_size=args.chunk_size if args.token_budget else args.chunk_size or 128,
+                  chunk_size=args.chunk_size or 128,
                   chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
                   bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us,
                   tp_bandwidth_gbps=args.tp_bandwidth_gbps, tp_latency_us=args.tp_latency_us, repeats=args.repeats,
@@ -252,8 +264,7 @@ def main_run(argv) -> int:
                               simulate=simulate, progress=progress.runs(label), tp_comms=args.tp_comm,
                               compress=args.compress, tp_boundaries=args.tp_boundary, rows=args.rows,
                               # under a token budget the chunk size caps a row's share only where given
-                              chunk_size=args.chunk_size if args.token_budget else args.chunk_size or 128,
-                              token_budget=args.token_budget)
+                              chunk_size=args.chunk_size or 128, token_budgets=args.token_budget)
             if point is None:  # a torchrun rank other than 0: it ran its stage, rank 0 reports
                 continue
             points.append(point)

@@ -207,7 +207,7 @@ def chunk_costs_vs_measured(mode: str, runs_records, costs):
 def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,
               modes=MODES, seed: int = 0, simulate: bool = False, progress=None, tp_comms=None,
               compress=None, tp_boundaries=None, rows: list[int] | None = None,
-              chunk_size: int | None = None, token_budget: int | None = None) -> dict | None:
+              chunk_size: int | None = None, token_budgets=None) -> dict | None:
     """All modes on one prompt; returns the figures per mode (medians over repeats) and the raw timelines. The
     outputs are always checked against the unchunked baseline: when `unchunked` is not among `modes` it runs once,
     untimed, as the reference. With `simulate`, `calibration_jobs` run in the same round-robin as the modes (so a
@@ -220,10 +220,10 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     run; its outputs_match only asks for finite logits.
     With `rows` (prompt lengths; prompt_len, batch and chunks are then ignored) the point is one ragged batch, as a
     serving stack runs it (`pipeline.ragged`): a random prompt per row, each row in chunks of `chunk_size` tokens
-    (unchunked and naive: whole), the rows' chunks packed into one step, or with `token_budget` steps of that many
-    tokens filled from the rows in order (`chunk_size` then caps a row's share, None: no cap), the KV cache in
-    pages. Every mode's logits
-    are checked row by row against the unchunked ragged baseline and against each row run alone (an unchunked
+    (unchunked and naive: whole), the rows' chunks packed into one step, or under a token budget steps of that many
+    tokens filled from the rows in order (no per-row cap), the KV cache in pages. `token_budgets` (default [None]: per-row chunks) lists the plans to run side by side, one more axis:
+    the chunked and overlapped modes under each (keyed "mode/budget<N>", or "mode/chunks" for None where it is not
+    the first), naive and unchunked once. Every mode's logits are checked row by row against the unchunked ragged baseline and against each row run alone (an unchunked
     [1, L] run per row, untimed); each row's TTFT is when the last stage finishes the step its prompt ends in.
     None off rank 0 under torchrun."""
     cfg = resolve_config(spec.source)
@@ -235,12 +235,17 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
                              f"chunks), got tp={spec.tp}")
         if chunk_size is not None:
             checks.positive_int("chunk_size", chunk_size)
-        if token_budget is not None:
-            checks.positive_int("token_budget", token_budget)
+        for b in token_budgets or [None]:
+            if b is not None:
+                checks.positive_int("token_budget", b)
         rows = checks.int_list("rows", rows)
         prompt_len, batch = max(rows), len(rows)
+    elif token_budgets not in (None, [None]):
+        raise ValueError(f"token_budgets={token_budgets!r} plan the steps of a ragged batch: they need rows")
     axes = dict(tp_comm=list(tp_comms or [spec.tp_comm]), compress=list(compress or ["none"]),
-                tp_boundary=list(tp_boundaries or ["matching"]))
+                tp_boundary=list(tp_boundaries or ["matching"]), token_budget=list(token_budgets or [None]))
+    if len(set(axes["token_budget"])) != len(axes["token_budget"]):
+        raise ValueError(f"a token budget is listed twice in {token_budgets!r}")
     gen = torch.Generator().manual_seed(seed)
     tokens = ([torch.randint(0, cfg.vocab_size, (n,), generator=gen) for n in rows] if ragged
               else torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen))
@@ -248,20 +253,25 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     def job(mode: str, **kw) -> Job:  # a ragged job's chunks are its steps' token counts
         if not ragged:
             return Job(mode, tokens, mode_chunks(mode, chunks), **kw)
-        j = Job(mode, tokens, [], chunk_size=chunk_size, token_budget=token_budget, **kw)
+        # per-row chunks of chunk_size, or steps under a token budget (no per-row cap)
+        j = Job(mode, tokens, [], chunk_size=chunk_size if kw.get("token_budget") is None else None, **kw)
         j.chunks = [st.tokens for st in j.steps()]
         return j
     # every mode under every combination of the axes; the unchunked baseline (no TP, no boundary) once
+    # (naive runs every row whole: a token budget changes nothing there, it runs under the first only)
     variants = [dict(mode=m, **dict(zip(axes, combo))) for combo in itertools.product(*axes.values())
-                for m in modes if m != "unchunked"]
-    labels = [v["mode"] + "".join(f"/{v[a]}" for a in axes if v[a] != axes[a][0]) for v in variants]
+                for m in modes if m != "unchunked"
+                and not (m == "naive" and combo[-1] != axes["token_budget"][0])]
+    shown = lambda a, v: v if a != "token_budget" else "chunks" if v is None else f"budget{v}"  # noqa: E731
+    labels = [v["mode"] + "".join(f"/{shown(a, v[a])}" for a in axes if v[a] != axes[a][0]) for v in variants]
     if "unchunked" in modes:  # no TP, no boundary: once, uncompressed, where the caller listed it
         at = modes.index("unchunked")
         variants.insert(at, dict(mode="unchunked", tp_comm=axes["tp_comm"][0], compress="none",
-                                 tp_boundary="matching"))
+                                 tp_boundary="matching", token_budget=axes["token_budget"][0]))
         labels.insert(at, "unchunked")
     jobs = [job(v["mode"], repeats=repeats, warmup=warmup, tp_comm=v["tp_comm"], compress=v["compress"],
-                tp_boundary=v["tp_boundary"]) for v in variants]
+                tp_boundary=v["tp_boundary"], **({"token_budget": v["token_budget"]} if ragged else {}))
+            for v in variants]
     compress = axes["compress"]
     # a ragged batch's costs are fitted on a dense prompt as long as its longest row (`RaggedStepCost`)
     cal_tokens = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=gen) if ragged else tokens
@@ -344,7 +354,7 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         m["max_abs_dlogits"] = max((r.logits - ref.logits).abs().max().item() for r in runs)
         m["max_abs_ddecode_logits"] = max((r.decode_logits - ref.decode_logits).abs().max().item() for r in runs)
         if ragged:  # row by row: against the ragged baseline, against the row run alone, and when its logits were ready
-            m.update(rows=rows, chunk_size=chunk_size, token_budget=token_budget,
+            m.update(rows=rows, chunk_size=job_of[mode].chunk_size, token_budget=variant_of[mode]["token_budget"],
                      **ragged_figures(job_of[mode], runs, ref, alone))
         if variant_of[mode]["compress"] != "none":  # lossy sends: how far the logits moved, against the same run uncompressed
             m["rel_dlogits"] = m["max_abs_dlogits"] / ref.logits.abs().max().item()
@@ -500,8 +510,8 @@ UNITS = {"ttft_ms": "ms of running machine (host pauses cut out, see bench/pause
          "outlier_compute_fraction": "fraction of measured compute time in chunks slower than 2x their fitted cost",
          "rows": "a ragged batch (--rows): each row's prompt length; prompt_len is then the longest, batch the rows, "
                  "chunks the packed tokens of each step, and the bytes per boundary the steps' tokens summed",
-         "chunk_size": "a ragged batch: each row's tokens per step (unchunked and naive: every row whole); with a "
-                       "token budget the most a row takes in one step (null: no cap)",
+         "chunk_size": "a ragged batch: each row's tokens per step (null: unchunked and naive, every row whole, and "
+                       "a token budget's steps, which cap no row)",
          "token_budget": "a ragged batch: the most packed tokens a step takes, filled from the rows in order (null: "
                          "each step holds every running row's next chunk)",
          "row_ttft_ms": "ms per row, median over runs: when the last stage finished the step the row's prompt ends in "
@@ -572,13 +582,15 @@ def table(point: dict) -> str:
 
 
 def row_table(point: dict) -> str:
-    """A ragged batch row by row, a line per mode: when each row's logits were ready (its TTFT), and how far any
-    uncompressed mode's logits of the row are from the row run alone."""
+    """A ragged batch row by row, a line per mode: when each row's logits were ready (its TTFT; in a mode of
+    several steps, the step it ends in), the simulator's where it ran, and how far any uncompressed mode's logits of
+    the row are from the row run alone."""
     modes = point["modes"]
-    steps = next((m for m in modes.values() if m["mode"] in ("chunked", "overlapped")), next(iter(modes.values())))
-    rows = [("row TTFT ms",) + tuple(f"row {b}: {n} tok" for b, n in enumerate(point["rows"])),
-            ("ends at step",) + tuple(f"{k + 1} of {len(steps['chunks'])}" for k in steps["row_end_step"])]
-    rows += [(mode,) + tuple(f"{t:.1f}" for t in m["row_ttft_ms"]) for mode, m in modes.items()]
+    rows = [("row TTFT ms",) + tuple(f"row {b}: {n} tok" for b, n in enumerate(point["rows"]))]
+
+    def cell(m, b, t):
+        return f"{t:.1f}" + (f" ({m['row_end_step'][b] + 1}/{len(m['chunks'])})" if len(m["chunks"]) > 1 else "")
+    rows += [(mode,) + tuple(cell(m, b, t) for b, t in enumerate(m["row_ttft_ms"])) for mode, m in modes.items()]
     rows += [(f"{mode} sim",) + tuple(f"{t:.1f}" for t in m["sim_row_ttft_ms"]) for mode, m in modes.items()
              if "sim_row_ttft_ms" in m]
     exact = [m for m in modes.values() if m.get("compress", "none") == "none"]  # lossy rows are not judged here
@@ -587,10 +599,10 @@ def row_table(point: dict) -> str:
                                                    for b in range(len(point["rows"]))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
-    return (text + "\n(a row's TTFT: when the last stage finished the step its prompt ends in; steps of a chunked "
-            "mode; sim: the same from the simulator, each step costed row by row from the dense fit; max|Δlogit| "
-            "alone: the largest logit difference of any uncompressed mode against the row run alone, an unchunked "
-            "[1, L] run)")
+    return (text + "\n(a row's TTFT: when the last stage finished the step its prompt ends in, (k/n): the k-th of the "
+            "mode's n steps; sim: the same from the simulator, each step costed row by row from the dense fit; "
+            "max|Δlogit| alone: the largest logit difference of any uncompressed mode against the row run alone, an "
+            "unchunked [1, L] run)")
 
 
 def strict_json(obj, path: str = "$", nulls: dict | None = None):

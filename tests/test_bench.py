@@ -112,6 +112,28 @@ def test_ragged_figures_catch_a_wrong_row():
     assert f["max_abs_dlogits_vs_alone"] == pytest.approx(0.5) and f["max_abs_ddecode_logits_vs_alone"] == 0
 
 
+def test_token_budgets_run_side_by_side_with_per_row_chunks():
+    """--token-budget none,16: the chunked modes under each plan in one round-robin, naive and unchunked once; each
+    plan's steps, ends and bytes its own, every row checked."""
+    from bench.harness import run_point
+    from pipeline import PipelineSpec
+    spec = PipelineSpec(source="tiny", stages=2, link="inprocess")
+    point = run_point(spec, 0, 1, [], repeats=1, warmup=0, rows=[40, 9, 23], chunk_size=8,
+                      token_budgets=[None, 16])
+    modes = point["modes"]
+    assert list(modes) == ["unchunked", "naive", "chunked", "overlapped", "chunked/budget16", "overlapped/budget16"]
+    assert modes["overlapped"]["chunks"] == [24, 17, 15, 8, 8] and modes["overlapped"]["chunk_size"] == 8
+    assert modes["overlapped/budget16"]["chunks"] == [16, 16, 16, 16, 8]
+    assert modes["overlapped/budget16"]["token_budget"] == 16 and modes["overlapped/budget16"]["chunk_size"] is None
+    assert modes["overlapped/budget16"]["row_end_step"] == [2, 3, 4] and modes["naive"]["token_budget"] is None
+    for label, m in modes.items():
+        assert m["outputs_match"] and m["bytes_exact"] and m["max_abs_dlogits_vs_alone"] <= 1e-4, label
+    from bench.harness import row_table
+    assert "(3/5)" in row_table(point) and "overlapped/budget16" in row_table(point)
+    with pytest.raises(ValueError, match="need rows"):
+        run_point(spec, 32, 1, [16, 16], 1, 0, token_budgets=[16])
+
+
 def test_ragged_point_with_tp_crossings_and_compression_is_exact():
     """A ragged batch over 2 stages x 2 TP ranks in-process: every crossing and tp_comm, with and without fp8,
     bytes exact (sharded steps in 1/T slices, the decode step of 3 tokens sliced too) and each row its own."""
@@ -147,7 +169,7 @@ def test_ragged_point_is_simulated_row_by_row_from_a_dense_fit(chunk_size, budge
     from pipeline import PipelineSpec
     spec = PipelineSpec(source="tiny", stages=2, link="inprocess")
     point = run_point(spec, 0, 1, [], repeats=2, warmup=0, rows=[40, 9, 23], chunk_size=chunk_size, simulate=True,
-                      token_budget=budget)
+                      token_budgets=[budget])
     assert point["calibration"]["prompt_len"] == 40
     for mode, m in point["modes"].items():
         assert m["outputs_match"] and m["bytes_exact"], mode
