@@ -25,17 +25,6 @@ from .options import Parser, int_list, integer, name_list, number, out_path, out
 SUBCOMMANDS = ("compare", "simulate", "kernels", "gpu-suite", "machine-check")
 
 
-def budget_list(text: str) -> list:
-    """Comma-separated token budgets: positive integers or 'none' (per-row chunks), none twice."""
-    parts = [p.strip().lower() for p in text.split(",")]
-    if not text.strip() or any(p == "" for p in parts):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers or 'none', got {text!r}")
-    vals = [None if p == "none" else integer(1)(p) for p in parts]
-    if len(set(vals)) != len(vals):
-        raise argparse.ArgumentTypeError(f"a budget is listed twice in {text!r}")
-    return vals
-
-
 def run_parser():
     import torch
 
@@ -73,7 +62,7 @@ def run_parser():
                          "comma-separated (e.g. 300,1000,2048), run as a serving stack runs them: each row in chunks "
                          "of --chunk-size, the rows' chunks packed into one step, the KV cache in pages. Every mode "
                          "is checked row by row against the row run alone; each row's TTFT is reported")
-    ap.add_argument("--token-budget", type=budget_list, default=None,
+    ap.add_argument("--token-budget", type=int_list(1, none_word="none"), default=None,
                     help="with --rows, a serving scheduler's per-step budget: the chunked and overlapped steps pack up "
                          "to this many tokens each, filled from the rows in order (first come, first served; no row "
                          "capped); comma-separated to compare plans in one run, 'none' for per-row chunks of "

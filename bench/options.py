@@ -49,13 +49,14 @@ def number(minimum: float = 0.0, strict: bool = True, maximum: float | None = No
     return parse
 
 
-def int_list(minimum: int = 1, unique: bool = True):
-    """Comma-separated integers >= minimum, at least one, none twice."""
-    def parse(text: str) -> list[int]:
+def int_list(minimum: int = 1, unique: bool = True, none_word: str | None = None):
+    """Comma-separated integers >= minimum, at least one, none twice; `none_word` (any case) stands for None."""
+    def parse(text: str) -> list:
         parts = [p.strip() for p in text.split(",")]
         if not text.strip() or any(p == "" for p in parts):
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-        vals = [integer(minimum)(p) for p in parts]
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers"
+                                             f"{f' or {none_word!r}' if none_word else ''}, got {text!r}")
+        vals = [None if none_word and p.lower() == none_word else integer(minimum)(p) for p in parts]
         if unique and len(set(vals)) != len(vals):
             raise argparse.ArgumentTypeError(f"a value is listed twice in {text!r}")
         return vals
