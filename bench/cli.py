@@ -174,8 +174,9 @@ def main_run(argv) -> int:
                 raise ValueError(f"--rows {','.join(map(str, args.rows))} is one ragged batch (its rows' lengths, "
                                  f"each in chunks of --chunk-size): drop {flag}")
     if args.token_budget is not None and args.rows is None:
-        raise ValueError(f"--token-budget {','.join(str(b).lower() for b in args.token_budget)} packs the steps of a ragged batch: it goes with --rows "
-                         f"(one prompt takes --chunk-size or --chunks)")
+        budgets = ",".join(str(b).lower() for b in args.token_budget)
+        raise ValueError(f"--token-budget {budgets} packs the steps of a ragged batch: it goes with --rows (one prompt "
+                         f"takes --chunk-size or --chunks)")
     if args.page_size is not None and args.rows is None:
         raise ValueError(f"--page-size {args.page_size} sets the KV pages of a ragged batch: it goes with --rows (one "
                          f"prompt runs on a dense cache)")
@@ -252,7 +253,7 @@ def main_run(argv) -> int:
             point = run_point(spec, L, args.batch, plans[L], args.repeats, args.warmup, args.modes,
                               simulate=simulate, progress=progress.runs(label), tp_comms=args.tp_comm,
                               compress=args.compress, tp_boundaries=args.tp_boundary, rows=args.rows,
-                              # under a token budget the chunk size caps a row's share only where given
+                              # a ragged batch: per-row chunks of this size (token budgets cap no row)
                               chunk_size=args.chunk_size or 128, token_budgets=args.token_budget)
             if point is None:  # a torchrun rank other than 0: it ran its stage, rank 0 reports
                 continue

@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import MODES, Job, PipelineSpec, resolve_config
-from pipeline import checks
+from pipeline import MODES, Job, PipelineSpec, checks, resolve_config
 from pipeline.checks import DTYPES
 from pipeline.compress import Codec
 from pipeline.schedule import chunk_starts, mode_chunks
@@ -216,15 +215,18 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     combine their partial sums (`pipeline.tp.TP_COMMS`) and `compress` (default none) the boundary compressions
     (`pipeline.compress`), and `tp_boundaries` (default matching) how boundaries cross TP stages, to run side by
     side, in the same round-robin: the first of each keeps the mode's name, the others are keyed "mode/<value>..."
-    (the unchunked baseline, no TP and no boundary, runs once). A lossy row's logits are compared with the unchunked baseline and with the same mode uncompressed in this
-    run; its outputs_match only asks for finite logits.
+    (the unchunked baseline, no TP and no boundary, runs once). A lossy row's logits are compared with the
+    unchunked baseline and with the same mode uncompressed in this run; its outputs_match only asks for finite
+    logits.
     With `rows` (prompt lengths; prompt_len, batch and chunks are then ignored) the point is one ragged batch, as a
     serving stack runs it (`pipeline.ragged`): a random prompt per row, each row in chunks of `chunk_size` tokens
     (unchunked and naive: whole), the rows' chunks packed into one step, or under a token budget steps of that many
-    tokens filled from the rows in order (no per-row cap), the KV cache in pages. `token_budgets` (default [None]: per-row chunks) lists the plans to run side by side, one more axis:
-    the chunked and overlapped modes under each (keyed "mode/budget<N>", or "mode/chunks" for None where it is not
-    the first), naive and unchunked once. Every mode's logits are checked row by row against the unchunked ragged baseline and against each row run alone (an unchunked
-    [1, L] run per row, untimed); each row's TTFT is when the last stage finishes the step its prompt ends in.
+    tokens filled from the rows in order (no per-row cap), the KV cache in pages. `token_budgets` (default [None]:
+    per-row chunks) lists the plans to run side by side, one more axis: the chunked and overlapped modes under each
+    (keyed "mode/budget<N>", or "mode/chunks" for None where it is not the first), naive and unchunked once. Every
+    mode's logits are checked row by row against the unchunked ragged baseline and against each row run alone (an
+    unchunked [1, L] run per row, untimed); each row's TTFT is when the last stage finishes the step its prompt
+    ends in.
     None off rank 0 under torchrun."""
     cfg = resolve_config(spec.source)
     modes = list(modes)
@@ -403,11 +405,10 @@ def ragged_figures(job: Job, runs, ref, alone) -> dict:
     B = len(alone)
     ends = {b: k for k, st in enumerate(job.steps()) for b in st.ends}
     diff = lambda a, b: (a - b).abs().max().item()  # noqa: E731
+    vs_alone = [max(diff(r.logits[b], alone[b].logits[0]) for r in runs) for b in range(B)]
     return dict(
         max_abs_dlogits_per_row=[max(diff(r.logits[b], ref.logits[b]) for r in runs) for b in range(B)],
-        max_abs_dlogits_vs_alone_per_row=[max(diff(r.logits[b], alone[b].logits[0]) for r in runs)
-                                          for b in range(B)],
-        max_abs_dlogits_vs_alone=max(diff(r.logits[b], alone[b].logits[0]) for r in runs for b in range(B)),
+        max_abs_dlogits_vs_alone_per_row=vs_alone, max_abs_dlogits_vs_alone=max(vs_alone),
         max_abs_ddecode_logits_vs_alone=max(diff(r.decode_logits[b], alone[b].decode_logits[0])
                                             for r in runs for b in range(B)),
         row_ttft_ms=[statistics.median(r.records[-1].compute[ends[b]][1] - r.t_start for r in runs) * 1e3

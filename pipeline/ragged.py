@@ -103,24 +103,16 @@ def ragged_plan(lengths: list[int], chunk_size: int | None = None,
         chunk_size = checks.positive_int("chunk_size", chunk_size)
     if token_budget is not None:
         token_budget = checks.positive_int("token_budget", token_budget)
-        done, steps = [0] * len(lengths), []
-        while any(d < n for d, n in zip(done, lengths)):
-            left, sizes = token_budget, []
-            for d, n in zip(done, lengths):
-                c = min(n - d, left, chunk_size or n)
-                sizes.append(c)
-                left -= c
-            ends = tuple(b for b, (d, c, n) in enumerate(zip(done, sizes, lengths)) if c and d + c == n)
-            steps.append(RaggedStep(tuple(done), tuple(sizes), ends))
-            done = [d + c for d, c in zip(done, sizes)]
-        return steps
-    step = chunk_size or max(lengths)
-    steps = []
-    for k in range(-(-max(lengths) // step)):
-        starts = tuple(min(k * step, n) for n in lengths)
-        sizes = tuple(min(step, n - s) for s, n in zip(starts, lengths))
-        ends = tuple(b for b, (s, c, n) in enumerate(zip(starts, sizes, lengths)) if c and s + c == n)
-        steps.append(RaggedStep(starts, sizes, ends))
+    cap = chunk_size or max(lengths)  # a row's most tokens in one step
+    done, steps = [0] * len(lengths), []
+    while any(d < n for d, n in zip(done, lengths)):
+        left, sizes = token_budget or sum(lengths), []  # no budget: one that never binds
+        for d, n in zip(done, lengths):
+            sizes.append(min(n - d, cap, left))
+            left -= sizes[-1]
+        ends = tuple(b for b, (d, c, n) in enumerate(zip(done, sizes, lengths)) if c and d + c == n)
+        steps.append(RaggedStep(tuple(done), tuple(sizes), ends))
+        done = [d + c for d, c in zip(done, sizes)]
     return steps
 
 
