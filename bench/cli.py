@@ -76,13 +76,13 @@ def run_parser():
     ap.add_argument("--chunk-plan", choices=["uniform", "balanced"], default="uniform",
                     help="uniform: --chunk-size tokens per chunk; balanced: boundaries chosen by the planner from a "
                          "cost model fitted on this pipeline first (implies --simulate)")
-    ap.add_argument("--granularity", type=integer(1), default=32,
+    ap.add_argument("--granularity", type=integer(1), default=None,
                     help="balanced plan: chunk boundaries are multiples of this (default: 32)")
     ap.add_argument("--simulate", action="store_true",
                     help="fit per-stage chunk costs and the link on calibration runs interleaved with the measured "
                          "ones, then report the simulator's TTFT next to each measured one (and draw both timelines); "
                          "with --rows (tp 1) each packed step is costed row by row from the dense fit")
-    ap.add_argument("--batch", type=integer(1), default=1, help="batch size B (default: 1)")
+    ap.add_argument("--batch", type=integer(1), default=None, help="batch size B (default: 1)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16" if gpu else "float32")
     ap.add_argument("--link", choices=["gloo", "nccl", "inprocess"], default=None,
                     help="stage link (default: gloo processes on CPU; nccl with >= S GPUs; inprocess on one GPU)")
@@ -166,7 +166,7 @@ def main_run(argv) -> int:
         raise ValueError(f"nccl with {stages} stages x tp {tp} needs {stages * tp} GPUs, found "
                          f"{torch.cuda.device_count()}")
     if args.rows is not None:  # one ragged batch: its own lengths and steps
-        for flag, given in (("--prompt-len", args.prompt_len is not None), ("--batch", args.batch != 1),
+        for flag, given in (("--prompt-len", args.prompt_len is not None), ("--batch", args.batch is not None),
                             ("--chunks", args.chunks is not None), ("--chunk-plan balanced",
                                                                     args.chunk_plan == "balanced"),
                             ("--simulate (it models a ragged batch on --tp 1 stages)", args.simulate and tp > 1)):
@@ -180,6 +180,11 @@ def main_run(argv) -> int:
     if args.page_size is not None and args.rows is None:
         raise ValueError(f"--page-size {args.page_size} sets the KV pages of a ragged batch: it goes with --rows (one "
                          f"prompt runs on a dense cache)")
+    if args.granularity is not None and args.chunk_plan != "balanced":
+        raise ValueError(f"--granularity {args.granularity} sets the step of the balanced planner's chunk boundaries: "
+                         "it goes with --chunk-plan balanced")
+    args.granularity = args.granularity or 32
+    args.batch = args.batch or 1
     args.prompt_len = [max(args.rows)] if args.rows else args.prompt_len or [2048]
     if args.chunks and len(args.prompt_len) > 1:
         raise ValueError("--chunks fits one prompt length; use --chunk-size for a sweep")
@@ -195,6 +200,9 @@ def main_run(argv) -> int:
         if n + 1 > cfg.max_seq_len:
             raise ValueError(f"--rows: row {b} has {n} tokens (+1 decode token), past the model's max_seq_len "
                              f"{cfg.max_seq_len}")
+    if args.page_size is not None and args.page_size > cfg.max_seq_len:
+        raise ValueError(f"--page-size {args.page_size} is more positions than the model's context (max_seq_len "
+                         f"{cfg.max_seq_len}): choose 1 to {cfg.max_seq_len} (serving stacks use 16 to 256)")
     for L in args.prompt_len:
         if L + 1 > cfg.max_seq_len:
             raise ValueError(f"prompt length {L} (+1 decode token) exceeds the model's max_seq_len {cfg.max_seq_len}")

@@ -395,22 +395,29 @@ def main(argv=None) -> int:
     from .options import Parser, integer, name_list, number, out_path, output_dir
     ap = Parser(prog="python -m bench gpu-suite", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=out_path, required=True, help="results directory, e.g. bench/results/h100/")
-    ap.add_argument("--parts", type=name_list(PARTS, "part"), default=list(PARTS),
+    ap.add_argument("--parts", type=name_list(PARTS, "part"), default=None,
                     help=f"parts to run (default: {','.join(PARTS)})")
-    ap.add_argument("--layers", type=integer(1), default=8, help="layers of the Llama-3-8B shape in the pipeline part")
+    ap.add_argument("--layers", type=integer(1), default=None,
+                    help="layers of the Llama-3-8B shape in the pipeline parts (default: 8)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and prompts (a smoke run)")
-    ap.add_argument("--budget-s", type=number(60.0, strict=False, maximum=86400.0), default=540.0,
+    ap.add_argument("--budget-s", type=number(60.0, strict=False, maximum=86400.0), default=None,
                     help="the pipeline parts start no point that would end past this many seconds from the start "
                          "(default 540: the whole suite in one 10-minute call)")
     ap.add_argument("--summary-only", action="store_true",
                     help="measure nothing: rewrite summary.md from the part documents already in --out (parts run "
                          "in separate calls)")
     args = ap.parse_args(argv)
-    parts = args.parts
     if args.summary_only:
+        given = [flag for flag, value in (("--parts", args.parts), ("--layers", args.layers),
+                                          ("--quick", args.quick or None), ("--budget-s", args.budget_s)) if value]
+        if given:
+            raise ValueError(f"--summary-only measures nothing: drop {', '.join(given)}")
         if not args.out.is_dir():
             raise ValueError(f"--summary-only reads the part files in --out, and {args.out} is not a directory")
         return write_summary_only(args.out)
+    parts = args.parts or list(PARTS)
+    args.layers = args.layers or 8
+    args.budget_s = 540.0 if args.budget_s is None else args.budget_s
     if not torch.cuda.is_available():
         print("bench gpu-suite: refused: no CUDA GPU is visible to torch "
               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); this command measures a GPU "

@@ -435,6 +435,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.shape and not args.sweep:
         ap.error("--shape goes with --sweep")
+    if args.quick and args.sweep:
+        ap.error("--quick cuts the benchmark's shapes; --sweep measures the --shape shapes only: drop --quick")
     shapes = args.shape or [TARGET_SHAPE]
     if not torch.cuda.is_available():
         print("bench kernels: no CUDA GPU on this machine; the kernel benchmark needs one (nothing measured).")

@@ -356,13 +356,21 @@ def main(argv=None) -> int:
                     help="prompt lengths (default: 4k-128k); each must fit the model's context")
     ap.add_argument("--batch", type=integer(1), default=1, help="batch size (default: 1)")
     ap.add_argument("--chunk-plan", choices=["balanced", "uniform"], default="balanced")
-    ap.add_argument("--chunk-size", type=integer(1), default=2048, help="uniform plan: tokens per chunk")
+    ap.add_argument("--chunk-size", type=integer(1), default=None,
+                    help="uniform plan: tokens per chunk (default: 2048)")
     ap.add_argument("--granularity", type=integer(1), default=None, help="balanced plan: boundary step (default L/64, "
                                                                          "at least 128)")
     ap.add_argument("--out", type=out_path, default=Path("bench_out/simulate"), help="output directory")
     args = ap.parse_args(argv)
     if args.gpus and args.stages:
         raise ValueError("--gpus splits each GPU count every way T x S itself: drop --stages")
+    if args.chunk_size is not None and args.chunk_plan != "uniform":
+        raise ValueError(f"--chunk-size {args.chunk_size} sets the chunks of the uniform plan; the balanced planner "
+                         "(the default) chooses its own: add --chunk-plan uniform (not with --gpus)")
+    if args.granularity is not None and args.chunk_plan != "balanced":
+        raise ValueError(f"--granularity {args.granularity} is the balanced planner's boundary step; the uniform plan "
+                         "takes --chunk-size: drop --granularity")
+    args.chunk_size = args.chunk_size or 2048
     if args.gpus:
         return main_tp(args)
     if args.tp_link:

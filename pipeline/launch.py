@@ -13,7 +13,7 @@ import torch.distributed as dist
 from . import checks
 from .checks import DTYPES
 from .compress import check_codec
-from .ragged import check_rows
+from .ragged import check_rows, pages_needed
 from .config import ModelConfig
 from .link import LinkModel
 from .model import resolve_config
@@ -66,6 +66,14 @@ def check_job_tp(job: Job, spec: PipelineSpec) -> None:
                          f"stages: it needs tp >= 2 and stages >= 2 (got tp={spec.tp}, stages={spec.num_stages})")
 
 
+def check_page_size(spec: PipelineSpec, cfg) -> None:
+    """A ragged batch's KV page holds at most the model's context: a larger one is memory no row can use."""
+    if spec.page_size > cfg.max_seq_len:
+        raise ValueError(f"page_size={spec.page_size} is more positions than the model's context (max_seq_len "
+                         f"{cfg.max_seq_len}) and no row can fill it: choose 1 to {cfg.max_seq_len} (serving stacks "
+                         "use 16 to 256)")
+
+
 def memory_needed(spec: PipelineSpec, cfg, job: Job) -> int:
     """A lower estimate of the bytes one run of `job` holds at once on one machine (the device's memory, or the
     host's): the stages' weights and KV cache and those of the unchunked baseline's whole model, one chunk's
@@ -75,7 +83,10 @@ def memory_needed(spec: PipelineSpec, cfg, job: Job) -> int:
     T = spec.tp
     tables = cfg.vocab_size * cfg.hidden_size * (1 + (not cfg.tie_embeddings))  # embedding and head
     params = cfg.num_layers * cfg.params_per_layer + tables
-    kv = 2 * cfg.num_layers * B * (L + 1) * cfg.num_kv_heads * cfg.head_dim * item
+    positions = B * (L + 1)
+    if job.ragged:  # a stage's page pool: whole pages per row
+        positions = pages_needed([len(r) for r in job.tokens], spec.page_size, job.decode) * spec.page_size
+    kv = 2 * cfg.num_layers * positions * cfg.num_kv_heads * cfg.head_dim * item
     # the stages' TP ranks: layers split, embedding and head on every rank, KV heads replicated when T > Hkv
     stage_params = params + (T - 1) * tables
     stage_kv = kv * max(1, T // cfg.num_kv_heads)
@@ -155,6 +166,8 @@ def run_jobs(spec: PipelineSpec, jobs: list[Job], progress=None) -> list[list[Pr
         check_job(job, cfg)
         check_codec(job.compress, DTYPES[spec.dtype])
         check_job_tp(job, spec)
+        if job.ragged:
+            check_page_size(spec, cfg)
     check_resources(spec, cfg, jobs)
     return _run(spec, jobs, progress)
 

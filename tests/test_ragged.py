@@ -260,6 +260,8 @@ def test_a_ragged_batch_with_compressed_boundaries_rounds_at_the_boundary_only()
     ([torch.zeros(4, dtype=torch.long)], {"chunks": [2, 2]}, "takes chunk_size"),
     ([torch.zeros(4, dtype=torch.long)], {"chunk_size": 0}, "chunk_size"),
     ([torch.zeros(4, dtype=torch.long)], {"page_size": 0}, "page_size"),
+    ([torch.zeros(4, dtype=torch.long)], {"page_size": 1025}, r"page_size=1025 is more positions than the model's "
+                                                            r"context \(max_seq_len 1024\)"),
     ([torch.zeros(4, dtype=torch.long)], {"token_budget": 0}, "token_budget"),
     (torch.zeros(1, 4, dtype=torch.long), {"token_budget": 8}, "token_budget=8 packs the steps of a ragged batch"),
 ])
@@ -283,3 +285,20 @@ def test_a_ragged_batch_on_gpu_streams_equals_each_prompt_alone(cuda, ops):
     res = run_prefill("tiny", rows, mode="overlapped", stages=2, chunk_size=7, device="cuda", ops=ops,
                       bandwidth_gbps=1e-3, return_cache=True)
     _check_rows(res, rows, ref, tol=1e-4)
+
+
+def test_the_memory_estimate_counts_whole_kv_pages():
+    """A ragged batch's KV cache is its pool: whole pages per row (and the decode token), not the tokens alone."""
+    from pipeline import Job, PipelineSpec
+    from pipeline.launch import memory_needed
+    cfg = get_preset("tiny")
+    rows = [torch.zeros(3, dtype=torch.long), torch.zeros(40, dtype=torch.long)]
+
+    def need(page_size):
+        job = Job("chunked", rows, [], chunk_size=16)
+        job.chunks = [st.tokens for st in job.steps()]
+        return memory_needed(PipelineSpec(source="tiny", stages=2, page_size=page_size), cfg, job)
+    kv_position = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, float32, every layer
+    # 1-token pages hold exactly the 3 + 40 tokens and 2 decode tokens; pages of 512 hold 2 x 512 positions; the
+    # stages' pools and the unchunked baseline's count once each
+    assert need(512) - need(1) == 2 * kv_position * (pages_needed([3, 40], 512) * 512 - pages_needed([3, 40], 1))
