@@ -64,6 +64,18 @@ def _load_json(path):
         raise NotComparable(f"cannot read {p} as JSON: {e}") from None
 
 
+def _differences(a, b, most: int = 4) -> str:
+    """What differs between two values (a configuration's keys one by one), base vs new, in a few words."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return f"{a!r} vs {b!r}"
+    keys = [k for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+    def short(v):
+        r = repr(v)
+        return r if len(r) <= 40 else r[:37] + "..."
+    said = [f"{k} {short(a.get(k))} vs {short(b.get(k))}" for k in keys[:most]]
+    return "; ".join(said) + (f"; and {len(keys) - most} more" if len(keys) > most else "")
+
+
 def _is_kernels(doc) -> bool:
     return isinstance(doc, dict) and (doc.get("kind") == "kernels" or ("attention" in doc and "memory_bound" in doc))
 
@@ -89,7 +101,8 @@ def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool 
                 a = base["environment"].get("device") if key == "device" else base["config"]
                 b = new["environment"].get("device") if key == "device" else new["config"]
                 if a != b:
-                    raise NotComparable(f"the runs are of different {what}; pass --force to compare anyway")
+                    raise NotComparable(f"the runs are of different {what} ({_differences(a, b)}); pass --force to "
+                                        "compare anyway")
     except NotComparable as e:
         print(f"bench compare: {e}", file=sys.stderr)
         return 2
@@ -180,7 +193,8 @@ def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool 
             raise NotComparable(f"kernel benchmark file of unknown schema_version {doc.get('schema_version')}")
     dev = [(d.get("environment") or {}).get("device") for d in (base, new)]
     if not force and dev[0] != dev[1]:
-        raise NotComparable(f"the runs are of different devices ({dev[0]} vs {dev[1]}); pass --force to compare anyway")
+        raise NotComparable(f"the runs are of different devices ({dev[0]!r} vs {dev[1]!r}); pass --force to compare "
+                            "anyway")
     failed, rows = [], []
     new_rows = _kernel_rows(new)
     for key, b in _kernel_rows(base).items():

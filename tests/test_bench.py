@@ -275,7 +275,14 @@ def test_compare_flags_regressions(demo_run, tmp_path):
     other = tmp_path / "other.json"
     other.write_text(json.dumps(doc))
     res = bench("compare", str(base), str(other))
-    assert res.returncode == 2 and "different devices" in res.stderr
+    assert res.returncode == 2 and "different devices" in res.stderr and "'another GPU'" in res.stderr
+    doc = json.loads(base.read_text())
+    doc["config"]["chunk_size"] += 1
+    other.write_text(json.dumps(doc))
+    res = bench("compare", str(base), str(other))
+    assert res.returncode == 2 and "different configurations" in res.stderr  # and which: only the key that differs
+    assert f"chunk_size {doc['config']['chunk_size'] - 1} vs {doc['config']['chunk_size']}" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
