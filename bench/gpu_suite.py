@@ -13,7 +13,10 @@ Markdown summary:
                     the simulator against chunked and overlapped; timeline-partitions.png and its trace;
 4. pipeline.json    the same harness with the stages taking turns on the whole GPU (S = 2 and 4, PCIe Gen5 and
                     100 GbE, 4k and 16k): how much of an emulated link overlapping hides; timeline.png, trace.json;
-5. summary.md       the figures against their targets, by how much each misses; a part that failed, named
+5. ragged.json      a serving-like batch on the SM partitions: rows of 1k, 4k and 16k tokens, the KV cache in
+                    pages, per-row chunks and a 4096-token step budget, every mode; each row's TTFT, every row
+                    checked against it run alone, the simulator against the measured runs; timeline-ragged.png;
+6. summary.md       the figures against their targets, by how much each misses; a part that failed, named
                     (it does not stop the parts after it).
 The pipeline parts start no point that would end past --budget-s (default 540 s), so the suite fits one 10-minute
 call; a part cut short says so. Without CUDA it refuses, saying why, before doing anything.
@@ -32,7 +35,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_LINKS = ("nvlink", "pcie5", "100gbe")
-PARTS = ("tests", "kernels", "partitions", "pipeline")  # the order they run in: the most wanted first
+PARTS = ("tests", "kernels", "partitions", "pipeline", "ragged")  # the order they run in: the most wanted first
+RAGGED_ROWS = ((1024, 4096, 16384),)  # the ragged part's batches (--quick: the first two rows)
+RAGGED_BUDGETS = (None, 4096)
 
 
 def gpu_environment() -> dict:
@@ -124,13 +129,17 @@ def ideal_speedup(stages: int, chunks: int) -> float:
 def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 4), links=PIPELINE_LINKS,
                    prompt_lens=(4096, 8192, 16384, 32768), chunk_size: int = 2048, repeats: int = 3, warmup: int = 1,
                    device: str = "cuda", dtype: str = "bfloat16", ops: str = "triton", sm_partitions: bool = False,
-                   simulate: bool = False, deadline: float | None = None, progress=None) -> dict:
+                   simulate: bool = False, deadline: float | None = None, progress=None, rows=(),
+                   token_budgets=None) -> dict:
     """The harness's modes on one device with the in-process link, the link emulated at each preset's bandwidth;
     with `sm_partitions` each stage on its own SMs (one GPU as S), with `simulate` the simulator's figures too.
     `layers` cuts the model to that many layers (same shapes otherwise) to keep the run short. Points are skipped
     once `deadline` (time.time()) would be passed (the doc says so: complete False). With SM partitions, Triton
     kernels that cannot launch on a green context's stream make the part fall back to the torch ops (`ops_fallback`
-    says why). `progress(i, n, doc)` is called after each point with the document so far."""
+    says why). `rows` adds ragged batches (a tuple of row lengths each, as `python -m bench --rows`: each row in
+    chunks of `chunk_size`, the rows' chunks packed into one step, the KV cache in pages, every row checked against it
+    run alone), each under every plan of `token_budgets` (None: per-row chunks; N: steps of N tokens).
+    `progress(i, n, doc)` is called after each point with the document so far."""
     from pipeline import PipelineSpec
     from pipeline.config import PRESETS, get_preset
     from pipeline.costs import link_preset
@@ -141,12 +150,16 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
     name = model
     if layers is not None and layers != cfg.num_layers:
         name = f"{model}-{layers}layers"
-        PRESETS[name] = cfg.replace(num_layers=layers, max_seq_len=max(prompt_lens) + 1)
+        PRESETS[name] = cfg.replace(num_layers=layers, max_seq_len=max([*prompt_lens, *map(max, rows)]) + 1)
+    rows = [tuple(r) for r in rows]
     points, last_timelines, fallback, stopped = [], None, None, None
-    grid = [(S, link, L) for S in stages for link in links for L in prompt_lens]
+    # a point is (S, link, L) for one prompt, (S, link, (L0, L1, ...)) for a ragged batch
+    grid = [(S, link, L) for S in stages for link in links for L in (*prompt_lens, *rows)]
     doc = dict(model=model, layers=layers or cfg.num_layers, model_layers=cfg.num_layers, chunk_size=chunk_size,
                repeats=repeats, warmup=warmup, dtype=dtype, ops=ops, sm_partitions=sm_partitions, points=points,
                complete=False)
+    if rows:
+        doc["token_budgets"] = list(token_budgets or [None])
     longest = 0.0
     for i, (S, link, L) in enumerate(grid):
         if deadline is not None and time.time() + 1.5 * longest > deadline:
@@ -154,11 +167,15 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
             break
         t_point = time.time()
         lm = link_preset(link)
-        chunks = chunk_plan(L, chunk_size)
+        ragged = isinstance(L, tuple)
+        chunks = None if ragged else chunk_plan(L, chunk_size)
 
         def measure(backend):
             spec = PipelineSpec(source=name, stages=S, link="inprocess", ops=backend, dtype=dtype, device=device,
                                 bandwidth_gbps=lm.bandwidth_gbps, latency_s=lm.latency_s, sm_partitions=sm_partitions)
+            if ragged:
+                return run_point(spec, 0, 1, [], repeats, warmup, simulate=simulate, rows=list(L),
+                                 chunk_size=chunk_size, token_budgets=list(token_budgets or [None]))
             return run_point(spec, L, 1, chunks, repeats, warmup, simulate=simulate)
         try:
             point = measure(ops if fallback is None else "torch")
@@ -171,12 +188,14 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
         timelines = point.pop("timelines")
         point.pop("records")  # the raw per-run records: the figures above are made from them
         point.pop("sim_timelines", None)
-        if (S, link, L) == (max(stages), "pcie5" if "pcie5" in links else links[0], sorted(prompt_lens)[len(
-                prompt_lens) // 2]):
-            last_timelines = (f"{name}, S={S}, L={L}, {link} emulated, {dtype}", timelines)
+        shown = (max(stages), "pcie5" if "pcie5" in links else links[0],
+                 sorted(prompt_lens)[len(prompt_lens) // 2] if prompt_lens else rows[0])
+        if (S, link, L) == shown:
+            what = f"rows {','.join(map(str, L))}" if ragged else f"L={L}"
+            last_timelines = (f"{name}, S={S}, {what}, {link} emulated, {dtype}", timelines)
         point.update(stages=S, link=link, link_gbps=lm.bandwidth_gbps, link_latency_s=lm.latency_s)
         m = point["modes"]
-        if "naive" in m and "overlapped" in m:
+        if not ragged and "naive" in m and "overlapped" in m:  # unequal packed steps have no such simple ideal
             point["ideal_speedup"] = ideal_speedup(S, len(chunks))
             point["overlapped_of_ideal"] = m["overlapped"]["speedup_vs_naive"] / point["ideal_speedup"]
         points.append(point)
@@ -256,6 +275,52 @@ def partitions_markdown(doc: dict) -> list[str]:
     return lines
 
 
+def _plan_key(mode: str, budgets: list, i: int) -> str:
+    """The harness's key of a mode under the i-th token-budget plan: the first keeps the mode's name."""
+    if i == 0:
+        return mode
+    return f"{mode}/{'chunks' if budgets[i] is None else f'budget{budgets[i]}'}"
+
+
+def ragged_markdown(doc: dict) -> list[str]:
+    """The ragged part: each batch of rows under each plan, the batch's TTFT per mode, each row's TTFT overlapped and
+    naive (a short row's first token comes when its last chunk is through, not when the batch is), the simulator
+    against the measured overlapped run, and each mode's rows against the same prompts run alone."""
+    budgets = doc.get("token_budgets") or [None]
+    head = (f"{doc['model']} shape with {doc['layers']} of its {doc['model_layers']} layers, random weights, "
+            f"{doc['dtype']}, the KV cache in pages of 16, median of {doc['repeats']} runs; "
+            + ("each stage on its own SMs (green contexts)." if doc.get("sm_partitions") else
+               "the stages take turns on the whole GPU.")
+            + " Plans: " + ", ".join(f"per-row chunks of {doc['chunk_size']}" if b is None else
+                                     f"steps of {b} tokens (first come, first served)" for b in budgets) + ".")
+    if doc.get("ops_fallback"):
+        head += f" {doc['ops_fallback']}."
+    if not doc.get("complete", True):
+        head += f" **Incomplete: {_why_incomplete(doc)}; these are the points it measured.**"
+    lines = ["## Ragged batches (paged KV cache, rows of different lengths in one step)", "", head, "",
+             "| S | link | rows | plan | naive ms | chunked ms | overlapped ms | overlapped vs naive | row TTFT "
+             "overlapped ms | row TTFT naive ms | sim/meas overlapped | rows vs alone max abs diff | outputs match |",
+             "|---:|---|---|---|---:|---:|---:|---:|---|---|---:|---:|---|"]
+    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    ms = lambda v: "-" if v is None else ", ".join(f"{x:.1f}" for x in v)  # noqa: E731
+    for p in doc["points"]:
+        m = p["modes"]
+        naive = m.get("naive", {})
+        for i, b in enumerate(budgets):
+            ch, ov = m.get(_plan_key("chunked", budgets, i), {}), m.get(_plan_key("overlapped", budgets, i), {})
+            plan = f"chunks of {doc['chunk_size']}" if b is None else f"budget {b}"
+            vs = naive["ttft_ms"] / ov["ttft_ms"] if naive.get("ttft_ms") and ov.get("ttft_ms") else None
+            diff = max((v.get("max_abs_dlogits_vs_alone") or 0.0 for v in (naive, ch, ov) if v), default=None)
+            ok = all(v["outputs_match"] for v in (naive, ch, ov) if v)
+            lines.append(f"| {p['stages']} | {p['link']} | {','.join(map(str, p['rows']))} | {plan} | "
+                         f"{fmt(naive.get('ttft_ms'), '{:.1f}')} | {fmt(ch.get('ttft_ms'), '{:.1f}')} | "
+                         f"{fmt(ov.get('ttft_ms'), '{:.1f}')} | {fmt(vs)}x | {ms(ov.get('row_ttft_ms'))} | "
+                         f"{ms(naive.get('row_ttft_ms'))} | {fmt(ov.get('sim_over_measured'))} | "
+                         f"{fmt(diff, '{:.1e}')} | {'yes' if ok else 'NO'} |")
+    lines.append("")
+    return lines
+
+
 def _launcher(row: dict) -> str:
     """The launcher's host µs per call against the same work replayed from a CUDA graph; 'launch-bound' where the
     host takes longer than the device."""
@@ -268,12 +333,12 @@ def _launcher(row: dict) -> str:
 
 
 def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeline: dict | None,
-                     partitions: dict | None = None) -> str:
+                     partitions: dict | None = None, ragged: dict | None = None) -> str:
     """The short table a person reads first; every figure comes from the part documents."""
     lines = [f"# GPU suite: {env.get('device')}", "",
              f"driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, Triton "
              f"{env.get('triton')}, commit `{env.get('git_commit')}`", ""]
-    parts = dict(tests=tests, kernels=kernels, partitions=partitions, pipeline=pipeline)
+    parts = dict(tests=tests, kernels=kernels, partitions=partitions, pipeline=pipeline, ragged=ragged)
     failed = [(name, d["part_failed"]) for name, d in parts.items() if d is not None and d.get("part_failed")]
     if failed:  # the suite went on after these; what they measured before failing is below
         lines += [f"- **{name} part FAILED**: {why} (traceback in `{name}.json`)" for name, why in failed] + [""]
@@ -282,6 +347,7 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
     kernels = kernels if kernels is not None and "attention" in kernels else None
     pipeline = pipeline if pipeline is not None and "points" in pipeline else None
     partitions = partitions if partitions is not None and "points" in partitions else None
+    ragged = ragged if ragged is not None and "points" in ragged else None
     if tests is not None:
         lines += ["## GPU tests", "", f"{tests.get('passed', 0)} passed, {len(tests.get('failed', []))} failed, "
                                       f"{tests.get('skipped', 0)} skipped (exit code {tests.get('exit_code')})", ""]
@@ -355,6 +421,8 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
         lines.append("")
     if partitions is not None:
         lines += partitions_markdown(partitions)
+    if ragged is not None:
+        lines += ragged_markdown(ragged)
     return "\n".join(lines)
 
 
@@ -383,7 +451,8 @@ def write_summary_only(out: Path) -> int:
     if len(set(commits.values())) > 1:  # parts run in separate calls, on different commits: say which is which
         env = dict(env, git_commit="; ".join(f"{part} {c[:7]}" for part, c in commits.items()))
     try:
-        text = summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"], docs["partitions"])
+        text = summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"], docs["partitions"],
+                                docs["ragged"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"the part files in {out} lack a figure the summary needs ({type(e).__name__}: {e})") from None
     (out / "summary.md").write_text(text)
@@ -491,14 +560,19 @@ def _suite(out: Path, args, parts) -> int:
                 partitions=pipeline_part("partitions", "timeline-partitions", prompt_lens=lens, sm_partitions=True,
                                          simulate=True),
                 # the stages take turns on the whole GPU
-                pipeline=pipeline_part("pipeline", "timeline", prompt_lens=(4096, 16384), links=("pcie5", "100gbe")))
-    titles = dict(tests="GPU tests", kernels="kernel benchmark", partitions="SM partitions", pipeline="pipeline")
+                pipeline=pipeline_part("pipeline", "timeline", prompt_lens=(4096, 16384), links=("pcie5", "100gbe")),
+                # a serving-like batch: rows of different lengths, paged KV cache, on SM partitions
+                ragged=pipeline_part("ragged", "timeline-ragged", prompt_lens=(), stages=(2,), links=("100gbe",),
+                                     rows=[r[:2] if args.quick else r for r in RAGGED_ROWS],
+                                     token_budgets=RAGGED_BUDGETS, sm_partitions=True, simulate=True))
+    titles = dict(tests="GPU tests", kernels="kernel benchmark", partitions="SM partitions", pipeline="pipeline",
+                  ragged="ragged batches")
     for name in PARTS:
         if name in parts:
             print(f"[gpu-suite] {titles[name]} ...", flush=True)
             docs[name] = _guarded(out, name, env, runs[name])
     (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"],
-                                                     docs["partitions"]))
+                                                     docs["partitions"], docs["ragged"]))
     failed = [name for name, d in docs.items() if d is not None and d.get("part_failed")]
     tests_doc = docs["tests"]
     print(f"[gpu-suite] done in {time.time() - t0:.0f} s: {out / 'summary.md'}")

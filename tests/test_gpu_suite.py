@@ -184,14 +184,16 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
     def fake_kernels(quick=False):
         raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
 
-    def small_pipeline(layers, deadline, progress, prompt_lens, sm_partitions=False, simulate=False, links=None):
+    def small_pipeline(layers, deadline, progress, prompt_lens, sm_partitions=False, simulate=False, links=None,
+                       stages=None, rows=(), token_budgets=None):
         def failing_progress(i, n, doc):
             progress(i, n, doc)
-            if sm_partitions:  # the first point is written, then the part dies
+            if sm_partitions and not rows:  # the first point is written, then the part dies
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model="tiny", layers=2, stages=(2,), links=("pcie5", "100gbe"), prompt_lens=(48,), chunk_size=16,
-                    repeats=1, warmup=0, device="cpu", dtype="float32", ops="torch", deadline=deadline,
-                    progress=failing_progress)
+        small = dict(prompt_lens=(), rows=[(30, 9)], token_budgets=token_budgets, links=("100gbe",),
+                     simulate=simulate) if rows else dict(prompt_lens=(48,), links=("pcie5", "100gbe"))
+        return real(model="tiny", layers=2, stages=(2,), chunk_size=16, repeats=1, warmup=0, device="cpu",
+                    dtype="float32", ops="torch", deadline=deadline, progress=failing_progress, **small)
     monkeypatch.setattr(gpu_suite, "run_gpu_tests", lambda out: dict(tests=3, passed=3, failed=[], skipped=0,
                                                                      exit_code=0))
     monkeypatch.setattr(bench.kernels, "run_all", fake_kernels)
@@ -210,7 +212,11 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
     pipeline = json.loads((tmp_path / "pipeline.json").read_text())
     assert "part_failed" not in pipeline and pipeline["complete"] and len(pipeline["points"]) == 2
     assert (tmp_path / "timeline.png").is_file()
+    ragged = json.loads((tmp_path / "ragged.json").read_text())
+    assert ragged["complete"] and ragged["points"][0]["rows"] == [30, 9] and ragged["token_budgets"] == [None, 4096]
+    assert (tmp_path / "timeline-ragged.png").is_file()
     text = (tmp_path / "summary.md").read_text()
+    assert "## Ragged batches" in text and "| 2 | 100gbe | 30,9 | budget 4096 |" in text
     assert "**kernels part FAILED**: RuntimeError: CUDA error: an illegal memory access" in text
     assert "**partitions part FAILED**" in text and "## Kernels" not in text
     assert "Incomplete: the part failed (OutOfMemoryError" in text and "| 2 | pcie5 | 48 |" in text
@@ -319,6 +325,30 @@ def test_partitions_part_measures_and_summarises_on_cpu():
                                        ops="torch", deadline=time.time() - 1)
     assert late["points"] == [] and not late["complete"] and "time budget after 0 of 1" in late["stopped"]
     assert "Incomplete: stopped at the time budget" in "\n".join(gpu_suite.partitions_markdown(late))
+
+
+def test_ragged_part_measures_rows_under_each_plan_and_summarises_on_cpu():
+    """The ragged part's code on CPU: a batch of rows under per-row chunks and a token budget, every mode checked
+    row by row against each prompt alone, each row's TTFT, the simulator's figures; the summary has a line per plan
+    with the figures of that plan's modes."""
+    doc, shown = gpu_suite.bench_pipeline(model="tiny", layers=None, stages=(2,), links=("100gbe",), prompt_lens=(),
+                                          rows=[(40, 9, 23)], token_budgets=[None, 24], chunk_size=16, repeats=1,
+                                          warmup=0, device="cpu", dtype="float32", ops="torch", simulate=True)
+    assert doc["complete"] and doc["token_budgets"] == [None, 24] and len(doc["points"]) == 1
+    point = doc["points"][0]
+    m = point["modes"]
+    assert point["rows"] == [40, 9, 23] and "ideal_speedup" not in point
+    assert set(m) == {"unchunked", "naive", "chunked", "overlapped", "chunked/budget24", "overlapped/budget24"}
+    assert all(v["outputs_match"] and v["max_abs_dlogits_vs_alone"] < 1e-4 for v in m.values())
+    assert len(m["overlapped/budget24"]["row_ttft_ms"]) == 3 and m["overlapped"]["sim_over_measured"] > 0
+    assert shown is not None and "rows 40,9,23" in shown[0]
+    text = "\n".join(gpu_suite.ragged_markdown(doc))
+    over = m["overlapped/budget24"]
+    line = next(ln for ln in text.splitlines() if "| budget 24 |" in ln)
+    assert line.startswith("| 2 | 100gbe | 40,9,23 | budget 24 |")
+    assert f"| {over['ttft_ms']:.1f} |" in line and ", ".join(f"{x:.1f}" for x in over["row_ttft_ms"]) in line
+    assert f"{m['naive']['ttft_ms'] / over['ttft_ms']:.2f}x" in line and line.endswith("| yes |")
+    assert "| chunks of 16 |" in text and "steps of 24 tokens (first come, first served)" in text
 
 
 def test_the_benchmark_includes_the_shapes_the_planner_cuts():
