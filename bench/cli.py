@@ -81,7 +81,7 @@ def run_parser():
     ap.add_argument("--simulate", action="store_true",
                     help="fit per-stage chunk costs and the link on calibration runs interleaved with the measured "
                          "ones, then report the simulator's TTFT next to each measured one (and draw both timelines); "
-                         "with --rows (tp 1) each packed step is costed row by row from the dense fit")
+                         "with --rows each packed step is costed row by row from the dense fit")
     ap.add_argument("--batch", type=integer(1), default=None, help="batch size B (default: 1)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16" if gpu else "float32")
     ap.add_argument("--link", choices=["gloo", "nccl", "inprocess"], default=None,
@@ -168,8 +168,7 @@ def main_run(argv) -> int:
     if args.rows is not None:  # one ragged batch: its own lengths and steps
         for flag, given in (("--prompt-len", args.prompt_len is not None), ("--batch", args.batch is not None),
                             ("--chunks", args.chunks is not None), ("--chunk-plan balanced",
-                                                                    args.chunk_plan == "balanced"),
-                            ("--simulate (it models a ragged batch on --tp 1 stages)", args.simulate and tp > 1)):
+                                                                    args.chunk_plan == "balanced")):
             if given:
                 raise ValueError(f"--rows {','.join(map(str, args.rows))} is one ragged batch (its rows' lengths, "
                                  f"each in chunks of --chunk-size): drop {flag}")

@@ -129,7 +129,7 @@ def calibrate(spec: PipelineSpec, prompt_len: int, batch: int, repeats: int = 3,
     return None if runs is None else fit_calibration(spec, batch, jobs, runs)
 
 
-def simulate_modes(point: dict, costs, link, bpt: int, steps: dict | None = None) -> dict:
+def simulate_modes(point: dict, costs, link, bpt: int, steps: dict | None = None, cfg=None) -> dict:
     """The simulator's makespan for each measured mode of `point` (same chunks), next to the measured TTFT; adds
     sim_ttft_ms and sim_over_measured to each mode and returns the simulated timelines. The costs are fitted on
     the median time of each point over repeats, so the comparison is with the median measured TTFT (ttft_ms): both
@@ -140,14 +140,21 @@ def simulate_modes(point: dict, costs, link, bpt: int, steps: dict | None = None
     fitted / measured) and outlier_compute_fraction (the share of measured compute time spent in chunks that took
     more than twice their fitted cost: disturbances of the machine that the least-time fit leaves out).
     `steps` (a ragged batch: each mode's `RaggedStep`s) costs each step row by row from the dense fit
-    (`pipeline.costs.RaggedStepCost`)."""
-    from pipeline.costs import RaggedStepCost, TPCost, boundary_lane_bytes
+    (`pipeline.costs.RaggedStepCost`; with TP, one rank's compute, the all-reduces of the step's packed tokens, and
+    the overlapped schedule's token halves split as the model splits them; `cfg` gives the attention's share)."""
+    from pipeline.costs import RaggedStepCost, TPCost, attention_share, boundary_lane_bytes
     from pipeline.simulate import replay, simulate
     timelines = {}
     tp = isinstance(costs[0], TPCost)
     for mode, m in point["modes"].items():
         bpt = m["wire_bytes_per_token"]  # what one token weighs on this row's boundaries (compressed or not)
-        row_costs = costs if steps is None else [RaggedStepCost(c, steps[mode]) for c in costs]
+        row_costs = costs
+        if steps is not None and tp:  # one rank's compute step by step; the all-reduces as for a dense chunk
+            row_costs = [dataclasses.replace(c, compute=RaggedStepCost(c.compute, steps[mode]))
+                         for c in costs]
+            row_costs = [dataclasses.replace(c, attn_share=attention_share(cfg, c.compute)) for c in row_costs]
+        elif steps is not None:
+            row_costs = [RaggedStepCost(c, steps[mode]) for c in costs]
         if tp:  # the row's own all-reduce schedule (the baseline has no TP)
             comm, crossing = m.get("tp_comm"), m.get("tp_boundary", "matching")
             # a boundary received once (broadcast) or in 1/T slices (all-gathered) goes through the receiving stage's TP
@@ -160,7 +167,7 @@ def simulate_modes(point: dict, costs, link, bpt: int, steps: dict | None = None
             row_costs = ([dataclasses.replace(c, comm=comm, boundary_bytes_per_token=lane if s else 0,
                                               boundary_sliced=crossing == "sharded",
                                               closing="token" if s == last else "none" if kept else "chunk")
-                          for s, c in enumerate(costs)] if comm in ("serial", "overlap", "sequence") else None)
+                          for s, c in enumerate(row_costs)] if comm in ("serial", "overlap", "sequence") else None)
             if crossing == "sharded":
                 bpt = -(-bpt // costs[0].tp)  # per link: each rank its 1/T of the tokens
         if row_costs is None:
@@ -232,9 +239,6 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     modes = list(modes)
     ragged = rows is not None
     if ragged:
-        if simulate and spec.tp > 1:
-            raise ValueError(f"simulating a ragged batch models tp=1 stages only (the TP cost model splits dense "
-                             f"chunks), got tp={spec.tp}")
         if chunk_size is not None:
             checks.positive_int("chunk_size", chunk_size)
         for b in token_budgets or [None]:
@@ -394,7 +398,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         costs, link, point["calibration"] = fit_calibration(spec, wire_batch, cal_jobs,
                                                             all_runs[len(jobs):len(jobs) + len(cal_jobs)])
         point["sim_timelines"] = simulate_modes(point, costs, link, bpt,
-                                                {label: j.steps() for label, j in job_of.items()} if ragged else None)
+                                                {label: j.steps() for label, j in job_of.items()} if ragged else None,
+                                                cfg)
     return point
 
 

@@ -5,6 +5,7 @@ through one call: `cost(x, p)` -> seconds for a chunk of `x` tokens after a pref
 broadcast)."""
 from __future__ import annotations
 
+import bisect
 import statistics
 from dataclasses import dataclass
 
@@ -38,7 +39,9 @@ class RaggedStepCost:
     packed step's attention is each row's own, a·x_b² + b·x_b·p_b (x_b its tokens in the step, p_b its prefix), its
     per-token work c·N over the step's N packed tokens, and one overhead d. The simulator calls it as `cost(N, p)`
     with p the step's start in the packed stream (`chunk_starts` of the steps' token counts), which names the step;
-    a (N, p) that is no step of `steps` is an error."""
+    a token half of a step (tensor parallelism's overlapped schedule splits each step's packed tokens in two,
+    `RaggedStep.split`) is named the same way: its first x tokens from the step's start, or its last from p. A (x, p)
+    that is neither is an error."""
 
     def __init__(self, base: ChunkCost, steps):
         self.base = base
@@ -47,12 +50,25 @@ class RaggedStepCost:
         for st in steps:
             self.by_start[pos] = st
             pos += st.tokens
+        self._starts = sorted(self.by_start)
+
+    def step(self, x, p):
+        """The step, or the token half of one, of `x` packed tokens from `p` in the packed stream."""
+        x, p = int(x), int(p)
+        i = bisect.bisect_right(self._starts, p) - 1
+        start = self._starts[i] if i >= 0 else None
+        st = self.by_start.get(start)
+        if st is not None and st.tokens:
+            if (p, x) == (start, st.tokens):
+                return st
+            if p == start and 0 < x < st.tokens:
+                return st.split(x)[0]
+            if start < p and p + x == start + st.tokens:
+                return st.split(p - start)[1]
+        raise ValueError(f"no step (or token half of one) of {x} tokens starts at {p} in this ragged batch")
 
     def __call__(self, x, p) -> float:
-        st = self.by_start.get(int(p))
-        if st is None or st.tokens != int(x):
-            raise ValueError(f"no step of {int(x)} tokens starts at {int(p)} in this ragged batch")
-        c = self.base
+        st, c = self.step(x, p), self.base
         return float(sum(c.a * n * n + c.b * n * q for n, q in zip(st.lengths, st.starts)) + c.c * st.tokens + c.d)
 
 
@@ -325,16 +341,22 @@ def ring_half_s(link: LinkModel, tp: int, payload_bytes):
     return link.latency_s + (wire / (bw * 1e9) if bw else 0.0 * wire)
 
 
-def attention_share(cfg: ModelConfig):
+def attention_share(cfg: ModelConfig, ragged: RaggedStepCost | None = None):
     """(x, p) -> the attention block's share of a layer's FLOPs for a chunk of x tokens after p (qkv, attention and
     wo, against those plus the MLP): where the first of a layer's two all-reduces falls. The same on every TP rank
-    (everything is split by T)."""
+    (everything is split by T). With `ragged`, (x, p) names a packed step of its batch (or a token half of one) and
+    each row attends over its own prefix."""
     H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     proj = 2 * H * D * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    scores = 4 * cfg.num_heads * D
 
     def share(x, p):
+        if ragged is not None:
+            st = ragged.step(x, p)
+            attn = proj * st.tokens + scores * sum(n * q + n * (n + 1) / 2 for n, q in zip(st.lengths, st.starts))
+            return np.float64(attn / (attn + 6 * H * I * st.tokens))
         x, p = np.asarray(x, dtype=np.float64), np.asarray(p, dtype=np.float64)
-        attn = proj * x + 4 * cfg.num_heads * D * (x * p + x * (x + 1) / 2)
+        attn = proj * x + scores * (x * p + x * (x + 1) / 2)
         return attn / (attn + 6 * H * I * x)
     return share
 

@@ -132,8 +132,6 @@ CLI = [
      ["--rows 40,60", "drop --prompt-len"]),
     ("rows-and-batch", ["--model", "tiny", "--rows", "40,60", "--batch", "2"], ["--rows 40,60", "drop --batch"]),
     ("rows-and-chunks", ["--model", "tiny", "--rows", "40,60", "--chunks", "20,20"], ["drop --chunks"]),
-    ("rows-and-simulate-tp", ["--model", "tiny", "--rows", "40,60", "--simulate", "--tp", "2", "--stages", "1",
-                              "--link", "inprocess"], ["drop --simulate", "--tp 1"]),
     ("token-budget-without-rows", [*TINY, "--token-budget", "256"], ["--token-budget 256", "goes with --rows"]),
     ("token-budget-0", ["--model", "tiny", "--rows", "40,60", "--token-budget", "0"],
      ["--token-budget", "positive integer"]),

@@ -180,9 +180,32 @@ def test_ragged_point_is_simulated_row_by_row_from_a_dense_fit(chunk_size, budge
         assert [sim_rows[b] for b in order] == sorted(sim_rows), mode
     assert point["modes"]["overlapped"]["row_end_step"] == ends and point["modes"]["overlapped"]["chunks"] == steps
     assert point["modes"]["naive"]["chunks"] == [72] and point["modes"]["overlapped"]["token_budget"] == budget
-    with pytest.raises(ValueError, match="tp=1 stages only"):
-        run_point(PipelineSpec(source="tiny", stages=1, link="inprocess", tp=2), 0, 1, [], 1, 0, rows=[5, 3],
-                  chunk_size=4, simulate=True)
+
+
+def test_ragged_point_with_tp_is_simulated_for_every_reduce_schedule_and_crossing():
+    """--rows --simulate --tp 2: one rank's compute fitted on a dense prompt, each packed step costed row by row,
+    the all-reduces of the step's packed tokens on the fitted TP link; serial, overlapped (the token halves the model
+    cuts) and sequence-parallel reduces, over matching and sharded crossings. The baseline has no TP: no figures."""
+    import math
+
+    from bench.harness import run_point
+    from pipeline import PipelineSpec
+    spec = PipelineSpec(source="tiny", stages=2, link="inprocess", tp=2)
+    point = run_point(spec, 0, 1, [], repeats=1, warmup=0, modes=["unchunked", "chunked", "overlapped"],
+                      rows=[40, 9, 23], chunk_size=8, simulate=True, tp_comms=["serial", "overlap", "sequence"],
+                      tp_boundaries=["matching", "sharded"])
+    assert point["calibration"]["prompt_len"] == 40 and "tp_link" in point["calibration"]
+    modes = point["modes"]
+    assert len(modes) == 1 + 2 * 3 * 2
+    for label, m in modes.items():
+        assert m["outputs_match"] and m["bytes_exact"], label
+        if m["mode"] == "unchunked":
+            assert math.isnan(m["sim_ttft_ms"]), label
+            continue
+        assert 0 < m["sim_ttft_ms"] < math.inf and m["chunk_fit_over_measured"] > 0, label
+        assert max(m["sim_row_ttft_ms"]) == pytest.approx(m["sim_ttft_ms"]), label
+        order = sorted(range(3), key=lambda b: m["row_end_step"][b])
+        assert [m["sim_row_ttft_ms"][b] for b in order] == sorted(m["sim_row_ttft_ms"]), label
 
 
 def test_balanced_plan_is_fitted_planned_and_simulated(tmp_path):

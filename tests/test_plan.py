@@ -50,8 +50,40 @@ def test_ragged_step_cost_is_each_rows_attention_plus_the_steps_tokens():
         [float(base(x, p)) for x, p in ((8, 0), (8, 8), (4, 16))], rel=1e-12)
     sim = simulate("overlapped", [st.tokens for st in steps], [cost, cost])
     assert sim.records[1].compute[-1][1] == pytest.approx(sim.makespan_s)
-    with pytest.raises(ValueError, match="no step of 9 tokens starts at 0"):
-        cost(9, 0)
+    with pytest.raises(ValueError, match="no step \\(or token half of one\\) of 9 tokens starts at 1"):
+        cost(9, 1)
+
+
+def test_ragged_step_cost_names_token_halves_and_costs_them_as_the_model_splits_them():
+    """TP's overlapped schedule splits each packed step's tokens in two (`RaggedStep.split`): the first x tokens from
+    the step's start, or the last from p, are each a step of their own (a row cut in two continues over its first
+    part); a single row's halves cost what the dense halves do, and so does the TP overlap model on top of them, the
+    attention's share included."""
+    from pipeline.costs import ChunkCost, RaggedStepCost, TPCost, attention_share
+    from pipeline.link import LinkModel
+    from pipeline.ragged import ragged_plan
+    base = ChunkCost(a=2e-6, b=1e-6, c=3e-4, d=5e-3)
+    steps = ragged_plan([10, 3, 25], 8)  # the first step packs 8 + 3 + 8 tokens
+    cost = RaggedStepCost(base, steps)
+    first, second = cost.step(9, 0), cost.step(10, 9)
+    assert (first.starts, first.lengths) == ((0, 0, 0), (8, 1, 0))
+    assert (second.starts, second.lengths) == ((8, 1, 0), (0, 2, 8))  # row 1 continues after its first token
+    assert cost(9, 0) == pytest.approx(base.a * 65 + base.b * 0 + base.c * 9 + base.d, rel=1e-12)
+    assert cost(10, 9) == pytest.approx(base.a * 68 + base.b * 2 + base.c * 10 + base.d, rel=1e-12)
+    for x, p in ((9, 1), (5, 3), (20, 0), (3, 17)):  # no step, no half: not from its start, nor to its end
+        with pytest.raises(ValueError, match=f"no step \\(or token half of one\\) of {x} tokens starts at {p}"):
+            cost(x, p)
+    cfg = get_preset("tiny")
+    alone = RaggedStepCost(base, ragged_plan([20], 8))  # one row in chunks of 8: 8, 8, 4
+    dense_share, ragged_share = attention_share(cfg), attention_share(cfg, alone)
+    link = LinkModel(1.0, 1e-4)
+    dense_tp = TPCost(base, cfg.num_layers, 2, link, 256, "overlap", dense_share)
+    ragged_tp = TPCost(alone, cfg.num_layers, 2, link, 256, "overlap", ragged_share)
+    for x, p in ((8, 0), (8, 8), (4, 16), (4, 0), (4, 4), (2, 16), (2, 18)):
+        assert alone(x, p) == pytest.approx(float(base(x, p)), rel=1e-12)
+        assert ragged_share(x, p) == pytest.approx(float(dense_share(x, p)), rel=1e-12)
+    for x, p in ((8, 0), (8, 8), (4, 16)):
+        assert ragged_tp(x, p) == pytest.approx(dense_tp(x, p), rel=1e-12)
 
 
 def test_fit_takes_each_points_median_so_a_minority_of_outliers_does_not_bend_it():
