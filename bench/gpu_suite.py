@@ -145,7 +145,7 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
     from pipeline.costs import link_preset
     from pipeline.schedule import chunk_plan
 
-    from .harness import run_point
+    from .harness import row_end_steps, run_point
     cfg = get_preset(model)
     name = model
     if layers is not None and layers != cfg.num_layers:
@@ -192,7 +192,7 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
                  sorted(prompt_lens)[len(prompt_lens) // 2] if prompt_lens else rows[0])
         if (S, link, L) == shown:
             what = f"rows {','.join(map(str, L))}" if ragged else f"L={L}"
-            last_timelines = (f"{name}, S={S}, {what}, {link} emulated, {dtype}", timelines)
+            last_timelines = (f"{name}, S={S}, {what}, {link} emulated, {dtype}", timelines, row_end_steps(point))
         point.update(stages=S, link=link, link_gbps=lm.bandwidth_gbps, link_latency_s=lm.latency_s)
         m = point["modes"]
         if not ragged and "naive" in m and "overlapped" in m:  # unequal packed steps have no such simple ideal
@@ -549,8 +549,8 @@ def _suite(out: Path, args, parts) -> int:
         def run():
             doc, shown = bench_pipeline(layers=args.layers, deadline=deadline, progress=progress_to(name), **kw)
             if shown:
-                write_timeline_png(shown[1], out / f"{pictures}.png", shown[0])
-                write_chrome_trace(shown[1], out / f"{pictures.replace('timeline', 'trace')}.json")
+                write_timeline_png(shown[1], out / f"{pictures}.png", shown[0], shown[2])
+                write_chrome_trace(shown[1], out / f"{pictures.replace('timeline', 'trace')}.json", shown[2])
             doc = dict(environment=env, **doc)
             _write(out, f"{name}.json", doc)
             return doc

@@ -657,6 +657,13 @@ def write_results(out: Path, doc: dict) -> Path:
     return path
 
 
+def row_end_steps(point: dict) -> dict[str, list[int]] | None:
+    """A ragged point's step each row ends in, per mode (for the timelines' row marks); None for one prompt."""
+    if "rows" not in point:
+        return None
+    return {mode: m["row_end_step"] for mode, m in point["modes"].items() if "row_end_step" in m}
+
+
 def write_pictures(out: Path, points: list[dict], config: dict, simulate: bool) -> str:
     """timeline.png and trace.json of the last point (and measured-vs-simulated, sweep plots); returns the title."""
     from .timeline import write_chrome_trace, write_sweep_png, write_timeline_png
@@ -666,13 +673,15 @@ def write_pictures(out: Path, points: list[dict], config: dict, simulate: bool) 
              else f"L={last['prompt_len']}, B={config['batch']}")
     title = (f"{config['model']}, S={config['stages']}, {shape}, "
              f"{config['link']}, {config['dtype']}, {env['device']}")
-    write_timeline_png(last["timelines"], out / "timeline.png", title)
-    write_chrome_trace(last["timelines"], out / "trace.json")
+    ends = row_end_steps(last)
+    write_timeline_png(last["timelines"], out / "timeline.png", title, ends)
+    write_chrome_trace(last["timelines"], out / "trace.json", ends)
     if simulate:  # measured and simulated, mode by mode, on one time axis
-        write_timeline_png({f"{mode} {kind}": p[mode] for mode in last["timelines"]
-                            for kind, p in (("measured", last["timelines"]), ("simulated", last["sim_timelines"]))
-                            if mode in p},
-                           out / "timeline_vs_sim.png", title + " — measured vs simulated")
+        pairs = [(mode, kind, p[mode]) for mode in last["timelines"]
+                 for kind, p in (("measured", last["timelines"]), ("simulated", last["sim_timelines"])) if mode in p]
+        write_timeline_png({f"{mode} {kind}": ev for mode, kind, ev in pairs},
+                           out / "timeline_vs_sim.png", title + " — measured vs simulated",
+                           ends and {f"{mode} {kind}": ends[mode] for mode, kind, _ in pairs if mode in ends})
     if len(points) > 1:
         write_sweep_png(points, out / "sweep.png", title)
     return title

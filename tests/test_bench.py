@@ -351,3 +351,20 @@ def test_compare_reads_kernel_benchmark_files(tmp_path, capsys):
     doc["environment"]["device"] = "another GPU"
     slower.write_text(json.dumps(doc))
     assert compare(str(base), str(slower)) == 2 and "different devices" in capsys.readouterr().err
+
+
+def test_timelines_mark_when_each_ragged_rows_first_token_is_ready(tmp_path):
+    """The step a row ends in, finished by the last stage: a dashed mark in the PNG, an instant event in the trace
+    (rows ending together share one time); steps the timeline lacks mark nothing."""
+    from bench.timeline import row_end_times, write_chrome_trace, write_timeline_png
+    events = [dict(stage=s, lane="compute", name=f"chunk {k}", start=0.01 * (k + s), end=0.01 * (k + s + 1))
+              for s in (0, 1) for k in range(3)] + [dict(stage=0, lane="send", name="send 0", start=0.01, end=0.015)]
+    assert {round(t, 9): rows for t, rows in row_end_times(events, [2, 0, 2, 7]).items()} == {0.04: [0, 2], 0.02: [1]}
+    write_timeline_png({"chunked": events}, tmp_path / "t.png", "t", {"chunked": [2, 0, 2]})
+    assert (tmp_path / "t.png").stat().st_size > 0
+    write_chrome_trace({"chunked": events, "other": events}, tmp_path / "t.json", {"chunked": [2, 0, 2]})
+    marks = [e for e in json.loads((tmp_path / "t.json").read_text())["traceEvents"] if e["ph"] == "i"]
+    assert sorted((e["name"], round(e["ts"])) for e in marks) == [("row 0: first token", 40000),
+                                                                  ("row 1: first token", 20000),
+                                                                  ("row 2: first token", 40000)]
+    assert {e["pid"] for e in marks} == {0}  # the mode given row ends only, on its last stage's compute thread
