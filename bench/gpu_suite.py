@@ -18,8 +18,10 @@ Markdown summary:
                     checked against it run alone, the simulator against the measured runs; timeline-ragged.png;
 6. summary.md       the figures against their targets, by how much each misses; a part that failed, named
                     (it does not stop the parts after it).
-The pipeline parts start no point that would end past --budget-s (default 540 s), so the suite fits one 10-minute
-call; a part cut short says so. Without CUDA it refuses, saying why, before doing anything.
+Time plan (`part_deadlines`): --budget-s (default 540 s) ends the suite, so it fits one 10-minute call, and each part
+stops starting new work early enough to leave the parts after it their reserve (`PART_RESERVE_S`): the test run is
+stopped (the tests it finished are counted from its log), no further kernel shape or pipeline point starts. A part
+cut short says so. Without CUDA it refuses, saying why, before doing anything.
 """
 from __future__ import annotations
 
@@ -75,24 +77,55 @@ def parse_junit(path: Path) -> dict:
     return counts
 
 
-def run_gpu_tests(out: Path) -> dict:
+def parse_verbose(text: str) -> dict:
+    """Counts and failure names from pytest's -v lines ("tests/x.py::name PASSED"): what a run killed before its
+    JUnit report still tells."""
+    outcome = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and "::" in parts[0] and parts[1] in ("PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL",
+                                                                  "XPASS"):
+            outcome[parts[0]] = parts[1]
+    failed = [name for name, o in outcome.items() if o in ("FAILED", "ERROR")]
+    return dict(tests=len(outcome), passed=sum(o in ("PASSED", "XPASS") for o in outcome.values()),
+                skipped=sum(o in ("SKIPPED", "XFAIL") for o in outcome.values()), failed=failed)
+
+
+def run_gpu_tests(out: Path, timeout_s: float | None = None) -> dict:
+    """The GPU-marked tests in one process; after `timeout_s` the run is stopped and the tests it finished are
+    counted from its log (`timed_out`, exit code None)."""
     xml = out / "gpu-tests.xml"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled Triton, not interpreted
     t0 = time.time()
     # -o addopts= drops the project's xdist options: the GPU tests run in one process, on the one GPU
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-o", "addopts=", "-p",
-                           "no:cacheprovider", f"--junitxml={xml}", "tests"], cwd=ROOT, env=env, capture_output=True,
-                          text=True)
-    doc = parse_junit(xml) if xml.exists() else dict(tests=0, passed=0, failed=["pytest produced no report"])
-    doc.update(exit_code=proc.returncode, wall_s=time.time() - t0, output_tail=proc.stdout[-3000:])
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-o", "addopts=", "-p", "no:cacheprovider",
+           f"--junitxml={xml}", "tests"]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        stdout, code, timed_out = proc.stdout, proc.returncode, False
+    except subprocess.TimeoutExpired as e:
+        stdout = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        code, timed_out = None, True
+    if xml.exists() and not timed_out:
+        doc = parse_junit(xml)
+    else:
+        doc = parse_verbose(stdout)
+        if not doc["tests"]:
+            doc["failed"] = ["pytest produced no report"]
+    doc.update(exit_code=code, wall_s=time.time() - t0, output_tail=stdout[-3000:])
+    if timed_out:
+        doc["timed_out"] = (f"stopped after {timeout_s:.0f} s (the suite's time plan); the counts are the tests it "
+                            "finished")
     return doc
 
 
 # ---- part 2: kernels --------------------------------------------------------------------------------------------
 
-def compiler_report(arch: int | None = None, only: str = "d128", shards: int = 8) -> list[dict]:
+def compiler_report(arch: int | None = None, only: str = "d128", shards: int = 8,
+                    timeout_s: float = 600.0) -> list[dict]:
     """Registers, spills, shared memory and wgmma of the attention kernel's configurations for `arch` (default: this
-    GPU's), the same report as `python -m kernels.aot`, compiled by `shards` processes at once."""
+    GPU's), the same report as `python -m kernels.aot`, compiled by `shards` processes at once; the rows printed
+    within `timeout_s` (one clock for all shards)."""
     if arch is None:
         major, minor = torch.cuda.get_device_capability(0)
         arch = 10 * major + minor
@@ -102,9 +135,10 @@ def compiler_report(arch: int | None = None, only: str = "d128", shards: int = 8
                                "--shard", f"{i}/{shards}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(shards)]
     rows, errors = [], []
+    end = time.time() + timeout_s
     for proc in procs:
         try:
-            out, err = proc.communicate(timeout=600)
+            out, err = proc.communicate(timeout=max(1.0, end - time.time()))
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
@@ -351,12 +385,16 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
     if tests is not None:
         lines += ["## GPU tests", "", f"{tests.get('passed', 0)} passed, {len(tests.get('failed', []))} failed, "
                                       f"{tests.get('skipped', 0)} skipped (exit code {tests.get('exit_code')})", ""]
+        if tests.get("timed_out"):
+            lines += [f"**Incomplete: {tests['timed_out']}.**", ""]
         lines += [f"- FAILED `{f}`" for f in tests.get("failed", [])]
         lines.append("")
     if kernels is not None:
         t = kernels["targets"]
         lines += ["## Kernels", "", f"Ceilings measured here: device copy {kernels['copy_gbps']:.0f} GB/s, bf16 GEMM "
-                  f"{kernels['gemm_bf16_tflops']:.0f} TFLOP/s.", "",
+                  f"{kernels['gemm_bf16_tflops']:.0f} TFLOP/s." + ("" if kernels.get("complete", True) else
+                                                                  f" **Incomplete: {_why_incomplete(kernels)}.**"),
+                  "",
                   "| prefix | chunk | Triton TFLOP/s | of GEMM | best peer | speed-up | max err | launcher host / "
                   "graph µs |", "|---:|---:|---:|---:|---|---:|---:|---:|"]
         best = lambda r: r.get("best_peer", r.get("best_sdpa"))  # noqa: E731 - older files: SDPA only
@@ -470,8 +508,9 @@ def main(argv=None) -> int:
                     help="layers of the Llama-3-8B shape in the pipeline parts (default: 8)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and prompts (a smoke run)")
     ap.add_argument("--budget-s", type=number(60.0, strict=False, maximum=86400.0), default=None,
-                    help="the pipeline parts start no point that would end past this many seconds from the start "
-                         "(default 540: the whole suite in one 10-minute call)")
+                    help="the suite's time: no part starts work that would end past this many seconds from the "
+                         "start, and each leaves the parts after it their reserve (default 540: the whole suite in "
+                         "one 10-minute call)")
     ap.add_argument("--summary-only", action="store_true",
                     help="measure nothing: rewrite summary.md from the part documents already in --out (parts run "
                          "in separate calls)")
@@ -494,6 +533,18 @@ def main(argv=None) -> int:
         return 2
     with output_dir(args.out) as out:
         return _suite(out, args, parts)
+
+
+# The least time each part is left at the end of the budget (`part_deadlines`): a slow part cannot starve the ones
+# after it. Tests, with nothing after them but these, get what the others leave.
+PART_RESERVE_S = dict(tests=0.0, kernels=150.0, partitions=150.0, pipeline=60.0, ragged=45.0)
+
+
+def part_deadlines(t0: float, budget_s: float, parts) -> dict:
+    """When each selected part must stop starting new work (a test run is stopped, a kernel shape or pipeline point
+    not started): the budget's end less the reserves of the selected parts after it."""
+    order = [p for p in PARTS if p in parts]
+    return {p: t0 + budget_s - sum(PART_RESERVE_S[q] for q in order[i + 1:]) for i, p in enumerate(order)}
 
 
 def _guarded(out: Path, name: str, env: dict, run):
@@ -520,7 +571,7 @@ def _guarded(out: Path, name: str, env: dict, run):
 def _suite(out: Path, args, parts) -> int:
     env = gpu_environment()
     t0 = time.time()
-    deadline = t0 + args.budget_s
+    deadlines = part_deadlines(t0, args.budget_s, parts)
     docs = dict.fromkeys(PARTS)
     from .timeline import write_chrome_trace, write_timeline_png
     lens = (4096, 16384) if args.quick else (4096, 8192, 16384, 32768)
@@ -532,14 +583,14 @@ def _suite(out: Path, args, parts) -> int:
         return progress
 
     def tests():
-        doc = dict(environment=env, **run_gpu_tests(out))
+        doc = dict(environment=env, **run_gpu_tests(out, max(60.0, deadlines["tests"] - time.time())))
         _write(out, "tests.json", doc)
         return doc
 
     def kernels():
         from .kernels import print_report, run_all
-        doc = run_all(quick=args.quick)
-        doc["compiler"] = compiler_report()
+        doc = run_all(quick=args.quick, deadline=deadlines["kernels"])
+        doc["compiler"] = compiler_report(timeout_s=max(60.0, deadlines["kernels"] - time.time()))
         print_report(doc)
         doc = dict(environment=env, **doc)
         _write(out, "kernels.json", doc)
@@ -547,7 +598,8 @@ def _suite(out: Path, args, parts) -> int:
 
     def pipeline_part(name, pictures, **kw):
         def run():
-            doc, shown = bench_pipeline(layers=args.layers, deadline=deadline, progress=progress_to(name), **kw)
+            doc, shown = bench_pipeline(layers=args.layers, deadline=deadlines[name], progress=progress_to(name),
+                                        **kw)
             if shown:
                 write_timeline_png(shown[1], out / f"{pictures}.png", shown[0], shown[2])
                 write_chrome_trace(shown[1], out / f"{pictures.replace('timeline', 'trace')}.json", shown[2])

@@ -183,15 +183,17 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
 
 
 def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=ATTENTION_SHAPES, device="cuda",
-                    timer=gpu_timer, compile_flex: bool = True) -> list[dict]:
+                    timer=gpu_timer, compile_flex: bool = True, deadline: float | None = None) -> list[dict]:
     """One row per (prefix P, chunk C): Triton time and TFLOP/s, each peer's time (or why it could not run) and
     error against float64, the best peer (the fastest whose error is within PEER_TOL, handicapped rows excluded)
-    and chunk_attention's speed-up over it."""
+    and chunk_attention's speed-up over it. No shape starts past `deadline` (time.time())."""
     from kernels import chunk_attention
     from kernels.chunk_attention import launch_plan
     tol = PEER_TOL[dtype]
     rows = []
     for P, C in shapes:
+        if deadline is not None and time.time() > deadline:
+            break
         q, kn, vn, kc, vc, heads_first, ref = attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed=P * 7919 + C)
         out = torch.full_like(q, float("nan"))
         run = lambda: chunk_attention(q, kn, vn, kc, vc, P, out=out)  # noqa: E731
@@ -226,17 +228,20 @@ PAGED_BATCHES = (((16384, 2048),), ((0, 2048), (8192, 512), (30000, 1), (4000, 2
 
 
 def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128, dtype=torch.bfloat16,
-                device="cuda", timer=gpu_timer) -> list[dict]:
+                device="cuda", timer=gpu_timer, deadline: float | None = None) -> list[dict]:
     """The paged, varlen kernel (one launch for a batch of rows of different prefixes and chunk lengths, the cache
     in pages of a shuffled pool) against what a stack without one would run on the same rows: the dense kernel once
     per row (each row's own contiguous cache) and SDPA once per row (the fastest correct backend, bottom-right causal
-    bias, native GQA). One row per (batch, page size): times, TFLOP/s over the visible pairs, errors vs float64."""
+    bias, native GQA). One row per (batch, page size): times, TFLOP/s over the visible pairs, errors vs float64.
+    No batch starts past `deadline` (time.time())."""
     from kernels import chunk_attention
     from kernels.paged_attention import paged_launch_plan
     F = torch.nn.functional
     tol = PEER_TOL[dtype]
     rows = []
     for bi, batch in enumerate(batches):
+        if deadline is not None and time.time() > deadline:
+            break
         cases = [attention_case(P, C, 1, Hq, Hkv, D, dtype, device, seed=bi * 1000 + i)
                  for i, (P, C) in enumerate(batch)]
         flops = sum(attention_flops(1, Hq, D, C, P) for P, C in batch)
@@ -374,22 +379,31 @@ def bench_memory_bound(tokens: int = 8192, hidden: int = 4096, intermediate: int
 SCHEMA_VERSION = 1  # of kernels.json: `python -m bench compare` reads it
 
 
-def run_all(device="cuda", timer=gpu_timer, quick=False) -> dict:
-    """Every kernel figure of this GPU in one document (the gpu-suite's kernel part)."""
+def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None = None) -> dict:
+    """Every kernel figure of this GPU in one document (the gpu-suite's kernel part). Past `deadline`
+    (time.time()) no further attention shape or paged batch starts (`complete` False, `stopped` says what was
+    left out); the ceilings and the memory-bound ops, short, always run."""
     shapes = ((0, 256), TARGET_SHAPE) if quick else tuple(dict.fromkeys(ATTENTION_SHAPES + tuple(planner_shapes())))
+    batches = PAGED_BATCHES[:1] if quick else PAGED_BATCHES
     copy = copy_bandwidth(device=device, timer=timer)
     gemm = gemm_tflops(device=device, timer=timer)
-    attention = bench_attention(shapes=shapes, device=device, timer=timer)
-    paged = bench_paged(batches=PAGED_BATCHES[:1] if quick else PAGED_BATCHES, device=device, timer=timer)
     memory = bench_memory_bound(device=device, timer=timer)
+    attention = bench_attention(shapes=shapes, device=device, timer=timer, deadline=deadline)
+    paged = bench_paged(batches=batches, device=device, timer=timer, deadline=deadline)
     for m in memory:
         m["triton_of_copy"] = m["triton_gbps"] / copy
         m["eager_of_copy"] = m["eager_gbps"] / copy
     for a in attention:
         a["triton_of_gemm"] = a["triton_tflops"] / gemm
-    return dict(schema_version=SCHEMA_VERSION, kind="kernels", copy_gbps=copy, gemm_bf16_tflops=gemm,
-                attention=attention, paged=paged, memory_bound=memory,
-                attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS)
+    doc = dict(schema_version=SCHEMA_VERSION, kind="kernels", copy_gbps=copy, gemm_bf16_tflops=gemm,
+               attention=attention, paged=paged, memory_bound=memory,
+               attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS, complete=True)
+    measured = {tuple(map(tuple, r["batch"])) for r in paged}
+    left = [f"attention P={P} C={C}" for P, C in shapes[len(attention):]]
+    left += [f"paged batch {i}" for i, b in enumerate(batches) if tuple(b) not in measured]
+    if left:
+        doc.update(complete=False, stopped=f"time budget: not measured {', '.join(left)}")
+    return doc
 
 
 def print_report(doc: dict) -> None:

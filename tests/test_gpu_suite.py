@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,51 @@ def test_ceilings_measure_something_on_cpu():
     assert gemm_tflops(64, dtype=torch.float32, device="cpu", timer=timer) > 0
 
 
+def test_a_test_run_past_its_time_is_stopped_and_counted_from_its_log(tmp_path):
+    """The suite's GPU tests stop at their share of the budget: what they finished comes from pytest's -v lines,
+    a run stopped before any test says it left no report."""
+    text = ("tests/test_kernels.py::test_a[fp16] PASSED                  [ 10%]\n"
+            "tests/test_kernels.py::test_b FAILED                        [ 20%]\n"
+            "tests/test_paged.py::test_c SKIPPED (no CUDA)               [ 30%]\n"
+            "tests/test_paged.py::test_d ERROR                           [ 40%]\nsome other line PASSED\n")
+    doc = gpu_suite.parse_verbose(text)
+    assert (doc["tests"], doc["passed"], doc["skipped"]) == (4, 1, 1)
+    assert doc["failed"] == ["tests/test_kernels.py::test_b", "tests/test_paged.py::test_d"]
+    doc = gpu_suite.run_gpu_tests(tmp_path, timeout_s=0.2)  # torch alone takes longer to import
+    assert doc["exit_code"] is None and "stopped after 0 s" in doc["timed_out"]
+    assert doc["failed"] == ["pytest produced no report"] and doc["wall_s"] < 60
+    text = gpu_suite.summary_markdown(dict(device="x"), doc, None, None)
+    assert "**Incomplete: stopped after 0 s" in text
+
+
+def test_the_time_plan_leaves_each_later_part_its_reserve():
+    r = gpu_suite.PART_RESERVE_S
+    plan = gpu_suite.part_deadlines(1000.0, 540.0, gpu_suite.PARTS)
+    assert plan["ragged"] == 1540.0 and plan["pipeline"] == 1540.0 - r["ragged"]
+    assert plan["tests"] == 1540.0 - r["kernels"] - r["partitions"] - r["pipeline"] - r["ragged"]
+    assert gpu_suite.part_deadlines(0.0, 540.0, ["kernels", "pipeline"]) == dict(kernels=540.0 - r["pipeline"],
+                                                                                   pipeline=540.0)
+
+
+def test_the_kernel_part_starts_no_shape_past_its_deadline(monkeypatch):
+    """Past the deadline no attention shape or paged batch starts; the document says which were left out."""
+    import time
+
+    import bench.kernels as bk
+    slow = lambda fn: (fn(), time.sleep(0.3), 1.0)[-1]  # noqa: E731 - each timing takes the clock past the deadline
+    rows = bench_attention(B=1, Hq=4, Hkv=2, D=16, dtype=torch.float32, shapes=((0, 5), (37, 16)), device="cpu",
+                           timer=slow, compile_flex=False, deadline=time.time() + 0.1)
+    assert [(r["prefix"], r["chunk"]) for r in rows] == [(0, 5)]
+    assert bk.bench_paged(batches=(((3, 4),),), Hq=4, Hkv=2, D=16, dtype=torch.float32, device="cpu", timer=slow,
+                          deadline=time.time() - 1) == []
+    monkeypatch.setattr(bk, "copy_bandwidth", lambda **kw: 100.0)
+    monkeypatch.setattr(bk, "gemm_tflops", lambda **kw: 10.0)
+    monkeypatch.setattr(bk, "bench_memory_bound", lambda **kw: [])
+    doc = bk.run_all(device="cpu", timer=slow, quick=True, deadline=time.time() - 1)
+    assert doc["attention"] == [] and doc["paged"] == [] and not doc["complete"]
+    assert doc["stopped"] == "time budget: not measured attention P=0 C=256, attention P=16384 C=2048, paged batch 0"
+
+
 def test_junit_report_is_parsed(tmp_path):
     xml = tmp_path / "r.xml"
     xml.write_text('<testsuites><testsuite name="pytest" tests="4" failures="1" errors="0" skipped="1" time="2.5">'
@@ -181,11 +227,13 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
     import bench.kernels
     real = gpu_suite.bench_pipeline
 
-    def fake_kernels(quick=False):
+    def fake_kernels(quick=False, deadline=None):
         raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
 
     def small_pipeline(layers, deadline, progress, prompt_lens, sm_partitions=False, simulate=False, links=None,
                        stages=None, rows=(), token_budgets=None):
+        seen_deadlines.append(deadline)
+
         def failing_progress(i, n, doc):
             progress(i, n, doc)
             if sm_partitions and not rows:  # the first point is written, then the part dies
@@ -194,14 +242,19 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
                      simulate=simulate) if rows else dict(prompt_lens=(48,), links=("pcie5", "100gbe"))
         return real(model="tiny", layers=2, stages=(2,), chunk_size=16, repeats=1, warmup=0, device="cpu",
                     dtype="float32", ops="torch", deadline=deadline, progress=failing_progress, **small)
-    monkeypatch.setattr(gpu_suite, "run_gpu_tests", lambda out: dict(tests=3, passed=3, failed=[], skipped=0,
-                                                                     exit_code=0))
+    seen_deadlines, test_timeouts = [], []
+    monkeypatch.setattr(gpu_suite, "run_gpu_tests", lambda out, timeout_s: test_timeouts.append(timeout_s) or dict(
+        tests=3, passed=3, failed=[], skipped=0, exit_code=0))
     monkeypatch.setattr(bench.kernels, "run_all", fake_kernels)
     monkeypatch.setattr(gpu_suite, "bench_pipeline", small_pipeline)
     args = argparse.Namespace(budget_s=540.0, quick=True, layers=2)
+    t0 = time.time()
     code = gpu_suite._suite(tmp_path, args, list(gpu_suite.PARTS))
     out = capsys.readouterr().out
     assert code == 1
+    # the time plan: each part leaves the ones after it their reserve (ragged 45 s, pipeline 60, partitions 150)
+    assert [round(d - t0) for d in seen_deadlines] == [540 - 105, 540 - 45, 540]
+    assert 540 - 405 - 5 < test_timeouts[0] <= 540 - 405
     assert json.loads(out.strip().splitlines()[-1])["parts_failed"] == ["kernels", "partitions"]
     kernels = json.loads((tmp_path / "kernels.json").read_text())
     assert kernels["part_failed"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
