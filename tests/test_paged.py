@@ -80,6 +80,8 @@ PAGED_CASES = [  # (chunk lengths, prefix lengths, Hq, Hkv, D, page size)
     ([17, 9], [3, 40], 6, 3, 80, 32),  # padded head dim, GQA 2
     ([33], [0], 2, 2, 24, 16),  # one row, odd head dim
     ([6, 3], [5, 0], 4, 2, 32, 1),  # pages of one token (SGLang's token-level pool)
+    ([7, 4, 0], [10, 2, 5], 4, 2, 16, 3),  # pages of 3: no power of two
+    ([20, 1], [37, 48], 4, 1, 32, 24),  # pages of 24, a chunk across three of them
 ]
 
 
