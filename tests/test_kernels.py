@@ -447,3 +447,34 @@ def test_launch_path_arithmetic_matches_tritons(a, b):
 
     from kernels.shapes import cdiv, next_pow2
     assert cdiv(a, b) == triton.cdiv(a, b) and next_pow2(a) == triton.next_power_of_2(a)
+
+
+def _old_patch_lang_tensor(tensor, scope):  # Triton 3.6's conversion, as its interpreter has it
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+
+def test_the_interpreter_shim_squeezes_runtime_scalars_for_triton_3_6(monkeypatch):
+    """Triton 3.6's interpreter bounds a loop with int() of a one-element array, which NumPy 2.4 refuses;
+    `kernels.compat.patch_interpreter` wraps that conversion (once), and leaves other interpreters alone."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    from kernels.compat import patch_interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", _old_patch_lang_tensor)
+    assert patch_interpreter() and not patch_interpreter()  # patched once, not wrapped again
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    class Tensor:
+        def __init__(self, data):
+            self.handle = type("Handle", (), {"data": data})()
+    interpreter._patch_lang_tensor(Tensor, Scope())
+    assert range(0, Tensor(np.array([7], dtype=np.int32)))[-1] == 6  # a runtime scalar as a loop bound
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", lambda tensor, scope: None)  # 3.7+: nothing to do
+    assert not patch_interpreter()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", _old_patch_lang_tensor)
+    assert not patch_interpreter()  # compiled kernels: never touched
