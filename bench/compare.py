@@ -107,10 +107,11 @@ def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool 
         print(f"bench compare: {e}", file=sys.stderr)
         return 2
     failed, checked, rows = [], set(), []
-    new_points = {(p["prompt_len"], p["batch"]): p for p in new["points"]}
+    key = lambda p: (p["prompt_len"], p["batch"], tuple(p.get("rows") or ()))  # noqa: E731 - ragged: its rows
+    new_points = {key(p): p for p in new["points"]}
     for bp in base["points"]:
         where = ("rows=" + ",".join(map(str, bp["rows"]))) if "rows" in bp else f"L={bp['prompt_len']}"
-        np_ = new_points.get((bp["prompt_len"], bp["batch"]))
+        np_ = new_points.get(key(bp))
         if np_ is None:
             failed.append(f"point {where} B={bp['batch']} missing from {new_path}")
             continue

@@ -368,3 +368,17 @@ def test_timelines_mark_when_each_ragged_rows_first_token_is_ready(tmp_path):
                                                                   ("row 1: first token", 20000),
                                                                   ("row 2: first token", 40000)]
     assert {e["pid"] for e in marks} == {0}  # the mode given row ends only, on its last stage's compute thread
+
+
+def test_compare_matches_ragged_points_by_their_rows(tmp_path, capsys):
+    """Two ragged batches of the same longest row and row count are different points: even with --force, a batch
+    of other rows is not compared figure by figure with this one, it is reported missing."""
+    from bench.compare import compare
+    base = ROOT / "bench/results/cpu-ragged/results.json"
+    doc = json.loads(base.read_text())
+    assert compare(str(base), str(base)) == 0
+    doc["points"][0]["rows"] = [301, 999, 2048]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(doc))
+    assert compare(str(base), str(other), force=True) == 1
+    assert "point rows=300,1000,2048 B=3 missing" in capsys.readouterr().out
