@@ -572,6 +572,8 @@ def _suite(out: Path, args, parts) -> int:
     env = gpu_environment()
     t0 = time.time()
     deadlines = part_deadlines(t0, args.budget_s, parts)
+    print("[gpu-suite] time plan (each part starts no work past): " + ", ".join(
+        f"{name} +{d - t0:.0f} s" for name, d in deadlines.items()), flush=True)
     docs = dict.fromkeys(PARTS)
     from .timeline import write_chrome_trace, write_timeline_png
     lens = (4096, 16384) if args.quick else (4096, 8192, 16384, 32768)

@@ -254,6 +254,8 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
     assert code == 1
     # the time plan: each part leaves the ones after it their reserve (ragged 45 s, pipeline 60, partitions 150)
     assert [round(d - t0) for d in seen_deadlines] == [540 - 105, 540 - 45, 540]
+    assert "time plan (each part starts no work past): tests +135 s, kernels +285 s, partitions +435 s, " \
+           "pipeline +495 s, ragged +540 s" in out
     assert 540 - 405 - 5 < test_timeouts[0] <= 540 - 405
     assert json.loads(out.strip().splitlines()[-1])["parts_failed"] == ["kernels", "partitions"]
     kernels = json.loads((tmp_path / "kernels.json").read_text())
