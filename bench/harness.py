@@ -150,9 +150,8 @@ def simulate_modes(point: dict, costs, link, bpt: int, steps: dict | None = None
         bpt = m["wire_bytes_per_token"]  # what one token weighs on this row's boundaries (compressed or not)
         row_costs = costs
         if steps is not None and tp:  # one rank's compute step by step; the all-reduces as for a dense chunk
-            row_costs = [dataclasses.replace(c, compute=RaggedStepCost(c.compute, steps[mode]))
-                         for c in costs]
-            row_costs = [dataclasses.replace(c, attn_share=attention_share(cfg, c.compute)) for c in row_costs]
+            row_costs = [dataclasses.replace(c, compute=(r := RaggedStepCost(c.compute, steps[mode])),
+                                             attn_share=attention_share(cfg, r)) for c in costs]
         elif steps is not None:
             row_costs = [RaggedStepCost(c, steps[mode]) for c in costs]
         if tp:  # the row's own all-reduce schedule (the baseline has no TP)

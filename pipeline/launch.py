@@ -166,8 +166,8 @@ def run_jobs(spec: PipelineSpec, jobs: list[Job], progress=None) -> list[list[Pr
         check_job(job, cfg)
         check_codec(job.compress, DTYPES[spec.dtype])
         check_job_tp(job, spec)
-        if job.ragged:
-            check_page_size(spec, cfg)
+    if any(job.ragged for job in jobs):
+        check_page_size(spec, cfg)
     check_resources(spec, cfg, jobs)
     return _run(spec, jobs, progress)
 
