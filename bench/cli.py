@@ -194,6 +194,11 @@ def main_run(argv) -> int:
     if args.chunk_plan == "balanced" and args.granularity > min(args.prompt_len):
         raise ValueError(f"--granularity {args.granularity} is larger than the prompt ({min(args.prompt_len)} tokens)")
     simulate = args.simulate or args.chunk_plan == "balanced"
+    if simulate:
+        from pipeline.costs import check_calibration_length
+        for L in args.prompt_len:
+            check_calibration_length(L, "--simulate" if args.simulate else "--chunk-plan balanced",
+                                     "a longest row" if args.rows else "a prompt")
     cfg = resolve_config(args.model)
     for b, n in enumerate(args.rows or []):
         if n + 1 > cfg.max_seq_len:

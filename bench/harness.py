@@ -61,15 +61,20 @@ def bytes_per_token(spec: PipelineSpec, batch: int) -> int:
     return batch * resolve_config(spec.source).hidden_size * itemsize
 
 
-def calibration_jobs(tokens: torch.Tensor, repeats: int, warmup: int) -> list[Job]:
+def calibration_jobs(tokens: torch.Tensor, repeats: int, warmup: int, tp_overlap: bool = False) -> list[Job]:
     """Runs that a cost fit needs, on `tokens` [B, L]: an overlapped run whose chunk sizes cycle through L/128..L/4
     tokens (every size at many prefix lengths) and a naive run (the whole prompt as one chunk). With tensor
-    parallelism they use serial all-reduces, so that each chunk's time splits into compute and all-reduce."""
+    parallelism they use serial all-reduces, so that each chunk's time splits into compute and all-reduce;
+    `tp_overlap` adds the first run again with the overlapped reduce (`tp_comm` "overlap"), from which
+    `fit_calibration` fits what splitting chunks in halves costs (`pipeline.costs.fit_tp_overlap`)."""
     from pipeline.costs import calibration_chunks
     L = tokens.shape[1]
-    return [Job("overlapped", tokens, calibration_chunks(L), repeats=repeats, warmup=warmup, decode=False,
+    jobs = [Job("overlapped", tokens, calibration_chunks(L), repeats=repeats, warmup=warmup, decode=False,
                 tp_comm="serial"),
             Job("naive", tokens, [L], repeats=repeats, warmup=warmup, decode=False, tp_comm="serial")]
+    if tp_overlap:
+        jobs.append(dataclasses.replace(jobs[0], tp_comm="overlap"))
+    return jobs
 
 
 def split_tp_link(fitted, emulated):
@@ -90,10 +95,13 @@ def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[
     runs of `calibration_jobs` (warm-up runs are not among them). With tp > 1 the chunk cost is the compute alone
     (each chunk's time less its all-reduces') and the TP interconnect is fitted too (latency + ring bytes /
     bandwidth per all-reduce); each stage's cost is then a `pipeline.costs.TPCost` (serial all-reduces; the
-    simulator swaps in the overlapped schedule for rows that ran it). Returns (costs, link, description)."""
-    from pipeline.costs import TPCost, attention_share, fit_from_runs, fit_tp_from_runs
+    simulator swaps in the overlapped schedule for rows that ran it); a calibration run with the overlapped reduce
+    (`calibration_jobs(tp_overlap=True)`) fits that schedule's own costs (`split_s`, `posted_busy`). Returns
+    (costs, link, description)."""
+    from pipeline.costs import TPCost, attention_share, fit_from_runs, fit_tp_from_runs, fit_tp_overlap
     from pipeline.link import LinkModel
-    flat = [r for job_runs in runs for r in job_runs]
+    overlapped = [r for job, job_runs in zip(jobs, runs) if job.tp_comm == "overlap" for r in job_runs]
+    flat = [r for job, job_runs in zip(jobs, runs) if job.tp_comm != "overlap" for r in job_runs]
     bpt = bytes_per_token(spec, batch)
     costs, link = fit_from_runs(flat, bpt)
     info = dict(prompt_len=jobs[0].tokens.shape[1], repeats=jobs[0].repeats, warmup=jobs[0].warmup,
@@ -115,6 +123,16 @@ def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[
                     tp_wire=dataclasses.asdict(wire), tp_busy=dataclasses.asdict(busy),
                     tp_split="the emulated interconnect is the wire; the rest of the fitted all-reduce (gloo's own "
                              "copies, sums and wake-ups) occupies the rank's CPU, the compute lane")
+        if overlapped:
+            form = ("the overlapped reduce's schedule (pipeline.costs.TPCost): split_s seconds added to its two halves' "
+                    "compute per chunk; posted_busy, the share of an asynchronous all-reduce's busy time the compute "
+                    "lane still pays")
+            try:
+                split, share = fit_tp_overlap(overlapped, costs)
+            except ValueError as e:  # a prompt too short for it: the schedule as it stands, and why
+                split, share, form = 0.0, 1.0, f"not fitted ({e}): {form}, at their defaults"
+            costs = [dataclasses.replace(c, split_s=split, posted_busy=share) for c in costs]
+            info.update(tp_overlap=dict(split_s=split, posted_busy=share, form=form))
     return costs, link, info
 
 
@@ -122,6 +140,8 @@ def calibrate(spec: PipelineSpec, prompt_len: int, batch: int, repeats: int = 3,
               progress=None):
     """`calibration_jobs` on their own, fitted (`fit_calibration`): costs for the planner, before any measured run.
     None off rank 0 under torchrun (that rank ran its stage; rank 0 fits)."""
+    from pipeline.costs import check_calibration_length
+    check_calibration_length(prompt_len, "calibrate")
     cfg = resolve_config(spec.source)
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
     jobs = calibration_jobs(tokens, repeats, warmup)
@@ -247,6 +267,9 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         prompt_len, batch = max(rows), len(rows)
     elif token_budgets not in (None, [None]):
         raise ValueError(f"token_budgets={token_budgets!r} plan the steps of a ragged batch: they need rows")
+    if simulate:
+        from pipeline.costs import check_calibration_length
+        check_calibration_length(prompt_len, "simulate", "a longest row" if ragged else "a prompt")
     axes = dict(tp_comm=list(tp_comms or [spec.tp_comm]), compress=list(compress or ["none"]),
                 tp_boundary=list(tp_boundaries or ["matching"]), token_budget=list(token_budgets or [None]))
     if len(set(axes["token_budget"])) != len(axes["token_budget"]):
@@ -280,7 +303,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     compress = axes["compress"]
     # a ragged batch's costs are fitted on a dense prompt as long as its longest row (`RaggedStepCost`)
     cal_tokens = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=gen) if ragged else tokens
-    cal_jobs = calibration_jobs(cal_tokens, repeats, warmup) if simulate else []
+    cal_jobs = calibration_jobs(cal_tokens, repeats, warmup,
+                                tp_overlap=spec.tp > 1 and "overlap" in axes["tp_comm"]) if simulate else []
     ref_jobs = [] if "unchunked" in modes else [job("unchunked")]
     alone_jobs = [Job("unchunked", row[None], [len(row)]) for row in tokens] if ragged else []
     all_runs = measure(spec, jobs + cal_jobs + ref_jobs + alone_jobs, progress)

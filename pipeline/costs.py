@@ -6,6 +6,9 @@ broadcast)."""
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import itertools
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -77,6 +80,15 @@ def _design(x, p):
     return np.stack([x * x, x * p, x, np.ones_like(x)], axis=1)
 
 
+def _too_few(points) -> str | None:
+    """What distinct (chunk, prefix) points lack for a `ChunkCost` fit, or None."""
+    xs, ps = {x for x, _ in points}, {p for _, p in points}
+    if len(points) < 6 or len(xs) < 3 or len(ps) < 2:
+        return (f"at least 6 distinct (chunk, prefix) points with 3 chunk lengths and 2 prefix lengths; got "
+                f"{len(points)} points, {len(xs)} chunk lengths, {len(ps)} prefix lengths")
+    return None
+
+
 def fit_chunk_cost(samples) -> ChunkCost:
     """Least-squares fit of `ChunkCost` to measured (chunk_len, prefix_len, seconds) samples, in relative error (a
     1 ms chunk counts as much as a 100 ms one) and with non-negative coefficients (a term the data drives negative is
@@ -93,12 +105,9 @@ def fit_chunk_cost(samples) -> ChunkCost:
         groups.setdefault((int(x), int(p)), []).append(float(t))
     median = {q: statistics.median(ts) for q, ts in groups.items()}
     points = sorted(q for q in median if median[q] > 0)  # a 0 s time carries no information
-    xs = {x for x, _ in points}
-    ps = {p for _, p in points}
-    if len(points) < 6 or len(xs) < 3 or len(ps) < 2:
-        raise ValueError(f"fitting a·x² + b·x·p + c·x + d needs at least 6 distinct (chunk, prefix) points with 3 "
-                         f"chunk lengths and 2 prefix lengths; got {len(points)} points, {len(xs)} chunk lengths, "
-                         f"{len(ps)} prefix lengths")
+    problem = _too_few(points)
+    if problem:
+        raise ValueError(f"fitting a·x² + b·x·p + c·x + d needs {problem}")
     x = np.array([q[0] for q in points], dtype=np.float64)
     p = np.array([q[1] for q in points], dtype=np.float64)
     t = np.array([median[q] for q in points])
@@ -285,6 +294,17 @@ def calibration_chunks(prompt_len: int, sizes=None) -> list[int]:
     return chunks
 
 
+def check_calibration_length(prompt_len: int, what: str = "--simulate", of: str = "a prompt") -> None:
+    """Raises ValueError, before anything runs, where a prompt of `prompt_len` tokens is too short to fit a chunk
+    cost on (the calibration runs: `calibration_chunks` and the whole prompt as one chunk)."""
+    points = set(zip(calibration_chunks(prompt_len), chunk_starts(calibration_chunks(prompt_len))))
+    if _too_few(points | {(prompt_len, 0)}):
+        shortest = next(n for n in itertools.count(1) if not _too_few(
+            set(zip(calibration_chunks(n), chunk_starts(calibration_chunks(n)))) | {(n, 0)}))
+        raise ValueError(f"{what} fits chunk costs on calibration runs of the prompt (chunks of L/128 to L/4 tokens, "
+                         f"and the whole): it needs {of} of at least {shortest} tokens, got {prompt_len}")
+
+
 def samples_from_timeline(events: list[dict], chunks: list[int], start_pos: int = 0):
     """(stage, chunk_len, prefix_len, seconds) per compute event and (stage, bytes_hint_tokens, seconds) per send of
     one measured run's timeline (see `schedule.timeline`)."""
@@ -387,6 +407,16 @@ class TPCost:
     transfer alone. Serial costs compute + both. Default none: the wire takes it all and the compute lane never
     slows down (what the GPU projection assumes: NCCL's SM share is left out there).
 
+    Splitting a chunk has costs of its own, which the overlapped schedule's two fields describe (defaults: none; a
+    CPU fit sets them from an overlapped calibration run, `fit_tp_overlap`):
+    - `split_s`: seconds the split adds to the halves' compute, compute(a) + compute(b), per chunk (negative where
+      it saves: a fitted per-chunk overhead counts twice in the halves, while part of it, the embedding, the head and
+      the stage's bookkeeping, is paid once per chunk); spread evenly over the halves' blocks;
+    - `posted_busy`: the share of `busy` that an all-reduce posted asynchronously costs the compute lane. The
+      all-reduce does its own work on the communication lane (gloo's thread: copies, sums, wake-ups), then the wire;
+      the compute lane, free to go on, still pays this share of that work (cores the two share: 1 = all of it, as if
+      blocked; 0 = none).
+
     `boundary_bytes_per_token` > 0: the stage takes its boundary through a collective over its TP group before
     computing the chunk (`pipeline.tp.BroadcastRecv`, `ShardRecv`): each chunk first pays `boundary_s`, latency + x ·
     boundary_bytes_per_token / bandwidth on `boundary_link` (default `link`: one collective's latency, as a fit per
@@ -407,12 +437,16 @@ class TPCost:
     boundary_link: LinkModel | None = None
     closing: str = "chunk"  # sequence: the stage's closing all-gather (CLOSINGS)
     boundary_sliced: bool = False  # the boundary collective is sharded sends' all-gather: none under T tokens
+    split_s: float = 0.0  # overlap: seconds a split chunk adds to its halves' compute (`fit_tp_overlap`)
+    posted_busy: float = 1.0  # overlap: the share of `busy` an asynchronous all-reduce keeps on the compute lane
 
     def __post_init__(self):
         if self.comm not in TP_COMMS_MODELLED:
             raise ValueError(f"TPCost models tp_comm {', '.join(TP_COMMS_MODELLED)}, got {self.comm!r}")
         if self.closing not in CLOSINGS:
             raise ValueError(f"TPCost closing must be one of {', '.join(CLOSINGS)}, got {self.closing!r}")
+        if not 0.0 <= self.posted_busy <= 1.0:
+            raise ValueError(f"TPCost posted_busy is a share of busy, from 0 to 1; got {self.posted_busy}")
 
     def reduce_s(self, tokens):
         """The wire's share of one all-reduce of `tokens` tokens."""
@@ -464,18 +498,21 @@ class TPCost:
         pb = p + xa
         n = self.layers
         safe_a = np.maximum(xa, 1)  # chunks of one token are not split: they take the serial path below
-        ca = np.asarray(self.compute(safe_a, p), dtype=np.float64) / n
-        cb = np.asarray(self.compute(xb, pb), dtype=np.float64) / n
+        half = self.split_s / 2  # what splitting adds, half to each half's compute (never below none at all)
+        ca = np.maximum(np.asarray(self.compute(safe_a, p), dtype=np.float64) + half, 0.0) / n
+        cb = np.maximum(np.asarray(self.compute(xb, pb), dtype=np.float64) + half, 0.0) / n
         fa, fb = self._share(safe_a, p), self._share(xb, pb)
         ra, rb = self.reduce_s(safe_a), self.reduce_s(xb)
         ba, bb = self.busy_s(safe_a), self.busy_s(xb)
+        q = self.posted_busy
         t = c = pre + np.zeros_like(x)  # compute lane, communication lane: free once the boundary is broadcast
         done_a = done_b = np.zeros_like(x)  # each half's last reduce
         for _ in range(n):
-            for work, r, half in ((ca * fa + ba, ra, "a"), (cb * fb + bb, rb, "b"), (ca * (1 - fa) + ba, ra, "a"),
-                                  (cb * (1 - fb) + bb, rb, "b")):
-                t = np.maximum(t, done_a if half == "a" else done_b) + work  # the block, then posting its reduce
-                c = np.maximum(c, t) + r
+            for work, b, r, half in ((ca * fa, ba, ra, "a"), (cb * fb, bb, rb, "b"), (ca * (1 - fa), ba, ra, "a"),
+                                     (cb * (1 - fb), bb, rb, "b")):
+                posted = np.maximum(t, done_a if half == "a" else done_b) + work  # the block, then its reduce posted
+                t = posted + q * b  # the compute lane pays its share of the all-reduce's own work ...
+                c = np.maximum(c, posted) + b + r  # ... which the all-reduce does (then the wire) on its own lane
                 if half == "a":
                     done_a = c
                 else:
@@ -510,3 +547,52 @@ def fit_tp_from_runs(results, tp: int):
                     calls.append((2 * (tp - 1) / tp * payload / n, sec / n))
     costs = [fit_chunk_cost(per_stage[s]) for s in sorted(per_stage)]
     return costs, fit_link(calls)
+
+
+def fit_tp_overlap(results, costs, shares=21, steps=201) -> tuple[float, float]:
+    """(split_s, posted_busy) of `TPCost`'s overlapped schedule, fitted to measured runs that used it (`results`:
+    `PrefillResult`s with tp_comm "overlap", warm-up excluded) given each stage's cost fitted on serial runs
+    (`costs`, one `TPCost` per stage): the pair that brings the schedule's chunk times closest to the measured ones
+    (each (stage, chunk, prefix) at its median over runs; least squares in relative error). A grid search: every
+    share of `busy` from 1 down to 0 in `shares` steps, and for each `steps` values of split_s from the one that
+    would empty the cheapest chunk's compute to its measured time, refined once around the best; on a tie the
+    larger share (the less hidden) wins. Chunks of one token are not split and are left out."""
+    groups: dict[tuple[int, int, int], list[float]] = {}
+    for r in results:
+        for rec in r.records:
+            boundary = rec.boundary or [0.0] * len(rec.chunks)
+            for x, p, (a, b), t in zip(rec.chunks, chunk_starts(rec.chunks), rec.compute, boundary):
+                if x >= 2:
+                    groups.setdefault((rec.stage, int(x), int(p)), []).append(b - a + t)
+    if len({(s, x) for s, x, _ in groups}) < 2:
+        raise ValueError("fitting the overlapped schedule needs split chunks (2 tokens or more) of at least 2 sizes")
+    by_stage: dict[int, tuple] = {}
+    for s in sorted({s for s, _, _ in groups}):
+        keys = [k for k in groups if k[0] == s]
+        by_stage[s] = (np.array([k[1] for k in keys], dtype=np.float64), np.array([k[2] for k in keys], dtype=np.float64),
+                       np.array([statistics.median(groups[k]) for k in keys]))
+    halves = min(float(np.min(np.asarray(costs[s].compute(np.floor(x / 2), p), dtype=np.float64)
+                              + np.asarray(costs[s].compute(x - np.floor(x / 2), p + np.floor(x / 2)),
+                                           dtype=np.float64)))
+                 for s, (x, p, _) in by_stage.items())
+    top = max(float(t.max()) for _, _, t in by_stage.values())
+
+    def error(split, share):
+        e = 0.0
+        for s, (x, p, t) in by_stage.items():
+            cost = dataclasses.replace(costs[s], comm="overlap", split_s=split, posted_busy=share)
+            e += float(np.sum((np.asarray(cost(x, p)) / t - 1.0) ** 2))
+        return e
+
+    best = (math.inf, 0.0, 1.0)
+    for share in np.linspace(1.0, 0.0, shares):
+        for split in np.linspace(-halves, top, steps):
+            e = error(split, share)
+            if e < best[0]:
+                best = (e, float(split), float(share))
+    step = (top + halves) / (steps - 1)
+    for split in np.linspace(best[1] - step, best[1] + step, 21):
+        e = error(split, best[2])
+        if e < best[0]:
+            best = (e, float(split), best[2])
+    return best[1], best[2]

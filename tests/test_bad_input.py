@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline import PipelineSpec
 from tests.conftest import make_hf_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,6 +161,12 @@ CLI = [
     ("granularity-0", [*TINY, "--granularity", "0"], ["--granularity", "positive integer"]),
     ("balanced-with-size", [*TINY, "--chunk-plan", "balanced", "--chunk-size", "16"], ["chooses the chunks"]),
     ("balanced-coarse", [*TINY, "--chunk-plan", "balanced", "--granularity", "65"], ["65", "larger than the prompt"]),
+    ("simulate-short-prompt", ["--model", "tiny", "--prompt-len", "7", "--simulate"],
+     ["--simulate", "at least 8 tokens, got 7"]),
+    ("simulate-short-sweep", ["--model", "tiny", "--prompt-len", "64,5", "--simulate"], ["at least 8 tokens, got 5"]),
+    ("balanced-short-prompt", ["--model", "tiny", "--prompt-len", "6", "--chunk-plan", "balanced", "--granularity",
+                               "1"], ["--chunk-plan balanced", "at least 8 tokens, got 6"]),
+    ("simulate-short-rows", ["--model", "tiny", "--rows", "3,5", "--simulate"], ["a longest row of at least 8 tokens"]),
     ("chunk-plan-unknown", [*TINY, "--chunk-plan", "random"], ["--chunk-plan", "'random'"]),
     ("batch-0", [*TINY, "--batch", "0"], ["--batch", "positive integer"]),
     ("dtype-unknown", [*TINY, "--dtype", "float64"], ["--dtype", "'float64'"]),
@@ -463,6 +470,12 @@ API = [
     ("sim-cost-negative", _sim(costs=[lambda x, p: -1.0]), ["costs[0] returned -1.0"]),
     ("sim-link", _sim(link=100.0), ["link", "LinkModel"]),
     ("sim-bytes", _sim(bytes_per_token=-4), ["bytes_per_token", "-4"]),
+    ("sim-fit-short-prompt", _call("bench.harness", "run_point", PipelineSpec(source="tiny", stages=1), 5, 1, [5], 1,
+                                   0, simulate=True), ["simulate", "at least 8 tokens, got 5"]),
+    ("sim-fit-short-rows", _call("bench.harness", "run_point", PipelineSpec(source="tiny", stages=1), 0, 1, [], 1, 0,
+                                 simulate=True, rows=[2, 3]), ["a longest row of at least 8 tokens, got 3"]),
+    ("calibrate-short", _call("bench.harness", "calibrate", PipelineSpec(source="tiny", stages=1), 4, 1),
+     ["calibrate", "at least 8 tokens, got 4"]),
     # links, configs, compare
     ("link-bandwidth-nan", _call("pipeline", "LinkModel", float("nan")), ["bandwidth", "nan"]),
     ("link-latency-inf", _call("pipeline", "LinkModel", None, math.inf), ["latency", "inf"]),

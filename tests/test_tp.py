@@ -2,6 +2,7 @@
 link, and the all-reduce accounting (the reduce traffic of prefill is L times one decode token's)."""
 from __future__ import annotations
 
+import math
 import re
 import threading
 
@@ -335,6 +336,77 @@ def test_an_all_reduces_cpu_share_runs_on_the_compute_lane():
     assert _tp_cost(0.25, "serial", busy=0.1)(2, 0) == pytest.approx(2.7)
 
 
+def test_the_overlapped_schedule_s_own_costs_by_hand():
+    """Latency 0.25 s, busy 0.1 s per all-reduce. posted_busy 0: the all-reduce's own work runs on its lane before
+    the wire, the compute lane goes on: blocks posted at 0.5, 1.0, 1.5, 2.0; reduces end 0.85, 1.35, 1.85, 2.35.
+    posted_busy 0.5: the compute lane pays 0.05 per block: posted 0.5, 1.05, 1.6, 2.15, the last reduce ends 2.5.
+    split_s 0.4 (no busy): each half's compute 1.2 s, blocks of 0.6: posted 0.6, 1.2, 1.8, 2.4, ends 2.65; a split
+    that would take more than the halves' compute leaves them none: four reduces in a chain, 1.0 s. Serial chunks
+    and one-token chunks (never split) do not change."""
+    import dataclasses
+    busy = _tp_cost(0.25, "overlap", busy=0.1)
+    assert busy(2, 0) == pytest.approx(dataclasses.replace(busy, posted_busy=1.0)(2, 0)) == pytest.approx(2.65)
+    assert dataclasses.replace(busy, posted_busy=0.0)(2, 0) == pytest.approx(2.35)
+    assert dataclasses.replace(busy, posted_busy=0.5)(2, 0) == pytest.approx(2.5)
+    plain = _tp_cost(0.25, "overlap")
+    assert dataclasses.replace(plain, split_s=0.4)(2, 0) == pytest.approx(2.65)
+    assert dataclasses.replace(plain, split_s=-10.0)(2, 0) == pytest.approx(1.0)
+    for cost in (dataclasses.replace(busy, posted_busy=0.0, split_s=0.4),):
+        assert cost(1, 0) == pytest.approx(busy(1, 0))
+        assert dataclasses.replace(cost, comm="serial")(2, 0) == pytest.approx(_tp_cost(0.25, "serial", busy=0.1)(2, 0))
+    with pytest.raises(ValueError, match="posted_busy is a share of busy, from 0 to 1; got 1.5"):
+        dataclasses.replace(busy, posted_busy=1.5)
+
+
+def _overlap_runs(cost, plans):
+    """Records of runs whose every chunk took exactly what `cost` says (one stage)."""
+    from types import SimpleNamespace
+
+    from pipeline.schedule import StageRecord, chunk_starts
+    runs = []
+    for chunks in plans:
+        rec, t = StageRecord(0, chunks), 0.0
+        for x, p in zip(chunks, chunk_starts(chunks)):
+            took = float(cost(x, p))
+            rec.compute.append((t, t + took))
+            t += took
+        runs.append(SimpleNamespace(records=[rec]))
+    return runs
+
+
+def test_the_overlapped_schedule_s_costs_are_fitted_from_runs_that_used_it():
+    """Chunks timed by a schedule with split_s 4 ms and posted_busy 0.3 (gloo-like: 1 ms of CPU work per
+    all-reduce, a 20 MB/s wire): the fit, given the serial fit's compute and links, finds a pair that times every
+    chunk of other sizes too within 1%, where the unfitted schedule (all of busy on the compute lane, no split
+    cost) is off by more than 10% somewhere."""
+    import dataclasses
+
+    from pipeline.costs import ChunkCost, TPCost, calibration_chunks, fit_tp_overlap
+    from pipeline.link import LinkModel
+    base = TPCost(ChunkCost(1e-8, 2e-8, 1e-4, 6e-3), 4, 2, LinkModel(0.02, 0.0), 256, "serial", 0.4,
+                  LinkModel(1.5, 1e-3))
+    true = dataclasses.replace(base, comm="overlap", split_s=4e-3, posted_busy=0.3)
+    split, share = fit_tp_overlap(_overlap_runs(true, [calibration_chunks(2048)] * 2), [base])
+    fitted, unfitted = (dataclasses.replace(base, comm="overlap", split_s=split, posted_busy=share),
+                        dataclasses.replace(base, comm="overlap"))
+    x = np.array([2, 24, 64, 200, 384, 1000, 2048])
+    p = np.array([0, 100, 2000, 64, 1024, 0, 0])
+    assert np.allclose(fitted(x, p), true(x, p), rtol=1e-2)
+    assert np.max(np.abs(unfitted(x, p) / true(x, p) - 1)) > 0.1
+    assert 0.0 <= share <= 1.0
+
+
+def test_the_overlapped_fit_needs_split_chunks_of_two_sizes():
+    import dataclasses
+
+    from pipeline.costs import ChunkCost, TPCost, fit_tp_overlap
+    from pipeline.link import LinkModel
+    base = TPCost(ChunkCost(0.0, 0.0, 1e-4, 1e-3), 2, 2, LinkModel(None, 1e-3), 256)
+    runs = _overlap_runs(dataclasses.replace(base, comm="overlap"), [[64] * 4, [1, 1]])
+    with pytest.raises(ValueError, match="split chunks .2 tokens or more. of at least 2 sizes"):
+        fit_tp_overlap(runs, [base])
+
+
 def test_a_fitted_all_reduce_splits_into_the_emulated_wire_and_the_cpu_rest():
     from bench.harness import split_tp_link
     from pipeline.link import LinkModel
@@ -460,6 +532,8 @@ def test_the_harness_simulates_tp_rows_on_a_fitted_compute_and_interconnect():
         assert point["modes"][label]["sim_ttft_ms"] > 0
     assert point["modes"]["overlapped/sequence"]["sim_ttft_ms"] > 0
     assert np.isnan(point["modes"]["unchunked"]["sim_ttft_ms"])
+    overlap = cal["tp_overlap"]  # a calibration run with the overlapped reduce fitted its schedule's own costs
+    assert 0.0 <= overlap["posted_busy"] <= 1.0 and math.isfinite(overlap["split_s"])
 
 
 def test_emulated_all_reduces_share_one_lane():
