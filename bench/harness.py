@@ -129,10 +129,12 @@ def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[
                     "lane still pays")
             try:
                 split, share = fit_tp_overlap(overlapped, costs)
-            except ValueError as e:  # a prompt too short for it: the schedule as it stands, and why
-                split, share, form = 0.0, 1.0, f"not fitted ({e}): {form}, at their defaults"
+                why = None
+            except ValueError as e:  # a prompt too short for it: the schedule at its defaults, and why
+                split, share, why = 0.0, 1.0, str(e)
             costs = [dataclasses.replace(c, split_s=split, posted_busy=share) for c in costs]
-            info.update(tp_overlap=dict(split_s=split, posted_busy=share, form=form))
+            info.update(tp_overlap=dict(split_s=split, posted_busy=share, fitted=why is None, form=form,
+                                        **({"not_fitted": why} if why else {})))
     return costs, link, info
 
 
@@ -601,6 +603,11 @@ def table(point: dict) -> str:
                  "is " + ", ".join(f"{fit[k]:.2f}" for k in fit) + " of the measured time (median); chunks that took "
                  "over twice their fitted cost hold " + ", ".join(f"{100 * out[k]:.0f}%" for k in out)
                  + " of the compute time)")
+        overlap = point.get("calibration", {}).get("tp_overlap")
+        if overlap and overlap["fitted"]:
+            text += (f"\n(the overlapped reduce's schedule, fitted on its own calibration run: splitting a chunk in "
+                     f"halves adds {overlap['split_s'] * 1e3:.1f} ms to their compute; an all-reduce posted "
+                     f"asynchronously costs the compute lane {overlap['posted_busy']:.2f} of its CPU work)")
     if "rows" in point:
         text += "\n\n" + row_table(point)
     paused = max(m.get("machine_paused_fraction", 0.0) for m in point["modes"].values())

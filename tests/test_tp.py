@@ -533,7 +533,7 @@ def test_the_harness_simulates_tp_rows_on_a_fitted_compute_and_interconnect():
     assert point["modes"]["overlapped/sequence"]["sim_ttft_ms"] > 0
     assert np.isnan(point["modes"]["unchunked"]["sim_ttft_ms"])
     overlap = cal["tp_overlap"]  # a calibration run with the overlapped reduce fitted its schedule's own costs
-    assert 0.0 <= overlap["posted_busy"] <= 1.0 and math.isfinite(overlap["split_s"])
+    assert overlap["fitted"] and 0.0 <= overlap["posted_busy"] <= 1.0 and math.isfinite(overlap["split_s"])
 
 
 def test_emulated_all_reduces_share_one_lane():
