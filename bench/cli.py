@@ -75,7 +75,8 @@ def run_parser():
                     help="explicit chunk sizes, comma-separated, summing to the prompt length")
     ap.add_argument("--chunk-plan", choices=["uniform", "balanced"], default="uniform",
                     help="uniform: --chunk-size tokens per chunk; balanced: boundaries chosen by the planner from a "
-                         "cost model fitted on this pipeline first (implies --simulate)")
+                         "cost model fitted on this pipeline first (implies --simulate; with --tp, the all-reduces of "
+                         "the first --tp-comm)")
     ap.add_argument("--granularity", type=integer(1), default=None,
                     help="balanced plan: chunk boundaries are multiples of this (default: 32)")
     ap.add_argument("--simulate", action="store_true",

@@ -141,14 +141,24 @@ def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[
 def calibrate(spec: PipelineSpec, prompt_len: int, batch: int, repeats: int = 3, warmup: int = 1, seed: int = 1,
               progress=None):
     """`calibration_jobs` on their own, fitted (`fit_calibration`): costs for the planner, before any measured run.
-    None off rank 0 under torchrun (that rank ran its stage; rank 0 fits)."""
+    With tensor parallelism the costs are the spec's `tp_comm` schedule (the overlapped one fitted on a calibration
+    run of its own; a sequence-parallel last stage closing on its last token alone), so the planner balances the
+    all-reduces the run will make. None off rank 0 under torchrun (that rank ran its stage; rank 0 fits)."""
     from pipeline.costs import check_calibration_length
     check_calibration_length(prompt_len, "calibrate")
     cfg = resolve_config(spec.source)
     tokens = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(seed))
-    jobs = calibration_jobs(tokens, repeats, warmup)
+    jobs = calibration_jobs(tokens, repeats, warmup, tp_overlap=spec.tp > 1 and spec.tp_comm == "overlap")
     runs = measure(spec, jobs, progress)
-    return None if runs is None else fit_calibration(spec, batch, jobs, runs)
+    if runs is None:
+        return None
+    costs, link, info = fit_calibration(spec, batch, jobs, runs)
+    if spec.tp > 1:
+        last = len(costs) - 1
+        costs = [dataclasses.replace(c, comm=spec.tp_comm, closing="token" if s == last else "chunk")
+                 for s, c in enumerate(costs)]
+        info.update(tp_comm=spec.tp_comm)
+    return costs, link, info
 
 
 def simulate_modes(point: dict, costs, link, bpt: int, steps: dict | None = None, cfg=None) -> dict:

@@ -536,6 +536,20 @@ def test_the_harness_simulates_tp_rows_on_a_fitted_compute_and_interconnect():
     assert overlap["fitted"] and 0.0 <= overlap["posted_busy"] <= 1.0 and math.isfinite(overlap["split_s"])
 
 
+@pytest.mark.parametrize("comm", ["overlap", "sequence"])
+def test_the_planner_s_calibration_costs_the_run_s_own_reduce(comm):
+    """`calibrate` (what --chunk-plan balanced plans from) gives TP stages the spec's tp_comm: the overlapped
+    schedule with its own costs fitted, or sequence parallelism closing on the last token on the last stage."""
+    from bench.harness import calibrate
+    from pipeline import PipelineSpec
+    spec = PipelineSpec(source="tiny", stages=2, tp=2, tp_comm=comm, tp_latency_s=1e-3)
+    costs, _, info = calibrate(spec, 64, 1, repeats=1, warmup=0)
+    assert [c.comm for c in costs] == [comm, comm] and info["tp_comm"] == comm
+    assert [c.closing for c in costs] == ["chunk", "token"]
+    assert ("tp_overlap" in info) == (comm == "overlap")
+    assert all(float(c(16, 32)) > float(c.compute(16, 32)) for c in costs)  # the all-reduces are in
+
+
 def test_emulated_all_reduces_share_one_lane():
     """Two all-reduces posted back to back over an emulated 20 ms interconnect end 20 and 40 ms later, not both at
     20 ms (gloo's two worker threads would otherwise carry them side by side)."""
