@@ -483,14 +483,15 @@ def paged_chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, prefix_lens, bl
         if P < 0 or P + C > block_table.shape[1] * page_size:
             raise ValueError(f"paged attention: row {b}: prefix {P} + chunk {C} does not fit its block table "
                              f"({block_table.shape[1]} pages of {page_size})")
-        pos = torch.arange(P + C, device=q.device)
-        pages = block_table[b].long()[pos // page_size]
-        slots = pos % page_size
-        k_cache[pages[P:], slots[P:]] = kb[0]
-        v_cache[pages[P:], slots[P:]] = vb[0]
         if C == 0:
             continue
-        dense_k, dense_v = k_cache[pages, slots][None], v_cache[pages, slots][None]  # [1, P + C, Hkv, D]
+        table = block_table[b, :-(-(P + C) // page_size)].long()  # the row's pages holding positions [0, P + C)
+        pos = torch.arange(P, P + C, device=q.device)
+        k_cache[table[pos // page_size], pos % page_size] = kb[0]
+        v_cache[table[pos // page_size], pos % page_size] = vb[0]
+        # whole pages gathered (a copy of page_size positions each), then cut to the row's positions [1, P + C, Hkv, D]
+        dense_k = k_cache.index_select(0, table).flatten(0, 1)[None, :P + C]
+        dense_v = v_cache.index_select(0, table).flatten(0, 1)[None, :P + C]
         o = chunk_attention_ref(qb, kb, vb, dense_k, dense_v, P, sm_scale)
         if varlen:
             out[s:e] = o[0]
