@@ -555,8 +555,9 @@ def fit_tp_overlap(results, costs, shares=21, steps=201) -> tuple[float, float]:
     (`costs`, one `TPCost` per stage): the pair that brings the schedule's chunk times closest to the measured ones
     (each (stage, chunk, prefix) at its median over runs; least squares in relative error). A grid search: every
     share of `busy` from 1 down to 0 in `shares` steps, and for each `steps` values of split_s from the one that
-    would empty the cheapest chunk's compute to its measured time, refined once around the best; on a tie the
-    larger share (the less hidden) wins. Chunks of one token are not split and are left out."""
+    would empty the cheapest chunk's halves of compute up to the longest chunk's measured time, refined once around
+    the best; on a tie the larger share (the less hidden) wins. Chunks of one token are not split and are left out,
+    as are chunks timed at 0 s (no information)."""
     groups: dict[tuple[int, int, int], list[float]] = {}
     for r in results:
         for rec in r.records:
@@ -564,13 +565,16 @@ def fit_tp_overlap(results, costs, shares=21, steps=201) -> tuple[float, float]:
             for x, p, (a, b), t in zip(rec.chunks, chunk_starts(rec.chunks), rec.compute, boundary):
                 if x >= 2:
                     groups.setdefault((rec.stage, int(x), int(p)), []).append(b - a + t)
-    if len({(s, x) for s, x, _ in groups}) < 2:
-        raise ValueError("fitting the overlapped schedule needs split chunks (2 tokens or more) of at least 2 sizes")
+    median = {k: statistics.median(ts) for k, ts in groups.items()}
     by_stage: dict[int, tuple] = {}
-    for s in sorted({s for s, _, _ in groups}):
-        keys = [k for k in groups if k[0] == s]
-        by_stage[s] = (np.array([k[1] for k in keys], dtype=np.float64), np.array([k[2] for k in keys], dtype=np.float64),
-                       np.array([statistics.median(groups[k]) for k in keys]))
+    for s in sorted({s for s, _, _ in median}):
+        keys = [k for k in median if k[0] == s and median[k] > 0]
+        if keys:
+            by_stage[s] = tuple(np.array(v, dtype=np.float64)
+                                for v in zip(*[(x, p, median[(s, x, p)]) for _, x, p in keys]))
+    if len({(s, x) for s, (xs, _, _) in by_stage.items() for x in xs}) < 2:
+        raise ValueError("fitting the overlapped schedule needs split chunks (2 tokens or more) of at least 2 sizes, "
+                         "timed above 0 s")
     halves = min(float(np.min(np.asarray(costs[s].compute(np.floor(x / 2), p), dtype=np.float64)
                               + np.asarray(costs[s].compute(x - np.floor(x / 2), p + np.floor(x / 2)),
                                            dtype=np.float64)))

@@ -405,6 +405,9 @@ def test_the_overlapped_fit_needs_split_chunks_of_two_sizes():
     runs = _overlap_runs(dataclasses.replace(base, comm="overlap"), [[64] * 4, [1, 1]])
     with pytest.raises(ValueError, match="split chunks .2 tokens or more. of at least 2 sizes"):
         fit_tp_overlap(runs, [base])
+    zero = _overlap_runs(lambda x, p: 0.0 * x, [[32, 32]])  # timed at 0 s: no information
+    with pytest.raises(ValueError, match="timed above 0 s"):
+        fit_tp_overlap(runs + zero, [base])
 
 
 def test_a_fitted_all_reduce_splits_into_the_emulated_wire_and_the_cpu_rest():
