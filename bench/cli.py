@@ -123,7 +123,9 @@ def main_run(argv) -> int:
     from pipeline.compress import check_codec
     from pipeline.procs import torchrun_rank
 
-    from .harness import Progress, bytes_per_token, run_point, results_doc, write_results, write_pictures, report
+    from .calibration import bytes_per_token
+    from .harness import Progress, run_point
+    from .report import report, results_doc, write_pictures, write_results
     args = run_parser().parse_args(argv)
     rank = torchrun_rank()
     lead = rank in (None, 0)  # prints and writes (rank 0 of torchrun, or the one process here)
@@ -238,7 +240,7 @@ def main_run(argv) -> int:
             from pipeline.costs import stage_max
             from pipeline.plan import plan_chunks
 
-            from .harness import calibrate
+            from .calibration import calibrate
             L = max(args.prompt_len)
             progress.phase(f"calibration: fitting chunk costs on this pipeline at L={L} to plan the chunks")
             fitted = calibrate(spec, L, args.batch, progress=progress.runs(f"calibration L={L}"))
@@ -384,7 +386,7 @@ def main(argv=None) -> int:
 
 def _kept(argv) -> str:
     """After an interrupt: what the results file written during this run keeps."""
-    from .harness import LAST_WRITTEN
+    from .report import LAST_WRITTEN
     if not LAST_WRITTEN or LAST_WRITTEN["complete"]:
         return ""
     return f"; {LAST_WRITTEN['path']} keeps the {LAST_WRITTEN['points']} point(s) finished"

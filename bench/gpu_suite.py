@@ -43,7 +43,7 @@ RAGGED_BUDGETS = (None, 4096)
 
 
 def gpu_environment() -> dict:
-    from .harness import environment
+    from .report import environment
     env = environment()
     try:
         env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -179,7 +179,8 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
     from pipeline.costs import link_preset
     from pipeline.schedule import chunk_plan
 
-    from .harness import row_end_steps, run_point
+    from .harness import run_point
+    from .report import row_end_steps
     cfg = get_preset(model)
     name = model
     if layers is not None and layers != cfg.num_layers:
@@ -465,7 +466,7 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
 
 
 def _write(out: Path, name: str, doc: dict) -> None:
-    from .harness import write_json
+    from .report import write_json
     write_json(out / name, doc)
 
 

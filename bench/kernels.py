@@ -456,7 +456,7 @@ def main(argv=None) -> int:
         print("bench kernels: no CUDA GPU on this machine; the kernel benchmark needs one (nothing measured).")
         print(json.dumps(dict(skipped="no CUDA GPU")))
         return 0
-    from .harness import environment, write_json
+    from .report import environment, write_json
     if args.sweep:
         rows = [r for sh in shapes for r in sweep_attention(shape=sh)]
         for r in sorted(rows, key=lambda r: (r["prefix"], r["chunk"], -r.get("tflops", 0))):

@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     from pipeline.config import PRESETS
     from pipeline.costs import DEVICES, LINK_PRESETS, get_device, link_preset
 
-    from .harness import write_json
+    from .report import write_json
     from .options import Parser, int_list, integer, name_list, out_path, output_dir, say
     ap = Parser(prog="python -m bench simulate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=name_list([m for m in PRESETS if m not in ("tiny", "small")] + ["tiny", "small"],
@@ -432,7 +432,7 @@ def main_tp(args) -> int:
     from pipeline.config import PRESETS
     from pipeline.costs import get_device, link_preset
 
-    from .harness import write_json
+    from .report import write_json
     from .options import output_dir, say
     if args.chunk_plan != "balanced":
         raise ValueError("--gpus plans balanced chunks for each split: drop --chunk-plan uniform")

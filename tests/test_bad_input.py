@@ -474,7 +474,7 @@ API = [
                                    0, simulate=True), ["simulate", "at least 8 tokens, got 5"]),
     ("sim-fit-short-rows", _call("bench.harness", "run_point", PipelineSpec(source="tiny", stages=1), 0, 1, [], 1, 0,
                                  simulate=True, rows=[2, 3]), ["a longest row of at least 8 tokens, got 3"]),
-    ("calibrate-short", _call("bench.harness", "calibrate", PipelineSpec(source="tiny", stages=1), 4, 1),
+    ("calibrate-short", _call("bench.calibration", "calibrate", PipelineSpec(source="tiny", stages=1), 4, 1),
      ["calibrate", "at least 8 tokens, got 4"]),
     # links, configs, compare
     ("link-bandwidth-nan", _call("pipeline", "LinkModel", float("nan")), ["bandwidth", "nan"]),
@@ -514,7 +514,7 @@ def test_a_checkpoint_loads_after_the_same_checks(checkpoints):
 
 def test_results_json_is_strict(tmp_path):
     """No NaN or Infinity in what the harness writes: null, with the reason listed under "nulls"."""
-    from bench.harness import dump_json
+    from bench.report import dump_json
     text = dump_json({"a": float("nan"), "b": [1.0, math.inf], "c": {"d": 2}})
     doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}"))
     assert doc["a"] is None and doc["b"] == [1.0, None] and doc["c"] == {"d": 2}

@@ -128,7 +128,7 @@ def test_token_budgets_run_side_by_side_with_per_row_chunks():
     assert modes["overlapped/budget16"]["row_end_step"] == [2, 3, 4] and modes["naive"]["token_budget"] is None
     for label, m in modes.items():
         assert m["outputs_match"] and m["bytes_exact"] and m["max_abs_dlogits_vs_alone"] <= 1e-4, label
-    from bench.harness import row_table
+    from bench.report import row_table
     assert "(3/5)" in row_table(point) and "overlapped/budget16" in row_table(point)
     with pytest.raises(ValueError, match="need rows"):
         run_point(spec, 32, 1, [16, 16], 1, 0, token_budgets=[16])
@@ -229,7 +229,7 @@ def test_balanced_plan_is_fitted_planned_and_simulated(tmp_path):
 
 
 def test_chunk_costs_against_measured_chunks():
-    from bench.harness import chunk_costs_vs_measured
+    from bench.calibration import chunk_costs_vs_measured
     from pipeline.costs import ChunkCost
     from pipeline.simulate import simulate
     costs = [ChunkCost(1e-8, 2e-8, 1e-5, 1e-3), ChunkCost(0, 0, 3e-5, 2e-3)]

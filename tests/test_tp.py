@@ -411,7 +411,7 @@ def test_the_overlapped_fit_needs_split_chunks_of_two_sizes():
 
 
 def test_a_fitted_all_reduce_splits_into_the_emulated_wire_and_the_cpu_rest():
-    from bench.harness import split_tp_link
+    from bench.calibration import split_tp_link
     from pipeline.link import LinkModel
     fitted = LinkModel(0.175, 1.3e-3)
     wire, busy = split_tp_link(fitted, LinkModel(0.2, 0.0))
@@ -543,7 +543,7 @@ def test_the_harness_simulates_tp_rows_on_a_fitted_compute_and_interconnect():
 def test_the_planner_s_calibration_costs_the_run_s_own_reduce(comm):
     """`calibrate` (what --chunk-plan balanced plans from) gives TP stages the spec's tp_comm: the overlapped
     schedule with its own costs fitted, or sequence parallelism closing on the last token on the last stage."""
-    from bench.harness import calibrate
+    from bench.calibration import calibrate
     from pipeline import PipelineSpec
     spec = PipelineSpec(source="tiny", stages=2, tp=2, tp_comm=comm, tp_latency_s=1e-3)
     costs, _, info = calibrate(spec, 64, 1, repeats=1, warmup=0)
