@@ -187,6 +187,7 @@ def main_run(argv) -> int:
                          "it goes with --chunk-plan balanced")
     args.granularity = args.granularity or 32
     args.batch = args.batch or 1
+    default_len = not args.rows and not args.prompt_len
     args.prompt_len = [max(args.rows)] if args.rows else args.prompt_len or [2048]
     if args.chunks and len(args.prompt_len) > 1:
         raise ValueError("--chunks fits one prompt length; use --chunk-size for a sweep")
@@ -212,7 +213,8 @@ def main_run(argv) -> int:
                          f"{cfg.max_seq_len}): choose 1 to {cfg.max_seq_len} (serving stacks use 16 to 256)")
     for L in args.prompt_len:
         if L + 1 > cfg.max_seq_len:
-            raise ValueError(f"prompt length {L} (+1 decode token) exceeds the model's max_seq_len {cfg.max_seq_len}")
+            raise ValueError(f"{'the default ' if default_len else ''}prompt length {L} (+1 decode token) exceeds the "
+                             f"model's max_seq_len {cfg.max_seq_len}: give --prompt-len {cfg.max_seq_len - 1} or less")
     spec = PipelineSpec(source=str(args.model), stages=stages, link=link, ops=args.ops, dtype=args.dtype,
                         device=device, bandwidth_gbps=args.bandwidth_gbps, latency_s=args.latency_us * 1e-6,
                         threads=args.threads, sm_partitions=args.sm_partitions, tp=tp,
