@@ -171,6 +171,7 @@ class Runner:
 
             def drive(i, g):
                 try:
+                    torch.set_num_threads(_threads(self.spec))  # per thread: this stage's share of the cores
                     self._inject_fault(i)
                     for _ in g:
                         pass

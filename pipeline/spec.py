@@ -30,7 +30,8 @@ class PipelineSpec:
     bandwidth_gbps: float | None = None  # emulated link bandwidth (None: as fast as the real link)
     latency_s: float = 0.0
     seed: int = 0
-    threads: int | None = None  # torch threads per stage process (default: cores // stages)
+    threads: int | None = None  # torch threads per stage process, or per stage thread in-process on CPU (default:
+    # cores // (stages x tp))
     timeout_s: float = 60.0  # a stage blocked this long on a peer fails instead of hanging
     sm_partitions: bool = False  # in-process on one GPU: each stage on its own SMs (see partitions.py)
     tp: int = 1  # tensor-parallel ranks per stage (pipeline.tp): S x tp processes, rank = stage * tp + TP rank

@@ -2,6 +2,7 @@
 boundary are exact; failures are reported, never hung on; bad requests are refused before any work."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -304,3 +305,21 @@ def test_sm_partitions_pipeline_equals_unchunked(cuda, tiny, mode):
     res.logits = res.logits.cpu()
     assert_matches(res, ref_logits, ref_k, ref_v, tol=1e-4)
     assert res.metrics["sm_partitions"]["stage_sms"] and "HBM" in res.metrics["sm_partitions"]["not_modelled"]
+
+
+@pytest.mark.parametrize("threads,expected", [(None, max(1, (os.cpu_count() or 1) // 2)), (1, 1), (3, 3)])
+def test_in_process_stages_on_cpu_get_their_share_of_the_cores(monkeypatch, threads, expected):
+    """Each in-process stage thread sets its own torch threads (a per-thread setting): `threads`, or the cores over
+    the stages, as a stage process does; the caller's own setting is left as it was."""
+    import threading
+
+    import pipeline.runner
+    seen, real = [], torch.set_num_threads
+    monkeypatch.setattr(pipeline.runner.torch, "set_num_threads",
+                        lambda n: (seen.append((threading.current_thread().name, n)), real(n)))
+    before = torch.get_num_threads()
+    res = run_prefill("tiny", torch.randint(0, 256, (1, 16)), mode="overlapped", stages=2, chunk_size=8,
+                      threads=threads, decode=False)
+    assert res.logits.isfinite().all()
+    assert sorted(seen) == [("stage-0", expected), ("stage-1", expected)]
+    assert torch.get_num_threads() == before
