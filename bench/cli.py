@@ -165,6 +165,11 @@ def main_run(argv) -> int:
     if link == "gloo" and world is None and stages * tp > (os.cpu_count() or 1):
         raise ValueError(f"{stages * tp} stage processes ({stages} stages x tp {tp}) need {stages * tp} cores, this "
                          f"machine has {os.cpu_count()}")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and device == "cpu" and world is None and args.threads * stages * tp > cores:
+        raise ValueError(f"--threads {args.threads} x {stages * tp} stage{'s' if stages * tp > 1 else ''} (stages x tp) "
+                         f"is {args.threads * stages * tp} torch threads on {cores} cores: the stages would time each "
+                         f"other's turns on the cores; choose --threads {max(1, cores // (stages * tp))} or less")
     if link == "nccl" and world is None and torch.cuda.device_count() < stages * tp:
         raise ValueError(f"nccl with {stages} stages x tp {tp} needs {stages * tp} GPUs, found "
                          f"{torch.cuda.device_count()}")
