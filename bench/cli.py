@@ -105,7 +105,9 @@ def run_parser():
                          "always run once to check the outputs")
     ap.add_argument("--repeats", type=integer(1), default=3, help="timed runs per mode (median reported)")
     ap.add_argument("--warmup", type=integer(0), default=1, help="untimed runs per mode first (default: 1)")
-    ap.add_argument("--threads", type=integer(1), default=None, help="torch threads per stage (its process, or its thread with --link inprocess on CPU; default: cores // (stages x tp))")
+    ap.add_argument("--threads", type=integer(1), default=None,
+                    help="torch threads per stage (its process, or its thread with --link inprocess on CPU; default: "
+                         "cores // (stages x tp))")
     ap.add_argument("--out", type=out_path, default=Path("bench_out"), help="output directory (default: bench_out)")
     return ap
 
