@@ -64,11 +64,17 @@ def _load_json(path):
         raise NotComparable(f"cannot read {p} as JSON: {e}") from None
 
 
+def _differing_keys(a: dict, b: dict) -> list:
+    """The keys whose values differ; a key one side lacks counts as null there (a later version of the harness
+    added it with its default: `rows` null is a run of one prompt either way)."""
+    return [k for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+
+
 def _differences(a, b, most: int = 4) -> str:
     """What differs between two values (a configuration's keys one by one), base vs new, in a few words."""
     if not (isinstance(a, dict) and isinstance(b, dict)):
         return f"{a!r} vs {b!r}"
-    keys = [k for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+    keys = _differing_keys(a, b)
     def short(v):
         r = repr(v)
         return r if len(r) <= 40 else r[:37] + "..."
@@ -100,7 +106,7 @@ def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool 
             for key, what in (("device", "devices"), ("config", "configurations")):
                 a = base["environment"].get("device") if key == "device" else base["config"]
                 b = new["environment"].get("device") if key == "device" else new["config"]
-                if a != b:
+                if (_differing_keys(a, b) if isinstance(a, dict) and isinstance(b, dict) else a != b):
                     raise NotComparable(f"the runs are of different {what} ({_differences(a, b)}); pass --force to "
                                         "compare anyway")
     except NotComparable as e:

@@ -306,6 +306,15 @@ def test_compare_flags_regressions(demo_run, tmp_path):
     assert res.returncode == 2 and "different configurations" in res.stderr  # and which: only the key that differs
     assert f"chunk_size {doc['config']['chunk_size'] - 1} vs {doc['config']['chunk_size']}" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+    doc = json.loads(base.read_text())  # written before a key existed (null by default now): the same configuration
+    del doc["config"]["rows"], doc["config"]["token_budget"]
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(doc))
+    assert bench("compare", str(older), str(base)).returncode == 0
+    doc["config"]["page_size"] = 64  # ... but a key one side lacks and the other sets is a difference
+    older.write_text(json.dumps(doc))
+    res = bench("compare", str(older), str(base))
+    assert res.returncode == 2 and "page_size 64 vs None" in res.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
