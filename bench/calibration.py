@@ -116,11 +116,26 @@ def calibrate(spec: PipelineSpec, prompt_len: int, batch: int, repeats: int = 3,
         return None
     costs, link, info = fit_calibration(spec, batch, jobs, runs)
     if spec.tp > 1:
-        last = len(costs) - 1
-        costs = [dataclasses.replace(c, comm=spec.tp_comm, closing="token" if s == last else "chunk")
-                 for s, c in enumerate(costs)]
+        costs, _ = tp_schedule(costs, spec.tp_comm)
         info.update(tp_comm=spec.tp_comm)
     return costs, link, info
+
+
+def tp_schedule(costs, comm: str, crossing: str = "matching", bpt: float = 0):
+    """Each stage's fitted `TPCost` under a run's all-reduce schedule `comm` and boundary crossing `crossing`, and
+    what one token weighs on each stage link (`bpt` whole; 1/T of it with sharded sends). A boundary received once
+    (broadcast) or in 1/T slices (all-gathered) goes through the receiving stage's TP group before its chunk
+    computes; sequence-parallel stages with sharded boundaries send the slices they hold and keep the ones they
+    receive: neither the closing all-gather nor the boundary's. The last stage closes on its last token alone."""
+    from pipeline.costs import boundary_lane_bytes
+    kept = comm == "sequence" and crossing == "sharded"
+    lane = 0 if kept else boundary_lane_bytes(crossing, costs[0].tp, bpt)
+    last = len(costs) - 1
+    scheduled = [dataclasses.replace(c, comm=comm, boundary_bytes_per_token=lane if s else 0,
+                                     boundary_sliced=crossing == "sharded",
+                                     closing="token" if s == last else "none" if kept else "chunk")
+                 for s, c in enumerate(costs)]
+    return scheduled, (-(-bpt // costs[0].tp) if crossing == "sharded" else bpt)
 
 
 def simulate_modes(point: dict, costs, link, bpt: int, steps: dict | None = None, cfg=None) -> dict:
@@ -136,7 +151,7 @@ def simulate_modes(point: dict, costs, link, bpt: int, steps: dict | None = None
     `steps` (a ragged batch: each mode's `RaggedStep`s) costs each step row by row from the dense fit
     (`pipeline.costs.RaggedStepCost`; with TP, one rank's compute, the all-reduces of the step's packed tokens, and
     the overlapped schedule's token halves split as the model splits them; `cfg` gives the attention's share)."""
-    from pipeline.costs import RaggedStepCost, TPCost, attention_share, boundary_lane_bytes
+    from pipeline.costs import RaggedStepCost, TPCost, attention_share
     from pipeline.simulate import replay, simulate
     timelines = {}
     tp = isinstance(costs[0], TPCost)
@@ -148,21 +163,12 @@ def simulate_modes(point: dict, costs, link, bpt: int, steps: dict | None = None
                                              attn_share=attention_share(cfg, r)) for c in costs]
         elif steps is not None:
             row_costs = [RaggedStepCost(c, steps[mode]) for c in costs]
-        if tp:  # the row's own all-reduce schedule (the baseline has no TP)
-            comm, crossing = m.get("tp_comm"), m.get("tp_boundary", "matching")
-            # a boundary received once (broadcast) or in 1/T slices (all-gathered) goes through the receiving stage's TP
-            # group before its chunk computes; sharded sends carry 1/T of the bytes per link. Sequence parallel
-            # stages with sharded boundaries send the slices they hold and keep the ones they receive: neither the
-            # closing all-gather nor the boundary's
-            kept = comm == "sequence" and crossing == "sharded"
-            lane = 0 if kept else boundary_lane_bytes(crossing, costs[0].tp, bpt)
-            last = len(costs) - 1
-            row_costs = ([dataclasses.replace(c, comm=comm, boundary_bytes_per_token=lane if s else 0,
-                                              boundary_sliced=crossing == "sharded",
-                                              closing="token" if s == last else "none" if kept else "chunk")
-                          for s, c in enumerate(row_costs)] if comm in ("serial", "overlap", "sequence") else None)
-            if crossing == "sharded":
-                bpt = -(-bpt // costs[0].tp)  # per link: each rank its 1/T of the tokens
+        if tp:  # the row's own all-reduce schedule and crossing (the baseline has no TP: no figures)
+            comm = m.get("tp_comm")
+            if comm in ("serial", "overlap", "sequence"):
+                row_costs, bpt = tp_schedule(row_costs, comm, m.get("tp_boundary", "matching"), bpt)
+            else:
+                row_costs = None
         if row_costs is None:
             for key in ("sim_ttft_ms", "sim_over_measured", "sim_exposed_comm_ms", "sim_bubble_fraction",
                         "chunk_fit_over_measured", "outlier_compute_fraction"):

@@ -487,8 +487,9 @@ def paged_chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, prefix_lens, bl
             continue
         table = block_table[b, :-(-(P + C) // page_size)].long()  # the row's pages holding positions [0, P + C)
         pos = torch.arange(P, P + C, device=q.device)
-        k_cache[table[pos // page_size], pos % page_size] = kb[0]
-        v_cache[table[pos // page_size], pos % page_size] = vb[0]
+        pages, slots = table[pos // page_size], pos % page_size  # where the new tokens go
+        k_cache[pages, slots] = kb[0]
+        v_cache[pages, slots] = vb[0]
         # whole pages gathered (a copy of page_size positions each), then cut to the row's positions [1, P + C, Hkv, D]
         dense_k = k_cache.index_select(0, table).flatten(0, 1)[None, :P + C]
         dense_v = v_cache.index_select(0, table).flatten(0, 1)[None, :P + C]

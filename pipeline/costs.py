@@ -297,10 +297,11 @@ def calibration_chunks(prompt_len: int, sizes=None) -> list[int]:
 def check_calibration_length(prompt_len: int, what: str = "--simulate", of: str = "a prompt") -> None:
     """Raises ValueError, before anything runs, where a prompt of `prompt_len` tokens is too short to fit a chunk
     cost on (the calibration runs: `calibration_chunks` and the whole prompt as one chunk)."""
-    points = set(zip(calibration_chunks(prompt_len), chunk_starts(calibration_chunks(prompt_len))))
-    if _too_few(points | {(prompt_len, 0)}):
-        shortest = next(n for n in itertools.count(1) if not _too_few(
-            set(zip(calibration_chunks(n), chunk_starts(calibration_chunks(n)))) | {(n, 0)}))
+    def too_few(n):  # the distinct (chunk, prefix) points the calibration runs of an n-token prompt give
+        chunks = calibration_chunks(n)
+        return _too_few(set(zip(chunks, chunk_starts(chunks))) | {(n, 0)})
+    if too_few(prompt_len):
+        shortest = next(n for n in itertools.count(1) if not too_few(n))
         raise ValueError(f"{what} fits chunk costs on calibration runs of the prompt (chunks of L/128 to L/4 tokens, "
                          f"and the whole): it needs {of} of at least {shortest} tokens, got {prompt_len}")
 
