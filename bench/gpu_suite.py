@@ -21,7 +21,9 @@ Markdown summary:
 Time plan (`part_deadlines`): --budget-s (default 540 s) ends the suite, so it fits one 10-minute call, and each part
 stops starting new work early enough to leave the parts after it their reserve (`PART_RESERVE_S`): the test run is
 stopped (the tests it finished are counted from its log), no further kernel shape or pipeline point starts. A part
-cut short says so. Without CUDA it refuses, saying why, before doing anything.
+cut short says so. A part still running HANG_GRACE_S (45 s) past the budget is stuck where Python cannot stop it
+(a CUDA call that never returns): a watchdog then writes every thread's stack to hang.txt, the part's failure and
+the summary, and ends the process with exit code 3. Without CUDA it refuses, saying why, before doing anything.
 """
 from __future__ import annotations
 
@@ -98,8 +100,9 @@ def run_gpu_tests(out: Path, timeout_s: float | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled Triton, not interpreted
     t0 = time.time()
     # -o addopts= drops the project's xdist options: the GPU tests run in one process, on the one GPU
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-o", "addopts=", "-p", "no:cacheprovider",
-           f"--junitxml={xml}", "tests"]
+    # a test still running after 120 s writes every thread's stack to the log (a hang shows where it is)
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-o", "addopts=", "-o", "faulthandler_timeout=120",
+           "-p", "no:cacheprovider", f"--junitxml={xml}", "tests"]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
         stdout, code, timed_out = proc.stdout, proc.returncode, False
@@ -569,6 +572,50 @@ def _guarded(out: Path, name: str, env: dict, run):
         return doc
 
 
+# How long past its budget the suite may still be running before the watchdog ends it (`_watchdog`).
+HANG_GRACE_S = 45.0
+
+
+def _hard_exit(code: int) -> None:
+    os._exit(code)
+
+
+def _watchdog(out: Path, env: dict, docs: dict, running: dict, budget_s: float, at: float):
+    """A timer that fires at `at` (time.time()) if the suite is still running: a part is then stuck where Python
+    cannot interrupt it (a CUDA call that never returns: seen on an H200, where the outer timeout then took every
+    part's results with it). It writes every thread's stack to hang.txt, records the running part as failed,
+    writes summary.md and the closing line, and ends the process (exit code 3) so what was measured comes back."""
+    import faulthandler
+    import threading
+
+    def fire():
+        name = running.get("part")
+        with open(out / "hang.txt", "w") as f:
+            faulthandler.dump_traceback(file=f, all_threads=True)
+        if name is not None:
+            f = out / f"{name}.json"
+            try:
+                doc = json.loads(f.read_text()) if f.exists() else {}
+            except (OSError, json.JSONDecodeError):
+                doc = {}
+            doc.update(environment=env, complete=False,
+                       part_failed=f"hung: still running {time.time() - running['since']:.0f} s after it started, "
+                                   f"past the suite's {budget_s:.0f} s budget (every thread's stack: hang.txt)")
+            docs[name] = doc
+            _write(out, f"{name}.json", doc)
+        (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"],
+                                                         docs["partitions"], docs["ragged"]))
+        print(f"[gpu-suite] {name} part HUNG past the budget: stacks in {out / 'hang.txt'}; ending the suite",
+              flush=True)
+        print(json.dumps(dict(out=str(out), device=env["device"], hung=name,
+                              parts_failed=[n for n, d in docs.items() if d is not None and d.get("part_failed")])),
+              flush=True)
+        _hard_exit(3)
+    timer = threading.Timer(max(0.0, at - time.time()), fire)
+    timer.daemon = True
+    return timer
+
+
 def _suite(out: Path, args, parts) -> int:
     env = gpu_environment()
     t0 = time.time()
@@ -622,10 +669,18 @@ def _suite(out: Path, args, parts) -> int:
                                      token_budgets=RAGGED_BUDGETS, sm_partitions=True, simulate=True))
     titles = dict(tests="GPU tests", kernels="kernel benchmark", partitions="SM partitions", pipeline="pipeline",
                   ragged="ragged batches")
-    for name in PARTS:
-        if name in parts:
-            print(f"[gpu-suite] {titles[name]} ...", flush=True)
-            docs[name] = _guarded(out, name, env, runs[name])
+    running: dict = {}
+    watchdog = _watchdog(out, env, docs, running, args.budget_s, t0 + args.budget_s + HANG_GRACE_S)
+    watchdog.start()
+    try:
+        for name in PARTS:
+            if name in parts:
+                print(f"[gpu-suite] {titles[name]} ...", flush=True)
+                running.update(part=name, since=time.time())
+                docs[name] = _guarded(out, name, env, runs[name])
+        running.update(part=None)
+    finally:
+        watchdog.cancel()
     (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"],
                                                      docs["partitions"], docs["ragged"]))
     failed = [name for name, d in docs.items() if d is not None and d.get("part_failed")]

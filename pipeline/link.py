@@ -84,7 +84,7 @@ class Link(Protocol):
 
 # ---- GPU waiting without the SMs' math ------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["ns"])  # one compiled kernel for every delay: no module load inside a run
 def _wait_ns_kernel(ns):
     """One thread spins until the GPU's global timer (nanoseconds, independent of the SM clock) has advanced by
     `ns`. torch.cuda._sleep counts SM cycles instead, and the SM clock moves between ~345 MHz idle and ~2 GHz
@@ -96,13 +96,21 @@ def _wait_ns_kernel(ns):
                                         pack=1)
 
 
-@triton.jit
-def _wait_flag_kernel(flag, want):
-    """One thread spins until the int32 at `flag` (written by another stream) reaches `want`: the receive has been
-    posted. Volatile loads: each turn reads memory, not a register."""
-    seen = tl.load(flag, volatile=True)
-    while seen < want:
-        seen = tl.load(flag, volatile=True)
+_PRELOADED: set = set()
+
+
+def preload_link_kernels(device) -> None:
+    """Compiles and loads the wait kernel on `device` before any run. Loading a module (Triton's first launch of a
+    kernel, CUDA's lazy loading) may wait for the whole device to go idle: done inside a run, it stalls every
+    stream, and a kernel on the device that waits for work the host has yet to enqueue would never end (seen on an
+    H200: the in-process link's former receive-posted spin kernel hung the first run for good)."""
+    device = torch.device(device)
+    if device.type != "cuda" or str(device) in _PRELOADED:
+        return
+    with torch.cuda.device(device):
+        _wait_ns_kernel[(1,)](0, num_warps=1)
+        torch.cuda.synchronize(device)
+    _PRELOADED.add(str(device))
 
 
 def _gpu_sleep(seconds: float) -> None:
@@ -146,6 +154,7 @@ class DistChannel:
         self.buffers = _Buffers(self.device)
         if self.device.type == "cuda":
             self.stream = torch.cuda.Stream(device=self.device)
+            preload_link_kernels(self.device)  # an NCCL kernel waiting on the peer must not meet a module load
         else:
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="send")
             self.rpool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recv") if model.active else None
@@ -220,9 +229,13 @@ class DistChannel:
 class LocalChannel:
     """Both ends in one process; the n-th send pairs with the n-th receive (both ends post in chunk order). CPU: the
     stages run in threads of their own; a send's lane thread waits for its receive to be posted, pays the emulated
-    delay and copies into the receiver's buffer. GPU: every stage has its own stream, and nothing waits on the host:
-    the lane stream waits for the receive (a one-warp spin kernel on a flag that the receiver's stream sets when it
-    posts the receive), pays the delay and copies. `timeout_s` bounds how long a CPU send waits for its receive."""
+    delay and copies into the receiver's buffer. GPU: every stage has its own stream, one host thread enqueues
+    them all, and nothing waits on the host: posting a receive records an event on the receiver's stream, and the
+    lane stream waits for that event (the rendezvous), pays the delay and copies. So the host must post a chunk's
+    receive before it enqueues the chunk's send (`stage_program(yield_posts=True)` and the in-process driver do);
+    a send whose receive is not posted yet is refused rather than left to a device-side spin that could never end
+    (work the device waits for must already be enqueued). `timeout_s` bounds how long a CPU send waits for its
+    receive."""
 
     def __init__(self, device, model: LinkModel = LinkModel(), clock=None, timeout_s: float = 60.0, stream=None):
         self.device, self.model, self.clock, self.timeout_s = torch.device(device), model, clock, timeout_s
@@ -235,7 +248,8 @@ class LocalChannel:
         self._aborted: str | None = None
         if self.device.type == "cuda":  # the lane: a stream of its own, or the one given (an SM partition's)
             self.stream = stream if stream is not None else torch.cuda.Stream(device=self.device)
-            self._flags = torch.zeros(2, dtype=torch.int32, device=self.device)  # the last receive number posted
+            self._posted_at: dict[int, torch.cuda.Event] = {}  # receive number -> posted, on the receiver's stream
+            preload_link_kernels(self.device)
         else:
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="send")
 
@@ -245,12 +259,17 @@ class LocalChannel:
         self._sends += 1
         n = self._sends
         if self.device.type == "cuda":
+            posted = self._posted_at.pop(n, None)
+            if posted is None:
+                raise RuntimeError(f"in-process GPU link: send {n} (chunk {tag}) enqueued before its receive was "
+                                   "posted; the host must post a chunk's receive first (stage_program(yield_posts="
+                                   "True), driven as Runner.run_inprocess does)")
             buf = self.buffers.take(n - 1, tensor.shape, tensor.dtype)  # the slot receive n lands in
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the data has been computed
             with torch.cuda.stream(self.stream):
                 t0 = self.clock.mark()
                 # ... and receive n posted, which the receiver's stream does once it is done with the slot
-                _wait_flag_kernel[(1,)](self._flags[(n - 1) % 2:], n, num_warps=1)
+                self.stream.wait_event(posted)
                 _gpu_sleep(delay)
                 buf.copy_(tensor)
                 t1 = self.clock.mark()
@@ -289,10 +308,16 @@ class LocalChannel:
         buf = self.buffers.take(n - 1, shape, dtype)
         if self.device.type == "cuda":
             stream = torch.cuda.current_stream(self.device)
-            self._flags[(n - 1) % 2:(n - 1) % 2 + 1].fill_(n)  # posted: set on this stream, after its last reader
+            posted = torch.cuda.Event()
+            posted.record(stream)  # on this stream, after the slot's last reader
+            self._posted_at[n] = posted
 
             def finish():
-                stream.wait_event(self._done.pop(n))  # the copy is written on the lane stream
+                done = self._done.pop(n, None)
+                if done is None:
+                    raise RuntimeError(f"in-process GPU link: receive {n} (chunk {tag}) waited on before its send "
+                                       "was enqueued; the host must enqueue a chunk's send before its receiver waits")
+                stream.wait_event(done)  # the copy is written on the lane stream
                 buf.record_stream(stream)
                 return buf
             return Handle(finish, _nbytes(shape, dtype))
@@ -324,7 +349,7 @@ class LocalChannel:
             self._delivered.clear()
             self._done.clear()
         if self.device.type == "cuda":
-            self._flags.zero_()
+            self._posted_at.clear()
 
     def close(self):
         if self.device.type != "cuda":

@@ -3,6 +3,7 @@ runs a job on them: a prefill (every mode), the greedy decode step after it, the
 rank 0, and the order of the runs (warm-ups first, then the timed repeats round-robin over the jobs)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -149,7 +150,7 @@ class Runner:
                                       tokens=tokens if s == 0 else None,
                                       recv=ends[(s, t)][0], send=ends[(s, t)][1], batch=B, start_pos=start_pos,
                                       result=(result if t == 0 else {}) if s == S - 1 else None, codec=self.codec,
-                                      ragged=ragged)
+                                      ragged=ragged, yield_posts=self.device.type == "cuda")
                 for (s, t), st in shards.items()}
         if self.device.type == "cuda":  # the host only enqueues: interleave the stages chunk by chunk
             streams = (self.partitions.stage_streams[:S] if self.partitions  # unchunked: on partition 0
@@ -158,10 +159,7 @@ class Runner:
             t0 = self.clock.mark()
             for i in range(S):
                 self._inject_fault(i)
-            for k in range(len(chunks) + 1):  # the last round drains pending sends (tp is 1 here: validated)
-                for (i, _), g in gens.items():
-                    with torch.cuda.stream(streams[i]):
-                        next(g, None)
+            drive_gpu_rounds(gens, streams, len(chunks), receivers={key for key in gens if ends[key][0] is not None})
             with torch.cuda.stream(streams[-1]):
                 end_mark = self.clock.mark()
             self._sync()
@@ -248,6 +246,34 @@ class Runner:
         for ch in lanes + [getattr(self, "recv", None), getattr(self, "send", None)]:
             if ch is not None:
                 ch.close()
+
+
+def drive_gpu_rounds(gens: dict, streams, n_chunks: int, receivers) -> None:
+    """One host thread enqueues every stage's work on its own stream (`streams[s]`; None: the current one), round by
+    round, round k for chunk k: first each stage in `receivers` posts its receive of chunk k (`stage_program(...,
+    yield_posts=True)` pauses there), then the stages in pipeline order compute chunk k and enqueue its send; a last
+    round lets each stage wait for its sends still in flight. Every event a stream waits for has then been recorded
+    before the wait is enqueued: a wait on an event not yet recorded would be a no-op, and a device-side spin on
+    work the host has yet to enqueue can hang the device for good (a module load waits for it)."""
+    order = sorted(gens)
+
+    def on(key):
+        stream = streams[key[0]]
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def step(key, want):
+        with on(key):
+            got = next(gens[key], None)
+        if got != want:
+            raise RuntimeError(f"in-process GPU driver: stage {key[0]} yielded {got!r} where {want!r} was due")
+    for k in range(n_chunks):
+        for key in order:
+            if key in receivers:
+                step(key, ("posted", k))
+        for key in order:
+            step(key, k)
+    for key in order:  # the sends still in flight
+        step(key, None)
 
 
 def least_reduce(record: StageRecord, tp_records: list[StageRecord]) -> StageRecord:

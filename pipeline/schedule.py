@@ -7,7 +7,8 @@
   receives pre-posted into two buffers; at most two sends in flight, a send's tensor kept alive until it is done.
 
 `stage_program` is a generator that yields after each chunk: one process per stage simply exhausts it, and the
-in-process driver interleaves the stages chunk by chunk (on GPU each stage has its own CUDA stream).
+in-process driver interleaves the stages chunk by chunk (on GPU each stage has its own CUDA stream, and the host
+posts every stage's receive of a chunk before it enqueues any stage's compute and send of it).
 """
 from __future__ import annotations
 
@@ -119,8 +120,8 @@ class StageRecord:
 
 def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: StageRecord, *, tokens=None,
                   recv=None, send=None, batch: int, start_pos: int = 0, result: dict | None = None, codec=None,
-                  ragged=None):
-    """Runs `chunks` of one request through `stage`, yielding after each chunk.
+                  ragged=None, yield_posts: bool = False):
+    """Runs `chunks` of one request through `stage`, yielding k after chunk k.
 
     tokens [B, L] on the first stage; `recv` / `send`: channels from the previous / to the next stage; `codec`
     (`pipeline.compress`): what crosses them (default: the hidden state as computed).
@@ -128,6 +129,10 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
     `ragged`: a ragged batch's steps (`pipeline.ragged.RaggedStep`, one per chunk; chunks[k] is step k's packed
     tokens, batch 1); tokens is then the list of each step's packed tokens [1, N_k], and result["logits"] holds
     each row's logits at its own last token, in row order.
+    `yield_posts`: a receiving stage also yields ("posted", k) once chunk k's receive is posted, before it waits for
+    it. One host thread driving every stage on GPU streams needs the pause: it posts every stage's receive of chunk k
+    first, then enqueues the chunks' computes and sends, so that a send's rendezvous waits only on work already
+    enqueued (`LocalChannel`).
     """
     cfg = stage.cfg
     codec = codec or Codec()
@@ -152,6 +157,8 @@ def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: Sta
         else:
             if k not in posted:
                 post_recv(k)
+            if yield_posts:
+                yield ("posted", k)
             t0 = clock.mark()
             b0 = reducer.boundary_seconds() if reducer is not None else 0.0
             x = posted.pop(k).wait()

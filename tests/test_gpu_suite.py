@@ -411,3 +411,30 @@ def test_the_benchmark_includes_the_shapes_the_planner_cuts():
     shapes = planner_shapes()
     assert len(shapes) == 3 and shapes[0][0] == 0 and sum(shapes[-1]) == 32768
     assert all(c % 256 == 0 and c > 0 for _, c in shapes) and shapes[0][1] > shapes[-1][1]  # shrinking chunks
+
+
+def test_a_part_hung_past_the_budget_is_recorded_and_the_suite_ended(tmp_path, monkeypatch):
+    """A part stuck in a call Python cannot interrupt (stubbed: a wait the watchdog's exit releases) does not take the
+    suite's results with it: at budget + grace the watchdog writes hang.txt (every thread's stack, the stuck part's
+    among them), marks the part failed while keeping the parts before it, writes the summary and exits with 3."""
+    import argparse
+    import json
+    import threading
+    released, seen = threading.Event(), {}
+
+    def stuck_in_cuda(out, timeout_s):
+        released.wait(30)
+        return dict(tests=1, passed=1, failed=[], skipped=0, exit_code=0)
+
+    def fake_exit(code):  # what the process would leave behind at os._exit
+        seen.update(code=code, files={f.name: f.read_text() for f in tmp_path.iterdir()})
+        released.set()
+    monkeypatch.setattr(gpu_suite, "run_gpu_tests", stuck_in_cuda)
+    monkeypatch.setattr(gpu_suite, "_hard_exit", fake_exit)
+    monkeypatch.setattr(gpu_suite, "HANG_GRACE_S", 0.5)
+    gpu_suite._suite(tmp_path, argparse.Namespace(budget_s=0.5, quick=True, layers=2), ["tests"])
+    assert seen["code"] == 3
+    assert "stuck_in_cuda" in seen["files"]["hang.txt"]
+    tests = json.loads(seen["files"]["tests.json"])
+    assert tests["part_failed"].startswith("hung: still running") and "hang.txt" in tests["part_failed"]
+    assert "**tests part FAILED**: hung" in seen["files"]["summary.md"]

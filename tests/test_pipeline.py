@@ -323,3 +323,91 @@ def test_in_process_stages_on_cpu_get_their_share_of_the_cores(monkeypatch, thre
     assert res.logits.isfinite().all()
     assert sorted(seen) == [("stage-0", expected), ("stage-1", expected)]
     assert torch.get_num_threads() == before
+
+
+# ---- the single-host-thread driver of GPU streams (its ordering contract, checked on CPU) ----------------------------
+
+class _StrictChannel:
+    """The in-process GPU link's ordering rules, on the host: a send needs its receive posted (its rendezvous event
+    recorded), a receive's wait needs its send enqueued (its completion event recorded); a stream wait on an event
+    not yet recorded would be a no-op, and a device-side spin on one could hang the device. Data passes through."""
+
+    def __init__(self, log):
+        self.log, self.sends, self.recvs, self.posted, self.sent = log, 0, 0, set(), {}
+
+    def isend(self, tensor, tag):
+        from pipeline.link import Handle
+        self.sends += 1
+        n = self.sends
+        assert n in self.posted, f"send {n} enqueued before receive {n} was posted"
+        self.posted.discard(n)
+        self.sent[n] = tensor.clone()
+        self.log.append(("send", tag))
+        return Handle(lambda: None, tensor.numel() * tensor.element_size())
+
+    def irecv(self, shape, dtype, tag, slot=0):
+        from pipeline.link import Handle
+        self.recvs += 1
+        n = self.recvs
+        self.posted.add(n)
+        self.log.append(("post", tag))
+
+        def finish():
+            assert n in self.sent, f"receive {n} waited on before send {n} was enqueued"
+            self.log.append(("wait", tag))
+            return self.sent.pop(n)
+        return Handle(finish, 0)
+
+
+class _StubStage:
+    """A stage whose layers add its index + 1 to the hidden state (the first embeds token ids as their value)."""
+
+    def __init__(self, index, hidden=4):
+        from types import SimpleNamespace
+        self.index = index
+        self.cfg = SimpleNamespace(hidden_size=hidden)
+        self.model = SimpleNamespace(dtype=torch.float32)
+
+    def forward(self, x, start, last_only=True, tokens=None):
+        if x.dtype == torch.long:
+            x = x.float().unsqueeze(-1).expand(*x.shape, self.cfg.hidden_size)
+        return x + self.index + 1
+
+
+@pytest.mark.parametrize("mode", PIPELINE_MODES)
+@pytest.mark.parametrize("S,L,chunk", [(2, 10, 3), (3, 9, 2), (4, 16, 4), (3, 5, 5)])
+def test_gpu_round_driver_posts_each_receive_before_its_send(mode, S, L, chunk):
+    """`drive_gpu_rounds` with `stage_program(yield_posts=True)`: for every mode, stage count and chunk plan, each
+    send finds its receive posted and each receive's wait finds its send enqueued (the order in which the in-process
+    GPU link's events must be recorded), the overlapped mode keeps two receives posted ahead, and the data arrives
+    in order (the last stage sees every stage's addition)."""
+    from pipeline.runner import drive_gpu_rounds
+    from pipeline.schedule import Clock, StageRecord, stage_program
+    chunks = [L] if mode == "naive" else chunk_plan(L, chunk)
+    toks = torch.arange(L).unsqueeze(0)
+    logs = [[] for _ in range(S - 1)]
+    links = [_StrictChannel(log) for log in logs]
+    clock, result = Clock(torch.device("cpu")), {}
+    gens = {(s, 0): stage_program(_StubStage(s), mode, chunks, clock, StageRecord(s, chunks),
+                                  tokens=toks if s == 0 else None, recv=links[s - 1] if s > 0 else None,
+                                  send=links[s] if s < S - 1 else None, batch=1, result=result if s == S - 1 else None,
+                                  yield_posts=True)
+            for s in range(S)}
+    drive_gpu_rounds(gens, [None] * S, len(chunks), receivers={(s, 0) for s in range(1, S)})
+    last = toks[:, L - chunks[-1]:].float().unsqueeze(-1).expand(1, chunks[-1], 4)  # the last chunk, embedded
+    assert torch.equal(result["logits"], last + S * (S + 1) // 2)
+    for log in logs:
+        assert [t for what, t in log if what == "send"] == list(range(len(chunks)))
+        assert [t for what, t in log if what == "wait"] == list(range(len(chunks)))
+        if mode == "overlapped" and len(chunks) > 1:  # two receives posted before the first send
+            assert log[:2] == [("post", 0), ("post", 1)]
+
+
+def test_gpu_round_driver_refuses_a_program_out_of_step():
+    """A stage program that yields what the round does not expect is refused, naming the stage and both values."""
+    from pipeline.runner import drive_gpu_rounds
+
+    def program():
+        yield 1
+    with pytest.raises(RuntimeError, match=r"stage 0 yielded 1 where 0 was due"):
+        drive_gpu_rounds({(0, 0): program()}, [None], 2, receivers=set())
