@@ -391,3 +391,19 @@ def test_compare_matches_ragged_points_by_their_rows(tmp_path, capsys):
     other.write_text(json.dumps(doc))
     assert compare(str(base), str(other), force=True) == 1
     assert "point rows=300,1000,2048 B=3 missing" in capsys.readouterr().out
+
+
+def test_compare_reads_the_h200_kernel_baseline_with_its_paged_rows(tmp_path, capsys):
+    """The committed H200 file (schema 1: fair peers, launch plans, paged batches) is a usable baseline: equal to
+    itself, and a slower paged batch of ours fails the comparison, naming it."""
+    from bench.compare import compare
+    base = ROOT / "bench/results/h200/kernels.json"
+    assert compare(str(base), str(base)) == 0
+    doc = json.loads(base.read_text())
+    assert doc["schema_version"] == 1 and doc["paged"] and doc["environment"]["device"] == "NVIDIA H200"
+    doc["paged"][0]["paged_ms"] *= 1.4
+    slower = tmp_path / "kernels.json"
+    slower.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert compare(str(base), str(slower)) == 1
+    assert "paged_ms x1.40" in capsys.readouterr().out
