@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_LINKS = ("nvlink", "pcie5", "100gbe")
+PIPELINE_LINKS = ("100gbe", "pcie5", "nvlink")  # the targets' link first: a part cut short has measured it
 PARTS = ("tests", "kernels", "partitions", "pipeline", "ragged")  # the order they run in: the most wanted first
 RAGGED_ROWS = ((1024, 4096, 16384),)  # the ragged part's batches (--quick: the first two rows)
 RAGGED_BUDGETS = (None, 4096)
@@ -192,7 +192,9 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
     rows = [tuple(r) for r in rows]
     points, last_timelines, fallback, stopped = [], None, None, None
     # a point is (S, link, L) for one prompt, (S, link, (L0, L1, ...)) for a ragged batch
-    grid = [(S, link, L) for S in stages for link in links for L in (*prompt_lens, *rows)]
+    # link by link, prompt by prompt (as given: shortest first in the suite), every S at each: a part cut short by
+    # its deadline has measured every S at the first link's short prompts (the targets') rather than one S everywhere
+    grid = [(S, link, L) for link in links for L in (*prompt_lens, *rows) for S in stages]
     doc = dict(model=model, layers=layers or cfg.num_layers, model_layers=cfg.num_layers, chunk_size=chunk_size,
                repeats=repeats, warmup=warmup, dtype=dtype, ops=ops, sm_partitions=sm_partitions, points=points,
                complete=False)

@@ -275,21 +275,7 @@ def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128
                 pass
         best = min(sdpa, key=lambda n: sdpa[n][0]) if sdpa else None
         for page in page_sizes:
-            need = [-(-(P + C) // page) for P, C in batch]
-            pool_pages = sum(need)
-            order = torch.randperm(pool_pages, generator=torch.Generator().manual_seed(page)).tolist()
-            table = torch.full((len(batch), max(need)), -1, dtype=torch.int32)
-            start = 0
-            for b, n in enumerate(need):
-                table[b, :n] = torch.tensor(order[start:start + n], dtype=torch.int32)
-                start += n
-            table = table.to(device)
-            kc = torch.empty(pool_pages, page, Hkv, D, device=device, dtype=dtype)
-            vc = torch.empty_like(kc)
-            for b, ((P, C), c) in enumerate(zip(batch, cases)):  # each row's prefix into its pages
-                pos = torch.arange(P + C, device=device)
-                pages, slots = table[b].long()[pos // page], pos % page
-                kc[pages, slots], vc[pages, slots] = c[3][0, :P + C], c[4][0, :P + C]
+            kc, vc, table = paged_cache(batch, cases, page, seed=page)
             out = torch.full_like(q, float("nan"))
             max_chunk, max_prefix = max(C for _, C in batch), max(P for P, _ in batch)
             ms = timer(lambda: chunk_attention(q, kn, vn, kc, vc, prefix, out=out, block_table=table,
@@ -304,6 +290,66 @@ def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128
                              sdpa_rows_max_abs_err=sdpa[best][1] if best else None,
                              paged_vs_dense_rows=dense_ms / ms,
                              paged_vs_sdpa_rows=sdpa[best][0] / ms if best else None))
+    return rows
+
+
+def paged_cache(batch, cases, page: int, seed: int):
+    """A shuffled pool of pages holding each row's prefix (and room for its chunk), and the block table [rows,
+    most pages] int32 (-1 past a row's pages): rows (prefix, chunk) of `batch`, their K/V from `attention_case`."""
+    device, dtype = cases[0][3].device, cases[0][3].dtype
+    Hkv, D = cases[0][3].shape[2:]
+    need = [-(-(P + C) // page) for P, C in batch]
+    pool_pages = sum(need)
+    order = torch.randperm(pool_pages, generator=torch.Generator().manual_seed(seed)).tolist()
+    table = torch.full((len(batch), max(need)), -1, dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(need):
+        table[b, :n] = torch.tensor(order[start:start + n], dtype=torch.int32)
+        start += n
+    table = table.to(device)
+    kc = torch.empty(pool_pages, page, Hkv, D, device=device, dtype=dtype)
+    vc = torch.empty_like(kc)
+    for b, ((P, C), c) in enumerate(zip(batch, cases)):  # each row's prefix into its pages
+        pos = torch.arange(P + C, device=device)
+        pages, slots = table[b].long()[pos // page], pos % page
+        kc[pages, slots], vc[pages, slots] = c[3][0, :P + C], c[4][0, :P + C]
+    return kc, vc, table
+
+
+PAGED_SWEEP_PAGES = (16, 256)
+
+
+def sweep_paged(configs=None, shape=TARGET_SHAPE, page_sizes=PAGED_SWEEP_PAGES, Hq=32, Hkv=8, D=128,
+                dtype=torch.bfloat16, device="cuda", timer=gpu_timer) -> list[dict]:
+    """The paged kernel (`chunk_attention(..., block_table=)`) on one row of (prefix, chunk) `shape`, its cache in a
+    shuffled pool of pages, under each launch config and page size: TFLOP/s and max error against float64, one row
+    per (page size, config), or why it failed. Key blocks no longer than a page are read from one page each (the
+    dense kernel's addressing); longer ones gather each key's page. The default grid is a Hopper tuning session's
+    first try."""
+    from kernels import chunk_attention
+    P, C = shape
+    if configs is None:
+        configs = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+                   for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)
+                   if not (m == 64 and w == 8)]
+    case = attention_case(P, C, 1, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 2)
+    q, kn, vn, ref = case[0][0], case[1][0], case[2][0], case[6][0]
+    cu = torch.tensor([0, C], dtype=torch.int32, device=device)
+    prefix = torch.tensor([P], dtype=torch.int32, device=device)
+    flops = attention_flops(1, Hq, D, C, P)
+    rows = []
+    for page in page_sizes:
+        kc, vc, table = paged_cache([shape], [case], page, seed=page)
+        for cfg in configs:
+            out = torch.full_like(q, float("nan"))
+            row = dict(cfg, prefix=P, chunk=C, page_size=page)
+            try:
+                ms = timer(lambda: chunk_attention(q, kn, vn, kc, vc, prefix, out=out, config=cfg, block_table=table,
+                                                   cu_seqlens=cu, max_chunk=C, max_prefix=P))
+            except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is a result
+                rows.append(dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+                continue
+            rows.append(dict(row, ms=ms, tflops=flops / ms / 1e9, max_abs_err=(out.double() - ref).abs().max().item()))
     return rows
 
 
@@ -446,9 +492,14 @@ def main(argv=None) -> int:
                          "(sweep.json)")
     ap.add_argument("--shape", action="append", type=_shape, default=None, metavar="PREFIX,CHUNK",
                     help="with --sweep: the (prefix, chunk) shape(s) to sweep (default 16384,2048; repeatable)")
+    ap.add_argument("--paged", action="store_true",
+                    help=f"with --sweep: the paged kernel instead (one row, its cache in pages of "
+                         f"{' and '.join(map(str, PAGED_SWEEP_PAGES))})")
     args = ap.parse_args(argv)
     if args.shape and not args.sweep:
         ap.error("--shape goes with --sweep")
+    if args.paged and not args.sweep:
+        ap.error("--paged goes with --sweep")
     if args.quick and args.sweep:
         ap.error("--quick cuts the benchmark's shapes; --sweep measures the --shape shapes only: drop --quick")
     shapes = args.shape or [TARGET_SHAPE]
@@ -458,10 +509,12 @@ def main(argv=None) -> int:
         return 0
     from .report import environment, write_json
     if args.sweep:
-        rows = [r for sh in shapes for r in sweep_attention(shape=sh)]
-        for r in sorted(rows, key=lambda r: (r["prefix"], r["chunk"], -r.get("tflops", 0))):
+        sweep = sweep_paged if args.paged else sweep_attention
+        rows = [r for sh in shapes for r in sweep(shape=sh)]
+        for r in sorted(rows, key=lambda r: (r["prefix"], r["chunk"], r.get("page_size", 0), -r.get("tflops", 0))):
             cfg = f"P={r['prefix']} C={r['chunk']} " + " ".join(
-                f"{k}={r[k]}" for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_splits", "pack_gqa", "tma")
+                f"{k}={r[k]}" for k in ("page_size", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_splits",
+                                        "pack_gqa", "tma")
                 if k in r)
             print(f"{cfg:<64} " + (f"{r['tflops']:6.0f} TFLOP/s  err {r['max_abs_err']:.1e}" if "tflops" in r
                                    else r["error"]))

@@ -34,17 +34,29 @@ def _attend_pages(acc, l_i, m_i, q, KC, VC, bt, stride_kp, stride_ks, stride_vp,
                   offs_n, offs_d, qk_scale, MASK_N: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
                   PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr):
     """Online softmax over cached key positions [lo, hi) of one row: each key's page looked up in the row's block
-    table `bt` (every query sees every cached key). MASK_N masks positions >= n_limit (a ragged last block)."""
+    table `bt` (every query sees every cached key). MASK_N masks positions >= n_limit (a ragged last block).
+    `lo` is a multiple of BLOCK_N. When pages hold a whole number of key blocks, each block lies in one page: one
+    page lookup per block and the dense kernel's addressing (a scalar base plus contiguous rows); smaller pages
+    gather each key's page, as do the exact-float32 checking tiles (one-page reads spilled one of them, 16x16
+    packed, on sm_80 under Triton 3.6)."""
+    ONE_PAGE: tl.constexpr = (PAGE_SIZE % BLOCK_N == 0) & (PRECISION != "ieee")
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASK_N:
             ok = cols < n_limit
-            page = tl.load(bt + cols // PAGE_SIZE, mask=ok, other=0).to(tl.int64)
+        if ONE_PAGE:  # start_n < hi: its page is in the table
+            page = tl.load(bt + start_n // PAGE_SIZE).to(tl.int64)
+            rows_in = start_n % PAGE_SIZE + offs_n
+            k_ptr = KC + page * stride_kp + (rows_in * stride_ks)[None, :] + offs_d[:, None]
+            v_ptr = VC + page * stride_vp + (rows_in * stride_vs)[:, None] + offs_d[None, :]
         else:
-            page = tl.load(bt + cols // PAGE_SIZE).to(tl.int64)
-        slot = cols % PAGE_SIZE
-        k_ptr = KC + (page * stride_kp + slot * stride_ks)[None, :] + offs_d[:, None]
-        v_ptr = VC + (page * stride_vp + slot * stride_vs)[:, None] + offs_d[None, :]
+            if MASK_N:
+                page = tl.load(bt + cols // PAGE_SIZE, mask=ok, other=0).to(tl.int64)
+            else:
+                page = tl.load(bt + cols // PAGE_SIZE).to(tl.int64)
+            slot = cols % PAGE_SIZE
+            k_ptr = KC + (page * stride_kp + slot * stride_ks)[None, :] + offs_d[:, None]
+            v_ptr = VC + (page * stride_vp + slot * stride_vs)[:, None] + offs_d[None, :]
         if MASK_N:
             k_ok = ok[None, :]
             v_ok = ok[:, None]

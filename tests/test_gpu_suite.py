@@ -310,6 +310,26 @@ def test_attention_sweep_reports_each_config_or_why_it_failed():
     assert "must give BLOCK_M" in rows[1]["error"] and "tflops" not in rows[1]
 
 
+def test_paged_sweep_reports_each_page_size_and_config_or_why_it_failed():
+    """The paged kernel's tuning sweep on CPU: key blocks within a page (16 of 32) and across pages (16 of 8),
+    each row checked against float64; a bad config is a row saying why."""
+    from bench.kernels import sweep_paged
+    good = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    rows = sweep_paged(configs=[good, dict(BLOCK_M=16, BLOCK_N=16)], shape=(37, 19), page_sizes=(8, 32), Hq=4,
+                       Hkv=2, D=16, dtype=torch.float32, device="cpu", timer=cpu_timer)
+    assert [(r["page_size"], "error" in r) for r in rows] == [(8, False), (8, True), (32, False), (32, True)]
+    for r in rows[::2]:
+        assert r["max_abs_err"] < 2e-5 and r["tflops"] > 0 and (r["prefix"], r["chunk"]) == (37, 19)
+    assert "must give BLOCK_M" in rows[1]["error"]
+
+
+def test_kernels_cli_sweeps_the_paged_kernel_only_with_sweep(capsys):
+    from bench.kernels import main
+    with pytest.raises(SystemExit):
+        main(["--paged"])
+    assert "--paged goes with --sweep" in capsys.readouterr().err
+
+
 def test_compiler_report_compiles_in_parallel_shards_and_keeps_every_row():
     rows = gpu_suite.compiler_report(arch=90, only="chunk_attention_merge", shards=2)
     assert sorted(r["kernel"] for r in rows) == [f"chunk_attention_merge d{d} bfloat16" for d in (128, 256, 64, 80)]
@@ -438,3 +458,23 @@ def test_a_part_hung_past_the_budget_is_recorded_and_the_suite_ended(tmp_path, m
     tests = json.loads(seen["files"]["tests.json"])
     assert tests["part_failed"].startswith("hung: still running") and "hang.txt" in tests["part_failed"]
     assert "**tests part FAILED**: hung" in seen["files"]["summary.md"]
+
+
+def test_pipeline_part_measures_link_by_link_every_stage_count_at_each_prompt(monkeypatch):
+    """Points run link by link, within a link prompt by prompt (in the order given: the suite gives them shortest
+    first), every stage count at each: a part its deadline cuts short has the targets' link (first in
+    PIPELINE_LINKS) at every S."""
+    import bench.harness
+    seen = []
+
+    def fake_point(spec, L, B, chunks, repeats, warmup, simulate=False, **kw):
+        seen.append((spec.stages, round(spec.bandwidth_gbps), L))
+        return dict(timelines={}, records=[], modes={}, prompt_len=L)
+    monkeypatch.setattr(bench.harness, "run_point", fake_point)
+    assert gpu_suite.PIPELINE_LINKS[0] == "100gbe"
+    gpu_suite.bench_pipeline(model="tiny", layers=None, stages=(2, 4), links=("100gbe", "nvlink"),
+                             prompt_lens=(64, 32), chunk_size=16, device="cpu", dtype="float32", ops="torch")
+    from pipeline.costs import link_preset
+    gbe, nvl = (round(link_preset(n).bandwidth_gbps) for n in ("100gbe", "nvlink"))
+    assert seen == [(2, gbe, 64), (4, gbe, 64), (2, gbe, 32), (4, gbe, 32),
+                    (2, nvl, 64), (4, nvl, 64), (2, nvl, 32), (4, nvl, 32)]
