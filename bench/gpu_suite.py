@@ -421,6 +421,12 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
             lines.append(f"- Target ≥ {vs_peer}x the best peer at every shape: worst {speedup(worst):.2f}x at prefix "
                          f"{worst['prefix']}, chunk {worst['chunk']} ({best(worst)}) → "
                          f"{_vs_target(speedup(worst), vs_peer)}")
+        bound = [r for r in kernels["attention"] if r.get("speedup_vs_best_peer_graph")]
+        if bound:
+            lines.append("- Launch-bound shapes (the launcher's host time over the kernel's), kernels against each "
+                         "other replayed from CUDA graphs (no host): " + "; ".join(
+                             f"prefix {r['prefix']}, chunk {r['chunk']}: {r['speedup_vs_best_peer_graph']:.2f}x "
+                             f"{r['best_peer_graph']} (eager {speedup(r):.2f}x)" for r in bound))
         if kernels.get("paged"):
             lines += ["", "Paged, varlen chunk_attention: one launch over a batch of rows (prefix+chunk each), the "
                           "cache in shuffled pages, against the dense kernel and the best SDPA backend run once per "

@@ -478,3 +478,30 @@ def test_pipeline_part_measures_link_by_link_every_stage_count_at_each_prompt(mo
     gbe, nvl = (round(link_preset(n).bandwidth_gbps) for n in ("100gbe", "nvlink"))
     assert seen == [(2, gbe, 64), (4, gbe, 64), (2, gbe, 32), (4, gbe, 32),
                     (2, nvl, 64), (4, nvl, 64), (2, nvl, 32), (4, nvl, 32)]
+
+
+def test_a_launch_bound_shape_is_also_compared_by_device_time(monkeypatch):
+    """Where the launcher's host time exceeds its kernel's graph time, every fair SDPA peer is replayed from a CUDA
+    graph (stubbed here: no CUDA), the fastest named and our graph time set against it; a peer that cannot be
+    captured says why; flex is not captured; the summary reports it beside the eager figure."""
+    import bench.kernels as bk
+    times = dict(sdpa_flash=0.020, sdpa_cudnn=0.012)
+
+    def fake_graph(fn, timer=None):
+        if fn == "sdpa_efficient":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return times[fn]
+    monkeypatch.setattr(bk, "graph_replay_ms", fake_graph)
+    row = dict(launch_host_us=60.0, launch_graph_us=15.0)
+    got = bk.device_time_vs_peers(row, {n: n for n in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")},
+                                  dict(sdpa_flash=0.03, sdpa_cudnn=0.02, sdpa_efficient=0.04, flex=0.05))
+    assert got["best_peer_graph"] == "sdpa_cudnn" and got["speedup_vs_best_peer_graph"] == pytest.approx(0.8)
+    assert got["sdpa_flash_graph_ms"] == 0.020 and got["sdpa_efficient_graph_why"].startswith("RuntimeError: operat")
+    assert not any(k.startswith("flex") for k in got)
+    env = dict(device="GPU", torch="2", triton="3", git_commit="x")
+    row = dict(prefix=0, chunk=256, triton_tflops=8.0, triton_of_gemm=0.01, best_peer="sdpa_cudnn",
+               speedup_vs_best_peer=0.7, max_abs_err=1e-3, launch_host_us=60.0, launch_graph_us=15.0, **got)
+    kernels = dict(copy_gbps=1.0, gemm_bf16_tflops=1.0, attention=[row], memory_bound=[],
+                   targets=dict(attention_tflops=560.0, attention_vs_best_peer=1.0, memory_bound_of_copy=0.8))
+    text = gpu_suite.summary_markdown(env, None, kernels, None, None, None)
+    assert "prefix 0, chunk 256: 0.80x sdpa_cudnn (eager 0.70x)" in text
