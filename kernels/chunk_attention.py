@@ -113,7 +113,7 @@ def _chunk_attention_kernel(
     # meta-parameters
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, PER_ROW_START: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, LONGEST_FIRST: tl.constexpr = False,
 ):
     """One program: BLOCK_M tile rows x every visible key, for one batch row. The tile rows are BLOCK_M queries of
     one query head, or, with PACK > 1 (GQA packing), BLOCK_M // PACK queries of each of the PACK query heads that
@@ -121,10 +121,16 @@ def _chunk_attention_kernel(
     then read once for the whole group. With SPLIT, program (., ., s) of a grid of n splits covers the s-th
     block-aligned slice of the prefix (the last one the chunk too) and writes its unnormalised partial result with
     its log-sum-exp; `_merge_splits_kernel` combines them. With TMA the prefix's whole key blocks are fetched
-    through tensor descriptors (Hopper's tensor-memory accelerator); the ragged tail and the chunk as before."""
+    through tensor descriptors (Hopper's tensor-memory accelerator); the ragged tail and the chunk as before. With
+    LONGEST_FIRST the query blocks run last to first: under the causal mask the last ones see the most keys, so the
+    longest programs start in the first wave (for sweeps: it made the 64x128 tile spill on sm_90 under Triton 3.9,
+    so the launcher does not choose it)."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM  # a head dim that is not a power of two: padded tiles, masked columns
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # queries per head in the tile
-    pid_m = tl.program_id(0)
+    if LONGEST_FIRST:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
     n_splits = tl.num_programs(2)
@@ -414,8 +420,9 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
 
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
-# GQA packing (default off); prefix splits (default: heuristic); TMA loads of the prefix (default off: untimed)
-OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits", "tma")
+# GQA packing (default off); prefix splits (default: heuristic); TMA loads of the prefix (default off: untimed);
+# query blocks last to first (default off: for sweeps)
+OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits", "tma", "longest_first")
 
 
 def _check_config(config: dict, group: int) -> dict:
@@ -435,8 +442,9 @@ def _check_config(config: dict, group: int) -> dict:
     if config.get("pack_gqa") and pack_heads(group) > config["BLOCK_M"]:
         raise ValueError(f"chunk_attention: config pack_gqa puts {pack_heads(group)} query heads in a tile of "
                          f"BLOCK_M = {config['BLOCK_M']} rows; BLOCK_M must be at least that")
-    if not isinstance(config.get("tma", False), bool):
-        raise ValueError(f"chunk_attention: config tma must be True or False, got {config['tma']!r}")
+    for key in ("tma", "longest_first"):
+        if not isinstance(config.get(key, False), bool):
+            raise ValueError(f"chunk_attention: config {key} must be True or False, got {config[key]!r}")
     splits = config.get("num_splits", 1)
     if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= 256:
         raise ValueError(f"chunk_attention: config num_splits must be an int in [1, 256], got {splits!r}")
@@ -531,7 +539,8 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
             B, C, Hq, sm_scale * LOG2E,
             GROUP=Hq // k_new.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D),
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PER_ROW_START=per_row, PACK=pack,
-            SPLIT=splits > 1, TMA=bool(cfg.get("tma")), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            SPLIT=splits > 1, TMA=bool(cfg.get("tma")), LONGEST_FIRST=bool(cfg.get("longest_first")),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         if splits > 1:

@@ -237,7 +237,8 @@ def pick_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] =
     `max_chunk` with `group` query heads per KV head (every config this returns is compiled ahead of time in the
     tests, no spills allowed). Packs a group's heads into the tile rows for chunks of up to PACK_MAX_CHUNK queries
     (decode and short chunks: their own queries would leave a tile mostly empty), as the dense kernel does.
-    Untuned: no GPU has timed this kernel yet."""
+    Untuned: one H200 run (bench/results/h200) found these 64x32 tiles at 0.45x the dense kernel's 128x128 on a
+    long chunk; `python -m bench kernels --sweep --paged` is how to choose better ones."""
     return dict(_pick_config(head_dim, dtype, capability, max_chunk <= PACK_MAX_CHUNK and group > 1,
                              pack_heads(group), interpreted()))
 
@@ -380,6 +381,9 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
         if config.get("tma"):
             raise ValueError("paged chunk_attention: config tma is not supported on the paged path (pages are not "
                              "one tensor a descriptor can address)")
+        if config.get("longest_first"):
+            raise ValueError("paged chunk_attention: config longest_first is the dense kernel's (a sweep option); "
+                             "the paged path does not take it")
     if max_prefix is not None and integer("max_prefix", max_prefix) < 0:
         raise ValueError(f"paged chunk_attention: max_prefix (the longest row's prefix, a hint for the split-KV "
                          f"choice) must be >= 0, got {max_prefix}")

@@ -344,6 +344,14 @@ def test_attention_sweep_tries_split_kv_and_packing_on_short_chunks_over_long_pr
                            timer=lambda fn: seen.append(fn) or 1.0)  # configs listed, nothing run but the reference
     assert len(seen) == len(rows)
     assert {r.get("num_splits", 1) for r in rows} == {1, 2, 4, 8} and any(r.get("pack_gqa") for r in rows)
+    assert not any(r.get("longest_first") for r in rows)
+
+
+def test_attention_sweep_tries_longest_first_at_prefix_zero():
+    from bench.kernels import sweep_attention
+    rows = sweep_attention(shape=(0, 300), Hq=4, Hkv=1, D=16, dtype=torch.float32, device="cpu",
+                           timer=lambda fn: 1.0)  # configs listed, nothing run but the reference
+    assert sum(bool(r.get("longest_first")) for r in rows) == 4 and not any(r.get("num_splits") for r in rows)
 
 
 # ---- one GPU as S GPUs (SM partitions) ------------------------------------------------------------------------------

@@ -91,7 +91,18 @@ def test_chunk_attention_any_block_shape(block_m, block_n):
     run_attention_case(2, 75, 4, 2, 16, 21, torch.float32, 2e-5, config=cfg)
 
 
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,C,start_pos,extra", [(2, 75, 0, {}), (1, 130, 0, {"pack_gqa": True}),
+                                                 (2, 33, 21, {"num_splits": 3}), (1, 1, 40, {})])
+def test_chunk_attention_longest_first(B, C, start_pos, extra, dtype, tol):
+    """Query blocks launched last to first (config longest_first, a sweep option): the same results, at prefix 0
+    (where the order matters most), packed, split and for a single query."""
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, longest_first=True, **extra)
+    run_attention_case(B, C, 4, 2, 16, start_pos, dtype, tol, config=cfg)
+
+
 @pytest.mark.parametrize("config,match", [
+    (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, longest_first=1), "longest_first must be True or False"),
     (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4), "must give BLOCK_M"),
     (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, split=2), "must give BLOCK_M"),
     (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0), r"num_splits .* \[1, 256\], got 0"),
