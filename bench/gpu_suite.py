@@ -23,7 +23,9 @@ stops starting new work early enough to leave the parts after it their reserve (
 stopped (the tests it finished are counted from its log), no further kernel shape or pipeline point starts. A part
 cut short says so. A part still running HANG_GRACE_S (45 s) past the budget is stuck where Python cannot stop it
 (a CUDA call that never returns): a watchdog then writes every thread's stack to hang.txt, the part's failure and
-the summary, and ends the process with exit code 3. Without CUDA it refuses, saying why, before doing anything.
+the summary, and ends the process with exit code 3 (and should the watchdog itself be blocked, faulthandler writes
+the stacks to hang-fallback.txt and ends the process 15 s later). Without CUDA it refuses, saying why, before doing
+anything.
 """
 from __future__ import annotations
 
@@ -584,6 +586,7 @@ def _guarded(out: Path, name: str, env: dict, run):
 COMPILER_RESERVE_S = 30.0
 # How long past its budget the suite may still be running before the watchdog ends it (`_watchdog`).
 HANG_GRACE_S = 45.0
+FALLBACK_AFTER_S = 15.0  # then faulthandler's, should the watchdog itself not run
 
 
 def _hard_exit(code: int) -> None:
@@ -683,6 +686,12 @@ def _suite(out: Path, args, parts) -> int:
     running: dict = {}
     watchdog = _watchdog(out, env, docs, running, args.budget_s, t0 + args.budget_s + HANG_GRACE_S)
     watchdog.start()
+    # if even the watchdog cannot run (a stuck call holding the interpreter's lock), the C-level fallback writes
+    # every thread's stack and ends the process 15 s later: the parts already written stay, the archive step runs
+    import faulthandler
+    fallback = open(out / "hang-fallback.txt", "w")
+    faulthandler.dump_traceback_later(max(0.1, t0 + args.budget_s + HANG_GRACE_S + FALLBACK_AFTER_S - time.time()),
+                                      exit=True, file=fallback)
     try:
         for name in PARTS:
             if name in parts:
@@ -692,6 +701,10 @@ def _suite(out: Path, args, parts) -> int:
         running.update(part=None)
     finally:
         watchdog.cancel()
+        faulthandler.cancel_dump_traceback_later()
+        fallback.close()
+        if not (out / "hang-fallback.txt").stat().st_size:
+            (out / "hang-fallback.txt").unlink()
     (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"],
                                                      docs["partitions"], docs["ragged"]))
     failed = [name for name, d in docs.items() if d is not None and d.get("part_failed")]

@@ -466,6 +466,7 @@ def test_a_part_hung_past_the_budget_is_recorded_and_the_suite_ended(tmp_path, m
     tests = json.loads(seen["files"]["tests.json"])
     assert tests["part_failed"].startswith("hung: still running") and "hang.txt" in tests["part_failed"]
     assert "**tests part FAILED**: hung" in seen["files"]["summary.md"]
+    assert not (tmp_path / "hang-fallback.txt").exists()  # the C-level fallback was disarmed, its empty file gone
 
 
 def test_pipeline_part_measures_link_by_link_every_stage_count_at_each_prompt(monkeypatch):
@@ -513,3 +514,25 @@ def test_a_launch_bound_shape_is_also_compared_by_device_time(monkeypatch):
                    targets=dict(attention_tflops=560.0, attention_vs_best_peer=1.0, memory_bound_of_copy=0.8))
     text = gpu_suite.summary_markdown(env, None, kernels, None, None, None)
     assert "prefix 0, chunk 256: 0.80x sdpa_cudnn (eager 0.70x)" in text
+
+
+def test_a_hang_the_watchdog_cannot_see_is_ended_by_the_fallback(tmp_path):
+    """With the Python watchdog unable to run (stubbed out), faulthandler writes every thread's stack to
+    hang-fallback.txt and ends the process: the suite does not outlive its budget."""
+    import subprocess
+    import sys
+    code = f"""
+import argparse, time
+from pathlib import Path
+from bench import gpu_suite
+gpu_suite.HANG_GRACE_S, gpu_suite.FALLBACK_AFTER_S = 0.2, 0.5
+gpu_suite._watchdog = lambda *a, **k: type("T", (), dict(start=lambda s: None, cancel=lambda s: None))()
+def stuck_for_good(out, timeout_s):
+    time.sleep(60)
+gpu_suite.run_gpu_tests = stuck_for_good
+gpu_suite._suite(Path({str(tmp_path)!r}), argparse.Namespace(budget_s=0.3, quick=True, layers=2), ["tests"])
+"""
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-c", code], cwd=gpu_suite.ROOT, capture_output=True, text=True, timeout=60)
+    assert time.time() - t0 < 30 and res.returncode != 0
+    assert "stuck_for_good" in (tmp_path / "hang-fallback.txt").read_text()
