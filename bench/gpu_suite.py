@@ -29,6 +29,7 @@ anything.
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import subprocess
@@ -570,16 +571,33 @@ def _guarded(out: Path, name: str, env: dict, run):
     except Exception as e:  # noqa: BLE001 - recorded in the part's file and the summary; the suite goes on
         import traceback
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        f = out / f"{name}.json"
-        try:
-            doc = json.loads(f.read_text()) if f.exists() else {}
-        except (OSError, json.JSONDecodeError):
-            doc = {}
-        doc.update(environment=env, complete=False, part_failed=f"{type(e).__name__}: {first}",
-                   traceback=traceback.format_exc())
-        _write(out, f"{name}.json", doc)
-        print(f"[gpu-suite] {name} part FAILED: {doc['part_failed']} (kept in {f}; going on)", flush=True)
+        doc = _mark_failed(out, name, env, part_failed=f"{type(e).__name__}: {first}",
+                           traceback=traceback.format_exc())
+        print(f"[gpu-suite] {name} part FAILED: {doc['part_failed']} (kept in {out / f'{name}.json'}; going on)",
+              flush=True)
         return doc
+
+
+def _mark_failed(out: Path, name: str, env: dict, **why) -> dict:
+    """`<name>.json` as measured so far (or empty), marked incomplete with `why` (part_failed, ...): rewritten and
+    returned."""
+    f = out / f"{name}.json"
+    try:
+        doc = json.loads(f.read_text()) if f.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        doc = {}
+    doc.update(environment=env, complete=False, **why)
+    _write(out, f"{name}.json", doc)
+    return doc
+
+
+def _write_summary(out: Path, env: dict, docs: dict) -> None:
+    (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"],
+                                                     docs["partitions"], docs["ragged"]))
+
+
+def _failed_parts(docs: dict) -> list[str]:
+    return [name for name, d in docs.items() if d is not None and d.get("part_failed")]
 
 
 # The kernel part's last seconds, for the compiler's resource report (8 processes on the GPU machine's cores).
@@ -598,7 +616,6 @@ def _watchdog(out: Path, env: dict, docs: dict, running: dict, budget_s: float, 
     cannot interrupt it (a CUDA call that never returns: seen on an H200, where the outer timeout then took every
     part's results with it). It writes every thread's stack to hang.txt, records the running part as failed,
     writes summary.md and the closing line, and ends the process (exit code 3) so what was measured comes back."""
-    import faulthandler
     import threading
 
     def fire():
@@ -606,22 +623,14 @@ def _watchdog(out: Path, env: dict, docs: dict, running: dict, budget_s: float, 
         with open(out / "hang.txt", "w") as f:
             faulthandler.dump_traceback(file=f, all_threads=True)
         if name is not None:
-            f = out / f"{name}.json"
-            try:
-                doc = json.loads(f.read_text()) if f.exists() else {}
-            except (OSError, json.JSONDecodeError):
-                doc = {}
-            doc.update(environment=env, complete=False,
-                       part_failed=f"hung: still running {time.time() - running['since']:.0f} s after it started, "
-                                   f"past the suite's {budget_s:.0f} s budget (every thread's stack: hang.txt)")
-            docs[name] = doc
-            _write(out, f"{name}.json", doc)
-        (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"],
-                                                         docs["partitions"], docs["ragged"]))
+            docs[name] = _mark_failed(
+                out, name, env, part_failed=f"hung: still running {time.time() - running['since']:.0f} s after it "
+                                            f"started, past the suite's {budget_s:.0f} s budget (every thread's "
+                                            "stack: hang.txt)")
+        _write_summary(out, env, docs)
         print(f"[gpu-suite] {name} part HUNG past the budget: stacks in {out / 'hang.txt'}; ending the suite",
               flush=True)
-        print(json.dumps(dict(out=str(out), device=env["device"], hung=name,
-                              parts_failed=[n for n, d in docs.items() if d is not None and d.get("part_failed")])),
+        print(json.dumps(dict(out=str(out), device=env["device"], hung=name, parts_failed=_failed_parts(docs))),
               flush=True)
         _hard_exit(3)
     timer = threading.Timer(max(0.0, at - time.time()), fire)
@@ -688,7 +697,6 @@ def _suite(out: Path, args, parts) -> int:
     watchdog.start()
     # if even the watchdog cannot run (a stuck call holding the interpreter's lock), the C-level fallback writes
     # every thread's stack and ends the process 15 s later: the parts already written stay, the archive step runs
-    import faulthandler
     fallback = open(out / "hang-fallback.txt", "w")
     faulthandler.dump_traceback_later(max(0.1, t0 + args.budget_s + HANG_GRACE_S + FALLBACK_AFTER_S - time.time()),
                                       exit=True, file=fallback)
@@ -705,9 +713,8 @@ def _suite(out: Path, args, parts) -> int:
         fallback.close()
         if not (out / "hang-fallback.txt").stat().st_size:
             (out / "hang-fallback.txt").unlink()
-    (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"],
-                                                     docs["partitions"], docs["ragged"]))
-    failed = [name for name, d in docs.items() if d is not None and d.get("part_failed")]
+    _write_summary(out, env, docs)
+    failed = _failed_parts(docs)
     tests_doc = docs["tests"]
     print(f"[gpu-suite] done in {time.time() - t0:.0f} s: {out / 'summary.md'}")
     print(json.dumps(dict(out=str(out), device=env["device"], wall_s=round(time.time() - t0, 1),

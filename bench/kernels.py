@@ -175,17 +175,20 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
                         for m, n, w in ((128, 128, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4))]
     q, kn, vn, kc, vc, _, ref = attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 1)
     flops = attention_flops(B, Hq, D, C, P)
-    rows = []
-    for cfg in configs:
-        out = torch.full_like(q, float("nan"))
-        try:
-            ms = timer(lambda: chunk_attention(q, kn, vn, kc, vc, P, out=out, config=cfg))
-        except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is a result
-            rows.append(dict(cfg, prefix=P, chunk=C, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
-            continue
-        rows.append(dict(cfg, prefix=P, chunk=C, ms=ms, tflops=flops / ms / 1e9,
-                         max_abs_err=(out.double() - ref).abs().max().item()))
-    return rows
+    return [_sweep_row(dict(cfg, prefix=P, chunk=C), q, ref, flops, timer,
+                       lambda out, cfg=cfg: chunk_attention(q, kn, vn, kc, vc, P, out=out, config=cfg))
+            for cfg in configs]
+
+
+def _sweep_row(row: dict, q, ref, flops: float, timer, call) -> dict:
+    """One sweep config: `call(out)` timed into a NaN-poisoned `out` like `q`, its TFLOP/s and max error against
+    `ref`; or why it failed (a config that does not compile, shared memory, is a result)."""
+    out = torch.full_like(q, float("nan"))
+    try:
+        ms = timer(lambda: call(out))
+    except Exception as e:  # noqa: BLE001 - said in the row
+        return dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    return dict(row, ms=ms, tflops=flops / ms / 1e9, max_abs_err=(out.double() - ref).abs().max().item())
 
 
 def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=ATTENTION_SHAPES, device="cuda",
@@ -368,16 +371,11 @@ def sweep_paged(configs=None, shape=TARGET_SHAPE, page_sizes=PAGED_SWEEP_PAGES, 
     rows = []
     for page in page_sizes:
         kc, vc, table = paged_cache([shape], [case], page, seed=page)
-        for cfg in configs:
-            out = torch.full_like(q, float("nan"))
-            row = dict(cfg, prefix=P, chunk=C, page_size=page)
-            try:
-                ms = timer(lambda: chunk_attention(q, kn, vn, kc, vc, prefix, out=out, config=cfg, block_table=table,
-                                                   cu_seqlens=cu, max_chunk=C, max_prefix=P))
-            except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is a result
-                rows.append(dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
-                continue
-            rows.append(dict(row, ms=ms, tflops=flops / ms / 1e9, max_abs_err=(out.double() - ref).abs().max().item()))
+        rows += [_sweep_row(dict(cfg, prefix=P, chunk=C, page_size=page), q, ref, flops, timer,
+                            lambda out, cfg=cfg: chunk_attention(q, kn, vn, kc, vc, prefix, out=out, config=cfg,
+                                                                 block_table=table, cu_seqlens=cu, max_chunk=C,
+                                                                 max_prefix=P))
+                 for cfg in configs]
     return rows
 
 
