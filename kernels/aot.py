@@ -57,9 +57,12 @@ def _attention_signature(dtype) -> dict[str, str]:
 
 def kernel_specs(arch: int = 90) -> list[KernelSpec]:
     specs = []
-    padded = [(d, torch.bfloat16, 1,
-               attn_mod.pick_config(4096, attn_mod.block_d(d), torch.bfloat16, divmod(arch, 10)))
-              for d in (80, 96)]  # real models' head dims that are not powers of two: padded tiles
+    padded = []  # real models' head dims that are not powers of two: padded tiles, over a long prefix and none
+    for d in (80, 96):
+        for prefix in (None, 0):
+            cfg = attn_mod.pick_config(4096, attn_mod.block_d(d), torch.bfloat16, divmod(arch, 10), prefix=prefix)
+            if (d, torch.bfloat16, 1, cfg) not in padded:
+                padded.append((d, torch.bfloat16, 1, cfg))
     for head_dim, dtype, group, cfg in attn_mod.all_configs(divmod(arch, 10)) + padded:
         sig = _attention_signature(dtype)
         pack = attn_mod.pack_heads(group) if cfg["pack_gqa"] else 1

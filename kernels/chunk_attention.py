@@ -288,14 +288,22 @@ def pack_heads(group: int) -> int:
 
 
 def pick_config(chunk_len: int, head_dim: int, dtype: torch.dtype, capability: tuple[int, int] = (9, 0),
-                group: int = 1) -> dict:
+                group: int = 1, prefix: int | None = None) -> dict:
     """Block sizes, launch shape and GQA packing for a GPU of compute `capability` (`group` = query heads per KV
-    head). Every config this can return is compiled ahead of time in the tests (no spills allowed)."""
-    return dict(_pick_config(chunk_len, head_dim, dtype, capability, group, interpreted()))
+    head; `prefix` = the cached positions before the chunk, None when unknown, e.g. per-row starts on the device).
+    Every config this can return is compiled ahead of time in the tests (no spills allowed)."""
+    return dict(_pick_config(chunk_len, head_dim, dtype, capability, group, interpreted(),
+                             causal_heavy(chunk_len, prefix)))
+
+
+def causal_heavy(chunk_len: int, prefix: int | None) -> bool:
+    """Whether the chunk's causal part is most of the work: a prefix of at most an eighth of the chunk (the
+    causal part is then at least 80% of the key-query pairs). False when the prefix is unknown."""
+    return prefix is not None and 8 * prefix <= chunk_len
 
 
 @functools.lru_cache(maxsize=1024)  # the launcher asks on every call: host time counts for short chunks
-def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted) -> dict:
+def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted, causal=False) -> dict:
     pack = group > 1 and chunk_len <= PACK_MAX_CHUNK
     # at least 32 rows: 16-row packed tiles spilled 4-8 B under Triton 3.7 (d64 split, d256), 32-row ones do not
     packed_rows = min(64, max(32, next_pow2(chunk_len) * pack_heads(group)))
@@ -318,6 +326,10 @@ def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted) -> 
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2, pack_gqa=False)
     if head_dim == 128 and chunk_len <= 512:  # H100 sweep (bench/results/h100): short chunks need more programs
         return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, pack_gqa=False)  # P=32k C=256: 412 vs 263
+    if head_dim == 128 and causal:  # H100 sweep at prefix 0, chunk 2k: 64x32 s3 275 TFLOP/s, 128x128 254 (tiles
+        # on the diagonal are half masked: smaller ones waste less); 64x64 (283-300) spilled 4-16 B; at prefix 16k
+        # 64x32 s3 ran 408 against 480, hence only for a prefix short against the chunk
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, pack_gqa=False)
     if head_dim == 128:  # H100 sweep: 128x128 480-490 TFLOP/s, 128x64 457-469 at prefix 16k chunk 2k
         return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, pack_gqa=False)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False)
@@ -329,14 +341,15 @@ TMA_SWEEP = tuple((d, dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, tma=
                   for d, m, n, w, s in ((128, 128, 128, 8, 3), (128, 64, 128, 4, 3), (128, 128, 64, 8, 3),
                                         (64, 128, 64, 8, 3), (64, 64, 64, 4, 3)))
 
-# (chunk length, group) pairs that reach every branch of pick_config: decode unpacked and packed (16 and 64 rows)
-CONFIG_PROBES = ((1, 1), (1, 4), (16, 8), (256, 1), (4096, 1))
+# (chunk length, group, prefix) that reach every branch of pick_config: decode unpacked and packed (16 and 64
+# rows), short and long chunks, long chunks over no prefix
+CONFIG_PROBES = ((1, 1, None), (1, 4, None), (16, 8, None), (256, 1, None), (4096, 1, None), (4096, 1, 0))
 
 
 def all_configs(capability: tuple[int, int] = (9, 0)) -> list[tuple[int, torch.dtype, int, dict]]:
     """(head_dim, dtype, group, config) for every choice `pick_config` makes on a GPU of that capability."""
     return distinct_configs(SUPPORTED_HEAD_DIMS, SUPPORTED_DTYPES, CONFIG_PROBES,
-                            lambda c, d, dtype, group: pick_config(c, d, dtype, capability, group))
+                            lambda c, d, dtype, group, prefix: pick_config(c, d, dtype, capability, group, prefix))
 
 
 def pick_splits(programs: int, key_blocks: int, n_sm: int) -> int:
@@ -502,12 +515,13 @@ def launch_plan(q, k_new, k_cache, start_pos, config=None) -> dict:
     group = Hq // Hkv
     cap, n_sm = _device_facts(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
         if q.is_cuda else ((9, 0), 0)
-    cfg = config or _pick_config(C, block_d(D), q.dtype, cap, group, interpreted())
+    known = None if isinstance(start_pos, torch.Tensor) else start_pos  # a device tensor is not read
+    cfg = config or _pick_config(C, block_d(D), q.dtype, cap, group, interpreted(), causal_heavy(C, known))
     pack = pack_heads(group) if cfg.get("pack_gqa") and group > 1 else 1
     grid_m, grid_h = cdiv(C, cfg["BLOCK_M"] // pack), B * (Hkv if pack > 1 else Hq)
     splits = cfg.get("num_splits")
-    if splits is None:  # a device start tensor is not read: the longest prefix the cache allows stands in for it
-        prefix = k_cache.shape[1] - C if isinstance(start_pos, torch.Tensor) else start_pos
+    if splits is None:  # for a device start tensor the longest prefix the cache allows stands in
+        prefix = k_cache.shape[1] - C if known is None else known
         splits = pick_splits(grid_m * grid_h, prefix // cfg["BLOCK_N"], n_sm) if q.is_cuda else 1
     return dict(config=cfg, pack=pack, splits=splits, grid=(grid_m, grid_h, splits))
 

@@ -230,6 +230,29 @@ def test_pick_config_packs_gqa_for_short_chunks_only(monkeypatch):
     assert pick_config(1, 64, torch.bfloat16, (9, 0), group=4)["BLOCK_M"] == 32
 
 
+def test_pick_config_short_prefix_takes_smaller_tiles(monkeypatch):
+    """A long chunk over no prefix (or one short against it) is mostly causal: Hopper launches 64x32 tiles there, the
+    long-prefix tile elsewhere; short chunks, Ampere and per-row starts on the device (not read) keep theirs."""
+    from kernels.chunk_attention import launch_plan, pick_config
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bf16 = torch.bfloat16
+    long_tile = pick_config(2048, 128, bf16, (9, 0))
+    assert pick_config(2048, 128, bf16, (9, 0), prefix=16384) == long_tile
+    short = pick_config(2048, 128, bf16, (9, 0), prefix=0)
+    assert (short["BLOCK_M"], short["BLOCK_N"], short["num_stages"]) == (64, 32, 3) != (
+        long_tile["BLOCK_M"], long_tile["BLOCK_N"], long_tile["num_stages"])
+    assert pick_config(2048, 128, bf16, (9, 0), prefix=256) == short  # an eighth of the chunk
+    assert pick_config(2048, 128, bf16, (9, 0), prefix=257) == long_tile
+    assert pick_config(256, 128, bf16, (9, 0), prefix=0) == pick_config(256, 128, bf16, (9, 0))
+    assert pick_config(2048, 128, bf16, (8, 0), prefix=0) == pick_config(2048, 128, bf16, (8, 0))
+    q = torch.empty(1, 1024, 8, 128, dtype=bf16)
+    k_new = torch.empty(1, 1024, 2, 128, dtype=bf16)
+    k_cache = torch.empty(1, 4096, 2, 128, dtype=bf16)
+    assert launch_plan(q, k_new, k_cache, 0)["config"] == short
+    assert launch_plan(q, k_new, k_cache, 3072)["config"] == long_tile
+    assert launch_plan(q, k_new, k_cache, torch.zeros(1, dtype=torch.int32))["config"] == long_tile
+
+
 def test_chunk_attention_per_row_start_positions():
     run_attention_case(3, 19, 4, 2, 32, 0, torch.float32, 2e-5, per_row_starts=[0, 7, 70])
 
