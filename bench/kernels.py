@@ -170,8 +170,10 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
         if C <= 512 and P >= 4096:  # short chunks over long prefixes: split-KV and GQA packing too
             configs += [dict(BLOCK_M=64, BLOCK_N=n, num_warps=4, num_stages=3, num_splits=k, pack_gqa=pack)
                         for n in (64, 128) for k in (2, 4, 8) for pack in (False, True) if not (pack and C > 64)]
-        if P == 0 and C > 256:  # no prefix: the causal work per query block grows 1..C/BLOCK_N; longest first too
-            configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=3, longest_first=True)
+        if P == 0 and C > 256:  # no prefix: the causal work per query block grows 1..C/BLOCK_N; longest first
+            # too, and tiles compiled without the prefix loops
+            configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=3, **{key: True})
+                        for key in ("longest_first", "no_prefix")
                         for m, n, w in ((128, 128, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4))]
     q, kn, vn, kc, vc, _, ref = attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 1)
     flops = attention_flops(B, Hq, D, C, P)
@@ -542,7 +544,7 @@ def main(argv=None) -> int:
         for r in sorted(rows, key=lambda r: (r["prefix"], r["chunk"], r.get("page_size", 0), -r.get("tflops", 0))):
             cfg = f"P={r['prefix']} C={r['chunk']} " + " ".join(
                 f"{k}={r[k]}" for k in ("page_size", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_splits",
-                                        "pack_gqa", "tma", "longest_first")
+                                        "pack_gqa", "tma", "longest_first", "no_prefix")
                 if k in r)
             print(f"{cfg:<64} " + (f"{r['tflops']:6.0f} TFLOP/s  err {r['max_abs_err']:.1e}" if "tflops" in r
                                    else r["error"]))

@@ -57,33 +57,38 @@ def _attention_signature(dtype) -> dict[str, str]:
 
 def kernel_specs(arch: int = 90) -> list[KernelSpec]:
     specs = []
-    padded = []  # real models' head dims that are not powers of two: padded tiles, over a long prefix and none
-    for d in (80, 96):
+    cap = divmod(arch, 10)
+    # every choice of the launcher over a prefix, and at prefix 0 (where a tile with no_prefix compiles without the
+    # prefix loops, unsplit: there is nothing to split)
+    dense = attn_mod.all_configs(cap)
+    dense += [c for c in attn_mod.all_configs(cap, 0) if c not in dense]
+    for d in (80, 96):  # real models' head dims that are not powers of two: padded tiles, over a prefix and none
         for prefix in (None, 0):
-            cfg = attn_mod.pick_config(4096, attn_mod.block_d(d), torch.bfloat16, divmod(arch, 10), prefix=prefix)
-            if (d, torch.bfloat16, 1, cfg) not in padded:
-                padded.append((d, torch.bfloat16, 1, cfg))
-    for head_dim, dtype, group, cfg in attn_mod.all_configs(divmod(arch, 10)) + padded:
+            c = (d, torch.bfloat16, 1, attn_mod.pick_config(4096, attn_mod.block_d(d), torch.bfloat16, cap,
+                                                             prefix=prefix))
+            if c not in dense:
+                dense.append(c)
+    for head_dim, dtype, group, cfg in dense:
+        has_prefix = not cfg.get("no_prefix")
         sig = _attention_signature(dtype)
         pack = attn_mod.pack_heads(group) if cfg["pack_gqa"] else 1
         # the model passes an int start (PER_ROW_START=False); the per-row variant differs by one load and is
         # compiled for the largest tile of the serving dtype below. Split-KV (any config may be split when its grid
         # leaves SMs idle) differs in the prologue and the float32 epilogue: compiled for every 16-bit config.
-        per_row_too = head_dim == 128 and dtype == torch.bfloat16 and cfg["BLOCK_M"] == 128
+        per_row_too = head_dim == 128 and dtype == torch.bfloat16 and cfg["BLOCK_M"] == 128 and has_prefix
         variants = [(False, False, False)] + [(True, False, False)] * per_row_too + [(False, True, False)] * (
-            dtype != torch.float32)
+            dtype != torch.float32 and has_prefix)
         for per_row, split, tma in variants:
             const = dict(GROUP=group if pack > 1 else 4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim),
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                          PRECISION="ieee" if dtype == torch.float32 else "tf32", PER_ROW_START=per_row, PACK=pack,
-                         SPLIT=split, TMA=tma, LONGEST_FIRST=False)
+                         SPLIT=split, TMA=tma, LONGEST_FIRST=False, HAS_PREFIX=has_prefix)
             name = (f"chunk_attention d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
                     + (f" pack{pack}" if pack > 1 else "") + (" per-row start" if per_row else "")
-                    + (" split" if split else "") + (" tma" if tma else ""))
+                    + (" split" if split else "") + (" tma" if tma else "") + ("" if has_prefix else " no-prefix"))
             specs.append(KernelSpec(name, attn_mod._chunk_attention_kernel, sig | {k: "constexpr" for k in const},
                                     const, cfg["num_warps"], cfg["num_stages"],
                                     expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64))
-    cap = divmod(arch, 10)
     paged = [c for c in paged_mod.all_configs(cap) if c[1] != torch.float16 or not c[3]["pack_gqa"]]  # fp16: as bf16
     paged.append((80, torch.bfloat16, 1, paged_mod.pick_config(paged_mod.block_d(80), torch.bfloat16, cap)))
     for head_dim, dtype, group, cfg in paged:  # the paged, varlen kernel
@@ -114,7 +119,7 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
             for split in (False, True):
                 const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim), BLOCK_M=cfg["BLOCK_M"],
                              BLOCK_N=cfg["BLOCK_N"], PRECISION="tf32", PER_ROW_START=False, PACK=1, SPLIT=split,
-                             TMA=True, LONGEST_FIRST=False)
+                             TMA=True, LONGEST_FIRST=False, HAS_PREFIX=True)
                 specs.append(KernelSpec(f"chunk_attention d{head_dim} bfloat16 m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
                                         f" w{cfg['num_warps']}s{cfg['num_stages']}" + (" split" if split else "")
                                         + " tma", attn_mod._chunk_attention_kernel,
@@ -197,7 +202,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
 
 def selected_specs(arch: int, only: str = "", quick: bool = False) -> list[KernelSpec]:
     """The specs whose name contains `only`; with `quick`, attention in bf16 at every head dim and in the other
-    dtypes at d128 only, and the paged kernel's split variants at d128 only (the split adds the same prologue and
+    dtypes at d128 only, the paged kernel's split variants at d128 only (the split adds the same prologue and
     epilogue to every tile)."""
     def skipped(name: str) -> bool:
         if not name.startswith("chunk_attention") or " d128 " in name:

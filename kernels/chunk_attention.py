@@ -113,7 +113,7 @@ def _chunk_attention_kernel(
     # meta-parameters
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, PER_ROW_START: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
-    TMA: tl.constexpr = False, LONGEST_FIRST: tl.constexpr = False,
+    TMA: tl.constexpr = False, LONGEST_FIRST: tl.constexpr = False, HAS_PREFIX: tl.constexpr = True,
 ):
     """One program: BLOCK_M tile rows x every visible key, for one batch row. The tile rows are BLOCK_M queries of
     one query head, or, with PACK > 1 (GQA packing), BLOCK_M // PACK queries of each of the PACK query heads that
@@ -124,7 +124,8 @@ def _chunk_attention_kernel(
     through tensor descriptors (Hopper's tensor-memory accelerator); the ragged tail and the chunk as before. With
     LONGEST_FIRST the query blocks run last to first: under the causal mask the last ones see the most keys, so the
     longest programs start in the first wave (for sweeps: it made the 64x128 tile spill on sm_90 under Triton 3.9,
-    so the launcher does not choose it)."""
+    so the launcher does not choose it). Without HAS_PREFIX (config no_prefix, for an int start of 0) the prefix
+    loops are not compiled, which keeps the launcher's prefix-0 tile from spilling."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM  # a head dim that is not a power of two: padded tiles, masked columns
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # queries per head in the tile
     if LONGEST_FIRST:
@@ -196,24 +197,25 @@ def _chunk_attention_kernel(
     # Phase 1, the prefix: every query sees every key. Full blocks unmasked, the ragged tail masked. Split: this
     # program's block-aligned slice [lo, hi) of [0, P); the chunk phase only in the last split.
     lo, hi, chunk_end = _split_slice(P, C_ok, pid_s, n_splits, SPLIT, BLOCK_N)
-    # the slice's keys are addressed from its start (a loop from 0 with a constant-free start compiles to fewer
-    # registers: a loop from a runtime `lo` spilled 92-108 B in the 64x128 tile under Triton 3.9)
-    n = hi - lo
-    n_full = (n // BLOCK_N) * BLOCK_N
-    kcs, vcs = kc + lo * stride_kcm, vc + lo * stride_vcm
-    if TMA:  # the cache as [B·max_len, Hkv, HEAD_DIM]: the launcher checked it flattens (batch stride = max_len rows)
-        Hkv_all = Hq // GROUP
-        kd = tl.make_tensor_descriptor(KC, shape=[B * max_len, Hkv_all, HEAD_DIM], strides=[stride_kcm, stride_kch, 1],
-                                       block_shape=[BLOCK_N, 1, BLOCK_D])
-        vd = tl.make_tensor_descriptor(VC, shape=[B * max_len, Hkv_all, HEAD_DIM], strides=[stride_vcm, stride_vch, 1],
-                                       block_shape=[BLOCK_N, 1, BLOCK_D])
-        acc, l_i, m_i = _attend_tma(acc, l_i, m_i, q, kd, vd, (b * max_len + lo).to(tl.int32), kvh, n_full, offs_d,
-                                    qk_scale, BLOCK_N, BLOCK_D, PRECISION)
-    else:
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, 0, n_full, n, offs_m, offs_n,
-                                offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, n_full, n, n, offs_m, offs_n,
-                            offs_d, qk_scale, False, True, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
+    if HAS_PREFIX:
+        # the slice's keys are addressed from its start (a loop from 0 with a constant-free start compiles to fewer
+        # registers: a loop from a runtime `lo` spilled 92-108 B in the 64x128 tile under Triton 3.9)
+        n = hi - lo
+        n_full = (n // BLOCK_N) * BLOCK_N
+        kcs, vcs = kc + lo * stride_kcm, vc + lo * stride_vcm
+        if TMA:  # the cache as [B·max_len, Hkv, HEAD_DIM]: the launcher checked it flattens (batch stride = max_len rows)
+            Hkv_all = Hq // GROUP
+            kd = tl.make_tensor_descriptor(KC, shape=[B * max_len, Hkv_all, HEAD_DIM], strides=[stride_kcm, stride_kch, 1],
+                                           block_shape=[BLOCK_N, 1, BLOCK_D])
+            vd = tl.make_tensor_descriptor(VC, shape=[B * max_len, Hkv_all, HEAD_DIM], strides=[stride_vcm, stride_vch, 1],
+                                           block_shape=[BLOCK_N, 1, BLOCK_D])
+            acc, l_i, m_i = _attend_tma(acc, l_i, m_i, q, kd, vd, (b * max_len + lo).to(tl.int32), kvh, n_full, offs_d,
+                                        qk_scale, BLOCK_N, BLOCK_D, PRECISION)
+        else:
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, 0, n_full, n, offs_m, offs_n,
+                                    offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, n_full, n, n, offs_m, offs_n,
+                                offs_d, qk_scale, False, True, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
     # Phase 2, the chunk itself: whole key blocks before this query block are all visible (unmasked); the
     # blocks from the one holding the block's first query on get the causal mask (that start is rounded down to
     # BLOCK_N, so BLOCK_N > BLOCK_Q stays exact). Blocks right of the diagonal are never visited.
@@ -292,18 +294,11 @@ def pick_config(chunk_len: int, head_dim: int, dtype: torch.dtype, capability: t
     """Block sizes, launch shape and GQA packing for a GPU of compute `capability` (`group` = query heads per KV
     head; `prefix` = the cached positions before the chunk, None when unknown, e.g. per-row starts on the device).
     Every config this can return is compiled ahead of time in the tests (no spills allowed)."""
-    return dict(_pick_config(chunk_len, head_dim, dtype, capability, group, interpreted(),
-                             causal_heavy(chunk_len, prefix)))
-
-
-def causal_heavy(chunk_len: int, prefix: int | None) -> bool:
-    """Whether the chunk's causal part is most of the work: a prefix of at most an eighth of the chunk (the
-    causal part is then at least 80% of the key-query pairs). False when the prefix is unknown."""
-    return prefix is not None and 8 * prefix <= chunk_len
+    return dict(_pick_config(chunk_len, head_dim, dtype, capability, group, interpreted(), prefix == 0))
 
 
 @functools.lru_cache(maxsize=1024)  # the launcher asks on every call: host time counts for short chunks
-def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted, causal=False) -> dict:
+def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted, no_prefix=False) -> dict:
     pack = group > 1 and chunk_len <= PACK_MAX_CHUNK
     # at least 32 rows: 16-row packed tiles spilled 4-8 B under Triton 3.7 (d64 split, d256), 32-row ones do not
     packed_rows = min(64, max(32, next_pow2(chunk_len) * pack_heads(group)))
@@ -326,10 +321,10 @@ def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted, cau
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2, pack_gqa=False)
     if head_dim == 128 and chunk_len <= 512:  # H100 sweep (bench/results/h100): short chunks need more programs
         return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, pack_gqa=False)  # P=32k C=256: 412 vs 263
-    if head_dim == 128 and causal:  # H100 sweep at prefix 0, chunk 2k: 64x32 s3 275 TFLOP/s, 128x128 254 (tiles
-        # on the diagonal are half masked: smaller ones waste less); 64x64 (283-300) spilled 4-16 B; at prefix 16k
-        # 64x32 s3 ran 408 against 480, hence only for a prefix short against the chunk
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, pack_gqa=False)
+    if head_dim == 128 and no_prefix:  # H100 sweep at prefix 0, chunk 2k: 64x64 s3 300 TFLOP/s, 128x128 254
+        # (tiles on the diagonal are half masked: smaller ones waste less). Compiled without the prefix loops, which
+        # keeps this tile from spilling (4-16 B with them; other tiles, 64x128 among them, spilled without them)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False, no_prefix=True)
     if head_dim == 128:  # H100 sweep: 128x128 480-490 TFLOP/s, 128x64 457-469 at prefix 16k chunk 2k
         return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, pack_gqa=False)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False)
@@ -341,15 +336,16 @@ TMA_SWEEP = tuple((d, dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, tma=
                   for d, m, n, w, s in ((128, 128, 128, 8, 3), (128, 64, 128, 4, 3), (128, 128, 64, 8, 3),
                                         (64, 128, 64, 8, 3), (64, 64, 64, 4, 3)))
 
-# (chunk length, group, prefix) that reach every branch of pick_config: decode unpacked and packed (16 and 64
-# rows), short and long chunks, long chunks over no prefix
-CONFIG_PROBES = ((1, 1, None), (1, 4, None), (16, 8, None), (256, 1, None), (4096, 1, None), (4096, 1, 0))
+# (chunk length, group) pairs that reach every branch of pick_config: decode unpacked and packed (16 and 64 rows)
+CONFIG_PROBES = ((1, 1), (1, 4), (16, 8), (256, 1), (4096, 1))
 
 
-def all_configs(capability: tuple[int, int] = (9, 0)) -> list[tuple[int, torch.dtype, int, dict]]:
-    """(head_dim, dtype, group, config) for every choice `pick_config` makes on a GPU of that capability."""
+def all_configs(capability: tuple[int, int] = (9, 0), prefix: int | None = None
+                ) -> list[tuple[int, torch.dtype, int, dict]]:
+    """(head_dim, dtype, group, config) for every choice `pick_config` makes on a GPU of that capability, over a
+    prefix (None: any; 0: the launches at prefix 0)."""
     return distinct_configs(SUPPORTED_HEAD_DIMS, SUPPORTED_DTYPES, CONFIG_PROBES,
-                            lambda c, d, dtype, group, prefix: pick_config(c, d, dtype, capability, group, prefix))
+                            lambda c, d, dtype, group: pick_config(c, d, dtype, capability, group, prefix))
 
 
 def pick_splits(programs: int, key_blocks: int, n_sm: int) -> int:
@@ -434,8 +430,9 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
 
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 # GQA packing (default off); prefix splits (default: heuristic); TMA loads of the prefix (default off: untimed);
-# query blocks last to first (default off: for sweeps)
-OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits", "tma", "longest_first")
+# query blocks last to first (default off: for sweeps); the kernel compiled without its prefix loops (for an int
+# start of 0 only; the launcher's prefix-0 tile sets it)
+OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits", "tma", "longest_first", "no_prefix")
 
 
 def _check_config(config: dict, group: int) -> dict:
@@ -455,7 +452,7 @@ def _check_config(config: dict, group: int) -> dict:
     if config.get("pack_gqa") and pack_heads(group) > config["BLOCK_M"]:
         raise ValueError(f"chunk_attention: config pack_gqa puts {pack_heads(group)} query heads in a tile of "
                          f"BLOCK_M = {config['BLOCK_M']} rows; BLOCK_M must be at least that")
-    for key in ("tma", "longest_first"):
+    for key in ("tma", "longest_first", "no_prefix"):
         if not isinstance(config.get(key, False), bool):
             raise ValueError(f"chunk_attention: config {key} must be True or False, got {config[key]!r}")
     splits = config.get("num_splits", 1)
@@ -493,6 +490,10 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     B, C, Hq, Hkv, D = _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos)
     if config is not None:
         config = _check_config(config, Hq // Hkv)
+        if config.get("no_prefix") and (isinstance(start_pos, torch.Tensor) or start_pos != 0):
+            got = "a tensor" if isinstance(start_pos, torch.Tensor) else start_pos
+            raise ValueError(f"chunk_attention: config no_prefix compiles the kernel without its prefix loops: it "
+                             f"needs an int start_pos of 0, got {got}")
     if sm_scale is None:
         sm_scale = D ** -0.5
     sm_scale = positive_number("chunk_attention: sm_scale", sm_scale)
@@ -516,7 +517,7 @@ def launch_plan(q, k_new, k_cache, start_pos, config=None) -> dict:
     cap, n_sm = _device_facts(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
         if q.is_cuda else ((9, 0), 0)
     known = None if isinstance(start_pos, torch.Tensor) else start_pos  # a device tensor is not read
-    cfg = config or _pick_config(C, block_d(D), q.dtype, cap, group, interpreted(), causal_heavy(C, known))
+    cfg = config or _pick_config(C, block_d(D), q.dtype, cap, group, interpreted(), known == 0)
     pack = pack_heads(group) if cfg.get("pack_gqa") and group > 1 else 1
     grid_m, grid_h = cdiv(C, cfg["BLOCK_M"] // pack), B * (Hkv if pack > 1 else Hq)
     splits = cfg.get("num_splits")
@@ -554,6 +555,7 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
             GROUP=Hq // k_new.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D),
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PER_ROW_START=per_row, PACK=pack,
             SPLIT=splits > 1, TMA=bool(cfg.get("tma")), LONGEST_FIRST=bool(cfg.get("longest_first")),
+            HAS_PREFIX=not cfg.get("no_prefix"),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )

@@ -386,6 +386,9 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
         if config.get("tma"):
             raise ValueError("paged chunk_attention: config tma is not supported on the paged path (pages are not "
                              "one tensor a descriptor can address)")
+        if config.get("no_prefix"):
+            raise ValueError("paged chunk_attention: config no_prefix is the dense kernel's (its prefix-0 tile); the "
+                             "paged path does not take it")
         if config.get("longest_first"):
             raise ValueError("paged chunk_attention: config longest_first is the dense kernel's (a sweep option); "
                              "the paged path does not take it")

@@ -75,15 +75,14 @@ def as_rows(t: torch.Tensor, op: str, name: str) -> torch.Tensor:
 
 
 def distinct_configs(head_dims, dtypes, probes, pick) -> list[tuple[int, torch.dtype, int, dict]]:
-    """(head_dim, dtype, group, config) for every distinct config `pick(chunk_len, head_dim, dtype, group, *rest)`
-    returns over the (chunk_len, group, *rest) `probes`: what a launcher can choose, for ahead-of-time
-    compilation."""
+    """(head_dim, dtype, group, config) for every distinct config `pick(chunk_len, head_dim, dtype, group)` returns
+    over the (chunk_len, group) `probes`: what a launcher can choose, for ahead-of-time compilation."""
     out = []
     for d in head_dims:
         for dtype in dtypes:
             seen = []
-            for c, group, *rest in probes:
-                cfg = pick(c, d, dtype, group, *rest)
+            for c, group in probes:
+                cfg = pick(c, d, dtype, group)
                 if cfg not in seen:
                     seen.append(cfg)
                     out.append((d, dtype, group, cfg))

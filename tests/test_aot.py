@@ -63,10 +63,14 @@ def test_the_compiled_selection_covers_every_kernel():
     # GQA-packed decode tiles and the split-KV variant of every 16-bit tile (any grid that leaves SMs idle splits)
     assert any(" pack" in n for n in names)
     plain = {n for n in names if n.startswith("chunk_attention ") and "float32" not in n and not n.endswith(
-        (" split", " per-row start", " tma"))}
+        (" split", " per-row start", " tma", " no-prefix"))}
     assert {n + " split" for n in plain} <= set(names)
     assert any(n.startswith("chunk_attention d128 bfloat16") for n in names)
     assert any(n.endswith("per-row start") for n in names)  # the start-position tensor variant
+    # the prefix-0 tile, compiled without the prefix loops (unsplit: nothing to split), padded head dims too
+    no_prefix = [n for n in names if n.endswith(" no-prefix")]
+    assert {"chunk_attention d128 bfloat16 m64n64 no-prefix", "chunk_attention d80 bfloat16 m64n64 no-prefix"} <= set(
+        no_prefix) and not any(" split" in n for n in no_prefix)
     tma = [n for n in names if n.endswith(" tma")]  # the TMA prefix loads, alone and split, on sm_90 only
     assert any(" d128 " in n for n in tma) and any(" split tma" in n for n in tma)
     assert not [r for r in compile_rows("--arch", "80", "--quick", "--list") if r["kernel"].endswith(" tma")]

@@ -230,19 +230,20 @@ def test_pick_config_packs_gqa_for_short_chunks_only(monkeypatch):
     assert pick_config(1, 64, torch.bfloat16, (9, 0), group=4)["BLOCK_M"] == 32
 
 
-def test_pick_config_short_prefix_takes_smaller_tiles(monkeypatch):
-    """A long chunk over no prefix (or one short against it) is mostly causal: Hopper launches 64x32 tiles there, the
-    long-prefix tile elsewhere; short chunks, Ampere and per-row starts on the device (not read) keep theirs."""
+def test_pick_config_at_prefix_0_takes_smaller_tiles(monkeypatch):
+    """A long chunk over no prefix is all causal: Hopper launches 64x64 tiles there (compiled without the prefix
+    loops), the long-prefix tile elsewhere; short chunks, Ampere and per-row starts on the device (not read) keep
+    theirs."""
     from kernels.chunk_attention import launch_plan, pick_config
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     bf16 = torch.bfloat16
     long_tile = pick_config(2048, 128, bf16, (9, 0))
     assert pick_config(2048, 128, bf16, (9, 0), prefix=16384) == long_tile
+    assert pick_config(2048, 128, bf16, (9, 0), prefix=1) == long_tile
     short = pick_config(2048, 128, bf16, (9, 0), prefix=0)
-    assert (short["BLOCK_M"], short["BLOCK_N"], short["num_stages"]) == (64, 32, 3) != (
+    assert short["no_prefix"] and not long_tile.get("no_prefix")
+    assert (short["BLOCK_M"], short["BLOCK_N"], short["num_stages"]) == (64, 64, 3) != (
         long_tile["BLOCK_M"], long_tile["BLOCK_N"], long_tile["num_stages"])
-    assert pick_config(2048, 128, bf16, (9, 0), prefix=256) == short  # an eighth of the chunk
-    assert pick_config(2048, 128, bf16, (9, 0), prefix=257) == long_tile
     assert pick_config(256, 128, bf16, (9, 0), prefix=0) == pick_config(256, 128, bf16, (9, 0))
     assert pick_config(2048, 128, bf16, (8, 0), prefix=0) == pick_config(2048, 128, bf16, (8, 0))
     q = torch.empty(1, 1024, 8, 128, dtype=bf16)
@@ -251,6 +252,24 @@ def test_pick_config_short_prefix_takes_smaller_tiles(monkeypatch):
     assert launch_plan(q, k_new, k_cache, 0)["config"] == short
     assert launch_plan(q, k_new, k_cache, 3072)["config"] == long_tile
     assert launch_plan(q, k_new, k_cache, torch.zeros(1, dtype=torch.int32))["config"] == long_tile
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("extra", [{}, {"num_splits": 3}, {"pack_gqa": True}])
+def test_chunk_attention_without_prefix_loops(extra, dtype, tol):
+    """config no_prefix (the launcher's prefix-0 tile) compiles the kernel without its prefix loops: at start 0 the
+    reference's results and the cache append, also with forced splits (all but the last see no key) and packing."""
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, no_prefix=True, **extra)
+    run_attention_case(2, 37, 4, 2, 16, 0, dtype, tol, config=cfg)
+
+
+@pytest.mark.parametrize("start_pos", [3, "tensor"])
+def test_chunk_attention_refuses_no_prefix_over_a_prefix(start_pos):
+    inputs = _attn_inputs()
+    inputs["start_pos"] = torch.zeros(inputs["q"].shape[0], dtype=torch.int32) if start_pos == "tensor" else start_pos
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, no_prefix=True)
+    with pytest.raises(ValueError, match="no_prefix .* needs an int start_pos of 0"):
+        chunk_attention(**inputs, config=cfg)
 
 
 def test_chunk_attention_per_row_start_positions():
