@@ -155,12 +155,17 @@ HANDICAPPED = ("sdpa_dense_repeat",)
 
 
 def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, device="cuda",
-                    timer=gpu_timer) -> list[dict]:
+                    timer=gpu_timer, deadline: float | None = None, on_row=None) -> list[dict]:
     """chunk_attention at one (prefix, chunk) shape under each launch config: TFLOP/s and max error against
     float64, one row per config (or why it failed to compile or run). The default grid is the one a tuning
-    session on Hopper would try first."""
+    session on Hopper would try first, the launcher's own choice leading it (`launcher`: the tile `launch_plan`
+    picks for this shape, marked wherever it appears). Past `deadline` (time.time()) no config starts: its row says
+    so. `on_row(rows)` after each row (a sweep cut short keeps what it measured)."""
     from kernels import chunk_attention
+    from kernels.chunk_attention import launch_plan
     P, C = shape
+    q, kn, vn, kc, vc, _, ref = attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 1)
+    chosen = launch_plan(q, kn, kc, P)["config"]
     if configs is None:
         configs = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
                    for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
@@ -175,11 +180,34 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
             configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=3, **{key: True})
                         for key in ("longest_first", "no_prefix")
                         for m, n, w in ((128, 128, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4))]
-    q, kn, vn, kc, vc, _, ref = attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 1)
+        configs = [dict(chosen)] + [c for c in configs if not _same_tile(c, chosen)]
     flops = attention_flops(B, Hq, D, C, P)
-    return [_sweep_row(dict(cfg, prefix=P, chunk=C), q, ref, flops, timer,
-                       lambda out, cfg=cfg: chunk_attention(q, kn, vn, kc, vc, P, out=out, config=cfg))
-            for cfg in configs]
+    return _sweep(configs, dict(prefix=P, chunk=C), chosen, deadline, on_row, lambda row, cfg: _sweep_row(
+        row, q, ref, flops, timer, lambda out: chunk_attention(q, kn, vn, kc, vc, P, out=out, config=cfg)))
+
+
+SWEEP_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "pack_gqa", "num_splits", "tma", "longest_first",
+              "no_prefix")
+
+
+def _same_tile(a: dict, b: dict) -> bool:
+    """The same launch config, an absent option meaning the launcher's default (off; splits by the heuristic)."""
+    return all(a.get(k) == b.get(k) if k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_splits")
+               else bool(a.get(k)) == bool(b.get(k)) for k in SWEEP_KEYS)
+
+
+def _sweep(configs, where: dict, chosen: dict, deadline, on_row, measure) -> list[dict]:
+    rows = []
+    for cfg in configs:
+        row = dict(cfg, **where, launcher=_same_tile(cfg, chosen))
+        if deadline is not None and time.time() > deadline:
+            row["not_run"] = "past the sweep's budget"
+        else:
+            row = measure(row, cfg)
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows)
+    return rows
 
 
 def _sweep_row(row: dict, q, ref, flops: float, timer, call) -> dict:
@@ -353,31 +381,36 @@ PAGED_SWEEP_PAGES = (16, 256)
 
 
 def sweep_paged(configs=None, shape=TARGET_SHAPE, page_sizes=PAGED_SWEEP_PAGES, Hq=32, Hkv=8, D=128,
-                dtype=torch.bfloat16, device="cuda", timer=gpu_timer) -> list[dict]:
+                dtype=torch.bfloat16, device="cuda", timer=gpu_timer, deadline: float | None = None,
+                on_row=None) -> list[dict]:
     """The paged kernel (`chunk_attention(..., block_table=)`) on one row of (prefix, chunk) `shape`, its cache in a
     shuffled pool of pages, under each launch config and page size: TFLOP/s and max error against float64, one row
     per (page size, config), or why it failed. Key blocks no longer than a page are read from one page each (the
     dense kernel's addressing); longer ones gather each key's page. The default grid is a Hopper tuning session's
-    first try."""
+    first try, the launcher's own choice (`launcher`) first. `deadline` and `on_row` as in `sweep_attention`."""
     from kernels import chunk_attention
+    from kernels.paged_attention import paged_launch_plan
     P, C = shape
+    case = attention_case(P, C, 1, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 2)
+    q, kn, vn, ref = case[0][0], case[1][0], case[2][0], case[6][0]
+    chosen = paged_launch_plan(q.device, dtype, 1, Hq, Hkv, D, C, P)["config"]
     if configs is None:
         configs = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
                    for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)
                    if not (m == 64 and w == 8)]
-    case = attention_case(P, C, 1, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 2)
-    q, kn, vn, ref = case[0][0], case[1][0], case[2][0], case[6][0]
+        configs = [dict(chosen)] + [c for c in configs if not _same_tile(c, chosen)]
     cu = torch.tensor([0, C], dtype=torch.int32, device=device)
     prefix = torch.tensor([P], dtype=torch.int32, device=device)
     flops = attention_flops(1, Hq, D, C, P)
     rows = []
     for page in page_sizes:
         kc, vc, table = paged_cache([shape], [case], page, seed=page)
-        rows += [_sweep_row(dict(cfg, prefix=P, chunk=C, page_size=page), q, ref, flops, timer,
-                            lambda out, cfg=cfg: chunk_attention(q, kn, vn, kc, vc, prefix, out=out, config=cfg,
-                                                                 block_table=table, cu_seqlens=cu, max_chunk=C,
-                                                                 max_prefix=P))
-                 for cfg in configs]
+        rows += _sweep(configs, dict(prefix=P, chunk=C, page_size=page), chosen, deadline,
+                       None if on_row is None else lambda new, done=list(rows): on_row(done + new),
+                       lambda row, cfg, kc=kc, vc=vc, table=table: _sweep_row(
+                           row, q, ref, flops, timer,
+                           lambda out: chunk_attention(q, kn, vn, kc, vc, prefix, out=out, config=cfg,
+                                                       block_table=table, cu_seqlens=cu, max_chunk=C, max_prefix=P)))
     return rows
 
 
@@ -512,8 +545,33 @@ def _shape(text: str) -> tuple[int, int]:
     return prefix, chunk
 
 
+def _run_sweeps(sweep, shapes, out_dir, deadline) -> int:
+    """Every shape's sweep; with `out_dir`, sweep.json rewritten after each row (`complete` false until the end)."""
+    import contextlib
+    from .options import output_dir
+    from .report import environment, write_json
+    env = environment()
+    with (output_dir(out_dir) if out_dir else contextlib.nullcontext()) as out:
+        rows: list[dict] = []
+
+        def save(shape_rows, complete=False):
+            if out is not None:
+                write_json(out / "sweep.json", dict(environment=env, complete=complete, rows=rows + shape_rows))
+        for sh in shapes:
+            rows += sweep(shape=sh, deadline=deadline, on_row=save)
+        save([], complete=True)
+    for r in sorted(rows, key=lambda r: (r["prefix"], r["chunk"], r.get("page_size", 0), -r.get("tflops", 0))):
+        cfg = f"P={r['prefix']} C={r['chunk']} " + " ".join(f"{k}={r[k]}" for k in ("page_size",) + SWEEP_KEYS
+                                                             if k in r)
+        result = (f"{r['tflops']:6.0f} TFLOP/s  err {r['max_abs_err']:.1e}" if "tflops" in r
+                  else r.get("error") or f"not run: {r['not_run']}")
+        print(f"{'*' if r['launcher'] else ' '} {cfg:<64} {result}")
+    print("(* the launcher's own choice for that shape)")
+    return 0
+
+
 def main(argv=None) -> int:
-    from .options import Parser, out_path, output_dir
+    from .options import Parser, number, out_path, output_dir
     ap = Parser(prog="python -m bench kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=out_path, default=None, help="directory for kernels.json (default: print only)")
     ap.add_argument("--quick", action="store_true", help="two attention shapes only")
@@ -525,11 +583,16 @@ def main(argv=None) -> int:
     ap.add_argument("--paged", action="store_true",
                     help=f"with --sweep: the paged kernel instead (one row, its cache in pages of "
                          f"{' and '.join(map(str, PAGED_SWEEP_PAGES))})")
+    ap.add_argument("--budget-s", type=number(0.0, maximum=86400.0), default=None,
+                    help="with --sweep: start no config past this many seconds (their rows say 'not run'); "
+                         "sweep.json is rewritten after every row either way")
     args = ap.parse_args(argv)
     if args.shape and not args.sweep:
         ap.error("--shape goes with --sweep")
     if args.paged and not args.sweep:
         ap.error("--paged goes with --sweep")
+    if args.budget_s is not None and not args.sweep:
+        ap.error("--budget-s goes with --sweep")
     if args.quick and args.sweep:
         ap.error("--quick cuts the benchmark's shapes; --sweep measures the --shape shapes only: drop --quick")
     shapes = args.shape or [TARGET_SHAPE]
@@ -537,21 +600,10 @@ def main(argv=None) -> int:
         print("bench kernels: no CUDA GPU on this machine; the kernel benchmark needs one (nothing measured).")
         print(json.dumps(dict(skipped="no CUDA GPU")))
         return 0
-    from .report import environment, write_json
     if args.sweep:
-        sweep = sweep_paged if args.paged else sweep_attention
-        rows = [r for sh in shapes for r in sweep(shape=sh)]
-        for r in sorted(rows, key=lambda r: (r["prefix"], r["chunk"], r.get("page_size", 0), -r.get("tflops", 0))):
-            cfg = f"P={r['prefix']} C={r['chunk']} " + " ".join(
-                f"{k}={r[k]}" for k in ("page_size", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_splits",
-                                        "pack_gqa", "tma", "longest_first", "no_prefix")
-                if k in r)
-            print(f"{cfg:<64} " + (f"{r['tflops']:6.0f} TFLOP/s  err {r['max_abs_err']:.1e}" if "tflops" in r
-                                   else r["error"]))
-        if args.out:
-            with output_dir(args.out) as out:
-                write_json(out / "sweep.json", dict(environment=environment(), rows=rows))
-        return 0
+        return _run_sweeps(sweep_paged if args.paged else sweep_attention, shapes, args.out,
+                           None if args.budget_s is None else time.time() + args.budget_s)
+    from .report import environment, write_json
     doc = dict(environment=environment(), **run_all(quick=args.quick))
     print_report(doc)
     if args.out:

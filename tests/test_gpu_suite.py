@@ -323,11 +323,53 @@ def test_paged_sweep_reports_each_page_size_and_config_or_why_it_failed():
     assert "must give BLOCK_M" in rows[1]["error"]
 
 
+def test_sweeps_lead_with_the_launchers_choice_and_stop_at_their_deadline():
+    """The default grids start with the tile the launcher picks for the shape (marked `launcher`, once); past the
+    deadline no config runs (its row says so) and on_row sees every row as it comes."""
+    from bench.kernels import sweep_attention, sweep_paged
+    rows = sweep_attention(shape=(4096, 16), Hq=4, Hkv=1, D=16, dtype=torch.float32, device="cpu",
+                           timer=lambda fn: 1.0)  # configs listed, nothing run but the reference
+    assert rows[0]["launcher"] and sum(r["launcher"] for r in rows) == 1
+    seen, calls = [], []
+    rows = sweep_paged(shape=(37, 19), page_sizes=(8, 32), Hq=4, Hkv=2, D=16, dtype=torch.float32, device="cpu",
+                       timer=lambda fn: calls.append(fn) or 1.0, deadline=time.time() - 1,
+                       on_row=lambda so_far: seen.append(len(so_far)))
+    assert not calls and all(r["not_run"] == "past the sweep's budget" for r in rows)
+    assert seen == list(range(1, len(rows) + 1)) and [r["page_size"] for r in rows][::len(rows) // 2] == [8, 32]
+    assert [r["launcher"] for r in rows].count(True) == 2  # once per page size
+
+
+def test_sweep_results_are_rewritten_after_every_row(tmp_path, capsys):
+    """`bench kernels --sweep --out`: sweep.json holds every row measured so far (complete false) while the sweep
+    runs, and all of them with complete true at the end; the launcher's rows are starred in the printout."""
+    import json
+    from bench.kernels import _run_sweeps
+    snapshots = []
+
+    def fake_sweep(shape, deadline, on_row):
+        rows = []
+        for i in range(3):
+            rows.append(dict(prefix=shape[0], chunk=shape[1], BLOCK_M=16 * (i + 1), launcher=i == 0, ms=1.0,
+                             tflops=float(i), max_abs_err=0.0))
+            on_row(rows)
+            snapshots.append(json.loads((tmp_path / "sweep.json").read_text()))
+        return rows
+    assert _run_sweeps(fake_sweep, [(0, 64), (16, 32)], tmp_path, None) == 0
+    assert [len(s["rows"]) for s in snapshots] == [1, 2, 3, 4, 5, 6] and not any(s["complete"] for s in snapshots)
+    final = json.loads((tmp_path / "sweep.json").read_text())
+    assert final["complete"] and len(final["rows"]) == 6
+    out = capsys.readouterr().out
+    assert out.count("\n* ") + out.startswith("* ") == 2 and "launcher's own choice" in out
+
+
 def test_kernels_cli_sweeps_the_paged_kernel_only_with_sweep(capsys):
     from bench.kernels import main
     with pytest.raises(SystemExit):
         main(["--paged"])
     assert "--paged goes with --sweep" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--budget-s", "60"])
+    assert "--budget-s goes with --sweep" in capsys.readouterr().err
 
 
 def test_compiler_report_compiles_in_parallel_shards_and_keeps_every_row():
