@@ -202,7 +202,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
 
 def selected_specs(arch: int, only: str = "", quick: bool = False) -> list[KernelSpec]:
     """The specs whose name contains `only`; with `quick`, attention in bf16 at every head dim and in the other
-    dtypes at d128 only, the paged kernel's split variants at d128 only (the split adds the same prologue and
+    dtypes at d128 only, and the paged kernel's split variants at d128 only (the split adds the same prologue and
     epilogue to every tile)."""
     def skipped(name: str) -> bool:
         if not name.startswith("chunk_attention") or " d128 " in name:

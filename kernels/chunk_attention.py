@@ -203,12 +203,12 @@ def _chunk_attention_kernel(
         n = hi - lo
         n_full = (n // BLOCK_N) * BLOCK_N
         kcs, vcs = kc + lo * stride_kcm, vc + lo * stride_vcm
-        if TMA:  # the cache as [B·max_len, Hkv, HEAD_DIM]: the launcher checked it flattens (batch stride = max_len rows)
+        if TMA:  # the cache as [B·max_len, Hkv, HEAD_DIM]: the launcher checked it flattens (batch stride max_len)
             Hkv_all = Hq // GROUP
-            kd = tl.make_tensor_descriptor(KC, shape=[B * max_len, Hkv_all, HEAD_DIM], strides=[stride_kcm, stride_kch, 1],
-                                           block_shape=[BLOCK_N, 1, BLOCK_D])
-            vd = tl.make_tensor_descriptor(VC, shape=[B * max_len, Hkv_all, HEAD_DIM], strides=[stride_vcm, stride_vch, 1],
-                                           block_shape=[BLOCK_N, 1, BLOCK_D])
+            kd = tl.make_tensor_descriptor(KC, shape=[B * max_len, Hkv_all, HEAD_DIM],
+                                           strides=[stride_kcm, stride_kch, 1], block_shape=[BLOCK_N, 1, BLOCK_D])
+            vd = tl.make_tensor_descriptor(VC, shape=[B * max_len, Hkv_all, HEAD_DIM],
+                                           strides=[stride_vcm, stride_vch, 1], block_shape=[BLOCK_N, 1, BLOCK_D])
             acc, l_i, m_i = _attend_tma(acc, l_i, m_i, q, kd, vd, (b * max_len + lo).to(tl.int32), kvh, n_full, offs_d,
                                         qk_scale, BLOCK_N, BLOCK_D, PRECISION)
         else:

@@ -262,7 +262,8 @@ def _pick_config(head_dim, dtype, capability, short_gqa, pack, interpreted) -> d
     if head_dim >= 256:
         return dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2, pack_gqa=False)
     if head_dim == 128 and capability >= (9, 0):  # the dense H100 sweep's 64x64 s3 (474 TFLOP/s vs 358 for
-        # 64x32 s2); larger tiles spilled on pages of 16 (128x128 s3, Triton 3.6) or were no faster dense (128x64 s3: 469)
+        # 64x32 s2); larger tiles spilled on pages of 16 (128x128 s3, Triton 3.6) or were no faster dense (128x64
+        # s3: 469)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False)
     if head_dim == 128:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, pack_gqa=False)
