@@ -369,20 +369,23 @@ def _device_facts(index: int) -> tuple[tuple[int, int], int]:
 
 
 def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
-    named = dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache)
-    for name, t in named.items():
+    named = (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache))
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"chunk_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    dtype, device = q.dtype, q.device  # read once: the launch path's host time counts for short chunks
+    for name, t in named:
         shape = t.shape
         if len(shape) != 4 or not (shape[0] and shape[2] and shape[3]):
             raise ValueError(f"chunk_attention: {name} must be a 4-D tensor [B, len, heads, D] with B, heads, D >= 1, "
                              f"got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"chunk_attention: {name} has unsupported dtype {t.dtype}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"chunk_attention: {name} is {t.dtype} but q is {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"chunk_attention: {name} is on {t.device} but q is on {q.device}")
+        t_dtype = t.dtype
+        if t_dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"chunk_attention: {name} has unsupported dtype {t_dtype}")
+        if t_dtype != dtype:
+            raise TypeError(f"chunk_attention: {name} is {t_dtype} but q is {dtype}")
+        if t.device != device:
+            raise ValueError(f"chunk_attention: {name} is on {t.device} but q is on {device}")
         if t.stride(-1) != 1:
             raise ValueError(f"chunk_attention: the last dimension of {name} must be contiguous (stride 1)")
     B, C, Hq, D = q.shape
@@ -545,12 +548,8 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
     with launching():
         _chunk_attention_kernel[plan["grid"]](
             q, k_new, v_new, k_cache, v_cache, dst, lse, starts, 0 if per_row else int(start_pos), k_cache.shape[1],
-            q.stride(0), q.stride(1), q.stride(2),
-            k_new.stride(0), k_new.stride(1), k_new.stride(2),
-            v_new.stride(0), v_new.stride(1), v_new.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            dst.stride(-4), dst.stride(-3), dst.stride(-2),
+            *q.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3],
+            *v_cache.stride()[:3], *dst.stride()[-4:-1],  # one call per tensor: the launch path's host time counts
             B, C, Hq, sm_scale * LOG2E,
             GROUP=Hq // k_new.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D),
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PER_ROW_START=per_row, PACK=pack,
