@@ -125,6 +125,11 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
                                         + " tma", attn_mod._chunk_attention_kernel,
                                         sig | {k: "constexpr" for k in const}, const, cfg["num_warps"],
                                         cfg["num_stages"], expect_wgmma=True))
+    for page in (16, 256):  # the paged launcher's device-side check of rows and pages
+        sig = {"BT": "*i32", "CuQ": "*i32", "Prefix": "*i32", "Ok": "*i32", "stride_bt": "i32", "max_pages": "i32",
+               "num_pages": "i32", "PAGE_SIZE": "constexpr", "BLOCK": "constexpr"}
+        specs.append(KernelSpec(f"chunk_attention_paged_check page{page}", paged_mod._check_rows_kernel, sig,
+                                dict(PAGE_SIZE=page, BLOCK=paged_mod.CHECK_BLOCK), 4))
     for head_dim in (64, 80, 128, 256):  # the split-KV merge: float32 partials into the output's dtype
         sig = {"Part": "*fp32", "Lse": "*fp32", "Out": "*bf16"} | {
             n: "i32" for n in ("n_splits", "n_rows", "C", "Hq", "stride_ob", "stride_om", "stride_oh")}
@@ -205,7 +210,7 @@ def selected_specs(arch: int, only: str = "", quick: bool = False) -> list[Kerne
     dtypes at d128 only, and the paged kernel's split variants at d128 only (the split adds the same prologue and
     epilogue to every tile)."""
     def skipped(name: str) -> bool:
-        if not name.startswith("chunk_attention") or " d128 " in name:
+        if not name.startswith("chunk_attention") or " d128 " in name or name.startswith("chunk_attention_paged_check"):
             return False
         return "bfloat16" not in name or (name.startswith("chunk_attention_paged ") and name.endswith(" split"))
     return [spec for spec in kernel_specs(arch) if only in spec.name and not (quick and skipped(spec.name))]

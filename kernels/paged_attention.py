@@ -222,6 +222,44 @@ def _paged_chunk_attention_kernel(
         tl.store(Out + o_rows, out.to(Out.dtype.element_ty), mask=io_ok)
 
 
+@triton.jit
+def _check_rows_kernel(BT, CuQ, Prefix, Ok, stride_bt, max_pages, num_pages, PAGE_SIZE: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """One program per row b: Ok[0] is lowered to 0 if the row's prefix + chunk does not fit its block table, Ok[1]
+    if a block-table entry the row uses (its first cdiv(prefix + chunk, PAGE_SIZE)) is not a page of the pool. The
+    launcher's device-side check: one launch where a dozen elementwise torch ops stood, read by two async asserts."""
+    b = tl.program_id(0)
+    q0 = tl.load(CuQ + b)
+    C = tl.load(CuQ + b + 1) - q0
+    P = tl.load(Prefix + b)
+    end = P + C
+    fits = (P >= 0) & (C >= 0) & (end <= max_pages * PAGE_SIZE)
+    used = tl.where(fits, (end + PAGE_SIZE - 1) // PAGE_SIZE, 0)
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+    row = BT + b.to(tl.int64) * stride_bt
+    for start in range(0, used, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        live = idx < used
+        page = tl.load(row + idx, mask=live, other=0)
+        bad = tl.maximum(bad, (live & ((page < 0) | (page >= num_pages))).to(tl.int32))
+    tl.atomic_min(Ok, fits.to(tl.int32))
+    tl.atomic_min(Ok + 1, 1 - tl.max(bad, 0))
+
+
+CHECK_BLOCK = 128
+
+
+def device_checks(block_table, cu_seqlens, prefix, page_size: int, num_pages: int) -> torch.Tensor:
+    """Ok flags [2] int32 on the device, 1 while every row fits its block table ([0]) and uses only pages of the
+    pool ([1]); computed by one launch, nothing read back (the GPU launcher asserts on them asynchronously)."""
+    ok = torch.ones(2, device=block_table.device, dtype=torch.int32)
+    with launching():
+        _check_rows_kernel[(block_table.shape[0],)](
+            block_table, cu_seqlens, prefix, ok, block_table.stride(0), block_table.shape[1], num_pages,
+            PAGE_SIZE=page_size, BLOCK=CHECK_BLOCK, num_warps=4)
+    return ok
+
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -423,13 +461,9 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
     else:
         prefix = torch.full((B,), int(prefix_lens), device=q.device, dtype=torch.int32)
     if q.is_cuda:  # reported at a later sync (device-side asserts), no host sync now
-        lens_d = cu_seqlens[1:] - cu_seqlens[:-1]
-        ends = prefix + lens_d
-        torch._assert_async(((prefix >= 0) & (ends <= block_table.shape[1] * page_size)).all(),
-                            "paged chunk_attention: a row's prefix + chunk does not fit its block table")
-        used = torch.arange(block_table.shape[1], device=q.device)[None, :] * page_size < ends[:, None]
-        torch._assert_async((~used | ((block_table >= 0) & (block_table < k_cache.shape[0]))).all(),
-                            "paged chunk_attention: a block table entry in use is not a page of the cache")
+        ok = device_checks(block_table, cu_seqlens, prefix, page_size, k_cache.shape[0])
+        torch._assert_async(ok[0], "paged chunk_attention: a row's prefix + chunk does not fit its block table")
+        torch._assert_async(ok[1], "paged chunk_attention: a block table entry in use is not a page of the cache")
     if max_chunk == 0 or q.shape[0] == 0:
         return out
     if max_prefix is None:  # a device tensor is not read: the longest prefix the block table allows stands in

@@ -49,7 +49,7 @@ def test_the_compiled_selection_covers_every_kernel():
     # listed by kernels.aot itself: in this process TRITON_INTERPRET would pick the interpreter's tiles
     names = [r["kernel"] for r in compile_rows("--arch", "90", "--quick", "--list")]
     assert {n.split()[0] for n in names} == {"chunk_attention", "chunk_attention_merge", "chunk_attention_paged",
-                                             "add_rms_norm", "rope", "swiglu"}
+                                             "chunk_attention_paged_check", "add_rms_norm", "rope", "swiglu"}
     # the paged, varlen kernel: every head dim in bf16, small and large pages, a padded head dim
     paged = {n for n in names if n.startswith("chunk_attention_paged ")}
     assert {f"d{d}" for d in (16, 32, 64, 80, 128, 256)} <= {n.split()[1] for n in paged if "bfloat16" in n}

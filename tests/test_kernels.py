@@ -440,8 +440,11 @@ def test_memory_bound_kernels_refuse_bad_input():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,C,Hq,Hkv,D,start_pos", [(1, 2048, 32, 8, 128, 16384), (8, 512, 32, 8, 128, 4000),
-                                                     (4, 1, 32, 8, 128, 30000), (2, 777, 16, 16, 64, 1234)])
+                                                     (4, 1, 32, 8, 128, 30000), (2, 777, 16, 16, 64, 1234),
+                                                     (1, 2048, 32, 8, 128, 0), (2, 999, 8, 2, 80, 0)])
 def test_chunk_attention_gpu_bf16(cuda, B, C, Hq, Hkv, D, start_pos):
+    """Compiled, against float64; at start 0 with chunks over 512 the launcher's prefix-0 tile (on Hopper: no
+    prefix loops), d80 in padded tiles."""
     run_attention_case(B, C, Hq, Hkv, D, start_pos, torch.bfloat16, 2e-2)
 
 

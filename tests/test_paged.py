@@ -244,6 +244,37 @@ def test_bad_paged_tuning_is_refused_before_the_launch(over, match):
     assert torch.equal(kc, before)
 
 
+@pytest.mark.gpu
+def test_paged_gpu_bad_page_is_asserted(cuda):
+    """On a GPU the launcher checks rows and pages on the device (one launch) and asserts asynchronously: a good call
+    syncs cleanly, a block table entry in use outside the pool raises at the next sync. A device-side assert leaves
+    the CUDA context unusable, so this runs in a process of its own."""
+    import subprocess
+    import sys
+    import textwrap
+    code = textwrap.dedent("""
+        import torch
+        from kernels import chunk_attention
+        q = torch.randn(2, 8, 4, 64, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(2, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+        kc = torch.zeros(6, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+        vc = torch.zeros_like(kc)
+        table = torch.tensor([[0, 1], [2, 3]], device="cuda", dtype=torch.int32)
+        chunk_attention(q, k, k, kc, vc, 4, block_table=table)
+        torch.cuda.synchronize()
+        print("good call ok", flush=True)
+        table[1, 1] = 6  # row 1's positions 16..19 live in page 6 of a pool of 6
+        chunk_attention(q, k, k, kc, vc, 12, block_table=table)
+        torch.cuda.synchronize()
+        print("no error", flush=True)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert "good call ok" in res.stdout, res.stdout + res.stderr[-2000:]
+    assert res.returncode != 0 and "no error" not in res.stdout
+    assert "not a page of the cache" in res.stderr or "device-side assert" in res.stderr, res.stderr[-2000:]
+
+
 def test_max_prefix_goes_with_the_paged_path():
     q = torch.zeros(1, 2, 2, 16)
     with pytest.raises(ValueError, match="max_chunk and max_prefix go with cu_seqlens or block_table"):
@@ -266,3 +297,25 @@ def test_paged_decode_batch_gpu_bf16_packs_and_splits(cuda, page):
     plan = paged_launch_plan(cuda, torch.bfloat16, 4, 32, 8, 128, 1, 16384)
     assert plan["pack"] == 4 and plan["splits"] > 1
     run_paged_case([1, 1, 1, 1], [16384, 9000, 300, 4097], 32, 8, 128, page, torch.bfloat16, 2e-2)
+
+
+@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64])
+def test_device_checks_flag_rows_past_their_table_and_pages_outside_the_pool(cu_dtype):
+    """The GPU launcher's device-side check (one launch, read by async asserts), run here under the interpreter:
+    flag 0 drops when a row's prefix + chunk passes its block table, flag 1 when a page it uses is not in the pool;
+    entries past a row's last used page are not looked at."""
+    from kernels.paged_attention import device_checks
+
+    def flags(table, lens, prefixes, num_pages=10, page=4):
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=cu_dtype)
+        return device_checks(torch.tensor(table, dtype=torch.int32), cu, torch.tensor(prefixes, dtype=torch.int32),
+                             page, num_pages).tolist()
+    table = [[3, 7, -1, 99], [0, 9, 5, 2]]
+    assert flags(table, [3, 5], [4, 10]) == [1, 1]  # row 0 uses pages 3, 7 (positions < 7); row 1 all four
+    assert flags(table, [3, 7], [4, 10]) == [0, 1]  # row 1: 17 positions in a table of 16
+    assert flags(table, [3, 1], [-1, 0]) == [0, 1]  # a negative prefix
+    assert flags(table, [5, 1], [4, 0]) == [1, 0]   # row 0 now reaches entry 2 (-1)
+    assert flags(table, [1, 1], [12, 0]) == [1, 0]  # row 0 reaches entry 3 (99: past a pool of 10)
+    assert flags(table, [1, 1], [12, 0], num_pages=100) == [1, 0]  # still -1 at entry 2
+    assert flags([[0] * 300], [1], [1000], num_pages=1, page=4) == [1, 1]  # several check blocks, all good
+    assert flags([[0] * 299 + [1]], [1], [1199], num_pages=1, page=4) == [1, 0]  # the last entry of the last block
