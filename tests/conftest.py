@@ -39,3 +39,14 @@ def cuda():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: no GPU on this machine")
     return torch.device("cuda")
+
+
+def run_python_apart(code: str, timeout: int = 300):
+    """`code` (dedented) run by this Python in a process of its own at the repository root: for checks that leave
+    the process unusable, such as a CUDA device-side assert. Returns the CompletedProcess (stdout, stderr text)."""
+    import pathlib
+    import subprocess
+    import sys
+    import textwrap
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(pathlib.Path(__file__).resolve().parents[1]))

@@ -470,10 +470,8 @@ def test_chunk_attention_gpu_bad_start_row_is_masked_and_asserted(cuda):
     """A device start tensor is not read back on the hot path: the kernel masks the bad row off and an asynchronous
     assert reports it at the next sync. A device-side assert leaves the CUDA context unusable, so this runs in a
     process of its own; the guard rows around the cache are checked before the sync that raises."""
-    import subprocess
-    import sys
-    import textwrap
-    code = textwrap.dedent("""
+    from conftest import run_python_apart
+    res = run_python_apart("""
         import torch
         from kernels.chunk_attention import _launch
         from kernels import chunk_attention
@@ -490,8 +488,6 @@ def test_chunk_attention_gpu_bad_start_row_is_masked_and_asserted(cuda):
         torch.cuda.synchronize()
         print("no error", flush=True)
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert "guard_ok True" in res.stdout, res.stdout + res.stderr[-2000:]
     assert res.returncode != 0 and "no error" not in res.stdout
 

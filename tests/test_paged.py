@@ -249,10 +249,8 @@ def test_paged_gpu_bad_page_is_asserted(cuda):
     """On a GPU the launcher checks rows and pages on the device (one launch) and asserts asynchronously: a good call
     syncs cleanly, a block table entry in use outside the pool raises at the next sync. A device-side assert leaves
     the CUDA context unusable, so this runs in a process of its own."""
-    import subprocess
-    import sys
-    import textwrap
-    code = textwrap.dedent("""
+    from conftest import run_python_apart
+    res = run_python_apart("""
         import torch
         from kernels import chunk_attention
         q = torch.randn(2, 8, 4, 64, device="cuda", dtype=torch.bfloat16)
@@ -268,8 +266,6 @@ def test_paged_gpu_bad_page_is_asserted(cuda):
         torch.cuda.synchronize()
         print("no error", flush=True)
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     assert "good call ok" in res.stdout, res.stdout + res.stderr[-2000:]
     assert res.returncode != 0 and "no error" not in res.stdout
     assert "not a page of the cache" in res.stderr or "device-side assert" in res.stderr, res.stderr[-2000:]
