@@ -444,6 +444,10 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
                              f"{vs(r.get('paged_vs_sdpa_rows'))} ({r.get('best_sdpa') or 'none ran'}) | "
                              f"pack {plan.get('pack', '?')}, splits {plan.get('splits', '?')} | "
                              f"{r['paged_max_abs_err']:.1e}{'' if r.get('paged_correct', True) else ' WRONG'} |")
+        if kernels.get("tile_ab"):
+            from .kernels import tile_ab_lines
+            lines += ["", "Launcher tiles chosen untimed, each against the tile it replaced (one shape each):", ""]
+            lines += [f"- {line[len('tile A/B '):]}" for line in tile_ab_lines(kernels["tile_ab"])]
         lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target |", "|---|---:|---:|---:|---|"]
         for m in kernels["memory_bound"]:
             lines.append(f"| {m['op']} | {m['triton_gbps']:.0f} | {100 * m['triton_of_copy']:.0f}% | "

@@ -155,12 +155,14 @@ HANDICAPPED = ("sdpa_dense_repeat",)
 
 
 def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, device="cuda",
-                    timer=gpu_timer, deadline: float | None = None, on_row=None) -> list[dict]:
+                    timer=gpu_timer, deadline: float | None = None, on_row=None,
+                    launcher_first: bool | None = None) -> list[dict]:
     """chunk_attention at one (prefix, chunk) shape under each launch config: TFLOP/s and max error against
     float64, one row per config (or why it failed to compile or run). The default grid is the one a tuning
     session on Hopper would try first, the launcher's own choice leading it (`launcher`: the tile `launch_plan`
     picks for this shape, marked wherever it appears). Past `deadline` (time.time()) no config starts: its row says
-    so. `on_row(rows)` after each row (a sweep cut short keeps what it measured)."""
+    so. `on_row(rows)` after each row (a sweep cut short keeps what it measured). `launcher_first` (default: with
+    the default grid only) puts the launcher's choice before the given configs."""
     from kernels import chunk_attention
     from kernels.chunk_attention import launch_plan
     P, C = shape
@@ -180,6 +182,8 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
             configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=3, **{key: True})
                         for key in ("longest_first", "no_prefix")
                         for m, n, w in ((128, 128, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4))]
+        launcher_first = launcher_first is not False
+    if launcher_first:
         configs = [dict(chosen)] + [c for c in configs if not _same_tile(c, chosen)]
     flops = attention_flops(B, Hq, D, C, P)
     return _sweep(configs, dict(prefix=P, chunk=C), chosen, deadline, on_row, lambda row, cfg: _sweep_row(
@@ -382,12 +386,13 @@ PAGED_SWEEP_PAGES = (16, 256)
 
 def sweep_paged(configs=None, shape=TARGET_SHAPE, page_sizes=PAGED_SWEEP_PAGES, Hq=32, Hkv=8, D=128,
                 dtype=torch.bfloat16, device="cuda", timer=gpu_timer, deadline: float | None = None,
-                on_row=None) -> list[dict]:
+                on_row=None, launcher_first: bool | None = None) -> list[dict]:
     """The paged kernel (`chunk_attention(..., block_table=)`) on one row of (prefix, chunk) `shape`, its cache in a
     shuffled pool of pages, under each launch config and page size: TFLOP/s and max error against float64, one row
     per (page size, config), or why it failed. Key blocks no longer than a page are read from one page each (the
     dense kernel's addressing); longer ones gather each key's page. The default grid is a Hopper tuning session's
-    first try, the launcher's own choice (`launcher`) first. `deadline` and `on_row` as in `sweep_attention`."""
+    first try, the launcher's own choice (`launcher`) first. `deadline`, `on_row` and `launcher_first` as in
+    `sweep_attention`."""
     from kernels import chunk_attention
     from kernels.paged_attention import paged_launch_plan
     P, C = shape
@@ -398,6 +403,8 @@ def sweep_paged(configs=None, shape=TARGET_SHAPE, page_sizes=PAGED_SWEEP_PAGES, 
         configs = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
                    for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)
                    if not (m == 64 and w == 8)]
+        launcher_first = launcher_first is not False
+    if launcher_first:
         configs = [dict(chosen)] + [c for c in configs if not _same_tile(c, chosen)]
     cu = torch.tensor([0, C], dtype=torch.int32, device=device)
     prefix = torch.tensor([P], dtype=torch.int32, device=device)
@@ -486,6 +493,33 @@ def bench_memory_bound(tokens: int = 8192, hidden: int = 4096, intermediate: int
 SCHEMA_VERSION = 1  # of kernels.json: `python -m bench compare` reads it
 
 
+# The launcher's tiles chosen without timing them as launched, each against the tile it replaced, at one shape: the
+# prefix-0 tile (dense, no prefix loops) and the paged kernel's Hopper tile (pages of 16 and 256)
+TILE_AB = (("dense", (0, 2048), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)),
+           ("paged", TARGET_SHAPE, dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)))
+
+
+def tile_ab(device="cuda", timer=gpu_timer, deadline: float | None = None, entries=TILE_AB, **shape_kw) -> list[dict]:
+    """`entries` (TILE_AB) measured: per entry the launcher's own tile (`launcher` True) and the former one, each
+    against float64; `vs_former` on the launcher's rows is its speed over the former tile's at the same shape and
+    page. Past `deadline` no entry starts."""
+    rows = []
+    for kind, shape, former in entries:
+        if deadline is not None and time.time() > deadline:
+            break
+        sweep = sweep_attention if kind == "dense" else sweep_paged
+        got = sweep(configs=[former], shape=shape, device=device, timer=timer, deadline=deadline,
+                    launcher_first=True, **shape_kw)
+        for r in got:
+            r["kernel"] = kind
+        for r in got:
+            old = next((o for o in got if not o["launcher"] and o.get("page_size") == r.get("page_size")), None)
+            if r["launcher"] and old is not None and r.get("tflops") and old.get("tflops"):
+                r["vs_former"] = r["tflops"] / old["tflops"]
+        rows += got
+    return rows
+
+
 def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None = None) -> dict:
     """Every kernel figure of this GPU in one document (the gpu-suite's kernel part). Past `deadline`
     (time.time()) no further attention shape or paged batch starts (`complete` False, `stopped` says what was
@@ -497,13 +531,14 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
     memory = bench_memory_bound(device=device, timer=timer)
     attention = bench_attention(shapes=shapes, device=device, timer=timer, deadline=deadline)
     paged = bench_paged(batches=batches, device=device, timer=timer, deadline=deadline)
+    ab = [] if quick else tile_ab(device=device, timer=timer, deadline=deadline)
     for m in memory:
         m["triton_of_copy"] = m["triton_gbps"] / copy
         m["eager_of_copy"] = m["eager_gbps"] / copy
     for a in attention:
         a["triton_of_gemm"] = a["triton_tflops"] / gemm
     doc = dict(schema_version=SCHEMA_VERSION, kind="kernels", copy_gbps=copy, gemm_bf16_tflops=gemm,
-               attention=attention, paged=paged, memory_bound=memory,
+               attention=attention, paged=paged, tile_ab=ab, memory_bound=memory,
                attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS, complete=True)
     measured = {tuple(map(tuple, r["batch"])) for r in paged}
     left = [f"attention P={P} C={C}" for P, C in shapes[len(attention):]]
@@ -511,6 +546,27 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
     if left:
         doc.update(complete=False, stopped=f"time budget: not measured {', '.join(left)}")
     return doc
+
+
+def tile_ab_lines(rows: list[dict]) -> list[str]:
+    """One line per launcher tile of the A/B: its TFLOP/s against the former tile's at that shape (and page)."""
+    def tile(r):
+        return f"{r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']}s{r['num_stages']}" + (
+            " no-prefix" if r.get("no_prefix") else "")
+    out = []
+    for r in rows:
+        if not r["launcher"]:
+            continue
+        old = next((o for o in rows if o["kernel"] == r["kernel"] and not o["launcher"]
+                    and o.get("page_size") == r.get("page_size")), None)
+        where = f"{r['kernel']} P={r['prefix']} C={r['chunk']}" + (
+            f" page {r['page_size']}" if "page_size" in r else "")
+        res = lambda x: (f"{x['tflops']:.0f} TFLOP/s" if "tflops" in x  # noqa: E731
+                         else x.get("error") or f"not run ({x.get('not_run')})")
+        out.append(f"tile A/B {where}: launcher {tile(r)} {res(r)} vs former "
+                   + (f"{tile(old)} {res(old)}" if old else "-")
+                   + (f" = {r['vs_former']:.2f}x" if r.get("vs_former") else ""))
+    return out
 
 
 def print_report(doc: dict) -> None:
@@ -529,6 +585,8 @@ def print_report(doc: dict) -> None:
         print(f"paged {len(r['batch'])} row(s) page {r['page_size']:>3}  {r['paged_ms']:.3f} ms "
               f"{r['paged_tflops']:.0f} TFLOP/s  vs dense per row {r['paged_vs_dense_rows']:.2f}x  vs SDPA per row "
               f"({r['best_sdpa']}) {sdpa if sdpa is not None else float('nan'):.2f}x  err {r['paged_max_abs_err']:.1e}")
+    for line in tile_ab_lines(doc.get("tile_ab", [])):
+        print(line)
     for m in doc["memory_bound"]:
         print(f"{m['op']:>13}  triton {m['triton_gbps']:.0f} GB/s ({100 * m['triton_of_copy']:.0f}% of copy)  "
               f"eager {m['eager_gbps']:.0f} GB/s  err {m['triton_max_abs_err']:.1e}")

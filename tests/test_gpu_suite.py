@@ -199,7 +199,11 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
                   paged_correct=False)]
     memory = [dict(op="swiglu", triton_gbps=2700.0, triton_of_copy=0.9, eager_gbps=1500.0),
               dict(op="rope", triton_gbps=1800.0, triton_of_copy=0.6, eager_gbps=900.0)]
+    tile = dict(kernel="dense", prefix=0, chunk=2048, num_warps=4, num_stages=3)
+    ab = [dict(tile, BLOCK_M=64, BLOCK_N=64, no_prefix=True, launcher=True, tflops=300.0, vs_former=300 / 254),
+          dict(tile, BLOCK_M=128, BLOCK_N=128, num_warps=8, launcher=False, tflops=254.0)]
     kernels = dict(copy_gbps=3000.0, gemm_bf16_tflops=700.0, attention=attention, memory_bound=memory, paged=paged,
+                   tile_ab=ab,
                    targets=dict(attention_tflops=500.0, attention_vs_best_peer=1.3, memory_bound_of_copy=0.8),
                    compiler=[dict(kernel="chunk_attention d128", registers=255, spill_stores=0, shared_bytes=131072,
                                   wgmma=True)])
@@ -212,6 +216,8 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     assert "MISSED by 25%" in text  # rope at 60% against 80%
     assert "FAILED `tests/test_kernels.py::test_x`" in text
     assert "255 regs" in text and "wgmma yes" in text
+    assert ("- dense P=0 C=2048: launcher 64x64 w4s3 no-prefix 300 TFLOP/s vs former 128x128 w8s3 254 TFLOP/s = 1.18x"
+            in text)
     assert "| 2 | pcie5 | 48 |" in text
     assert "| 30 / 900 |" in text and "| 40 / 12 launch-bound |" in text and "| none ran | - |" in text
     assert "| 0+2048, 30000+1 | 16 | 321 | 1.25x | - (none ran) | pack 1, splits 4 | 3.0e-03 WRONG |" in text
@@ -337,6 +343,25 @@ def test_sweeps_lead_with_the_launchers_choice_and_stop_at_their_deadline():
     assert not calls and all(r["not_run"] == "past the sweep's budget" for r in rows)
     assert seen == list(range(1, len(rows) + 1)) and [r["page_size"] for r in rows][::len(rows) // 2] == [8, 32]
     assert [r["launcher"] for r in rows].count(True) == 2  # once per page size
+
+
+def test_tile_ab_times_each_launcher_tile_against_the_one_it_replaced():
+    """The kernel part's A/B of the launcher tiles chosen untimed: per entry the launcher's own tile and the former,
+    both against float64, the ratio on the launcher's row (dense, and paged per page size), and a line each."""
+    from bench.kernels import tile_ab, tile_ab_lines
+    former = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+    times = iter([2.0, 1.0, 2.0, 1.0, 4.0, 1.0] * 2)
+    rows = tile_ab(device="cpu", timer=lambda fn: (fn(), next(times))[1],
+                   entries=(("dense", (0, 40), former), ("paged", (37, 19), former)), Hq=4, Hkv=2, D=16,
+                   dtype=torch.float32)
+    assert [(r["kernel"], r["launcher"], r.get("page_size")) for r in rows] == [
+        ("dense", True, None), ("dense", False, None), ("paged", True, 16), ("paged", False, 16),
+        ("paged", True, 256), ("paged", False, 256)]
+    assert all(r["max_abs_err"] < 2e-5 for r in rows)
+    assert [round(r["vs_former"], 2) for r in rows if r["launcher"]] == [0.5, 0.5, 0.25]
+    lines = tile_ab_lines(rows)
+    assert len(lines) == 3 and lines[0].startswith("tile A/B dense P=0 C=40: launcher 64x64") and "= 0.50x" in lines[0]
+    assert tile_ab(device="cpu", deadline=time.time() - 1) == []
 
 
 def test_sweep_results_are_rewritten_after_every_row(tmp_path, capsys):
