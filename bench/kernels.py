@@ -168,7 +168,8 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
     P, C = shape
     q, kn, vn, kc, vc, _, ref = attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 1)
     chosen = launch_plan(q, kn, kc, P)["config"]
-    if configs is None:
+    default_grid = configs is None
+    if default_grid:
         configs = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
                    for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
                    if not (m == 64 and w == 8)]
@@ -182,9 +183,7 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
             configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=3, **{key: True})
                         for key in ("longest_first", "no_prefix")
                         for m, n, w in ((128, 128, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4))]
-        launcher_first = launcher_first is not False
-    if launcher_first:
-        configs = [dict(chosen)] + [c for c in configs if not _same_tile(c, chosen)]
+    configs = _launcher_first(configs, chosen, launcher_first, default_grid)
     flops = attention_flops(B, Hq, D, C, P)
     return _sweep(configs, dict(prefix=P, chunk=C), chosen, deadline, on_row, lambda row, cfg: _sweep_row(
         row, q, ref, flops, timer, lambda out: chunk_attention(q, kn, vn, kc, vc, P, out=out, config=cfg)))
@@ -198,6 +197,13 @@ def _same_tile(a: dict, b: dict) -> bool:
     """The same launch config, an absent option meaning the launcher's default (off; splits by the heuristic)."""
     return all(a.get(k) == b.get(k) if k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "num_splits")
                else bool(a.get(k)) == bool(b.get(k)) for k in SWEEP_KEYS)
+
+
+def _launcher_first(configs, chosen: dict, launcher_first: bool | None, default_grid: bool) -> list[dict]:
+    """`configs` led by the launcher's choice (once) when asked, or by default for a default grid."""
+    if launcher_first or (launcher_first is None and default_grid):
+        return [dict(chosen)] + [c for c in configs if not _same_tile(c, chosen)]
+    return configs
 
 
 def _sweep(configs, where: dict, chosen: dict, deadline, on_row, measure) -> list[dict]:
@@ -399,13 +405,12 @@ def sweep_paged(configs=None, shape=TARGET_SHAPE, page_sizes=PAGED_SWEEP_PAGES, 
     case = attention_case(P, C, 1, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 2)
     q, kn, vn, ref = case[0][0], case[1][0], case[2][0], case[6][0]
     chosen = paged_launch_plan(q.device, dtype, 1, Hq, Hkv, D, C, P)["config"]
-    if configs is None:
+    default_grid = configs is None
+    if default_grid:
         configs = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
                    for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)
                    if not (m == 64 and w == 8)]
-        launcher_first = launcher_first is not False
-    if launcher_first:
-        configs = [dict(chosen)] + [c for c in configs if not _same_tile(c, chosen)]
+    configs = _launcher_first(configs, chosen, launcher_first, default_grid)
     cu = torch.tensor([0, C], dtype=torch.int32, device=device)
     prefix = torch.tensor([P], dtype=torch.int32, device=device)
     flops = attention_flops(1, Hq, D, C, P)
@@ -513,11 +518,19 @@ def tile_ab(device="cuda", timer=gpu_timer, deadline: float | None = None, entri
         for r in got:
             r["kernel"] = kind
         for r in got:
-            old = next((o for o in got if not o["launcher"] and o.get("page_size") == r.get("page_size")), None)
-            if r["launcher"] and old is not None and r.get("tflops") and old.get("tflops"):
+            old = _former(got, r)
+            if old is not None and r.get("tflops") and old.get("tflops"):
                 r["vs_former"] = r["tflops"] / old["tflops"]
         rows += got
     return rows
+
+
+def _former(rows: list[dict], r: dict) -> dict | None:
+    """For a launcher row of the tile A/B, the former tile's row at its kernel and page size (else None)."""
+    if not r["launcher"]:
+        return None
+    return next((o for o in rows if o["kernel"] == r["kernel"] and not o["launcher"]
+                 and o.get("page_size") == r.get("page_size")), None)
 
 
 def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None = None) -> dict:
@@ -557,8 +570,7 @@ def tile_ab_lines(rows: list[dict]) -> list[str]:
     for r in rows:
         if not r["launcher"]:
             continue
-        old = next((o for o in rows if o["kernel"] == r["kernel"] and not o["launcher"]
-                    and o.get("page_size") == r.get("page_size")), None)
+        old = _former(rows, r)
         where = f"{r['kernel']} P={r['prefix']} C={r['chunk']}" + (
             f" page {r['page_size']}" if "page_size" in r else "")
         res = lambda x: (f"{x['tflops']:.0f} TFLOP/s" if "tflops" in x  # noqa: E731
