@@ -155,6 +155,9 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
                 else decode_tokens),
             chunks=best.chunks,
             mode=variant_of[mode]["mode"], compress=variant_of[mode]["compress"],
+            # the most times any run made the host wait for the GPU while enqueueing (GPU runs; 0 on CPU): each one
+            # stalls the stages' enqueueing, so overlap measured with any is not the schedule's
+            host_syncs=max(sum(r.metrics.get("host_syncs_per_stage", [])) for r in runs),
         )
         if "allreduce_bytes_per_stage" in best.metrics:  # tensor parallelism: the reduce traffic, per stage
             bm = best.metrics

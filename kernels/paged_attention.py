@@ -275,10 +275,10 @@ def pick_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] =
     `max_chunk` with `group` query heads per KV head (every config this returns is compiled ahead of time in the
     tests, no spills allowed). Packs a group's heads into the tile rows for chunks of up to PACK_MAX_CHUNK queries
     (decode and short chunks: their own queries would leave a tile mostly empty), as the dense kernel does.
-    Not yet timed on pages: one H200 run (bench/results/h200) found the d128 64x32 tile at 0.45x the dense
-    kernel's 128x128 on a long chunk, so Hopper now gets 64x64 with three stages there, the tile the dense kernel's
-    H100 sweep timed at 474 TFLOP/s against 64x32's 358 (prefix 16k, chunk 2k; no spills under Triton 3.6, 3.7,
-    3.9); `python -m bench kernels --sweep --paged` is how to choose by measurement."""
+    On Hopper at d128, 64x64 with three stages: on an H200 (bench/results/h200) 313 / 353 TFLOP/s over pages of
+    16 / 256 against 228 / 246 for the former 64x32 (prefix 16k, chunk 2k; no spills under Triton 3.6, 3.7, 3.9).
+    The paged sweep there ranked 128x128 w8 s3 first (354 / 369), a tile that spills over pages of 16 under 3.6;
+    `python -m bench kernels --sweep --paged` is how to choose by measurement."""
     return dict(_pick_config(head_dim, dtype, capability, max_chunk <= PACK_MAX_CHUNK and group > 1,
                              pack_heads(group), interpreted()))
 
@@ -299,9 +299,8 @@ def _pick_config(head_dim, dtype, capability, short_gqa, pack, interpreted) -> d
                     num_warps=8 if head_dim >= 256 else 4, num_stages=2, pack_gqa=True)
     if head_dim >= 256:
         return dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2, pack_gqa=False)
-    if head_dim == 128 and capability >= (9, 0):  # the dense H100 sweep's 64x64 s3 (474 TFLOP/s vs 358 for
-        # 64x32 s2); larger tiles spilled on pages of 16 (128x128 s3, Triton 3.6) or were no faster dense (128x64
-        # s3: 469)
+    if head_dim == 128 and capability >= (9, 0):  # H200, pages of 16 / 256: 313 / 353 TFLOP/s vs 228 / 246 for
+        # 64x32 s2; 128x128 s3 (354 / 369) spilled on pages of 16 under Triton 3.6
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False)
     if head_dim == 128:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, pack_gqa=False)

@@ -12,7 +12,7 @@ from kernels import rope_tables
 
 from . import checks
 from .config import ModelConfig, get_preset
-from .ops import Ops, get_ops
+from .ops import Ops, get_ops, host_tensor, select_rows
 from .ragged import PagePool, RaggedStep, pages_needed
 from .tp import check_tp, local_config, shard_state
 from .weights import load_hf_weights, random_weights
@@ -298,8 +298,7 @@ class Transformer(nn.Module):
                 h, residual = block(h, residual, lambda x, i=i: attend(i, x), self.ops, self.reduce)
         if rows is None:
             return h, residual
-        idx = torch.tensor(rows, dtype=torch.long, device=h.device)
-        return h[:, idx], None if residual is None else residual[:, idx]
+        return select_rows(h, rows), None if residual is None else select_rows(residual, rows)
 
     def _layers_overlapped(self, h, m: int, attend):
         """ISO-style overlap of the reduce (tp_comm="overlap"): the chunk's tokens in two halves, [0, m) and
@@ -358,7 +357,7 @@ class Transformer(nn.Module):
         if not rows:
             return h[:, :0]
         # token r is row r % n of rank r // n: each rank offers the wanted tokens it holds (zeros elsewhere)
-        want = torch.tensor(rows, dtype=torch.long, device=h.device)
+        want = host_tensor(rows, torch.long, h.device)
         owner, local = want // n, want % n
         offered = torch.where((owner == self.tp_rank)[None, :, None], h[:, local], 0).contiguous()
         everyone = reduce.all_gather(offered).view(B, T, len(rows), H)  # rank by rank

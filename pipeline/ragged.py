@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import checks
+from .ops import host_tensor
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,9 @@ class RaggedStep:
     def tensors(self, device) -> dict:
         """cu_seqlens [B+1], prefix lengths [B] (int32) and positions [1, N] (int64) on `device`, and the longest
         chunk and prefix (the kernel's launch hints, from the host: no sync)."""
-        return dict(cu_seqlens=torch.tensor(self.offsets, dtype=torch.int32, device=device),
-                    prefix=torch.tensor(self.starts, dtype=torch.int32, device=device),
-                    positions=torch.tensor(self.positions(), dtype=torch.int64, device=device)[None],
+        return dict(cu_seqlens=host_tensor(self.offsets, torch.int32, device),
+                    prefix=host_tensor(self.starts, torch.int32, device),
+                    positions=host_tensor(self.positions(), torch.int64, device)[None],
                     max_chunk=max(self.lengths), max_prefix=max(self.starts))
 
 
@@ -206,7 +207,7 @@ class PagePool:
         table = torch.full((len(self.rows), width), -1, dtype=torch.int32)
         for b, pages in enumerate(self.rows):
             table[b, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        return table.to(device)
+        return host_tensor(table, torch.int32, device)  # no host sync: one host thread may drive every stage
 
     def row_cache(self, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Row `row`'s first `length` positions, gathered from its pages: (k, v) [layers, 1, length, Hkv, D]."""

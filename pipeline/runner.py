@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -159,7 +160,9 @@ class Runner:
             t0 = self.clock.mark()
             for i in range(S):
                 self._inject_fault(i)
-            drive_gpu_rounds(gens, streams, len(chunks), receivers={key for key in gens if ends[key][0] is not None})
+            with counting_host_syncs() as syncs:  # each stage's count in its record
+                drive_gpu_rounds(gens, streams, len(chunks), records=records, syncs=syncs,
+                                 receivers={key for key in gens if ends[key][0] is not None})
             with torch.cuda.stream(streams[-1]):
                 end_mark = self.clock.mark()
             self._sync()
@@ -217,11 +220,13 @@ class Runner:
         self._sync()
         self.clock.anchor()  # every rank's GPU clock on the host time base, from an idle device
         t_start = time.perf_counter()
-        for k in stage_program(st, mode, chunks, self.clock, record, tokens=tokens if (recv is None) else None,
-                               recv=recv, send=send, batch=1 if ragged is not None else tokens.shape[0],
-                               start_pos=start_pos, result=result, codec=self.codec, ragged=ragged):
-            if k == 0 and mode != "unchunked":
-                self._inject_fault(self.s)
+        with counting_host_syncs(self.device.type == "cuda") as syncs:
+            for k in stage_program(st, mode, chunks, self.clock, record, tokens=tokens if (recv is None) else None,
+                                   recv=recv, send=send, batch=1 if ragged is not None else tokens.shape[0],
+                                   start_pos=start_pos, result=result, codec=self.codec, ragged=ragged):
+                if k == 0 and mode != "unchunked":
+                    self._inject_fault(self.s)
+        record.host_syncs = syncs.count
         self._sync()
         t_end = time.perf_counter()
         if mode == "unchunked":
@@ -248,7 +253,43 @@ class Runner:
                 ch.close()
 
 
-def drive_gpu_rounds(gens: dict, streams, n_chunks: int, receivers) -> None:
+SYNC_WARNING = "synchronizing CUDA operation"  # what torch says under set_sync_debug_mode("warn")
+
+
+class _SyncCount:
+    def __init__(self, caught=()):
+        self.caught = caught
+
+    @property
+    def count(self) -> int:
+        """The host syncs so far."""
+        return sum(SYNC_WARNING in str(w.message) for w in self.caught)
+
+
+@contextlib.contextmanager
+def counting_host_syncs(enabled: bool = True):
+    """Counts the calls inside that made the host wait for the GPU (a blocking copy, `.item()`, ...: torch's sync
+    debug mode, as warnings; other warnings pass through). A run's stages are only enqueued by the host; one such
+    call stalls the host until the device catches up, and with one host thread driving every stage in-process,
+    every stage queued after it waits too: the pipeline then runs in the order the host enqueued it, and overlap
+    cannot show (seen on an H200). Each stage record keeps its count (`host_syncs`)."""
+    if not enabled:
+        yield _SyncCount()
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield _SyncCount(caught)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    for w in caught:
+        if SYNC_WARNING not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def drive_gpu_rounds(gens: dict, streams, n_chunks: int, receivers, records=None, syncs=None) -> None:
     """One host thread enqueues every stage's work on its own stream (`streams[s]`; None: the current one), round by
     round, round k for chunk k: first each stage in `receivers` posts its receive of chunk k (`stage_program(...,
     yield_posts=True)` pauses there), then the stages in pipeline order compute chunk k and enqueue its send; a last
@@ -262,8 +303,11 @@ def drive_gpu_rounds(gens: dict, streams, n_chunks: int, receivers) -> None:
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     def step(key, want):
+        before = syncs.count if syncs is not None else 0
         with on(key):
             got = next(gens[key], None)
+        if syncs is not None:  # what this stage's step made the host wait for
+            records[key].host_syncs += syncs.count - before
         if got != want:
             raise RuntimeError(f"in-process GPU driver: stage {key[0]} yielded {got!r} where {want!r} was due")
     for k in range(n_chunks):

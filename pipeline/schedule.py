@@ -110,12 +110,16 @@ class StageRecord:
     # with TP, per received chunk: seconds of its collective over the TP group (tp_boundary "broadcast": the broadcast,
     # "sharded": the all-gather of the slices; within its receive wait, before its compute), 0 where it took none
     boundary: list[float] = field(default_factory=list)
+    # CUDA calls in this stage's part of the run that made the host wait for the device (`runner.counting_host_syncs`):
+    # each stalls the host thread that enqueues the stages' work, so a GPU run's overlap needs 0
+    host_syncs: int = 0
 
     def resolve(self, clock: Clock) -> "StageRecord":
         conv = lambda pairs: [(clock.seconds(a), clock.seconds(b)) for a, b in pairs]  # noqa: E731
         return StageRecord(self.stage, self.chunks, conv(self.compute), conv(self.recv_wait), conv(self.send_wait),
                            [h.timing() for h in self.send], self.bytes_sent,
-                           [clock.seconds(t) for t in self.recv_posted], list(self.reduce), list(self.boundary))
+                           [clock.seconds(t) for t in self.recv_posted], list(self.reduce), list(self.boundary),
+                           self.host_syncs)
 
 
 def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: StageRecord, *, tokens=None,
@@ -236,6 +240,7 @@ def summarize(records: list[StageRecord], t_start: float, t_end: float) -> dict:
         equal_stage_formula_s=sum(per_chunk) + (S - 1) * max(per_chunk),
         per_chunk_stage_max_s=per_chunk,
         bytes_per_boundary=[r.bytes_sent for r in records[:-1]],
+        host_syncs_per_stage=[r.host_syncs for r in records],
     )
 
 

@@ -470,6 +470,9 @@ def test_partitions_part_measures_and_summarises_on_cpu():
     text = "\n".join(gpu_suite.partitions_markdown(doc))
     assert "| 2 | 100gbe | 64 |" in text and "Target overlapped >= 0.9 of the ideal" in text
     assert "Target simulator within 10%" in text
+    # CPU runs count no host syncs (nothing to wait for); the summary says so
+    assert all(m["host_syncs"] == 0 for m in point["modes"].values())
+    assert "Host syncs while enqueueing: none in any run (4 mode-points)" in text
     import time
     late, _ = gpu_suite.bench_pipeline(model="tiny", layers=None, stages=(2,), links=("100gbe",), prompt_lens=(64,),
                                        chunk_size=16, repeats=1, warmup=0, device="cpu", dtype="float32",
@@ -606,3 +609,21 @@ gpu_suite._suite(Path({str(tmp_path)!r}), argparse.Namespace(budget_s=0.3, quick
     res = subprocess.run([sys.executable, "-c", code], cwd=gpu_suite.ROOT, capture_output=True, text=True, timeout=60)
     assert time.time() - t0 < 30 and res.returncode != 0
     assert "stuck_for_good" in (tmp_path / "hang-fallback.txt").read_text()
+
+
+def test_host_sync_lines_flag_a_part_whose_runs_waited_on_the_gpu():
+    """A pipeline part whose runs made the host wait for the GPU while enqueueing is flagged in bold with the worst
+    run; all zero is said once; results from before the count have no line."""
+    def doc(counts, rows=None):
+        point = dict(prompt_len=4096, modes={mode: dict(host_syncs=c) for mode, c in counts.items()})
+        if rows:
+            point["rows"] = rows
+        return dict(points=[point])
+    bad = gpu_suite.host_sync_lines(doc(dict(naive=1, chunked=8, overlapped=0)))
+    assert len(bad) == 1 and bad[0].startswith("- **Host syncs while enqueueing: 2 of 3 mode-points, up to 8 in a run "
+                                               "(L=4096, chunked)**")
+    assert "measure that stall" in bad[0]
+    assert "(rows 1024,4096, naive)" in gpu_suite.host_sync_lines(doc(dict(naive=3), rows=[1024, 4096]))[0]
+    assert gpu_suite.host_sync_lines(doc(dict(naive=0, overlapped=0))) == [
+        "- Host syncs while enqueueing: none in any run (2 mode-points)."]
+    assert gpu_suite.host_sync_lines(dict(points=[dict(prompt_len=1, modes=dict(naive=dict(ttft_ms=1.0)))])) == []

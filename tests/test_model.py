@@ -217,3 +217,22 @@ def test_weights_are_made_in_the_target_dtype_one_tensor_at_a_time():
     peak, size = (int(v) for v in res.stdout.split())
     assert size > 150e6  # 83M parameters in bfloat16
     assert peak < 1.6 * size, f"loading peaked at {peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"
+
+
+@pytest.mark.parametrize("rows", [[6], [2, 3, 4], [0, 1, 2, 3, 4, 5, 6], [4, 1], [3, 3], []])
+def test_select_rows_equals_indexing_and_is_contiguous(rows):
+    """The last stage's row pick (`select_rows`): t[:, rows] whatever the list, contiguous (the kernels after it need
+    that); a run of consecutive rows is a slice, so no index tensor goes to the device (a blocking copy there stalls
+    the host that enqueues every stage)."""
+    from pipeline.ops import select_rows
+    t = torch.randn(2, 7, 5)
+    got = select_rows(t, rows)
+    assert torch.equal(got, t[:, torch.tensor(rows, dtype=torch.long)]) and got.is_contiguous()
+
+
+def test_host_tensor_makes_the_values_on_the_device_in_the_dtype():
+    from pipeline.ops import host_tensor
+    got = host_tensor([3, 1, 2], torch.int32, "cpu")
+    assert got.dtype == torch.int32 and got.tolist() == [3, 1, 2]
+    table = torch.tensor([[1, -1]], dtype=torch.int64)
+    assert host_tensor(table, torch.int32, torch.device("cpu")).dtype == torch.int32

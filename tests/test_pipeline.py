@@ -198,6 +198,8 @@ def test_inprocess_gpu_streams_equal_unchunked(cuda, tiny, mode, ops):
     ref_logits, ref_k, ref_v = (t.cpu() for t in reference(load_model("tiny", device="cuda"), toks.cuda()))
     res.logits = res.logits.cpu()
     assert_matches(res, ref_logits, ref_k, ref_v, tol=1e-4)
+    # one host thread enqueues every stage: a call that waits for the GPU serializes them (seen on an H200)
+    assert res.metrics["host_syncs_per_stage"] == [0, 0, 0]
 
 
 @pytest.mark.gpu
@@ -305,6 +307,7 @@ def test_sm_partitions_pipeline_equals_unchunked(cuda, tiny, mode):
     res.logits = res.logits.cpu()
     assert_matches(res, ref_logits, ref_k, ref_v, tol=1e-4)
     assert res.metrics["sm_partitions"]["stage_sms"] and "HBM" in res.metrics["sm_partitions"]["not_modelled"]
+    assert res.metrics["host_syncs_per_stage"] == [0, 0]
 
 
 @pytest.mark.parametrize("threads,expected", [(None, max(1, (os.cpu_count() or 1) // 2)), (1, 1), (3, 3)])
@@ -401,6 +404,54 @@ def test_gpu_round_driver_posts_each_receive_before_its_send(mode, S, L, chunk):
         assert [t for what, t in log if what == "wait"] == list(range(len(chunks)))
         if mode == "overlapped" and len(chunks) > 1:  # two receives posted before the first send
             assert log[:2] == [("post", 0), ("post", 1)]
+
+
+def test_gpu_round_driver_counts_each_stages_host_syncs():
+    """The driver charges each host sync to the stage whose step made it (the count the runner keeps per record)."""
+    from pipeline.runner import drive_gpu_rounds
+    from pipeline.schedule import StageRecord
+
+    class Counter:
+        count = 0
+
+    syncs = Counter()
+
+    def program(per_step):
+        for k in range(2):
+            syncs.count += per_step
+            yield k
+    records = {(0, 0): StageRecord(0, [1, 1]), (1, 0): StageRecord(1, [1, 1])}
+    drive_gpu_rounds({(0, 0): program(0), (1, 0): program(3)}, [None, None], 2, receivers=set(), records=records,
+                     syncs=syncs)
+    assert [records[k].host_syncs for k in sorted(records)] == [0, 6]
+
+
+def test_host_syncs_are_counted_from_torchs_sync_debug_warnings(monkeypatch):
+    """`counting_host_syncs` turns torch's sync debug mode to "warn" inside and back after, counts its warnings,
+    and passes every other warning on; disabled (CPU), it counts nothing and touches nothing."""
+    import warnings
+
+    from pipeline import runner
+    modes = []
+    monkeypatch.setattr(runner.torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(runner.torch.cuda, "set_sync_debug_mode", modes.append)
+    with warnings.catch_warnings(record=True) as outer:
+        warnings.simplefilter("always")
+        with runner.counting_host_syncs() as syncs:
+            warnings.warn("called a synchronizing CUDA operation")
+            assert syncs.count == 1
+            warnings.warn("something else")
+            warnings.warn("called a synchronizing CUDA operation")
+        assert syncs.count == 2 and modes == ["warn", 0]
+    assert [str(w.message) for w in outer] == ["something else"]
+    with runner.counting_host_syncs(enabled=False) as none:
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    assert none.count == 0 and modes == ["warn", 0]
+
+
+def test_a_run_on_cpu_records_no_host_syncs():
+    res = run_prefill("tiny", tokens(1, 24), mode="overlapped", stages=3, chunk_size=8, decode=False)
+    assert res.metrics["host_syncs_per_stage"] == [0, 0, 0]
 
 
 def test_gpu_round_driver_refuses_a_program_out_of_step():

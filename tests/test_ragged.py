@@ -285,6 +285,8 @@ def test_a_ragged_batch_on_gpu_streams_equals_each_prompt_alone(cuda, ops):
     res = run_prefill("tiny", rows, mode="overlapped", stages=2, chunk_size=7, device="cuda", ops=ops,
                       bandwidth_gbps=1e-3, return_cache=True)
     _check_rows(res, rows, ref, tol=1e-4)
+    if ops == "triton":  # the block table and row metadata go up without a host sync (the torch reference reads them)
+        assert res.metrics["host_syncs_per_stage"] == [0, 0]
 
 
 def test_the_memory_estimate_counts_whole_kv_pages():
