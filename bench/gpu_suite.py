@@ -268,22 +268,35 @@ def _why_incomplete(doc: dict) -> str:
     return doc.get("stopped") or "the run was cut short"
 
 
-def host_sync_lines(doc: dict) -> list[str]:
-    """One line on whether a pipeline part's runs made the host wait for the GPU while enqueueing the stages
-    (`host_syncs`, counted per run): any such wait stalls the one host thread that drives every stage, so the
-    stages then run in the order enqueued and the overlap figures measure the stall. No line for results from
-    before the count existed."""
+def host_lines(doc: dict) -> list[str]:
+    """What the one host thread that enqueues every stage (the in-process GPU driver) did to a pipeline part's runs:
+    whether any made the host wait for the GPU (`host_syncs`: any such wait stalls the driver, the stages then run in
+    the order enqueued and the overlap figures measure the stall), and the share of the overlapped TTFT the host spent
+    enqueueing (`host_enqueue_ms`: near 1, the host paced the run, not the GPU). Nothing for results from before
+    these were counted."""
+    lines = []
     counts = [(f"rows {','.join(map(str, p['rows']))}" if p.get("rows") else f"L={p['prompt_len']}", mode,
                m["host_syncs"]) for p in doc.get("points", []) for mode, m in p["modes"].items() if "host_syncs" in m]
-    if not counts:
-        return []
     bad = [c for c in counts if c[2]]
-    if not bad:
-        return [f"- Host syncs while enqueueing: none in any run ({len(counts)} mode-points)."]
-    worst = max(bad, key=lambda c: c[2])
-    return [f"- **Host syncs while enqueueing: {len(bad)} of {len(counts)} mode-points, up to {worst[2]} in a run "
-            f"({worst[0]}, {worst[1]})**: the host waited for the GPU mid-run, the stages ran in the order "
-            "enqueued, and the overlap figures here measure that stall, not the schedule."]
+    if bad:
+        worst = max(bad, key=lambda c: c[2])
+        lines.append(f"- **Host syncs while enqueueing: {len(bad)} of {len(counts)} mode-points, up to {worst[2]} in "
+                     f"a run ({worst[0]}, {worst[1]})**: the host waited for the GPU mid-run, the stages ran in the "
+                     "order enqueued, and the overlap figures here measure that stall, not the schedule.")
+    elif counts:
+        lines.append(f"- Host syncs while enqueueing: none in any run ({len(counts)} mode-points).")
+    shares = [m["host_enqueue_ms"] / m["ttft_ms"] for p in doc.get("points", []) for mode, m in p["modes"].items()
+              if mode.startswith("overlapped") and m.get("host_enqueue_ms") is not None and m.get("ttft_ms")]
+    if shares:
+        paced = sum(x >= HOST_PACED for x in shares)
+        lines.append(f"- Host enqueue time (one thread for every stage): {min(shares):.2f}-{max(shares):.2f} of the "
+                     f"overlapped TTFT" + (f"; **{paced} of {len(shares)} runs at >= {HOST_PACED} (paced by the host, "
+                                           "not the GPU)**" if paced else "") + ".")
+    return lines
+
+
+# A run whose host enqueue time is at least this share of its TTFT was paced by the host (`host_lines`).
+HOST_PACED = 0.9
 
 
 def partitions_markdown(doc: dict) -> list[str]:
@@ -317,7 +330,7 @@ def partitions_markdown(doc: dict) -> list[str]:
                      f"{fmt(get('chunked', 'sim_over_measured'))} | {fmt(get('overlapped', 'sim_over_measured'))} | "
                      f"{'yes' if all(v['outputs_match'] for v in m.values()) else 'NO'} |")
     lines.append("")
-    lines += host_sync_lines(doc)
+    lines += host_lines(doc)
     for S in sorted({p["stages"] for p in doc["points"]}):
         pts = [p for p in doc["points"] if p["stages"] == S and p["link"] == t["overlapped_of_ideal_link"]
                and p.get("overlapped_of_ideal") is not None]
@@ -380,7 +393,7 @@ def ragged_markdown(doc: dict) -> list[str]:
                          f"{ms(naive.get('row_ttft_ms'))} | {fmt(ov.get('sim_over_measured'))} | "
                          f"{fmt(diff, '{:.1e}')} | {'yes' if ok else 'NO'} |")
     lines.append("")
-    return lines + host_sync_lines(doc) + ([""] if host_sync_lines(doc) else [])
+    return lines + host_lines(doc) + ([""] if host_lines(doc) else [])
 
 
 def _launcher(row: dict) -> str:
@@ -495,7 +508,7 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
                          f"{get('overlapped', 'speedup_vs_naive'):.2f}x | {get('overlapped', 'exposed_comm_ms'):.1f} | "
                          f"{'yes' if all(v['outputs_match'] for v in m.values()) else 'NO'} |")
         lines.append("")
-        lines += host_sync_lines(pipeline) + ([""] if host_sync_lines(pipeline) else [])
+        lines += host_lines(pipeline) + ([""] if host_lines(pipeline) else [])
     if partitions is not None:
         lines += partitions_markdown(partitions)
     if ragged is not None:

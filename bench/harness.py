@@ -159,6 +159,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
             # stalls the stages' enqueueing, so overlap measured with any is not the schedule's
             host_syncs=max(sum(r.metrics.get("host_syncs_per_stage", [])) for r in runs),
         )
+        if "host_enqueue_s_per_stage" in runs[0].metrics:  # one host thread enqueued every stage (in-process GPU)
+            m["host_enqueue_ms"] = statistics.median(sum(r.metrics["host_enqueue_s_per_stage"]) for r in runs) * 1e3
         if "allreduce_bytes_per_stage" in best.metrics:  # tensor parallelism: the reduce traffic, per stage
             bm = best.metrics
             m.update(tp_comm=variant_of[mode]["tp_comm"], tp_boundary=variant_of[mode]["tp_boundary"], tp=spec.tp,

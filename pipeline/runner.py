@@ -198,6 +198,10 @@ class Runner:
         resolved = {key: rec.resolve(self.clock) for key, rec in records.items()}
         mine = [least_reduce(resolved[key], [resolved[(key[0], t)] for t in range(self.T) if (key[0], t) in resolved])
                 for key in sorted(resolved) if key[1] == 0]
+        if self.device.type == "cuda" and self.T > 1:  # the host enqueued every TP rank of a stage: its time is theirs
+            ranks = lambda s: [resolved[(s, t)] for t in range(self.T) if (s, t) in resolved]  # noqa: E731
+            mine = [dataclasses.replace(r, host_enqueue_s=sum(x.host_enqueue_s or 0.0 for x in ranks(r.stage)),
+                                        host_syncs=sum(x.host_syncs for x in ranks(r.stage))) for r in mine]
         return mine, t_start, t_end, result["logits"]
 
     # one process per stage: this rank's part of a run
@@ -293,7 +297,8 @@ def drive_gpu_rounds(gens: dict, streams, n_chunks: int, receivers, records=None
     """One host thread enqueues every stage's work on its own stream (`streams[s]`; None: the current one), round by
     round, round k for chunk k: first each stage in `receivers` posts its receive of chunk k (`stage_program(...,
     yield_posts=True)` pauses there), then the stages in pipeline order compute chunk k and enqueue its send; a last
-    round lets each stage wait for its sends still in flight. Every event a stream waits for has then been recorded
+    round lets each stage wait for its sends still in flight. `records` (per key), if given, get each stage's host
+    seconds (`host_enqueue_s`) and, with `syncs` (`counting_host_syncs`), its host syncs. Every event a stream waits for has then been recorded
     before the wait is enqueued: a wait on an event not yet recorded would be a no-op, and a device-side spin on
     work the host has yet to enqueue can hang the device for good (a module load waits for it)."""
     order = sorted(gens)
@@ -303,11 +308,14 @@ def drive_gpu_rounds(gens: dict, streams, n_chunks: int, receivers, records=None
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
     def step(key, want):
-        before = syncs.count if syncs is not None else 0
+        before, t0 = syncs.count if syncs is not None else 0, time.perf_counter()
         with on(key):
             got = next(gens[key], None)
-        if syncs is not None:  # what this stage's step made the host wait for
-            records[key].host_syncs += syncs.count - before
+        if records is not None:  # the host's time on this stage's step, and what it made the host wait for
+            rec = records[key]
+            rec.host_enqueue_s = (rec.host_enqueue_s or 0.0) + time.perf_counter() - t0
+            if syncs is not None:
+                rec.host_syncs += syncs.count - before
         if got != want:
             raise RuntimeError(f"in-process GPU driver: stage {key[0]} yielded {got!r} where {want!r} was due")
     for k in range(n_chunks):

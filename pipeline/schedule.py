@@ -113,13 +113,16 @@ class StageRecord:
     # CUDA calls in this stage's part of the run that made the host wait for the device (`runner.counting_host_syncs`):
     # each stalls the host thread that enqueues the stages' work, so a GPU run's overlap needs 0
     host_syncs: int = 0
+    # the in-process GPU driver's host seconds enqueueing this stage's work (None where no driver enqueues it): one
+    # host thread enqueues every stage, so a run whose stages' sum nears its TTFT was paced by the host
+    host_enqueue_s: float | None = None
 
     def resolve(self, clock: Clock) -> "StageRecord":
         conv = lambda pairs: [(clock.seconds(a), clock.seconds(b)) for a, b in pairs]  # noqa: E731
         return StageRecord(self.stage, self.chunks, conv(self.compute), conv(self.recv_wait), conv(self.send_wait),
                            [h.timing() for h in self.send], self.bytes_sent,
                            [clock.seconds(t) for t in self.recv_posted], list(self.reduce), list(self.boundary),
-                           self.host_syncs)
+                           self.host_syncs, self.host_enqueue_s)
 
 
 def stage_program(stage, mode: str, chunks: list[int], clock: Clock, record: StageRecord, *, tokens=None,
@@ -241,6 +244,8 @@ def summarize(records: list[StageRecord], t_start: float, t_end: float) -> dict:
         per_chunk_stage_max_s=per_chunk,
         bytes_per_boundary=[r.bytes_sent for r in records[:-1]],
         host_syncs_per_stage=[r.host_syncs for r in records],
+        **({"host_enqueue_s_per_stage": [r.host_enqueue_s or 0.0 for r in records]}
+           if any(r.host_enqueue_s is not None for r in records) else {}),
     )
 
 

@@ -611,19 +611,26 @@ gpu_suite._suite(Path({str(tmp_path)!r}), argparse.Namespace(budget_s=0.3, quick
     assert "stuck_for_good" in (tmp_path / "hang-fallback.txt").read_text()
 
 
-def test_host_sync_lines_flag_a_part_whose_runs_waited_on_the_gpu():
+def test_host_lines_flag_runs_that_waited_on_the_gpu_or_were_paced_by_the_host():
     """A pipeline part whose runs made the host wait for the GPU while enqueueing is flagged in bold with the worst
-    run; all zero is said once; results from before the count have no line."""
-    def doc(counts, rows=None):
-        point = dict(prompt_len=4096, modes={mode: dict(host_syncs=c) for mode, c in counts.items()})
+    run; all zero is said once; the overlapped runs' host enqueue share is given, runs at >= 0.9 of their TTFT
+    flagged; results from before these counts have no line."""
+    def doc(counts, rows=None, enqueue=None):
+        point = dict(prompt_len=4096, modes={mode: dict(host_syncs=c, ttft_ms=10.0) for mode, c in counts.items()})
+        if enqueue is not None:
+            point["modes"]["overlapped"]["host_enqueue_ms"] = enqueue
         if rows:
             point["rows"] = rows
         return dict(points=[point])
-    bad = gpu_suite.host_sync_lines(doc(dict(naive=1, chunked=8, overlapped=0)))
+    bad = gpu_suite.host_lines(doc(dict(naive=1, chunked=8, overlapped=0)))
     assert len(bad) == 1 and bad[0].startswith("- **Host syncs while enqueueing: 2 of 3 mode-points, up to 8 in a run "
                                                "(L=4096, chunked)**")
     assert "measure that stall" in bad[0]
-    assert "(rows 1024,4096, naive)" in gpu_suite.host_sync_lines(doc(dict(naive=3), rows=[1024, 4096]))[0]
-    assert gpu_suite.host_sync_lines(doc(dict(naive=0, overlapped=0))) == [
+    assert "(rows 1024,4096, naive)" in gpu_suite.host_lines(doc(dict(naive=3), rows=[1024, 4096]))[0]
+    assert gpu_suite.host_lines(doc(dict(naive=0, overlapped=0))) == [
         "- Host syncs while enqueueing: none in any run (2 mode-points)."]
-    assert gpu_suite.host_sync_lines(dict(points=[dict(prompt_len=1, modes=dict(naive=dict(ttft_ms=1.0)))])) == []
+    assert gpu_suite.host_lines(doc(dict(naive=0, overlapped=0), enqueue=4.0))[1] == (
+        "- Host enqueue time (one thread for every stage): 0.40-0.40 of the overlapped TTFT.")
+    assert "**1 of 1 runs at >= 0.9 (paced by the host, not the GPU)**" in gpu_suite.host_lines(
+        doc(dict(overlapped=0), enqueue=9.5))[1]
+    assert gpu_suite.host_lines(dict(points=[dict(prompt_len=1, modes=dict(naive=dict(ttft_ms=1.0)))])) == []

@@ -199,7 +199,7 @@ def test_inprocess_gpu_streams_equal_unchunked(cuda, tiny, mode, ops):
     res.logits = res.logits.cpu()
     assert_matches(res, ref_logits, ref_k, ref_v, tol=1e-4)
     # one host thread enqueues every stage: a call that waits for the GPU serializes them (seen on an H200)
-    assert res.metrics["host_syncs_per_stage"] == [0, 0, 0]
+    assert res.metrics["host_syncs_per_stage"] == [0, 0, 0] and len(res.metrics["host_enqueue_s_per_stage"]) == 3
 
 
 @pytest.mark.gpu
@@ -424,6 +424,7 @@ def test_gpu_round_driver_counts_each_stages_host_syncs():
     drive_gpu_rounds({(0, 0): program(0), (1, 0): program(3)}, [None, None], 2, receivers=set(), records=records,
                      syncs=syncs)
     assert [records[k].host_syncs for k in sorted(records)] == [0, 6]
+    assert all(records[k].host_enqueue_s > 0 for k in records)  # the host's time on each stage's steps
 
 
 def test_host_syncs_are_counted_from_torchs_sync_debug_warnings(monkeypatch):
@@ -449,9 +450,10 @@ def test_host_syncs_are_counted_from_torchs_sync_debug_warnings(monkeypatch):
     assert none.count == 0 and modes == ["warn", 0]
 
 
-def test_a_run_on_cpu_records_no_host_syncs():
+def test_a_run_on_cpu_records_no_host_syncs_and_no_driver_time():
+    """On CPU each stage runs in a thread of its own: no host syncs, and no one driver whose enqueue time to give."""
     res = run_prefill("tiny", tokens(1, 24), mode="overlapped", stages=3, chunk_size=8, decode=False)
-    assert res.metrics["host_syncs_per_stage"] == [0, 0, 0]
+    assert res.metrics["host_syncs_per_stage"] == [0, 0, 0] and "host_enqueue_s_per_stage" not in res.metrics
 
 
 def test_gpu_round_driver_refuses_a_program_out_of_step():
