@@ -410,8 +410,15 @@ def test_attention_sweep_tries_split_kv_and_packing_on_short_chunks_over_long_pr
     rows = sweep_attention(shape=(4096, 16), Hq=4, Hkv=1, D=16, dtype=torch.float32, device="cpu",
                            timer=lambda fn: seen.append(fn) or 1.0)  # configs listed, nothing run but the reference
     assert len(seen) == len(rows)
-    assert {r.get("num_splits", 1) for r in rows} == {1, 2, 4, 8} and any(r.get("pack_gqa") for r in rows)
+    assert {r.get("num_splits", 1) for r in rows} == {1, 2, 4, 8, 16, 32, 64} and any(r.get("pack_gqa") for r in rows)
     assert not any(r.get("longest_first") or r.get("no_prefix") for r in rows)
+    # decode-like chunks: the launcher's own tile split 8 to 64 ways too (the most its 4096 // 64 key blocks allow)
+    tile = {k: rows[0][k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
+    assert [r["num_splits"] for r in rows if r.get("num_splits", 1) >= 8 and all(r[k] == v for k, v in tile.items())
+            ] == [8, 16, 32, 64]
+    wide = sweep_attention(shape=(4096, 17), Hq=4, Hkv=1, D=16, dtype=torch.float32, device="cpu",
+                           timer=lambda fn: 1.0)
+    assert max(r.get("num_splits", 1) for r in wide) == 8  # a chunk past 16 tokens: not decode-like
 
 
 def test_attention_sweep_tries_longest_first_and_no_prefix_loops_at_prefix_zero():
