@@ -198,10 +198,6 @@ class Runner:
         resolved = {key: rec.resolve(self.clock) for key, rec in records.items()}
         mine = [least_reduce(resolved[key], [resolved[(key[0], t)] for t in range(self.T) if (key[0], t) in resolved])
                 for key in sorted(resolved) if key[1] == 0]
-        if self.device.type == "cuda" and self.T > 1:  # the host enqueued every TP rank of a stage: its time is theirs
-            ranks = lambda s: [resolved[(s, t)] for t in range(self.T) if (s, t) in resolved]  # noqa: E731
-            mine = [dataclasses.replace(r, host_enqueue_s=sum(x.host_enqueue_s or 0.0 for x in ranks(r.stage)),
-                                        host_syncs=sum(x.host_syncs for x in ranks(r.stage))) for r in mine]
         return mine, t_start, t_end, result["logits"]
 
     # one process per stage: this rank's part of a run
