@@ -107,10 +107,12 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
             sig["qk_scale"] = "fp32"
             const = dict(GROUP=group if pack > 1 else 4, HEAD_DIM=head_dim, BLOCK_D=paged_mod.block_d(head_dim),
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PAGE_SIZE=page,
-                         PRECISION="ieee" if dtype == torch.float32 else "tf32", PACK=pack, SPLIT=split)
+                         PRECISION="ieee" if dtype == torch.float32 else "tf32", PACK=pack, SPLIT=split,
+                         PAGE_AHEAD=bool(cfg.get("page_ahead")))
             specs.append(KernelSpec(f"chunk_attention_paged d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}"
                                     f"n{cfg['BLOCK_N']}" + (f" pack{pack}" if pack > 1 else "") + f" page{page}"
-                                    + (" split" if split else ""), paged_mod._paged_chunk_attention_kernel,
+                                    + (" ahead" if cfg.get("page_ahead") else "") + (" split" if split else ""),
+                                    paged_mod._paged_chunk_attention_kernel,
                                     sig | {k: "constexpr" for k in const}, const, cfg["num_warps"],
                                     cfg["num_stages"], expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64))
     if arch >= 90:  # the TMA prefix loads (config tma, Hopper only): the tiles a tuning sweep tries, alone and split

@@ -434,8 +434,9 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 # GQA packing (default off); prefix splits (default: heuristic); TMA loads of the prefix (default off: untimed);
 # query blocks last to first (default off: for sweeps); the kernel compiled without its prefix loops (for an int
-# start of 0 only; the launcher's prefix-0 tile sets it)
-OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits", "tma", "longest_first", "no_prefix")
+# start of 0 only; the launcher's prefix-0 tile sets it); the paged kernel's block-table reads one key block ahead
+# (paged path only: `kernels.paged_attention`)
+OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits", "tma", "longest_first", "no_prefix", "page_ahead")
 
 
 def _check_config(config: dict, group: int) -> dict:
@@ -455,7 +456,7 @@ def _check_config(config: dict, group: int) -> dict:
     if config.get("pack_gqa") and pack_heads(group) > config["BLOCK_M"]:
         raise ValueError(f"chunk_attention: config pack_gqa puts {pack_heads(group)} query heads in a tile of "
                          f"BLOCK_M = {config['BLOCK_M']} rows; BLOCK_M must be at least that")
-    for key in ("tma", "longest_first", "no_prefix"):
+    for key in ("tma", "longest_first", "no_prefix", "page_ahead"):
         if not isinstance(config.get(key, False), bool):
             raise ValueError(f"chunk_attention: config {key} must be True or False, got {config[key]!r}")
     splits = config.get("num_splits", 1)
@@ -497,6 +498,9 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
             got = "a tensor" if isinstance(start_pos, torch.Tensor) else start_pos
             raise ValueError(f"chunk_attention: config no_prefix compiles the kernel without its prefix loops: it "
                              f"needs an int start_pos of 0, got {got}")
+        if config.get("page_ahead"):
+            raise ValueError("chunk_attention: config page_ahead is the paged kernel's (block-table reads one key "
+                             "block ahead); the dense path has no block table")
     if sm_scale is None:
         sm_scale = D ** -0.5
     sm_scale = positive_number("chunk_attention: sm_scale", sm_scale)

@@ -32,25 +32,43 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attend_pages(acc, l_i, m_i, q, KC, VC, bt, stride_kp, stride_ks, stride_vp, stride_vs, lo, hi, n_limit,
                   offs_n, offs_d, qk_scale, MASK_N: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                  PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr):
+                  PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, PAGE_AHEAD: tl.constexpr):
     """Online softmax over cached key positions [lo, hi) of one row: each key's page looked up in the row's block
     table `bt` (every query sees every cached key). MASK_N masks positions >= n_limit (a ragged last block).
     `lo` is a multiple of BLOCK_N. When pages hold a whole number of key blocks, each block lies in one page: one
     page lookup per block and the dense kernel's addressing (a scalar base plus contiguous rows); smaller pages
     gather each key's page, as do the exact-float32 checking tiles (one-page reads spilled one of them, 16x16
-    packed, on sm_80 under Triton 3.6)."""
+    packed, on sm_80 under Triton 3.6).
+    PAGE_AHEAD: each block's page(s) are read one block ahead and carried into the next iteration. Read in the
+    block's own iteration, the K/V loads depend on a load of the same iteration, and Triton's software pipeliner
+    then keeps one K/V tile in flight whatever num_stages says (the dense kernel, num_stages 3: two); carried,
+    the loads are as deep as the dense kernel's (seen in the sm_90 TTGIR)."""
     ONE_PAGE: tl.constexpr = (PAGE_SIZE % BLOCK_N == 0) & (PRECISION != "ieee")
+    last = tl.maximum(hi - 1, 0)  # reads ahead stay inside the row's table (hi <= its pages' positions)
+    if PAGE_AHEAD:  # nothing read for an empty range (its table may have no entry)
+        if ONE_PAGE:
+            page_next = tl.load(bt + tl.minimum(lo, last) // PAGE_SIZE, mask=lo < hi, other=0).to(tl.int64)
+        else:
+            page_next = tl.load(bt + tl.minimum(lo + offs_n, last) // PAGE_SIZE, mask=(lo + offs_n * 0) < hi,
+                                other=0).to(tl.int64)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASK_N:
             ok = cols < n_limit
         if ONE_PAGE:  # start_n < hi: its page is in the table
-            page = tl.load(bt + start_n // PAGE_SIZE).to(tl.int64)
+            if PAGE_AHEAD:
+                page = page_next
+                page_next = tl.load(bt + tl.minimum(start_n + BLOCK_N, last) // PAGE_SIZE).to(tl.int64)
+            else:
+                page = tl.load(bt + start_n // PAGE_SIZE).to(tl.int64)
             rows_in = start_n % PAGE_SIZE + offs_n
             k_ptr = KC + page * stride_kp + (rows_in * stride_ks)[None, :] + offs_d[:, None]
             v_ptr = VC + page * stride_vp + (rows_in * stride_vs)[:, None] + offs_d[None, :]
         else:
-            if MASK_N:
+            if PAGE_AHEAD:  # past hi (masked keys) the last position's page stands in
+                page = page_next
+                page_next = tl.load(bt + tl.minimum(cols + BLOCK_N, last) // PAGE_SIZE).to(tl.int64)
+            elif MASK_N:
                 page = tl.load(bt + cols // PAGE_SIZE, mask=ok, other=0).to(tl.int64)
             else:
                 page = tl.load(bt + cols // PAGE_SIZE).to(tl.int64)
@@ -120,7 +138,7 @@ def _paged_chunk_attention_kernel(
     max_pages, N, Hq, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, PACK: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, PAGE_AHEAD: tl.constexpr,
 ):
     """One program: BLOCK_M tile rows of one row b of the batch. The tile rows are BLOCK_M queries of one query
     head (program_id(1) = b·Hq + head), or, with PACK > 1 (GQA packing), BLOCK_M // PACK queries of each of the
@@ -202,10 +220,10 @@ def _paged_chunk_attention_kernel(
     n_full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, kc, vc, bt, stride_kcp, stride_kcs, stride_vcp, stride_vcs, lo,
                                   n_full, hi, offs_n, offs_d, qk_scale, False, BLOCK_N, PAGE_SIZE, PRECISION,
-                                  HEAD_DIM, PAD_D)
+                                  HEAD_DIM, PAD_D, PAGE_AHEAD)
     acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, kc, vc, bt, stride_kcp, stride_kcs, stride_vcp, stride_vcs,
                                   n_full, hi, hi, offs_n, offs_d, qk_scale, True, BLOCK_N, PAGE_SIZE, PRECISION,
-                                  HEAD_DIM, PAD_D)
+                                  HEAD_DIM, PAD_D, False)  # one block at most: nothing to read ahead of
     # the chunk itself, causal: keys up to this block's last query
     acc, l_i, m_i = _attend_chunk(acc, l_i, m_i, q, kn, vn, stride_knn, stride_vnn,
                                   tl.minimum(q_lo + BLOCK_Q, chunk_end), chunk_end, offs_m, offs_n, offs_d,
@@ -285,8 +303,9 @@ def pick_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] =
 
 @functools.lru_cache(maxsize=256)
 def _pick_config(head_dim, dtype, capability, short_gqa, pack, interpreted) -> dict:
-    if interpreted:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, pack_gqa=short_gqa and pack <= 64)
+    if interpreted:  # block-table reads ahead (config page_ahead) here too: every interpreter test runs them
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, pack_gqa=short_gqa and pack <= 64,
+                    page_ahead=True)
     if dtype == torch.float32:  # exact fp32 dots, for checking: small tiles, chosen from a grid of warps x key
         # blocks compiled under Triton 3.6, 3.7 and 3.9 for sm_90 and sm_80 as the ones no version spills in
         if head_dim >= 256:
@@ -300,8 +319,10 @@ def _pick_config(head_dim, dtype, capability, short_gqa, pack, interpreted) -> d
     if head_dim >= 256:
         return dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2, pack_gqa=False)
     if head_dim == 128 and capability >= (9, 0):  # H200, pages of 16 / 256: 313 / 353 TFLOP/s vs 228 / 246 for
-        # 64x32 s2; 128x128 s3 (354 / 369) spilled on pages of 16 under Triton 3.6
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False)
+        # 64x32 s2; 128x128 s3 (354 / 369) spilled on pages of 16 under Triton 3.6. Block-table reads one block
+        # ahead: untimed (the sm_90 TTGIR then keeps two K/V tiles in flight in the prefix loops, not one; the
+        # kernel benchmark's tile A/B times it against the same tile without)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False, page_ahead=True)
     if head_dim == 128:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, pack_gqa=False)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, pack_gqa=False)
@@ -489,7 +510,8 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
             block_table.shape[1], N, Hq, sm_scale * LOG2E,
             GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             PAGE_SIZE=page_size, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACK=pack,
-            SPLIT=splits > 1, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            SPLIT=splits > 1, PAGE_AHEAD=bool(cfg.get("page_ahead")), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
         )
         if splits > 1:  # the packed tokens as one row of N positions: Out[0, n, h]
             rows = N * Hq

@@ -56,6 +56,9 @@ def test_the_compiled_selection_covers_every_kernel():
     assert {w for n in paged for w in n.split() if w.startswith("page")} == {"page16", "page256"}
     # and its GQA-packed tiles, and the split-KV variant of every bf16 tile (at d128 in the quick selection)
     assert any(" pack" in n for n in paged)
+    # the Hopper d128 tile reading its block table one key block ahead (config page_ahead), both page sizes
+    assert {"chunk_attention_paged d128 bfloat16 m64n64 page16 ahead",
+            "chunk_attention_paged d128 bfloat16 m64n64 page256 ahead"} <= paged
     assert {n + " split" for n in paged if "bfloat16 " in n and " d128 " in n and "page16" in n
             and not n.endswith(" split")} <= paged
     full = {r["kernel"] for r in compile_rows("--arch", "90", "--only", "paged", "--list")}

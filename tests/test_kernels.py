@@ -103,6 +103,7 @@ def test_chunk_attention_longest_first(B, C, start_pos, extra, dtype, tol):
 
 @pytest.mark.parametrize("config,match", [
     (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, longest_first=1), "longest_first must be True or False"),
+    (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, page_ahead=True), "page_ahead is the paged kernel's"),
     (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4), "must give BLOCK_M"),
     (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, split=2), "must give BLOCK_M"),
     (dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0), r"num_splits .* \[1, 256\], got 0"),

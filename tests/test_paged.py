@@ -95,7 +95,11 @@ def test_paged_varlen_chunk_attention(lens, prefixes, Hq, Hkv, D, page_size, dty
 # alone and together, on tiles the interpreter runs: 16 rows (fp32's), 64 rows packing 8 heads x 8 queries
 PACKED_SPLIT = {"pack": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1, pack_gqa=True),
                 "split3": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, num_splits=3),
-                "pack+split4": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, pack_gqa=True, num_splits=4)}
+                "pack+split4": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, pack_gqa=True, num_splits=4),
+                # block-table reads one block ahead (the interpreter's default tile has them too), split: some
+                # splits' ranges are empty
+                "split5+ahead": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, num_splits=5,
+                                     page_ahead=True)}
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
@@ -141,6 +145,20 @@ def test_the_paged_launch_packs_short_gqa_chunks_and_splits_long_prefixes_on_an_
 
 def test_an_int_prefix_serves_every_row():
     run_paged_case([7, 7], [40, 40], 4, 2, 32, 16, torch.float32, 2e-5, tensor_prefix=False)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("page_size", [1, 16, 64, 256])
+def test_reading_the_block_table_ahead_changes_no_result(page_size, dtype, tol):
+    """config page_ahead (each key block's page read one block early, carried into the next iteration): the same
+    outputs to the bit as reading it in the block's own iteration, both against float64; pages of one key block or
+    more (one lookup per block: fp16) and smaller ones or fp32's exact tiles (a lookup per key); a long prefix, a
+    prefix ending mid-page, a decode row, an empty chunk."""
+    lens, prefixes = [7, 40, 1, 0], [300, 64, 17, 5]
+    outs = [run_paged_case(lens, prefixes, 4, 2, 32, page_size, dtype, tol, seed=page_size,
+                           config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, page_ahead=ahead))[3]
+            for ahead in (False, True)]
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_paged_equals_the_dense_path():
@@ -229,6 +247,7 @@ def test_bad_paged_input_is_refused_before_the_launch(over, match):
     (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, tma=True)), "config tma is not supported"),
     (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, longest_first=True)), "longest_first is the"),
     (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, no_prefix=True)), "no_prefix is the"),
+    (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, page_ahead=1)), "page_ahead must be True or"),
     (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, pack_gqa=True)), "BLOCK_M must be at least"),
     (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, num_splits=0)), "num_splits"),
     (dict(config=dict(BLOCK_M=16)), "config must give"),
