@@ -181,6 +181,7 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
         if C <= 16 and P >= 4096:  # decode-like: the launcher's tile split more ways than one wave of programs (a
             # memory-bound read of the whole prefix may want several programs per SM to keep enough loads in flight)
             configs += [{**chosen, "num_splits": k} for k in (8, 16, 32, 64) if P // chosen["BLOCK_N"] >= k]
+            configs += [{**chosen, "num_stages": st} for st in (3, 4) if st != chosen["num_stages"]]  # deeper loads
         if P == 0 and C > 256:  # no prefix: the causal work per query block grows 1..C/BLOCK_N; longest first
             # too, and tiles compiled without the prefix loops
             configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=3, **{key: True})

@@ -416,6 +416,10 @@ def test_attention_sweep_tries_split_kv_and_packing_on_short_chunks_over_long_pr
     tile = {k: rows[0][k] for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")}
     assert [r["num_splits"] for r in rows if r.get("num_splits", 1) >= 8 and all(r[k] == v for k, v in tile.items())
             ] == [8, 16, 32, 64]
+    assert rows[0].get("pack_gqa")  # the launcher's decode tile packs the group's heads
+    deeper = [r["num_stages"] for r in rows if all(r[k] == tile[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps"))
+              and r.get("pack_gqa") and not r.get("num_splits") and r["num_stages"] != tile["num_stages"]]
+    assert sorted(deeper) == sorted({3, 4} - {tile["num_stages"]})  # and with more stages in flight
     wide = sweep_attention(shape=(4096, 17), Hq=4, Hkv=1, D=16, dtype=torch.float32, device="cpu",
                            timer=lambda fn: 1.0)
     assert max(r.get("num_splits", 1) for r in wide) == 8  # a chunk past 16 tokens: not decode-like
