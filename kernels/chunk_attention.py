@@ -466,7 +466,7 @@ def _check_config(config: dict, group: int) -> dict:
 
 
 def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None, out=None, config=None, *,
-                    block_table=None, cu_seqlens=None, max_chunk=None, max_prefix=None):
+                    block_table=None, cu_seqlens=None, max_chunk=None, max_prefix=None, check=True):
     """Attention of a chunk over the prefix KV cache plus itself, appending the chunk's K/V to the cache.
 
     q [B, C, Hq, D]: queries at positions [start_pos, start_pos + C).
@@ -479,18 +479,20 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     A serving stack's layout (`kernels.paged_attention`): with `block_table` [B, max_pages] int32 the caches are
     pages [num_pages, page_size, Hkv, D]; with `cu_seqlens` [B + 1] the rows' chunks are packed, q [N, Hq, D] and
     k_new, v_new [N, Hkv, D] (each row its own chunk length; `max_chunk`, the longest, spares a GPU launch a host
-    sync; `max_prefix`, the longest prefix, informs the split-KV choice). Either one alone works: a dense cache
-    with packed rows, or paged caches with equal chunks. config there may not ask for TMA.
+    sync; `max_prefix`, the longest prefix, informs the split-KV choice; `check=False` skips the GPU's device-side
+    check of rows and pages, for a caller that has checked the same ones, e.g. at a model's first layer). Either
+    one alone works: a dense cache with packed rows, or paged caches with equal chunks. config there may not ask
+    for TMA.
     """
     if block_table is not None or cu_seqlens is not None:
         from .paged_attention import paged_chunk_attention
         if block_table is None:  # a dense cache is one page of max_len positions per row
             block_table = _one_page_per_row(k_cache, q.device)
         return paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, block_table, cu_seqlens,
-                                     max_chunk, sm_scale, out, config, max_prefix)
-    if max_chunk is not None or max_prefix is not None:
-        raise ValueError("chunk_attention: max_chunk and max_prefix go with cu_seqlens or block_table (the paged / "
-                         "varlen path)")
+                                     max_chunk, sm_scale, out, config, max_prefix, check)
+    if max_chunk is not None or max_prefix is not None or check is not True:
+        raise ValueError("chunk_attention: max_chunk, max_prefix and check go with cu_seqlens or block_table (the "
+                         "paged / varlen path)")
     B, C, Hq, Hkv, D = _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos)
     if config is not None:
         config = _check_config(config, Hq // Hkv)
@@ -605,10 +607,11 @@ def _one_page_per_row(k_cache, device) -> torch.Tensor:
 
 
 def chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_scale=None, *, block_table=None,
-                        cu_seqlens=None, max_chunk=None, max_prefix=None):
+                        cu_seqlens=None, max_chunk=None, max_prefix=None, check=True):
     """Plain-torch reference (and the model's torch backend): same contract; int start_pos only on the dense
     path (the paged / varlen path takes per-row tensors too: `paged_attention.paged_chunk_attention_ref`).
-    max_chunk and max_prefix, the kernel's launch hints, are not needed here."""
+    max_chunk and max_prefix, the kernel's launch hints, and check (its device-side check) are not needed here:
+    the rows are read on the host."""
     if block_table is not None or cu_seqlens is not None:
         from .paged_attention import paged_chunk_attention_ref
         if block_table is None:

@@ -427,7 +427,7 @@ def _check(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqle
 
 def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens=None,
                           max_chunk: int | None = None, sm_scale=None, out=None, config=None,
-                          max_prefix: int | None = None):
+                          max_prefix: int | None = None, check: bool = True):
     """Chunked-prefill attention over a paged KV cache (module docstring), the chunks' K/V appended to their pages.
 
     q [N, Hq, D] with cu_seqlens [B+1], or [B, C, Hq, D]; k_new, v_new likewise with Hkv heads; k_cache, v_cache
@@ -438,7 +438,12 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
     <= prefix_lens[b] + i. Pages written by one row must not be read by another in the same launch (a shared
     prefix's pages are only read). config: block sizes, `pack_gqa` and `num_splits` instead of `pick_config`'s and
     `pick_splits`'s choice, for tuning sweeps (as `chunk_attention` takes them; no TMA here).
+    check=False skips the GPU's device-side check of the rows against the block table and the pool (one launch and
+    two async asserts): for a caller that has checked these very rows, block table, prefixes and pool size already,
+    e.g. once per step for every layer of a model. CPU inputs are checked on the host either way.
     """
+    if not isinstance(check, bool):
+        raise TypeError(f"paged chunk_attention: check must be True or False, got {check!r}")
     B, Hq, Hkv, D, page_size, lens = _check(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens)
     if config is not None:
         config = _check_config(config, Hq // Hkv)
@@ -480,7 +485,7 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
         prefix = prefix_lens.to(torch.int32)
     else:
         prefix = torch.full((B,), int(prefix_lens), device=q.device, dtype=torch.int32)
-    if q.is_cuda:  # reported at a later sync (device-side asserts), no host sync now
+    if q.is_cuda and check:  # reported at a later sync (device-side asserts), no host sync now
         ok = device_checks(block_table, cu_seqlens, prefix, page_size, k_cache.shape[0])
         torch._assert_async(ok[0], "paged chunk_attention: a row's prefix + chunk does not fit its block table")
         torch._assert_async(ok[1], "paged chunk_attention: a block table entry in use is not a page of the cache")

@@ -67,14 +67,17 @@ class Block(nn.Module):
         attn = ops.attention(q, k, v, k_cache, v_cache, start_pos)  # [B, C, Hq, D], appends k, v to the cache
         return self.wo(attn.reshape(B, C, -1))
 
-    def attend_packed(self, x, meta: dict, k_pages, v_pages, block_table, rope_cos, rope_sin, ops: Ops):
+    def attend_packed(self, x, meta: dict, k_pages, v_pages, block_table, rope_cos, rope_sin, ops: Ops,
+                      check: bool = True):
         """x: the normed input [1, N, H] of the packed rows of a ragged step (`pipeline.ragged`), each token at
-        its own position (meta["positions"]); K/V appended to the rows' pages. Returns wo's output [1, N, H]."""
+        its own position (meta["positions"]); K/V appended to the rows' pages. Returns wo's output [1, N, H].
+        check=False: the kernel's device-side check of the rows and pages was done for this step already (at the
+        part's first layer: every layer has the same block table, rows and pool size)."""
         N = x.shape[1]
         q, k, v = self._rotated_qkv(x, meta["positions"], rope_cos, rope_sin, ops)
         attn = ops.attention(q[0], k[0], v[0], k_pages, v_pages, meta["prefix"], block_table=block_table,
                              cu_seqlens=meta["cu_seqlens"], max_chunk=meta["max_chunk"],
-                             max_prefix=meta["max_prefix"])  # [N, Hq, D]
+                             max_prefix=meta["max_prefix"], check=check)  # [N, Hq, D]
         return self.wo(attn.reshape(1, N, -1))
 
     def feed_forward(self, x, ops: Ops):
@@ -254,8 +257,10 @@ class Transformer(nn.Module):
         else:
             meta = step.tensors(self.device)
         h, residual = self._layers(
-            h, schedule, lambda i, x: self.layers[i].attend_packed(x, meta, pool.k[i], pool.v[i], table, *rope),
-            lambda j, i, x: self.layers[i].attend_packed(x, halves[j], pool.k[i], pool.v[i], table, *rope),
+            h, schedule,  # the rows and pages checked at the first layer only: the same for every layer
+            lambda i, x: self.layers[i].attend_packed(x, meta, pool.k[i], pool.v[i], table, *rope, check=i == 0),
+            lambda j, i, x: self.layers[i].attend_packed(x, halves[j], pool.k[i], pool.v[i], table, *rope,
+                                                         check=i == 0),
             step.tokens, [step.last_index(b) for b in step.ends] if self.is_last else None)
         if not self.is_last:
             return h if residual is None else h + residual

@@ -13,7 +13,7 @@ import kernels
 @dataclass(frozen=True)
 class Ops:
     name: str
-    attention: Callable  # (q, k_new, v_new, k_cache, v_cache, start_pos) -> out [B, C, Hq, D]
+    attention: Callable  # (q, k_new, v_new, k_cache, v_cache, start_pos, **paged keywords) -> out [B, C, Hq, D]
     add_rms_norm: Callable  # (x, residual | None, weight, eps) -> (normed, x + residual)
     rope: Callable  # (x [B, C, H, D], cos, sin, start_pos) -> rotated x
     swiglu: Callable  # (gate, up) -> silu(gate) * up

@@ -290,10 +290,29 @@ def test_paged_gpu_bad_page_is_asserted(cuda):
     assert "not a page of the cache" in res.stderr or "device-side assert" in res.stderr, res.stderr[-2000:]
 
 
-def test_max_prefix_goes_with_the_paged_path():
+@pytest.mark.parametrize("kw", [dict(max_prefix=4), dict(check=False)])
+def test_max_prefix_and_check_go_with_the_paged_path(kw):
     q = torch.zeros(1, 2, 2, 16)
-    with pytest.raises(ValueError, match="max_chunk and max_prefix go with cu_seqlens or block_table"):
-        chunk_attention(q, q, q, torch.zeros(1, 8, 2, 16), torch.zeros(1, 8, 2, 16), 0, max_prefix=4)
+    with pytest.raises(ValueError, match="max_chunk, max_prefix and check go with cu_seqlens or block_table"):
+        chunk_attention(q, q, q, torch.zeros(1, 8, 2, 16), torch.zeros(1, 8, 2, 16), 0, **kw)
+
+
+def test_a_paged_call_that_skips_the_device_check_still_checks_cpu_rows_and_gives_the_same_result():
+    """check=False skips only the GPU's device-side check: a CPU call still refuses a row past its table, and a
+    good call's outputs are those of the checked call."""
+    lens, prefixes = [5, 9], [20, 3]
+    outs = []
+    for check in (True, False):
+        q, kn, vn, kc, vc, table, cu = make_case(lens, prefixes, 4, 2, 16, 16, torch.float32, seed=5)
+        outs.append(chunk_attention(q, kn, vn, kc, vc, torch.tensor(prefixes, dtype=torch.int32), block_table=table,
+                                    cu_seqlens=cu, check=check))
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="does not fit its block table"):
+        chunk_attention(q, kn, vn, kc, vc, torch.tensor([200, 3], dtype=torch.int32), block_table=table,
+                        cu_seqlens=cu, check=False)
+    with pytest.raises(TypeError, match="check must be True or False, got 0"):
+        chunk_attention(q, kn, vn, kc, vc, torch.tensor(prefixes, dtype=torch.int32), block_table=table,
+                        cu_seqlens=cu, check=0)
 
 
 @pytest.mark.gpu

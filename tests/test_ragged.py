@@ -162,6 +162,28 @@ def test_the_model_on_packed_rows_equals_each_row_alone(ops, chunk_size):
         assert (got[b] - ref(r[None])[0, -1]).abs().max().item() <= 1e-5, b
 
 
+def test_the_model_checks_a_steps_rows_and_pages_at_its_first_layer_only():
+    """Every layer of a step attends with the same block table, rows and pool size: the kernel's device-side check
+    (`check`) runs at the part's first layer and is skipped at the others, in every step."""
+    import dataclasses
+
+    from pipeline.ops import TORCH_OPS
+    seen = []
+
+    def attention(*args, check=True, **kw):
+        seen.append(check)
+        return TORCH_OPS.attention(*args, **kw)
+    model = load_model("tiny", ops=dataclasses.replace(TORCH_OPS, name="spy", attention=attention))
+    rows = rows_of(LENGTHS[:3])
+    pool = model.new_pool([len(r) for r in rows], 16)
+    pool.reset(len(rows))
+    steps = ragged_plan([len(r) for r in rows], 7)
+    for st in steps:
+        model.forward_packed(torch.cat([r[p:p + n] for r, p, n in zip(rows, st.starts, st.lengths)])[None], st, pool)
+    layers = TINY.num_layers
+    assert seen == ([True] + [False] * (layers - 1)) * len(steps) and layers > 1
+
+
 def _check_rows(res, rows, alone, tol=1e-5):
     assert res.logits.shape == (len(rows), TINY.vocab_size)
     for b, a in enumerate(alone):
