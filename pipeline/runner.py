@@ -254,6 +254,7 @@ class Runner:
 
 
 SYNC_WARNING = "synchronizing CUDA operation"  # what torch says under set_sync_debug_mode("warn")
+_PASSED_ON: set = set()  # the warnings counting_host_syncs has passed on (text, category, file, line)
 
 
 class _SyncCount:
@@ -284,8 +285,11 @@ def counting_host_syncs(enabled: bool = True):
             yield _SyncCount(caught)
         finally:
             torch.cuda.set_sync_debug_mode(previous)
-    for w in caught:
-        if SYNC_WARNING not in str(w.message):
+    for w in caught:  # the others passed on, each text from each place once (not once per run: a run's catching
+        # resets the registries that would show it once)
+        key = (str(w.message), w.category, w.filename, w.lineno)
+        if SYNC_WARNING not in key[0] and key not in _PASSED_ON:
+            _PASSED_ON.add(key)
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 

@@ -434,6 +434,7 @@ def test_host_syncs_are_counted_from_torchs_sync_debug_warnings(monkeypatch):
 
     from pipeline import runner
     modes = []
+    runner._PASSED_ON.clear()
     monkeypatch.setattr(runner.torch.cuda, "get_sync_debug_mode", lambda: 0)
     monkeypatch.setattr(runner.torch.cuda, "set_sync_debug_mode", modes.append)
     with warnings.catch_warnings(record=True) as outer:
@@ -445,9 +446,17 @@ def test_host_syncs_are_counted_from_torchs_sync_debug_warnings(monkeypatch):
             warnings.warn("called a synchronizing CUDA operation")
         assert syncs.count == 2 and modes == ["warn", 0]
     assert [str(w.message) for w in outer] == ["something else"]
-    with runner.counting_host_syncs(enabled=False) as none:
-        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    with warnings.catch_warnings(record=True), runner.counting_host_syncs(enabled=False) as none:
+        warnings.warn("called a synchronizing CUDA operation")
     assert none.count == 0 and modes == ["warn", 0]
+    # a warning repeated run after run is passed on once
+    runner._PASSED_ON.clear()
+    with warnings.catch_warnings(record=True) as outer:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            with runner.counting_host_syncs():
+                warnings.warn("the same place every run")
+    assert [str(w.message) for w in outer] == ["the same place every run"]
 
 
 def test_a_run_on_cpu_records_no_host_syncs_and_no_driver_time():
