@@ -297,10 +297,11 @@ def drive_gpu_rounds(gens: dict, streams, n_chunks: int, receivers, records=None
     """One host thread enqueues every stage's work on its own stream (`streams[s]`; None: the current one), round by
     round, round k for chunk k: first each stage in `receivers` posts its receive of chunk k (`stage_program(...,
     yield_posts=True)` pauses there), then the stages in pipeline order compute chunk k and enqueue its send; a last
-    round lets each stage wait for its sends still in flight. `records` (per key), if given, get each stage's host
-    seconds (`host_enqueue_s`) and, with `syncs` (`counting_host_syncs`), its host syncs. Every event a stream waits for has then been recorded
+    round lets each stage wait for its sends still in flight. Every event a stream waits for has then been recorded
     before the wait is enqueued: a wait on an event not yet recorded would be a no-op, and a device-side spin on
-    work the host has yet to enqueue can hang the device for good (a module load waits for it)."""
+    work the host has yet to enqueue can hang the device for good (a module load waits for it). `records` (per
+    key), if given, get each stage's host seconds (`host_enqueue_s`) and, with `syncs` (`counting_host_syncs`), its
+    host syncs."""
     order = sorted(gens)
 
     def on(key):
