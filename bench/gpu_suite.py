@@ -299,6 +299,11 @@ def host_lines(doc: dict) -> list[str]:
 HOST_PACED = 0.9
 
 
+def _paragraph(lines: list[str]) -> list[str]:
+    """`lines` followed by a blank line, or nothing when there are none."""
+    return lines + [""] if lines else []
+
+
 def partitions_markdown(doc: dict) -> list[str]:
     """The partitions part: overlapped against naive and against the ideal S·C/(C+S−1), measured over the free-link
     bound, the simulator against the measured chunked and overlapped runs, and the targets (overlapped >= 0.9 of the
@@ -393,7 +398,7 @@ def ragged_markdown(doc: dict) -> list[str]:
                          f"{ms(naive.get('row_ttft_ms'))} | {fmt(ov.get('sim_over_measured'))} | "
                          f"{fmt(diff, '{:.1e}')} | {'yes' if ok else 'NO'} |")
     lines.append("")
-    return lines + host_lines(doc) + ([""] if host_lines(doc) else [])
+    return lines + _paragraph(host_lines(doc))
 
 
 def _launcher(row: dict) -> str:
@@ -508,7 +513,7 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
                          f"{get('overlapped', 'speedup_vs_naive'):.2f}x | {get('overlapped', 'exposed_comm_ms'):.1f} | "
                          f"{'yes' if all(v['outputs_match'] for v in m.values()) else 'NO'} |")
         lines.append("")
-        lines += host_lines(pipeline) + ([""] if host_lines(pipeline) else [])
+        lines += _paragraph(host_lines(pipeline))
     if partitions is not None:
         lines += partitions_markdown(partitions)
     if ragged is not None:

@@ -436,8 +436,8 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
     sync). max_prefix: the longest row's prefix, for the split-KV choice (without it, and with a prefix tensor, the
     longest the block table allows stands in). Returns out shaped like q; query i of row b sees that row's positions
     <= prefix_lens[b] + i. Pages written by one row must not be read by another in the same launch (a shared
-    prefix's pages are only read). config: block sizes, `pack_gqa` and `num_splits` instead of `pick_config`'s and
-    `pick_splits`'s choice, for tuning sweeps (as `chunk_attention` takes them; no TMA here).
+    prefix's pages are only read). config: block sizes, `pack_gqa`, `num_splits` and `page_ahead` instead of
+    `pick_config`'s and `pick_splits`'s choice, for tuning sweeps (as `chunk_attention` takes them; no TMA here).
     check=False skips the GPU's device-side check of the rows against the block table and the pool (one launch and
     two async asserts): for a caller that has checked these very rows, block table, prefixes and pool size already,
     e.g. once per step for every layer of a model. CPU inputs are checked on the host either way.
