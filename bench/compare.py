@@ -193,8 +193,8 @@ def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool 
     batch, with the dense kernel run per row) or of a Triton memory-bound op REGRESSED past the threshold fails
     (exit 1), and so does a kernel whose error is over its tolerance; the peers' (SDPA, flex, torch eager) times get
     a verdict each but never fail the run: they are the yardstick. A shape of the base missing from the new file
-    fails. Files of
-    different devices are refused unless `force`. Older files (no schema_version: SDPA peers only) are read too."""
+    fails; a memory-bound op that moved other bytes (the benchmark's workload changed) is shown, not compared. Files
+    of different devices are refused unless `force`. Older files (no schema_version: SDPA peers only) are read too."""
     for doc in (base, new):
         if doc.get("schema_version", 0) not in (0, 1):
             raise NotComparable(f"kernel benchmark file of unknown schema_version {doc.get('schema_version')}")
@@ -208,6 +208,9 @@ def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool 
         n = new_rows.get(key)
         if n is None:
             failed.append(f"{key[0]} {key[1]} missing from the new file")
+            continue
+        if b.get("bytes") != n.get("bytes"):  # a memory-bound op measured on other work: the times say nothing
+            rows.append((key[1], "bytes", str(b.get("bytes")), str(n.get("bytes")), "", "other work: not compared"))
             continue
         for fig in sorted(k for k in b if k.endswith("_ms") and isinstance(b[k], (int, float)) and b[k]):
             ours = fig in OURS

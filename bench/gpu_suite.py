@@ -485,10 +485,17 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
             from .kernels import tile_ab_lines
             lines += ["", "Launcher tiles chosen untimed, each against the tile it replaced (one shape each):", ""]
             lines += [f"- {line[len('tile A/B '):]}" for line in tile_ab_lines(kernels["tile_ab"])]
-        lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target |", "|---|---:|---:|---:|---|"]
+        lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target | host µs Triton / eager |",
+                  "|---|---:|---:|---:|---|---:|"]
         for m in kernels["memory_bound"]:
+            host = f"{m['triton_host_us']:.0f} / {m['eager_host_us']:.0f}" if "triton_host_us" in m else "-"
             lines.append(f"| {m['op']} | {m['triton_gbps']:.0f} | {100 * m['triton_of_copy']:.0f}% | "
-                         f"{m['eager_gbps']:.0f} | {_vs_target(m['triton_of_copy'], t['memory_bound_of_copy'])} |")
+                         f"{m['eager_gbps']:.0f} | {_vs_target(m['triton_of_copy'], t['memory_bound_of_copy'])} | "
+                         f"{host} |")
+        if kernels.get("layer_host"):
+            from .kernels import layer_host_lines
+            head, *rest = layer_host_lines(kernels["layer_host"])
+            lines += ["", f"Host cost of {head}", ""] + [f"- {r.strip()}" for r in rest]
         report = [r for r in kernels.get("compiler", []) if "registers" in r]
         if report:
             lines += ["", "Compiler report (attention, d128): " + "; ".join(

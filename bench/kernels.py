@@ -45,11 +45,12 @@ def cpu_timer(fn, repeats: int = 3) -> float:
     return statistics.median(ts)
 
 
-def launch_cost(fn, device, timer=gpu_timer, calls: int = 50) -> dict:
+def launch_cost(fn, device, timer=gpu_timer, calls: int = 50, graph: bool = True) -> dict:
     """The Python launcher's host time per call, measured apart from the kernel: `host_us` is the median wall time of
     one call that only enqueues work (the device is synchronised before each, so a full queue never blocks it);
     `graph_us` is the same work replayed from a CUDA graph (no Python, no launch path: the device's time alone,
-    None off CUDA). A short chunk whose host_us exceeds graph_us is launch-bound: back to back, the GPU idles."""
+    None off CUDA or with graph=False). A short chunk whose host_us exceeds graph_us is launch-bound: back to back,
+    the GPU idles."""
     fn()
     ts = []
     for _ in range(calls):
@@ -58,7 +59,7 @@ def launch_cost(fn, device, timer=gpu_timer, calls: int = 50) -> dict:
         t = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t) * 1e6)
-    graph_us = graph_replay_ms(fn, timer) * 1e3 if device != "cpu" else None
+    graph_us = graph_replay_ms(fn, timer) * 1e3 if device != "cpu" and graph else None
     return dict(host_us=statistics.median(ts), graph_us=graph_us)
 
 
@@ -464,18 +465,23 @@ def gemm_tflops(n: int = 8192, dtype=torch.bfloat16, device="cuda", timer=gpu_ti
 
 
 def bench_memory_bound(tokens: int = 8192, hidden: int = 4096, intermediate: int = 14336, heads: int = 32,
-                       head_dim: int = 128, dtype=torch.bfloat16, device="cuda", timer=gpu_timer) -> list[dict]:
-    """RMSNorm (+residual), RoPE and SwiGLU on one chunk's activations: Triton and torch eager in GB/s (the bytes
-    each op must move: inputs read once, outputs written once), max error of each against float64."""
+                       kv_heads: int = 8, head_dim: int = 128, dtype=torch.bfloat16, device="cuda",
+                       timer=gpu_timer) -> list[dict]:
+    """RMSNorm (+residual), RoPE and SwiGLU on one chunk's activations, each called as the model calls it (RoPE on
+    the q and k heads of the fused qkv projection's output, one call; SwiGLU on the two halves of the fused gate/up
+    output): Triton and torch eager in GB/s (the bytes each op must move: inputs read once, outputs written once),
+    max error of each against float64."""
     from kernels import add_rms_norm, add_rms_norm_ref, rope, rope_ref, rope_tables, swiglu, swiglu_ref
     g = torch.Generator(device=device).manual_seed(0)
     e = torch.tensor([], dtype=dtype).element_size()
     rnd = lambda *shape: torch.randn(*shape, device=device, dtype=dtype, generator=g)  # noqa: E731
     x, r = rnd(tokens, hidden), rnd(tokens, hidden)
     w = 1 + 0.1 * rnd(hidden)
-    q = rnd(1, tokens, heads, head_dim)
+    rotated = heads + kv_heads
+    q = rnd(1, tokens, (rotated + kv_heads) * head_dim)[..., :rotated * head_dim].view(1, tokens, rotated, head_dim)
     cos, sin = rope_tables(head_dim, tokens + 7, 500000.0, device=device)
-    gate, up = rnd(tokens, intermediate), rnd(tokens, intermediate)
+    gate_up = rnd(tokens, 2 * intermediate)
+    gate, up = gate_up[:, :intermediate], gate_up[:, intermediate:]
     d = lambda t: t.double()  # noqa: E731
     ops = {
         "add_rms_norm": (lambda: add_rms_norm(x, r, w, 1e-5), lambda: add_rms_norm_ref(x, r, w, 1e-5),
@@ -497,8 +503,43 @@ def bench_memory_bound(tokens: int = 8192, hidden: int = 4096, intermediate: int
             got = got if isinstance(got, tuple) else (got,)
             return max((a.double() - b).abs().max().item() for a, b in zip(got, want))
         t_ms, e_ms = timer(tri), timer(eager)
+        host = {f"{who}_host_us": launch_cost(fn, device, timer, calls=20, graph=False)["host_us"]
+                for who, fn in (("triton", tri), ("eager", eager))}  # the launch path's time per call
         rows.append(dict(op=name, bytes=nbytes, triton_ms=t_ms, triton_gbps=nbytes / t_ms / 1e6, eager_ms=e_ms,
-                         eager_gbps=nbytes / e_ms / 1e6, triton_max_abs_err=err(tri), eager_max_abs_err=err(eager)))
+                         eager_gbps=nbytes / e_ms / 1e6, triton_max_abs_err=err(tri), eager_max_abs_err=err(eager),
+                         **host))
+    return rows
+
+
+def bench_layer_host(model="llama3-8b", layers: int = 2, prefix: int = 2048, chunk: int = 2048,
+                     dtype=torch.bfloat16, device="cuda", timer=gpu_timer, calls: int = 20) -> list[dict]:
+    """What one pipeline stage's chunk costs the host: a chunk of `chunk` tokens at `prefix` through `layers` middle
+    layers of `model` (an 8-layer pipeline's stage at S = 4), enqueued with the Triton ops and with the torch ops.
+    Per backend `host_us`, the median wall time of one enqueue (the device idle before it), and `graph_us`, the same
+    work replayed from a CUDA graph (the device's time alone; None off CUDA). The in-process driver enqueues every
+    stage from one host thread: a round of S stages takes the host S x host_us, so host_us near graph_us means the
+    host paces the pipeline. Each backend's output is checked against the other's (`max_abs_diff`, with `scale`,
+    the largest output magnitude)."""
+    from pipeline.model import load_model
+    from pipeline.ops import get_ops
+    part = load_model(model, dtype, device, layers=range(1, 1 + layers), ops="triton")
+    cache = part.new_cache(1, prefix + chunk)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, chunk, part.cfg.hidden_size, device=device, dtype=dtype, generator=g)
+    rows, outs = [], {}
+    for ops in ("triton", "torch"):
+        part.ops = get_ops(ops)
+        fn = lambda: part.forward_chunk(x, prefix, cache)  # noqa: E731
+        outs[ops] = fn().double()
+        row = dict(ops=ops, model=model, layers=layers, prefix=prefix, chunk=chunk)
+        try:
+            row.update(launch_cost(fn, device, timer, calls=calls))
+        except Exception as e:  # noqa: BLE001 - a row that says why, not a lost kernel part
+            row.update(error=f"{type(e).__name__}: {e}"[:300])
+        rows.append(row)
+    diff, scale = (outs["triton"] - outs["torch"]).abs().max().item(), outs["torch"].abs().max().item()
+    for r in rows:
+        r.update(max_abs_diff=diff, scale=scale)
     return rows
 
 
@@ -553,17 +594,21 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
     attention = bench_attention(shapes=shapes, device=device, timer=timer, deadline=deadline)
     paged = bench_paged(batches=batches, device=device, timer=timer, deadline=deadline)
     ab = [] if quick else tile_ab(device=device, timer=timer, deadline=deadline)
+    late = deadline is not None and time.time() > deadline
+    # last: a failed graph capture cannot spoil the rest
+    layer = [] if late else bench_layer_host(device=device, timer=timer)
     for m in memory:
         m["triton_of_copy"] = m["triton_gbps"] / copy
         m["eager_of_copy"] = m["eager_gbps"] / copy
     for a in attention:
         a["triton_of_gemm"] = a["triton_tflops"] / gemm
     doc = dict(schema_version=SCHEMA_VERSION, kind="kernels", copy_gbps=copy, gemm_bf16_tflops=gemm,
-               attention=attention, paged=paged, tile_ab=ab, memory_bound=memory,
+               attention=attention, paged=paged, tile_ab=ab, memory_bound=memory, layer_host=layer,
                attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS, complete=True)
     measured = {tuple(map(tuple, r["batch"])) for r in paged}
     left = [f"attention P={P} C={C}" for P, C in shapes[len(attention):]]
     left += [f"paged batch {i}" for i, b in enumerate(batches) if tuple(b) not in measured]
+    left += ["the layer's host cost"] if late else []
     if left:
         doc.update(complete=False, stopped=f"time budget: not measured {', '.join(left)}")
     return doc
@@ -589,6 +634,24 @@ def tile_ab_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+def layer_host_lines(rows: list[dict]) -> list[str]:
+    """`bench_layer_host`'s rows in words: per ops backend, the host's enqueue time of one stage's chunk against
+    the device's time for it."""
+    if not rows:
+        return []
+    r0 = rows[0]
+    out = [f"one stage's chunk ({r0['layers']} layers of {r0['model']}, chunk {r0['chunk']} at prefix "
+           f"{r0['prefix']}; outputs of the two backends within {r0['max_abs_diff']:.1e} of {r0['scale']:.1e}):"]
+    for r in rows:
+        graph = r.get("graph_us")
+        if "error" in r:
+            out.append(f"  {r['ops']} ops: not measured ({r['error']})")
+            continue
+        out.append(f"  {r['ops']} ops: host {r['host_us']:.0f} us to enqueue, device "
+                   + (f"{graph:.0f} us (host/device {r['host_us'] / graph:.2f})" if graph else "not measured"))
+    return out
+
+
 def print_report(doc: dict) -> None:
     print(f"copy {doc['copy_gbps']:.0f} GB/s   bf16 GEMM {doc['gemm_bf16_tflops']:.0f} TFLOP/s")
     for r in doc["attention"]:
@@ -609,7 +672,11 @@ def print_report(doc: dict) -> None:
         print(line)
     for m in doc["memory_bound"]:
         print(f"{m['op']:>13}  triton {m['triton_gbps']:.0f} GB/s ({100 * m['triton_of_copy']:.0f}% of copy)  "
-              f"eager {m['eager_gbps']:.0f} GB/s  err {m['triton_max_abs_err']:.1e}")
+              f"eager {m['eager_gbps']:.0f} GB/s  err {m['triton_max_abs_err']:.1e}"
+              + (f"  host {m['triton_host_us']:.0f} us triton / {m['eager_host_us']:.0f} us eager"
+                 if "triton_host_us" in m else ""))
+    for line in layer_host_lines(doc.get("layer_host", [])):
+        print(line)
 
 
 def _shape(text: str) -> tuple[int, int]:

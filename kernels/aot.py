@@ -155,7 +155,8 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
             for positions in (False, True):
                 specs.append(KernelSpec(f"rope D{2 * half} {dt}" + (" positions" if positions else ""),
                                         rope_mod._rope_kernel, sig,
-                                        dict(HALF=half, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_H=32,
+                                        dict(HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
+                                             BLOCK_H=rope_mod.rope_head_block(32 + 8, half),  # q's + k's heads
                                              POSITIONS=positions), 4))
         sig = {"G": p, "U": p, "Out": p, "stride_g": "i32", "stride_u": "i32", "stride_o": "i32", "N": "i32",
                "BLOCK": "constexpr"}

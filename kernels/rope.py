@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import integer, launching, next_pow2, tensor
+from .shapes import cdiv, integer, launching, next_pow2, tensor
 
 
 @triton.jit
@@ -20,10 +20,10 @@ def _rope_kernel(
     # meta-parameters
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, POSITIONS: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # one (batch, position) row, all heads
+    pid = tl.program_id(0)  # one (batch, position) row
     b = (pid // C).to(tl.int64)
     m = pid % C
-    heads = tl.arange(0, BLOCK_H)[:, None]
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # BLOCK_H of its heads
     d = tl.arange(0, BLOCK_HALF)[None, :]  # padded to a power of two when D/2 is not one (D = 80, 96, ...)
     mask = (heads < H) & (d < HALF)
     x_row = X + b * stride_xb + m * stride_xm + heads * stride_xh
@@ -38,6 +38,17 @@ def _rope_kernel(
     o_row = Out + b * stride_ob + m * stride_om + heads * stride_oh
     tl.store(o_row + d, (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=mask)
     tl.store(o_row + HALF + d, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=mask)
+
+
+ROPE_TILE = 2048  # elements of x1 (and of x2) one program holds: 16 fp32 registers each per thread at 4 warps
+
+
+def rope_head_block(H: int, half: int) -> int:
+    """Heads per program: all H when their tile fits ROPE_TILE, else as few blocks as fit (q's and k's heads of
+    Llama-3-8B rotated together, 32 + 8 at D = 128: blocks of 32, the second with 8 live rows; masked rows move no
+    bytes)."""
+    cap = max(1, ROPE_TILE // next_pow2(half))
+    return next_pow2(cdiv(H, cdiv(H, cap)))
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos, out=None) -> torch.Tensor:
@@ -81,9 +92,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos, out=N
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride(-1) != 1:
         raise ValueError(f"rope: out must match x ({x.dtype} {tuple(x.shape)}, last dim contiguous)")
-    BLOCK_H = next_pow2(H)
+    BLOCK_H = rope_head_block(H, half)
     with launching():
-        _rope_kernel[(B * C,)](
+        _rope_kernel[(B * C, cdiv(H, BLOCK_H))](
             x, cos, sin, out, positions if positions is not None else cos,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
             C, H, start_pos,

@@ -53,11 +53,11 @@ class Block(nn.Module):
         cfg = self.cfg
         B, C, _ = x.shape
         qkv = self.wqkv(x)  # [B, C, (Hq + 2 Hkv) D]
-        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        q = qkv[..., :q_dim].view(B, C, cfg.num_heads, cfg.head_dim)
-        k = qkv[..., q_dim:q_dim + kv_dim].view(B, C, cfg.num_kv_heads, cfg.head_dim)
-        v = qkv[..., q_dim + kv_dim:].view(B, C, cfg.num_kv_heads, cfg.head_dim)
-        return ops.rope(q, rope_cos, rope_sin, positions), ops.rope(k, rope_cos, rope_sin, positions), v
+        Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        # q's and k's heads sit side by side in the fused projection: one rope call (one launch) rotates both
+        qk = ops.rope(qkv[..., :(Hq + Hkv) * D].view(B, C, Hq + Hkv, D), rope_cos, rope_sin, positions)
+        v = qkv[..., (Hq + Hkv) * D:].view(B, C, Hkv, D)
+        return qk[:, :, :Hq], qk[:, :, Hq:], v
 
     def attend(self, x, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops):
         """x: the normed input [B, C, H] of the attention at positions [start_pos, start_pos + C). Appends K, V to

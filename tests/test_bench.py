@@ -353,6 +353,10 @@ def test_compare_reads_kernel_benchmark_files(tmp_path, capsys):
     slower.write_text(json.dumps(doc))
     assert compare(str(base), str(slower)) == 1
     doc["memory_bound"][0]["triton_ms"] /= 1.3
+    doc["memory_bound"][1].update(bytes=doc["memory_bound"][1]["bytes"] * 1.25, triton_ms=9.9)  # other work
+    slower.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert compare(str(base), str(slower)) == 0 and "other work: not compared" in capsys.readouterr().out
     doc["attention"][1].update(max_abs_err=0.5, peer_tolerance=3e-2)  # wrong results
     slower.write_text(json.dumps(doc))
     assert compare(str(base), str(slower)) == 1 and "over the tolerance" in capsys.readouterr().out

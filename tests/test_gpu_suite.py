@@ -98,13 +98,39 @@ def _compare_paged_rows(rows, tmp_path):
 
 
 def test_memory_bound_benchmark_runs_and_checks_accuracy():
-    rows = bench_memory_bound(tokens=9, hidden=48, intermediate=80, heads=3, head_dim=16, dtype=torch.float32,
-                              device="cpu", timer=lambda fn: cpu_timer(fn, repeats=1))
+    rows = bench_memory_bound(tokens=9, hidden=48, intermediate=80, heads=3, kv_heads=1, head_dim=16,
+                              dtype=torch.float32, device="cpu", timer=lambda fn: cpu_timer(fn, repeats=1))
     assert [r["op"] for r in rows] == ["add_rms_norm", "rope", "swiglu"]
     for r in rows:
         assert r["triton_max_abs_err"] < 1e-5 and r["eager_max_abs_err"] < 1e-5
         assert r["triton_gbps"] > 0 and r["eager_gbps"] > 0
+    assert rows[1]["bytes"] == 2 * 9 * (3 + 1) * 16 * 4 + 2 * 9 * 8 * 4  # q's and k's heads, as the model calls it
     assert rows[2]["bytes"] == 3 * 9 * 80 * 4
+
+
+def test_layer_host_cost_times_both_backends_on_the_same_work():
+    from bench.kernels import bench_layer_host, layer_host_lines
+    rows = bench_layer_host(model="tiny", layers=2, prefix=5, chunk=7, dtype=torch.float32, device="cpu",
+                            timer=lambda fn: cpu_timer(fn, repeats=1), calls=2)
+    assert [r["ops"] for r in rows] == ["triton", "torch"]
+    for r in rows:
+        assert (r["layers"], r["prefix"], r["chunk"]) == (2, 5, 7) and r["host_us"] > 0 and r["graph_us"] is None
+        assert r["max_abs_diff"] < 1e-4 * max(1.0, r["scale"]) and r["scale"] > 0
+    lines = layer_host_lines(rows)
+    assert lines[0].startswith("one stage's chunk (2 layers of tiny, chunk 7 at prefix 5")
+    assert "device not measured" in lines[1] and lines[2].startswith("  torch ops: host")
+
+
+def test_layer_host_cost_keeps_a_backend_that_failed_as_a_row_that_says_why(monkeypatch):
+    import bench.kernels as bk
+
+    def capture_fails(fn, device, timer, calls=50, graph=True):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(bk, "launch_cost", capture_fails)
+    rows = bk.bench_layer_host(model="tiny", layers=1, prefix=0, chunk=3, dtype=torch.float32, device="cpu")
+    assert [r["error"] for r in rows] == ["RuntimeError: operation not permitted when stream is capturing"] * 2
+    assert bk.layer_host_lines(rows)[1] == "  triton ops: not measured (RuntimeError: operation not permitted when " \
+                                           "stream is capturing)"
 
 
 def test_ceilings_measure_something_on_cpu():
@@ -153,9 +179,11 @@ def test_the_kernel_part_starts_no_shape_past_its_deadline(monkeypatch):
     monkeypatch.setattr(bk, "copy_bandwidth", lambda **kw: 100.0)
     monkeypatch.setattr(bk, "gemm_tflops", lambda **kw: 10.0)
     monkeypatch.setattr(bk, "bench_memory_bound", lambda **kw: [])
+    monkeypatch.setattr(bk, "bench_layer_host", lambda **kw: 1 / 0)  # past the deadline: not started
     doc = bk.run_all(device="cpu", timer=slow, quick=True, deadline=time.time() - 1)
     assert doc["attention"] == [] and doc["paged"] == [] and not doc["complete"]
-    assert doc["stopped"] == "time budget: not measured attention P=0 C=256, attention P=16384 C=2048, paged batch 0"
+    assert doc["stopped"] == ("time budget: not measured attention P=0 C=256, attention P=16384 C=2048, paged batch 0, "
+                              "the layer's host cost")
 
 
 def test_junit_report_is_parsed(tmp_path):
@@ -197,13 +225,16 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     paged = [dict(batch=[[0, 2048], [30000, 1]], page_size=16, paged_tflops=321.0, paged_vs_dense_rows=1.25,
                   paged_vs_sdpa_rows=None, best_sdpa=None, launch_plan=dict(pack=1, splits=4), paged_max_abs_err=3e-3,
                   paged_correct=False)]
-    memory = [dict(op="swiglu", triton_gbps=2700.0, triton_of_copy=0.9, eager_gbps=1500.0),
-              dict(op="rope", triton_gbps=1800.0, triton_of_copy=0.6, eager_gbps=900.0)]
+    memory = [dict(op="swiglu", triton_gbps=2700.0, triton_of_copy=0.9, eager_gbps=1500.0, triton_host_us=21.4,
+                   eager_host_us=9.6),
+              dict(op="rope", triton_gbps=1800.0, triton_of_copy=0.6, eager_gbps=900.0)]  # an older file: no host
+    layer = [dict(ops=o, model="llama3-8b", layers=2, prefix=2048, chunk=2048, host_us=h, graph_us=g,
+                  max_abs_diff=0.03, scale=9.0) for o, h, g in (("triton", 900.0, 3000.0), ("torch", 500.0, None))]
     tile = dict(kernel="dense", prefix=0, chunk=2048, num_warps=4, num_stages=3)
     ab = [dict(tile, BLOCK_M=64, BLOCK_N=64, no_prefix=True, launcher=True, tflops=300.0, vs_former=300 / 254),
           dict(tile, BLOCK_M=128, BLOCK_N=128, num_warps=8, launcher=False, tflops=254.0)]
     kernels = dict(copy_gbps=3000.0, gemm_bf16_tflops=700.0, attention=attention, memory_bound=memory, paged=paged,
-                   tile_ab=ab,
+                   tile_ab=ab, layer_host=layer,
                    targets=dict(attention_tflops=500.0, attention_vs_best_peer=1.3, memory_bound_of_copy=0.8),
                    compiler=[dict(kernel="chunk_attention d128", registers=255, spill_stores=0, shared_bytes=131072,
                                   wgmma=True)])
@@ -214,6 +245,11 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     assert "MISSED by 15%" in text  # 1.1x of 1.3x
     assert "met (1.12x the target)" in text  # swiglu at 90% of copy against 80%
     assert "MISSED by 25%" in text  # rope at 60% against 80%
+    assert "| met (1.12x the target) | 21 / 10 |" in text and "| MISSED by 25% | - |" in text
+    assert ("Host cost of one stage's chunk (2 layers of llama3-8b, chunk 2048 at prefix 2048; outputs of the two "
+            "backends within 3.0e-02 of 9.0e+00):" in text)
+    assert "- triton ops: host 900 us to enqueue, device 3000 us (host/device 0.30)" in text
+    assert "- torch ops: host 500 us to enqueue, device not measured" in text
     assert "FAILED `tests/test_kernels.py::test_x`" in text
     assert "255 regs" in text and "wgmma yes" in text
     assert ("- dense P=0 C=2048: launcher 64x64 w4s3 no-prefix 300 TFLOP/s vs former 128x128 w8s3 254 TFLOP/s = 1.18x"

@@ -392,10 +392,17 @@ def test_add_rms_norm(shape, dtype, tol, with_residual):
 
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("B,C,H,D,start_pos", [(1, 1, 1, 16, 0), (3, 37, 5, 64, 1000), (2, 217, 3, 128, 1),
-                                               (2, 19, 3, 80, 5), (1, 7, 2, 96, 0), (1, 5, 1, 6, 2)])
-def test_rope(B, C, H, D, start_pos, dtype, tol):
+                                               (2, 19, 3, 80, 5), (1, 7, 2, 96, 0), (1, 5, 1, 6, 2),
+                                               (1, 3, 40, 128, 9), (2, 2, 37, 256, 3), (1, 2, 300, 8, 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "qkv"])
+def test_rope(B, C, H, D, start_pos, dtype, tol, layout):
+    """Several head blocks per row from H = 40 at D = 128 on; "qkv": x is the q-and-k part of a fused projection's
+    output (the model's call), heads strided inside each token's row."""
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(B, C, H, D, generator=g).to(dtype).to(DEVICE)
+    if layout == "qkv":  # [B, C, (H + 3) D]: x its first H heads, 3 heads of "v" after them
+        x = torch.randn(B, C, (H + 3) * D, generator=g).to(dtype).to(DEVICE)[..., :H * D].view(B, C, H, D)
+    else:
+        x = torch.randn(B, C, H, D, generator=g).to(dtype).to(DEVICE)
     cos, sin = rope_tables(D, start_pos + C + 5, 10000.0, device=DEVICE)
     out = torch.full_like(x, float("nan"))
     y = rope(x, cos, sin, start_pos, out=out)
