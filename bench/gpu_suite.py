@@ -402,14 +402,15 @@ def ragged_markdown(doc: dict) -> list[str]:
 
 
 def _launcher(row: dict) -> str:
-    """The launcher's host µs per call against the same work replayed from a CUDA graph; 'launch-bound' where the
-    host takes longer than the device."""
-    host, graph = row.get("launch_host_us"), row.get("launch_graph_us")
+    """The launcher's host µs per call (with, in parentheses, Triton's launch path's part of it) against the same
+    work replayed from a CUDA graph; 'launch-bound' where the host takes longer than the device."""
+    host, graph, python = row.get("launch_host_us"), row.get("launch_graph_us"), row.get("launch_python_us")
     if host is None:
         return "-"
+    host_text = f"{host:.0f}" + (f" ({host - python:.0f})" if python is not None else "")
     if graph is None:
-        return f"{host:.0f} / -"
-    return f"{host:.0f} / {graph:.0f}" + (" launch-bound" if host > graph else "")
+        return f"{host_text} / -"
+    return f"{host_text} / {graph:.0f}" + (" launch-bound" if host > graph else "")
 
 
 def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeline: dict | None,
@@ -441,8 +442,8 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
                   f"{kernels['gemm_bf16_tflops']:.0f} TFLOP/s." + ("" if kernels.get("complete", True) else
                                                                   f" **Incomplete: {_why_incomplete(kernels)}.**"),
                   "",
-                  "| prefix | chunk | Triton TFLOP/s | of GEMM | best peer | speed-up | max err | launcher host / "
-                  "graph µs |", "|---:|---:|---:|---:|---|---:|---:|---:|"]
+                  "| prefix | chunk | Triton TFLOP/s | of GEMM | best peer | speed-up | max err | launcher host "
+                  "(Triton's launch) / graph µs |", "|---:|---:|---:|---:|---|---:|---:|---:|"]
         best = lambda r: r.get("best_peer", r.get("best_sdpa"))  # noqa: E731 - older files: SDPA only
         speedup = lambda r: r.get("speedup_vs_best_peer", r.get("speedup_vs_best_sdpa"))  # noqa: E731
         for r in kernels["attention"]:
@@ -485,10 +486,11 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
             from .kernels import tile_ab_lines
             lines += ["", "Launcher tiles chosen untimed, each against the tile it replaced (one shape each):", ""]
             lines += [f"- {line[len('tile A/B '):]}" for line in tile_ab_lines(kernels["tile_ab"])]
-        lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target | host µs Triton / eager |",
+        lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target | host µs Triton (its launch) / eager |",
                   "|---|---:|---:|---:|---|---:|"]
         for m in kernels["memory_bound"]:
-            host = f"{m['triton_host_us']:.0f} / {m['eager_host_us']:.0f}" if "triton_host_us" in m else "-"
+            host = (f"{m['triton_host_us']:.0f} ({m['triton_host_us'] - m['triton_python_us']:.0f}) / "
+                    f"{m['eager_host_us']:.0f}") if "triton_host_us" in m else "-"
             lines.append(f"| {m['op']} | {m['triton_gbps']:.0f} | {100 * m['triton_of_copy']:.0f}% | "
                          f"{m['eager_gbps']:.0f} | {_vs_target(m['triton_of_copy'], t['memory_bound_of_copy'])} | "
                          f"{host} |")

@@ -14,6 +14,7 @@ Needs a GPU for figures worth reading (without one it says so and exits 0). Ever
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import sys
@@ -48,19 +49,43 @@ def cpu_timer(fn, repeats: int = 3) -> float:
 def launch_cost(fn, device, timer=gpu_timer, calls: int = 50, graph: bool = True) -> dict:
     """The Python launcher's host time per call, measured apart from the kernel: `host_us` is the median wall time of
     one call that only enqueues work (the device is synchronised before each, so a full queue never blocks it);
-    `graph_us` is the same work replayed from a CUDA graph (no Python, no launch path: the device's time alone,
-    None off CUDA or with graph=False). A short chunk whose host_us exceeds graph_us is launch-bound: back to back,
-    the GPU idles."""
+    `python_us` the same with Triton's launch path stubbed out (`triton_launches_stubbed`): what is left is the
+    launcher's own Python and torch's work (allocations, torch ops), so host_us - python_us is Triton's binding and
+    launching; `graph_us` is the same work replayed from a CUDA graph (no Python, no launch path: the device's time
+    alone, None off CUDA or with graph=False). A short chunk whose host_us exceeds graph_us is launch-bound: back to
+    back, the GPU idles."""
+    def median_us():
+        ts = []
+        for _ in range(calls):
+            if device != "cpu":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e6)
+        return statistics.median(ts)
     fn()
-    ts = []
-    for _ in range(calls):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e6)
+    host_us = median_us()
+    with triton_launches_stubbed():
+        python_us = median_us()
     graph_us = graph_replay_ms(fn, timer) * 1e3 if device != "cpu" and graph else None
-    return dict(host_us=statistics.median(ts), graph_us=graph_us)
+    return dict(host_us=host_us, python_us=python_us, graph_us=graph_us)
+
+
+@contextlib.contextmanager
+def triton_launches_stubbed():
+    """Every Triton kernel launch (`kernel[grid](...)`, compiled or interpreted) a no-op for the duration: timing a
+    launcher inside it leaves out Triton's part of the launch path. Nothing runs on the device: outputs are not
+    written."""
+    from triton.runtime import interpreter, jit
+    classes = (jit.JITFunction, interpreter.InterpretedFunction)
+    saved = [c.__dict__["run"] for c in classes]
+    try:
+        for c in classes:
+            c.run = lambda self, *args, **kwargs: None
+        yield
+    finally:
+        for c, run in zip(classes, saved):
+            c.run = run
 
 
 def graph_replay_ms(fn, timer=gpu_timer) -> float:
@@ -503,8 +528,9 @@ def bench_memory_bound(tokens: int = 8192, hidden: int = 4096, intermediate: int
             got = got if isinstance(got, tuple) else (got,)
             return max((a.double() - b).abs().max().item() for a, b in zip(got, want))
         t_ms, e_ms = timer(tri), timer(eager)
-        host = {f"{who}_host_us": launch_cost(fn, device, timer, calls=20, graph=False)["host_us"]
-                for who, fn in (("triton", tri), ("eager", eager))}  # the launch path's time per call
+        cost = launch_cost(tri, device, timer, calls=20, graph=False)  # the launch path's time per call
+        host = dict(triton_host_us=cost["host_us"], triton_python_us=cost["python_us"],
+                    eager_host_us=launch_cost(eager, device, timer, calls=20, graph=False)["host_us"])
         rows.append(dict(op=name, bytes=nbytes, triton_ms=t_ms, triton_gbps=nbytes / t_ms / 1e6, eager_ms=e_ms,
                          eager_gbps=nbytes / e_ms / 1e6, triton_max_abs_err=err(tri), eager_max_abs_err=err(eager),
                          **host))
@@ -635,8 +661,8 @@ def tile_ab_lines(rows: list[dict]) -> list[str]:
 
 
 def layer_host_lines(rows: list[dict]) -> list[str]:
-    """`bench_layer_host`'s rows in words: per ops backend, the host's enqueue time of one stage's chunk against
-    the device's time for it."""
+    """`bench_layer_host`'s rows in words: per ops backend, the host's enqueue time of one stage's chunk (with the
+    Triton ops, how much of it Triton's launch path takes) against the device's time for it."""
     if not rows:
         return []
     r0 = rows[0]
@@ -647,7 +673,9 @@ def layer_host_lines(rows: list[dict]) -> list[str]:
         if "error" in r:
             out.append(f"  {r['ops']} ops: not measured ({r['error']})")
             continue
-        out.append(f"  {r['ops']} ops: host {r['host_us']:.0f} us to enqueue, device "
+        triton = r["host_us"] - r["python_us"]
+        out.append(f"  {r['ops']} ops: host {r['host_us']:.0f} us to enqueue"
+                   + (f" ({triton:.0f} of it in Triton's launches)" if r["ops"] == "triton" else "") + ", device "
                    + (f"{graph:.0f} us (host/device {r['host_us'] / graph:.2f})" if graph else "not measured"))
     return out
 
@@ -659,7 +687,8 @@ def print_report(doc: dict) -> None:
         print(f"attention P={r['prefix']:>6} C={r['chunk']:>5}  triton {r['triton_ms']:.3f} ms "
               f"{r['triton_tflops']:.0f} TFLOP/s  vs best peer ({r['best_peer']}) "
               f"{r['speedup_vs_best_peer'] or float('nan'):.2f}x  err {r['max_abs_err']:.1e}  launcher "
-              f"{r.get('launch_host_us', float('nan')):.0f} us host / "
+              f"{r.get('launch_host_us', float('nan')):.0f} us host ("
+              f"{r.get('launch_host_us', float('nan')) - r.get('launch_python_us', float('nan')):.0f} Triton) / "
               f"{graph if graph is not None else float('nan'):.0f} us graph"
               + (f"  launch-bound: by graph time {r['speedup_vs_best_peer_graph']:.2f}x {r['best_peer_graph']}"
                  if r.get("speedup_vs_best_peer_graph") else ""))
@@ -673,7 +702,8 @@ def print_report(doc: dict) -> None:
     for m in doc["memory_bound"]:
         print(f"{m['op']:>13}  triton {m['triton_gbps']:.0f} GB/s ({100 * m['triton_of_copy']:.0f}% of copy)  "
               f"eager {m['eager_gbps']:.0f} GB/s  err {m['triton_max_abs_err']:.1e}"
-              + (f"  host {m['triton_host_us']:.0f} us triton / {m['eager_host_us']:.0f} us eager"
+              + (f"  host {m['triton_host_us']:.0f} us triton ({m['triton_host_us'] - m['triton_python_us']:.0f} in "
+                 f"Triton's launch) / {m['eager_host_us']:.0f} us eager"
                  if "triton_host_us" in m else ""))
     for line in layer_host_lines(doc.get("layer_host", [])):
         print(line)

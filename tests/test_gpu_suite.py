@@ -49,7 +49,7 @@ def test_attention_benchmark_runs_and_checks_accuracy():
     for r in rows:
         assert r["max_abs_err"] < 1e-5  # NaN-poisoned output, float64 reference: NaN would fail this
         assert r["triton_ms"] > 0 and r["triton_tflops"] > 0
-        assert r["launch_host_us"] > 0 and r["launch_graph_us"] is None  # no CUDA graph off a GPU
+        assert r["launch_host_us"] > 0 and r["launch_python_us"] > 0 and r["launch_graph_us"] is None  # no CUDA
         assert r["launch"]["splits"] == 1 and r["launch"]["grid"][2] == 1 and "BLOCK_M" in r["launch"]
         assert r["triton_correct"] and r["flex_max_abs_err"] < 1e-5 and r["sdpa_dense_repeat_max_abs_err"] < 1e-5
         assert r["best_peer"] not in (None, "sdpa_dense_repeat") and r["speedup_vs_best_peer"] > 0
@@ -108,13 +108,29 @@ def test_memory_bound_benchmark_runs_and_checks_accuracy():
     assert rows[2]["bytes"] == 3 * 9 * 80 * 4
 
 
+def test_stubbed_triton_launches_enqueue_nothing_and_are_restored():
+    from bench.kernels import triton_launches_stubbed
+    from kernels import swiglu
+    gate, up = torch.randn(3, 40), torch.randn(3, 40)
+    out = torch.full((3, 40), float("nan"))
+    with triton_launches_stubbed():
+        assert swiglu(gate, up, out=out) is out and out.isnan().all()  # the launcher ran, the kernel did not
+    swiglu(gate, up, out=out)
+    assert torch.allclose(out, torch.nn.functional.silu(gate) * up, atol=1e-6)
+    with pytest.raises(RuntimeError, match="inside"), triton_launches_stubbed():
+        raise RuntimeError("inside")
+    swiglu(gate, up * 2, out=out)  # restored after an exception too
+    assert torch.allclose(out, torch.nn.functional.silu(gate) * up * 2, atol=1e-6)
+
+
 def test_layer_host_cost_times_both_backends_on_the_same_work():
     from bench.kernels import bench_layer_host, layer_host_lines
     rows = bench_layer_host(model="tiny", layers=2, prefix=5, chunk=7, dtype=torch.float32, device="cpu",
                             timer=lambda fn: cpu_timer(fn, repeats=1), calls=2)
     assert [r["ops"] for r in rows] == ["triton", "torch"]
     for r in rows:
-        assert (r["layers"], r["prefix"], r["chunk"]) == (2, 5, 7) and r["host_us"] > 0 and r["graph_us"] is None
+        assert (r["layers"], r["prefix"], r["chunk"]) == (2, 5, 7) and r["host_us"] > 0 and r["python_us"] > 0
+        assert r["graph_us"] is None
         assert r["max_abs_diff"] < 1e-4 * max(1.0, r["scale"]) and r["scale"] > 0
     lines = layer_host_lines(rows)
     assert lines[0].startswith("one stage's chunk (2 layers of tiny, chunk 7 at prefix 5")
@@ -221,15 +237,17 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     attention = [dict(prefix=16384, chunk=2048, triton_tflops=400.0, triton_of_gemm=0.6, best_peer="sdpa_cudnn",
                       speedup_vs_best_peer=1.1, max_abs_err=1e-2, launch_host_us=30.0, launch_graph_us=900.0),
                  dict(prefix=0, chunk=256, triton_tflops=50.0, triton_of_gemm=0.07, best_peer=None,
-                      speedup_vs_best_peer=None, max_abs_err=2e-3, launch_host_us=40.0, launch_graph_us=12.0)]
+                      speedup_vs_best_peer=None, max_abs_err=2e-3, launch_host_us=40.0, launch_graph_us=12.0,
+                      launch_python_us=14.0)]
     paged = [dict(batch=[[0, 2048], [30000, 1]], page_size=16, paged_tflops=321.0, paged_vs_dense_rows=1.25,
                   paged_vs_sdpa_rows=None, best_sdpa=None, launch_plan=dict(pack=1, splits=4), paged_max_abs_err=3e-3,
                   paged_correct=False)]
     memory = [dict(op="swiglu", triton_gbps=2700.0, triton_of_copy=0.9, eager_gbps=1500.0, triton_host_us=21.4,
-                   eager_host_us=9.6),
+                   triton_python_us=6.2, eager_host_us=9.6),
               dict(op="rope", triton_gbps=1800.0, triton_of_copy=0.6, eager_gbps=900.0)]  # an older file: no host
-    layer = [dict(ops=o, model="llama3-8b", layers=2, prefix=2048, chunk=2048, host_us=h, graph_us=g,
-                  max_abs_diff=0.03, scale=9.0) for o, h, g in (("triton", 900.0, 3000.0), ("torch", 500.0, None))]
+    layer = [dict(ops=o, model="llama3-8b", layers=2, prefix=2048, chunk=2048, host_us=h, python_us=p, graph_us=g,
+                  max_abs_diff=0.03, scale=9.0)
+             for o, h, p, g in (("triton", 900.0, 300.0, 3000.0), ("torch", 500.0, 490.0, None))]
     tile = dict(kernel="dense", prefix=0, chunk=2048, num_warps=4, num_stages=3)
     ab = [dict(tile, BLOCK_M=64, BLOCK_N=64, no_prefix=True, launcher=True, tflops=300.0, vs_former=300 / 254),
           dict(tile, BLOCK_M=128, BLOCK_N=128, num_warps=8, launcher=False, tflops=254.0)]
@@ -245,17 +263,18 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     assert "MISSED by 15%" in text  # 1.1x of 1.3x
     assert "met (1.12x the target)" in text  # swiglu at 90% of copy against 80%
     assert "MISSED by 25%" in text  # rope at 60% against 80%
-    assert "| met (1.12x the target) | 21 / 10 |" in text and "| MISSED by 25% | - |" in text
+    assert "| met (1.12x the target) | 21 (15) / 10 |" in text and "| MISSED by 25% | - |" in text
     assert ("Host cost of one stage's chunk (2 layers of llama3-8b, chunk 2048 at prefix 2048; outputs of the two "
             "backends within 3.0e-02 of 9.0e+00):" in text)
-    assert "- triton ops: host 900 us to enqueue, device 3000 us (host/device 0.30)" in text
+    assert "- triton ops: host 900 us to enqueue (600 of it in Triton's launches), device 3000 us (host/device 0.30)" \
+        in text
     assert "- torch ops: host 500 us to enqueue, device not measured" in text
     assert "FAILED `tests/test_kernels.py::test_x`" in text
     assert "255 regs" in text and "wgmma yes" in text
     assert ("- dense P=0 C=2048: launcher 64x64 w4s3 no-prefix 300 TFLOP/s vs former 128x128 w8s3 254 TFLOP/s = 1.18x"
             in text)
     assert "| 2 | pcie5 | 48 |" in text
-    assert "| 30 / 900 |" in text and "| 40 / 12 launch-bound |" in text and "| none ran | - |" in text
+    assert "| 30 / 900 |" in text and "| 40 (26) / 12 launch-bound |" in text and "| none ran | - |" in text
     assert "| 0+2048, 30000+1 | 16 | 321 | 1.25x | - (none ran) | pack 1, splits 4 | 3.0e-03 WRONG |" in text
 
 
