@@ -9,7 +9,7 @@ import triton.language as tl
 from .shapes import cdiv, integer, launching, next_pow2, tensor
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "start_pos"])  # both change chunk to chunk: one compiled kernel
 def _rope_kernel(
     # pointers
     X, Cos, Sin, Out, Pos,
