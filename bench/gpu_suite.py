@@ -16,7 +16,10 @@ Markdown summary:
 5. ragged.json      a serving-like batch on the SM partitions: rows of 1k, 4k and 16k tokens, the KV cache in
                     pages, per-row chunks and a 4096-token step budget, every mode; each row's TTFT, every row
                     checked against it run alone, the simulator against the measured runs; timeline-ragged.png;
-6. summary.md       the figures against their targets, by how much each misses; a part that failed, named
+6. sweeps.json      in the time left: chunk_attention's tuning grid at the decode-like shapes (prefix 32k, chunks of
+                    1 and 16: split counts and load depths first), then the paged kernel's at prefix 16k, chunk 2k;
+                    each shape's launcher config against the fastest correct one;
+7. summary.md       the figures against their targets, by how much each misses; a part that failed, named
                     (it does not stop the parts after it).
 Time plan (`part_deadlines`): --budget-s (default 540 s) ends the suite, so it fits one 10-minute call, and each part
 stops starting new work early enough to leave the parts after it their reserve (`PART_RESERVE_S`): the test run is
@@ -42,7 +45,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_LINKS = ("100gbe", "pcie5", "nvlink")  # the targets' link first: a part cut short has measured it
-PARTS = ("tests", "kernels", "partitions", "pipeline", "ragged")  # the order they run in: the most wanted first
+PARTS = ("tests", "kernels", "partitions", "pipeline", "ragged", "sweeps")  # the order they run in: most wanted first
 RAGGED_ROWS = ((1024, 4096, 16384),)  # the ragged part's batches (--quick: the first two rows)
 RAGGED_BUDGETS = (None, 4096)
 
@@ -414,12 +417,12 @@ def _launcher(row: dict) -> str:
 
 
 def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeline: dict | None,
-                     partitions: dict | None = None, ragged: dict | None = None) -> str:
+                     partitions: dict | None = None, ragged: dict | None = None, sweeps: dict | None = None) -> str:
     """The short table a person reads first; every figure comes from the part documents."""
     lines = [f"# GPU suite: {env.get('device')}", "",
              f"driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, Triton "
              f"{env.get('triton')}, commit `{env.get('git_commit')}`", ""]
-    parts = dict(tests=tests, kernels=kernels, partitions=partitions, pipeline=pipeline, ragged=ragged)
+    parts = dict(tests=tests, kernels=kernels, partitions=partitions, pipeline=pipeline, ragged=ragged, sweeps=sweeps)
     failed = [(name, d["part_failed"]) for name, d in parts.items() if d is not None and d.get("part_failed")]
     if failed:  # the suite went on after these; what they measured before failing is below
         lines += [f"- **{name} part FAILED**: {why} (traceback in `{name}.json`)" for name, why in failed] + [""]
@@ -429,6 +432,7 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
     pipeline = pipeline if pipeline is not None and "points" in pipeline else None
     partitions = partitions if partitions is not None and "points" in partitions else None
     ragged = ragged if ragged is not None and "points" in ragged else None
+    sweeps = sweeps if sweeps is not None and "attention" in sweeps else None
     if tests is not None:
         lines += ["## GPU tests", "", f"{tests.get('passed', 0)} passed, {len(tests.get('failed', []))} failed, "
                                       f"{tests.get('skipped', 0)} skipped (exit code {tests.get('exit_code')})", ""]
@@ -527,6 +531,13 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
         lines += partitions_markdown(partitions)
     if ragged is not None:
         lines += ragged_markdown(ragged)
+    if sweeps is not None:
+        from .kernels import sweep_lines
+        lines += ["## Tuning sweeps (the suite's time left over)", "",
+                  "Each shape's launch configs timed against float64-checked outputs: the launcher's choice against "
+                  "the fastest correct config." + ("" if sweeps.get("complete") else
+                                                    " **Incomplete: configs past the time left are not run.**"), ""]
+        lines += [f"- {line}" for line in sweep_lines(sweeps)] + [""]
     return "\n".join(lines)
 
 
@@ -536,7 +547,7 @@ def _write(out: Path, name: str, doc: dict) -> None:
 
 
 def write_summary_only(out: Path) -> int:
-    """summary.md from the tests/kernels/pipeline JSON documents in `out` (each carries its own environment)."""
+    """summary.md from the part documents in `out` (each carries its own environment)."""
     docs = {}
     for part in PARTS:
         f = out / f"{part}.json"
@@ -556,7 +567,7 @@ def write_summary_only(out: Path) -> int:
         env = dict(env, git_commit="; ".join(f"{part} {c[:7]}" for part, c in commits.items()))
     try:
         text = summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"], docs["partitions"],
-                                docs["ragged"])
+                                docs["ragged"], docs["sweeps"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"the part files in {out} lack a figure the summary needs ({type(e).__name__}: {e})") from None
     (out / "summary.md").write_text(text)
@@ -603,7 +614,8 @@ def main(argv=None) -> int:
 
 # The least time each part is left at the end of the budget (`part_deadlines`): a slow part cannot starve the ones
 # after it. Tests, with nothing after them but these, get what the others leave.
-PART_RESERVE_S = dict(tests=0.0, kernels=150.0, partitions=150.0, pipeline=60.0, ragged=45.0)
+# (On an H200 at 295c856 the parts took: tests 73 s, kernels 110, partitions 214, pipeline 16, ragged 11.)
+PART_RESERVE_S = dict(tests=0.0, kernels=130.0, partitions=150.0, pipeline=30.0, ragged=30.0, sweeps=45.0)
 
 
 def part_deadlines(t0: float, budget_s: float, parts) -> dict:
@@ -644,7 +656,7 @@ def _mark_failed(out: Path, name: str, env: dict, **why) -> dict:
 
 def _write_summary(out: Path, env: dict, docs: dict) -> None:
     (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"],
-                                                     docs["partitions"], docs["ragged"]))
+                                                     docs["partitions"], docs["ragged"], docs["sweeps"]))
 
 
 def _failed_parts(docs: dict) -> list[str]:
@@ -720,6 +732,17 @@ def _suite(out: Path, args, parts) -> int:
         _write(out, "kernels.json", doc)
         return doc
 
+    def sweeps():
+        from .kernels import DECODE_SWEEP_SHAPES, run_sweeps, sweep_lines
+        save = lambda d: _write(out, "sweeps.json", dict(environment=env, **d))  # noqa: E731 - after each sweep
+        doc = dict(environment=env, **run_sweeps(deadlines["sweeps"], on_sweep=save,
+                                                 **(dict(shapes=DECODE_SWEEP_SHAPES[:1], paged_shape=None)
+                                                    if args.quick else {})))
+        for line in sweep_lines(doc):
+            print(line, flush=True)
+        _write(out, "sweeps.json", doc)
+        return doc
+
     def pipeline_part(name, pictures, **kw):
         def run():
             doc, shown = bench_pipeline(layers=args.layers, deadline=deadlines[name], progress=progress_to(name),
@@ -740,9 +763,10 @@ def _suite(out: Path, args, parts) -> int:
                 # a serving-like batch: rows of different lengths, paged KV cache, on SM partitions
                 ragged=pipeline_part("ragged", "timeline-ragged", prompt_lens=(), stages=(2,), links=("100gbe",),
                                      rows=[r[:2] if args.quick else r for r in RAGGED_ROWS],
-                                     token_budgets=RAGGED_BUDGETS, sm_partitions=True, simulate=True))
+                                     token_budgets=RAGGED_BUDGETS, sm_partitions=True, simulate=True),
+                sweeps=sweeps)
     titles = dict(tests="GPU tests", kernels="kernel benchmark", partitions="SM partitions", pipeline="pipeline",
-                  ragged="ragged batches")
+                  ragged="ragged batches", sweeps="tuning sweeps")
     running: dict = {}
     watchdog = _watchdog(out, env, docs, running, args.budget_s, t0 + args.budget_s + HANG_GRACE_S)
     watchdog.start()

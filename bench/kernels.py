@@ -196,18 +196,20 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
     chosen = launch_plan(q, kn, kc, P)["config"]
     default_grid = configs is None
     if default_grid:
-        configs = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-                   for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
-                   if not (m == 64 and w == 8)]
+        configs = []
+        if C <= 16 and P >= 4096:  # decode-like, first (a sweep cut short has measured them): the launcher's tile
+            # split more ways than one wave of programs (a memory-bound read of the whole prefix may want several
+            # programs per SM to keep enough loads in flight), and with deeper load pipelines
+            configs += [{**chosen, "num_splits": k} for k in (8, 16, 32, 64) if P // chosen["BLOCK_N"] >= k]
+            configs += [{**chosen, "num_stages": st} for st in (3, 4) if st != chosen["num_stages"]]
+        configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+                    for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+                    if not (m == 64 and w == 8)]
         from kernels.chunk_attention import TMA_SWEEP
         configs += [cfg for d, cfg in TMA_SWEEP if d == D]  # the TMA prefix loads (Hopper)
         if C <= 512 and P >= 4096:  # short chunks over long prefixes: split-KV and GQA packing too
             configs += [dict(BLOCK_M=64, BLOCK_N=n, num_warps=4, num_stages=3, num_splits=k, pack_gqa=pack)
                         for n in (64, 128) for k in (2, 4, 8) for pack in (False, True) if not (pack and C > 64)]
-        if C <= 16 and P >= 4096:  # decode-like: the launcher's tile split more ways than one wave of programs (a
-            # memory-bound read of the whole prefix may want several programs per SM to keep enough loads in flight)
-            configs += [{**chosen, "num_splits": k} for k in (8, 16, 32, 64) if P // chosen["BLOCK_N"] >= k]
-            configs += [{**chosen, "num_stages": st} for st in (3, 4) if st != chosen["num_stages"]]  # deeper loads
         if P == 0 and C > 256:  # no prefix: the causal work per query block grows 1..C/BLOCK_N; longest first
             # too, and tiles compiled without the prefix loops
             configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=3, **{key: True})
@@ -718,6 +720,58 @@ def _shape(text: str) -> tuple[int, int]:
     if prefix < 0 or chunk < 1 or prefix + chunk > 1 << 20:
         raise argparse.ArgumentTypeError(f"expected PREFIX >= 0, CHUNK >= 1 and PREFIX + CHUNK <= 1048576, got {text}")
     return prefix, chunk
+
+
+# the gpu-suite's sweeps: decode-like shapes (their grids lead with split counts and load depths)
+DECODE_SWEEP_SHAPES = ((32768, 1), (32768, 16))
+
+
+def run_sweeps(deadline: float, shapes=DECODE_SWEEP_SHAPES, paged_shape=TARGET_SHAPE, device="cuda",
+               timer=gpu_timer, on_sweep=None, **case_kw) -> dict:
+    """The gpu-suite's tuning part, in the time left to it: `sweep_attention`'s default grid at each of `shapes`
+    (decode-like ones lead with their split counts and load depths), then `sweep_paged` at `paged_shape` (None: not
+    run). The time up to `deadline` (time.time()) is shared out: each sweep gets an equal part of what is left when
+    it starts, so one that ends early leaves its time to the rest; rows past a share's end say 'not run'.
+    `on_sweep(doc)` after each sweep. Returns dict(kind="sweeps", attention=rows, paged=rows, complete)."""
+    import functools
+    sweeps = [("attention", functools.partial(sweep_attention, shape=sh)) for sh in shapes]
+    sweeps += [("paged", functools.partial(sweep_paged, shape=paged_shape))] if paged_shape else []
+    doc = dict(kind="sweeps", attention=[], paged=[], complete=False)
+    for i, (kind, sweep) in enumerate(sweeps):
+        share_end = time.time() + max(0.0, deadline - time.time()) / (len(sweeps) - i)
+        doc[kind] += sweep(device=device, timer=timer, deadline=share_end, **case_kw)
+        if on_sweep is not None:
+            on_sweep(doc)
+    doc["complete"] = not any("not_run" in r for r in doc["attention"] + doc["paged"])
+    return doc
+
+
+def sweep_lines(doc: dict, tol: float | None = None) -> list[str]:
+    """One line per swept shape (and page size): the launcher's config against the fastest correct one (error
+    within `tol`, default the bf16 peer tolerance), and how many configs ran."""
+    tol = PEER_TOL[torch.bfloat16] if tol is None else tol
+
+    def tile(r):
+        return f"{r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']}s{r['num_stages']}" + "".join(
+            f" {k}" for k in ("pack_gqa", "tma", "longest_first", "no_prefix", "page_ahead") if r.get(k)) + (
+            f" splits {r['num_splits']}" if r.get("num_splits") else "")
+    out = []
+    for kind in ("attention", "paged"):
+        groups: dict = {}
+        for r in doc.get(kind, []):
+            groups.setdefault((r["prefix"], r["chunk"], r.get("page_size")), []).append(r)
+        for (P, C, page), rows in groups.items():
+            ok = [r for r in rows if "ms" in r and r["max_abs_err"] <= tol]
+            where = f"{kind} P={P} C={C}" + (f" page {page}" if page else "")
+            ran = f"{sum('ms' in r for r in rows)} of {len(rows)} configs ran"
+            if not ok:
+                out.append(f"{where}: no config ran correctly ({ran})")
+                continue
+            best, own = min(ok, key=lambda r: r["ms"]), next((r for r in ok if r["launcher"]), None)
+            mine = f"launcher {tile(own)} {own['ms'] * 1e3:.0f} us" if own else "launcher's config did not run"
+            out.append(f"{where}: {mine}; fastest {tile(best)} {best['ms'] * 1e3:.0f} us"
+                       + (f": the launcher takes {own['ms'] / best['ms']:.2f}x its time" if own else "") + f" ({ran})")
+    return out
 
 
 def _run_sweeps(sweep, shapes, out_dir, deadline) -> int:

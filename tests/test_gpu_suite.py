@@ -175,8 +175,9 @@ def test_a_test_run_past_its_time_is_stopped_and_counted_from_its_log(tmp_path):
 def test_the_time_plan_leaves_each_later_part_its_reserve():
     r = gpu_suite.PART_RESERVE_S
     plan = gpu_suite.part_deadlines(1000.0, 540.0, gpu_suite.PARTS)
-    assert plan["ragged"] == 1540.0 and plan["pipeline"] == 1540.0 - r["ragged"]
-    assert plan["tests"] == 1540.0 - r["kernels"] - r["partitions"] - r["pipeline"] - r["ragged"]
+    assert plan["sweeps"] == 1540.0 and plan["ragged"] == 1540.0 - r["sweeps"]
+    assert plan["pipeline"] == 1540.0 - r["sweeps"] - r["ragged"]
+    assert plan["tests"] == 1540.0 - r["kernels"] - r["partitions"] - r["pipeline"] - r["ragged"] - r["sweeps"]
     assert gpu_suite.part_deadlines(0.0, 540.0, ["kernels", "pipeline"]) == dict(kernels=540.0 - r["pipeline"],
                                                                                    pipeline=540.0)
 
@@ -303,21 +304,30 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
                      simulate=simulate) if rows else dict(prompt_lens=(48,), links=("pcie5", "100gbe"))
         return real(model="tiny", layers=2, stages=(2,), chunk_size=16, repeats=1, warmup=0, device="cpu",
                     dtype="float32", ops="torch", deadline=deadline, progress=failing_progress, **small)
+    real_sweeps = bench.kernels.run_sweeps
+
+    def small_sweeps(deadline, on_sweep, shapes, paged_shape):  # --quick: one dense shape, no paged sweep
+        assert (shapes, paged_shape) == (bench.kernels.DECODE_SWEEP_SHAPES[:1], None)
+        seen_deadlines.append(deadline)
+        return real_sweeps(deadline, shapes=((37, 19),), paged_shape=(37, 19), device="cpu", on_sweep=on_sweep,
+                           timer=lambda fn: (fn(), 0.001)[1], Hq=4, Hkv=2, D=16, dtype=torch.float32)
     seen_deadlines, test_timeouts = [], []
     monkeypatch.setattr(gpu_suite, "run_gpu_tests", lambda out, timeout_s: test_timeouts.append(timeout_s) or dict(
         tests=3, passed=3, failed=[], skipped=0, exit_code=0))
     monkeypatch.setattr(bench.kernels, "run_all", fake_kernels)
     monkeypatch.setattr(gpu_suite, "bench_pipeline", small_pipeline)
+    monkeypatch.setattr(bench.kernels, "run_sweeps", small_sweeps)
     args = argparse.Namespace(budget_s=540.0, quick=True, layers=2)
     t0 = time.time()
     code = gpu_suite._suite(tmp_path, args, list(gpu_suite.PARTS))
     out = capsys.readouterr().out
     assert code == 1
-    # the time plan: each part leaves the ones after it their reserve (ragged 45 s, pipeline 60, partitions 150)
-    assert [round(d - t0) for d in seen_deadlines] == [540 - 105, 540 - 45, 540]
-    assert "time plan (each part starts no work past): tests +135 s, kernels +285 s, partitions +435 s, " \
-           "pipeline +495 s, ragged +540 s" in out
-    assert 540 - 405 - 5 < test_timeouts[0] <= 540 - 405
+    # the time plan: each part leaves the ones after it their reserve (sweeps 45 s, ragged 30, pipeline 30,
+    # partitions 150, kernels 130)
+    assert [round(d - t0) for d in seen_deadlines] == [540 - 105, 540 - 75, 540 - 45, 540]
+    assert "time plan (each part starts no work past): tests +155 s, kernels +285 s, partitions +435 s, " \
+           "pipeline +465 s, ragged +495 s, sweeps +540 s" in out
+    assert 540 - 385 - 5 < test_timeouts[0] <= 540 - 385
     assert json.loads(out.strip().splitlines()[-1])["parts_failed"] == ["kernels", "partitions"]
     kernels = json.loads((tmp_path / "kernels.json").read_text())
     assert kernels["part_failed"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
@@ -337,6 +347,11 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
     assert "**partitions part FAILED**" in text and "## Kernels" not in text
     assert "Incomplete: the part failed (OutOfMemoryError" in text and "| 2 | pcie5 | 48 |" in text
     assert "3 passed, 0 failed" in text
+    sweeps = json.loads((tmp_path / "sweeps.json").read_text())
+    assert sweeps["complete"] and {r["page_size"] for r in sweeps["paged"]} == {16, 256}
+    assert all(r["max_abs_err"] < 1e-4 for r in sweeps["attention"] + sweeps["paged"] if "ms" in r)
+    assert "## Tuning sweeps" in text and "- attention P=37 C=19: launcher " in text
+    assert "- paged P=37 C=19 page 256: launcher" in text
     assert gpu_suite.main(["--out", str(tmp_path), "--summary-only"]) == 0  # the same summary from the files
     assert (tmp_path / "summary.md").read_text() == text
 
@@ -391,6 +406,7 @@ def test_sweeps_lead_with_the_launchers_choice_and_stop_at_their_deadline():
     rows = sweep_attention(shape=(4096, 16), Hq=4, Hkv=1, D=16, dtype=torch.float32, device="cpu",
                            timer=lambda fn: 1.0)  # configs listed, nothing run but the reference
     assert rows[0]["launcher"] and sum(r["launcher"] for r in rows) == 1
+    assert [r.get("num_splits") for r in rows[1:5]] == [8, 16, 32, 64]  # decode-like: the split counts next
     seen, calls = [], []
     rows = sweep_paged(shape=(37, 19), page_sizes=(8, 32), Hq=4, Hkv=2, D=16, dtype=torch.float32, device="cpu",
                        timer=lambda fn: calls.append(fn) or 1.0, deadline=time.time() - 1,
@@ -398,6 +414,24 @@ def test_sweeps_lead_with_the_launchers_choice_and_stop_at_their_deadline():
     assert not calls and all(r["not_run"] == "past the sweep's budget" for r in rows)
     assert seen == list(range(1, len(rows) + 1)) and [r["page_size"] for r in rows][::len(rows) // 2] == [8, 32]
     assert [r["launcher"] for r in rows].count(True) == 2  # once per page size
+
+
+def test_sweep_lines_set_the_launchers_config_against_the_fastest_correct_one():
+    from bench.kernels import sweep_lines
+    tile = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    doc = dict(attention=[dict(tile, prefix=32768, chunk=1, launcher=True, ms=0.12, max_abs_err=1e-4),
+                          dict(tile, prefix=32768, chunk=1, launcher=False, num_splits=32, ms=0.08, max_abs_err=1e-4),
+                          dict(tile, prefix=32768, chunk=1, launcher=False, num_splits=64, ms=0.01, max_abs_err=0.5),
+                          dict(tile, prefix=32768, chunk=1, launcher=False, not_run="past the sweep's budget"),
+                          dict(tile, prefix=32768, chunk=16, launcher=True, error="OutOfResources: shared memory")],
+               paged=[dict(tile, prefix=16384, chunk=2048, page_size=16, launcher=False, page_ahead=True, ms=2.0,
+                           max_abs_err=1e-3)])
+    assert sweep_lines(doc) == [
+        "attention P=32768 C=1: launcher 64x64 w4s3 120 us; fastest 64x64 w4s3 splits 32 80 us: the launcher takes "
+        "1.50x its time (3 of 4 configs ran)",  # the 64-split row is wrong: not the fastest
+        "attention P=32768 C=16: no config ran correctly (0 of 1 configs ran)",
+        "paged P=16384 C=2048 page 16: launcher's config did not run; fastest 64x64 w4s3 page_ahead 2000 us "
+        "(1 of 1 configs ran)"]
 
 
 def test_tile_ab_times_each_launcher_tile_against_the_one_it_replaced():
