@@ -475,15 +475,16 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
         if kernels.get("paged"):
             lines += ["", "Paged, varlen chunk_attention: one launch over a batch of rows (prefix+chunk each), the "
                           "cache in shuffled pages, against the dense kernel and the best SDPA backend run once per "
-                          "row.", "",
-                      "| rows | page | paged TFLOP/s | vs dense per row | vs SDPA per row | launch | max err |",
-                      "|---|---:|---:|---:|---:|---|---:|"]
+                          "row, and flex_attention run once over the packed rows (a per-row causal block mask).", "",
+                      "| rows | page | paged TFLOP/s | vs dense per row | vs SDPA per row | vs flex | launch | "
+                      "max err |", "|---|---:|---:|---:|---:|---:|---|---:|"]
             for r in kernels["paged"]:
                 plan = r.get("launch_plan") or {}
                 vs = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
                 lines.append(f"| {', '.join(f'{p}+{c}' for p, c in r['batch'])} | {r['page_size']} | "
                              f"{r['paged_tflops']:.0f} | {vs(r.get('paged_vs_dense_rows'))} | "
                              f"{vs(r.get('paged_vs_sdpa_rows'))} ({r.get('best_sdpa') or 'none ran'}) | "
+                             f"{vs(r.get('paged_vs_flex'))} | "
                              f"pack {plan.get('pack', '?')}, splits {plan.get('splits', '?')} | "
                              f"{r['paged_max_abs_err']:.1e}{'' if r.get('paged_correct', True) else ' WRONG'} |")
         if kernels.get("tile_ab"):

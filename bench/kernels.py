@@ -4,8 +4,10 @@
   repeated-K/V SDPA kept only as a labelled row), in TFLOP/s counting only visible query-key pairs, with a large
   bf16 GEMM measured on the same GPU as the ceiling; the shapes include the planner's (`planner_shapes`);
 - the paged, varlen chunk_attention on serving-like batches (rows of different prefixes and chunks, pages of 16
-  and 256) against the dense kernel and SDPA run once per row (`bench_paged`);
-- RMSNorm (+residual), RoPE and SwiGLU in GB/s against torch eager, with a device-to-device copy as the ceiling.
+  and 256) against the dense kernel and SDPA run once per row, and flex_attention once over the packed rows
+  (`bench_paged`);
+- RMSNorm (+residual), RoPE and SwiGLU in GB/s against torch eager, with a device-to-device copy as the ceiling;
+- the host's time to enqueue one pipeline stage's chunk, against the device's time for it (`bench_layer_host`).
 
     python -m bench kernels [--out bench/results/<gpu>]
 
@@ -330,13 +332,38 @@ PAGED_BATCHES = (((16384, 2048),), ((0, 2048), (8192, 512), (30000, 1), (4000, 2
                  ((4096, 1), (9000, 1), (16384, 1), (32000, 1)))
 
 
+def flex_packed_peer(cases, batch, compile_flex: bool = True):
+    """flex_attention over a batch's rows in one call, as a varlen user of FlexAttention runs them: the rows' queries
+    packed [1, Hq, N, D], each row's keys and values (its prefix and chunk, contiguous) packed [1, Hkv, sum(P+C), D],
+    and a block mask that lets a query see keys of its own row at positions up to its own (bottom-right causal per
+    row). `cases` from `attention_case`, `batch` the rows' (prefix, chunk). Returns fn() -> [N, Hq, D]."""
+    import functools
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    qt = torch.cat([c[5][0] for c in cases], dim=2)
+    kt, vt = (torch.cat([c[5][i] for c in cases], dim=2) for i in (1, 2))
+    device = qt.device
+    q_row = torch.cat([torch.full((C,), b) for b, (_, C) in enumerate(batch)]).to(device)
+    q_pos = torch.cat([torch.arange(P, P + C) for P, C in batch]).to(device)
+    kv_row = torch.cat([torch.full((P + C,), b) for b, (P, C) in enumerate(batch)]).to(device)
+    kv_pos = torch.cat([torch.arange(P + C) for P, C in batch]).to(device)
+
+    def visible(b, h, q_idx, kv_idx):
+        return (q_row[q_idx] == kv_row[kv_idx]) & (kv_pos[kv_idx] <= q_pos[q_idx])
+    mask = create_block_mask(visible, B=None, H=None, Q_LEN=qt.shape[2], KV_LEN=kt.shape[2], device=device)
+    flex = torch.compile(flex_attention, dynamic=True) if compile_flex else flex_attention
+    run = functools.partial(flex, qt, kt, vt, block_mask=mask, enable_gqa=True)
+    return lambda: run()[0].transpose(0, 1)
+
+
 def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128, dtype=torch.bfloat16,
-                device="cuda", timer=gpu_timer, deadline: float | None = None) -> list[dict]:
+                device="cuda", timer=gpu_timer, deadline: float | None = None, compile_flex: bool = True) -> list[dict]:
     """The paged, varlen kernel (one launch for a batch of rows of different prefixes and chunk lengths, the cache
     in pages of a shuffled pool) against what a stack without one would run on the same rows: the dense kernel once
-    per row (each row's own contiguous cache) and SDPA once per row (the fastest correct backend, bottom-right causal
-    bias, native GQA). One row per (batch, page size): times, TFLOP/s over the visible pairs, errors vs float64.
-    No batch starts past `deadline` (time.time())."""
+    per row (each row's own contiguous cache), SDPA once per row (the fastest correct backend, bottom-right causal
+    bias, native GQA) and flex_attention once for the whole batch (`flex_packed_peer`: rows packed, a per-row causal
+    block mask; or why it could not run). One row per (batch, page size): times, TFLOP/s over the visible pairs,
+    errors vs float64. No batch starts past `deadline` (time.time())."""
     from kernels import chunk_attention
     from kernels.paged_attention import paged_launch_plan
     F = torch.nn.functional
@@ -377,6 +404,16 @@ def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128
             except Exception:  # noqa: BLE001 - a backend that cannot run these shapes is not a peer here
                 pass
         best = min(sdpa, key=lambda n: sdpa[n][0]) if sdpa else None
+        flex = {}
+        try:
+            run_flex = flex_packed_peer(cases, batch, compile_flex)
+            flex["flex_max_abs_err"] = (run_flex().double() - ref).abs().max().item()
+            if flex["flex_max_abs_err"] <= tol:
+                flex["flex_ms"] = timer(run_flex)
+            else:
+                flex.update(flex_ms=None, flex_why=f"error {flex['flex_max_abs_err']:.1e} over the tolerance {tol:.0e}")
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run this batch is a result, said why
+            flex.update(flex_ms=None, flex_why=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
         for page in page_sizes:
             kc, vc, table = paged_cache(batch, cases, page, seed=page)
             out = torch.full_like(q, float("nan"))
@@ -392,7 +429,8 @@ def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128
                              sdpa_rows_ms=sdpa[best][0] if best else None,
                              sdpa_rows_max_abs_err=sdpa[best][1] if best else None,
                              paged_vs_dense_rows=dense_ms / ms,
-                             paged_vs_sdpa_rows=sdpa[best][0] / ms if best else None))
+                             paged_vs_sdpa_rows=sdpa[best][0] / ms if best else None, **flex,
+                             paged_vs_flex=flex["flex_ms"] / ms if flex.get("flex_ms") else None))
     return rows
 
 
@@ -698,7 +736,8 @@ def print_report(doc: dict) -> None:
         sdpa = r["paged_vs_sdpa_rows"]
         print(f"paged {len(r['batch'])} row(s) page {r['page_size']:>3}  {r['paged_ms']:.3f} ms "
               f"{r['paged_tflops']:.0f} TFLOP/s  vs dense per row {r['paged_vs_dense_rows']:.2f}x  vs SDPA per row "
-              f"({r['best_sdpa']}) {sdpa if sdpa is not None else float('nan'):.2f}x  err {r['paged_max_abs_err']:.1e}")
+              f"({r['best_sdpa']}) {sdpa if sdpa is not None else float('nan'):.2f}x  vs flex (one call) "
+              f"{r.get('paged_vs_flex') or float('nan'):.2f}x  err {r['paged_max_abs_err']:.1e}")
     for line in tile_ab_lines(doc.get("tile_ab", [])):
         print(line)
     for m in doc["memory_bound"]:
