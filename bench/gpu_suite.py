@@ -447,7 +447,8 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
                                                                   f" **Incomplete: {_why_incomplete(kernels)}.**"),
                   "",
                   "| prefix | chunk | Triton TFLOP/s | of GEMM | best peer | speed-up | max err | launcher host "
-                  "(Triton's launch) / graph µs |", "|---:|---:|---:|---:|---|---:|---:|---:|"]
+                  + ("(Triton's launch) " if any("launch_python_us" in r for r in kernels["attention"]) else "")
+                  + "/ graph µs |", "|---:|---:|---:|---:|---|---:|---:|---:|"]
         best = lambda r: r.get("best_peer", r.get("best_sdpa"))  # noqa: E731 - older files: SDPA only
         speedup = lambda r: r.get("speedup_vs_best_peer", r.get("speedup_vs_best_sdpa"))  # noqa: E731
         for r in kernels["attention"]:
@@ -473,32 +474,36 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
                              f"prefix {r['prefix']}, chunk {r['chunk']}: {r['speedup_vs_best_peer_graph']:.2f}x "
                              f"{r['best_peer_graph']} (eager {speedup(r):.2f}x)" for r in bound))
         if kernels.get("paged"):
+            flex = any("flex_ms" in r for r in kernels["paged"])  # older files: no flex peer
             lines += ["", "Paged, varlen chunk_attention: one launch over a batch of rows (prefix+chunk each), the "
                           "cache in shuffled pages, against the dense kernel and the best SDPA backend run once per "
-                          "row, and flex_attention run once over the packed rows (a per-row causal block mask).", "",
-                      "| rows | page | paged TFLOP/s | vs dense per row | vs SDPA per row | vs flex | launch | "
-                      "max err |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+                          "row" + (", and flex_attention run once over the packed rows (a per-row causal block mask)"
+                                   if flex else "") + ".", "",
+                      "| rows | page | paged TFLOP/s | vs dense per row | vs SDPA per row | " + ("vs flex | " * flex)
+                      + "launch | max err |", "|---|---:|---:|---:|---:|" + "---:|" * flex + "---|---:|"]
             for r in kernels["paged"]:
                 plan = r.get("launch_plan") or {}
                 vs = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
                 lines.append(f"| {', '.join(f'{p}+{c}' for p, c in r['batch'])} | {r['page_size']} | "
                              f"{r['paged_tflops']:.0f} | {vs(r.get('paged_vs_dense_rows'))} | "
                              f"{vs(r.get('paged_vs_sdpa_rows'))} ({r.get('best_sdpa') or 'none ran'}) | "
-                             f"{vs(r.get('paged_vs_flex'))} | "
+                             + (f"{vs(r.get('paged_vs_flex'))} | " if flex else "") +
                              f"pack {plan.get('pack', '?')}, splits {plan.get('splits', '?')} | "
                              f"{r['paged_max_abs_err']:.1e}{'' if r.get('paged_correct', True) else ' WRONG'} |")
         if kernels.get("tile_ab"):
             from .kernels import tile_ab_lines
             lines += ["", "Launcher tiles chosen untimed, each against the tile it replaced (one shape each):", ""]
             lines += [f"- {line[len('tile A/B '):]}" for line in tile_ab_lines(kernels["tile_ab"])]
-        lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target | host µs Triton (its launch) / eager |",
-                  "|---|---:|---:|---:|---|---:|"]
+        hosts = any("triton_host_us" in m for m in kernels["memory_bound"])  # older files: no host times
+        lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target |"
+                  + (" host µs Triton (its launch) / eager |" if hosts else ""), "|---|---:|---:|---:|---|"
+                  + ("---:|" if hosts else "")]
         for m in kernels["memory_bound"]:
-            host = (f"{m['triton_host_us']:.0f} ({m['triton_host_us'] - m['triton_python_us']:.0f}) / "
-                    f"{m['eager_host_us']:.0f}") if "triton_host_us" in m else "-"
+            host = (f" {m['triton_host_us']:.0f} ({m['triton_host_us'] - m['triton_python_us']:.0f}) / "
+                    f"{m['eager_host_us']:.0f} |") if "triton_host_us" in m else " - |"
             lines.append(f"| {m['op']} | {m['triton_gbps']:.0f} | {100 * m['triton_of_copy']:.0f}% | "
-                         f"{m['eager_gbps']:.0f} | {_vs_target(m['triton_of_copy'], t['memory_bound_of_copy'])} | "
-                         f"{host} |")
+                         f"{m['eager_gbps']:.0f} | {_vs_target(m['triton_of_copy'], t['memory_bound_of_copy'])} |"
+                         + (host if hosts else ""))
         if kernels.get("layer_host"):
             from .kernels import layer_host_lines
             head, *rest = layer_host_lines(kernels["layer_host"])
