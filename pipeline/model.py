@@ -214,7 +214,8 @@ class Transformer(nn.Module):
         C = x.shape[1] if tokens is None else tokens
         if start_pos + C > cache.max_len:
             raise ValueError(f"positions [{start_pos}, {start_pos + C}) do not fit the cache ({cache.max_len})")
-        h = self.tok_embeddings(x) if self.is_first else x
+        # a hidden state sliced out of a longer one is copied to rows the row-wise kernels can view (no-op otherwise)
+        h = self.tok_embeddings(x) if self.is_first else x.contiguous()
         rope = (self.rope_cos, self.rope_sin, self.ops)
         starts = (start_pos, start_pos + C // 2)  # the token halves of the ISO schedule
         schedule = self._schedule(C)
@@ -249,7 +250,7 @@ class Transformer(nn.Module):
         if step.tokens and max(p + n for p, n in zip(step.starts, step.lengths)) > self.cfg.max_seq_len:
             raise ValueError(f"a row's positions pass max_seq_len {self.cfg.max_seq_len}")
         table = pool.block_table(self.device)
-        h = self.tok_embeddings(x) if self.is_first else x
+        h = self.tok_embeddings(x) if self.is_first else x.contiguous()
         rope = (self.rope_cos, self.rope_sin, self.ops)
         schedule = self._schedule(step.tokens)
         if schedule == "overlap":  # each token half's metadata; the whole step's is not needed

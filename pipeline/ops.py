@@ -22,6 +22,10 @@ class Ops:
 TORCH_OPS = Ops("torch", kernels.chunk_attention_ref, kernels.add_rms_norm_ref, kernels.rope_ref, kernels.swiglu_ref)
 TRITON_OPS = Ops("triton", kernels.chunk_attention, kernels.add_rms_norm, kernels.rope, kernels.swiglu)
 BACKENDS = {"torch": TORCH_OPS, "triton": TRITON_OPS}
+# the same kernels as PyTorch custom operators (`kernels.library`), for a model run under torch.compile: pass it as
+# `ops=LIBRARY_OPS` (eager runs take the launchers directly: one dispatcher hop fewer per op)
+LIBRARY_OPS = Ops("triton-library", kernels.library.chunk_attention, kernels.library.add_rms_norm,
+                  kernels.library.rope, kernels.library.swiglu)
 
 
 def get_ops(ops: str | Ops) -> Ops:
