@@ -107,3 +107,19 @@ def test_a_model_part_on_the_operators_compiles_whole_and_matches_eager(layers):
         assert torch.allclose(got, want, atol=1e-5, rtol=0) and not got.isnan().any()
     assert torch.allclose(c_comp.k, c_eager.k, atol=1e-5, rtol=0) and torch.allclose(c_comp.v, c_eager.v, atol=1e-5,
                                                                                          rtol=0)
+
+
+@pytest.mark.gpu
+def test_a_compiled_model_part_on_the_operators_matches_eager_on_a_gpu(cuda):
+    """The same on CUDA (the kernels compiled, inductor generating the GPU code around them): float16, one part
+    holding the whole tiny model, two chunks."""
+    eager = load_model("tiny", "float16", cuda, ops="triton")
+    part = load_model("tiny", "float16", cuda, ops=LIBRARY_OPS)
+    step = torch.compile(part.forward_chunk, fullgraph=True)
+    c_eager, c_comp = eager.new_cache(B, 64), part.new_cache(B, 64)
+    x = torch.randint(0, eager.cfg.vocab_size, (B, 40), generator=torch.Generator().manual_seed(7)).to(cuda)
+    for start, end in ((0, 33), (33, 40)):
+        want, got = eager.forward_chunk(x[:, start:end], start, c_eager), step(x[:, start:end], start, c_comp)
+        scale = max(1.0, want.float().abs().max().item())  # float16: inductor may round the fused ops differently
+        assert (got.float() - want.float()).abs().max().item() < 2e-2 * scale and not got.isnan().any()
+    assert (c_comp.k.float() - c_eager.k.float()).abs().max().item() < 2e-2 * max(1.0, c_eager.k.abs().max().item())
