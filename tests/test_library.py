@@ -53,11 +53,15 @@ def test_every_operator_passes_torchs_opcheck():
     torch.library.opcheck(ops.swiglu, (gate_up[..., :32], gate_up[..., 32:]))
 
 
-@pytest.mark.parametrize("start", ["int", "rows", "paged"])
+@pytest.mark.parametrize("start", ["int", "rows", "paged", "packed-int"])
 def test_attention_through_its_operator_equals_the_launcher(start):
     if start == "paged":
         q, k, v, kc, vc, prefix, table, cu = _paged_case(2)
         kw = dict(block_table=table, cu_seqlens=cu, max_chunk=5, max_prefix=6)
+    elif start == "packed-int":  # rows packed over a dense cache, one int prefix for all: a tensor of it per row
+        q, k, v, kc, vc = _attention_case(3)
+        q, k, v = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+        prefix, kw = 4, dict(cu_seqlens=torch.tensor([0, 3, 2 * C], dtype=torch.int32))
     else:
         q, k, v, kc, vc = _attention_case(3)
         prefix, kw = (9 if start == "int" else torch.tensor([0, 13])), {}
