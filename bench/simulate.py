@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     from pipeline.config import PRESETS
     from pipeline.costs import DEVICES, LINK_PRESETS, get_device, link_preset
 
-    from .report import write_json
+    from .report import environment, write_json
     from .options import Parser, int_list, integer, name_list, out_path, output_dir, say
     ap = Parser(prog="python -m bench simulate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=name_list([m for m in PRESETS if m not in ("tiny", "small")] + ["tiny", "small"],
@@ -401,7 +401,8 @@ def main(argv=None) -> int:
                 for m, S, link, L in tqdm(grid, desc="simulating", file=sys.stderr, disable=not sys.stderr.isatty())]
         title = f"projection: {dev.name}, batch {args.batch}, bf16, {args.chunk_plan} chunks (roofline model)"
         write_plot(rows, out / "simulate.png", title)
-        doc = dict(kind="projection (model figures, not measurements)", device=dataclasses.asdict(dev),
+        doc = dict(kind="projection (model figures, not measurements)", environment=environment(),
+                   device=dataclasses.asdict(dev),
                    links={name: dataclasses.asdict(link_preset(name, dev)) for name in args.links},
                    hidden_tolerance=HIDDEN_TOLERANCE, config={k: str(v) if isinstance(v, Path) else v
                                                               for k, v in vars(args).items()}, rows=rows)
@@ -432,7 +433,7 @@ def main_tp(args) -> int:
     from pipeline.config import PRESETS
     from pipeline.costs import get_device, link_preset
 
-    from .report import write_json
+    from .report import environment, write_json
     from .options import output_dir, say
     if args.chunk_plan != "balanced":
         raise ValueError("--gpus plans balanced chunks for each split: drop --chunk-plan uniform")
@@ -461,7 +462,8 @@ def main_tp(args) -> int:
         mark_fastest(rows)
         title = f"TP x PP projection: {dev.name}, batch {args.batch}, bf16, balanced chunks (roofline model)"
         write_tp_plot(rows, out / "simulate.png", title)
-        doc = dict(kind="projection (model figures, not measurements)", device=dataclasses.asdict(dev),
+        doc = dict(kind="projection (model figures, not measurements)", environment=environment(),
+                   device=dataclasses.asdict(dev),
                    links={name: dataclasses.asdict(link_preset(name, dev))
                           for name in dict.fromkeys([*links, *([args.tp_link] if args.tp_link else [])])},
                    hidden_tolerance=HIDDEN_TOLERANCE,

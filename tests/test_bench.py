@@ -253,6 +253,7 @@ def test_projection_writes_table_plot_and_json(tmp_path, capsys):
     stdout = capsys.readouterr().out
     doc = json.loads((tmp_path / "simulate.json").read_text())
     assert len(doc["rows"]) == 8 and "not measurements" in doc["kind"]
+    assert {"git_commit", "torch", "triton"} <= set(doc["environment"])  # which code projected it
     for r in doc["rows"]:
         assert r["overlapped_ms"] <= r["chunked_ms"] * 1.0001 and r["overlapped_ms"] < r["naive_ms"]
         assert r["overlapped_ms"] >= r["ideal_ms"]  # no schedule beats a perfect split of the compute
@@ -411,3 +412,19 @@ def test_compare_reads_the_h200_kernel_baseline_with_its_paged_rows(tmp_path, ca
     capsys.readouterr()
     assert compare(str(base), str(slower)) == 1
     assert "paged_ms x1.40" in capsys.readouterr().out
+
+
+def test_the_results_index_lists_every_results_folder_and_no_other():
+    """bench/results/README.md names each committed results folder (the subfolders of one that holds only folders)
+    and nothing that is not there: a new folder must be indexed, a removed one unlisted."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "bench" / "results"
+    index = (root / "README.md").read_text()
+    listed = set(re.findall(r"^\| (.+?) \|", index, re.M)) - {"folder", "---"}
+    named = {n for cell in listed for n in re.findall(r"`([^`]+)`", cell)}
+    on_disk = set()
+    for d in (p for p in root.iterdir() if p.is_dir()):  # a folder of folders only (cpu-plan): each of them
+        files = [p for p in d.iterdir() if p.is_file()]
+        on_disk |= {d.name} if files else {f"{d.name}/{s.name}" for s in d.iterdir() if s.is_dir()}
+    assert named == on_disk

@@ -496,7 +496,9 @@ def test_simulate_gpus_projects_every_split_and_marks_the_fastest(tmp_path, caps
     out = tmp_path / "proj"
     assert main(["--gpus", "8", "--models", "llama3-8b", "--links", "nvlink,pcie5", "--prompt-lens", "4096,32768",
                  "--out", str(out)]) == 0
-    rows = json.loads((out / "simulate.json").read_text())["rows"]
+    doc = json.loads((out / "simulate.json").read_text())
+    rows = doc["rows"]
+    assert doc["environment"]["git_commit"] is None or len(doc["environment"]["git_commit"]) == 40
     assert len(rows) == 4 * 2 * 2 and (out / "simulate.png").exists()
     for r in rows:
         modes = {f"{m}_{c}_ms": r[f"{m}_{c}_ms"] for m in ("naive", "chunked", "overlapped")
