@@ -4,8 +4,8 @@ To Dynamo a launcher is Python it must trace (input checks, the launch plan, a l
 stops at the first thing it cannot; a custom operator is one opaque call with a declared schema, the tensors it
 mutates (the KV caches of chunk_attention's fused append) and a fake implementation that gives the output's shape
 without running anything, so a compiled graph keeps it whole. vLLM and SGLang register their kernels the same way.
-Each op runs the launcher of its module unchanged (same checks, same launch plan, same results); eager callers can
-call the launchers directly and skip the dispatcher's hop.
+Each op runs the launcher of its module unchanged (same checks, same launch plan, same results); eager callers are
+better off calling the launchers: the dispatch adds host time to every call (about 12 µs on a 2-core CI VM).
 
 The functions below have the launchers' signatures (the model's `Ops` seam: `pipeline.ops.LIBRARY_OPS`) and pick
 the operator: chunk_attention's dense cache with an int start (`chunk_attention`) or a start per row

@@ -23,7 +23,7 @@ TORCH_OPS = Ops("torch", kernels.chunk_attention_ref, kernels.add_rms_norm_ref, 
 TRITON_OPS = Ops("triton", kernels.chunk_attention, kernels.add_rms_norm, kernels.rope, kernels.swiglu)
 BACKENDS = {"torch": TORCH_OPS, "triton": TRITON_OPS}
 # the same kernels as PyTorch custom operators (`kernels.library`), for a model run under torch.compile: pass it as
-# `ops=LIBRARY_OPS` (eager runs take the launchers directly: one dispatcher hop fewer per op)
+# `ops=LIBRARY_OPS` (eager runs take the launchers directly: the operator's dispatch costs host time per call)
 LIBRARY_OPS = Ops("triton-library", kernels.library.chunk_attention, kernels.library.add_rms_norm,
                   kernels.library.rope, kernels.library.swiglu)
 
