@@ -55,12 +55,18 @@ def launch_cost(fn, device, timer=gpu_timer, calls: int = 50, graph: bool = True
     launcher's own Python and torch's work (allocations, torch ops), so host_us - python_us is Triton's binding and
     launching; `graph_us` is the same work replayed from a CUDA graph (no Python, no launch path: the device's time
     alone, None off CUDA or with graph=False). A short chunk whose host_us exceeds graph_us is launch-bound: back to
-    back, the GPU idles."""
+    back, the GPU idles. Before each timed call the host spins HOST_WARM_S after the synchronise: on an H200 the
+    launcher's time measured straight after a synchronise that had waited on a long kernel (0.6-4.8 ms) came out
+    151-173 us against 61-72 us after short ones, on the same launch path (a host thread woken from a blocking wait
+    runs slower at first); the stubbed calls, which leave nothing to wait for, would not pay that."""
     def median_us():
         ts = []
         for _ in range(calls):
             if device != "cpu":
                 torch.cuda.synchronize()
+            t = time.perf_counter()
+            while time.perf_counter() - t < HOST_WARM_S:  # the host busy, not woken cold, when the call starts
+                pass
             t = time.perf_counter()
             fn()
             ts.append((time.perf_counter() - t) * 1e6)
@@ -71,6 +77,9 @@ def launch_cost(fn, device, timer=gpu_timer, calls: int = 50, graph: bool = True
         python_us = median_us()
     graph_us = graph_replay_ms(fn, timer) * 1e3 if device != "cpu" and graph else None
     return dict(host_us=host_us, python_us=python_us, graph_us=graph_us)
+
+
+HOST_WARM_S = 200e-6  # `launch_cost`: the host's spin before each timed call
 
 
 @contextlib.contextmanager
