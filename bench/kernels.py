@@ -689,11 +689,15 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
     return doc
 
 
+def _tile(r: dict) -> str:
+    """A launch config's tile in words: BLOCK_MxBLOCK_N, warps and pipeline stages (e.g. 64x64 w4s3)."""
+    return f"{r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']}s{r['num_stages']}"
+
+
 def tile_ab_lines(rows: list[dict]) -> list[str]:
     """One line per launcher tile of the A/B: its TFLOP/s against the former tile's at that shape (and page)."""
     def tile(r):
-        return f"{r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']}s{r['num_stages']}" + (
-            " no-prefix" if r.get("no_prefix") else "") + (" page-ahead" if r.get("page_ahead") else "")
+        return _tile(r) + (" no-prefix" if r.get("no_prefix") else "") + (" page-ahead" if r.get("page_ahead") else "")
     out = []
     for r in rows:
         if not r["launcher"]:
@@ -800,9 +804,8 @@ def sweep_lines(doc: dict, tol: float | None = None) -> list[str]:
     tol = PEER_TOL[torch.bfloat16] if tol is None else tol
 
     def tile(r):
-        return f"{r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']}s{r['num_stages']}" + "".join(
-            f" {k}" for k in ("pack_gqa", "tma", "longest_first", "no_prefix", "page_ahead") if r.get(k)) + (
-            f" splits {r['num_splits']}" if r.get("num_splits") else "")
+        return _tile(r) + "".join(f" {k}" for k in ("pack_gqa", "tma", "longest_first", "no_prefix", "page_ahead")
+                                  if r.get(k)) + (f" splits {r['num_splits']}" if r.get("num_splits") else "")
     out = []
     for kind in ("attention", "paged"):
         groups: dict = {}

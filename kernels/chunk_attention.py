@@ -490,9 +490,7 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
             block_table = _one_page_per_row(k_cache, q.device)
         return paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, block_table, cu_seqlens,
                                      max_chunk, sm_scale, out, config, max_prefix, check)
-    if max_chunk is not None or max_prefix is not None or check is not True:
-        raise ValueError("chunk_attention: max_chunk, max_prefix and check go with cu_seqlens or block_table (the "
-                         "paged / varlen path)")
+    check_dense_call(max_chunk, max_prefix, check)
     B, C, Hq, Hkv, D = _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos)
     if config is not None:
         config = _check_config(config, Hq // Hkv)
@@ -515,6 +513,13 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
         torch._assert_async(((start_pos >= 0) & (start_pos <= k_cache.shape[1] - C)).all(),
                             "chunk_attention: a start_pos row puts the chunk outside the KV cache (row masked off)")
     return _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config)
+
+
+def check_dense_call(max_chunk, max_prefix, check) -> None:
+    """The dense path (no cu_seqlens, no block_table) takes none of the paged / varlen path's launch hints."""
+    if max_chunk is not None or max_prefix is not None or check is not True:
+        raise ValueError("chunk_attention: max_chunk, max_prefix and check go with cu_seqlens or block_table (the "
+                         "paged / varlen path)")
 
 
 def launch_plan(q, k_new, k_cache, start_pos, config=None) -> dict:

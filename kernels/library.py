@@ -18,6 +18,7 @@ import torch
 from torch.library import custom_op
 
 from .chunk_attention import chunk_attention as _chunk_attention
+from .chunk_attention import check_dense_call
 from .rmsnorm import add_rms_norm as _add_rms_norm
 from .rope import rope as _rope
 from .swiglu import swiglu as _swiglu
@@ -33,15 +34,17 @@ def _attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_c
 
 @custom_op("prefill_overlap::chunk_attention_rows", mutates_args=CACHES)
 def _attention_rows_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, start_pos: torch.Tensor, sm_scale: Optional[float] = None) -> torch.Tensor:
+                       v_cache: torch.Tensor, start_pos: torch.Tensor,
+                       sm_scale: Optional[float] = None) -> torch.Tensor:
     return _chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale)
 
 
 @custom_op("prefill_overlap::chunk_attention_paged", mutates_args=CACHES)
 def _attention_paged_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, prefix_lens: torch.Tensor, block_table: Optional[torch.Tensor],
-                        cu_seqlens: Optional[torch.Tensor], max_chunk: Optional[int] = None, max_prefix: Optional[int] = None,
-                        sm_scale: Optional[float] = None, check: bool = True) -> torch.Tensor:
+                        cu_seqlens: Optional[torch.Tensor], max_chunk: Optional[int] = None,
+                        max_prefix: Optional[int] = None, sm_scale: Optional[float] = None,
+                        check: bool = True) -> torch.Tensor:
     return _chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, sm_scale, block_table=block_table,
                             cu_seqlens=cu_seqlens, max_chunk=max_chunk, max_prefix=max_prefix, check=check)
 
@@ -66,7 +69,7 @@ def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 
 @_add_rms_norm_op.register_fake
 def _add_rms_norm_fake(x, residual, weight, eps):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
 @custom_op("prefill_overlap::rms_norm", mutates_args=())
@@ -76,7 +79,7 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 @_rms_norm_op.register_fake
 def _rms_norm_fake(x, weight, eps):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return x.new_empty(x.shape)
 
 
 @custom_op("prefill_overlap::rope", mutates_args=())
@@ -102,7 +105,7 @@ def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @_swiglu_op.register_fake
 def _swiglu_fake(gate, up):
-    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    return gate.new_empty(gate.shape)
 
 
 def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None, *, block_table=None,
@@ -111,9 +114,7 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     a start tensor [B], or the paged / varlen path (block_table and/or cu_seqlens; an int prefix becomes a tensor
     of it per row)."""
     if block_table is None and cu_seqlens is None:
-        if max_chunk is not None or max_prefix is not None or check is not True:
-            raise ValueError("chunk_attention: max_chunk, max_prefix and check go with cu_seqlens or block_table (the "
-                             "paged / varlen path)")
+        check_dense_call(max_chunk, max_prefix, check)
         op = _attention_rows_op if isinstance(start_pos, torch.Tensor) else _attention_op
         return op(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale)
     if not isinstance(start_pos, torch.Tensor):
