@@ -90,6 +90,10 @@ def run_parser():
     ap.add_argument("--sm-partitions", action="store_true",
                     help="one GPU as S smaller ones: each stage computes on its own disjoint set of SMs (CUDA green "
                          "contexts), the links on the SMs left over (implies --link inprocess)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="in-process on a GPU: each stage's chunk is captured in a CUDA graph the first time it runs "
+                         "and replayed after, so the one host thread that enqueues every stage launches a chunk "
+                         "as one graph (warm-up runs capture; not with --rows or --tp)")
     ap.add_argument("--bandwidth-gbps", type=number(0.0), default=None, help="emulated link bandwidth, GB/s")
     ap.add_argument("--latency-us", type=number(0.0, strict=False, maximum=1e7), default=0.0,
                     help="emulated per-send latency, microseconds (default: 0)")
@@ -161,6 +165,14 @@ def main_run(argv) -> int:
         raise ValueError(f"--sm-partitions runs every stage in this process on one GPU: drop --link {args.link}")
     link = args.link or ("gloo" if not gpu else "inprocess" if args.sm_partitions
                          else "nccl" if torch.cuda.device_count() >= stages else "inprocess")
+    if args.cuda_graphs and not (gpu and link == "inprocess" and tp == 1 and args.rows is None):
+        why = ("there is no CUDA GPU here" if not gpu else f"drop --link {link}" if link != "inprocess"
+               else "drop --tp" if tp != 1 else "a ragged batch (--rows) runs its steps eagerly: drop --rows")
+        raise ValueError(f"--cuda-graphs replays each stage's chunks from CUDA graphs in the in-process GPU driver: "
+                         f"{why}")
+    if args.cuda_graphs and args.warmup == 0:
+        raise ValueError("--cuda-graphs captures each chunk's graph in the warm-up runs (a capture is an eager run and "
+                         "then some): give --warmup 1 or more")
     if world is not None and world > 1 and link == "inprocess":
         raise ValueError("--link inprocess runs every stage in one process: launch it without torchrun")
     device = "cuda" if gpu and link != "gloo" else "cpu"
@@ -226,7 +238,8 @@ def main_run(argv) -> int:
                         device=device, bandwidth_gbps=args.bandwidth_gbps, latency_s=args.latency_us * 1e-6,
                         threads=args.threads, sm_partitions=args.sm_partitions, tp=tp,
                         tp_comm=args.tp_comm[0], tp_bandwidth_gbps=args.tp_bandwidth_gbps,
-                        tp_latency_s=args.tp_latency_us * 1e-6, page_size=args.page_size or 16)
+                        tp_latency_s=args.tp_latency_us * 1e-6, page_size=args.page_size or 16,
+                        cuda_graphs=args.cuda_graphs)
     spec.validate()  # the checkpoint too (config, safetensors headers), before any process starts
     plans = {L: chunk_plan(L, None if args.chunks else (args.chunk_size or 128), args.chunks)
              for L in args.prompt_len}
@@ -240,6 +253,7 @@ def main_run(argv) -> int:
                   bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us,
                   tp_bandwidth_gbps=args.tp_bandwidth_gbps, tp_latency_us=args.tp_latency_us, repeats=args.repeats,
                   warmup=args.warmup, modes=args.modes, torchrun=world is not None, sm_partitions=args.sm_partitions,
+                  cuda_graphs=args.cuda_graphs,
                   threads_per_stage=args.threads or max(1, (os.cpu_count() or 1) // (stages * tp)))
     progress = Progress(enabled=lead)
     out = args.out

@@ -11,15 +11,18 @@ Markdown summary:
                     Llama-3-8B shape with random weights (fewer layers, said in the results), prompts 4k-32k, link
                     emulated at NVLink, PCIe Gen5 and 100 GbE; overlapped against naive and the ideal S·C/(C+S−1),
                     the simulator against chunked and overlapped; timeline-partitions.png and its trace;
-4. pipeline.json    the same harness with the stages taking turns on the whole GPU (S = 2 and 4, PCIe Gen5 and
+4. graphs.json      the partitions part's 100 GbE points at 16k again, each stage's chunks replayed from CUDA graphs
+                    (`pipeline.graphs`): against the eager points, whether the one host thread enqueueing every
+                    stage was what limited them; timeline-graphs.png and its trace;
+5. pipeline.json    the same harness with the stages taking turns on the whole GPU (S = 2 and 4, PCIe Gen5 and
                     100 GbE, 4k and 16k): how much of an emulated link overlapping hides; timeline.png, trace.json;
-5. ragged.json      a serving-like batch on the SM partitions: rows of 1k, 4k and 16k tokens, the KV cache in
+6. ragged.json      a serving-like batch on the SM partitions: rows of 1k, 4k and 16k tokens, the KV cache in
                     pages, per-row chunks and a 4096-token step budget, every mode; each row's TTFT, every row
                     checked against it run alone, the simulator against the measured runs; timeline-ragged.png;
-6. sweeps.json      in the time left: chunk_attention's tuning grid at the decode-like shapes (prefix 32k, chunks of
+7. sweeps.json      in the time left: chunk_attention's tuning grid at the decode-like shapes (prefix 32k, chunks of
                     1 and 16: split counts and load depths first), then the paged kernel's at prefix 16k, chunk 2k;
                     each shape's launcher config against the fastest correct one;
-7. summary.md       the figures against their targets, by how much each misses; a part that failed, named
+8. summary.md       the figures against their targets, by how much each misses; a part that failed, named
                     (it does not stop the parts after it).
 Time plan (`part_deadlines`): --budget-s (default 540 s) ends the suite, so it fits one 10-minute call, and each part
 stops starting new work early enough to leave the parts after it their reserve (`PART_RESERVE_S`): the test run is
@@ -35,6 +38,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -45,7 +49,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_LINKS = ("100gbe", "pcie5", "nvlink")  # the targets' link first: a part cut short has measured it
-PARTS = ("tests", "kernels", "partitions", "pipeline", "ragged", "sweeps")  # the order they run in: most wanted first
+# the order they run in: most wanted first
+PARTS = ("tests", "kernels", "partitions", "graphs", "pipeline", "ragged", "sweeps")
 RAGGED_ROWS = ((1024, 4096, 16384),)  # the ragged part's batches (--quick: the first two rows)
 RAGGED_BUDGETS = (None, 4096)
 
@@ -173,7 +178,7 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
                    prompt_lens=(4096, 8192, 16384, 32768), chunk_size: int = 2048, repeats: int = 3, warmup: int = 1,
                    device: str = "cuda", dtype: str = "bfloat16", ops: str = "triton", sm_partitions: bool = False,
                    simulate: bool = False, deadline: float | None = None, progress=None, rows=(),
-                   token_budgets=None) -> dict:
+                   token_budgets=None, cuda_graphs: bool = False) -> dict:
     """The harness's modes on one device with the in-process link, the link emulated at each preset's bandwidth;
     with `sm_partitions` each stage on its own SMs (one GPU as S), with `simulate` the simulator's figures too.
     `layers` cuts the model to that many layers (same shapes otherwise) to keep the run short. Points are skipped
@@ -182,6 +187,7 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
     says why). `rows` adds ragged batches (a tuple of row lengths each, as `python -m bench --rows`: each row in
     chunks of `chunk_size`, the rows' chunks packed into one step, the KV cache in pages, every row checked against it
     run alone), each under every plan of `token_budgets` (None: per-row chunks; N: steps of N tokens).
+    `cuda_graphs`: each stage's chunks replayed from CUDA graphs (`pipeline.graphs`; the warm-up runs capture).
     `progress(i, n, doc)` is called after each point with the document so far."""
     from pipeline import PipelineSpec
     from pipeline.config import PRESETS, get_preset
@@ -203,7 +209,7 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
     grid = [(S, link, L) for link in links for L in (*prompt_lens, *rows) for S in stages]
     doc = dict(model=model, layers=layers or cfg.num_layers, model_layers=cfg.num_layers, chunk_size=chunk_size,
                repeats=repeats, warmup=warmup, dtype=dtype, ops=ops, sm_partitions=sm_partitions, points=points,
-               complete=False)
+               complete=False, **({"cuda_graphs": True} if cuda_graphs else {}))
     if rows:
         doc["token_budgets"] = list(token_budgets or [None])
     longest = 0.0
@@ -218,7 +224,8 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
 
         def measure(backend):
             spec = PipelineSpec(source=name, stages=S, link="inprocess", ops=backend, dtype=dtype, device=device,
-                                bandwidth_gbps=lm.bandwidth_gbps, latency_s=lm.latency_s, sm_partitions=sm_partitions)
+                                bandwidth_gbps=lm.bandwidth_gbps, latency_s=lm.latency_s, sm_partitions=sm_partitions,
+                                cuda_graphs=cuda_graphs)
             if ragged:
                 return run_point(spec, 0, 1, [], repeats, warmup, simulate=simulate, rows=list(L),
                                  chunk_size=chunk_size, token_budgets=list(token_budgets or [None]))
@@ -358,6 +365,48 @@ def partitions_markdown(doc: dict) -> list[str]:
     return lines
 
 
+def graphs_markdown(doc: dict, eager: dict | None = None) -> list[str]:
+    """The graphs part: points of the partitions part run again with each stage's chunks replayed from CUDA graphs,
+    against the same points run eagerly in `eager` (the partitions part, same call): the overlapped TTFT, its
+    speed-up over naive and share of the ideal, the host's enqueue time as a share of the TTFT, and each stage's
+    compute time graphed over eager (about 1 if the replays ran on their partition's SMs as the eager kernels did;
+    far below 1 would say a replay escaped its partition)."""
+    head = (f"{doc['model']} shape with {doc['layers']} of its {doc['model_layers']} layers, random weights, "
+            f"{doc['dtype']}, chunks of {doc['chunk_size']}, median of {doc['repeats']} runs (the warm-up runs "
+            "capture each stage's chunks; the timed runs replay them), on SM partitions; eager: the same point in "
+            "the partitions part above.")
+    if doc.get("ops_fallback"):
+        head += f" {doc['ops_fallback']}."
+    if not doc.get("complete", True):
+        head += f" **Incomplete: {_why_incomplete(doc)}; these are the points it measured.**"
+    lines = ["## CUDA graphs per stage chunk (SM partitions)", "", head, "",
+             "| S | link | L | overlapped ms eager → graphs | vs naive eager → graphs | of ideal eager → graphs | "
+             "host share of TTFT eager → graphs | stage compute graphs/eager | replays (captures) | outputs match |",
+             "|---:|---|---:|---|---|---|---|---:|---:|---|"]
+    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    pairs = lambda a, b, f="{:.2f}": f"{fmt(a, f)} → {fmt(b, f)}"  # noqa: E731
+    share = lambda m: m["host_enqueue_ms"] / m["ttft_ms"] if m.get("host_enqueue_ms") is not None else None  # noqa
+    for p in doc["points"]:
+        e = next((q for q in (eager or {}).get("points", []) if (q["stages"], q["link"], q.get("prompt_len")) ==
+                  (p["stages"], p["link"], p.get("prompt_len"))), None)
+        g, o = p["modes"].get("overlapped", {}), (e or {}).get("modes", {}).get("overlapped", {})
+        compute = None
+        if g.get("compute_ms_per_stage") and o.get("compute_ms_per_stage"):
+            compute = statistics.median(a / b for a, b in zip(g["compute_ms_per_stage"], o["compute_ms_per_stage"]))
+        counts = g.get("cuda_graphs") or {}
+        lines.append(f"| {p['stages']} | {p['link']} | {p['prompt_len']} | "
+                     f"{pairs(o.get('ttft_ms'), g.get('ttft_ms'), '{:.1f}')} | "
+                     f"{pairs(o.get('speedup_vs_naive'), g.get('speedup_vs_naive'))} | "
+                     f"{pairs(e.get('overlapped_of_ideal') if e else None, p.get('overlapped_of_ideal'))} | "
+                     f"{pairs(share(o) if o else None, share(g) if g else None)} | {fmt(compute)} | "
+                     f"{counts.get('replayed', '-')} ({counts.get('captured', '-')}) | "
+                     f"{'yes' if all(v['outputs_match'] for v in p['modes'].values()) else 'NO'} |")
+    if eager is None or not eager.get("points"):
+        lines += ["", "No eager points to compare with (the partitions part did not run or measured nothing)."]
+    lines.append("")
+    return lines
+
+
 def _plan_key(mode: str, budgets: list, i: int) -> str:
     """The harness's key of a mode under the i-th token-budget plan: the first keeps the mode's name."""
     if i == 0:
@@ -417,12 +466,14 @@ def _launcher(row: dict) -> str:
 
 
 def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeline: dict | None,
-                     partitions: dict | None = None, ragged: dict | None = None, sweeps: dict | None = None) -> str:
+                     partitions: dict | None = None, ragged: dict | None = None, sweeps: dict | None = None,
+                     graphs: dict | None = None) -> str:
     """The short table a person reads first; every figure comes from the part documents."""
     lines = [f"# GPU suite: {env.get('device')}", "",
              f"driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, Triton "
              f"{env.get('triton')}, commit `{env.get('git_commit')}`", ""]
-    parts = dict(tests=tests, kernels=kernels, partitions=partitions, pipeline=pipeline, ragged=ragged, sweeps=sweeps)
+    parts = dict(tests=tests, kernels=kernels, partitions=partitions, graphs=graphs, pipeline=pipeline, ragged=ragged,
+                 sweeps=sweeps)
     failed = [(name, d["part_failed"]) for name, d in parts.items() if d is not None and d.get("part_failed")]
     if failed:  # the suite went on after these; what they measured before failing is below
         lines += [f"- **{name} part FAILED**: {why} (traceback in `{name}.json`)" for name, why in failed] + [""]
@@ -432,6 +483,7 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
     pipeline = pipeline if pipeline is not None and "points" in pipeline else None
     partitions = partitions if partitions is not None and "points" in partitions else None
     ragged = ragged if ragged is not None and "points" in ragged else None
+    graphs = graphs if graphs is not None and "points" in graphs else None
     sweeps = sweeps if sweeps is not None and "attention" in sweeps else None
     if tests is not None:
         lines += ["## GPU tests", "", f"{tests.get('passed', 0)} passed, {len(tests.get('failed', []))} failed, "
@@ -535,6 +587,8 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
         lines += _paragraph(host_lines(pipeline))
     if partitions is not None:
         lines += partitions_markdown(partitions)
+    if graphs is not None:
+        lines += graphs_markdown(graphs, partitions)
     if ragged is not None:
         lines += ragged_markdown(ragged)
     if sweeps is not None:
@@ -573,7 +627,7 @@ def write_summary_only(out: Path) -> int:
         env = dict(env, git_commit="; ".join(f"{part} {c[:7]}" for part, c in commits.items()))
     try:
         text = summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"], docs["partitions"],
-                                docs["ragged"], docs["sweeps"])
+                                docs["ragged"], docs["sweeps"], docs["graphs"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"the part files in {out} lack a figure the summary needs ({type(e).__name__}: {e})") from None
     (out / "summary.md").write_text(text)
@@ -621,7 +675,9 @@ def main(argv=None) -> int:
 # The least time each part is left at the end of the budget (`part_deadlines`): a slow part cannot starve the ones
 # after it. Tests, with nothing after them but these, get what the others leave.
 # (On an H200 at 295c856 the parts took: tests 73 s, kernels 110, partitions 214, pipeline 16, ragged 11.)
-PART_RESERVE_S = dict(tests=0.0, kernels=130.0, partitions=150.0, pipeline=30.0, ragged=30.0, sweeps=45.0)
+PART_RESERVE_S = dict(tests=0.0, kernels=130.0, partitions=130.0, graphs=35.0, pipeline=20.0, ragged=20.0,
+                      sweeps=40.0)
+GRAPHS_POINTS = dict(prompt_lens=(16384,), links=("100gbe",), stages=(2, 4))  # the graphs part: a target's points
 
 
 def part_deadlines(t0: float, budget_s: float, parts) -> dict:
@@ -662,7 +718,8 @@ def _mark_failed(out: Path, name: str, env: dict, **why) -> dict:
 
 def _write_summary(out: Path, env: dict, docs: dict) -> None:
     (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"],
-                                                     docs["partitions"], docs["ragged"], docs["sweeps"]))
+                                                     docs["partitions"], docs["ragged"], docs["sweeps"],
+                                                     docs["graphs"]))
 
 
 def _failed_parts(docs: dict) -> list[str]:
@@ -764,6 +821,9 @@ def _suite(out: Path, args, parts) -> int:
                 # one GPU as S: each stage on its own SMs, the simulator checked against it
                 partitions=pipeline_part("partitions", "timeline-partitions", prompt_lens=lens, sm_partitions=True,
                                          simulate=True),
+                # the targets' points again, each stage's chunks replayed from CUDA graphs: is the host the limit?
+                graphs=pipeline_part("graphs", "timeline-graphs", sm_partitions=True, cuda_graphs=True,
+                                     **GRAPHS_POINTS),
                 # the stages take turns on the whole GPU
                 pipeline=pipeline_part("pipeline", "timeline", prompt_lens=(4096, 16384), links=("pcie5", "100gbe")),
                 # a serving-like batch: rows of different lengths, paged KV cache, on SM partitions
@@ -771,7 +831,8 @@ def _suite(out: Path, args, parts) -> int:
                                      rows=[r[:2] if args.quick else r for r in RAGGED_ROWS],
                                      token_budgets=RAGGED_BUDGETS, sm_partitions=True, simulate=True),
                 sweeps=sweeps)
-    titles = dict(tests="GPU tests", kernels="kernel benchmark", partitions="SM partitions", pipeline="pipeline",
+    titles = dict(tests="GPU tests", kernels="kernel benchmark", partitions="SM partitions",
+                  graphs="CUDA graphs per stage chunk", pipeline="pipeline",
                   ragged="ragged batches", sweeps="tuning sweeps")
     running: dict = {}
     watchdog = _watchdog(out, env, docs, running, args.budget_s, t0 + args.budget_s + HANG_GRACE_S)

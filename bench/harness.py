@@ -161,6 +161,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
         )
         if "host_enqueue_s_per_stage" in runs[0].metrics:  # one host thread enqueued every stage (in-process GPU)
             m["host_enqueue_ms"] = statistics.median(sum(r.metrics["host_enqueue_s_per_stage"]) for r in runs) * 1e3
+        if "cuda_graphs" in runs[0].metrics:  # the timed runs' chunk graphs (a capture in one: not all replayed)
+            m["cuda_graphs"] = {k: sum(r.metrics["cuda_graphs"][k] for r in runs) for k in ("captured", "replayed")}
         if "allreduce_bytes_per_stage" in best.metrics:  # tensor parallelism: the reduce traffic, per stage
             bm = best.metrics
             m.update(tp_comm=variant_of[mode]["tp_comm"], tp_boundary=variant_of[mode]["tp_boundary"], tp=spec.tp,

@@ -168,6 +168,9 @@ def run_jobs(spec: PipelineSpec, jobs: list[Job], progress=None) -> list[list[Pr
         check_job_tp(job, spec)
     if any(job.ragged for job in jobs):
         check_page_size(spec, cfg)
+        if spec.cuda_graphs:
+            raise ValueError("cuda_graphs captures the chunks of [B, L] prompts; a ragged batch's steps carry "
+                             "per-step rows and pages from the host and run eagerly: drop one of the two")
     check_resources(spec, cfg, jobs)
     return _run(spec, jobs, progress)
 

@@ -52,6 +52,7 @@ class Runner:
         self.codec, self.tp_boundary = Codec(), "matching"
         self.shards = {(s, t): self._stage(self.ranges[s], s, S, t, reducers[(s, t)]) for s, t in mine}
         self._full = None
+        self._streams = None  # in-process on a GPU without SM partitions: each stage's stream, made at the first run
         self.clock = Clock(self.device)
         model = LinkModel(spec.bandwidth_gbps, spec.latency_s)
         self.partitions = None
@@ -69,7 +70,8 @@ class Runner:
     def _stage(self, layers, index, n, tp_rank=0, reduce=None):
         tp = self.T if reduce is not None else 1
         return Stage(self.spec.source, layers, index, n, dtype=self.dtype, device=self.device, ops=self.spec.ops,
-                     seed=self.spec.seed, tp_rank=tp_rank, tp=tp, reduce=reduce, tp_comm=self.spec.tp_comm)
+                     seed=self.spec.seed, tp_rank=tp_rank, tp=tp, reduce=reduce, tp_comm=self.spec.tp_comm,
+                     cuda_graphs=self.spec.cuda_graphs)
 
     def reducer_stats(self, mode: str) -> list[dict] | None:
         """The all-reduce accounting of the last run, per stage here (TP rank 0's in-process, this rank's in a
@@ -121,6 +123,13 @@ class Runner:
             self._full = self._stage(range(self.cfg.num_layers), 0, 1)
         return self._full
 
+    def graph_counts(self, mode: str) -> dict | None:
+        """Chunk graphs captured and replayed so far by the stages `mode` runs on (None without cuda_graphs)."""
+        if not self.spec.cuda_graphs:
+            return None
+        stages = [self.full()] if mode == "unchunked" else list(self.shards.values())
+        return {k: sum(st.graphs.counts()[k] for st in stages) for k in ("captured", "replayed")}
+
     def _sync(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -154,8 +163,12 @@ class Runner:
                                       ragged=ragged, yield_posts=self.device.type == "cuda")
                 for (s, t), st in shards.items()}
         if self.device.type == "cuda":  # the host only enqueues: interleave the stages chunk by chunk
-            streams = (self.partitions.stage_streams[:S] if self.partitions  # unchunked: on partition 0
-                       else [torch.cuda.Stream(self.device) for _ in range(S)])
+            if self.partitions:  # unchunked: on partition 0
+                streams = self.partitions.stage_streams[:S]
+            else:  # the same streams run after run (a stream per stage and a spare: the unchunked stage's)
+                if self._streams is None:
+                    self._streams = [torch.cuda.Stream(self.device) for _ in range(self.S)]
+                streams = self._streams[:S]
             self.clock.anchor()
             t0 = self.clock.mark()
             for i in range(S):
@@ -395,8 +408,11 @@ def run_once_inprocess(runner: Runner, job: Job) -> PrefillResult:
     tokens = job.tokens.to(runner.device)
     _reset(runner, job.mode, B, L + 1)
     runner.configure(job)
+    graphs = runner.graph_counts(job.mode)
     records, t0, t1, logits = runner.run_inprocess(job.mode, tokens, job.chunks)
     metrics = summarize(records, t0, t1)
+    if graphs is not None:  # what this run captured and replayed (captures: the first run of each chunk shape)
+        metrics["cuda_graphs"] = {k: v - graphs[k] for k, v in runner.graph_counts(job.mode).items()}
     reduce_prefill = runner.reducer_stats(job.mode)
     if runner.partitions is not None:
         metrics["sm_partitions"] = runner.partitions.describe()

@@ -39,6 +39,7 @@ class PipelineSpec:
     tp_latency_s: float = 0.0
     page_size: int = 16  # ragged batches: positions per KV page (pipeline.ragged)
     tp_comm: str = "serial"  # with tp > 1: serial all-reduces, "overlap" (ISO halves) or "sequence" (pipeline.tp)
+    cuda_graphs: bool = False  # in-process on a GPU: each stage's chunk captured in a CUDA graph, then replayed
     fault: tuple[str, int] | None = None  # tests only: ("raise" | "exit" | "stop" | "hang", stage) injects one
 
     @property
@@ -107,6 +108,11 @@ class PipelineSpec:
                                  f"CUDA device (got link {self.link!r}, device {self.device!r})")
             from .partitions import _driver
             _driver()
+        checks.flag("cuda_graphs", self.cuda_graphs)
+        if self.cuda_graphs and (self.link != "inprocess" or device.type != "cuda" or self.tp != 1):
+            raise ValueError("cuda_graphs replays each stage's chunks from CUDA graphs in the in-process GPU driver: "
+                             f"it needs link='inprocess' on a CUDA device and tp=1 (got link {self.link!r}, device "
+                             f"{self.device!r}, tp {self.tp})")
         if isinstance(self.source, ModelConfig):
             return
         if Path(self.source).is_dir():

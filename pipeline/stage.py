@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .graphs import ChunkGraphs
 from .model import KVCache, Transformer, load_model
 from .ops import Ops
 from .ragged import pages_needed
@@ -38,7 +39,7 @@ class Stage:
 
     def __init__(self, source, layers: range, index: int, num_stages: int, dtype=torch.float32, device="cpu",
                  ops: str | Ops = "torch", seed: int = 0, tp_rank: int = 0, tp: int = 1, reduce=None,
-                 tp_comm: str = "serial"):
+                 tp_comm: str = "serial", cuda_graphs: bool = False):
         self.index, self.num_stages = index, num_stages
         self.tp_rank, self.tp = tp_rank, tp
         self.model: Transformer = load_model(source, dtype=dtype, device=device, layers=layers, ops=ops, seed=seed,
@@ -48,6 +49,8 @@ class Stage:
         self.cfg = self.model.cfg
         self.cache: KVCache | None = None
         self.pool = None  # ragged batches: a PagePool (pipeline.ragged)
+        # each chunk's forward captured in a CUDA graph once, replayed after (pipeline.graphs); None: eager
+        self.graphs = ChunkGraphs() if cuda_graphs else None
 
     @property
     def is_first(self) -> bool:
@@ -59,6 +62,9 @@ class Stage:
 
     def reset_cache(self, batch: int, max_len: int) -> None:
         if self.cache is None or self.cache.batch != batch or self.cache.max_len != max_len:
+            if self.graphs is not None:  # they write into the cache they were captured with
+                self.graphs.clear()
+            self.cache = None  # the old one freed before the new one is made
             self.cache = self.model.new_cache(batch, max_len)
         # stale entries are never read (attention only reads positions < start_pos + C), so no zeroing needed
 
@@ -78,5 +84,8 @@ class Stage:
                 tokens: int | None = None) -> torch.Tensor:
         """x: tokens [B, c] (first stage) or hidden [B, c, H] (a TP rank's slice of it under sequence parallelism
         with sharded boundaries: `tokens` gives c). Returns hidden [B, c, H] (or the rank's slice), or logits
-        [B, V] on the last stage (last position only)."""
-        return self.model.forward_chunk(x, start_pos, self.cache, last_only=last_only, tokens=tokens)
+        [B, V] on the last stage (last position only). With cuda_graphs, through the chunk's CUDA graph."""
+        if self.graphs is None:
+            return self.model.forward_chunk(x, start_pos, self.cache, last_only=last_only, tokens=tokens)
+        return self.graphs(lambda inp: self.model.forward_chunk(inp, start_pos, self.cache, last_only=last_only,
+                                                                tokens=tokens), x, (start_pos, last_only, tokens))

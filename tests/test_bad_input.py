@@ -186,6 +186,7 @@ CLI = [
     ("latency-nan", [*TINY, "--latency-us", "nan"], ["--latency-us", "nan"]),
     ("ops-unknown", [*TINY, "--ops", "cuda"], ["--ops", "'cuda'"]),
     ("sm-partitions-without-gpu", [*TINY, "--sm-partitions"], ["--sm-partitions", "no CUDA GPU"]),
+    ("cuda-graphs-without-gpu", [*TINY, "--cuda-graphs"], ["--cuda-graphs", "no CUDA GPU"]),
     ("triton-bf16-interpreter", [*TINY, "--ops", "triton", "--dtype", "bfloat16"], ["bfloat16", "interpreter"]),
     ("modes-empty", [*TINY, "--modes", ","], ["--modes", "','"]),
     ("modes-unknown", [*TINY, "--modes", "warp"], ["--modes", "'warp'", "unchunked"]),
@@ -287,7 +288,7 @@ def _expand(argv, checkpoints, files, out):
 @pytest.mark.parametrize("argv,needles", [c[1:] for c in CLI], ids=[c[0] for c in CLI])
 def test_cli_refuses_bad_input_in_one_line(argv, needles, checkpoints, files, tmp_path, capsys, monkeypatch):
     from bench.cli import main
-    if torch.cuda.is_available() and ("--sm-partitions" in argv or "nccl" in argv):
+    if torch.cuda.is_available() and ("--sm-partitions" in argv or "--cuda-graphs" in argv or "nccl" in argv):
         pytest.skip("a GPU is here: the option is valid")
     monkeypatch.chdir(tmp_path)  # nothing may appear here either
     out = tmp_path / "o"
@@ -523,3 +524,21 @@ def test_results_json_is_strict(tmp_path):
     doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict constant {c}"))
     assert doc["a"] is None and doc["b"] == [1.0, None] and doc["c"] == {"d": 2}
     assert set(doc["nulls"]) == {"$.a", "$.b[1]"}
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--rows", "20,30"], "drop --rows"),
+    (["--tp", "2"], "drop --tp"),
+    (["--link", "gloo"], "drop --link gloo"),
+    (["--warmup", "0"], "give --warmup 1 or more"),
+])
+def test_cuda_graphs_refuse_what_they_cannot_replay_even_with_a_gpu(extra, needle, monkeypatch, tmp_path, capsys):
+    """As on a GPU machine (CUDA reported present; every refusal comes before any GPU work): --cuda-graphs with a
+    ragged batch, TP, a process link or no warm-up run is refused in one line, nothing written."""
+    from bench.cli import main
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.chdir(tmp_path)
+    code = main([*TINY, "--cuda-graphs", *extra, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--cuda-graphs" in err and needle in err, err
+    assert not (tmp_path / "o").exists()

@@ -178,7 +178,8 @@ def test_the_time_plan_leaves_each_later_part_its_reserve():
     plan = gpu_suite.part_deadlines(1000.0, 540.0, gpu_suite.PARTS)
     assert plan["sweeps"] == 1540.0 and plan["ragged"] == 1540.0 - r["sweeps"]
     assert plan["pipeline"] == 1540.0 - r["sweeps"] - r["ragged"]
-    assert plan["tests"] == 1540.0 - r["kernels"] - r["partitions"] - r["pipeline"] - r["ragged"] - r["sweeps"]
+    assert plan["graphs"] == 1540.0 - r["sweeps"] - r["ragged"] - r["pipeline"]
+    assert plan["tests"] == 1540.0 - sum(v for k, v in r.items() if k != "tests")
     assert gpu_suite.part_deadlines(0.0, 540.0, ["kernels", "pipeline"]) == dict(kernels=540.0 - r["pipeline"],
                                                                                    pipeline=540.0)
 
@@ -312,12 +313,13 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
         raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
 
     def small_pipeline(layers, deadline, progress, prompt_lens, sm_partitions=False, simulate=False, links=None,
-                       stages=None, rows=(), token_budgets=None):
+                       stages=None, rows=(), token_budgets=None, cuda_graphs=False):
         seen_deadlines.append(deadline)
+        graphed.append(cuda_graphs)  # (run eagerly here: a CPU has no graphs to capture)
 
         def failing_progress(i, n, doc):
             progress(i, n, doc)
-            if sm_partitions and not rows:  # the first point is written, then the part dies
+            if sm_partitions and not rows and not cuda_graphs:  # the first point is written, then the part dies
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         small = dict(prompt_lens=(), rows=[(30, 9)], token_budgets=token_budgets, links=("100gbe",),
                      simulate=simulate) if rows else dict(prompt_lens=(48,), links=("pcie5", "100gbe"))
@@ -330,7 +332,7 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
         seen_deadlines.append(deadline)
         return real_sweeps(deadline, shapes=((37, 19),), paged_shape=(37, 19), device="cpu", on_sweep=on_sweep,
                            timer=lambda fn: (fn(), 0.001)[1], Hq=4, Hkv=2, D=16, dtype=torch.float32)
-    seen_deadlines, test_timeouts = [], []
+    seen_deadlines, test_timeouts, graphed = [], [], []
     monkeypatch.setattr(gpu_suite, "run_gpu_tests", lambda out, timeout_s: test_timeouts.append(timeout_s) or dict(
         tests=3, passed=3, failed=[], skipped=0, exit_code=0))
     monkeypatch.setattr(bench.kernels, "run_all", fake_kernels)
@@ -341,12 +343,13 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
     code = gpu_suite._suite(tmp_path, args, list(gpu_suite.PARTS))
     out = capsys.readouterr().out
     assert code == 1
-    # the time plan: each part leaves the ones after it their reserve (sweeps 45 s, ragged 30, pipeline 30,
-    # partitions 150, kernels 130)
-    assert [round(d - t0) for d in seen_deadlines] == [540 - 105, 540 - 75, 540 - 45, 540]
-    assert "time plan (each part starts no work past): tests +155 s, kernels +285 s, partitions +435 s, " \
-           "pipeline +465 s, ragged +495 s, sweeps +540 s" in out
-    assert 540 - 385 - 5 < test_timeouts[0] <= 540 - 385
+    # the time plan: each part leaves the ones after it their reserve (sweeps 40 s, ragged 20, pipeline 20,
+    # graphs 35, partitions 130, kernels 130)
+    assert [round(d - t0) for d in seen_deadlines] == [540 - 115, 540 - 80, 540 - 60, 540 - 40, 540]
+    assert graphed == [False, True, False, False]  # partitions, graphs, pipeline, ragged
+    assert "time plan (each part starts no work past): tests +165 s, kernels +295 s, partitions +425 s, " \
+           "graphs +460 s, pipeline +480 s, ragged +500 s, sweeps +540 s" in out
+    assert 540 - 375 - 5 < test_timeouts[0] <= 540 - 375
     assert json.loads(out.strip().splitlines()[-1])["parts_failed"] == ["kernels", "partitions"]
     kernels = json.loads((tmp_path / "kernels.json").read_text())
     assert kernels["part_failed"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
@@ -366,6 +369,8 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
     assert "**partitions part FAILED**" in text and "## Kernels" not in text
     assert "Incomplete: the part failed (OutOfMemoryError" in text and "| 2 | pcie5 | 48 |" in text
     assert "3 passed, 0 failed" in text
+    graphs = json.loads((tmp_path / "graphs.json").read_text())
+    assert graphs["complete"] and "## CUDA graphs per stage chunk" in text
     sweeps = json.loads((tmp_path / "sweeps.json").read_text())
     assert sweeps["complete"] and {r["page_size"] for r in sweeps["paged"]} == {16, 256}
     assert all(r["max_abs_err"] < 1e-4 for r in sweeps["attention"] + sweeps["paged"] if "ms" in r)
@@ -598,6 +603,30 @@ def test_partitions_part_measures_and_summarises_on_cpu():
                                        ops="torch", deadline=time.time() - 1)
     assert late["points"] == [] and not late["complete"] and "time budget after 0 of 1" in late["stopped"]
     assert "Incomplete: stopped at the time budget" in "\n".join(gpu_suite.partitions_markdown(late))
+
+
+def test_graphs_summary_sets_each_point_against_the_same_point_run_eagerly():
+    """The graphs part's table pairs each point with the partitions part's point of the same S, link and prompt:
+    overlapped TTFT, speed-up over naive, share of the ideal and the host's share, each eager → graphs; the
+    stages' compute graphed over eager; the replays and captures of the timed runs. Without eager points it says
+    so. (The figures here are a CPU run reused as both: the pairing and arithmetic are what is checked.)"""
+    import copy
+    eager, _ = gpu_suite.bench_pipeline(model="tiny", layers=None, stages=(2,), links=("100gbe",), prompt_lens=(64,),
+                                        chunk_size=16, repeats=1, warmup=0, device="cpu", dtype="float32", ops="torch")
+    graphs = copy.deepcopy(eager)
+    g = graphs["points"][0]["modes"]["overlapped"]
+    g.update(ttft_ms=g["ttft_ms"] / 2, host_enqueue_ms=0.1 * g["ttft_ms"] / 2,
+             cuda_graphs=dict(captured=0, replayed=8))
+    g["compute_ms_per_stage"] = [c / 4 for c in g["compute_ms_per_stage"]]
+    e = eager["points"][0]["modes"]["overlapped"]
+    e["host_enqueue_ms"] = 0.9 * e["ttft_ms"]
+    text = "\n".join(gpu_suite.graphs_markdown(graphs, eager))
+    row = next(line for line in text.splitlines() if line.startswith("| 2 | 100gbe | 64 |"))
+    assert f"{e['ttft_ms']:.1f} → {e['ttft_ms'] / 2:.1f}" in row and "| 0.90 → 0.10 |" in row
+    assert "| 0.25 | 8 (0) | yes |" in row
+    assert "No eager points" in "\n".join(gpu_suite.graphs_markdown(graphs, None))
+    summary = gpu_suite.summary_markdown(dict(device="x"), None, None, None, eager, None, None, graphs)
+    assert summary.index("## One GPU as S GPUs") < summary.index("## CUDA graphs per stage chunk")
 
 
 def test_ragged_part_measures_rows_under_each_plan_and_summarises_on_cpu():

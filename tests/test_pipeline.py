@@ -310,6 +310,89 @@ def test_sm_partitions_pipeline_equals_unchunked(cuda, tiny, mode):
     assert res.metrics["host_syncs_per_stage"] == [0, 0]
 
 
+# ---- CUDA graphs per stage chunk (pipeline.graphs) ---------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ops,partitions", [("torch", False), ("triton", False), ("triton", True)],
+                         ids=["torch-streams", "triton-streams", "triton-sm-partitions"])
+def test_cuda_graphs_capture_once_replay_after_and_compute_each_prompt(cuda, ops, partitions):
+    """cuda_graphs: the first warm-up run of a chunk shape captures each stage's chunks, every later run replays
+    them (one replay per stage and chunk, no capture, no host sync), and a replay computes the prompt it is given:
+    two prompts of one shape each equal the plain model's, KV caches included (a graph that kept its capture's
+    input, or wrote another cache, fails the second), in every mode; the decode step after each prefill too."""
+    from pipeline.schedule import mode_chunks
+    model = load_model("tiny", device="cuda")
+    prompts = [tokens(2, 40, seed=s) for s in (5, 6)]
+    spec = PipelineSpec(source="tiny", stages=3, ops=ops, device="cuda", bandwidth_gbps=1e-3,
+                        sm_partitions=partitions, cuda_graphs=True)
+    for mode in ["unchunked", *PIPELINE_MODES]:
+        chunks = mode_chunks(mode, chunk_plan(40, 8))
+        stages = 1 if mode == "unchunked" else 3
+        got = run_jobs(spec, [Job(mode, t, chunks, repeats=2, warmup=1, return_cache=True) for t in prompts])
+        for t, runs in zip(prompts, got):
+            logits, cache = model.prefill(t.cuda(), max_len=41)
+            ref_logits, ref_k, ref_v = logits[:, -1].cpu(), cache.k[:, :, :40].cpu(), cache.v[:, :, :40].cpu()
+            for res in runs:
+                assert_matches(res, ref_logits, ref_k, ref_v, tol=1e-4)
+                assert res.metrics["cuda_graphs"] == dict(captured=0, replayed=stages * len(chunks)), mode
+                assert res.metrics["host_syncs_per_stage"] == [0] * stages
+                step = model.decode(res.logits.argmax(-1).cuda(), cache, 40).cpu()  # the token the pipeline took
+                assert (res.decode_logits - step).abs().max().item() <= 1e-4
+
+
+def test_chunk_graphs_key_each_chunk_and_replay_the_new_input(monkeypatch):
+    """`ChunkGraphs` without a GPU (its capture replaced by one that re-runs the function at replay, as a graph
+    replays its kernels): a key's first call runs eagerly and captures, later calls copy their input into the
+    graph's and return a fresh copy of its output; another start position, shape or dtype is another graph;
+    clear() drops them all."""
+    from pipeline.graphs import ChunkGraphs
+
+    class Replays:
+        def __init__(self, fn, static_in, static_out):
+            self.fn, self.static_in, self.static_out = fn, static_in, static_out
+
+        def replay(self):
+            self.static_out.copy_(self.fn(self.static_in))
+
+    def capture(self, fn, x):
+        static_in = x.clone()
+        out = fn(static_in)
+        static_out = fn(static_in)  # a capture runs nothing on a GPU; here it runs fn once more
+        return out, (Replays(fn, static_in, static_out), static_in, static_out)
+    monkeypatch.setattr(ChunkGraphs, "_capture", capture)
+    graphs, calls = ChunkGraphs(), []
+
+    def fn_at(start):
+        def fn(x):
+            calls.append(start)
+            return x * 2 + start
+        return fn
+    a, b = torch.arange(4.0), torch.arange(4.0) + 10
+    assert torch.equal(graphs(fn_at(0), a, (0,)), a * 2) and graphs.counts() == dict(captured=1, replayed=0)
+    out = graphs(fn_at(0), b, (0,))
+    assert torch.equal(out, b * 2) and graphs.counts() == dict(captured=1, replayed=1)
+    assert out.data_ptr() != graphs.graphs[((4,), torch.float32, 0)][2].data_ptr()  # a copy, not the graph's own
+    assert torch.equal(graphs(fn_at(3), b, (3,)), b * 2 + 3)  # another start: captured anew
+    graphs(fn_at(0), b[:3], (0,))
+    graphs(fn_at(0), b.double(), (0,))
+    assert graphs.counts() == dict(captured=4, replayed=1) and len(graphs.graphs) == 4
+    graphs.clear()
+    assert not graphs.graphs
+    graphs(fn_at(0), a, (0,))
+    assert graphs.counts()["captured"] == 5
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(device="cpu"), "needs link='inprocess' on a CUDA device"),
+    (dict(link="gloo"), "needs link='inprocess' on a CUDA device"),
+    (dict(cuda_graphs=1), "cuda_graphs must be"),
+])
+def test_cuda_graphs_are_refused_where_no_gpu_driver_replays_them(kwargs, match):
+    kw = dict(source="tiny", stages=2, cuda_graphs=True) | kwargs
+    with pytest.raises((ValueError, TypeError), match=match):
+        PipelineSpec(**kw).validate()
+
+
 @pytest.mark.parametrize("threads,expected", [(None, max(1, (os.cpu_count() or 1) // 2)), (1, 1), (3, 3)])
 def test_in_process_stages_on_cpu_get_their_share_of_the_cores(monkeypatch, threads, expected):
     """Each in-process stage thread sets its own torch threads (a per-thread setting): `threads`, or the cores over
