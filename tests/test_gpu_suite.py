@@ -176,9 +176,9 @@ def test_a_test_run_past_its_time_is_stopped_and_counted_from_its_log(tmp_path):
 def test_the_time_plan_leaves_each_later_part_its_reserve():
     r = gpu_suite.PART_RESERVE_S
     plan = gpu_suite.part_deadlines(1000.0, 540.0, gpu_suite.PARTS)
-    assert plan["sweeps"] == 1540.0 and plan["ragged"] == 1540.0 - r["sweeps"]
-    assert plan["pipeline"] == 1540.0 - r["sweeps"] - r["ragged"]
-    assert plan["graphs"] == 1540.0 - r["sweeps"] - r["ragged"] - r["pipeline"]
+    assert plan["graphs"] == 1540.0 and plan["sweeps"] == 1540.0 - r["graphs"]
+    assert plan["ragged"] == 1540.0 - r["graphs"] - r["sweeps"]
+    assert plan["pipeline"] == 1540.0 - r["graphs"] - r["sweeps"] - r["ragged"]
     assert plan["tests"] == 1540.0 - sum(v for k, v in r.items() if k != "tests")
     assert gpu_suite.part_deadlines(0.0, 540.0, ["kernels", "pipeline"]) == dict(kernels=540.0 - r["pipeline"],
                                                                                    pipeline=540.0)
@@ -343,13 +343,13 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
     code = gpu_suite._suite(tmp_path, args, list(gpu_suite.PARTS))
     out = capsys.readouterr().out
     assert code == 1
-    # the time plan: each part leaves the ones after it their reserve (sweeps 40 s, ragged 20, pipeline 20,
-    # graphs 35, partitions 130, kernels 130)
-    assert [round(d - t0) for d in seen_deadlines] == [540 - 115, 540 - 80, 540 - 60, 540 - 40, 540]
-    assert graphed == [False, True, False, False]  # partitions, graphs, pipeline, ragged
-    assert "time plan (each part starts no work past): tests +165 s, kernels +295 s, partitions +425 s, " \
-           "graphs +460 s, pipeline +480 s, ragged +500 s, sweeps +540 s" in out
-    assert 540 - 375 - 5 < test_timeouts[0] <= 540 - 375
+    # the time plan: each part leaves the ones after it their reserve (graphs 40 s, sweeps 40, ragged 20,
+    # pipeline 20, partitions 130, kernels 130)
+    assert [round(d - t0) for d in seen_deadlines] == [540 - 120, 540 - 100, 540 - 80, 540 - 40, 540]
+    assert graphed == [False, False, False, True]  # partitions, pipeline, ragged, graphs (last)
+    assert "time plan (each part starts no work past): tests +160 s, kernels +290 s, partitions +420 s, " \
+           "pipeline +440 s, ragged +460 s, sweeps +500 s, graphs +540 s" in out
+    assert 540 - 380 - 5 < test_timeouts[0] <= 540 - 380
     assert json.loads(out.strip().splitlines()[-1])["parts_failed"] == ["kernels", "partitions"]
     kernels = json.loads((tmp_path / "kernels.json").read_text())
     assert kernels["part_failed"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
