@@ -10,10 +10,11 @@ A chunk is keyed by what its launches depend on: the input's shape and dtype, it
 rides in the kernels' arguments), whether only the last position's logits are wanted, and the token count under
 sequence parallelism. The first time a key is seen the chunk runs eagerly on a copy of its input (its kernels
 compile and load outside any capture; the output returned is that run's) and is then captured on the same copy and
-stream, without running; every later time the input is copied into that copy and the graph replayed. The KV cache the graphs write into must stay where it was at capture: `Stage` drops
-its graphs when it reallocates its cache. A stage's graphs share one memory pool: they replay one after another
-on the stage's stream, and each one's output is copied out before the next can run, so a later graph may reuse an
-earlier one's scratch memory.
+stream, without running; every later time the input is copied into that copy and the graph replayed. The graphs
+write into the KV cache they were captured with: a `Stage` keeps one set of graphs per cache (per batch and
+length), and keeps a cache it sets aside for another shape with its graphs, for when that shape comes back. One
+set's graphs share a memory pool: they replay one after another on the stage's stream, and each one's output is
+copied out before the next can run, so a later graph may reuse an earlier one's scratch memory.
 """
 from __future__ import annotations
 
@@ -25,19 +26,16 @@ import torch
 class ChunkGraphs:
     """One stage's chunks, each captured in a CUDA graph the first time its key is seen and replayed after."""
 
-    def __init__(self):
+    def __init__(self, counts_from: "ChunkGraphs | None" = None):
+        """counts_from: another cache's graphs of the same stage, whose running counts these share."""
         self.graphs: dict[tuple, tuple] = {}  # key -> (graph, static input, static output)
-        self.pool = None  # the stage's graph memory pool (made at the first capture: it needs CUDA)
+        self.pool = None  # the graphs' memory pool (made at the first capture: it needs CUDA)
         self.side: torch.cuda.Stream | None = None  # captures begun on the default stream go here
-        self.captured = self.replayed = 0
-
-    def clear(self) -> None:
-        """Drops every graph (their memory too): the tensors they were captured on are gone."""
-        self.graphs.clear()
-        self.pool = None
+        self.tally = counts_from.tally if counts_from is not None else dict(captured=0, replayed=0)
 
     def counts(self) -> dict:
-        return dict(captured=self.captured, replayed=self.replayed)
+        """Captures and replays so far (the stage's, over all its caches' graphs)."""
+        return dict(self.tally)
 
     def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, key: tuple) -> torch.Tensor:
         """fn(x), through the graph of (x's shape and dtype, `key`): fn must launch the same work for every input
@@ -46,12 +44,12 @@ class ChunkGraphs:
         entry = self.graphs.get(key)
         if entry is None:
             out, self.graphs[key] = self._capture(fn, x)
-            self.captured += 1
+            self.tally["captured"] += 1
             return out
         graph, static_in, static_out = entry
         static_in.copy_(x)
         graph.replay()
-        self.replayed += 1
+        self.tally["replayed"] += 1
         return static_out.clone()
 
     def _capture(self, fn, x):

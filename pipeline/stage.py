@@ -51,6 +51,7 @@ class Stage:
         self.pool = None  # ragged batches: a PagePool (pipeline.ragged)
         # each chunk's forward captured in a CUDA graph once, replayed after (pipeline.graphs); None: eager
         self.graphs = ChunkGraphs() if cuda_graphs else None
+        self._shelved: dict[tuple[int, int], tuple] = {}  # with graphs: other (batch, max_len) caches and their graphs
 
     @property
     def is_first(self) -> bool:
@@ -62,10 +63,15 @@ class Stage:
 
     def reset_cache(self, batch: int, max_len: int) -> None:
         if self.cache is None or self.cache.batch != batch or self.cache.max_len != max_len:
-            if self.graphs is not None:  # they write into the cache they were captured with
-                self.graphs.clear()
-            self.cache = None  # the old one freed before the new one is made
-            self.cache = self.model.new_cache(batch, max_len)
+            if self.graphs is not None:  # graphs write into the cache they were captured with: each shape of cache
+                # keeps its own graphs (jobs of other lengths run round-robin in one run_jobs would re-capture)
+                if self.cache is not None:
+                    self._shelved[(self.cache.batch, self.cache.max_len)] = (self.cache, self.graphs)
+                self.cache, self.graphs = self._shelved.pop((batch, max_len), (None, ChunkGraphs(self.graphs)))
+            else:
+                self.cache = None  # the old one freed before the new one is made
+            if self.cache is None:
+                self.cache = self.model.new_cache(batch, max_len)
         # stale entries are never read (attention only reads positions < start_pos + C), so no zeroing needed
 
     def reset_pool(self, lengths: list[int], page_size: int) -> None:

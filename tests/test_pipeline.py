@@ -340,33 +340,33 @@ def test_cuda_graphs_capture_once_replay_after_and_compute_each_prompt(cuda, ops
                 assert (res.decode_logits - step).abs().max().item() <= 1e-4
 
 
+class _Replays:
+    """A CUDA graph's replay, emulated on CPU: the captured function run again on the graph's input, into its
+    output."""
+    def __init__(self, fn, static_in, static_out):
+        self.fn, self.static_in, self.static_out = fn, static_in, static_out
+
+    def replay(self):
+        self.static_out.copy_(self.fn(self.static_in))
+
+
+def _emulated_capture(self, fn, x):
+    """`ChunkGraphs._capture` without CUDA: the eager run on a copy of x, and a 'graph' that re-runs fn."""
+    static_in = x.clone()
+    out = fn(static_in)
+    static_out = out.clone()
+    return out, (_Replays(fn, static_in, static_out), static_in, static_out)
+
+
 def test_chunk_graphs_key_each_chunk_and_replay_the_new_input(monkeypatch):
-    """`ChunkGraphs` without a GPU (its capture replaced by one that re-runs the function at replay, as a graph
-    replays its kernels): a key's first call runs eagerly and captures, later calls copy their input into the
-    graph's and return a fresh copy of its output; another start position, shape or dtype is another graph;
-    clear() drops them all."""
+    """`ChunkGraphs` without a GPU (its capture emulated: a replay re-runs the function, as a graph replays its
+    kernels): a key's first call runs eagerly and captures, later calls copy their input into the graph's and
+    return a fresh copy of its output; another start position, shape or dtype is another graph; another cache's
+    set of graphs keeps its own graphs and adds to the same counts."""
     from pipeline.graphs import ChunkGraphs
-
-    class Replays:
-        def __init__(self, fn, static_in, static_out):
-            self.fn, self.static_in, self.static_out = fn, static_in, static_out
-
-        def replay(self):
-            self.static_out.copy_(self.fn(self.static_in))
-
-    def capture(self, fn, x):
-        static_in = x.clone()
-        out = fn(static_in)
-        static_out = fn(static_in)  # a capture runs nothing on a GPU; here it runs fn once more
-        return out, (Replays(fn, static_in, static_out), static_in, static_out)
-    monkeypatch.setattr(ChunkGraphs, "_capture", capture)
-    graphs, calls = ChunkGraphs(), []
-
-    def fn_at(start):
-        def fn(x):
-            calls.append(start)
-            return x * 2 + start
-        return fn
+    monkeypatch.setattr(ChunkGraphs, "_capture", _emulated_capture)
+    graphs = ChunkGraphs()
+    fn_at = lambda start: (lambda x: x * 2 + start)  # noqa: E731
     a, b = torch.arange(4.0), torch.arange(4.0) + 10
     assert torch.equal(graphs(fn_at(0), a, (0,)), a * 2) and graphs.counts() == dict(captured=1, replayed=0)
     out = graphs(fn_at(0), b, (0,))
@@ -376,10 +376,37 @@ def test_chunk_graphs_key_each_chunk_and_replay_the_new_input(monkeypatch):
     graphs(fn_at(0), b[:3], (0,))
     graphs(fn_at(0), b.double(), (0,))
     assert graphs.counts() == dict(captured=4, replayed=1) and len(graphs.graphs) == 4
-    graphs.clear()
-    assert not graphs.graphs
-    graphs(fn_at(0), a, (0,))
-    assert graphs.counts()["captured"] == 5
+    other = ChunkGraphs(graphs)  # another cache's
+    assert torch.equal(other(fn_at(0), b, (0,)), b * 2) and len(other.graphs) == 1 and len(graphs.graphs) == 4
+    assert graphs.counts() == other.counts() == dict(captured=5, replayed=1)
+
+
+def test_cuda_graphs_plumbing_runs_every_mode_on_cpu_with_replays_emulated(monkeypatch):
+    """The stages, runner and harness with cuda_graphs on, on CPU (the spec's CUDA check waived, each capture
+    emulated: a replay re-runs the chunk, as a graph replays its kernels): every mode's outputs equal the unchunked
+    baseline's, the warm-up run captures and the timed runs replay one graph per stage and chunk (the unchunked
+    baseline: one); jobs of two prompt lengths run round-robin on one runner keep their graphs (each cache its
+    own): their timed runs capture nothing either."""
+    import dataclasses
+
+    from bench.harness import run_point
+    from pipeline.graphs import ChunkGraphs
+    validate = PipelineSpec.validate
+    monkeypatch.setattr(PipelineSpec, "validate", lambda self: validate(dataclasses.replace(self, cuda_graphs=False)))
+    monkeypatch.setattr(ChunkGraphs, "_capture", _emulated_capture)
+    spec = PipelineSpec(source="tiny", stages=2, cuda_graphs=True)
+    chunks = [8] * 5
+    point = run_point(spec, 40, 2, chunks, repeats=2, warmup=1)
+    for mode, m in point["modes"].items():
+        assert m["outputs_match"], mode
+        per_run = 1 if mode == "unchunked" else 2 * (1 if mode == "naive" else len(chunks))
+        assert m["cuda_graphs"] == dict(captured=0, replayed=2 * per_run), mode
+    jobs = [Job("overlapped", tokens(1, L, seed=L), chunk_plan(L, 8), repeats=2, warmup=1) for L in (40, 24)]
+    for job, runs in zip(jobs, run_jobs(spec, jobs)):
+        ref = run_prefill("tiny", job.tokens, mode="unchunked")
+        for res in runs:
+            assert (res.logits - ref.logits).abs().max().item() <= 1e-5
+            assert res.metrics["cuda_graphs"] == dict(captured=0, replayed=2 * len(job.chunks))
 
 
 @pytest.mark.parametrize("kwargs,match", [
