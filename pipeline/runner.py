@@ -165,7 +165,7 @@ class Runner:
         if self.device.type == "cuda":  # the host only enqueues: interleave the stages chunk by chunk
             if self.partitions:  # unchunked: on partition 0
                 streams = self.partitions.stage_streams[:S]
-            else:  # the same streams run after run (a stream per stage and a spare: the unchunked stage's)
+            else:  # the same stream per stage run after run (the unchunked stage runs on the first)
                 if self._streams is None:
                     self._streams = [torch.cuda.Stream(self.device) for _ in range(self.S)]
                 streams = self._streams[:S]
