@@ -315,6 +315,18 @@ def _paragraph(lines: list[str]) -> list[str]:
     return lines + [""] if lines else []
 
 
+def _part_notes(doc: dict) -> str:
+    """What a pipeline part's head adds: the ops it fell back to, and that it was cut short (and why)."""
+    notes = f" {doc['ops_fallback']}." if doc.get("ops_fallback") else ""
+    if not doc.get("complete", True):
+        notes += f" **Incomplete: {_why_incomplete(doc)}; these are the points it measured.**"
+    return notes
+
+
+def _fmt(v, f="{:.2f}") -> str:
+    return "-" if v is None else f.format(v)
+
+
 def partitions_markdown(doc: dict) -> list[str]:
     """The partitions part: overlapped against naive and against the ideal S·C/(C+S−1), measured over the free-link
     bound, the simulator against the measured chunked and overlapped runs, and the targets (overlapped >= 0.9 of the
@@ -323,10 +335,7 @@ def partitions_markdown(doc: dict) -> list[str]:
     head = (f"{doc['model']} shape with {doc['layers']} of its {doc['model_layers']} layers, random weights, "
             f"{doc['dtype']}, chunks of {doc['chunk_size']}, median of {doc['repeats']} runs; each stage on its own "
             "SMs (green contexts), the links on the rest.")
-    if doc.get("ops_fallback"):
-        head += f" {doc['ops_fallback']}."
-    if not doc.get("complete", True):
-        head += f" **Incomplete: {_why_incomplete(doc)}; these are the points it measured.**"
+    head += _part_notes(doc)
     first = next((p.get("sm_partitions") for p in doc["points"] if p.get("sm_partitions")), None)
     if first:
         head += (f" SMs per stage {first['stage_sms']}, for the links {first['link_sms']}; not modelled: "
@@ -335,7 +344,7 @@ def partitions_markdown(doc: dict) -> list[str]:
              "| S | link | L | naive ms | chunked ms | overlapped ms | overlapped vs naive | ideal | of ideal | "
              "meas/bnd | sim/meas chunked | sim/meas overlapped | outputs match |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    fmt = _fmt
     for p in doc["points"]:
         m = p["modes"]
         get = lambda mode, key: m.get(mode, {}).get(key)  # noqa: E731
@@ -376,16 +385,12 @@ def graphs_markdown(doc: dict, eager: dict | None = None) -> list[str]:
             f"{doc['dtype']}, chunks of {doc['chunk_size']}, median of {doc['repeats']} runs (the warm-up runs "
             "capture each stage's chunks; the timed runs replay them), on SM partitions; eager: the same point in "
             "the partitions part above.")
-    if doc.get("ops_fallback"):
-        head += f" {doc['ops_fallback']}."
-    if not doc.get("complete", True):
-        head += f" **Incomplete: {_why_incomplete(doc)}; these are the points it measured.**"
+    head += _part_notes(doc)
     lines = ["## CUDA graphs per stage chunk (SM partitions)", "", head, "",
              "| S | link | L | overlapped ms eager → graphs | vs naive eager → graphs | of ideal eager → graphs | "
              "host share of TTFT eager → graphs | stage compute graphs/eager | replays (captures) | outputs match |",
              "|---:|---|---:|---|---|---|---|---:|---:|---|"]
-    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
-    pairs = lambda a, b, f="{:.2f}": f"{fmt(a, f)} → {fmt(b, f)}"  # noqa: E731
+    pairs = lambda a, b, f="{:.2f}": f"{_fmt(a, f)} → {_fmt(b, f)}"  # noqa: E731
     share = lambda m: m["host_enqueue_ms"] / m["ttft_ms"] if m.get("host_enqueue_ms") is not None else None  # noqa
     for p in doc["points"]:
         e = next((q for q in (eager or {}).get("points", []) if (q["stages"], q["link"], q.get("prompt_len")) ==
@@ -399,7 +404,7 @@ def graphs_markdown(doc: dict, eager: dict | None = None) -> list[str]:
                      f"{pairs(o.get('ttft_ms'), g.get('ttft_ms'), '{:.1f}')} | "
                      f"{pairs(o.get('speedup_vs_naive'), g.get('speedup_vs_naive'))} | "
                      f"{pairs(e.get('overlapped_of_ideal') if e else None, p.get('overlapped_of_ideal'))} | "
-                     f"{pairs(share(o) if o else None, share(g) if g else None)} | {fmt(compute)} | "
+                     f"{pairs(share(o) if o else None, share(g) if g else None)} | {_fmt(compute)} | "
                      f"{counts.get('replayed', '-')} ({counts.get('captured', '-')}) | "
                      f"{'yes' if all(v['outputs_match'] for v in p['modes'].values()) else 'NO'} |")
     if eager is None or not eager.get("points"):
@@ -426,15 +431,12 @@ def ragged_markdown(doc: dict) -> list[str]:
                "the stages take turns on the whole GPU.")
             + " Plans: " + ", ".join(f"per-row chunks of {doc['chunk_size']}" if b is None else
                                      f"steps of {b} tokens (first come, first served)" for b in budgets) + ".")
-    if doc.get("ops_fallback"):
-        head += f" {doc['ops_fallback']}."
-    if not doc.get("complete", True):
-        head += f" **Incomplete: {_why_incomplete(doc)}; these are the points it measured.**"
+    head += _part_notes(doc)
     lines = ["## Ragged batches (paged KV cache, rows of different lengths in one step)", "", head, "",
              "| S | link | rows | plan | naive ms | chunked ms | overlapped ms | overlapped vs naive | row TTFT "
              "overlapped ms | row TTFT naive ms | sim/meas overlapped | rows vs alone max abs diff | outputs match |",
              "|---:|---|---|---|---:|---:|---:|---:|---|---|---:|---:|---|"]
-    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    fmt = _fmt
     ms = lambda v: "-" if v is None else ", ".join(f"{x:.1f}" for x in v)  # noqa: E731
     for p in doc["points"]:
         m = p["modes"]
