@@ -1,6 +1,7 @@
 """`python -m bench compare BASE.json NEW.json`: every timing and byte figure of two results files side by side, a
 verdict for each, and a non-zero exit when one regresses past the threshold or a correctness figure fails. Runs of
-different devices or configurations are refused unless --force. Two kernel benchmark files (`kernels.json` of
+different devices or configurations are refused unless --force (a configuration key that an older file lacks reads
+as the value a run without that option records: `CONFIG_DEFAULTS`). Two kernel benchmark files (`kernels.json` of
 `python -m bench kernels` or the gpu-suite) are compared per shape and provider (`compare_kernels`).
 
 Verdicts: a timing (every figure in ms, per-stage and per-chunk lists element by element; per-run lists are left out,
@@ -64,10 +65,21 @@ def _load_json(path):
         raise NotComparable(f"cannot read {p} as JSON: {e}") from None
 
 
+# What a run that does not use an option records in its results' `config`, for the keys the harness added after
+# results files were committed: a file that lacks such a key ran with this value (a key not listed here counts as
+# null where it is missing: `rows` null is a run of one prompt either way).
+CONFIG_DEFAULTS = dict(compress=["none"], sm_partitions=False, tp=1, tp_boundary=["matching"], tp_comm=["serial"],
+                       tp_latency_us=0.0, cuda_graphs=False)
+
+
+def _config_value(config: dict, key):
+    """config[key], or for a key the file lacks its `CONFIG_DEFAULTS` value (else null)."""
+    return config[key] if key in config else CONFIG_DEFAULTS.get(key)
+
+
 def _differing_keys(a: dict, b: dict) -> list:
-    """The keys whose values differ; a key one side lacks counts as null there (a later version of the harness
-    added it with its default: `rows` null is a run of one prompt either way)."""
-    return [k for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
+    """The keys whose values differ (a missing key read as `_config_value` reads it)."""
+    return [k for k in sorted(set(a) | set(b), key=str) if _config_value(a, k) != _config_value(b, k)]
 
 
 def _differences(a, b, most: int = 4) -> str:
@@ -78,7 +90,7 @@ def _differences(a, b, most: int = 4) -> str:
     def short(v):
         r = repr(v)
         return r if len(r) <= 40 else r[:37] + "..."
-    said = [f"{k} {short(a.get(k))} vs {short(b.get(k))}" for k in keys[:most]]
+    said = [f"{k} {short(_config_value(a, k))} vs {short(_config_value(b, k))}" for k in keys[:most]]
     return "; ".join(said) + (f"; and {len(keys) - most} more" if len(keys) > most else "")
 
 

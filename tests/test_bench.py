@@ -333,6 +333,29 @@ def test_machine_check_reports_stops_and_slow_downs(capsys):
         main(["machine-check", "--seconds", "0"])
 
 
+def test_a_fresh_demo_compares_with_the_committed_one(demo_run, tmp_path, capsys):
+    """`python -m bench compare bench/results/cpu-demo/results.json <a new run of the same command>` compares:
+    the keys the harness has added to `config` since that file was committed (TP, compression, SM partitions, CUDA
+    graphs, ...) are read there as the values a run without those options records. A run that differs in one of
+    them (here: compressed boundaries) is still refused, naming it."""
+    from bench.compare import _differing_keys, compare
+    committed = ROOT / "bench/results/cpu-demo/results.json"
+    base = json.loads(committed.read_text())
+    fresh = json.loads((demo_run[1] / "results.json").read_text())
+    for key in ("model", "prompt_lens", "plans", "chunk_size", "repeats", "warmup", "threads_per_stage"):
+        fresh["config"][key] = base["config"][key]  # the command's own choices, as the committed run made them
+    assert _differing_keys(base["config"], fresh["config"]) == []
+    fresh["environment"]["device"] = base["environment"]["device"]
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps(fresh))
+    compare(str(committed), str(new))
+    assert "different configurations" not in capsys.readouterr().err
+    fresh["config"]["compress"] = ["bf16"]
+    new.write_text(json.dumps(fresh))
+    assert compare(str(committed), str(new)) == 2
+    assert "different configurations (compress ['none'] vs ['bf16'])" in capsys.readouterr().err
+
+
 def test_compare_reads_kernel_benchmark_files(tmp_path, capsys):
     """kernels.json, per shape and provider: our kernels' regressions fail, the peers' changes are reported (they are
     the yardstick); the committed H100 file (schema 0: SDPA peers only) is the stored baseline."""
