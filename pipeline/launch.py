@@ -77,7 +77,8 @@ def check_page_size(spec: PipelineSpec, cfg) -> None:
 def memory_needed(spec: PipelineSpec, cfg, job: Job) -> int:
     """A lower estimate of the bytes one run of `job` holds at once on one machine (the device's memory, or the
     host's): the stages' weights and KV cache and those of the unchunked baseline's whole model, one chunk's
-    activations and, with the torch ops, the attention scores SDPA materialises for a chunk after a prefix."""
+    activations, with the torch ops the attention scores SDPA materialises for a chunk after a prefix, and with
+    cuda_graphs what the graphs keep (`pipeline.graphs`)."""
     B, L = job.dims()
     item = DTYPES[spec.dtype].itemsize
     T = spec.tp
@@ -99,8 +100,12 @@ def memory_needed(spec: PipelineSpec, cfg, job: Job) -> int:
     elif spec.ops == "torch":  # [B, Hq, c, p + c] fp32 scores for a chunk after a prefix (masked SDPA, math path)
         starts = chunk_starts(job.chunks)
         scores = max((B * cfg.num_heads * c * (p + c) * 4 for c, p in zip(job.chunks, starts) if p > 0), default=0)
+    graphs = 0
+    if spec.cuda_graphs:  # each stage and the baseline: a graph pool holding a chunk's scratch, and every chunk's
+        # input and output kept (hidden states [B, c, H]; the last stage's output is smaller, not counted off)
+        graphs = (spec.num_stages + 1) * (act + 2 * B * L * cfg.hidden_size * item)
     # the stages, and the unchunked baseline's whole model (one rank)
-    return (stage_params + params) * item + stage_kv + kv + act + scores
+    return (stage_params + params) * item + stage_kv + kv + act + scores + graphs
 
 
 def memory_available(device: str) -> int:

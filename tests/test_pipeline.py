@@ -409,6 +409,19 @@ def test_cuda_graphs_plumbing_runs_every_mode_on_cpu_with_replays_emulated(monke
             assert res.metrics["cuda_graphs"] == dict(captured=0, replayed=2 * len(job.chunks))
 
 
+def test_the_memory_estimate_counts_what_cuda_graphs_keep():
+    """With cuda_graphs each stage and the unchunked baseline keep a graph pool (a chunk's scratch) and every
+    chunk's input and output: the estimate that refuses too-large requests before any allocation counts them."""
+    from pipeline.config import get_preset
+    from pipeline.launch import memory_needed
+    cfg = get_preset("llama3-8b")
+    job = Job("overlapped", torch.zeros(1, 16384, dtype=torch.long), [2048] * 8)
+    plain, graphed = (memory_needed(PipelineSpec(source="llama3-8b", stages=4, dtype="bfloat16", cuda_graphs=g), cfg,
+                                    job) for g in (False, True))
+    kept = 5 * 2 * 16384 * cfg.hidden_size * 2  # 4 stages and the baseline, inputs and outputs, bf16
+    assert graphed - plain > kept and graphed - plain < kept + 5 * 2048 * 64 * cfg.hidden_size * 2
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(device="cpu"), "needs link='inprocess' on a CUDA device"),
     (dict(link="gloo"), "needs link='inprocess' on a CUDA device"),
