@@ -407,6 +407,8 @@ def test_cuda_graphs_plumbing_runs_every_mode_on_cpu_with_replays_emulated(monke
         for res in runs:
             assert (res.logits - ref.logits).abs().max().item() <= 1e-5
             assert res.metrics["cuda_graphs"] == dict(captured=0, replayed=2 * len(job.chunks))
+    with pytest.raises(ValueError, match="a ragged batch's steps carry per-step rows and pages from the host"):
+        run_prefill("tiny", [tokens(1, 20)[0], tokens(1, 9)[0]], mode="chunked", chunk_size=8, cuda_graphs=True)
 
 
 def test_the_memory_estimate_counts_what_cuda_graphs_keep():
