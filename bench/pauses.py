@@ -29,21 +29,23 @@ try:  # a starved monitor would take CPU contention for a pause: run ahead of th
     os.nice(-10)
 except (OSError, AttributeError):
     pass
+def tell(text):
+    try:
+        print(text, flush=True)
+    except OSError:  # the parent is gone (killed, interrupted, even before "ready"): nobody to tell, nothing to say
+        os._exit(0)
 stop = threading.Event()
 threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
 threshold = float(sys.argv[1])
 pauses, last = [], time.perf_counter()
-print("ready", flush=True)
+tell("ready")
 while not stop.is_set():
     time.sleep(0.001)
     now = time.perf_counter()
     if now - last > threshold:
         pauses.append((last + 0.001, now))  # the sleep itself was due; the rest is the pause
     last = now
-try:
-    print(json.dumps(pauses), flush=True)
-except OSError:  # the parent is gone (killed, interrupted): nobody to tell
-    os._exit(0)
+tell(json.dumps(pauses))
 """
 
 

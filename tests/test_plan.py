@@ -481,3 +481,26 @@ def test_spin_windows_counts_every_window():
     assert len(counts) == len(stopped) == 5 and sum(counts) > 0
     with pytest.raises(ValueError, match="must be positive"):
         spin_windows(0, 0.01)
+
+
+def test_the_pause_monitor_ends_quietly_when_its_parent_is_gone():
+    """A run interrupted while it starts the pause monitor closes the monitor's pipe before the monitor says
+    "ready" (seen once in CI: SIGTERM between two points of a sweep): the monitor then ends at once with exit code
+    0 and writes nothing to the stderr it shares with the interrupted run (a BrokenPipeError traceback there came
+    after the run's own last line). With its parent there, it reports the pauses it saw as JSON."""
+    import json
+    import subprocess
+    import sys
+
+    from bench.pauses import _MONITOR
+    proc = subprocess.Popen([sys.executable, "-c", _MONITOR, "0.01"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the monitor has started up, let alone printed "ready"
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr.read() == ""
+    proc = subprocess.Popen([sys.executable, "-c", _MONITOR, "0.01"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    out, err = proc.communicate("", timeout=60)
+    assert isinstance(json.loads(out), list) and err == ""
