@@ -7,7 +7,8 @@
   and 256) against the dense kernel and SDPA run once per row, and flex_attention once over the packed rows
   (`bench_paged`);
 - RMSNorm (+residual), RoPE and SwiGLU in GB/s against torch eager, with a device-to-device copy as the ceiling;
-- the host's time to enqueue one pipeline stage's chunk, against the device's time for it (`bench_layer_host`).
+- the host's time to enqueue one pipeline stage's chunk (eager, and as `--cuda-graphs` replays it), against the
+  device's time for it (`bench_layer_host`).
 
     python -m bench kernels [--out bench/results/<gpu>]
 
@@ -587,14 +588,17 @@ def bench_memory_bound(tokens: int = 8192, hidden: int = 4096, intermediate: int
 
 
 def bench_layer_host(model="llama3-8b", layers: int = 2, prefix: int = 2048, chunk: int = 2048,
-                     dtype=torch.bfloat16, device="cuda", timer=gpu_timer, calls: int = 20) -> list[dict]:
+                     dtype=torch.bfloat16, device="cuda", timer=gpu_timer, calls: int = 20,
+                     graphs: bool | None = None) -> list[dict]:
     """What one pipeline stage's chunk costs the host: a chunk of `chunk` tokens at `prefix` through `layers` middle
     layers of `model` (an 8-layer pipeline's stage at S = 4), enqueued with the Triton ops and with the torch ops.
     Per backend `host_us`, the median wall time of one enqueue (the device idle before it), and `graph_us`, the same
     work replayed from a CUDA graph (the device's time alone; None off CUDA). The in-process driver enqueues every
     stage from one host thread: a round of S stages takes the host S x host_us, so host_us near graph_us means the
     host paces the pipeline. Each backend's output is checked against the other's (`max_abs_diff`, with `scale`,
-    the largest output magnitude)."""
+    the largest output magnitude). With `graphs` (default: on CUDA) a third row, "triton, CUDA graph": the Triton
+    ops' chunk as `--cuda-graphs` enqueues it (`pipeline.graphs`: input copied in, one replay, output copied out),
+    its host time against the same device time, and its replay against the eager output (`replay_max_abs_diff`)."""
     from pipeline.model import load_model
     from pipeline.ops import get_ops
     part = load_model(model, dtype, device, layers=range(1, 1 + layers), ops="triton")
@@ -615,6 +619,19 @@ def bench_layer_host(model="llama3-8b", layers: int = 2, prefix: int = 2048, chu
     diff, scale = (outs["triton"] - outs["torch"]).abs().max().item(), outs["torch"].abs().max().item()
     for r in rows:
         r.update(max_abs_diff=diff, scale=scale)
+    if graphs if graphs is not None else device != "cpu":
+        from pipeline.graphs import ChunkGraphs
+        part.ops, chunk_graphs = get_ops("triton"), ChunkGraphs()
+        fn = lambda: chunk_graphs(lambda inp: part.forward_chunk(inp, prefix, cache), x, (prefix,))  # noqa: E731
+        row = dict(ops="triton, CUDA graph", model=model, layers=layers, prefix=prefix, chunk=chunk,
+                   max_abs_diff=diff, scale=scale)
+        try:
+            fn()  # the eager run and the capture
+            row["replay_max_abs_diff"] = (fn().double() - outs["triton"]).abs().max().item()
+            row.update(launch_cost(fn, device, timer, calls=calls, graph=False), graph_us=rows[0].get("graph_us"))
+        except Exception as e:  # noqa: BLE001 - a row that says why, not a lost kernel part
+            row.update(error=f"{type(e).__name__}: {e}"[:300])
+        rows.append(row)
     return rows
 
 
@@ -729,7 +746,9 @@ def layer_host_lines(rows: list[dict]) -> list[str]:
         triton = r["host_us"] - r["python_us"]
         out.append(f"  {r['ops']} ops: host {r['host_us']:.0f} us to enqueue"
                    + (f" ({triton:.0f} of it in Triton's launches)" if r["ops"] == "triton" else "") + ", device "
-                   + (f"{graph:.0f} us (host/device {r['host_us'] / graph:.2f})" if graph else "not measured"))
+                   + (f"{graph:.0f} us (host/device {r['host_us'] / graph:.2f})" if graph else "not measured")
+                   + (f"; the replay within {r['replay_max_abs_diff']:.1e} of the eager Triton output"
+                      if "replay_max_abs_diff" in r else ""))
     return out
 
 

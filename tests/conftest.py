@@ -1,4 +1,5 @@
-"""Shared fixtures: small Hugging Face checkpoints written with transformers' save_pretrained."""
+"""Shared fixtures: small Hugging Face checkpoints written with transformers' save_pretrained; CUDA graph
+captures emulated on CPU."""
 from __future__ import annotations
 
 import os
@@ -50,3 +51,29 @@ def run_python_apart(code: str, timeout: int = 300):
     import textwrap
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=timeout, cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+
+
+class _Replays:
+    """A CUDA graph's replay, emulated on CPU: the captured function run again on the graph's input, into its
+    output."""
+    def __init__(self, fn, static_in, static_out):
+        self.fn, self.static_in, self.static_out = fn, static_in, static_out
+
+    def replay(self):
+        self.static_out.copy_(self.fn(self.static_in))
+
+
+def _emulated_capture(self, fn, x):
+    """`ChunkGraphs._capture` without CUDA: the eager run on a copy of x, and a 'graph' that re-runs fn."""
+    static_in = x.clone()
+    out = fn(static_in)
+    static_out = out.clone()
+    return out, (_Replays(fn, static_in, static_out), static_in, static_out)
+
+
+@pytest.fixture
+def emulated_graphs(monkeypatch):
+    """`pipeline.graphs.ChunkGraphs` captures emulated (a replay re-runs the chunk, as a graph replays its
+    kernels): the code around the capture runs on CPU."""
+    from pipeline.graphs import ChunkGraphs
+    monkeypatch.setattr(ChunkGraphs, "_capture", _emulated_capture)

@@ -138,6 +138,19 @@ def test_layer_host_cost_times_both_backends_on_the_same_work():
     assert "device not measured" in lines[1] and lines[2].startswith("  torch ops: host")
 
 
+def test_layer_host_cost_times_the_graphed_stage_chunk_too(emulated_graphs):
+    """The third row: the Triton ops' stage chunk as --cuda-graphs enqueues it (capture emulated on CPU), its host
+    time and its replay checked against the eager Triton output."""
+    from bench.kernels import bench_layer_host, layer_host_lines
+    rows = bench_layer_host(model="tiny", layers=2, prefix=5, chunk=7, dtype=torch.float32, device="cpu",
+                            timer=lambda fn: cpu_timer(fn, repeats=1), calls=2, graphs=True)
+    assert [r["ops"] for r in rows] == ["triton", "torch", "triton, CUDA graph"]
+    g = rows[2]
+    assert g["host_us"] > 0 and g["replay_max_abs_diff"] == 0.0 and g["graph_us"] is None
+    assert layer_host_lines(rows)[3].startswith("  triton, CUDA graph ops: host ")
+    assert layer_host_lines(rows)[3].endswith("; the replay within 0.0e+00 of the eager Triton output")
+
+
 def test_layer_host_cost_keeps_a_backend_that_failed_as_a_row_that_says_why(monkeypatch):
     import bench.kernels as bk
 

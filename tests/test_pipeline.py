@@ -340,31 +340,12 @@ def test_cuda_graphs_capture_once_replay_after_and_compute_each_prompt(cuda, ops
                 assert (res.decode_logits - step).abs().max().item() <= 1e-4
 
 
-class _Replays:
-    """A CUDA graph's replay, emulated on CPU: the captured function run again on the graph's input, into its
-    output."""
-    def __init__(self, fn, static_in, static_out):
-        self.fn, self.static_in, self.static_out = fn, static_in, static_out
-
-    def replay(self):
-        self.static_out.copy_(self.fn(self.static_in))
-
-
-def _emulated_capture(self, fn, x):
-    """`ChunkGraphs._capture` without CUDA: the eager run on a copy of x, and a 'graph' that re-runs fn."""
-    static_in = x.clone()
-    out = fn(static_in)
-    static_out = out.clone()
-    return out, (_Replays(fn, static_in, static_out), static_in, static_out)
-
-
-def test_chunk_graphs_key_each_chunk_and_replay_the_new_input(monkeypatch):
+def test_chunk_graphs_key_each_chunk_and_replay_the_new_input(emulated_graphs):
     """`ChunkGraphs` without a GPU (its capture emulated: a replay re-runs the function, as a graph replays its
     kernels): a key's first call runs eagerly and captures, later calls copy their input into the graph's and
     return a fresh copy of its output; another start position, shape or dtype is another graph; another cache's
     set of graphs keeps its own graphs and adds to the same counts."""
     from pipeline.graphs import ChunkGraphs
-    monkeypatch.setattr(ChunkGraphs, "_capture", _emulated_capture)
     graphs = ChunkGraphs()
     fn_at = lambda start: (lambda x: x * 2 + start)  # noqa: E731
     a, b = torch.arange(4.0), torch.arange(4.0) + 10
@@ -381,7 +362,7 @@ def test_chunk_graphs_key_each_chunk_and_replay_the_new_input(monkeypatch):
     assert graphs.counts() == other.counts() == dict(captured=5, replayed=1)
 
 
-def test_cuda_graphs_plumbing_runs_every_mode_on_cpu_with_replays_emulated(monkeypatch):
+def test_cuda_graphs_plumbing_runs_every_mode_on_cpu_with_replays_emulated(monkeypatch, emulated_graphs):
     """The stages, runner and harness with cuda_graphs on, on CPU (the spec's CUDA check waived, each capture
     emulated: a replay re-runs the chunk, as a graph replays its kernels): every mode's outputs equal the unchunked
     baseline's, the warm-up run captures and the timed runs replay one graph per stage and chunk (the unchunked
@@ -390,10 +371,8 @@ def test_cuda_graphs_plumbing_runs_every_mode_on_cpu_with_replays_emulated(monke
     import dataclasses
 
     from bench.harness import run_point
-    from pipeline.graphs import ChunkGraphs
     validate = PipelineSpec.validate
     monkeypatch.setattr(PipelineSpec, "validate", lambda self: validate(dataclasses.replace(self, cuda_graphs=False)))
-    monkeypatch.setattr(ChunkGraphs, "_capture", _emulated_capture)
     spec = PipelineSpec(source="tiny", stages=2, cuda_graphs=True)
     chunks = [8] * 5
     point = run_point(spec, 40, 2, chunks, repeats=2, warmup=1)
