@@ -3,19 +3,18 @@
 In-process on a GPU one host thread enqueues every stage's work; a stage's chunk through two Llama-3-8B layers is
 about twenty kernel launches (nine a layer: Triton's and cuBLAS's) and the Python around them, 1.7-3.3 ms of host
 time in an H200 run's trace (profiled), while the stage computes the chunk in 10-14 ms on a quarter of the SMs: S
-stages' enqueueing can pace the pipeline. With graphs the
-host enqueues a stage's chunk as three calls: the input copied into the graph's input, the replay, the output
-copied out.
+stages' enqueueing can pace the pipeline. With graphs the host enqueues a stage's chunk as three calls: the input
+copied into the graph's input, the replay, the output copied out.
 
 A chunk is keyed by what its launches depend on: the input's shape and dtype, its start position (an int start
-rides in the kernels' arguments), whether only the last position's logits are wanted, and the token count under
-sequence parallelism. The first time a key is seen the chunk runs eagerly on a copy of its input (its kernels
-compile and load outside any capture; the output returned is that run's) and is then captured on the same copy and
-stream, without running; every later time the input is copied into that copy and the graph replayed. The graphs
-write into the KV cache they were captured with: a `Stage` keeps one set of graphs per cache (per batch and
-length), and keeps a cache it sets aside for another shape with its graphs, for when that shape comes back. One
-set's graphs share a memory pool: they replay one after another on the stage's stream, and each one's output is
-copied out before the next can run, so a later graph may reuse an earlier one's scratch memory.
+rides in the kernels' arguments), whether only the last position's logits are wanted, the token count under
+sequence parallelism, and the KV cache it writes (graphs write into the cache they were captured with: a `Stage`
+with graphs keeps one cache per batch and length, and names it in the key). The first time a key is seen the chunk
+runs eagerly on a copy of its input (its kernels compile and load outside any capture; the output returned is that
+run's) and is then captured on the same copy and stream, without running; every later time the input is copied
+into that copy and the graph replayed. A stage's graphs share one memory pool: they replay one after another on
+the stage's stream, and each one's output is copied out before the next can run, so a later graph may reuse an
+earlier one's scratch memory.
 """
 from __future__ import annotations
 
@@ -27,16 +26,15 @@ import torch
 class ChunkGraphs:
     """One stage's chunks, each captured in a CUDA graph the first time its key is seen and replayed after."""
 
-    def __init__(self, counts_from: "ChunkGraphs | None" = None):
-        """counts_from: another cache's graphs of the same stage, whose running counts these share."""
+    def __init__(self):
         self.graphs: dict[tuple, tuple] = {}  # key -> (graph, static input, static output)
         self.pool = None  # the graphs' memory pool (made at the first capture: it needs CUDA)
         self.side: torch.cuda.Stream | None = None  # captures begun on the default stream go here
-        self.tally = counts_from.tally if counts_from is not None else dict(captured=0, replayed=0)
+        self.captured = self.replayed = 0
 
     def counts(self) -> dict:
-        """Captures and replays so far (the stage's, over all its caches' graphs)."""
-        return dict(self.tally)
+        """Captures and replays so far."""
+        return dict(captured=self.captured, replayed=self.replayed)
 
     def __call__(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, key: tuple) -> torch.Tensor:
         """fn(x), through the graph of (x's shape and dtype, `key`): fn must launch the same work for every input
@@ -45,12 +43,12 @@ class ChunkGraphs:
         entry = self.graphs.get(key)
         if entry is None:
             out, self.graphs[key] = self._capture(fn, x)
-            self.tally["captured"] += 1
+            self.captured += 1
             return out
         graph, static_in, static_out = entry
         static_in.copy_(x)
         graph.replay()
-        self.tally["replayed"] += 1
+        self.replayed += 1
         return static_out.clone()
 
     def _capture(self, fn, x):

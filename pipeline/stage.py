@@ -51,7 +51,7 @@ class Stage:
         self.pool = None  # ragged batches: a PagePool (pipeline.ragged)
         # each chunk's forward captured in a CUDA graph once, replayed after (pipeline.graphs); None: eager
         self.graphs = ChunkGraphs() if cuda_graphs else None
-        self._shelved: dict[tuple[int, int], tuple] = {}  # with graphs: other (batch, max_len) caches and their graphs
+        self._caches: dict[tuple[int, int], KVCache] = {}  # with graphs: a cache per (batch, max_len), kept
 
     @property
     def is_first(self) -> bool:
@@ -63,15 +63,14 @@ class Stage:
 
     def reset_cache(self, batch: int, max_len: int) -> None:
         if self.cache is None or self.cache.batch != batch or self.cache.max_len != max_len:
-            if self.graphs is not None:  # graphs write into the cache they were captured with: each shape of cache
-                # keeps its own graphs (jobs of other lengths run round-robin in one run_jobs would re-capture)
-                if self.cache is not None:
-                    self._shelved[(self.cache.batch, self.cache.max_len)] = (self.cache, self.graphs)
-                self.cache, self.graphs = self._shelved.pop((batch, max_len), (None, ChunkGraphs(self.graphs)))
-            else:
+            if self.graphs is None:
                 self.cache = None  # the old one freed before the new one is made
-            if self.cache is None:
                 self.cache = self.model.new_cache(batch, max_len)
+            else:  # graphs write into the cache they were captured with: each shape keeps its cache (and graphs),
+                # so jobs of several lengths run round-robin in one run_jobs replay instead of re-capturing
+                if (batch, max_len) not in self._caches:
+                    self._caches[(batch, max_len)] = self.model.new_cache(batch, max_len)
+                self.cache = self._caches[(batch, max_len)]
         # stale entries are never read (attention only reads positions < start_pos + C), so no zeroing needed
 
     def reset_pool(self, lengths: list[int], page_size: int) -> None:
@@ -94,4 +93,5 @@ class Stage:
         if self.graphs is None:
             return self.model.forward_chunk(x, start_pos, self.cache, last_only=last_only, tokens=tokens)
         return self.graphs(lambda inp: self.model.forward_chunk(inp, start_pos, self.cache, last_only=last_only,
-                                                                tokens=tokens), x, (start_pos, last_only, tokens))
+                                                                tokens=tokens),
+                           x, (start_pos, last_only, tokens, self.cache.max_len))  # x's shape gives the batch

@@ -343,8 +343,7 @@ def test_cuda_graphs_capture_once_replay_after_and_compute_each_prompt(cuda, ops
 def test_chunk_graphs_key_each_chunk_and_replay_the_new_input(emulated_graphs):
     """`ChunkGraphs` without a GPU (its capture emulated: a replay re-runs the function, as a graph replays its
     kernels): a key's first call runs eagerly and captures, later calls copy their input into the graph's and
-    return a fresh copy of its output; another start position, shape or dtype is another graph; another cache's
-    set of graphs keeps its own graphs and adds to the same counts."""
+    return a fresh copy of its output; another start position, shape, dtype or cache is another graph."""
     from pipeline.graphs import ChunkGraphs
     graphs = ChunkGraphs()
     fn_at = lambda start: (lambda x: x * 2 + start)  # noqa: E731
@@ -357,9 +356,8 @@ def test_chunk_graphs_key_each_chunk_and_replay_the_new_input(emulated_graphs):
     graphs(fn_at(0), b[:3], (0,))
     graphs(fn_at(0), b.double(), (0,))
     assert graphs.counts() == dict(captured=4, replayed=1) and len(graphs.graphs) == 4
-    other = ChunkGraphs(graphs)  # another cache's
-    assert torch.equal(other(fn_at(0), b, (0,)), b * 2) and len(other.graphs) == 1 and len(graphs.graphs) == 4
-    assert graphs.counts() == other.counts() == dict(captured=5, replayed=1)
+    assert torch.equal(graphs(fn_at(0), b, (0, "another cache")), b * 2) and len(graphs.graphs) == 5
+    assert graphs.counts() == dict(captured=5, replayed=1)
 
 
 def test_cuda_graphs_plumbing_runs_every_mode_on_cpu_with_replays_emulated(monkeypatch, emulated_graphs):
@@ -388,6 +386,20 @@ def test_cuda_graphs_plumbing_runs_every_mode_on_cpu_with_replays_emulated(monke
             assert res.metrics["cuda_graphs"] == dict(captured=0, replayed=2 * len(job.chunks))
     with pytest.raises(ValueError, match="a ragged batch's steps carry per-step rows and pages from the host"):
         run_prefill("tiny", [tokens(1, 20)[0], tokens(1, 9)[0]], mode="chunked", chunk_size=8, cuda_graphs=True)
+
+
+def test_a_stage_with_graphs_keeps_each_shapes_cache_where_its_graphs_write():
+    """Graphs write into the cache they were captured with: with cuda_graphs a stage going back to a (batch,
+    length) it has run takes the same cache again (without graphs it makes a new one)."""
+    from pipeline.stage import Stage
+    graphed, plain = (Stage("tiny", range(0, 1), 0, 2, cuda_graphs=g) for g in (True, False))
+    for st in (graphed, plain):
+        st.reset_cache(1, 41)
+        first = st.cache
+        st.reset_cache(1, 25)
+        assert st.cache.max_len == 25
+        st.reset_cache(1, 41)
+        assert (st.cache is first) == (st is graphed)
 
 
 def test_the_memory_estimate_counts_what_cuda_graphs_keep():
