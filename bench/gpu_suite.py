@@ -344,15 +344,14 @@ def partitions_markdown(doc: dict) -> list[str]:
              "| S | link | L | naive ms | chunked ms | overlapped ms | overlapped vs naive | ideal | of ideal | "
              "meas/bnd | sim/meas chunked | sim/meas overlapped | outputs match |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    fmt = _fmt
     for p in doc["points"]:
         m = p["modes"]
         get = lambda mode, key: m.get(mode, {}).get(key)  # noqa: E731
-        lines.append(f"| {p['stages']} | {p['link']} | {p['prompt_len']} | {fmt(get('naive', 'ttft_ms'), '{:.1f}')} | "
-                     f"{fmt(get('chunked', 'ttft_ms'), '{:.1f}')} | {fmt(get('overlapped', 'ttft_ms'), '{:.1f}')} | "
-                     f"{fmt(get('overlapped', 'speedup_vs_naive'))}x | {fmt(p.get('ideal_speedup'))}x | "
-                     f"{fmt(p.get('overlapped_of_ideal'))} | {fmt(get('overlapped', 'measured_over_bound'))} | "
-                     f"{fmt(get('chunked', 'sim_over_measured'))} | {fmt(get('overlapped', 'sim_over_measured'))} | "
+        lines.append(f"| {p['stages']} | {p['link']} | {p['prompt_len']} | {_fmt(get('naive', 'ttft_ms'), '{:.1f}')} | "
+                     f"{_fmt(get('chunked', 'ttft_ms'), '{:.1f}')} | {_fmt(get('overlapped', 'ttft_ms'), '{:.1f}')} | "
+                     f"{_fmt(get('overlapped', 'speedup_vs_naive'))}x | {_fmt(p.get('ideal_speedup'))}x | "
+                     f"{_fmt(p.get('overlapped_of_ideal'))} | {_fmt(get('overlapped', 'measured_over_bound'))} | "
+                     f"{_fmt(get('chunked', 'sim_over_measured'))} | {_fmt(get('overlapped', 'sim_over_measured'))} | "
                      f"{'yes' if all(v['outputs_match'] for v in m.values()) else 'NO'} |")
     lines.append("")
     lines += host_lines(doc)
@@ -436,7 +435,6 @@ def ragged_markdown(doc: dict) -> list[str]:
              "| S | link | rows | plan | naive ms | chunked ms | overlapped ms | overlapped vs naive | row TTFT "
              "overlapped ms | row TTFT naive ms | sim/meas overlapped | rows vs alone max abs diff | outputs match |",
              "|---:|---|---|---|---:|---:|---:|---:|---|---|---:|---:|---|"]
-    fmt = _fmt
     ms = lambda v: "-" if v is None else ", ".join(f"{x:.1f}" for x in v)  # noqa: E731
     for p in doc["points"]:
         m = p["modes"]
@@ -448,10 +446,10 @@ def ragged_markdown(doc: dict) -> list[str]:
             diff = max((v.get("max_abs_dlogits_vs_alone") or 0.0 for v in (naive, ch, ov) if v), default=None)
             ok = all(v["outputs_match"] for v in (naive, ch, ov) if v)
             lines.append(f"| {p['stages']} | {p['link']} | {','.join(map(str, p['rows']))} | {plan} | "
-                         f"{fmt(naive.get('ttft_ms'), '{:.1f}')} | {fmt(ch.get('ttft_ms'), '{:.1f}')} | "
-                         f"{fmt(ov.get('ttft_ms'), '{:.1f}')} | {fmt(vs)}x | {ms(ov.get('row_ttft_ms'))} | "
-                         f"{ms(naive.get('row_ttft_ms'))} | {fmt(ov.get('sim_over_measured'))} | "
-                         f"{fmt(diff, '{:.1e}')} | {'yes' if ok else 'NO'} |")
+                         f"{_fmt(naive.get('ttft_ms'), '{:.1f}')} | {_fmt(ch.get('ttft_ms'), '{:.1f}')} | "
+                         f"{_fmt(ov.get('ttft_ms'), '{:.1f}')} | {_fmt(vs)}x | {ms(ov.get('row_ttft_ms'))} | "
+                         f"{ms(naive.get('row_ttft_ms'))} | {_fmt(ov.get('sim_over_measured'))} | "
+                         f"{_fmt(diff, '{:.1e}')} | {'yes' if ok else 'NO'} |")
     lines.append("")
     return lines + _paragraph(host_lines(doc))
 

@@ -49,13 +49,14 @@ def cpu_timer(fn, repeats: int = 3) -> float:
     return statistics.median(ts)
 
 
-def launch_cost(fn, device, timer=gpu_timer, calls: int = 50, graph: bool = True) -> dict:
+def launch_cost(fn, device, timer=gpu_timer, calls: int = 50, graph: bool = True, stubbed: bool = True) -> dict:
     """The Python launcher's host time per call, measured apart from the kernel: `host_us` is the median wall time of
     one call that only enqueues work (the device is synchronised before each, so a full queue never blocks it);
     `python_us` the same with Triton's launch path stubbed out (`triton_launches_stubbed`): what is left is the
     launcher's own Python and torch's work (allocations, torch ops), so host_us - python_us is Triton's binding and
     launching; `graph_us` is the same work replayed from a CUDA graph (no Python, no launch path: the device's time
-    alone, None off CUDA or with graph=False). A short chunk whose host_us exceeds graph_us is launch-bound: back to
+    alone, None off CUDA or with graph=False; python_us is None with stubbed=False: work that launches no Triton
+    kernel of its own, a peer or a graph replay). A short chunk whose host_us exceeds graph_us is launch-bound: back to
     back, the GPU idles. Before each timed call the host spins HOST_WARM_S after the synchronise: on an H200 the
     launcher's time measured straight after a synchronise that had waited on a long kernel (0.6-4.8 ms) came out
     151-173 us against 61-72 us after short ones, on the same launch path (a host thread woken from a blocking wait
@@ -73,9 +74,10 @@ def launch_cost(fn, device, timer=gpu_timer, calls: int = 50, graph: bool = True
             ts.append((time.perf_counter() - t) * 1e6)
         return statistics.median(ts)
     fn()
-    host_us = median_us()
-    with triton_launches_stubbed():
-        python_us = median_us()
+    host_us, python_us = median_us(), None
+    if stubbed:
+        with triton_launches_stubbed():
+            python_us = median_us()
     graph_us = graph_replay_ms(fn, timer) * 1e3 if device != "cpu" and graph else None
     return dict(host_us=host_us, python_us=python_us, graph_us=graph_us)
 
@@ -580,7 +582,7 @@ def bench_memory_bound(tokens: int = 8192, hidden: int = 4096, intermediate: int
         t_ms, e_ms = timer(tri), timer(eager)
         cost = launch_cost(tri, device, timer, calls=20, graph=False)  # the launch path's time per call
         host = dict(triton_host_us=cost["host_us"], triton_python_us=cost["python_us"],
-                    eager_host_us=launch_cost(eager, device, timer, calls=20, graph=False)["host_us"])
+                    eager_host_us=launch_cost(eager, device, timer, calls=20, graph=False, stubbed=False)["host_us"])
         rows.append(dict(op=name, bytes=nbytes, triton_ms=t_ms, triton_gbps=nbytes / t_ms / 1e6, eager_ms=e_ms,
                          eager_gbps=nbytes / e_ms / 1e6, triton_max_abs_err=err(tri), eager_max_abs_err=err(eager),
                          **host))
@@ -628,7 +630,8 @@ def bench_layer_host(model="llama3-8b", layers: int = 2, prefix: int = 2048, chu
         try:
             fn()  # the eager run and the capture
             row["replay_max_abs_diff"] = (fn().double() - outs["triton"]).abs().max().item()
-            row.update(launch_cost(fn, device, timer, calls=calls, graph=False), graph_us=rows[0].get("graph_us"))
+            row.update(launch_cost(fn, device, timer, calls=calls, graph=False, stubbed=False),
+                       graph_us=rows[0].get("graph_us"))
         except Exception as e:  # noqa: BLE001 - a row that says why, not a lost kernel part
             row.update(error=f"{type(e).__name__}: {e}"[:300])
         rows.append(row)
@@ -743,9 +746,9 @@ def layer_host_lines(rows: list[dict]) -> list[str]:
         if "error" in r:
             out.append(f"  {r['ops']} ops: not measured ({r['error']})")
             continue
-        triton = r["host_us"] - r["python_us"]
         out.append(f"  {r['ops']} ops: host {r['host_us']:.0f} us to enqueue"
-                   + (f" ({triton:.0f} of it in Triton's launches)" if r["ops"] == "triton" else "") + ", device "
+                   + (f" ({r['host_us'] - r['python_us']:.0f} of it in Triton's launches)" if r["ops"] == "triton"
+                      else "") + ", device "
                    + (f"{graph:.0f} us (host/device {r['host_us'] / graph:.2f})" if graph else "not measured")
                    + (f"; the replay within {r['replay_max_abs_diff']:.1e} of the eager Triton output"
                       if "replay_max_abs_diff" in r else ""))
