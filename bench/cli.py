@@ -125,12 +125,13 @@ def main_run(argv) -> int:
     import torch
 
     from pipeline import PipelineSpec, chunk_plan, resolve_config
+    from pipeline.schedule import DEFAULT_CHUNK_SIZE
     from pipeline.checks import DTYPES
     from pipeline.compress import check_codec
     from pipeline.procs import torchrun_rank
 
     from .calibration import bytes_per_token
-    from .harness import Progress, run_point
+    from .harness import Progress, check_point_fits, run_point
     from .report import report, results_doc, write_pictures, write_results
     args = run_parser().parse_args(argv)
     rank = torchrun_rank()
@@ -241,14 +242,17 @@ def main_run(argv) -> int:
                         tp_latency_s=args.tp_latency_us * 1e-6, page_size=args.page_size or 16,
                         cuda_graphs=args.cuda_graphs)
     spec.validate()  # the checkpoint too (config, safetensors headers), before any process starts
-    plans = {L: chunk_plan(L, None if args.chunks else (args.chunk_size or 128), args.chunks)
-             for L in args.prompt_len}
+    chunk_size = args.chunk_size or DEFAULT_CHUNK_SIZE  # with --rows, each row's tokens per step
+    plans = {L: chunk_plan(L, None if args.chunks else chunk_size, args.chunks) for L in args.prompt_len}
+    for L in args.prompt_len:  # every point's memory before the first runs: a sweep's last point refused late wastes it
+        check_point_fits(spec, L, args.batch, plans[L], args.modes, rows=args.rows, chunk_size=chunk_size,
+                         token_budgets=args.token_budget)
     config = dict(model=str(args.model), stages=stages, tp=tp, tp_comm=args.tp_comm, compress=args.compress,
                   tp_boundary=args.tp_boundary, link=link, device=device, ops=args.ops, dtype=args.dtype,
                   batch=len(args.rows) if args.rows else args.batch,
                   prompt_lens=None if args.rows else args.prompt_len, rows=args.rows,
                   page_size=args.page_size or 16 if args.rows else None, token_budget=args.token_budget,
-                  chunk_size=args.chunk_size or 128,
+                  chunk_size=chunk_size,
                   chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
                   bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us,
                   tp_bandwidth_gbps=args.tp_bandwidth_gbps, tp_latency_us=args.tp_latency_us, repeats=args.repeats,
@@ -292,7 +296,7 @@ def main_run(argv) -> int:
                               simulate=simulate, progress=progress.runs(label), tp_comms=args.tp_comm,
                               compress=args.compress, tp_boundaries=args.tp_boundary, rows=args.rows,
                               # a ragged batch: per-row chunks of this size (token budgets cap no row)
-                              chunk_size=args.chunk_size or 128, token_budgets=args.token_budget)
+                              chunk_size=chunk_size, token_budgets=args.token_budget)
             if point is None:  # a torchrun rank other than 0: it ran its stage, rank 0 reports
                 continue
             points.append(point)

@@ -24,6 +24,27 @@ from .pauses import measure
 LOGITS_TOL = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}  # max |Δ logits| vs unchunked that passes
 
 
+def check_point_fits(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], modes=MODES,
+                     rows: list[int] | None = None, chunk_size: int | None = None, token_budgets=None) -> None:
+    """`run_point`'s memory and link checks (`pipeline.launch.check_resources`) on jobs of shapes only (meta
+    tensors: nothing drawn or allocated), so that a sweep refuses a point that cannot fit before its first point
+    runs. The unchunked baseline runs at every point (as a mode or as the reference), and each row alone after a
+    ragged batch."""
+    from pipeline.launch import check_resources
+    cfg = resolve_config(spec.source)
+    if rows is None:
+        tokens = torch.empty((batch, prompt_len), dtype=torch.long, device="meta")
+        jobs = [Job(m, tokens, mode_chunks(m, chunks)) for m in {*modes, "unchunked"}]
+    else:
+        tokens = [torch.empty((n,), dtype=torch.long, device="meta") for n in rows]
+        jobs = [Job(m, tokens, [], chunk_size=chunk_size if b is None else None, token_budget=b)
+                for m in {*modes, "unchunked"} for b in token_budgets or [None]]
+        for j in jobs:
+            j.chunks = [st.tokens for st in j.steps()]
+        jobs += [Job("unchunked", row[None], [len(row)]) for row in tokens]
+    check_resources(spec, cfg, jobs)
+
+
 def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,
               modes=MODES, seed: int = 0, simulate: bool = False, progress=None, tp_comms=None,
               compress=None, tp_boundaries=None, rows: list[int] | None = None,

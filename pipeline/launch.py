@@ -19,7 +19,7 @@ from .link import LinkModel
 from .model import resolve_config
 from .procs import PipelineError, init_process_group, run_spawned, torchrun_rank
 from .runner import Runner, rank_main, run_all, run_once_inprocess, run_order
-from .schedule import MODES, check_mode, chunk_plan, chunk_starts, mode_chunks
+from .schedule import DEFAULT_CHUNK_SIZE, MODES, check_mode, chunk_plan, chunk_starts, mode_chunks
 from .spec import LINKS, Job, PipelineSpec, PrefillResult
 from .tp import check_tp_boundary, check_tp_comm
 
@@ -117,25 +117,35 @@ def memory_available(device: str) -> int:
 
 def check_resources(spec: PipelineSpec, cfg, jobs: list[Job]) -> None:
     """Refuses, before any allocation, a request that cannot fit this machine's memory (it would end in the OOM
-    killer), and an emulated link so slow that one run's sends would take over an hour."""
+    killer), and an emulated link so slow that one send would take half the time a stage waits for its peer
+    (`spec.timeout_s`) or one run's sends over an hour."""
     have = memory_available(spec.device)
-    for job in jobs:
-        need = memory_needed(spec, cfg, job)
-        if need > have:
-            B, L = job.dims()
-            raise ValueError(f"batch {B} x prompt {L} needs at least {need / 1e9:.1f} GB at once (weights, KV cache "
-                             f"and activations of the stages and of the unchunked baseline), more than the "
-                             f"{have / 1e9:.1f} GB of {torch.device(spec.device).type} memory here")
+    needs = [memory_needed(spec, cfg, job) for job in jobs]
+    need = max(needs)  # the largest run's, so that the figure does not depend on the jobs' order
+    if need > have:
+        B, L = jobs[needs.index(need)].dims()
+        raise ValueError(f"batch {B} x prompt {L} needs at least {need / 1e9:.1f} GB at once (weights, KV cache "
+                         f"and activations of the stages and of the unchunked baseline), more than the "
+                         f"{have / 1e9:.1f} GB of {torch.device(spec.device).type} memory here")
     link = LinkModel(spec.bandwidth_gbps, spec.latency_s)
     if link.active:
         item = DTYPES[spec.dtype].itemsize
         for job in jobs:
             B, L = job.dims()
-            per_run = sum(link.delay_s(B * c * cfg.hidden_size * item) for c in job.chunks)
-            if per_run > 3600:
+            rows = 1 if job.ragged else B  # a ragged job's chunks are its steps' packed tokens, one message each
+            delays = [link.delay_s(rows * c * cfg.hidden_size * item) for c in job.chunks]
+            # a receiver may wait for the send before its own and then its own: two transfers within its wait limit
+            # (in-process on a GPU nothing waits on the host: the streams wait for each other)
+            host_waits = spec.link != "inprocess" or torch.device(spec.device).type != "cuda"
+            if host_waits and 2 * max(delays) >= spec.timeout_s:
+                raise ValueError(f"the emulated link ({spec.bandwidth_gbps} GB/s, {spec.latency_s} s per send) would "
+                                 f"take {max(delays):.1f} s to carry one {max(job.chunks)}-token send of a {L}-token "
+                                 f"prompt, half or more of the {spec.timeout_s:g} s a stage waits for its peer before "
+                                 "it takes it as failed; choose a faster one")
+            if sum(delays) > 3600:
                 raise ValueError(f"the emulated link ({spec.bandwidth_gbps} GB/s, {spec.latency_s} s per send) "
-                                 f"would take {per_run / 3600:.1f} h to carry one {L}-token prompt across a boundary; "
-                                 "choose a faster one")
+                                 f"would take {sum(delays) / 3600:.1f} h to carry one {L}-token prompt across a "
+                                 "boundary; choose a faster one")
 
 
 def check_tokens(tokens, cfg, decode: bool = False) -> None:
@@ -213,6 +223,9 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
     return_cache `row_caches[b]` holds row b's (k, v) per stage. token_budget (ragged only): each step packs at
     most that many tokens, filled from the rows in order (`pipeline.ragged.ragged_plan`), as a serving scheduler's
     per-step token budget does.
+    chunk_size / chunks: the chunks of the chunked and overlapped modes (given neither, chunks of
+    DEFAULT_CHUNK_SIZE = 128 tokens, as the CLI's --chunk-size; a ragged batch: per row and step, unless a
+    token_budget plans the steps); naive and unchunked run the prompt whole whatever they say.
     tp_boundary (tp > 1): "matching" sends each stage boundary between matching TP ranks (T sends of [B, c, H]);
     "broadcast" sends it once, TP rank 0 to TP rank 0, and the receiving stage broadcasts it over its TP group;
     "sharded" sends 1/T of its tokens between each pair of matching TP ranks, and the receiving stage all-gathers
@@ -223,6 +236,8 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
     check_mode(mode)
     cfg = resolve_config(source)
     ragged = isinstance(tokens, (list, tuple))
+    if chunk_size is None and chunks is None and token_budget is None:
+        chunk_size = DEFAULT_CHUNK_SIZE  # what chunked and overlapped run (naive and unchunked run the prompt whole)
     if ragged:  # rows of different lengths: each in chunks of chunk_size, packed step by step
         check_rows(tokens, cfg.vocab_size, cfg.max_seq_len, decode=decode)
         if chunks is not None:

@@ -22,6 +22,7 @@ from . import checks
 from .compress import Codec
 
 MODES = ("unchunked", "naive", "chunked", "overlapped")
+DEFAULT_CHUNK_SIZE = 128  # tokens per chunk (per row and step, for a ragged batch) where none is given
 
 
 def check_mode(mode: str) -> None:

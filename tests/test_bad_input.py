@@ -267,6 +267,12 @@ CLI = [
     ("check-inf", ["machine-check", "--seconds", "inf"], ["--seconds", "inf"]),
     ("check-nan", ["machine-check", "--seconds", "nan"], ["--seconds", "nan"]),
     ("check-0", ["machine-check", "--seconds", "0"], ["--seconds", "> 0"]),
+    ("batch-past-memory", ["--model", "tiny", "--prompt-len", "64", "--batch", "100000000"],
+     ["batch 100000000 x prompt 64 needs at least", "GB of cpu memory here"]),
+    ("link-send-past-wait", [*TINY, "--bandwidth-gbps", "1e-7"],
+     ["emulated link (1e-07 GB/s", "64-token send", "half or more of the 60 s a stage waits"]),
+    ("link-hours", ["--model", "tiny", "--prompt-len", "500", "--chunk-size", "1", "--latency-us", "10000000"],
+     ["emulated link", "would take 1.4 h", "500-token prompt"]),
     ("check-negative", ["machine-check", "--seconds", "-2"], ["--seconds", "-2"]),
     ("check-day", ["machine-check", "--seconds", "86400"], ["--seconds", "<= 3600"]),
 ]
@@ -308,6 +314,25 @@ def test_cli_refuses_bad_input_in_one_line(argv, needles, checkpoints, files, tm
         assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
     assert list(tmp_path.iterdir()) == []  # no output directory, nothing in the working directory either
     assert took < 30, f"took {took:.0f} s to refuse"
+
+
+def test_a_sweep_refuses_a_point_past_memory_before_its_first_point_runs(tmp_path, capsys, monkeypatch):
+    """Every point of a sweep is checked against the machine's memory before any runs: the first point here fits,
+    the second (a 16x longer prompt) does not, and nothing may run or be written before the refusal."""
+    import pipeline.launch
+    from bench.cli import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline.launch, "memory_available", lambda device: 2 * 10**9)
+    code = main(["--model", "tiny", "--prompt-len", "64,1000", "--batch", "1000", "--link", "inprocess",
+                 "--out", str(tmp_path / "o")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert "batch 1000 x prompt 1000 needs at least" in lines[0] and "2.0 GB of cpu memory" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+    # the first point alone fits the same memory and runs
+    from bench.harness import check_point_fits
+    from pipeline import PipelineSpec
+    check_point_fits(PipelineSpec(source="tiny", stages=2, link="inprocess"), 64, 1000, [64], ["naive"])
 
 
 def test_cli_refuses_triton_on_cpu_without_the_interpreter(tmp_path, capsys, monkeypatch):

@@ -57,6 +57,23 @@ def test_unchunked_mode_is_the_baseline(tiny):
     assert_matches(run_prefill("tiny", toks, mode="unchunked", return_cache=True), *reference(tiny, toks))
 
 
+def test_chunked_modes_chunk_by_default(tiny):
+    """Given neither chunk_size nor chunks, chunked and overlapped run chunks of DEFAULT_CHUNK_SIZE (as the CLI),
+    not the prompt whole (which would make them naive under another name); naive runs it whole. A ragged batch's
+    rows too, per row and step."""
+    from pipeline.schedule import DEFAULT_CHUNK_SIZE
+    L = 2 * DEFAULT_CHUNK_SIZE + 5
+    toks = tokens(1, L, seed=3)
+    ref = reference(tiny, toks)
+    for mode in ("chunked", "overlapped"):
+        res = run_prefill("tiny", toks, mode=mode, return_cache=True)
+        assert res.chunks == [DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_SIZE, 5]
+        assert_matches(res, *ref)
+    assert run_prefill("tiny", toks, mode="naive").chunks == [L]
+    rows = [toks[0, :DEFAULT_CHUNK_SIZE + 1], toks[0, :7]]
+    assert run_prefill("tiny", rows, mode="overlapped").chunks == [DEFAULT_CHUNK_SIZE + 7, 1]
+
+
 @pytest.mark.parametrize("mode", ["chunked", "overlapped"])
 def test_triton_ops_pipeline_equals_torch_unchunked(tiny, mode):
     toks = tokens(2, 37, seed=7)
