@@ -187,7 +187,7 @@ OURS = ("triton_ms", "paged_ms", "dense_rows_ms")
 OUR_ERRORS = ("max_abs_err", "triton_max_abs_err", "paged_max_abs_err", "dense_rows_max_abs_err")
 
 
-def _kernel_rows(doc: dict) -> dict:
+def kernel_rows(doc: dict) -> dict:
     """(kind, shape) -> row: attention rows by (prefix, chunk), paged rows by their batch of (prefix+chunk) rows and
     page size, memory-bound rows by op."""
     rows = {}
@@ -215,8 +215,8 @@ def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool 
         raise NotComparable(f"the runs are of different devices ({dev[0]!r} vs {dev[1]!r}); pass --force to compare "
                             "anyway")
     failed, rows = [], []
-    new_rows = _kernel_rows(new)
-    for key, b in _kernel_rows(base).items():
+    new_rows = kernel_rows(new)
+    for key, b in kernel_rows(base).items():
         n = new_rows.get(key)
         if n is None:
             failed.append(f"{key[0]} {key[1]} missing from the new file")

@@ -466,10 +466,52 @@ def _launcher(row: dict) -> str:
     return f"{host_text} / {graph:.0f}" + (" launch-bound" if host > graph else "")
 
 
+def committed_baseline(kernels: dict | None, out: Path) -> tuple[str, dict] | None:
+    """The committed kernel benchmark of the GPU `kernels` ran on (`bench/results/*/kernels.json` with the same
+    device name), other than `out`'s own: (its path from the repository root, its document), or None."""
+    device = ((kernels or {}).get("environment") or {}).get("device")
+    if not device:
+        return None
+    for f in sorted((ROOT / "bench" / "results").glob("*/kernels.json")):
+        if f.parent.resolve() == Path(out).resolve():
+            continue
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(doc, dict) and (doc.get("environment") or {}).get("device") == device and doc.get("attention"):
+            return str(f.relative_to(ROOT)), doc
+    return None
+
+
+def baseline_lines(path: str, base: dict, new: dict) -> list[str]:
+    """This project's attention kernels (dense, and paged) against a committed run on the same GPU, shape by shape:
+    the time there over the time here (above 1: faster now), so a kernel change made since is measured by the next
+    run without a separate A/B. Another session's run: differences of a few percent are its noise."""
+    from .compare import kernel_rows
+    old, now = kernel_rows(base), kernel_rows(new)
+    pairs = []
+    for key, b in old.items():
+        fig = {"attention": "triton_ms", "paged": "paged_ms"}.get(key[0])
+        n = now.get(key)
+        if fig and n and isinstance(b.get(fig), (int, float)) and b[fig] > 0 and isinstance(n.get(fig), (int, float)) \
+                and n[fig] > 0:
+            pairs.append((key[1], b[fig] / n[fig]))
+    if not pairs:
+        return []
+    ratios = [r for _, r in pairs]
+    commit = str((base.get("environment") or {}).get("git_commit") or "?")[:7]
+    return ["", f"This project's attention kernels against the committed run on this GPU (`{path}`, commit {commit}), "
+                "time there / time here (above 1: faster now; another session's run, so a few percent is noise): "
+                f"median {statistics.median(ratios):.2f}x, {min(ratios):.2f}-{max(ratios):.2f}x.", "",
+            "- " + "; ".join(f"{shape}: {r:.2f}x" for shape, r in pairs)]
+
+
 def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeline: dict | None,
                      partitions: dict | None = None, ragged: dict | None = None, sweeps: dict | None = None,
-                     graphs: dict | None = None) -> str:
-    """The short table a person reads first; every figure comes from the part documents."""
+                     graphs: dict | None = None, baseline: tuple[str, dict] | None = None) -> str:
+    """The short table a person reads first; every figure comes from the part documents (and, for the kernels, a
+    committed run on the same GPU: `baseline`, from `committed_baseline`)."""
     lines = [f"# GPU suite: {env.get('device')}", "",
              f"driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, Triton "
              f"{env.get('triton')}, commit `{env.get('git_commit')}`", ""]
@@ -561,6 +603,8 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
             from .kernels import layer_host_lines
             head, *rest = layer_host_lines(kernels["layer_host"])
             lines += ["", f"Host cost of {head}", ""] + [f"- {r.strip()}" for r in rest]
+        if baseline is not None:
+            lines += baseline_lines(*baseline, kernels)
         report = [r for r in kernels.get("compiler", []) if "registers" in r]
         if report:
             lines += ["", "Compiler report (attention, d128): " + "; ".join(
@@ -628,7 +672,8 @@ def write_summary_only(out: Path) -> int:
         env = dict(env, git_commit="; ".join(f"{part} {c[:7]}" for part, c in commits.items()))
     try:
         text = summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"], docs["partitions"],
-                                docs["ragged"], docs["sweeps"], docs["graphs"])
+                                docs["ragged"], docs["sweeps"], docs["graphs"],
+                                committed_baseline(docs["kernels"], out))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"the part files in {out} lack a figure the summary needs ({type(e).__name__}: {e})") from None
     (out / "summary.md").write_text(text)
@@ -720,7 +765,7 @@ def _mark_failed(out: Path, name: str, env: dict, **why) -> dict:
 def _write_summary(out: Path, env: dict, docs: dict) -> None:
     (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"],
                                                      docs["partitions"], docs["ragged"], docs["sweeps"],
-                                                     docs["graphs"]))
+                                                     docs["graphs"], committed_baseline(docs["kernels"], out)))
 
 
 def _failed_parts(docs: dict) -> list[str]:

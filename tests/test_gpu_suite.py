@@ -393,6 +393,31 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
     assert (tmp_path / "summary.md").read_text() == text
 
 
+def test_summary_sets_the_kernels_against_the_committed_run_on_the_same_gpu(tmp_path):
+    """A new kernel file of a GPU with a committed run (bench/results/*/kernels.json, same device name) gets, shape
+    by shape, the committed time over the new one; the committed directory itself, or another GPU, gets none."""
+    import json
+    base_path = ROOT / "bench/results/h200/kernels.json"
+    new = json.loads(base_path.read_text())
+    for r in new["attention"]:
+        r["triton_ms"] /= 1.25 if (r["prefix"], r["chunk"]) == (16384, 2048) else 1.0  # 1.25x faster there
+    new["paged"][0]["paged_ms"] *= 2  # two times slower
+    found = gpu_suite.committed_baseline(new, tmp_path)
+    assert found is not None and found[0] == "bench/results/h200/kernels.json"
+    lines = gpu_suite.baseline_lines(*found, new)
+    text = "\n".join(lines)
+    assert "P=16384 C=2048: 1.25x" in text and "P=0 C=256: 1.00x" in text
+    paged = new["paged"][0]
+    assert f"paged {','.join(f'{p}+{c}' for p, c in paged['batch'])} page={paged['page_size']}: 0.50x" in text
+    assert "median 1.00x, 0.50-1.25x" in text
+    assert gpu_suite.committed_baseline(new, base_path.parent) is None  # not against itself
+    other = dict(new, environment=dict(new["environment"], device="NVIDIA B200"))
+    assert gpu_suite.committed_baseline(other, tmp_path) is None
+    (tmp_path / "kernels.json").write_text(json.dumps(new))
+    assert gpu_suite.main(["--out", str(tmp_path), "--summary-only"]) == 0
+    assert "P=16384 C=2048: 1.25x" in (tmp_path / "summary.md").read_text()
+
+
 def test_summary_only_rebuilds_the_summary_from_part_files(tmp_path):
     """Parts run in separate calls (on different commits) still give one summary that says which commit each
     part came from; a directory with no part file is refused."""
