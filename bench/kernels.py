@@ -236,7 +236,7 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
 
 
 SWEEP_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "pack_gqa", "num_splits", "tma", "longest_first",
-              "no_prefix", "page_ahead")
+              "no_prefix", "page_ahead", "fold_scale")
 
 
 def _same_tile(a: dict, b: dict) -> bool:
@@ -645,7 +645,12 @@ SCHEMA_VERSION = 1  # of kernels.json: `python -m bench compare` reads it
 # paged kernel's Hopper tile reading its block table one key block ahead against the same tile reading it in each
 # block's iteration (pages of 16 and 256). (Timed on an H200 and dropped from here: the prefix-0 tile, 1.24x the
 # 128x128 it replaced; the paged 64x64 tile, 1.38-1.44x the 64x32: bench/results/h200/.)
-TILE_AB = (("paged", TARGET_SHAPE, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False)),)
+# (kernel, shape, the former config): the launcher's config at that shape is timed against it
+TILE_AB = (("paged", TARGET_SHAPE, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False)),
+           # the softmax scale folded into the exp2's multiply-add (fold_scale), each against its tile without
+           ("dense", TARGET_SHAPE, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, pack_gqa=False)),
+           ("dense", (0, 2048), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False,
+                                     no_prefix=True)))
 
 
 def tile_ab(device="cuda", timer=gpu_timer, deadline: float | None = None, entries=TILE_AB, **shape_kw) -> list[dict]:
@@ -717,7 +722,8 @@ def _tile(r: dict) -> str:
 def tile_ab_lines(rows: list[dict]) -> list[str]:
     """One line per launcher tile of the A/B: its TFLOP/s against the former tile's at that shape (and page)."""
     def tile(r):
-        return _tile(r) + (" no-prefix" if r.get("no_prefix") else "") + (" page-ahead" if r.get("page_ahead") else "")
+        return _tile(r) + "".join(f" {k.replace('_', '-')}" for k in ("no_prefix", "page_ahead", "fold_scale")
+                                  if r.get(k))
     out = []
     for r in rows:
         if not r["launcher"]:
@@ -826,8 +832,9 @@ def sweep_lines(doc: dict, tol: float | None = None) -> list[str]:
     tol = PEER_TOL[torch.bfloat16] if tol is None else tol
 
     def tile(r):
-        return _tile(r) + "".join(f" {k}" for k in ("pack_gqa", "tma", "longest_first", "no_prefix", "page_ahead")
-                                  if r.get(k)) + (f" splits {r['num_splits']}" if r.get("num_splits") else "")
+        keys = ("pack_gqa", "tma", "longest_first", "no_prefix", "page_ahead", "fold_scale")
+        return _tile(r) + "".join(f" {k}" for k in keys if r.get(k)) + (
+            f" splits {r['num_splits']}" if r.get("num_splits") else "")
     out = []
     for kind in ("attention", "paged"):
         groups: dict = {}

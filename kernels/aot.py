@@ -82,10 +82,12 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
             const = dict(GROUP=group if pack > 1 else 4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim),
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                          PRECISION="ieee" if dtype == torch.float32 else "tf32", PER_ROW_START=per_row, PACK=pack,
-                         SPLIT=split, TMA=tma, LONGEST_FIRST=False, HAS_PREFIX=has_prefix)
+                         SPLIT=split, TMA=tma, LONGEST_FIRST=False, HAS_PREFIX=has_prefix,
+                         FOLD_SCALE=bool(cfg.get("fold_scale")))
             name = (f"chunk_attention d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
-                    + (f" pack{pack}" if pack > 1 else "") + (" per-row start" if per_row else "")
-                    + (" split" if split else "") + (" tma" if tma else "") + ("" if has_prefix else " no-prefix"))
+                    + (" fold" if cfg.get("fold_scale") else "") + (f" pack{pack}" if pack > 1 else "")
+                    + (" per-row start" if per_row else "") + (" split" if split else "") + (" tma" if tma else "")
+                    + ("" if has_prefix else " no-prefix"))
             specs.append(KernelSpec(name, attn_mod._chunk_attention_kernel, sig | {k: "constexpr" for k in const},
                                     const, cfg["num_warps"], cfg["num_stages"],
                                     expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64))
@@ -121,7 +123,7 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
             for split in (False, True):
                 const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim), BLOCK_M=cfg["BLOCK_M"],
                              BLOCK_N=cfg["BLOCK_N"], PRECISION="tf32", PER_ROW_START=False, PACK=1, SPLIT=split,
-                             TMA=True, LONGEST_FIRST=False, HAS_PREFIX=True)
+                             TMA=True, LONGEST_FIRST=False, HAS_PREFIX=True, FOLD_SCALE=False)
                 specs.append(KernelSpec(f"chunk_attention d{head_dim} bfloat16 m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
                                         f" w{cfg['num_warps']}s{cfg['num_stages']}" + (" split" if split else "")
                                         + " tma", attn_mod._chunk_attention_kernel,

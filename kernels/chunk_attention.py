@@ -18,14 +18,43 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _softmax_step(qk, m_i, qk_scale, FOLD_SCALE: tl.constexpr):
+    """One key block of the online softmax, in the log2 domain (qk_scale = sm_scale·log2 e > 0): the block's masked
+    scores qk [BLOCK_M, BLOCK_N] (raw with FOLD_SCALE, else already scaled: `_scores`) and the running row max m_i
+    give (p, the rescale factor alpha, the new max). FOLD_SCALE takes the max of the raw scores and scales each
+    score inside the exp2's fused multiply-add, as FlashAttention-2 and Triton's tutorial do: one instruction per
+    score less than scaling every score first (the hot loop of the Hopper 128x128 tile: 534 instructions instead of
+    595 under Triton 3.6), at the price of a few registers, which made some other tiles spill 4-8 B: the launcher
+    folds in the tiles that compile clean with it."""
+    if FOLD_SCALE:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+    return p, tl.math.exp2(m_i - m_new), m_new
+
+
+@triton.jit
+def _scores(q, k, qk_scale, PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr):
+    """q @ k [BLOCK_M, BLOCK_N]: raw with FOLD_SCALE (`_softmax_step` scales them), else scaled here, before any
+    mask, in the order the plain tiles were compiled clean in."""
+    qk = tl.dot(q, k, input_precision=PRECISION)
+    if not FOLD_SCALE:
+        qk = qk * qk_scale
+    return qk
+
+
+@triton.jit
 def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_limit, offs_m, offs_n, offs_d, qk_scale,
             CAUSAL: tl.constexpr, MASK_N: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-            HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr):
+            HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, FOLD_SCALE: tl.constexpr):
     """Online softmax over key blocks [lo, hi) of one source (prefix cache or the chunk itself).
 
     CAUSAL masks key j > query i (both chunk-local); MASK_N masks keys j >= n_limit (a ragged last block); PAD_D
     masks the head-dim columns past HEAD_DIM of a padded tile (a head dim that is not a power of two).
-    Blocks without a mask run with unmasked loads: that is the hot loop over the prefix.
+    Blocks without a mask run with unmasked loads: that is the hot loop over the prefix. FOLD_SCALE: see
+    `_softmax_step`.
     """
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -38,14 +67,12 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_limit, offs_
             k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None], mask=offs_d[:, None] < HEAD_DIM, other=0.0)
         else:
             k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None])
-        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        qk = _scores(q, k, qk_scale, PRECISION, FOLD_SCALE)  # [BLOCK_M, BLOCK_N]
         if CAUSAL:
             qk = tl.where(offs_m[:, None] >= cols[None, :], qk, float("-inf"))
         if MASK_N:
             qk = tl.where(cols[None, :] < n_limit, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        p, alpha, m_new = _softmax_step(qk, m_i, qk_scale, FOLD_SCALE)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK_N:
             v_ok = cols[:, None] < n_limit
@@ -63,15 +90,13 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_limit, offs_
 
 @triton.jit
 def _attend_tma(acc, l_i, m_i, q, kd, vd, row0, kvh, hi, offs_d, qk_scale, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr):
     """`_attend` over whole, unmasked key blocks [0, hi) from row `row0` of the cache, each K and V tile fetched by
     the tensor-memory accelerator through descriptors over [B·max_len, Hkv, HEAD_DIM] (zero-filled past HEAD_DIM)."""
     for start_n in range(0, hi, BLOCK_N):
         k = kd.load([row0 + start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        qk = _scores(q, tl.trans(k), qk_scale, PRECISION, FOLD_SCALE)
+        p, alpha, m_new = _softmax_step(qk, m_i, qk_scale, FOLD_SCALE)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = vd.load([row0 + start_n, kvh, 0]).reshape(BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -114,6 +139,7 @@ def _chunk_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, PER_ROW_START: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
     TMA: tl.constexpr = False, LONGEST_FIRST: tl.constexpr = False, HAS_PREFIX: tl.constexpr = True,
+    FOLD_SCALE: tl.constexpr = False,
 ):
     """One program: BLOCK_M tile rows x every visible key, for one batch row. The tile rows are BLOCK_M queries of
     one query head, or, with PACK > 1 (GQA packing), BLOCK_M // PACK queries of each of the PACK query heads that
@@ -125,7 +151,8 @@ def _chunk_attention_kernel(
     LONGEST_FIRST the query blocks run last to first: under the causal mask the last ones see the most keys, so the
     longest programs start in the first wave (for sweeps: it made the 64x128 tile spill on sm_90 under Triton 3.9,
     so the launcher does not choose it). Without HAS_PREFIX (config no_prefix, for an int start of 0) the prefix
-    loops are not compiled, which keeps the launcher's prefix-0 tile from spilling."""
+    loops are not compiled, which keeps the launcher's prefix-0 tile from spilling. FOLD_SCALE (config fold_scale):
+    the softmax scale applied inside the exp2's multiply-add (`_softmax_step`)."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM  # a head dim that is not a power of two: padded tiles, masked columns
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # queries per head in the tile
     if LONGEST_FIRST:
@@ -210,21 +237,22 @@ def _chunk_attention_kernel(
             vd = tl.make_tensor_descriptor(VC, shape=[B * max_len, Hkv_all, HEAD_DIM],
                                            strides=[stride_vcm, stride_vch, 1], block_shape=[BLOCK_N, 1, BLOCK_D])
             acc, l_i, m_i = _attend_tma(acc, l_i, m_i, q, kd, vd, (b * max_len + lo).to(tl.int32), kvh, n_full, offs_d,
-                                        qk_scale, BLOCK_N, BLOCK_D, PRECISION)
+                                        qk_scale, BLOCK_N, BLOCK_D, PRECISION, FOLD_SCALE)
         else:
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, 0, n_full, n, offs_m, offs_n,
-                                    offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
+                                    offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D, FOLD_SCALE)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, n_full, n, n, offs_m, offs_n,
-                                offs_d, qk_scale, False, True, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
+                                offs_d, qk_scale, False, True, BLOCK_N, PRECISION, HEAD_DIM, PAD_D, FOLD_SCALE)
     # Phase 2, the chunk itself: whole key blocks before this query block are all visible (unmasked); the
     # blocks from the one holding the block's first query on get the causal mask (that start is rounded down to
     # BLOCK_N, so BLOCK_N > BLOCK_Q stays exact). Blocks right of the diagonal are never visited.
     diag = (q_lo // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, 0, tl.minimum(diag, chunk_end), C,
-                            offs_m, offs_n, offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
+                            offs_m, offs_n, offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D,
+                            FOLD_SCALE)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, diag,
                             tl.minimum(q_lo + BLOCK_Q, chunk_end), C, offs_m, offs_n, offs_d, qk_scale, True, True,
-                            BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
+                            BLOCK_N, PRECISION, HEAD_DIM, PAD_D, FOLD_SCALE)
 
     o_rows = (heads * stride_oh + offs_m * stride_om)[:, None] + offs_d[None, :]
     if SPLIT:  # partial result and its log2-sum-exp (-inf and 0 for a split that saw no key)
@@ -304,8 +332,9 @@ def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted, no_
     packed_rows = min(64, max(32, next_pow2(chunk_len) * pack_heads(group)))
     if pack and pack_heads(group) > 64:
         pack = False
-    if interpreted:  # numpy interpreter: fewer, larger blocks run faster
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, pack_gqa=pack)
+    if interpreted:  # numpy interpreter: fewer, larger blocks run faster; the folded scale, which the Hopper
+        # prefill tiles use, in every interpreter test
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, pack_gqa=pack, fold_scale=True)
     if dtype == torch.float32:  # exact fp32 dots (FMA, no TF32) are register-hungry: small tiles, for checking
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, pack_gqa=pack and pack_heads(group) <= 16)
     if chunk_len <= 16:  # decode-like: do not waste a 128-row tile on one query; pack a GQA group's heads into
@@ -324,9 +353,12 @@ def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted, no_
     if head_dim == 128 and no_prefix:  # H100 sweep at prefix 0, chunk 2k: 64x64 s3 300 TFLOP/s, 128x128 254
         # (tiles on the diagonal are half masked: smaller ones waste less). Compiled without the prefix loops, which
         # keeps this tile from spilling (4-16 B with them; other tiles, 64x128 among them, spilled without them)
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False, no_prefix=True)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False, no_prefix=True,
+                    fold_scale=True)
     if head_dim == 128:  # H100 sweep: 128x128 480-490 TFLOP/s, 128x64 457-469 at prefix 16k chunk 2k
-        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, pack_gqa=False)
+        # fold_scale: 534 instructions in the prefix loop instead of 595, no spills (64x128 and the d64 128x64 split
+        # spilled 4 B with it under Triton 3.6, 3.7 or 3.9: they keep the plain step)
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, pack_gqa=False, fold_scale=True)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False)
 
 
@@ -436,7 +468,7 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 # query blocks last to first (default off: for sweeps); the kernel compiled without its prefix loops (for an int
 # start of 0 only; the launcher's prefix-0 tile sets it); the paged kernel's block-table reads one key block ahead
 # (paged path only: `kernels.paged_attention`)
-OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits", "tma", "longest_first", "no_prefix", "page_ahead")
+OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits", "tma", "longest_first", "no_prefix", "page_ahead", "fold_scale")
 
 
 def _check_config(config: dict, group: int) -> dict:
@@ -456,7 +488,7 @@ def _check_config(config: dict, group: int) -> dict:
     if config.get("pack_gqa") and pack_heads(group) > config["BLOCK_M"]:
         raise ValueError(f"chunk_attention: config pack_gqa puts {pack_heads(group)} query heads in a tile of "
                          f"BLOCK_M = {config['BLOCK_M']} rows; BLOCK_M must be at least that")
-    for key in ("tma", "longest_first", "no_prefix", "page_ahead"):
+    for key in ("tma", "longest_first", "no_prefix", "page_ahead", "fold_scale"):
         if not isinstance(config.get(key, False), bool):
             raise ValueError(f"chunk_attention: config {key} must be True or False, got {config[key]!r}")
     splits = config.get("num_splits", 1)
@@ -565,7 +597,7 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
             GROUP=Hq // k_new.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D),
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PER_ROW_START=per_row, PACK=pack,
             SPLIT=splits > 1, TMA=bool(cfg.get("tma")), LONGEST_FIRST=bool(cfg.get("longest_first")),
-            HAS_PREFIX=not cfg.get("no_prefix"),
+            HAS_PREFIX=not cfg.get("no_prefix"), FOLD_SCALE=bool(cfg.get("fold_scale")),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )

@@ -72,8 +72,12 @@ def test_the_compiled_selection_covers_every_kernel():
     assert any(n.endswith("per-row start") for n in names)  # the start-position tensor variant
     # the prefix-0 tile, compiled without the prefix loops (unsplit: nothing to split), padded head dims too
     no_prefix = [n for n in names if n.endswith(" no-prefix")]
-    assert {"chunk_attention d128 bfloat16 m64n64 no-prefix", "chunk_attention d80 bfloat16 m64n64 no-prefix"} <= set(
-        no_prefix) and not any(" split" in n for n in no_prefix)
+    assert {"chunk_attention d128 bfloat16 m64n64 fold no-prefix",
+            "chunk_attention d80 bfloat16 m64n64 fold no-prefix"} <= set(no_prefix) and not any(" split" in n
+                                                                                      for n in no_prefix)
+    # the Hopper prefill tiles with the softmax scale in the exp2's multiply-add (config fold_scale), split too
+    assert {"chunk_attention d128 bfloat16 m128n128 fold", "chunk_attention d128 bfloat16 m128n128 fold split",
+            "chunk_attention d96 bfloat16 m128n128 fold"} <= set(names)
     tma = [n for n in names if n.endswith(" tma")]  # the TMA prefix loads, alone and split, on sm_90 only
     assert any(" d128 " in n for n in tma) and any(" split tma" in n for n in tma)
     assert not [r for r in compile_rows("--arch", "80", "--quick", "--list") if r["kernel"].endswith(" tma")]

@@ -264,6 +264,23 @@ def test_chunk_attention_without_prefix_loops(extra, dtype, tol):
     run_attention_case(2, 37, 4, 2, 16, 0, dtype, tol, config=cfg)
 
 
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("fold", [False, True], ids=["scaled-first", "fold-scale"])
+@pytest.mark.parametrize("B,C,D,start_pos,extra", [
+    (2, 75, 16, 21, {}), (1, 37, 80, 0, {"no_prefix": True}), (2, 33, 32, 150, {"num_splits": 3}),
+    (1, 9, 16, 40, {"pack_gqa": True}), (1, 1, 24, 7, {})])
+def test_chunk_attention_softmax_scale_folded_or_not(B, C, D, start_pos, extra, fold, dtype, tol):
+    """config fold_scale (the Hopper prefill tiles'): the max of the raw scores, each score scaled inside the exp2's
+    multiply-add; without it every score is scaled first. Both against float64, over a prefix and none, split,
+    packed, padded head dims, one query; the interpreter's own config folds (so every other test runs it too)."""
+    cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, fold_scale=fold, **extra)
+    run_attention_case(B, C, 4, 2, D, start_pos, dtype, tol, seed=C, config=cfg)
+    if DEVICE == "cpu":
+        from kernels.chunk_attention import launch_plan
+        q = torch.empty(1, 40, 4, 16)
+        assert launch_plan(q, q[:, :, :2], torch.empty(1, 64, 2, 16), 3)["config"]["fold_scale"] is True
+
+
 @pytest.mark.parametrize("start_pos", [3, "tensor"])
 def test_chunk_attention_refuses_no_prefix_over_a_prefix(start_pos):
     inputs = _attn_inputs()
