@@ -43,6 +43,11 @@ def test_kernels_compile_for_gpu_without_spills(arch, extra, shard):
         assert not missing, f"no wgmma in sm_90 PTX of {missing}"
         no_tma = [r["kernel"] for r in rows if r["kernel"].endswith(" tma") and not r["tma"]]
         assert not no_tma, f"no TMA copies (cp.async.bulk.tensor) in {no_tma}"
+    # the disassembly's key-block loops: every 16-bit attention kernel has some (fp32 dots are FMAs, no MMA)
+    no_loops = [r["kernel"] for r in rows if r["kernel"].startswith("chunk_attention ") and "float32" not in
+                r["kernel"] and not r["mma_loops"]]
+    assert not no_loops, f"no matrix-multiply loop found in {no_loops}"
+    assert all(n > 0 for r in rows for n in r["mma_loops"] or [])
 
 
 def test_the_compiled_selection_covers_every_kernel():
