@@ -31,18 +31,27 @@ def check_point_fits(spec: PipelineSpec, prompt_len: int, batch: int, chunks: li
     runs. The unchunked baseline runs at every point (as a mode or as the reference), and each row alone after a
     ragged batch."""
     from pipeline.launch import check_resources
-    cfg = resolve_config(spec.source)
+    modes = {*modes, "unchunked"}
     if rows is None:
         tokens = torch.empty((batch, prompt_len), dtype=torch.long, device="meta")
-        jobs = [Job(m, tokens, mode_chunks(m, chunks)) for m in {*modes, "unchunked"}]
+        jobs = [_point_job(m, tokens, chunks) for m in modes]
     else:
         tokens = [torch.empty((n,), dtype=torch.long, device="meta") for n in rows]
-        jobs = [Job(m, tokens, [], chunk_size=chunk_size if b is None else None, token_budget=b)
-                for m in {*modes, "unchunked"} for b in token_budgets or [None]]
-        for j in jobs:
-            j.chunks = [st.tokens for st in j.steps()]
+        jobs = [_point_job(m, tokens, chunks, chunk_size, token_budget=b)
+                for m in modes for b in token_budgets or [None]]
         jobs += [Job("unchunked", row[None], [len(row)]) for row in tokens]
-    check_resources(spec, cfg, jobs)
+    check_resources(spec, resolve_config(spec.source), jobs)
+
+
+def _point_job(mode: str, tokens, chunks: list[int], chunk_size: int | None = None, **kw) -> Job:
+    """One mode's job at a point: a [B, L] prompt in `chunks` (naive and unchunked: whole), or a ragged batch
+    (tokens a list of rows) whose chunks are its steps' token counts: per-row chunks of `chunk_size`, or, with a
+    token_budget in kw, steps of that many tokens (no per-row cap)."""
+    if not isinstance(tokens, (list, tuple)):
+        return Job(mode, tokens, mode_chunks(mode, chunks), **kw)
+    job = Job(mode, tokens, [], chunk_size=chunk_size if kw.get("token_budget") is None else None, **kw)
+    job.chunks = [st.tokens for st in job.steps()]
+    return job
 
 
 def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,
@@ -94,13 +103,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     tokens = ([torch.randint(0, cfg.vocab_size, (n,), generator=gen) for n in rows] if ragged
               else torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=gen))
 
-    def job(mode: str, **kw) -> Job:  # a ragged job's chunks are its steps' token counts
-        if not ragged:
-            return Job(mode, tokens, mode_chunks(mode, chunks), **kw)
-        # per-row chunks of chunk_size, or steps under a token budget (no per-row cap)
-        j = Job(mode, tokens, [], chunk_size=chunk_size if kw.get("token_budget") is None else None, **kw)
-        j.chunks = [st.tokens for st in j.steps()]
-        return j
+    def job(mode: str, **kw) -> Job:
+        return _point_job(mode, tokens, chunks, chunk_size, **kw)
     # every mode under every combination of the axes; the unchunked baseline (no TP, no boundary) once
     # (naive runs every row whole: a token budget changes nothing there, it runs under the first only)
     variants = [dict(mode=m, **dict(zip(axes, combo))) for combo in itertools.product(*axes.values())

@@ -130,13 +130,13 @@ def check_resources(spec: PipelineSpec, cfg, jobs: list[Job]) -> None:
     link = LinkModel(spec.bandwidth_gbps, spec.latency_s)
     if link.active:
         item = DTYPES[spec.dtype].itemsize
+        # a receiver may wait for the send before its own and then its own: two transfers within its wait limit
+        # (in-process on a GPU nothing waits on the host: the streams wait for each other)
+        host_waits = spec.link != "inprocess" or torch.device(spec.device).type != "cuda"
         for job in jobs:
             B, L = job.dims()
             rows = 1 if job.ragged else B  # a ragged job's chunks are its steps' packed tokens, one message each
             delays = [link.delay_s(rows * c * cfg.hidden_size * item) for c in job.chunks]
-            # a receiver may wait for the send before its own and then its own: two transfers within its wait limit
-            # (in-process on a GPU nothing waits on the host: the streams wait for each other)
-            host_waits = spec.link != "inprocess" or torch.device(spec.device).type != "cuda"
             if host_waits and 2 * max(delays) >= spec.timeout_s:
                 raise ValueError(f"the emulated link ({spec.bandwidth_gbps} GB/s, {spec.latency_s} s per send) would "
                                  f"take {max(delays):.1f} s to carry one {max(job.chunks)}-token send of a {L}-token "
