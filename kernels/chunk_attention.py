@@ -303,7 +303,7 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)  # the tile shapes; any head dim up
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PACK_MAX_CHUNK = 16  # GQA packing for chunks this short: their query rows alone would leave a tile mostly empty
-MAX_SPLITS = 16
+MAX_SPLITS = 32
 MIN_SPLIT_BLOCKS = 4  # key blocks per split at least: fewer, and the merge costs more than the split saves
 
 
@@ -332,9 +332,8 @@ def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted, no_
     packed_rows = min(64, max(32, next_pow2(chunk_len) * pack_heads(group)))
     if pack and pack_heads(group) > 64:
         pack = False
-    if interpreted:  # numpy interpreter: fewer, larger blocks run faster; the folded scale, which the Hopper
-        # prefill tiles use, in every interpreter test
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, pack_gqa=pack, fold_scale=True)
+    if interpreted:  # numpy interpreter: fewer, larger blocks run faster
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, pack_gqa=pack)
     if dtype == torch.float32:  # exact fp32 dots (FMA, no TF32) are register-hungry: small tiles, for checking
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, pack_gqa=pack and pack_heads(group) <= 16)
     if chunk_len <= 16:  # decode-like: do not waste a 128-row tile on one query; pack a GQA group's heads into
@@ -353,12 +352,11 @@ def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted, no_
     if head_dim == 128 and no_prefix:  # H100 sweep at prefix 0, chunk 2k: 64x64 s3 300 TFLOP/s, 128x128 254
         # (tiles on the diagonal are half masked: smaller ones waste less). Compiled without the prefix loops, which
         # keeps this tile from spilling (4-16 B with them; other tiles, 64x128 among them, spilled without them)
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False, no_prefix=True,
-                    fold_scale=True)
-    if head_dim == 128:  # H100 sweep: 128x128 480-490 TFLOP/s, 128x64 457-469 at prefix 16k chunk 2k
-        # fold_scale: 534 instructions in the prefix loop instead of 595, no spills (64x128 and the d64 128x64 split
-        # spilled 4 B with it under Triton 3.6, 3.7 or 3.9: they keep the plain step)
-        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, pack_gqa=False, fold_scale=True)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False, no_prefix=True)
+    if head_dim == 128:  # H100 sweep: 128x128 480-490 TFLOP/s, 128x64 457-469 at prefix 16k chunk 2k. Not
+        # fold_scale (534 instructions in the prefix loop instead of 595 under Triton 3.6, yet on an H200 470 TFLOP/s
+        # against 479 without it here, 309 against 320 for the prefix-0 tile above: bench/results/h200)
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, pack_gqa=False)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False)
 
 
@@ -380,18 +378,29 @@ def all_configs(capability: tuple[int, int] = (9, 0), prefix: int | None = None
                             lambda c, d, dtype, group: pick_config(c, d, dtype, capability, group, prefix))
 
 
-def pick_splits(programs: int, key_blocks: int, n_sm: int) -> int:
+def pick_splits(programs: int, key_blocks: int, n_sm: int, per_sm: int = 1) -> int:
     """How many slices to split the prefix's key blocks into (split-KV, flash-decoding style): 1 unless the grid
-    fills less than 80% of the SMs; otherwise the fewest splits whose wave efficiency (programs per SM over the
-    whole waves they need) is within 85% of the best, with at least MIN_SPLIT_BLOCKS blocks per split."""
-    if programs >= 0.8 * n_sm:
+    fills less than 80% of the GPU's program slots (`per_sm` programs on each of `n_sm` SMs: `programs_per_sm`);
+    otherwise the fewest splits whose wave efficiency (programs per slot over the whole waves they need) is within
+    85% of the best, with at least MIN_SPLIT_BLOCKS blocks per split."""
+    slots = n_sm * per_sm
+    if programs >= 0.8 * slots:
         return 1
     most = min(MAX_SPLITS, key_blocks // MIN_SPLIT_BLOCKS)
     if most < 2:
         return 1
-    eff = {s: programs * s / n_sm / math.ceil(programs * s / n_sm) for s in range(1, most + 1)}
+    eff = {s: programs * s / slots / math.ceil(programs * s / slots) for s in range(1, most + 1)}
     best = max(eff.values())
     return min(s for s, e in eff.items() if e >= 0.85 * best)
+
+
+def programs_per_sm(chunk_len: int) -> int:
+    """Programs that `pick_splits` counts on one SM at once: 2 for decode-like launches (chunks of up to
+    PACK_MAX_CHUNK queries, whose tiles are small: an SM holds several, and a memory-bound read of a long prefix wants
+    more loads in flight than one program keeps), else 1. On an H200 at prefix 32k, one query, 8 KV heads packed (8
+    programs): the 32x32 tile split 32 ways read the prefix in 87 us, 64 ways 89, 16 ways 112, the 14 splits of one
+    program per SM 124 (bench/results/h200/sweeps.json)."""
+    return 2 if chunk_len <= PACK_MAX_CHUNK else 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -569,7 +578,7 @@ def launch_plan(q, k_new, k_cache, start_pos, config=None) -> dict:
     splits = cfg.get("num_splits")
     if splits is None:  # for a device start tensor the longest prefix the cache allows stands in
         prefix = k_cache.shape[1] - C if known is None else known
-        splits = pick_splits(grid_m * grid_h, prefix // cfg["BLOCK_N"], n_sm) if q.is_cuda else 1
+        splits = pick_splits(grid_m * grid_h, prefix // cfg["BLOCK_N"], n_sm, programs_per_sm(C)) if q.is_cuda else 1
     return dict(config=cfg, pack=pack, splits=splits, grid=(grid_m, grid_h, splits))
 
 

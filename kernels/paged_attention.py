@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .chunk_attention import MERGE_ROWS, PACK_MAX_CHUNK, _check_config, _device_facts, _merge_splits_kernel, \
-    _split_slice, pack_heads, pick_splits
+    _split_slice, pack_heads, pick_splits, programs_per_sm
 from .shapes import cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number
 
 LOG2E = 1.4426950408889634
@@ -320,12 +320,21 @@ def _pick_config(head_dim, dtype, capability, short_gqa, pack, interpreted) -> d
         return dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2, pack_gqa=False)
     if head_dim == 128 and capability >= (9, 0):  # H200, pages of 16 / 256: 313 / 353 TFLOP/s vs 228 / 246 for
         # 64x32 s2; 128x128 s3 (354 / 369) spilled on pages of 16 under Triton 3.6. Block-table reads one block
-        # ahead: untimed (the sm_90 TTGIR then keeps two K/V tiles in flight in the prefix loops, not one; the
-        # kernel benchmark's tile A/B times it against the same tile without)
+        # ahead where a key block lies in one page (`for_page_size` drops them over smaller pages)
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False, page_ahead=True)
     if head_dim == 128:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, pack_gqa=False)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, pack_gqa=False)
+
+
+def for_page_size(config: dict, page_size: int) -> dict:
+    """The launcher's tile `config` for pages of `page_size` positions: the block-table reads one key block ahead
+    (`page_ahead`) only where each key block lies in one page (page_size a multiple of BLOCK_N: one table entry read
+    ahead per block). Timed on an H200 (bench/results/h200, prefix 16k, chunk 2k, the 64x64 w4 s3 tile): 1.07x the
+    same tile without over pages of 256, 0.88x over pages of 16, where a block gathers four pages read ahead."""
+    if config.get("page_ahead") and page_size % config["BLOCK_N"]:
+        return {**config, "page_ahead": False}
+    return config
 
 
 # (longest chunk, group) pairs that reach every branch of pick_config: unpacked, and packed (PACK only changes how
@@ -501,7 +510,7 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
             max_prefix = int(prefix_lens.max())
         else:
             max_prefix = max(0, block_table.shape[1] * page_size - max_chunk)
-    plan = paged_launch_plan(q.device, q.dtype, B, Hq, Hkv, D, max_chunk, max_prefix, config)
+    plan = paged_launch_plan(q.device, q.dtype, B, Hq, Hkv, D, max_chunk, max_prefix, config, page_size)
     cfg, pack, splits = plan["config"], plan["pack"], plan["splits"]
     N = q.shape[0]
     if splits > 1:  # float32 partial results and their log2-sum-exp, merged into `out` below
@@ -530,21 +539,24 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
 
 
 def paged_launch_plan(device, dtype, B: int, Hq: int, Hkv: int, D: int, max_chunk: int, max_prefix: int,
-                      config=None) -> dict:
-    """What `paged_chunk_attention` launches: the tile config (given or `pick_config`'s), the query heads packed per
-    program, the prefix splits (given, or `pick_splits`'s from the grid's occupancy on a GPU) and the grid. Host
-    work only."""
+                      config=None, page_size: int | None = None) -> dict:
+    """What `paged_chunk_attention` launches: the tile config (given, or `pick_config`'s for pages of `page_size`
+    positions: `for_page_size`; None, the tile before that), the query heads packed per program, the prefix splits
+    (given, or `pick_splits`'s from the grid's occupancy on a GPU) and the grid. Host work only."""
     device = torch.device(device)
     cap, n_sm = _device_facts(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else ((9, 0), 0)
     group = Hq // Hkv
     cfg = config or _pick_config(block_d(D), dtype, cap, max_chunk <= PACK_MAX_CHUNK and group > 1,
                                  pack_heads(group), interpreted())
+    if config is None and page_size is not None:
+        cfg = for_page_size(cfg, page_size)
     pack = pack_heads(group) if cfg.get("pack_gqa") and group > 1 else 1
     grid_m, grid_h = cdiv(max_chunk, cfg["BLOCK_M"] // pack), B * (Hkv if pack > 1 else Hq)
     splits = cfg.get("num_splits")
     if splits is None:
-        splits = pick_splits(grid_m * grid_h, max_prefix // cfg["BLOCK_N"], n_sm) if device.type == "cuda" else 1
+        splits = pick_splits(grid_m * grid_h, max_prefix // cfg["BLOCK_N"], n_sm, programs_per_sm(max_chunk)) \
+            if device.type == "cuda" else 1
     return dict(config=dict(cfg), pack=pack, splits=splits, grid=(grid_m, grid_h, splits))
 
 

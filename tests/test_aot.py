@@ -61,9 +61,6 @@ def test_the_compiled_selection_covers_every_kernel():
     assert {w for n in paged for w in n.split() if w.startswith("page")} == {"page16", "page256"}
     # and its GQA-packed tiles, and the split-KV variant of every bf16 tile (at d128 in the quick selection)
     assert any(" pack" in n for n in paged)
-    # the Hopper d128 tile reading its block table one key block ahead (config page_ahead), both page sizes
-    assert {"chunk_attention_paged d128 bfloat16 m64n64 page16 ahead",
-            "chunk_attention_paged d128 bfloat16 m64n64 page256 ahead"} <= paged
     assert {n + " split" for n in paged if "bfloat16 " in n and " d128 " in n and "page16" in n
             and not n.endswith(" split")} <= paged
     full = {r["kernel"] for r in compile_rows("--arch", "90", "--only", "paged", "--list")}
@@ -77,12 +74,19 @@ def test_the_compiled_selection_covers_every_kernel():
     assert any(n.endswith("per-row start") for n in names)  # the start-position tensor variant
     # the prefix-0 tile, compiled without the prefix loops (unsplit: nothing to split), padded head dims too
     no_prefix = [n for n in names if n.endswith(" no-prefix")]
-    assert {"chunk_attention d128 bfloat16 m64n64 fold no-prefix",
-            "chunk_attention d80 bfloat16 m64n64 fold no-prefix"} <= set(no_prefix) and not any(" split" in n
-                                                                                      for n in no_prefix)
-    # the Hopper prefill tiles with the softmax scale in the exp2's multiply-add (config fold_scale), split too
+    assert {"chunk_attention d128 bfloat16 m64n64 no-prefix",
+            "chunk_attention d80 bfloat16 m64n64 no-prefix"} <= set(no_prefix) and not any(" split" in n
+                                                                                  for n in no_prefix)
+    # the d128 Hopper prefill tiles with the softmax scale in the exp2's multiply-add too (config fold_scale, a
+    # sweep option), split too; the launcher's own tiles do not fold
     assert {"chunk_attention d128 bfloat16 m128n128 fold", "chunk_attention d128 bfloat16 m128n128 fold split",
-            "chunk_attention d96 bfloat16 m128n128 fold"} <= set(names)
+            "chunk_attention d128 bfloat16 m64n64 fold no-prefix", "chunk_attention d128 bfloat16 m128n128",
+            "chunk_attention d128 bfloat16 m64n64 no-prefix"} <= set(names)
+    assert not [n for n in names if " fold" in n and " d128 " not in n]
+    # the paged Hopper d128 tile reads its block table ahead over pages of 256 only (a key block in one page)
+    assert {"chunk_attention_paged d128 bfloat16 m64n64 page16", "chunk_attention_paged d128 bfloat16 m64n64 page16 "
+            "split", "chunk_attention_paged d128 bfloat16 m64n64 page256 ahead"} <= paged
+    assert not [n for n in paged if "page16" in n and " ahead" in n]
     tma = [n for n in names if n.endswith(" tma")]  # the TMA prefix loads, alone and split, on sm_90 only
     assert any(" d128 " in n for n in tma) and any(" split tma" in n for n in tma)
     assert not [r for r in compile_rows("--arch", "80", "--quick", "--list") if r["kernel"].endswith(" tma")]
