@@ -363,6 +363,7 @@ def partitions_markdown(doc: dict) -> list[str]:
             lines.append(f"- Target overlapped >= {t['overlapped_of_ideal']} of the ideal speed-up over naive, S={S}, "
                          f"{t['overlapped_of_ideal_link']}: worst {worst:.2f} → "
                          f"{_vs_target(worst, t['overlapped_of_ideal'])}")
+    lines += ideal_gap_lines(doc["points"])
     sims = [(mode, p["modes"][mode]["sim_over_measured"]) for p in doc["points"] for mode in ("chunked", "overlapped")
             if p["modes"].get(mode, {}).get("sim_over_measured") is not None]
     if sims:
@@ -372,6 +373,34 @@ def partitions_markdown(doc: dict) -> list[str]:
                      f"{min(r for _, r in sims):.2f}-{max(r for _, r in sims):.2f} → {verdict}")
     lines.append("")
     return lines
+
+
+def stage_compute_growth(point: dict) -> float | None:
+    """The busiest stage's compute time in the overlapped run over naive's (`compute_ms_per_stage`): the ideal
+    speed-up takes it as 1 (a chunked prompt costs each stage what the whole prompt does). None without both."""
+    m = point["modes"]
+    ov, nv = (m.get(k, {}).get("compute_ms_per_stage") for k in ("overlapped", "naive"))
+    return max(ov) / max(nv) if ov and nv and max(nv) > 0 else None
+
+
+def ideal_gap_lines(points: list[dict]) -> list[str]:
+    """Where overlapped falls short of the ideal speed-up, how much of that is the stages' compute growing (each
+    stage computed longer in the overlapped run than in naive: on SM partitions they share one GPU's HBM bandwidth
+    and L2 cache, and chunks cost more than the whole prompt) and how much the schedule's: the share of the ideal at
+    the overlapped run's own stage compute (of ideal x growth), beside measured over the bound."""
+    rows = [(p["overlapped_of_ideal"], g, p["modes"]["overlapped"].get("measured_over_bound"))
+            for p in points if p.get("overlapped_of_ideal") is not None and (g := stage_compute_growth(p))]
+    if not rows:
+        return []
+    growth = [g for _, g, _ in rows]
+    at_own = [o * g for o, g, _ in rows]
+    bound = [b for _, _, b in rows if b is not None]
+    return [f"- Stage compute, overlapped over naive (the busiest stage): {min(growth):.2f}-{max(growth):.2f}x, where "
+            "the ideal takes 1; at the overlapped runs' own stage compute the schedule reaches "
+            f"{min(at_own):.2f}-{max(at_own):.2f} of the ideal"
+            + (f" (measured/bound {min(bound):.2f}-{max(bound):.2f})" if bound else "")
+            + (": what falls short is compute, not exposed sends." if min(at_own) >= PARTITION_TARGETS[
+                "overlapped_of_ideal"] else ".")]
 
 
 def graphs_markdown(doc: dict, eager: dict | None = None) -> list[str]:

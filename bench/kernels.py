@@ -207,7 +207,8 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
     from kernels.chunk_attention import launch_plan
     P, C = shape
     q, kn, vn, kc, vc, _, ref = attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 1)
-    chosen = launch_plan(q, kn, kc, P)["config"]
+    plan = launch_plan(q, kn, kc, P)
+    chosen = plan["config"]
     default_grid = configs is None
     if default_grid:
         configs = []
@@ -232,7 +233,8 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
     configs = _launcher_first(configs, chosen, launcher_first, default_grid)
     flops = attention_flops(B, Hq, D, C, P)
     return _sweep(configs, dict(prefix=P, chunk=C), chosen, deadline, on_row, lambda row, cfg: _sweep_row(
-        row, q, ref, flops, timer, lambda out: chunk_attention(q, kn, vn, kc, vc, P, out=out, config=cfg)))
+        row, q, ref, flops, timer, lambda out: chunk_attention(q, kn, vn, kc, vc, P, out=out, config=cfg)),
+        plan["splits"])
 
 
 SWEEP_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "pack_gqa", "num_splits", "tma", "longest_first",
@@ -252,10 +254,14 @@ def _launcher_first(configs, chosen: dict, launcher_first: bool | None, default_
     return configs
 
 
-def _sweep(configs, where: dict, chosen: dict, deadline, on_row, measure) -> list[dict]:
+def _sweep(configs, where: dict, chosen: dict, deadline, on_row, measure, splits: int = 1) -> list[dict]:
+    """Each config measured (`measure(row, cfg)`) unless past `deadline`; the launcher's (`chosen`, splitting the
+    prefix `splits` ways where no num_splits is given) is marked `launcher`, its split count as `splits`."""
     rows = []
     for cfg in configs:
         row = dict(cfg, **where, launcher=_same_tile(cfg, chosen))
+        if row["launcher"] and "num_splits" not in cfg:
+            row["splits"] = splits
         if deadline is not None and time.time() > deadline:
             row["not_run"] = "past the sweep's budget"
         else:
@@ -268,13 +274,29 @@ def _sweep(configs, where: dict, chosen: dict, deadline, on_row, measure) -> lis
 
 def _sweep_row(row: dict, q, ref, flops: float, timer, call) -> dict:
     """One sweep config: `call(out)` timed into a NaN-poisoned `out` like `q`, its TFLOP/s and max error against
-    `ref`; or why it failed (a config that does not compile, shared memory, is a result)."""
+    `ref`; or why it failed (a config that does not compile, shared memory, is a result). On a GPU also replayed
+    from a CUDA graph (`graph_ms`, `graph_tflops`; or `graph_why`): the device's time alone. Eager, a short chunk's
+    time is its launch path's (an H200 sweep timed the 32k/16 launcher tile at 232 us eagerly, 98 us replayed),
+    and configs that launch a merge after their splits pay a second launch: a sweep ranks kernels by the replay."""
     out = torch.full_like(q, float("nan"))
     try:
         ms = timer(lambda: call(out))
     except Exception as e:  # noqa: BLE001 - said in the row
         return dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    return dict(row, ms=ms, tflops=flops / ms / 1e9, max_abs_err=(out.double() - ref).abs().max().item())
+    row = dict(row, ms=ms, tflops=flops / ms / 1e9, max_abs_err=(out.double() - ref).abs().max().item())
+    if q.is_cuda:
+        try:
+            g = graph_replay_ms(lambda: call(out), timer)
+            row.update(graph_ms=g, graph_tflops=flops / g / 1e9)
+        except Exception as e:  # noqa: BLE001 - said in the row; the eager time stands
+            row["graph_why"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return row
+
+
+def timing_key(rows: list[dict]) -> str:
+    """The time a set of sweep rows is compared by: `graph_ms` (the device alone) when every row has it, else
+    `ms` (eager: CPU runs, or a capture that failed, which must not be set against replays)."""
+    return "graph_ms" if rows and all("graph_ms" in r for r in rows) else "ms"
 
 
 def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=ATTENTION_SHAPES, device="cuda",
@@ -433,7 +455,7 @@ def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128
             ms = timer(lambda: chunk_attention(q, kn, vn, kc, vc, prefix, out=out, block_table=table,
                                                cu_seqlens=cu, max_chunk=max_chunk, max_prefix=max_prefix))
             err = (out.double() - ref).abs().max().item()
-            plan = paged_launch_plan(device, dtype, len(batch), Hq, Hkv, D, max_chunk, max_prefix)
+            plan = paged_launch_plan(device, dtype, len(batch), Hq, Hkv, D, max_chunk, max_prefix, page_size=page)
             rows.append(dict(batch=[list(x) for x in batch], page_size=page, launch_plan=plan, paged_ms=ms,
                              paged_tflops=flops / ms / 1e9, paged_max_abs_err=err, paged_correct=err <= tol,
                              tolerance=tol,
@@ -486,7 +508,6 @@ def sweep_paged(configs=None, shape=TARGET_SHAPE, page_sizes=PAGED_SWEEP_PAGES, 
     P, C = shape
     case = attention_case(P, C, 1, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 2)
     q, kn, vn, ref = case[0][0], case[1][0], case[2][0], case[6][0]
-    chosen = paged_launch_plan(q.device, dtype, 1, Hq, Hkv, D, C, P)["config"]
     default_grid = configs is None
     if default_grid:
         configs = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
@@ -495,19 +516,22 @@ def sweep_paged(configs=None, shape=TARGET_SHAPE, page_sizes=PAGED_SWEEP_PAGES, 
         # block-table reads one key block ahead, on the tiles the H200 sweep ranked highest without them
         configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, page_ahead=True)
                     for m, n, w, s in ((128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 2), (64, 64, 4, 3))]
-    configs = _launcher_first(configs, chosen, launcher_first, default_grid)
     cu = torch.tensor([0, C], dtype=torch.int32, device=device)
     prefix = torch.tensor([P], dtype=torch.int32, device=device)
     flops = attention_flops(1, Hq, D, C, P)
     rows = []
-    for page in page_sizes:
+    for page in page_sizes:  # the launcher's choice depends on the page size (`for_page_size`)
+        plan = paged_launch_plan(q.device, dtype, 1, Hq, Hkv, D, C, P, page_size=page)
+        chosen = plan["config"]
         kc, vc, table = paged_cache([shape], [case], page, seed=page)
-        rows += _sweep(configs, dict(prefix=P, chunk=C, page_size=page), chosen, deadline,
+        rows += _sweep(_launcher_first(configs, chosen, launcher_first, default_grid),
+                       dict(prefix=P, chunk=C, page_size=page), chosen, deadline,
                        None if on_row is None else lambda new, done=list(rows): on_row(done + new),
                        lambda row, cfg, kc=kc, vc=vc, table=table: _sweep_row(
                            row, q, ref, flops, timer,
                            lambda out: chunk_attention(q, kn, vn, kc, vc, prefix, out=out, config=cfg,
-                                                       block_table=table, cu_seqlens=cu, max_chunk=C, max_prefix=P)))
+                                                       block_table=table, cu_seqlens=cu, max_chunk=C, max_prefix=P)),
+                       plan["splits"])
     return rows
 
 
@@ -642,15 +666,17 @@ SCHEMA_VERSION = 1  # of kernels.json: `python -m bench compare` reads it
 
 
 # The launcher's choices made without timing them as launched, each against what it replaced, at one shape: the
-# paged kernel's Hopper tile reading its block table one key block ahead against the same tile reading it in each
-# block's iteration (pages of 16 and 256). (Timed on an H200 and dropped from here: the prefix-0 tile, 1.24x the
-# 128x128 it replaced; the paged 64x64 tile, 1.38-1.44x the 64x32: bench/results/h200/.)
+# decode-like tiles split for two programs per SM (`programs_per_sm`), against the one-per-SM split count they had
+# (14 slices of 8 programs on a GPU of 132 SMs, an H100's or H200's), at prefix 32k with 1 and 16 queries. (Timed on
+# an H200 and dropped from here: the prefix-0 tile, 1.24x the 128x128 it replaced; the paged 64x64 tile, 1.38-1.44x
+# the 64x32; the paged block-table reads ahead, 1.07x over pages of 256 and 0.88x over pages of 16, kept for the
+# former only; the softmax scale folded into the exp2's FMA, 0.98x / 0.97x at 16k/2k and 0/2k, dropped:
+# bench/results/h200/.)
 # (kernel, shape, the former config): the launcher's config at that shape is timed against it
-TILE_AB = (("paged", TARGET_SHAPE, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False)),
-           # the softmax scale folded into the exp2's multiply-add (fold_scale), each against its tile without
-           ("dense", TARGET_SHAPE, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, pack_gqa=False)),
-           ("dense", (0, 2048), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False,
-                                     no_prefix=True)))
+TILE_AB = (("dense", (32768, 1), dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, pack_gqa=True,
+                                      num_splits=14)),
+           ("dense", (32768, 16), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, pack_gqa=True,
+                                       num_splits=14)))
 
 
 def tile_ab(device="cuda", timer=gpu_timer, deadline: float | None = None, entries=TILE_AB, **shape_kw) -> list[dict]:
@@ -668,18 +694,19 @@ def tile_ab(device="cuda", timer=gpu_timer, deadline: float | None = None, entri
             r["kernel"] = kind
         for r in got:
             old = _former(got, r)
-            if old is not None and r.get("tflops") and old.get("tflops"):
-                r["vs_former"] = r["tflops"] / old["tflops"]
+            if old is not None and "ms" in r and "ms" in old:
+                key = timing_key([r, old])
+                r["vs_former"], r["vs_former_by"] = old[key] / r[key], key
         rows += got
     return rows
 
 
 def _former(rows: list[dict], r: dict) -> dict | None:
-    """For a launcher row of the tile A/B, the former tile's row at its kernel and page size (else None)."""
+    """For a launcher row of the tile A/B, the former tile's row at its kernel, shape and page size (else None)."""
     if not r["launcher"]:
         return None
-    return next((o for o in rows if o["kernel"] == r["kernel"] and not o["launcher"]
-                 and o.get("page_size") == r.get("page_size")), None)
+    return next((o for o in rows if o["kernel"] == r["kernel"] and not o["launcher"] and o["prefix"] == r["prefix"]
+                 and o["chunk"] == r["chunk"] and o.get("page_size") == r.get("page_size")), None)
 
 
 def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None = None) -> dict:
@@ -719,11 +746,17 @@ def _tile(r: dict) -> str:
     return f"{r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']}s{r['num_stages']}"
 
 
+def tile_words(r: dict, keys=("pack_gqa", "no_prefix", "page_ahead", "fold_scale")) -> str:
+    """A sweep row's launch config in words: the tile, its options, and its prefix splits when more than one (given,
+    `num_splits`, or the launcher's, `splits`)."""
+    splits = r.get("num_splits") or r.get("splits") or 1
+    return _tile(r) + "".join(f" {k.replace('_', '-')}" for k in keys if r.get(k)) + (
+        f" splits {splits}" if splits > 1 else "")
+
+
 def tile_ab_lines(rows: list[dict]) -> list[str]:
-    """One line per launcher tile of the A/B: its TFLOP/s against the former tile's at that shape (and page)."""
-    def tile(r):
-        return _tile(r) + "".join(f" {k.replace('_', '-')}" for k in ("no_prefix", "page_ahead", "fold_scale")
-                                  if r.get(k))
+    """One line per launcher tile of the A/B: its TFLOP/s against the former tile's at that shape (and page), both
+    replayed from CUDA graphs where both were (the device's time alone), else as launched."""
     out = []
     for r in rows:
         if not r["launcher"]:
@@ -731,11 +764,13 @@ def tile_ab_lines(rows: list[dict]) -> list[str]:
         old = _former(rows, r)
         where = f"{r['kernel']} P={r['prefix']} C={r['chunk']}" + (
             f" page {r['page_size']}" if "page_size" in r else "")
-        res = lambda x: (f"{x['tflops']:.0f} TFLOP/s" if "tflops" in x  # noqa: E731
+        graph = r.get("vs_former_by") == "graph_ms"
+        res = lambda x: (f"{x['graph_tflops' if graph else 'tflops']:.1f} TFLOP/s" if "tflops" in x  # noqa: E731
                          else x.get("error") or f"not run ({x.get('not_run')})")
-        out.append(f"tile A/B {where}: launcher {tile(r)} {res(r)} vs former "
-                   + (f"{tile(old)} {res(old)}" if old else "-")
-                   + (f" = {r['vs_former']:.2f}x" if r.get("vs_former") else ""))
+        out.append(f"tile A/B {where}: launcher {tile_words(r)} {res(r)} vs former "
+                   + (f"{tile_words(old)} {res(old)}" if old else "-")
+                   + (f" = {r['vs_former']:.2f}x" + (" (CUDA graph replays)" if graph else "")
+                      if r.get("vs_former") else ""))
     return out
 
 
@@ -832,9 +867,7 @@ def sweep_lines(doc: dict, tol: float | None = None) -> list[str]:
     tol = PEER_TOL[torch.bfloat16] if tol is None else tol
 
     def tile(r):
-        keys = ("pack_gqa", "tma", "longest_first", "no_prefix", "page_ahead", "fold_scale")
-        return _tile(r) + "".join(f" {k}" for k in keys if r.get(k)) + (
-            f" splits {r['num_splits']}" if r.get("num_splits") else "")
+        return tile_words(r, ("pack_gqa", "tma", "longest_first", "no_prefix", "page_ahead", "fold_scale"))
     out = []
     for kind in ("attention", "paged"):
         groups: dict = {}
@@ -845,12 +878,16 @@ def sweep_lines(doc: dict, tol: float | None = None) -> list[str]:
             where = f"{kind} P={P} C={C}" + (f" page {page}" if page else "")
             ran = f"{sum('ms' in r for r in rows)} of {len(rows)} configs ran"
             if not ok:
-                out.append(f"{where}: no config ran correctly ({ran})")
+                why = ("not run: past the sweep's budget" if all("not_run" in r for r in rows)
+                       else "no config ran correctly")
+                out.append(f"{where}: {why} ({ran})")
                 continue
-            best, own = min(ok, key=lambda r: r["ms"]), next((r for r in ok if r["launcher"]), None)
-            mine = f"launcher {tile(own)} {own['ms'] * 1e3:.0f} us" if own else "launcher's config did not run"
-            out.append(f"{where}: {mine}; fastest {tile(best)} {best['ms'] * 1e3:.0f} us"
-                       + (f": the launcher takes {own['ms'] / best['ms']:.2f}x its time" if own else "") + f" ({ran})")
+            key = timing_key(ok)
+            best, own = min(ok, key=lambda r: r[key]), next((r for r in ok if r["launcher"]), None)
+            mine = f"launcher {tile(own)} {own[key] * 1e3:.0f} us" if own else "launcher's config did not run"
+            out.append(f"{where}: {mine}; fastest {tile(best)} {best[key] * 1e3:.0f} us"
+                       + (f": the launcher takes {own[key] / best[key]:.2f}x its time" if own else "")
+                       + (" (CUDA graph replays)" if key == "graph_ms" else "") + f" ({ran})")
     return out
 
 
