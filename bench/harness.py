@@ -123,8 +123,8 @@ def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int]
     compress = axes["compress"]
     # a ragged batch's costs are fitted on a dense prompt as long as its longest row (`RaggedStepCost`)
     cal_tokens = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=gen) if ragged else tokens
-    cal_jobs = calibration_jobs(cal_tokens, repeats, warmup,
-                                tp_overlap=spec.tp > 1 and "overlap" in axes["tp_comm"]) if simulate else []
+    cal_jobs = calibration_jobs(cal_tokens, repeats, warmup, tp_overlap=spec.tp > 1 and "overlap" in axes["tp_comm"],
+                                sizes=() if ragged else {c for j in jobs for c in j.chunks}) if simulate else []
     ref_jobs = [] if "unchunked" in modes else [job("unchunked")]
     alone_jobs = [Job("unchunked", row[None], [len(row)]) for row in tokens] if ragged else []
     all_runs = measure(spec, jobs + cal_jobs + ref_jobs + alone_jobs, progress)

@@ -182,6 +182,31 @@ def test_ragged_point_is_simulated_row_by_row_from_a_dense_fit(chunk_size, budge
     assert point["modes"]["naive"]["chunks"] == [72] and point["modes"]["overlapped"]["token_budget"] == budget
 
 
+@pytest.mark.parametrize("emulated", [False, True])
+def test_an_emulated_in_process_link_is_simulated_as_emulated_not_fitted(emulated):
+    """--simulate over an in-process link: emulated, the simulator's link is the emulated one (a send's measured
+    time includes its waits: fitted, an H200 found 13 ms of latency on a 3 us link), the fit kept beside it; not
+    emulated, the fit (the real link's own cost)."""
+    from bench.harness import run_point
+    from pipeline import PipelineSpec
+    from pipeline.link import LinkModel
+    from pipeline.simulate import simulate
+    kw = dict(bandwidth_gbps=0.5, latency_s=2e-4) if emulated else {}
+    spec = PipelineSpec(source="tiny", stages=2, link="inprocess", **kw)
+    point = run_point(spec, 40, 1, [8] * 5, repeats=1, warmup=0, modes=["naive", "chunked"], simulate=True)
+    link = point["calibration"]["link"]
+    if emulated:
+        assert link == dict(bandwidth_gbps=0.5, latency_s=2e-4, source="emulated")
+        assert "waiting for the receiver" in point["calibration"]["link_fitted"]["why_not_used"]
+        m = point["modes"]["chunked"]
+        from pipeline.costs import ChunkCost
+        costs = [ChunkCost(**c) for c in point["calibration"]["stage_costs"]]
+        want = simulate("chunked", m["chunks"], costs, LinkModel(0.5, 2e-4), m["wire_bytes_per_token"])
+        assert m["sim_ttft_ms"] == pytest.approx(want.makespan_s * 1e3)
+    else:
+        assert link["source"] == "fitted" and "link_fitted" not in point["calibration"]
+
+
 def test_ragged_point_with_tp_is_simulated_for_every_reduce_schedule_and_crossing():
     """--rows --simulate --tp 2: one rank's compute fitted on a dense prompt, each packed step costed row by row,
     the all-reduces of the step's packed tokens on the fitted TP link; serial, overlapped (the token halves the model

@@ -131,6 +131,10 @@ def test_calibration_chunks_cover_the_prompt_with_several_sizes():
         chunks = calibration_chunks(L)
         assert sum(chunks) == L and min(chunks) >= 1
     assert set(calibration_chunks(2048)[:5]) == {16, 32, 128, 256, 512}  # and the remainder last
+    # the measured modes' own chunk sizes too (shorter than the prompt), each seen where the others are
+    plan = calibration_chunks(4096, extra={2048, 1024, 4096, 0})
+    assert sum(plan) == 4096 and set(plan[:6]) == {32, 64, 256, 512, 1024, 2048}
+    assert calibration_chunks(2048, extra=()) == calibration_chunks(2048)
     with pytest.raises(ValueError, match="positive"):
         calibration_chunks(0)
 
