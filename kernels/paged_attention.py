@@ -550,6 +550,8 @@ def paged_launch_plan(device, dtype, B: int, Hq: int, Hkv: int, D: int, max_chun
     cfg = config or _pick_config(block_d(D), dtype, cap, max_chunk <= PACK_MAX_CHUNK and group > 1,
                                  pack_heads(group), interpreted())
     if config is None and page_size is not None:
+        if integer("paged_launch_plan: page_size", page_size) < 1:
+            raise ValueError(f"paged_launch_plan: page_size must be >= 1 position, got {page_size}")
         cfg = for_page_size(cfg, page_size)
     pack = pack_heads(group) if cfg.get("pack_gqa") and group > 1 else 1
     grid_m, grid_h = cdiv(max_chunk, cfg["BLOCK_M"] // pack), B * (Hkv if pack > 1 else Hq)

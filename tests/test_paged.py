@@ -158,6 +158,10 @@ def test_the_hopper_tile_reads_its_block_table_ahead_over_pages_that_hold_a_key_
     forced = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, page_ahead=True)
     assert plan(16, forced)["page_ahead"]
     assert pa.for_page_size(dict(BLOCK_M=16, BLOCK_N=16, page_ahead=True), 16)["page_ahead"]
+    with pytest.raises(ValueError, match="page_size must be >= 1 position, got 0"):
+        plan(0)
+    with pytest.raises(TypeError, match="page_size must be an integer, got 16.0"):
+        plan(16.0)
 
 
 def test_an_int_prefix_serves_every_row():
