@@ -179,7 +179,7 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
                    prompt_lens=(4096, 8192, 16384, 32768), chunk_size: int = 2048, repeats: int = 3, warmup: int = 1,
                    device: str = "cuda", dtype: str = "bfloat16", ops: str = "triton", sm_partitions: bool = False,
                    simulate: bool = False, deadline: float | None = None, progress=None, rows=(),
-                   token_budgets=None, cuda_graphs: bool = False) -> dict:
+                   token_budgets=None, cuda_graphs: bool = False, stage_alone: bool = False) -> dict:
     """The harness's modes on one device with the in-process link, the link emulated at each preset's bandwidth;
     with `sm_partitions` each stage on its own SMs (one GPU as S), with `simulate` the simulator's figures too.
     `layers` cuts the model to that many layers (same shapes otherwise) to keep the run short. Points are skipped
@@ -189,6 +189,8 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
     chunks of `chunk_size`, the rows' chunks packed into one step, the KV cache in pages, every row checked against it
     run alone), each under every plan of `token_budgets` (None: per-row chunks; N: steps of N tokens).
     `cuda_graphs`: each stage's chunks replayed from CUDA graphs (`pipeline.graphs`; the warm-up runs capture).
+    `stage_alone`: after a complete grid, `stage_compute_alone` for each S and prompt length (`stage_alone` in the
+    doc: chunking's own cost, to set the pipelined runs' stage compute growth against).
     `progress(i, n, doc)` is called after each point with the document so far."""
     from pipeline import PipelineSpec
     from pipeline.config import PRESETS, get_preset
@@ -259,7 +261,79 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
             progress(i + 1, len(grid), doc)
     if stopped:
         doc.update(complete=False, stopped=stopped)
+    elif stage_alone and not rows and points:  # one stage's chunks alone, per S and prompt length (about 15 s on an
+        # H200 for the suite's grid: past the deadline, not started)
+        if deadline is not None and time.time() + STAGE_ALONE_S > deadline:
+            doc["stage_alone_skipped"] = "time budget"
+        else:
+            doc["stage_alone"] = [stage_compute_alone(name, S, L, chunk_size, device, dtype,
+                                                      ops if fallback is None else "torch", sm_partitions)
+                                  for S in stages
+                                  for L in sorted({p["prompt_len"] for p in points if p["stages"] == S})]
     return doc, last_timelines
+
+
+STAGE_ALONE_S = 30  # what `stage_compute_alone` over the partitions part's grid needs at most (a guess, with room)
+
+
+def stage_compute_alone(model: str, stages: int, prompt_len: int, chunk_size: int, device: str = "cuda",
+                        dtype: str = "bfloat16", ops: str = "triton", sm_partitions: bool = True, repeats: int = 3,
+                        warmup: int = 1) -> dict:
+    """One pipeline stage's compute with nothing else running: as many middle layers of `model` as the busiest of
+    `stages` stages holds, on the first stage's SM partition (with `sm_partitions`) while the others idle, over the
+    prompt whole (`whole_ms`, what naive's stage computes) and in chunks of `chunk_size` (`chunked_ms`), each the
+    median of `repeats` timed runs (CUDA events on the partition's stream; the host clock on CPU). Their ratio,
+    `chunking_cost`, is what chunking costs a stage on its own; the pipelined runs' stage compute growth over it is
+    what running beside S - 1 busy stages costs on one GPU (shared HBM bandwidth and L2: S GPUs would not pay it).
+    `max_abs_diff`: the chunked output against the whole one (the same computation)."""
+    from pipeline import PipelineSpec
+    from pipeline.config import get_preset
+    from pipeline.model import load_model
+    from pipeline.schedule import chunk_plan, chunk_starts
+    cfg = get_preset(model)
+    n = max(len(r) for r in PipelineSpec(source=model, stages=stages).layer_ranges(cfg))
+    part = load_model(model, dtype, device, layers=range(1, 1 + min(n, cfg.num_layers - 1)), ops=ops)
+    cache = part.new_cache(1, prompt_len)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, prompt_len, cfg.hidden_size, device=device, dtype=part.dtype, generator=g)
+    chunks = chunk_plan(prompt_len, chunk_size)
+    stream, plan = None, None
+    if sm_partitions:
+        from pipeline.partitions import SMPartitions
+        partitions = SMPartitions(device, stages, 1)
+        stream, plan = partitions.stage_streams[0], partitions.describe()
+    outs = {}
+
+    def whole():
+        outs["whole"] = part.forward_chunk(x, 0, cache)
+
+    def chunked():
+        outs["chunked"] = torch.cat([part.forward_chunk(x[:, s:s + c], s, cache)
+                                     for s, c in zip(chunk_starts(chunks), chunks)], dim=1)
+
+    def timed(fn) -> float:
+        ts = []
+        for i in range(warmup + repeats):
+            if device == "cpu":
+                t = time.perf_counter()
+                fn()
+                ms = (time.perf_counter() - t) * 1e3
+            else:
+                with torch.cuda.stream(stream or torch.cuda.current_stream()):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            if i >= warmup:
+                ts.append(ms)
+        return statistics.median(ts)
+    whole_ms, chunked_ms = timed(whole), timed(chunked)
+    diff = (outs["chunked"].double() - outs["whole"].double()).abs().max().item()
+    return dict(stages=stages, prompt_len=prompt_len, chunk_size=chunk_size, layers=len(part.layers), ops=ops,
+                whole_ms=whole_ms, chunked_ms=chunked_ms, chunking_cost=chunked_ms / whole_ms, max_abs_diff=diff,
+                scale=outs["whole"].abs().max().item(), **({"sm_partitions": plan} if plan else {}))
 
 
 # ---- part 4: summary --------------------------------------------------------------------------------------------
@@ -364,6 +438,7 @@ def partitions_markdown(doc: dict) -> list[str]:
                          f"{t['overlapped_of_ideal_link']}: worst {worst:.2f} → "
                          f"{_vs_target(worst, t['overlapped_of_ideal'])}")
     lines += ideal_gap_lines(doc["points"])
+    lines += stage_alone_lines(doc)
     sims = [(mode, p["modes"][mode]["sim_over_measured"]) for p in doc["points"] for mode in ("chunked", "overlapped")
             if p["modes"].get(mode, {}).get("sim_over_measured") is not None]
     if sims:
@@ -401,6 +476,29 @@ def ideal_gap_lines(points: list[dict]) -> list[str]:
             + (f" (measured/bound {min(bound):.2f}-{max(bound):.2f})" if bound else "")
             + (": what falls short is compute, not exposed sends." if min(at_own) >= PARTITION_TARGETS[
                 "overlapped_of_ideal"] else ".")]
+
+
+def stage_alone_lines(doc: dict) -> list[str]:
+    """The stage compute growth split in two with `stage_compute_alone`: chunking's own cost (a stage's chunks over
+    its whole prompt, alone on its partition) and the rest, running beside S - 1 busy stages (growth over chunking
+    cost, per point); and the share of the ideal the overlapped runs would reach without that rest (of ideal x it):
+    what S GPUs, each with its own HBM and L2, would give if the schedule held."""
+    if doc.get("stage_alone_skipped"):
+        return [f"- One stage alone on its partition: not measured ({doc['stage_alone_skipped']})."]
+    alone = {(a["stages"], a["prompt_len"]): a for a in doc.get("stage_alone", [])}
+    rows = [(alone[key]["chunking_cost"], g / alone[key]["chunking_cost"], p["overlapped_of_ideal"])
+            for p in doc.get("points", []) if (key := (p["stages"], p.get("prompt_len"))) in alone
+            and p.get("overlapped_of_ideal") is not None and (g := stage_compute_growth(p))]
+    if not rows:
+        return []
+    a0 = next(iter(alone.values()))
+    cost = [c for c, _, _ in rows]
+    beside = [b for _, b, _ in rows]
+    apart = [o * b for _, b, o in rows]
+    return [f"- One stage alone on its partition (its layers, the prompt in chunks of {a0['chunk_size']} against "
+            f"whole, nothing else running): chunking costs it {min(cost):.2f}-{max(cost):.2f}x; running beside the "
+            f"other busy stages {min(beside):.2f}-{max(beside):.2f}x more (one GPU's HBM and L2 shared: S GPUs "
+            f"would not pay it); without that, overlapped would reach {min(apart):.2f}-{max(apart):.2f} of the ideal."]
 
 
 def graphs_markdown(doc: dict, eager: dict | None = None) -> list[str]:
@@ -895,7 +993,7 @@ def _suite(out: Path, args, parts) -> int:
     runs = dict(tests=tests, kernels=kernels,
                 # one GPU as S: each stage on its own SMs, the simulator checked against it
                 partitions=pipeline_part("partitions", "timeline-partitions", prompt_lens=lens, sm_partitions=True,
-                                         simulate=True),
+                                         simulate=True, stage_alone=True),
                 # the targets' points again, each stage's chunks replayed from CUDA graphs: is the host the limit?
                 graphs=pipeline_part("graphs", "timeline-graphs", sm_partitions=True, cuda_graphs=True,
                                      **GRAPHS_POINTS),

@@ -555,6 +555,17 @@ def test_sweep_results_are_rewritten_after_every_row(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("\n* ") + out.startswith("* ") == 2 and "launcher's own choice" in out
 
+    def replayed(shape, deadline, on_row):  # replays rank the rows, not the eager times
+        rows = [dict(prefix=0, chunk=64, BLOCK_M=16, launcher=True, ms=1.0, tflops=5.0, graph_tflops=9.0,
+                     max_abs_err=0.0),
+                dict(prefix=0, chunk=64, BLOCK_M=32, launcher=False, ms=0.5, tflops=10.0, graph_tflops=8.0,
+                     max_abs_err=0.0)]
+        on_row(rows)
+        return rows
+    assert _run_sweeps(replayed, [(0, 64)], tmp_path, None) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("* ") and "5 TFLOP/s (9 replayed)" in out[0] and "(8 replayed)" in out[1]
+
 
 def test_kernels_cli_sweeps_the_paged_kernel_only_with_sweep(capsys):
     from bench.kernels import main
@@ -652,13 +663,34 @@ def test_ideal_gap_separates_the_stages_compute_from_the_schedule():
     assert gpu_suite.ideal_gap_lines([dict(overlapped_of_ideal=0.5, modes=dict(naive={}, overlapped={}))]) == []
 
 
+def test_stage_alone_splits_the_growth_into_chunking_and_sharing():
+    """A stage whose compute grew 1.36x in the overlapped run, 1.10x of it chunking's own cost (measured alone):
+    1.24x is the sharing; overlapped at 0.75 of the ideal would reach 0.93 without it."""
+    point = dict(stages=4, prompt_len=16384, overlapped_of_ideal=0.75,
+                 modes=dict(naive=dict(compute_ms_per_stage=[100.0]), overlapped=dict(compute_ms_per_stage=[136.0])))
+    doc = dict(points=[point, dict(point, prompt_len=4096)],  # no stage_alone entry at 4k: left out
+               stage_alone=[dict(stages=4, prompt_len=16384, chunk_size=2048, chunking_cost=1.1)])
+    assert gpu_suite.stage_alone_lines(doc) == [
+        "- One stage alone on its partition (its layers, the prompt in chunks of 2048 against whole, nothing else "
+        "running): chunking costs it 1.10-1.10x; running beside the other busy stages 1.24-1.24x more (one GPU's HBM "
+        "and L2 shared: S GPUs would not pay it); without that, overlapped would reach 0.93-0.93 of the ideal."]
+    assert gpu_suite.stage_alone_lines(dict(points=[point])) == []  # an older file: nothing to say
+    assert gpu_suite.stage_alone_lines(dict(points=[point], stage_alone_skipped="time budget")) == [
+        "- One stage alone on its partition: not measured (time budget)."]
+
+
 def test_partitions_part_measures_and_summarises_on_cpu():
     """The part's code on CPU (in-process stages, no partitions: there is no GPU to split): every mode, the ideal
     speed-up, the simulator's figures, and the summary with its targets; a spent budget starts no point."""
     doc, shown = gpu_suite.bench_pipeline(model="tiny", layers=None, stages=(2,), links=("100gbe",),
                                           prompt_lens=(64,), chunk_size=16, repeats=1, warmup=0, device="cpu",
-                                          dtype="float32", ops="torch", simulate=True)
+                                          dtype="float32", ops="torch", simulate=True, stage_alone=True)
     point = doc["points"][0]
+    # one stage alone, the prompt whole and in chunks: the same outputs, chunking's own cost
+    (alone,) = doc["stage_alone"]
+    assert (alone["stages"], alone["prompt_len"], alone["chunk_size"], alone["layers"]) == (2, 64, 16, 2)
+    assert alone["whole_ms"] > 0 and alone["chunking_cost"] == pytest.approx(alone["chunked_ms"] / alone["whole_ms"])
+    assert alone["max_abs_diff"] <= 1e-5 * alone["scale"]
     assert doc["complete"] and point["ideal_speedup"] == pytest.approx(2 * 4 / 5)
     assert point["overlapped_of_ideal"] == pytest.approx(
         point["modes"]["overlapped"]["speedup_vs_naive"] / point["ideal_speedup"])
@@ -666,6 +698,7 @@ def test_partitions_part_measures_and_summarises_on_cpu():
     text = "\n".join(gpu_suite.partitions_markdown(doc))
     assert "| 2 | 100gbe | 64 |" in text and "Target overlapped >= 0.9 of the ideal" in text
     assert "Target simulator within 10%" in text and "Stage compute, overlapped over naive" in text
+    assert "One stage alone on its partition" in text
     # CPU runs count no host syncs (nothing to wait for); the summary says so
     assert all(m["host_syncs"] == 0 for m in point["modes"].values())
     assert "Host syncs while enqueueing: none in any run (4 mode-points)" in text
