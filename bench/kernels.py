@@ -272,19 +272,21 @@ def _sweep(configs, where: dict, chosen: dict, deadline, on_row, measure, splits
     return rows
 
 
-def _sweep_row(row: dict, q, ref, flops: float, timer, call) -> dict:
+def _sweep_row(row: dict, q, ref, flops: float, timer, call, graph: bool = True) -> dict:
     """One sweep config: `call(out)` timed into a NaN-poisoned `out` like `q`, its TFLOP/s and max error against
     `ref`; or why it failed (a config that does not compile, shared memory, is a result). On a GPU also replayed
     from a CUDA graph (`graph_ms`, `graph_tflops`; or `graph_why`): the device's time alone. Eager, a short chunk's
     time is its launch path's (an H200 sweep timed the 32k/16 launcher tile at 232 us eagerly, 98 us replayed),
-    and configs that launch a merge after their splits pay a second launch: a sweep ranks kernels by the replay."""
+    and configs that launch a merge after their splits pay a second launch: a sweep ranks kernels by the replay.
+    `graph=False` leaves the replay out (the paged sweep: its launcher's device-side checks have not been captured on
+    a GPU yet, and a capture that failed would cost the suite's graphs part after it)."""
     out = torch.full_like(q, float("nan"))
     try:
         ms = timer(lambda: call(out))
     except Exception as e:  # noqa: BLE001 - said in the row
         return dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     row = dict(row, ms=ms, tflops=flops / ms / 1e9, max_abs_err=(out.double() - ref).abs().max().item())
-    if q.is_cuda:
+    if q.is_cuda and graph:
         try:
             g = graph_replay_ms(lambda: call(out), timer)
             row.update(graph_ms=g, graph_tflops=flops / g / 1e9)
@@ -530,7 +532,8 @@ def sweep_paged(configs=None, shape=TARGET_SHAPE, page_sizes=PAGED_SWEEP_PAGES, 
                        lambda row, cfg, kc=kc, vc=vc, table=table: _sweep_row(
                            row, q, ref, flops, timer,
                            lambda out: chunk_attention(q, kn, vn, kc, vc, prefix, out=out, config=cfg,
-                                                       block_table=table, cu_seqlens=cu, max_chunk=C, max_prefix=P)),
+                                                       block_table=table, cu_seqlens=cu, max_chunk=C, max_prefix=P),
+                           graph=False),
                        plan["splits"])
     return rows
 
