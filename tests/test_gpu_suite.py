@@ -326,9 +326,10 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
         raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
 
     def small_pipeline(layers, deadline, progress, prompt_lens, sm_partitions=False, simulate=False, links=None,
-                       stages=None, rows=(), token_budgets=None, cuda_graphs=False):
+                       stages=None, rows=(), token_budgets=None, cuda_graphs=False, stage_alone=False):
         seen_deadlines.append(deadline)
         graphed.append(cuda_graphs)  # (run eagerly here: a CPU has no graphs to capture)
+        alone.append(stage_alone)
 
         def failing_progress(i, n, doc):
             progress(i, n, doc)
@@ -337,7 +338,8 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
         small = dict(prompt_lens=(), rows=[(30, 9)], token_budgets=token_budgets, links=("100gbe",),
                      simulate=simulate) if rows else dict(prompt_lens=(48,), links=("pcie5", "100gbe"))
         return real(model="tiny", layers=2, stages=(2,), chunk_size=16, repeats=1, warmup=0, device="cpu",
-                    dtype="float32", ops="torch", deadline=deadline, progress=failing_progress, **small)
+                    dtype="float32", ops="torch", deadline=deadline, progress=failing_progress, stage_alone=stage_alone,
+                    **small)
     real_sweeps = bench.kernels.run_sweeps
 
     def small_sweeps(deadline, on_sweep, shapes, paged_shape):  # --quick: one dense shape, no paged sweep
@@ -345,7 +347,7 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
         seen_deadlines.append(deadline)
         return real_sweeps(deadline, shapes=((37, 19),), paged_shape=(37, 19), device="cpu", on_sweep=on_sweep,
                            timer=lambda fn: (fn(), 0.001)[1], Hq=4, Hkv=2, D=16, dtype=torch.float32)
-    seen_deadlines, test_timeouts, graphed = [], [], []
+    seen_deadlines, test_timeouts, graphed, alone = [], [], [], []
     monkeypatch.setattr(gpu_suite, "run_gpu_tests", lambda out, timeout_s: test_timeouts.append(timeout_s) or dict(
         tests=3, passed=3, failed=[], skipped=0, exit_code=0))
     monkeypatch.setattr(bench.kernels, "run_all", fake_kernels)
@@ -360,6 +362,7 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
     # pipeline 20, partitions 130, kernels 130)
     assert [round(d - t0) for d in seen_deadlines] == [540 - 120, 540 - 100, 540 - 80, 540 - 40, 540]
     assert graphed == [False, False, False, True]  # partitions, pipeline, ragged, graphs (last)
+    assert alone == [True, False, False, False]  # one stage timed alone: the partitions part's
     assert "time plan (each part starts no work past): tests +160 s, kernels +290 s, partitions +420 s, " \
            "pipeline +440 s, ragged +460 s, sweeps +500 s, graphs +540 s" in out
     assert 540 - 380 - 5 < test_timeouts[0] <= 540 - 380
