@@ -848,12 +848,14 @@ def run_sweeps(deadline: float, shapes=DECODE_SWEEP_SHAPES, paged_shape=TARGET_S
                timer=gpu_timer, on_sweep=None, **case_kw) -> dict:
     """The gpu-suite's tuning part, in the time left to it: `sweep_attention`'s default grid at each of `shapes`
     (decode-like ones lead with their split counts and load depths), then `sweep_paged` at `paged_shape` (None: not
-    run). The time up to `deadline` (time.time()) is shared out: each sweep gets an equal part of what is left when
-    it starts, so one that ends early leaves its time to the rest; rows past a share's end say 'not run'.
+    run), one sweep per page size. The time up to `deadline` (time.time()) is shared out: each sweep gets an equal
+    part of what is left when it starts, so one that ends early leaves its time to the rest; rows past a share's end
+    say 'not run' (on an H200 the pages of 16 took the paged sweep's whole share when both page sizes had one).
     `on_sweep(doc)` after each sweep. Returns dict(kind="sweeps", attention=rows, paged=rows, complete)."""
     import functools
     sweeps = [("attention", functools.partial(sweep_attention, shape=sh)) for sh in shapes]
-    sweeps += [("paged", functools.partial(sweep_paged, shape=paged_shape))] if paged_shape else []
+    sweeps += [("paged", functools.partial(sweep_paged, shape=paged_shape, page_sizes=(page,)))
+               for page in (PAGED_SWEEP_PAGES if paged_shape else ())]
     doc = dict(kind="sweeps", attention=[], paged=[], complete=False)
     for i, (kind, sweep) in enumerate(sweeps):
         share_end = time.time() + max(0.0, deadline - time.time()) / (len(sweeps) - i)

@@ -536,6 +536,25 @@ def test_tile_ab_times_each_launcher_tile_against_the_one_it_replaced():
     assert tile_ab(device="cpu", deadline=time.time() - 1) == []
 
 
+def test_sweeps_share_the_time_left_out_per_shape_and_page_size(monkeypatch):
+    """run_sweeps: each dense shape and each page size of the paged sweep its own equal share of what is left when it
+    starts (on an H200 the pages of 16 used up a share meant for both page sizes)."""
+    import bench.kernels as bk
+    calls = []
+
+    def fake(kind):
+        def sweep(shape, deadline, page_sizes=None, **kw):
+            calls.append((kind, shape, page_sizes, round(deadline - time.time())))
+            return [dict(prefix=shape[0], chunk=shape[1], launcher=True, ms=1.0, tflops=1.0, max_abs_err=0.0)]
+        return sweep
+    monkeypatch.setattr(bk, "sweep_attention", fake("attention"))
+    monkeypatch.setattr(bk, "sweep_paged", fake("paged"))
+    doc = bk.run_sweeps(time.time() + 400, shapes=((32768, 1), (32768, 16)), paged_shape=(16384, 2048))
+    assert calls == [("attention", (32768, 1), None, 100), ("attention", (32768, 16), None, 133),
+                     ("paged", (16384, 2048), (16,), 200), ("paged", (16384, 2048), (256,), 400)]
+    assert len(doc["attention"]) == 2 and len(doc["paged"]) == 2 and doc["complete"]
+
+
 def test_sweep_results_are_rewritten_after_every_row(tmp_path, capsys):
     """`bench kernels --sweep --out`: sweep.json holds every row measured so far (complete false) while the sweep
     runs, and all of them with complete true at the end; the launcher's rows are starred in the printout."""
