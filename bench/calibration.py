@@ -77,18 +77,16 @@ def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[
     flat = [r for job, job_runs in zip(jobs, runs) if job.tp_comm != "overlap" for r in job_runs]
     bpt = bytes_per_token(spec, batch)
     costs, link = fit_from_runs(flat, bpt)
-    fitted = dict(bandwidth_gbps=link.bandwidth_gbps, latency_s=link.latency_s)
-    emulated = LinkModel(spec.bandwidth_gbps, spec.latency_s)
-    wire = spec.link == "inprocess" and emulated.active
-    if wire:  # an in-process send takes the emulated time and nothing else (a device-local copy)
-        link = emulated
     info = dict(prompt_len=jobs[0].tokens.shape[1], repeats=jobs[0].repeats, warmup=jobs[0].warmup,
                 chunks=jobs[0].chunks, stage_costs=[dataclasses.asdict(c) for c in costs],
-                stage_cost_form="a*x^2 + b*x*p + c*x + d seconds",
-                link=dict(bandwidth_gbps=link.bandwidth_gbps, latency_s=link.latency_s,
-                          source="emulated" if wire else "fitted"))
-    if wire:
-        info.update(link_fitted=dict(fitted, why_not_used=LINK_FIT_CAVEAT))
+                stage_cost_form="a*x^2 + b*x*p + c*x + d seconds")
+    emulated = LinkModel(spec.bandwidth_gbps, spec.latency_s)
+    source = "emulated" if spec.link == "inprocess" and emulated.active else "fitted"
+    if source == "emulated":  # an in-process send takes the emulated time and nothing else (a device-local copy)
+        info["link_fitted"] = dict(bandwidth_gbps=link.bandwidth_gbps, latency_s=link.latency_s,
+                                   why_not_used=LINK_FIT_CAVEAT)
+        link = emulated
+    info["link"] = dict(bandwidth_gbps=link.bandwidth_gbps, latency_s=link.latency_s, source=source)
     if spec.tp > 1:
         compute, tp_link = fit_tp_from_runs(flat, spec.tp)
         cfg = resolve_config(spec.source)

@@ -74,8 +74,8 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
     # report sets their loops side by side
     if arch >= 90:
         dense += [(d, dt, g, {**c, "fold_scale": True}) for d, dt, g, c in list(dense)
-                  if d == 128 and dt == torch.bfloat16 and (c["BLOCK_M"], c["BLOCK_N"]) in ((128, 128), (64, 64))
-                  and not c["pack_gqa"] and c["BLOCK_N"] == (64 if c.get("no_prefix") else 128)]
+                  if d == 128 and dt == torch.bfloat16 and not c["pack_gqa"]
+                  and (c["BLOCK_M"], c["BLOCK_N"]) == ((64, 64) if c.get("no_prefix") else (128, 128))]
     for head_dim, dtype, group, cfg in dense:
         has_prefix = not cfg.get("no_prefix")
         sig = _attention_signature(dtype)
