@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number
+from .shapes import cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number, shown
 
 LOG2E = 1.4426950408889634
 
@@ -489,20 +489,20 @@ def _check_config(config: dict, group: int) -> dict:
         v = config[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (key != "num_stages" and v & (v - 1)):
             raise ValueError(f"chunk_attention: config {key} must be a positive int"
-                             f"{'' if key == 'num_stages' else ' and a power of two'}, got {v!r}")
+                             f"{'' if key == 'num_stages' else ' and a power of two'}, got {shown(v)}")
     if config["BLOCK_M"] < 16 or config["BLOCK_N"] < 16:
         raise ValueError(f"chunk_attention: BLOCK_M and BLOCK_N must be >= 16 (tl.dot), got {config}")
     if not isinstance(config.get("pack_gqa", False), bool):
-        raise ValueError(f"chunk_attention: config pack_gqa must be True or False, got {config['pack_gqa']!r}")
+        raise ValueError(f"chunk_attention: config pack_gqa must be True or False, got {shown(config['pack_gqa'])}")
     if config.get("pack_gqa") and pack_heads(group) > config["BLOCK_M"]:
         raise ValueError(f"chunk_attention: config pack_gqa puts {pack_heads(group)} query heads in a tile of "
                          f"BLOCK_M = {config['BLOCK_M']} rows; BLOCK_M must be at least that")
     for key in ("tma", "longest_first", "no_prefix", "page_ahead", "fold_scale"):
         if not isinstance(config.get(key, False), bool):
-            raise ValueError(f"chunk_attention: config {key} must be True or False, got {config[key]!r}")
+            raise ValueError(f"chunk_attention: config {key} must be True or False, got {shown(config[key])}")
     splits = config.get("num_splits", 1)
     if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= 256:
-        raise ValueError(f"chunk_attention: config num_splits must be an int in [1, 256], got {splits!r}")
+        raise ValueError(f"chunk_attention: config num_splits must be an int in [1, 256], got {shown(splits)}")
     return dict(config)
 
 

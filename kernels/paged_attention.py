@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .chunk_attention import MERGE_ROWS, PACK_MAX_CHUNK, _check_config, _device_facts, _merge_splits_kernel, \
     _split_slice, pack_heads, pick_splits, programs_per_sm
-from .shapes import cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number
+from .shapes import cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number, shown
 
 LOG2E = 1.4426950408889634
 
@@ -452,7 +452,7 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
     e.g. once per step for every layer of a model. CPU inputs are checked on the host either way.
     """
     if not isinstance(check, bool):
-        raise TypeError(f"paged chunk_attention: check must be True or False, got {check!r}")
+        raise TypeError(f"paged chunk_attention: check must be True or False, got {shown(check)}")
     B, Hq, Hkv, D, page_size, lens = _check(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens)
     if config is not None:
         config = _check_config(config, Hq // Hkv)

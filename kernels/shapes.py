@@ -38,22 +38,39 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
+def shown(v, limit: int = 80, typed: bool = False) -> str:
+    """A caller's value as an error message shows it, on one line: its repr when that is one line of at most `limit`
+    characters (a string or path whatever its length), with its type in brackets if `typed`; a tensor or array as
+    its type, shape and dtype; a module as its type (its repr runs to pages); anything else as the start of its repr,
+    its type and (for a sized one) its length."""
+    text = repr(v)
+    if "\n" not in text and (len(text) <= limit or isinstance(v, (str, bytes, os.PathLike))):
+        return f"{text} ({type(v).__name__})" if typed else text
+    if hasattr(v, "shape") and hasattr(v, "dtype"):
+        return f"a {type(v).__name__} of shape {tuple(v.shape)}, {v.dtype}"
+    if isinstance(v, torch.nn.Module):
+        return f"a {type(v).__name__} module"
+    head = " ".join(text.split())[:limit]
+    size = f" of {len(v)}" if hasattr(v, "__len__") else ""
+    return f"{head}... (a {type(v).__name__}{size})"
+
+
 def integer(name: str, v) -> int:
     """An int (numpy ints too), never a bool or a float: a position of 5.7 or True is a caller's bug."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
+        raise TypeError(f"{name} must be an integer, got {shown(v, typed=True)}")
     return int(v)
 
 
 def positive_number(name: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        raise ValueError(f"{name} must be a positive finite number, got {shown(v)}")
     return float(v)
 
 
 def non_negative_number(name: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {shown(v)}")
     return float(v)
 
 

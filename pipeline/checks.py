@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from kernels.shapes import shown
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -31,7 +33,7 @@ def seconds(name: str, cost, x, p):
 def integer(name: str, v, minimum: int | None = None) -> int:
     """An int (numpy ints too; not a bool, not a float such as 5.0 or 5.7) of at least `minimum`."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
+        raise TypeError(f"{name} must be an integer, got {shown(v, typed=True)}")
     v = int(v)
     if minimum is not None and v < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
@@ -46,7 +48,7 @@ def positive_int(name: str, v) -> int:
 def number(name: str, v, minimum: float | None = None, strict: bool = False, maximum: float | None = None) -> float:
     """A finite real number (not a bool, not NaN or ±inf), >= minimum (> minimum when `strict`), <= maximum."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {v!r} ({type(v).__name__})")
+        raise TypeError(f"{name} must be a number, got {shown(v, typed=True)}")
     v = float(v)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be a finite number, got {v}")
@@ -59,7 +61,7 @@ def number(name: str, v, minimum: float | None = None, strict: bool = False, max
 
 def flag(name: str, v) -> bool:
     if not isinstance(v, bool):
-        raise TypeError(f"{name} must be True or False, got {v!r}")
+        raise TypeError(f"{name} must be True or False, got {shown(v)}")
     return v
 
 
@@ -68,7 +70,7 @@ def dtype_name(v, name: str = "dtype") -> str:
     for key, dt in DTYPES.items():
         if v == key or v is dt:
             return key
-    raise ValueError(f"{name} must be one of {', '.join(DTYPES)} (or the torch dtype), got {v!r}")
+    raise ValueError(f"{name} must be one of {', '.join(DTYPES)} (or the torch dtype), got {shown(v)}")
 
 
 def device(v, name: str = "device") -> torch.device:
@@ -76,21 +78,21 @@ def device(v, name: str = "device") -> torch.device:
     try:
         dev = torch.device(v)
     except (RuntimeError, TypeError):
-        raise ValueError(f"{name} must be 'cpu' or 'cuda[:index]', got {v!r}") from None
+        raise ValueError(f"{name} must be 'cpu' or 'cuda[:index]', got {shown(v)}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{name} {v!r} requested but CUDA is not available here")
+            raise ValueError(f"{name} {shown(v)} requested but CUDA is not available here")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{name} {v!r}: only {torch.cuda.device_count()} GPU(s) here")
+            raise ValueError(f"{name} {shown(v)}: only {torch.cuda.device_count()} GPU(s) here")
     elif dev.type != "cpu":
-        raise ValueError(f"{name} must be 'cpu' or 'cuda[:index]', got {v!r}")
+        raise ValueError(f"{name} must be 'cpu' or 'cuda[:index]', got {shown(v)}")
     return dev
 
 
 def int_list(name: str, v, minimum: int = 1) -> list[int]:
     """A non-empty list (or tuple) of integers >= minimum."""
     if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
-        raise TypeError(f"{name} must be a list of integers, got {v!r}")
+        raise TypeError(f"{name} must be a list of integers, got {shown(v)}")
     out = [integer(f"{name}[{i}]", x, minimum) for i, x in enumerate(v)]
     if not out:
         raise ValueError(f"{name} must not be empty")

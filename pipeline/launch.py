@@ -28,7 +28,7 @@ from .tp import check_tp_boundary, check_tp_comm
 def check_job(job: Job, cfg) -> None:
     """A job's fields, one by one, against the model's limits: a one-line error naming the bad value."""
     if not isinstance(job, Job):
-        raise TypeError(f"jobs must be Job objects, got {job!r}")
+        raise TypeError(f"jobs must be Job objects, got {checks.shown(job)}")
     check_mode(job.mode)
     if job.ragged:
         check_rows(job.tokens, cfg.vocab_size, cfg.max_seq_len, decode=job.decode)
@@ -172,11 +172,11 @@ def run_jobs(spec: PipelineSpec, jobs: list[Job], progress=None) -> list[list[Pr
     process group from env://) every rank calls this with the same arguments; rank 0 gets the results, the other
     ranks None. `progress(done, total, what)`, if given, is called (on rank 0) before each run and at the end."""
     if not isinstance(spec, PipelineSpec):
-        raise TypeError(f"spec must be a PipelineSpec, got {spec!r}")
+        raise TypeError(f"spec must be a PipelineSpec, got {checks.shown(spec)}")
     spec.validate()
     cfg = resolve_config(spec.source)
     if not isinstance(jobs, (list, tuple)) or not jobs:
-        raise ValueError(f"jobs must be a non-empty list of Job, got {jobs!r}")
+        raise ValueError(f"jobs must be a non-empty list of Job, got {checks.shown(jobs)}")
     for job in jobs:
         check_job(job, cfg)
         check_codec(job.compress, DTYPES[spec.dtype])

@@ -378,7 +378,7 @@ class Transformer(nn.Module):
         self.check_tokens(tokens)
         B, L = tokens.shape
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+            raise ValueError(f"chunk_size must be a positive integer, got {checks.shown(chunk_size)}")
         if cache is None:
             cache = self.new_cache(B, max_len or L)
         step = chunk_size or L
@@ -400,8 +400,11 @@ def resolve_config(source: str | Path | ModelConfig) -> ModelConfig:
     """A preset name, a Hugging Face directory or a ModelConfig -> its ModelConfig."""
     if isinstance(source, ModelConfig):
         return source
+    if isinstance(source, nn.Module):  # a model already loaded: each stage (process) builds its own layers
+        raise TypeError(f"model source must be a preset name, a Hugging Face directory or a ModelConfig, got "
+                        f"{checks.shown(source)}: pass what it was loaded from (every stage loads its own layers)")
     if not isinstance(source, (str, Path)):
-        raise TypeError(f"model source must be a preset name, a directory or a ModelConfig, got {source!r}")
+        raise TypeError(f"model source must be a preset name, a directory or a ModelConfig, got {checks.shown(source)}")
     if str(source).strip() == "":
         raise ValueError(f"model source must be a preset name or a Hugging Face directory, got {str(source)!r}")
     if Path(source).is_dir():
@@ -425,7 +428,7 @@ def load_model(source: str | Path | ModelConfig, dtype: torch.dtype | str = torc
     device = checks.device(device)
     checks.integer("seed", seed)
     if layers is not None and not isinstance(layers, range):
-        raise TypeError(f"layers must be a range of layer indices, got {layers!r}")
+        raise TypeError(f"layers must be a range of layer indices, got {checks.shown(layers)}")
     layers = range(cfg.num_layers) if layers is None else layers
     get_ops(ops)
     check_tp(cfg, tp)

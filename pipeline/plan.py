@@ -62,9 +62,9 @@ def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: L
     stages = checks.positive_int("stages", stages)
     granularity = checks.positive_int("granularity", granularity)
     if not callable(cost):
-        raise TypeError(f"cost must be a callable cost(x, p) -> seconds, got {cost!r}")
+        raise TypeError(f"cost must be a callable cost(x, p) -> seconds, got {checks.shown(cost)}")
     if link is not None and not isinstance(link, LinkModel):
-        raise TypeError(f"link must be a LinkModel or None, got {link!r}")
+        raise TypeError(f"link must be a LinkModel or None, got {checks.shown(link)}")
     bytes_per_token = checks.integer("bytes_per_token", bytes_per_token, 0)
     start_pos = checks.integer("start_pos", start_pos, 0)
     if granularity > prompt_len:

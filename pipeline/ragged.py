@@ -155,7 +155,7 @@ class PagePool:
 
     def _row(self, row: int) -> list[int]:
         if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < len(self.rows):
-            raise ValueError(f"page pool: row must be an int in [0, {len(self.rows)}), got {row!r}")
+            raise ValueError(f"page pool: row must be an int in [0, {len(self.rows)}), got {checks.shown(row)}")
         return self.rows[row]
 
     def _take(self, row: int, n: int) -> list[int]:
@@ -190,7 +190,7 @@ class PagePool:
             raise ValueError(f"page pool: row {row} already holds pages; share a prefix into an empty row")
         if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= len(theirs) * self.page_size:
             raise ValueError(f"page pool: row {src} holds {len(theirs) * self.page_size} positions; a shared prefix "
-                             f"must be an int in [0, that], got {length!r}")
+                             f"must be an int in [0, that], got {checks.shown(length)}")
         full, rest = divmod(length, self.page_size)
         for p in theirs[:full]:
             self.refs[p] += 1

@@ -41,12 +41,12 @@ def simulate(mode: str, chunks: list[int], costs, link: LinkModel = LinkModel(),
     check_mode(mode)
     chunks = checks.int_list("chunk sizes", chunks, 1)
     if not isinstance(costs, (list, tuple)) or not costs:
-        raise ValueError(f"need one cost per stage, got {costs!r}")
+        raise ValueError(f"need one cost per stage, got {checks.shown(costs)}")
     for s, c in enumerate(costs):
         if not callable(c):
-            raise TypeError(f"costs[{s}] must be a callable cost(x, p) -> seconds, got {c!r}")
+            raise TypeError(f"costs[{s}] must be a callable cost(x, p) -> seconds, got {checks.shown(c)}")
     if not isinstance(link, LinkModel):
-        raise TypeError(f"link must be a LinkModel, got {link!r}")
+        raise TypeError(f"link must be a LinkModel, got {checks.shown(link)}")
     bytes_per_token = checks.integer("bytes_per_token", bytes_per_token, 0)
     start_pos = checks.integer("start_pos", start_pos, 0)
     costs = [_checked(c, f"costs[{s}]") for s, c in enumerate(costs)]

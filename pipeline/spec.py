@@ -62,10 +62,10 @@ class PipelineSpec:
             raise ValueError(f"unknown link {self.link!r}; choose one of {', '.join(LINKS)}")
         checks.dtype_name(self.dtype)
         if not isinstance(self.dtype, str):
-            raise TypeError(f"dtype must be the name of a dtype ({', '.join(DTYPES)}), got {self.dtype!r}")
+            raise TypeError(f"dtype must be the name of a dtype ({', '.join(DTYPES)}), got {checks.shown(self.dtype)}")
         cfg = resolve_config(self.source)
         if isinstance(self.stages, bool) or not isinstance(self.stages, (int, tuple)):
-            raise TypeError(f"stages must be a number of stages or per-stage layer counts, got {self.stages!r}")
+            raise TypeError(f"stages must be a number of stages or per-stage layer counts, got {checks.shown(self.stages)}")
         self.layer_ranges(cfg)
         if self.bandwidth_gbps is not None:
             checks.number("bandwidth_gbps", self.bandwidth_gbps, 0, strict=True)

@@ -370,6 +370,11 @@ def _prefill(**kw):
     return lambda: run_prefill(**args)
 
 
+def _loaded_tiny():
+    from pipeline import load_model
+    return load_model("tiny")
+
+
 def _attn(**over):
     from kernels import chunk_attention
     t = dict(q=torch.zeros(1, 4, 4, 16), k_new=torch.zeros(1, 4, 2, 16), v_new=torch.zeros(1, 4, 2, 16),
@@ -439,6 +444,13 @@ API = [
     ("decode-text", _prefill(decode="yes"), ["decode", "'yes'"]),
     ("unknown-keyword", _prefill(colour="blue"), ["unexpected keyword", "colour"]),
     ("source-number", _prefill(source=42), ["model source", "42"]),
+    ("source-loaded-model", lambda: _prefill(source=_loaded_tiny())(), ["model source", "a Transformer module",
+                                                                        "what it was loaded from"]),
+    ("chunk-size-tensor", _prefill(chunk_size=torch.arange(50)), ["chunk_size", "a Tensor of shape (50,)"]),
+    ("stages-array", _prefill(stages=np.arange(100)), ["stages", "a ndarray of shape (100,)"]),
+    ("chunks-long-list", _prefill(chunk_size=None, chunks=list(range(1, 60)) + [0.5]),
+     ["chunk sizes[59]", "0.5 (float)"]),
+    ("seed-long-list", _prefill(seed=list(range(200))), ["seed", "(a list of 200)"]),
     ("source-empty", _prefill(source=""), ["model source", "''"]),
     ("source-unknown", _prefill(source="gpt5"), ["unknown preset 'gpt5'"]),
     ("source-missing-dir", _prefill(source="./no/such"), ["./no/such", "not exist"]),
@@ -567,3 +579,15 @@ def test_cuda_graphs_refuse_what_they_cannot_replay_even_with_a_gpu(extra, needl
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--cuda-graphs" in err and needle in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_error_shows_any_value_on_one_short_line():
+    from kernels.shapes import shown
+    path = "/data/" + "x" * 200
+    assert shown(path) == repr(path)  # a path whole, however long
+    assert shown(5.5, typed=True) == "5.5 (float)" and shown(torch.tensor(3)) == "tensor(3)"
+    assert shown(torch.zeros(300, 2)) == "a Tensor of shape (300, 2), torch.float32"
+    assert shown(torch.nn.Linear(4, 4)) == "Linear(in_features=4, out_features=4, bias=True)"
+    assert shown(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())) == "a Sequential module"
+    long = shown(dict.fromkeys(range(100)))
+    assert "\n" not in long and long.endswith("... (a dict of 100)") and len(long) < 120
