@@ -286,13 +286,15 @@ def _merge_splits_kernel(Part, Lse, Out, n_splits, n_rows, C, Hq, stride_ob, str
         lse = tl.load(Lse + base, mask=r_ok, other=float("-inf"))
         part = tl.load(Part + base[:, None] * HEAD_DIM + d[None, :], mask=io_ok, other=0.0)
         m_new = tl.maximum(m, lse)
-        none = m_new == float("-inf")  # no split so far saw a key: nothing to rescale
-        alpha = tl.where(none, 0.0, tl.math.exp2(m - m_new))
-        w = tl.where(none, 0.0, tl.math.exp2(lse - m_new))
+        # rescaled to a finite max: while no split has seen a key (m_new -inf) both weights are exp2(-inf) = 0,
+        # with no -inf - -inf = NaN taken (the interpreter warns of it even where masked off)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_ref)
+        w = tl.math.exp2(lse - m_ref)
         acc = acc * alpha[:, None] + part * w[:, None]
         l = l * alpha + w
         m = m_new
-    out = acc / l[:, None]
+    out = acc / tl.where(r_ok, l, 1.0)[:, None]  # rows past the end divided by 1, not 0 / 0
     h = r64 % Hq
     bi = r64 // Hq
     dst = Out + (bi // C) * stride_ob + (bi % C) * stride_om + h * stride_oh

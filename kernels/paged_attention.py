@@ -235,8 +235,9 @@ def _paged_chunk_attention_kernel(
         tl.store(Out + pid_s.to(tl.int64) * stride_os + o_rows, out, mask=io_ok)
         lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(Lse + (pid_s.to(tl.int64) * N + q0 + offs_m) * Hq + heads, lse, mask=row_ok)
-    else:
-        out = acc / l_i[:, None]
+    else:  # rows not stored (past the row's chunk, masked heads) saw no key: divided by 1, not 0 / 0 (the
+        # interpreter warns of it); a stored row of a row outside its table still gets 0 / 0 = NaN
+        out = acc / tl.where(row_ok, l_i, 1.0)[:, None]
         tl.store(Out + o_rows, out.to(Out.dtype.element_ty), mask=io_ok)
 
 
