@@ -16,13 +16,17 @@ Markdown summary:
 5. ragged.json      a serving-like batch on the SM partitions: rows of 1k, 4k and 16k tokens, the KV cache in
                     pages, per-row chunks and a 4096-token step budget, every mode; each row's TTFT, every row
                     checked against it run alone, the simulator against the measured runs; timeline-ragged.png;
-6. sweeps.json      in the time left: chunk_attention's tuning grid at the decode-like shapes (prefix 32k, chunks of
+6. nccl.json        on a machine of 2 GPUs or more (else a line saying why not, and no time reserved): the pipeline
+                    over real links, one process per stage and TP rank on its own GPU, NCCL between them, every
+                    mode at (S, T) = (2, 1), (4, 1), (1, 2), (2, 2) as far as the GPUs go, 4k and 16k tokens; with
+                    T = 2, serial all-reduces against ISO-overlapped ones;
+7. sweeps.json      in the time left: chunk_attention's tuning grid at the decode-like shapes (prefix 32k, chunks of
                     1 and 16: split counts and load depths first), then the paged kernel's at prefix 16k, chunk 2k;
                     each shape's launcher config against the fastest correct one;
-7. graphs.json      the partitions part's 100 GbE points at 16k again, each stage's chunks replayed from CUDA graphs
+8. graphs.json      the partitions part's 100 GbE points at 16k again, each stage's chunks replayed from CUDA graphs
                     (`pipeline.graphs`): against the eager points, whether the one host thread enqueueing every
                     stage was what limited them; timeline-graphs.png and its trace (last: see PARTS);
-8. summary.md       the figures against their targets, by how much each misses; a part that failed, named
+9. summary.md       the figures against their targets, by how much each misses; a part that failed, named
                     (it does not stop the parts after it).
 Time plan (`part_deadlines`): --budget-s (default 540 s) ends the suite, so it fits one 10-minute call, and each part
 stops starting new work early enough to leave the parts after it their reserve (`PART_RESERVE_S`): the test run is
@@ -51,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINE_LINKS = ("100gbe", "pcie5", "nvlink")  # the targets' link first: a part cut short has measured it
 # the order they run in: most wanted first, except graphs: captures untried on a GPU run last, so that an error
 # that poisons the process's CUDA context cannot take the other parts with it
-PARTS = ("tests", "kernels", "partitions", "pipeline", "ragged", "sweeps", "graphs")
+PARTS = ("tests", "kernels", "partitions", "pipeline", "ragged", "nccl", "sweeps", "graphs")
 RAGGED_ROWS = ((1024, 4096, 16384),)  # the ragged part's batches (--quick: the first two rows)
 RAGGED_BUDGETS = (None, 4096)
 
@@ -334,6 +338,88 @@ def stage_compute_alone(model: str, stages: int, prompt_len: int, chunk_size: in
     return dict(stages=stages, prompt_len=prompt_len, chunk_size=chunk_size, layers=len(part.layers), ops=ops,
                 whole_ms=whole_ms, chunked_ms=chunked_ms, chunking_cost=chunked_ms / whole_ms, max_abs_diff=diff,
                 scale=outs["whole"].abs().max().item(), **({"sm_partitions": plan} if plan else {}))
+
+
+# (stages, tp) of the nccl part, each on stages x tp GPUs: a point needing more GPUs than the machine has is left out
+NCCL_POINTS = ((2, 1), (4, 1), (1, 2), (2, 2))
+NCCL_TP_COMMS = ["serial", "overlap"]  # with tp > 1: serial all-reduces against ISO-overlapped ones, side by side
+
+
+def bench_nccl(model: str = "llama3-8b", layers: int | None = 8, prompt_lens=(4096, 16384), chunk_size: int = 2048,
+               repeats: int = 3, warmup: int = 1, dtype: str = "bfloat16", ops: str = "triton", gpus: int | None = None,
+               link: str = "nccl", device: str = "cuda", deadline: float | None = None, progress=None) -> dict:
+    """The pipeline over real links: one process per stage and TP rank, each on its own GPU, NCCL between them (no
+    emulated delay: the machine's own NVLink or PCIe), every mode, at each (S, T) of NCCL_POINTS that `gpus`
+    (default: the GPUs torch sees) can hold; with T > 1 serial all-reduces against ISO-overlapped ones
+    (NCCL_TP_COMMS). Fewer than 2 GPUs: nothing runs and `skipped` says so. `link`/`device` let the tests run the
+    same part over gloo on CPU. Points are skipped once `deadline` would be passed; `progress(i, n, doc)` after
+    each."""
+    from pipeline import PipelineSpec
+    from pipeline.config import get_preset
+    from pipeline.schedule import chunk_plan
+
+    from .harness import run_point
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    full = get_preset(model)
+    # the config itself, not a registered name: the stage processes are spawned and re-import the presets
+    cfg = full.replace(num_layers=layers or full.num_layers, max_seq_len=max(prompt_lens) + 1)
+    grid = [(S, T, L) for L in prompt_lens for S, T in NCCL_POINTS if S * T <= gpus and S <= cfg.num_layers]
+    doc = dict(model=model, layers=cfg.num_layers, model_layers=full.num_layers, chunk_size=chunk_size,
+               repeats=repeats, warmup=warmup, dtype=dtype, ops=ops, gpus=gpus, link=link, points=[],
+               complete=False)
+    if not grid:
+        doc["skipped"] = (f"{gpus} GPU{'s' if gpus != 1 else ''} here; NCCL between stage processes needs 2 or more "
+                          f"(points (S, T) = {', '.join(f'({S}, {T})' for S, T in NCCL_POINTS)} on S x T GPUs)")
+        return doc
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the earlier parts' cached blocks on GPU 0, where stage 0 now runs
+    longest = 0.0
+    for i, (S, T, L) in enumerate(grid):
+        if deadline is not None and time.time() + 1.5 * longest > deadline:
+            doc["stopped"] = f"stopped at the time budget after {i} of {len(grid)} points"
+            return doc
+        t_point = time.time()
+        chunks = chunk_plan(L, chunk_size)
+        spec = PipelineSpec(source=cfg, stages=S, tp=T, link=link, ops=ops, dtype=dtype, device=device)
+        point = run_point(spec, L, 1, chunks, repeats, warmup, tp_comms=NCCL_TP_COMMS if T > 1 else None)
+        for key in ("timelines", "records", "sim_timelines"):
+            point.pop(key, None)
+        point.update(stages=S, tp=T, gpus=S * T, link=link)
+        m = point["modes"]
+        if S > 1 and "naive" in m and "overlapped" in m:
+            point["ideal_speedup"] = ideal_speedup(S, len(chunks))
+            point["overlapped_of_ideal"] = m["overlapped"]["speedup_vs_naive"] / point["ideal_speedup"]
+        doc["points"].append(point)
+        longest = max(longest, time.time() - t_point)
+        doc["complete"] = i + 1 == len(grid)
+        if progress:
+            progress(i + 1, len(grid), doc)
+    return doc
+
+
+def nccl_markdown(doc: dict) -> list[str]:
+    """The nccl part: every mode over real links per (S, T), overlapped against naive and the ideal, and with T > 1
+    the all-reduce time of serial reduces against ISO-overlapped ones; or why it did not run."""
+    lines = [f"## Multi-GPU pipeline ({doc.get('link', 'nccl').upper()}, one process per stage and TP rank)", ""]
+    if doc.get("skipped"):
+        return lines + [f"Not run: {doc['skipped']}.", ""]
+    head = (f"{doc['model']} shape with {doc['layers']} of its {doc['model_layers']} layers, random weights, "
+            f"{doc['dtype']}, chunks of {doc['chunk_size']}, median of {doc['repeats']} runs, {doc['gpus']} GPUs; "
+            "the links are the machine's own (nothing emulated)." + _part_notes(doc))
+    lines += [head, "", "| S | T | L | naive ms | chunked ms | overlapped ms | overlapped vs naive | of ideal | "
+              "exposed comm ms | all-reduce ms serial | overlapped ms, ISO reduce (its all-reduce ms) | outputs match |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for p in doc["points"]:
+        m = p["modes"]
+        get = lambda mode, key, f="{:.1f}": _fmt(m.get(mode, {}).get(key), f)  # noqa: E731
+        reduce_ms = lambda mode: _fmt((m.get(mode, {}).get("allreduce_ms_per_stage") or [None])[0], "{:.1f}")  # noqa
+        iso = f"{get('overlapped/overlap', 'ttft_ms')} ({reduce_ms('overlapped/overlap')})" if p["tp"] > 1 else "-"
+        lines.append(f"| {p['stages']} | {p['tp']} | {p['prompt_len']} | {get('naive', 'ttft_ms')} | "
+                     f"{get('chunked', 'ttft_ms')} | {get('overlapped', 'ttft_ms')} | "
+                     f"{get('overlapped', 'speedup_vs_naive', '{:.2f}')}x | {_fmt(p.get('overlapped_of_ideal'))} | "
+                     f"{get('overlapped', 'exposed_comm_ms')} | {reduce_ms('overlapped') if p['tp'] > 1 else '-'} | "
+                     f"{iso} | {'yes' if all(v['outputs_match'] for v in m.values()) else 'NO'} |")
+    return lines + [""]
 
 
 # ---- part 4: summary --------------------------------------------------------------------------------------------
@@ -636,14 +722,15 @@ def baseline_lines(path: str, base: dict, new: dict) -> list[str]:
 
 def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeline: dict | None,
                      partitions: dict | None = None, ragged: dict | None = None, sweeps: dict | None = None,
-                     graphs: dict | None = None, baseline: tuple[str, dict] | None = None) -> str:
+                     graphs: dict | None = None, baseline: tuple[str, dict] | None = None,
+                     nccl: dict | None = None) -> str:
     """The short table a person reads first; every figure comes from the part documents (and, for the kernels, a
     committed run on the same GPU: `baseline`, from `committed_baseline`)."""
     lines = [f"# GPU suite: {env.get('device')}", "",
              f"driver {env.get('driver')}, CUDA {env.get('cuda')}, torch {env.get('torch')}, Triton "
              f"{env.get('triton')}, commit `{env.get('git_commit')}`", ""]
     parts = dict(tests=tests, kernels=kernels, partitions=partitions, graphs=graphs, pipeline=pipeline, ragged=ragged,
-                 sweeps=sweeps)
+                 nccl=nccl, sweeps=sweeps)
     failed = [(name, d["part_failed"]) for name, d in parts.items() if d is not None and d.get("part_failed")]
     if failed:  # the suite went on after these; what they measured before failing is below
         lines += [f"- **{name} part FAILED**: {why} (traceback in `{name}.json`)" for name, why in failed] + [""]
@@ -655,6 +742,7 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
     ragged = ragged if ragged is not None and "points" in ragged else None
     graphs = graphs if graphs is not None and "points" in graphs else None
     sweeps = sweeps if sweeps is not None and "attention" in sweeps else None
+    nccl = nccl if nccl is not None and "points" in nccl else None
     if tests is not None:
         lines += ["## GPU tests", "", f"{tests.get('passed', 0)} passed, {len(tests.get('failed', []))} failed, "
                                       f"{tests.get('skipped', 0)} skipped (exit code {tests.get('exit_code')})", ""]
@@ -763,6 +851,8 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
         lines += graphs_markdown(graphs, partitions)
     if ragged is not None:
         lines += ragged_markdown(ragged)
+    if nccl is not None:
+        lines += nccl_markdown(nccl)
     if sweeps is not None:
         from .kernels import sweep_lines
         lines += ["## Tuning sweeps (the suite's time left over)", "",
@@ -800,7 +890,7 @@ def write_summary_only(out: Path) -> int:
     try:
         text = summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"], docs["partitions"],
                                 docs["ragged"], docs["sweeps"], docs["graphs"],
-                                committed_baseline(docs["kernels"], out))
+                                committed_baseline(docs["kernels"], out), docs["nccl"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"the part files in {out} lack a figure the summary needs ({type(e).__name__}: {e})") from None
     (out / "summary.md").write_text(text)
@@ -848,16 +938,18 @@ def main(argv=None) -> int:
 # The least time each part is left at the end of the budget (`part_deadlines`): a slow part cannot starve the ones
 # after it. Tests, with nothing after them but these, get what the others leave.
 # (On an H200 at 295c856 the parts took: tests 73 s, kernels 110, partitions 214, pipeline 16, ragged 11.)
-PART_RESERVE_S = dict(tests=0.0, kernels=130.0, partitions=130.0, pipeline=20.0, ragged=20.0, sweeps=40.0,
-                      graphs=40.0)
+PART_RESERVE_S = dict(tests=0.0, kernels=130.0, partitions=130.0, pipeline=20.0, ragged=20.0, nccl=90.0,
+                      sweeps=40.0, graphs=40.0)  # nccl: only on a machine of 2 GPUs or more (`part_deadlines`)
 GRAPHS_POINTS = dict(prompt_lens=(16384,), links=("100gbe",), stages=(2, 4))  # the graphs part: a target's points
 
 
-def part_deadlines(t0: float, budget_s: float, parts) -> dict:
+def part_deadlines(t0: float, budget_s: float, parts, gpus: int = 1) -> dict:
     """When each selected part must stop starting new work (a test run is stopped, a kernel shape or pipeline point
-    not started): the budget's end less the reserves of the selected parts after it."""
+    not started): the budget's end less the reserves of the selected parts after it. With fewer than 2 `gpus` the
+    nccl part has nothing to run and reserves nothing."""
     order = [p for p in PARTS if p in parts]
-    return {p: t0 + budget_s - sum(PART_RESERVE_S[q] for q in order[i + 1:]) for i, p in enumerate(order)}
+    reserve = dict(PART_RESERVE_S, **({} if gpus >= 2 else {"nccl": 0.0}))
+    return {p: t0 + budget_s - sum(reserve[q] for q in order[i + 1:]) for i, p in enumerate(order)}
 
 
 def _guarded(out: Path, name: str, env: dict, run):
@@ -892,7 +984,8 @@ def _mark_failed(out: Path, name: str, env: dict, **why) -> dict:
 def _write_summary(out: Path, env: dict, docs: dict) -> None:
     (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"],
                                                      docs["partitions"], docs["ragged"], docs["sweeps"],
-                                                     docs["graphs"], committed_baseline(docs["kernels"], out)))
+                                                     docs["graphs"], committed_baseline(docs["kernels"], out),
+                                                     docs["nccl"]))
 
 
 def _failed_parts(docs: dict) -> list[str]:
@@ -940,7 +1033,7 @@ def _watchdog(out: Path, env: dict, docs: dict, running: dict, budget_s: float, 
 def _suite(out: Path, args, parts) -> int:
     env = gpu_environment()
     t0 = time.time()
-    deadlines = part_deadlines(t0, args.budget_s, parts)
+    deadlines = part_deadlines(t0, args.budget_s, parts, torch.cuda.device_count())
     print("[gpu-suite] time plan (each part starts no work past): " + ", ".join(
         f"{name} +{d - t0:.0f} s" for name, d in deadlines.items()), flush=True)
     docs = dict.fromkeys(PARTS)
@@ -979,6 +1072,15 @@ def _suite(out: Path, args, parts) -> int:
         _write(out, "sweeps.json", doc)
         return doc
 
+    def nccl():
+        doc = dict(environment=env, **bench_nccl(layers=args.layers, deadline=deadlines["nccl"],
+                                                 progress=progress_to("nccl"),
+                                                 **(dict(prompt_lens=(4096,)) if args.quick else {})))
+        if doc.get("skipped"):
+            print(f"[gpu-suite] nccl part not run: {doc['skipped']}", flush=True)
+        _write(out, "nccl.json", doc)
+        return doc
+
     def pipeline_part(name, pictures, **kw):
         def run():
             doc, shown = bench_pipeline(layers=args.layers, deadline=deadlines[name], progress=progress_to(name),
@@ -1003,10 +1105,10 @@ def _suite(out: Path, args, parts) -> int:
                 ragged=pipeline_part("ragged", "timeline-ragged", prompt_lens=(), stages=(2,), links=("100gbe",),
                                      rows=[r[:2] if args.quick else r for r in RAGGED_ROWS],
                                      token_budgets=RAGGED_BUDGETS, sm_partitions=True, simulate=True),
-                sweeps=sweeps)
+                nccl=nccl, sweeps=sweeps)
     titles = dict(tests="GPU tests", kernels="kernel benchmark", partitions="SM partitions",
                   graphs="CUDA graphs per stage chunk", pipeline="pipeline",
-                  ragged="ragged batches", sweeps="tuning sweeps")
+                  ragged="ragged batches", nccl="multi-GPU pipeline (NCCL)", sweeps="tuning sweeps")
     running: dict = {}
     watchdog = _watchdog(out, env, docs, running, args.budget_s, t0 + args.budget_s + HANG_GRACE_S)
     watchdog.start()

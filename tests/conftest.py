@@ -42,6 +42,12 @@ def cuda():
     return torch.device("cuda")
 
 
+def need_gpus(n: int) -> None:
+    """Skips a test that runs one process per stage (and TP rank) on GPUs of its own, NCCL between them."""
+    if torch.cuda.device_count() < n:
+        pytest.skip(f"needs {n} GPUs (one process each, NCCL between them); {torch.cuda.device_count()} here")
+
+
 def run_python_apart(code: str, timeout: int = 300):
     """`code` (dedented) run by this Python in a process of its own at the repository root: for checks that leave
     the process unusable, such as a CUDA device-side assert. Returns the CompletedProcess (stdout, stderr text)."""

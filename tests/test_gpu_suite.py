@@ -192,7 +192,10 @@ def test_the_time_plan_leaves_each_later_part_its_reserve():
     assert plan["graphs"] == 1540.0 and plan["sweeps"] == 1540.0 - r["graphs"]
     assert plan["ragged"] == 1540.0 - r["graphs"] - r["sweeps"]
     assert plan["pipeline"] == 1540.0 - r["graphs"] - r["sweeps"] - r["ragged"]
-    assert plan["tests"] == 1540.0 - sum(v for k, v in r.items() if k != "tests")
+    assert plan["tests"] == 1540.0 - sum(v for k, v in r.items() if k not in ("tests", "nccl"))  # one GPU
+    multi = gpu_suite.part_deadlines(1000.0, 540.0, gpu_suite.PARTS, gpus=2)  # the nccl part's reserve too
+    assert multi["tests"] == 1540.0 - sum(v for k, v in r.items() if k != "tests") and r["nccl"] > 0
+    assert multi["ragged"] == 1540.0 - r["graphs"] - r["sweeps"] - r["nccl"] and multi["nccl"] == plan["nccl"]
     assert gpu_suite.part_deadlines(0.0, 540.0, ["kernels", "pipeline"]) == dict(kernels=540.0 - r["pipeline"],
                                                                                    pipeline=540.0)
 
@@ -364,7 +367,11 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
     assert graphed == [False, False, False, True]  # partitions, pipeline, ragged, graphs (last)
     assert alone == [True, False, False, False]  # one stage timed alone: the partitions part's
     assert "time plan (each part starts no work past): tests +160 s, kernels +290 s, partitions +420 s, " \
-           "pipeline +440 s, ragged +460 s, sweeps +500 s, graphs +540 s" in out
+           "pipeline +440 s, ragged +460 s, nccl +460 s, sweeps +500 s, graphs +540 s" in out
+    nccl = json.loads((tmp_path / "nccl.json").read_text())  # no second GPU here: said, not run, no time spent
+    assert nccl["skipped"].startswith("0 GPUs here") and nccl["points"] == [] and "nccl" not in \
+        json.loads(out.strip().splitlines()[-1])["parts_failed"]
+    assert "nccl part not run: 0 GPUs here" in out
     assert 540 - 380 - 5 < test_timeouts[0] <= 540 - 380
     assert json.loads(out.strip().splitlines()[-1])["parts_failed"] == ["kernels", "partitions"]
     kernels = json.loads((tmp_path / "kernels.json").read_text())
@@ -385,6 +392,7 @@ def test_suite_goes_on_after_a_part_fails_and_keeps_what_it_measured(tmp_path, m
     assert "**partitions part FAILED**" in text and "## Kernels" not in text
     assert "Incomplete: the part failed (OutOfMemoryError" in text and "| 2 | pcie5 | 48 |" in text
     assert "3 passed, 0 failed" in text
+    assert "## Multi-GPU pipeline (NCCL, one process per stage and TP rank)\n\nNot run: 0 GPUs here" in text
     graphs = json.loads((tmp_path / "graphs.json").read_text())
     assert graphs["complete"] and "## CUDA graphs per stage chunk" in text
     sweeps = json.loads((tmp_path / "sweeps.json").read_text())
@@ -909,3 +917,22 @@ def test_host_lines_flag_runs_that_waited_on_the_gpu_or_were_paced_by_the_host()
     assert "**1 of 1 runs at >= 0.9 (paced by the host, not the GPU)**" in gpu_suite.host_lines(
         doc(dict(overlapped=0), enqueue=9.5))[1]
     assert gpu_suite.host_lines(dict(points=[dict(prompt_len=1, modes=dict(naive=dict(ttft_ms=1.0)))])) == []
+
+
+def test_the_nccl_part_runs_every_stage_and_tp_split_the_gpus_hold():
+    """The multi-GPU part's code path, run over gloo processes on CPU (as `--link nccl` runs it over NCCL): at 2
+    "GPUs" a 2-stage pipeline and a 2-rank TP stage (serial and ISO-overlapped all-reduces side by side), every mode
+    equal to the unchunked run; at 1, nothing (and the summary says why)."""
+    doc = gpu_suite.bench_nccl(model="tiny", layers=None, prompt_lens=(40,), chunk_size=16, repeats=1, warmup=0,
+                               dtype="float32", ops="torch", gpus=2, link="gloo", device="cpu")
+    assert doc["complete"] and [(p["stages"], p["tp"], p["gpus"]) for p in doc["points"]] == [(2, 1, 2), (1, 2, 2)]
+    pp, tp = doc["points"]
+    assert all(m["outputs_match"] for p in doc["points"] for m in p["modes"].values())
+    assert pp["ideal_speedup"] == gpu_suite.ideal_speedup(2, 3) and pp["overlapped_of_ideal"] > 0
+    assert {"overlapped/overlap", "chunked/overlap"} <= set(tp["modes"]) and "ideal_speedup" not in tp
+    assert tp["modes"]["overlapped"]["allreduce_prefill_over_decode"] == [40]
+    text = "\n".join(gpu_suite.nccl_markdown(doc))
+    assert "| 2 | 1 | 40 |" in text and "| 1 | 2 | 40 |" in text and "| yes |" in text and "NO" not in text
+    alone = gpu_suite.bench_nccl(gpus=1)
+    assert alone["points"] == [] and "1 GPU here" in alone["skipped"]
+    assert "Not run: 1 GPU here" in "\n".join(gpu_suite.nccl_markdown(alone))

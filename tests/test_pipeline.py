@@ -109,6 +109,30 @@ def test_gloo_processes_equal_unchunked(tiny, stages):
             assert res.metrics["decode_bytes_per_boundary"] == [B * H * ITEM] * (stages - 1)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("stages", [2, 4])
+def test_nccl_processes_equal_unchunked(cuda, stages):
+    """One process per stage on its own GPU, NCCL between them (the path `--link nccl` and torchrun take on a
+    multi-GPU machine): the same cases as over gloo, against the plain model on a GPU (random weights are drawn on
+    the model's device)."""
+    from tests.conftest import need_gpus
+    need_gpus(stages)
+    cases = [(mode, chunks, B) for B in (1, 2) for mode, chunks in
+             [("naive", [40]), ("chunked", [8] * 5), ("overlapped", [10] * 4), ("overlapped", [3, 20, 1, 16]),
+              ("unchunked", [40])]]
+    jobs = [Job(mode, tokens(B, 40, seed=B), chunks, return_cache=True) for mode, chunks, B in cases]
+    results = run_jobs(PipelineSpec(source="tiny", stages=stages, link="nccl", device="cuda"), jobs)
+    model = load_model("tiny", device="cuda")
+    for (mode, chunks, B), [res] in zip(cases, results):
+        ref_logits, ref_k, ref_v = (t.cpu() for t in reference(model, tokens(B, 40, seed=B).cuda()))
+        res.logits = res.logits.cpu()
+        res.caches = [(k.cpu(), v.cpu()) for k, v in res.caches]
+        assert_matches(res, ref_logits, ref_k, ref_v, tol=1e-4)
+        if mode != "unchunked":
+            assert res.metrics["bytes_per_boundary"] == [B * 40 * H * ITEM] * (stages - 1)
+            assert res.metrics["send_time_s"] and all(t >= 0 for t in res.metrics["send_time_s"])
+
+
 def test_run_order_warms_up_first_then_takes_the_timed_repeats_round_robin():
     jobs = [Job("naive", tokens(1, 8), [8], repeats=3, warmup=1), Job("chunked", tokens(1, 8), [4, 4], warmup=2),
             Job("overlapped", tokens(1, 8), [4, 4], repeats=2)]

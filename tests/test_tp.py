@@ -204,6 +204,28 @@ def test_overlapped_and_sequence_parallel_reduces_over_gloo_equal_unchunked(tp_c
     assert res.metrics["allreduce_bytes_per_stage"] == [_expected_allreduce(4, B, L)]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("stages,tp,mode,tp_comm", [(1, 2, "chunked", "serial"), (1, 2, "overlapped", "overlap"),
+                                                     (1, 2, "overlapped", "sequence"), (2, 2, "overlapped", "serial")])
+def test_tp_over_nccl_equals_unchunked(cuda, stages, tp, mode, tp_comm):
+    """S x T processes, each on a GPU of its own, all-reduces (serial, ISO-overlapped, or reduce-scatter +
+    all-gather) and boundaries over NCCL, against the unchunked model on a GPU (random weights are drawn on the
+    model's device)."""
+    from tests.conftest import need_gpus
+    need_gpus(stages * tp)
+    cfg = TINY.replace(num_kv_heads=1)
+    B, L = 2, 29
+    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(6))
+    ref = run_prefill(cfg, tokens, mode="unchunked", device="cuda", return_cache=True)
+    res = run_prefill(cfg, tokens, mode=mode, stages=stages, tp=tp, chunks=[9, 1, 19], link="nccl", device="cuda",
+                      tp_comm=tp_comm, return_cache=True)
+    assert (res.logits.cpu() - ref.logits.cpu()).abs().max().item() <= 1e-4
+    assert (res.decode_logits.cpu() - ref.decode_logits.cpu()).abs().max().item() <= 1e-4
+    k = torch.cat([c[0].cpu() for c in res.caches], 0)
+    assert (k - ref.caches[0][0].cpu()).abs().max().item() <= 1e-4
+    assert res.metrics["allreduce_bytes_per_stage"] == [_expected_allreduce(4 // stages, B, L)] * stages
+
+
 def test_an_emulated_tp_interconnect_delays_each_collective_from_its_completion(monkeypatch):
     """LocalReducer with a 20 ms latency: a blocking all-reduce takes at least that; a started one is usable no
     sooner than 20 ms after it completed, and waiting once that is over does not sleep at all; the time blocked is
