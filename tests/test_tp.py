@@ -205,12 +205,15 @@ def test_overlapped_and_sequence_parallel_reduces_over_gloo_equal_unchunked(tp_c
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("stages,tp,mode,tp_comm", [(1, 2, "chunked", "serial"), (1, 2, "overlapped", "overlap"),
-                                                     (1, 2, "overlapped", "sequence"), (2, 2, "overlapped", "serial")])
-def test_tp_over_nccl_equals_unchunked(cuda, stages, tp, mode, tp_comm):
+@pytest.mark.parametrize("stages,tp,mode,tp_comm,tp_boundary", [
+    (1, 2, "chunked", "serial", "matching"), (1, 2, "overlapped", "overlap", "matching"),
+    (1, 2, "overlapped", "sequence", "matching"), (2, 2, "overlapped", "serial", "matching"),
+    (2, 2, "overlapped", "overlap", "broadcast"), (2, 2, "chunked", "serial", "sharded"),
+    (2, 2, "overlapped", "sequence", "sharded")])
+def test_tp_over_nccl_equals_unchunked(cuda, stages, tp, mode, tp_comm, tp_boundary):
     """S x T processes, each on a GPU of its own, all-reduces (serial, ISO-overlapped, or reduce-scatter +
-    all-gather) and boundaries over NCCL, against the unchunked model on a GPU (random weights are drawn on the
-    model's device)."""
+    all-gather) and boundaries (between matching TP ranks, sent once and broadcast, or sharded) over NCCL, against
+    the unchunked model on a GPU (random weights are drawn on the model's device)."""
     from tests.conftest import need_gpus
     need_gpus(stages * tp)
     cfg = TINY.replace(num_kv_heads=1)
@@ -218,7 +221,7 @@ def test_tp_over_nccl_equals_unchunked(cuda, stages, tp, mode, tp_comm):
     tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(6))
     ref = run_prefill(cfg, tokens, mode="unchunked", device="cuda", return_cache=True)
     res = run_prefill(cfg, tokens, mode=mode, stages=stages, tp=tp, chunks=[9, 1, 19], link="nccl", device="cuda",
-                      tp_comm=tp_comm, return_cache=True)
+                      tp_comm=tp_comm, tp_boundary=tp_boundary, return_cache=True)
     assert (res.logits.cpu() - ref.logits.cpu()).abs().max().item() <= 1e-4
     assert (res.decode_logits.cpu() - ref.decode_logits.cpu()).abs().max().item() <= 1e-4
     k = torch.cat([c[0].cpu() for c in res.caches], 0)
