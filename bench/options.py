@@ -7,12 +7,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 import sys
 from pathlib import Path
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2), not the usage block plus the error."""
+    """argparse, but a usage error is one line on stderr (exit 2), not the usage block plus the error; and any value
+    that starts with a minus and a digit, a point, `inf` or `nan` (`-1,5`, `-4096,8192`, `-inf`) is a value, so its
+    option's type names what is wrong with it instead of argparse saying the option "expected one argument"."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")

@@ -250,6 +250,11 @@ CLI = [
     # kernels
     ("kernels-shape-three", ["kernels", "--sweep", "--shape", "1,2,3"], ["--shape", "PREFIX,CHUNK", "'1,2,3'"]),
     ("kernels-shape-negative", ["kernels", "--sweep", "--shape=-1,5"], ["--shape", "PREFIX >= 0"]),
+    # a value that starts with a minus is still the option's value (argparse alone says "expected one argument")
+    ("kernels-shape-negative-spaced", ["kernels", "--sweep", "--shape", "-1,5"], ["--shape", "PREFIX >= 0", "-1,5"]),
+    ("prompt-negative-list", ["--model", "tiny", "--prompt-len", "-4096,8192"], ["--prompt-len", "got -4096"]),
+    ("latency-minus-inf", [*TINY, "--latency-us", "-inf"], ["--latency-us", "got -inf"]),
+    ("bandwidth-minus-point", [*TINY, "--bandwidth-gbps", "-.5"], ["--bandwidth-gbps", "got -.5"]),
     ("kernels-shape-alone", ["kernels", "--shape", "16,16"], ["--shape goes with --sweep"]),
     ("kernels-sweep-quick", ["kernels", "--sweep", "--quick"], ["--quick", "--sweep", "drop --quick"]),
     # gpu-suite
