@@ -28,6 +28,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2; Llama with attention_bias)
     o_bias: bool = False  # a bias on the output projection (Llama with attention_bias)
+    mlp_bias: bool = False  # biases on the gate, up and down projections (Llama with mlp_bias)
     # Llama-3.1 style frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_len) or None
     rope_llama3_scaling: tuple[float, float, float, int] | None = None
 
@@ -75,8 +76,6 @@ class ModelConfig:
                              f"in {path}: only {', '.join(SUPPORTED_MODEL_TYPES)} are supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} in {path}: only 'silu' (SwiGLU)")
-        if hf.get("mlp_bias", False):
-            raise ValueError(f"mlp_bias=True in {path} is not supported")
         window = hf.get("sliding_window")
         if (window and hf.get("use_sliding_window", model_type != "qwen2")
                 and not (isinstance(window, int) and isinstance(hf.get("max_position_embeddings", 4096), int)
@@ -121,8 +120,10 @@ class ModelConfig:
         elif rope_type != "default":
             raise ValueError(f"unsupported RoPE type {rope_type!r} in {path}: only 'default' and 'llama3'")
         # biases exactly where each architecture's Hugging Face model has them (transformers 4.45-5.x):
-        # Llama: attention_bias puts one on q, k, v and o; Qwen2: always on q, k, v, never on o; Mistral: none
+        # Llama: attention_bias puts one on q, k, v and o, mlp_bias on gate, up and down; Qwen2: always on q, k, v,
+        # never on o or the MLP; Mistral: none (both ignore attention_bias and mlp_bias, as their models do)
         bias = get("attention_bias", bool, False) if model_type == "llama" else False
+        mlp_bias = get("mlp_bias", bool, False) if model_type == "llama" else False
         head_dim = get("head_dim", int, hidden // heads if hidden % heads == 0 else None)
         return cls(
             vocab_size=get("vocab_size"),
@@ -138,6 +139,7 @@ class ModelConfig:
             tie_embeddings=get("tie_word_embeddings", bool, False),
             qkv_bias=bias or model_type == "qwen2",
             o_bias=bias,
+            mlp_bias=mlp_bias,
             rope_llama3_scaling=llama3,
         )
 

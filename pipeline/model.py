@@ -44,8 +44,8 @@ class Block(nn.Module):
         self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)  # fused q, k, v projections
         self.wo = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
         self.ffn_norm = nn.Parameter(torch.ones(cfg.hidden_size))
-        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # fused gate, up
-        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # fused gate, up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def _rotated_qkv(self, x, positions, rope_cos, rope_sin, ops: Ops):
         """x [B, C, H] -> q [B, C, Hq, D], k, v [B, C, Hkv, D] from the fused projection, q and k rotated at
@@ -170,6 +170,9 @@ class Transformer(nn.Module):
                     put(block.wo.bias, p + "self_attn.o_proj.bias")
                 put_rows(block.w13.weight, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
                 put(block.w2.weight, p + "mlp.down_proj.weight")
+                if self.cfg.mlp_bias:
+                    put_rows(block.w13.bias, [p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"])
+                    put(block.w2.bias, p + "mlp.down_proj.bias")
             if self.is_last:
                 put(self.norm, "model.norm.weight")
                 put(self.output.weight, "model.embed_tokens.weight" if self.cfg.tie_embeddings else "lm_head.weight")

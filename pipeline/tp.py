@@ -96,9 +96,9 @@ def shard_state(state, cfg: ModelConfig, rank: int, tp: int):
             return t[kv_rows]
         if name.endswith("self_attn.o_proj.weight"):
             return t[:, q_rows]
-        if name.endswith("self_attn.o_proj.bias"):  # added once, after the sum
+        if name.endswith(("self_attn.o_proj.bias", "mlp.down_proj.bias")):  # added once, after the sum
             return t if rank == 0 else torch.zeros_like(t)
-        if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight")):
+        if name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.gate_proj.bias", "mlp.up_proj.bias")):
             return t[cols]
         if name.endswith("mlp.down_proj.weight"):
             return t[:, cols]

@@ -41,6 +41,8 @@ def hf_tensor_shapes(cfg: ModelConfig, layers: range, first: bool, last: bool) -
                        p + "self_attn.v_proj.bias": (kv,)}
         if cfg.o_bias:
             shapes[p + "self_attn.o_proj.bias"] = (H,)
+        if cfg.mlp_bias:
+            shapes |= {p + "mlp.gate_proj.bias": (I,), p + "mlp.up_proj.bias": (I,), p + "mlp.down_proj.bias": (H,)}
     if last:
         shapes["model.norm.weight"] = (H,)
         if not cfg.tie_embeddings:
@@ -168,7 +170,7 @@ def validate_checkpoint(directory: str | Path, cfg: ModelConfig, layers: range |
     if unexpected:
         hint = ""
         if any(n.endswith("_proj.bias") for n in unexpected):
-            hint = " (biases the config does not announce: check attention_bias and the model_type)"
+            hint = " (biases the config does not announce: check attention_bias, mlp_bias and the model_type)"
         elif "lm_head.weight" in unexpected and cfg.tie_embeddings:
             hint = " (config.json says tie_word_embeddings=true: the head is the embedding)"
         raise ValueError(f"checkpoint {directory} has tensor(s) {_names(unexpected)} that this {cfg.num_layers}-layer "

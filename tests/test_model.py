@@ -42,6 +42,33 @@ def test_llama_attention_bias_puts_biases_on_q_k_v_and_o(tmp_path, gqa):
     assert (ours(tokens) - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("attention_bias", [False, True])
+def test_llama_mlp_bias_puts_biases_on_gate_up_and_down(tmp_path, attention_bias):
+    """Llama's mlp_bias=True: biases on gate, up and down (down's added after the MLP's sum), alone or with
+    attention_bias."""
+    hf = make_hf_checkpoint(tmp_path, mlp_bias=True, attention_bias=attention_bias)
+    ours = load_model(tmp_path)
+    assert ours.cfg.mlp_bias and ours.cfg.o_bias == attention_bias
+    tokens = torch.randint(0, 128, (2, 31), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    assert (ours(tokens) - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+def test_mlp_bias_in_a_config_whose_model_has_none_is_ignored_as_transformers_does(tmp_path, model_type):
+    """Qwen2's and Mistral's MLPs never have biases, whatever config.json says (transformers ignores mlp_bias
+    there): so does this model, and the checkpoint holds no MLP biases to refuse."""
+    hf = make_hf_checkpoint(tmp_path, model_type, mlp_bias=True)
+    assert not any("mlp" in n and n.endswith("bias") for n, _ in hf.named_parameters())
+    ours = load_model(tmp_path)
+    assert not ours.cfg.mlp_bias
+    tokens = torch.randint(0, 128, (1, 23), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    assert (ours(tokens) - expected).abs().max().item() <= 1e-4
+
+
 def test_a_tensor_the_model_would_not_read_is_refused(tmp_path):
     """A bias the config does not announce (here o_proj's, with attention_bias false) would silently be ignored."""
     make_hf_checkpoint(tmp_path)

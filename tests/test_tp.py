@@ -44,7 +44,7 @@ def run_shards(source, tp, tokens, chunk_size=None, **kw):
 @pytest.mark.parametrize("tp,kv,biases", [(2, 2, False), (4, 2, True), (4, 1, False), (2, 1, True), (4, 4, True)],
                          ids=["kv-split", "kv-split-4", "kv-replicated-4", "kv-replicated-2", "mha"])
 def test_shards_sum_to_the_whole_model(tp, kv, biases):
-    cfg = TINY.replace(num_kv_heads=kv, qkv_bias=biases, o_bias=biases)
+    cfg = TINY.replace(num_kv_heads=kv, qkv_bias=biases, o_bias=biases, mlp_bias=biases)
     tokens = torch.randint(0, cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
     whole = load_model(cfg, seed=3).prefill(tokens, 10)[0]
     outs = run_shards(cfg, tp, tokens, 10, seed=3)
@@ -54,7 +54,7 @@ def test_shards_sum_to_the_whole_model(tp, kv, biases):
 
 @pytest.mark.parametrize("model_type,gqa", [("llama", True), ("qwen2", True), ("llama", False)])
 def test_shards_of_a_hugging_face_checkpoint_match_transformers(tmp_path, model_type, gqa):
-    extra = dict(attention_bias=True) if model_type == "llama" and not gqa else {}
+    extra = dict(attention_bias=True, mlp_bias=True) if model_type == "llama" and not gqa else {}
     hf = make_hf_checkpoint(tmp_path, model_type, gqa=gqa, **extra)
     tokens = torch.randint(0, 128, (2, 29), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
