@@ -133,17 +133,19 @@ def check_resources(spec: PipelineSpec, cfg, jobs: list[Job]) -> None:
         # a receiver may wait for the send before its own and then its own: two transfers within its wait limit
         # (in-process on a GPU nothing waits on the host: the streams wait for each other)
         host_waits = spec.link != "inprocess" or torch.device(spec.device).type != "cuda"
+        what = ", ".join(([f"{spec.bandwidth_gbps:g} GB/s"] if spec.bandwidth_gbps else [])
+                         + [f"{spec.latency_s * 1e6:g} us per send"])
         for job in jobs:
             B, L = job.dims()
             rows = 1 if job.ragged else B  # a ragged job's chunks are its steps' packed tokens, one message each
             delays = [link.delay_s(rows * c * cfg.hidden_size * item) for c in job.chunks]
             if host_waits and 2 * max(delays) >= spec.timeout_s:
-                raise ValueError(f"the emulated link ({spec.bandwidth_gbps} GB/s, {spec.latency_s} s per send) would "
+                raise ValueError(f"the emulated link ({what}) would "
                                  f"take {max(delays):.1f} s to carry one {max(job.chunks)}-token send of a {L}-token "
                                  f"prompt, half or more of the {spec.timeout_s:g} s a stage waits for its peer before "
                                  "it takes it as failed; choose a faster one")
             if sum(delays) > 3600:
-                raise ValueError(f"the emulated link ({spec.bandwidth_gbps} GB/s, {spec.latency_s} s per send) "
+                raise ValueError(f"the emulated link ({what}) "
                                  f"would take {sum(delays) / 3600:.1f} h to carry one {L}-token prompt across a "
                                  "boundary; choose a faster one")
 
