@@ -178,13 +178,15 @@ def main_run(argv) -> int:
         raise ValueError("--link inprocess runs every stage in one process: launch it without torchrun")
     device = "cuda" if gpu and link != "gloo" else "cpu"
     if link == "gloo" and world is None and stages * tp > (os.cpu_count() or 1):
-        raise ValueError(f"{stages * tp} stage processes ({stages} stages x tp {tp}) need {stages * tp} cores, this "
-                         f"machine has {os.cpu_count()}")
+        raise ValueError(f"{stages * tp} stage processes ({stages} stage{'s' if stages > 1 else ''} x tp {tp}) need "
+                         f"{stages * tp} cores, this machine has {os.cpu_count()}")
     cores = os.cpu_count() or 1
-    if args.threads is not None and device == "cpu" and world is None and args.threads * stages * tp > cores:
+    # one thread per stage is always allowed (the default where stages outnumber the cores: in-process they share)
+    fair = max(1, cores // (stages * tp))
+    if args.threads is not None and device == "cpu" and world is None and args.threads > fair:
         raise ValueError(f"--threads {args.threads} x {stages * tp} stage{'s' if stages * tp > 1 else ''} (stages x tp) "
                          f"is {args.threads * stages * tp} torch threads on {cores} cores: the stages would time each "
-                         f"other's turns on the cores; choose --threads {max(1, cores // (stages * tp))} or less")
+                         f"other's turns on the cores; choose --threads {fair} or less")
     if link == "nccl" and world is None and torch.cuda.device_count() < stages * tp:
         raise ValueError(f"nccl with {stages} stages x tp {tp} needs {stages * tp} GPUs, found "
                          f"{torch.cuda.device_count()}")
@@ -258,7 +260,7 @@ def main_run(argv) -> int:
                   tp_bandwidth_gbps=args.tp_bandwidth_gbps, tp_latency_us=args.tp_latency_us, repeats=args.repeats,
                   warmup=args.warmup, modes=args.modes, torchrun=world is not None, sm_partitions=args.sm_partitions,
                   cuda_graphs=args.cuda_graphs,
-                  threads_per_stage=args.threads or max(1, (os.cpu_count() or 1) // (stages * tp)))
+                  threads_per_stage=args.threads or fair)
     progress = Progress(enabled=lead)
     out = args.out
     with output_dir(out) if lead else contextlib.nullcontext(out):

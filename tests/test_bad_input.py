@@ -120,6 +120,7 @@ CLI = [
     ("tp-0", [*TINY, "--tp", "0"], ["--tp", "positive integer", "got 0"]),
     ("tp-not-dividing-heads", [*TINY, "--tp", "3", "--stages", "1", "--link", "inprocess"], ["tp=3 does not divide the 4 query heads"]),
     ("tp-too-many-processes", [*TINY, "--tp", "64", "--stages", "64"], ["4096 stage processes (64 stages x tp 64)"]),
+    ("tp-too-many-processes-one-stage", [*TINY, "--tp", "64", "--stages", "1"], ["64 stage processes (1 stage x tp 64)"]),
     ("stages-more-than-layers", [*TINY, "--link", "inprocess", "--stages", "5"], ["more stages than layers"]),
     ("prompt-0", ["--model", "tiny", "--prompt-len", "0"], ["--prompt-len", "positive integer"]),
     ("prompt-empty", ["--model", "tiny", "--prompt-len", ""], ["--prompt-len", "comma-separated"]),

@@ -476,3 +476,17 @@ def test_the_results_index_lists_every_results_folder_and_no_other():
         files = [p for p in d.iterdir() if p.is_file()]
         on_disk |= {d.name} if files else {f"{d.name}/{s.name}" for s in d.iterdir() if s.is_dir()}
     assert named == on_disk
+
+
+def test_one_thread_per_stage_is_allowed_when_stages_outnumber_the_cores(tmp_path, monkeypatch, capsys):
+    """In-process stages outnumbering the cores run one torch thread each (the default there): asking for exactly
+    that with --threads 1 runs too, and --threads 2 is refused naming 1 as the most."""
+    from bench.cli import main
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    argv = ["--model", "tiny", "--prompt-len", "24", "--chunk-size", "8", "--link", "inprocess", "--stages", "4",
+            "--modes", "overlapped", "--repeats", "1", "--warmup", "0"]
+    assert main([*argv, "--threads", "1", "--out", str(tmp_path / "ok")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["outputs_match"]
+    assert main([*argv, "--threads", "2", "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "choose --threads 1 or less" in err and not (tmp_path / "no").exists()
