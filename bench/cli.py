@@ -126,6 +126,7 @@ def main_run(argv) -> int:
 
     from pipeline import PipelineSpec, chunk_plan, resolve_config
     from pipeline.schedule import DEFAULT_CHUNK_SIZE
+    from pipeline import checks
     from pipeline.checks import DTYPES
     from pipeline.compress import check_codec
     from pipeline.procs import torchrun_rank
@@ -218,7 +219,8 @@ def main_run(argv) -> int:
     if args.chunk_plan == "balanced" and (args.chunks or args.chunk_size):
         raise ValueError("--chunk-plan balanced chooses the chunks itself: drop --chunks / --chunk-size")
     if args.chunk_plan == "balanced" and args.granularity > min(args.prompt_len):
-        raise ValueError(f"--granularity {args.granularity} is larger than the prompt ({min(args.prompt_len)} tokens)")
+        raise ValueError(f"--granularity {args.granularity} is larger than the prompt "
+                         f"({checks.count(min(args.prompt_len), 'token')})")
     simulate = args.simulate or args.chunk_plan == "balanced"
     if simulate:
         from pipeline.costs import check_calibration_length

@@ -390,8 +390,9 @@ def main(argv=None) -> int:
             if L > cfg.max_seq_len:  # a prefill of the whole context is fine: the TTFT needs no further position
                 raise ValueError(f"prompt length {L} exceeds {m}'s context of {cfg.max_seq_len} tokens")
     if args.granularity and args.granularity > min(args.prompt_lens):
+        from pipeline.checks import count
         raise ValueError(f"--granularity {args.granularity} is larger than the shortest prompt "
-                         f"({min(args.prompt_lens)} tokens)")
+                         f"({count(min(args.prompt_lens), 'token')})")
     from tqdm import tqdm
     grid = [(m, S, link, L) for m in args.models for S in args.stages for link in args.links for L in args.prompt_lens]
     with output_dir(args.out) as out:
@@ -420,12 +421,14 @@ def main(argv=None) -> int:
 
 
 def check_grid(cfgs: dict, prompt_lens: list[int], granularity: int | None) -> None:
+    from pipeline.checks import count
     for m, cfg in cfgs.items():
         for L in prompt_lens:
             if L > cfg.max_seq_len:
                 raise ValueError(f"prompt length {L} exceeds {m}'s context of {cfg.max_seq_len} tokens")
     if granularity and granularity > min(prompt_lens):
-        raise ValueError(f"--granularity {granularity} is larger than the shortest prompt ({min(prompt_lens)} tokens)")
+        raise ValueError(f"--granularity {granularity} is larger than the shortest prompt "
+                         f"({count(min(prompt_lens), 'token')})")
 
 
 def main_tp(args) -> int:

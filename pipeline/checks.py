@@ -17,6 +17,11 @@ class NotFound(FileNotFoundError, ValueError):
     argument here, a ValueError."""
 
 
+def count(n: int, noun: str) -> str:
+    """'1 token', '3 tokens': a number with its noun, for messages."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def seconds(name: str, cost, x, p):
     """Calls a cost model and checks what it returns: finite seconds >= 0 (numpy broadcasting kept)."""
     import numpy as np

@@ -68,7 +68,8 @@ def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: L
     bytes_per_token = checks.integer("bytes_per_token", bytes_per_token, 0)
     start_pos = checks.integer("start_pos", start_pos, 0)
     if granularity > prompt_len:
-        raise ValueError(f"granularity {granularity} is larger than the prompt ({prompt_len} tokens)")
+        raise ValueError(f"granularity {granularity} is larger than the prompt "
+                         f"({checks.count(prompt_len, 'token')})")
     if max_chunk is not None and checks.positive_int("max_chunk", max_chunk) < granularity:
         raise ValueError(f"max_chunk {max_chunk} is smaller than the granularity {granularity}")
     N = -(-prompt_len // granularity)
