@@ -78,7 +78,8 @@ def run_parser():
                          "cost model fitted on this pipeline first (implies --simulate; with --tp, the all-reduces of "
                          "the first --tp-comm)")
     ap.add_argument("--granularity", type=integer(1), default=None,
-                    help="balanced plan: chunk boundaries are multiples of this (default: 32)")
+                    help="balanced plan: chunk boundaries are multiples of this (default: 32; for prompts past 32k "
+                         "tokens L/1024, the finest the planner takes)")
     ap.add_argument("--simulate", action="store_true",
                     help="fit per-stage chunk costs and the link on calibration runs interleaved with the measured "
                          "ones, then report the simulator's TTFT next to each measured one (and draw both timelines); "
@@ -126,9 +127,9 @@ def main_run(argv) -> int:
 
     from pipeline import PipelineSpec, chunk_plan, resolve_config
     from pipeline.schedule import DEFAULT_CHUNK_SIZE
-    from pipeline import checks
     from pipeline.checks import DTYPES
     from pipeline.compress import check_codec
+    from pipeline.plan import check_granularity, default_granularity
     from pipeline.procs import torchrun_rank
 
     from .calibration import bytes_per_token
@@ -208,7 +209,6 @@ def main_run(argv) -> int:
     if args.granularity is not None and args.chunk_plan != "balanced":
         raise ValueError(f"--granularity {args.granularity} sets the step of the balanced planner's chunk boundaries: "
                          "it goes with --chunk-plan balanced")
-    args.granularity = args.granularity or 32
     args.batch = args.batch or 1
     default_len = not args.rows and not args.prompt_len
     args.prompt_len = [max(args.rows)] if args.rows else args.prompt_len or [2048]
@@ -218,9 +218,11 @@ def main_run(argv) -> int:
         raise ValueError("give --chunk-size or --chunks, not both")
     if args.chunk_plan == "balanced" and (args.chunks or args.chunk_size):
         raise ValueError("--chunk-plan balanced chooses the chunks itself: drop --chunks / --chunk-size")
-    if args.chunk_plan == "balanced" and args.granularity > min(args.prompt_len):
-        raise ValueError(f"--granularity {args.granularity} is larger than the prompt "
-                         f"({checks.count(min(args.prompt_len), 'token')})")
+    # the balanced planner's boundary step per prompt length: the one given, or 32 (coarser past 32k tokens)
+    granularity = {L: args.granularity or default_granularity(L) for L in args.prompt_len}
+    if args.chunk_plan == "balanced":
+        for L in sorted(args.prompt_len, reverse=True):  # the longest names the finest step allowed
+            check_granularity(L, granularity[L], "--granularity")
     simulate = args.simulate or args.chunk_plan == "balanced"
     if simulate:
         from pipeline.costs import check_calibration_length
@@ -257,7 +259,9 @@ def main_run(argv) -> int:
                   prompt_lens=None if args.rows else args.prompt_len, rows=args.rows,
                   page_size=args.page_size or 16 if args.rows else None, token_budget=args.token_budget,
                   chunk_size=chunk_size,
-                  chunks=args.chunks, chunk_plan=args.chunk_plan, granularity=args.granularity,
+                  chunks=args.chunks, chunk_plan=args.chunk_plan,
+                  granularity=(next(iter(granularity.values())) if len(set(granularity.values())) == 1
+                               else {str(L): g for L, g in granularity.items()}),
                   bandwidth_gbps=args.bandwidth_gbps, latency_us=args.latency_us,
                   tp_bandwidth_gbps=args.tp_bandwidth_gbps, tp_latency_us=args.tp_latency_us, repeats=args.repeats,
                   warmup=args.warmup, modes=args.modes, torchrun=world is not None, sm_partitions=args.sm_partitions,
@@ -278,7 +282,7 @@ def main_run(argv) -> int:
             if fitted is not None:
                 costs, link_model, plan_calibration = fitted
                 for L in args.prompt_len:
-                    plans[L] = plan_chunks(L, stage_max(costs), spec.num_stages, args.granularity, link=link_model,
+                    plans[L] = plan_chunks(L, stage_max(costs), spec.num_stages, granularity[L], link=link_model,
                                            bytes_per_token=bytes_per_token(spec, args.batch)).chunks
             if world is not None:  # every stage runs the plan rank 0 made
                 import torch.distributed as dist

@@ -389,10 +389,7 @@ def main(argv=None) -> int:
         for L in args.prompt_lens:
             if L > cfg.max_seq_len:  # a prefill of the whole context is fine: the TTFT needs no further position
                 raise ValueError(f"prompt length {L} exceeds {m}'s context of {cfg.max_seq_len} tokens")
-    if args.granularity and args.granularity > min(args.prompt_lens):
-        from pipeline.checks import count
-        raise ValueError(f"--granularity {args.granularity} is larger than the shortest prompt "
-                         f"({count(min(args.prompt_lens), 'token')})")
+    check_granularities(args.prompt_lens, args.granularity)
     from tqdm import tqdm
     grid = [(m, S, link, L) for m in args.models for S in args.stages for link in args.links for L in args.prompt_lens]
     with output_dir(args.out) as out:
@@ -421,14 +418,18 @@ def main(argv=None) -> int:
 
 
 def check_grid(cfgs: dict, prompt_lens: list[int], granularity: int | None) -> None:
-    from pipeline.checks import count
     for m, cfg in cfgs.items():
         for L in prompt_lens:
             if L > cfg.max_seq_len:
                 raise ValueError(f"prompt length {L} exceeds {m}'s context of {cfg.max_seq_len} tokens")
-    if granularity and granularity > min(prompt_lens):
-        raise ValueError(f"--granularity {granularity} is larger than the shortest prompt "
-                         f"({count(min(prompt_lens), 'token')})")
+    check_granularities(prompt_lens, granularity)
+
+
+def check_granularities(prompt_lens: list[int], granularity: int | None) -> None:
+    """A --granularity given must suit the planner at every prompt length (the default, L/64 but at least 128, does)."""
+    from pipeline.plan import check_granularity
+    for L in sorted(set(prompt_lens), reverse=True) if granularity else []:  # the longest names the finest step
+        check_granularity(L, granularity, "--granularity")
 
 
 def main_tp(args) -> int:

@@ -46,6 +46,23 @@ def predicted_makespan(chunks: list[int], cost, stages: int, link: LinkModel | N
     return float(t.sum() + (stages - 1) * (t + lk).max())
 
 
+def check_granularity(prompt_len: int, granularity: int, name: str = "granularity") -> None:
+    """What `plan_chunks` needs of its boundary step (`name` is how the caller spells it): no larger than the
+    prompt, and at most MAX_BOUNDARIES pieces of it."""
+    if granularity > prompt_len:
+        raise ValueError(f"{name} {granularity} is larger than the prompt ({checks.count(prompt_len, 'token')})")
+    N = -(-prompt_len // granularity)
+    if N > MAX_BOUNDARIES:
+        raise ValueError(f"{name} {granularity} cuts a {prompt_len}-token prompt into {N} pieces; the planner "
+                         f"takes up to {MAX_BOUNDARIES} ({name} >= {-(-prompt_len // MAX_BOUNDARIES)})")
+
+
+def default_granularity(prompt_len: int, step: int = 32) -> int:
+    """`step`, or the finest step the planner takes for a prompt so long that `step` would cut it into more than
+    MAX_BOUNDARIES pieces."""
+    return max(step, -(-prompt_len // MAX_BOUNDARIES))
+
+
 def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: LinkModel | None = None,
                 bytes_per_token: int = 0, num_chunks: int | None = None, max_chunk: int | None = None,
                 start_pos: int = 0) -> ChunkPlan:
@@ -67,15 +84,10 @@ def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: L
         raise TypeError(f"link must be a LinkModel or None, got {checks.shown(link)}")
     bytes_per_token = checks.integer("bytes_per_token", bytes_per_token, 0)
     start_pos = checks.integer("start_pos", start_pos, 0)
-    if granularity > prompt_len:
-        raise ValueError(f"granularity {granularity} is larger than the prompt "
-                         f"({checks.count(prompt_len, 'token')})")
+    check_granularity(prompt_len, granularity)
     if max_chunk is not None and checks.positive_int("max_chunk", max_chunk) < granularity:
         raise ValueError(f"max_chunk {max_chunk} is smaller than the granularity {granularity}")
     N = -(-prompt_len // granularity)
-    if N > MAX_BOUNDARIES:
-        raise ValueError(f"granularity {granularity} cuts a {prompt_len}-token prompt into {N} pieces; the planner "
-                         f"takes up to {MAX_BOUNDARIES} (granularity >= {-(-prompt_len // MAX_BOUNDARIES)})")
     bounds = np.array(list(range(0, prompt_len, granularity)) + [prompt_len], dtype=np.int64)
     if num_chunks is not None and not 1 <= checks.integer("num_chunks", num_chunks) <= N:
         raise ValueError(f"num_chunks must be in 1..{N} for {prompt_len} tokens at granularity {granularity}, "

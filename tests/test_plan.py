@@ -306,7 +306,7 @@ def test_planner_respects_max_chunk_and_scales_to_long_prompts():
     (dict(granularity=2000), "granularity 2000 is larger than the prompt"),
     (dict(num_chunks=50), "num_chunks must be in 1..16"),
     (dict(max_chunk=10), "max_chunk 10 is smaller than the granularity"),
-    (dict(prompt_len=100_000, granularity=32), "3125 pieces; the planner takes up to 1024"),
+    (dict(prompt_len=100_000, granularity=32), "3125 pieces; the planner takes up to 1024 \\(granularity >= 98\\)"),
 ])
 def test_planner_refuses_bad_input(kw, needle):
     args = dict(prompt_len=1000, cost=COST, stages=2, granularity=64) | kw
@@ -508,3 +508,13 @@ def test_the_pause_monitor_ends_quietly_when_its_parent_is_gone():
     assert proc.stdout.readline() == "ready\n"
     out, err = proc.communicate("", timeout=60)
     assert isinstance(json.loads(out), list) and err == ""
+
+
+def test_the_default_granularity_is_32_and_never_too_fine_for_the_planner():
+    from pipeline.plan import MAX_BOUNDARIES, check_granularity, default_granularity
+    assert [default_granularity(L) for L in (1, 32, 4096, 32768, 32769, 131072)] == [32, 32, 32, 32, 33, 128]
+    for L in (1, 31, 32768, 32769, 100_000, 131072, 1_000_003):
+        g = default_granularity(L)
+        if g <= L:
+            check_granularity(L, g)  # no error
+            assert -(-L // g) <= MAX_BOUNDARIES and (g == 32 or -(-L // (g - 1)) > MAX_BOUNDARIES)  # the finest
