@@ -386,10 +386,7 @@ def main(argv=None) -> int:
         for S in args.stages:
             if S > cfg.num_layers:
                 raise ValueError(f"{m} has {cfg.num_layers} layers, cannot make {S} stages")
-        for L in args.prompt_lens:
-            if L > cfg.max_seq_len:  # a prefill of the whole context is fine: the TTFT needs no further position
-                raise ValueError(f"prompt length {L} exceeds {m}'s context of {cfg.max_seq_len} tokens")
-    check_granularities(args.prompt_lens, args.granularity)
+    check_grid(cfgs, args.prompt_lens, args.granularity)
     from tqdm import tqdm
     grid = [(m, S, link, L) for m in args.models for S in args.stages for link in args.links for L in args.prompt_lens]
     with output_dir(args.out) as out:
@@ -418,16 +415,14 @@ def main(argv=None) -> int:
 
 
 def check_grid(cfgs: dict, prompt_lens: list[int], granularity: int | None) -> None:
+    """Every prompt length within every model's context (a prefill of the whole context is fine: the TTFT needs no
+    further position), and a --granularity given suiting the planner at each (the default, L/64 but at least 128,
+    does)."""
+    from pipeline.plan import check_granularity
     for m, cfg in cfgs.items():
         for L in prompt_lens:
             if L > cfg.max_seq_len:
                 raise ValueError(f"prompt length {L} exceeds {m}'s context of {cfg.max_seq_len} tokens")
-    check_granularities(prompt_lens, granularity)
-
-
-def check_granularities(prompt_lens: list[int], granularity: int | None) -> None:
-    """A --granularity given must suit the planner at every prompt length (the default, L/64 but at least 128, does)."""
-    from pipeline.plan import check_granularity
     for L in sorted(set(prompt_lens), reverse=True) if granularity else []:  # the longest names the finest step
         check_granularity(L, granularity, "--granularity")
 
