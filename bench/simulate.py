@@ -329,15 +329,15 @@ def write_plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    from pipeline.config import PRESETS
     from pipeline.costs import DEVICES, LINK_PRESETS, get_device, link_preset
+    from pipeline.model import resolve_config
 
     from .report import environment, write_json
     from .options import Parser, int_list, integer, name_list, out_path, output_dir, say
     ap = Parser(prog="python -m bench simulate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", type=name_list([m for m in PRESETS if m not in ("tiny", "small")] + ["tiny", "small"],
-                                               "model preset"), default=None,
-                    help="model presets (default: llama3-8b,llama3-70b; with --gpus also llama3-405b)")
+    ap.add_argument("--models", type=model_list, default=None,
+                    help="model presets or Hugging Face directories (their config.json: shapes only), comma-separated "
+                         "(default: llama3-8b,llama3-70b; with --gpus also llama3-405b)")
     ap.add_argument("--device", choices=list(DEVICES), default="h100", help="device preset (default: h100)")
     ap.add_argument("--stages", type=int_list(1), default=None, help="pipeline stages (default: 2,4,8)")
     ap.add_argument("--gpus", type=int_list(1), default=None,
@@ -380,7 +380,8 @@ def main(argv=None) -> int:
     args.models = args.models or ["llama3-8b", "llama3-70b"]
     args.stages = args.stages or [2, 4, 8]
     args.links = args.links or ["nvlink", "pcie5", "100gbe"]
-    cfgs = {m: PRESETS[m] for m in args.models}
+    cfgs = {m: resolve_config(m) for m in args.models}
+    labels = model_labels(args.models)
     dev = get_device(args.device)
     for m, cfg in cfgs.items():  # every size checked before any work
         for S in args.stages:
@@ -391,8 +392,8 @@ def main(argv=None) -> int:
     grid = [(m, S, link, L) for m in args.models for S in args.stages for link in args.links for L in args.prompt_lens]
     with output_dir(args.out) as out:
         say(f"bench simulate: {len(grid)} points ({dev.name} roofline, {args.chunk_plan} chunks)")
-        rows = [project(cfgs[m], S, args.device, link, L, args.batch, args.chunk_plan, args.chunk_size,
-                        args.granularity)
+        rows = [dict(project(cfgs[m], S, args.device, link, L, args.batch, args.chunk_plan, args.chunk_size,
+                             args.granularity), model=labels[m])
                 for m, S, link, L in tqdm(grid, desc="simulating", file=sys.stderr, disable=not sys.stderr.isatty())]
         title = f"projection: {dev.name}, batch {args.batch}, bf16, {args.chunk_plan} chunks (roofline model)"
         write_plot(rows, out / "simulate.png", title)
@@ -414,6 +415,35 @@ def main(argv=None) -> int:
     return 0
 
 
+def model_list(text: str) -> list[str]:
+    """`--models`: comma-separated presets or Hugging Face directories, each read (and checked) here."""
+    import argparse
+
+    from pipeline.config import PRESETS
+    from pipeline.model import resolve_config
+
+    from .options import name_list
+    names = name_list(None, "model")(text)
+    for name in names:
+        if name in PRESETS:
+            continue
+        if not Path(name).exists() and "/" not in name and not name.startswith("."):
+            raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose presets from "
+                                             f"{', '.join(PRESETS)} or give a Hugging Face directory")
+        try:
+            resolve_config(name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
+def model_labels(names: list[str]) -> dict[str, str]:
+    """The rows' model names: a preset's own, a directory's last part (its whole path where two would look alike)."""
+    from pipeline.config import PRESETS
+    short = {m: m if m in PRESETS else Path(m).resolve().name or m for m in names}
+    return {m: label if list(short.values()).count(label) == 1 else m for m, label in short.items()}
+
+
 def check_grid(cfgs: dict, prompt_lens: list[int], granularity: int | None) -> None:
     """Every prompt length within every model's context (a prefill of the whole context is fine: the TTFT needs no
     further position), and a --granularity given suiting the planner at each (the default, L/64 but at least 128,
@@ -429,8 +459,8 @@ def check_grid(cfgs: dict, prompt_lens: list[int], granularity: int | None) -> N
 
 def main_tp(args) -> int:
     """`simulate --gpus`: the TP x PP projection."""
-    from pipeline.config import PRESETS
     from pipeline.costs import get_device, link_preset
+    from pipeline.model import resolve_config
 
     from .report import environment, write_json
     from .options import output_dir, say
@@ -441,7 +471,8 @@ def main_tp(args) -> int:
     args.node_gpus = args.node_gpus or 8
     models = args.models or ["llama3-8b", "llama3-70b", "llama3-405b"]
     links = args.links or ["nvlink", "pcie5", "ib-ndr"]
-    cfgs = {m: PRESETS[m] for m in models}
+    cfgs = {m: resolve_config(m) for m in models}
+    labels = model_labels(models)
     check_grid(cfgs, args.prompt_lens, args.granularity)
     splits = {(m, N): tp_splits(cfg, N) for m, cfg in cfgs.items() for N in args.gpus}
     for (m, N), options in splits.items():
@@ -454,8 +485,8 @@ def main_tp(args) -> int:
     from tqdm import tqdm
     with output_dir(args.out) as out:
         say(f"bench simulate: {len(grid)} TP x PP points ({dev.name} roofline, balanced chunks)")
-        rows = [project_tp(cfgs[m], N, T, S, args.device, link, L, args.batch, args.granularity,
-                           args.tp_link if T <= args.node_gpus else None)
+        rows = [dict(project_tp(cfgs[m], N, T, S, args.device, link, L, args.batch, args.granularity,
+                                args.tp_link if T <= args.node_gpus else None), model=labels[m])
                 for m, N, T, S, link, L in tqdm(grid, desc="simulating", file=sys.stderr,
                                                  disable=not sys.stderr.isatty())]
         mark_fastest(rows)

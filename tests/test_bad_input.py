@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -235,7 +236,12 @@ CLI = [
     # simulate
     ("sim-device", ["simulate", "--device", "tpu"], ["--device", "'tpu'", "h100"]),
     ("sim-link", ["simulate", "--links", "pcie9"], ["--links", "'pcie9'", "nvlink"]),
-    ("sim-model", ["simulate", "--models", "gpt5"], ["--models", "'gpt5'", "llama3-8b"]),
+    ("sim-model", ["simulate", "--models", "gpt5"], ["--models", "'gpt5'", "llama3-8b", "Hugging Face directory"]),
+    ("sim-model-a-file", ["simulate", "--models", "{ckpt:a-file}"], ["--models", "is a file", "config.json"]),
+    ("sim-model-no-config", ["simulate", "--models", "llama3-8b,{ckpt:no-config}"], ["--models", "no config.json"]),
+    ("sim-model-yarn", ["simulate", "--models", "{ckpt:yarn}"], ["--models", "RoPE type 'yarn'"]),
+    ("sim-model-dir-past-context",  # the checkpoint's config is read for its shape (weights or not)
+     ["simulate", "--models", "{ckpt:no-weights}", "--stages", "2", "--prompt-lens", "4096"], ["4096", "context of"]),
     ("sim-prompt-0", ["simulate", "--prompt-lens", "0"], ["--prompt-lens", "positive integer"]),
     ("sim-past-context", ["simulate", "--models", "llama3-8b", "--prompt-lens", "200000"],
      ["200000", "context of 131072"]),
@@ -292,8 +298,7 @@ CLI = [
 
 def _expand(argv, checkpoints, files, out):
     def one(a):
-        if a.startswith("{ckpt:"):
-            return str(checkpoints[a[6:-1]])
+        a = re.sub(r"\{ckpt:([\w-]+)\}", lambda m: str(checkpoints[m.group(1)]), a)  # anywhere: lists too
         if a.startswith("{file:"):
             return str(files / a[6:-1])
         return str(out) if a == "{out}" else a

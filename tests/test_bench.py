@@ -287,6 +287,27 @@ def test_projection_writes_table_plot_and_json(tmp_path, capsys):
     assert json.loads(stdout.strip().splitlines()[-1])["points"] == 8
 
 
+def test_projection_takes_a_hugging_face_directory_by_its_shape(tmp_path, capsys):
+    from bench.simulate import main as simulate_main
+    d = tmp_path / "Meta-Llama-3-8B"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(dict(  # llama3-8b's shape: no weights needed to project
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+        rope_theta=500000.0, max_position_embeddings=131072, rms_norm_eps=1e-5)))
+    for extra in ([], ["--gpus", "8"]):
+        args = ["--models", f"llama3-8b,{d}", "--links", "nvlink", "--prompt-lens", "8192"] + (extra or ["--stages",
+                                                                                                        "2"])
+        assert simulate_main(args + ["--out", str(tmp_path / "out")]) == 0
+        rows = json.loads((tmp_path / "out" / "simulate.json").read_text())["rows"]
+        preset = [r for r in rows if r["model"] == "llama3-8b"]
+        mine = [r for r in rows if r["model"] == "Meta-Llama-3-8B"]  # the directory's name in the rows and table
+        assert len(preset) == len(mine) > 0 and len(rows) == 2 * len(mine)
+        for a, b in zip(preset, mine):
+            assert {k: v for k, v in a.items() if k != "model"} == {k: v for k, v in b.items() if k != "model"}
+        assert "Meta-Llama-3-8B" in capsys.readouterr().out
+
+
 def test_compare_flags_regressions(demo_run, tmp_path):
     _, out = demo_run
     base = out / "results.json"
