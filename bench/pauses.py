@@ -123,9 +123,11 @@ def measure(spec, jobs, progress=None):
 def cut_pauses(res: PrefillResult, clock: ActiveClock) -> None:
     """Re-derives a run's figures and timeline with the machine's pauses cut out (see pauses.py); the wall-clock
     TTFT and the paused time stay in the metrics as wall_ttft_s and paused_s."""
-    if clock(res.t_end) - clock(res.t_start) <= 0:
-        # "paused" for the whole run: the monitor was starved (CPU contention), not the machine stopped. The
-        # wall-clock figures stand; paused_s says how much the monitor saw.
+    spans = [(res.t_start, res.t_end)] + [(a, b) for r in res.records for a, b in r.compute if b > a]
+    if any(clock(b) - clock(a) <= 0 for a, b in spans):
+        # "paused" for the whole run, or for the whole of a chunk's compute (which a machine that stops would have
+        # resumed): the monitor was starved (CPU contention), not the machine stopped. Cut, it would leave a TTFT or
+        # a bound of 0. The wall-clock figures stand; paused_s says how much the monitor saw.
         res.metrics = dict(res.metrics, wall_ttft_s=res.t_end - res.t_start,
                            paused_s=clock.paused_between(res.t_start, res.t_end), pause_cut=False)
         return

@@ -469,6 +469,23 @@ def test_a_run_seen_paused_throughout_keeps_its_wall_clock_figures():
     assert res.records == [rec] and (res.t_start, res.t_end) == (1.0, 1.5)
 
 
+def test_a_chunk_seen_paused_throughout_keeps_the_runs_wall_clock_figures():
+    """A chunk's compute cannot lie wholly in a machine pause (it resumes to compute): a 'pause' that covers one is a
+    starved monitor, and cutting it would leave a compute of 0 and a bound of 0 (a division by zero in the harness,
+    seen under a loaded CPU)."""
+    from bench.pauses import cut_pauses
+    from pipeline.launch import PrefillResult
+    from pipeline.simulate import free_link_bound
+    rec0 = StageRecord(0, [1, 1], compute=[(0.0, 1.0), (1.0, 2.0)], send=[(1.0, 1.0), (2.0, 2.0)], bytes_sent=8)
+    rec1 = StageRecord(1, [1, 1], compute=[(1.0, 2.0), (2.0, 3.0)], recv_wait=[(0.0, 1.0), (2.0, 2.0)])
+    res = PrefillResult("overlapped", [1, 1], None, {"ttft_s": 3.0}, [], records=[rec0, rec1], t_start=0.0,
+                        t_end=3.0)
+    cut_pauses(res, ActiveClock([(0.9, 2.1)]))  # every stage's chunks 1 (stage 0) and 0 (stage 1) inside the pause
+    assert res.metrics["pause_cut"] is False and res.metrics["ttft_s"] == 3.0
+    assert res.metrics["paused_s"] == pytest.approx(1.2) and res.records == [rec0, rec1]
+    assert free_link_bound("overlapped", res.records) > 0
+
+
 def test_steadiness_tells_stops_from_slow_downs():
     from bench.pauses import steadiness
     counts = [1000] * 10 + [400] * 4 + [990] * 6 + [3] * 5  # 20 windows ran (4 at 40% speed), 5 were stopped in
