@@ -43,6 +43,7 @@ class KernelSpec:
     num_warps: int
     num_stages: int = 1
     expect_wgmma: bool = False
+    dtype: str = ""  # the data's dtype ("bfloat16", ...); "" where the kernel has none (integer checks)
 
 
 def _attention_signature(dtype) -> dict[str, str]:
@@ -98,7 +99,8 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
                     + ("" if has_prefix else " no-prefix"))
             specs.append(KernelSpec(name, attn_mod._chunk_attention_kernel, sig | {k: "constexpr" for k in const},
                                     const, cfg["num_warps"], cfg["num_stages"],
-                                    expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64))
+                                    expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64,
+                                    dtype=str(dtype)[6:]))
     paged = [c for c in paged_mod.all_configs(cap) if c[1] != torch.float16 or not c[3]["pack_gqa"]]  # fp16: as bf16
     paged.append((80, torch.bfloat16, 1, paged_mod.pick_config(paged_mod.block_d(80), torch.bfloat16, cap)))
     for head_dim, dtype, group, tile in paged:  # the paged, varlen kernel
@@ -125,7 +127,8 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
                                     + (" ahead" if cfg.get("page_ahead") else "") + (" split" if split else ""),
                                     paged_mod._paged_chunk_attention_kernel,
                                     sig | {k: "constexpr" for k in const}, const, cfg["num_warps"],
-                                    cfg["num_stages"], expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64))
+                                    cfg["num_stages"], expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64,
+                                    dtype=str(dtype)[6:]))
     if arch >= 90:  # the TMA prefix loads (config tma, Hopper only): the tiles a tuning sweep tries, alone and split
         for head_dim, cfg in attn_mod.TMA_SWEEP:
             sig = _attention_signature(torch.bfloat16)
@@ -137,7 +140,7 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
                                         f" w{cfg['num_warps']}s{cfg['num_stages']}" + (" split" if split else "")
                                         + " tma", attn_mod._chunk_attention_kernel,
                                         sig | {k: "constexpr" for k in const}, const, cfg["num_warps"],
-                                        cfg["num_stages"], expect_wgmma=True))
+                                        cfg["num_stages"], expect_wgmma=True, dtype="bfloat16"))
     for page in (16, 256):  # the paged launcher's device-side check of rows and pages
         sig = {"BT": "*i32", "CuQ": "*i32", "Prefix": "*i32", "Ok": "*i32", "stride_bt": "i32", "max_pages": "i32",
                "num_pages": "i32", "PAGE_SIZE": "constexpr", "BLOCK": "constexpr"}
@@ -148,7 +151,7 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
             n: "i32" for n in ("n_splits", "n_rows", "C", "Hq", "stride_ob", "stride_om", "stride_oh")}
         const = dict(HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim), BLOCK_R=attn_mod.MERGE_ROWS)
         specs.append(KernelSpec(f"chunk_attention_merge d{head_dim} bfloat16", attn_mod._merge_splits_kernel,
-                                sig | {k: "constexpr" for k in const}, const, 4))
+                                sig | {k: "constexpr" for k in const}, const, 4, dtype="bfloat16"))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         p, dt = _PTR[dtype], str(dtype)[6:]
         for hidden in (4096, 8192):
@@ -157,7 +160,7 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
                    "stride_o": "i32", "stride_ro": "i32", "N": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr",
                    "BLOCK": "constexpr"}
             specs.append(KernelSpec(f"add_rms_norm H{hidden} {dt}", rms_mod._add_rms_norm_kernel, sig,
-                                    dict(HAS_RESIDUAL=True, BLOCK=block), min(16, max(1, block // 256))))
+                                    dict(HAS_RESIDUAL=True, BLOCK=block), min(16, max(1, block // 256)), dtype=dt))
         for half in (32, 40, 64):  # D = 64, 80 (padded), 128
             sig = {"X": p, "Cos": "*fp32", "Sin": "*fp32", "Out": p, "Pos": "*i32"} | {
                 n: "i32" for n in ("stride_xb", "stride_xm", "stride_xh", "stride_ob", "stride_om", "stride_oh",
@@ -168,10 +171,10 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
                                         rope_mod._rope_kernel, sig,
                                         dict(HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
                                              BLOCK_H=rope_mod.rope_head_block(32 + 8, half),  # q's + k's heads
-                                             POSITIONS=positions), 4))
+                                             POSITIONS=positions), 4, dtype=dt))
         sig = {"G": p, "U": p, "Out": p, "stride_g": "i32", "stride_u": "i32", "stride_o": "i32", "N": "i32",
                "BLOCK": "constexpr"}
-        specs.append(KernelSpec(f"swiglu {dt}", swiglu_mod._swiglu_kernel, sig, dict(BLOCK=4096), 8))
+        specs.append(KernelSpec(f"swiglu {dt}", swiglu_mod._swiglu_kernel, sig, dict(BLOCK=4096), 8, dtype=dt))
     return specs
 
 
@@ -266,12 +269,54 @@ def selected_specs(arch: int, only: str = "", quick: bool = False) -> list[Kerne
     return [spec for spec in kernel_specs(arch) if only in spec.name and not (quick and skipped(spec.name))]
 
 
+def _code_path(spec: KernelSpec) -> tuple[tuple, bool] | None:
+    """The code path a spec stands for in `ci_specs`, and whether the path's largest tile (the most registers, where
+    spills start) represents it, or its smallest (a compile check); None: left to the quick set."""
+    c = spec.constexprs
+    kernel = spec.name.split()[0]
+    if "BLOCK_N" not in c:  # the split-KV merge, the paged row check, the elementwise kernels: each in bf16 only
+        return ((spec.name,), False) if spec.dtype in ("bfloat16", "") else None
+    if c.get("FOLD_SCALE") or c.get("TMA"):  # tuning-sweep options, never the launchers' choice
+        return (kernel, "fold" if c.get("FOLD_SCALE") else "tma"), False
+    if spec.dtype != "bfloat16":  # fp16 tiles are bf16's; the fp32 ones are for checking
+        return (kernel, spec.dtype), False
+    if c["HEAD_DIM"] != 128:  # every other head dim: its largest tile, whatever the variant
+        return (kernel, c["HEAD_DIM"]), True
+    variant = (c["PACK"] > 1, c["SPLIT"], c.get("PER_ROW_START", False), c.get("HAS_PREFIX", True),
+               c.get("PAGE_SIZE", 16), c.get("PAGE_AHEAD", False))
+    if variant == (False, False, False, True, 16, False):  # d128's plain tiles: every shape the launcher picks
+        return (kernel, 128, c["BLOCK_M"], c["BLOCK_N"]), True
+    return (kernel, 128, variant), True  # d128's variants: GQA packing, split-KV, per-row starts, prefix 0, pages
+
+
+def ci_specs(arch: int) -> list[KernelSpec]:
+    """The test suite's selection (`--ci`): of the quick set, one spec per code path (`_code_path`). At d128 every
+    bf16 tile shape the launchers pick and the largest tile of each variant (GQA packing, split-KV, per-row starts,
+    prefix 0, pages of 256); every other head dim's largest bf16 tile; fp16, fp32 and the sweep-only options (fold,
+    TMA) by one small tile each; the small kernels in bf16. About a third of the quick set's compile time: `--quick`
+    (or the full set) is the check to run after changing a kernel."""
+    specs = selected_specs(arch, quick=True)
+    paths: dict[tuple, list[KernelSpec]] = {}
+    for spec in specs:
+        if (path := _code_path(spec)) is not None:
+            paths.setdefault(path, []).append(spec)
+
+    def size(spec):  # ties: the plainer tile (unpacked, unsplit)
+        c = spec.constexprs
+        return c.get("BLOCK_M", 0) * c.get("BLOCK_N", 0), spec.num_warps, c.get("PACK", 1) == 1, not c.get("SPLIT")
+
+    chosen = {id(max(group, key=size) if largest else min(group, key=size)) for (_, largest), group in paths.items()}
+    return [spec for spec in specs if id(spec) in chosen]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities, e.g. 90 80")
     ap.add_argument("--only", default="", help="compile only kernels whose name contains this text")
     ap.add_argument("--quick", action="store_true",
                     help="attention in bf16 at every head dim, fp16/fp32 at d128 only (fp16 tiles equal bf16's)")
+    ap.add_argument("--ci", action="store_true",
+                    help="the test suite's selection: one compile per code path of the quick set (see ci_specs)")
     ap.add_argument("--shard", default="0/1", metavar="I/N",
                     help="compile only every N-th of the selected kernels, from the I-th (0-based): N processes share "
                          "the work")
@@ -288,7 +333,9 @@ def main(argv=None) -> int:
         return 2
     failed = 0
     for arch in args.arch:
-        for spec in selected_specs(arch, args.only, args.quick)[shard::shards]:
+        specs = [s for s in ci_specs(arch) if args.only in s.name] if args.ci else selected_specs(arch, args.only,
+                                                                                                   args.quick)
+        for spec in specs[shard::shards]:
             if args.list:
                 print(json.dumps(dict(kernel=spec.name, arch=f"sm_{arch}")))
                 continue

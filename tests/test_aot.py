@@ -1,9 +1,12 @@
-"""Every kernel configuration the launchers can choose compiles ahead of time for Hopper (sm_90) and Ampere (sm_80)
-without a GPU, with no register spills, and the attention kernel's sm_90 PTX uses wgmma."""
+"""The kernels compile ahead of time for Hopper (sm_90) and Ampere (sm_80) without a GPU, with no register spills, and
+the attention kernel's sm_90 PTX uses wgmma: one compile per code path (`python -m kernels.aot --ci`, a third of the
+quick set's compile time); the selections themselves are checked to cover every configuration the launchers choose.
+After changing a kernel, run `python -m kernels.aot --quick` (or the full set)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +26,7 @@ def compile_rows(*args) -> list[dict]:
 
 
 # each arch in two shards: the longest compiles of the suite, shared between the xdist workers
-AOT_RUNS = [("90", ["--quick"], "0/2"), ("90", ["--quick"], "1/2"), ("80", ["--quick"], "0/2"),
-            ("80", ["--quick"], "1/2")]
+AOT_RUNS = [("90", ["--ci"], "0/2"), ("90", ["--ci"], "1/2"), ("80", ["--ci"], "0/2"), ("80", ["--ci"], "1/2")]
 
 
 @pytest.mark.parametrize("arch,extra,shard", AOT_RUNS, ids=["sm90-shard0", "sm90-shard1", "sm80-shard0",
@@ -93,6 +95,39 @@ def test_the_compiled_selection_covers_every_kernel():
     assert {f"d{d}" for d in (16, 32, 64, 128, 256)} <= {n.split()[1] for n in names if "bfloat16" in n}
     ampere = [r["kernel"] for r in compile_rows("--arch", "80", "--only", "d128", "--list")]
     assert any(n.startswith("chunk_attention d128 bfloat16") for n in ampere)
+
+
+def _tile(name: str) -> int:
+    m, n = re.search(r" m(\d+)n(\d+)", name).groups()
+    return int(m) * int(n)
+
+
+@pytest.mark.parametrize("arch", ["90", "80"])
+def test_the_tests_selection_keeps_every_code_path_of_the_quick_set(arch):
+    ci = [r["kernel"] for r in compile_rows("--arch", arch, "--ci", "--list")]
+    quick = [r["kernel"] for r in compile_rows("--arch", arch, "--quick", "--list")]
+    assert len(set(ci)) == len(ci) and ci == [n for n in quick if n in set(ci)]  # a subset, in the quick set's order
+    assert len(ci) < len(quick) / 2
+    assert {n.split()[0] for n in ci} == {n.split()[0] for n in quick}  # every kernel
+    attention = ("chunk_attention ", "chunk_attention_paged ")
+    small = [n for n in quick if not n.startswith(attention)]
+    assert [n for n in small if "float" not in n or "bfloat16" in n] == [n for n in ci if not n.startswith(attention)]
+    for kernel in attention:
+        mine = [n for n in ci if n.startswith(kernel)]
+        theirs = [n for n in quick if n.startswith(kernel)]
+        # every head dim in bf16, by the largest tile the launcher picks for it (where spills start)
+        for d in {n.split()[1] for n in theirs}:
+            tiles = [n for n in theirs if n.split()[1] == d and "bfloat16" in n and not n.endswith(" tma")
+                     and " fold" not in n]
+            picked = [n for n in mine if n.split()[1] == d and "bfloat16" in n and not n.endswith(" tma")
+                      and " fold" not in n]
+            assert picked and max(map(_tile, picked)) == max(map(_tile, tiles)), (d, picked)
+        # d128: every plain bf16 tile shape, and each variant somewhere
+        plain = re.compile(kernel + r"d128 bfloat16 m\d+n\d+( page16)?$")
+        assert [n for n in theirs if plain.match(n)] == [n for n in mine if plain.match(n)]
+        for word in (" pack", " split", " per-row start", " no-prefix", " page256", " ahead", " fold", " tma",
+                     " float16 ", " float32 "):
+            assert any(word in n for n in mine) == any(word in n for n in theirs), word
 
 
 def _ptx_of_link_kernel(name: str, signature: dict) -> list[str]:

@@ -20,6 +20,15 @@ def bench(*args, timeout=600):
                           timeout=timeout)
 
 
+def compare_here(capsys, *args) -> subprocess.CompletedProcess:
+    """`python -m bench compare ...` run in this process (the CLI's main: its exit code, its one-line errors): a
+    subprocess would spend its seconds importing torch."""
+    from bench.cli import main
+    code = main(["compare", *args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["compare", *args], code, out, err)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
@@ -308,33 +317,33 @@ def test_projection_takes_a_hugging_face_directory_by_its_shape(tmp_path, capsys
         assert "Meta-Llama-3-8B" in capsys.readouterr().out
 
 
-def test_compare_flags_regressions(demo_run, tmp_path):
+def test_compare_flags_regressions(demo_run, tmp_path, capsys):
     _, out = demo_run
     base = out / "results.json"
-    assert bench("compare", str(base), str(base)).returncode == 0
+    assert compare_here(capsys, str(base), str(base)).returncode == 0
     doc = json.loads(base.read_text())
     doc["points"][0]["modes"]["overlapped"]["ttft_ms"] *= 1.5
     slower = tmp_path / "slower.json"
     slower.write_text(json.dumps(doc))
-    res = bench("compare", str(base), str(slower))
+    res = compare_here(capsys, str(base), str(slower))
     assert res.returncode == 1 and "REGRESSED" in res.stdout
     doc["points"][0]["modes"]["overlapped"]["ttft_ms"] /= 1.5
     doc["points"][0]["modes"]["chunked"]["outputs_match"] = False
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps(doc))
-    assert bench("compare", str(base), str(wrong)).returncode == 1
+    assert compare_here(capsys, str(base), str(wrong)).returncode == 1
     doc["points"][0]["modes"]["chunked"]["outputs_match"] = True
     m = doc["points"][0]["modes"]["overlapped"]
     m["exposed_comm_ms"] = 5 * m["exposed_comm_ms"] + 0.02 * m["ttft_ms"]  # grew 5x (and by 2% of the TTFT)
     comm = tmp_path / "comm.json"
     comm.write_text(json.dumps(doc))
-    res = bench("compare", str(base), str(comm))
+    res = compare_here(capsys, str(base), str(comm))
     assert res.returncode == 1 and "overlapped L=96 exposed_comm_ms" in res.stdout, res.stdout
     doc = json.loads(base.read_text())
     doc["points"][0]["modes"]["naive"]["prefill_bytes_per_boundary"] = [1]
     changed = tmp_path / "bytes.json"
     changed.write_text(json.dumps(doc))
-    res = bench("compare", str(base), str(changed))
+    res = compare_here(capsys, str(base), str(changed))
     assert res.returncode == 1 and "prefill_bytes_per_boundary changed" in res.stdout
     checked = next(line for line in res.stdout.splitlines() if line.startswith("checked:"))
     for fig in ("ttft_ms", "exposed_comm_ms", "bound_ms", "compute_ms_per_stage", "send_time_ms_per_stage",
@@ -344,12 +353,12 @@ def test_compare_flags_regressions(demo_run, tmp_path):
     doc["environment"]["device"] = "another GPU"
     other = tmp_path / "other.json"
     other.write_text(json.dumps(doc))
-    res = bench("compare", str(base), str(other))
+    res = compare_here(capsys, str(base), str(other))
     assert res.returncode == 2 and "different devices" in res.stderr and "'another GPU'" in res.stderr
     doc = json.loads(base.read_text())
     doc["config"]["chunk_size"] += 1
     other.write_text(json.dumps(doc))
-    res = bench("compare", str(base), str(other))
+    res = compare_here(capsys, str(base), str(other))
     assert res.returncode == 2 and "different configurations" in res.stderr  # and which: only the key that differs
     assert f"chunk_size {doc['config']['chunk_size'] - 1} vs {doc['config']['chunk_size']}" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
@@ -357,10 +366,10 @@ def test_compare_flags_regressions(demo_run, tmp_path):
     del doc["config"]["rows"], doc["config"]["token_budget"]
     older = tmp_path / "older.json"
     older.write_text(json.dumps(doc))
-    assert bench("compare", str(older), str(base)).returncode == 0
+    assert compare_here(capsys, str(older), str(base)).returncode == 0
     doc["config"]["page_size"] = 64  # ... but a key one side lacks and the other sets is a difference
     older.write_text(json.dumps(doc))
-    res = bench("compare", str(older), str(base))
+    res = compare_here(capsys, str(older), str(base))
     assert res.returncode == 2 and "page_size 64 vs None" in res.stderr
 
 
