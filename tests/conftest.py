@@ -6,8 +6,14 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Property tests draw the same examples on every run (a failure reproduces; no example database is written):
+# HYPOTHESIS_PROFILE=explore draws new ones each run, to search further.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 # Without a GPU the Triton kernels run in Triton's interpreter. Must be set before `kernels` is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
