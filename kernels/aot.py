@@ -310,13 +310,14 @@ def ci_specs(arch: int) -> list[KernelSpec]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities, e.g. 90 80")
     ap.add_argument("--only", default="", help="compile only kernels whose name contains this text")
-    ap.add_argument("--quick", action="store_true",
-                    help="attention in bf16 at every head dim, fp16/fp32 at d128 only (fp16 tiles equal bf16's)")
-    ap.add_argument("--ci", action="store_true",
-                    help="the test suite's selection: one compile per code path of the quick set (see ci_specs)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true",
+                       help="attention in bf16 at every head dim, fp16/fp32 at d128 only (fp16 tiles equal bf16's)")
+    which.add_argument("--ci", action="store_true",
+                       help="the test suite's selection: one compile per code path of the quick set (see ci_specs)")
     ap.add_argument("--shard", default="0/1", metavar="I/N",
                     help="compile only every N-th of the selected kernels, from the I-th (0-based): N processes share "
                          "the work")
