@@ -161,12 +161,19 @@ def test_chunk_attention_random_pack_and_splits(B, C, group, Hkv, start_pos, pac
     run_attention_case(B, C, group * Hkv, Hkv, 16, start_pos, torch.float32, 2e-5, seed=seed, config=cfg)
 
 
-TMA_CASES = [(1, 37, 4, 4, 128, 45), (2, 37, 4, 2, 80, 21), (3, 5, 2, 1, 24, 70), (1, 133, 8, 2, 16, 389),
-             (1, 1, 8, 1, 64, 1000)]
+# the two long cases (many prefix blocks: 25 and 19 a row) in fp32 only: fp16 takes the same descriptors and
+# loops, and the small cases run it
+TMA_CASES = [(1, 37, 4, 4, 128, 45), (2, 37, 4, 2, 80, 21), (3, 5, 2, 1, 24, 70)]
+TMA_LONG_CASES = [(1, 133, 8, 2, 16, 389), (1, 1, 8, 1, 64, 300)]
 
 
-@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
-@pytest.mark.parametrize("B,C,Hq,Hkv,D,start_pos", TMA_CASES)
+TMA_PARAMS = [(*case, *DTYPES[0]) for case in TMA_CASES + TMA_LONG_CASES] + [(*case, *DTYPES[1]) for case in TMA_CASES]
+
+
+TMA_IDS = ["-".join(map(str, p[:6])) + ("-fp32" if p[6] == torch.float32 else "-fp16") for p in TMA_PARAMS]
+
+
+@pytest.mark.parametrize("B,C,Hq,Hkv,D,start_pos,dtype,tol", TMA_PARAMS, ids=TMA_IDS)
 @pytest.mark.parametrize("extra", [{}, {"num_splits": 3}, {"pack_gqa": True}], ids=["plain", "split", "pack"])
 def test_chunk_attention_tma_prefix_loads(B, C, Hq, Hkv, D, start_pos, dtype, tol, extra):
     """The prefix's whole key blocks through tensor descriptors (config tma): odd sizes, padded head dims (zero-filled

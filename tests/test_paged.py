@@ -103,14 +103,19 @@ PACKED_SPLIT = {"pack": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1, 
                                      page_ahead=True)}
 
 
-@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
-@pytest.mark.parametrize("config", list(PACKED_SPLIT.values()), ids=list(PACKED_SPLIT))
-@pytest.mark.parametrize("lens,prefixes,Hq,Hkv,D,page_size", [
-    ([1, 1, 1, 1], [0, 15, 16, 17], 8, 1, 32, 16),  # decode, group 8: every head of the group in one tile
+PACKED_SPLIT_CASES = [
     ([5, 37, 1], [0, 20, 33], 4, 2, 64, 16),  # a chunk longer than a packed tile's queries per head
+    ([1, 1, 1, 1], [0, 15, 16, 17], 8, 1, 32, 16),  # decode, group 8: every head of the group in one tile
     ([17, 9, 0], [3, 140, 7], 6, 2, 80, 32),  # group 3 (padded to 4 rows of heads), padded head dim, an empty row
     ([3, 2], [300, 0], 12, 4, 24, 1),  # pages of one token, a row with no prefix: its splits see nothing
-])
+]
+# every case in fp32, the first in fp16 too (fp16 runs the same tiles; the split's partial results are fp32 in both)
+PACKED_SPLIT_PARAMS = [(*case, *DTYPES[0]) for case in PACKED_SPLIT_CASES] + [(*PACKED_SPLIT_CASES[0], *DTYPES[1])]
+
+
+@pytest.mark.parametrize("config", list(PACKED_SPLIT.values()), ids=list(PACKED_SPLIT))
+@pytest.mark.parametrize("lens,prefixes,Hq,Hkv,D,page_size,dtype,tol", PACKED_SPLIT_PARAMS,
+                         ids=[f"case{i}-fp32" for i in range(len(PACKED_SPLIT_CASES))] + ["case0-fp16"])
 def test_paged_gqa_packing_and_split_kv(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol, config):
     run_paged_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol, config=config)
 
