@@ -306,6 +306,8 @@ def stage_compute_alone(model: str, stages: int, prompt_len: int, chunk_size: in
         from pipeline.partitions import SMPartitions
         partitions = SMPartitions(device, stages, 1)
         stream, plan = partitions.stage_streams[0], partitions.describe()
+    if device != "cpu":  # the weights, cache and input were made on the default stream, which `stream` does not wait on
+        torch.cuda.synchronize(device)
     outs = {}
 
     def whole():
