@@ -118,22 +118,49 @@ def test_tp_x_pp_in_process_equals_unchunked_and_counts_the_reduce_traffic(stage
     assert all(s >= 0 for s in m["allreduce_s_per_stage"])
 
 
-@pytest.mark.parametrize("stages,tp,mode", [(1, 2, "chunked"), (2, 2, "overlapped")])
-def test_tp_x_pp_over_gloo_processes_equals_unchunked(stages, tp, mode):
-    """S x T gloo processes (four on two cores for 2 x 2: correctness only), boundaries between matching TP ranks."""
-    cfg = TINY.replace(num_kv_heads=1)
-    B, L = 1, 33
-    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(4))
-    ref = run_prefill(cfg, tokens, mode="unchunked", return_cache=True)
-    res = run_prefill(cfg, tokens, mode=mode, stages=stages, tp=tp, chunk_size=8, link="gloo", return_cache=True,
-                      threads=1)
+def _assert_tp_equals_unchunked(res, ref, stages: int, crossing: str = "matching"):
+    """Logits, decode logits and the KV cache (every stage's layers) of a TP run against the unchunked model's; the
+    all-reduce payload per stage (two [B, L, H] a layer) and its ratio to one decode token's (L); boundary bytes as
+    matching TP ranks send them (a sharded crossing's are checked where it is run)."""
+    B, L = ref.caches[0][0].shape[1:3]
     assert (res.logits - ref.logits).abs().max().item() <= 1e-5
     assert (res.decode_logits - ref.decode_logits).abs().max().item() <= 1e-5
     k = torch.cat([c[0] for c in res.caches], 0)
     assert (k - ref.caches[0][0]).abs().max().item() <= 1e-5
     assert res.metrics["allreduce_bytes_per_stage"] == [_expected_allreduce(4 // stages, B, L)] * stages
     assert res.metrics["allreduce_prefill_over_decode"] == [L] * stages
-    assert res.metrics["bytes_per_boundary"] == [B * L * 64 * 4] * (stages - 1)
+    if crossing != "sharded":
+        assert res.metrics["bytes_per_boundary"] == [B * L * 64 * 4] * (stages - 1)
+
+
+def _gloo_tp_runs(stages: int, cases: list[tuple]):
+    """S x 2 gloo processes started once for every case (process start-up is the cost): each case (mode, tokens,
+    chunks, tp_comm, tp_boundary) a job; returns each case's result."""
+    from pipeline import Job, PipelineSpec, run_jobs
+    jobs = [Job(mode, tokens, chunks, return_cache=True, tp_comm=tp_comm, tp_boundary=crossing)
+            for mode, tokens, chunks, tp_comm, crossing in cases]
+    spec = PipelineSpec(source=TINY.replace(num_kv_heads=1), stages=stages, tp=2, link="gloo", threads=1)
+    return [res for [res] in run_jobs(spec, jobs)]
+
+
+def _tokens(B, L, seed):
+    return torch.randint(0, TINY.vocab_size, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_tp_over_two_gloo_processes_equals_unchunked_with_every_reduce():
+    """T = 2 gloo processes, one stage: serial all-reduces (chunked), real asynchronous all-reduces (gloo's worker
+    threads) under ISO halves, and torch's reduce-scatter / all-gather (sequence parallelism) (overlapped)."""
+    cfg = TINY.replace(num_kv_heads=1)
+    cases = [("chunked", _tokens(1, 33, 4), [8, 8, 8, 8, 1], "serial", "matching"),
+             ("overlapped", _tokens(2, 29, 6), [9, 1, 19], "overlap", "matching"),
+             ("overlapped", _tokens(2, 29, 6), [9, 1, 19], "sequence", "matching")]
+    # all-reduce calls of 4 layers: serial two a layer per chunk; ISO two per half (chunks of 1 are not halved);
+    # sequence parallel two reduce-scatters and two all-gathers a layer, one closing gather per chunk, chunks of fewer
+    # than T tokens all-reduced
+    calls = dict(serial=2 * 4 * 5, overlap=2 * 4 * (2 + 1 + 2), sequence=2 * (4 * 4 + 1) + 2 * 4)
+    for (_, tokens, _, tp_comm, _), res in zip(cases, _gloo_tp_runs(1, cases), strict=True):
+        _assert_tp_equals_unchunked(res, run_prefill(cfg, tokens, mode="unchunked", return_cache=True), 1)
+        assert res.metrics["allreduce_calls_per_stage"] == [calls[tp_comm]]
 
 
 def test_a_failing_tp_rank_is_reported_not_a_broken_barrier():
@@ -187,21 +214,6 @@ def test_overlapped_and_sequence_parallel_reduces_equal_unchunked(tp_comm, stage
         closing = [sum((tp - 1) * (-(-c // tp)) * row for c in sp)] * (stages - 1) + [len(sp) * (tp - 1) * row]
         assert m["allreduce_calls_per_stage"] == [calls] * stages
         assert m["allreduce_wire_bytes_per_stage"] == [wire + x for x in closing]
-
-
-@pytest.mark.parametrize("tp_comm", ["overlap", "sequence"])
-def test_overlapped_and_sequence_parallel_reduces_over_gloo_equal_unchunked(tp_comm):
-    """Real asynchronous all-reduces (gloo's worker threads) and torch's reduce-scatter / all-gather, T = 2."""
-    cfg = TINY.replace(num_kv_heads=1)
-    B, L = 2, 29
-    tokens = torch.randint(0, cfg.vocab_size, (B, L), generator=torch.Generator().manual_seed(6))
-    ref = run_prefill(cfg, tokens, mode="unchunked", return_cache=True)
-    res = run_prefill(cfg, tokens, mode="overlapped", stages=1, tp=2, chunks=[9, 1, 19], link="gloo",
-                      tp_comm=tp_comm, return_cache=True, threads=1)
-    assert (res.logits - ref.logits).abs().max().item() <= 1e-5
-    assert (res.decode_logits - ref.decode_logits).abs().max().item() <= 1e-5
-    assert (res.caches[0][0] - ref.caches[0][0]).abs().max().item() <= 1e-5
-    assert res.metrics["allreduce_bytes_per_stage"] == [_expected_allreduce(4, B, L)]
 
 
 @pytest.mark.gpu
@@ -649,24 +661,26 @@ def test_a_boundary_sent_once_and_broadcast_equals_matching_sends(mode, compress
     assert "boundary_broadcast_bytes_per_stage" not in matching.metrics
 
 
-@pytest.mark.parametrize("tp_boundary,tp_comm", [("broadcast", "serial"), ("sharded", "serial"),
-                                                  ("sharded", "sequence")])
-def test_a_boundary_sent_once_or_sharded_over_gloo_equals_unchunked(tp_boundary, tp_comm):
+def test_tp_x_pp_over_four_gloo_processes_equals_unchunked_with_every_boundary_crossing():
+    """S = 2 x T = 2 gloo processes (four on two cores: correctness only), overlapped, the boundaries crossing between
+    matching TP ranks, once and broadcast, or sharded (all-gathered, or kept as slices under sequence parallelism)."""
     cfg = TINY.replace(num_kv_heads=1)
-    tokens = torch.randint(0, cfg.vocab_size, (1, 33), generator=torch.Generator().manual_seed(4))
-    ref = run_prefill(cfg, tokens, mode="unchunked")
-    res = run_prefill(cfg, tokens, mode="overlapped", stages=2, tp=2, chunk_size=8, link="gloo",
-                      tp_boundary=tp_boundary, tp_comm=tp_comm, threads=1)
-    assert (res.logits - ref.logits).abs().max().item() <= 1e-5
-    assert (res.decode_logits - ref.decode_logits).abs().max().item() <= 1e-5
-    if tp_boundary == "broadcast":
-        assert res.metrics["boundary_broadcast_bytes_per_stage"] == [0, 33 * 64 * 4]
-    else:  # chunks 8, 8, 8, 8, 1: slices of 4 tokens per rank, gathered back into 2 x that; the last token whole
-        assert res.metrics["bytes_per_boundary"] == [17 * 64 * 4]
-        if tp_comm == "serial":
-            assert res.metrics["boundary_gather_bytes_per_stage"] == [0, 32 * 64 * 4]
-        else:  # sequence parallel: the slices stay as they are, nothing is all-gathered
-            assert "boundary_gather_bytes_per_stage" not in res.metrics
+    tokens = _tokens(1, 33, 4)
+    ref = run_prefill(cfg, tokens, mode="unchunked", return_cache=True)
+    crossings = [("matching", "serial"), ("broadcast", "serial"), ("sharded", "serial"), ("sharded", "sequence")]
+    cases = [("overlapped", tokens, [8, 8, 8, 8, 1], tp_comm, crossing) for crossing, tp_comm in crossings]
+    for (crossing, tp_comm), res in zip(crossings, _gloo_tp_runs(2, cases), strict=True):
+        _assert_tp_equals_unchunked(res, ref, 2, crossing)
+        if crossing == "broadcast":
+            assert res.metrics["boundary_broadcast_bytes_per_stage"] == [0, 33 * 64 * 4]
+        elif crossing == "sharded":  # chunks 8, 8, 8, 8, 1: slices of 4 tokens per rank, gathered back into 2 x that;
+            assert res.metrics["bytes_per_boundary"] == [17 * 64 * 4]  # the last token whole
+            if tp_comm == "serial":
+                assert res.metrics["boundary_gather_bytes_per_stage"] == [0, 32 * 64 * 4]
+            else:  # sequence parallel: the slices stay as they are, nothing is all-gathered
+                assert "boundary_gather_bytes_per_stage" not in res.metrics
+        else:
+            assert "boundary_broadcast_bytes_per_stage" not in res.metrics
 
 
 def test_shard_tokens_slices_every_rank_the_same_length():
