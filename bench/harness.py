@@ -49,9 +49,7 @@ def _point_job(mode: str, tokens, chunks: list[int], chunk_size: int | None = No
     token_budget in kw, steps of that many tokens (no per-row cap)."""
     if not isinstance(tokens, (list, tuple)):
         return Job(mode, tokens, mode_chunks(mode, chunks), **kw)
-    job = Job(mode, tokens, [], chunk_size=chunk_size if kw.get("token_budget") is None else None, **kw)
-    job.chunks = [st.tokens for st in job.steps()]
-    return job
+    return Job.of_rows(mode, tokens, chunk_size=chunk_size if kw.get("token_budget") is None else None, **kw)
 
 
 def run_point(spec: PipelineSpec, prompt_len: int, batch: int, chunks: list[int], repeats: int, warmup: int,

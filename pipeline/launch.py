@@ -267,9 +267,8 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
                         ops=ops, dtype=checks.dtype_name(dtype), device=device, bandwidth_gbps=bandwidth_gbps,
                         latency_s=latency_s, **spec_kw)
     if ragged:
-        job = Job(mode, list(tokens), [], decode=decode, return_cache=return_cache, compress=compress,
-                  chunk_size=chunk_size, tp_boundary=tp_boundary, token_budget=token_budget)
-        job.chunks = [st.tokens for st in job.steps()]
+        job = Job.of_rows(mode, tokens, decode=decode, return_cache=return_cache, compress=compress,
+                          chunk_size=chunk_size, tp_boundary=tp_boundary, token_budget=token_budget)
     else:
         job = Job(mode, tokens, plan, decode=decode, return_cache=return_cache, compress=compress,
                   tp_boundary=tp_boundary)

@@ -136,6 +136,14 @@ class Job:
     tp_boundary: str = "matching"  # with TP: boundaries between matching TP ranks, or once and "broadcast"
     token_budget: int | None = None  # a ragged batch: at most this many packed tokens a step, rows in order
 
+    @classmethod
+    def of_rows(cls, mode: str, rows, **kw) -> "Job":
+        """A ragged batch's job (rows: 1-D token tensors; chunk_size and token_budget in kw): its chunks are its
+        steps' packed token counts (`steps`)."""
+        job = cls(mode, list(rows), [], **kw)
+        job.chunks = [st.tokens for st in job.steps()]
+        return job
+
     @property
     def ragged(self) -> bool:
         """tokens is a list of 1-D rows of different lengths (pipeline.ragged), not a tensor [B, L]."""

@@ -168,8 +168,6 @@ TMA_LONG_CASES = [(1, 133, 8, 2, 16, 389), (1, 1, 8, 1, 64, 300)]
 
 
 TMA_PARAMS = [(*case, *DTYPES[0]) for case in TMA_CASES + TMA_LONG_CASES] + [(*case, *DTYPES[1]) for case in TMA_CASES]
-
-
 TMA_IDS = ["-".join(map(str, p[:6])) + ("-fp32" if p[6] == torch.float32 else "-fp16") for p in TMA_PARAMS]
 
 

@@ -222,9 +222,7 @@ def test_a_ragged_batch_over_gloo_equals_each_prompt_alone(alone, stages, tp):
     from pipeline import Job, PipelineSpec, run_jobs
     rows, ref = alone
     comms = ["serial", "overlap", "sequence"] if tp > 1 else ["serial"]
-    jobs = [Job("overlapped", rows, [], return_cache=True, chunk_size=9, tp_comm=comm) for comm in comms]
-    for job in jobs:
-        job.chunks = [st.tokens for st in job.steps()]
+    jobs = [Job.of_rows("overlapped", rows, return_cache=True, chunk_size=9, tp_comm=comm) for comm in comms]
     results = run_jobs(PipelineSpec(source="tiny", stages=stages, tp=tp, link="gloo", threads=1), jobs)
     calls = {}
     for comm, [res] in zip(comms, results, strict=True):
@@ -328,8 +326,7 @@ def test_the_memory_estimate_counts_whole_kv_pages():
     rows = [torch.zeros(3, dtype=torch.long), torch.zeros(40, dtype=torch.long)]
 
     def need(page_size):
-        job = Job("chunked", rows, [], chunk_size=16)
-        job.chunks = [st.tokens for st in job.steps()]
+        job = Job.of_rows("chunked", rows, chunk_size=16)
         return memory_needed(PipelineSpec(source="tiny", stages=2, page_size=page_size), cfg, job)
     kv_position = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, float32, every layer
     # 1-token pages hold exactly the 3 + 40 tokens and 2 decode tokens; pages of 512 hold 2 x 512 positions; the

@@ -151,15 +151,17 @@ def test_tp_over_two_gloo_processes_equals_unchunked_with_every_reduce():
     """T = 2 gloo processes, one stage: serial all-reduces (chunked), real asynchronous all-reduces (gloo's worker
     threads) under ISO halves, and torch's reduce-scatter / all-gather (sequence parallelism) (overlapped)."""
     cfg = TINY.replace(num_kv_heads=1)
-    cases = [("chunked", _tokens(1, 33, 4), [8, 8, 8, 8, 1], "serial", "matching"),
-             ("overlapped", _tokens(2, 29, 6), [9, 1, 19], "overlap", "matching"),
-             ("overlapped", _tokens(2, 29, 6), [9, 1, 19], "sequence", "matching")]
+    one, two = _tokens(1, 33, 4), _tokens(2, 29, 6)
+    refs = {id(t): run_prefill(cfg, t, mode="unchunked", return_cache=True) for t in (one, two)}
+    cases = [("chunked", one, [8, 8, 8, 8, 1], "serial", "matching"),
+             ("overlapped", two, [9, 1, 19], "overlap", "matching"),
+             ("overlapped", two, [9, 1, 19], "sequence", "matching")]
     # all-reduce calls of 4 layers: serial two a layer per chunk; ISO two per half (chunks of 1 are not halved);
     # sequence parallel two reduce-scatters and two all-gathers a layer, one closing gather per chunk, chunks of fewer
     # than T tokens all-reduced
     calls = dict(serial=2 * 4 * 5, overlap=2 * 4 * (2 + 1 + 2), sequence=2 * (4 * 4 + 1) + 2 * 4)
     for (_, tokens, _, tp_comm, _), res in zip(cases, _gloo_tp_runs(1, cases), strict=True):
-        _assert_tp_equals_unchunked(res, run_prefill(cfg, tokens, mode="unchunked", return_cache=True), 1)
+        _assert_tp_equals_unchunked(res, refs[id(tokens)], 1)
         assert res.metrics["allreduce_calls_per_stage"] == [calls[tp_comm]]
 
 
