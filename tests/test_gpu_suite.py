@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import gpu_suite
+from bench import gpu_suite, gpu_summary
 from bench.kernels import (attention_flops, bench_attention, bench_memory_bound, copy_bandwidth, cpu_timer,
                            gemm_tflops, visible_pairs)
 
@@ -182,7 +182,7 @@ def test_a_test_run_past_its_time_is_stopped_and_counted_from_its_log(tmp_path):
     doc = gpu_suite.run_gpu_tests(tmp_path, timeout_s=0.2)  # torch alone takes longer to import
     assert doc["exit_code"] is None and "stopped after 0 s" in doc["timed_out"]
     assert doc["failed"] == ["pytest produced no report"] and doc["wall_s"] < 60
-    text = gpu_suite.summary_markdown(dict(device="x"), doc, None, None)
+    text = gpu_summary.summary_markdown(dict(device="x"), doc, None, None)
     assert "**Incomplete: stopped after 0 s" in text
 
 
@@ -276,7 +276,7 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
                    compiler=[dict(kernel="chunk_attention d128", registers=255, spill_stores=0, shared_bytes=131072,
                                   wgmma=True)])
     tests = dict(passed=5, failed=["tests/test_kernels.py::test_x"], skipped=0, exit_code=1)
-    text = gpu_suite.summary_markdown(env, tests, kernels, pipeline_part[0])
+    text = gpu_summary.summary_markdown(env, tests, kernels, pipeline_part[0])
     assert "NVIDIA H100" in text and "commit `abc`" in text
     assert "MISSED by 20%" in text  # 400 of 500 TFLOP/s
     assert "MISSED by 15%" in text  # 1.1x of 1.3x
@@ -308,7 +308,7 @@ def test_summary_of_an_older_kernel_file_shows_no_columns_it_never_measured():
     memory = [dict(op="rope", triton_gbps=1800.0, triton_of_copy=0.6, eager_gbps=900.0)]
     kernels = dict(copy_gbps=3000.0, gemm_bf16_tflops=700.0, attention=attention, memory_bound=memory, paged=paged,
                    targets=dict(attention_tflops=500.0, attention_vs_best_peer=1.0, memory_bound_of_copy=0.8))
-    text = gpu_suite.summary_markdown(dict(device="x"), None, kernels, None)
+    text = gpu_summary.summary_markdown(dict(device="x"), None, kernels, None)
     assert "| launcher host / graph µs |" in text and "| 40 / 12 launch-bound |" in text
     assert "vs flex" not in text
     assert "| 0+2048 | 16 | 321 | 1.25x | 1.10x (flash) | pack 1, splits 1 | 3.0e-03 |" in text
@@ -413,17 +413,17 @@ def test_summary_sets_the_kernels_against_the_committed_run_on_the_same_gpu(tmp_
     for r in new["attention"]:
         r["triton_ms"] /= 1.25 if (r["prefix"], r["chunk"]) == (16384, 2048) else 1.0  # 1.25x faster there
     new["paged"][0]["paged_ms"] *= 2  # two times slower
-    found = gpu_suite.committed_baseline(new, tmp_path)
+    found = gpu_summary.committed_baseline(new, tmp_path)
     assert found is not None and found[0] == "bench/results/h200/kernels.json"
-    lines = gpu_suite.baseline_lines(*found, new)
+    lines = gpu_summary.baseline_lines(*found, new)
     text = "\n".join(lines)
     assert "P=16384 C=2048: 1.25x" in text and "P=0 C=256: 1.00x" in text
     paged = new["paged"][0]
     assert f"paged {','.join(f'{p}+{c}' for p, c in paged['batch'])} page={paged['page_size']}: 0.50x" in text
     assert "median 1.00x, 0.50-1.25x" in text
-    assert gpu_suite.committed_baseline(new, base_path.parent) is None  # not against itself
+    assert gpu_summary.committed_baseline(new, base_path.parent) is None  # not against itself
     other = dict(new, environment=dict(new["environment"], device="NVIDIA B200"))
-    assert gpu_suite.committed_baseline(other, tmp_path) is None
+    assert gpu_summary.committed_baseline(other, tmp_path) is None
     (tmp_path / "kernels.json").write_text(json.dumps(new))
     assert gpu_suite.main(["--out", str(tmp_path), "--summary-only"]) == 0
     assert "P=16384 C=2048: 1.25x" in (tmp_path / "summary.md").read_text()
@@ -683,14 +683,14 @@ def test_ideal_gap_separates_the_stages_compute_from_the_schedule():
     def point(of_ideal, ov, nv, bound=1.01):
         return dict(overlapped_of_ideal=of_ideal, modes=dict(
             naive=dict(compute_ms_per_stage=nv), overlapped=dict(compute_ms_per_stage=ov, measured_over_bound=bound)))
-    lines = gpu_suite.ideal_gap_lines([point(0.75, [135.0, 136.0], [100.0, 99.0]), point(0.93, [21.1], [19.7], 1.11),
+    lines = gpu_summary.ideal_gap_lines([point(0.75, [135.0, 136.0], [100.0, 99.0]), point(0.93, [21.1], [19.7], 1.11),
                                        dict(overlapped_of_ideal=None, modes={})])
     assert lines == ["- Stage compute, overlapped over naive (the busiest stage): 1.07-1.36x, where the ideal takes 1; "
                      "at the overlapped runs' own stage compute the schedule reaches 1.00-1.02 of the ideal "
                      "(measured/bound 1.01-1.11): what falls short is compute, not exposed sends."]
-    short = gpu_suite.ideal_gap_lines([point(0.5, [110.0], [100.0])])
+    short = gpu_summary.ideal_gap_lines([point(0.5, [110.0], [100.0])])
     assert short[0].endswith("reaches 0.55-0.55 of the ideal (measured/bound 1.01-1.01).")
-    assert gpu_suite.ideal_gap_lines([dict(overlapped_of_ideal=0.5, modes=dict(naive={}, overlapped={}))]) == []
+    assert gpu_summary.ideal_gap_lines([dict(overlapped_of_ideal=0.5, modes=dict(naive={}, overlapped={}))]) == []
 
 
 def test_stage_alone_splits_the_growth_into_chunking_and_sharing():
@@ -700,12 +700,12 @@ def test_stage_alone_splits_the_growth_into_chunking_and_sharing():
                  modes=dict(naive=dict(compute_ms_per_stage=[100.0]), overlapped=dict(compute_ms_per_stage=[136.0])))
     doc = dict(points=[point, dict(point, prompt_len=4096)],  # no stage_alone entry at 4k: left out
                stage_alone=[dict(stages=4, prompt_len=16384, chunk_size=2048, chunking_cost=1.1)])
-    assert gpu_suite.stage_alone_lines(doc) == [
+    assert gpu_summary.stage_alone_lines(doc) == [
         "- One stage alone on its partition (its layers, the prompt in chunks of 2048 against whole, nothing else "
         "running): chunking costs it 1.10-1.10x; running beside the other busy stages 1.24-1.24x more (one GPU's HBM "
         "and L2 shared: S GPUs would not pay it); without that, overlapped would reach 0.93-0.93 of the ideal."]
-    assert gpu_suite.stage_alone_lines(dict(points=[point])) == []  # an older file: nothing to say
-    assert gpu_suite.stage_alone_lines(dict(points=[point], stage_alone_skipped="time budget")) == [
+    assert gpu_summary.stage_alone_lines(dict(points=[point])) == []  # an older file: nothing to say
+    assert gpu_summary.stage_alone_lines(dict(points=[point], stage_alone_skipped="time budget")) == [
         "- One stage alone on its partition: not measured (time budget)."]
 
 
@@ -725,7 +725,7 @@ def test_partitions_part_measures_and_summarises_on_cpu():
     assert point["overlapped_of_ideal"] == pytest.approx(
         point["modes"]["overlapped"]["speedup_vs_naive"] / point["ideal_speedup"])
     assert point["modes"]["chunked"]["sim_over_measured"] > 0
-    text = "\n".join(gpu_suite.partitions_markdown(doc))
+    text = "\n".join(gpu_summary.partitions_markdown(doc))
     assert "| 2 | 100gbe | 64 |" in text and "Target overlapped >= 0.9 of the ideal" in text
     assert "Target simulator within 10%" in text and "Stage compute, overlapped over naive" in text
     assert "One stage alone on its partition" in text
@@ -737,7 +737,7 @@ def test_partitions_part_measures_and_summarises_on_cpu():
                                        chunk_size=16, repeats=1, warmup=0, device="cpu", dtype="float32",
                                        ops="torch", deadline=time.time() - 1)
     assert late["points"] == [] and not late["complete"] and "time budget after 0 of 1" in late["stopped"]
-    assert "Incomplete: stopped at the time budget" in "\n".join(gpu_suite.partitions_markdown(late))
+    assert "Incomplete: stopped at the time budget" in "\n".join(gpu_summary.partitions_markdown(late))
 
 
 def test_graphs_summary_sets_each_point_against_the_same_point_run_eagerly():
@@ -755,12 +755,12 @@ def test_graphs_summary_sets_each_point_against_the_same_point_run_eagerly():
     g["compute_ms_per_stage"] = [c / 4 for c in g["compute_ms_per_stage"]]
     e = eager["points"][0]["modes"]["overlapped"]
     e["host_enqueue_ms"] = 0.9 * e["ttft_ms"]
-    text = "\n".join(gpu_suite.graphs_markdown(graphs, eager))
+    text = "\n".join(gpu_summary.graphs_markdown(graphs, eager))
     row = next(line for line in text.splitlines() if line.startswith("| 2 | 100gbe | 64 |"))
     assert f"{e['ttft_ms']:.1f} → {e['ttft_ms'] / 2:.1f}" in row and "| 0.90 → 0.10 |" in row
     assert "| 0.25 | 8 (0) | yes |" in row
-    assert "No eager points" in "\n".join(gpu_suite.graphs_markdown(graphs, None))
-    summary = gpu_suite.summary_markdown(dict(device="x"), None, None, None, eager, None, None, graphs)
+    assert "No eager points" in "\n".join(gpu_summary.graphs_markdown(graphs, None))
+    summary = gpu_summary.summary_markdown(dict(device="x"), None, None, None, eager, None, None, graphs)
     assert summary.index("## One GPU as S GPUs") < summary.index("## CUDA graphs per stage chunk")
 
 
@@ -779,7 +779,7 @@ def test_ragged_part_measures_rows_under_each_plan_and_summarises_on_cpu():
     assert all(v["outputs_match"] and v["max_abs_dlogits_vs_alone"] < 1e-4 for v in m.values())
     assert len(m["overlapped/budget24"]["row_ttft_ms"]) == 3 and m["overlapped"]["sim_over_measured"] > 0
     assert shown is not None and "rows 40,9,23" in shown[0]
-    text = "\n".join(gpu_suite.ragged_markdown(doc))
+    text = "\n".join(gpu_summary.ragged_markdown(doc))
     over = m["overlapped/budget24"]
     line = next(ln for ln in text.splitlines() if "| budget 24 |" in ln)
     assert line.startswith("| 2 | 100gbe | 40,9,23 | budget 24 |")
@@ -868,7 +868,7 @@ def test_a_launch_bound_shape_is_also_compared_by_device_time(monkeypatch):
                speedup_vs_best_peer=0.7, max_abs_err=1e-3, launch_host_us=60.0, launch_graph_us=15.0, **got)
     kernels = dict(copy_gbps=1.0, gemm_bf16_tflops=1.0, attention=[row], memory_bound=[],
                    targets=dict(attention_tflops=560.0, attention_vs_best_peer=1.0, memory_bound_of_copy=0.8))
-    text = gpu_suite.summary_markdown(env, None, kernels, None, None, None)
+    text = gpu_summary.summary_markdown(env, None, kernels, None, None, None)
     assert "prefix 0, chunk 256: 0.80x sdpa_cudnn (eager 0.70x)" in text
 
 
@@ -905,18 +905,18 @@ def test_host_lines_flag_runs_that_waited_on_the_gpu_or_were_paced_by_the_host()
         if rows:
             point["rows"] = rows
         return dict(points=[point])
-    bad = gpu_suite.host_lines(doc(dict(naive=1, chunked=8, overlapped=0)))
+    bad = gpu_summary.host_lines(doc(dict(naive=1, chunked=8, overlapped=0)))
     assert len(bad) == 1 and bad[0].startswith("- **Host syncs while enqueueing: 2 of 3 mode-points, up to 8 in a run "
                                                "(L=4096, chunked)**")
     assert "measure that stall" in bad[0]
-    assert "(rows 1024,4096, naive)" in gpu_suite.host_lines(doc(dict(naive=3), rows=[1024, 4096]))[0]
-    assert gpu_suite.host_lines(doc(dict(naive=0, overlapped=0))) == [
+    assert "(rows 1024,4096, naive)" in gpu_summary.host_lines(doc(dict(naive=3), rows=[1024, 4096]))[0]
+    assert gpu_summary.host_lines(doc(dict(naive=0, overlapped=0))) == [
         "- Host syncs while enqueueing: none in any run (2 mode-points)."]
-    assert gpu_suite.host_lines(doc(dict(naive=0, overlapped=0), enqueue=4.0))[1] == (
+    assert gpu_summary.host_lines(doc(dict(naive=0, overlapped=0), enqueue=4.0))[1] == (
         "- Host enqueue time (one thread for every stage): 0.40-0.40 of the overlapped TTFT.")
-    assert "**1 of 1 runs at >= 0.9 (paced by the host, not the GPU)**" in gpu_suite.host_lines(
+    assert "**1 of 1 runs at >= 0.9 (paced by the host, not the GPU)**" in gpu_summary.host_lines(
         doc(dict(overlapped=0), enqueue=9.5))[1]
-    assert gpu_suite.host_lines(dict(points=[dict(prompt_len=1, modes=dict(naive=dict(ttft_ms=1.0)))])) == []
+    assert gpu_summary.host_lines(dict(points=[dict(prompt_len=1, modes=dict(naive=dict(ttft_ms=1.0)))])) == []
 
 
 def test_the_nccl_part_runs_every_stage_and_tp_split_the_gpus_hold():
@@ -931,8 +931,8 @@ def test_the_nccl_part_runs_every_stage_and_tp_split_the_gpus_hold():
     assert pp["ideal_speedup"] == gpu_suite.ideal_speedup(2, 3) and pp["overlapped_of_ideal"] > 0
     assert {"overlapped/overlap", "chunked/overlap"} <= set(tp["modes"]) and "ideal_speedup" not in tp
     assert tp["modes"]["overlapped"]["allreduce_prefill_over_decode"] == [40]
-    text = "\n".join(gpu_suite.nccl_markdown(doc))
+    text = "\n".join(gpu_summary.nccl_markdown(doc))
     assert "| 2 | 1 | 40 |" in text and "| 1 | 2 | 40 |" in text and "| yes |" in text and "NO" not in text
     alone = gpu_suite.bench_nccl(gpus=1)
     assert alone["points"] == [] and "1 GPU here" in alone["skipped"]
-    assert "Not run: 1 GPU here" in "\n".join(gpu_suite.nccl_markdown(alone))
+    assert "Not run: 1 GPU here" in "\n".join(gpu_summary.nccl_markdown(alone))
