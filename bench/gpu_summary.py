@@ -21,7 +21,8 @@ def nccl_markdown(doc: dict) -> list[str]:
             f"{doc['dtype']}, chunks of {doc['chunk_size']}, median of {doc['repeats']} runs, {doc['gpus']} GPUs; "
             "the links are the machine's own (nothing emulated)." + _part_notes(doc))
     lines += [head, "", "| S | T | L | naive ms | chunked ms | overlapped ms | overlapped vs naive | of ideal | "
-              "exposed comm ms | all-reduce ms serial | overlapped ms, ISO reduce (its all-reduce ms) | outputs match |",
+              "exposed comm ms | all-reduce ms serial | overlapped ms, ISO reduce (its all-reduce ms) | "
+              "outputs match |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for p in doc["points"]:
         m = p["modes"]
@@ -333,6 +334,133 @@ def baseline_lines(path: str, base: dict, new: dict) -> list[str]:
             "- " + "; ".join(f"{shape}: {r:.2f}x" for shape, r in pairs)]
 
 
+def tests_markdown(tests: dict) -> list[str]:
+    """The GPU-marked tests: how many passed, failed, skipped; each failure named."""
+    lines = ["## GPU tests", "", f"{tests.get('passed', 0)} passed, {len(tests.get('failed', []))} failed, "
+                                 f"{tests.get('skipped', 0)} skipped (exit code {tests.get('exit_code')})", ""]
+    if tests.get("timed_out"):
+        lines += [f"**Incomplete: {tests['timed_out']}.**", ""]
+    lines += [f"- FAILED `{f}`" for f in tests.get("failed", [])]
+    lines.append("")
+    return lines
+
+
+def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) -> list[str]:
+    """The kernel part: attention against the best fair peer per shape (and the targets), the paged kernel, the
+    launcher's tile A/B, the memory-bound ops against copy, host costs, the committed run on the same GPU
+    (`baseline`) and the compiler's report."""
+    t = kernels["targets"]
+    lines = ["## Kernels", "", f"Ceilings measured here: device copy {kernels['copy_gbps']:.0f} GB/s, bf16 GEMM "
+             f"{kernels['gemm_bf16_tflops']:.0f} TFLOP/s." + ("" if kernels.get("complete", True) else
+                                                             f" **Incomplete: {_why_incomplete(kernels)}.**"),
+             "",
+             "| prefix | chunk | Triton TFLOP/s | of GEMM | best peer | speed-up | max err | launcher host "
+             + ("(Triton's launch) " if any("launch_python_us" in r for r in kernels["attention"]) else "")
+             + "/ graph µs |", "|---:|---:|---:|---:|---|---:|---:|---:|"]
+    best = lambda r: r.get("best_peer", r.get("best_sdpa"))  # noqa: E731 - older files: SDPA only
+    speedup = lambda r: r.get("speedup_vs_best_peer", r.get("speedup_vs_best_sdpa"))  # noqa: E731
+    for r in kernels["attention"]:
+        sp = speedup(r)
+        lines.append(f"| {r['prefix']} | {r['chunk']} | {r['triton_tflops']:.0f} | "
+                     f"{100 * r.get('triton_of_gemm', 0):.0f}% | {best(r) if sp else 'none ran'} | "
+                     f"{f'{sp:.2f}x' if sp else '-'} | {r['max_abs_err']:.1e} | {_launcher(r)} |")
+    vs_peer = t.get("attention_vs_best_peer", t.get("attention_vs_best_sdpa"))
+    target = next((r for r in kernels["attention"] if (r["prefix"], r["chunk"]) == (16384, 2048)), None)
+    if target is not None:
+        lines += ["", f"- Target ≥ {t['attention_tflops']:.0f} TFLOP/s at prefix 16k, chunk 2k: "
+                      f"{target['triton_tflops']:.0f} → {_vs_target(target['triton_tflops'], t['attention_tflops'])}"]
+    ran = [r for r in kernels["attention"] if speedup(r)]
+    if ran:
+        worst = min(ran, key=speedup)
+        lines.append(f"- Target ≥ {vs_peer}x the best peer at every shape: worst {speedup(worst):.2f}x at prefix "
+                     f"{worst['prefix']}, chunk {worst['chunk']} ({best(worst)}) → "
+                     f"{_vs_target(speedup(worst), vs_peer)}")
+    bound = [r for r in kernels["attention"] if r.get("speedup_vs_best_peer_graph")]
+    if bound:
+        lines.append("- Launch-bound shapes (the launcher's host time over the kernel's), kernels against each "
+                     "other replayed from CUDA graphs (no host): " + "; ".join(
+                         f"prefix {r['prefix']}, chunk {r['chunk']}: {r['speedup_vs_best_peer_graph']:.2f}x "
+                         f"{r['best_peer_graph']} (eager {speedup(r):.2f}x)" for r in bound))
+    if kernels.get("paged"):
+        flex = any("flex_ms" in r for r in kernels["paged"])  # older files: no flex peer
+        lines += ["", "Paged, varlen chunk_attention: one launch over a batch of rows (prefix+chunk each), the "
+                      "cache in shuffled pages, against the dense kernel and the best SDPA backend run once per "
+                      "row" + (", and flex_attention run once over the packed rows (a per-row causal block mask)"
+                               if flex else "") + ".", "",
+                  "| rows | page | paged TFLOP/s | vs dense per row | vs SDPA per row | " + ("vs flex | " * flex)
+                  + "launch | max err |", "|---|---:|---:|---:|---:|" + "---:|" * flex + "---|---:|"]
+        for r in kernels["paged"]:
+            plan = r.get("launch_plan") or {}
+            vs = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
+            lines.append(f"| {', '.join(f'{p}+{c}' for p, c in r['batch'])} | {r['page_size']} | "
+                         f"{r['paged_tflops']:.0f} | {vs(r.get('paged_vs_dense_rows'))} | "
+                         f"{vs(r.get('paged_vs_sdpa_rows'))} ({r.get('best_sdpa') or 'none ran'}) | "
+                         + (f"{vs(r.get('paged_vs_flex'))} | " if flex else "") +
+                         f"pack {plan.get('pack', '?')}, splits {plan.get('splits', '?')} | "
+                         f"{r['paged_max_abs_err']:.1e}{'' if r.get('paged_correct', True) else ' WRONG'} |")
+    if kernels.get("tile_ab"):
+        from .kernels import tile_ab_lines
+        lines += ["", "Launcher tiles chosen untimed, each against the tile it replaced (one shape each):", ""]
+        lines += [f"- {line[len('tile A/B '):]}" for line in tile_ab_lines(kernels["tile_ab"])]
+    hosts = any("triton_host_us" in m for m in kernels["memory_bound"])  # older files: no host times
+    lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target |"
+              + (" host µs Triton (its launch) / eager |" if hosts else ""), "|---|---:|---:|---:|---|"
+              + ("---:|" if hosts else "")]
+    for m in kernels["memory_bound"]:
+        host = (f" {m['triton_host_us']:.0f} ({m['triton_host_us'] - m['triton_python_us']:.0f}) / "
+                f"{m['eager_host_us']:.0f} |") if "triton_host_us" in m else " - |"
+        lines.append(f"| {m['op']} | {m['triton_gbps']:.0f} | {100 * m['triton_of_copy']:.0f}% | "
+                     f"{m['eager_gbps']:.0f} | {_vs_target(m['triton_of_copy'], t['memory_bound_of_copy'])} |"
+                     + (host if hosts else ""))
+    if kernels.get("layer_host"):
+        from .kernels import layer_host_lines
+        head, *rest = layer_host_lines(kernels["layer_host"])
+        lines += ["", f"Host cost of {head}", ""] + [f"- {r.strip()}" for r in rest]
+    if baseline is not None:
+        lines += baseline_lines(*baseline, kernels)
+    report = [r for r in kernels.get("compiler", []) if "registers" in r]
+    if report:
+        lines += ["", "Compiler report (attention, d128): " + "; ".join(
+            f"{r.get('kernel', '?')}: {r['registers']} regs, {r.get('spill_stores', 0)} B spilled, "
+            f"{r.get('shared_bytes', 0) // 1024} KB smem, wgmma {'yes' if r.get('wgmma') else 'no'}"
+            for r in report)]
+    lines.append("")
+    return lines
+
+
+def pipeline_markdown(pipeline: dict) -> list[str]:
+    """The pipeline part (the stages taking turns on the whole GPU): every mode per point, and the host's part."""
+    lines = ["## Pipeline on one GPU (in-process link, emulated bandwidth)", "",
+             f"{pipeline['model']} shape with {pipeline['layers']} of its {pipeline['model_layers']} layers, "
+             f"random weights, {pipeline['dtype']}, chunks of {pipeline['chunk_size']}, median of "
+             f"{pipeline['repeats']} runs." + ("" if pipeline.get("complete", True) else
+                                                f" **Incomplete: {_why_incomplete(pipeline)}; these are the "
+                                                "points it measured.**"), "",
+             "| S | link | L | unchunked ms | naive ms | chunked ms | overlapped ms | overlapped vs naive | "
+             "exposed comm ms | outputs match |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for p in pipeline["points"]:
+        m = p["modes"]
+        get = lambda mode, key="ttft_ms": m[mode][key] if mode in m else float("nan")  # noqa: E731
+        lines.append(f"| {p['stages']} | {p['link']} | {p['prompt_len']} | {get('unchunked'):.1f} | "
+                     f"{get('naive'):.1f} | {get('chunked'):.1f} | {get('overlapped'):.1f} | "
+                     f"{get('overlapped', 'speedup_vs_naive'):.2f}x | {get('overlapped', 'exposed_comm_ms'):.1f} | "
+                     f"{'yes' if all(v['outputs_match'] for v in m.values()) else 'NO'} |")
+    lines.append("")
+    lines += _paragraph(host_lines(pipeline))
+    return lines
+
+
+def sweeps_markdown(sweeps: dict) -> list[str]:
+    """The tuning sweeps: each shape's launcher config against the fastest correct one."""
+    from .kernels import sweep_lines
+    lines = ["## Tuning sweeps (the suite's time left over)", "",
+             "Each shape's launch configs timed against float64-checked outputs: the launcher's choice against "
+             "the fastest correct config." + ("" if sweeps.get("complete") else
+                                               " **Incomplete: configs past the time left are not run.**"), ""]
+    lines += [f"- {line}" for line in sweep_lines(sweeps)] + [""]
+    return lines
+
+
 def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeline: dict | None,
                      partitions: dict | None = None, ragged: dict | None = None, sweeps: dict | None = None,
                      graphs: dict | None = None, baseline: tuple[str, dict] | None = None,
@@ -357,107 +485,11 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
     sweeps = sweeps if sweeps is not None and "attention" in sweeps else None
     nccl = nccl if nccl is not None and "points" in nccl else None
     if tests is not None:
-        lines += ["## GPU tests", "", f"{tests.get('passed', 0)} passed, {len(tests.get('failed', []))} failed, "
-                                      f"{tests.get('skipped', 0)} skipped (exit code {tests.get('exit_code')})", ""]
-        if tests.get("timed_out"):
-            lines += [f"**Incomplete: {tests['timed_out']}.**", ""]
-        lines += [f"- FAILED `{f}`" for f in tests.get("failed", [])]
-        lines.append("")
+        lines += tests_markdown(tests)
     if kernels is not None:
-        t = kernels["targets"]
-        lines += ["## Kernels", "", f"Ceilings measured here: device copy {kernels['copy_gbps']:.0f} GB/s, bf16 GEMM "
-                  f"{kernels['gemm_bf16_tflops']:.0f} TFLOP/s." + ("" if kernels.get("complete", True) else
-                                                                  f" **Incomplete: {_why_incomplete(kernels)}.**"),
-                  "",
-                  "| prefix | chunk | Triton TFLOP/s | of GEMM | best peer | speed-up | max err | launcher host "
-                  + ("(Triton's launch) " if any("launch_python_us" in r for r in kernels["attention"]) else "")
-                  + "/ graph µs |", "|---:|---:|---:|---:|---|---:|---:|---:|"]
-        best = lambda r: r.get("best_peer", r.get("best_sdpa"))  # noqa: E731 - older files: SDPA only
-        speedup = lambda r: r.get("speedup_vs_best_peer", r.get("speedup_vs_best_sdpa"))  # noqa: E731
-        for r in kernels["attention"]:
-            sp = speedup(r)
-            lines.append(f"| {r['prefix']} | {r['chunk']} | {r['triton_tflops']:.0f} | "
-                         f"{100 * r.get('triton_of_gemm', 0):.0f}% | {best(r) if sp else 'none ran'} | "
-                         f"{f'{sp:.2f}x' if sp else '-'} | {r['max_abs_err']:.1e} | {_launcher(r)} |")
-        vs_peer = t.get("attention_vs_best_peer", t.get("attention_vs_best_sdpa"))
-        target = next((r for r in kernels["attention"] if (r["prefix"], r["chunk"]) == (16384, 2048)), None)
-        if target is not None:
-            lines += ["", f"- Target ≥ {t['attention_tflops']:.0f} TFLOP/s at prefix 16k, chunk 2k: "
-                          f"{target['triton_tflops']:.0f} → {_vs_target(target['triton_tflops'], t['attention_tflops'])}"]
-        ran = [r for r in kernels["attention"] if speedup(r)]
-        if ran:
-            worst = min(ran, key=speedup)
-            lines.append(f"- Target ≥ {vs_peer}x the best peer at every shape: worst {speedup(worst):.2f}x at prefix "
-                         f"{worst['prefix']}, chunk {worst['chunk']} ({best(worst)}) → "
-                         f"{_vs_target(speedup(worst), vs_peer)}")
-        bound = [r for r in kernels["attention"] if r.get("speedup_vs_best_peer_graph")]
-        if bound:
-            lines.append("- Launch-bound shapes (the launcher's host time over the kernel's), kernels against each "
-                         "other replayed from CUDA graphs (no host): " + "; ".join(
-                             f"prefix {r['prefix']}, chunk {r['chunk']}: {r['speedup_vs_best_peer_graph']:.2f}x "
-                             f"{r['best_peer_graph']} (eager {speedup(r):.2f}x)" for r in bound))
-        if kernels.get("paged"):
-            flex = any("flex_ms" in r for r in kernels["paged"])  # older files: no flex peer
-            lines += ["", "Paged, varlen chunk_attention: one launch over a batch of rows (prefix+chunk each), the "
-                          "cache in shuffled pages, against the dense kernel and the best SDPA backend run once per "
-                          "row" + (", and flex_attention run once over the packed rows (a per-row causal block mask)"
-                                   if flex else "") + ".", "",
-                      "| rows | page | paged TFLOP/s | vs dense per row | vs SDPA per row | " + ("vs flex | " * flex)
-                      + "launch | max err |", "|---|---:|---:|---:|---:|" + "---:|" * flex + "---|---:|"]
-            for r in kernels["paged"]:
-                plan = r.get("launch_plan") or {}
-                vs = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
-                lines.append(f"| {', '.join(f'{p}+{c}' for p, c in r['batch'])} | {r['page_size']} | "
-                             f"{r['paged_tflops']:.0f} | {vs(r.get('paged_vs_dense_rows'))} | "
-                             f"{vs(r.get('paged_vs_sdpa_rows'))} ({r.get('best_sdpa') or 'none ran'}) | "
-                             + (f"{vs(r.get('paged_vs_flex'))} | " if flex else "") +
-                             f"pack {plan.get('pack', '?')}, splits {plan.get('splits', '?')} | "
-                             f"{r['paged_max_abs_err']:.1e}{'' if r.get('paged_correct', True) else ' WRONG'} |")
-        if kernels.get("tile_ab"):
-            from .kernels import tile_ab_lines
-            lines += ["", "Launcher tiles chosen untimed, each against the tile it replaced (one shape each):", ""]
-            lines += [f"- {line[len('tile A/B '):]}" for line in tile_ab_lines(kernels["tile_ab"])]
-        hosts = any("triton_host_us" in m for m in kernels["memory_bound"])  # older files: no host times
-        lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target |"
-                  + (" host µs Triton (its launch) / eager |" if hosts else ""), "|---|---:|---:|---:|---|"
-                  + ("---:|" if hosts else "")]
-        for m in kernels["memory_bound"]:
-            host = (f" {m['triton_host_us']:.0f} ({m['triton_host_us'] - m['triton_python_us']:.0f}) / "
-                    f"{m['eager_host_us']:.0f} |") if "triton_host_us" in m else " - |"
-            lines.append(f"| {m['op']} | {m['triton_gbps']:.0f} | {100 * m['triton_of_copy']:.0f}% | "
-                         f"{m['eager_gbps']:.0f} | {_vs_target(m['triton_of_copy'], t['memory_bound_of_copy'])} |"
-                         + (host if hosts else ""))
-        if kernels.get("layer_host"):
-            from .kernels import layer_host_lines
-            head, *rest = layer_host_lines(kernels["layer_host"])
-            lines += ["", f"Host cost of {head}", ""] + [f"- {r.strip()}" for r in rest]
-        if baseline is not None:
-            lines += baseline_lines(*baseline, kernels)
-        report = [r for r in kernels.get("compiler", []) if "registers" in r]
-        if report:
-            lines += ["", "Compiler report (attention, d128): " + "; ".join(
-                f"{r.get('kernel', '?')}: {r['registers']} regs, {r.get('spill_stores', 0)} B spilled, "
-                f"{r.get('shared_bytes', 0) // 1024} KB smem, wgmma {'yes' if r.get('wgmma') else 'no'}"
-                for r in report)]
-        lines.append("")
+        lines += kernels_markdown(kernels, baseline)
     if pipeline is not None:
-        lines += ["## Pipeline on one GPU (in-process link, emulated bandwidth)", "",
-                  f"{pipeline['model']} shape with {pipeline['layers']} of its {pipeline['model_layers']} layers, "
-                  f"random weights, {pipeline['dtype']}, chunks of {pipeline['chunk_size']}, median of "
-                  f"{pipeline['repeats']} runs." + ("" if pipeline.get("complete", True) else
-                                                     f" **Incomplete: {_why_incomplete(pipeline)}; these are the "
-                                                     "points it measured.**"), "",
-                  "| S | link | L | unchunked ms | naive ms | chunked ms | overlapped ms | overlapped vs naive | "
-                  "exposed comm ms | outputs match |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for p in pipeline["points"]:
-            m = p["modes"]
-            get = lambda mode, key="ttft_ms": m[mode][key] if mode in m else float("nan")  # noqa: E731
-            lines.append(f"| {p['stages']} | {p['link']} | {p['prompt_len']} | {get('unchunked'):.1f} | "
-                         f"{get('naive'):.1f} | {get('chunked'):.1f} | {get('overlapped'):.1f} | "
-                         f"{get('overlapped', 'speedup_vs_naive'):.2f}x | {get('overlapped', 'exposed_comm_ms'):.1f} | "
-                         f"{'yes' if all(v['outputs_match'] for v in m.values()) else 'NO'} |")
-        lines.append("")
-        lines += _paragraph(host_lines(pipeline))
+        lines += pipeline_markdown(pipeline)
     if partitions is not None:
         lines += partitions_markdown(partitions)
     if graphs is not None:
@@ -467,11 +499,6 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
     if nccl is not None:
         lines += nccl_markdown(nccl)
     if sweeps is not None:
-        from .kernels import sweep_lines
-        lines += ["## Tuning sweeps (the suite's time left over)", "",
-                  "Each shape's launch configs timed against float64-checked outputs: the launcher's choice against "
-                  "the fastest correct config." + ("" if sweeps.get("complete") else
-                                                    " **Incomplete: configs past the time left are not run.**"), ""]
-        lines += [f"- {line}" for line in sweep_lines(sweeps)] + [""]
+        lines += sweeps_markdown(sweeps)
     return "\n".join(lines)
 
