@@ -1,5 +1,6 @@
-"""The kernels compile ahead of time for Hopper (sm_90) and Ampere (sm_80) without a GPU, with no register spills, and
-the attention kernel's sm_90 PTX uses wgmma: one compile per code path (`python -m kernels.aot --ci`, a third of the
+"""The kernels compile ahead of time for Hopper (sm_90) and Ampere (sm_80) without a GPU, with no register spills (by
+the log of Triton's own ptxas run; Triton 3.8+ builds of the Hopper prefill tiles: `spill_allowance`), and the
+attention kernel's sm_90 PTX uses wgmma: one compile per code path (`python -m kernels.aot --ci`, a third of the
 quick set's compile time); the selections themselves are checked to cover every configuration the launchers choose.
 After changing a kernel, run `python -m kernels.aot --quick` (or the full set)."""
 from __future__ import annotations
@@ -38,7 +39,9 @@ def test_kernels_compile_for_gpu_without_spills(arch, extra, shard):
     assert [r["kernel"] for r in rows] == wanted[i::n]  # every kernel of the shard reported, errors included
     errors = [r for r in rows if "error" in r]
     assert not errors, errors
-    spills = [(r["kernel"], r["spill_stores"], r["spill_loads"]) for r in rows if r["spill_stores"] or r["spill_loads"]]
+    # none, but where Triton's own ptxas flags make the launcher's Hopper prefill tiles spill (`spill_allowance`)
+    spills = [(r["kernel"], r["spill_stores"], r["spill_loads"]) for r in rows
+              if max(r["spill_stores"], r["spill_loads"]) > r["spill_allowed"]]
     assert not spills, f"register spills: {spills}"
     if arch == "90":
         missing = [r["kernel"] for r in rows if r["expect_wgmma"] and not r["wgmma"]]
@@ -50,6 +53,9 @@ def test_kernels_compile_for_gpu_without_spills(arch, extra, shard):
                 r["kernel"] and not r["mma_loops"]]
     assert not no_loops, f"no matrix-multiply loop found in {no_loops}"
     assert all(n > 0 for r in rows for n in r["mma_loops"] or [])
+    # the loops' local loads and stores (LDL / STL) are spills: none in a kernel that spills nothing
+    assert not [r["kernel"] for r in rows if not (r["spill_stores"] or r["spill_loads"]) and any(
+        r["mma_loop_spill_ops"] or [])]
 
 
 def test_the_compiled_selection_covers_every_kernel():
@@ -95,6 +101,28 @@ def test_the_compiled_selection_covers_every_kernel():
     assert {f"d{d}" for d in (16, 32, 64, 128, 256)} <= {n.split()[1] for n in names if "bfloat16" in n}
     ampere = [r["kernel"] for r in compile_rows("--arch", "80", "--only", "d128", "--list")]
     assert any(n.startswith("chunk_attention d128 bfloat16") for n in ampere)
+
+
+def test_the_report_reads_tritons_ptxas_log_and_allows_spills_only_where_its_flags_cause_them():
+    from kernels import aot
+    log = ("ptxas info    : Compiling entry function '_k' for 'sm_90a'\nptxas info    : Function properties for _k\n"
+           "    104 bytes stack frame, 104 bytes spill stores, 116 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 104 bytes cumulative stack size\n")
+    assert aot.ptxas_report(log) == dict(registers=255, spill_stores=104, spill_loads=116)
+    assert aot.ptxas_report("ptxas info    : Used 40 registers\n") == dict(registers=40, spill_stores=0, spill_loads=0)
+    with pytest.raises(RuntimeError, match="no register count"):  # an empty log is no clean report
+        aot.ptxas_report("")
+    dense, paged = aot.attn_mod._chunk_attention_kernel, aot.paged_mod._paged_chunk_attention_kernel
+
+    def spec(fn, d, n):  # in this process the interpreter's tiles stand in for the GPU's: made by hand here
+        return aot.KernelSpec(f"d{d} n{n}", fn, {}, dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=n), 8)
+    prefill = spec(dense, 128, 128)
+    assert aot.spill_allowance(prefill, 90, "3.9.0") == aot.spill_allowance(prefill, 90, "3.8.1") > 0
+    assert aot.spill_allowance(prefill, 90, "3.7.0") == aot.spill_allowance(prefill, 90, "3.6.0") == 0
+    assert aot.spill_allowance(prefill, 80, "3.9.0") == 0
+    assert aot.spill_allowance(spec(dense, 80, 128), 90, "3.9.0") > 0
+    for fn, d, n in ((dense, 128, 64), (dense, 64, 128), (dense, 256, 128), (paged, 128, 128)):
+        assert aot.spill_allowance(spec(fn, d, n), 90, "3.9.0") == 0, (fn.__name__, d, n)
 
 
 def _tile(name: str) -> int:
