@@ -461,6 +461,12 @@ def sweeps_markdown(sweeps: dict) -> list[str]:
     return lines
 
 
+# The order of the summary's sections, and the key a part's document has once it measured anything.
+SUMMARY_ORDER = ("tests", "kernels", "pipeline", "partitions", "graphs", "ragged", "nccl", "sweeps")
+SHOWN_KEY = dict(tests="exit_code", kernels="attention", pipeline="points", partitions="points", graphs="points",
+                 ragged="points", nccl="points", sweeps="attention")
+
+
 def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeline: dict | None,
                      partitions: dict | None = None, ragged: dict | None = None, sweeps: dict | None = None,
                      graphs: dict | None = None, baseline: tuple[str, dict] | None = None,
@@ -475,30 +481,13 @@ def summary_markdown(env: dict, tests: dict | None, kernels: dict | None, pipeli
     failed = [(name, d["part_failed"]) for name, d in parts.items() if d is not None and d.get("part_failed")]
     if failed:  # the suite went on after these; what they measured before failing is below
         lines += [f"- **{name} part FAILED**: {why} (traceback in `{name}.json`)" for name, why in failed] + [""]
-    # a part that failed before measuring anything has nothing more to show
-    tests = tests if tests is not None and "exit_code" in tests else None
-    kernels = kernels if kernels is not None and "attention" in kernels else None
-    pipeline = pipeline if pipeline is not None and "points" in pipeline else None
-    partitions = partitions if partitions is not None and "points" in partitions else None
-    ragged = ragged if ragged is not None and "points" in ragged else None
-    graphs = graphs if graphs is not None and "points" in graphs else None
-    sweeps = sweeps if sweeps is not None and "attention" in sweeps else None
-    nccl = nccl if nccl is not None and "points" in nccl else None
-    if tests is not None:
-        lines += tests_markdown(tests)
-    if kernels is not None:
-        lines += kernels_markdown(kernels, baseline)
-    if pipeline is not None:
-        lines += pipeline_markdown(pipeline)
-    if partitions is not None:
-        lines += partitions_markdown(partitions)
-    if graphs is not None:
-        lines += graphs_markdown(graphs, partitions)
-    if ragged is not None:
-        lines += ragged_markdown(ragged)
-    if nccl is not None:
-        lines += nccl_markdown(nccl)
-    if sweeps is not None:
-        lines += sweeps_markdown(sweeps)
+    # a part that failed before measuring anything (no figure under its key) has nothing more to show
+    shown = {name: d for name, d in parts.items() if d is not None and SHOWN_KEY[name] in d}
+    writers = dict(tests=tests_markdown, kernels=lambda d: kernels_markdown(d, baseline), pipeline=pipeline_markdown,
+                   partitions=partitions_markdown, graphs=lambda d: graphs_markdown(d, shown.get("partitions")),
+                   ragged=ragged_markdown, nccl=nccl_markdown, sweeps=sweeps_markdown)
+    for name in SUMMARY_ORDER:
+        if name in shown:
+            lines += writers[name](shown[name])
     return "\n".join(lines)
 
