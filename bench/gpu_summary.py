@@ -421,8 +421,10 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
     report = [r for r in kernels.get("compiler", []) if "registers" in r]
     if report:
         lines += ["", "Compiler report (attention, d128): " + "; ".join(
-            f"{r.get('kernel', '?')}: {r['registers']} regs, {r.get('spill_stores', 0)} B spilled, "
-            f"{r.get('shared_bytes', 0) // 1024} KB smem, wgmma {'yes' if r.get('wgmma') else 'no'}"
+            f"{r.get('kernel', '?')}: {r['registers']} regs, {r.get('spill_stores', 0)} B spilled"
+            + (f" (local loads/stores per key-block loop iteration: {', '.join(map(str, r['mma_loop_spill_ops']))})"
+               if any(r.get("mma_loop_spill_ops") or []) else "")
+            + f", {r.get('shared_bytes', 0) // 1024} KB smem, wgmma {'yes' if r.get('wgmma') else 'no'}"
             for r in report)]
     lines.append("")
     return lines

@@ -274,7 +274,9 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
                    tile_ab=ab, layer_host=layer,
                    targets=dict(attention_tflops=500.0, attention_vs_best_peer=1.3, memory_bound_of_copy=0.8),
                    compiler=[dict(kernel="chunk_attention d128", registers=255, spill_stores=0, shared_bytes=131072,
-                                  wgmma=True)])
+                                  wgmma=True, mma_loop_spill_ops=[0, 0]),
+                             dict(kernel="chunk_attention d128 m64n128", registers=255, spill_stores=140,
+                                  shared_bytes=131072, wgmma=True, mma_loop_spill_ops=[36, 2])])
     tests = dict(passed=5, failed=["tests/test_kernels.py::test_x"], skipped=0, exit_code=1)
     text = gpu_summary.summary_markdown(env, tests, kernels, pipeline_part[0])
     assert "NVIDIA H100" in text and "commit `abc`" in text
@@ -289,7 +291,9 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
         in text
     assert "- torch ops: host 500 us to enqueue, device not measured" in text
     assert "FAILED `tests/test_kernels.py::test_x`" in text
-    assert "255 regs" in text and "wgmma yes" in text
+    assert "chunk_attention d128: 255 regs, 0 B spilled, 128 KB smem, wgmma yes" in text
+    assert ("chunk_attention d128 m64n128: 255 regs, 140 B spilled (local loads/stores per key-block loop iteration: "
+            "36, 2), 128 KB smem" in text)
     assert ("- dense P=0 C=2048: launcher 64x64 w4s3 no-prefix 300.0 TFLOP/s vs former 128x128 w8s3 254.0 TFLOP/s "
             "= 1.18x" in text)
     assert "| 2 | pcie5 | 48 |" in text
