@@ -428,12 +428,9 @@ def write_summary_only(out: Path) -> int:
     if len(set(commits.values())) > 1:  # parts run in separate calls, on different commits: say which is which
         env = dict(env, git_commit="; ".join(f"{part} {c[:7]}" for part, c in commits.items()))
     try:
-        text = summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"], docs["partitions"],
-                                docs["ragged"], docs["sweeps"], docs["graphs"],
-                                committed_baseline(docs["kernels"], out), docs["nccl"])
+        _write_summary(out, env, docs)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"the part files in {out} lack a figure the summary needs ({type(e).__name__}: {e})") from None
-    (out / "summary.md").write_text(text)
     print(f"[gpu-suite] {out / 'summary.md'} from {', '.join(k for k, d in docs.items() if d is not None)}")
     return 0
 
@@ -522,6 +519,7 @@ def _mark_failed(out: Path, name: str, env: dict, **why) -> dict:
 
 
 def _write_summary(out: Path, env: dict, docs: dict) -> None:
+    """summary.md from the part documents `docs` (None: a part not run); nothing written if the summary fails."""
     (out / "summary.md").write_text(summary_markdown(env, docs["tests"], docs["kernels"], docs["pipeline"],
                                                      docs["partitions"], docs["ragged"], docs["sweeps"],
                                                      docs["graphs"], committed_baseline(docs["kernels"], out),

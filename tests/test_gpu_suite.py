@@ -688,7 +688,7 @@ def test_ideal_gap_separates_the_stages_compute_from_the_schedule():
         return dict(overlapped_of_ideal=of_ideal, modes=dict(
             naive=dict(compute_ms_per_stage=nv), overlapped=dict(compute_ms_per_stage=ov, measured_over_bound=bound)))
     lines = gpu_summary.ideal_gap_lines([point(0.75, [135.0, 136.0], [100.0, 99.0]), point(0.93, [21.1], [19.7], 1.11),
-                                       dict(overlapped_of_ideal=None, modes={})])
+                                         dict(overlapped_of_ideal=None, modes={})])
     assert lines == ["- Stage compute, overlapped over naive (the busiest stage): 1.07-1.36x, where the ideal takes 1; "
                      "at the overlapped runs' own stage compute the schedule reaches 1.00-1.02 of the ideal "
                      "(measured/bound 1.01-1.11): what falls short is compute, not exposed sends."]
