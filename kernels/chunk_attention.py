@@ -419,8 +419,8 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
     dtype, device = q.dtype, q.device  # read once: the launch path's host time counts for short chunks
     for name, t in named:
         shape = t.shape
-        if len(shape) != 4 or not (shape[0] and shape[2] and shape[3]):
-            raise ValueError(f"chunk_attention: {name} must be a 4-D tensor [B, len, heads, D] with B, heads, D >= 1, "
+        if len(shape) != 4 or not (shape[2] and shape[3]):
+            raise ValueError(f"chunk_attention: {name} must be a 4-D tensor [B, len, heads, D] with heads, D >= 1, "
                              f"got shape {tuple(t.shape)}")
         t_dtype = t.dtype
         if t_dtype not in SUPPORTED_DTYPES:
@@ -443,8 +443,6 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"chunk_attention: head dim {D} is not supported (1 to {MAX_HEAD_DIM})")
-    if C < 1:
-        raise ValueError("chunk_attention: the chunk must hold at least one query")
     max_len = k_cache.shape[1]
     if isinstance(start_pos, torch.Tensor):
         if start_pos.shape != (B,) or start_pos.dtype not in (torch.int32, torch.int64):
@@ -516,6 +514,7 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     k_new, v_new [B, C, Hkv, D]: written to k_cache, v_cache [B, max_len, Hkv, D] at those positions.
     start_pos: int, or an int tensor [B] on q's device (one prefix length per row; no host sync).
     Returns out [B, C, Hq, D] (written into `out` when given); query i sees cache positions <= start_pos + i.
+    B or C of 0 returns an empty out and leaves the caches as they are.
     config: block sizes and launch shape (keys CONFIG_KEYS, optionally OPTIONAL_CONFIG_KEYS) instead of
     `pick_config`'s choice and `pick_splits`'s, for tuning sweeps.
 
@@ -552,6 +551,8 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
           or out.stride(-1) != 1):
         raise ValueError(f"chunk_attention: out must match q ({q.dtype} {tuple(q.shape)}, last dim contiguous)")
+    if B * C == 0:  # no rows or an empty chunk: nothing to attend, nothing appended, no launch
+        return out
     if isinstance(start_pos, torch.Tensor) and q.is_cuda:  # reported at a later sync (device-side assert)
         torch._assert_async(((start_pos >= 0) & (start_pos <= k_cache.shape[1] - C)).all(),
                             "chunk_attention: a start_pos row puts the chunk outside the KV cache (row masked off)")

@@ -349,11 +349,12 @@ def all_configs(capability: tuple[int, int] = (9, 0)) -> list[tuple[int, torch.d
                             lambda c, d, dtype, group: pick_config(d, dtype, capability, c, group))
 
 
-def _tensor(name: str, t, dims: int, what: str, packed: bool = False) -> torch.Tensor:
-    """`packed`: dim 0 is the packed rows' tokens, which may be none (every row's chunk empty)."""
+def _tensor(name: str, t, dims: int, what: str, counts: int = 0) -> torch.Tensor:
+    """`counts`: how many leading dims count rows or tokens, which may be none (no rows, every chunk empty); the
+    others (heads, head dim, pages, positions per page) must not be empty."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"paged chunk_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims or 0 in t.shape[1 if packed else 0:]:
+    if t.dim() != dims or 0 in t.shape[counts:]:
         raise ValueError(f"paged chunk_attention: {name} must be {what}, got shape {tuple(t.shape)}")
     return t
 
@@ -362,12 +363,13 @@ def _check(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqle
     """Shapes, dtypes and devices; on CPU also the values (row offsets, prefix lengths, pages): reading them costs
     nothing there. Returns (B, N, Hq, Hkv, D, page_size, chunk lengths on the host or None)."""
     varlen = cu_seqlens is not None
-    _tensor("q", q, 3 if varlen else 4, "[N, Hq, D] (with cu_seqlens)" if varlen else "[B, C, Hq, D]", varlen)
+    counts = 1 if varlen else 2  # N, or B and C
+    _tensor("q", q, 3 if varlen else 4, "[N, Hq, D] (with cu_seqlens)" if varlen else "[B, C, Hq, D]", counts)
     for name, t in (("k_new", k_new), ("v_new", v_new)):
-        _tensor(name, t, q.dim(), "[N, Hkv, D]" if varlen else "[B, C, Hkv, D]", varlen)
+        _tensor(name, t, q.dim(), "[N, Hkv, D]" if varlen else "[B, C, Hkv, D]", counts)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _tensor(name, t, 4, "[num_pages, page_size, Hkv, D]")
-    _tensor("block_table", block_table, 2, "[B, max_pages]")
+        _tensor(name, t, 4, "[num_pages, page_size, Hkv, D]", 1)  # a pool of no pages serves rows that use none
+    _tensor("block_table", block_table, 2, "[B, max_pages]", 1)
     for name, t in dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache).items():
         if t.dtype not in SUPPORTED_DTYPES or t.dtype != q.dtype:
             raise TypeError(f"paged chunk_attention: {name} is {t.dtype}; q is {q.dtype} (all of q, k_new, v_new and "
@@ -483,13 +485,16 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
         raise ValueError(f"paged chunk_attention: out must match q ({q.dtype} {tuple(q.shape)}, last dim contiguous)")
     if not varlen:  # equal chunks: the packed layout with offsets 0, C, 2C, ...
         C = q.shape[1]
+        if B * C == 0:  # no rows or empty chunks: nothing read, nothing written, no launch
+            return out
         cu_seqlens = torch.arange(0, (B + 1) * C, C, device=q.device, dtype=torch.int32)
         q, k_new, v_new, flat_out = (t.reshape(B * C, *t.shape[2:]) for t in (q, k_new, v_new, out))
         max_chunk = C
     else:
         flat_out = out
     if max_chunk is None:
-        max_chunk = max(lens) if lens is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        max_chunk = max(lens, default=0) if lens is not None else \
+            int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if B else 0
     max_chunk = integer("max_chunk", max_chunk)
     if lens is not None and max_chunk < max(lens, default=0):
         raise ValueError(f"paged chunk_attention: max_chunk {max_chunk} is shorter than the longest row's chunk "

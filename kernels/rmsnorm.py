@@ -42,12 +42,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     """x, residual [..., H]; weight [H]. Returns (rmsnorm(x + residual) * weight, x + residual).
 
     With residual None: (rmsnorm(x) * weight, x). `out` / `residual_out` receive the results when given.
+    No rows (a leading dimension of 0) gives empty results.
     """
     for name, t in (("x", x), ("weight", weight)) + ((("residual", residual),) if residual is not None else ()):
         tensor(f"add_rms_norm: {name}", t)
     eps = non_negative_number("add_rms_norm: eps", eps)
-    if x.dim() < 1 or x.numel() == 0:
-        raise ValueError(f"add_rms_norm: x must be [..., H] with at least one element, got {tuple(x.shape)}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"add_rms_norm: x must be [..., H] with H >= 1, got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         raise TypeError(f"add_rms_norm: x and weight must share one of float32, float16, bfloat16, got {x.dtype} "
                         f"and {weight.dtype}")
@@ -73,6 +74,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         r_out = x
     else:
         r_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual_out is None else residual_out
+    if x2.shape[0] == 0:  # no rows (an empty step): empty results, as torch's ops give, and no launch
+        return out, r_out
     BLOCK = next_pow2(H)
     o2, ro2 = out.view(-1, H), r_out.view(-1, H)
     with launching():

@@ -54,13 +54,14 @@ def rope_head_block(H: int, half: int) -> int:
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos, out=None) -> torch.Tensor:
     """x [B, C, H, D]; cos, sin [max_len, D/2] fp32 tables. Returns the rotated x (same shape and dtype).
     start_pos: an int (token m of every row at start_pos + m) or an int tensor [B, C] of each token's position
-    (packed rows of different requests; on a GPU not read back: positions must be inside the tables)."""
+    (packed rows of different requests; on a GPU not read back: positions must be inside the tables).
+    B or C of 0 gives an empty result."""
     for name, t in (("x", x), ("cos", cos), ("sin", sin)):
         tensor(f"rope: {name}", t)
     positions = start_pos if isinstance(start_pos, torch.Tensor) else None
     start_pos = 0 if positions is not None else integer("rope: start_pos", start_pos)
-    if x.dim() != 4 or 0 in x.shape:
-        raise ValueError(f"rope: x must be [B, C, H, D] with every size >= 1, got {tuple(x.shape)}")
+    if x.dim() != 4 or 0 in x.shape[2:]:
+        raise ValueError(f"rope: x must be [B, C, H, D] with H, D >= 1, got {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"rope: x must be float32, float16 or bfloat16, got {x.dtype}")
     B, C, H, D = x.shape
@@ -92,6 +93,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos, out=N
         out = torch.empty_like(x)
     elif out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride(-1) != 1:
         raise ValueError(f"rope: out must match x ({x.dtype} {tuple(x.shape)}, last dim contiguous)")
+    if B * C == 0:  # no tokens: an empty result and no launch
+        return out
     BLOCK_H = rope_head_block(H, half)
     with launching():
         _rope_kernel[(B * C, cdiv(H, BLOCK_H))](

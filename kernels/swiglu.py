@@ -30,13 +30,13 @@ def _swiglu_kernel(
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, out=None) -> torch.Tensor:
-    """gate, up [..., I] (same shape, dtype, device). Returns silu(gate) * up, contiguous."""
+    """gate, up [..., I] (same shape, dtype, device). Returns silu(gate) * up, contiguous (empty for no rows)."""
     tensor("swiglu: gate", gate)
     tensor("swiglu: up", up)
     if gate.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"swiglu: gate and up must be float32, float16 or bfloat16, got {gate.dtype}")
-    if gate.dim() < 1 or gate.numel() == 0:
-        raise ValueError(f"swiglu: gate must be [..., I] with at least one element, got {tuple(gate.shape)}")
+    if gate.dim() < 1 or gate.shape[-1] == 0:
+        raise ValueError(f"swiglu: gate must be [..., I] with I >= 1, got {tuple(gate.shape)}")
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(f"swiglu: gate {gate.dtype} {tuple(gate.shape)} on {gate.device} and up {up.dtype} "
                          f"{tuple(up.shape)} on {up.device} must match")
@@ -45,6 +45,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out=None) -> torch.Tensor:
         out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     elif out.shape != gate.shape or out.dtype != gate.dtype or out.device != gate.device or not out.is_contiguous():
         raise ValueError(f"swiglu: out must be a contiguous {gate.dtype} tensor of shape {tuple(gate.shape)}")
+    if g2.shape[0] == 0:  # no rows: an empty result, as torch's ops give, and no launch
+        return out
     o2 = out.view(-1, gate.shape[-1])
     N = gate.shape[-1]
     BLOCK = min(4096, next_pow2(N))

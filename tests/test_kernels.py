@@ -420,6 +420,22 @@ def test_chunk_attention_refuses_bad_input(over, match):
         chunk_attention(**_attn_inputs(**over))
 
 
+@pytest.mark.parametrize("B,C,start_pos", [(1, 0, 0), (1, 0, 10), (2, 0, 3), (0, 4, 0), (0, 0, 0)])
+def test_chunk_attention_of_nothing_is_empty_and_leaves_the_cache(B, C, start_pos):
+    """No rows or an empty chunk (at any start up to the cache's end) is a no-op, as torch's ops treat empty inputs:
+    an empty out, no launch, the caches untouched; the other checks still apply."""
+    q, k = torch.zeros(B, C, 4, 16), torch.zeros(B, C, 2, 16)
+    kc, vc = torch.randn(B, 10, 2, 16), torch.randn(B, 10, 2, 16)
+    kc0, vc0 = kc.clone(), vc.clone()
+    out = chunk_attention(q, k, k, kc, vc, start_pos)
+    assert out.shape == (B, C, 4, 16) and torch.equal(kc, kc0) and torch.equal(vc, vc0)
+    assert chunk_attention(q, k, k, kc, vc, torch.full((B,), start_pos)).shape == (B, C, 4, 16)
+    with pytest.raises(ValueError, match="past the cache"):
+        chunk_attention(q, k, k, kc, vc, 11)
+    with pytest.raises(ValueError, match="heads, D >= 1"):
+        chunk_attention(q[..., :0], k[..., :0], k[..., :0], kc[..., :0], vc[..., :0], 0)
+
+
 def test_chunk_attention_refuses_device_mismatch():
     with pytest.raises(ValueError, match="k_cache is on meta"):
         chunk_attention(**_attn_inputs(k_cache=torch.zeros(1, 10, 2, 16, device="meta")))
@@ -494,6 +510,25 @@ def test_memory_bound_kernels_refuse_bad_input():
         rope(torch.zeros(1, 3, 2, 8), cos, sin, 2)
     with pytest.raises(ValueError, match=r"\[max_len, 4\]"):
         rope(torch.zeros(1, 3, 2, 8), cos[:, :2], sin[:, :2], 0)
+
+
+def test_memory_bound_kernels_give_empty_results_for_no_rows():
+    """No rows (an empty step) gives empty results, as torch's ops do; an empty last dimension is still refused."""
+    x, w = torch.zeros(0, 3, 8), torch.ones(8)
+    y, s = add_rms_norm(x, x.clone(), w, 1e-5)
+    assert y.shape == s.shape == (0, 3, 8)
+    assert swiglu(x, x.clone()).shape == (0, 3, 8)
+    cos, sin = rope_tables(8, 4, 10000.0)
+    assert rope(torch.zeros(0, 3, 2, 8), cos, sin, 1).shape == (0, 3, 2, 8)
+    assert rope(torch.zeros(2, 0, 2, 8), cos, sin, 4).shape == (2, 0, 2, 8)
+    with pytest.raises(ValueError, match="H >= 1"):
+        add_rms_norm(torch.zeros(2, 0), None, torch.ones(0), 1e-5)
+    with pytest.raises(ValueError, match="I >= 1"):
+        swiglu(torch.zeros(2, 0), torch.zeros(2, 0))
+    with pytest.raises(ValueError, match="H, D >= 1"):
+        rope(torch.zeros(1, 3, 0, 8), cos, sin, 0)
+    with pytest.raises(ValueError, match="outside the tables"):
+        rope(torch.zeros(0, 3, 2, 8), cos, sin, 2)
 
 
 # ---- GPU: bf16, long prefixes, large batches (compiled Triton) ---------------------------------------------

@@ -243,6 +243,36 @@ def test_the_torch_reference_takes_the_same_layouts():
     assert (got - want).abs().max().item() <= 1e-5 and torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
+@pytest.mark.parametrize("layout", ["varlen-no-tokens", "varlen-no-rows", "equal-empty-chunks", "equal-no-rows",
+                                    "dense-cache-no-rows"])
+def test_paged_calls_with_no_work_are_empty_and_leave_the_pool(layout):
+    """No rows, or rows whose chunks are all empty, in every layout: an empty out, nothing written (the values of
+    the rows are still checked on the host)."""
+    Hq, Hkv, D = 4, 2, 16
+    pool_k, pool_v = torch.randn(3, 16, Hkv, D), torch.randn(3, 16, Hkv, D)
+    k0, v0 = pool_k.clone(), pool_v.clone()
+    rows = 0 if "no-rows" in layout else 2
+    table = torch.zeros(rows, 2, dtype=torch.int32)
+    pre = torch.full((rows,), 5, dtype=torch.int32)
+    kw = dict(block_table=table)
+    if layout.startswith("varlen"):
+        q, kn = torch.zeros(0, Hq, D), torch.zeros(0, Hkv, D)
+        kw["cu_seqlens"] = torch.zeros(rows + 1, dtype=torch.int32)
+    elif layout.startswith("equal"):
+        q, kn = torch.zeros(rows, 0, Hq, D), torch.zeros(rows, 0, Hkv, D)
+    else:  # a dense cache of no rows, the rows packed
+        q, kn = torch.zeros(0, Hq, D), torch.zeros(0, Hkv, D)
+        pool_k, pool_v, k0, v0 = pool_k[:0], pool_v[:0], pool_k[:0], pool_v[:0]
+        kw = dict(cu_seqlens=torch.zeros(1, dtype=torch.int32))
+    out = chunk_attention(q, kn, kn, pool_k, pool_v, pre, **kw)
+    assert out.shape == q.shape and torch.equal(pool_k, k0) and torch.equal(pool_v, v0)
+    ref = chunk_attention_ref(q, kn, kn, pool_k.clone(), pool_v.clone(), pre, **kw)
+    assert ref.shape == q.shape
+    if rows:  # a prefix past a row's table is refused, even with nothing to compute
+        with pytest.raises(ValueError, match="does not fit its block table"):
+            chunk_attention(q, kn, kn, pool_k, pool_v, torch.full((rows,), 40, dtype=torch.int32), **kw)
+
+
 def _bad(**over):
     lens, prefixes, page = [4, 6], [3, 20], 16
     q, kn, vn, kc, vc, table, cu = make_case(lens, prefixes, 4, 2, 32, page, torch.float32, seed=1)
