@@ -181,7 +181,8 @@ def main_run(argv) -> int:
     device = "cuda" if gpu and link != "gloo" else "cpu"
     if link == "gloo" and world is None and stages * tp > (os.cpu_count() or 1):
         raise ValueError(f"{stages * tp} stage processes ({stages} stage{'s' if stages > 1 else ''} x tp {tp}) need "
-                         f"{stages * tp} cores, this machine has {os.cpu_count()}")
+                         f"{stages * tp} cores, this machine has {os.cpu_count()}: --link inprocess runs the stages "
+                         f"as threads of one process, taking turns on the cores")
     cores = os.cpu_count() or 1
     # one thread per stage is always allowed (the default where stages outnumber the cores: in-process they share)
     fair = max(1, cores // (stages * tp))
