@@ -130,7 +130,7 @@ def main_run(argv) -> int:
     from pipeline.checks import DTYPES
     from pipeline.compress import check_codec
     from pipeline.plan import check_granularity, default_granularity
-    from pipeline.procs import torchrun_rank
+    from pipeline.procs import torchrun_rank, usable_cores
 
     from .calibration import bytes_per_token
     from .harness import Progress, check_point_fits, run_point
@@ -179,11 +179,11 @@ def main_run(argv) -> int:
     if world is not None and world > 1 and link == "inprocess":
         raise ValueError("--link inprocess runs every stage in one process: launch it without torchrun")
     device = "cuda" if gpu and link != "gloo" else "cpu"
-    if link == "gloo" and world is None and stages * tp > (os.cpu_count() or 1):
+    cores = usable_cores()
+    if link == "gloo" and world is None and stages * tp > cores:
         raise ValueError(f"{stages * tp} stage processes ({stages} stage{'s' if stages > 1 else ''} x tp {tp}) need "
-                         f"{stages * tp} cores, this machine has {os.cpu_count()}: --link inprocess runs the stages "
-                         f"as threads of one process, taking turns on the cores")
-    cores = os.cpu_count() or 1
+                         f"{stages * tp} cores, this process may run on {cores}: --link inprocess runs the stages as "
+                         f"threads of one process, taking turns on the cores")
     # one thread per stage is always allowed (the default where stages outnumber the cores: in-process they share)
     fair = max(1, cores // (stages * tp))
     if args.threads is not None and device == "cpu" and world is None and args.threads > fair:

@@ -51,6 +51,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.procs import usable_cores
+
 from .gpu_summary import committed_baseline, summary_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +152,7 @@ def compiler_report(arch: int | None = None, only: str = "d128", shards: int = 8
     if arch is None:
         major, minor = torch.cuda.get_device_capability(0)
         arch = 10 * major + minor
-    shards = max(1, min(shards, os.cpu_count() or 1))
+    shards = max(1, min(shards, usable_cores()))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     procs = [subprocess.Popen([sys.executable, "-m", "kernels.aot", "--arch", str(arch), "--only", only,
                                "--shard", f"{i}/{shards}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.procs import usable_cores
+
 SCHEMA_VERSION = 1
 LAST_WRITTEN: dict = {}  # the results file this process wrote last: path, points, complete
 
@@ -36,7 +38,7 @@ def _environment() -> dict:
     cuda = torch.cuda.is_available()
     return dict(
         device=torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()}, "
-                                                          f"{os.cpu_count()} cores)",
+                                                          f"{usable_cores()} cores)",
         torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
         cuda=torch.version.cuda if cuda else None, git_commit=commit,
     )

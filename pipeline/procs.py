@@ -31,6 +31,15 @@ START_S = 300.0  # a stage that has not started (imported torch, said hello) aft
 BEAT_S = 0.5
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a container's cpuset), which can be fewer than
+    the machine's `os.cpu_count()`."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity call here (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 class PipelineError(RuntimeError):
     """A stage failed, died or stopped answering; the message names the stage and the cause."""
 

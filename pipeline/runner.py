@@ -19,6 +19,7 @@ from .compress import Codec
 from .ragged import decode_step
 from .link import DistChannel, LinkAborted, LinkModel, LocalChannel
 from .model import resolve_config
+from .procs import usable_cores
 from .schedule import Clock, StageRecord, stage_program, summarize, timeline
 from .spec import Job, PipelineSpec, PrefillResult
 from .stage import Stage
@@ -627,7 +628,7 @@ def _to_cpu(obj):
 
 
 def _threads(spec: PipelineSpec) -> int:
-    return spec.threads or max(1, (os.cpu_count() or 1) // spec.world_size)
+    return spec.threads or max(1, usable_cores() // spec.world_size)
 
 
 def rank_main(spec: PipelineSpec, jobs: list[Job], progress=None) -> list[list[PrefillResult]] | None:

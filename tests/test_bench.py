@@ -508,11 +508,25 @@ def test_the_results_index_lists_every_results_folder_and_no_other():
     assert named == on_disk
 
 
+def test_the_cores_counted_are_those_this_process_may_run_on(tmp_path, monkeypatch, capsys):
+    """A process pinned to one CPU (taskset, a container's cpuset) on a larger machine: two gloo stage processes
+    are refused, naming the one core and the in-process link; nothing is written."""
+    from bench.cli import main
+    from pipeline.procs import usable_cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert usable_cores() == 1
+    assert main(["--model", "tiny", "--prompt-len", "24", "--stages", "2", "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "2 stage processes" in err and "may run on 1" in err and "--link inprocess" in err
+    assert not (tmp_path / "no").exists()
+
+
 def test_one_thread_per_stage_is_allowed_when_stages_outnumber_the_cores(tmp_path, monkeypatch, capsys):
     """In-process stages outnumbering the cores run one torch thread each (the default there): asking for exactly
     that with --threads 1 runs too, and --threads 2 is refused naming 1 as the most."""
     from bench.cli import main
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     argv = ["--model", "tiny", "--prompt-len", "24", "--chunk-size", "8", "--link", "inprocess", "--stages", "4",
             "--modes", "overlapped", "--repeats", "1", "--warmup", "0"]
     assert main([*argv, "--threads", "1", "--out", str(tmp_path / "ok")]) == 0

@@ -2,7 +2,6 @@
 boundary are exact; failures are reported, never hung on; bad requests are refused before any work."""
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
@@ -12,6 +11,7 @@ import torch
 from pipeline import (Job, LinkModel, PipelineError, PipelineSpec, chunk_plan, load_model, run_jobs, run_prefill,
                       split_layers)
 from pipeline.launch import init_process_group, run_order
+from pipeline.procs import usable_cores
 
 PIPELINE_MODES = ["naive", "chunked", "overlapped"]
 H, ITEM = 64, 4  # tiny preset hidden size, float32
@@ -477,7 +477,7 @@ def test_cuda_graphs_are_refused_where_no_gpu_driver_replays_them(kwargs, match)
         PipelineSpec(**kw).validate()
 
 
-@pytest.mark.parametrize("threads,expected", [(None, max(1, (os.cpu_count() or 1) // 2)), (1, 1), (3, 3)])
+@pytest.mark.parametrize("threads,expected", [(None, max(1, usable_cores() // 2)), (1, 1), (3, 3)])
 def test_in_process_stages_on_cpu_get_their_share_of_the_cores(monkeypatch, threads, expected):
     """Each in-process stage thread sets its own torch threads (a per-thread setting): `threads`, or the cores over
     the stages, as a stage process does; the caller's own setting is left as it was."""
