@@ -118,6 +118,27 @@ def _x(v) -> str:
     return "-" if v is None or not math.isfinite(v) else f"{v:.2f}x"
 
 
+# the axes a run can compare side by side (`python -m bench` options), each with its default value: a mode's row
+# carries a "/value" suffix for each axis where it differs from the first value listed
+ROW_AXES = (("tp_comm", "tp-comm", "serial"), ("compress", "compress", "none"),
+            ("tp_boundary", "tp-boundary", "matching"), ("token_budget", "token budget", None))
+
+
+def unsuffixed_rows(point: dict) -> str | None:
+    """What the rows without a suffix ran under, for the axes that vary or are not at their default; None when
+    every row ran under the defaults."""
+    pipelined = {label: m for label, m in point["modes"].items() if label != "unchunked"}
+    plain = next((m for label, m in pipelined.items() if "/" not in label), None)
+    if plain is None:
+        return None
+    said = []
+    for key, name, default in ROW_AXES:
+        if key in plain and (plain[key] != default or len({repr(m.get(key)) for m in pipelined.values()}) > 1):
+            value = plain[key]
+            said.append("per-row chunks" if key == "token_budget" and value is None else f"{name} {value}")
+    return ", ".join(said) or None
+
+
 def table(point: dict) -> str:
     """A short table for a person."""
     rows = [("mode", "TTFT ms", "vs unch", "vs naive", "exp.comm ms", "bubble", "bound ms", "meas/bnd", "ideal ms",
@@ -148,6 +169,9 @@ def table(point: dict) -> str:
                 rows[row_i] += ("-",) * 4
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+    plain = unsuffixed_rows(point)
+    if plain:
+        text += f"\n(rows without a suffix: {plain})"
     text += ("\n(bound: each run replayed on its own compute times with a free link, the least time its schedule "
              "can take; meas/bnd = TTFT ms / bound ms; ideal: compute summed over stages / S; eq.stage: "
              "Σ_k max_s t + (S−1)·max t, exact only when every stage takes the same time on a chunk)")

@@ -137,10 +137,27 @@ def test_token_budgets_run_side_by_side_with_per_row_chunks():
     assert modes["overlapped/budget16"]["row_end_step"] == [2, 3, 4] and modes["naive"]["token_budget"] is None
     for label, m in modes.items():
         assert m["outputs_match"] and m["bytes_exact"] and m["max_abs_dlogits_vs_alone"] <= 1e-4, label
-    from bench.report import row_table
+    from bench.report import row_table, table
     assert "(3/5)" in row_table(point) and "overlapped/budget16" in row_table(point)
+    assert "(rows without a suffix: per-row chunks)" in table(point)
     with pytest.raises(ValueError, match="need rows"):
         run_point(spec, 32, 1, [16, 16], 1, 0, token_budgets=[16])
+
+
+def test_the_table_says_what_its_rows_without_a_suffix_ran_under():
+    """A row carries a suffix for each compared axis where it differs from the first value listed; the table names
+    those first values when they vary or are not the defaults, and says nothing for a run of defaults."""
+    from bench.report import unsuffixed_rows
+    row = lambda **kw: dict(dict(tp_comm="serial", compress="none", tp_boundary="matching"), **kw)  # noqa: E731
+    plain = {"unchunked": row(), "naive": row(), "overlapped": row()}
+    assert unsuffixed_rows({"modes": plain}) is None
+    first_not_default = {"unchunked": row(), "naive": row(tp_comm="overlap"),
+                         "naive/sequence": row(tp_comm="sequence")}
+    assert unsuffixed_rows({"modes": first_not_default}) == "tp-comm overlap"
+    varying = {"unchunked": row(), "overlapped": row(), "overlapped/fp8": row(compress="fp8"),
+               "overlapped/sharded": row(tp_boundary="sharded")}
+    assert unsuffixed_rows({"modes": varying}) == "compress none, tp-boundary matching"
+    assert unsuffixed_rows({"modes": {"unchunked": row(), "naive": row(compress="fp8")}}) == "compress fp8"
 
 
 def test_ragged_point_with_tp_crossings_and_compression_is_exact():
