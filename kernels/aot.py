@@ -372,6 +372,10 @@ def main(argv=None) -> int:
     for arch in args.arch:
         specs = [s for s in ci_specs(arch) if args.only in s.name] if args.ci else selected_specs(arch, args.only,
                                                                                                    args.quick)
+        if not specs:  # a typo in --only would otherwise pass as a clean report of nothing
+            print(f"kernels.aot: no kernel for sm_{arch} has {args.only!r} in its name (--list without --only "
+                  f"prints the names)", file=sys.stderr)
+            return 2
         for spec in specs[shard::shards]:
             if args.list:
                 print(json.dumps(dict(kernel=spec.name, arch=f"sm_{arch}")))

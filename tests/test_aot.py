@@ -158,6 +158,16 @@ def test_the_tests_selection_keeps_every_code_path_of_the_quick_set(arch):
             assert any(word in n for n in mine) == any(word in n for n in theirs), word
 
 
+def test_a_selection_of_nothing_is_an_error_not_an_empty_report():
+    """A typo in --only would print no rows and exit 0, like a clean report: it exits 2 with one line instead."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "90", "--only", "chunk_atention", "--list"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and not res.stdout
+    assert res.stderr.strip() == ("kernels.aot: no kernel for sm_90 has 'chunk_atention' in its name (--list without "
+                                  "--only prints the names)")
+
+
 def _ptx_of_link_kernel(name: str, signature: dict) -> list[str]:
     """PTX lines of one of pipeline.link's small wait kernels, compiled for sm_90 in a process of its own."""
     code = ("import triton\nfrom triton.compiler import ASTSource\nfrom triton.backends.compiler import GPUTarget\n"
