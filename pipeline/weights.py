@@ -123,7 +123,11 @@ def checkpoint_index(directory: str | Path, names=None) -> dict[str, TensorEntry
     elif single.is_file():
         weight_map, files = None, [single]
     else:
-        raise NotFound(f"no model.safetensors or model.safetensors.index.json in {directory}")
+        pickles = sorted(p.name for p in directory.glob("*.bin"))[:2]
+        hint = (f" (found {', '.join(pickles)}: PyTorch pickle checkpoints are not read, loading them can run code; "
+                f"convert with transformers: from_pretrained(dir).save_pretrained(new_dir) writes safetensors)"
+                if pickles else "")
+        raise NotFound(f"no model.safetensors or model.safetensors.index.json in {directory}{hint}")
     entries: dict[str, TensorEntry] = {}
     for path in files:
         if not path.is_file():
