@@ -600,7 +600,7 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
         lse = torch.empty((splits, B, C, Hq), device=q.device, dtype=torch.float32)
     else:
         dst, lse = out, q  # q: a placeholder pointer the kernel never reads
-    with launching():
+    with launching("chunk_attention", q.device):
         _chunk_attention_kernel[plan["grid"]](
             q, k_new, v_new, k_cache, v_cache, dst, lse, starts, 0 if per_row else int(start_pos), k_cache.shape[1],
             *q.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3],

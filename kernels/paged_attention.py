@@ -272,7 +272,7 @@ def device_checks(block_table, cu_seqlens, prefix, page_size: int, num_pages: in
     """Ok flags [2] int32 on the device, 1 while every row fits its block table ([0]) and uses only pages of the
     pool ([1]); computed by one launch, nothing read back (the GPU launcher asserts on them asynchronously)."""
     ok = torch.ones(2, device=block_table.device, dtype=torch.int32)
-    with launching():
+    with launching("paged chunk_attention", block_table.device):
         _check_rows_kernel[(block_table.shape[0],)](
             block_table, cu_seqlens, prefix, ok, block_table.stride(0), block_table.shape[1], num_pages,
             PAGE_SIZE=page_size, BLOCK=CHECK_BLOCK, num_warps=4)
@@ -524,7 +524,7 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
         lse = torch.empty((splits, N, Hq), device=q.device, dtype=torch.float32)
     else:
         dst, lse = flat_out[None], q  # q: a placeholder pointer the kernel never reads
-    with launching():
+    with launching("paged chunk_attention", q.device):
         _paged_chunk_attention_kernel[plan["grid"]](
             q, k_new, v_new, k_cache, v_cache, dst, lse, block_table, cu_seqlens, prefix,
             q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),

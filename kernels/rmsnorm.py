@@ -78,7 +78,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         return out, r_out
     BLOCK = next_pow2(H)
     o2, ro2 = out.view(-1, H), r_out.view(-1, H)
-    with launching():
+    with launching("add_rms_norm", x.device):
         _add_rms_norm_kernel[(x2.shape[0],)](
             x2, r2, weight, o2, ro2,
             x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0),

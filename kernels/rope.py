@@ -96,7 +96,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos, out=N
     if B * C == 0:  # no tokens: an empty result and no launch
         return out
     BLOCK_H = rope_head_block(H, half)
-    with launching():
+    with launching("rope", x.device):
         _rope_kernel[(B * C, cdiv(H, BLOCK_H))](
             x, cos, sin, out, positions if positions is not None else cos,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), cos.stride(0),

@@ -20,9 +20,16 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def launching():
-    """A context for one kernel launch: exclusive under TRITON_INTERPRET=1, free otherwise."""
-    return _INTERPRETER_LOCK if interpreted() else _FREE
+def launching(op: str, device: torch.device):
+    """A context for one launch of `op`'s kernel on `device`: exclusive under TRITON_INTERPRET=1, free otherwise.
+    CPU tensors without the interpreter are refused here, in words (Triton itself says "0 active drivers")."""
+    if interpreted():
+        return _INTERPRETER_LOCK
+    if device.type == "cpu":
+        raise ValueError(f"{op}: the tensors are on the CPU, where Triton runs kernels only in its interpreter: set "
+                         f"TRITON_INTERPRET=1 before Python starts (correct, slow), or call the plain-torch reference "
+                         f"(kernels.*_ref)")
+    return _FREE
 
 
 _FREE = contextlib.nullcontext()

@@ -50,7 +50,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out=None) -> torch.Tensor:
     o2 = out.view(-1, gate.shape[-1])
     N = gate.shape[-1]
     BLOCK = min(4096, next_pow2(N))
-    with launching():
+    with launching("swiglu", gate.device):
         _swiglu_kernel[(g2.shape[0], cdiv(N, BLOCK))](
             g2, u2, o2, g2.stride(0), u2.stride(0), o2.stride(0), N, BLOCK=BLOCK,
             num_warps=min(8, max(1, BLOCK // 512)),

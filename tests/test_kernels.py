@@ -531,6 +531,28 @@ def test_memory_bound_kernels_give_empty_results_for_no_rows():
         rope(torch.zeros(0, 3, 2, 8), cos, sin, 2)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors")
+def test_cpu_tensors_without_the_interpreter_are_refused_in_words(monkeypatch):
+    """Without TRITON_INTERPRET=1, Triton cannot run a kernel on CPU tensors (it says "0 active drivers"): every
+    launcher says what to do instead, before its launch, with the caches untouched."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kc, vc = torch.randn(1, 10, 2, 16), torch.randn(1, 10, 2, 16)
+    k0 = kc.clone()
+    cos, sin = rope_tables(8, 4, 10000.0)
+    calls = {
+        "chunk_attention": lambda: chunk_attention(**_attn_inputs(k_cache=kc, v_cache=vc)),
+        "paged chunk_attention": lambda: chunk_attention(**_attn_inputs(k_cache=kc, v_cache=vc),
+                                                         block_table=torch.zeros(1, 1, dtype=torch.int32)),
+        "add_rms_norm": lambda: add_rms_norm(torch.zeros(2, 8), None, torch.ones(8), 1e-5),
+        "swiglu": lambda: swiglu(torch.zeros(2, 8), torch.zeros(2, 8)),
+        "rope": lambda: rope(torch.zeros(1, 3, 2, 8), cos, sin, 0),
+    }
+    for op, call in calls.items():
+        with pytest.raises(ValueError, match=f"^{op}: the tensors are on the CPU, .*TRITON_INTERPRET=1"):
+            call()
+    assert torch.equal(kc, k0)
+
+
 # ---- GPU: bf16, long prefixes, large batches (compiled Triton) ---------------------------------------------
 
 @pytest.mark.gpu
