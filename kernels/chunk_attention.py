@@ -657,11 +657,11 @@ def _one_page_per_row(k_cache, device) -> torch.Tensor:
 
 def chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_scale=None, *, block_table=None,
                         cu_seqlens=None, max_chunk=None, max_prefix=None, check=True):
-    """Plain-torch reference (and the model's torch backend): same contract; int start_pos only on the dense
-    path (the paged / varlen path takes per-row tensors too: `paged_attention.paged_chunk_attention_ref`).
-    max_chunk and max_prefix, the kernel's launch hints, and check (its device-side check) are not needed here:
-    the rows are read on the host."""
-    if block_table is not None or cu_seqlens is not None:
+    """Plain-torch reference (and the model's torch backend): same contract, start_pos an int or a tensor [B] of
+    per-row prefixes (served as one page per row by `paged_attention.paged_chunk_attention_ref`). max_chunk and
+    max_prefix, the kernel's launch hints, and check (its device-side check) are not needed here: the rows are read
+    on the host."""
+    if block_table is not None or cu_seqlens is not None or isinstance(start_pos, torch.Tensor):
         from .paged_attention import paged_chunk_attention_ref
         if block_table is None:
             block_table = _one_page_per_row(k_cache, q.device)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels import add_rms_norm, chunk_attention, rope, rope_tables, swiglu
+from kernels import add_rms_norm, chunk_attention, chunk_attention_ref, rope, rope_tables, swiglu
 
 DTYPES = [(torch.float32, 2e-5), (torch.float16, 4e-3)]  # dtype with its absolute tolerance
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -327,6 +327,22 @@ def test_chunk_attention_refuses_no_prefix_over_a_prefix(start_pos):
 
 def test_chunk_attention_per_row_start_positions():
     run_attention_case(3, 19, 4, 2, 32, 0, torch.float32, 2e-5, per_row_starts=[0, 7, 70])
+
+
+def test_the_reference_takes_per_row_starts_as_the_kernel_does():
+    """chunk_attention_ref with a tensor of per-row starts: the kernel's outputs and caches, and the per-row answer
+    of the int-start reference row by row."""
+    g = torch.Generator().manual_seed(11)
+    q, kn, vn = (torch.randn(3, 6, h, 16, generator=g) for h in (4, 2, 2))
+    kc, vc = torch.randn(3, 40, 2, 16, generator=g), torch.randn(3, 40, 2, 16, generator=g)
+    starts = torch.tensor([0, 9, 34])
+    caches = [(kc.clone(), vc.clone()) for _ in range(2)]
+    got = chunk_attention_ref(q, kn, vn, *caches[0], starts)
+    want = chunk_attention(q, kn, vn, *caches[1], starts)
+    assert (got - want).abs().max().item() <= 2e-5 and all(map(torch.equal, caches[0], caches[1]))
+    for b, p in enumerate(starts.tolist()):
+        row = chunk_attention_ref(q[b:b + 1], kn[b:b + 1], vn[b:b + 1], kc[b:b + 1].clone(), vc[b:b + 1].clone(), p)
+        assert (row[0] - got[b]).abs().max().item() <= 1e-6
 
 
 def test_chunk_attention_int_and_tensor_starts_agree_bit_for_bit():
