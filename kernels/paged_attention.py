@@ -503,7 +503,7 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
         prefix = prefix_lens.to(torch.int32)
     else:
         prefix = torch.full((B,), int(prefix_lens), device=q.device, dtype=torch.int32)
-    if q.is_cuda and check:  # reported at a later sync (device-side asserts), no host sync now
+    if q.is_cuda and check and B:  # reported at a later sync (device-side asserts), no host sync now
         ok = device_checks(block_table, cu_seqlens, prefix, page_size, k_cache.shape[0])
         torch._assert_async(ok[0], "paged chunk_attention: a row's prefix + chunk does not fit its block table")
         torch._assert_async(ok[1], "paged chunk_attention: a block table entry in use is not a page of the cache")

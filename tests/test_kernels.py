@@ -599,6 +599,28 @@ def test_memory_bound_kernels_gpu_bf16(cuda):
 
 
 @pytest.mark.gpu
+def test_empty_work_on_the_gpu_launches_nothing_and_gives_empty_outputs(cuda):
+    """The empty calls of the CPU tests, compiled: no rows, empty chunks, a varlen launch of no tokens."""
+    bf = dict(device=cuda, dtype=torch.bfloat16)
+    kc = torch.randn(2, 16, 2, 64, **bf)
+    k0 = kc.clone()
+    assert chunk_attention(torch.zeros(2, 0, 4, 64, **bf), torch.zeros(2, 0, 2, 64, **bf),
+                           torch.zeros(2, 0, 2, 64, **bf), kc, kc, 3).shape == (2, 0, 4, 64)
+    table = torch.zeros(0, 1, dtype=torch.int32, device=cuda)
+    out = chunk_attention(torch.zeros(0, 4, 64, **bf), torch.zeros(0, 2, 64, **bf), torch.zeros(0, 2, 64, **bf), kc,
+                          kc, torch.zeros(0, dtype=torch.int32, device=cuda), block_table=table,
+                          cu_seqlens=torch.zeros(1, dtype=torch.int32, device=cuda))
+    assert out.shape == (0, 4, 64)
+    x = torch.zeros(0, 4096, **bf)
+    assert add_rms_norm(x, x, torch.ones(4096, **bf), 1e-5)[0].shape == (0, 4096)
+    assert swiglu(x, x).shape == (0, 4096)
+    cos, sin = rope_tables(64, 8, 10000.0, device=cuda)
+    assert rope(torch.zeros(0, 3, 2, 64, **bf), cos, sin, 0).shape == (0, 3, 2, 64)
+    torch.cuda.synchronize()
+    assert torch.equal(kc, k0)
+
+
+@pytest.mark.gpu
 def test_chunk_attention_gpu_bad_start_row_is_masked_and_asserted(cuda):
     """A device start tensor is not read back on the hot path: the kernel masks the bad row off and an asynchronous
     assert reports it at the next sync. A device-side assert leaves the CUDA context unusable, so this runs in a
