@@ -233,15 +233,14 @@ def main_run(argv) -> int:
     cfg = resolve_config(args.model)
     for b, n in enumerate(args.rows or []):
         if n + 1 > cfg.max_seq_len:
-            raise ValueError(f"--rows: row {b} has {n} tokens (+1 decode token), past the model's max_seq_len "
-                             f"{cfg.max_seq_len}")
+            raise ValueError(f"--rows: row {b} has {n} tokens (+1 decode token), past the model's {cfg.context}")
     if args.page_size is not None and args.page_size > cfg.max_seq_len:
         raise ValueError(f"--page-size {args.page_size} is more positions than the model's context (max_seq_len "
                          f"{cfg.max_seq_len}): choose 1 to {cfg.max_seq_len} (serving stacks use 16 to 256)")
     for L in args.prompt_len:
         if L + 1 > cfg.max_seq_len:
             raise ValueError(f"{'the default ' if default_len else ''}prompt length {L} (+1 decode token) exceeds the "
-                             f"model's max_seq_len {cfg.max_seq_len}: give --prompt-len {cfg.max_seq_len - 1} or less")
+                             f"model's {cfg.context}: give --prompt-len {cfg.max_seq_len - 1} or less")
     spec = PipelineSpec(source=str(args.model), stages=stages, link=link, ops=args.ops, dtype=args.dtype,
                         device=device, bandwidth_gbps=args.bandwidth_gbps, latency_s=args.latency_us * 1e-6,
                         threads=args.threads, sm_partitions=args.sm_partitions, tp=tp,

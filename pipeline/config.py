@@ -31,6 +31,10 @@ class ModelConfig:
     mlp_bias: bool = False  # biases on the gate, up and down projections (Llama with mlp_bias)
     # Llama-3.1 style frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_len) or None
     rope_llama3_scaling: tuple[float, float, float, int] | None = None
+    # a checkpoint's sliding attention window (Mistral 7B v0.1: 4096) shorter than its context, or None: this model
+    # computes full causal attention, which is the windowed one for sequences of at most this many positions, so
+    # max_seq_len is capped to it
+    sliding_window: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -46,6 +50,14 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotate-half RoPE, got {self.head_dim}")
+
+    @property
+    def context(self) -> str:
+        """max_seq_len for an error message, with the reason where a sliding window sets it."""
+        if self.sliding_window is None:
+            return f"max_seq_len {self.max_seq_len}"
+        return (f"max_seq_len {self.max_seq_len} (its sliding attention window: past it, windowed attention differs "
+                f"from the full causal attention this model computes)")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -77,12 +89,10 @@ class ModelConfig:
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} in {path}: only 'silu' (SwiGLU)")
         window = hf.get("sliding_window")
-        if (window and hf.get("use_sliding_window", model_type != "qwen2")
-                and not (isinstance(window, int) and isinstance(hf.get("max_position_embeddings", 4096), int)
-                         and window >= hf.get("max_position_embeddings", 4096))):
-            # a window as long as the context never hides a key: the plain causal model
-            raise ValueError(f"sliding-window attention (sliding_window={hf['sliding_window']}) in {path} "
-                             "is not supported")
+        if not (window and hf.get("use_sliding_window", model_type != "qwen2")):
+            window = None  # none, or switched off (Qwen2's use_sliding_window false)
+        elif isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"sliding_window={window!r} in {path}: must be a positive integer or null")
         if hf.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"pretraining_tp={hf['pretraining_tp']} in {path} is not supported (only 1)")
 
@@ -125,6 +135,7 @@ class ModelConfig:
         bias = get("attention_bias", bool, False) if model_type == "llama" else False
         mlp_bias = get("mlp_bias", bool, False) if model_type == "llama" else False
         head_dim = get("head_dim", int, hidden // heads if hidden % heads == 0 else None)
+        context = get("max_position_embeddings", int, 4096)
         return cls(
             vocab_size=get("vocab_size"),
             hidden_size=hidden,
@@ -135,12 +146,15 @@ class ModelConfig:
             intermediate_size=get("intermediate_size"),
             rope_theta=float(theta),
             rms_norm_eps=get("rms_norm_eps", float, 1e-6),
-            max_seq_len=get("max_position_embeddings", int, 4096),
+            # a query attends to the `window` latest positions, itself included (transformers' mask), so a sequence
+            # of at most `window` positions sees every earlier key: exact up to there, refused past it
+            max_seq_len=min(context, window or context),
             tie_embeddings=get("tie_word_embeddings", bool, False),
             qkv_bias=bias or model_type == "qwen2",
             o_bias=bias,
             mlp_bias=mlp_bias,
             rope_llama3_scaling=llama3,
+            sliding_window=window if window and window < context else None,
         )
 
 

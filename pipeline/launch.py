@@ -161,8 +161,7 @@ def check_tokens(tokens, cfg, decode: bool = False) -> None:
                          f"got {tuple(tokens.shape)}")
     L = tokens.shape[1]
     if L + int(bool(decode)) > cfg.max_seq_len:
-        raise ValueError(f"prompt of {L} tokens{' (+1 decode)' if decode else ''} exceeds the model's max_seq_len "
-                         f"{cfg.max_seq_len}")
+        raise ValueError(f"prompt of {L} tokens{' (+1 decode)' if decode else ''} exceeds the model's {cfg.context}")
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= cfg.vocab_size:
         raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got min {lo}, max {hi}")

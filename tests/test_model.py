@@ -30,6 +30,37 @@ def test_logits_match_transformers(tmp_path, model_type, gqa, tied):
     assert (ours(tokens) - expected).abs().max().item() <= 1e-4
 
 
+def test_a_sliding_window_shorter_than_the_context_caps_it_and_is_exact_within(tmp_path):
+    """Mistral 7B v0.1's kind of checkpoint (a window shorter than max_position_embeddings): the model computes full
+    causal attention, the windowed one for sequences of at most `window` positions, so its context is the window:
+    a prompt that fills it matches transformers' windowed model, one past it is refused naming the window."""
+    from pipeline import run_prefill
+    hf = make_hf_checkpoint(tmp_path, "mistral", sliding_window=24)
+    ours = load_model(tmp_path)
+    assert ours.cfg.max_seq_len == 24 and ours.cfg.sliding_window == 24
+    tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        longer = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(9))
+        full = hf.config.__class__(**{**hf.config.to_dict(), "sliding_window": None})
+        unwindowed = type(hf)(full).eval()
+        unwindowed.load_state_dict(hf.state_dict())
+        assert (unwindowed(longer).logits - hf(longer).logits).abs().max().item() > 1e-3  # past it, the window counts
+    assert (ours(tokens) - expected).abs().max().item() <= 1e-4
+    res = run_prefill(tmp_path, tokens[:, :23], mode="chunked", stages=2, chunk_size=5, link="inprocess")
+    assert (res.logits - expected[:, 22]).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match=r"24 tokens \(\+1 decode\) exceeds the model's max_seq_len 24 \(its sliding"):
+        run_prefill(tmp_path, tokens, mode="chunked", stages=2, link="inprocess")
+
+
+def test_a_window_at_least_the_context_or_switched_off_changes_nothing(tmp_path):
+    make_hf_checkpoint(tmp_path / "long", "mistral", sliding_window=256)
+    make_hf_checkpoint(tmp_path / "off", "qwen2", sliding_window=16, use_sliding_window=False)
+    for d in ("long", "off"):
+        cfg = load_model(tmp_path / d).cfg
+        assert cfg.max_seq_len == 256 and cfg.sliding_window is None, d
+
+
 @pytest.mark.parametrize("gqa", [True, False])
 def test_llama_attention_bias_puts_biases_on_q_k_v_and_o(tmp_path, gqa):
     """Llama's attention_bias=True means a bias on q, k, v *and* o: dropping o's would shift every logit."""
