@@ -119,9 +119,11 @@ def rope_ref(x, cos, sin, start_pos):
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, llama3_scaling=None, device=None):
-    """cos, sin [max_len, head_dim/2] in fp32, computed in float64 (positions up to 128k stay exact)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+def rope_tables(head_dim: int, max_len: int, theta: float, llama3_scaling=None, device=None,
+                linear_factor: float = 1.0):
+    """cos, sin [max_len, head_dim/2] in fp32, computed in float64 (positions up to 128k stay exact).
+    linear_factor: linear position interpolation (transformers' rope_type "linear"): every frequency divided by it."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim) / linear_factor
     if llama3_scaling is not None:  # Llama 3.1: stretch low frequencies, keep high ones, blend between
         factor, low, high, original = llama3_scaling
         wavelen = 2 * torch.pi / inv_freq

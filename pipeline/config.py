@@ -31,6 +31,7 @@ class ModelConfig:
     mlp_bias: bool = False  # biases on the gate, up and down projections (Llama with mlp_bias)
     # Llama-3.1 style frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_len) or None
     rope_llama3_scaling: tuple[float, float, float, int] | None = None
+    rope_linear_factor: float = 1.0  # linear position interpolation (rope_type "linear"): frequencies / factor
     # a checkpoint's sliding attention window (Mistral 7B v0.1: 4096) shorter than its context, or None: this model
     # computes full causal attention, which is the windowed one for sequences of at most this many positions, so
     # max_seq_len is capped to it
@@ -42,7 +43,7 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {v!r}")
-        for name in ("rope_theta", "rms_norm_eps"):
+        for name in ("rope_theta", "rms_norm_eps", "rope_linear_factor"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {v!r}")
@@ -119,7 +120,7 @@ class ModelConfig:
         if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not math.isfinite(theta) or theta <= 0:
             raise ValueError(f"rope_theta={theta!r} in {path}: must be a positive number")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        llama3 = None
+        llama3, linear = None, 1.0
         if rope_type == "llama3":
             try:
                 llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
@@ -127,8 +128,13 @@ class ModelConfig:
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"llama3 RoPE scaling in {path} needs numeric factor, low_freq_factor, "
                                  f"high_freq_factor and original_max_position_embeddings ({e})") from None
+        elif rope_type == "linear":
+            linear = rope.get("factor")
+            if isinstance(linear, bool) or not isinstance(linear, (int, float)) or not math.isfinite(linear) \
+                    or linear <= 0:
+                raise ValueError(f"linear RoPE scaling in {path} needs a positive numeric factor, got {linear!r}")
         elif rope_type != "default":
-            raise ValueError(f"unsupported RoPE type {rope_type!r} in {path}: only 'default' and 'llama3'")
+            raise ValueError(f"unsupported RoPE type {rope_type!r} in {path}: only 'default', 'linear' and 'llama3'")
         # biases exactly where each architecture's Hugging Face model has them (transformers 4.45-5.x):
         # Llama: attention_bias puts one on q, k, v and o, mlp_bias on gate, up and down; Qwen2: always on q, k, v,
         # never on o or the MLP; Mistral: none (both ignore attention_bias and mlp_bias, as their models do)
@@ -154,6 +160,7 @@ class ModelConfig:
             o_bias=bias,
             mlp_bias=mlp_bias,
             rope_llama3_scaling=llama3,
+            rope_linear_factor=float(linear),
             sliding_window=window if window and window < context else None,
         )
 

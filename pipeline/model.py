@@ -135,7 +135,8 @@ class Transformer(nn.Module):
         self.output = None
         if self.is_last:
             self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_llama3_scaling)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_llama3_scaling,
+                               linear_factor=cfg.rope_linear_factor)
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, D/2] fp32
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -451,5 +452,6 @@ def load_model(source: str | Path | ModelConfig, dtype: torch.dtype | str = torc
     model.load_hf_state(shard_state(state, cfg, tp_rank, tp))
     # RoPE tables stay fp32 whatever the model dtype (and were left uninitialised by to_empty)
     model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta,
-                                                 cfg.rope_llama3_scaling, device=device)
+                                                 cfg.rope_llama3_scaling, device=device,
+                                                 linear_factor=cfg.rope_linear_factor)
     return model.eval()

@@ -122,6 +122,23 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
     assert (ours(tokens) - expected).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("factor", [2.0, 4])
+def test_linear_rope_scaling_matches_transformers(tmp_path, factor):
+    """rope_type "linear" (position interpolation: every frequency divided by the factor), through the pipeline
+    too: the chunks' positions start mid-table."""
+    from pipeline import run_prefill
+    hf = make_hf_checkpoint(tmp_path, rope_parameters={"rope_type": "linear", "factor": factor,
+                                                       "rope_theta": 10000.0})
+    ours = load_model(tmp_path)
+    assert ours.cfg.rope_linear_factor == factor and ours.cfg.rope_llama3_scaling is None
+    tokens = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    assert (ours(tokens) - expected).abs().max().item() <= 1e-4
+    res = run_prefill(tmp_path, tokens, mode="overlapped", stages=2, chunk_size=30, link="inprocess")
+    assert (res.logits - expected[:, -1]).abs().max().item() <= 1e-4
+
+
 def test_sharded_checkpoint_loads_only_needed_tensors(tmp_path):
     make_hf_checkpoint(tmp_path, layers=4)
     # reshard: one file per layer plus one for the rest, with an index
@@ -231,6 +248,8 @@ def test_wrong_tensor_shape_is_named(tmp_path):
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'gpt2'"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "linear"}}, "linear RoPE scaling .* positive numeric factor, got None"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": -2}}, "positive numeric factor, got -2"),
 ])
 def test_other_architectures_are_refused(tmp_path, change, match):
     make_hf_checkpoint(tmp_path)
