@@ -9,8 +9,9 @@ from pathlib import Path
 
 from .checks import NotFound
 
-# Architectures that share Llama's decoder (RMSNorm, rotate-half RoPE, GQA, SwiGLU) and its tensor names.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Architectures that share Llama's decoder (RMSNorm, rotate-half RoPE, GQA, SwiGLU) and its tensor names (Qwen3
+# adds an RMSNorm over each head of q and of k before RoPE).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2; Llama with attention_bias)
     o_bias: bool = False  # a bias on the output projection (Llama with attention_bias)
     mlp_bias: bool = False  # biases on the gate, up and down projections (Llama with mlp_bias)
+    qk_norm: bool = False  # an RMSNorm over each head of q and of k (weights [head_dim]) before RoPE (Qwen3)
     # Llama-3.1 style frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_len) or None
     rope_llama3_scaling: tuple[float, float, float, int] | None = None
     rope_linear_factor: float = 1.0  # linear position interpolation (rope_type "linear"): frequencies / factor
@@ -67,13 +69,13 @@ class ModelConfig:
     def params_per_layer(self) -> int:
         H, D = self.hidden_size, self.head_dim
         attn = H * D * (self.num_heads * 2 + self.num_kv_heads * 2)
-        return attn + 3 * H * self.intermediate_size + 2 * H
+        return attn + 3 * H * self.intermediate_size + 2 * H + (2 * D if self.qk_norm else 0)
 
     @classmethod
     def from_hf(cls, directory: str | Path) -> "ModelConfig":
-        """Reads a Hugging Face `config.json` of a Llama-architecture model (Llama, Mistral, Qwen2). Every field the
-        model's math depends on is checked: a missing or ill-typed one is named, and so is any option that would
-        change the math in a way this model does not implement (it is refused, never ignored)."""
+        """Reads a Hugging Face `config.json` of a Llama-architecture model (Llama, Mistral, Qwen2, Qwen3). Every
+        field the model's math depends on is checked: a missing or ill-typed one is named, and so is any option that
+        would change the math in a way this model does not implement (it is refused, never ignored)."""
         path = Path(directory) / "config.json"
         if not path.is_file():
             raise NotFound(f"no config.json in {directory}")
@@ -90,8 +92,8 @@ class ModelConfig:
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} in {path}: only 'silu' (SwiGLU)")
         window = hf.get("sliding_window")
-        if not (window and hf.get("use_sliding_window", model_type != "qwen2")):
-            window = None  # none, or switched off (Qwen2's use_sliding_window false)
+        if not (window and hf.get("use_sliding_window", model_type not in ("qwen2", "qwen3"))):
+            window = None  # none, or switched off (Qwen's use_sliding_window false)
         elif isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"sliding_window={window!r} in {path}: must be a positive integer or null")
         if hf.get("pretraining_tp", 1) not in (1, None):
@@ -136,9 +138,10 @@ class ModelConfig:
         elif rope_type != "default":
             raise ValueError(f"unsupported RoPE type {rope_type!r} in {path}: only 'default', 'linear' and 'llama3'")
         # biases exactly where each architecture's Hugging Face model has them (transformers 4.45-5.x):
-        # Llama: attention_bias puts one on q, k, v and o, mlp_bias on gate, up and down; Qwen2: always on q, k, v,
-        # never on o or the MLP; Mistral: none (both ignore attention_bias and mlp_bias, as their models do)
-        bias = get("attention_bias", bool, False) if model_type == "llama" else False
+        # Llama: attention_bias puts one on q, k, v and o, mlp_bias on gate, up and down; Qwen3: attention_bias as
+        # Llama's, never on the MLP; Qwen2: always on q, k, v, never on o or the MLP; Mistral: none (these ignore
+        # the flags their models do not read, as transformers does)
+        bias = get("attention_bias", bool, False) if model_type in ("llama", "qwen3") else False
         mlp_bias = get("mlp_bias", bool, False) if model_type == "llama" else False
         head_dim = get("head_dim", int, hidden // heads if hidden % heads == 0 else None)
         context = get("max_position_embeddings", int, 4096)
@@ -159,6 +162,7 @@ class ModelConfig:
             qkv_bias=bias or model_type == "qwen2",
             o_bias=bias,
             mlp_bias=mlp_bias,
+            qk_norm=model_type == "qwen3",
             rope_llama3_scaling=llama3,
             rope_linear_factor=float(linear),
             sliding_window=window if window and window < context else None,

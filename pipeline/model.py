@@ -43,6 +43,9 @@ class Block(nn.Module):
         self.attention_norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)  # fused q, k, v projections
         self.wo = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head of q and of k before RoPE
+            self.q_norm = nn.Parameter(torch.ones(cfg.head_dim))
+            self.k_norm = nn.Parameter(torch.ones(cfg.head_dim))
         self.ffn_norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)  # fused gate, up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
@@ -54,9 +57,15 @@ class Block(nn.Module):
         B, C, _ = x.shape
         qkv = self.wqkv(x)  # [B, C, (Hq + 2 Hkv) D]
         Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        v = qkv[..., (Hq + Hkv) * D:].view(B, C, Hkv, D)
+        if cfg.qk_norm:  # each head normed with its own weights for q and k, then rotated: contiguous [B, C, h, D]
+            eps = cfg.rms_norm_eps
+            q = ops.add_rms_norm(qkv[..., :Hq * D].reshape(B, C, Hq, D).contiguous(), None, self.q_norm, eps)[0]
+            k = ops.add_rms_norm(qkv[..., Hq * D:(Hq + Hkv) * D].reshape(B, C, Hkv, D).contiguous(), None,
+                                 self.k_norm, eps)[0]
+            return ops.rope(q, rope_cos, rope_sin, positions), ops.rope(k, rope_cos, rope_sin, positions), v
         # q's and k's heads sit side by side in the fused projection: one rope call (one launch) rotates both
         qk = ops.rope(qkv[..., :(Hq + Hkv) * D].view(B, C, Hq + Hkv, D), rope_cos, rope_sin, positions)
-        v = qkv[..., (Hq + Hkv) * D:].view(B, C, Hkv, D)
         return qk[:, :, :Hq], qk[:, :, Hq:], v
 
     def attend(self, x, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops):
@@ -163,6 +172,9 @@ class Transformer(nn.Module):
                 p = f"model.layers.{i}."
                 put(block.attention_norm, p + "input_layernorm.weight")
                 put(block.ffn_norm, p + "post_attention_layernorm.weight")
+                if self.cfg.qk_norm:
+                    put(block.q_norm, p + "self_attn.q_norm.weight")
+                    put(block.k_norm, p + "self_attn.k_norm.weight")
                 put_rows(block.wqkv.weight, [p + f"self_attn.{n}_proj.weight" for n in "qkv"])
                 if self.cfg.qkv_bias:
                     put_rows(block.wqkv.bias, [p + f"self_attn.{n}_proj.bias" for n in "qkv"])

@@ -27,6 +27,7 @@ def make_hf_checkpoint(directory, model_type="llama", gqa=True, tied=False, laye
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[model_type]
     torch.manual_seed(1234)
     cfg = cls_cfg(vocab_size=128, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,

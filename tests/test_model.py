@@ -20,6 +20,8 @@ from tests.conftest import make_hf_checkpoint
     ("qwen2", True, False),  # q/k/v biases
     ("qwen2", True, True),  # q/k/v biases, tied
     ("mistral", True, False),  # no biases, no sliding window
+    ("qwen3", True, False),  # RMSNorm over each head of q and k before RoPE
+    ("qwen3", False, True),  # the same, MHA, tied
 ])
 def test_logits_match_transformers(tmp_path, model_type, gqa, tied):
     hf = make_hf_checkpoint(tmp_path, model_type, gqa=gqa, tied=tied)
@@ -68,6 +70,18 @@ def test_llama_attention_bias_puts_biases_on_q_k_v_and_o(tmp_path, gqa):
     ours = load_model(tmp_path)
     assert ours.cfg.qkv_bias and ours.cfg.o_bias
     tokens = torch.randint(0, 128, (2, 29), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    assert (ours(tokens) - expected).abs().max().item() <= 1e-4
+
+
+def test_qwen3_attention_bias_and_its_head_norms_match_transformers(tmp_path):
+    """Qwen3 reads attention_bias as Llama does (q, k, v and o) and norms each head of q and k with weights of its
+    own [head_dim], before RoPE; a head dim other than hidden / heads (Qwen3's is 128 at every size)."""
+    hf = make_hf_checkpoint(tmp_path, "qwen3", attention_bias=True, head_dim=24)
+    ours = load_model(tmp_path)
+    assert ours.cfg.qk_norm and ours.cfg.qkv_bias and ours.cfg.o_bias and ours.cfg.head_dim == 24
+    tokens = torch.randint(0, 128, (2, 33), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         expected = hf(tokens).logits
     assert (ours(tokens) - expected).abs().max().item() <= 1e-4

@@ -92,6 +92,19 @@ def test_triton_ops_run_a_model_whose_head_dim_is_not_a_power_of_two():
     assert (res.logits - ref.logits).abs().max().item() <= 1e-4
 
 
+def test_triton_ops_run_a_qwen3_checkpoint_as_transformers_does(tmp_path):
+    """Qwen3's per-head q and k norms through the Triton kernels (RMSNorm over rows of head_dim, then RoPE), every
+    pipeline mode, against transformers."""
+    from tests.conftest import make_hf_checkpoint
+    hf = make_hf_checkpoint(tmp_path, "qwen3")
+    toks = torch.randint(0, 128, (2, 27), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = hf(toks).logits[:, -1]
+    for mode in ("naive", "overlapped"):
+        res = run_prefill(tmp_path, toks, mode=mode, stages=3, chunk_size=8, ops="triton", decode=False)
+        assert (res.logits - expected).abs().max().item() <= 1e-4, mode
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stages", [2, 3, 4])
 def test_gloo_processes_equal_unchunked(tiny, stages):

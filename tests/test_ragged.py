@@ -261,8 +261,9 @@ def test_a_ragged_batch_with_overlapped_or_sequence_parallel_reduces_equals_each
     assert m["allreduce_calls_per_stage"] == calls
 
 
-def test_a_ragged_batch_of_a_hugging_face_checkpoint_matches_transformers(tmp_path):
-    hf = make_hf_checkpoint(tmp_path, "qwen2")
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_a_ragged_batch_of_a_hugging_face_checkpoint_matches_transformers(tmp_path, model_type):
+    hf = make_hf_checkpoint(tmp_path, model_type)
     rows = rows_of([3, 30, 17], seed=4, vocab=128)
     res = run_prefill(str(tmp_path), rows, mode="overlapped", stages=2, chunk_size=8)
     with torch.no_grad():
