@@ -70,9 +70,11 @@ class RaggedStep:
                     max_chunk=max(self.lengths), max_prefix=max(self.starts))
 
 
-def check_rows(rows, vocab_size: int, max_seq_len: int, decode: bool = True) -> list[torch.Tensor]:
+def check_rows(rows, vocab_size: int, max_seq_len: int, decode: bool = True, context: str | None = None
+               ) -> list[torch.Tensor]:
     """A ragged batch: a non-empty list of 1-D torch.long token tensors, each at least one token, ids in the
-    vocabulary, each fitting the context (with one more position for decode)."""
+    vocabulary, each fitting the context (with one more position for decode; `context` says it in the error, e.g.
+    `ModelConfig.context`)."""
     if not isinstance(rows, (list, tuple)) or not rows:
         raise ValueError(f"tokens: a ragged batch must be a non-empty list of 1-D token tensors, got "
                          f"{type(rows).__name__} of {len(rows) if isinstance(rows, (list, tuple)) else '?'} rows")
@@ -85,7 +87,7 @@ def check_rows(rows, vocab_size: int, max_seq_len: int, decode: bool = True) -> 
                              f"{t.dtype} {tuple(t.shape)}")
         if t.numel() + decode > max_seq_len:
             raise ValueError(f"row {b} has {t.numel()} tokens{' (+1 decode)' if decode else ''}, more than "
-                             f"max_seq_len {max_seq_len}")
+                             f"{context or f'max_seq_len {max_seq_len}'}")
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"row {b}: token ids must be in [0, {vocab_size}), got min {lo}, max {hi}")

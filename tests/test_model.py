@@ -53,6 +53,8 @@ def test_a_sliding_window_shorter_than_the_context_caps_it_and_is_exact_within(t
     assert (res.logits - expected[:, 22]).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match=r"24 tokens \(\+1 decode\) exceeds the model's max_seq_len 24 \(its sliding"):
         run_prefill(tmp_path, tokens, mode="chunked", stages=2, link="inprocess")
+    with pytest.raises(ValueError, match=r"row 1 has 24 tokens \(\+1 decode\), more than max_seq_len 24 \(its sliding"):
+        run_prefill(tmp_path, [tokens[0, :5], tokens[1]], mode="chunked", stages=2, link="inprocess")
 
 
 def test_a_window_at_least_the_context_or_switched_off_changes_nothing(tmp_path):
