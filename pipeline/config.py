@@ -145,6 +145,9 @@ class ModelConfig:
         mlp_bias = get("mlp_bias", bool, False) if model_type == "llama" else False
         head_dim = get("head_dim", int, hidden // heads if hidden % heads == 0 else None)
         context = get("max_position_embeddings", int, 4096)
+        # a query attends to the `window` latest positions, itself included (transformers' mask), so a sequence of
+        # at most `window` positions sees every earlier key: the window is the context, exact up to there
+        window = window if window and window < context else None
         return cls(
             vocab_size=get("vocab_size"),
             hidden_size=hidden,
@@ -155,9 +158,7 @@ class ModelConfig:
             intermediate_size=get("intermediate_size"),
             rope_theta=float(theta),
             rms_norm_eps=get("rms_norm_eps", float, 1e-6),
-            # a query attends to the `window` latest positions, itself included (transformers' mask), so a sequence
-            # of at most `window` positions sees every earlier key: exact up to there, refused past it
-            max_seq_len=min(context, window or context),
+            max_seq_len=window or context,
             tie_embeddings=get("tie_word_embeddings", bool, False),
             qkv_bias=bias or model_type == "qwen2",
             o_bias=bias,
@@ -165,7 +166,7 @@ class ModelConfig:
             qk_norm=model_type == "qwen3",
             rope_llama3_scaling=llama3,
             rope_linear_factor=float(linear),
-            sliding_window=window if window and window < context else None,
+            sliding_window=window,
         )
 
 

@@ -31,7 +31,7 @@ def check_job(job: Job, cfg) -> None:
         raise TypeError(f"jobs must be Job objects, got {checks.shown(job)}")
     check_mode(job.mode)
     if job.ragged:
-        check_rows(job.tokens, cfg.vocab_size, cfg.max_seq_len, decode=job.decode, context=cfg.context)
+        check_rows(job.tokens, cfg, decode=job.decode)
         if job.chunk_size is not None:
             checks.positive_int("chunk_size", job.chunk_size)
         if job.token_budget is not None:
@@ -240,7 +240,7 @@ def run_prefill(source, tokens: torch.Tensor, mode: str = "overlapped", stages: 
     if chunk_size is None and chunks is None and token_budget is None:
         chunk_size = DEFAULT_CHUNK_SIZE  # what chunked and overlapped run (naive and unchunked run the prompt whole)
     if ragged:  # rows of different lengths: each in chunks of chunk_size, packed step by step
-        check_rows(tokens, cfg.vocab_size, cfg.max_seq_len, decode=decode, context=cfg.context)
+        check_rows(tokens, cfg, decode=decode)
         if chunks is not None:
             raise ValueError("a ragged batch (a list of rows) takes chunk_size, the tokens per row per step; "
                              "explicit chunks fit a [B, L] tensor")

@@ -70,11 +70,9 @@ class RaggedStep:
                     max_chunk=max(self.lengths), max_prefix=max(self.starts))
 
 
-def check_rows(rows, vocab_size: int, max_seq_len: int, decode: bool = True, context: str | None = None
-               ) -> list[torch.Tensor]:
+def check_rows(rows, cfg, decode: bool = True) -> list[torch.Tensor]:
     """A ragged batch: a non-empty list of 1-D torch.long token tensors, each at least one token, ids in the
-    vocabulary, each fitting the context (with one more position for decode; `context` says it in the error, e.g.
-    `ModelConfig.context`)."""
+    vocabulary of `cfg` (a ModelConfig), each fitting its context (with one more position for decode)."""
     if not isinstance(rows, (list, tuple)) or not rows:
         raise ValueError(f"tokens: a ragged batch must be a non-empty list of 1-D token tensors, got "
                          f"{type(rows).__name__} of {len(rows) if isinstance(rows, (list, tuple)) else '?'} rows")
@@ -85,12 +83,12 @@ def check_rows(rows, vocab_size: int, max_seq_len: int, decode: bool = True, con
         if t.dtype != torch.long or t.dim() != 1 or t.numel() < 1:
             raise ValueError(f"tokens: row {b} of a ragged batch must be a non-empty 1-D torch.long tensor, got "
                              f"{t.dtype} {tuple(t.shape)}")
-        if t.numel() + decode > max_seq_len:
+        if t.numel() + decode > cfg.max_seq_len:
             raise ValueError(f"row {b} has {t.numel()} tokens{' (+1 decode)' if decode else ''}, more than "
-                             f"{context or f'max_seq_len {max_seq_len}'}")
+                             f"{cfg.context}")
         lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= vocab_size:
-            raise ValueError(f"row {b}: token ids must be in [0, {vocab_size}), got min {lo}, max {hi}")
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"row {b}: token ids must be in [0, {cfg.vocab_size}), got min {lo}, max {hi}")
     return list(rows)
 
 
