@@ -9,9 +9,10 @@ from pathlib import Path
 
 from .checks import NotFound
 
-# Architectures that share Llama's decoder (RMSNorm, rotate-half RoPE, GQA, SwiGLU) and its tensor names (Qwen3
-# adds an RMSNorm over each head of q and of k before RoPE).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Architectures that share Llama's decoder (RMSNorm, rotate-half RoPE, GQA, SwiGLU): Qwen3 adds an RMSNorm over each
+# head of q and of k before RoPE; Phi-3 (and Phi-4, which is model_type phi3) stores q, k, v as one tensor and gate, up
+# as another, and may rotate only part of each head.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,16 @@ class ModelConfig:
     # computes full causal attention, which is the windowed one for sequences of at most this many positions, so
     # max_seq_len is capped to it
     sliding_window: int | None = None
+    fused_proj: bool = False  # the checkpoint stores q, k, v as one qkv_proj and gate, up as one gate_up_proj (Phi-3)
+    # partial rotary embedding: the first rotary_dim dims of each head rotated (rotate-half within them), the rest
+    # passed through; None: all head_dim (Phi-4-mini: 96 of 128)
+    rotary_dim: int | None = None
+    # LongRoPE (Phi-3 128k, Phi-3.5): frequency i divided by short_factor[i], cos and sin scaled by the attention
+    # factor; the context is capped at original_max_position_embeddings, where transformers switches to the long
+    # factors for the whole sequence
+    rope_short_factors: tuple[float, ...] | None = None
+    rope_attention_factor: float = 1.0
+    context_limit: str | None = None  # why max_seq_len is below the checkpoint's max_position_embeddings, if it is
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -45,7 +56,7 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {v!r}")
-        for name in ("rope_theta", "rms_norm_eps", "rope_linear_factor"):
+        for name in ("rope_theta", "rms_norm_eps", "rope_linear_factor", "rope_attention_factor"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {v!r}")
@@ -53,14 +64,25 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotate-half RoPE, got {self.head_dim}")
+        r = self.rotary_dim
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0 or r % 2 or r > self.head_dim):
+            raise ValueError(f"ModelConfig.rotary_dim must be an even integer in [2, head_dim={self.head_dim}] or "
+                             f"None, got {r!r}")
+        f = self.rope_short_factors
+        if f is not None and (len(f) != self.rotary_dims // 2 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in f)):
+            raise ValueError(f"ModelConfig.rope_short_factors must be {self.rotary_dims // 2} positive numbers (one "
+                             f"per rotated frequency), got {f if f is None or len(f) < 8 else f'{len(f)} values'}")
+
+    @property
+    def rotary_dims(self) -> int:
+        """How many dims of each head RoPE rotates (all of head_dim unless `rotary_dim` says fewer)."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @property
     def context(self) -> str:
         """max_seq_len for an error message, with the reason where a sliding window sets it."""
-        if self.sliding_window is None:
-            return f"max_seq_len {self.max_seq_len}"
-        return (f"max_seq_len {self.max_seq_len} (its sliding attention window: past it, windowed attention differs "
-                f"from the full causal attention this model computes)")
+        return f"max_seq_len {self.max_seq_len}" + (f" ({self.context_limit})" if self.context_limit else "")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -122,7 +144,23 @@ class ModelConfig:
         if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not math.isfinite(theta) or theta <= 0:
             raise ValueError(f"rope_theta={theta!r} in {path}: must be a positive number")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        llama3, linear = None, 1.0
+        if model_type == "phi3" and rope_type in ("su", "yarn"):
+            rope_type = "longrope"  # transformers' Phi3Config reads these older names as LongRoPE
+        head_dim = get("head_dim", int, hidden // heads if hidden % heads == 0 else None)
+        context = get("max_position_embeddings", int, 4096)
+        # partial rotary embedding (Phi-4-mini: 0.75), read where transformers' Phi-3 reads it; the Llama-family
+        # models rotate whole heads and ignore the field, so a value other than 1 there is refused, not ignored
+        partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0 < partial <= 1:
+            raise ValueError(f"partial_rotary_factor={partial!r} in {path}: must be a number in (0, 1]")
+        rotary = int(head_dim * partial)
+        if rotary != head_dim and model_type != "phi3":
+            raise ValueError(f"partial_rotary_factor={partial} in {path}: a {model_type} model rotates whole heads "
+                             "(only phi3 rotates part of each)")
+        if rotary % 2 or rotary < 2:
+            raise ValueError(f"partial_rotary_factor={partial} in {path} rotates {rotary} of {head_dim} head dims: "
+                             "rotate-half needs an even number, at least 2")
+        llama3, linear, short, attention_factor, limit = None, 1.0, None, 1.0, None
         if rope_type == "llama3":
             try:
                 llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
@@ -135,19 +173,28 @@ class ModelConfig:
             if isinstance(linear, bool) or not isinstance(linear, (int, float)) or not math.isfinite(linear) \
                     or linear <= 0:
                 raise ValueError(f"linear RoPE scaling in {path} needs a positive numeric factor, got {linear!r}")
+        elif rope_type == "longrope":
+            short, attention_factor, limit = cls._longrope(rope, hf, path, rotary, context)
         elif rope_type != "default":
-            raise ValueError(f"unsupported RoPE type {rope_type!r} in {path}: only 'default', 'linear' and 'llama3'")
+            raise ValueError(f"unsupported RoPE type {rope_type!r} in {path}: only 'default', 'linear', 'llama3' and "
+                             "'longrope'")
         # biases exactly where each architecture's Hugging Face model has them (transformers 4.45-5.x):
         # Llama: attention_bias puts one on q, k, v and o, mlp_bias on gate, up and down; Qwen3: attention_bias as
-        # Llama's, never on the MLP; Qwen2: always on q, k, v, never on o or the MLP; Mistral: none (these ignore
-        # the flags their models do not read, as transformers does)
+        # Llama's, never on the MLP; Qwen2: always on q, k, v, never on o or the MLP; Mistral and Phi-3: none (these
+        # ignore the flags their models do not read, as transformers does)
         bias = get("attention_bias", bool, False) if model_type in ("llama", "qwen3") else False
         mlp_bias = get("mlp_bias", bool, False) if model_type == "llama" else False
-        head_dim = get("head_dim", int, hidden // heads if hidden % heads == 0 else None)
-        context = get("max_position_embeddings", int, 4096)
         # a query attends to the `window` latest positions, itself included (transformers' mask), so a sequence of
         # at most `window` positions sees every earlier key: the window is the context, exact up to there
-        window = window if window and window < context else None
+        cap = min(context, limit or context)
+        window = window if window and window < cap else None
+        why = None
+        if window:
+            why = ("its sliding attention window: past it, windowed attention differs from the full causal attention "
+                   "this model computes")
+        elif cap < context:
+            why = ("LongRoPE's original_max_position_embeddings: past it, transformers rotates the whole sequence "
+                   "with the long factors, which keys already in a KV cache cannot follow")
         return cls(
             vocab_size=get("vocab_size"),
             hidden_size=hidden,
@@ -158,7 +205,7 @@ class ModelConfig:
             intermediate_size=get("intermediate_size"),
             rope_theta=float(theta),
             rms_norm_eps=get("rms_norm_eps", float, 1e-6),
-            max_seq_len=window or context,
+            max_seq_len=window or cap,
             tie_embeddings=get("tie_word_embeddings", bool, False),
             qkv_bias=bias or model_type == "qwen2",
             o_bias=bias,
@@ -167,7 +214,40 @@ class ModelConfig:
             rope_llama3_scaling=llama3,
             rope_linear_factor=float(linear),
             sliding_window=window,
+            fused_proj=model_type == "phi3",
+            rotary_dim=None if rotary == head_dim else rotary,
+            rope_short_factors=short,
+            rope_attention_factor=attention_factor,
+            context_limit=why,
         )
+
+    @staticmethod
+    def _longrope(rope: dict, hf: dict, path: Path, rotary: int, context: int):
+        """LongRoPE's (short factors, attention factor, original length) from a config, as transformers computes
+        them: the attention factor given, or sqrt(1 + ln(factor) / ln(original)) for a factor (given, or context /
+        original) above 1."""
+        original = rope.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+        if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+            raise ValueError(f"longrope RoPE scaling in {path} needs original_max_position_embeddings, a positive "
+                             f"integer, got {original!r}")
+        short = rope.get("short_factor")
+        if not isinstance(short, list) or len(short) != rotary // 2 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in short):
+            got = f"a list of {len(short)}" if isinstance(short, list) else repr(short)
+            raise ValueError(f"longrope RoPE scaling in {path} needs short_factor, a list of {rotary // 2} positive "
+                             f"numbers (one per rotated frequency), got {got}")
+        factor = rope.get("factor")
+        factor = context / original if factor is None else factor
+        attention = rope.get("attention_factor")
+        if attention is None:
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) \
+                    or factor <= 0:
+                raise ValueError(f"longrope RoPE scaling in {path} needs a positive numeric factor, got {factor!r}")
+            attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        elif isinstance(attention, bool) or not isinstance(attention, (int, float)) or not math.isfinite(attention) \
+                or attention <= 0:
+            raise ValueError(f"longrope attention_factor={attention!r} in {path}: must be a positive number")
+        return tuple(float(x) for x in short), float(attention), original
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -18,6 +18,29 @@ from .tp import check_tp, local_config, shard_state
 from .weights import load_hf_weights, random_weights
 
 
+def model_rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's RoPE cos, sin tables [max_seq_len, head_dim/2] (fp32), every scaling in the config applied."""
+    return rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_llama3_scaling, device=device,
+                       linear_factor=cfg.rope_linear_factor, rotary_dim=cfg.rotary_dim,
+                       short_factors=cfg.rope_short_factors, attention_factor=cfg.rope_attention_factor)
+
+
+def rotary_order(cfg: ModelConfig) -> torch.Tensor | None:
+    """With partial rotary embedding (`cfg.rotary_dim` R of D dims rotated, pairs (i, i + R/2) for i < R/2, the
+    last D - R dims passed through, as transformers' Phi-3 does), the order in which this model keeps each head's
+    dims of q and k: new dim j holds the checkpoint's dim order[j], so that the rotated pairs sit at (j, j + D/2)
+    for j < R/2, where the rotate-half kernel pairs them, and the passed-through dims fill the rest (their table
+    columns have cos 1, sin 0). q and k are permuted alike, so every q.k, hence attention, is unchanged; v is not.
+    None when whole heads rotate. The KV cache holds k in this order."""
+    D, R = cfg.head_dim, cfg.rotary_dim
+    if R is None or R == D:
+        return None
+    half, rest = R // 2, (D - R) // 2
+    first = list(range(half)) + list(range(R, R + rest))
+    second = list(range(half, R)) + list(range(R + rest, D))
+    return torch.tensor(first + second)
+
+
 class KVCache:
     """K and V for the layers of one model part: k, v [layers, B, max_len, Hkv, D]."""
 
@@ -144,8 +167,7 @@ class Transformer(nn.Module):
         self.output = None
         if self.is_last:
             self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_llama3_scaling,
-                               linear_factor=cfg.rope_linear_factor)
+        cos, sin = model_rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, D/2] fp32
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -165,6 +187,11 @@ class Transformer(nn.Module):
                 del t
             if row != dst.shape[0]:
                 raise ValueError(f"{names} give {row} rows, the fused weight has {dst.shape[0]}")
+        order = rotary_order(self.cfg)
+        heads = self.local_cfg.num_heads + self.local_cfg.num_kv_heads  # q's and k's, first in wqkv
+
+        def reorder(t: torch.Tensor) -> None:  # q's and k's rows (or a norm's [D]) into the rotary order
+            t.copy_(t.view(-1, self.cfg.head_dim, *t.shape[1:])[:, order.to(t.device)].view(t.shape))
         with torch.no_grad():
             if self.is_first:
                 put(self.tok_embeddings.weight, "model.embed_tokens.weight")
@@ -178,6 +205,14 @@ class Transformer(nn.Module):
                 put_rows(block.wqkv.weight, [p + f"self_attn.{n}_proj.weight" for n in "qkv"])
                 if self.cfg.qkv_bias:
                     put_rows(block.wqkv.bias, [p + f"self_attn.{n}_proj.bias" for n in "qkv"])
+                if order is not None:
+                    D = self.cfg.head_dim
+                    reorder(block.wqkv.weight[:heads * D])
+                    if self.cfg.qkv_bias:
+                        reorder(block.wqkv.bias[:heads * D])
+                    if self.cfg.qk_norm:
+                        reorder(block.q_norm)
+                        reorder(block.k_norm)
                 put(block.wo.weight, p + "self_attn.o_proj.weight")
                 if self.cfg.o_bias:
                     put(block.wo.bias, p + "self_attn.o_proj.bias")
@@ -428,7 +463,10 @@ def resolve_config(source: str | Path | ModelConfig) -> ModelConfig:
     if isinstance(source, Path) or "/" in source or source.startswith("."):
         if Path(source).exists():
             raise ValueError(f"model {source} is a file; give the Hugging Face directory that holds config.json")
-        raise checks.NotFound(f"model directory {source} does not exist")
+        hub = isinstance(source, str) and source.count("/") == 1 and not source.startswith(("/", ".", "~"))
+        raise checks.NotFound(f"model directory {source} does not exist" + (
+            f" (models are read from a local directory, never downloaded: if {source} is a Hugging Face Hub id, "
+            f"download it first, e.g. `hf download {source} --local-dir DIR`, and give DIR)" if hub else ""))
     return get_preset(source)
 
 
@@ -463,7 +501,5 @@ def load_model(source: str | Path | ModelConfig, dtype: torch.dtype | str = torc
     model = model.to_empty(device=device)
     model.load_hf_state(shard_state(state, cfg, tp_rank, tp))
     # RoPE tables stay fp32 whatever the model dtype (and were left uninitialised by to_empty)
-    model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta,
-                                                 cfg.rope_llama3_scaling, device=device,
-                                                 linear_factor=cfg.rope_linear_factor)
+    model.rope_cos, model.rope_sin = model_rope_tables(cfg, device)
     return model.eval()

@@ -52,6 +52,43 @@ def hf_tensor_shapes(cfg: ModelConfig, layers: range, first: bool, last: bool) -
     return shapes
 
 
+# Checkpoints that store several of Llama's tensors as one, stacked by rows (Phi-3: q, k and v in qkv_proj; gate and
+# up in gate_up_proj): the fused name -> the Llama names it holds, in row order.
+FUSED_TENSORS = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+
+
+def checkpoint_layout(cfg: ModelConfig, layers: range, first: bool, last: bool) -> dict[str, tuple[str, int, int]]:
+    """Where each tensor of `hf_tensor_shapes` (Llama's names, which the model and `pipeline.tp` read) is in the
+    checkpoint: its name -> (the stored tensor's name, first row, end row). The same name and all its rows, except
+    in a checkpoint with fused projections (`cfg.fused_proj`), where q, k and v are row ranges of one qkv_proj and
+    gate and up of one gate_up_proj."""
+    shapes = hf_tensor_shapes(cfg, layers, first, last)
+    layout = {name: (name, 0, shape[0]) for name, shape in shapes.items()}
+    if cfg.fused_proj:
+        for i in layers:
+            p = f"model.layers.{i}."
+            for fused, parts in FUSED_TENSORS.items():
+                row = 0
+                for part in parts:
+                    rows = shapes[p + part][0]
+                    layout[p + part] = (p + fused, row, row + rows)
+                    row += rows
+    return layout
+
+
+def stored_shapes(cfg: ModelConfig, layers: range, first: bool, last: bool) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's tensor name -> shape, for the tensors that the given part of the model reads."""
+    shapes = hf_tensor_shapes(cfg, layers, first, last)
+    stored: dict[str, tuple[int, ...]] = {}
+    for name, (where, _, end) in checkpoint_layout(cfg, layers, first, last).items():
+        rows = max(end, stored[where][0]) if where in stored else end
+        stored[where] = (rows, *shapes[name][1:])
+    return stored
+
+
 class LazyState(Mapping):
     """Hugging Face tensor name -> tensor, made when asked for (drawn, or read from the checkpoint) and not kept: a
     model copies one tensor at a time into its own (already target-dtype) parameters, so loading never holds a
@@ -166,9 +203,9 @@ def validate_checkpoint(directory: str | Path, cfg: ModelConfig, layers: range |
     looked at holds anything else (a tensor the model would not read, such as an o_proj bias the config does not
     announce, would silently change the function). Returns the index (`checkpoint_index`)."""
     layers = range(cfg.num_layers) if layers is None else layers
-    wanted = hf_tensor_shapes(cfg, layers, first, last)
+    wanted = stored_shapes(cfg, layers, first, last)
     entries = checkpoint_index(directory, None if (first and last and len(layers) == cfg.num_layers) else wanted)
-    known = hf_tensor_shapes(cfg, range(cfg.num_layers), True, True)
+    known = stored_shapes(cfg, range(cfg.num_layers), True, True)
     missing = [n for n in wanted if n not in entries]
     if missing:
         raise ValueError(f"checkpoint {directory} lacks tensor(s) {_names(missing)} that config.json implies")
@@ -197,14 +234,18 @@ def load_hf_weights(directory: str | Path, cfg: ModelConfig, layers: range, firs
     """Validates the checkpoint (`validate_checkpoint`), then gives the tensors of `layers` (plus embedding / final
     norm / head when first / last), each read from its file when asked for."""
     entries = validate_checkpoint(directory, cfg, layers, first, last)
+    layout = checkpoint_layout(cfg, layers, first, last)
     handles: dict[Path, object] = {}
 
     def read(name):
-        path = entries[name].file
+        where, start, end = layout[name]
+        path = entries[where].file
         try:
             if path not in handles:
                 handles[path] = safe_open(path, framework="pt")
-            return handles[path].get_tensor(name)
+            if where == name:
+                return handles[path].get_tensor(name)
+            return handles[path].get_slice(where)[start:end]  # only these rows of the fused tensor are read
         except (OSError, SafetensorError) as e:
             raise ValueError(f"checkpoint file {path} cannot be read: {e}") from None
-    return LazyState(hf_tensor_shapes(cfg, layers, first, last), read)
+    return LazyState(layout, read)

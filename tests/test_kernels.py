@@ -500,6 +500,33 @@ def test_rope(B, C, H, D, start_pos, dtype, tol, layout):
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("D,R", [(16, 8), (96, 72), (128, 96), (80, 2)])
+def test_rope_of_part_of_each_head_with_longrope_tables(D, R, dtype, tol):
+    """Partial rotary embedding as transformers' Phi-3 computes it (rotate-half over the first R dims, the rest
+    passed through; LongRoPE's short factors and attention factor), by the rotate-half kernel on each head's dims
+    in the model's `rotary_order`, against a float64 reference in the checkpoint's order."""
+    from pipeline import ModelConfig
+    from pipeline.model import rotary_order
+    B, C, H, start_pos = 2, 13, 3, 7
+    g = torch.Generator().manual_seed(12)
+    short = (1.0 + torch.rand(R // 2, generator=g, dtype=torch.float64) * 3).tolist()
+    x = torch.randn(B, C, H, D, generator=g).to(dtype)
+    cos, sin = rope_tables(D, start_pos + C, 10000.0, rotary_dim=R, short_factors=short, attention_factor=1.3)
+    assert torch.equal(cos[:, R // 2:], torch.ones_like(cos[:, R // 2:])) and not sin[:, R // 2:].any()
+    order = rotary_order(ModelConfig(vocab_size=8, hidden_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
+                                     head_dim=D, intermediate_size=8, rotary_dim=R))
+    out = torch.full_like(x, float("nan"))
+    y = rope(x[..., order].to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), start_pos, out=out.to(DEVICE))
+    pos = torch.arange(start_pos, start_pos + C, dtype=torch.float64)
+    inv = 10000.0 ** (-torch.arange(0, R, 2, dtype=torch.float64) / R) / torch.tensor(short, dtype=torch.float64)
+    ang = torch.cat([pos[:, None] * inv] * 2, -1)[None, :, None, :]
+    x64, rot = x.double(), x.double()[..., :R]
+    half = torch.cat([-rot[..., R // 2:], rot[..., :R // 2]], -1)
+    expected = torch.cat([(rot * ang.cos() + half * ang.sin()) * 1.3, x64[..., R:]], -1)
+    assert (y.double().cpu() - expected[..., order]).abs().max().item() <= tol * 4
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", [(1, 1, 16), (3, 37, 123), (2, 217, 300)])
 def test_swiglu_on_fused_projection_halves(shape, dtype, tol):
     g = torch.Generator().manual_seed(3)

@@ -3,6 +3,7 @@ and bad input is refused with a clear message."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from tests.conftest import make_hf_checkpoint
     ("mistral", True, False),  # no biases, no sliding window
     ("qwen3", True, False),  # RMSNorm over each head of q and k before RoPE
     ("qwen3", False, True),  # the same, MHA, tied
+    ("phi3", True, False),  # q, k, v stored as one qkv_proj, gate and up as one gate_up_proj
+    ("phi3", False, True),  # the same, MHA, tied
 ])
 def test_logits_match_transformers(tmp_path, model_type, gqa, tied):
     hf = make_hf_checkpoint(tmp_path, model_type, gqa=gqa, tied=tied)
@@ -87,6 +90,110 @@ def test_qwen3_attention_bias_and_its_head_norms_match_transformers(tmp_path):
     with torch.no_grad():
         expected = hf(tokens).logits
     assert (ours(tokens) - expected).abs().max().item() <= 1e-4
+
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0}
+
+
+def longrope(pairs: int) -> dict:
+    """LongRoPE parameters with `pairs` distinct short and long factors (transformers reads the original length from
+    the config's top level)."""
+    return {**LONGROPE, "short_factor": [1.0 + 0.1 * i for i in range(pairs)],
+            "long_factor": [2.0 + i for i in range(pairs)]}
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.75, 0.5])
+def test_phi3_partial_rotary_and_longrope_match_transformers(tmp_path, partial):
+    """Phi-3.5 / Phi-4-mini kinds of checkpoint: LongRoPE (short factors and the attention factor up to the original
+    length, where the context is capped: past it transformers re-rotates the whole sequence with the long factors,
+    which the test shows changes the earlier positions' logits) and a partial rotary embedding (the first R of
+    D = 16 dims of each head rotated), every mode through a 2-stage pipeline with T = 2 shards."""
+    from pipeline import run_prefill
+    rotary = int(16 * partial)
+    rope = {**longrope(rotary // 2), "partial_rotary_factor": partial}
+    hf = make_hf_checkpoint(tmp_path, "phi3", original_max_position_embeddings=40, partial_rotary_factor=partial,
+                            rope_parameters=rope)
+    ours = load_model(tmp_path)
+    cfg = ours.cfg
+    assert cfg.max_seq_len == 40 and cfg.rotary_dims == rotary and cfg.fused_proj
+    assert cfg.rope_attention_factor == pytest.approx((1 + math.log(256 / 40) / math.log(40)) ** 0.5)
+    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        longer = torch.randint(0, 128, (1, 50), generator=torch.Generator().manual_seed(5))
+        assert (hf(longer).logits[:, :40] - hf(longer[:, :40]).logits).abs().max().item() > 1e-3
+    assert (ours(tokens) - expected).abs().max().item() <= 1e-4
+    for mode in ("naive", "chunked", "overlapped"):
+        res = run_prefill(tmp_path, tokens[:, :39], mode=mode, stages=2, tp=2, chunk_size=9, link="inprocess")
+        with torch.no_grad():
+            assert (res.logits - hf(tokens[:, :39]).logits[:, -1]).abs().max().item() <= 1e-4, mode
+    with pytest.raises(ValueError, match=r"40 tokens \(\+1 decode\) exceeds the model's max_seq_len 40 \(LongRoPE"):
+        run_prefill(tmp_path, tokens, mode="chunked", stages=2, link="inprocess")
+
+
+def test_llama_longrope_matches_transformers(tmp_path):
+    """LongRoPE is read for every architecture transformers applies it to, not only Phi-3."""
+    hf = make_hf_checkpoint(tmp_path, "llama", rope_parameters={**longrope(8), "original_max_position_embeddings": 32})
+    ours = load_model(tmp_path)
+    assert ours.cfg.max_seq_len == 32 and ours.cfg.rope_short_factors is not None
+    tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    assert (ours(tokens) - expected).abs().max().item() <= 1e-4
+
+
+def test_phi3_configs_in_the_older_format_read_the_same(tmp_path):
+    """Phi-3 128k's config.json as published (transformers 4.x): `rope_scaling` with `type` "su" (or "longrope"),
+    the original length and partial_rotary_factor at the top level."""
+    make_hf_checkpoint(tmp_path, "phi3", original_max_position_embeddings=64, partial_rotary_factor=0.5,
+                       rope_parameters={**longrope(4), "partial_rotary_factor": 0.5})
+    new = ModelConfig.from_hf(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    rope = hf.pop("rope_parameters")
+    for kind in ("su", "longrope"):
+        old = {**hf, "rope_theta": rope["rope_theta"], "partial_rotary_factor": 0.5, "original_max_position_embeddings":
+               64, "rope_scaling": {"type": kind, "short_factor": rope["short_factor"],
+                                    "long_factor": rope["long_factor"]}}
+        (tmp_path / "config.json").write_text(json.dumps(old))
+        assert ModelConfig.from_hf(tmp_path) == new
+    assert new.rotary_dim == 8 and new.max_seq_len == 64 and new.rope_short_factors == (1.0, 1.1, 1.2, 1.3)
+
+
+def test_a_fused_checkpoint_is_checked_by_its_own_names(tmp_path):
+    """Phi-3's fused tensors are what the checkpoint is checked against: a missing qkv_proj and a gate_up_proj of
+    the wrong size are named as stored, and a Llama-named q_proj in a phi3 checkpoint is refused as unused."""
+    make_hf_checkpoint(tmp_path, "phi3")
+    good = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+    save_file({n: t for n, t in good.items() if n != name}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lacks tensor\(s\) model\.layers\.1\.self_attn\.qkv_proj\.weight"):
+        load_model(tmp_path)
+    up = "model.layers.2.mlp.gate_up_proj.weight"
+    save_file({**good, up: good[up][:150]}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"gate_up_proj\.weight .* has shape \(150, 64\), expected \(192, 64\)"):
+        load_model(tmp_path)
+    save_file({**good, "model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"q_proj\.weight that this 3-layer model does not use"):
+        load_model(tmp_path)
+
+
+def test_partial_rotary_keeps_k_in_the_rotary_order_and_v_as_stored(tmp_path):
+    """The rotated pairs (i, i + R/2) are moved to (j, j + D/2), where rotate-half pairs them; q and k alike, v
+    untouched: the cache's k is the checkpoint's k in `rotary_order`, rotated."""
+    from pipeline.model import rotary_order
+    make_hf_checkpoint(tmp_path, "phi3", partial_rotary_factor=0.5)
+    cfg = ModelConfig.from_hf(tmp_path)
+    order = rotary_order(cfg).tolist()
+    assert order == [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15]
+    assert rotary_order(cfg.replace(rotary_dim=None)) is None
+    assert sorted(rotary_order(cfg.replace(rotary_dim=6)).tolist()) == list(range(16))
+    state = load_file(tmp_path / "model.safetensors")
+    ours = load_model(tmp_path)
+    qkv = state["model.layers.0.self_attn.qkv_proj.weight"]
+    w = ours.layers[0].wqkv.weight.detach()
+    q, kv = cfg.num_heads * 16, cfg.num_kv_heads * 16
+    assert torch.equal(w[:q + kv].view(-1, 16, 64), qkv[:q + kv].view(-1, 16, 64)[:, order])
+    assert torch.equal(w[q + kv:], qkv[q + kv:])
 
 
 @pytest.mark.parametrize("attention_bias", [False, True])
@@ -266,6 +373,17 @@ def test_wrong_tensor_shape_is_named(tmp_path):
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
     ({"rope_parameters": {"rope_type": "linear"}}, "linear RoPE scaling .* positive numeric factor, got None"),
     ({"rope_parameters": {"rope_type": "linear", "factor": -2}}, "positive numeric factor, got -2"),
+    ({"partial_rotary_factor": 0.5}, "a llama model rotates whole heads"),
+    ({"model_type": "phi3", "partial_rotary_factor": 0.1}, "rotates 1 of 16 head dims: rotate-half needs an even"),
+    ({"model_type": "phi3", "partial_rotary_factor": 0}, r"must be a number in \(0, 1\]"),
+    ({"model_type": "phi3", "rope_parameters": {**LONGROPE, "short_factor": [1.0] * 8}},
+     "needs original_max_position_embeddings, a positive integer, got None"),
+    ({"original_max_position_embeddings": 64, "rope_parameters": {**LONGROPE, "short_factor": [1.0] * 5}},
+     "needs short_factor, a list of 8 positive numbers .*got a list of 5"),
+    ({"original_max_position_embeddings": 64, "rope_parameters": {**LONGROPE, "short_factor": [1.0] * 7 + [0]}},
+     "needs short_factor"),
+    ({"original_max_position_embeddings": 64, "rope_parameters": {**longrope(8), "attention_factor": -1}},
+     "longrope attention_factor=-1"),
 ])
 def test_other_architectures_are_refused(tmp_path, change, match):
     make_hf_checkpoint(tmp_path)

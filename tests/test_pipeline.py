@@ -105,6 +105,21 @@ def test_triton_ops_run_a_qwen3_checkpoint_as_transformers_does(tmp_path):
         assert (res.logits - expected).abs().max().item() <= 1e-4, mode
 
 
+def test_triton_ops_run_a_phi3_checkpoint_with_partial_rotary_and_longrope(tmp_path):
+    """A Phi-4-mini kind of checkpoint (fused projections, half of each head rotated, LongRoPE's scaled tables)
+    through the Triton kernels, against transformers."""
+    from tests.conftest import make_hf_checkpoint
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+            "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [4.0] * 4}
+    hf = make_hf_checkpoint(tmp_path, "phi3", original_max_position_embeddings=64, partial_rotary_factor=0.5,
+                            rope_parameters=rope)
+    toks = torch.randint(0, 128, (2, 27), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = hf(toks).logits[:, -1]
+    res = run_prefill(tmp_path, toks, mode="overlapped", stages=2, chunk_size=8, ops="triton", decode=False)
+    assert (res.logits - expected).abs().max().item() <= 1e-4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stages", [2, 3, 4])
 def test_gloo_processes_equal_unchunked(tiny, stages):

@@ -52,7 +52,8 @@ def test_shards_sum_to_the_whole_model(tp, kv, biases):
     assert (outs[0] - whole).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("model_type,gqa", [("llama", True), ("qwen2", True), ("llama", False), ("qwen3", True)])
+@pytest.mark.parametrize("model_type,gqa", [("llama", True), ("qwen2", True), ("llama", False), ("qwen3", True),
+                                            ("phi3", True)])
 def test_shards_of_a_hugging_face_checkpoint_match_transformers(tmp_path, model_type, gqa):
     extra = dict(attention_bias=True, mlp_bias=True) if model_type == "llama" and not gqa else {}
     hf = make_hf_checkpoint(tmp_path, model_type, gqa=gqa, **extra)
