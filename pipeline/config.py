@@ -72,7 +72,7 @@ class ModelConfig:
         if f is not None and (len(f) != self.rotary_dims // 2 or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in f)):
             raise ValueError(f"ModelConfig.rope_short_factors must be {self.rotary_dims // 2} positive numbers (one "
-                             f"per rotated frequency), got {f if f is None or len(f) < 8 else f'{len(f)} values'}")
+                             f"per rotated frequency), got {f if len(f) < 8 else f'{len(f)} values'}")
 
     @property
     def rotary_dims(self) -> int:
@@ -227,9 +227,9 @@ class ModelConfig:
         them: the attention factor given, or sqrt(1 + ln(factor) / ln(original)) for a factor (given, or context /
         original) above 1."""
         original = rope.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
-        if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
-            raise ValueError(f"longrope RoPE scaling in {path} needs original_max_position_embeddings, a positive "
-                             f"integer, got {original!r}")
+        if isinstance(original, bool) or not isinstance(original, int) or original < 2:
+            raise ValueError(f"longrope RoPE scaling in {path} needs original_max_position_embeddings, an integer of "
+                             f"at least 2, got {original!r}")
         short = rope.get("short_factor")
         if not isinstance(short, list) or len(short) != rotary // 2 or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in short):

@@ -344,6 +344,22 @@ def test_bad_chunk_size_is_refused(tiny, chunk_size):
         tiny.prefill(torch.zeros(1, 4, dtype=torch.long), chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("change,match", [
+    (dict(hidden_size=0), "hidden_size must be a positive integer, got 0"),
+    (dict(rope_theta=float("nan")), "rope_theta must be a positive finite number"),
+    (dict(head_dim=15), "head_dim must be even"),
+    (dict(rotary_dim=7), r"rotary_dim must be an even integer in \[2, head_dim=16\] or None, got 7"),
+    (dict(rotary_dim=18), "rotary_dim must be an even integer"),
+    (dict(rope_short_factors=(1.0,) * 7), "rope_short_factors must be 8 positive numbers .* got \\(1.0,"),
+    (dict(rotary_dim=8, rope_short_factors=(1.0,) * 8), "rope_short_factors must be 4 positive numbers"),
+    (dict(rope_short_factors=(1.0,) * 7 + (float("inf"),)), "rope_short_factors must be 8"),
+    (dict(rope_attention_factor=0.0), "rope_attention_factor must be a positive finite number"),
+])
+def test_bad_model_configs_are_refused(change, match):
+    with pytest.raises(ValueError, match=match):
+        PRESETS["tiny"].replace(**change)
+
+
 def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         load_model("huge")
@@ -377,7 +393,8 @@ def test_wrong_tensor_shape_is_named(tmp_path):
     ({"model_type": "phi3", "partial_rotary_factor": 0.1}, "rotates 1 of 16 head dims: rotate-half needs an even"),
     ({"model_type": "phi3", "partial_rotary_factor": 0}, r"must be a number in \(0, 1\]"),
     ({"model_type": "phi3", "rope_parameters": {**LONGROPE, "short_factor": [1.0] * 8}},
-     "needs original_max_position_embeddings, a positive integer, got None"),
+     "needs original_max_position_embeddings, an integer of at least 2, got None"),
+    ({"original_max_position_embeddings": 1, "rope_parameters": longrope(8)}, "at least 2, got 1"),
     ({"original_max_position_embeddings": 64, "rope_parameters": {**LONGROPE, "short_factor": [1.0] * 5}},
      "needs short_factor, a list of 8 positive numbers .*got a list of 5"),
     ({"original_max_position_embeddings": 64, "rope_parameters": {**LONGROPE, "short_factor": [1.0] * 7 + [0]}},

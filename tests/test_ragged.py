@@ -261,9 +261,11 @@ def test_a_ragged_batch_with_overlapped_or_sequence_parallel_reduces_equals_each
     assert m["allreduce_calls_per_stage"] == calls
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "phi3"])
 def test_a_ragged_batch_of_a_hugging_face_checkpoint_matches_transformers(tmp_path, model_type):
-    hf = make_hf_checkpoint(tmp_path, model_type)
+    """Each row at its own positions (the packed step's per-token RoPE positions): with Phi-3, half of each head
+    rotated."""
+    hf = make_hf_checkpoint(tmp_path, model_type, **({"partial_rotary_factor": 0.5} if model_type == "phi3" else {}))
     rows = rows_of([3, 30, 17], seed=4, vocab=128)
     res = run_prefill(str(tmp_path), rows, mode="overlapped", stages=2, chunk_size=8)
     with torch.no_grad():
