@@ -11,8 +11,9 @@ from .checks import NotFound
 
 # Architectures that share Llama's decoder (RMSNorm, rotate-half RoPE, GQA, SwiGLU): Qwen3 adds an RMSNorm over each
 # head of q and of k before RoPE; Phi-3 (and Phi-4, which is model_type phi3) stores q, k, v as one tensor and gate, up
-# as another, and may rotate only part of each head.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# as another, and may rotate only part of each head; Granite scales embeddings, block outputs, attention scores and
+# logits by constants of its config.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ class ModelConfig:
     rope_short_factors: tuple[float, ...] | None = None
     rope_attention_factor: float = 1.0
     context_limit: str | None = None  # why max_seq_len is below the checkpoint's max_position_embeddings, if it is
+    # Granite's constants, folded into the weights when they are loaded (`Transformer.load_hf_state`): embeddings
+    # times embedding_multiplier, each block's attention and MLP outputs times residual_multiplier (before the
+    # residual add), attention scores times attention_multiplier (None: 1/sqrt(head_dim)), logits / logits_scaling
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -56,7 +64,9 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {v!r}")
-        for name in ("rope_theta", "rms_norm_eps", "rope_linear_factor", "rope_attention_factor"):
+        for name in ("rope_theta", "rms_norm_eps", "rope_linear_factor", "rope_attention_factor",
+                     "embedding_multiplier", "residual_multiplier", "logits_scaling") + \
+                (("attention_multiplier",) if self.attention_multiplier is not None else ()):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {v!r}")
@@ -64,6 +74,9 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotate-half RoPE, got {self.head_dim}")
+        if self.attention_multiplier is not None and self.qk_norm:
+            raise ValueError("ModelConfig.attention_multiplier is folded into q's weights, which per-head q/k norms "
+                             "would undo: not both")
         r = self.rotary_dim
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0 or r % 2 or r > self.head_dim):
             raise ValueError(f"ModelConfig.rotary_dim must be an even integer in [2, head_dim={self.head_dim}] or "
@@ -180,10 +193,14 @@ class ModelConfig:
                              "'longrope'")
         # biases exactly where each architecture's Hugging Face model has them (transformers 4.45-5.x):
         # Llama: attention_bias puts one on q, k, v and o, mlp_bias on gate, up and down; Qwen3: attention_bias as
-        # Llama's, never on the MLP; Qwen2: always on q, k, v, never on o or the MLP; Mistral and Phi-3: none (these
-        # ignore the flags their models do not read, as transformers does)
-        bias = get("attention_bias", bool, False) if model_type in ("llama", "qwen3") else False
-        mlp_bias = get("mlp_bias", bool, False) if model_type == "llama" else False
+        # Llama's, never on the MLP; Granite: as Llama; Qwen2: always on q, k, v, never on o or the MLP; Mistral and
+        # Phi-3: none (these ignore the flags their models do not read, as transformers does)
+        bias = get("attention_bias", bool, False) if model_type in ("llama", "qwen3", "granite") else False
+        mlp_bias = get("mlp_bias", bool, False) if model_type in ("llama", "granite") else False
+        granite = {}
+        if model_type == "granite":  # transformers' defaults are 1.0, attention_multiplier included
+            granite = {name: get(name, float, 1.0) for name in ("embedding_multiplier", "residual_multiplier",
+                                                               "attention_multiplier", "logits_scaling")}
         # a query attends to the `window` latest positions, itself included (transformers' mask), so a sequence of
         # at most `window` positions sees every earlier key: the window is the context, exact up to there
         cap = min(context, limit or context)
@@ -219,6 +236,7 @@ class ModelConfig:
             rope_short_factors=short,
             rope_attention_factor=attention_factor,
             context_limit=why,
+            **granite,
         )
 
     @staticmethod

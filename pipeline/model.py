@@ -224,6 +224,27 @@ class Transformer(nn.Module):
             if self.is_last:
                 put(self.norm, "model.norm.weight")
                 put(self.output.weight, "model.embed_tokens.weight" if self.cfg.tie_embeddings else "lm_head.weight")
+            self._fold_constants()
+
+    def _fold_constants(self) -> None:
+        """Granite's constants (`ModelConfig.embedding_multiplier` ...) folded into the loaded weights, so the
+        kernels run Llama's math: the embedding scaled; q's rows (weight and bias) by attention_multiplier x
+        sqrt(head_dim), since attention scales scores by 1/sqrt(head_dim) and RoPE is linear; o and down projections
+        (weights and biases) by residual_multiplier; the head by 1 / logits_scaling (a tied head is the embedding
+        unscaled, as in transformers). Each in the parameter's dtype, in place."""
+        cfg = self.cfg
+        q_rows = self.local_cfg.num_heads * cfg.head_dim
+        q_scale = 1.0 if cfg.attention_multiplier is None else cfg.attention_multiplier * cfg.head_dim ** 0.5
+        scales = [(self.tok_embeddings.weight if self.is_first else None, cfg.embedding_multiplier),
+                  (self.output.weight if self.is_last else None, 1.0 / cfg.logits_scaling)]
+        for block in self.layers:
+            scales += [(block.wqkv.weight[:q_rows], q_scale),
+                       (block.wqkv.bias[:q_rows] if cfg.qkv_bias else None, q_scale),
+                       (block.wo.weight, cfg.residual_multiplier), (block.wo.bias, cfg.residual_multiplier),
+                       (block.w2.weight, cfg.residual_multiplier), (block.w2.bias, cfg.residual_multiplier)]
+        for t, scale in scales:
+            if t is not None and scale != 1.0:
+                t.mul_(scale)
 
     # ---- running -------------------------------------------------------------------------------------------
     @property

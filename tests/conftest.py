@@ -29,6 +29,7 @@ def make_hf_checkpoint(directory, model_type="llama", gqa=True, tied=False, laye
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
     }[model_type]
     if model_type == "phi3":  # its default pad token (32000) is outside this small vocabulary
         extra = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **extra}

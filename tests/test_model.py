@@ -142,6 +142,31 @@ def test_llama_longrope_matches_transformers(tmp_path):
     assert (ours(tokens) - expected).abs().max().item() <= 1e-4
 
 
+GRANITE = dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.03125, logits_scaling=8.0)
+
+
+@pytest.mark.parametrize("extra", [GRANITE, dict(GRANITE, tied=True, attention_bias=True, mlp_bias=True), {}],
+                         ids=["granite", "tied-biases", "defaults"])
+def test_granite_constants_folded_into_the_weights_match_transformers(tmp_path, extra):
+    """Granite 3.x: embeddings x embedding_multiplier, block outputs x residual_multiplier, scores x
+    attention_multiplier (instead of 1/sqrt(head_dim); its default is 1.0), logits / logits_scaling, all folded
+    into the weights at load; dense, and a 2-stage pipeline of T = 2 shards (the q rows and the o, down
+    projections each rank holds are scaled, the bias added once)."""
+    from pipeline import run_prefill
+    hf = make_hf_checkpoint(tmp_path, "granite", **extra)
+    cfg = ModelConfig.from_hf(tmp_path)
+    assert cfg.attention_multiplier == extra.get("attention_multiplier", 1.0)
+    assert (cfg.o_bias, cfg.mlp_bias) == (extra.get("attention_bias", False), extra.get("mlp_bias", False))
+    tokens = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    scale = expected.abs().max().item()  # logits / 8 are small: compare relative to their size
+    assert (load_model(tmp_path)(tokens) - expected).abs().max().item() <= 1e-5 * scale
+    res = run_prefill(tmp_path, tokens, mode="overlapped", stages=2, tp=2, chunk_size=8, link="inprocess",
+                      decode=False)
+    assert (res.logits - expected[:, -1]).abs().max().item() <= 1e-5 * scale
+
+
 def test_phi3_configs_in_the_older_format_read_the_same(tmp_path):
     """Phi-3 128k's config.json as published (transformers 4.x): `rope_scaling` with `type` "su" (or "longrope"),
     the original length and partial_rotary_factor at the top level."""
@@ -354,6 +379,9 @@ def test_bad_chunk_size_is_refused(tiny, chunk_size):
     (dict(rotary_dim=8, rope_short_factors=(1.0,) * 8), "rope_short_factors must be 4 positive numbers"),
     (dict(rope_short_factors=(1.0,) * 7 + (float("inf"),)), "rope_short_factors must be 8"),
     (dict(rope_attention_factor=0.0), "rope_attention_factor must be a positive finite number"),
+    (dict(logits_scaling=0), "logits_scaling must be a positive finite number"),
+    (dict(attention_multiplier=float("inf")), "attention_multiplier must be a positive finite number"),
+    (dict(attention_multiplier=0.1, qk_norm=True), "per-head q/k norms would undo: not both"),
 ])
 def test_bad_model_configs_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
@@ -390,6 +418,8 @@ def test_wrong_tensor_shape_is_named(tmp_path):
     ({"rope_parameters": {"rope_type": "linear"}}, "linear RoPE scaling .* positive numeric factor, got None"),
     ({"rope_parameters": {"rope_type": "linear", "factor": -2}}, "positive numeric factor, got -2"),
     ({"partial_rotary_factor": 0.5}, "a llama model rotates whole heads"),
+    ({"model_type": "granite", "logits_scaling": -8}, "logits_scaling=-8 .* must be a positive number"),
+    ({"model_type": "granite", "embedding_multiplier": "12"}, "embedding_multiplier='12' .* must be a positive"),
     ({"model_type": "phi3", "partial_rotary_factor": 0.1}, "rotates 1 of 16 head dims: rotate-half needs an even"),
     ({"model_type": "phi3", "partial_rotary_factor": 0}, r"must be a number in \(0, 1\]"),
     ({"model_type": "phi3", "rope_parameters": {**LONGROPE, "short_factor": [1.0] * 8}},

@@ -53,9 +53,11 @@ def test_shards_sum_to_the_whole_model(tp, kv, biases):
 
 
 @pytest.mark.parametrize("model_type,gqa", [("llama", True), ("qwen2", True), ("llama", False), ("qwen3", True),
-                                            ("phi3", True)])
+                                            ("phi3", True), ("granite", False)])
 def test_shards_of_a_hugging_face_checkpoint_match_transformers(tmp_path, model_type, gqa):
-    extra = dict(attention_bias=True, mlp_bias=True) if model_type == "llama" and not gqa else {}
+    extra = dict(attention_bias=True, mlp_bias=True) if model_type in ("llama", "granite") and not gqa else {}
+    if model_type == "granite":
+        extra |= dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.03125)
     hf = make_hf_checkpoint(tmp_path, model_type, gqa=gqa, **extra)
     tokens = torch.randint(0, 128, (2, 29), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
