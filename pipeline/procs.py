@@ -237,12 +237,28 @@ def _triage(errors, procs, started, tp: int = 1) -> str:
     return f"{name(r)} failed: {msg}" + then(r)
 
 
+def _main_that_cannot_rerun() -> str | None:
+    """The main module's path when a spawned process could not re-run it (`python - < script.py` gives
+    '<stdin>'), else None: a module run with -m is re-imported by name, and `python -c` or an interactive session
+    (a notebook) has no file to re-run."""
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", None) is not None:
+        return None
+    path = getattr(main, "__file__", None)
+    return None if path is None or os.path.isfile(path) else path
+
+
 def run_spawned(spec, jobs, main, progress=None):
     """Runs `main(spec, jobs, progress)` in one spawned process per stage (rank = stage) and returns rank 0's
     result. Raises PipelineError naming the stage that failed, died or stopped answering; on any exception here
     (Ctrl-C, SIGTERM as `Terminated`) every stage is killed before it propagates."""
     if getattr(mp.current_process(), "_inheriting", False):  # we are a spawned process re-running __main__
         raise SystemExit(f"prefill-overlap: the pipeline was started while a stage process was starting; {GUARD_HINT}")
+    main_path = _main_that_cannot_rerun()
+    if main_path is not None:
+        raise RuntimeError(f"link={spec.link!r} starts one process per stage, and each re-runs the main module, but "
+                           f"{main_path} is not a file it can re-run (a script fed on stdin?): run it from a file, "
+                           "or with python -c, or use link='inprocess'")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     S = spec.world_size
