@@ -442,8 +442,11 @@ def test_other_architectures_are_refused(tmp_path, change, match):
 
 
 def test_missing_directory_is_refused():
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist$"):
         load_model("./no/such/model")
+    with pytest.raises(FileNotFoundError, match=r"meta-llama/Llama-3\.2-1B does not exist \(models are read from a "
+                       r"local directory, never downloaded: .* `hf download meta-llama/Llama-3\.2-1B --local-dir DIR`"):
+        load_model("meta-llama/Llama-3.2-1B")
 
 
 def test_weights_are_made_in_the_target_dtype_one_tensor_at_a_time():
