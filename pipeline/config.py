@@ -16,6 +16,11 @@ from .checks import NotFound
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
 
 
+def positive_number(v) -> bool:
+    """A finite int or float above 0 (not a bool)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -68,7 +73,7 @@ class ModelConfig:
                      "embedding_multiplier", "residual_multiplier", "logits_scaling") + \
                 (("attention_multiplier",) if self.attention_multiplier is not None else ()):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            if not positive_number(v):
                 raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {v!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
@@ -82,8 +87,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rotary_dim must be an even integer in [2, head_dim={self.head_dim}] or "
                              f"None, got {r!r}")
         f = self.rope_short_factors
-        if f is not None and (len(f) != self.rotary_dims // 2 or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in f)):
+        if f is not None and (len(f) != self.rotary_dims // 2 or not all(map(positive_number, f))):
             raise ValueError(f"ModelConfig.rope_short_factors must be {self.rotary_dims // 2} positive numbers (one "
                              f"per rotated frequency), got {f if len(f) < 8 else f'{len(f)} values'}")
 
@@ -154,7 +158,7 @@ class ModelConfig:
         if not isinstance(rope, dict):
             raise ValueError(f"rope_parameters/rope_scaling in {path} must be an object, got {rope!r}")
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not math.isfinite(theta) or theta <= 0:
+        if not positive_number(theta):
             raise ValueError(f"rope_theta={theta!r} in {path}: must be a positive number")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if model_type == "phi3" and rope_type in ("su", "yarn"):
@@ -183,8 +187,7 @@ class ModelConfig:
                                  f"high_freq_factor and original_max_position_embeddings ({e})") from None
         elif rope_type == "linear":
             linear = rope.get("factor")
-            if isinstance(linear, bool) or not isinstance(linear, (int, float)) or not math.isfinite(linear) \
-                    or linear <= 0:
+            if not positive_number(linear):
                 raise ValueError(f"linear RoPE scaling in {path} needs a positive numeric factor, got {linear!r}")
         elif rope_type == "longrope":
             short, attention_factor, limit = cls._longrope(rope, hf, path, rotary, context)
@@ -249,8 +252,7 @@ class ModelConfig:
             raise ValueError(f"longrope RoPE scaling in {path} needs original_max_position_embeddings, an integer of "
                              f"at least 2, got {original!r}")
         short = rope.get("short_factor")
-        if not isinstance(short, list) or len(short) != rotary // 2 or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in short):
+        if not isinstance(short, list) or len(short) != rotary // 2 or not all(map(positive_number, short)):
             got = f"a list of {len(short)}" if isinstance(short, list) else repr(short)
             raise ValueError(f"longrope RoPE scaling in {path} needs short_factor, a list of {rotary // 2} positive "
                              f"numbers (one per rotated frequency), got {got}")
@@ -258,12 +260,10 @@ class ModelConfig:
         factor = context / original if factor is None else factor
         attention = rope.get("attention_factor")
         if attention is None:
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) \
-                    or factor <= 0:
+            if not positive_number(factor):
                 raise ValueError(f"longrope RoPE scaling in {path} needs a positive numeric factor, got {factor!r}")
             attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
-        elif isinstance(attention, bool) or not isinstance(attention, (int, float)) or not math.isfinite(attention) \
-                or attention <= 0:
+        elif not positive_number(attention):
             raise ValueError(f"longrope attention_factor={attention!r} in {path}: must be a positive number")
         return tuple(float(x) for x in short), float(attention), original
 
