@@ -12,8 +12,8 @@ from .checks import NotFound
 # Architectures that share Llama's decoder (RMSNorm, rotate-half RoPE, GQA, SwiGLU): Qwen3 adds an RMSNorm over each
 # head of q and of k before RoPE; Phi-3 (and Phi-4, which is model_type phi3) stores q, k, v as one tensor and gate, up
 # as another, and may rotate only part of each head; Granite scales embeddings, block outputs, attention scores and
-# logits by constants of its config.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
+# logits by constants of its config; SmolLM3 leaves RoPE out of some layers (NoPE).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite", "smollm3")
 
 
 def positive_number(v) -> bool:
@@ -62,6 +62,7 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
+    nope_layers: tuple[int, ...] = ()  # layers whose q and k are not rotated (SmolLM3: every fourth)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -82,6 +83,11 @@ class ModelConfig:
         if self.attention_multiplier is not None and self.qk_norm:
             raise ValueError("ModelConfig.attention_multiplier is folded into q's weights, which per-head q/k norms "
                              "would undo: not both")
+        n = self.nope_layers
+        if not isinstance(n, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in n) \
+                or list(n) != sorted(set(n)) or (n and not 0 <= n[0] <= n[-1] < self.num_layers):
+            raise ValueError(f"ModelConfig.nope_layers must be a sorted tuple of distinct layer indices in "
+                             f"[0, {self.num_layers}), got {n!r}")
         r = self.rotary_dim
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0 or r % 2 or r > self.head_dim):
             raise ValueError(f"ModelConfig.rotary_dim must be an even integer in [2, head_dim={self.head_dim}] or "
@@ -131,8 +137,8 @@ class ModelConfig:
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} in {path}: only 'silu' (SwiGLU)")
         window = hf.get("sliding_window")
-        if not (window and hf.get("use_sliding_window", model_type not in ("qwen2", "qwen3"))):
-            window = None  # none, or switched off (Qwen's use_sliding_window false)
+        if not (window and hf.get("use_sliding_window", model_type not in ("qwen2", "qwen3", "smollm3"))):
+            window = None  # none, or switched off (Qwen's and SmolLM3's use_sliding_window false, their default)
         elif isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"sliding_window={window!r} in {path}: must be a positive integer or null")
         if hf.get("pretraining_tp", 1) not in (1, None):
@@ -198,8 +204,10 @@ class ModelConfig:
         # Llama: attention_bias puts one on q, k, v and o, mlp_bias on gate, up and down; Qwen3: attention_bias as
         # Llama's, never on the MLP; Granite: as Llama; Qwen2: always on q, k, v, never on o or the MLP; Mistral and
         # Phi-3: none (these ignore the flags their models do not read, as transformers does)
-        bias = get("attention_bias", bool, False) if model_type in ("llama", "qwen3", "granite") else False
-        mlp_bias = get("mlp_bias", bool, False) if model_type in ("llama", "granite") else False
+        bias = get("attention_bias", bool, False) if model_type in ("llama", "qwen3", "granite", "smollm3") else False
+        mlp_bias = get("mlp_bias", bool, False) if model_type in ("llama", "granite", "smollm3") else False
+        layers = get("num_hidden_layers")
+        nope = cls._nope_layers(hf, path, layers) if model_type == "smollm3" else ()
         granite = {}
         if model_type == "granite":  # transformers' defaults are 1.0, attention_multiplier included
             granite = {name: get(name, float, 1.0) for name in ("embedding_multiplier", "residual_multiplier",
@@ -218,7 +226,7 @@ class ModelConfig:
         return cls(
             vocab_size=get("vocab_size"),
             hidden_size=hidden,
-            num_layers=get("num_hidden_layers"),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=get("num_key_value_heads", int, heads),
             head_dim=head_dim,
@@ -239,8 +247,25 @@ class ModelConfig:
             rope_short_factors=short,
             rope_attention_factor=attention_factor,
             context_limit=why,
+            nope_layers=nope,
             **granite,
         )
+
+    @staticmethod
+    def _nope_layers(hf: dict, path: Path, layers: int) -> tuple[int, ...]:
+        """SmolLM3's layers without RoPE: where `no_rope_layers` (one 0 or 1 per layer, 1 = rotated) has a 0, or
+        without it every `no_rope_layer_interval`-th layer (default 4), as transformers derives them."""
+        flags = hf.get("no_rope_layers")
+        if flags is None:
+            every = hf.get("no_rope_layer_interval", 4)
+            if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+                raise ValueError(f"no_rope_layer_interval={every!r} in {path}: must be a positive integer")
+            flags = [int((i + 1) % every != 0) for i in range(layers)]
+        if not isinstance(flags, list) or len(flags) != layers or any(f not in (0, 1) or isinstance(f, bool)
+                                                                       for f in flags):
+            raise ValueError(f"no_rope_layers in {path} must list a 0 or 1 for each of the {layers} layers, got "
+                             f"{flags if not isinstance(flags, list) or len(flags) <= 8 else f'{len(flags)} values'}")
+        return tuple(i for i, f in enumerate(flags) if f == 0)
 
     @staticmethod
     def _longrope(rope: dict, hf: dict, path: Path, rotary: int, context: int):

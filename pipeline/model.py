@@ -59,9 +59,10 @@ class KVCache:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rope: bool = True):
         super().__init__()
         self.cfg = cfg
+        self.rope = rope  # False: a NoPE layer, q and k not rotated (`ModelConfig.nope_layers`)
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.attention_norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)  # fused q, k, v projections
@@ -75,7 +76,7 @@ class Block(nn.Module):
 
     def _rotated_qkv(self, x, positions, rope_cos, rope_sin, ops: Ops):
         """x [B, C, H] -> q [B, C, Hq, D], k, v [B, C, Hkv, D] from the fused projection, q and k rotated at
-        `positions` (an int start, or a tensor [B, C] of each token's position)."""
+        `positions` (an int start, or a tensor [B, C] of each token's position), except in a NoPE layer."""
         cfg = self.cfg
         B, C, _ = x.shape
         qkv = self.wqkv(x)  # [B, C, (Hq + 2 Hkv) D]
@@ -86,9 +87,13 @@ class Block(nn.Module):
             q = ops.add_rms_norm(qkv[..., :Hq * D].reshape(B, C, Hq, D).contiguous(), None, self.q_norm, eps)[0]
             k = ops.add_rms_norm(qkv[..., Hq * D:(Hq + Hkv) * D].reshape(B, C, Hkv, D).contiguous(), None,
                                  self.k_norm, eps)[0]
+            if not self.rope:
+                return q, k, v
             return ops.rope(q, rope_cos, rope_sin, positions), ops.rope(k, rope_cos, rope_sin, positions), v
         # q's and k's heads sit side by side in the fused projection: one rope call (one launch) rotates both
-        qk = ops.rope(qkv[..., :(Hq + Hkv) * D].view(B, C, Hq + Hkv, D), rope_cos, rope_sin, positions)
+        qk = qkv[..., :(Hq + Hkv) * D].view(B, C, Hq + Hkv, D)
+        if self.rope:
+            qk = ops.rope(qk, rope_cos, rope_sin, positions)
         return qk[:, :, :Hq], qk[:, :, Hq:], v
 
     def attend(self, x, start_pos: int, k_cache, v_cache, rope_cos, rope_sin, ops: Ops):
@@ -162,7 +167,7 @@ class Transformer(nn.Module):
         self.ops = get_ops(ops)
         # parts a stage does not own are None (torchtitan style); forward skips them
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
-        self.layers = nn.ModuleList(Block(self.local_cfg) for _ in self.layer_ids)
+        self.layers = nn.ModuleList(Block(self.local_cfg, rope=i not in cfg.nope_layers) for i in self.layer_ids)
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size)) if self.is_last else None
         self.output = None
         if self.is_last:

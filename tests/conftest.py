@@ -30,8 +30,9 @@ def make_hf_checkpoint(directory, model_type="llama", gqa=True, tied=False, laye
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
         "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
+        "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
     }[model_type]
-    if model_type == "phi3":  # its default pad token (32000) is outside this small vocabulary
+    if model_type in ("phi3", "smollm3"):  # their default pad tokens are outside this small vocabulary
         extra = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **extra}
     torch.manual_seed(1234)
     cfg = cls_cfg(vocab_size=128, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,

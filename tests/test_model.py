@@ -167,6 +167,33 @@ def test_granite_constants_folded_into_the_weights_match_transformers(tmp_path, 
     assert (res.logits - expected[:, -1]).abs().max().item() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("extra,nope", [
+    (dict(layers=4), (3,)),  # no_rope_layers derived: every fourth layer without RoPE
+    (dict(no_rope_layers=[1, 0, 0], tied=True, attention_bias=True, mlp_bias=True), (1, 2)),
+    (dict(layers=4, no_rope_layer_interval=2), (1, 3)),
+], ids=["every-4th", "listed-tied-biases", "every-2nd"])
+def test_smollm3_nope_layers_match_transformers(tmp_path, extra, nope):
+    """SmolLM3: layers without RoPE (NoPE) among rotated ones; dense, a 2-stage pipeline of T = 2 shards and a
+    ragged batch (rows at their own positions) with decode, each against transformers. Within 1e-5: this small
+    random model's attention is nearly uniform, so RoPE in every layer would be only 6e-5 to 5e-4 off here."""
+    from pipeline import run_prefill
+    hf = make_hf_checkpoint(tmp_path, "smollm3", **extra)
+    assert ModelConfig.from_hf(tmp_path).nope_layers == nope
+    tokens = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        assert (load_model(tmp_path)(tokens) - expected).abs().max().item() <= 1e-5
+        res = run_prefill(tmp_path, tokens, mode="overlapped", stages=2, tp=2, chunk_size=8, link="inprocess",
+                          decode=False)
+        assert (res.logits - expected[:, -1]).abs().max().item() <= 1e-5
+        rows = [tokens[0, :5], tokens[1]]
+        res = run_prefill(tmp_path, rows, mode="chunked", stages=2, chunk_size=8, link="inprocess")
+        for b, r in enumerate(rows):
+            assert (res.logits[b] - hf(r[None]).logits[0, -1]).abs().max().item() <= 1e-5, b
+            nxt = torch.cat([r, res.logits[b].argmax()[None]])
+            assert (res.decode_logits[b] - hf(nxt[None]).logits[0, -1]).abs().max().item() <= 1e-5, b
+
+
 def test_phi3_configs_in_the_older_format_read_the_same(tmp_path):
     """Phi-3 128k's config.json as published (transformers 4.x): `rope_scaling` with `type` "su" (or "longrope"),
     the original length and partial_rotary_factor at the top level."""
@@ -380,6 +407,9 @@ def test_bad_chunk_size_is_refused(tiny, chunk_size):
     (dict(rope_short_factors=(1.0,) * 7 + (float("inf"),)), "rope_short_factors must be 8"),
     (dict(rope_attention_factor=0.0), "rope_attention_factor must be a positive finite number"),
     (dict(logits_scaling=0), "logits_scaling must be a positive finite number"),
+    (dict(nope_layers=(4,)), r"nope_layers must be a sorted tuple of distinct layer indices in \[0, 4\), got \(4,\)"),
+    (dict(nope_layers=(2, 1)), "nope_layers must be a sorted tuple"),
+    (dict(nope_layers=[1]), "nope_layers must be a sorted tuple"),
     (dict(attention_multiplier=float("inf")), "attention_multiplier must be a positive finite number"),
     (dict(attention_multiplier=0.1, qk_norm=True), "per-head q/k norms would undo: not both"),
 ])
@@ -419,6 +449,9 @@ def test_wrong_tensor_shape_is_named(tmp_path):
     ({"rope_parameters": {"rope_type": "linear", "factor": -2}}, "positive numeric factor, got -2"),
     ({"partial_rotary_factor": 0.5}, "a llama model rotates whole heads"),
     ({"model_type": "granite", "logits_scaling": -8}, "logits_scaling=-8 .* must be a positive number"),
+    ({"model_type": "smollm3", "no_rope_layers": [1, 0]}, "must list a 0 or 1 for each of the 3 layers, got \\[1, 0\\]"),
+    ({"model_type": "smollm3", "no_rope_layers": [1, 2, 1]}, "must list a 0 or 1 for each of the 3 layers"),
+    ({"model_type": "smollm3", "no_rope_layer_interval": 0}, "no_rope_layer_interval=0 .* positive integer"),
     ({"model_type": "granite", "embedding_multiplier": "12"}, "embedding_multiplier='12' .* must be a positive"),
     ({"model_type": "phi3", "partial_rotary_factor": 0.1}, "rotates 1 of 16 head dims: rotate-half needs an even"),
     ({"model_type": "phi3", "partial_rotary_factor": 0}, r"must be a number in \(0, 1\]"),
