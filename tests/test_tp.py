@@ -53,7 +53,8 @@ def test_shards_sum_to_the_whole_model(tp, kv, biases):
 
 
 @pytest.mark.parametrize("model_type,gqa", [("llama", True), ("qwen2", True), ("llama", False), ("qwen3", True),
-                                            ("phi3", True), ("granite", False), ("smollm3", True)])
+                                            ("phi3", True), ("granite", False), ("smollm3", True),
+                                            ("mistral", True)])
 def test_shards_of_a_hugging_face_checkpoint_match_transformers(tmp_path, model_type, gqa):
     extra = dict(attention_bias=True, mlp_bias=True) if model_type in ("llama", "granite") and not gqa else {}
     if model_type == "granite":
