@@ -134,7 +134,7 @@ def main_run(argv) -> int:
 
     from .calibration import bytes_per_token
     from .harness import Progress, check_point_fits, run_point
-    from .report import report, results_doc, write_pictures, write_results
+    from .report import model_shape, report, results_doc, write_pictures, write_results
     args = run_parser().parse_args(argv)
     rank = torchrun_rank()
     lead = rank in (None, 0)  # prints and writes (rank 0 of torchrun, or the one process here)
@@ -310,7 +310,8 @@ def main_run(argv) -> int:
             points.append(point)
             complete = i + 1 == len(args.prompt_len)
             # after every point: a sweep cut short (Ctrl-C, a failure) keeps the points it finished
-            write_results(out, results_doc(config, points, plan_calibration, time.time() - t0, complete=complete))
+            write_results(out, results_doc(config, points, plan_calibration, time.time() - t0, complete=complete,
+                                           model=model_shape(cfg)))
         if not lead:
             _finish_torchrun()
             return 0

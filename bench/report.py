@@ -3,6 +3,8 @@ the run's environment (device, versions, commit), the tables for a person, the t
 summary."""
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import json
 import math
@@ -254,9 +256,17 @@ def write_json(path: Path, doc) -> Path:
     return path
 
 
-def results_doc(config: dict, points: list[dict], plan_calibration, wall_s: float, complete: bool) -> dict:
+def model_shape(cfg) -> dict:
+    """A ModelConfig as results.json records it: every field (what a directory's path alone does not say)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def results_doc(config: dict, points: list[dict], plan_calibration, wall_s: float, complete: bool,
+                model: dict | None = None) -> dict:
+    """results.json's document; `model`: the model's shape (`model_shape`), which the harness records since
+    2026-11-29 (older files lack the key)."""
     return dict(schema_version=SCHEMA_VERSION, complete=complete, environment=environment(), config=config,
-                units=UNITS, wall_s=wall_s, plan_calibration=plan_calibration,
+                model=model, units=UNITS, wall_s=wall_s, plan_calibration=plan_calibration,
                 points=[{k: v for k, v in p.items() if not k.endswith("timelines") and k != "records"}
                         for p in points])
 

@@ -2,6 +2,7 @@
 bad input before any work, and `compare` flags regressions."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -44,6 +45,9 @@ def test_demo_writes_complete_results(demo_run):
     assert summary["outputs_match"] and summary["bytes_exact"]
     doc = json.loads((out / "results.json").read_text())
     assert doc["schema_version"] == 1 and doc["complete"] and doc["config"]["link"] == "gloo" and doc["environment"]["torch"]
+    from pipeline import PRESETS
+    assert doc["model"]["hidden_size"] == PRESETS["tiny"].hidden_size and doc["model"]["nope_layers"] == []
+    assert set(doc["model"]) == set(dataclasses.asdict(PRESETS["tiny"]))  # every field of the model's shape
     modes = doc["points"][0]["modes"]
     assert list(modes) == ["unchunked", "naive", "chunked", "overlapped"]
     for m in modes.values():  # printed ratios are the quotients of the figures printed beside them
