@@ -353,7 +353,9 @@ def main(argv=None) -> int:
                     help="with --tp-link: GPUs per node; a TP group wider than a node all-reduces over --links "
                          "(default: 8)")
     ap.add_argument("--prompt-lens", type=int_list(1), default=[4096, 8192, 16384, 32768, 65536, 131072],
-                    help="prompt lengths (default: 4k-128k); each must fit the model's context")
+                    help="prompt lengths (default: 4k-128k); each must fit the model's context (a "
+                         "checkpoint's max_position_embeddings, even where running it here is capped "
+                         "below for exact outputs: a sliding window, LongRoPE)")
     ap.add_argument("--batch", type=integer(1), default=1, help="batch size (default: 1)")
     ap.add_argument("--chunk-plan", choices=["balanced", "uniform"], default="balanced")
     ap.add_argument("--chunk-size", type=integer(1), default=None,
@@ -441,12 +443,15 @@ def model_labels(names: list[str]) -> dict[str, str]:
 def check_grid(cfgs: dict, prompt_lens: list[int], granularity: int | None) -> None:
     """Every prompt length within every model's context (a prefill of the whole context is fine: the TTFT needs no
     further position), and a --granularity given suiting the planner at each (the default, L/64 but at least 128,
-    does)."""
+    does). A projection needs shapes only: a checkpoint whose context this project's model caps for exact outputs
+    (a sliding window, LongRoPE's original length: `ModelConfig.context_limit`) is projected up to its own
+    max_position_embeddings."""
     from pipeline.plan import check_granularity
     for m, cfg in cfgs.items():
+        context = cfg.checkpoint_context or cfg.max_seq_len
         for L in prompt_lens:
-            if L > cfg.max_seq_len:
-                raise ValueError(f"prompt length {L} exceeds {m}'s context of {cfg.max_seq_len} tokens")
+            if L > context:
+                raise ValueError(f"prompt length {L} exceeds {m}'s context of {context} tokens")
     for L in sorted(set(prompt_lens), reverse=True) if granularity else []:  # the longest names the finest step
         check_granularity(L, granularity, "--granularity")
 

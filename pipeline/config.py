@@ -55,6 +55,7 @@ class ModelConfig:
     rope_short_factors: tuple[float, ...] | None = None
     rope_attention_factor: float = 1.0
     context_limit: str | None = None  # why max_seq_len is below the checkpoint's max_position_embeddings, if it is
+    checkpoint_context: int | None = None  # that max_position_embeddings, where max_seq_len is below it
     # Granite's constants, folded into the weights when they are loaded (`Transformer.load_hf_state`): embeddings
     # times embedding_multiplier, each block's attention and MLP outputs times residual_multiplier (before the
     # residual add), attention scores times attention_multiplier (None: 1/sqrt(head_dim)), logits / logits_scaling
@@ -247,6 +248,7 @@ class ModelConfig:
             rope_short_factors=short,
             rope_attention_factor=attention_factor,
             context_limit=why,
+            checkpoint_context=context if why else None,
             nope_layers=nope,
             **granite,
         )

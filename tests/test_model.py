@@ -229,6 +229,19 @@ def test_a_fused_checkpoint_is_checked_by_its_own_names(tmp_path):
         load_model(tmp_path)
 
 
+def test_a_projection_takes_a_capped_checkpoint_up_to_its_own_context(tmp_path):
+    """`bench simulate` needs shapes only: a LongRoPE checkpoint, capped at its original length (40) for exact
+    outputs here, is projected up to its max_position_embeddings (256), and refused past that."""
+    from bench.simulate import check_grid
+    make_hf_checkpoint(tmp_path, "phi3", original_max_position_embeddings=40, rope_parameters=longrope(8))
+    cfg = ModelConfig.from_hf(tmp_path)
+    assert (cfg.max_seq_len, cfg.checkpoint_context) == (40, 256)
+    check_grid({"phi": cfg}, [256], None)
+    with pytest.raises(ValueError, match="prompt length 257 exceeds phi's context of 256 tokens"):
+        check_grid({"phi": cfg}, [257], None)
+    assert PRESETS["tiny"].checkpoint_context is None
+
+
 def test_partial_rotary_keeps_k_in_the_rotary_order_and_v_as_stored(tmp_path):
     """The rotated pairs (i, i + R/2) are moved to (j, j + D/2), where rotate-half pairs them; q and k alike, v
     untouched: the cache's k is the checkpoint's k in `rotary_order`, rotated."""
