@@ -94,22 +94,29 @@ def test_a_script_without_the_main_guard_is_told_so(tmp_path):
     assert time.time() - t0 < 120
 
 
-def test_a_script_on_stdin_is_told_it_cannot_be_rerun_before_any_stage_starts(tmp_path):
+def test_a_script_on_stdin_is_told_it_cannot_be_rerun_before_any_stage_starts(tmp_path, monkeypatch):
     """`python - < script.py`: a spawned stage would re-run '<stdin>', a file that does not exist; refused before
-    spawning, naming the ways that work. `python -c` has no main file to re-run and runs, unguarded."""
+    spawning, naming the ways that work. A main module run with -m, `python -c` or a notebook (no file) is fine."""
+    import types
+
+    from pipeline.procs import _main_that_cannot_rerun
     code = textwrap.dedent("""
         import torch
         from pipeline import run_prefill
-        r = run_prefill("tiny", torch.zeros(1, 16, dtype=torch.long), mode="chunked", chunk_size=8, link="gloo")
-        print(tuple(r.logits.shape))
+        run_prefill("tiny", torch.zeros(1, 16, dtype=torch.long), mode="chunked", chunk_size=8, link="gloo")
     """)
     res = subprocess.run([sys.executable, "-"], input=code, cwd=tmp_path, env=_env(), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode != 0
     assert "<stdin> is not a file it can re-run" in res.stderr and "link='inprocess'" in res.stderr
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and "(1, 256)" in res.stdout, res.stderr[-3000:]
+    script = tmp_path / "run.py"
+    script.write_text("")
+    for main, verdict in [(dict(__file__="<stdin>"), "<stdin>"), (dict(__file__=str(script)), None), ({}, None),
+                          (dict(__file__="<stdin>", __spec__=types.SimpleNamespace(name="bench")), None)]:
+        module = types.ModuleType("__main__")
+        module.__dict__.update({"__spec__": None, **main})
+        monkeypatch.setitem(sys.modules, "__main__", module)
+        assert _main_that_cannot_rerun() == verdict, main
 
 
 # ---- faults: the stage that caused it is named ---------------------------------------------------------------------
