@@ -120,19 +120,19 @@ def rope_ref(x, cos, sin, start_pos):
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, llama3_scaling=None, device=None,
-                linear_factor: float = 1.0, rotary_dim: int | None = None, short_factors=None,
+                linear_factor: float = 1.0, rotary_dim: int | None = None, freq_factors=None,
                 attention_factor: float = 1.0):
     """cos, sin [max_len, head_dim/2] in fp32, computed in float64 (positions up to 128k stay exact).
     linear_factor: linear position interpolation (transformers' rope_type "linear"): every frequency divided by it.
     rotary_dim: partial rotary embedding, only rotary_dim of the head's dims rotated (frequencies over rotary_dim);
     the tables' first rotary_dim/2 columns rotate pairs (i, i + head_dim/2), the others have cos 1, sin 0 (pairs
     passed through): the caller orders each head's dims so that the rotated pairs sit there
-    (`pipeline.model.rotary_order`). short_factors: LongRoPE, frequency i divided by short_factors[i];
+    (`pipeline.model.rotary_order`). freq_factors: frequency i divided by freq_factors[i] (LongRoPE, YaRN);
     attention_factor: LongRoPE's scale of the rotated columns' cos and sin."""
     rotary = head_dim if rotary_dim is None else rotary_dim
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary, 2, dtype=torch.float64) / rotary) / linear_factor
-    if short_factors is not None:
-        inv_freq = inv_freq / torch.tensor(short_factors, dtype=torch.float64)
+    if freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(freq_factors, dtype=torch.float64)
     if llama3_scaling is not None:  # Llama 3.1: stretch low frequencies, keep high ones, blend between
         factor, low, high, original = llama3_scaling
         wavelen = 2 * torch.pi / inv_freq

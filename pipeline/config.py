@@ -49,10 +49,11 @@ class ModelConfig:
     # partial rotary embedding: the first rotary_dim dims of each head rotated (rotate-half within them), the rest
     # passed through; None: all head_dim (Phi-4-mini: 96 of 128)
     rotary_dim: int | None = None
-    # LongRoPE (Phi-3 128k, Phi-3.5): frequency i divided by short_factor[i], cos and sin scaled by the attention
-    # factor; the context is capped at original_max_position_embeddings, where transformers switches to the long
-    # factors for the whole sequence
-    rope_short_factors: tuple[float, ...] | None = None
+    # per-frequency scaling: frequency i divided by rope_freq_factors[i], cos and sin scaled by the attention factor.
+    # LongRoPE (Phi-3 128k, Phi-3.5): its short factors, the context capped at original_max_position_embeddings,
+    # where transformers switches to the long factors for the whole sequence; YaRN (Qwen2.5 / Qwen3 past 32k): its
+    # blend of interpolated and extrapolated frequencies, static, so no cap
+    rope_freq_factors: tuple[float, ...] | None = None
     rope_attention_factor: float = 1.0
     context_limit: str | None = None  # why max_seq_len is below the checkpoint's max_position_embeddings, if it is
     checkpoint_context: int | None = None  # that max_position_embeddings, where max_seq_len is below it
@@ -93,9 +94,9 @@ class ModelConfig:
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0 or r % 2 or r > self.head_dim):
             raise ValueError(f"ModelConfig.rotary_dim must be an even integer in [2, head_dim={self.head_dim}] or "
                              f"None, got {r!r}")
-        f = self.rope_short_factors
+        f = self.rope_freq_factors
         if f is not None and (len(f) != self.rotary_dims // 2 or not all(map(positive_number, f))):
-            raise ValueError(f"ModelConfig.rope_short_factors must be {self.rotary_dims // 2} positive numbers (one "
+            raise ValueError(f"ModelConfig.rope_freq_factors must be {self.rotary_dims // 2} positive numbers (one "
                              f"per rotated frequency), got {f if len(f) < 8 else f'{len(f)} values'}")
 
     @property
@@ -185,10 +186,11 @@ class ModelConfig:
             raise ValueError(f"partial_rotary_factor={partial} in {path} rotates {rotary} of {head_dim} head dims: "
                              "rotate-half needs an even number, at least 2")
         llama3, linear, short, attention_factor, limit = None, 1.0, None, 1.0, None
+        original = cls._original_length(rope, hf, path, model_type, context, rope_type)
         if rope_type == "llama3":
             try:
                 llama3 = (float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
-                          int(rope["original_max_position_embeddings"]))
+                          original)
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"llama3 RoPE scaling in {path} needs numeric factor, low_freq_factor, "
                                  f"high_freq_factor and original_max_position_embeddings ({e})") from None
@@ -197,10 +199,13 @@ class ModelConfig:
             if not positive_number(linear):
                 raise ValueError(f"linear RoPE scaling in {path} needs a positive numeric factor, got {linear!r}")
         elif rope_type == "longrope":
-            short, attention_factor, limit = cls._longrope(rope, hf, path, rotary, context)
+            short, attention_factor = cls._longrope(rope, path, rotary, context, original)
+            limit = original
+        elif rope_type == "yarn":
+            short, attention_factor = cls._yarn(rope, path, rotary, context, original, float(theta))
         elif rope_type != "default":
-            raise ValueError(f"unsupported RoPE type {rope_type!r} in {path}: only 'default', 'linear', 'llama3' and "
-                             "'longrope'")
+            raise ValueError(f"unsupported RoPE type {rope_type!r} in {path}: only 'default', 'linear', 'llama3', "
+                             "'longrope' and 'yarn'")
         # biases exactly where each architecture's Hugging Face model has them (transformers 4.45-5.x):
         # Llama: attention_bias puts one on q, k, v and o, mlp_bias on gate, up and down; Qwen3: attention_bias as
         # Llama's, never on the MLP; Granite: as Llama; Qwen2: always on q, k, v, never on o or the MLP; Mistral and
@@ -245,7 +250,7 @@ class ModelConfig:
             sliding_window=window,
             fused_proj=model_type == "phi3",
             rotary_dim=None if rotary == head_dim else rotary,
-            rope_short_factors=short,
+            rope_freq_factors=short,
             rope_attention_factor=attention_factor,
             context_limit=why,
             checkpoint_context=context if why else None,
@@ -270,29 +275,89 @@ class ModelConfig:
         return tuple(i for i, f in enumerate(flags) if f == 0)
 
     @staticmethod
-    def _longrope(rope: dict, hf: dict, path: Path, rotary: int, context: int):
-        """LongRoPE's (short factors, attention factor, original length) from a config, as transformers computes
-        them: the attention factor given, or sqrt(1 + ln(factor) / ln(original)) for a factor (given, or context /
-        original) above 1."""
-        original = rope.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
-        if isinstance(original, bool) or not isinstance(original, int) or original < 2:
-            raise ValueError(f"longrope RoPE scaling in {path} needs original_max_position_embeddings, an integer of "
-                             f"at least 2, got {original!r}")
+    def _original_length(rope: dict, hf: dict, path: Path, model_type: str, context: int, rope_type: str) -> int:
+        """The pretraining length that llama3, LongRoPE and YaRN scaling start from, where transformers takes it:
+        the config's top-level original_max_position_embeddings first (Phi-3's config always has one: 4096 by
+        default), else the RoPE parameters', else max_position_embeddings."""
+        original = hf.get("original_max_position_embeddings")
+        if original is None and model_type == "phi3":
+            original = 4096
+        if original is None:
+            original = rope.get("original_max_position_embeddings", context)
+        if rope_type in ("llama3", "longrope", "yarn") and (
+                isinstance(original, bool) or not isinstance(original, int) or original < 2):
+            raise ValueError(f"{rope_type} RoPE scaling in {path}: original_max_position_embeddings must be an "
+                             f"integer of at least 2, got {original!r}")
+        return original
+
+    @staticmethod
+    def _factor(rope: dict, path: Path, rope_type: str, context: int, original: int) -> float:
+        """The scaling factor given, or max_position_embeddings / original (as transformers infers it)."""
+        factor = rope.get("factor")
+        factor = context / original if factor is None else factor
+        if not positive_number(factor):
+            raise ValueError(f"{rope_type} RoPE scaling in {path} needs a positive numeric factor, got {factor!r}")
+        return float(factor)
+
+    @staticmethod
+    def _attention(rope: dict, path: Path, rope_type: str, default) -> float:
+        attention = rope.get("attention_factor")
+        if attention is None:
+            return float(default())
+        if not positive_number(attention):
+            raise ValueError(f"{rope_type} attention_factor={attention!r} in {path}: must be a positive number")
+        return float(attention)
+
+    @classmethod
+    def _longrope(cls, rope: dict, path: Path, rotary: int, context: int, original: int):
+        """LongRoPE's (short factors, attention factor) from a config, as transformers computes them: the attention
+        factor given, or sqrt(1 + ln(factor) / ln(original)) for a factor above 1."""
         short = rope.get("short_factor")
         if not isinstance(short, list) or len(short) != rotary // 2 or not all(map(positive_number, short)):
             got = f"a list of {len(short)}" if isinstance(short, list) else repr(short)
             raise ValueError(f"longrope RoPE scaling in {path} needs short_factor, a list of {rotary // 2} positive "
                              f"numbers (one per rotated frequency), got {got}")
-        factor = rope.get("factor")
-        factor = context / original if factor is None else factor
-        attention = rope.get("attention_factor")
-        if attention is None:
-            if not positive_number(factor):
-                raise ValueError(f"longrope RoPE scaling in {path} needs a positive numeric factor, got {factor!r}")
-            attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
-        elif not positive_number(attention):
-            raise ValueError(f"longrope attention_factor={attention!r} in {path}: must be a positive number")
-        return tuple(float(x) for x in short), float(attention), original
+        factor = cls._factor(rope, path, "longrope", context, original)
+        attention = cls._attention(rope, path, "longrope", lambda: 1.0 if factor <= 1 else math.sqrt(
+            1 + math.log(factor) / math.log(original)))
+        return tuple(float(x) for x in short), attention
+
+    @classmethod
+    def _yarn(cls, rope: dict, path: Path, rotary: int, context: int, original: int, theta: float):
+        """YaRN's (per-frequency divisors, attention factor), as transformers computes them: frequencies that turn
+        fewer than beta_slow times over the original length are interpolated (divided by the factor), those that
+        turn more than beta_fast times kept, a linear ramp between; the attention factor given, or
+        0.1 ln(factor) + 1 (with mscale and mscale_all_dim, their quotient)."""
+        factor = cls._factor(rope, path, "yarn", context, original)
+        betas = []
+        for name, default in (("beta_fast", 32), ("beta_slow", 1)):
+            beta = rope.get(name) or default
+            if not positive_number(beta):
+                raise ValueError(f"yarn {name}={beta!r} in {path}: must be a positive number")
+            betas.append(float(beta))
+        mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        for name, v in (("mscale", mscale), ("mscale_all_dim", mscale_all)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise ValueError(f"yarn {name}={v!r} in {path}: must be a number")
+
+        def get_mscale(m=1.0):
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+        attention = cls._attention(rope, path, "yarn", lambda: get_mscale(mscale) / get_mscale(mscale_all)
+                                   if mscale and mscale_all else get_mscale())
+
+        def correction_dim(rotations):  # the dim whose frequency turns `rotations` times over the original length
+            return rotary * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+        low, high = correction_dim(betas[0]), correction_dim(betas[1])
+        if rope.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rotary - 1)
+        if low == high:
+            high += 0.001  # as transformers: no division by zero
+        divisors = []
+        for i in range(rotary // 2):
+            ramp = min(max((i - low) / (high - low), 0.0), 1.0)  # 0: kept (extrapolated), 1: interpolated
+            divisors.append(1.0 / (ramp / factor + (1.0 - ramp)))
+        return tuple(divisors), attention
 
 
 PRESETS: dict[str, ModelConfig] = {

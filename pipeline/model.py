@@ -22,7 +22,7 @@ def model_rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torc
     """The model's RoPE cos, sin tables [max_seq_len, head_dim/2] (fp32), every scaling in the config applied."""
     return rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_llama3_scaling, device=device,
                        linear_factor=cfg.rope_linear_factor, rotary_dim=cfg.rotary_dim,
-                       short_factors=cfg.rope_short_factors, attention_factor=cfg.rope_attention_factor)
+                       freq_factors=cfg.rope_freq_factors, attention_factor=cfg.rope_attention_factor)
 
 
 def rotary_order(cfg: ModelConfig) -> torch.Tensor | None:

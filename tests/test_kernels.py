@@ -511,7 +511,7 @@ def test_rope_of_part_of_each_head_with_longrope_tables(D, R, dtype, tol):
     g = torch.Generator().manual_seed(12)
     short = (1.0 + torch.rand(R // 2, generator=g, dtype=torch.float64) * 3).tolist()
     x = torch.randn(B, C, H, D, generator=g).to(dtype)
-    cos, sin = rope_tables(D, start_pos + C, 10000.0, rotary_dim=R, short_factors=short, attention_factor=1.3)
+    cos, sin = rope_tables(D, start_pos + C, 10000.0, rotary_dim=R, freq_factors=short, attention_factor=1.3)
     assert torch.equal(cos[:, R // 2:], torch.ones_like(cos[:, R // 2:])) and not sin[:, R // 2:].any()
     order = rotary_order(ModelConfig(vocab_size=8, hidden_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
                                      head_dim=D, intermediate_size=8, rotary_dim=R))

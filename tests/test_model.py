@@ -131,11 +131,49 @@ def test_phi3_partial_rotary_and_longrope_match_transformers(tmp_path, partial):
         run_prefill(tmp_path, tokens, mode="chunked", stages=2, link="inprocess")
 
 
+@pytest.mark.parametrize("model_type,rope", [
+    ("qwen2", {"factor": 4.0, "original_max_position_embeddings": 64}),
+    ("llama", {"factor": 8.0, "original_max_position_embeddings": 32, "mscale": 1.0, "mscale_all_dim": 0.5,
+               "beta_fast": 16, "beta_slow": 2}),
+    ("qwen3", {"factor": 2.0, "original_max_position_embeddings": 128, "rope_theta": 1000.0, "truncate": False}),
+    ("llama", {"factor": 4.0, "attention_factor": 1.5}),  # the original length: max_position_embeddings
+], ids=["qwen2", "mscale-betas", "untruncated", "attention-factor"])
+def test_yarn_matches_transformers(tmp_path, model_type, rope):
+    """YaRN (Qwen2.5 and Qwen3 past 32k): static per-frequency divisors and an attention factor, exact at every
+    position, so no cap on the context; dense, and a 2-stage pipeline of T = 2 shards whose chunks start
+    mid-table. Plain RoPE would be 2e-3 or more off here."""
+    from pipeline import run_prefill
+    hf = make_hf_checkpoint(tmp_path, model_type, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                                   **rope})
+    cfg = ModelConfig.from_hf(tmp_path)
+    assert cfg.max_seq_len == 256 and cfg.rope_freq_factors is not None and cfg.context_limit is None
+    tokens = torch.randint(0, 128, (2, 100), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    assert (load_model(tmp_path)(tokens) - expected).abs().max().item() <= 1e-4
+    res = run_prefill(tmp_path, tokens, mode="overlapped", stages=2, tp=2, chunk_size=30, link="inprocess",
+                      decode=False)
+    assert (res.logits - expected[:, -1]).abs().max().item() <= 1e-4
+
+
+def test_phi3_reads_its_original_length_as_transformers_does(tmp_path):
+    """transformers prefers a config's top-level original_max_position_embeddings to the RoPE parameters' (and a
+    Phi-3 config always has one: 4096 unless it says otherwise)."""
+    make_hf_checkpoint(tmp_path, "phi3", rope_parameters=longrope(8))
+    hf = json.loads((tmp_path / "config.json").read_text())
+    for top, inner, expected in [(None, 32, 256), (48, 32, 48), (None, None, 256)]:
+        rope = {**longrope(8), **({"original_max_position_embeddings": inner} if inner else {})}
+        cfg = {k: v for k, v in hf.items() if k != "original_max_position_embeddings"}
+        cfg |= {"rope_parameters": rope, **({"original_max_position_embeddings": top} if top else {})}
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        assert ModelConfig.from_hf(tmp_path).max_seq_len == expected, (top, inner)
+
+
 def test_llama_longrope_matches_transformers(tmp_path):
     """LongRoPE is read for every architecture transformers applies it to, not only Phi-3."""
     hf = make_hf_checkpoint(tmp_path, "llama", rope_parameters={**longrope(8), "original_max_position_embeddings": 32})
     ours = load_model(tmp_path)
-    assert ours.cfg.max_seq_len == 32 and ours.cfg.rope_short_factors is not None
+    assert ours.cfg.max_seq_len == 32 and ours.cfg.rope_freq_factors is not None
     tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = hf(tokens).logits
@@ -208,7 +246,7 @@ def test_phi3_configs_in_the_older_format_read_the_same(tmp_path):
                                     "long_factor": rope["long_factor"]}}
         (tmp_path / "config.json").write_text(json.dumps(old))
         assert ModelConfig.from_hf(tmp_path) == new
-    assert new.rotary_dim == 8 and new.max_seq_len == 64 and new.rope_short_factors == (1.0, 1.1, 1.2, 1.3)
+    assert new.rotary_dim == 8 and new.max_seq_len == 64 and new.rope_freq_factors == (1.0, 1.1, 1.2, 1.3)
 
 
 def test_a_fused_checkpoint_is_checked_by_its_own_names(tmp_path):
@@ -415,9 +453,9 @@ def test_bad_chunk_size_is_refused(tiny, chunk_size):
     (dict(head_dim=15), "head_dim must be even"),
     (dict(rotary_dim=7), r"rotary_dim must be an even integer in \[2, head_dim=16\] or None, got 7"),
     (dict(rotary_dim=18), "rotary_dim must be an even integer"),
-    (dict(rope_short_factors=(1.0,) * 7), "rope_short_factors must be 8 positive numbers .* got \\(1.0,"),
-    (dict(rotary_dim=8, rope_short_factors=(1.0,) * 8), "rope_short_factors must be 4 positive numbers"),
-    (dict(rope_short_factors=(1.0,) * 7 + (float("inf"),)), "rope_short_factors must be 8"),
+    (dict(rope_freq_factors=(1.0,) * 7), "rope_freq_factors must be 8 positive numbers .* got \\(1.0,"),
+    (dict(rotary_dim=8, rope_freq_factors=(1.0,) * 8), "rope_freq_factors must be 4 positive numbers"),
+    (dict(rope_freq_factors=(1.0,) * 7 + (float("inf"),)), "rope_freq_factors must be 8"),
     (dict(rope_attention_factor=0.0), "rope_attention_factor must be a positive finite number"),
     (dict(logits_scaling=0), "logits_scaling must be a positive finite number"),
     (dict(nope_layers=(4,)), r"nope_layers must be a sorted tuple of distinct layer indices in \[0, 4\), got \(4,\)"),
@@ -457,7 +495,14 @@ def test_wrong_tensor_shape_is_named(tmp_path):
 @pytest.mark.parametrize("change,match", [
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "unsupported architecture 'gpt2'"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "RoPE type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0}}, "RoPE type 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": -4.0}}, "yarn RoPE scaling .* positive numeric factor, got -4"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": -1}}, "yarn beta_fast=-1"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "mscale": "1"}}, "yarn mscale='1'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0}}, "yarn attention_factor=0"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1, "high_freq_factor": 4},
+      "original_max_position_embeddings": 1.5}, "llama3 RoPE scaling .* original_max_position_embeddings must be an "
+                                                "integer of at least 2, got 1.5"),
     ({"rope_parameters": {"rope_type": "linear"}}, "linear RoPE scaling .* positive numeric factor, got None"),
     ({"rope_parameters": {"rope_type": "linear", "factor": -2}}, "positive numeric factor, got -2"),
     ({"partial_rotary_factor": 0.5}, "a llama model rotates whole heads"),
@@ -468,8 +513,6 @@ def test_wrong_tensor_shape_is_named(tmp_path):
     ({"model_type": "granite", "embedding_multiplier": "12"}, "embedding_multiplier='12' .* must be a positive"),
     ({"model_type": "phi3", "partial_rotary_factor": 0.1}, "rotates 1 of 16 head dims: rotate-half needs an even"),
     ({"model_type": "phi3", "partial_rotary_factor": 0}, r"must be a number in \(0, 1\]"),
-    ({"model_type": "phi3", "rope_parameters": {**LONGROPE, "short_factor": [1.0] * 8}},
-     "needs original_max_position_embeddings, an integer of at least 2, got None"),
     ({"original_max_position_embeddings": 1, "rope_parameters": longrope(8)}, "at least 2, got 1"),
     ({"original_max_position_embeddings": 64, "rope_parameters": {**LONGROPE, "short_factor": [1.0] * 5}},
      "needs short_factor, a list of 8 positive numbers .*got a list of 5"),
