@@ -128,7 +128,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float, llama3_scaling=None, 
     the tables' first rotary_dim/2 columns rotate pairs (i, i + head_dim/2), the others have cos 1, sin 0 (pairs
     passed through): the caller orders each head's dims so that the rotated pairs sit there
     (`pipeline.model.rotary_order`). freq_factors: frequency i divided by freq_factors[i] (LongRoPE, YaRN);
-    attention_factor: LongRoPE's scale of the rotated columns' cos and sin."""
+    attention_factor: the scale of the rotated columns' cos and sin (LongRoPE, YaRN)."""
     rotary = head_dim if rotary_dim is None else rotary_dim
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary, 2, dtype=torch.float64) / rotary) / linear_factor
     if freq_factors is not None:
