@@ -185,7 +185,7 @@ class ModelConfig:
         if rotary % 2 or rotary < 2:
             raise ValueError(f"partial_rotary_factor={partial} in {path} rotates {rotary} of {head_dim} head dims: "
                              "rotate-half needs an even number, at least 2")
-        llama3, linear, short, attention_factor, limit = None, 1.0, None, 1.0, None
+        llama3, linear, freq_factors, attention_factor, limit = None, 1.0, None, 1.0, None
         original = cls._original_length(rope, hf, path, model_type, context, rope_type)
         if rope_type == "llama3":
             try:
@@ -199,17 +199,17 @@ class ModelConfig:
             if not positive_number(linear):
                 raise ValueError(f"linear RoPE scaling in {path} needs a positive numeric factor, got {linear!r}")
         elif rope_type == "longrope":
-            short, attention_factor = cls._longrope(rope, path, rotary, context, original)
+            freq_factors, attention_factor = cls._longrope(rope, path, rotary, context, original)
             limit = original
         elif rope_type == "yarn":
-            short, attention_factor = cls._yarn(rope, path, rotary, context, original, float(theta))
+            freq_factors, attention_factor = cls._yarn(rope, path, rotary, context, original, float(theta))
         elif rope_type != "default":
             raise ValueError(f"unsupported RoPE type {rope_type!r} in {path}: only 'default', 'linear', 'llama3', "
                              "'longrope' and 'yarn'")
         # biases exactly where each architecture's Hugging Face model has them (transformers 4.45-5.x):
         # Llama: attention_bias puts one on q, k, v and o, mlp_bias on gate, up and down; Qwen3: attention_bias as
-        # Llama's, never on the MLP; Granite: as Llama; Qwen2: always on q, k, v, never on o or the MLP; Mistral and
-        # Phi-3: none (these ignore the flags their models do not read, as transformers does)
+        # Llama's, never on the MLP; Granite and SmolLM3: as Llama; Qwen2: always on q, k, v, never on o or the MLP;
+        # Mistral and Phi-3: none (these ignore the flags their models do not read, as transformers does)
         bias = get("attention_bias", bool, False) if model_type in ("llama", "qwen3", "granite", "smollm3") else False
         mlp_bias = get("mlp_bias", bool, False) if model_type in ("llama", "granite", "smollm3") else False
         layers = get("num_hidden_layers")
@@ -250,7 +250,7 @@ class ModelConfig:
             sliding_window=window,
             fused_proj=model_type == "phi3",
             rotary_dim=None if rotary == head_dim else rotary,
-            rope_freq_factors=short,
+            rope_freq_factors=freq_factors,
             rope_attention_factor=attention_factor,
             context_limit=why,
             checkpoint_context=context if why else None,
