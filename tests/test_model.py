@@ -102,6 +102,17 @@ def longrope(pairs: int) -> dict:
             "long_factor": [2.0 + i for i in range(pairs)]}
 
 
+def assert_dense_and_shards_match(path, expected, tokens, tol, chunk_size=8):
+    """The model of checkpoint `path`, whole and as a 2-stage pipeline of T = 2 TP shards (overlapped), gives
+    transformers' logits `expected` for `tokens` within `tol`."""
+    from pipeline import run_prefill
+    with torch.no_grad():
+        assert (load_model(path)(tokens) - expected).abs().max().item() <= tol
+    res = run_prefill(path, tokens, mode="overlapped", stages=2, tp=2, chunk_size=chunk_size, link="inprocess",
+                      decode=False)
+    assert (res.logits - expected[:, -1]).abs().max().item() <= tol
+
+
 @pytest.mark.parametrize("partial", [1.0, 0.75, 0.5])
 def test_phi3_partial_rotary_and_longrope_match_transformers(tmp_path, partial):
     """Phi-3.5 / Phi-4-mini kinds of checkpoint: LongRoPE (short factors and the attention factor up to the original
@@ -142,7 +153,6 @@ def test_yarn_matches_transformers(tmp_path, model_type, rope):
     """YaRN (Qwen2.5 and Qwen3 past 32k): static per-frequency divisors and an attention factor, exact at every
     position, so no cap on the context; dense, and a 2-stage pipeline of T = 2 shards whose chunks start
     mid-table. Plain RoPE would be 2e-3 or more off here."""
-    from pipeline import run_prefill
     hf = make_hf_checkpoint(tmp_path, model_type, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
                                                                    **rope})
     cfg = ModelConfig.from_hf(tmp_path)
@@ -150,10 +160,7 @@ def test_yarn_matches_transformers(tmp_path, model_type, rope):
     tokens = torch.randint(0, 128, (2, 100), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         expected = hf(tokens).logits
-    assert (load_model(tmp_path)(tokens) - expected).abs().max().item() <= 1e-4
-    res = run_prefill(tmp_path, tokens, mode="overlapped", stages=2, tp=2, chunk_size=30, link="inprocess",
-                      decode=False)
-    assert (res.logits - expected[:, -1]).abs().max().item() <= 1e-4
+    assert_dense_and_shards_match(tmp_path, expected, tokens, 1e-4, chunk_size=30)
 
 
 def test_phi3_reads_its_original_length_as_transformers_does(tmp_path):
@@ -190,7 +197,6 @@ def test_granite_constants_folded_into_the_weights_match_transformers(tmp_path, 
     attention_multiplier (instead of 1/sqrt(head_dim); its default is 1.0), logits / logits_scaling, all folded
     into the weights at load; dense, and a 2-stage pipeline of T = 2 shards (the q rows and the o, down
     projections each rank holds are scaled, the bias added once)."""
-    from pipeline import run_prefill
     hf = make_hf_checkpoint(tmp_path, "granite", **extra)
     cfg = ModelConfig.from_hf(tmp_path)
     assert cfg.attention_multiplier == extra.get("attention_multiplier", 1.0)
@@ -199,10 +205,7 @@ def test_granite_constants_folded_into_the_weights_match_transformers(tmp_path, 
     with torch.no_grad():
         expected = hf(tokens).logits
     scale = expected.abs().max().item()  # logits / 8 are small: compare relative to their size
-    assert (load_model(tmp_path)(tokens) - expected).abs().max().item() <= 1e-5 * scale
-    res = run_prefill(tmp_path, tokens, mode="overlapped", stages=2, tp=2, chunk_size=8, link="inprocess",
-                      decode=False)
-    assert (res.logits - expected[:, -1]).abs().max().item() <= 1e-5 * scale
+    assert_dense_and_shards_match(tmp_path, expected, tokens, 1e-5 * scale)
 
 
 @pytest.mark.parametrize("extra,nope", [
@@ -220,10 +223,7 @@ def test_smollm3_nope_layers_match_transformers(tmp_path, extra, nope):
     tokens = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         expected = hf(tokens).logits
-        assert (load_model(tmp_path)(tokens) - expected).abs().max().item() <= 1e-5
-        res = run_prefill(tmp_path, tokens, mode="overlapped", stages=2, tp=2, chunk_size=8, link="inprocess",
-                          decode=False)
-        assert (res.logits - expected[:, -1]).abs().max().item() <= 1e-5
+        assert_dense_and_shards_match(tmp_path, expected, tokens, 1e-5)
         rows = [tokens[0, :5], tokens[1]]
         res = run_prefill(tmp_path, rows, mode="chunked", stages=2, chunk_size=8, link="inprocess")
         for b, r in enumerate(rows):
