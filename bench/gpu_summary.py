@@ -398,6 +398,18 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
                          + (f"{vs(r.get('paged_vs_flex'))} | " if flex else "") +
                          f"pack {plan.get('pack', '?')}, splits {plan.get('splits', '?')} | "
                          f"{r['paged_max_abs_err']:.1e}{'' if r.get('paged_correct', True) else ' WRONG'} |")
+    if kernels.get("window"):  # older files: no sliding-window rows
+        from .kernels import _tile as tile
+        lines += ["", "Sliding window (chunk_attention's `window`), TFLOP/s over the pairs the window leaves, against "
+                      "flex_attention with the window's block mask and SDPA with it as a boolean mask:", "",
+                  "| prefix | chunk | window | Triton TFLOP/s | best peer | speed-up | launch | max err |",
+                  "|---:|---:|---:|---:|---|---:|---|---:|"]
+        for r in kernels["window"]:
+            sp, plan = r.get("speedup_vs_best_peer"), r["launch"]
+            lines.append(f"| {r['prefix']} | {r['chunk']} | {r['window']} | {r['triton_tflops']:.0f} | "
+                         f"{r['best_peer'] or 'none ran'} | {f'{sp:.2f}x' if sp else '-'} | {tile(plan)}, pack "
+                         f"{plan['pack_heads']}, splits {plan['splits']} | {r['max_abs_err']:.1e}"
+                         f"{'' if r['triton_correct'] else ' WRONG'} |")
     if kernels.get("tile_ab"):
         from .kernels import tile_ab_lines
         lines += ["", "Launcher tiles chosen untimed, each against the tile it replaced (one shape each):", ""]

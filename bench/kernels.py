@@ -134,20 +134,26 @@ def _sdpa_backends():
             ("cudnn", SDPBackend.CUDNN_ATTENTION))
 
 
-def reference_attention(q, k, v, P):
+def window_mask(C: int, N: int, P: int, window: int | None, device) -> torch.Tensor:
+    """[C, N] bool: query i (position P + i) sees key j when j <= P + i, and j > P + i - window with a window."""
+    j, i = torch.arange(N, device=device)[None, :], P + torch.arange(C, device=device)[:, None]
+    return (j <= i) & (j > i - window) if window is not None else j <= i
+
+
+def reference_attention(q, k, v, P, window=None):
     """float64 attention of queries [B, Hq, C, D] over keys/values [B, Hkv, P+C, D] (GQA by head groups), bottom-right
-    causal, one query head at a time: the full score matrix of a long prefix in float64 does not fit (32 heads ×
-    4k × 36k × 8 B = 38 GB)."""
+    causal (within a sliding `window`, if given), one query head at a time: the full score matrix of a long prefix
+    in float64 does not fit (32 heads × 4k × 36k × 8 B = 38 GB)."""
     F = torch.nn.functional
     group = q.shape[1] // k.shape[1]
     C, N = q.shape[2], k.shape[2]
-    mask = torch.arange(N, device=q.device)[None, :] <= P + torch.arange(C, device=q.device)[:, None]
+    mask = window_mask(C, N, P, window, q.device)
     return torch.cat([F.scaled_dot_product_attention(q[:, h:h + 1].double(), k[:, h // group:h // group + 1].double(),
                                                      v[:, h // group:h // group + 1].double(), attn_mask=mask)
                       for h in range(q.shape[1])], dim=1)
 
 
-def attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed):
+def attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed, window=None):
     """Random inputs of one (prefix P, chunk C) shape, with the cache already holding the chunk (what the kernel
     writes there), the same tensors heads-first for the peers ([B, H, len, D] views, K/V not repeated) and the
     float64 reference. Returns (q, kn, vn, kc, vc, (qt, kt, vt), ref) with ref [B, C, Hq, D]."""
@@ -157,7 +163,7 @@ def attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed):
     kc, vc = (torch.randn(B, P + C, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
     kc[:, P:], vc[:, P:] = kn, vn
     heads_first = (q.transpose(1, 2), kc[:, :P + C].transpose(1, 2), vc[:, :P + C].transpose(1, 2))
-    return q, kn, vn, kc, vc, heads_first, reference_attention(*heads_first, P).transpose(1, 2)
+    return q, kn, vn, kc, vc, heads_first, reference_attention(*heads_first, P, window).transpose(1, 2)
 
 
 def _eager(flex_attention):
@@ -203,6 +209,77 @@ def attention_peers(qt, kt, vt, P, compile_flex: bool = True) -> dict:
 
 
 HANDICAPPED = ("sdpa_dense_repeat",)
+
+# (prefix, chunk, window): Mistral 7B v0.1's window of 4096 over a long prefix, with a prefill chunk and a short one
+WINDOW_SHAPES = ((16384, 2048, 4096), (32768, 256, 4096))
+
+
+def window_pairs(C: int, P: int, window: int) -> int:
+    """Query-key pairs a chunk computes under a sliding window: query i sees min(P + i + 1, window) positions."""
+    return sum(min(P + i + 1, window) for i in range(C))
+
+
+def window_peers(qt, kt, vt, P, window, compile_flex: bool = True) -> dict:
+    """name -> fn() returning [B, Hq, C, D]: the peers of a sliding-window chunk. flex_attention with the window's
+    block mask (its blocks below the window skipped, as this kernel skips them), compiled; SDPA with the window as a
+    boolean mask [C, P + C] and native GQA, on the backends that take a mask (efficient, cuDNN; flash takes none)."""
+    import functools
+
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    F = torch.nn.functional
+    C, N = qt.shape[2], kt.shape[2]
+    block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx + P) & (kv_idx > q_idx + P - window),
+                                   B=None, H=None, Q_LEN=C, KV_LEN=N, device=qt.device)
+    flex = torch.compile(flex_attention, dynamic=True) if compile_flex else _eager(flex_attention)
+    peers = {"flex": functools.partial(flex, qt, kt, vt, block_mask=block_mask, enable_gqa=True)}
+    mask = window_mask(C, N, P, window, qt.device)
+    for name, backend in _sdpa_backends()[1:]:
+        def sdpa(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+        peers[f"sdpa_mask_{name}"] = sdpa
+    return peers
+
+
+def bench_window(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=WINDOW_SHAPES, device="cuda",
+                 timer=gpu_timer, compile_flex: bool = True, deadline: float | None = None) -> list[dict]:
+    """One row per (prefix P, chunk C, window W): chunk_attention with the sliding window, its TFLOP/s over the pairs
+    the window leaves, its error against float64, each peer's (`window_peers`) time and error, the best correct peer
+    and the speed-up over it. No shape starts past `deadline`."""
+    from kernels import chunk_attention
+    from kernels.chunk_attention import launch_plan
+    tol = PEER_TOL[dtype]
+    rows = []
+    for P, C, W in shapes:
+        if deadline is not None and time.time() > deadline:
+            break
+        q, kn, vn, kc, vc, heads_first, ref = attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed=P + C + W,
+                                                             window=W)
+        out = torch.full_like(q, float("nan"))
+        run = lambda: chunk_attention(q, kn, vn, kc, vc, P, out=out, window=W)  # noqa: E731
+        ms = timer(run)
+        err = (out.double() - ref).abs().max().item()
+        plan = launch_plan(q, kn, kc, P, window=W)
+        row = dict(prefix=P, chunk=C, window=W, triton_ms=ms,
+                   triton_tflops=4 * B * Hq * D * window_pairs(C, P, W) / ms / 1e9, max_abs_err=err,
+                   triton_correct=err <= tol, peer_tolerance=tol,
+                   launch=dict(plan["config"], pack_heads=plan["pack"], splits=plan["splits"], grid=plan["grid"]))
+        for name, fn in window_peers(*heads_first, P, W, compile_flex=compile_flex).items():
+            try:
+                got = fn()
+                row[f"{name}_max_abs_err"] = (got.transpose(1, 2).double() - ref).abs().max().item()
+                row[f"{name}_ms"] = timer(fn)
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is a result, said why
+                row[f"{name}_ms"] = None
+                row[f"{name}_why"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+        fair = {n[:-3]: v for n, v in row.items() if n.endswith("_ms") and n != "triton_ms" and v
+                and row.get(f"{n[:-3]}_max_abs_err", float("inf")) <= tol}
+        row["best_peer"] = min(fair, key=fair.get) if fair else None
+        row["speedup_vs_best_peer"] = fair[row["best_peer"]] / ms if fair else None
+        rows.append(row)
+    return rows
+
 
 
 def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, device="cuda",
@@ -734,6 +811,8 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
     memory = bench_memory_bound(device=device, timer=timer)
     attention = bench_attention(shapes=shapes, device=device, timer=timer, deadline=deadline)
     paged = bench_paged(batches=batches, device=device, timer=timer, deadline=deadline)
+    window = bench_window(shapes=WINDOW_SHAPES[:1] if quick else WINDOW_SHAPES, device=device, timer=timer,
+                          deadline=deadline)
     ab = [] if quick else tile_ab(device=device, timer=timer, deadline=deadline)
     late = deadline is not None and time.time() > deadline
     # last: a failed graph capture cannot spoil the rest
@@ -744,11 +823,12 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
     for a in attention:
         a["triton_of_gemm"] = a["triton_tflops"] / gemm
     doc = dict(schema_version=SCHEMA_VERSION, kind="kernels", copy_gbps=copy, gemm_bf16_tflops=gemm,
-               attention=attention, paged=paged, tile_ab=ab, memory_bound=memory, layer_host=layer,
+               attention=attention, paged=paged, window=window, tile_ab=ab, memory_bound=memory, layer_host=layer,
                attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS, complete=True)
     measured = {tuple(map(tuple, r["batch"])) for r in paged}
     left = [f"attention P={P} C={C}" for P, C in shapes[len(attention):]]
     left += [f"paged batch {i}" for i, b in enumerate(batches) if tuple(b) not in measured]
+    left += [f"window P={P} C={C} W={W}" for P, C, W in (WINDOW_SHAPES[:1] if quick else WINDOW_SHAPES)[len(window):]]
     left += ["the layer's host cost"] if late else []
     if left:
         doc.update(complete=False, stopped=f"time budget: not measured {', '.join(left)}")

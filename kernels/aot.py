@@ -55,7 +55,8 @@ def _attention_signature(dtype) -> dict[str, str]:
     """`_chunk_attention_kernel`'s runtime arguments and their types (the constexprs are added per spec)."""
     p = _PTR[dtype]
     sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC", "Out")} | {"Lse": "*fp32", "StartPos": "*i32",
-                                                                "start_pos": "i32", "max_len": "i32"}
+                                                                "start_pos": "i32", "max_len": "i32",
+                                                                "window": "i32"}
     for n in ("q", "kn", "vn", "kc", "vc", "o"):
         for axis in ("b", "m", "h"):
             sig[f"stride_{n}{axis}"] = "i32"
@@ -90,17 +91,22 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
         # compiled for the largest tile of the serving dtype below. Split-KV (any config may be split when its grid
         # leaves SMs idle) differs in the prologue and the float32 epilogue: compiled for every 16-bit config.
         per_row_too = head_dim == 128 and dtype == torch.bfloat16 and cfg["BLOCK_M"] == 128 and has_prefix
-        variants = [(False, False, False)] + [(True, False, False)] * per_row_too + [(False, True, False)] * (
-            dtype != torch.float32 and has_prefix)
-        for per_row, split, tma in variants:
+        # a sliding window (WINDOW) adds the band loops at the window's edge: compiled for every 16-bit launcher
+        # config, unsplit and (over a prefix) split
+        windowed = dtype != torch.float32 and not cfg.get("fold_scale")
+        variants = [(False, False, False, False)] + [(True, False, False, False)] * per_row_too + [
+            (False, True, False, False)] * (dtype != torch.float32 and has_prefix) + [
+            (False, False, False, True)] * windowed + [(False, True, False, True)] * (windowed and has_prefix)
+        for per_row, split, tma, window in variants:
             const = dict(GROUP=group if pack > 1 else 4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim),
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                          PRECISION="ieee" if dtype == torch.float32 else "tf32", PER_ROW_START=per_row, PACK=pack,
                          SPLIT=split, TMA=tma, LONGEST_FIRST=False, HAS_PREFIX=has_prefix,
-                         FOLD_SCALE=bool(cfg.get("fold_scale")))
+                         FOLD_SCALE=bool(cfg.get("fold_scale")), WINDOW=window)
             name = (f"chunk_attention d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
                     + (" fold" if cfg.get("fold_scale") else "") + (f" pack{pack}" if pack > 1 else "")
                     + (" per-row start" if per_row else "") + (" split" if split else "") + (" tma" if tma else "")
+                    + (" window" if window else "")
                     + ("" if has_prefix else " no-prefix"))
             specs.append(KernelSpec(name, attn_mod._chunk_attention_kernel, sig | {k: "constexpr" for k in const},
                                     const, cfg["num_warps"], cfg["num_stages"],
@@ -110,10 +116,12 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
     paged.append((80, torch.bfloat16, 1, paged_mod.pick_config(paged_mod.block_d(80), torch.bfloat16, cap)))
     for head_dim, dtype, group, tile in paged:  # the paged, varlen kernel
         pack = paged_mod.pack_heads(group) if tile["pack_gqa"] else 1
-        # pages of 16 and (bf16, unpacked) 256; the split-KV variant (float32 partials) of every bf16 tile
-        variants = [(16, False)] + [(16, True)] * (dtype == torch.bfloat16) + [(256, False)] * (
-            dtype == torch.bfloat16 and pack == 1)
-        for page, split in variants:
+        # pages of 16 and (bf16, unpacked) 256; the split-KV variant (float32 partials) of every bf16 tile; and
+        # under a sliding window (WINDOW) every bf16 tile over pages of 16, split, and unpacked over 256
+        bf16 = dtype == torch.bfloat16
+        variants = [(16, False, False)] + [(16, True, False)] * bf16 + [(256, False, False)] * (bf16 and pack == 1) \
+            + [(16, False, True), (16, True, True)] * bf16 + [(256, False, True)] * (bf16 and pack == 1)
+        for page, split, window in variants:
             cfg = paged_mod.for_page_size(tile, page)  # what the launcher launches over these pages
             p = _PTR[dtype]
             sig = {n: p for n in ("Q", "KN", "VN", "KC", "VC")} | {"Out": "*fp32" if split else p, "Lse": "*fp32",
@@ -123,13 +131,15 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
                       "stride_oh", "stride_bt", "max_pages", "N", "Hq"):
                 sig[n] = "i32"
             sig["qk_scale"] = "fp32"
+            sig["window"] = "i32"
             const = dict(GROUP=group if pack > 1 else 4, HEAD_DIM=head_dim, BLOCK_D=paged_mod.block_d(head_dim),
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PAGE_SIZE=page,
                          PRECISION="ieee" if dtype == torch.float32 else "tf32", PACK=pack, SPLIT=split,
-                         PAGE_AHEAD=bool(cfg.get("page_ahead")))
+                         PAGE_AHEAD=bool(cfg.get("page_ahead")), WINDOW=window)
             specs.append(KernelSpec(f"chunk_attention_paged d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}"
                                     f"n{cfg['BLOCK_N']}" + (f" pack{pack}" if pack > 1 else "") + f" page{page}"
-                                    + (" ahead" if cfg.get("page_ahead") else "") + (" split" if split else ""),
+                                    + (" ahead" if cfg.get("page_ahead") else "") + (" split" if split else "")
+                                    + (" window" if window else ""),
                                     paged_mod._paged_chunk_attention_kernel,
                                     sig | {k: "constexpr" for k in const}, const, cfg["num_warps"],
                                     cfg["num_stages"], expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64,
@@ -140,7 +150,7 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
             for split in (False, True):
                 const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim), BLOCK_M=cfg["BLOCK_M"],
                              BLOCK_N=cfg["BLOCK_N"], PRECISION="tf32", PER_ROW_START=False, PACK=1, SPLIT=split,
-                             TMA=True, LONGEST_FIRST=False, HAS_PREFIX=True, FOLD_SCALE=False)
+                             TMA=True, LONGEST_FIRST=False, HAS_PREFIX=True, FOLD_SCALE=False, WINDOW=False)
                 specs.append(KernelSpec(f"chunk_attention d{head_dim} bfloat16 m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
                                         f" w{cfg['num_warps']}s{cfg['num_stages']}" + (" split" if split else "")
                                         + " tma", attn_mod._chunk_attention_kernel,
@@ -301,7 +311,7 @@ def selected_specs(arch: int, only: str = "", quick: bool = False) -> list[Kerne
     def skipped(name: str) -> bool:
         if not name.startswith("chunk_attention") or " d128 " in name or name.startswith("chunk_attention_paged_check"):
             return False
-        return "bfloat16" not in name or (name.startswith("chunk_attention_paged ") and name.endswith(" split"))
+        return "bfloat16" not in name or (name.startswith("chunk_attention_paged ") and " split" in name)
     return [spec for spec in kernel_specs(arch) if only in spec.name and not (quick and skipped(spec.name))]
 
 
@@ -319,8 +329,8 @@ def _code_path(spec: KernelSpec) -> tuple[tuple, bool] | None:
     if c["HEAD_DIM"] != 128:  # every other head dim: its largest tile, whatever the variant
         return (kernel, c["HEAD_DIM"]), True
     variant = (c["PACK"] > 1, c["SPLIT"], c.get("PER_ROW_START", False), c.get("HAS_PREFIX", True),
-               c.get("PAGE_SIZE", 16), c.get("PAGE_AHEAD", False))
-    if variant == (False, False, False, True, 16, False):  # d128's plain tiles: every shape the launcher picks
+               c.get("PAGE_SIZE", 16), c.get("PAGE_AHEAD", False), c.get("WINDOW", False))
+    if variant == (False, False, False, True, 16, False, False):  # d128's plain tiles: every shape the launcher picks
         return (kernel, 128, c["BLOCK_M"], c["BLOCK_N"]), True
     return (kernel, 128, variant), True  # d128's variants: GQA packing, split-KV, per-row starts, prefix 0, pages
 

@@ -18,21 +18,28 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _softmax_step(qk, m_i, qk_scale, FOLD_SCALE: tl.constexpr):
+def _softmax_step(qk, m_i, qk_scale, FOLD_SCALE: tl.constexpr, SAFE: tl.constexpr = False):
     """One key block of the online softmax, in the log2 domain (qk_scale = sm_scale·log2 e > 0): the block's masked
     scores qk [BLOCK_M, BLOCK_N] (raw with FOLD_SCALE, else already scaled: `_scores`) and the running row max m_i
     give (p, the rescale factor alpha, the new max). FOLD_SCALE takes the max of the raw scores and scales each
     score inside the exp2's fused multiply-add, as FlashAttention-2 and Triton's tutorial do: one instruction per
     score less than scaling every score first (the hot loop of the Hopper 128x128 tile: 534 instructions instead of
     595 under Triton 3.6), at the price of a few registers, which made some other tiles spill 4-8 B: the launcher
-    folds in the tiles that compile clean with it."""
+    folds in the tiles that compile clean with it.
+    SAFE: a row may have seen no key yet and have every key of this block masked (a sliding window's edge): its max
+    stays -inf, and p and alpha are taken against 0 instead (-inf - -inf would be NaN), giving 0 for both."""
     if FOLD_SCALE:
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-    return p, tl.math.exp2(m_i - m_new), m_new
+    m_ref = m_new
+    if SAFE:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if FOLD_SCALE:
+        p = tl.math.exp2(tl.fma(qk, qk_scale, -m_ref[:, None]))
+    else:
+        p = tl.math.exp2(qk - m_ref[:, None])
+    return p, tl.math.exp2(m_i - m_ref), m_new
 
 
 @triton.jit
@@ -48,11 +55,14 @@ def _scores(q, k, qk_scale, PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr):
 @triton.jit
 def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_limit, offs_m, offs_n, offs_d, qk_scale,
             CAUSAL: tl.constexpr, MASK_N: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-            HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, FOLD_SCALE: tl.constexpr):
+            HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, FOLD_SCALE: tl.constexpr, WINDOW: tl.constexpr = False,
+            shift=0):
     """Online softmax over key blocks [lo, hi) of one source (prefix cache or the chunk itself).
 
     CAUSAL masks key j > query i (both chunk-local); MASK_N masks keys j >= n_limit (a ragged last block); PAD_D
-    masks the head-dim columns past HEAD_DIM of a padded tile (a head dim that is not a power of two).
+    masks the head-dim columns past HEAD_DIM of a padded tile (a head dim that is not a power of two); WINDOW masks
+    key j <= query i + shift (a sliding window's lower edge: shift is the query's position less the window, less
+    the position of key 0 of this source).
     Blocks without a mask run with unmasked loads: that is the hot loop over the prefix. FOLD_SCALE: see
     `_softmax_step`.
     """
@@ -72,7 +82,9 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, n_limit, offs_
             qk = tl.where(offs_m[:, None] >= cols[None, :], qk, float("-inf"))
         if MASK_N:
             qk = tl.where(cols[None, :] < n_limit, qk, float("-inf"))
-        p, alpha, m_new = _softmax_step(qk, m_i, qk_scale, FOLD_SCALE)
+        if WINDOW:
+            qk = tl.where(cols[None, :] > offs_m[:, None] + shift, qk, float("-inf"))
+        p, alpha, m_new = _softmax_step(qk, m_i, qk_scale, FOLD_SCALE, WINDOW)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK_N:
             v_ok = cols[:, None] < n_limit
@@ -105,27 +117,28 @@ def _attend_tma(acc, l_i, m_i, q, kd, vd, row0, kvh, hi, offs_d, qk_scale, BLOCK
 
 
 @triton.jit
-def _split_slice(P, C_ok, pid_s, n_splits, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Split-KV: program `pid_s` of `n_splits` covers the block-aligned slice [lo, hi) of a prefix of P keys, and
-    the chunk's C_ok keys only in the last split (chunk_end); unsplit, all of them. Returns (lo, hi, chunk_end)."""
+def _split_slice(P, C_ok, pid_s, n_splits, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, p0=0):
+    """Split-KV: program `pid_s` of `n_splits` covers the block-aligned slice [lo, hi) of the prefix's keys [p0, P)
+    (p0 a multiple of BLOCK_N: 0, or where a sliding window lets the chunk's first query see from), and the chunk's
+    C_ok keys only in the last split (chunk_end); unsplit, all of them. Returns (lo, hi, chunk_end)."""
     if SPLIT:
-        per = tl.cdiv(tl.cdiv(P, BLOCK_N), n_splits) * BLOCK_N
-        lo = pid_s * per
+        per = tl.cdiv(tl.cdiv(P - p0, BLOCK_N), n_splits) * BLOCK_N
+        lo = p0 + pid_s * per
         hi = tl.maximum(tl.minimum(lo + per, P), lo)
         chunk_end = tl.where(pid_s == n_splits - 1, C_ok, 0)
     else:
-        lo = 0
+        lo = p0
         hi = P
         chunk_end = C_ok
     return lo, hi, chunk_end
 
 
-@triton.jit(do_not_specialize=["start_pos", "max_len"])  # a new prefix every chunk: one compiled kernel for all
+@triton.jit(do_not_specialize=["start_pos", "max_len", "window"])  # a new prefix every chunk: one kernel for all
 def _chunk_attention_kernel(
     # pointers (StartPos is read only with PER_ROW_START, Lse only with SPLIT)
     Q, KN, VN, KC, VC, Out, Lse, StartPos,
-    # the prefix length of every row, unless PER_ROW_START; the cache's length
-    start_pos, max_len,
+    # the prefix length of every row, unless PER_ROW_START; the cache's length; the sliding window (with WINDOW)
+    start_pos, max_len, window,
     # strides (the head-dim stride is 1); with SPLIT, Out is the float32 partial [splits, B, C, Hq, D]
     stride_qb, stride_qm, stride_qh,
     stride_knb, stride_knm, stride_knh,
@@ -139,7 +152,7 @@ def _chunk_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, PER_ROW_START: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
     TMA: tl.constexpr = False, LONGEST_FIRST: tl.constexpr = False, HAS_PREFIX: tl.constexpr = True,
-    FOLD_SCALE: tl.constexpr = False,
+    FOLD_SCALE: tl.constexpr = False, WINDOW: tl.constexpr = False,
 ):
     """One program: BLOCK_M tile rows x every visible key, for one batch row. The tile rows are BLOCK_M queries of
     one query head, or, with PACK > 1 (GQA packing), BLOCK_M // PACK queries of each of the PACK query heads that
@@ -152,7 +165,10 @@ def _chunk_attention_kernel(
     longest programs start in the first wave (for sweeps: it made the 64x128 tile spill on sm_90 under Triton 3.9,
     so the launcher does not choose it). Without HAS_PREFIX (config no_prefix, for an int start of 0) the prefix
     loops are not compiled, which keeps the launcher's prefix-0 tile from spilling. FOLD_SCALE (config fold_scale):
-    the softmax scale applied inside the exp2's multiply-add (`_softmax_step`)."""
+    the softmax scale applied inside the exp2's multiply-add (`_softmax_step`). With WINDOW (a sliding window),
+    query i at position P + i sees the keys at positions (P + i - window, P + i] only: key blocks wholly below its
+    block's window are not visited, and every visited block is masked at the window's edge (a masked band and an
+    unmasked rest, two loops each for the prefix and the chunk, made tiles spill under Triton 3.6)."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM  # a head dim that is not a power of two: padded tiles, masked columns
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # queries per head in the tile
     if LONGEST_FIRST:
@@ -222,9 +238,27 @@ def _chunk_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Phase 1, the prefix: every query sees every key. Full blocks unmasked, the ragged tail masked. Split: this
-    # program's block-aligned slice [lo, hi) of [0, P); the chunk phase only in the last split.
-    lo, hi, chunk_end = _split_slice(P, C_ok, pid_s, n_splits, SPLIT, BLOCK_N)
-    if HAS_PREFIX:
+    # program's block-aligned slice [lo, hi) of [0, P); the chunk phase only in the last split. With WINDOW, of
+    # [p0, P): the key blocks from the one the chunk's first query sees from.
+    p0 = 0
+    if WINDOW:
+        p0 = (tl.maximum(P - window + 1, 0) // BLOCK_N) * BLOCK_N
+    lo, hi, chunk_end = _split_slice(P, C_ok, pid_s, n_splits, SPLIT, BLOCK_N, p0)
+    if HAS_PREFIX and WINDOW:
+        # relative to the slice's first key lo: key c is visible to query i when c > i + shift; the block's first
+        # query sees from `band` on
+        n = hi - lo
+        n_full = (n // BLOCK_N) * BLOCK_N
+        kcs, vcs = kc + lo * stride_kcm, vc + lo * stride_vcm
+        shift = P - window - lo
+        band = tl.minimum((tl.maximum(shift + q_lo + 1, 0) // BLOCK_N) * BLOCK_N, n_full)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, band, n_full, n, offs_m, offs_n,
+                                offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D, FOLD_SCALE,
+                                True, shift)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, n_full, n, n, offs_m, offs_n,
+                                offs_d, qk_scale, False, True, BLOCK_N, PRECISION, HEAD_DIM, PAD_D, FOLD_SCALE,
+                                True, shift)
+    elif HAS_PREFIX:
         # the slice's keys are addressed from its start (a loop from 0 with a constant-free start compiles to fewer
         # registers: a loop from a runtime `lo` spilled 92-108 B in the 64x128 tile under Triton 3.9)
         n = hi - lo
@@ -246,13 +280,17 @@ def _chunk_attention_kernel(
     # Phase 2, the chunk itself: whole key blocks before this query block are all visible (unmasked); the
     # blocks from the one holding the block's first query on get the causal mask (that start is rounded down to
     # BLOCK_N, so BLOCK_N > BLOCK_Q stays exact). Blocks right of the diagonal are never visited.
+    # With WINDOW, from the block the first query's window starts in, masked (keys j <= i - window).
     diag = (q_lo // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, 0, tl.minimum(diag, chunk_end), C,
+    c_lo = 0
+    if WINDOW:
+        c_lo = (tl.maximum(q_lo - window + 1, 0) // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, c_lo, tl.minimum(diag, chunk_end), C,
                             offs_m, offs_n, offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D,
-                            FOLD_SCALE)
+                            FOLD_SCALE, WINDOW, -window)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, kn, vn, stride_knm, stride_vnm, diag,
                             tl.minimum(q_lo + BLOCK_Q, chunk_end), C, offs_m, offs_n, offs_d, qk_scale, True, True,
-                            BLOCK_N, PRECISION, HEAD_DIM, PAD_D, FOLD_SCALE)
+                            BLOCK_N, PRECISION, HEAD_DIM, PAD_D, FOLD_SCALE, WINDOW, -window)
 
     o_rows = (heads * stride_oh + offs_m * stride_om)[:, None] + offs_d[None, :]
     if SPLIT:  # partial result and its log2-sum-exp (-inf and 0 for a split that saw no key)
@@ -263,6 +301,8 @@ def _chunk_attention_kernel(
         lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(Lse + (split_b * C + offs_m) * Hq + heads, lse, mask=row_ok)
     else:
+        if WINDOW:  # rows past the chunk may see no key in the window: divided by 1, not 0 / 0 (never stored)
+            l_i = tl.where(row_ok, l_i, 1.0)
         out = acc / l_i[:, None]
         tl.store(Out + b * stride_ob + o_rows, out.to(Out.dtype.element_ty), mask=io_ok)
 
@@ -507,7 +547,7 @@ def _check_config(config: dict, group: int) -> dict:
 
 
 def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None, out=None, config=None, *,
-                    block_table=None, cu_seqlens=None, max_chunk=None, max_prefix=None, check=True):
+                    block_table=None, cu_seqlens=None, max_chunk=None, max_prefix=None, check=True, window=None):
     """Attention of a chunk over the prefix KV cache plus itself, appending the chunk's K/V to the cache.
 
     q [B, C, Hq, D]: queries at positions [start_pos, start_pos + C).
@@ -517,6 +557,8 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     B or C of 0 returns an empty out and leaves the caches as they are.
     config: block sizes and launch shape (keys CONFIG_KEYS, optionally OPTIONAL_CONFIG_KEYS) instead of
     `pick_config`'s choice and `pick_splits`'s, for tuning sweeps.
+    window: a sliding window (Mistral, Gemma 2): query i then sees only the `window` latest positions up to its own,
+    (start_pos + i - window, start_pos + i], as transformers' sliding-window mask; None: every earlier position.
 
     A serving stack's layout (`kernels.paged_attention`): with `block_table` [B, max_pages] int32 the caches are
     pages [num_pages, page_size, Hkv, D]; with `cu_seqlens` [B + 1] the rows' chunks are packed, q [N, Hq, D] and
@@ -526,14 +568,17 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     one alone works: a dense cache with packed rows, or paged caches with equal chunks. config there may not ask
     for TMA.
     """
+    window = check_window("chunk_attention", window)
     if block_table is not None or cu_seqlens is not None:
         from .paged_attention import paged_chunk_attention
         if block_table is None:  # a dense cache is one page of max_len positions per row
             block_table = _one_page_per_row(k_cache, q.device)
         return paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, block_table, cu_seqlens,
-                                     max_chunk, sm_scale, out, config, max_prefix, check)
+                                     max_chunk, sm_scale, out, config, max_prefix, check, window)
     check_dense_call(max_chunk, max_prefix, check)
     B, C, Hq, Hkv, D = _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos)
+    if window is not None and window >= (k_cache.shape[1] if isinstance(start_pos, torch.Tensor) else start_pos + C):
+        window = None  # wider than every query's history: the full causal attention, at no cost
     if config is not None:
         config = _check_config(config, Hq // Hkv)
         if config.get("no_prefix") and (isinstance(start_pos, torch.Tensor) or start_pos != 0):
@@ -543,6 +588,9 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
         if config.get("page_ahead"):
             raise ValueError("chunk_attention: config page_ahead is the paged kernel's (block-table reads one key "
                              "block ahead); the dense path has no block table")
+        if config.get("tma") and window is not None:
+            raise ValueError("chunk_attention: config tma reads whole prefix blocks unmasked; it does not take a "
+                             "sliding window")
     if sm_scale is None:
         sm_scale = D ** -0.5
     sm_scale = positive_number("chunk_attention: sm_scale", sm_scale)
@@ -556,7 +604,17 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
     if isinstance(start_pos, torch.Tensor) and q.is_cuda:  # reported at a later sync (device-side assert)
         torch._assert_async(((start_pos >= 0) & (start_pos <= k_cache.shape[1] - C)).all(),
                             "chunk_attention: a start_pos row puts the chunk outside the KV cache (row masked off)")
-    return _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config)
+    return _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config, window)
+
+
+def check_window(who: str, window) -> int | None:
+    """A sliding window: None (none) or a positive int."""
+    if window is None:
+        return None
+    window = integer(f"{who}: window", window)
+    if window < 1:
+        raise ValueError(f"{who}: window must be a positive number of positions or None, got {window}")
+    return window
 
 
 def check_dense_call(max_chunk, max_prefix, check) -> None:
@@ -566,9 +624,10 @@ def check_dense_call(max_chunk, max_prefix, check) -> None:
                          "paged / varlen path)")
 
 
-def launch_plan(q, k_new, k_cache, start_pos, config=None) -> dict:
+def launch_plan(q, k_new, k_cache, start_pos, config=None, window=None) -> dict:
     """What `chunk_attention` launches for these inputs: the tile config (given or `pick_config`'s), the query heads
-    packed per program, the prefix splits (given or `pick_splits`'s) and the grid. Host work only."""
+    packed per program, the prefix splits (given or `pick_splits`'s; over the keys a sliding `window` leaves) and the
+    grid. Host work only."""
     B, C, Hq, D = q.shape
     Hkv = k_new.shape[2]
     group = Hq // Hkv
@@ -581,17 +640,19 @@ def launch_plan(q, k_new, k_cache, start_pos, config=None) -> dict:
     splits = cfg.get("num_splits")
     if splits is None:  # for a device start tensor the longest prefix the cache allows stands in
         prefix = k_cache.shape[1] - C if known is None else known
+        if window is not None:
+            prefix = min(prefix, window)
         splits = pick_splits(grid_m * grid_h, prefix // cfg["BLOCK_N"], n_sm, programs_per_sm(C)) if q.is_cuda else 1
     return dict(config=cfg, pack=pack, splits=splits, grid=(grid_m, grid_h, splits))
 
 
-def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=None):
+def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=None, window=None):
     """The kernel launch alone, on checked inputs (`chunk_attention` checks them)."""
     B, C, Hq, D = q.shape
     # an int start rides in the launch itself; a tensor [B] is read on the device (no host sync)
     per_row = isinstance(start_pos, torch.Tensor)
     starts = start_pos.to(torch.int32) if per_row else q  # q: a placeholder pointer the kernel never reads
-    plan = launch_plan(q, k_new, k_cache, start_pos, config)
+    plan = launch_plan(q, k_new, k_cache, start_pos, config, window)
     cfg, pack, splits = plan["config"], plan["pack"], plan["splits"]
     if cfg.get("tma"):
         _check_tma(k_cache, v_cache)
@@ -603,13 +664,14 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
     with launching("chunk_attention", q.device):
         _chunk_attention_kernel[plan["grid"]](
             q, k_new, v_new, k_cache, v_cache, dst, lse, starts, 0 if per_row else int(start_pos), k_cache.shape[1],
+            window or 0,
             *q.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3],
             *v_cache.stride()[:3], *dst.stride()[-4:-1],  # one call per tensor: the launch path's host time counts
             B, C, Hq, sm_scale * LOG2E,
             GROUP=Hq // k_new.shape[2], HEAD_DIM=D, BLOCK_D=block_d(D),
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PER_ROW_START=per_row, PACK=pack,
             SPLIT=splits > 1, TMA=bool(cfg.get("tma")), LONGEST_FIRST=bool(cfg.get("longest_first")),
-            HAS_PREFIX=not cfg.get("no_prefix"), FOLD_SCALE=bool(cfg.get("fold_scale")),
+            HAS_PREFIX=not cfg.get("no_prefix"), FOLD_SCALE=bool(cfg.get("fold_scale")), WINDOW=window is not None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -656,17 +718,18 @@ def _one_page_per_row(k_cache, device) -> torch.Tensor:
 
 
 def chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_scale=None, *, block_table=None,
-                        cu_seqlens=None, max_chunk=None, max_prefix=None, check=True):
+                        cu_seqlens=None, max_chunk=None, max_prefix=None, check=True, window=None):
     """Plain-torch reference (and the model's torch backend): same contract, start_pos an int or a tensor [B] of
     per-row prefixes (served as one page per row by `paged_attention.paged_chunk_attention_ref`). max_chunk and
     max_prefix, the kernel's launch hints, and check (its device-side check) are not needed here: the rows are read
     on the host."""
+    window = check_window("attention", window)
     if block_table is not None or cu_seqlens is not None or isinstance(start_pos, torch.Tensor):
         from .paged_attention import paged_chunk_attention_ref
         if block_table is None:
             block_table = _one_page_per_row(k_cache, q.device)
         return paged_chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos, block_table, cu_seqlens,
-                                         sm_scale)
+                                         sm_scale, window)
     B, C, Hq, D = q.shape
     Hkv = k_new.shape[2]
     end = start_pos + C
@@ -677,13 +740,15 @@ def chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_sc
     qt = q.transpose(1, 2)  # [B, Hq, C, D]
     kt = k_cache[:, :end].transpose(1, 2)  # [B, Hkv, end, D]
     vt = v_cache[:, :end].transpose(1, 2)
-    if start_pos == 0:
+    if start_pos == 0 and (window is None or window >= C):
         out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=sm_scale,
                                                                enable_gqa=Hq != Hkv)
     else:
         i = torch.arange(C, device=q.device)[:, None]
         j = torch.arange(end, device=q.device)[None, :]
         mask = j <= start_pos + i  # bottom-right aligned causal mask [C, end]
+        if window is not None:  # and the window's lower edge: the `window` latest positions
+            mask &= j > start_pos + i - window
         out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=sm_scale,
                                                                enable_gqa=Hq != Hkv)
     return out.transpose(1, 2)

@@ -28,15 +28,16 @@ CACHES = ("k_cache", "v_cache")  # what the fused append writes
 
 @custom_op("prefill_overlap::chunk_attention", mutates_args=CACHES)
 def _attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, start_pos: int, sm_scale: Optional[float] = None) -> torch.Tensor:
-    return _chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale)
+                  v_cache: torch.Tensor, start_pos: int, sm_scale: Optional[float] = None,
+                  window: Optional[int] = None) -> torch.Tensor:
+    return _chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, window=window)
 
 
 @custom_op("prefill_overlap::chunk_attention_rows", mutates_args=CACHES)
 def _attention_rows_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, start_pos: torch.Tensor,
-                       sm_scale: Optional[float] = None) -> torch.Tensor:
-    return _chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale)
+                       sm_scale: Optional[float] = None, window: Optional[int] = None) -> torch.Tensor:
+    return _chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, window=window)
 
 
 @custom_op("prefill_overlap::chunk_attention_paged", mutates_args=CACHES)
@@ -44,20 +45,21 @@ def _attention_paged_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tenso
                         v_cache: torch.Tensor, prefix_lens: torch.Tensor, block_table: Optional[torch.Tensor],
                         cu_seqlens: Optional[torch.Tensor], max_chunk: Optional[int] = None,
                         max_prefix: Optional[int] = None, sm_scale: Optional[float] = None,
-                        check: bool = True) -> torch.Tensor:
+                        check: bool = True, window: Optional[int] = None) -> torch.Tensor:
     return _chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, sm_scale, block_table=block_table,
-                            cu_seqlens=cu_seqlens, max_chunk=max_chunk, max_prefix=max_prefix, check=check)
+                            cu_seqlens=cu_seqlens, max_chunk=max_chunk, max_prefix=max_prefix, check=check,
+                            window=window)
 
 
 @_attention_op.register_fake
 @_attention_rows_op.register_fake
-def _attention_fake(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None):
+def _attention_fake(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None, window=None):
     return torch.empty_like(q)
 
 
 @_attention_paged_op.register_fake
 def _attention_paged_fake(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens, max_chunk=None,
-                          max_prefix=None, sm_scale=None, check=True):
+                          max_prefix=None, sm_scale=None, check=True, window=None):
     return torch.empty_like(q)
 
 
@@ -109,19 +111,19 @@ def _swiglu_fake(gate, up):
 
 
 def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None, *, block_table=None,
-                    cu_seqlens=None, max_chunk=None, max_prefix=None, check=True):
+                    cu_seqlens=None, max_chunk=None, max_prefix=None, check=True, window=None):
     """`kernels.chunk_attention` (no `out`, no `config`) through its operator: the dense cache with an int start or
     a start tensor [B], or the paged / varlen path (block_table and/or cu_seqlens; an int prefix becomes a tensor
     of it per row)."""
     if block_table is None and cu_seqlens is None:
         check_dense_call(max_chunk, max_prefix, check)
         op = _attention_rows_op if isinstance(start_pos, torch.Tensor) else _attention_op
-        return op(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale)
+        return op(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, window)
     if not isinstance(start_pos, torch.Tensor):
         rows = block_table.shape[0] if block_table is not None else cu_seqlens.shape[0] - 1
         start_pos = torch.full((rows,), start_pos, dtype=torch.int32, device=q.device)
     return _attention_paged_op(q, k_new, v_new, k_cache, v_cache, start_pos, block_table, cu_seqlens, max_chunk,
-                               max_prefix, sm_scale, check)
+                               max_prefix, sm_scale, check, window)
 
 
 def add_rms_norm(x, residual, weight, eps: float):

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .chunk_attention import MERGE_ROWS, PACK_MAX_CHUNK, _check_config, _device_facts, _merge_splits_kernel, \
-    _split_slice, pack_heads, pick_splits, programs_per_sm
+    _softmax_step, _split_slice, check_window, pack_heads, pick_splits, programs_per_sm
 from .shapes import cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number, shown
 
 LOG2E = 1.4426950408889634
@@ -32,9 +32,11 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attend_pages(acc, l_i, m_i, q, KC, VC, bt, stride_kp, stride_ks, stride_vp, stride_vs, lo, hi, n_limit,
                   offs_n, offs_d, qk_scale, MASK_N: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                  PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, PAGE_AHEAD: tl.constexpr):
+                  PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, PAGE_AHEAD: tl.constexpr,
+                  WINDOW: tl.constexpr = False, offs_m=0, shift=0):
     """Online softmax over cached key positions [lo, hi) of one row: each key's page looked up in the row's block
-    table `bt` (every query sees every cached key). MASK_N masks positions >= n_limit (a ragged last block).
+    table `bt` (every query sees every cached key). MASK_N masks positions >= n_limit (a ragged last block); WINDOW
+    masks positions <= query offs_m + shift (a sliding window's lower edge: shift = the prefix less the window).
     `lo` is a multiple of BLOCK_N. When pages hold a whole number of key blocks, each block lies in one page: one
     page lookup per block and the dense kernel's addressing (a scalar base plus contiguous rows); smaller pages
     gather each key's page, as do the exact-float32 checking tiles (one-page reads spilled one of them, 16x16
@@ -89,9 +91,9 @@ def _attend_pages(acc, l_i, m_i, q, KC, VC, bt, stride_kp, stride_ks, stride_vp,
         qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         if MASK_N:
             qk = tl.where(ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        if WINDOW:
+            qk = tl.where(cols[None, :] > offs_m[:, None] + shift, qk, float("-inf"))
+        p, alpha, m_new = _softmax_step(qk, m_i, qk_scale, False, WINDOW)
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK_N:
             v = tl.load(v_ptr, mask=v_ok, other=0.0)
@@ -106,9 +108,11 @@ def _attend_pages(acc, l_i, m_i, q, KC, VC, bt, stride_kp, stride_ks, stride_vp,
 
 @triton.jit
 def _attend_chunk(acc, l_i, m_i, q, KN, VN, stride_kn, stride_vn, hi, n_limit, offs_m, offs_n, offs_d, qk_scale,
-                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr):
-    """Online softmax over the chunk's own keys [0, hi), causal (key j <= query i), keys >= n_limit masked."""
-    for start_n in range(0, hi, BLOCK_N):
+                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
+                  WINDOW: tl.constexpr = False, lo=0, window=0):
+    """Online softmax over the chunk's own keys [lo, hi) (lo a multiple of BLOCK_N), causal (key j <= query i),
+    keys >= n_limit masked; with WINDOW also keys j <= i - window."""
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         ok = cols < n_limit
         k_ok = ok[None, :]
@@ -119,9 +123,9 @@ def _attend_chunk(acc, l_i, m_i, q, KN, VN, stride_kn, stride_vn, hi, n_limit, o
         k = tl.load(KN + cols[None, :] * stride_kn + offs_d[:, None], mask=k_ok, other=0.0)
         qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         qk = tl.where((offs_m[:, None] >= cols[None, :]) & ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        if WINDOW:
+            qk = tl.where(cols[None, :] > offs_m[:, None] - window, qk, float("-inf"))
+        p, alpha, m_new = _softmax_step(qk, m_i, qk_scale, False, WINDOW)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(VN + cols[:, None] * stride_vn + offs_d[None, :], mask=v_ok, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -135,10 +139,10 @@ def _paged_chunk_attention_kernel(
     stride_qn, stride_qh, stride_knn, stride_knh, stride_vnn, stride_vnh,
     stride_kcp, stride_kcs, stride_kch, stride_vcp, stride_vcs, stride_vch,
     stride_os, stride_on, stride_oh, stride_bt,
-    max_pages, N, Hq, qk_scale,
+    max_pages, N, Hq, qk_scale, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, PACK: tl.constexpr,
-    SPLIT: tl.constexpr, PAGE_AHEAD: tl.constexpr,
+    SPLIT: tl.constexpr, PAGE_AHEAD: tl.constexpr, WINDOW: tl.constexpr = False,
 ):
     """One program: BLOCK_M tile rows of one row b of the batch. The tile rows are BLOCK_M queries of one query
     head (program_id(1) = b·Hq + head), or, with PACK > 1 (GQA packing), BLOCK_M // PACK queries of each of the
@@ -148,7 +152,8 @@ def _paged_chunk_attention_kernel(
     (., ., s) of n splits covers the s-th block-aligned slice of its row's prefix (the last split the chunk too)
     and writes a float32 partial result [splits, N, Hq, D] with its log2-sum-exp [splits, N, Hq], merged by
     `chunk_attention`'s merge kernel. A program past its row's chunk does nothing. A row whose prefix + chunk does
-    not fit its block table touches nothing and gets NaN (0 / 0), as in `chunk_attention`."""
+    not fit its block table touches nothing and gets NaN (0 / 0), as in `chunk_attention`. With WINDOW (a sliding
+    window) query i of a row sees its positions (P + i - window, P + i] only, as in `chunk_attention`."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # queries per head in the tile
     pid_m = tl.program_id(0)
@@ -216,18 +221,31 @@ def _paged_chunk_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # the prefix: this program's block-aligned slice [lo, hi) of it (all of it unsplit), full key blocks unmasked,
     # the ragged tail masked; the chunk only in the last split
-    lo, hi, chunk_end = _split_slice(P, C_ok, pid_s, n_splits, SPLIT, BLOCK_N)
+    # With WINDOW the slice starts at the key block the row's first query sees from (p0), this program reads from the
+    # block its own first query sees from (first), and every block is masked at the window's edge (one masked loop:
+    # a masked band plus an unmasked rest made the dense kernel's tiles spill under Triton 3.6)
+    p0 = 0
+    if WINDOW:
+        p0 = (tl.maximum(P - window + 1, 0) // BLOCK_N) * BLOCK_N
+    lo, hi, chunk_end = _split_slice(P, C_ok, pid_s, n_splits, SPLIT, BLOCK_N, p0)
     n_full = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, kc, vc, bt, stride_kcp, stride_kcs, stride_vcp, stride_vcs, lo,
+    first = lo
+    if WINDOW:
+        first = tl.minimum(tl.maximum((tl.maximum(P - window + q_lo + 1, 0) // BLOCK_N) * BLOCK_N, lo), n_full)
+    acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, kc, vc, bt, stride_kcp, stride_kcs, stride_vcp, stride_vcs, first,
                                   n_full, hi, offs_n, offs_d, qk_scale, False, BLOCK_N, PAGE_SIZE, PRECISION,
-                                  HEAD_DIM, PAD_D, PAGE_AHEAD)
+                                  HEAD_DIM, PAD_D, PAGE_AHEAD, WINDOW, offs_m, P - window)
     acc, l_i, m_i = _attend_pages(acc, l_i, m_i, q, kc, vc, bt, stride_kcp, stride_kcs, stride_vcp, stride_vcs,
                                   n_full, hi, hi, offs_n, offs_d, qk_scale, True, BLOCK_N, PAGE_SIZE, PRECISION,
-                                  HEAD_DIM, PAD_D, False)  # one block at most: nothing to read ahead of
-    # the chunk itself, causal: keys up to this block's last query
+                                  HEAD_DIM, PAD_D, False, WINDOW, offs_m, P - window)  # one block at most
+    # the chunk itself, causal: keys up to this block's last query (with WINDOW from the block its first query's
+    # window starts in)
+    c_lo = 0
+    if WINDOW:
+        c_lo = (tl.maximum(q_lo - window + 1, 0) // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _attend_chunk(acc, l_i, m_i, q, kn, vn, stride_knn, stride_vnn,
                                   tl.minimum(q_lo + BLOCK_Q, chunk_end), chunk_end, offs_m, offs_n, offs_d,
-                                  qk_scale, BLOCK_N, PRECISION, HEAD_DIM, PAD_D)
+                                  qk_scale, BLOCK_N, PRECISION, HEAD_DIM, PAD_D, WINDOW, c_lo, window)
     o_rows = ((q0 + offs_m) * stride_on + heads * stride_oh)[:, None] + offs_d[None, :]
     if SPLIT:  # partial result and its log2-sum-exp (-inf and 0 for a split that saw no key)
         seen = l_i > 0
@@ -439,7 +457,7 @@ def _check(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqle
 
 def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens=None,
                           max_chunk: int | None = None, sm_scale=None, out=None, config=None,
-                          max_prefix: int | None = None, check: bool = True):
+                          max_prefix: int | None = None, check: bool = True, window: int | None = None):
     """Chunked-prefill attention over a paged KV cache (module docstring), the chunks' K/V appended to their pages.
 
     q [N, Hq, D] with cu_seqlens [B+1], or [B, C, Hq, D]; k_new, v_new likewise with Hkv heads; k_cache, v_cache
@@ -453,10 +471,15 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
     check=False skips the GPU's device-side check of the rows against the block table and the pool (one launch and
     two async asserts): for a caller that has checked these very rows, block table, prefixes and pool size already,
     e.g. once per step for every layer of a model. CPU inputs are checked on the host either way.
+    window: a sliding window, as `chunk_attention` takes it (query i of row b sees that row's positions
+    (prefix_lens[b] + i - window, prefix_lens[b] + i]).
     """
+    window = check_window("paged chunk_attention", window)
     if not isinstance(check, bool):
         raise TypeError(f"paged chunk_attention: check must be True or False, got {shown(check)}")
     B, Hq, Hkv, D, page_size, lens = _check(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens)
+    if window is not None and window >= block_table.shape[1] * page_size:
+        window = None  # wider than any row's positions: the full causal attention, at no cost
     if config is not None:
         config = _check_config(config, Hq // Hkv)
         if config.get("tma"):
@@ -516,6 +539,8 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
             max_prefix = int(prefix_lens.max())
         else:
             max_prefix = max(0, block_table.shape[1] * page_size - max_chunk)
+    if window is not None:  # the keys a split can see
+        max_prefix = min(max_prefix, window)
     plan = paged_launch_plan(q.device, q.dtype, B, Hq, Hkv, D, max_chunk, max_prefix, config, page_size)
     cfg, pack, splits = plan["config"], plan["pack"], plan["splits"]
     N = q.shape[0]
@@ -530,10 +555,11 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
             q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
             v_cache.stride(2), dst.stride(0), dst.stride(1), dst.stride(2), block_table.stride(0),
-            block_table.shape[1], N, Hq, sm_scale * LOG2E,
+            block_table.shape[1], N, Hq, sm_scale * LOG2E, window or 0,
             GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             PAGE_SIZE=page_size, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACK=pack,
-            SPLIT=splits > 1, PAGE_AHEAD=bool(cfg.get("page_ahead")), num_warps=cfg["num_warps"],
+            SPLIT=splits > 1, PAGE_AHEAD=bool(cfg.get("page_ahead")), WINDOW=window is not None,
+            num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"],
         )
         if splits > 1:  # the packed tokens as one row of N positions: Out[0, n, h]
@@ -569,7 +595,7 @@ def paged_launch_plan(device, dtype, B: int, Hq: int, Hkv: int, D: int, max_chun
 
 
 def paged_chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens=None,
-                              sm_scale=None):
+                              sm_scale=None, window=None):
     """Plain-torch reference: row by row, the new K/V written into their pages, the row's positions gathered from
     its pages into a dense cache and `chunk_attention_ref` on it. Same contract as `paged_chunk_attention`."""
     from .chunk_attention import chunk_attention_ref
@@ -601,7 +627,7 @@ def paged_chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, prefix_lens, bl
         # whole pages gathered (a copy of page_size positions each), then cut to the row's positions [1, P + C, Hkv, D]
         dense_k = k_cache.index_select(0, table).flatten(0, 1)[None, :P + C]
         dense_v = v_cache.index_select(0, table).flatten(0, 1)[None, :P + C]
-        o = chunk_attention_ref(qb, kb, vb, dense_k, dense_v, P, sm_scale)
+        o = chunk_attention_ref(qb, kb, vb, dense_k, dense_v, P, sm_scale, window=window)
         if varlen:
             out[s:e] = o[0]
         else:

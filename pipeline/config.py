@@ -41,10 +41,11 @@ class ModelConfig:
     # Llama-3.1 style frequency scaling: (factor, low_freq_factor, high_freq_factor, original_max_len) or None
     rope_llama3_scaling: tuple[float, float, float, int] | None = None
     rope_linear_factor: float = 1.0  # linear position interpolation (rope_type "linear"): frequencies / factor
-    # a checkpoint's sliding attention window (Mistral 7B v0.1: 4096) shorter than its context, or None: this model
-    # computes full causal attention, which is the windowed one for sequences of at most this many positions, so
-    # max_seq_len is capped to it
+    # a sliding attention window (Mistral 7B v0.1: 4096) in the layers `window_layers`: a query there sees the
+    # `sliding_window` latest positions up to its own (transformers' mask), its keys in the KV cache all the same;
+    # None: full causal attention everywhere
     sliding_window: int | None = None
+    window_layers: tuple[int, ...] = ()
     fused_proj: bool = False  # the checkpoint stores q, k, v as one qkv_proj and gate, up as one gate_up_proj (Phi-3)
     # partial rotary embedding: the first rotary_dim dims of each head rotated (rotate-half within them), the rest
     # passed through; None: all head_dim (Phi-4-mini: 96 of 128)
@@ -85,11 +86,18 @@ class ModelConfig:
         if self.attention_multiplier is not None and self.qk_norm:
             raise ValueError("ModelConfig.attention_multiplier is folded into q's weights, which per-head q/k norms "
                              "would undo: not both")
-        n = self.nope_layers
-        if not isinstance(n, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in n) \
-                or list(n) != sorted(set(n)) or (n and not 0 <= n[0] <= n[-1] < self.num_layers):
-            raise ValueError(f"ModelConfig.nope_layers must be a sorted tuple of distinct layer indices in "
-                             f"[0, {self.num_layers}), got {n!r}")
+        for name in ("nope_layers", "window_layers"):
+            n = getattr(self, name)
+            if not isinstance(n, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in n) \
+                    or list(n) != sorted(set(n)) or (n and not 0 <= n[0] <= n[-1] < self.num_layers):
+                raise ValueError(f"ModelConfig.{name} must be a sorted tuple of distinct layer indices in "
+                                 f"[0, {self.num_layers}), got {n!r}")
+        w = self.sliding_window
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
+            raise ValueError(f"ModelConfig.sliding_window must be a positive integer or None, got {w!r}")
+        if (w is None) != (not self.window_layers):
+            raise ValueError(f"ModelConfig.sliding_window ({w!r}) and window_layers ({self.window_layers!r}) go "
+                             "together: a window and the layers it applies to, or neither")
         r = self.rotary_dim
         if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r <= 0 or r % 2 or r > self.head_dim):
             raise ValueError(f"ModelConfig.rotary_dim must be an even integer in [2, head_dim={self.head_dim}] or "
@@ -99,6 +107,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rope_freq_factors must be {self.rotary_dims // 2} positive numbers (one "
                              f"per rotated frequency), got {f if len(f) < 8 else f'{len(f)} values'}")
 
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: full causal attention)."""
+        return self.sliding_window if layer in self.window_layers else None
+
     @property
     def rotary_dims(self) -> int:
         """How many dims of each head RoPE rotates (all of head_dim unless `rotary_dim` says fewer)."""
@@ -106,7 +118,7 @@ class ModelConfig:
 
     @property
     def context(self) -> str:
-        """max_seq_len for an error message, with the reason where a sliding window sets it."""
+        """max_seq_len for an error message, with the reason where a checkpoint's feature sets it."""
         return f"max_seq_len {self.max_seq_len}" + (f" ({self.context_limit})" if self.context_limit else "")
 
     def replace(self, **changes) -> "ModelConfig":
@@ -143,6 +155,10 @@ class ModelConfig:
             window = None  # none, or switched off (Qwen's and SmolLM3's use_sliding_window false, their default)
         elif isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"sliding_window={window!r} in {path}: must be a positive integer or null")
+        elif model_type == "mistral" and hf.get("layer_types") is not None:
+            raise ValueError(f"layer_types in {path}: transformers' Mistral model does not read it (every layer is "
+                             "windowed) and warns; say which model is meant (an alternating-attention one is not "
+                             "supported)")
         if hf.get("pretraining_tp", 1) not in (1, None):
             raise ValueError(f"pretraining_tp={hf['pretraining_tp']} in {path} is not supported (only 1)")
 
@@ -218,15 +234,12 @@ class ModelConfig:
         if model_type == "granite":  # transformers' defaults are 1.0, attention_multiplier included
             granite = {name: get(name, float, 1.0) for name in ("embedding_multiplier", "residual_multiplier",
                                                                "attention_multiplier", "logits_scaling")}
-        # a query attends to the `window` latest positions, itself included (transformers' mask), so a sequence of
-        # at most `window` positions sees every earlier key: the window is the context, exact up to there
+        window_layers = cls._window_layers(hf, path, model_type, layers, nope) if window else ()
         cap = min(context, limit or context)
-        window = window if window and window < cap else None
+        if not window_layers or window >= cap:  # a window as long as the context changes nothing
+            window, window_layers = None, ()
         why = None
-        if window:
-            why = ("its sliding attention window: past it, windowed attention differs from the full causal attention "
-                   "this model computes")
-        elif cap < context:
+        if cap < context:
             why = ("LongRoPE's original_max_position_embeddings: past it, transformers rotates the whole sequence "
                    "with the long factors, which keys already in a KV cache cannot follow")
         return cls(
@@ -239,7 +252,7 @@ class ModelConfig:
             intermediate_size=get("intermediate_size"),
             rope_theta=float(theta),
             rms_norm_eps=get("rms_norm_eps", float, 1e-6),
-            max_seq_len=window or cap,
+            max_seq_len=cap,
             tie_embeddings=get("tie_word_embeddings", bool, False),
             qkv_bias=bias or model_type == "qwen2",
             o_bias=bias,
@@ -248,6 +261,7 @@ class ModelConfig:
             rope_llama3_scaling=llama3,
             rope_linear_factor=float(linear),
             sliding_window=window,
+            window_layers=window_layers,
             fused_proj=model_type == "phi3",
             rotary_dim=None if rotary == head_dim else rotary,
             rope_freq_factors=freq_factors,
@@ -257,6 +271,31 @@ class ModelConfig:
             nope_layers=nope,
             **granite,
         )
+
+    @staticmethod
+    def _window_layers(hf: dict, path: Path, model_type: str, layers: int, nope: tuple[int, ...]) -> tuple[int, ...]:
+        """The layers a sliding window applies to, as transformers decides them: every layer of Mistral and Phi-3;
+        for Qwen2, Qwen3 and SmolLM3 those `layer_types` calls "sliding_attention", or without it the layers from
+        `max_window_layers` on (Qwen; default 28) or the NoPE layers (SmolLM3). Llama and Granite have no sliding
+        window (transformers ignores the field there)."""
+        if model_type in ("mistral", "phi3"):
+            return tuple(range(layers))
+        if model_type not in ("qwen2", "qwen3", "smollm3"):
+            return ()
+        types = hf.get("layer_types")
+        if types is None:
+            if model_type == "smollm3":
+                return nope
+            first = hf.get("max_window_layers", 28)
+            if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+                raise ValueError(f"max_window_layers={first!r} in {path}: must be an integer >= 0")
+            return tuple(range(first, layers))
+        kinds = ("full_attention", "sliding_attention")
+        if not isinstance(types, list) or len(types) != layers or any(t not in kinds for t in types):
+            shown = types if not isinstance(types, list) or len(types) <= 8 else f"{len(types)} values"
+            raise ValueError(f"layer_types in {path} must list 'full_attention' or 'sliding_attention' for each of "
+                             f"the {layers} layers, got {shown}")
+        return tuple(i for i, t in enumerate(types) if t == "sliding_attention")
 
     @staticmethod
     def _nope_layers(hf: dict, path: Path, layers: int) -> tuple[int, ...]:

@@ -204,7 +204,8 @@ class RooflineCost:
     longer of its FLOPs at the assumed compute rate and its bytes at the assumed memory rate.
     - GEMMs: 2·params·x·B FLOPs; weights read once per chunk;
     - attention: 4·Hq·D·B·(x·p + x(x+1)/2) FLOPs (visible pairs only); the KV of prefix + chunk read once per
-      128-query block;
+      128-query block; in the `windowed` of its layers (a sliding window W: `ModelConfig.window_layers`) each
+      query's pairs are at most W, and only the last W + x - 1 positions are read;
     - element-wise (norms, RoPE, SwiGLU, residual): ~(12·H + 4·I)·x·B elements read or written;
     - per layer ~8 kernel launches; the last stage adds the LM head on the chunk's last position (weights read).
     With tp > 1 this is one of T tensor-parallel ranks (`pipeline.tp`): 1/T of the layer's weights, heads and MLP
@@ -218,6 +219,7 @@ class RooflineCost:
     last_stage: bool = False
     first_stage: bool = False
     tp: int = 1
+    windowed: int = 0  # how many of the layers have the model's sliding window
 
     def __call__(self, x, p):
         cfg, dev, B, e, T = self.cfg, self.device, self.batch, self.itemsize, self.tp
@@ -229,12 +231,19 @@ class RooflineCost:
         H, I, D = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
         params = self.layer_params
         gemm = np.maximum(2 * params * x * B / gemm_rate, params * e / mem_rate)
-        pairs = x * p + x * (x + 1) / 2
-        kv_bytes = (p + x) * 2 * self.kv_heads * D * e * B * np.ceil(x / 128)
-        attn = np.maximum(4 * cfg.num_heads / T * D * B * pairs / attn_rate, kv_bytes / mem_rate)
+        def attention(pairs, keys):
+            kv_bytes = keys * 2 * self.kv_heads * D * e * B * np.ceil(x / 128)
+            return np.maximum(4 * cfg.num_heads / T * D * B * pairs / attn_rate, kv_bytes / mem_rate)
+        attn = attention(x * p + x * (x + 1) / 2, p + x)
         elementwise = (12 * H + 4 * I / T) * x * B * e / mem_rate
         per_layer = gemm + attn + elementwise + 8 * dev.launch_s
         t = self.layers * per_layer
+        if self.windowed:  # query i (position p + i) sees min(p + i + 1, W) positions
+            W = cfg.sliding_window
+            full = np.clip(p + x - W + 1, 0, x)  # the queries that see a whole window: the last ones
+            ramp = x - full  # the first ones see p + i + 1 < W positions
+            pairs = full * W + ramp * p + ramp * (ramp + 1) / 2
+            t = t + self.windowed * (attention(pairs, np.minimum(p + x, W + x - 1)) - attn)
         if self.last_stage:  # final norm + LM head on one position per row
             head = cfg.vocab_size * H
             t = t + np.maximum(2 * head * B / gemm_rate, head * e / mem_rate) + 2 * dev.launch_s
@@ -272,7 +281,7 @@ def roofline_stage_costs(cfg: ModelConfig, stages: int, device: str | Device, ba
     dev = get_device(device) if isinstance(device, str) else device
     ranges = split_layers(cfg.num_layers, stages)
     return [RooflineCost(cfg, len(r), dev, batch, itemsize, last_stage=i == len(ranges) - 1, first_stage=i == 0,
-                         tp=tp) for i, r in enumerate(ranges)]
+                         tp=tp, windowed=sum(i in cfg.window_layers for i in r)) for i, r in enumerate(ranges)]
 
 
 # ---- calibration: measured samples from a pipeline run ----------------------------------------------------------

@@ -59,10 +59,11 @@ class KVCache:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: bool = True):
+    def __init__(self, cfg: ModelConfig, rope: bool = True, window: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.rope = rope  # False: a NoPE layer, q and k not rotated (`ModelConfig.nope_layers`)
+        self.window = window  # a sliding attention window (`ModelConfig.window_layers`), or None
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.attention_norm = nn.Parameter(torch.ones(cfg.hidden_size))
         self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)  # fused q, k, v projections
@@ -101,7 +102,7 @@ class Block(nn.Module):
         the cache; returns wo's output [B, C, H] (with TP, this rank's partial sum)."""
         B, C, _ = x.shape
         q, k, v = self._rotated_qkv(x, start_pos, rope_cos, rope_sin, ops)
-        attn = ops.attention(q, k, v, k_cache, v_cache, start_pos)  # [B, C, Hq, D], appends k, v to the cache
+        attn = ops.attention(q, k, v, k_cache, v_cache, start_pos, window=self.window)  # [B, C, Hq, D], appends k, v
         return self.wo(attn.reshape(B, C, -1))
 
     def attend_packed(self, x, meta: dict, k_pages, v_pages, block_table, rope_cos, rope_sin, ops: Ops,
@@ -114,7 +115,7 @@ class Block(nn.Module):
         q, k, v = self._rotated_qkv(x, meta["positions"], rope_cos, rope_sin, ops)
         attn = ops.attention(q[0], k[0], v[0], k_pages, v_pages, meta["prefix"], block_table=block_table,
                              cu_seqlens=meta["cu_seqlens"], max_chunk=meta["max_chunk"],
-                             max_prefix=meta["max_prefix"], check=check)  # [N, Hq, D]
+                             max_prefix=meta["max_prefix"], check=check, window=self.window)  # [N, Hq, D]
         return self.wo(attn.reshape(1, N, -1))
 
     def feed_forward(self, x, ops: Ops):
@@ -167,7 +168,8 @@ class Transformer(nn.Module):
         self.ops = get_ops(ops)
         # parts a stage does not own are None (torchtitan style); forward skips them
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
-        self.layers = nn.ModuleList(Block(self.local_cfg, rope=i not in cfg.nope_layers) for i in self.layer_ids)
+        self.layers = nn.ModuleList(Block(self.local_cfg, rope=i not in cfg.nope_layers, window=cfg.layer_window(i))
+                                    for i in self.layer_ids)
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size)) if self.is_last else None
         self.output = None
         if self.is_last:

@@ -58,6 +58,24 @@ def test_attention_benchmark_runs_and_checks_accuracy():
             assert r[f"{name}_ms"] is None or r[f"{name}_max_abs_err"] < 1e-5  # ran: and was checked
 
 
+def test_window_benchmark_runs_and_checks_accuracy():
+    """The sliding-window rows: the kernel and every peer (flex with the window's block mask, SDPA with it as a
+    boolean mask) checked against float64 with the window; FLOPs counted over the pairs the window leaves."""
+    from bench.kernels import bench_window, window_mask, window_pairs
+    assert window_pairs(5, 3, 4) == 20 and window_pairs(3, 0, 2) == 1 + 2 + 2  # min(P + i + 1, W) per query
+    for C, P, W in ((5, 3, 4), (16, 0, 5), (7, 40, 100)):
+        assert window_pairs(C, P, W) == int(window_mask(C, P + C, P, W, "cpu").sum())
+    rows = bench_window(Hq=4, Hkv=2, D=16, dtype=torch.float32, shapes=((37, 16, 9), (0, 20, 7)), device="cpu",
+                        timer=lambda fn: cpu_timer(fn, repeats=1), compile_flex=False)
+    assert [(r["prefix"], r["chunk"], r["window"]) for r in rows] == [(37, 16, 9), (0, 20, 7)]
+    for r in rows:
+        assert r["triton_correct"] and r["max_abs_err"] < 1e-5 and r["triton_tflops"] > 0
+        assert r["flex_max_abs_err"] < 1e-5 and r["best_peer"] is not None and r["speedup_vs_best_peer"] > 0
+        for name in ("sdpa_mask_efficient", "sdpa_mask_cudnn", "flex"):  # each peer either ran or says why not
+            assert r[f"{name}_ms"] is not None or r[f"{name}_why"]
+            assert r[f"{name}_ms"] is None or r[f"{name}_max_abs_err"] < 1e-5
+
+
 def test_paged_benchmark_runs_and_checks_accuracy(tmp_path):
     from bench.kernels import bench_paged
     rows = bench_paged(batches=(((0, 5),), ((37, 16), (0, 3), (20, 1))), page_sizes=(4, 16), Hq=4, Hkv=2, D=16,
@@ -216,9 +234,9 @@ def test_the_kernel_part_starts_no_shape_past_its_deadline(monkeypatch):
     monkeypatch.setattr(bk, "bench_memory_bound", lambda **kw: [])
     monkeypatch.setattr(bk, "bench_layer_host", lambda **kw: 1 / 0)  # past the deadline: not started
     doc = bk.run_all(device="cpu", timer=slow, quick=True, deadline=time.time() - 1)
-    assert doc["attention"] == [] and doc["paged"] == [] and not doc["complete"]
+    assert doc["attention"] == [] and doc["paged"] == [] and doc["window"] == [] and not doc["complete"]
     assert doc["stopped"] == ("time budget: not measured attention P=0 C=256, attention P=16384 C=2048, paged batch 0, "
-                              "the layer's host cost")
+                              "window P=16384 C=2048 W=4096, the layer's host cost")
 
 
 def test_junit_report_is_parsed(tmp_path):
@@ -270,8 +288,11 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     tile = dict(kernel="dense", prefix=0, chunk=2048, num_warps=4, num_stages=3)
     ab = [dict(tile, BLOCK_M=64, BLOCK_N=64, no_prefix=True, launcher=True, tflops=300.0, vs_former=300 / 254),
           dict(tile, BLOCK_M=128, BLOCK_N=128, num_warps=8, launcher=False, tflops=254.0)]
+    window = [dict(prefix=16384, chunk=2048, window=4096, triton_tflops=380.0, best_peer="flex",
+                   speedup_vs_best_peer=1.21, max_abs_err=4e-3, triton_correct=True,
+                   launch=dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, pack_heads=1, splits=1))]
     kernels = dict(copy_gbps=3000.0, gemm_bf16_tflops=700.0, attention=attention, memory_bound=memory, paged=paged,
-                   tile_ab=ab, layer_host=layer,
+                   window=window, tile_ab=ab, layer_host=layer,
                    targets=dict(attention_tflops=500.0, attention_vs_best_peer=1.3, memory_bound_of_copy=0.8),
                    compiler=[dict(kernel="chunk_attention d128", registers=255, spill_stores=0, shared_bytes=131072,
                                   wgmma=True, mma_loop_spill_ops=[0, 0]),
@@ -299,6 +320,7 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     assert "| 2 | pcie5 | 48 |" in text
     assert "| 30 / 900 |" in text and "| 40 (26) / 12 launch-bound |" in text and "| none ran | - |" in text
     assert "| 0+2048, 30000+1 | 16 | 321 | 1.25x | - (none ran) | - | pack 1, splits 4 | 3.0e-03 WRONG |" in text
+    assert "| 16384 | 2048 | 4096 | 380 | flex | 1.21x | 128x128 w8s3, pack 1, splits 1 | 4.0e-03 |" in text
 
 
 def test_summary_of_an_older_kernel_file_shows_no_columns_it_never_measured():

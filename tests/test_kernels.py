@@ -17,8 +17,9 @@ DTYPES = [(torch.float32, 2e-5), (torch.float16, 4e-3)]  # dtype with its absolu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def attention_f64(q, k_cache, v_cache, start_pos):
-    """Explicit softmax(QK^T) V in float64 over cache positions [0, start_pos + C), bottom-right causal."""
+def attention_f64(q, k_cache, v_cache, start_pos, window=None):
+    """Explicit softmax(QK^T) V in float64 over cache positions [0, start_pos + C), bottom-right causal; with a
+    sliding `window`, query i sees positions (start_pos + i - window, start_pos + i] only."""
     q, k, v = q.double(), k_cache.double(), v_cache.double()
     B, C, Hq, D = q.shape
     group = Hq // k.shape[2]
@@ -27,6 +28,8 @@ def attention_f64(q, k_cache, v_cache, start_pos):
     v = v[:, :end].repeat_interleave(group, dim=2)
     scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D)
     visible = torch.arange(end)[None, :] <= start_pos + torch.arange(C)[:, None]
+    if window is not None:
+        visible &= torch.arange(end)[None, :] > start_pos + torch.arange(C)[:, None] - window
     scores = scores.masked_fill(~visible.to(scores.device), float("-inf"))
     return torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v)
 
@@ -40,7 +43,8 @@ def no_nan_arithmetic():
         yield
 
 
-def run_attention_case(B, C, Hq, Hkv, D, start_pos, dtype, tol, seed=0, per_row_starts=None, config=None):
+def run_attention_case(B, C, Hq, Hkv, D, start_pos, dtype, tol, seed=0, per_row_starts=None, config=None,
+                       window=None):
     g = torch.Generator(device="cpu").manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=g).to(dtype).to(DEVICE)  # noqa: E731
     starts = per_row_starts or [start_pos] * B
@@ -51,13 +55,13 @@ def run_attention_case(B, C, Hq, Hkv, D, start_pos, dtype, tol, seed=0, per_row_
     out = torch.full_like(q, float("nan"))
     sp = torch.tensor(starts, device=DEVICE) if per_row_starts else start_pos
     with no_nan_arithmetic():
-        chunk_attention(q, k_new, v_new, k_cache, v_cache, sp, out=out, config=config)
+        chunk_attention(q, k_new, v_new, k_cache, v_cache, sp, out=out, config=config, window=window)
     for b, p in enumerate(starts):
         kb, vb = k_before[b:b + 1].clone(), v_before[b:b + 1].clone()
         kb[:, p:p + C], vb[:, p:p + C] = k_new[b:b + 1], v_new[b:b + 1]
         # the cache: new rows written, everything else untouched (bit-exact)
         assert torch.equal(k_cache[b:b + 1], kb) and torch.equal(v_cache[b:b + 1], vb)
-        expected = attention_f64(q[b:b + 1], kb, vb, p)
+        expected = attention_f64(q[b:b + 1], kb, vb, p, window)
         assert not out[b].isnan().any()
         assert (out[b:b + 1].double() - expected).abs().max().item() <= tol
 
@@ -111,6 +115,82 @@ def test_chunk_attention_longest_first(B, C, start_pos, extra, dtype, tol):
     (where the order matters most), packed, split and for a single query."""
     cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, longest_first=True, **extra)
     run_attention_case(B, C, 4, 2, 16, start_pos, dtype, tol, config=cfg)
+
+
+# sliding windows (B, C, Hq, Hkv, D, start_pos, window, config): a window of one key, windows shorter than a block,
+# than the chunk, than the prefix, edges across the prefix and the chunk and across block boundaries, packed GQA,
+# prefix splits (some of them below every window), prefix 0 with and without the prefix loops, a padded head dim
+_TILE = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+WINDOW_CASES = [
+    (1, 37, 4, 2, 16, 50, 1, None),
+    (2, 70, 4, 4, 32, 130, 20, None),
+    (1, 5, 8, 2, 32, 200, 3, None),
+    (1, 64, 2, 1, 16, 0, 10, None),
+    (1, 100, 2, 1, 24, 300, 64, _TILE),
+    (1, 3, 8, 2, 32, 300, 50, {**_TILE, "pack_gqa": True}),
+    (1, 3, 8, 2, 32, 300, 50, {**_TILE, "num_splits": 4}),
+    (1, 20, 4, 2, 16, 300, 270, {**_TILE, "BLOCK_M": 16, "num_splits": 3, "pack_gqa": True}),
+    (2, 40, 4, 2, 80, 90, 17, {**_TILE, "BLOCK_M": 16, "BLOCK_N": 32, "num_splits": 2}),
+    (1, 48, 2, 2, 16, 0, 5, {**_TILE, "BLOCK_M": 16, "no_prefix": True}),
+    (1, 33, 4, 1, 16, 40, 45, {**_TILE, "BLOCK_N": 32}),  # the edge in the prefix for some queries, not others
+]
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,C,Hq,Hkv,D,start_pos,window,config", WINDOW_CASES)
+def test_chunk_attention_sliding_window(B, C, Hq, Hkv, D, start_pos, window, config, dtype, tol):
+    """Query i sees the `window` latest positions up to its own, (start + i - window, start + i] (transformers'
+    sliding-window mask): blocks below the window skipped, the edge masked, rows that see no key in a block (the
+    band's first blocks) without 0 / 0 or -inf - -inf anywhere."""
+    run_attention_case(B, C, Hq, Hkv, D, start_pos, dtype, tol, config=config, window=window)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 2), C=st.integers(1, 60), group=st.sampled_from([1, 2, 4]), start_pos=st.integers(0, 150),
+       window=st.integers(1, 200), pack=st.booleans(), splits=st.sampled_from([1, 2, 3]),
+       block_n=st.sampled_from([16, 32]), per_row=st.booleans(), seed=st.integers(0, 2**16))
+def test_chunk_attention_random_sliding_windows(B, C, group, start_pos, window, pack, splits, block_n, per_row, seed):
+    cfg = dict(BLOCK_M=32, BLOCK_N=block_n, num_warps=4, num_stages=1, pack_gqa=pack, num_splits=splits)
+    starts = [start_pos, (start_pos * 7 + 3) % 151][:B] if per_row else None
+    run_attention_case(B, C, group * 2, 2, 16, start_pos, torch.float32, 2e-5, seed=seed, per_row_starts=starts,
+                       config=cfg, window=window)
+
+
+def test_a_window_as_long_as_the_history_changes_nothing():
+    """A window that covers every query's positions is the full causal attention: bit for bit what the launch
+    without one gives (the launcher drops it), and the reference agrees."""
+    g = torch.Generator().manual_seed(4)
+    C, P = 9, 12
+    q, kn, vn = torch.randn(1, C, 4, 16, generator=g), torch.randn(1, C, 2, 16, generator=g), \
+        torch.randn(1, C, 2, 16, generator=g)
+    kc, vc = torch.randn(1, P + C, 2, 16, generator=g), torch.randn(1, P + C, 2, 16, generator=g)
+    run = lambda window: chunk_attention(q, kn, vn, kc.clone(), vc.clone(), P, window=window)  # noqa: E731
+    assert torch.equal(run(None), run(P + C)) and torch.equal(run(None), run(10**9))
+    assert not torch.equal(run(None), run(P + C - 1))  # the last query's window now leaves out key 0
+
+
+@pytest.mark.parametrize("window,error", [(0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError),
+                                          ("8", TypeError)])
+def test_chunk_attention_refuses_a_bad_window(window, error):
+    with pytest.raises(error, match="window"):
+        chunk_attention(**_attn_inputs(), window=window)
+    with pytest.raises(error, match="window"):
+        chunk_attention_ref(**_attn_inputs(), window=window)
+
+
+def test_the_reference_takes_a_window_as_the_kernel_does():
+    """chunk_attention_ref (the model's torch backend) with a window, dense and per-row starts, against float64."""
+    g = torch.Generator().manual_seed(3)
+    q, kn, vn = (torch.randn(2, 9, 4, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    kn, vn = kn[:, :, :2], vn[:, :, :2]
+    kc, vc = (torch.randn(2, 40, 2, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    for start in (0, 20, torch.tensor([20, 5])):
+        k, v = kc.clone(), vc.clone()
+        out = chunk_attention_ref(q, kn, vn, k, v, start, window=6)
+        for b in range(2):
+            p = int(start[b]) if isinstance(start, torch.Tensor) else start
+            expected = attention_f64(q[b:b + 1], k[b:b + 1], v[b:b + 1], p, 6)
+            assert (out[b:b + 1] - expected).abs().max().item() <= 1e-12
 
 
 @pytest.mark.parametrize("config,match", [

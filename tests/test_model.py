@@ -35,37 +35,72 @@ def test_logits_match_transformers(tmp_path, model_type, gqa, tied):
     assert (ours(tokens) - expected).abs().max().item() <= 1e-4
 
 
-def test_a_sliding_window_shorter_than_the_context_caps_it_and_is_exact_within(tmp_path):
-    """Mistral 7B v0.1's kind of checkpoint (a window shorter than max_position_embeddings): the model computes full
-    causal attention, the windowed one for sequences of at most `window` positions, so its context is the window:
-    a prompt that fills it matches transformers' windowed model, one past it is refused naming the window."""
+@pytest.mark.parametrize("model_type,extra", [
+    ("mistral", {}),  # every layer windowed (Mistral 7B v0.1)
+    ("phi3", {}),  # every layer windowed (Phi-3-mini-4k: 2047)
+    ("qwen2", dict(use_sliding_window=True, max_window_layers=1)),  # the layers from max_window_layers on
+    ("qwen3", dict(use_sliding_window=True, layer_types=["sliding_attention", "full_attention",
+                                                         "sliding_attention"])),  # as layer_types lists them
+    ("smollm3", dict(use_sliding_window=True, no_rope_layer_interval=2)),  # the NoPE layers
+])
+def test_sliding_window_layers_match_transformers(tmp_path, model_type, extra):
+    """A sliding window shorter than the prompt, in the layers transformers applies it to: the model whole, a
+    2-stage pipeline of T = 2 shards (chunks of 5 across the window's edge), and a ragged batch with decode, each
+    against transformers' windowed model; the window is shown to matter (the same model without it differs)."""
     from pipeline import run_prefill
-    hf = make_hf_checkpoint(tmp_path, "mistral", sliding_window=24)
-    ours = load_model(tmp_path)
-    assert ours.cfg.max_seq_len == 24 and ours.cfg.sliding_window == 24
-    tokens = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(9))
+    hf = make_hf_checkpoint(tmp_path, model_type, sliding_window=7, **extra)
+    cfg = ModelConfig.from_hf(tmp_path)
+    types = getattr(hf.config, "layer_types", None) or ["sliding_attention"] * 3
+    assert cfg.sliding_window == 7 and cfg.max_seq_len == 256
+    assert cfg.window_layers == tuple(i for i, t in enumerate(types) if t == "sliding_attention") != ()
+    tokens = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         expected = hf(tokens).logits
-        longer = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(9))
-        full = hf.config.__class__(**{**hf.config.to_dict(), "sliding_window": None})
-        unwindowed = type(hf)(full).eval()
+        plain = {"sliding_window": None} | ({"layer_types": ["full_attention"] * 3} if extra else {})
+        unwindowed = type(hf)(hf.config.__class__(**{**hf.config.to_dict(), **plain})).eval()
         unwindowed.load_state_dict(hf.state_dict())
-        assert (unwindowed(longer).logits - hf(longer).logits).abs().max().item() > 1e-3  # past it, the window counts
-    assert (ours(tokens) - expected).abs().max().item() <= 1e-4
-    res = run_prefill(tmp_path, tokens[:, :23], mode="chunked", stages=2, chunk_size=5, link="inprocess")
-    assert (res.logits - expected[:, 22]).abs().max().item() <= 1e-4
-    with pytest.raises(ValueError, match=r"24 tokens \(\+1 decode\) exceeds the model's max_seq_len 24 \(its sliding"):
-        run_prefill(tmp_path, tokens, mode="chunked", stages=2, link="inprocess")
-    with pytest.raises(ValueError, match=r"row 1 has 24 tokens \(\+1 decode\), more than max_seq_len 24 \(its sliding"):
-        run_prefill(tmp_path, [tokens[0, :5], tokens[1]], mode="chunked", stages=2, link="inprocess")
+        assert (unwindowed(tokens).logits - expected).abs().max().item() > 1e-3  # the window counts
+        assert_dense_and_shards_match(tmp_path, expected, tokens, 1e-4, chunk_size=5)
+        rows = [tokens[0, :6], tokens[1, :33]]
+        res = run_prefill(tmp_path, rows, mode="overlapped", stages=2, chunk_size=8, link="inprocess")
+        for b, r in enumerate(rows):
+            assert (res.logits[b] - hf(r[None]).logits[0, -1]).abs().max().item() <= 1e-4, b
+            nxt = torch.cat([r, res.logits[b].argmax()[None]])
+            assert (res.decode_logits[b] - hf(nxt[None]).logits[0, -1]).abs().max().item() <= 1e-4, b
+
+
+def test_the_kernels_run_a_windowed_checkpoint_as_transformers_does(tmp_path):
+    """The Triton kernels (interpreter) on a Mistral checkpoint with a window of 6: a 2-stage chunked pipeline, its
+    chunks of 4 crossing the window's edge, and decode, against transformers."""
+    from pipeline import run_prefill
+    hf = make_hf_checkpoint(tmp_path, "mistral", sliding_window=6, layers=2)
+    tokens = torch.randint(0, 128, (1, 19), generator=torch.Generator().manual_seed(12))
+    res = run_prefill(tmp_path, tokens, mode="chunked", stages=2, chunk_size=4, link="inprocess", ops="triton")
+    with torch.no_grad():
+        assert (res.logits - hf(tokens).logits[:, -1]).abs().max().item() <= 1e-4
+        nxt = torch.cat([tokens[0], res.logits[0].argmax()[None]])
+        assert (res.decode_logits[0] - hf(nxt[None]).logits[0, -1]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("extra,match", [
+    (dict(layer_types=["sliding_attention", "full"]), "layer_types .* for each of the 3"),
+    (dict(layer_types=None, max_window_layers=-1), "max_window_layers=-1"),
+])
+def test_bad_window_layers_are_refused(tmp_path, extra, match):
+    make_hf_checkpoint(tmp_path, "qwen2", sliding_window=8, use_sliding_window=True)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **extra}))
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf(tmp_path)
 
 
 def test_a_window_at_least_the_context_or_switched_off_changes_nothing(tmp_path):
     make_hf_checkpoint(tmp_path / "long", "mistral", sliding_window=256)
     make_hf_checkpoint(tmp_path / "off", "qwen2", sliding_window=16, use_sliding_window=False)
-    for d in ("long", "off"):
+    make_hf_checkpoint(tmp_path / "llama", "llama", sliding_window=16)  # transformers' Llama has no window
+    for d in ("long", "off", "llama"):
         cfg = load_model(tmp_path / d).cfg
-        assert cfg.max_seq_len == 256 and cfg.sliding_window is None, d
+        assert cfg.max_seq_len == 256 and cfg.sliding_window is None and cfg.window_layers == (), d
 
 
 @pytest.mark.parametrize("gqa", [True, False])

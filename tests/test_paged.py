@@ -50,14 +50,16 @@ def row_dense(pool, table, b, n, page_size):
     return pool[table[b].long()[pos // page_size], pos % page_size][None]
 
 
-def run_paged_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol, seed=0, tensor_prefix=True, config=None):
+def run_paged_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol, seed=0, tensor_prefix=True, config=None,
+                   window=None):
     q, kn, vn, kc, vc, table, cu = make_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, seed)
     k_after = expected_pool(kc, kn, table, prefixes, lens, page_size)
     v_after = expected_pool(vc, vn, table, prefixes, lens, page_size)
     out = torch.full_like(q, float("nan"))
     pre = torch.tensor(prefixes, dtype=torch.int32, device=DEVICE) if tensor_prefix else prefixes[0]
     with no_nan_arithmetic():
-        res = chunk_attention(q, kn, vn, kc, vc, pre, out=out, block_table=table, cu_seqlens=cu, config=config)
+        res = chunk_attention(q, kn, vn, kc, vc, pre, out=out, block_table=table, cu_seqlens=cu, config=config,
+                              window=window)
     assert res is out
     assert torch.equal(kc, k_after) and torch.equal(vc, v_after)  # appended where due, nothing else touched
     start = 0
@@ -65,7 +67,7 @@ def run_paged_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol, seed=0, te
         if c:
             k_row, v_row = row_dense(k_after, table, b, p + c, page_size), row_dense(v_after, table, b, p + c,
                                                                                     page_size)
-            expected = attention_f64(q[start:start + c][None], k_row, v_row, p)[0]
+            expected = attention_f64(q[start:start + c][None], k_row, v_row, p, window)[0]
             got = out[start:start + c]
             assert not got.isnan().any(), f"row {b}"
             assert (got.double() - expected).abs().max().item() <= tol, f"row {b}"
@@ -118,6 +120,42 @@ PACKED_SPLIT_PARAMS = [(*case, *DTYPES[0]) for case in PACKED_SPLIT_CASES] + [(*
                          ids=[f"case{i}-fp32" for i in range(len(PACKED_SPLIT_CASES))] + ["case0-fp16"])
 def test_paged_gqa_packing_and_split_kv(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol, config):
     run_paged_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol, config=config)
+
+
+# sliding windows over pages (chunk lengths, prefix lengths, Hq, Hkv, D, page size, window, config): windows shorter
+# than a page, a block, a chunk; rows whose windows end in the prefix, the chunk or past them; packed, split (some
+# splits below the window), reading the table ahead; pages of one token
+WINDOW_CASES = [
+    ([5, 40, 1], [30, 0, 77], 4, 2, 32, 16, 8, None),
+    ([9, 20], [50, 3], 2, 2, 16, 1, 5, None),
+    ([33, 2], [100, 200], 8, 2, 40, 64, 40, None),
+    ([3, 3, 3], [300, 17, 64], 8, 2, 32, 16, 50, PACKED_SPLIT["pack+split4"]),
+    ([70], [90], 2, 1, 16, 32, 13, PACKED_SPLIT["split3"]),
+    ([70, 17], [130, 0], 2, 2, 16, 64, 33, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1, page_ahead=True)),
+    ([7], [0], 4, 2, 16, 16, 1, None),
+]
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lens,prefixes,Hq,Hkv,D,page_size,window,config", WINDOW_CASES)
+def test_paged_sliding_window(lens, prefixes, Hq, Hkv, D, page_size, window, config, dtype, tol):
+    """Each row's query i sees its own positions (prefix + i - window, prefix + i] only, in every layout."""
+    run_paged_case(lens, prefixes, Hq, Hkv, D, page_size, dtype, tol, config=config, window=window)
+
+
+def test_paged_reference_takes_a_window():
+    """paged_chunk_attention_ref (the model's torch backend for ragged batches) with a window, against float64."""
+    lens, prefixes = [6, 11], [9, 0]
+    q, kn, vn, kc, vc, table, cu = make_case(lens, prefixes, 4, 2, 16, 4, torch.float64, seed=2)
+    k_after = expected_pool(kc, kn, table, prefixes, lens, 4)
+    v_after = expected_pool(vc, vn, table, prefixes, lens, 4)
+    out = paged_chunk_attention_ref(q, kn, vn, kc, vc, torch.tensor(prefixes), table, cu, window=5)
+    start = 0
+    for b, (p, c) in enumerate(zip(prefixes, lens)):
+        k_row, v_row = row_dense(k_after, table, b, p + c, 4), row_dense(v_after, table, b, p + c, 4)
+        expected = attention_f64(q[start:start + c][None], k_row, v_row, p, 5)[0]
+        assert (out[start:start + c] - expected).abs().max().item() <= 1e-12
+        start += c
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -154,6 +154,21 @@ def test_roofline_matches_hand_figures_for_a_compute_bound_chunk():
     assert float(cost(1, 0)) > cfg.params_per_layer * 2 / (3350e9 * dev.memory_efficiency)
 
 
+@pytest.mark.parametrize("x,p", [(4096, 8192), (2048, 0), (1000, 3500), (512, 100_000)])
+def test_roofline_counts_a_sliding_windows_pairs(x, p):
+    """In a windowed layer query i (position p + i) attends to min(p + i + 1, W) positions: the attention term is
+    that many pairs (counted one by one here), compute-bound at these sizes; the rest of the layer is unchanged."""
+    W = 4096
+    cfg = get_preset("llama3-8b").replace(sliding_window=W, window_layers=(0, 9))
+    dev = get_device("h100")
+    pairs = sum(min(p + i + 1, W) for i in range(x))
+    full = x * p + x * (x + 1) / 2
+    saved = 4 * 32 * 128 * (full - pairs) / (989e12 * dev.attention_efficiency)
+    plain, windowed = RooflineCost(cfg, layers=3, device=dev), RooflineCost(cfg, layers=3, device=dev, windowed=2)
+    assert float(plain(x, p) - windowed(x, p)) == pytest.approx(2 * saved, rel=1e-9, abs=1e-15)
+    assert [c.windowed for c in roofline_stage_costs(cfg, 4, "h100")] == [1, 1, 0, 0]
+
+
 def test_roofline_stages_split_like_the_engine_and_only_the_last_has_the_head():
     costs = roofline_stage_costs(get_preset("llama3-70b"), 3, "a100")
     assert [c.layers for c in costs] == [27, 27, 26]
