@@ -271,17 +271,20 @@ def _loop_report(loops: list[list[str]] | None) -> dict:
 # 3.8 on, the Hopper attention tiles of 128 keys per block at head dims 80-128 (64x128, 128x128: the launcher's
 # prefill tiles) then spill at 255 registers: 8-92 B under 3.8, 8-208 B under 3.9, up to 36 local loads/stores per
 # iteration of a key-block loop (the same PTX without the flag spills nothing; 3.6 and 3.7 builds spill nothing:
-# bench/results/aot-quick). Allowed there up to this many bytes each way, and nowhere else.
+# bench/results/aot-quick). The sliding-window variants (WINDOW: the window's mask in the prefix and chunk loops)
+# reach 255 registers at more tiles there: the 128-key tiles again, and the 128x64 tile at d64 (68 B), none under 3.6
+# or 3.7. Allowed there up to this many bytes each way, and nowhere else.
 SPILL_ALLOWANCE_BYTES = 256
 
 
 def spill_allowance(spec: KernelSpec, arch: int, triton_version: str = triton.__version__) -> int:
     """Spill bytes (stores, and loads) a compile of `spec` may show without failing the check: SPILL_ALLOWANCE_BYTES
-    for the dense attention kernel's 128-key tiles at head dims 80-128 on sm_90 under Triton 3.8 or later, else 0."""
+    for the dense attention kernel's 128-key tiles at head dims 80-128, and its sliding-window variants, on sm_90
+    under Triton 3.8 or later, else 0."""
     major, minor = (int(v) for v in re.findall(r"\d+", triton_version)[:2])
     c = spec.constexprs
     if (major, minor) >= (3, 8) and arch == 90 and spec.fn is attn_mod._chunk_attention_kernel \
-            and c.get("BLOCK_N") == 128 and 80 <= c.get("HEAD_DIM", 0) <= 128:
+            and (c.get("WINDOW") or (c.get("BLOCK_N") == 128 and 80 <= c.get("HEAD_DIM", 0) <= 128)):
         return SPILL_ALLOWANCE_BYTES
     return 0
 
@@ -324,13 +327,15 @@ def _code_path(spec: KernelSpec) -> tuple[tuple, bool] | None:
         return ((spec.name,), False) if spec.dtype in ("bfloat16", "") else None
     if c.get("FOLD_SCALE") or c.get("TMA"):  # tuning-sweep options, never the launchers' choice
         return (kernel, "fold" if c.get("FOLD_SCALE") else "tma"), False
+    if c.get("WINDOW"):  # a sliding window: the largest d128 windowed tile of each kernel (the quick set: all)
+        return ((kernel, "window"), True) if spec.dtype == "bfloat16" and c["HEAD_DIM"] == 128 else None
     if spec.dtype != "bfloat16":  # fp16 tiles are bf16's; the fp32 ones are for checking
         return (kernel, spec.dtype), False
     if c["HEAD_DIM"] != 128:  # every other head dim: its largest tile, whatever the variant
         return (kernel, c["HEAD_DIM"]), True
     variant = (c["PACK"] > 1, c["SPLIT"], c.get("PER_ROW_START", False), c.get("HAS_PREFIX", True),
-               c.get("PAGE_SIZE", 16), c.get("PAGE_AHEAD", False), c.get("WINDOW", False))
-    if variant == (False, False, False, True, 16, False, False):  # d128's plain tiles: every shape the launcher picks
+               c.get("PAGE_SIZE", 16), c.get("PAGE_AHEAD", False))
+    if variant == (False, False, False, True, 16, False):  # d128's plain tiles: every shape the launcher picks
         return (kernel, 128, c["BLOCK_M"], c["BLOCK_N"]), True
     return (kernel, 128, variant), True  # d128's variants: GQA packing, split-KV, per-row starts, prefix 0, pages
 

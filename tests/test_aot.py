@@ -114,8 +114,8 @@ def test_the_report_reads_tritons_ptxas_log_and_allows_spills_only_where_its_fla
         aot.ptxas_report("")
     dense, paged = aot.attn_mod._chunk_attention_kernel, aot.paged_mod._paged_chunk_attention_kernel
 
-    def spec(fn, d, n):  # in this process the interpreter's tiles stand in for the GPU's: made by hand here
-        return aot.KernelSpec(f"d{d} n{n}", fn, {}, dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=n), 8)
+    def spec(fn, d, n, window=False):  # in this process the interpreter's tiles stand in for the GPU's: by hand
+        return aot.KernelSpec(f"d{d} n{n}", fn, {}, dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=n, WINDOW=window), 8)
     prefill = spec(dense, 128, 128)
     assert aot.spill_allowance(prefill, 90, "3.9.0") == aot.spill_allowance(prefill, 90, "3.8.1") > 0
     assert aot.spill_allowance(prefill, 90, "3.7.0") == aot.spill_allowance(prefill, 90, "3.6.0") == 0
@@ -123,6 +123,11 @@ def test_the_report_reads_tritons_ptxas_log_and_allows_spills_only_where_its_fla
     assert aot.spill_allowance(spec(dense, 80, 128), 90, "3.9.0") > 0
     for fn, d, n in ((dense, 128, 64), (dense, 64, 128), (dense, 256, 128), (paged, 128, 128)):
         assert aot.spill_allowance(spec(fn, d, n), 90, "3.9.0") == 0, (fn.__name__, d, n)
+    # the dense kernel's sliding-window variants, any tile, under the same Triton builds and arch only
+    windowed = spec(dense, 64, 64, window=True)
+    assert aot.spill_allowance(windowed, 90, "3.9.0") > 0
+    assert aot.spill_allowance(windowed, 90, "3.7.0") == aot.spill_allowance(windowed, 80, "3.9.0") == 0
+    assert aot.spill_allowance(spec(paged, 64, 64, window=True), 90, "3.9.0") == 0
 
 
 def _tile(name: str) -> int:
@@ -154,7 +159,7 @@ def test_the_tests_selection_keeps_every_code_path_of_the_quick_set(arch):
         plain = re.compile(kernel + r"d128 bfloat16 m\d+n\d+( page16)?$")
         assert [n for n in theirs if plain.match(n)] == [n for n in mine if plain.match(n)]
         for word in (" pack", " split", " per-row start", " no-prefix", " page256", " ahead", " fold", " tma",
-                     " float16 ", " float32 "):
+                     " window", " float16 ", " float32 "):
             assert any(word in n for n in mine) == any(word in n for n in theirs), word
 
 

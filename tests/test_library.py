@@ -40,6 +40,7 @@ def test_every_operator_passes_torchs_opcheck():
     torch.library.opcheck(ops.chunk_attention_rows, (q, k, v, kc, vc, torch.tensor([3, 11])))
     q2, k2, v2, kp, vp, prefix, table, cu = _paged_case(1)
     torch.library.opcheck(ops.chunk_attention_paged, (q2, k2, v2, kp, vp, prefix, table, cu, 5, 6))
+    torch.library.opcheck(ops.chunk_attention, (q, k, v, kc, vc, 5), dict(window=4))  # a sliding window
     x, r = torch.randn(3, 5, 32), torch.randn(3, 5, 32)
     w = torch.randn(32)
     torch.library.opcheck(ops.add_rms_norm, (x, r, w, 1e-5))
@@ -53,8 +54,9 @@ def test_every_operator_passes_torchs_opcheck():
     torch.library.opcheck(ops.swiglu, (gate_up[..., :32], gate_up[..., 32:]))
 
 
+@pytest.mark.parametrize("window", [None, 3], ids=["full", "window3"])
 @pytest.mark.parametrize("start", ["int", "rows", "paged", "packed-int"])
-def test_attention_through_its_operator_equals_the_launcher(start):
+def test_attention_through_its_operator_equals_the_launcher(start, window):
     if start == "paged":
         q, k, v, kc, vc, prefix, table, cu = _paged_case(2)
         kw = dict(block_table=table, cu_seqlens=cu, max_chunk=5, max_prefix=6)
@@ -66,8 +68,8 @@ def test_attention_through_its_operator_equals_the_launcher(start):
         q, k, v, kc, vc = _attention_case(3)
         prefix, kw = (9 if start == "int" else torch.tensor([0, 13])), {}
     kc2, vc2 = kc.clone(), vc.clone()
-    got = library.chunk_attention(q, k, v, kc, vc, prefix, **kw)
-    want = kernels.chunk_attention(q, k, v, kc2, vc2, prefix, **kw)
+    got = library.chunk_attention(q, k, v, kc, vc, prefix, window=window, **kw)
+    want = kernels.chunk_attention(q, k, v, kc2, vc2, prefix, window=window, **kw)
     assert torch.equal(got, want) and torch.equal(kc, kc2) and torch.equal(vc, vc2)  # the append happened alike
     assert not got.isnan().any()
 

@@ -418,6 +418,12 @@ def test_paged_varlen_gpu_bf16(cuda, page):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("page", [16, 256])
+def test_paged_varlen_gpu_bf16_sliding_window(cuda, page):
+    run_paged_case([2048, 1, 300, 17], [16384, 9000, 0, 4097], 32, 8, 128, page, torch.bfloat16, 2e-2, window=4096)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [16, 256])
 def test_paged_decode_batch_gpu_bf16_packs_and_splits(cuda, page):
     """A decode step of 4 rows over long prefixes, 4 query heads per KV head: the launcher packs each group's heads
     into one tile and, with 32 programs on a GPU of many more SMs, splits the prefixes; compiled kernel and merge
