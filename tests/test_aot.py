@@ -70,14 +70,22 @@ def test_the_compiled_selection_covers_every_kernel():
     # and its GQA-packed tiles, and the split-KV variant of every bf16 tile (at d128 in the quick selection)
     assert any(" pack" in n for n in paged)
     assert {n + " split" for n in paged if "bfloat16 " in n and " d128 " in n and "page16" in n
-            and not n.endswith(" split")} <= paged
+            and not n.endswith((" split", " window"))} <= paged
     full = {r["kernel"] for r in compile_rows("--arch", "90", "--only", "paged", "--list")}
-    assert {n + " split" for n in full if "bfloat16 " in n and "page16" in n and not n.endswith(" split")} <= full
+    assert {n + " split" for n in full if "bfloat16 " in n and "page16" in n
+            and not n.endswith((" split", " window"))} <= full
+    # under a sliding window: every bf16 tile over pages of 16, and split
+    windowed = {n[:-len(" window")] for n in full if n.endswith(" window")}
+    assert {n for n in full if "bfloat16 " in n and n.endswith("page16")} <= windowed
+    assert {n + " split" for n in windowed if n.endswith("page16")} <= windowed
     # GQA-packed decode tiles and the split-KV variant of every 16-bit tile (any grid that leaves SMs idle splits)
     assert any(" pack" in n for n in names)
     plain = {n for n in names if n.startswith("chunk_attention ") and "float32" not in n and not n.endswith(
-        (" split", " per-row start", " tma", " no-prefix"))}
+        (" split", " per-row start", " tma", " no-prefix", " window"))}
     assert {n + " split" for n in plain} <= set(names)
+    # and the sliding-window variant of every 16-bit tile the launcher picks, unsplit and split
+    assert {n + " window" for n in plain if " fold" not in n} | {n + " split window" for n in plain
+                                                                 if " fold" not in n} <= set(names)
     assert any(n.startswith("chunk_attention d128 bfloat16") for n in names)
     assert any(n.endswith("per-row start") for n in names)  # the start-position tensor variant
     # the prefix-0 tile, compiled without the prefix loops (unsplit: nothing to split), padded head dims too

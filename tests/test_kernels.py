@@ -381,7 +381,7 @@ def test_chunk_attention_without_prefix_loops(extra, dtype, tol):
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("fold", [False, True], ids=["scaled-first", "fold-scale"])
 @pytest.mark.parametrize("B,C,D,start_pos,extra", [
-    (2, 75, 16, 21, {}), (1, 37, 80, 0, {"no_prefix": True}), (2, 33, 32, 150, {"num_splits": 3}),
+    (2, 75, 16, 21, {}), (1, 37, 80, 0, {"no_prefix": True}), (2, 33, 32, 90, {"num_splits": 3}),
     (1, 9, 16, 40, {"pack_gqa": True}), (1, 1, 24, 7, {})])
 def test_chunk_attention_softmax_scale_folded_or_not(B, C, D, start_pos, extra, fold, dtype, tol):
     """config fold_scale (a sweep option; an H200 timed it slower in the Hopper prefill tiles): the max of the raw

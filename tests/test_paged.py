@@ -101,7 +101,7 @@ PACKED_SPLIT = {"pack": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1, 
                 "pack+split4": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1, pack_gqa=True, num_splits=4),
                 # block-table reads one block ahead (the interpreter's default tile has them too), split: some
                 # splits' ranges are empty
-                "split5+ahead": dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, num_splits=5,
+                "split5+ahead": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, num_splits=5,
                                      page_ahead=True)}
 
 
@@ -213,7 +213,7 @@ def test_an_int_prefix_serves_every_row():
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
-@pytest.mark.parametrize("page_size", [1, 16, 64, 256])
+@pytest.mark.parametrize("page_size", [1, 16, 256])
 def test_reading_the_block_table_ahead_changes_no_result(page_size, dtype, tol):
     """config page_ahead (each key block's page read one block early, carried into the next iteration): the same
     outputs to the bit as reading it in the block's own iteration, both against float64; pages of one key block or
