@@ -172,7 +172,7 @@ def _alive(pid: int) -> bool:
 def test_an_interrupted_sweep_stops_every_stage_and_keeps_its_finished_points(sig, to, code, word, tmp_path):
     out = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-m", "bench", "--model", "tiny", "--prompt-len", "256,320,384,448",
-                             "--chunk-size", "16", "--repeats", "10", "--out", str(out)], cwd=ROOT, env=_env(),
+                             "--chunk-size", "16", "--repeats", "3", "--out", str(out)], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 240

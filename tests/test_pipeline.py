@@ -205,44 +205,39 @@ SMALL_H = 384  # the small preset: a 128-token chunk is computed in ~10-30 ms he
 EMULATED = 128 * SMALL_H * ITEM / 0.003 / 1e9  # GB/s at which one 128-token chunk (196,608 bytes) takes 3 ms
 
 
-@pytest.fixture(scope="module", params=["inprocess", "gloo"])
-def emulated_runs(request):
+def emulated_runs(link: str) -> dict:
     """Every pipelined mode over an emulated 3 ms-per-chunk link; stage 1 holds 5 of the 6 layers, so it is still
     busy with chunk k - 1 when stage 0 sends chunk k (measured here: its receive is posted 20-40 ms after the
     send), and a transfer must wait for its receive."""
-    spec = PipelineSpec(source="small", stages=(1, 5), link=request.param, threads=1, bandwidth_gbps=EMULATED)
+    spec = PipelineSpec(source="small", stages=(1, 5), link=link, threads=1, bandwidth_gbps=EMULATED)
     toks = torch.randint(0, 4096, (1, 512), generator=torch.Generator().manual_seed(0))
     jobs = [Job(m, toks, [512] if m == "naive" else [128] * 4, repeats=3, decode=False) for m in PIPELINE_MODES]
     return dict(zip(PIPELINE_MODES, run_jobs(spec, jobs)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", PIPELINE_MODES)
-def test_an_emulated_transfer_starts_when_both_ends_are_ready(emulated_runs, mode):
+@pytest.mark.parametrize("link", ["inprocess", "gloo"])
+def test_an_emulated_transfer_starts_when_both_ends_are_ready_and_the_simulator_replays_it(link):
     """The emulated link's time is paid from the rendezvous (the send posted, the receive posted), on the sender
     and on the receiver, as a real slow link makes both wait. (It used to be slept before the send: a busy receiver
-    then found the data waiting and paid nothing.)"""
-    for res in emulated_runs[mode]:
-        send, recv = res.records
-        for k, c in enumerate(res.chunks):
-            delay = c * SMALL_H * ITEM / (EMULATED * 1e9)
-            ready = max(send.send[k][0], recv.recv_posted[k])
-            assert recv.recv_wait[k][1] >= ready + delay - 1e-4, (mode, k)  # the data arrives no earlier
-            assert send.send[k][1] >= ready + delay - 1e-4, (mode, k)  # and the send completes no earlier
-        if mode != "overlapped":  # blocking sends: the sender is held until its transfer is over
-            assert all(w[1] >= s[1] - 1e-4 for w, s in zip(send.send_wait, send.send))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", PIPELINE_MODES)
-def test_the_simulator_replays_emulated_runs(emulated_runs, mode):
-    """The engine and the simulator agree on the link's rules: a run replayed on its own compute times with the
-    emulated link takes what it took, less the host overhead the model leaves out (0.95-0.996 on a quiet machine;
-    the bounds leave room for a loaded one). Never more: what the model has, the run had too."""
+    then found the data waiting and paid nothing.) And the engine and the simulator agree on the link's rules: a
+    run replayed on its own compute times with the emulated link takes what it took, less the host overhead the
+    model leaves out (0.95-0.996 on a quiet machine; the bounds leave room for a loaded one). Never more: what the
+    model has, the run had too. (One test per link, its modes in a loop: the runs are made once, on one worker.)"""
     from pipeline.simulate import replay
-    ratios = [replay(mode, res.records, LinkModel(EMULATED), SMALL_H * ITEM).makespan_s / res.metrics["ttft_s"]
-              for res in emulated_runs[mode]]
-    assert 0.85 <= statistics.median(ratios) <= 1.02, (mode, ratios)
+    for mode, runs in emulated_runs(link).items():
+        for res in runs:
+            send, recv = res.records
+            for k, c in enumerate(res.chunks):
+                delay = c * SMALL_H * ITEM / (EMULATED * 1e9)
+                ready = max(send.send[k][0], recv.recv_posted[k])
+                assert recv.recv_wait[k][1] >= ready + delay - 1e-4, (mode, k)  # the data arrives no earlier
+                assert send.send[k][1] >= ready + delay - 1e-4, (mode, k)  # and the send completes no earlier
+            if mode != "overlapped":  # blocking sends: the sender is held until its transfer is over
+                assert all(w[1] >= s[1] - 1e-4 for w, s in zip(send.send_wait, send.send))
+        ratios = [replay(mode, res.records, LinkModel(EMULATED), SMALL_H * ITEM).makespan_s / res.metrics["ttft_s"]
+                  for res in runs]
+        assert 0.85 <= statistics.median(ratios) <= 1.02, (mode, ratios)
 
 
 def test_overlapped_sends_hide_behind_compute():
