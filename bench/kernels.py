@@ -210,6 +210,26 @@ def attention_peers(qt, kt, vt, P, compile_flex: bool = True) -> dict:
 
 HANDICAPPED = ("sdpa_dense_repeat",)
 
+def time_peers(row: dict, peers: dict, ref, timer, tol: float) -> dict:
+    """Each peer's error against float64 `ref` and its time into `row` (`<name>_ms`, `<name>_max_abs_err`, or
+    `<name>_why` for one that cannot run the shape), then the best peer (the fastest whose error is within `tol`,
+    handicapped rows excluded) and chunk_attention's speed-up over it (`row["triton_ms"]`). Returns the fair peers'
+    times by name."""
+    for name, fn in peers.items():
+        try:
+            got = fn()
+            row[f"{name}_max_abs_err"] = (got.transpose(1, 2).double() - ref).abs().max().item()
+            row[f"{name}_ms"] = timer(fn)
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is a result, said why
+            row[f"{name}_ms"] = None
+            row[f"{name}_why"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+    fair = {n: row[f"{n}_ms"] for n in peers if row[f"{n}_ms"] and n not in HANDICAPPED
+            and row.get(f"{n}_max_abs_err", float("inf")) <= tol}
+    row["best_peer"] = min(fair, key=fair.get) if fair else None
+    row["speedup_vs_best_peer"] = fair[row["best_peer"]] / row["triton_ms"] if fair else None
+    return fair
+
+
 # (prefix, chunk, window): Mistral 7B v0.1's window of 4096 over a long prefix, with a prefill chunk and a short one
 WINDOW_SHAPES = ((16384, 2048, 4096), (32768, 256, 4096))
 
@@ -265,18 +285,7 @@ def bench_window(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=WINDOW_S
                    triton_tflops=4 * B * Hq * D * window_pairs(C, P, W) / ms / 1e9, max_abs_err=err,
                    triton_correct=err <= tol, peer_tolerance=tol,
                    launch=dict(plan["config"], pack_heads=plan["pack"], splits=plan["splits"], grid=plan["grid"]))
-        for name, fn in window_peers(*heads_first, P, W, compile_flex=compile_flex).items():
-            try:
-                got = fn()
-                row[f"{name}_max_abs_err"] = (got.transpose(1, 2).double() - ref).abs().max().item()
-                row[f"{name}_ms"] = timer(fn)
-            except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is a result, said why
-                row[f"{name}_ms"] = None
-                row[f"{name}_why"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-        fair = {n[:-3]: v for n, v in row.items() if n.endswith("_ms") and n != "triton_ms" and v
-                and row.get(f"{n[:-3]}_max_abs_err", float("inf")) <= tol}
-        row["best_peer"] = min(fair, key=fair.get) if fair else None
-        row["speedup_vs_best_peer"] = fair[row["best_peer"]] / ms if fair else None
+        time_peers(row, window_peers(*heads_first, P, W, compile_flex=compile_flex), ref, timer, tol)
         rows.append(row)
     return rows
 
@@ -413,18 +422,7 @@ def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=ATTEN
                    launch=dict(plan["config"], pack_heads=plan["pack"], splits=plan["splits"], grid=plan["grid"]),
                    **{f"launch_{k}": v for k, v in launch_cost(run, device, timer).items()})
         peers = attention_peers(*heads_first, P, compile_flex=compile_flex)
-        for name, fn in peers.items():
-            try:
-                got = fn()
-                row[f"{name}_max_abs_err"] = (got.transpose(1, 2).double() - ref).abs().max().item()
-                row[f"{name}_ms"] = timer(fn)
-            except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is a result, said why
-                row[f"{name}_ms"] = None
-                row[f"{name}_why"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
-        fair = {n[:-3]: v for n, v in row.items() if n.endswith("_ms") and n != "triton_ms" and v
-                and n[:-3] not in HANDICAPPED and row.get(f"{n[:-3]}_max_abs_err", float("inf")) <= tol}
-        row["best_peer"] = min(fair, key=fair.get) if fair else None
-        row["speedup_vs_best_peer"] = fair[row["best_peer"]] / ms if fair else None
+        fair = time_peers(row, peers, ref, timer, tol)
         if fair and row["launch_graph_us"] is not None and row["launch_host_us"] > row["launch_graph_us"]:
             row.update(device_time_vs_peers(row, peers, fair, timer))
         rows.append(row)

@@ -47,7 +47,6 @@ def test_sliding_window_layers_match_transformers(tmp_path, model_type, extra):
     """A sliding window shorter than the prompt, in the layers transformers applies it to: the model whole, a
     2-stage pipeline of T = 2 shards (chunks of 5 across the window's edge), and a ragged batch with decode, each
     against transformers' windowed model; the window is shown to matter (the same model without it differs)."""
-    from pipeline import run_prefill
     hf = make_hf_checkpoint(tmp_path, model_type, sliding_window=7, **extra)
     cfg = ModelConfig.from_hf(tmp_path)
     types = getattr(hf.config, "layer_types", None) or ["sliding_attention"] * 3
@@ -61,12 +60,7 @@ def test_sliding_window_layers_match_transformers(tmp_path, model_type, extra):
         unwindowed.load_state_dict(hf.state_dict())
         assert (unwindowed(tokens).logits - expected).abs().max().item() > 1e-3  # the window counts
         assert_dense_and_shards_match(tmp_path, expected, tokens, 1e-4, chunk_size=5)
-        rows = [tokens[0, :6], tokens[1, :33]]
-        res = run_prefill(tmp_path, rows, mode="overlapped", stages=2, chunk_size=8, link="inprocess")
-        for b, r in enumerate(rows):
-            assert (res.logits[b] - hf(r[None]).logits[0, -1]).abs().max().item() <= 1e-4, b
-            nxt = torch.cat([r, res.logits[b].argmax()[None]])
-            assert (res.decode_logits[b] - hf(nxt[None]).logits[0, -1]).abs().max().item() <= 1e-4, b
+        assert_ragged_rows_match(tmp_path, hf, [tokens[0, :6], tokens[1, :33]], 1e-4, mode="overlapped")
 
 
 def test_the_kernels_run_a_windowed_checkpoint_as_transformers_does(tmp_path):
@@ -146,6 +140,18 @@ def assert_dense_and_shards_match(path, expected, tokens, tol, chunk_size=8):
     res = run_prefill(path, tokens, mode="overlapped", stages=2, tp=2, chunk_size=chunk_size, link="inprocess",
                       decode=False)
     assert (res.logits - expected[:, -1]).abs().max().item() <= tol
+
+
+def assert_ragged_rows_match(path, hf, rows, tol, mode="chunked"):
+    """The rows as one ragged batch through a 2-stage pipeline (chunks of 8): each row's logits and its decode
+    logits (after its greedy token) equal transformers' for that row alone within `tol`."""
+    from pipeline import run_prefill
+    res = run_prefill(path, rows, mode=mode, stages=2, chunk_size=8, link="inprocess")
+    with torch.no_grad():
+        for b, r in enumerate(rows):
+            assert (res.logits[b] - hf(r[None]).logits[0, -1]).abs().max().item() <= tol, b
+            nxt = torch.cat([r, res.logits[b].argmax()[None]])
+            assert (res.decode_logits[b] - hf(nxt[None]).logits[0, -1]).abs().max().item() <= tol, b
 
 
 @pytest.mark.parametrize("partial", [1.0, 0.75, 0.5])
@@ -252,19 +258,13 @@ def test_smollm3_nope_layers_match_transformers(tmp_path, extra, nope):
     """SmolLM3: layers without RoPE (NoPE) among rotated ones; dense, a 2-stage pipeline of T = 2 shards and a
     ragged batch (rows at their own positions) with decode, each against transformers. Within 1e-5: this small
     random model's attention is nearly uniform, so RoPE in every layer would be only 6e-5 to 5e-4 off here."""
-    from pipeline import run_prefill
     hf = make_hf_checkpoint(tmp_path, "smollm3", **extra)
     assert ModelConfig.from_hf(tmp_path).nope_layers == nope
     tokens = torch.randint(0, 128, (2, 37), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         expected = hf(tokens).logits
         assert_dense_and_shards_match(tmp_path, expected, tokens, 1e-5)
-        rows = [tokens[0, :5], tokens[1]]
-        res = run_prefill(tmp_path, rows, mode="chunked", stages=2, chunk_size=8, link="inprocess")
-        for b, r in enumerate(rows):
-            assert (res.logits[b] - hf(r[None]).logits[0, -1]).abs().max().item() <= 1e-5, b
-            nxt = torch.cat([r, res.logits[b].argmax()[None]])
-            assert (res.decode_logits[b] - hf(nxt[None]).logits[0, -1]).abs().max().item() <= 1e-5, b
+        assert_ragged_rows_match(tmp_path, hf, [tokens[0, :5], tokens[1]], 1e-5)
 
 
 def test_phi3_configs_in_the_older_format_read_the_same(tmp_path):
