@@ -91,8 +91,8 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
         # compiled for the largest tile of the serving dtype below. Split-KV (any config may be split when its grid
         # leaves SMs idle) differs in the prologue and the float32 epilogue: compiled for every 16-bit config.
         per_row_too = head_dim == 128 and dtype == torch.bfloat16 and cfg["BLOCK_M"] == 128 and has_prefix
-        # a sliding window (WINDOW) adds the band loops at the window's edge: compiled for every 16-bit launcher
-        # config, unsplit and (over a prefix) split
+        # a sliding window (WINDOW) masks the key-block loops at the window's edge: compiled for every 16-bit
+        # launcher config, unsplit and (over a prefix) split
         windowed = dtype != torch.float32 and not cfg.get("fold_scale")
         variants = [(False, False, False, False)] + [(True, False, False, False)] * per_row_too + [
             (False, True, False, False)] * (dtype != torch.float32 and has_prefix) + [

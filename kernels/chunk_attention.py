@@ -244,27 +244,22 @@ def _chunk_attention_kernel(
     if WINDOW:
         p0 = (tl.maximum(P - window + 1, 0) // BLOCK_N) * BLOCK_N
     lo, hi, chunk_end = _split_slice(P, C_ok, pid_s, n_splits, SPLIT, BLOCK_N, p0)
-    if HAS_PREFIX and WINDOW:
-        # relative to the slice's first key lo: key c is visible to query i when c > i + shift; the block's first
-        # query sees from `band` on
-        n = hi - lo
-        n_full = (n // BLOCK_N) * BLOCK_N
-        kcs, vcs = kc + lo * stride_kcm, vc + lo * stride_vcm
-        shift = P - window - lo
-        band = tl.minimum((tl.maximum(shift + q_lo + 1, 0) // BLOCK_N) * BLOCK_N, n_full)
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, band, n_full, n, offs_m, offs_n,
-                                offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D, FOLD_SCALE,
-                                True, shift)
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, n_full, n, n, offs_m, offs_n,
-                                offs_d, qk_scale, False, True, BLOCK_N, PRECISION, HEAD_DIM, PAD_D, FOLD_SCALE,
-                                True, shift)
-    elif HAS_PREFIX:
+    if HAS_PREFIX:
         # the slice's keys are addressed from its start (a loop from 0 with a constant-free start compiles to fewer
         # registers: a loop from a runtime `lo` spilled 92-108 B in the 64x128 tile under Triton 3.9)
         n = hi - lo
         n_full = (n // BLOCK_N) * BLOCK_N
         kcs, vcs = kc + lo * stride_kcm, vc + lo * stride_vcm
-        if TMA:  # the cache as [B·max_len, Hkv, HEAD_DIM]: the launcher checked it flattens (batch stride max_len)
+        shift = 0
+        if WINDOW:
+            # relative to lo: key c is visible to query i when c > i + shift; the block's first query sees from
+            # `band` on
+            shift = P - window - lo
+            band = tl.minimum((tl.maximum(shift + q_lo + 1, 0) // BLOCK_N) * BLOCK_N, n_full)
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, band, n_full, n, offs_m,
+                                    offs_n, offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D,
+                                    FOLD_SCALE, True, shift)
+        elif TMA:  # the cache as [B·max_len, Hkv, HEAD_DIM]: the launcher checked it flattens (batch stride max_len)
             Hkv_all = Hq // GROUP
             kd = tl.make_tensor_descriptor(KC, shape=[B * max_len, Hkv_all, HEAD_DIM],
                                            strides=[stride_kcm, stride_kch, 1], block_shape=[BLOCK_N, 1, BLOCK_D])
@@ -276,7 +271,8 @@ def _chunk_attention_kernel(
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, 0, n_full, n, offs_m, offs_n,
                                     offs_d, qk_scale, False, False, BLOCK_N, PRECISION, HEAD_DIM, PAD_D, FOLD_SCALE)
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, kcs, vcs, stride_kcm, stride_vcm, n_full, n, n, offs_m, offs_n,
-                                offs_d, qk_scale, False, True, BLOCK_N, PRECISION, HEAD_DIM, PAD_D, FOLD_SCALE)
+                                offs_d, qk_scale, False, True, BLOCK_N, PRECISION, HEAD_DIM, PAD_D, FOLD_SCALE,
+                                WINDOW, shift)
     # Phase 2, the chunk itself: whole key blocks before this query block are all visible (unmasked); the
     # blocks from the one holding the block's first query on get the causal mask (that start is rounded down to
     # BLOCK_N, so BLOCK_N > BLOCK_Q stays exact). Blocks right of the diagonal are never visited.
