@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-lens", type=int_list(1), default=[4096, 8192, 16384, 32768, 65536, 131072],
                     help="prompt lengths (default: 4k-128k); each must fit the model's context (a "
                          "checkpoint's max_position_embeddings, even where running it here is capped "
-                         "below for exact outputs: a sliding window, LongRoPE)")
+                         "below for exact outputs: LongRoPE's original length)")
     ap.add_argument("--batch", type=integer(1), default=1, help="batch size (default: 1)")
     ap.add_argument("--chunk-plan", choices=["balanced", "uniform"], default="balanced")
     ap.add_argument("--chunk-size", type=integer(1), default=None,
@@ -444,7 +444,7 @@ def check_grid(cfgs: dict, prompt_lens: list[int], granularity: int | None) -> N
     """Every prompt length within every model's context (a prefill of the whole context is fine: the TTFT needs no
     further position), and a --granularity given suiting the planner at each (the default, L/64 but at least 128,
     does). A projection needs shapes only: a checkpoint whose context this project's model caps for exact outputs
-    (a sliding window, LongRoPE's original length: `ModelConfig.context_limit`) is projected up to its own
+    (LongRoPE's original length: `ModelConfig.context_limit`) is projected up to its own
     max_position_embeddings."""
     from pipeline.plan import check_granularity
     for m, cfg in cfgs.items():

@@ -733,15 +733,17 @@ def chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_sc
         raise ValueError(f"attention: start_pos + C = {end} is past the cache (max_len {k_cache.shape[1]})")
     k_cache[:, start_pos:end] = k_new
     v_cache[:, start_pos:end] = v_new
+    # keys below the first query's window are masked for every query: not read at all (positions [lo, end))
+    lo = 0 if window is None else max(0, start_pos - window + 1)
     qt = q.transpose(1, 2)  # [B, Hq, C, D]
-    kt = k_cache[:, :end].transpose(1, 2)  # [B, Hkv, end, D]
-    vt = v_cache[:, :end].transpose(1, 2)
+    kt = k_cache[:, lo:end].transpose(1, 2)  # [B, Hkv, end - lo, D]
+    vt = v_cache[:, lo:end].transpose(1, 2)
     if start_pos == 0 and (window is None or window >= C):
         out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=sm_scale,
                                                                enable_gqa=Hq != Hkv)
     else:
         i = torch.arange(C, device=q.device)[:, None]
-        j = torch.arange(end, device=q.device)[None, :]
+        j = torch.arange(lo, end, device=q.device)[None, :]
         mask = j <= start_pos + i  # bottom-right aligned causal mask [C, end]
         if window is not None:  # and the window's lower edge: the `window` latest positions
             mask &= j > start_pos + i - window

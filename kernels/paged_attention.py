@@ -624,10 +624,13 @@ def paged_chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, prefix_lens, bl
         pages, slots = table[pos // page_size], pos % page_size  # where the new tokens go
         k_cache[pages, slots] = kb[0]
         v_cache[pages, slots] = vb[0]
-        # whole pages gathered (a copy of page_size positions each), then cut to the row's positions [1, P + C, Hkv, D]
-        dense_k = k_cache.index_select(0, table).flatten(0, 1)[None, :P + C]
-        dense_v = v_cache.index_select(0, table).flatten(0, 1)[None, :P + C]
-        o = chunk_attention_ref(qb, kb, vb, dense_k, dense_v, P, sm_scale, window=window)
+        # whole pages gathered (a copy of page_size positions each), from the page the first query's window starts
+        # in (0 without a window), then cut to the row's positions [1, P + C - first, Hkv, D]
+        first = 0 if window is None else max(0, P - window + 1) // page_size * page_size
+        table = table[first // page_size:]
+        dense_k = k_cache.index_select(0, table).flatten(0, 1)[None, :P + C - first]
+        dense_v = v_cache.index_select(0, table).flatten(0, 1)[None, :P + C - first]
+        o = chunk_attention_ref(qb, kb, vb, dense_k, dense_v, P - first, sm_scale, window=window)
         if varlen:
             out[s:e] = o[0]
         else:

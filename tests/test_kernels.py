@@ -179,17 +179,22 @@ def test_chunk_attention_refuses_a_bad_window(window, error):
 
 
 def test_the_reference_takes_a_window_as_the_kernel_does():
-    """chunk_attention_ref (the model's torch backend) with a window, dense and per-row starts, against float64."""
+    """chunk_attention_ref (the model's torch backend) with a window, dense and per-row starts, against float64;
+    the positions below the first query's window are not read (NaN there changes nothing)."""
     g = torch.Generator().manual_seed(3)
     q, kn, vn = (torch.randn(2, 9, 4, 16, generator=g, dtype=torch.float64) for _ in range(3))
     kn, vn = kn[:, :, :2], vn[:, :, :2]
     kc, vc = (torch.randn(2, 40, 2, 16, generator=g, dtype=torch.float64) for _ in range(2))
     for start in (0, 20, torch.tensor([20, 5])):
         k, v = kc.clone(), vc.clone()
+        starts = start.tolist() if isinstance(start, torch.Tensor) else [start] * 2
+        for b, p in enumerate(starts):  # unread: positions before p - window + 1
+            k[b, :max(0, p - 5)] = v[b, :max(0, p - 5)] = float("nan")
         out = chunk_attention_ref(q, kn, vn, k, v, start, window=6)
-        for b in range(2):
-            p = int(start[b]) if isinstance(start, torch.Tensor) else start
-            expected = attention_f64(q[b:b + 1], k[b:b + 1], v[b:b + 1], p, 6)
+        for b, p in enumerate(starts):
+            kb, vb = kc[b:b + 1].clone(), vc[b:b + 1].clone()
+            kb[:, p:p + 9], vb[:, p:p + 9] = kn[b:b + 1], vn[b:b + 1]
+            expected = attention_f64(q[b:b + 1], kb, vb, p, 6)
             assert (out[b:b + 1] - expected).abs().max().item() <= 1e-12
 
 

@@ -144,11 +144,15 @@ def test_paged_sliding_window(lens, prefixes, Hq, Hkv, D, page_size, window, con
 
 
 def test_paged_reference_takes_a_window():
-    """paged_chunk_attention_ref (the model's torch backend for ragged batches) with a window, against float64."""
-    lens, prefixes = [6, 11], [9, 0]
+    """paged_chunk_attention_ref (the model's torch backend for ragged batches) with a window, against float64: the
+    pages below a row's window are not read, the rest gives the same output."""
+    lens, prefixes = [6, 11, 3], [9, 0, 23]  # windows from page 1, none, page 4 (pages of 4)
     q, kn, vn, kc, vc, table, cu = make_case(lens, prefixes, 4, 2, 16, 4, torch.float64, seed=2)
     k_after = expected_pool(kc, kn, table, prefixes, lens, 4)
     v_after = expected_pool(vc, vn, table, prefixes, lens, 4)
+    for b, p in enumerate(prefixes):  # the pages wholly below the row's window: NaN, never read
+        below = table[b, :max(0, p - 5 + 1) // 4].long()
+        kc[below] = vc[below] = float("nan")
     out = paged_chunk_attention_ref(q, kn, vn, kc, vc, torch.tensor(prefixes), table, cu, window=5)
     start = 0
     for b, (p, c) in enumerate(zip(prefixes, lens)):
