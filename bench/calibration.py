@@ -71,15 +71,18 @@ def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[
     in-process stage link is the emulated one, not fitted (`LINK_FIT_CAVEAT`; the fit is kept as `link_fitted`);
     over gloo or NCCL the real transfer adds to the emulated delay, and the link is fitted. Returns (costs, link,
     description)."""
-    from pipeline.costs import TPCost, attention_share, fit_from_runs, fit_tp_from_runs, fit_tp_overlap
+    from pipeline.costs import (TPCost, attention_share, cost_form, fit_from_runs, fit_tp_from_runs, fit_tp_overlap,
+                                stage_windows)
     from pipeline.link import LinkModel
     overlapped = [r for job, job_runs in zip(jobs, runs) if job.tp_comm == "overlap" for r in job_runs]
     flat = [r for job, job_runs in zip(jobs, runs) if job.tp_comm != "overlap" for r in job_runs]
     bpt = bytes_per_token(spec, batch)
-    costs, link = fit_from_runs(flat, bpt)
+    cfg = resolve_config(spec.source)
+    windows = stage_windows(cfg, spec.layer_ranges(cfg))  # a sliding window: the prefix keys each stage reads
+    costs, link = fit_from_runs(flat, bpt, windows)
     info = dict(prompt_len=jobs[0].tokens.shape[1], repeats=jobs[0].repeats, warmup=jobs[0].warmup,
                 chunks=jobs[0].chunks, stage_costs=[dataclasses.asdict(c) for c in costs],
-                stage_cost_form="a*x^2 + b*x*p + c*x + d seconds")
+                stage_cost_form=cost_form(costs))
     emulated = LinkModel(spec.bandwidth_gbps, spec.latency_s)
     source = "emulated" if spec.link == "inprocess" and emulated.active else "fitted"
     if source == "emulated":  # an in-process send takes the emulated time and nothing else (a device-local copy)
@@ -88,15 +91,14 @@ def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[
         link = emulated
     info["link"] = dict(bandwidth_gbps=link.bandwidth_gbps, latency_s=link.latency_s, source=source)
     if spec.tp > 1:
-        compute, tp_link = fit_tp_from_runs(flat, spec.tp)
-        cfg = resolve_config(spec.source)
+        compute, tp_link = fit_tp_from_runs(flat, spec.tp, windows)
         layers = [len(r) for r in spec.layer_ranges(cfg)]
         wire, busy = split_tp_link(tp_link, LinkModel(spec.tp_bandwidth_gbps, spec.tp_latency_s))
         costs = [TPCost(c, n, spec.tp, wire, bpt, "serial", attention_share(cfg), busy)
                  for c, n in zip(compute, layers)]
         info.update(stage_costs=[dataclasses.asdict(c) for c in compute],
-                    stage_cost_form="one TP rank's compute alone: a*x^2 + b*x*p + c*x + d seconds, plus 2 all-reduces "
-                                    "per layer (pipeline.costs.TPCost)",
+                    stage_cost_form=f"one TP rank's compute alone: {cost_form(compute)}, plus 2 all-reduces per "
+                                    "layer (pipeline.costs.TPCost)",
                     tp_link=dict(bandwidth_gbps=tp_link.bandwidth_gbps, latency_s=tp_link.latency_s,
                                  form="per all-reduce: latency_s + 2(T-1)/T payload bytes / bandwidth"),
                     tp_wire=dataclasses.asdict(wire), tp_busy=dataclasses.asdict(busy),

@@ -24,16 +24,54 @@ from .schedule import chunk_starts
 class ChunkCost:
     """Seconds for a chunk of x tokens after a prefix of p tokens: a·x² + b·x·p + c·x + d.
     a·x² and b·x·p are attention (quadratic in the chunk, linear in the prefix), c·x the per-token work (GEMMs,
-    norms), d the per-chunk overhead (launches, Python, synchronisation)."""
+    norms), d the per-chunk overhead (launches, Python, synchronisation).
+    A stage whose layers have a sliding window (`window`, in the share `windowed` of its layers:
+    `ModelConfig.window_layers`) reads in those layers only the prefix keys its chunk's first query sees,
+    min(p, window - 1) (the attention backends skip the keys below): p in b·x·p is then `prefix_read(p)`, the
+    layers' average."""
     a: float
     b: float
     c: float
     d: float
+    window: int | None = None
+    windowed: float = 0.0
+
+    def __post_init__(self):
+        w, f = self.window, self.windowed
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w < 1):
+            raise ValueError(f"ChunkCost.window must be a positive integer or None, got {w!r}")
+        if not 0.0 <= f <= 1.0 or (f and w is None):
+            raise ValueError(f"ChunkCost.windowed is the share of the stage's layers with the window, in [0, 1] "
+                             f"(0 without a window), got {f!r} with window {w!r}")
+
+    def prefix_read(self, p):
+        """The prefix keys a query of a chunk after p positions reads, on average over the stage's layers."""
+        p = np.asarray(p, dtype=np.float64)
+        if not self.windowed:
+            return p
+        return (1.0 - self.windowed) * p + self.windowed * np.minimum(p, self.window - 1)
 
     def __call__(self, x, p):
         x = np.asarray(x, dtype=np.float64)
-        p = np.asarray(p, dtype=np.float64)
-        return self.a * x * x + self.b * x * p + self.c * x + self.d
+        return self.a * x * x + self.b * x * self.prefix_read(p) + self.c * x + self.d
+
+
+def cost_form(costs) -> str:
+    """The formula of fitted `ChunkCost`s, in words, for results files."""
+    if not any(c.windowed for c in costs):
+        return "a*x^2 + b*x*p + c*x + d seconds"
+    return ("a*x^2 + b*x*p' + c*x + d seconds, p' = (1 - windowed) * p + windowed * min(p, window - 1): the prefix "
+            "keys read, on average over the stage's layers (the share `windowed` of them with the sliding window)")
+
+
+def stage_windows(cfg: ModelConfig, ranges) -> list[dict]:
+    """Per stage (its layers `ranges`), the `ChunkCost` fields of the model's sliding window: `window` and the
+    share of the stage's layers it applies to (none: {})."""
+    out = []
+    for r in ranges:
+        n = sum(i in cfg.window_layers for i in r)
+        out.append(dict(window=cfg.sliding_window, windowed=n / len(r)) if n else {})
+    return out
 
 
 
@@ -72,12 +110,13 @@ class RaggedStepCost:
 
     def __call__(self, x, p) -> float:
         st, c = self.step(x, p), self.base
-        return float(sum(c.a * n * n + c.b * n * q for n, q in zip(st.lengths, st.starts)) + c.c * st.tokens + c.d)
+        return float(sum(c.a * n * n + c.b * n * c.prefix_read(q) for n, q in zip(st.lengths, st.starts))
+                     + c.c * st.tokens + c.d)
 
 
-def _design(x, p):
-    x, p = np.asarray(x, dtype=np.float64), np.asarray(p, dtype=np.float64)
-    return np.stack([x * x, x * p, x, np.ones_like(x)], axis=1)
+def _design(x, p, shape: ChunkCost):
+    x = np.asarray(x, dtype=np.float64)
+    return np.stack([x * x, x * shape.prefix_read(p), x, np.ones_like(x)], axis=1)
 
 
 def _too_few(points) -> str | None:
@@ -89,14 +128,16 @@ def _too_few(points) -> str | None:
     return None
 
 
-def fit_chunk_cost(samples) -> ChunkCost:
+def fit_chunk_cost(samples, window: int | None = None, windowed: float = 0.0) -> ChunkCost:
     """Least-squares fit of `ChunkCost` to measured (chunk_len, prefix_len, seconds) samples, in relative error (a
     1 ms chunk counts as much as a 100 ms one) and with non-negative coefficients (a term the data drives negative is
     dropped and the rest refitted). Samples of the same (x, p) are reduced to their median first: one stalled
     measurement does not bend the fit, and medians add up (the median run of many chunks takes about the sum of
     their median times, while the least time of a run is well above the sum of its chunks' least times, so a
     fit on least times predicts runs too fast). Drop warm-up runs before calling: a first call's compile or
-    allocation time is not the chunk's cost."""
+    allocation time is not the chunk's cost. `window` and `windowed`: the stage's sliding window (`ChunkCost`,
+    `stage_windows`)."""
+    shape = ChunkCost(0.0, 0.0, 0.0, 0.0, window, windowed)
     groups: dict[tuple[int, int], list[float]] = {}
     for x, p, t in samples:
         if x <= 0 or p < 0 or not t >= 0:
@@ -111,8 +152,9 @@ def fit_chunk_cost(samples) -> ChunkCost:
     x = np.array([q[0] for q in points], dtype=np.float64)
     p = np.array([q[1] for q in points], dtype=np.float64)
     t = np.array([median[q] for q in points])
-    A = _design(x, p) / t[:, None]  # relative error: (A·θ − t) / t
-    active = list(range(4))
+    A = _design(x, p, shape) / t[:, None]  # relative error: (A·θ − t) / t
+    # b·x·p needs prefixes that read apart: under a window of 1 in every layer, say, none does (b = 0)
+    active = [0, 1, 2, 3] if len(set(shape.prefix_read(p).tolist())) > 1 else [0, 2, 3]
     while True:
         cols = A[:, active]
         scale = np.abs(cols).max(axis=0)  # the columns differ by orders of magnitude (x² vs 1)
@@ -126,7 +168,7 @@ def fit_chunk_cost(samples) -> ChunkCost:
     coef = [0.0] * 4
     for i, v in zip(active, theta):
         coef[i] = float(v)
-    return ChunkCost(*coef)
+    return ChunkCost(*coef, window, windowed)
 
 
 def fit_link(samples) -> LinkModel:
@@ -332,9 +374,10 @@ def samples_from_timeline(events: list[dict], chunks: list[int], start_pos: int 
     return compute, sends
 
 
-def fit_from_runs(results, bytes_per_token: int):
+def fit_from_runs(results, bytes_per_token: int, windows: list[dict] | None = None):
     """Per-stage `ChunkCost` and one `LinkModel` fitted from repeated measured runs (`PrefillResult`s of the same
-    pipeline, warm-up already excluded), each point taken at its median time over the repeats."""
+    pipeline, warm-up already excluded), each point taken at its median time over the repeats. `windows`: per stage,
+    its sliding window's `ChunkCost` fields (`stage_windows`; None: no window)."""
     per_stage: dict[int, list] = {}
     link = []
     for r in results:
@@ -342,7 +385,7 @@ def fit_from_runs(results, bytes_per_token: int):
         for s, x, p, t in compute:
             per_stage.setdefault(s, []).append((x, p, t))
         link += [(x * bytes_per_token, t) for _, x, t in sends]
-    costs = [fit_chunk_cost(per_stage[s]) for s in sorted(per_stage)]
+    costs = [fit_chunk_cost(per_stage[s], **(windows[s] if windows else {})) for s in sorted(per_stage)]
     return costs, (fit_link(link) if link else LinkModel())
 
 
@@ -542,11 +585,11 @@ def boundary_lane_bytes(tp_boundary: str, tp: int, bytes_per_token: float) -> fl
     return bytes_per_token * (1.0 if tp_boundary == "broadcast" else (tp - 1) / tp)
 
 
-def fit_tp_from_runs(results, tp: int):
+def fit_tp_from_runs(results, tp: int, windows: list[dict] | None = None):
     """From measured runs over `tp` TP ranks (`PrefillResult`s whose stage records carry per-chunk all-reduce
     times; serial all-reduces, so the time blocked is the all-reduce's): per-stage `ChunkCost` of the compute alone
     (each chunk's time minus its all-reduces') and the TP interconnect as a `LinkModel` (latency per call +
-    ring wire bytes / bandwidth, as `allreduce_s` reads it)."""
+    ring wire bytes / bandwidth, as `allreduce_s` reads it). `windows` as `fit_from_runs` takes it."""
     per_stage: dict[int, list] = {}
     calls = []
     for r in results:
@@ -558,7 +601,7 @@ def fit_tp_from_runs(results, tp: int):
                 per_stage.setdefault(rec.stage, []).append((x, p, max(0.0, b - a - sec)))
                 if n:
                     calls.append((2 * (tp - 1) / tp * payload / n, sec / n))
-    costs = [fit_chunk_cost(per_stage[s]) for s in sorted(per_stage)]
+    costs = [fit_chunk_cost(per_stage[s], **(windows[s] if windows else {})) for s in sorted(per_stage)]
     return costs, fit_link(calls)
 
 

@@ -1,5 +1,6 @@
 """Cost models, the chunk planner, the pipeline simulator and the pause-corrected clock: checked against brute force
 and against schedules worked out by hand."""
+import dataclasses
 import itertools
 
 import numpy as np
@@ -96,6 +97,53 @@ def test_fit_takes_each_points_median_so_a_minority_of_outliers_does_not_bend_it
     fit = fit_chunk_cost(samples)
     xs, ps = np.meshgrid([16, 100, 512], [0, 900, 1800])
     np.testing.assert_allclose(fit(xs, ps), COST(xs, ps), rtol=1e-6)
+
+
+def test_a_windowed_stage_s_cost_reads_the_prefix_its_window_leaves():
+    """A stage whose layers have a sliding window W (all, or a share of them) reads min(p, W - 1) prefix keys there;
+    the fit recovers such a cost exactly, which the unwindowed form cannot; the per-stage share is the model's
+    window layers in each stage; a window that reads no prefix at all (W = 1 everywhere) fits without the b term."""
+    from pipeline import ModelConfig
+    from pipeline.costs import stage_windows
+    half = ChunkCost(2e-9, 4e-8, 1e-5, 3e-4, window=300, windowed=0.5)
+    assert float(half(10, 1000)) == pytest.approx(2e-7 + 4e-7 * (500 + 299 / 2) + 1e-4 + 3e-4, rel=1e-12)
+    full = dataclasses.replace(half, window=None, windowed=0.0)
+    assert float(half(10, 200)) == pytest.approx(float(full(10, 200)), rel=1e-12)  # inside the window: no change
+    for true in (half, ChunkCost(2e-9, 4e-8, 1e-5, 3e-4, window=700, windowed=1.0)):
+        samples = [(x, p, float(true(x, p))) for x, p in _grid()]
+        fit = fit_chunk_cost(samples, window=true.window, windowed=true.windowed)
+        assert (fit.window, fit.windowed) == (true.window, true.windowed)
+        for name in "abcd":
+            assert getattr(fit, name) == pytest.approx(getattr(true, name), rel=1e-6)
+        blind = fit_chunk_cost(samples)  # the full-causal form on the same times, projected to longer prefixes
+        xs, ps = np.meshgrid([16, 128, 512], [0, 1000, 8000])
+        assert np.abs(blind(xs, ps) / true(xs, ps) - 1).max() > 0.15
+        np.testing.assert_allclose(fit(xs, ps), true(xs, ps), rtol=1e-6)
+    nothing = ChunkCost(1e-9, 5e-9, 1e-5, 3e-4, window=1, windowed=1.0)
+    fit = fit_chunk_cost([(x, p, float(nothing(x, p))) for x, p in _grid()], window=1, windowed=1.0)
+    assert fit.b == 0.0 and fit.a == pytest.approx(1e-9, rel=1e-6)
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=6, num_heads=2, num_kv_heads=1, head_dim=16,
+                      intermediate_size=64, sliding_window=9, window_layers=(0, 1, 4))
+    assert stage_windows(cfg, [range(0, 2), range(2, 4), range(4, 6)]) == [
+        dict(window=9, windowed=1.0), {}, dict(window=9, windowed=0.5)]
+    assert stage_windows(dataclasses.replace(cfg, sliding_window=None, window_layers=()), [range(6)]) == [{}]
+    for bad, match in ((dict(window=0, windowed=1.0), "window must be a positive integer"),
+                       (dict(window=None, windowed=0.5), "windowed is the share"),
+                       (dict(window=8, windowed=1.5), "windowed is the share")):
+        with pytest.raises(ValueError, match=match):
+            ChunkCost(1e-9, 1e-9, 1e-5, 1e-4, **bad)
+
+
+def test_the_calibration_fits_each_stage_with_the_window_of_its_layers():
+    """`calibrate` (what --simulate and --chunk-plan balanced fit) on a model with a window in its last two layers:
+    the first stage's cost is the full-causal form, the second's reads min(p, W - 1), and the results say so."""
+    from bench.calibration import calibrate
+    from pipeline import PipelineSpec
+    cfg = dataclasses.replace(get_preset("tiny"), sliding_window=5, window_layers=(2, 3))
+    costs, _, info = calibrate(PipelineSpec(source=cfg, stages=2, link="inprocess"), 64, 1, repeats=1, warmup=0)
+    assert [(c.window, c.windowed) for c in costs] == [(None, 0.0), (5, 1.0)]
+    assert [(c["window"], c["windowed"]) for c in info["stage_costs"]] == [(None, 0.0), (5, 1.0)]
+    assert "min(p, window - 1)" in info["stage_cost_form"]
 
 
 def test_fit_drops_a_term_the_data_drives_negative():
