@@ -188,11 +188,13 @@ OUR_ERRORS = ("max_abs_err", "triton_max_abs_err", "paged_max_abs_err", "dense_r
 
 
 def kernel_rows(doc: dict) -> dict:
-    """(kind, shape) -> row: attention rows by (prefix, chunk), paged rows by their batch of (prefix+chunk) rows and
-    page size, memory-bound rows by op."""
+    """(kind, shape) -> row: attention rows by (prefix, chunk), sliding-window rows by (prefix, chunk, window), paged
+    rows by their batch of (prefix+chunk) rows and page size, memory-bound rows by op."""
     rows = {}
     for r in doc.get("attention", []):
         rows[("attention", f"P={r['prefix']} C={r['chunk']}")] = r
+    for r in doc.get("window", []):
+        rows[("window", f"P={r['prefix']} C={r['chunk']} W={r['window']}")] = r
     for r in doc.get("paged", []):
         rows[("paged", f"paged {','.join(f'{p}+{c}' for p, c in r['batch'])} page={r['page_size']}")] = r
     for r in doc.get("memory_bound", []):
@@ -201,10 +203,10 @@ def kernel_rows(doc: dict) -> dict:
 
 
 def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool = False) -> int:
-    """Two kernel benchmark files, per shape and provider: the time of chunk_attention (dense, and paged on a mixed
-    batch, with the dense kernel run per row) or of a Triton memory-bound op REGRESSED past the threshold fails
-    (exit 1), and so does a kernel whose error is over its tolerance; the peers' (SDPA, flex, torch eager) times get
-    a verdict each but never fail the run: they are the yardstick. A shape of the base missing from the new file
+    """Two kernel benchmark files, per shape and provider: the time of chunk_attention (dense, with a sliding window,
+    and paged on a mixed batch, with the dense kernel run per row) or of a Triton memory-bound op REGRESSED past the
+    threshold fails (exit 1), and so does a kernel whose error is over its tolerance; the peers' (SDPA, flex, torch
+    eager) times get a verdict each but never fail the run: they are the yardstick. A shape of the base missing from the new file
     fails; a memory-bound op that moved other bytes (the benchmark's workload changed) is shown, not compared. Files
     of different devices are refused unless `force`. Older files (no schema_version: SDPA peers only) are read too."""
     for doc in (base, new):

@@ -511,6 +511,21 @@ def test_compare_reads_the_h200_kernel_baseline_with_its_paged_rows(tmp_path, ca
     capsys.readouterr()
     assert compare(str(base), str(slower)) == 1
     assert "paged_ms x1.40" in capsys.readouterr().out
+    # sliding-window rows (a later file's `window` section; figures made up here) are compared by shape too
+    doc["paged"][0]["paged_ms"] /= 1.4
+    row = dict(prefix=16384, chunk=2048, window=4096, triton_ms=1.0, max_abs_err=1e-3, peer_tolerance=3e-2,
+               flex_ms=1.2)
+    windowed = tmp_path / "window.json"
+    windowed.write_text(json.dumps(doc | {"window": [row]}))
+    slower.write_text(json.dumps(doc | {"window": [row | {"triton_ms": 1.3, "flex_ms": 1.0}]}))
+    assert compare(str(windowed), str(windowed)) == 0
+    capsys.readouterr()
+    assert compare(str(windowed), str(slower)) == 1
+    out = capsys.readouterr().out
+    assert "P=16384 C=2048 W=4096 triton_ms x1.30" in out and "peer faster" in out
+    slower.write_text(json.dumps(doc))  # the new file lacks the window's shape
+    assert compare(str(windowed), str(slower)) == 1
+    assert "window P=16384 C=2048 W=4096 missing" in capsys.readouterr().out
 
 
 def test_the_results_index_lists_every_results_folder_and_no_other():
