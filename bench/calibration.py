@@ -81,7 +81,7 @@ def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[
     windows = stage_windows(cfg, spec.layer_ranges(cfg))  # a sliding window: the prefix keys each stage reads
     costs, link = fit_from_runs(flat, bpt, windows)
     info = dict(prompt_len=jobs[0].tokens.shape[1], repeats=jobs[0].repeats, warmup=jobs[0].warmup,
-                chunks=jobs[0].chunks, stage_costs=[dataclasses.asdict(c) for c in costs],
+                chunks=jobs[0].chunks, stage_costs=[c.fields() for c in costs],
                 stage_cost_form=cost_form(costs))
     emulated = LinkModel(spec.bandwidth_gbps, spec.latency_s)
     source = "emulated" if spec.link == "inprocess" and emulated.active else "fitted"
@@ -96,7 +96,7 @@ def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[
         wire, busy = split_tp_link(tp_link, LinkModel(spec.tp_bandwidth_gbps, spec.tp_latency_s))
         costs = [TPCost(c, n, spec.tp, wire, bpt, "serial", attention_share(cfg), busy)
                  for c, n in zip(compute, layers)]
-        info.update(stage_costs=[dataclasses.asdict(c) for c in compute],
+        info.update(stage_costs=[c.fields() for c in compute],
                     stage_cost_form=f"one TP rank's compute alone: {cost_form(compute)}, plus 2 all-reduces per "
                                     "layer (pipeline.costs.TPCost)",
                     tp_link=dict(bandwidth_gbps=tp_link.bandwidth_gbps, latency_s=tp_link.latency_s,

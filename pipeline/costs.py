@@ -55,6 +55,11 @@ class ChunkCost:
         x = np.asarray(x, dtype=np.float64)
         return self.a * x * x + self.b * x * self.prefix_read(p) + self.c * x + self.d
 
+    def fields(self) -> dict:
+        """The coefficients (and the window, where the stage has one) for results files: `ChunkCost(**fields)`."""
+        out = dataclasses.asdict(self)
+        return out if self.windowed else {k: out[k] for k in "abcd"}
+
 
 def cost_form(costs) -> str:
     """The formula of fitted `ChunkCost`s, in words, for results files."""

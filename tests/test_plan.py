@@ -142,7 +142,8 @@ def test_the_calibration_fits_each_stage_with_the_window_of_its_layers():
     cfg = dataclasses.replace(get_preset("tiny"), sliding_window=5, window_layers=(2, 3))
     costs, _, info = calibrate(PipelineSpec(source=cfg, stages=2, link="inprocess"), 64, 1, repeats=1, warmup=0)
     assert [(c.window, c.windowed) for c in costs] == [(None, 0.0), (5, 1.0)]
-    assert [(c["window"], c["windowed"]) for c in info["stage_costs"]] == [(None, 0.0), (5, 1.0)]
+    assert [c.get("window") for c in info["stage_costs"]] == [None, 5] and info["stage_costs"][1]["windowed"] == 1.0
+    assert [ChunkCost(**c) for c in info["stage_costs"]] == costs
     assert "min(p, window - 1)" in info["stage_cost_form"]
 
 
