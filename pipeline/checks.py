@@ -9,6 +9,8 @@ import torch
 
 from kernels.shapes import shown
 
+# token ids: what nn.Embedding takes (int32 ones are converted to torch.long before a run)
+TOKEN_DTYPES = (torch.long, torch.int32)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from . import checks
-from .checks import DTYPES
+from .checks import DTYPES, TOKEN_DTYPES
 from .compress import check_codec
 from .ragged import check_rows, pages_needed
 from .config import ModelConfig
@@ -151,11 +151,12 @@ def check_resources(spec: PipelineSpec, cfg, jobs: list[Job]) -> None:
 
 
 def check_tokens(tokens, cfg, decode: bool = False) -> None:
-    """tokens: a torch.long tensor [B, L] with B, L >= 1, ids in [0, vocab), L (+1 with decode) within context."""
+    """tokens: a torch.long (or torch.int32, as nn.Embedding takes) tensor [B, L] with B, L >= 1, ids in
+    [0, vocab), L (+1 with decode) within context."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"tokens must be a torch.long tensor [B, L], got {type(tokens).__name__}")
-    if tokens.dtype != torch.long:
-        raise TypeError(f"tokens must be a torch.long tensor [B, L], got {tokens.dtype}")
+    if tokens.dtype not in TOKEN_DTYPES:
+        raise TypeError(f"tokens must be a torch.long or torch.int32 tensor [B, L], got {tokens.dtype}")
     if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
         raise ValueError(f"tokens must have shape [B, L] with B, L >= 1 (an empty prompt has nothing to prefill), "
                          f"got {tuple(tokens.shape)}")
@@ -165,6 +166,14 @@ def check_tokens(tokens, cfg, decode: bool = False) -> None:
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= cfg.vocab_size:
         raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got min {lo}, max {hi}")
+
+
+def long_tokens(job: Job) -> Job:
+    """The job with torch.long token ids (int32 ones converted; the caller's job is left as it is)."""
+    if job.ragged:
+        rows = [t.long() for t in job.tokens]
+        return job if all(r is t for r, t in zip(rows, job.tokens)) else dataclasses.replace(job, tokens=rows)
+    return job if job.tokens.dtype == torch.long else dataclasses.replace(job, tokens=job.tokens.long())
 
 
 def run_jobs(spec: PipelineSpec, jobs: list[Job], progress=None) -> list[list[PrefillResult]] | None:
@@ -182,6 +191,7 @@ def run_jobs(spec: PipelineSpec, jobs: list[Job], progress=None) -> list[list[Pr
         check_job(job, cfg)
         check_codec(job.compress, DTYPES[spec.dtype])
         check_job_tp(job, spec)
+    jobs = [long_tokens(job) for job in jobs]
     if any(job.ragged for job in jobs):
         check_page_size(spec, cfg)
         if spec.cuda_graphs:

@@ -269,8 +269,8 @@ class Transformer(nn.Module):
                        self.device)
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.long:
-            raise TypeError(f"tokens must be a torch.long tensor [B, L], got "
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in checks.TOKEN_DTYPES:
+            raise TypeError(f"tokens must be a torch.long or torch.int32 tensor [B, L], got "
                             f"{tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
         if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
             raise ValueError(f"tokens must have shape [B, L] with B, L >= 1, got {tuple(tokens.shape)}")

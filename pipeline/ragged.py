@@ -71,8 +71,8 @@ class RaggedStep:
 
 
 def check_rows(rows, cfg, decode: bool = True) -> list[torch.Tensor]:
-    """A ragged batch: a non-empty list of 1-D torch.long token tensors, each at least one token, ids in the
-    vocabulary of `cfg` (a ModelConfig), each fitting its context (with one more position for decode)."""
+    """A ragged batch: a non-empty list of 1-D torch.long (or torch.int32) token tensors, each at least one token,
+    ids in the vocabulary of `cfg` (a ModelConfig), each fitting its context (with one more position for decode)."""
     if not isinstance(rows, (list, tuple)) or not rows:
         raise ValueError(f"tokens: a ragged batch must be a non-empty list of 1-D token tensors, got "
                          f"{type(rows).__name__} of {len(rows) if isinstance(rows, (list, tuple)) else '?'} rows")
@@ -80,9 +80,9 @@ def check_rows(rows, cfg, decode: bool = True) -> list[torch.Tensor]:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"tokens must be a torch.long tensor [B, L] or a list of 1-D torch.long tensors (a ragged "
                             f"batch); row {b} of the list is a {type(t).__name__}")
-        if t.dtype != torch.long or t.dim() != 1 or t.numel() < 1:
-            raise ValueError(f"tokens: row {b} of a ragged batch must be a non-empty 1-D torch.long tensor, got "
-                             f"{t.dtype} {tuple(t.shape)}")
+        if t.dtype not in checks.TOKEN_DTYPES or t.dim() != 1 or t.numel() < 1:
+            raise ValueError(f"tokens: row {b} of a ragged batch must be a non-empty 1-D torch.long (or torch.int32) "
+                             f"tensor, got {t.dtype} {tuple(t.shape)}")
         if t.numel() + decode > cfg.max_seq_len:
             raise ValueError(f"row {b} has {t.numel()} tokens{' (+1 decode)' if decode else ''}, more than "
                              f"{cfg.context}")

@@ -433,7 +433,7 @@ API = [
     ("tp-boundary-one-stage", _prefill(tp_boundary="broadcast", tp=2, stages=1),
      ["tp_boundary='broadcast'", "stages >= 2", "stages=1"]),
     ("tokens-list", _prefill(tokens=[[1, 2, 3]]), ["tokens", "list"]),
-    ("tokens-int32", _prefill(tokens=_tokens(dtype=torch.int32)), ["torch.long", "int32"]),
+    ("tokens-int16", _prefill(tokens=_tokens(dtype=torch.int16)), ["torch.long", "torch.int32", "int16"]),
     ("tokens-float", _prefill(tokens=_tokens(dtype=torch.float32)), ["torch.long", "float32"]),
     ("tokens-1d", _prefill(tokens=torch.zeros(40, dtype=torch.long)), ["[B, L]", "(40,)"]),
     ("tokens-empty", _prefill(tokens=torch.zeros(1, 0, dtype=torch.long)), ["empty prompt", "(1, 0)"]),

@@ -185,6 +185,26 @@ def test_bytes_per_boundary_are_exact(mode, B, L):
     assert res.metrics["decode_bytes_per_boundary"] == [B * H * ITEM] * 3  # B·H·itemsize per token
 
 
+def test_int32_token_ids_run_as_torch_long_ones(tiny):
+    """Token ids in int32 (what nn.Embedding and transformers take besides int64; vLLM's input ids): the model, a
+    pipeline with decode, a ragged batch and run_jobs give what the same ids in torch.long give, bit for bit, and
+    the caller's tensors and Job are left as they were."""
+    toks = tokens(2, 30, seed=5)
+    small = toks.int()
+    assert torch.equal(tiny(small), tiny(toks))
+    want = run_prefill("tiny", toks, mode="overlapped", stages=2, chunk_size=7)
+    got = run_prefill("tiny", small, mode="overlapped", stages=2, chunk_size=7)
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.decode_logits, want.decode_logits)
+    rows = [toks[0, :11], toks[1]]
+    want = run_prefill("tiny", rows, mode="chunked", chunk_size=4)
+    got = run_prefill("tiny", [rows[0].int(), rows[1]], mode="chunked", chunk_size=4)  # rows of either dtype
+    assert torch.equal(got.logits, want.logits) and torch.equal(got.decode_logits, want.decode_logits)
+    job = Job("chunked", small, [10, 20])
+    (res,), = run_jobs(PipelineSpec(source="tiny", stages=2), [job])
+    assert torch.equal(res.logits, run_prefill("tiny", toks, mode="chunked", chunks=[10, 20]).logits)
+    assert job.tokens is small and small.dtype == torch.int32
+
+
 def test_decode_after_pipelined_prefill_equals_extended_forward(tiny):
     toks = tokens(2, 30)
     res = run_prefill("tiny", toks, mode="overlapped", stages=2, chunk_size=7)
