@@ -94,7 +94,7 @@ def fit_calibration(spec: PipelineSpec, batch: int, jobs: list[Job], runs: list[
         compute, tp_link = fit_tp_from_runs(flat, spec.tp, windows)
         layers = [len(r) for r in spec.layer_ranges(cfg)]
         wire, busy = split_tp_link(tp_link, LinkModel(spec.tp_bandwidth_gbps, spec.tp_latency_s))
-        costs = [TPCost(c, n, spec.tp, wire, bpt, "serial", attention_share(cfg), busy)
+        costs = [TPCost(c, n, spec.tp, wire, bpt, "serial", attention_share(cfg, windowed=c.windowed), busy)
                  for c, n in zip(compute, layers)]
         info.update(stage_costs=[c.fields() for c in compute],
                     stage_cost_form=f"one TP rank's compute alone: {cost_form(compute)}, plus 2 all-reduces per "
@@ -179,7 +179,8 @@ def simulate_modes(point: dict, costs, link, bpt: int, steps: dict | None = None
         row_costs = costs
         if steps is not None and tp:  # one rank's compute step by step; the all-reduces as for a dense chunk
             row_costs = [dataclasses.replace(c, compute=(r := RaggedStepCost(c.compute, steps[mode])),
-                                             attn_share=attention_share(cfg, r)) for c in costs]
+                                             attn_share=attention_share(cfg, r, c.compute.windowed))
+                          for c in costs]
         elif steps is not None:
             row_costs = [RaggedStepCost(c, steps[mode]) for c in costs]
         if tp:  # the row's own all-reduce schedule and crossing (the baseline has no TP: no figures)

@@ -143,10 +143,10 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
     # a pipelined ring broadcast or all-gather: T-1 hops of latency (the bytes per rank: `boundary_lane_bytes`)
     bcast_link = LinkModel(fabric.bandwidth_gbps, fabric.latency_s * (T - 1)) if T > 1 else LinkModel()
     bpt = batch * cfg.hidden_size * 2  # bf16 hidden state
-    share = attention_share(cfg)
     g = min(granularity or max(128, L // 64), L)
     full = sum(float(c(L, 0)) for c in roofline_stage_costs(cfg, 1, dev, batch))  # the unchunked prefill, 1 GPU
     layers = [c.layers for c in compute]
+    shares = [attention_share(cfg, windowed=c.windowed / c.layers) for c in compute]  # where the first all-reduce is
     row = dict(model=cfg_name(cfg), gpus=gpus, tp=T, stages=S, link=link_name, link_gbps=link.bandwidth_gbps,
                tp_link=tp_link_name or link_name, tp_link_gbps=fabric.bandwidth_gbps,
                prompt_len=L, t_compute_1gpu_ms=full * 1e3, ideal_ms=full / gpus * 1e3,
@@ -157,7 +157,7 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
     for comm in ("serial", "overlap", "sequence"):
         costs = [TPCost(c, n, T, half_link if comm == "sequence" else tp_link, bpt, comm, share,
                         closing="token" if s == S - 1 else "chunk")
-                 for s, (c, n) in enumerate(zip(compute, layers))]
+                 for s, (c, n, share) in enumerate(zip(compute, layers, shares))]
         chunks = plan_chunks(L, stage_max(costs), S, g, link=link, bytes_per_token=bpt).chunks
         points = list(zip(chunks, chunk_starts(chunks))) + [(L, 0)]
         tabled = [_Tabled(c, points) for c in costs]
@@ -165,7 +165,8 @@ def project_tp(cfg, gpus: int, T: int, S: int, device: str, link_name: str, L: i
         for mode in TP_MODES:
             row[f"{mode}_{comm}_ms"] = simulate(mode, chunks, tabled, link, bpt).makespan_s * 1e3
         if comm == "overlap":
-            free = [_Tabled(TPCost(c, n, T, LinkModel(), bpt, comm, share), points) for c, n in zip(compute, layers)]
+            free = [_Tabled(TPCost(c, n, T, LinkModel(), bpt, comm, share), points)
+                    for c, n, share in zip(compute, layers, shares)]
             row["overlapped_free_tp_ms"] = simulate("overlapped", chunks, free, link, bpt).makespan_s * 1e3
         shared = LinkModel(link.bandwidth_gbps / T, link.latency_s)
         if comm == "sequence" and T > 1 and S > 1:  # the slices each rank holds, sent as they are and kept

@@ -287,10 +287,7 @@ class RooflineCost:
         t = self.layers * per_layer
         if self.windowed:  # query i (position p + i) sees min(p + i + 1, W) positions
             W = cfg.sliding_window
-            full = np.clip(p + x - W + 1, 0, x)  # the queries that see a whole window: the last ones
-            ramp = x - full  # the first ones see p + i + 1 < W positions
-            pairs = full * W + ramp * p + ramp * (ramp + 1) / 2
-            t = t + self.windowed * (attention(pairs, np.minimum(p + x, W + x - 1)) - attn)
+            t = t + self.windowed * (attention(window_pairs(x, p, W), np.minimum(p + x, W + x - 1)) - attn)
         if self.last_stage:  # final norm + LM head on one position per row
             head = cfg.vocab_size * H
             t = t + np.maximum(2 * head * B / gemm_rate, head * e / mem_rate) + 2 * dev.launch_s
@@ -422,22 +419,36 @@ def ring_half_s(link: LinkModel, tp: int, payload_bytes):
     return link.latency_s + (wire / (bw * 1e9) if bw else 0.0 * wire)
 
 
-def attention_share(cfg: ModelConfig, ragged: RaggedStepCost | None = None):
+def window_pairs(x, p, window):
+    """The (query, key) pairs of a chunk of x queries after p positions under a sliding window (query i, at position
+    p + i, sees min(p + i + 1, window) positions; numpy arrays broadcast)."""
+    x, p = np.asarray(x, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    full = np.clip(p + x - window + 1, 0, x)  # the queries that see a whole window: the last ones
+    ramp = x - full  # the first ones see p + i + 1 < window positions
+    return full * window + ramp * p + ramp * (ramp + 1) / 2
+
+
+def attention_share(cfg: ModelConfig, ragged: RaggedStepCost | None = None, windowed: float = 0.0):
     """(x, p) -> the attention block's share of a layer's FLOPs for a chunk of x tokens after p (qkv, attention and
     wo, against those plus the MLP): where the first of a layer's two all-reduces falls. The same on every TP rank
     (everything is split by T). With `ragged`, (x, p) names a packed step of its batch (or a token half of one) and
-    each row attends over its own prefix."""
+    each row attends over its own prefix. `windowed`: the share of the stage's layers with the model's sliding
+    window (their attention counts the pairs the window leaves; the share is the layers' average)."""
     H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     proj = 2 * H * D * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
     scores = 4 * cfg.num_heads * D
 
+    def pairs(n, q):
+        causal = n * q + n * (n + 1) / 2
+        return causal if not windowed else (1 - windowed) * causal + windowed * window_pairs(n, q, cfg.sliding_window)
+
     def share(x, p):
         if ragged is not None:
             st = ragged.step(x, p)
-            attn = proj * st.tokens + scores * sum(n * q + n * (n + 1) / 2 for n, q in zip(st.lengths, st.starts))
+            attn = proj * st.tokens + scores * sum(pairs(n, q) for n, q in zip(st.lengths, st.starts))
             return np.float64(attn / (attn + 6 * H * I * st.tokens))
         x, p = np.asarray(x, dtype=np.float64), np.asarray(p, dtype=np.float64)
-        attn = proj * x + scores * (x * p + x * (x + 1) / 2)
+        attn = proj * x + scores * pairs(x, p)
         return attn / (attn + 6 * H * I * x)
     return share
 

@@ -134,6 +134,28 @@ def test_a_windowed_stage_s_cost_reads_the_prefix_its_window_leaves():
             ChunkCost(1e-9, 1e-9, 1e-5, 1e-4, **bad)
 
 
+def test_a_window_s_pairs_and_attention_share_count_what_each_query_sees():
+    """window_pairs against a count query by query; the attention's share of a layer's FLOPs (where a TP layer's
+    first all-reduce falls) counts those pairs in the windowed share of the layers, dense and ragged alike."""
+    from pipeline.costs import RaggedStepCost, attention_share, window_pairs
+    from pipeline.ragged import ragged_plan
+    for x, p, W in itertools.product((1, 5, 17), (0, 3, 40), (1, 4, 30, 100)):
+        assert window_pairs(x, p, W) == sum(min(p + i + 1, W) for i in range(x))
+    cfg = dataclasses.replace(get_preset("tiny"), sliding_window=6, window_layers=(0, 1, 2, 3))
+    H, D, I, Hq, Hkv = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads
+    for f in (0.0, 0.5, 1.0):
+        share = attention_share(cfg, windowed=f)
+        for x, p in ((8, 0), (8, 30), (3, 100)):
+            pairs = (1 - f) * (x * p + x * (x + 1) / 2) + f * sum(min(p + i + 1, 6) for i in range(x))
+            attn = 2 * H * D * (2 * Hq + 2 * Hkv) * x + 4 * Hq * D * pairs
+            assert float(share(x, p)) == pytest.approx(attn / (attn + 6 * H * I * x), rel=1e-12)
+        alone = RaggedStepCost(ChunkCost(1e-9, 1e-9, 1e-5, 1e-4, 6, f or 0.0), ragged_plan([20], 8))
+        ragged = attention_share(cfg, alone, f)
+        assert [ragged(x, q) for x, q in ((8, 0), (8, 8), (4, 16))] == pytest.approx(
+            [float(share(x, q)) for x, q in ((8, 0), (8, 8), (4, 16))], rel=1e-12)
+    assert float(attention_share(cfg, windowed=1.0)(8, 100)) < float(attention_share(cfg)(8, 100))
+
+
 def test_the_calibration_fits_each_stage_with_the_window_of_its_layers():
     """`calibrate` (what --simulate and --chunk-plan balanced fit) on a model with a window in its last two layers:
     the first stage's cost is the full-causal form, the second's reads min(p, W - 1), and the results say so."""
