@@ -47,7 +47,7 @@ class KernelSpec:
     constexprs: dict[str, object]
     num_warps: int
     num_stages: int = 1
-    expect_wgmma: bool = False
+    expect_wgmma: bool = False  # Hopper's warp-group MMA expected in its sm_90 PTX (no other arch has it)
     dtype: str = ""  # the data's dtype ("bfloat16", ...); "" where the kernel has none (integer checks)
 
 
@@ -61,6 +61,10 @@ def _attention_signature(dtype) -> dict[str, str]:
         for axis in ("b", "m", "h"):
             sig[f"stride_{n}{axis}"] = "i32"
     return sig | {"B": "i32", "C": "i32", "Hq": "i32", "qk_scale": "fp32"}
+
+
+# the architectures the launchers choose tiles for (`pick_config` by compute capability): Hopper and Ampere
+ARCHS = (90, 80)
 
 
 def kernel_specs(arch: int = 90) -> list[KernelSpec]:
@@ -300,7 +304,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     ptx = kernel.asm["ptx"]
     has_dot = "BLOCK_N" in spec.constexprs  # the attention kernels (the others have no matrix multiply to find)
     return dict(kernel=spec.name, arch=f"sm_{arch}", num_warps=spec.num_warps, num_stages=spec.num_stages,
-                shared_bytes=kernel.metadata.shared, wgmma="wgmma" in ptx, expect_wgmma=spec.expect_wgmma,
+                shared_bytes=kernel.metadata.shared, wgmma="wgmma" in ptx,
+                expect_wgmma=spec.expect_wgmma and arch == 90,
                 tma="cp.async.bulk.tensor" in ptx,
                 cubin_bytes=len(kernel.asm["cubin"]),
                 **_loop_report(mma_loops(kernel.asm["cubin"], arch) if has_dot else None),
@@ -362,7 +367,8 @@ def ci_specs(arch: int) -> list[KernelSpec]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities, e.g. 90 80")
+    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=ARCHS,
+                    help="compute capabilities: 90 (Hopper), 80 (Ampere); default both")
     ap.add_argument("--only", default="", help="compile only kernels whose name contains this text")
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true",
