@@ -647,7 +647,8 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
     B, C, Hq, D = q.shape
     # an int start rides in the launch itself; a tensor [B] is read on the device (no host sync)
     per_row = isinstance(start_pos, torch.Tensor)
-    starts = start_pos.to(torch.int32) if per_row else q  # q: a placeholder pointer the kernel never reads
+    # per-row starts read one element apart (a strided view is copied); q: a placeholder pointer the kernel never reads
+    starts = start_pos.to(torch.int32).contiguous() if per_row else q
     plan = launch_plan(q, k_new, k_cache, start_pos, config, window)
     cfg, pack, splits = plan["config"], plan["pack"], plan["splits"]
     if cfg.get("tma"):

@@ -478,6 +478,12 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
     if not isinstance(check, bool):
         raise TypeError(f"paged chunk_attention: check must be True or False, got {shown(check)}")
     B, Hq, Hkv, D, page_size, lens = _check(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqlens)
+    # the kernels step through a row of the block table, and through cu_seqlens and the prefixes, one element at a
+    # time: a view with another step (every other column, say) is copied first (views of whole rows are not)
+    if block_table.shape[1] > 1 and block_table.stride(1) != 1:
+        block_table = block_table.contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
     if window is not None and window >= block_table.shape[1] * page_size:
         window = None  # wider than any row's positions: the full causal attention, at no cost
     if config is not None:
@@ -523,7 +529,7 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
         raise ValueError(f"paged chunk_attention: max_chunk {max_chunk} is shorter than the longest row's chunk "
                          f"({max(lens)}); it sizes the grid")
     if isinstance(prefix_lens, torch.Tensor):
-        prefix = prefix_lens.to(torch.int32)
+        prefix = prefix_lens.to(torch.int32).contiguous()
     else:
         prefix = torch.full((B,), int(prefix_lens), device=q.device, dtype=torch.int32)
     if q.is_cuda and check and B:  # reported at a later sync (device-side asserts), no host sync now

@@ -212,6 +212,36 @@ def test_the_hopper_tile_reads_its_block_table_ahead_over_pages_that_hold_a_key_
         plan(16.0)
 
 
+def test_strided_index_tensors_read_as_their_values():
+    """A block table, cu_seqlens and prefix lengths given as strided views (every other column or element, as a
+    slice of a larger host buffer may be) give the launch of their contiguous copies, output and pages bit for bit;
+    so do the dense kernel's per-row starts."""
+    lens, prefixes = [5, 9, 2], [20, 0, 33]
+    q, kn, vn, kc, vc, table, cu = make_case(lens, prefixes, 4, 2, 16, 8, torch.float32, seed=4)
+    wide = torch.full((table.shape[0], 2 * table.shape[1]), 99, dtype=torch.int32)
+    wide[:, ::2] = table
+
+    def every_other(t):
+        spread = torch.full((2 * t.numel(),), 7, dtype=t.dtype)
+        spread[::2] = t
+        return spread[::2]
+    pre = torch.tensor(prefixes, dtype=torch.int32)
+    outs, pools = [], []
+    for args in ((table, cu, pre), (wide[:, ::2], every_other(cu), every_other(pre))):
+        k, v, out = kc.clone(), vc.clone(), torch.full_like(q, float("nan"))
+        chunk_attention(q, kn, vn, k, v, args[2], out=out, block_table=args[0], cu_seqlens=args[1])
+        outs.append(out)
+        pools.append((k, v))
+    assert not outs[0].isnan().any() and torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*pools))
+    g = torch.Generator().manual_seed(5)
+    q, kn, vn = (torch.randn(3, 4, 4 if i == 0 else 2, 16, generator=g) for i in range(3))
+    kc, vc = (torch.randn(3, 30, 2, 16, generator=g) for _ in range(2))
+    starts = torch.tensor([3, 0, 17], dtype=torch.int32)
+    dense = [chunk_attention(q, kn, vn, kc.clone(), vc.clone(), s) for s in (starts, every_other(starts))]
+    assert torch.equal(dense[0], dense[1])
+
+
 def test_an_int_prefix_serves_every_row():
     run_paged_case([7, 7], [40, 40], 4, 2, 32, 16, torch.float32, 2e-5, tensor_prefix=False)
 
