@@ -64,6 +64,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
             raise ValueError(f"add_rms_norm: residual {t.dtype} {tuple(t.shape)} does not match x "
                              f"{x.dtype} {tuple(x.shape)}")
     x2 = as_rows(x, "add_rms_norm", "x")
+    weight = weight.contiguous()  # read one element apart: a strided view (every other element, say) is copied
     for name, t in (("out", out), ("residual_out", residual_out)):
         if t is not None and (t.shape != x.shape or t.dtype != x.dtype or t.device != x.device
                               or not t.is_contiguous()):

@@ -559,6 +559,18 @@ def test_add_rms_norm(shape, dtype, tol, with_residual):
     assert (s.double() - s64).abs().max().item() <= tol * 2
 
 
+def test_add_rms_norm_reads_a_strided_weight():
+    """A weight given as a strided view (every other element of a larger buffer) is read as its values."""
+    g = torch.Generator().manual_seed(4)
+    x, r = (torch.randn(2, 9, 40, generator=g).to(DEVICE) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(40, 2, generator=g)).to(DEVICE)[:, 0]
+    assert w.stride() == (2,)
+    y, _ = add_rms_norm(x, r, w, 1e-5, out=torch.full_like(x, float("nan")))
+    s64 = x.double() + r.double()
+    y64 = s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert (y.double() - y64).abs().max().item() <= 1e-5 * 4
+
+
 @pytest.mark.parametrize("dtype,tol", DTYPES, ids=["fp32", "fp16"])
 @pytest.mark.parametrize("B,C,H,D,start_pos", [(1, 1, 1, 16, 0), (3, 37, 5, 64, 1000), (2, 217, 3, 128, 1),
                                                (2, 19, 3, 80, 5), (1, 7, 2, 96, 0), (1, 5, 1, 6, 2),
