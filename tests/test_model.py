@@ -463,7 +463,7 @@ def tiny():
 
 
 @pytest.mark.parametrize("tokens,error,match", [
-    (torch.zeros(1, 4, dtype=torch.int32), TypeError, "torch.long"),
+    (torch.zeros(1, 4, dtype=torch.int16), TypeError, "torch.long or torch.int32"),
     (torch.zeros(1, 4), TypeError, "torch.long"),
     (torch.zeros(4, dtype=torch.long), ValueError, r"\[B, L\]"),
     (torch.zeros(1, 2, 3, dtype=torch.long), ValueError, r"\[B, L\]"),
