@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .shapes import cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number, shown
+from .shapes import (cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number, same_memory,
+                     shown)
 
 LOG2E = 1.4426950408889634
 
@@ -477,6 +478,9 @@ def _check_inputs(q, k_new, v_new, k_cache, v_cache, start_pos):
     if k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[2:] != (Hkv, D):
         raise ValueError(f"chunk_attention: k_cache/v_cache must be [B={B}, max_len, Hkv={Hkv}, D={D}], got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if same_memory(k_cache, v_cache):
+        raise ValueError("chunk_attention: k_cache and v_cache are the same memory: the fused append would write "
+                         "each new v over its k; give two caches (or two views of one buffer, k = kv[0], v = kv[1])")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"chunk_attention: head dim {D} is not supported (1 to {MAX_HEAD_DIM})")
     max_len = k_cache.shape[1]

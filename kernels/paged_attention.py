@@ -24,7 +24,8 @@ import triton.language as tl
 
 from .chunk_attention import MERGE_ROWS, PACK_MAX_CHUNK, _check_config, _device_facts, _merge_splits_kernel, \
     _softmax_step, _split_slice, check_window, pack_heads, pick_splits, programs_per_sm
-from .shapes import cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number, shown
+from .shapes import (cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number, same_memory,
+                     shown)
 
 LOG2E = 1.4426950408889634
 
@@ -411,6 +412,10 @@ def _check(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_table, cu_seqle
     if k_cache.shape != v_cache.shape or k_cache.shape[2:] != (Hkv, D):
         raise ValueError(f"paged chunk_attention: k_cache/v_cache must be [num_pages, page_size, Hkv={Hkv}, D={D}], "
                          f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if same_memory(k_cache, v_cache):
+        raise ValueError("paged chunk_attention: k_cache and v_cache are the same memory: the fused append would "
+                         "write each new v over its k; give two page pools (or two views of one, k = kv[:, 0], "
+                         "v = kv[:, 1])")
     num_pages, page_size = k_cache.shape[:2]
     B, max_pages = block_table.shape
     if block_table.dtype != torch.int32 or block_table.device != q.device:

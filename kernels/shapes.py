@@ -87,6 +87,13 @@ def tensor(name: str, t) -> torch.Tensor:
     return t
 
 
+def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two non-empty tensors start at the same element (one buffer passed twice). Views of one buffer that
+    start apart (k = kv[0], v = kv[1]; FlashInfer's pages interleaving k and v) are not."""
+    return a.numel() > 0 and b.numel() > 0 and a.device == b.device and a.device.type != "meta" \
+        and a.data_ptr() == b.data_ptr()
+
+
 def as_rows(t: torch.Tensor, op: str, name: str) -> torch.Tensor:
     """[..., N] -> [rows, N] view without a copy; the last dimension must be contiguous."""
     if t.dim() < 1 or t.stride(-1) != 1:

@@ -521,6 +521,18 @@ def test_chunk_attention_refuses_bad_input(over, match):
         chunk_attention(**_attn_inputs(**over))
 
 
+def test_one_buffer_passed_as_both_caches_is_refused_and_two_views_of_one_are_not():
+    """k_cache is v_cache (the append would write v over k) is refused before the launch; k = kv[0], v = kv[1] of
+    one [2, B, max_len, Hkv, D] buffer is two caches, and gives what two separate tensors give."""
+    kv = torch.randn(2, 1, 10, 2, 16)
+    with pytest.raises(ValueError, match="k_cache and v_cache are the same memory"):
+        chunk_attention(**_attn_inputs(k_cache=kv[0], v_cache=kv[0]))
+    args = _attn_inputs(q=torch.randn(1, 4, 4, 16), k_new=torch.randn(1, 4, 2, 16), v_new=torch.randn(1, 4, 2, 16),
+                        start_pos=3)
+    apart = chunk_attention(**args | dict(k_cache=kv[0].clone(), v_cache=kv[1].clone()))
+    assert torch.equal(chunk_attention(**args | dict(k_cache=kv[0], v_cache=kv[1])), apart)
+
+
 @pytest.mark.parametrize("B,C,start_pos", [(1, 0, 0), (1, 0, 10), (2, 0, 3), (0, 4, 0), (0, 0, 0)])
 def test_chunk_attention_of_nothing_is_empty_and_leaves_the_cache(B, C, start_pos):
     """No rows or an empty chunk (at any start up to the cache's end) is a no-op, as torch's ops treat empty inputs:

@@ -242,6 +242,20 @@ def test_strided_index_tensors_read_as_their_values():
     assert torch.equal(dense[0], dense[1])
 
 
+def test_pages_that_interleave_k_and_v_are_two_caches_and_one_pool_twice_is_refused():
+    """FlashInfer's NHD pages, [num_pages, 2, page_size, Hkv, D] with k = kv[:, 0] and v = kv[:, 1], give what two
+    separate pools give, pages and output; the same pool as both caches is refused before the launch."""
+    lens, prefixes = [3, 6], [9, 0]
+    q, kn, vn, kc, vc, table, cu = make_case(lens, prefixes, 4, 2, 16, 4, torch.float32, seed=6)
+    kv = torch.stack([kc, vc], 1)
+    pre = torch.tensor(prefixes, dtype=torch.int32)
+    apart = chunk_attention(q, kn, vn, kc, vc, pre, block_table=table, cu_seqlens=cu)
+    together = chunk_attention(q, kn, vn, kv[:, 0], kv[:, 1], pre, block_table=table, cu_seqlens=cu)
+    assert torch.equal(together, apart) and torch.equal(kv[:, 0], kc) and torch.equal(kv[:, 1], vc)
+    with pytest.raises(ValueError, match="k_cache and v_cache are the same memory"):
+        chunk_attention(q, kn, vn, kc, kc, pre, block_table=table, cu_seqlens=cu)
+
+
 def test_an_int_prefix_serves_every_row():
     run_paged_case([7, 7], [40, 40], 4, 2, 32, 16, torch.float32, 2e-5, tensor_prefix=False)
 
