@@ -206,9 +206,10 @@ def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool 
     """Two kernel benchmark files, per shape and provider: the time of chunk_attention (dense, with a sliding window,
     and paged on a mixed batch, with the dense kernel run per row) or of a Triton memory-bound op REGRESSED past the
     threshold fails (exit 1), and so does a kernel whose error is over its tolerance; the peers' (SDPA, flex, torch
-    eager) times get a verdict each but never fail the run: they are the yardstick. A shape of the base missing from the new file
-    fails; a memory-bound op that moved other bytes (the benchmark's workload changed) is shown, not compared. Files
-    of different devices are refused unless `force`. Older files (no schema_version: SDPA peers only) are read too."""
+    eager) times get a verdict each but never fail the run: they are the yardstick. A shape of the base missing from
+    the new file fails; a memory-bound op that moved other bytes (the benchmark's workload changed) is shown, not
+    compared. Files of different devices are refused unless `force`. Older files (no schema_version: SDPA peers
+    only) are read too."""
     for doc in (base, new):
         if doc.get("schema_version", 0) not in (0, 1):
             raise NotComparable(f"kernel benchmark file of unknown schema_version {doc.get('schema_version')}")
