@@ -26,6 +26,8 @@ import warnings
 
 import torch
 
+from pipeline.costs import window_pairs  # the query-key pairs a sliding window leaves a chunk (the window rows' TFLOP/s)
+
 ATTENTION_SHAPES = ((0, 256), (0, 2048), (4096, 1024), (16384, 2048), (32768, 256), (32768, 4096), (32768, 128),
                     (0, 64), (32768, 16), (32768, 1))  # the last two: GQA packing and split-KV territory
 TARGET_SHAPE = (16384, 2048)  # prefix, chunk: where the targets are set
@@ -234,11 +236,6 @@ def time_peers(row: dict, peers: dict, ref, timer, tol: float) -> dict:
 WINDOW_SHAPES = ((16384, 2048, 4096), (32768, 256, 4096))
 
 
-def window_pairs(C: int, P: int, window: int) -> int:
-    """Query-key pairs a chunk computes under a sliding window: query i sees min(P + i + 1, window) positions."""
-    return sum(min(P + i + 1, window) for i in range(C))
-
-
 def window_peers(qt, kt, vt, P, window, compile_flex: bool = True) -> dict:
     """name -> fn() returning [B, Hq, C, D]: the peers of a sliding-window chunk. flex_attention with the window's
     block mask (its blocks below the window skipped, as this kernel skips them), compiled; SDPA with the window as a
@@ -282,7 +279,7 @@ def bench_window(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=WINDOW_S
         err = (out.double() - ref).abs().max().item()
         plan = launch_plan(q, kn, kc, P, window=W)
         row = dict(prefix=P, chunk=C, window=W, triton_ms=ms,
-                   triton_tflops=4 * B * Hq * D * window_pairs(C, P, W) / ms / 1e9, max_abs_err=err,
+                   triton_tflops=4 * B * Hq * D * float(window_pairs(C, P, W)) / ms / 1e9, max_abs_err=err,
                    triton_correct=err <= tol, peer_tolerance=tol,
                    launch=dict(plan["config"], pack_heads=plan["pack"], splits=plan["splits"], grid=plan["grid"]))
         time_peers(row, window_peers(*heads_first, P, W, compile_flex=compile_flex), ref, timer, tol)
@@ -809,8 +806,8 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
     memory = bench_memory_bound(device=device, timer=timer)
     attention = bench_attention(shapes=shapes, device=device, timer=timer, deadline=deadline)
     paged = bench_paged(batches=batches, device=device, timer=timer, deadline=deadline)
-    window = bench_window(shapes=WINDOW_SHAPES[:1] if quick else WINDOW_SHAPES, device=device, timer=timer,
-                          deadline=deadline)
+    window_shapes = WINDOW_SHAPES[:1] if quick else WINDOW_SHAPES
+    window = bench_window(shapes=window_shapes, device=device, timer=timer, deadline=deadline)
     ab = [] if quick else tile_ab(device=device, timer=timer, deadline=deadline)
     late = deadline is not None and time.time() > deadline
     # last: a failed graph capture cannot spoil the rest
@@ -826,7 +823,7 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
     measured = {tuple(map(tuple, r["batch"])) for r in paged}
     left = [f"attention P={P} C={C}" for P, C in shapes[len(attention):]]
     left += [f"paged batch {i}" for i, b in enumerate(batches) if tuple(b) not in measured]
-    left += [f"window P={P} C={C} W={W}" for P, C, W in (WINDOW_SHAPES[:1] if quick else WINDOW_SHAPES)[len(window):]]
+    left += [f"window P={P} C={C} W={W}" for P, C, W in window_shapes[len(window):]]
     left += ["the layer's host cost"] if late else []
     if left:
         doc.update(complete=False, stopped=f"time budget: not measured {', '.join(left)}")
