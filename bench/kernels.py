@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from pipeline.costs import window_pairs  # the query-key pairs a sliding window leaves a chunk (the window rows' TFLOP/s)
+from pipeline.costs import window_pairs  # the pairs a sliding window leaves a chunk (the window rows' TFLOP/s)
 
 ATTENTION_SHAPES = ((0, 256), (0, 2048), (4096, 1024), (16384, 2048), (32768, 256), (32768, 4096), (32768, 128),
                     (0, 64), (32768, 16), (32768, 1))  # the last two: GQA packing and split-KV territory
@@ -130,6 +130,34 @@ def attention_flops(B, Hq, D, C, P) -> int:
 PEER_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}  # max |error| vs float64 of a correct run
 
 
+def why(e: BaseException, reasons=()) -> str:
+    """A failure in one line for a result row: the error's type and first line, then any `reasons` given."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}" + (f" ({'; '.join(reasons)})" if reasons else "")
+
+
+# SDPA's warnings that only announce or repeat a refusal: the backends a pin turned off, and the headers
+_SDPA_NOISE = ("not used because", "has been runtime disabled")
+
+
+def call_peer(fn):
+    """fn() -> (its result, None), or (None, why it failed). SDPA pinned to a backend that cannot run a shape raises
+    only "No available kernel" and gives its reasons as warnings, one per backend it considered (those flooded the
+    GPU suite's log): they are held back and the first three that say why (not the headers, nor the backends the
+    pin turned off) go into the failure's text. The warnings of a call that succeeds are issued as usual."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            got = fn()
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run a shape is a result, said why
+            said = dict.fromkeys(str(w.message).strip().splitlines()[0][:200] for w in caught
+                                 if str(w.message).strip())
+            return None, why(e, [m for m in said if not any(n in m for n in _SDPA_NOISE)][:3])
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return got, None
+
+
 def _sdpa_backends():
     from torch.nn.attention import SDPBackend
     return (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
@@ -218,13 +246,16 @@ def time_peers(row: dict, peers: dict, ref, timer, tol: float) -> dict:
     handicapped rows excluded) and chunk_attention's speed-up over it (`row["triton_ms"]`). Returns the fair peers'
     times by name."""
     for name, fn in peers.items():
-        try:
-            got = fn()
+        got, failed = call_peer(fn)
+        if failed is None:
             row[f"{name}_max_abs_err"] = (got.transpose(1, 2).double() - ref).abs().max().item()
-            row[f"{name}_ms"] = timer(fn)
-        except Exception as e:  # noqa: BLE001 - a peer that cannot run this shape is a result, said why
+            try:
+                row[f"{name}_ms"] = timer(fn)
+            except Exception as e:  # noqa: BLE001 - a peer that runs once and fails when timed, said why
+                failed = why(e)
+        if failed is not None:
             row[f"{name}_ms"] = None
-            row[f"{name}_why"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            row[f"{name}_why"] = failed
     fair = {n: row[f"{n}_ms"] for n in peers if row[f"{n}_ms"] and n not in HANDICAPPED
             and row.get(f"{n}_max_abs_err", float("inf")) <= tol}
     row["best_peer"] = min(fair, key=fair.get) if fair else None
@@ -378,14 +409,14 @@ def _sweep_row(row: dict, q, ref, flops: float, timer, call, graph: bool = True)
     try:
         ms = timer(lambda: call(out))
     except Exception as e:  # noqa: BLE001 - said in the row
-        return dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return dict(row, error=why(e))
     row = dict(row, ms=ms, tflops=flops / ms / 1e9, max_abs_err=(out.double() - ref).abs().max().item())
     if q.is_cuda and graph:
         try:
             g = graph_replay_ms(lambda: call(out), timer)
             row.update(graph_ms=g, graph_tflops=flops / g / 1e9)
         except Exception as e:  # noqa: BLE001 - said in the row; the eager time stands
-            row["graph_why"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            row["graph_why"] = why(e)
     return row
 
 
@@ -438,7 +469,7 @@ def device_time_vs_peers(row: dict, peers: dict, fair: dict, timer=gpu_timer) ->
         try:
             graphs[name] = out[f"{name}_graph_ms"] = graph_replay_ms(peers[name], timer)
         except Exception as e:  # noqa: BLE001 - a peer that cannot be captured is a result, said why
-            out[f"{name}_graph_why"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            out[f"{name}_graph_why"] = why(e)
     if graphs:
         best = min(graphs, key=graphs.get)
         out.update(best_peer_graph=best, speedup_vs_best_peer_graph=graphs[best] / (row["launch_graph_us"] / 1e3))
@@ -509,19 +540,22 @@ def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128
         dense_err = (torch.cat([o[0] for o in dense_out]).double() - ref).abs().max().item()
         from torch.nn.attention import sdpa_kernel
         from torch.nn.attention.bias import causal_lower_right
-        sdpa = {}
+        sdpa, sdpa_refused = {}, {}  # backend -> (ms, error); backend -> why it is not a peer here
         for name, backend in _sdpa_backends():
             def run(backend=backend):
                 with sdpa_kernel(backend):
                     return [F.scaled_dot_product_attention(qt, kt, vt, attn_mask=causal_lower_right(qt.shape[2],
                                                                                                     kt.shape[2]),
                                                            enable_gqa=True) for qt, kt, vt in (c[5] for c in cases)]
-            try:
-                err = (torch.cat([o.transpose(1, 2)[0] for o in run()]).double() - ref).abs().max().item()
+            got, failed = call_peer(run)
+            if failed is None:
+                err = (torch.cat([o.transpose(1, 2)[0] for o in got]).double() - ref).abs().max().item()
                 if err <= tol:
                     sdpa[name] = (timer(run), err)
-            except Exception:  # noqa: BLE001 - a backend that cannot run these shapes is not a peer here
-                pass
+                else:
+                    failed = f"error {err:.1e} over the tolerance {tol:.0e}"
+            if failed is not None:
+                sdpa_refused[name] = failed
         best = min(sdpa, key=lambda n: sdpa[n][0]) if sdpa else None
         flex = {}
         try:
@@ -532,7 +566,7 @@ def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128
             else:
                 flex.update(flex_ms=None, flex_why=f"error {flex['flex_max_abs_err']:.1e} over the tolerance {tol:.0e}")
         except Exception as e:  # noqa: BLE001 - a peer that cannot run this batch is a result, said why
-            flex.update(flex_ms=None, flex_why=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
+            flex.update(flex_ms=None, flex_why=why(e))
         for page in page_sizes:
             kc, vc, table = paged_cache(batch, cases, page, seed=page)
             out = torch.full_like(q, float("nan"))
@@ -546,7 +580,7 @@ def bench_paged(batches=PAGED_BATCHES, page_sizes=(16, 256), Hq=32, Hkv=8, D=128
                              tolerance=tol,
                              dense_rows_ms=dense_ms, dense_rows_max_abs_err=dense_err, best_sdpa=best,
                              sdpa_rows_ms=sdpa[best][0] if best else None,
-                             sdpa_rows_max_abs_err=sdpa[best][1] if best else None,
+                             sdpa_rows_max_abs_err=sdpa[best][1] if best else None, sdpa_refused=sdpa_refused,
                              paged_vs_dense_rows=dense_ms / ms,
                              paged_vs_sdpa_rows=sdpa[best][0] / ms if best else None, **flex,
                              paged_vs_flex=flex["flex_ms"] / ms if flex.get("flex_ms") else None))

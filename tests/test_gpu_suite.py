@@ -76,6 +76,39 @@ def test_window_benchmark_runs_and_checks_accuracy():
             assert r[f"{name}_ms"] is None or r[f"{name}_max_abs_err"] < 1e-5
 
 
+def test_a_peer_that_cannot_run_says_why_in_its_row_not_in_warnings():
+    """SDPA pinned to a backend that cannot run a shape raises only "No available kernel" and says why in warnings,
+    one per backend considered (they flooded the GPU suite's log): the row gets the reason, the log none of it."""
+    import warnings
+
+    from bench.kernels import call_peer, time_peers
+
+    def refused():
+        for text in ("Memory efficient kernel not used because:", "For dense input, both fused kernels require query,"
+                     " key and value to have the same num_heads.\nQuery.sizes(): [1, 4, 5, 16]",
+                     "Flash attention has been runtime disabled.", "Flash attention kernel not used because:"):
+            warnings.warn(text, UserWarning)
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    def chatty():
+        warnings.warn("a peer's own warning", UserWarning)
+        return torch.ones(1, 2, 3, 4)
+
+    ref = torch.ones(1, 3, 2, 4, dtype=torch.float64)
+    row = dict(triton_ms=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fair = time_peers(row, dict(refused=refused, ok=lambda: torch.ones(1, 2, 3, 4)), ref,
+                          timer=lambda fn: 2.0, tol=1e-5)
+        got, failed = call_peer(chatty)
+    assert row["refused_ms"] is None and row["refused_why"] == (
+        "RuntimeError: No available kernel. Aborting execution. (For dense input, both fused kernels require query, "
+        "key and value to have the same num_heads.)")
+    assert fair == dict(ok=2.0) and row["best_peer"] == "ok" and row["ok_max_abs_err"] == 0.0
+    assert failed is None and got.shape == (1, 2, 3, 4)
+    assert [str(w.message) for w in caught] == ["a peer's own warning"]  # a call that succeeds keeps its warnings
+
+
 def test_paged_benchmark_runs_and_checks_accuracy(tmp_path):
     from bench.kernels import bench_paged
     rows = bench_paged(batches=(((0, 5),), ((37, 16), (0, 3), (20, 1))), page_sizes=(4, 16), Hq=4, Hkv=2, D=16,
@@ -85,6 +118,8 @@ def test_paged_benchmark_runs_and_checks_accuracy(tmp_path):
         assert r["paged_correct"] and r["paged_max_abs_err"] < 1e-5 and r["dense_rows_max_abs_err"] < 1e-5
         assert r["paged_ms"] > 0 and r["paged_tflops"] > 0 and r["paged_vs_dense_rows"] > 0
         assert r["best_sdpa"] is None or r["sdpa_rows_max_abs_err"] < 1e-5
+        # every SDPA backend either ran correctly (the best of them kept) or says why it is not a peer here
+        assert r["best_sdpa"] not in r["sdpa_refused"] and all(r["sdpa_refused"].values())
         assert r["flex_max_abs_err"] < 1e-5 and r["flex_ms"] > 0 and r["paged_vs_flex"] > 0  # one call, rows packed
         assert r["launch_plan"]["splits"] == 1 and r["launch_plan"]["grid"][2] == 1  # no SM count on CPU
     assert [r["launch_plan"]["pack"] for r in rows] == [2, 2, 2, 2]  # chunks of up to 16: the group's 2 heads packed
