@@ -268,6 +268,7 @@ class Runner:
 
 
 SYNC_WARNING = "synchronizing CUDA operation"  # what torch says under set_sync_debug_mode("warn")
+SYNC_MODE_NOTICE = "Synchronization debug mode is a prototype"  # and, once, of the mode itself: not passed on
 _PASSED_ON: set = set()  # the warnings counting_host_syncs has passed on (text, category, file, line)
 
 
@@ -302,7 +303,7 @@ def counting_host_syncs(enabled: bool = True):
     for w in caught:  # the others passed on, each text from each place once (not once per run: a run's catching
         # resets the registries that would show it once)
         key = (str(w.message), w.category, w.filename, w.lineno)
-        if SYNC_WARNING not in key[0] and key not in _PASSED_ON:
+        if SYNC_WARNING not in key[0] and SYNC_MODE_NOTICE not in key[0] and key not in _PASSED_ON:
             _PASSED_ON.add(key)
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
