@@ -401,7 +401,8 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
     if kernels.get("window"):  # older files: no sliding-window rows
         from .kernels import _tile as tile
         lines += ["", "Sliding window (chunk_attention's `window`), TFLOP/s over the pairs the window leaves, against "
-                      "flex_attention with the window's block mask and SDPA with it as a boolean mask:", "",
+                      "flex_attention with the window's block mask and SDPA with it as a boolean mask over the keys "
+                      "from the first query's window on (native GQA, and K/V repeated per query head):", "",
                   "| prefix | chunk | window | Triton TFLOP/s | best peer | speed-up | launch | max err |",
                   "|---:|---:|---:|---:|---|---:|---|---:|"]
         for r in kernels["window"]:

@@ -269,8 +269,11 @@ WINDOW_SHAPES = ((16384, 2048, 4096), (32768, 256, 4096))
 
 def window_peers(qt, kt, vt, P, window, compile_flex: bool = True) -> dict:
     """name -> fn() returning [B, Hq, C, D]: the peers of a sliding-window chunk. flex_attention with the window's
-    block mask (its blocks below the window skipped, as this kernel skips them), compiled; SDPA with the window as a
-    boolean mask [C, P + C] and native GQA, on the backends that take a mask (efficient, cuDNN; flash takes none)."""
+    block mask (its blocks below the window skipped, as this kernel skips them), compiled; SDPA on the backends that
+    take a mask (efficient, cuDNN; flash takes none), given the keys from the first query's window on (the ones below
+    it no query sees: what a caller of SDPA would cut off, as this project's torch backend does) and the window as a
+    boolean mask over them, with native GQA (`sdpa_mask_<backend>`) and with K/V repeated per query head beforehand,
+    untimed (`sdpa_mask_<backend>_repeat`: how SDPA takes GQA where its native path refuses a masked call)."""
     import functools
 
     from torch.nn.attention import sdpa_kernel
@@ -281,12 +284,20 @@ def window_peers(qt, kt, vt, P, window, compile_flex: bool = True) -> dict:
                                    B=None, H=None, Q_LEN=C, KV_LEN=N, device=qt.device)
     flex = torch.compile(flex_attention, dynamic=True) if compile_flex else _eager(flex_attention)
     peers = {"flex": functools.partial(flex, qt, kt, vt, block_mask=block_mask, enable_gqa=True)}
-    mask = window_mask(C, N, P, window, qt.device)
+    lo = max(0, P - window + 1)  # the first query's window starts here
+    ks, vs = kt[:, :, lo:], vt[:, :, lo:]
+    mask = window_mask(C, N, P, window, qt.device)[:, lo:]
+    group = qt.shape[1] // kt.shape[1]
+    rep_k, rep_v = ks.repeat_interleave(group, 1), vs.repeat_interleave(group, 1)
     for name, backend in _sdpa_backends()[1:]:
         def sdpa(backend=backend):
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
-        peers[f"sdpa_mask_{name}"] = sdpa
+                return F.scaled_dot_product_attention(qt, ks, vs, attn_mask=mask, enable_gqa=True)
+
+        def sdpa_repeat(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(qt, rep_k, rep_v, attn_mask=mask)
+        peers[f"sdpa_mask_{name}"], peers[f"sdpa_mask_{name}_repeat"] = sdpa, sdpa_repeat
     return peers
 
 

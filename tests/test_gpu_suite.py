@@ -71,9 +71,28 @@ def test_window_benchmark_runs_and_checks_accuracy():
     for r in rows:
         assert r["triton_correct"] and r["max_abs_err"] < 1e-5 and r["triton_tflops"] > 0
         assert r["flex_max_abs_err"] < 1e-5 and r["best_peer"] is not None and r["speedup_vs_best_peer"] > 0
-        for name in ("sdpa_mask_efficient", "sdpa_mask_cudnn", "flex"):  # each peer either ran or says why not
+        for name in ("sdpa_mask_efficient", "sdpa_mask_cudnn", "sdpa_mask_efficient_repeat", "sdpa_mask_cudnn_repeat",
+                     "flex"):  # each peer either ran or says why not
             assert r[f"{name}_ms"] is not None or r[f"{name}_why"]
             assert r[f"{name}_ms"] is None or r[f"{name}_max_abs_err"] < 1e-5
+
+
+def test_window_sdpa_peers_see_the_keys_the_window_leaves(monkeypatch):
+    """The SDPA window peers get the keys from the first query's window on and the mask cut to them, with native GQA
+    and with K/V repeated: each equals float64 attention with the window (here on SDPA's math backend, the one a CPU
+    runs with a mask; on a GPU the efficient and cuDNN backends run the same calls)."""
+    from torch.nn.attention import SDPBackend
+
+    import bench.kernels as bk
+    monkeypatch.setattr(bk, "_sdpa_backends", lambda: (("flash", SDPBackend.FLASH_ATTENTION),
+                                                       ("math", SDPBackend.MATH)))
+    for P, C, W in ((37, 16, 9), (0, 20, 7), (5, 3, 100), (40, 1, 1)):
+        q, kn, vn, kc, vc, heads_first, ref = bk.attention_case(P, C, 1, 4, 2, 16, torch.float32, "cpu", seed=P + C,
+                                                                window=W)
+        peers = bk.window_peers(*heads_first, P, W, compile_flex=False)
+        assert set(peers) == {"flex", "sdpa_mask_math", "sdpa_mask_math_repeat"}
+        for name, fn in peers.items():
+            assert (fn().transpose(1, 2).double() - ref).abs().max().item() < 1e-5, (name, P, C, W)
 
 
 def test_a_peer_that_cannot_run_says_why_in_its_row_not_in_warnings():
