@@ -433,12 +433,14 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
         lines += baseline_lines(*baseline, kernels)
     report = [r for r in kernels.get("compiler", []) if "registers" in r]
     if report:
-        lines += ["", "Compiler report (attention, d128): " + "; ".join(
-            f"{r.get('kernel', '?')}: {r['registers']} regs, {r.get('spill_stores', 0)} B spilled"
-            + (f" (local loads/stores per key-block loop iteration: {', '.join(map(str, r['mma_loop_spill_ops']))})"
-               if any(r.get("mma_loop_spill_ops") or []) else "")
-            + f", {r.get('shared_bytes', 0) // 1024} KB smem, wgmma {'yes' if r.get('wgmma') else 'no'}"
-            for r in report)]
+        lines += ["", "Compiler report (attention, d128; spills: bytes stored, and the local loads and stores per "
+                      "iteration of each key-block loop where there are any):", "",
+                  "| kernel | registers | spilled B | spill ops per loop iteration | shared KB | wgmma |",
+                  "|---|---:|---:|---|---:|---|"]
+        lines += [f"| {r.get('kernel', '?')} | {r['registers']} | {r.get('spill_stores', 0)} | "
+                  + (", ".join(map(str, r["mma_loop_spill_ops"])) if any(r.get("mma_loop_spill_ops") or []) else "-")
+                  + f" | {r.get('shared_bytes', 0) // 1024} | {'yes' if r.get('wgmma') else 'no'} |"
+                  for r in sorted(report, key=lambda r: r.get("kernel", ""))]
     lines.append("")
     return lines
 

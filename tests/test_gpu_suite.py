@@ -366,9 +366,8 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
         in text
     assert "- torch ops: host 500 us to enqueue, device not measured" in text
     assert "FAILED `tests/test_kernels.py::test_x`" in text
-    assert "chunk_attention d128: 255 regs, 0 B spilled, 128 KB smem, wgmma yes" in text
-    assert ("chunk_attention d128 m64n128: 255 regs, 140 B spilled (local loads/stores per key-block loop iteration: "
-            "36, 2), 128 KB smem" in text)
+    assert "| chunk_attention d128 | 255 | 0 | - | 128 | yes |" in text
+    assert "| chunk_attention d128 m64n128 | 255 | 140 | 36, 2 | 128 | yes |" in text
     assert ("- dense P=0 C=2048: launcher 64x64 w4s3 no-prefix 300.0 TFLOP/s vs former 128x128 w8s3 254.0 TFLOP/s "
             "= 1.18x" in text)
     assert "| 2 | pcie5 | 48 |" in text
