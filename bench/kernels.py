@@ -286,7 +286,7 @@ def window_peers(qt, kt, vt, P, window, compile_flex: bool = True) -> dict:
     peers = {"flex": functools.partial(flex, qt, kt, vt, block_mask=block_mask, enable_gqa=True)}
     lo = max(0, P - window + 1)  # the first query's window starts here
     ks, vs = kt[:, :, lo:], vt[:, :, lo:]
-    mask = window_mask(C, N, P, window, qt.device)[:, lo:]
+    mask = window_mask(C, N, P, window, qt.device)[:, lo:].contiguous()
     group = qt.shape[1] // kt.shape[1]
     rep_k, rep_v = ks.repeat_interleave(group, 1), vs.repeat_interleave(group, 1)
     for name, backend in _sdpa_backends()[1:]:
