@@ -570,3 +570,41 @@ def test_one_thread_per_stage_is_allowed_when_stages_outnumber_the_cores(tmp_pat
     assert main([*argv, "--threads", "2", "--out", str(tmp_path / "no")]) == 2
     err = capsys.readouterr().err
     assert "choose --threads 1 or less" in err and not (tmp_path / "no").exists()
+
+
+def _documented_commands():
+    """Every `python -m bench ...` and `python -m kernels.aot ...` command the markdown files of this repository show
+    in backticks, as (module, subcommand or None, the options it names)."""
+    import re
+    seen = {}
+    files = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    for name in files or ["README.md"]:
+        for span in re.findall(r"`([^`\n]*-m (?:bench|kernels\.aot)\b[^`\n]*)`", (ROOT / name).read_text()):
+            module, _, rest = span.partition("-m ")[2].partition(" ")
+            words = rest.replace("[", " ").replace("]", " ").split()
+            sub = words[0] if module == "bench" and words and re.fullmatch(r"[a-z][a-z-]*", words[0]) else None
+            options = tuple(sorted({w.split("=")[0] for w in words if w.startswith("--")}))
+            seen[(module, sub, options)] = span
+    return seen
+
+
+def test_every_documented_command_names_options_its_parser_has(capsys):
+    """The README and the results' READMEs show commands to copy: each subcommand they name exists and each option
+    they give is one its parser lists (an option renamed or removed must be renamed or removed there too)."""
+    import re
+
+    from bench import cli
+    from kernels import aot
+    commands = _documented_commands()
+    assert len(commands) >= 20 and any(sub == "simulate" for _, sub, _ in commands)
+    helps = {}
+    for module, sub, options in commands:
+        if (module, sub) not in helps:
+            with pytest.raises(SystemExit) as done:
+                (aot.main if module == "kernels.aot" else cli.main)(([sub] if sub else []) + ["--help"])
+            assert done.value.code == 0, commands[(module, sub, options)]
+            helps[(module, sub)] = capsys.readouterr().out
+        if sub is not None:
+            assert sub in cli.SUBCOMMANDS, commands[(module, sub, options)]
+        missing = [o for o in options if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", helps[(module, sub)])]
+        assert not missing, f"{commands[(module, sub, options)]!r}: {missing} not in its --help"
