@@ -278,13 +278,15 @@ def window_peers(qt, kt, vt, P, window, compile_flex: bool = True) -> dict:
 
     from torch.nn.attention import sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from kernels.chunk_attention import window_start
     F = torch.nn.functional
     C, N = qt.shape[2], kt.shape[2]
     block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx + P) & (kv_idx > q_idx + P - window),
                                    B=None, H=None, Q_LEN=C, KV_LEN=N, device=qt.device)
     flex = torch.compile(flex_attention, dynamic=True) if compile_flex else _eager(flex_attention)
     peers = {"flex": functools.partial(flex, qt, kt, vt, block_mask=block_mask, enable_gqa=True)}
-    lo = max(0, P - window + 1)  # the first query's window starts here
+    lo = window_start(P, window)
     ks, vs = kt[:, :, lo:], vt[:, :, lo:]
     mask = window_mask(C, N, P, window, qt.device)[:, lo:].contiguous()
     group = qt.shape[1] // kt.shape[1]

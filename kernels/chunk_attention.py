@@ -617,6 +617,12 @@ def check_window(who: str, window) -> int | None:
     return window
 
 
+def window_start(start_pos: int, window: int | None) -> int:
+    """The first position a chunk's first query (at start_pos) sees under a sliding window (0 without one): no query
+    of the chunk sees a key below it."""
+    return 0 if window is None else max(0, start_pos - window + 1)
+
+
 def check_dense_call(max_chunk, max_prefix, check) -> None:
     """The dense path (no cu_seqlens, no block_table) takes none of the paged / varlen path's launch hints."""
     if max_chunk is not None or max_prefix is not None or check is not True:
@@ -739,7 +745,7 @@ def chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_sc
     k_cache[:, start_pos:end] = k_new
     v_cache[:, start_pos:end] = v_new
     # keys below the first query's window are masked for every query: not read at all (positions [lo, end))
-    lo = 0 if window is None else max(0, start_pos - window + 1)
+    lo = window_start(start_pos, window)
     qt = q.transpose(1, 2)  # [B, Hq, C, D]
     kt = k_cache[:, lo:end].transpose(1, 2)  # [B, Hkv, end - lo, D]
     vt = v_cache[:, lo:end].transpose(1, 2)

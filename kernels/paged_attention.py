@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .chunk_attention import MERGE_ROWS, PACK_MAX_CHUNK, _check_config, _device_facts, _merge_splits_kernel, \
-    _softmax_step, _split_slice, check_window, pack_heads, pick_splits, programs_per_sm
+    _softmax_step, _split_slice, check_window, pack_heads, pick_splits, programs_per_sm, window_start
 from .shapes import (cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number, same_memory,
                      shown)
 
@@ -637,7 +637,7 @@ def paged_chunk_attention_ref(q, k_new, v_new, k_cache, v_cache, prefix_lens, bl
         v_cache[pages, slots] = vb[0]
         # whole pages gathered (a copy of page_size positions each), from the page the first query's window starts
         # in (0 without a window), then cut to the row's positions [1, P + C - first, Hkv, D]
-        first = 0 if window is None else max(0, P - window + 1) // page_size * page_size
+        first = window_start(P, window) // page_size * page_size
         table = table[first // page_size:]
         dense_k = k_cache.index_select(0, table).flatten(0, 1)[None, :P + C - first]
         dense_v = v_cache.index_select(0, table).flatten(0, 1)[None, :P + C - first]
