@@ -8,7 +8,7 @@ python -m bench machine-check          how steady this machine is: host stops an
 The last line of stdout is a one-line JSON summary. Progress goes to stderr. Under
 `torchrun --nproc-per-node S -m bench ...` each process runs one stage (env:// rendezvous); rank 0 reports.
 Exit codes: 0 done, 1 a check failed (outputs differ, a regression), 2 bad input or a failed run,
-130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM), 141 the reader of stdout went away (`| head`), quietly."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .options import Parser, int_list, integer, name_list, number, out_path, output_dir, say
+from .options import Parser, int_list, integer, name_list, number, out_path, output_dir, reader_gone, say
 
 SUBCOMMANDS = ("compare", "simulate", "kernels", "gpu-suite", "machine-check")
 
@@ -394,12 +394,16 @@ def main(argv=None) -> int:
     prog = "bench" + (f" {argv[0]}" if argv and argv[0] in SUBCOMMANDS else "")
     try:
         with interrupts_raise():
-            return _dispatch(argv)
+            code = _dispatch(argv)
+            sys.stdout.flush()  # here, not at exit: a reader gone (`| head`) is then a BrokenPipeError handled below
+            return code
     except KeyboardInterrupt as e:
         kind, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         say(f"{prog}: {kind}; every stage process was stopped" + _kept(argv))
         return code
     except (ValueError, TypeError, OSError, PipelineError) as e:
+        if isinstance(e, BrokenPipeError) and reader_gone():  # `| head` has read what it wanted: stop, quietly
+            return 141  # what a shell reports for a process that SIGPIPE killed (`cat`, `grep`)
         if os.environ.get("BENCH_TRACEBACK") == "1":
             traceback.print_exc()
         text = str(e).strip() or type(e).__name__

@@ -6,23 +6,42 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import math
+import os
 import re
+import select
 import sys
 from pathlib import Path
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2), not the usage block plus the error; and any value
+    """argparse, but a usage error is one line on stderr (exit 2), not the usage block plus the error; any value
     that starts with a minus and a digit, a point, `inf` or `nan` (`-1,5`, `-4096,8192`, `-inf`) is a value, so its
-    option's type names what is wrong with it instead of argparse saying the option "expected one argument"."""
+    option's type names what is wrong with it instead of argparse saying the option "expected one argument"; and
+    options are spelled out in full: argparse's abbreviations would read `bench simulate --tp 2` as `--tp-link 2`
+    (and an abbreviation that works today turns ambiguous when an option is added), so an option this parser does
+    not have is refused, naming the ones it may have meant."""
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
     def error(self, message: str):
+        unknown = message.partition("unrecognized arguments: ")[2].split()
+        options = [u.partition("=")[0] for u in unknown if u.startswith("-")]
+        if options:
+            message = f"unknown option{'s' if len(options) > 1 else ''} {', '.join(options)}"
+            meant = list(dict.fromkeys(o for u in options for o in self.meant(u)))
+            if meant:
+                message += f"; did you mean {' or '.join(filter(None, (', '.join(meant[:-1]), meant[-1])))}?"
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+    def meant(self, typed: str) -> list[str]:
+        """This parser's options that `typed` may stand for: the ones it begins, else the closest by spelling."""
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        return [o for o in known if o.startswith(typed)] or difflib.get_close_matches(typed, known, n=2, cutoff=0.75)
 
 
 def _kind(text: str, cast, what: str):
@@ -131,3 +150,27 @@ def _remove_empty(dirs) -> None:
 def say(text: str) -> None:
     """One line on stderr (progress and phase lines go there; stdout carries the tables and the JSON line)."""
     print(text, file=sys.stderr, flush=True)
+
+
+def reader_gone() -> bool:
+    """Whether whoever read stdout or stderr has closed its end (`python -m bench simulate | head`): then those
+    streams are pointed at /dev/null, so that nothing more (Python's own flush at exit included) fails on them.
+    A pipe whose reader is gone polls as an error on the writer's end (Linux, macOS)."""
+    if not hasattr(select, "poll"):
+        return False
+    gone = []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+            poll = select.poll()
+            poll.register(fd, select.POLLOUT)
+            if any(event & select.POLLERR for _, event in poll.poll(0)):
+                gone.append(fd)
+        except (AttributeError, ValueError, OSError):  # not a real file (a test's capture), or closed
+            continue
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in gone:
+            os.dup2(devnull, fd)
+        os.close(devnull)
+    return bool(gone)

@@ -366,7 +366,8 @@ def ci_specs(arch: int) -> list[KernelSpec]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0],
+                                 allow_abbrev=False)  # `--qu` is not `--quick`: options in full, as in the docs
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=ARCHS,
                     help="compute capabilities: 90 (Hopper), 80 (Ampere); default both")
     ap.add_argument("--only", default="", help="compile only kernels whose name contains this text")
@@ -411,4 +412,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()  # here, not at exit, where a reader gone would be Python's "Exception ignored" and 120
+        sys.exit(code)
+    except BrokenPipeError:  # `--list | head` has read what it wanted: stop quietly, as `cat` would (SIGPIPE's 141)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -200,7 +202,7 @@ CLI = [
     ("out-empty", [*TINY, "--out", ""], ["--out", "empty path"]),
     ("out-is-a-file", [*TINY, "--out", "{file:other.json}"], ["--out", "not a directory"]),
     ("out-unwritable", [*TINY, "--out", "/proc/forbidden/o"], ["cannot write to output directory"]),
-    ("unknown-option", [*TINY, "--no-such-option"], ["unrecognized arguments: --no-such-option"]),
+    ("unknown-option", [*TINY, "--no-such-option"], ["unknown option --no-such-option (see --help)"]),
     ("model-unknown", ["--model", "gpt5", "--prompt-len", "64"], ["unknown preset 'gpt5'", "tiny"]),
     ("model-missing-dir", ["--model", "./no/such/model", "--prompt-len", "64"], ["./no/such/model", "not exist"]),
     ("model-a-file", ["--model", "{ckpt:a-file}", "--prompt-len", "64"], ["is a file", "config.json"]),
@@ -296,6 +298,16 @@ CLI = [
      ["emulated link", "would take 1.4 h", "500-token prompt"]),
     ("check-negative", ["machine-check", "--seconds", "-2"], ["--seconds", "-2"]),
     ("check-day", ["machine-check", "--seconds", "86400"], ["--seconds", "<= 3600"]),
+    # options in full: an abbreviation is refused, naming what it may stand for (argparse would run `--tp 2` as
+    # simulate's `--tp-link 2`)
+    ("abbreviation", ["--model", "tiny", "--prompt", "64"], ["unknown option --prompt; did you mean --prompt-len?"]),
+    ("abbreviation-of-several", ["--model", "tiny", "--chunk", "8"],
+     ["unknown option --chunk; did you mean --chunk-size, --chunks or --chunk-plan?"]),
+    ("other-subcommands-option", ["simulate", "--tp", "2"], ["simulate: unknown option --tp; did you mean --tp-link?"]),
+    ("misspelt", ["--model", "tiny", "--promtp-len=64"], ["unknown option --promtp-len; did you mean --prompt-len?"]),
+    ("unknown-options", ["--model", "tiny", "--foo", "--bar=1"], ["unknown options --foo, --bar (see --help)"]),
+    ("abbreviated-subcommand-option", ["compare", "{file:other.json}", "{file:other.json}", "--thresh", "0.1"],
+     ["unknown option --thresh; did you mean --threshold?"]),
 ]
 
 
@@ -376,6 +388,28 @@ def test_the_real_entry_point_prints_one_line_and_no_traceback(argv, needle, che
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and needle in res.stderr, res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_reader_that_stops_early_ends_the_run_quietly(tmp_path):
+    """`python -m bench simulate | head -1`: the reader closes the pipe after one line; the command stops without a
+    message (no "Broken pipe" error, no traceback) and exits 141, as `cat` killed by SIGPIPE would; what it wrote
+    before is complete. The same for `python -m kernels.aot --list | head -1`."""
+    simulate = ["-m", "bench", "simulate", "--models", "llama3-8b", "--stages", "2", "--links", "nvlink", "--out",
+                str(tmp_path / "o")]
+    cases = [(simulate, ["simulate.json", "simulate.png"], "1"), (simulate, ["simulate.json", "simulate.png"], ""),
+             (["-m", "bench", "machine-check", "--seconds", "0.2"], [], ""),
+             (["-m", "kernels.aot", "--list"], [], "1"), (["-m", "kernels.aot", "--list", "--only", "swiglu"], [], "")]
+    for argv, wrote, unbuffered in cases:  # buffered, the last write is Python's flush at exit
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "TRITON_INTERPRET")}
+        # `true` reads nothing and is gone long before Python has started: every write meets a closed pipe
+        res = subprocess.run(f"{shlex.join([sys.executable, *argv])} 2>{tmp_path / 'err'} | true; "
+                             "echo ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", cwd=ROOT,
+                             capture_output=True, text=True, timeout=120, env=dict(env, PYTHONUNBUFFERED=unbuffered))
+        err = (tmp_path / "err").read_text()
+        assert res.stdout.strip() == "141", (argv, res.stdout, err)
+        assert "Broken pipe" not in err and "Traceback" not in err and "rror" not in err, err
+        for name in wrote:
+            assert (tmp_path / "o" / name).stat().st_size > 0
 
 
 # ---- the Python API ----------------------------------------------------------------------------------------------
