@@ -282,15 +282,18 @@ def ragged_markdown(doc: dict) -> list[str]:
 
 
 def _launcher(row: dict) -> str:
-    """The launcher's host µs per call (with, in parentheses, Triton's launch path's part of it) against the same
-    work replayed from a CUDA graph; 'launch-bound' where the host takes longer than the device."""
+    """The launcher's host µs for one call (with, in parentheses, Triton's launch path's part of it) and per call back
+    to back, against the same work replayed from a CUDA graph; 'launch-bound' where back to back the host takes longer
+    than the device (one call's time where a file has no back-to-back figure: before 2026-11-29)."""
     host, graph, python = row.get("launch_host_us"), row.get("launch_graph_us"), row.get("launch_python_us")
+    steady = row.get("launch_steady_us")
     if host is None:
         return "-"
-    host_text = f"{host:.0f}" + (f" ({host - python:.0f})" if python is not None else "")
+    host_text = f"{host:.0f}" + (f" ({host - python:.0f})" if python is not None else "") \
+        + (f", {steady:.0f}" if steady is not None else "")
     if graph is None:
         return f"{host_text} / -"
-    return f"{host_text} / {graph:.0f}" + (" launch-bound" if host > graph else "")
+    return f"{host_text} / {graph:.0f}" + (" launch-bound" if (host if steady is None else steady) > graph else "")
 
 
 def committed_baseline(kernels: dict | None, out: Path) -> tuple[str, dict] | None:
@@ -354,9 +357,10 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
              f"{kernels['gemm_bf16_tflops']:.0f} TFLOP/s." + ("" if kernels.get("complete", True) else
                                                              f" **Incomplete: {_why_incomplete(kernels)}.**"),
              "",
-             "| prefix | chunk | Triton TFLOP/s | of GEMM | best peer | speed-up | max err | launcher host "
-             + ("(Triton's launch) " if any("launch_python_us" in r for r in kernels["attention"]) else "")
-             + "/ graph µs |", "|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "| prefix | chunk | Triton TFLOP/s | of GEMM | best peer | speed-up | max err | launcher host"
+             + (" (Triton's launch)" if any("launch_python_us" in r for r in kernels["attention"]) else "")
+             + (", back to back" if any("launch_steady_us" in r for r in kernels["attention"]) else "")
+             + " / graph µs |", "|---:|---:|---:|---:|---|---:|---:|---:|"]
     best = lambda r: r.get("best_peer", r.get("best_sdpa"))  # noqa: E731 - older files: SDPA only
     speedup = lambda r: r.get("speedup_vs_best_peer", r.get("speedup_vs_best_sdpa"))  # noqa: E731
     for r in kernels["attention"]:
@@ -416,12 +420,14 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
         lines += ["", "Launcher tiles chosen untimed, each against the tile it replaced (one shape each):", ""]
         lines += [f"- {line[len('tile A/B '):]}" for line in tile_ab_lines(kernels["tile_ab"])]
     hosts = any("triton_host_us" in m for m in kernels["memory_bound"])  # older files: no host times
+    steady = any("triton_steady_us" in m for m in kernels["memory_bound"])
     lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target |"
-              + (" host µs Triton (its launch) / eager |" if hosts else ""), "|---|---:|---:|---:|---|"
-              + ("---:|" if hosts else "")]
+              + (f" host µs Triton (its launch){', back to back' if steady else ''} / eager |" if hosts else ""),
+              "|---|---:|---:|---:|---|" + ("---:|" if hosts else "")]
     for m in kernels["memory_bound"]:
-        host = (f" {m['triton_host_us']:.0f} ({m['triton_host_us'] - m['triton_python_us']:.0f}) / "
-                f"{m['eager_host_us']:.0f} |") if "triton_host_us" in m else " - |"
+        host = (f" {m['triton_host_us']:.0f} ({m['triton_host_us'] - m['triton_python_us']:.0f})"
+                + (f", {m['triton_steady_us']:.0f}" if "triton_steady_us" in m else "")
+                + f" / {m['eager_host_us']:.0f} |") if "triton_host_us" in m else " - |"
         lines.append(f"| {m['op']} | {m['triton_gbps']:.0f} | {100 * m['triton_of_copy']:.0f}% | "
                      f"{m['eager_gbps']:.0f} | {_vs_target(m['triton_of_copy'], t['memory_bound_of_copy'])} |"
                      + (host if hosts else ""))

@@ -63,7 +63,11 @@ def launch_cost(fn, device, timer=gpu_timer, calls: int = 50, graph: bool = True
     back, the GPU idles. Before each timed call the host spins HOST_WARM_S after the synchronise: on an H200 the
     launcher's time measured straight after a synchronise that had waited on a long kernel (0.6-4.8 ms) came out
     151-173 us against 61-72 us after short ones, on the same launch path (a host thread woken from a blocking wait
-    runs slower at first); the stubbed calls, which leave nothing to wait for, would not pay that."""
+    runs slower at first); the stubbed calls, which leave nothing to wait for, would not pay that.
+    `steady_us` is the host's time per call back to back (bursts of STEADY_BURST calls after one untimed call, the
+    device queue taking the work, the median burst): what a loop of launches costs the host once its code and data are warm. One call alone
+    can take far longer: on the H200 the launcher's host_us read 61 us at prefix 0 / chunk 64 while do_bench timed
+    the same calls at 24 us each. Back to back, the device idles exactly when steady_us exceeds graph_us."""
     def median_us():
         ts = []
         for _ in range(calls):
@@ -76,16 +80,30 @@ def launch_cost(fn, device, timer=gpu_timer, calls: int = 50, graph: bool = True
             fn()
             ts.append((time.perf_counter() - t) * 1e6)
         return statistics.median(ts)
+    def steady_us():
+        bursts = []
+        for _ in range(max(1, calls // STEADY_BURST)):
+            if device != "cpu":
+                torch.cuda.synchronize()
+            fn()  # the burst's first call pays what host_us measures: not part of the steady state
+            t = time.perf_counter()
+            for _ in range(STEADY_BURST):
+                fn()
+            bursts.append((time.perf_counter() - t) * 1e6 / STEADY_BURST)
+        return statistics.median(bursts)
     fn()
-    host_us, python_us = median_us(), None
+    host_us, python_us, steady = median_us(), None, steady_us()
     if stubbed:
         with triton_launches_stubbed():
             python_us = median_us()
     graph_us = graph_replay_ms(fn, timer) * 1e3 if device != "cpu" and graph else None
-    return dict(host_us=host_us, python_us=python_us, graph_us=graph_us)
+    return dict(host_us=host_us, steady_us=steady, python_us=python_us, graph_us=graph_us)
 
 
 HOST_WARM_S = 200e-6  # `launch_cost`: the host's spin before each timed call
+# `launch_cost`: timed calls per back-to-back burst; few enough that a stage's chunk of two layers (about 20 launches
+# a call) stays well inside CUDA's queue of pending launches (about 1024), which would block the host on the device
+STEADY_BURST = 5
 
 
 @contextlib.contextmanager
@@ -471,8 +489,9 @@ def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=ATTEN
 
 
 def device_time_vs_peers(row: dict, peers: dict, fair: dict, timer=gpu_timer) -> dict:
-    """For a launch-bound shape (the launcher's host time over its kernel's graph time: eager, the GPU waits on the
-    host), the kernels against each other with no host in the way: every fair peer's work replayed from a CUDA
+    """For a shape that may be launch-bound (one call's host time over its kernel's graph time: eager, the GPU may wait
+    on the host; `launch_steady_us` says whether it does back to back), the kernels against each other with no host
+    in the way: every fair peer's work replayed from a CUDA
     graph (`<peer>_graph_ms`, or `<peer>_graph_why` where it cannot be captured), the fastest of them
     (`best_peer_graph`) and chunk_attention's graph time against it (`speedup_vs_best_peer_graph`). The SDPA
     backends only: capturing compiled flex_attention could recompile inside the capture, and a capture that fails
@@ -738,8 +757,8 @@ def bench_memory_bound(tokens: int = 8192, hidden: int = 4096, intermediate: int
             return max((a.double() - b).abs().max().item() for a, b in zip(got, want))
         t_ms, e_ms = timer(tri), timer(eager)
         cost = launch_cost(tri, device, timer, calls=20, graph=False)  # the launch path's time per call
-        host = dict(triton_host_us=cost["host_us"], triton_python_us=cost["python_us"],
-                    eager_host_us=launch_cost(eager, device, timer, calls=20, graph=False, stubbed=False)["host_us"])
+        host = dict(triton_host_us=cost["host_us"], triton_steady_us=cost["steady_us"],
+                    triton_python_us=cost["python_us"], eager_host_us=launch_cost(eager, device, timer, calls=20, graph=False, stubbed=False)["host_us"])
         rows.append(dict(op=name, bytes=nbytes, triton_ms=t_ms, triton_gbps=nbytes / t_ms / 1e6, eager_ms=e_ms,
                          eager_gbps=nbytes / e_ms / 1e6, triton_max_abs_err=err(tri), eager_max_abs_err=err(eager),
                          **host))
@@ -751,10 +770,10 @@ def bench_layer_host(model="llama3-8b", layers: int = 2, prefix: int = 2048, chu
                      graphs: bool | None = None) -> list[dict]:
     """What one pipeline stage's chunk costs the host: a chunk of `chunk` tokens at `prefix` through `layers` middle
     layers of `model` (an 8-layer pipeline's stage at S = 4), enqueued with the Triton ops and with the torch ops.
-    Per backend `host_us`, the median wall time of one enqueue (the device idle before it), and `graph_us`, the same
-    work replayed from a CUDA graph (the device's time alone; None off CUDA). The in-process driver enqueues every
-    stage from one host thread: a round of S stages takes the host S x host_us, so host_us near graph_us means the
-    host paces the pipeline. Each backend's output is checked against the other's (`max_abs_diff`, with `scale`,
+    Per backend `host_us`, the median wall time of one enqueue (the device idle before it), `steady_us`, the same
+    back to back, and `graph_us`, the work replayed from a CUDA graph (the device's time alone; None off CUDA): see
+    `launch_cost`. The in-process driver enqueues every stage from one host thread: a round of S stages takes the
+    host about S x steady_us, so steady_us near graph_us means the host paces the pipeline. Each backend's output is checked against the other's (`max_abs_diff`, with `scale`,
     the largest output magnitude). With `graphs` (default: on CUDA) a third row, "triton, CUDA graph": the Triton
     ops' chunk as `--cuda-graphs` enqueues it (`pipeline.graphs`: input copied in, one replay, output copied out),
     its host time against the same device time, and its replay against the eager output (`replay_max_abs_diff`)."""
@@ -923,10 +942,12 @@ def layer_host_lines(rows: list[dict]) -> list[str]:
         if "error" in r:
             out.append(f"  {r['ops']} ops: not measured ({r['error']})")
             continue
+        steady = r.get("steady_us")  # absent from files before 2026-11-29
         out.append(f"  {r['ops']} ops: host {r['host_us']:.0f} us to enqueue"
                    + (f" ({r['host_us'] - r['python_us']:.0f} of it in Triton's launches)" if r["ops"] == "triton"
-                      else "") + ", device "
-                   + (f"{graph:.0f} us (host/device {r['host_us'] / graph:.2f})" if graph else "not measured")
+                      else "") + (f", {steady:.0f} back to back" if steady is not None else "") + ", device "
+                   + (f"{graph:.0f} us (host/device {(steady or r['host_us']) / graph:.2f})" if graph
+                      else "not measured")
                    + (f"; the replay within {r['replay_max_abs_diff']:.1e} of the eager Triton output"
                       if "replay_max_abs_diff" in r else ""))
     return out
@@ -940,9 +961,11 @@ def print_report(doc: dict) -> None:
               f"{r['triton_tflops']:.0f} TFLOP/s  vs best peer ({r['best_peer']}) "
               f"{r['speedup_vs_best_peer'] or float('nan'):.2f}x  err {r['max_abs_err']:.1e}  launcher "
               f"{r.get('launch_host_us', float('nan')):.0f} us host ("
-              f"{r.get('launch_host_us', float('nan')) - r.get('launch_python_us', float('nan')):.0f} Triton) / "
+              f"{r.get('launch_host_us', float('nan')) - r.get('launch_python_us', float('nan')):.0f} Triton), "
+              f"{r.get('launch_steady_us', float('nan')):.0f} back to back / "
               f"{graph if graph is not None else float('nan'):.0f} us graph"
-              + (f"  launch-bound: by graph time {r['speedup_vs_best_peer_graph']:.2f}x {r['best_peer_graph']}"
+              + ("  launch-bound" if graph is not None and r.get("launch_steady_us", 0) > graph else "")
+              + (f"  by graph time {r['speedup_vs_best_peer_graph']:.2f}x {r['best_peer_graph']}"
                  if r.get("speedup_vs_best_peer_graph") else ""))
     for r in doc.get("paged", []):
         sdpa = r["paged_vs_sdpa_rows"]
