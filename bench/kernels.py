@@ -381,10 +381,10 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
         if C <= 512 and P >= 4096:  # short chunks over long prefixes: split-KV and GQA packing too
             configs += [dict(BLOCK_M=64, BLOCK_N=n, num_warps=4, num_stages=3, num_splits=k, pack_gqa=pack)
                         for n in (64, 128) for k in (2, 4, 8) for pack in (False, True) if not (pack and C > 64)]
-        if P == 0 and C > 256:  # no prefix: the causal work per query block grows 1..C/BLOCK_N; longest first
-            # too, and tiles compiled without the prefix loops
+        if P == 0:  # no prefix: tiles compiled without the prefix loops; over several query blocks (the causal
+            # work per block grows 1..C/BLOCK_N) longest first too
             configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=3, **{key: True})
-                        for key in ("longest_first", "no_prefix")
+                        for key in (("longest_first", "no_prefix") if C > 256 else ("no_prefix",))
                         for m, n, w in ((128, 128, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4))]
     configs = _launcher_first(configs, chosen, launcher_first, default_grid)
     flops = attention_flops(B, Hq, D, C, P)
@@ -819,7 +819,8 @@ SCHEMA_VERSION = 1  # of kernels.json: `python -m bench compare` reads it
 
 # The launcher's choices made without timing them as launched, each against what it replaced, at one shape: the
 # decode-like tiles split for two programs per SM (`programs_per_sm`), against the one-per-SM split count they had
-# (14 slices of 8 programs on a GPU of 132 SMs, an H100's or H200's), at prefix 32k with 1 and 16 queries. (Timed on
+# (14 slices of 8 programs on a GPU of 132 SMs, an H100's or H200's), at prefix 32k with 1 and 16 queries; the
+# prefix-0 tile (64x64, no prefix loops) for chunks of 17-512 at d128, against the 64x128 they had. (Timed on
 # an H200 and dropped from here: the prefix-0 tile, 1.24x the 128x128 it replaced; the paged 64x64 tile, 1.38-1.44x
 # the 64x32; the paged block-table reads ahead, 1.07x over pages of 256 and 0.88x over pages of 16, kept for the
 # former only; the softmax scale folded into the exp2's FMA, 0.98x / 0.97x at 16k/2k and 0/2k, dropped:
@@ -828,7 +829,9 @@ SCHEMA_VERSION = 1  # of kernels.json: `python -m bench compare` reads it
 TILE_AB = (("dense", (32768, 1), dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, pack_gqa=True,
                                       num_splits=14)),
            ("dense", (32768, 16), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, pack_gqa=True,
-                                       num_splits=14)))
+                                       num_splits=14)),
+           ("dense", (0, 256), dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, pack_gqa=False)),
+           ("dense", (0, 64), dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, pack_gqa=False)))
 
 
 def tile_ab(device="cuda", timer=gpu_timer, deadline: float | None = None, entries=TILE_AB, **shape_kw) -> list[dict]:

@@ -76,8 +76,7 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
     dense += [c for c in attn_mod.all_configs(cap, 0) if c not in dense]
     for d in (80, 96):  # real models' head dims that are not powers of two: padded tiles, over a prefix and none
         for prefix in (None, 0):
-            c = (d, torch.bfloat16, 1, attn_mod.pick_config(4096, attn_mod.block_d(d), torch.bfloat16, cap,
-                                                             prefix=prefix))
+            c = (d, torch.bfloat16, 1, attn_mod.pick_config(4096, d, torch.bfloat16, cap, prefix=prefix))
             if c not in dense:
                 dense.append(c)
     # the bf16 d128 Hopper prefill tiles (128x128 over a prefix, 64x64 at prefix 0) with the softmax scale folded
@@ -117,7 +116,7 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
                                     expect_wgmma=dtype != torch.float32 and cfg["BLOCK_M"] >= 64,
                                     dtype=str(dtype)[6:]))
     paged = [c for c in paged_mod.all_configs(cap) if c[1] != torch.float16 or not c[3]["pack_gqa"]]  # fp16: as bf16
-    paged.append((80, torch.bfloat16, 1, paged_mod.pick_config(paged_mod.block_d(80), torch.bfloat16, cap)))
+    paged.append((80, torch.bfloat16, 1, paged_mod.pick_config(80, torch.bfloat16, cap)))
     for head_dim, dtype, group, tile in paged:  # the paged, varlen kernel
         pack = paged_mod.pack_heads(group) if tile["pack_gqa"] else 1
         # pages of 16 and (bf16, unpacked) 256; the split-KV variant (float32 partials) of every bf16 tile; and

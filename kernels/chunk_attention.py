@@ -359,9 +359,10 @@ def pack_heads(group: int) -> int:
 def pick_config(chunk_len: int, head_dim: int, dtype: torch.dtype, capability: tuple[int, int] = (9, 0),
                 group: int = 1, prefix: int | None = None) -> dict:
     """Block sizes, launch shape and GQA packing for a GPU of compute `capability` (`group` = query heads per KV
-    head; `prefix` = the cached positions before the chunk, None when unknown, e.g. per-row starts on the device).
+    head; `prefix` = the cached positions before the chunk, None when unknown, e.g. per-row starts on the device;
+    a head dim runs in the tile of `block_d(head_dim)`: 80 and 96 as 128). What the launcher picks for such a call.
     Every config this can return is compiled ahead of time in the tests (no spills allowed)."""
-    return dict(_pick_config(chunk_len, head_dim, dtype, capability, group, interpreted(), prefix == 0))
+    return dict(_pick_config(chunk_len, block_d(head_dim), dtype, capability, group, interpreted(), prefix == 0))
 
 
 @functools.lru_cache(maxsize=1024)  # the launcher asks on every call: host time counts for short chunks
@@ -386,12 +387,14 @@ def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted, no_
                     pack_gqa=False)
     if head_dim == 256:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2, pack_gqa=False)
-    if head_dim == 128 and chunk_len <= 512:  # H100 sweep (bench/results/h100): short chunks need more programs
-        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, pack_gqa=False)  # P=32k C=256: 412 vs 263
     if head_dim == 128 and no_prefix:  # H100 sweep at prefix 0, chunk 2k: 64x64 s3 300 TFLOP/s, 128x128 254
         # (tiles on the diagonal are half masked: smaller ones waste less). Compiled without the prefix loops, which
-        # keeps this tile from spilling (4-16 B with them; other tiles, 64x128 among them, spilled without them)
+        # keeps this tile from spilling (4-16 B with them; other tiles, 64x128 among them, spilled without them).
+        # Chunks of 17-512 too (untimed there, bench.kernels.TILE_AB times it against the 64x128 below): a 64-query
+        # block's keys end on a 64-key boundary, which a 128-key block overshoots by half in every other block
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, pack_gqa=False, no_prefix=True)
+    if head_dim == 128 and chunk_len <= 512:  # H100 sweep (bench/results/h100): short chunks need more programs
+        return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, pack_gqa=False)  # P=32k C=256: 412 vs 263
     if head_dim == 128:  # H100 sweep: 128x128 480-490 TFLOP/s, 128x64 457-469 at prefix 16k chunk 2k. Not
         # fold_scale (534 instructions in the prefix loop instead of 595 under Triton 3.6, yet on an H200 470 TFLOP/s
         # against 479 without it here, 309 against 320 for the prefix-0 tile above: bench/results/h200)

@@ -316,8 +316,9 @@ def pick_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] =
     On Hopper at d128, 64x64 with three stages: on an H200 (bench/results/h200) 313 / 353 TFLOP/s over pages of
     16 / 256 against 228 / 246 for the former 64x32 (prefix 16k, chunk 2k; no spills under Triton 3.6, 3.7, 3.9).
     The paged sweep there ranked 128x128 w8 s3 first (354 / 369), a tile that spills over pages of 16 under 3.6;
-    `python -m bench kernels --sweep --paged` is how to choose by measurement."""
-    return dict(_pick_config(head_dim, dtype, capability, max_chunk <= PACK_MAX_CHUNK and group > 1,
+    `python -m bench kernels --sweep --paged` is how to choose by measurement. A head dim runs in the tile of
+    `block_d(head_dim)` (80 and 96 as 128), as the launcher runs it."""
+    return dict(_pick_config(block_d(head_dim), dtype, capability, max_chunk <= PACK_MAX_CHUNK and group > 1,
                              pack_heads(group), interpreted()))
 
 

@@ -749,6 +749,9 @@ def test_attention_sweep_tries_longest_first_and_no_prefix_loops_at_prefix_zero(
                            timer=lambda fn: 1.0)  # configs listed, nothing run but the reference
     assert sum(bool(r.get("longest_first")) for r in rows) == 4 and not any(r.get("num_splits") for r in rows)
     assert sum(bool(r.get("no_prefix")) for r in rows) == 4 and not any("error" in r for r in rows)
+    short = sweep_attention(shape=(0, 64), Hq=4, Hkv=1, D=16, dtype=torch.float32, device="cpu",
+                            timer=lambda fn: 1.0)  # one query block: nothing to order, the prefix loops still cut
+    assert not any(r.get("longest_first") for r in short) and sum(bool(r.get("no_prefix")) for r in short) == 4
 
 
 # ---- one GPU as S GPUs (SM partitions) ------------------------------------------------------------------------------

@@ -351,9 +351,9 @@ def test_pick_config_packs_gqa_for_short_chunks_only(monkeypatch):
 
 
 def test_pick_config_at_prefix_0_takes_smaller_tiles(monkeypatch):
-    """A long chunk over no prefix is all causal: Hopper launches 64x64 tiles there (compiled without the prefix
-    loops), the long-prefix tile elsewhere; short chunks, Ampere and per-row starts on the device (not read) keep
-    theirs."""
+    """A chunk over no prefix is all causal: Hopper launches 64x64 tiles there (compiled without the prefix loops),
+    for chunks of 17 and more, the long-prefix tile elsewhere; decode-like chunks, Ampere and per-row starts on the
+    device (not read) keep theirs."""
     from kernels.chunk_attention import launch_plan, pick_config
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     bf16 = torch.bfloat16
@@ -364,7 +364,11 @@ def test_pick_config_at_prefix_0_takes_smaller_tiles(monkeypatch):
     assert short["no_prefix"] and not long_tile.get("no_prefix")
     assert (short["BLOCK_M"], short["BLOCK_N"], short["num_stages"]) == (64, 64, 3) != (
         long_tile["BLOCK_M"], long_tile["BLOCK_N"], long_tile["num_stages"])
-    assert pick_config(256, 128, bf16, (9, 0), prefix=0) == pick_config(256, 128, bf16, (9, 0))
+    for c in (17, 64, 256, 512):
+        assert pick_config(c, 128, bf16, (9, 0), prefix=0) == short != pick_config(c, 128, bf16, (9, 0))
+        assert pick_config(c, 96, bf16, (9, 0), prefix=0) == short  # padded to d128 tiles
+    for c in (1, 16):
+        assert pick_config(c, 128, bf16, (9, 0), prefix=0) == pick_config(c, 128, bf16, (9, 0))
     assert pick_config(2048, 128, bf16, (8, 0), prefix=0) == pick_config(2048, 128, bf16, (8, 0))
     q = torch.empty(1, 1024, 8, 128, dtype=bf16)
     k_new = torch.empty(1, 1024, 2, 128, dtype=bf16)
@@ -710,10 +714,11 @@ def test_cpu_tensors_without_the_interpreter_are_refused_in_words(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,C,Hq,Hkv,D,start_pos", [(1, 2048, 32, 8, 128, 16384), (8, 512, 32, 8, 128, 4000),
                                                      (4, 1, 32, 8, 128, 30000), (2, 777, 16, 16, 64, 1234),
-                                                     (1, 2048, 32, 8, 128, 0), (2, 999, 8, 2, 80, 0)])
+                                                     (1, 2048, 32, 8, 128, 0), (2, 999, 8, 2, 80, 0),
+                                                     (3, 77, 32, 8, 128, 0)])
 def test_chunk_attention_gpu_bf16(cuda, B, C, Hq, Hkv, D, start_pos):
-    """Compiled, against float64; at start 0 with chunks over 512 the launcher's prefix-0 tile (on Hopper: no
-    prefix loops), d80 in padded tiles."""
+    """Compiled, against float64; at start 0 with chunks over 16 the launcher's prefix-0 tile (on Hopper: no
+    prefix loops; a long chunk and a short one), d80 in padded tiles."""
     run_attention_case(B, C, Hq, Hkv, D, start_pos, torch.bfloat16, 2e-2)
 
 
