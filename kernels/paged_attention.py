@@ -22,9 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .chunk_attention import MERGE_ROWS, PACK_MAX_CHUNK, _check_config, _device_facts, _merge_splits_kernel, \
-    _softmax_step, _split_slice, check_window, pack_heads, pick_splits, programs_per_sm, window_start
-from .shapes import (cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number, same_memory,
+from .chunk_attention import MAX_HEAD_DIM, MERGE_ROWS, PACK_MAX_CHUNK, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, \
+    _check_config, _device_facts, _merge_splits_kernel, _softmax_step, _split_slice, block_d, check_window, \
+    pack_heads, pick_splits, programs_per_sm, window_start
+from .shapes import (cdiv, distinct_configs, integer, interpreted, launching, positive_number, same_memory,
                      shown)
 
 LOG2E = 1.4426950408889634
@@ -298,15 +299,6 @@ def device_checks(block_table, cu_seqlens, prefix, page_size: int, num_pages: in
     return ok
 
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
-HEAD_DIMS = (16, 32, 64, 128, 256)
-
-
-def block_d(head_dim: int) -> int:
-    return max(16, next_pow2(head_dim))
-
-
 def pick_config(head_dim: int, dtype: torch.dtype, capability: tuple[int, int] = (9, 0), max_chunk: int = 64,
                 group: int = 1) -> dict:
     """Block sizes and GQA packing for a GPU of compute `capability`, for a launch whose longest chunk is
@@ -365,7 +357,7 @@ CONFIG_PROBES = ((64, 1), (16, 8))
 
 def all_configs(capability: tuple[int, int] = (9, 0)) -> list[tuple[int, torch.dtype, int, dict]]:
     """(head_dim, dtype, group, config) for every choice `pick_config` makes on a GPU of that capability."""
-    return distinct_configs(HEAD_DIMS, SUPPORTED_DTYPES, CONFIG_PROBES,
+    return distinct_configs(SUPPORTED_HEAD_DIMS, SUPPORTED_DTYPES, CONFIG_PROBES,
                             lambda c, d, dtype, group: pick_config(d, dtype, capability, c, group))
 
 
