@@ -366,6 +366,11 @@ def main_machine_check(argv) -> int:
 
 
 def _dispatch(argv) -> int:
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:  # the demo takes no positional argument
+        import difflib
+        meant = difflib.get_close_matches(argv[0].replace("_", "-"), SUBCOMMANDS, n=1, cutoff=0.6)
+        raise ValueError(f"unknown subcommand {argv[0]!r}" + (f"; did you mean {meant[0]}?" if meant else "")
+                         + f" (subcommands: {', '.join(SUBCOMMANDS)}; none runs the demo)")
     if argv and argv[0] in SUBCOMMANDS:
         from pipeline.procs import torchrun_rank
         if torchrun_rank() is not None:

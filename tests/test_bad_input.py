@@ -306,6 +306,10 @@ CLI = [
     ("other-subcommands-option", ["simulate", "--tp", "2"], ["simulate: unknown option --tp; did you mean --tp-link?"]),
     ("misspelt", ["--model", "tiny", "--promtp-len=64"], ["unknown option --promtp-len; did you mean --prompt-len?"]),
     ("unknown-options", ["--model", "tiny", "--foo", "--bar=1"], ["unknown options --foo, --bar (see --help)"]),
+    ("subcommand-misspelt", ["simualte", "--stages", "2"], ["unknown subcommand 'simualte'; did you mean simulate?",
+                                                            "subcommands: compare, simulate, kernels"]),
+    ("subcommand-underscore", ["gpu_suite"], ["unknown subcommand 'gpu_suite'; did you mean gpu-suite?"]),
+    ("subcommand-unknown", ["train"], ["unknown subcommand 'train' (subcommands: compare, simulate"]),
     ("abbreviated-subcommand-option", ["compare", "{file:other.json}", "{file:other.json}", "--thresh", "0.1"],
      ["unknown option --thresh; did you mean --threshold?"]),
 ]
