@@ -364,9 +364,14 @@ def ci_specs(arch: int) -> list[KernelSpec]:
     return [spec for spec in specs if id(spec) in chosen]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as `python -m bench` says it, not the usage block first
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0],
-                                 allow_abbrev=False)  # `--qu` is not `--quick`: options in full, as in the docs
+    ap = _Parser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0],
+                 allow_abbrev=False)  # `--qu` is not `--quick`: options in full, as in the docs
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=ARCHS,
                     help="compute capabilities: 90 (Hopper), 80 (Ampere); default both")
     ap.add_argument("--only", default="", help="compile only kernels whose name contains this text")

@@ -182,6 +182,18 @@ def test_a_selection_of_nothing_is_an_error_not_an_empty_report():
                                   "--only prints the names)")
 
 
+@pytest.mark.parametrize("args,line", [
+    (["--arch", "70"], "argument --arch: invalid choice: 70 (choose from 90, 80)"),
+    (["--qu"], "unrecognized arguments: --qu"),  # no abbreviations: `--qu` is not `--quick`
+    (["--shard", "3/2"], "--shard takes I/N with 0 <= I < N, got '3/2'"),
+])
+def test_bad_options_are_one_line(args, line):
+    res = subprocess.run([sys.executable, "-m", "kernels.aot", *args, "--list"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2 and not res.stdout
+    assert res.stderr == f"python -m kernels.aot: {line} (see --help)\n"
+
+
 def _ptx_of_link_kernel(name: str, signature: dict) -> list[str]:
     """PTX lines of one of pipeline.link's small wait kernels, compiled for sm_90 in a process of its own."""
     code = ("import triton\nfrom triton.compiler import ASTSource\nfrom triton.backends.compiler import GPUTarget\n"
