@@ -35,7 +35,8 @@ class Parser(argparse.ArgumentParser):
             message = f"unknown option{'s' if len(options) > 1 else ''} {', '.join(options)}"
             meant = list(dict.fromkeys(o for u in options for o in self.meant(u)))
             if meant:
-                message += f"; did you mean {' or '.join(filter(None, (', '.join(meant[:-1]), meant[-1])))}?"
+                listed = meant[0] if len(meant) == 1 else f"{', '.join(meant[:-1])} or {meant[-1]}"
+                message += f"; did you mean {listed}?"
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
     def meant(self, typed: str) -> list[str]:
