@@ -23,9 +23,10 @@ class Parser(argparse.ArgumentParser):
     (and an abbreviation that works today turns ambiguous when an option is added), so an option this parser does
     not have is refused, naming the ones it may have meant."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, hints: dict[str, str] | None = None, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.hints = hints or {}  # an option users bring from another command -> what this one does instead
         self._negative_number_matcher = re.compile(r"^-(\d|\.\d|inf|nan)", re.IGNORECASE)
 
     def error(self, message: str):
@@ -33,10 +34,11 @@ class Parser(argparse.ArgumentParser):
         options = [u.partition("=")[0] for u in unknown if u.startswith("-")]
         if options:
             message = f"unknown option{'s' if len(options) > 1 else ''} {', '.join(options)}"
-            meant = list(dict.fromkeys(o for u in options for o in self.meant(u)))
+            meant = list(dict.fromkeys(o for u in options if u not in self.hints for o in self.meant(u)))
             if meant:
                 listed = meant[0] if len(meant) == 1 else f"{', '.join(meant[:-1])} or {meant[-1]}"
                 message += f"; did you mean {listed}?"
+            message += "".join(f"; {self.hints[o]}" for o in options if o in self.hints)
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
     def meant(self, typed: str) -> list[str]:

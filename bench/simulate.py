@@ -335,7 +335,8 @@ def main(argv=None) -> int:
 
     from .report import environment, write_json
     from .options import Parser, int_list, integer, name_list, out_path, output_dir, say
-    ap = Parser(prog="python -m bench simulate", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="python -m bench simulate", description=__doc__.split("\n\n")[0],
+                hints={"--tp": "tensor parallelism here: --gpus N projects every T x S = N"})
     ap.add_argument("--models", type=model_list, default=None,
                     help="model presets or Hugging Face directories (their config.json: shapes only), comma-separated "
                          "(default: llama3-8b,llama3-70b; with --gpus also llama3-405b)")
