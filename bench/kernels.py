@@ -65,9 +65,10 @@ def launch_cost(fn, device, timer=gpu_timer, calls: int = 50, graph: bool = True
     151-173 us against 61-72 us after short ones, on the same launch path (a host thread woken from a blocking wait
     runs slower at first); the stubbed calls, which leave nothing to wait for, would not pay that.
     `steady_us` is the host's time per call back to back (bursts of STEADY_BURST calls after one untimed call, the
-    device queue taking the work, the median burst): what a loop of launches costs the host once its code and data are warm. One call alone
-    can take far longer: on the H200 the launcher's host_us read 61 us at prefix 0 / chunk 64 while do_bench timed
-    the same calls at 24 us each. Back to back, the device idles exactly when steady_us exceeds graph_us."""
+    device queue taking the work, the median burst): what a loop of launches costs the host once its code and data
+    are warm. One call alone can take far longer: on the H200 the launcher's host_us read 61 us at prefix 0 / chunk
+    64 while do_bench timed the same calls at 24 us each. Back to back, the device idles when steady_us exceeds
+    graph_us."""
     def median_us():
         ts = []
         for _ in range(calls):
@@ -80,6 +81,7 @@ def launch_cost(fn, device, timer=gpu_timer, calls: int = 50, graph: bool = True
             fn()
             ts.append((time.perf_counter() - t) * 1e6)
         return statistics.median(ts)
+
     def steady_us():
         bursts = []
         for _ in range(max(1, calls // STEADY_BURST)):
@@ -490,12 +492,11 @@ def bench_attention(B=1, Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, shapes=ATTEN
 
 def device_time_vs_peers(row: dict, peers: dict, fair: dict, timer=gpu_timer) -> dict:
     """For a shape that may be launch-bound (one call's host time over its kernel's graph time: eager, the GPU may wait
-    on the host; `launch_steady_us` says whether it does back to back), the kernels against each other with no host
-    in the way: every fair peer's work replayed from a CUDA
-    graph (`<peer>_graph_ms`, or `<peer>_graph_why` where it cannot be captured), the fastest of them
-    (`best_peer_graph`) and chunk_attention's graph time against it (`speedup_vs_best_peer_graph`). The SDPA
-    backends only: capturing compiled flex_attention could recompile inside the capture, and a capture that fails
-    can leave the device in an error state for the shapes after it."""
+    on the host; `launch_steady_us` says whether it does back to back), the kernels against each other with no host in
+    the way: every fair peer's work replayed from a CUDA graph (`<peer>_graph_ms`, or `<peer>_graph_why` where it cannot
+    be captured), the fastest of them (`best_peer_graph`) and chunk_attention's graph time against it
+    (`speedup_vs_best_peer_graph`). The SDPA backends only: capturing compiled flex_attention could recompile inside the
+    capture, and a capture that fails can leave the device in an error state for the shapes after it."""
     out, graphs = {}, {}
     for name in (n for n in fair if n.startswith("sdpa_")):
         try:
@@ -757,8 +758,9 @@ def bench_memory_bound(tokens: int = 8192, hidden: int = 4096, intermediate: int
             return max((a.double() - b).abs().max().item() for a, b in zip(got, want))
         t_ms, e_ms = timer(tri), timer(eager)
         cost = launch_cost(tri, device, timer, calls=20, graph=False)  # the launch path's time per call
+        eager_cost = launch_cost(eager, device, timer, calls=20, graph=False, stubbed=False)
         host = dict(triton_host_us=cost["host_us"], triton_steady_us=cost["steady_us"],
-                    triton_python_us=cost["python_us"], eager_host_us=launch_cost(eager, device, timer, calls=20, graph=False, stubbed=False)["host_us"])
+                    triton_python_us=cost["python_us"], eager_host_us=eager_cost["host_us"])
         rows.append(dict(op=name, bytes=nbytes, triton_ms=t_ms, triton_gbps=nbytes / t_ms / 1e6, eager_ms=e_ms,
                          eager_gbps=nbytes / e_ms / 1e6, triton_max_abs_err=err(tri), eager_max_abs_err=err(eager),
                          **host))
@@ -769,14 +771,15 @@ def bench_layer_host(model="llama3-8b", layers: int = 2, prefix: int = 2048, chu
                      dtype=torch.bfloat16, device="cuda", timer=gpu_timer, calls: int = 20,
                      graphs: bool | None = None) -> list[dict]:
     """What one pipeline stage's chunk costs the host: a chunk of `chunk` tokens at `prefix` through `layers` middle
-    layers of `model` (an 8-layer pipeline's stage at S = 4), enqueued with the Triton ops and with the torch ops.
-    Per backend `host_us`, the median wall time of one enqueue (the device idle before it), `steady_us`, the same
-    back to back, and `graph_us`, the work replayed from a CUDA graph (the device's time alone; None off CUDA): see
-    `launch_cost`. The in-process driver enqueues every stage from one host thread: a round of S stages takes the
-    host about S x steady_us, so steady_us near graph_us means the host paces the pipeline. Each backend's output is checked against the other's (`max_abs_diff`, with `scale`,
-    the largest output magnitude). With `graphs` (default: on CUDA) a third row, "triton, CUDA graph": the Triton
-    ops' chunk as `--cuda-graphs` enqueues it (`pipeline.graphs`: input copied in, one replay, output copied out),
-    its host time against the same device time, and its replay against the eager output (`replay_max_abs_diff`)."""
+    layers of `model` (an 8-layer pipeline's stage at S = 4), enqueued with the Triton ops and with the torch ops. Per
+    backend `host_us`, the median wall time of one enqueue (the device idle before it), `steady_us`, the same back to
+    back, and `graph_us`, the work replayed from a CUDA graph (the device's time alone; None off CUDA): see
+    `launch_cost`. The in-process driver enqueues every stage from one host thread: a round of S stages takes the host
+    about S x steady_us, so steady_us near graph_us means the host paces the pipeline. Each backend's output is checked
+    against the other's (`max_abs_diff`, with `scale`, the largest output magnitude). With `graphs` (default: on CUDA) a
+    third row, "triton, CUDA graph": the Triton ops' chunk as `--cuda-graphs` enqueues it (`pipeline.graphs`: input
+    copied in, one replay, output copied out), its host time against the same device time, and its replay against the
+    eager output (`replay_max_abs_diff`)."""
     from pipeline.model import load_model
     from pipeline.ops import get_ops
     part = load_model(model, dtype, device, layers=range(1, 1 + layers), ops="triton")
