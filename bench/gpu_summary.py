@@ -420,14 +420,16 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
         lines += ["", "Launcher tiles chosen untimed, each against the tile it replaced (one shape each):", ""]
         lines += [f"- {line[len('tile A/B '):]}" for line in tile_ab_lines(kernels["tile_ab"])]
     hosts = any("triton_host_us" in m for m in kernels["memory_bound"])  # older files: no host times
-    steady = any("triton_steady_us" in m for m in kernels["memory_bound"])
+    steady = any("eager_steady_us" in m for m in kernels["memory_bound"])
     lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target |"
-              + (f" host µs Triton (its launch){', back to back' if steady else ''} / eager |" if hosts else ""),
+              + (f" host µs Triton (its launch){', back to back' if steady else ''} / eager"
+                 f"{', back to back' if steady else ''} |" if hosts else ""),
               "|---|---:|---:|---:|---|" + ("---:|" if hosts else "")]
     for m in kernels["memory_bound"]:
+        both = "eager_steady_us" in m
         host = (f" {m['triton_host_us']:.0f} ({m['triton_host_us'] - m['triton_python_us']:.0f})"
-                + (f", {m['triton_steady_us']:.0f}" if "triton_steady_us" in m else "")
-                + f" / {m['eager_host_us']:.0f} |") if "triton_host_us" in m else " - |"
+                + (f", {m['triton_steady_us']:.0f}" if both else "") + f" / {m['eager_host_us']:.0f}"
+                + (f", {m['eager_steady_us']:.0f}" if both else "") + " |") if "triton_host_us" in m else " - |"
         lines.append(f"| {m['op']} | {m['triton_gbps']:.0f} | {100 * m['triton_of_copy']:.0f}% | "
                      f"{m['eager_gbps']:.0f} | {_vs_target(m['triton_of_copy'], t['memory_bound_of_copy'])} |"
                      + (host if hosts else ""))

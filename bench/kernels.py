@@ -760,7 +760,8 @@ def bench_memory_bound(tokens: int = 8192, hidden: int = 4096, intermediate: int
         cost = launch_cost(tri, device, timer, calls=20, graph=False)  # the launch path's time per call
         eager_cost = launch_cost(eager, device, timer, calls=20, graph=False, stubbed=False)
         host = dict(triton_host_us=cost["host_us"], triton_steady_us=cost["steady_us"],
-                    triton_python_us=cost["python_us"], eager_host_us=eager_cost["host_us"])
+                    triton_python_us=cost["python_us"], eager_host_us=eager_cost["host_us"],
+                    eager_steady_us=eager_cost["steady_us"])
         rows.append(dict(op=name, bytes=nbytes, triton_ms=t_ms, triton_gbps=nbytes / t_ms / 1e6, eager_ms=e_ms,
                          eager_gbps=nbytes / e_ms / 1e6, triton_max_abs_err=err(tri), eager_max_abs_err=err(eager),
                          **host))
@@ -985,8 +986,9 @@ def print_report(doc: dict) -> None:
         print(f"{m['op']:>13}  triton {m['triton_gbps']:.0f} GB/s ({100 * m['triton_of_copy']:.0f}% of copy)  "
               f"eager {m['eager_gbps']:.0f} GB/s  err {m['triton_max_abs_err']:.1e}"
               + (f"  host {m['triton_host_us']:.0f} us triton ({m['triton_host_us'] - m['triton_python_us']:.0f} in "
-                 f"Triton's launch) / {m['eager_host_us']:.0f} us eager"
-                 if "triton_host_us" in m else ""))
+                 f"Triton's launch) / {m['eager_host_us']:.0f} us eager" if "triton_host_us" in m else "")
+              + (f"; back to back {m['triton_steady_us']:.0f} / {m['eager_steady_us']:.0f} us"
+                 if "eager_steady_us" in m else ""))
     for line in layer_host_lines(doc.get("layer_host", [])):
         print(line)
 

@@ -178,6 +178,7 @@ def test_memory_bound_benchmark_runs_and_checks_accuracy():
     for r in rows:
         assert r["triton_max_abs_err"] < 1e-5 and r["eager_max_abs_err"] < 1e-5
         assert r["triton_gbps"] > 0 and r["eager_gbps"] > 0
+        assert min(r["triton_host_us"], r["triton_steady_us"], r["eager_host_us"], r["eager_steady_us"]) > 0
     assert rows[1]["bytes"] == 2 * 9 * (3 + 1) * 16 * 4 + 2 * 9 * 8 * 4  # q's and k's heads, as the model calls it
     assert rows[2]["bytes"] == 3 * 9 * 80 * 4
 
@@ -336,7 +337,7 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
                   paged_vs_sdpa_rows=None, best_sdpa=None, launch_plan=dict(pack=1, splits=4), paged_max_abs_err=3e-3,
                   paged_correct=False, flex_ms=None, flex_why="error 0.5 over the tolerance")]
     memory = [dict(op="swiglu", triton_gbps=2700.0, triton_of_copy=0.9, eager_gbps=1500.0, triton_host_us=21.4,
-                   triton_python_us=6.2, eager_host_us=9.6, triton_steady_us=8.0),
+                   triton_python_us=6.2, eager_host_us=9.6, triton_steady_us=8.0, eager_steady_us=5.0),
               dict(op="rope", triton_gbps=1800.0, triton_of_copy=0.6, eager_gbps=900.0)]  # an older file: no host
     layer = [dict(ops=o, model="llama3-8b", layers=2, prefix=2048, chunk=2048, host_us=h, python_us=p, graph_us=g,
                   max_abs_diff=0.03, scale=9.0)
@@ -362,7 +363,8 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     assert "MISSED by 15%" in text  # 1.1x of 1.3x
     assert "met (1.12x the target)" in text  # swiglu at 90% of copy against 80%
     assert "MISSED by 25%" in text  # rope at 60% against 80%
-    assert "| met (1.12x the target) | 21 (15), 8 / 10 |" in text and "| MISSED by 25% | - |" in text
+    assert "| met (1.12x the target) | 21 (15), 8 / 10, 5 |" in text
+    assert "host µs Triton (its launch), back to back / eager, back to back |" in text and "| MISSED by 25% | - |" in text
     assert ("Host cost of one stage's chunk (2 layers of llama3-8b, chunk 2048 at prefix 2048; outputs of the two "
             "backends within 3.0e-02 of 9.0e+00):" in text)
     assert ("- triton ops: host 900 us to enqueue (600 of it in Triton's launches), 600 back to back, device 3000 us "
