@@ -32,7 +32,11 @@ def run_parser():
     from pipeline.compress import CODECS
     from pipeline.tp import TP_BOUNDARIES, TP_COMMS
     gpu = torch.cuda.is_available()
-    ap = Parser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    projected = "projections to GPUs that are not here: python -m bench simulate {}"  # simulate's options
+    ap = Parser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                hints={"--gpus": projected.format("--gpus N"),
+                       "--device": "the demo runs on CUDA when present, on the CPU without it or with --link gloo; "
+                                   + projected.format("--device h100|h200|a100")})
     ap.add_argument("--model", default="small", help="preset name or Hugging Face directory (default: small)")
     ap.add_argument("--stages", type=integer(1), default=None,
                     help="pipeline stages S (default: 2; under torchrun the number of processes)")
