@@ -293,7 +293,8 @@ def _launcher(row: dict) -> str:
         + (f", {steady:.0f}" if steady is not None else "")
     if graph is None:
         return f"{host_text} / -"
-    return f"{host_text} / {graph:.0f}" + (" launch-bound" if (host if steady is None else steady) > graph else "")
+    from .kernels import launch_bound
+    return f"{host_text} / {graph:.0f}" + (" launch-bound" if launch_bound(row) else "")
 
 
 def committed_baseline(kernels: dict | None, out: Path) -> tuple[str, dict] | None:
