@@ -608,3 +608,15 @@ def test_every_documented_command_names_options_its_parser_has(capsys):
             assert sub in cli.SUBCOMMANDS, commands[(module, sub, options)]
         missing = [o for o in options if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", helps[(module, sub)])]
         assert not missing, f"{commands[(module, sub, options)]!r}: {missing} not in its --help"
+
+
+def test_the_readme_states_the_torch_and_triton_floors_pyproject_asks_for():
+    """The README tells GPU users which torch to bring (`pip install -e` keeps it only if pyproject.toml's floor
+    allows it): the floors it states are pyproject's."""
+    import re
+    floors = dict(re.findall(r'^\s*"(torch|triton)>=([\d.]+)",$', (ROOT / "pyproject.toml").read_text(), re.M))
+    assert set(floors) == {"torch", "triton"}, floors
+    readme = (ROOT / "README.md").read_text()
+    stated = re.search(r"torch \(≥ ([\d.]+) with Triton ≥ ([\d.]+), as pyproject\.toml asks", readme)
+    assert stated, "the README no longer states the torch / Triton floors next to the GPU install"
+    assert stated.groups() == (floors["torch"], floors["triton"])
