@@ -44,6 +44,18 @@ def chunk_starts(chunks: list[int], start_pos: int = 0) -> list[int]:
     return starts
 
 
+def _count_hint(chunks: list[int], prompt_len: int) -> str:
+    """For one length shorter than the prompt, likely meant as a number of chunks or as a chunk size: what each
+    would be."""
+    if len(chunks) != 1 or chunks[0] >= prompt_len:
+        return ""
+    n = chunks[0]
+    even = [prompt_len // n + (i < prompt_len % n) for i in range(n)]
+    shown = ",".join(map(str, even)) if n <= 8 else "-".join(map(str, sorted({even[-1], even[0]}))) + " tokens each"
+    return f" (the list is each chunk's length: {n} chunks of this prompt would be {shown}; chunks of {n} tokens are " \
+           f"a chunk size)"
+
+
 def chunk_plan(prompt_len: int, chunk_size: int | None = None, chunks: list[int] | None = None) -> list[int]:
     """Chunk lengths for a prompt: uniform `chunk_size` (the last chunk takes the remainder) or an explicit list."""
     prompt_len = checks.positive_int("prompt length", prompt_len)
@@ -52,7 +64,8 @@ def chunk_plan(prompt_len: int, chunk_size: int | None = None, chunks: list[int]
     if chunks is not None:
         chunks = checks.int_list("chunk sizes", chunks, 1)
         if sum(chunks) != prompt_len:
-            raise ValueError(f"chunk sizes {chunks} sum to {sum(chunks)}, but the prompt has {prompt_len} tokens")
+            raise ValueError(f"chunk sizes {chunks} sum to {sum(chunks)}, but the prompt has {prompt_len} "
+                             f"tokens{_count_hint(chunks, prompt_len)}")
         return chunks
     if chunk_size is None:
         return [prompt_len]
