@@ -380,6 +380,10 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
         lines.append(f"- Target ≥ {vs_peer}x the best peer at every shape: worst {speedup(worst):.2f}x at prefix "
                      f"{worst['prefix']}, chunk {worst['chunk']} ({best(worst)}) → "
                      f"{_vs_target(speedup(worst), vs_peer)}")
+    if any("flex_ms" in r for r in kernels["attention"]) and "flex_compile" not in kernels:
+        lines.append("- flex_attention compiled with dynamic shapes in this run (one kernel for every shape: no "
+                     "decoding kernel for chunks under 128, boundary masks in every block): a handicapped peer; "
+                     "runs since 2026-11-29 compile it for each shape (`flex_compile` static)")
     bound = [r for r in kernels["attention"] if r.get("speedup_vs_best_peer_graph")]
     if bound:
         lines.append("- Launch-bound shapes (the launcher's host time over the kernel's), kernels against each "

@@ -234,6 +234,26 @@ def _eager(flex_attention):
     return run
 
 
+# flex_attention compiled for each shape's own sizes (`flex_peer`): a recompile of its frame per shape, which dynamo
+# allows 8 times by default before it runs the frame eagerly (materialising the scores)
+FLEX_RECOMPILES = 64
+FLEX_COMPILE = "static"  # recorded in kernels.json (`flex_compile`); files without it compiled with dynamic shapes
+
+
+def flex_peer(compile_flex: bool = True):
+    """flex_attention as a user of one fixed shape runs it: compiled with static shapes (`dynamic=False`), so every
+    shape gets its own kernel: the decoding kernel (the keys split over programs) for fewer than 128 queries, and
+    full blocks unmasked where both lengths are multiples of 128 (`IS_DIVISIBLE`). Compiled with dynamic shapes (this
+    benchmark up to 2026-11-29: one compile for every shape) it gets neither: symbolic batch and head counts rule the
+    decoding kernel out and divisibility cannot be proven. `compile_flex=False`: uncompiled (the CPU tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    if not compile_flex:
+        return _eager(flex_attention)
+    import torch._dynamo
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILES)
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def attention_peers(qt, kt, vt, P, compile_flex: bool = True) -> dict:
     """name -> fn() returning [B, Hq, C, D]: the fairest peers of chunk_attention on the same work.
     - sdpa_<backend>: SDPA with a bottom-right causal bias (`causal_lower_right`, no dense mask) and native GQA
@@ -245,7 +265,7 @@ def attention_peers(qt, kt, vt, P, compile_flex: bool = True) -> dict:
 
     from torch.nn.attention import sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
     F = torch.nn.functional
     C, N = qt.shape[2], kt.shape[2]
     bias = causal_lower_right(C, N)
@@ -257,7 +277,7 @@ def attention_peers(qt, kt, vt, P, compile_flex: bool = True) -> dict:
         peers[f"sdpa_{name}"] = sdpa
     block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + P, B=None, H=None, Q_LEN=C,
                                    KV_LEN=N, device=qt.device)
-    flex = torch.compile(flex_attention, dynamic=True) if compile_flex else _eager(flex_attention)  # one compile
+    flex = flex_peer(compile_flex)
     peers["flex"] = functools.partial(flex, qt, kt, vt, block_mask=block_mask, enable_gqa=True)
     group = qt.shape[1] // kt.shape[1]
     dense = torch.arange(N, device=qt.device)[None, :] <= P + torch.arange(C, device=qt.device)[:, None]
@@ -305,14 +325,14 @@ def window_peers(qt, kt, vt, P, window, compile_flex: bool = True) -> dict:
     import functools
 
     from torch.nn.attention import sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     from kernels.chunk_attention import window_start
     F = torch.nn.functional
     C, N = qt.shape[2], kt.shape[2]
     block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx + P) & (kv_idx > q_idx + P - window),
                                    B=None, H=None, Q_LEN=C, KV_LEN=N, device=qt.device)
-    flex = torch.compile(flex_attention, dynamic=True) if compile_flex else _eager(flex_attention)
+    flex = flex_peer(compile_flex)
     peers = {"flex": functools.partial(flex, qt, kt, vt, block_mask=block_mask, enable_gqa=True)}
     lo = window_start(P, window)
     ks, vs = kt[:, :, lo:], vt[:, :, lo:]
@@ -530,7 +550,7 @@ def flex_packed_peer(cases, batch, compile_flex: bool = True):
     row). `cases` from `attention_case`, `batch` the rows' (prefix, chunk). Returns fn() -> [N, Hq, D]."""
     import functools
 
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
     qt = torch.cat([c[5][0] for c in cases], dim=2)
     kt, vt = (torch.cat([c[5][i] for c in cases], dim=2) for i in (1, 2))
     device = qt.device
@@ -542,7 +562,7 @@ def flex_packed_peer(cases, batch, compile_flex: bool = True):
     def visible(b, h, q_idx, kv_idx):
         return (q_row[q_idx] == kv_row[kv_idx]) & (kv_pos[kv_idx] <= q_pos[q_idx])
     mask = create_block_mask(visible, B=None, H=None, Q_LEN=qt.shape[2], KV_LEN=kt.shape[2], device=device)
-    flex = torch.compile(flex_attention, dynamic=True) if compile_flex else _eager(flex_attention)
+    flex = flex_peer(compile_flex)
     run = functools.partial(flex, qt, kt, vt, block_mask=mask, enable_gqa=True)
     return lambda: run()[0].transpose(0, 1)
 
@@ -898,9 +918,9 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
         m["eager_of_copy"] = m["eager_gbps"] / copy
     for a in attention:
         a["triton_of_gemm"] = a["triton_tflops"] / gemm
-    doc = dict(schema_version=SCHEMA_VERSION, kind="kernels", copy_gbps=copy, gemm_bf16_tflops=gemm,
-               attention=attention, paged=paged, window=window, tile_ab=ab, memory_bound=memory, layer_host=layer,
-               attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS, complete=True)
+    doc = dict(schema_version=SCHEMA_VERSION, kind="kernels", flex_compile=FLEX_COMPILE, copy_gbps=copy,
+               gemm_bf16_tflops=gemm, attention=attention, paged=paged, window=window, tile_ab=ab, memory_bound=memory,
+               layer_host=layer, attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS, complete=True)
     measured = {tuple(map(tuple, r["batch"])) for r in paged}
     left = [f"attention P={P} C={C}" for P, C in shapes[len(attention):]]
     left += [f"paged batch {i}" for i, b in enumerate(batches) if tuple(b) not in measured]

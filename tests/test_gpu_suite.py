@@ -292,8 +292,41 @@ def test_the_kernel_part_starts_no_shape_past_its_deadline(monkeypatch):
     monkeypatch.setattr(bk, "bench_layer_host", lambda **kw: 1 / 0)  # past the deadline: not started
     doc = bk.run_all(device="cpu", timer=slow, quick=True, deadline=time.time() - 1)
     assert doc["attention"] == [] and doc["paged"] == [] and doc["window"] == [] and not doc["complete"]
+    assert doc["flex_compile"] == "static"
     assert doc["stopped"] == ("time budget: not measured attention P=0 C=256, attention P=16384 C=2048, paged batch 0, "
                               "window P=16384 C=2048 W=4096, the layer's host cost")
+
+
+def test_flex_is_compiled_for_each_shape_and_may_recompile_for_every_shape(monkeypatch):
+    """The flex peer is compiled with static shapes (dynamic=False: its decoding kernel for short chunks, unmasked
+    full blocks), one compile per shape, and dynamo's recompile limit (8 by default, then it runs the frame eagerly)
+    is raised above the benchmark's shape count; uncompiled (the CPU tests) nothing is compiled."""
+    import torch._dynamo
+
+    import bench.kernels as bk
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append((fn, kw)) or fn)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    shapes = len(set(bk.ATTENTION_SHAPES) | set(bk.planner_shapes())) + len(bk.WINDOW_SHAPES) + len(bk.PAGED_BATCHES)
+    bk.flex_peer(compile_flex=False)
+    assert compiled == [] and torch._dynamo.config.recompile_limit == 8
+    bk.flex_peer()
+    assert [kw for _, kw in compiled] == [dict(dynamic=False)]
+    assert compiled[0][0].__name__ == "flex_attention"
+    assert torch._dynamo.config.recompile_limit >= shapes and bk.FLEX_RECOMPILES >= shapes
+
+
+def test_summary_says_when_flex_was_compiled_with_dynamic_shapes():
+    """A kernel file from before flex was compiled per shape (no `flex_compile`) says its flex peer was handicapped;
+    a newer one does not."""
+    attention = [dict(prefix=0, chunk=256, triton_tflops=50.0, triton_of_gemm=0.07, best_peer="flex", flex_ms=0.1,
+                      speedup_vs_best_peer=0.4, max_abs_err=2e-3, launch_host_us=40.0, launch_graph_us=12.0)]
+    kernels = dict(copy_gbps=3000.0, gemm_bf16_tflops=700.0, attention=attention, memory_bound=[],
+                   targets=dict(attention_tflops=500.0, attention_vs_best_peer=1.0, memory_bound_of_copy=0.8))
+    old = gpu_summary.summary_markdown(dict(device="x"), None, kernels, None)
+    assert "flex_attention compiled with dynamic shapes in this run" in old and "a handicapped peer" in old
+    new = gpu_summary.summary_markdown(dict(device="x"), None, kernels | dict(flex_compile="static"), None)
+    assert "dynamic shapes" not in new
 
 
 def test_junit_report_is_parsed(tmp_path):
