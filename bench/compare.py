@@ -219,6 +219,8 @@ def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool 
                             "anyway")
     failed, rows = [], []
     new_rows = kernel_rows(new)
+    # the flex peer compiled per shape (static) or once for every shape (dynamic, files before flex_compile)
+    flex_compiles = [d.get("flex_compile", "dynamic") for d in (base, new)]
     for key, b in kernel_rows(base).items():
         n = new_rows.get(key)
         if n is None:
@@ -242,6 +244,8 @@ def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool 
                     failed.append(f"{key[1]} {fig} x{ratio:.2f}")
             elif ratio < 1 / (1 + threshold):
                 verdict = "faster" if ours else "peer faster"
+            if fig == "flex_ms" and flex_compiles[0] != flex_compiles[1]:
+                verdict += f" (flex compiled {flex_compiles[0]} vs {flex_compiles[1]})"
             rows.append((key[1], fig, f"{b[fig]:.4f}", f"{n[fig]:.4f}", f"{ratio:.2f}", verdict))
         tol = n.get("peer_tolerance", n.get("tolerance"))
         for fig in OUR_ERRORS:

@@ -620,3 +620,19 @@ def test_the_readme_states_the_torch_and_triton_floors_pyproject_asks_for():
     stated = re.search(r"torch \(≥ ([\d.]+) with Triton ≥ ([\d.]+), as pyproject\.toml asks", readme)
     assert stated, "the README no longer states the torch / Triton floors next to the GPU install"
     assert stated.groups() == (floors["torch"], floors["triton"])
+
+
+def test_compare_says_when_the_flex_peer_was_compiled_differently(tmp_path, capsys):
+    """A kernel file whose flex peer was compiled per shape (`flex_compile` static) against the committed one (flex
+    compiled once with dynamic shapes): each flex figure's verdict names the two compiles; a peer never fails it."""
+    from bench.compare import compare
+    base = ROOT / "bench/results/h200/kernels.json"
+    doc = json.loads(base.read_text())
+    assert "flex_compile" not in doc
+    new = tmp_path / "kernels.json"
+    new.write_text(json.dumps(doc | dict(flex_compile="static")))
+    assert compare(str(base), str(new)) == 0
+    out = capsys.readouterr().out
+    flex = [line for line in out.splitlines() if " flex_ms " in line]
+    assert flex and all("(flex compiled dynamic vs static)" in line for line in flex)
+    assert compare(str(new), str(new)) == 0 and "flex compiled" not in capsys.readouterr().out
