@@ -923,7 +923,8 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
         a["triton_of_gemm"] = a["triton_tflops"] / gemm
     doc = dict(schema_version=SCHEMA_VERSION, kind="kernels", flex_compile=FLEX_COMPILE, copy_gbps=copy,
                gemm_bf16_tflops=gemm, attention=attention, paged=paged, window=window, tile_ab=ab, memory_bound=memory,
-               layer_host=layer, attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS, complete=True)
+               layer_host=layer, attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS,
+               complete=True)
     measured = {tuple(map(tuple, r["batch"])) for r in paged}
     left = [f"attention P={P} C={C}" for P, C in shapes[len(attention):]]
     left += [f"paged batch {i}" for i, b in enumerate(batches) if tuple(b) not in measured]
