@@ -294,7 +294,7 @@ def test_the_kernel_part_starts_no_shape_past_its_deadline(monkeypatch):
     doc = bk.run_all(device="cpu", timer=slow, quick=True, deadline=time.time() - 1)
     assert doc["attention"] == [] and doc["paged"] == [] and doc["window"] == [] and not doc["complete"]
     assert doc["flex_compile"] == "static"
-    assert doc["stopped"] == ("time budget: not measured attention P=0 C=256, attention P=16384 C=2048, paged batch 0, "
+    assert doc["stopped"] == ("time budget: not measured attention P=16384 C=2048, attention P=0 C=256, paged batch 0, "
                               "window P=16384 C=2048 W=4096, the layer's host cost")
 
 
