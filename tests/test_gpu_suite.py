@@ -307,14 +307,15 @@ def test_flex_is_compiled_for_each_shape_and_may_recompile_for_every_shape(monke
     import bench.kernels as bk
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append((fn, kw)) or fn)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
     shapes = len(set(bk.ATTENTION_SHAPES) | set(bk.planner_shapes())) + len(bk.WINDOW_SHAPES) + len(bk.PAGED_BATCHES)
-    bk.flex_peer(compile_flex=False)
-    assert compiled == [] and torch._dynamo.config.recompile_limit == 8
-    bk.flex_peer()
-    assert [kw for _, kw in compiled] == [dict(dynamic=False)]
-    assert compiled[0][0].__name__ == "flex_attention"
-    assert torch._dynamo.config.recompile_limit >= shapes and bk.FLEX_RECOMPILES >= shapes
+    # dynamo's own context restores the limit after (monkeypatch would delete the config entry on undo)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        bk.flex_peer(compile_flex=False)
+        assert compiled == [] and torch._dynamo.config.recompile_limit == 8
+        bk.flex_peer()
+        assert [kw for _, kw in compiled] == [dict(dynamic=False)]
+        assert compiled[0][0].__name__ == "flex_attention"
+        assert torch._dynamo.config.recompile_limit >= shapes and bk.FLEX_RECOMPILES >= shapes
 
 
 def test_summary_says_when_flex_was_compiled_with_dynamic_shapes():
