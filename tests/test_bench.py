@@ -572,19 +572,27 @@ def test_one_thread_per_stage_is_allowed_when_stages_outnumber_the_cores(tmp_pat
     assert "choose --threads 1 or less" in err and not (tmp_path / "no").exists()
 
 
-def _documented_commands():
-    """Every `python -m bench ...` and `python -m kernels.aot ...` command the markdown files of this repository show
-    in backticks, as (module, subcommand or None, the options it names)."""
+def _command_spans():
+    """(markdown file, command) for every `python -m bench ...` and `python -m kernels.aot ...` command the markdown
+    files of this repository show in backticks (a span wrapped over lines too; fenced blocks left out)."""
     import re
-    seen = {}
     files = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     for name in files or ["README.md"]:
-        for span in re.findall(r"`([^`\n]*-m (?:bench|kernels\.aot)\b[^`\n]*)`", (ROOT / name).read_text()):
-            module, _, rest = span.partition("-m ")[2].partition(" ")
-            words = rest.replace("[", " ").replace("]", " ").split()
-            sub = words[0] if module == "bench" and words and re.fullmatch(r"[a-z][a-z-]*", words[0]) else None
-            options = tuple(sorted({w.split("=")[0] for w in words if w.startswith("--")}))
-            seen[(module, sub, options)] = span
+        text = re.sub(r"^```.*?^```", "", (ROOT / name).read_text(), flags=re.S | re.M)
+        for span in re.findall(r"`([^`]*-m (?:bench|kernels\.aot)\b[^`]*)`", text):
+            yield name, " ".join(span.split())
+
+
+def _documented_commands():
+    """Every command `_command_spans` finds, as (module, subcommand or None, the options it names) -> the command."""
+    import re
+    seen = {}
+    for _, span in _command_spans():
+        module, _, rest = span.partition("-m ")[2].partition(" ")
+        words = rest.replace("[", " ").replace("]", " ").split()
+        sub = words[0] if module == "bench" and words and re.fullmatch(r"[a-z][a-z-]*", words[0]) else None
+        options = tuple(sorted({w.split("=")[0] for w in words if w.startswith("--")}))
+        seen[(module, sub, options)] = span
     return seen
 
 
@@ -636,3 +644,35 @@ def test_compare_says_when_the_flex_peer_was_compiled_differently(tmp_path, caps
     flex = [line for line in out.splitlines() if " flex_ms " in line]
     assert flex and all("(flex compiled dynamic vs static)" in line for line in flex)
     assert compare(str(new), str(new)) == 0 and "flex compiled" not in capsys.readouterr().out
+
+
+def test_every_documented_demo_command_passes_the_checks_on_two_cores(tmp_path, monkeypatch, capsys):
+    """Each `python -m bench [options]` command the README shows (no placeholders) gets past every check of its
+    arguments on a 2-core machine like this project's, up to where it would create its output directory (stopped
+    there): none is refused as written (`--tp 2 --simulate` was, with its default of 2 stages: 4 processes)."""
+    import re
+    import shlex
+
+    import bench.cli as cli
+    import pipeline.procs
+    monkeypatch.setattr(pipeline.procs, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    reached = []
+
+    class Validated(Exception):
+        pass
+
+    def stop(out):
+        reached.append(out)
+        raise Validated
+    monkeypatch.setattr(cli, "output_dir", stop)
+    spans = {span for name, span in _command_spans() if name == "README.md"}  # the results' READMEs: their GPUs'
+    runnable = sorted(s for s in spans if s.split()[:3] == ["python", "-m", "bench"] and not any(c in s for c in "[<|…")
+                      and "--help" not in s and not re.match(r"python -m bench [a-z]", s))
+    assert len(runnable) >= 6
+    for span in runnable:
+        argv = shlex.split(span.partition("-m bench")[2]) + ["--out", str(tmp_path / "out")]
+        del reached[:]
+        code = cli.main(argv)
+        err = capsys.readouterr().err
+        assert reached and code != 0 and "Validated" in err, f"{span!r} was refused: {err.strip()[-300:]}"
