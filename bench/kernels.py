@@ -905,18 +905,21 @@ def _former(rows: list[dict], r: dict) -> dict | None:
 
 def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None = None) -> dict:
     """Every kernel figure of this GPU in one document (the gpu-suite's kernel part). Past `deadline`
-    (time.time()) no further attention shape or paged batch starts (`complete` False, `stopped` says what was
-    left out); the ceilings and the memory-bound ops, short, always run."""
+    (time.time()) no further attention shape, tile A/B, sliding-window shape or paged batch starts (`complete` False,
+    `stopped` says what was left out); the ceilings and the memory-bound ops, short, always run."""
     shapes = (TARGET_SHAPE, (0, 256)) if quick else tuple(dict.fromkeys(ATTENTION_SHAPES + tuple(planner_shapes())))
     batches = PAGED_BATCHES[:1] if quick else PAGED_BATCHES
     copy = copy_bandwidth(device=device, timer=timer)
     gemm = gemm_tflops(device=device, timer=timer)
     memory = bench_memory_bound(device=device, timer=timer)
     attention = bench_attention(shapes=shapes, device=device, timer=timer, deadline=deadline)
-    paged = bench_paged(batches=batches, device=device, timer=timer, deadline=deadline)
+    # the launcher's untimed tile choices next (each A/B decides one), then the first sliding-window timings, then
+    # the paged batches (measured before): a budget that runs out cuts what matters least
+    entries = () if quick else TILE_AB
+    ab = tile_ab(device=device, timer=timer, deadline=deadline, entries=entries)
     window_shapes = WINDOW_SHAPES[:1] if quick else WINDOW_SHAPES
     window = bench_window(shapes=window_shapes, device=device, timer=timer, deadline=deadline)
-    ab = [] if quick else tile_ab(device=device, timer=timer, deadline=deadline)
+    paged = bench_paged(batches=batches, device=device, timer=timer, deadline=deadline)
     late = deadline is not None and time.time() > deadline
     # last: a failed graph capture cannot spoil the rest
     layer = [] if late else bench_layer_host(device=device, timer=timer)
@@ -931,8 +934,10 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
                complete=True)
     measured = {tuple(map(tuple, r["batch"])) for r in paged}
     left = [f"attention P={P} C={C}" for P, C in shapes[len(attention):]]
-    left += [f"paged batch {i}" for i, b in enumerate(batches) if tuple(b) not in measured]
+    timed = {(r["kernel"], r["prefix"], r["chunk"]) for r in ab if "not_run" not in r}
+    left += [f"tile A/B {kind} P={P} C={C}" for kind, (P, C), _ in entries if (kind, P, C) not in timed]
     left += [f"window P={P} C={C} W={W}" for P, C, W in window_shapes[len(window):]]
+    left += [f"paged batch {i}" for i, b in enumerate(batches) if tuple(b) not in measured]
     left += ["the layer's host cost"] if late else []
     if left:
         doc.update(complete=False, stopped=f"time budget: not measured {', '.join(left)}")

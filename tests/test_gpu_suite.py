@@ -294,8 +294,11 @@ def test_the_kernel_part_starts_no_shape_past_its_deadline(monkeypatch):
     doc = bk.run_all(device="cpu", timer=slow, quick=True, deadline=time.time() - 1)
     assert doc["attention"] == [] and doc["paged"] == [] and doc["window"] == [] and not doc["complete"]
     assert doc["flex_compile"] == "static"
-    assert doc["stopped"] == ("time budget: not measured attention P=16384 C=2048, attention P=0 C=256, paged batch 0, "
-                              "window P=16384 C=2048 W=4096, the layer's host cost")
+    assert doc["stopped"] == ("time budget: not measured attention P=16384 C=2048, attention P=0 C=256, "
+                              "window P=16384 C=2048 W=4096, paged batch 0, the layer's host cost")
+    doc = bk.run_all(device="cpu", timer=slow, deadline=time.time() - 1)  # the full set: the tile A/B too
+    assert doc["tile_ab"] == [] and "tile A/B dense P=32768 C=1, tile A/B dense P=32768 C=16, tile A/B dense P=0 " \
+        "C=256, tile A/B dense P=0 C=64, window" in doc["stopped"]
 
 
 def test_flex_is_compiled_for_each_shape_and_may_recompile_for_every_shape(monkeypatch):
