@@ -53,6 +53,7 @@ import torch
 
 from pipeline.procs import usable_cores
 
+from .clocks import run_windows, sampled
 from .gpu_summary import committed_baseline, summary_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,14 +242,16 @@ def bench_pipeline(model: str = "llama3-8b", layers: int | None = 8, stages=(2, 
                 return run_point(spec, 0, 1, [], repeats, warmup, simulate=simulate, rows=list(L),
                                  chunk_size=chunk_size, token_budgets=list(token_budgets or [None]))
             return run_point(spec, L, 1, chunks, repeats, warmup, simulate=simulate)
-        try:
-            point = measure(ops if fallback is None else "torch")
+        try:  # the GPU's clocks sampled over the point's runs (bench.clocks)
+            point, clocks = sampled(lambda: measure(ops if fallback is None else "torch"), device)
         except RuntimeError as e:
             if not sm_partitions or ops == "torch" or fallback is not None:
                 raise
             fallback = (f"ops {ops!r} failed on the SM partitions' streams ({str(e).splitlines()[0][:200]}); "
                         "measured with the torch ops")
-            point = measure("torch")
+            point, clocks = sampled(lambda: measure("torch"), device)
+        if clocks is not None:
+            point["gpu_clocks"] = clocks.summary(run_windows(point["records"]))
         timelines = point.pop("timelines")
         point.pop("records")  # the raw per-run records: the figures above are made from them
         point.pop("sim_timelines", None)
@@ -339,11 +342,12 @@ def stage_compute_alone(model: str, stages: int, prompt_len: int, chunk_size: in
             if i >= warmup:
                 ts.append(ms)
         return statistics.median(ts)
-    whole_ms, chunked_ms = timed(whole), timed(chunked)
+    (whole_ms, chunked_ms), clocks = sampled(lambda: (timed(whole), timed(chunked)), device)
     diff = (outs["chunked"].double() - outs["whole"].double()).abs().max().item()
     return dict(stages=stages, prompt_len=prompt_len, chunk_size=chunk_size, layers=len(part.layers), ops=ops,
                 whole_ms=whole_ms, chunked_ms=chunked_ms, chunking_cost=chunked_ms / whole_ms, max_abs_diff=diff,
-                scale=outs["whole"].abs().max().item(), **({"sm_partitions": plan} if plan else {}))
+                scale=outs["whole"].abs().max().item(), **({"sm_partitions": plan} if plan else {}),
+                **({"gpu_clocks": clocks.summary()} if clocks is not None else {}))
 
 
 # (stages, tp) of the nccl part, each on stages x tp GPUs: a point needing more GPUs than the machine has is left out

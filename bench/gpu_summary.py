@@ -139,6 +139,7 @@ def partitions_markdown(doc: dict) -> list[str]:
                          f"{_vs_target(worst, t['overlapped_of_ideal'])}")
     lines += ideal_gap_lines(doc["points"])
     lines += stage_alone_lines(doc)
+    lines += clock_lines(doc)
     sims = [(mode, p["modes"][mode]["sim_over_measured"]) for p in doc["points"] for mode in ("chunked", "overlapped")
             if p["modes"].get(mode, {}).get("sim_over_measured") is not None]
     if sims:
@@ -199,6 +200,37 @@ def stage_alone_lines(doc: dict) -> list[str]:
             f"whole, nothing else running): chunking costs it {min(cost):.2f}-{max(cost):.2f}x; running beside the "
             f"other busy stages {min(beside):.2f}-{max(beside):.2f}x more (one GPU's HBM and L2 shared: S GPUs "
             f"would not pay it); without that, overlapped would reach {min(apart):.2f}-{max(apart):.2f} of the ideal."]
+
+
+def clock_lines(doc: dict) -> list[str]:
+    """The GPU's SM clock and power cap over the part's points (`bench.clocks`): per mode over its runs (naive's
+    stages compute one after another, overlapped's at once on their partitions) and for a stage timed alone. A
+    lower clock with the stages at once is a cost of sharing one GPU that S GPUs would not pay."""
+    points = doc.get("points", [])
+    read = [p["gpu_clocks"] for p in points if "sm_clock_mhz" in p.get("gpu_clocks", {})]
+    if not read:
+        why = next((p["gpu_clocks"].get("unavailable") for p in points if p.get("gpu_clocks")), None)
+        return [f"- GPU clocks: not read ({why})."] if why else []
+
+    def span(values, fmt="{:.0f}"):
+        return fmt.format(min(values)) + ("" if min(values) == max(values) else "-" + fmt.format(max(values)))
+    parts = []
+    for mode in ("naive", "overlapped"):
+        got = [w for c in read if (w := c.get("windows", {}).get(mode, {})).get("samples")]
+        if got:
+            parts.append(f"{mode} {span([w['sm_clock_mhz']['median'] for w in got])} MHz, power-capped in "
+                         f"{span([100 * w['power_capped'] for w in got])}% of its samples")
+    alone = [a["gpu_clocks"] for a in doc.get("stage_alone", []) if "sm_clock_mhz" in a.get("gpu_clocks", {})]
+    if alone:
+        parts.append(f"one stage alone {span([c['sm_clock_mhz']['median'] for c in alone])} MHz, power-capped in "
+                     f"{span([100 * c['power_capped'] for c in alone])}%")
+    if not parts:
+        parts.append(f"all runs {span([c['sm_clock_mhz']['median'] for c in read])} MHz")
+    first = read[0]
+    return [f"- SM clock (NVML every {1e3 * first['period_s']:.0f} ms; this GPU's max {first['max_sm_clock_mhz']:.0f} "
+            f"MHz, power limit {first['power_limit_w']:.0f} W), the points' medians: " + "; ".join(parts) + ". A "
+            "lower clock with the stages at once than one at a time is a cost of sharing one GPU that S GPUs would "
+            "not pay."]
 
 
 def graphs_markdown(doc: dict, eager: dict | None = None) -> list[str]:

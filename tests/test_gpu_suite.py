@@ -1087,3 +1087,70 @@ def test_the_nccl_part_runs_every_stage_and_tp_split_the_gpus_hold():
     alone = gpu_suite.bench_nccl(gpus=1)
     assert alone["points"] == [] and "1 GPU here" in alone["skipped"]
     assert "Not run: 1 GPU here" in "\n".join(gpu_summary.nccl_markdown(alone))
+
+
+def test_clock_sampler_reads_in_a_thread_and_sums_up_per_window():
+    """bench.clocks: a sampler over a fake NVML reading (1500 MHz, 600 W, the power-cap bit) samples while its block
+    runs and sums the samples up against the GPU's limits; per window (a mode's runs) it counts only the samples
+    taken inside; a reader that cannot start or fails is said why, and a CPU device samples nothing."""
+    import time
+
+    from bench.clocks import POWER_CAP, ClockSampler, run_windows, sampled
+    from pipeline.schedule import StageRecord
+    reader = (lambda: (1500.0, 600.0, POWER_CAP), (1980.0, 700.0))
+    with ClockSampler(period_s=0.001, reader=reader) as clocks:
+        time.sleep(0.05)
+    got = clocks.summary()
+    assert got["samples"] >= 2 and got["sm_clock_mhz"] == dict(median=1500.0, min=1500.0, max=1500.0)
+    assert got["max_sm_clock_mhz"] == 1980.0 and got["power_limit_w"] == 700.0 and got["power_w"]["median"] == 600.0
+    assert got["power_capped"] == 1.0 and got["thermal_limited"] == 0.0 and got["hw_slowdown"] == 0.0
+    clocks.samples = [(1.0, 1980.0, 300.0, 0), (2.0, 1700.0, 690.0, POWER_CAP), (3.0, 1600.0, 700.0, POWER_CAP),
+                      (9.0, 1000.0, 100.0, 0)]
+    runs = {"naive": [[StageRecord(0, [4], compute=[(0.5, 1.5)]), StageRecord(1, [4], compute=[(1.5, 1.6)])]],
+            "overlapped": [[StageRecord(0, [2, 2], compute=[(1.8, 2.5), (2.5, 3.2)])]], "chunked": []}
+    windows = run_windows(runs)
+    assert windows == dict(naive=[(0.5, 1.6)], overlapped=[(1.8, 3.2)], chunked=[])
+    per = clocks.summary(windows)["windows"]
+    assert per["naive"]["samples"] == 1 and per["naive"]["sm_clock_mhz"]["median"] == 1980.0
+    assert per["naive"]["power_capped"] == 0.0
+    assert per["overlapped"]["samples"] == 2 and per["overlapped"]["sm_clock_mhz"]["median"] == 1650.0
+    assert per["overlapped"]["power_capped"] == 1.0 and per["chunked"] == dict(samples=0)
+
+    def broken():
+        raise OSError("NVML gone")
+    with ClockSampler(period_s=0.001, reader=(broken, (1980.0, 700.0))) as failing:
+        time.sleep(0.01)
+    assert failing.summary() == dict(unavailable="OSError: NVML gone")
+    assert sampled(lambda: 7, device="cpu") == (7, None)
+    got, sampler = sampled(lambda: 7, device="cuda", period_s=0.001, reader=reader)
+    assert got == 7 and isinstance(sampler, ClockSampler)
+
+
+def test_clock_sampler_without_nvml_says_why_and_lets_the_measurement_run(monkeypatch):
+    import bench.clocks
+
+    def no_nvml(device_index=0):
+        raise ModuleNotFoundError("No module named 'pynvml'")
+    monkeypatch.setattr(bench.clocks, "nvml_reader", no_nvml)
+    got, sampler = bench.clocks.sampled(lambda: "measured", device="cuda")
+    assert got == "measured"
+    assert sampler.summary() == dict(unavailable="ModuleNotFoundError: No module named 'pynvml'")
+
+
+def test_summary_sets_the_clock_with_the_stages_at_once_against_one_at_a_time():
+    """The partitions part's clock line: each mode's median SM clock and power-capped share over the points, a stage
+    alone's, against the GPU's max and power limit; a part without NVML says why; older files say nothing."""
+    def clocks(naive, overlapped):
+        return dict(samples=40, period_s=0.05, max_sm_clock_mhz=1980.0, power_limit_w=700.0,
+                    sm_clock_mhz=dict(median=1800.0, min=1500.0, max=1980.0), power_capped=0.5,
+                    windows=dict(naive=dict(samples=10, sm_clock_mhz=dict(median=naive), power_capped=0.0),
+                                 overlapped=dict(samples=10, sm_clock_mhz=dict(median=overlapped), power_capped=0.8)))
+    doc = dict(points=[dict(gpu_clocks=clocks(1980.0, 1600.0)), dict(gpu_clocks=clocks(1965.0, 1500.0))],
+               stage_alone=[dict(gpu_clocks=dict(sm_clock_mhz=dict(median=1980.0), power_capped=0.0))])
+    (line,) = gpu_summary.clock_lines(doc)
+    assert "max 1980 MHz, power limit 700 W" in line and "naive 1965-1980 MHz, power-capped in 0% of its samples" \
+        in line and "overlapped 1500-1600 MHz, power-capped in 80% of its samples" in line
+    assert "one stage alone 1980 MHz, power-capped in 0%" in line
+    assert gpu_summary.clock_lines(dict(points=[dict(gpu_clocks=dict(unavailable="ModuleNotFoundError: pynvml"))])) \
+        == ["- GPU clocks: not read (ModuleNotFoundError: pynvml)."]
+    assert gpu_summary.clock_lines(dict(points=[dict(modes={})])) == []
