@@ -10,6 +10,8 @@ import statistics
 import threading
 import time
 
+from .kernels import why
+
 # NVML's clock-limit reason bits (nvmlClocksEventReason*: SwPowerCap; SwThermal, HwThermal; HwSlowdown, HwPowerBrake)
 POWER_CAP = 0x4
 THERMAL = 0x20 | 0x40
@@ -48,7 +50,7 @@ class ClockSampler:
             self.read, self.limits = reader if reader is not None else nvml_reader(device_index)
         except Exception as e:  # noqa: BLE001 - no NVML: the measurement goes on without its clocks
             self.read, self.limits = None, None
-            self.why = f"{type(e).__name__}: {str(e).strip()[:200]}"
+            self.why = why(e)
         self._stop = threading.Event()
         self._thread = None
 
@@ -57,7 +59,7 @@ class ClockSampler:
             try:
                 self.samples.append((time.perf_counter(), *self.read()))
             except Exception as e:  # noqa: BLE001 - a reading that fails ends the sampling, said why
-                self.why = f"{type(e).__name__}: {str(e).strip()[:200]}"
+                self.why = why(e)
                 return
             self._stop.wait(self.period_s)
 
