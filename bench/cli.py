@@ -59,23 +59,24 @@ def run_parser():
                          "state as computed), bf16 (float32 models: half the bytes) or fp8 (e4m3 with a float32 scale "
                          "per token: H + 4 bytes a token). Lossy rows report their logit difference against the "
                          "unchunked baseline and the same mode uncompressed. Default: none")
-    ap.add_argument("--prompt-len", type=int_list(1), default=None,
-                    help="prompt length(s); several, comma-separated, make a sweep (default: 2048)")
-    ap.add_argument("--rows", type=int_list(1, unique=False), default=None,
+    ap.add_argument("--prompt-len", type=int_list(1, tokens=True), default=None,
+                    help="prompt length(s); several, comma-separated, make a sweep (default: 2048); k = 1024 here and in "
+                         "every token count: 4k, 32k")
+    ap.add_argument("--rows", type=int_list(1, unique=False, tokens=True), default=None,
                     help="a ragged batch instead of one [B, L] prompt: one prompt per row of these lengths, "
                          "comma-separated (e.g. 300,1000,2048), run as a serving stack runs them: each row in chunks "
                          "of --chunk-size, the rows' chunks packed into one step, the KV cache in pages. Every mode "
                          "is checked row by row against the row run alone; each row's TTFT is reported")
-    ap.add_argument("--token-budget", type=int_list(1, none_word="none"), default=None,
+    ap.add_argument("--token-budget", type=int_list(1, none_word="none", tokens=True), default=None,
                     help="with --rows, a serving scheduler's per-step budget: the chunked and overlapped steps pack up "
                          "to this many tokens each, filled from the rows in order (first come, first served; no row "
                          "capped); comma-separated to compare plans in one run, 'none' for per-row chunks of "
                          "--chunk-size (e.g. none,384)")
     ap.add_argument("--page-size", type=integer(1), default=None,
                     help="with --rows, positions per KV cache page (default: 16)")
-    ap.add_argument("--chunk-size", type=integer(1), default=None,
+    ap.add_argument("--chunk-size", type=integer(1, tokens=True), default=None,
                     help="uniform chunk size (default: 128); with --rows each row's tokens per step")
-    ap.add_argument("--chunks", type=int_list(1, unique=False), default=None,
+    ap.add_argument("--chunks", type=int_list(1, unique=False, tokens=True), default=None,
                     help="explicit chunk sizes, comma-separated, summing to the prompt length")
     ap.add_argument("--chunk-plan", choices=["uniform", "balanced"], default="uniform",
                     help="uniform: --chunk-size tokens per chunk; balanced: boundaries chosen by the planner from a "

@@ -54,12 +54,23 @@ def _kind(text: str, cast, what: str):
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
-def integer(minimum: int = 1):
-    """An integer >= minimum (1: positive)."""
+def _tokens(text: str) -> int:
+    """A token count: an integer, or one with a k suffix for 1024s as context lengths are spoken of (`4k` = 4096,
+    `128k` = 131072)."""
+    t = text.strip()
+    if t[-1:] in ("k", "K"):
+        return int(t[:-1]) * 1024
+    return int(t)
+
+
+def integer(minimum: int = 1, tokens: bool = False):
+    """An integer >= minimum (1: positive); `tokens`: a token count, `4k` read as 4096 (`_tokens`)."""
     what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if tokens:
+        what += " (k = 1024: 4k, 32k)"
 
     def parse(text: str) -> int:
-        v = _kind(text, int, what)
+        v = _kind(text, _tokens if tokens else int, what)
         if v < minimum:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
         return v
@@ -78,14 +89,15 @@ def number(minimum: float = 0.0, strict: bool = True, maximum: float | None = No
     return parse
 
 
-def int_list(minimum: int = 1, unique: bool = True, none_word: str | None = None):
-    """Comma-separated integers >= minimum, at least one, none twice; `none_word` (any case) stands for None."""
+def int_list(minimum: int = 1, unique: bool = True, none_word: str | None = None, tokens: bool = False):
+    """Comma-separated integers >= minimum, at least one, none twice; `none_word` (any case) stands for None;
+    `tokens`: token counts, `4k` read as 4096."""
     def parse(text: str) -> list:
         parts = [p.strip() for p in text.split(",")]
         if not text.strip() or any(p == "" for p in parts):
             raise argparse.ArgumentTypeError(f"expected comma-separated integers"
                                              f"{f' or {none_word!r}' if none_word else ''}, got {text!r}")
-        vals = [None if none_word and p.lower() == none_word else integer(minimum)(p) for p in parts]
+        vals = [None if none_word and p.lower() == none_word else integer(minimum, tokens)(p) for p in parts]
         if unique and len(set(vals)) != len(vals):
             raise argparse.ArgumentTypeError(f"a value is listed twice in {text!r}")
         return vals

@@ -676,3 +676,31 @@ def test_every_documented_demo_command_passes_the_checks_on_two_cores(tmp_path, 
         code = cli.main(argv)
         err = capsys.readouterr().err
         assert reached and code != 0 and "Validated" in err, f"{span!r} was refused: {err.strip()[-300:]}"
+
+
+def test_token_counts_take_a_k_suffix_as_context_lengths_are_spoken_of(tmp_path):
+    """`--prompt-len 32k` is 32768 tokens (the README's tables say 16k/2k, `simulate --help` says 4k-128k): every
+    option that counts tokens reads a k suffix as 1024s; a fraction of one is refused naming the form."""
+    import argparse
+
+    from bench.cli import run_parser
+    from bench.options import int_list, integer
+    assert int_list(1, tokens=True)("4k, 32K,100") == [4096, 32768, 100]
+    assert integer(1, tokens=True)("2k") == 2048
+    with pytest.raises(argparse.ArgumentTypeError, match=r"k = 1024.*'4\.5k'"):
+        int_list(1, tokens=True)("4.5k")
+    with pytest.raises(argparse.ArgumentTypeError, match="a value is listed twice"):
+        int_list(1, tokens=True)("1k,1024")
+    with pytest.raises(argparse.ArgumentTypeError):  # counts of something else keep plain integers
+        integer(1)("4k")
+    args = run_parser().parse_args(["--prompt-len", "1k,2k", "--chunk-size", "1K", "--rows", "1k,300",
+                                    "--token-budget", "none,1k", "--chunks", "1k"])
+    assert (args.prompt_len, args.chunk_size, args.rows, args.token_budget, args.chunks) == (
+        [1024, 2048], 1024, [1024, 300], [None, 1024], [1024])
+    from bench.kernels import _shape
+    assert _shape("16k,2k") == (16384, 2048)
+    from bench.simulate import main as simulate
+    assert simulate(["--models", "llama3-8b", "--stages", "2", "--links", "nvlink", "--prompt-lens", "4k",
+                     "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "simulate.json").read_text())
+    assert [r["prompt_len"] for r in doc["rows"]] == [4096]
