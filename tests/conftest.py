@@ -23,6 +23,9 @@ def make_hf_checkpoint(directory, model_type="llama", gqa=True, tied=False, laye
     """Random-weight HF model saved to `directory`; returns the HF model (eval, float32)."""
     import transformers
 
+    if int(transformers.__version__.split(".")[0]) < 5:  # 4.x would save rope_parameters and not apply them
+        pytest.fail(f"the tests' checkpoints need transformers >= 5 (pyproject.toml's test extra), found "
+                    f"{transformers.__version__}: pip install -e '.[test]'")
     cls_cfg, cls_model = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),

@@ -284,6 +284,35 @@ def test_phi3_configs_in_the_older_format_read_the_same(tmp_path):
     assert new.rotary_dim == 8 and new.max_seq_len == 64 and new.rope_freq_factors == (1.0, 1.1, 1.2, 1.3)
 
 
+@pytest.mark.parametrize("model_type,rope", [
+    ("llama", {"rope_type": "default", "rope_theta": 500000.0}),
+    ("llama", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}),
+    ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32, "rope_theta": 500000.0}),
+    ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e6}),
+], ids=["default", "linear", "llama3", "yarn"])
+@pytest.mark.parametrize("key", ["rope_type", "type"])
+def test_configs_in_the_transformers_4_format_read_the_same(tmp_path, model_type, rope, key):
+    """Most checkpoints on the Hub were saved by transformers 4.x: `rope_theta` at the top level and the scaling,
+    if any, under `rope_scaling` (its kind as `rope_type`, or `type` in older ones; `null` without scaling), as
+    Llama 3.1's and Qwen2.5's config.json are published. The tests' checkpoints are written by transformers 5
+    (`rope_parameters`): both formats must give the same model."""
+    make_hf_checkpoint(tmp_path, model_type, rope_parameters=rope)
+    new = ModelConfig.from_hf(tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    params = dict(hf.pop("rope_parameters"))
+    hf["rope_theta"] = params.pop("rope_theta")
+    kind = params.pop("rope_type")
+    hf["rope_scaling"] = None if kind == "default" else {key: kind, **params}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    old = ModelConfig.from_hf(tmp_path)
+    assert old == new
+    assert new.rope_theta == rope["rope_theta"]
+    assert (new.rope_llama3_scaling is not None) == (kind == "llama3")
+    assert (new.rope_linear_factor != 1.0) == (kind == "linear")
+    assert (new.rope_freq_factors is not None) == (kind == "yarn")
+
+
 def test_a_fused_checkpoint_is_checked_by_its_own_names(tmp_path):
     """Phi-3's fused tensors are what the checkpoint is checked against: a missing qkv_proj and a gate_up_proj of
     the wrong size are named as stored, and a Llama-named q_proj in a phi3 checkpoint is refused as unused."""
