@@ -19,6 +19,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def read_state(path) -> dict:
+    """A safetensors file's tensors, copied: `load_file` maps the file, and a test that rewrites the same file
+    while holding mapped tensors reads a truncated file (SIGBUS under safetensors 0.4, which writes in place)."""
+    from safetensors.torch import load_file
+    return {name: t.clone() for name, t in load_file(path).items()}
+
+
 def make_hf_checkpoint(directory, model_type="llama", gqa=True, tied=False, layers=3, **extra):
     """Random-weight HF model saved to `directory`; returns the HF model (eval, float32)."""
     import transformers

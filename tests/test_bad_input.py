@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline import PipelineSpec
-from tests.conftest import make_hf_checkpoint
+from tests.conftest import make_hf_checkpoint, read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--prompt-len", "64"]
@@ -39,7 +39,7 @@ def _config(d: Path, **change):
 
 
 def _tensors(d: Path, fn):
-    state = load_file(d / "model.safetensors")
+    state = read_state(d / "model.safetensors")
     fn(state)
     save_file(state, d / "model.safetensors")
 
@@ -50,7 +50,7 @@ def _truncate(d: Path):
 
 
 def _index_with_missing_shard(d: Path):
-    state = load_file(d / "model.safetensors")
+    state = read_state(d / "model.safetensors")
     (d / "model.safetensors").unlink()
     save_file(state, d / "part1.safetensors")
     weight_map = {n: "part1.safetensors" for n in state} | {"model.layers.1.mlp.down_proj.weight": "part2.safetensors"}

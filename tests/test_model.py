@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline import ModelConfig, PRESETS, load_model
-from tests.conftest import make_hf_checkpoint
+from tests.conftest import make_hf_checkpoint, read_state
 
 
 @pytest.mark.parametrize("model_type,gqa,tied", [
@@ -317,7 +317,7 @@ def test_a_fused_checkpoint_is_checked_by_its_own_names(tmp_path):
     """Phi-3's fused tensors are what the checkpoint is checked against: a missing qkv_proj and a gate_up_proj of
     the wrong size are named as stored, and a Llama-named q_proj in a phi3 checkpoint is refused as unused."""
     make_hf_checkpoint(tmp_path, "phi3")
-    good = load_file(tmp_path / "model.safetensors")
+    good = read_state(tmp_path / "model.safetensors")
     name = "model.layers.1.self_attn.qkv_proj.weight"
     save_file({n: t for n, t in good.items() if n != name}, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"lacks tensor\(s\) model\.layers\.1\.self_attn\.qkv_proj\.weight"):
@@ -354,7 +354,7 @@ def test_partial_rotary_keeps_k_in_the_rotary_order_and_v_as_stored(tmp_path):
     assert order == [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15]
     assert rotary_order(cfg.replace(rotary_dim=None)) is None
     assert sorted(rotary_order(cfg.replace(rotary_dim=6)).tolist()) == list(range(16))
-    state = load_file(tmp_path / "model.safetensors")
+    state = read_state(tmp_path / "model.safetensors")
     ours = load_model(tmp_path)
     qkv = state["model.layers.0.self_attn.qkv_proj.weight"]
     w = ours.layers[0].wqkv.weight.detach()
@@ -393,7 +393,7 @@ def test_mlp_bias_in_a_config_whose_model_has_none_is_ignored_as_transformers_do
 def test_a_tensor_the_model_would_not_read_is_refused(tmp_path):
     """A bias the config does not announce (here o_proj's, with attention_bias false) would silently be ignored."""
     make_hf_checkpoint(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
+    state = read_state(tmp_path / "model.safetensors")
     state["model.layers.1.self_attn.o_proj.bias"] = torch.randn(64)
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"o_proj\.bias.*does not use.*attention_bias"):
@@ -432,7 +432,7 @@ def test_linear_rope_scaling_matches_transformers(tmp_path, factor):
 def test_sharded_checkpoint_loads_only_needed_tensors(tmp_path):
     make_hf_checkpoint(tmp_path, layers=4)
     # reshard: one file per layer plus one for the rest, with an index
-    state = load_file(tmp_path / "model.safetensors")
+    state = read_state(tmp_path / "model.safetensors")
     (tmp_path / "model.safetensors").unlink()
     weight_map, shards = {}, {}
     for name, t in state.items():
@@ -540,7 +540,7 @@ def test_unknown_preset_is_refused():
 
 def test_missing_tensor_is_named(tmp_path):
     make_hf_checkpoint(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
+    state = read_state(tmp_path / "model.safetensors")
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"lacks tensor\(s\) model\.layers\.1\.mlp\.up_proj\.weight"):
@@ -549,7 +549,7 @@ def test_missing_tensor_is_named(tmp_path):
 
 def test_wrong_tensor_shape_is_named(tmp_path):
     make_hf_checkpoint(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
+    state = read_state(tmp_path / "model.safetensors")
     state["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(64, 32)
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"o_proj\.weight.*\(64, 32\)"):
