@@ -369,11 +369,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
+def _arch(text: str) -> int:
+    """A compute capability as nvcc and Triton spell it: 90, sm_90 or sm90 (any case)."""
+    t = text.strip().lower()
+    t = t[3:] if t.startswith("sm_") else t[2:] if t.startswith("sm") else t
+    if not t.isdigit() or int(t) not in ARCHS:
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(f'{a} (sm_{a})' for a in ARCHS)}, got {text!r}")
+    return int(t)
+
+
 def main(argv=None) -> int:
     ap = _Parser(prog="python -m kernels.aot", description=__doc__.split("\n\n")[0],
                  allow_abbrev=False)  # `--qu` is not `--quick`: options in full, as in the docs
-    ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=ARCHS,
-                    help="compute capabilities: 90 (Hopper), 80 (Ampere); default both")
+    ap.add_argument("--arch", type=_arch, nargs="+", default=[90, 80], metavar="ARCH",
+                    help="compute capabilities: 90 (Hopper), 80 (Ampere), also spelled sm_90, sm_80; default both")
     ap.add_argument("--only", default="", help="compile only kernels whose name contains this text")
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true",
@@ -385,6 +394,7 @@ def main(argv=None) -> int:
                          "the work")
     ap.add_argument("--list", action="store_true", help="print the selected kernels' names, compile nothing")
     args = ap.parse_args(argv)
+    args.arch = list(dict.fromkeys(args.arch))  # `--arch 90 sm_90` compiles sm_90 once
     try:
         shard, shards = (int(v) for v in args.shard.split("/"))
         if not 0 <= shard < shards:

@@ -182,8 +182,20 @@ def test_a_selection_of_nothing_is_an_error_not_an_empty_report():
                                   "--only prints the names)")
 
 
+def test_an_arch_is_taken_as_nvcc_and_triton_spell_it():
+    """`--arch sm_90` as nvcc's `-arch sm_90` spells it, or `90`; each arch once however often it is named."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "SM_90", "sm80", "90", "--only", "swiglu",
+                          "--list"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    archs = [json.loads(line)["arch"] for line in res.stdout.splitlines()]
+    assert archs and set(archs) == {"sm_90", "sm_80"} and archs == sorted(archs, reverse=True)
+    assert archs.count("sm_90") == archs.count("sm_80")
+
+
 @pytest.mark.parametrize("args,line", [
-    (["--arch", "70"], "argument --arch: invalid choice: 70 (choose from 90, 80)"),
+    (["--arch", "70"], "argument --arch: expected 90 (sm_90) or 80 (sm_80), got '70'"),
+    (["--arch", "sm_75"], "argument --arch: expected 90 (sm_90) or 80 (sm_80), got 'sm_75'"),
     (["--qu"], "unrecognized arguments: --qu"),  # no abbreviations: `--qu` is not `--quick`
     (["--shard", "3/2"], "--shard takes I/N with 0 <= I < N, got '3/2'"),
 ])
