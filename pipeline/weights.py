@@ -196,6 +196,29 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+def _tied_copy(entries: dict[str, TensorEntry], directory) -> bool:
+    """Whether a tied model's checkpoint stores its head as an exact copy of the embedding (some exports save both):
+    transformers then ties them and vLLM skips the head, so it is read as the embedding. A head that differs is an
+    error: transformers would untie them (a head of its own) and vLLM would not, and which one the checkpoint means
+    only its author knows."""
+    embed, head = "model.embed_tokens.weight", "lm_head.weight"
+    if embed not in entries or (entries[head].shape, entries[head].dtype) != (entries[embed].shape,
+                                                                              entries[embed].dtype):
+        return False
+    tensors = []
+    for name in (embed, head):
+        try:
+            with safe_open(entries[name].file, framework="pt") as f:
+                tensors.append(f.get_tensor(name))
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"checkpoint file {entries[name].file} cannot be read: {e}") from None
+    if not torch.equal(*tensors):
+        raise ValueError(f"checkpoint {directory} has an lm_head.weight that differs from model.embed_tokens.weight, "
+                         "but config.json says tie_word_embeddings=true (the head is the embedding): set it to false "
+                         "to use the stored head, or remove the tensor to tie them")
+    return True
+
+
 def validate_checkpoint(directory: str | Path, cfg: ModelConfig, layers: range | None = None, first: bool = True,
                         last: bool = True) -> dict[str, TensorEntry]:
     """Checks a checkpoint against what `cfg` defines, before any tensor is read: every tensor the model (or the
@@ -210,6 +233,8 @@ def validate_checkpoint(directory: str | Path, cfg: ModelConfig, layers: range |
     if missing:
         raise ValueError(f"checkpoint {directory} lacks tensor(s) {_names(missing)} that config.json implies")
     unexpected = [n for n in entries if n not in known and not IGNORED_TENSORS.fullmatch(n)]
+    if cfg.tie_embeddings and "lm_head.weight" in unexpected and _tied_copy(entries, directory):
+        unexpected.remove("lm_head.weight")
     if unexpected:
         hint = ""
         if any(n.endswith("_proj.bias") for n in unexpected):

@@ -313,6 +313,31 @@ def test_configs_in_the_transformers_4_format_read_the_same(tmp_path, model_type
     assert (new.rope_freq_factors is not None) == (kind == "yarn")
 
 
+def test_a_tied_checkpoint_that_also_stores_its_head_loads_if_the_head_is_the_embedding(tmp_path):
+    """Some exports of a tied model save lm_head.weight too: a bit-exact copy of the embedding loads (transformers
+    ties them, vLLM skips the head), through a pipeline too, whose last stage holds the head; a head that differs
+    is refused naming the choice, since transformers would then untie them and vLLM would not."""
+    import transformers
+    from pipeline import run_prefill
+    make_hf_checkpoint(tmp_path, tied=True)
+    state = read_state(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in state
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, tmp_path / "model.safetensors")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    tokens = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        assert (load_model(tmp_path)(tokens) - expected).abs().max().item() <= 1e-5
+    res = run_prefill(tmp_path, tokens, mode="overlapped", stages=2, chunk_size=16, link="inprocess")
+    assert (res.logits - expected[:, -1]).abs().max().item() <= 1e-5
+    head = state["model.embed_tokens.weight"].clone()
+    head[3, 7] += 1e-3
+    save_file({**state, "lm_head.weight": head}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lm_head\.weight that differs from model\.embed_tokens\.weight.*"
+                                         r"tie_word_embeddings=true.*set it to false"):
+        load_model(tmp_path)
+
+
 def test_a_fused_checkpoint_is_checked_by_its_own_names(tmp_path):
     """Phi-3's fused tensors are what the checkpoint is checked against: a missing qkv_proj and a gate_up_proj of
     the wrong size are named as stored, and a Llama-named q_proj in a phi3 checkpoint is refused as unused."""
