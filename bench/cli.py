@@ -60,8 +60,8 @@ def run_parser():
                          "per token: H + 4 bytes a token). Lossy rows report their logit difference against the "
                          "unchunked baseline and the same mode uncompressed. Default: none")
     ap.add_argument("--prompt-len", type=int_list(1, tokens=True), default=None,
-                    help="prompt length(s); several, comma-separated, make a sweep (default: 2048); k = 1024 here and in "
-                         "every token count: 4k, 32k")
+                    help="prompt length(s); several, comma-separated, make a sweep (default: 2048); k = 1024 here "
+                         "and in every token count: 4k, 32k")
     ap.add_argument("--rows", type=int_list(1, unique=False, tokens=True), default=None,
                     help="a ragged batch instead of one [B, L] prompt: one prompt per row of these lengths, "
                          "comma-separated (e.g. 300,1000,2048), run as a serving stack runs them: each row in chunks "

@@ -1040,7 +1040,8 @@ def _shape(text: str) -> tuple[int, int]:
     try:
         prefix, chunk = (_tokens(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected PREFIX,CHUNK (two integers; k = 1024: 16k,2k), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected PREFIX,CHUNK (two integers; k = 1024: 16k,2k), "
+                                         f"got {text!r}") from None
     if prefix < 0 or chunk < 1 or prefix + chunk > 1 << 20:
         raise argparse.ArgumentTypeError(f"expected PREFIX >= 0, CHUNK >= 1 and PREFIX + CHUNK <= 1048576, got {text}")
     return prefix, chunk
@@ -1139,7 +1140,8 @@ def main(argv=None) -> int:
                     help="instead: chunk_attention under a grid of block sizes/warps/stages at prefix 16k, chunk 2k "
                          "(sweep.json)")
     ap.add_argument("--shape", action="append", type=_shape, default=None, metavar="PREFIX,CHUNK",
-                    help="with --sweep: the (prefix, chunk) shape(s) to sweep (default 16384,2048; k = 1024: 16k,2k; repeatable)")
+                    help="with --sweep: the (prefix, chunk) shape(s) to sweep (default 16384,2048; k = 1024: "
+                         "16k,2k; repeatable)")
     ap.add_argument("--paged", action="store_true",
                     help=f"with --sweep: the paged kernel instead (one row, its cache in pages of "
                          f"{' and '.join(map(str, PAGED_SWEEP_PAGES))})")

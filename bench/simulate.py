@@ -354,9 +354,10 @@ def main(argv=None) -> int:
     ap.add_argument("--node-gpus", type=integer(1), default=None,
                     help="with --tp-link: GPUs per node; a TP group wider than a node all-reduces over --links "
                          "(default: 8)")
-    ap.add_argument("--prompt-lens", type=int_list(1, tokens=True), default=[4096, 8192, 16384, 32768, 65536, 131072],
-                    help="prompt lengths, k = 1024 (default: 4k,8k,16k,32k,64k,128k); each must fit the model's context (a "
-                         "checkpoint's max_position_embeddings, even where running it here is capped "
+    ap.add_argument("--prompt-lens", type=int_list(1, tokens=True),
+                    default=[4096, 8192, 16384, 32768, 65536, 131072],
+                    help="prompt lengths, k = 1024 (default: 4k,8k,16k,32k,64k,128k); each must fit the model's "
+                         "context (a checkpoint's max_position_embeddings, even where running it here is capped "
                          "below for exact outputs: LongRoPE's original length)")
     ap.add_argument("--batch", type=integer(1), default=1, help="batch size (default: 1)")
     ap.add_argument("--chunk-plan", choices=["balanced", "uniform"], default="balanced")

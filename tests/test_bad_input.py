@@ -251,7 +251,8 @@ CLI = [
     ("sim-model-dir-past-context",  # the checkpoint's config is read for its shape (weights or not)
      ["simulate", "--models", "{ckpt:no-weights}", "--stages", "2", "--prompt-lens", "4096"], ["4096", "context of"]),
     ("sim-prompt-0", ["simulate", "--prompt-lens", "0"], ["--prompt-lens", "positive integer"]),
-    ("sim-prompt-fraction-of-k", ["simulate", "--prompt-lens", "4k,4.5k"], ["--prompt-lens", "'4.5k'", "k = 1024"]),
+    ("sim-prompt-fraction-of-k", ["simulate", "--prompt-lens", "4k,4.5k"],
+     ["--prompt-lens", "'4.5k'", "k = 1024"]),
     ("sim-past-context-in-k", ["simulate", "--models", "llama3-8b", "--prompt-lens", "256k"],
      ["262144", "context of 131072"]),
     ("sim-past-context", ["simulate", "--models", "llama3-8b", "--prompt-lens", "200000"],
