@@ -1036,9 +1036,9 @@ def print_report(doc: dict) -> None:
 
 def _shape(text: str) -> tuple[int, int]:
     import argparse
-    from .options import _tokens
+    from .options import token_count
     try:
-        prefix, chunk = (_tokens(v) for v in text.split(","))
+        prefix, chunk = (token_count(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected PREFIX,CHUNK (two integers; k = 1024: 16k,2k), "
                                          f"got {text!r}") from None

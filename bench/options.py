@@ -54,7 +54,7 @@ def _kind(text: str, cast, what: str):
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
-def _tokens(text: str) -> int:
+def token_count(text: str) -> int:
     """A token count: an integer, or one with a k suffix for 1024s as context lengths are spoken of (`4k` = 4096,
     `128k` = 131072)."""
     t = text.strip()
@@ -64,13 +64,13 @@ def _tokens(text: str) -> int:
 
 
 def integer(minimum: int = 1, tokens: bool = False):
-    """An integer >= minimum (1: positive); `tokens`: a token count, `4k` read as 4096 (`_tokens`)."""
+    """An integer >= minimum (1: positive); `tokens`: a token count, `4k` read as 4096 (`token_count`)."""
     what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     if tokens:
         what += " (k = 1024: 4k, 32k)"
 
     def parse(text: str) -> int:
-        v = _kind(text, _tokens if tokens else int, what)
+        v = _kind(text, token_count if tokens else int, what)
         if v < minimum:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
         return v
