@@ -320,9 +320,9 @@ def main_run(argv) -> int:
         if not lead:
             _finish_torchrun()
             return 0
-        title = write_pictures(out, points, config, simulate)
+        write_pictures(out, points, config, simulate)
         path = out / "results.json"
-        summary = report(points, path, title, simulate)
+        summary = report(points, path, config, simulate)
     _finish_torchrun()
     print(json.dumps(summary))
     return 0 if summary["outputs_match"] and summary["bytes_exact"] else 1

@@ -285,15 +285,26 @@ def row_end_steps(point: dict) -> dict[str, list[int]] | None:
     return {mode: m["row_end_step"] for mode, m in point["modes"].items() if "row_end_step" in m}
 
 
-def write_pictures(out: Path, points: list[dict], config: dict, simulate: bool) -> str:
-    """timeline.png and trace.json of the last point (and measured-vs-simulated, sweep plots); returns the title."""
+def point_shape(point: dict) -> str:
+    """What a point ran on: its prompt length and batch, or a ragged batch's rows."""
+    if "rows" in point:
+        return "rows=" + ",".join(map(str, point["rows"]))
+    return f"L={point['prompt_len']} B={point['batch']}"
+
+
+def run_title(config: dict, shape: str | None = None) -> str:
+    """The run's setup in one line (a point's shape where the line is about one point)."""
+    tp = config.get("tp", 1)
+    parts = [config["model"], f"S={config['stages']}" + (f" T={tp}" if tp > 1 else ""), shape,
+             config["link"], config["dtype"], environment()["device"]]
+    return ", ".join(p for p in parts if p)
+
+
+def write_pictures(out: Path, points: list[dict], config: dict, simulate: bool) -> None:
+    """timeline.png and trace.json of the last point (and measured-vs-simulated, sweep plots)."""
     from .timeline import write_chrome_trace, write_sweep_png, write_timeline_png
     last = points[-1]
-    env = environment()
-    shape = (f"rows={','.join(map(str, last['rows']))}" if "rows" in last
-             else f"L={last['prompt_len']}, B={config['batch']}")
-    title = (f"{config['model']}, S={config['stages']}, {shape}, "
-             f"{config['link']}, {config['dtype']}, {env['device']}")
+    title = run_title(config, point_shape(last))
     ends = row_end_steps(last)
     write_timeline_png(last["timelines"], out / "timeline.png", title, ends)
     write_chrome_trace(last["timelines"], out / "trace.json", ends)
@@ -303,16 +314,15 @@ def write_pictures(out: Path, points: list[dict], config: dict, simulate: bool) 
         write_timeline_png({f"{mode} {kind}": ev for mode, kind, ev in pairs},
                            out / "timeline_vs_sim.png", title + " — measured vs simulated",
                            ends and {f"{mode} {kind}": ends[mode] for mode, kind, _ in pairs if mode in ends})
-    if len(points) > 1:
-        write_sweep_png(points, out / "sweep.png", title)
-    return title
+    if len(points) > 1:  # the sweep's points differ in length: its title names the batch, not one length
+        write_sweep_png(points, out / "sweep.png", run_title(config, f"B={config['batch']}"))
 
 
-def report(points: list[dict], path: Path, title: str, simulate: bool) -> dict:
+def report(points: list[dict], path: Path, config: dict, simulate: bool) -> dict:
     """Prints each point's table (stdout) and returns the one-line summary."""
+    title = run_title(config)  # without a shape: each table's own heads its line
     for p in points:
-        shape = ("rows=" + ",".join(map(str, p["rows"]))) if "rows" in p else f"L={p['prompt_len']} B={p['batch']}"
-        print(f"\n{shape}  ({title})")
+        print(f"\n{point_shape(p)}  ({title})")
         print(table(p))
     last = points[-1]
     out = path.parent
