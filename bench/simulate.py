@@ -237,9 +237,9 @@ def tp_table(rows: list[dict]) -> str:
     for r in rows:
         L = r["prompt_len"]
         out.append((r["model"], str(r["gpus"]), f"{r['tp']}x{r['stages']}", r["link"],
-                    f"{L // 1024}k" if L % 1024 == 0 else str(L), f"{r['naive_serial_ms']:.0f}",
-                    f"{r['overlapped_serial_ms']:.0f}", f"{r['overlapped_overlap_ms']:.0f}",
-                    f"{r['overlapped_free_tp_ms']:.0f}", f"{r['reduce_exposed_ms']:.0f}",
+                    f"{L // 1024}k" if L % 1024 == 0 else str(L), _ms(r['naive_serial_ms']),
+                    _ms(r['overlapped_serial_ms']), _ms(r['overlapped_overlap_ms']),
+                    _ms(r['overlapped_free_tp_ms']), _ms(r['reduce_exposed_ms']),
                     "yes" if r["reduce_hidden"] else "NO", f"{r['best_mode']}/{r['best_tp_comm']}",
                     f"{r['best_over_ideal']:.2f}", _boundary_cell(r),
                     f"{r['sequence_sharded_over_best_boundary']:.3f}" if "sequence_sharded_over_best_boundary" in r
@@ -247,6 +247,11 @@ def tp_table(rows: list[dict]) -> str:
                     "<--" if r["fastest"] else ""))
     widths = [max(len(row[i]) for row in out) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in out)
+
+
+def _ms(x: float) -> str:
+    """Milliseconds to three significant figures (whole ones from 100 up): a small model's 0.4 ms is not 0."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def _worst(rows: list[dict], key: str) -> float | None:
@@ -277,9 +282,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         L = r["prompt_len"]
         out.append((r["model"], str(r["stages"]), r["link"], f"{L // 1024}k" if L % 1024 == 0 else str(L), str(r["chunks"]),
-                    f"{r['ideal_ms']:.0f}", f"{r['naive_ms']:.0f}", f"{r['chunked_ms']:.0f}",
-                    f"{r['overlapped_ms']:.0f}", f"{r['overlapped_over_ideal']:.2f}",
-                    f"{r['overlapped_exposed_comm_ms']:.1f}", "yes" if r["comm_hidden"] else "NO",
+                    _ms(r['ideal_ms']), _ms(r['naive_ms']), _ms(r['chunked_ms']),
+                    _ms(r['overlapped_ms']), f"{r['overlapped_over_ideal']:.2f}",
+                    _ms(r['overlapped_exposed_comm_ms']), "yes" if r["comm_hidden"] else "NO",
                     f"{r['min_gbps_to_hide']:.1f}", "yes" if r["fits_in_memory"] else "no"))
     widths = [max(len(row[i]) for row in out) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in out)

@@ -321,6 +321,12 @@ def test_projection_writes_table_plot_and_json(tmp_path, capsys):
     assert json.loads(stdout.strip().splitlines()[-1])["points"] == 8
 
 
+def test_projected_times_keep_three_significant_figures():
+    from bench.simulate import _ms  # a small model's 0.06 ms once printed as 0
+    assert [_ms(x) for x in (0.0555, 0.0, 8.219, 12.34, 99.94, 1234.4)] == ["0.0555", "0", "8.22", "12.3", "99.9",
+                                                                          "1234"]
+
+
 def test_projection_takes_a_hugging_face_directory_by_its_shape(tmp_path, capsys):
     from bench.simulate import main as simulate_main
     d = tmp_path / "Meta-Llama-3-8B"
