@@ -343,8 +343,8 @@ def main_compare(argv) -> int:
                             "(python -m bench kernels / gpu-suite): the ratio of every figure, a verdict for each, "
                             "exit 1 on a regression past the threshold or a failed correctness check, 2 for runs "
                             "of different devices or configurations (unless --force).")
-    ap.add_argument("base")
-    ap.add_argument("new")
+    ap.add_argument("base", help="results.json or kernels.json, or the directory a run wrote it to (--out)")
+    ap.add_argument("new", help="the same kind of file (or directory), of the run to check")
     ap.add_argument("--threshold", type=number(0.0, strict=False, maximum=100.0), default=0.10,
                     help="allowed slow-down of a timing, as a fraction (default 0.10: 10%%)")
     ap.add_argument("--force", action="store_true", help="compare runs of different devices/configurations")

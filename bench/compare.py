@@ -2,7 +2,8 @@
 verdict for each, and a non-zero exit when one regresses past the threshold or a correctness figure fails. Runs of
 different devices or configurations are refused unless --force (a configuration key that an older file lacks reads
 as the value a run without that option records: `CONFIG_DEFAULTS`). Two kernel benchmark files (`kernels.json` of
-`python -m bench kernels` or the gpu-suite) are compared per shape and provider (`compare_kernels`).
+`python -m bench kernels` or the gpu-suite) are compared per shape and provider (`compare_kernels`). A directory stands
+for the one results file in it (a run's --out).
 
 Verdicts: a timing (every figure in ms, per-stage and per-chunk lists element by element; per-run lists are left out,
 their medians are compared) REGRESSED when new > base·(1 +
@@ -25,13 +26,8 @@ class NotComparable(ValueError):
     """The files cannot be compared (unreadable, not results files, different runs without --force)."""
 
 
-def load_results(path) -> dict:
-    """A results file of `python -m bench`, checked for the structure compare reads."""
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NotComparable(f"cannot read {p} as JSON: {e}") from None
+def check_results(doc, p: Path) -> dict:
+    """A results file of `python -m bench` (read from p), checked for the structure compare reads."""
     if not isinstance(doc, dict) or doc.get("schema_version") != 1:
         raise NotComparable(f"{p} is not a results file of python -m bench (schema_version 1)")
     points = doc.get("points")
@@ -57,10 +53,24 @@ def _timings(m: dict):
                 yield f"{key}[{i}]", float(x)
 
 
-def _load_json(path):
+def _results_file(path) -> Path:
+    """A file as given; a directory (a run's --out) by the one results file in it: results.json of python -m bench
+    or kernels.json of python -m bench kernels / gpu-suite."""
     p = Path(path)
+    if not p.is_dir():
+        return p
+    found = [p / name for name in ("results.json", "kernels.json") if (p / name).is_file()]
+    if len(found) != 1:
+        what = "both results.json and kernels.json" if found else "neither results.json nor kernels.json"
+        raise NotComparable(f"{p} is a directory with {what}: give the file to compare")
+    return found[0]
+
+
+def _load_json(path) -> tuple[Path, object]:
+    """(the file read, its JSON)."""
+    p = _results_file(path)
     try:
-        return json.loads(p.read_text())
+        return p, json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise NotComparable(f"cannot read {p} as JSON: {e}") from None
 
@@ -105,7 +115,8 @@ def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool 
             or threshold < 0:
         raise ValueError(f"threshold must be a finite number >= 0 (a fraction: 0.1 = 10%), got {threshold!r}")
     try:
-        docs = [_load_json(p) for p in (base_path, new_path)]
+        (base_path, base), (new_path, new) = (_load_json(p) for p in (base_path, new_path))
+        docs = base, new
         kinds = [_is_kernels(d) for d in docs]
         if all(kinds):
             return compare_kernels(*docs, threshold, force)
@@ -113,7 +124,7 @@ def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool 
             which, other = (base_path, new_path) if kinds[0] else (new_path, base_path)
             raise NotComparable(f"{which} is a kernel benchmark file (python -m bench kernels) and {other} is not: "
                                 "compare two files of the same kind")
-        base, new = load_results(base_path), load_results(new_path)
+        base, new = check_results(base, base_path), check_results(new, new_path)
         if not force:
             for key, what in (("device", "devices"), ("config", "configurations")):
                 a = base["environment"].get("device") if key == "device" else base["config"]

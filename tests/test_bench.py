@@ -352,6 +352,16 @@ def test_compare_flags_regressions(demo_run, tmp_path, capsys):
     _, out = demo_run
     base = out / "results.json"
     assert compare_here(capsys, str(base), str(base)).returncode == 0
+    assert compare_here(capsys, str(out), str(base)).returncode == 0  # a run's --out directory: its results.json
+    (tmp_path / "kernels.json").write_text('{"kind": "kernels"}')
+    res = compare_here(capsys, str(base), str(tmp_path))
+    assert res.returncode == 2 and "kernel benchmark file" in res.stderr  # its one file, kernels.json, is read
+    (tmp_path / "results.json").write_text("{}")
+    res = compare_here(capsys, str(base), str(tmp_path))
+    assert res.returncode == 2 and "both results.json and kernels.json: give the file" in res.stderr, res.stderr
+    (tmp_path / "empty").mkdir()
+    res = compare_here(capsys, str(base), str(tmp_path / "empty"))
+    assert res.returncode == 2 and "neither results.json nor kernels.json" in res.stderr, res.stderr
     doc = json.loads(base.read_text())
     doc["points"][0]["modes"]["overlapped"]["ttft_ms"] *= 1.5
     slower = tmp_path / "slower.json"
