@@ -182,10 +182,10 @@ def table(point: dict) -> str:
         fit = {mode: m["chunk_fit_over_measured"] for mode, m in point["modes"].items()}
         text += ("\n(sim: the simulator on the cost model fitted on calibration runs interleaved with these, against the "
                  "median TTFT; replay/meas: "
-                 "on each run's own measured compute times, the event model alone. Chunk by chunk the fitted cost "
-                 "is " + ", ".join(f"{fit[k]:.2f}" for k in fit) + " of the measured time (median); chunks that took "
-                 "over twice their fitted cost hold " + ", ".join(f"{100 * out[k]:.0f}%" for k in out)
-                 + " of the compute time)")
+                 "on each run's own measured compute times, the event model alone. Chunk by chunk, the fitted cost "
+                 "over the measured time (median): " + ", ".join(f"{k} {fit[k]:.2f}" for k in fit) + "; the share "
+                 "of the compute time in chunks that took over twice their fitted cost: "
+                 + ", ".join(f"{k} {100 * out[k]:.0f}%" for k in out) + ")")
         overlap = point.get("calibration", {}).get("tp_overlap")
         if overlap and overlap["fitted"]:
             text += (f"\n(the overlapped reduce's schedule, fitted on its own calibration run: splitting a chunk in "

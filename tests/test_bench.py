@@ -285,6 +285,9 @@ def test_balanced_plan_is_fitted_planned_and_simulated(tmp_path):
             assert m["chunks"] == plan
     assert (tmp_path / "timeline_vs_sim.png").stat().st_size > 1000
     assert "sim/meas" in res.stdout and "replay/meas" in res.stdout
+    m = doc["points"][0]["modes"]["chunked"]  # the note under the table names each mode's figures
+    assert f"chunked {m['chunk_fit_over_measured']:.2f}" in res.stdout
+    assert f"chunked {100 * m['outlier_compute_fraction']:.0f}%" in res.stdout
 
 
 def test_chunk_costs_against_measured_chunks():
