@@ -92,7 +92,8 @@ def run_parser():
     ap.add_argument("--batch", type=integer(1), default=None, help="batch size B (default: 1)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="bfloat16" if gpu else "float32")
     ap.add_argument("--link", choices=["gloo", "nccl", "inprocess"], default=None,
-                    help="stage link (default: gloo processes on CPU; nccl with >= S GPUs; inprocess on one GPU)")
+                    help="stage link (default: gloo processes on CPU, inprocess where the cores are fewer than the "
+                         "processes; nccl with >= S GPUs; inprocess on one GPU)")
     ap.add_argument("--sm-partitions", action="store_true",
                     help="one GPU as S smaller ones: each stage computes on its own disjoint set of SMs (CUDA green "
                          "contexts), the links on the SMs left over (implies --link inprocess)")
@@ -183,8 +184,11 @@ def main_run(argv) -> int:
                          "then some): give --warmup 1 or more")
     if world is not None and world > 1 and link == "inprocess":
         raise ValueError("--link inprocess runs every stage in one process: launch it without torchrun")
-    device = "cuda" if gpu and link != "gloo" else "cpu"
     cores = usable_cores()
+    fallback = args.link is None and link == "gloo" and world is None and stages * tp > cores
+    if fallback:  # the default demo runs on a one-core machine too (said once the checks pass); --link gloo is refused
+        link = "inprocess"
+    device = "cuda" if gpu and link != "gloo" else "cpu"
     if link == "gloo" and world is None and stages * tp > cores:
         raise ValueError(f"{stages * tp} stage processes ({stages} stage{'s' if stages > 1 else ''} x tp {tp}) need "
                          f"{stages * tp} cores, this process may run on {cores}: --link inprocess runs the stages as "
@@ -273,6 +277,10 @@ def main_run(argv) -> int:
                   cuda_graphs=args.cuda_graphs,
                   threads_per_stage=args.threads or fair)
     progress = Progress(enabled=lead)
+    if fallback:
+        print(f"bench: {stages * tp} stage processes would need {stages * tp} cores, this process may run on {cores}: "
+              f"running the stages in-process instead (threads taking turns on the cores; the overlap cannot show)",
+              file=sys.stderr)
     out = args.out
     with output_dir(out) if lead else contextlib.nullcontext(out):
         plan_calibration = None

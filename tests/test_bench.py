@@ -569,16 +569,24 @@ def test_the_results_index_lists_every_results_folder_and_no_other():
 
 def test_the_cores_counted_are_those_this_process_may_run_on(tmp_path, monkeypatch, capsys):
     """A process pinned to one CPU (taskset, a container's cpuset) on a larger machine: two gloo stage processes
-    are refused, naming the one core and the in-process link; nothing is written."""
+    asked for are refused, naming the one core and the in-process link, and nothing is written; with no --link
+    given, the run goes in-process and says so."""
     from bench.cli import main
     from pipeline.procs import usable_cores
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert usable_cores() == 1
-    assert main(["--model", "tiny", "--prompt-len", "24", "--stages", "2", "--out", str(tmp_path / "no")]) == 2
+    argv = ["--model", "tiny", "--prompt-len", "24", "--stages", "2", "--chunk-size", "8", "--repeats", "1"]
+    assert main([*argv, "--link", "gloo", "--out", str(tmp_path / "no")]) == 2
     err = capsys.readouterr().err
     assert "2 stage processes" in err and "may run on 1" in err and "--link inprocess" in err
     assert not (tmp_path / "no").exists()
+    assert main([*argv, "--out", str(tmp_path / "ok")]) == 0  # the default: in-process threads
+    res = capsys.readouterr()
+    assert "may run on 1: running the stages in-process instead" in res.err
+    assert json.loads(res.out.strip().splitlines()[-1])["outputs_match"]
+    doc = json.loads((tmp_path / "ok" / "results.json").read_text())
+    assert doc["config"]["link"] == "inprocess" and doc["environment"]["device"].endswith(", 1 core)")
 
 
 def test_one_thread_per_stage_is_allowed_when_stages_outnumber_the_cores(tmp_path, monkeypatch, capsys):
