@@ -60,8 +60,8 @@ def run_parser():
                          "per token: H + 4 bytes a token). Lossy rows report their logit difference against the "
                          "unchunked baseline and the same mode uncompressed. Default: none")
     ap.add_argument("--prompt-len", type=int_list(1, tokens=True), default=None,
-                    help="prompt length(s); several, comma-separated, make a sweep (default: 2048); k = 1024 here "
-                         "and in every token count: 4k, 32k")
+                    help="prompt length(s); several, comma-separated, make a sweep (default: 2048, or the longest the "
+                         "model takes where its context is shorter); k = 1024 here and in every token count: 4k, 32k")
     ap.add_argument("--rows", type=int_list(1, unique=False, tokens=True), default=None,
                     help="a ragged batch instead of one [B, L] prompt: one prompt per row of these lengths, "
                          "comma-separated (e.g. 300,1000,2048), run as a serving stack runs them: each row in chunks "
@@ -220,8 +220,9 @@ def main_run(argv) -> int:
         raise ValueError(f"--granularity {args.granularity} sets the step of the balanced planner's chunk boundaries: "
                          "it goes with --chunk-plan balanced")
     args.batch = args.batch or 1
-    default_len = not args.rows and not args.prompt_len
-    args.prompt_len = [max(args.rows)] if args.rows else args.prompt_len or [2048]
+    cfg = resolve_config(args.model)
+    # the default prompt: 2048 tokens, or the longest the model takes (its context less the decode token)
+    args.prompt_len = [max(args.rows)] if args.rows else args.prompt_len or [max(1, min(2048, cfg.max_seq_len - 1))]
     if args.chunks and len(args.prompt_len) > 1:
         raise ValueError("--chunks fits one prompt length; use --chunk-size for a sweep")
     if args.chunks and args.chunk_size:
@@ -239,7 +240,6 @@ def main_run(argv) -> int:
         for L in args.prompt_len:
             check_calibration_length(L, "--simulate" if args.simulate else "--chunk-plan balanced",
                                      "a longest row" if args.rows else "a prompt")
-    cfg = resolve_config(args.model)
     for b, n in enumerate(args.rows or []):
         if n + 1 > cfg.max_seq_len:
             raise ValueError(f"--rows: row {b} has {n} tokens (+1 decode token), past the model's {cfg.context}")
@@ -248,8 +248,8 @@ def main_run(argv) -> int:
                          f"{cfg.max_seq_len}): choose 1 to {cfg.max_seq_len} (serving stacks use 16 to 256)")
     for L in args.prompt_len:
         if L + 1 > cfg.max_seq_len:
-            raise ValueError(f"{'the default ' if default_len else ''}prompt length {L} (+1 decode token) exceeds the "
-                             f"model's {cfg.context}: give --prompt-len {cfg.max_seq_len - 1} or less")
+            raise ValueError(f"prompt length {L} (+1 decode token) exceeds the model's {cfg.context}: give "
+                             f"--prompt-len {cfg.max_seq_len - 1} or less")
     spec = PipelineSpec(source=str(args.model), stages=stages, link=link, ops=args.ops, dtype=args.dtype,
                         device=device, bandwidth_gbps=args.bandwidth_gbps, latency_s=args.latency_us * 1e-6,
                         threads=args.threads, sm_partitions=args.sm_partitions, tp=tp,

@@ -160,8 +160,6 @@ CLI = [
     ("prompt-past-context", ["--model", "tiny", "--prompt-len", "5000"], ["5000", "max_seq_len 1024",
                                                                           "--prompt-len 1023 or less"]),
     ("threads-oversubscribed", [*TINY, "--threads", "64"], ["--threads 64", "128 torch threads on", "or less"]),
-    ("default-prompt-past-context", ["--model", "tiny"], ["the default prompt length 2048", "max_seq_len 1024",
-                                                          "--prompt-len 1023 or less"]),
     ("chunk-size-0", [*TINY, "--chunk-size", "0"], ["--chunk-size", "positive integer"]),
     ("chunk-size-negative", [*TINY, "--chunk-size", "-4"], ["--chunk-size", "positive integer"]),
     ("chunk-size-nan", [*TINY, "--chunk-size", "nan"], ["--chunk-size", "'nan'"]),

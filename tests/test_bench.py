@@ -76,6 +76,14 @@ def test_sweep_inprocess_writes_one_point_per_length(tmp_path):
     assert all(h.count("L=") == 1 for h in headings), headings
 
 
+def test_the_default_prompt_is_the_longest_a_shorter_context_takes(tmp_path, capsys):
+    from bench.cli import main  # tiny's context is 1024 positions: 1023 prompt tokens and the decode token
+    assert main(["--model", "tiny", "--link", "inprocess", "--modes", "overlapped", "--repeats", "1", "--warmup", "0",
+                 "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["outputs_match"]
+    assert [p["prompt_len"] for p in json.loads((tmp_path / "results.json").read_text())["points"]] == [1023]
+
+
 def test_ragged_batch_runs_every_mode_and_checks_each_row(tmp_path):
     """`--rows`: one mixed batch over two gloo processes; bytes are the rows' tokens, each row's logits are its own
     (against the row run alone) and each row's TTFT is when the step it ends in left the last stage."""
