@@ -83,8 +83,8 @@ def run_parser():
                          "cost model fitted on this pipeline first (implies --simulate; with --tp, the all-reduces of "
                          "the first --tp-comm)")
     ap.add_argument("--granularity", type=integer(1), default=None,
-                    help="balanced plan: chunk boundaries are multiples of this (default: 32; for prompts past 32k "
-                         "tokens L/1024, the finest the planner takes)")
+                    help="balanced plan: chunk boundaries are multiples of this (default: 32, a shorter prompt's "
+                         "length; for prompts past 32k tokens L/1024, the finest the planner takes)")
     ap.add_argument("--simulate", action="store_true",
                     help="fit per-stage chunk costs and the link on calibration runs interleaved with the measured "
                          "ones, then report the simulator's TTFT next to each measured one (and draw both timelines); "

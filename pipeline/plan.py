@@ -59,8 +59,8 @@ def check_granularity(prompt_len: int, granularity: int, name: str = "granularit
 
 def default_granularity(prompt_len: int, step: int = 32) -> int:
     """`step`, or the finest step the planner takes for a prompt so long that `step` would cut it into more than
-    MAX_BOUNDARIES pieces."""
-    return max(step, -(-prompt_len // MAX_BOUNDARIES))
+    MAX_BOUNDARIES pieces; a prompt shorter than `step` is one piece (its plan one chunk)."""
+    return min(prompt_len, max(step, -(-prompt_len // MAX_BOUNDARIES)))
 
 
 def plan_chunks(prompt_len: int, cost, stages: int, granularity: int, *, link: LinkModel | None = None,

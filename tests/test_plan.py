@@ -615,9 +615,8 @@ def test_the_pause_monitor_ends_quietly_when_its_parent_is_gone():
 
 def test_the_default_granularity_is_32_and_never_too_fine_for_the_planner():
     from pipeline.plan import MAX_BOUNDARIES, check_granularity, default_granularity
-    assert [default_granularity(L) for L in (1, 32, 4096, 32768, 32769, 131072)] == [32, 32, 32, 32, 33, 128]
+    assert [default_granularity(L) for L in (1, 31, 32, 4096, 32768, 32769, 131072)] == [1, 31, 32, 32, 32, 33, 128]
     for L in (1, 31, 32768, 32769, 100_000, 131072, 1_000_003):
         g = default_granularity(L)
-        if g <= L:
-            check_granularity(L, g)  # no error
-            assert -(-L // g) <= MAX_BOUNDARIES and (g == 32 or -(-L // (g - 1)) > MAX_BOUNDARIES)  # the finest
+        check_granularity(L, g)  # no error: a prompt shorter than 32 tokens is one piece
+        assert -(-L // g) <= MAX_BOUNDARIES and (g in (32, L) or -(-L // (g - 1)) > MAX_BOUNDARIES)  # the finest
