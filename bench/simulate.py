@@ -399,9 +399,11 @@ def main(argv=None) -> int:
                 raise ValueError(f"{m} has {cfg.num_layers} layers, cannot make {S} stages")
     check_grid(cfgs, args.prompt_lens, args.granularity)
     from tqdm import tqdm
+
+    from pipeline.checks import count
     grid = [(m, S, link, L) for m in args.models for S in args.stages for link in args.links for L in args.prompt_lens]
     with output_dir(args.out) as out:
-        say(f"bench simulate: {len(grid)} points ({dev.name} roofline, {args.chunk_plan} chunks)")
+        say(f"bench simulate: {count(len(grid), 'point')} ({dev.name} roofline, {args.chunk_plan} chunks)")
         rows = [dict(project(cfgs[m], S, args.device, link, L, args.batch, args.chunk_plan, args.chunk_size,
                              args.granularity), model=labels[m])
                 for m, S, link, L in tqdm(grid, desc="simulating", file=sys.stderr, disable=not sys.stderr.isatty())]
@@ -490,8 +492,10 @@ def main_tp(args) -> int:
     grid = [(m, N, T, S, link, L) for m in models for N in args.gpus for T, S in splits[(m, N)] for link in links
             for L in args.prompt_lens]
     from tqdm import tqdm
+
+    from pipeline.checks import count
     with output_dir(args.out) as out:
-        say(f"bench simulate: {len(grid)} TP x PP points ({dev.name} roofline, balanced chunks)")
+        say(f"bench simulate: {count(len(grid), 'TP x PP point')} ({dev.name} roofline, balanced chunks)")
         rows = [dict(project_tp(cfgs[m], N, T, S, args.device, link, L, args.batch, args.granularity,
                                 args.tp_link if T <= args.node_gpus else None), model=labels[m])
                 for m, N, T, S, link, L in tqdm(grid, desc="simulating", file=sys.stderr,
