@@ -29,6 +29,8 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .compat import FP_FUSION
+
 # importlib: `kernels.chunk_attention` etc. are also the names of the ops that kernels/__init__ re-exports
 attn_mod = importlib.import_module("kernels.chunk_attention")
 rms_mod = importlib.import_module("kernels.rmsnorm")
@@ -299,7 +301,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
                if ty.startswith("*") or name.startswith("stride_")]
     src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
                     attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-    kernel, log = _compile(src, arch, dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
+    kernel, log = _compile(src, arch, dict(num_warps=spec.num_warps, num_stages=spec.num_stages,
+                                           enable_fp_fusion=FP_FUSION))  # as every launch asks
     ptx = kernel.asm["ptx"]
     has_dot = "BLOCK_N" in spec.constexprs  # the attention kernels (the others have no matrix multiply to find)
     return dict(kernel=spec.name, arch=f"sm_{arch}", num_warps=spec.num_warps, num_stages=spec.num_stages,

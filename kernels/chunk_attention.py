@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .compat import FP_FUSION
 from .shapes import (cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number, same_memory,
                      shown)
 
@@ -683,13 +684,13 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
             SPLIT=splits > 1, TMA=bool(cfg.get("tma")), LONGEST_FIRST=bool(cfg.get("longest_first")),
             HAS_PREFIX=not cfg.get("no_prefix"), FOLD_SCALE=bool(cfg.get("fold_scale")), WINDOW=window is not None,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )
         if splits > 1:
             rows = B * C * Hq
             _merge_splits_kernel[(cdiv(rows, MERGE_ROWS),)](
                 dst, lse, out, splits, rows, C, Hq, out.stride(0), out.stride(1), out.stride(2),
-                HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_R=MERGE_ROWS, num_warps=4)
+                HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_R=MERGE_ROWS, num_warps=4, enable_fp_fusion=FP_FUSION)
     return out
 
 

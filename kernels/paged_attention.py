@@ -25,6 +25,7 @@ import triton.language as tl
 from .chunk_attention import MAX_HEAD_DIM, MERGE_ROWS, PACK_MAX_CHUNK, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, \
     _check_config, _device_facts, _merge_splits_kernel, _softmax_step, _split_slice, block_d, check_window, \
     pack_heads, pick_splits, programs_per_sm, window_start
+from .compat import FP_FUSION
 from .shapes import (cdiv, distinct_configs, integer, interpreted, launching, positive_number, same_memory,
                      shown)
 
@@ -295,7 +296,7 @@ def device_checks(block_table, cu_seqlens, prefix, page_size: int, num_pages: in
     with launching("paged chunk_attention", block_table.device):
         _check_rows_kernel[(block_table.shape[0],)](
             block_table, cu_seqlens, prefix, ok, block_table.stride(0), block_table.shape[1], num_pages,
-            PAGE_SIZE=page_size, BLOCK=CHECK_BLOCK, num_warps=4)
+            PAGE_SIZE=page_size, BLOCK=CHECK_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION)
     return ok
 
 
@@ -563,14 +564,13 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
             GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             PAGE_SIZE=page_size, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PACK=pack,
             SPLIT=splits > 1, PAGE_AHEAD=bool(cfg.get("page_ahead")), WINDOW=window is not None,
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )
         if splits > 1:  # the packed tokens as one row of N positions: Out[0, n, h]
             rows = N * Hq
             _merge_splits_kernel[(cdiv(rows, MERGE_ROWS),)](
                 dst, lse, flat_out, splits, rows, N, Hq, 0, flat_out.stride(0), flat_out.stride(1),
-                HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_R=MERGE_ROWS, num_warps=4)
+                HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_R=MERGE_ROWS, num_warps=4, enable_fp_fusion=FP_FUSION)
     return out
 
 

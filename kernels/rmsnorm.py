@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .compat import FP_FUSION
 from .shapes import as_rows, launching, next_pow2, non_negative_number, tensor
 
 
@@ -85,6 +86,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
             x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0),
             H, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=BLOCK, num_warps=min(16, max(1, BLOCK // 256)),
+            enable_fp_fusion=FP_FUSION,
         )
     return out, r_out
 

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .compat import FP_FUSION
 from .shapes import cdiv, integer, launching, next_pow2, tensor
 
 
@@ -102,6 +103,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos, out=N
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
             C, H, start_pos,
             HALF=half, BLOCK_HALF=next_pow2(half), BLOCK_H=BLOCK_H, POSITIONS=positions is not None, num_warps=4,
+            enable_fp_fusion=FP_FUSION,
         )
     return out
 

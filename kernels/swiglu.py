@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .compat import FP_FUSION
 from .shapes import as_rows, cdiv, launching, next_pow2, tensor
 
 
@@ -53,7 +54,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out=None) -> torch.Tensor:
     with launching("swiglu", gate.device):
         _swiglu_kernel[(g2.shape[0], cdiv(N, BLOCK))](
             g2, u2, o2, g2.stride(0), u2.stride(0), o2.stride(0), N, BLOCK=BLOCK,
-            num_warps=min(8, max(1, BLOCK // 512)),
+            num_warps=min(8, max(1, BLOCK // 512)), enable_fp_fusion=FP_FUSION,
         )
     return out
 

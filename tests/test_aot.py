@@ -23,7 +23,27 @@ def compile_rows(*args) -> list[dict]:
                          text=True, timeout=900)
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert rows, f"kernels.aot printed no results: {res.stderr[-3000:]}"
+    assert "TRITON_DEFAULT_FP_FUSION" not in res.stderr  # Triton 3.9 warns where a compile leaves fusion unsaid
     return rows
+
+
+def test_every_launch_asks_for_fp_fusion_explicitly():
+    """Triton 3.10 turns FP fusion off by default (3.9 warns): every kernel launch in kernels/ and pipeline/ passes
+    enable_fp_fusion (kernels.compat.FP_FUSION), so the code a GPU runs does not change with the release. Read from
+    the source: most of these launches run only on a GPU."""
+    import ast
+    launches = []
+    for path in sorted((ROOT / "kernels").glob("*.py")) + sorted((ROOT / "pipeline").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("_kernel"):
+                named = {k.arg for k in node.keywords}
+                splats = [k.value.id for k in node.keywords if k.arg is None and isinstance(k.value, ast.Name)]
+                launches.append((f"{path.name}:{node.lineno}", "enable_fp_fusion" in named or splats))
+    assert len(launches) >= 10
+    assert [where for where, asks in launches if not asks] == []
+    from pipeline.link import _WAIT_OPTIONS  # the one launch that passes its options as **
+    assert _WAIT_OPTIONS["enable_fp_fusion"] is True
 
 
 # each arch in two shards: the longest compiles of the suite, shared between the xdist workers
@@ -211,7 +231,7 @@ def _ptx_of_link_kernel(name: str, signature: dict) -> list[str]:
     code = ("import triton\nfrom triton.compiler import ASTSource\nfrom triton.backends.compiler import GPUTarget\n"
             f"from pipeline.link import {name}\n"
             f"k = triton.compile(ASTSource(fn={name}, signature={signature!r}, constexprs={{}}),"
-            " target=GPUTarget('cuda', 90, 32))\nprint(k.asm['ptx'])\n")
+            " target=GPUTarget('cuda', 90, 32), options=dict(enable_fp_fusion=True))\nprint(k.asm['ptx'])\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
