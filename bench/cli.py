@@ -279,7 +279,8 @@ def main_run(argv) -> int:
     progress = Progress(enabled=lead)
     if fallback:
         print(f"bench: {stages * tp} stage processes would need {stages * tp} cores, this process may run on {cores}: "
-              f"running the stages in-process instead (threads taking turns on the cores; the overlap cannot show)",
+              f"running the stages in-process instead, as threads sharing the cores (less overlap than on {stages * tp} "
+              f"cores)",
               file=sys.stderr)
     out = args.out
     with output_dir(out) if lead else contextlib.nullcontext(out):

@@ -591,10 +591,19 @@ def test_the_cores_counted_are_those_this_process_may_run_on(tmp_path, monkeypat
     assert not (tmp_path / "no").exists()
     assert main([*argv, "--out", str(tmp_path / "ok")]) == 0  # the default: in-process threads
     res = capsys.readouterr()
-    assert "may run on 1: running the stages in-process instead" in res.err
+    assert "may run on 1: running the stages in-process instead, as threads sharing the cores" in res.err
     assert json.loads(res.out.strip().splitlines()[-1])["outputs_match"]
     doc = json.loads((tmp_path / "ok" / "results.json").read_text())
-    assert doc["config"]["link"] == "inprocess" and doc["environment"]["device"].endswith(", 1 core)")
+    assert doc["config"]["link"] == "inprocess"
+
+
+def test_a_cpu_device_names_its_cores_in_words(monkeypatch):
+    import bench.report as report
+    for n, words in ((1, "1 core)"), (2, "2 cores)")):
+        monkeypatch.setattr(report, "usable_cores", lambda: n)
+        report._environment.cache_clear()
+        assert report.environment()["device"].endswith(words) or torch.cuda.is_available()
+    report._environment.cache_clear()  # the next caller sees this machine again
 
 
 def test_one_thread_per_stage_is_allowed_when_stages_outnumber_the_cores(tmp_path, monkeypatch, capsys):
