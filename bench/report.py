@@ -327,7 +327,7 @@ def report(points: list[dict], path: Path, config: dict, simulate: bool) -> dict
         print(table(p))
     last = points[-1]
     out = path.parent
-    summary = dict(results=str(path), device=environment()["device"],
+    summary = dict(results=str(path), device=environment()["device"], point=point_shape(last),
                    ttft_ms={m: round(v["ttft_ms"], 2) for m, v in last["modes"].items()},
                    outputs_match=all(v["outputs_match"] for p in points for v in p["modes"].values()),
                    bytes_exact=all(v["bytes_exact"] for p in points for v in p["modes"].values()))

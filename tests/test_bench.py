@@ -71,6 +71,7 @@ def test_sweep_inprocess_writes_one_point_per_length(tmp_path):
     assert [p["prompt_len"] for p in doc["points"]] == [32, 48]
     assert (tmp_path / "sweep.png").is_file()
     # each table's heading names its own length, and only that one (it once repeated the last point's in brackets)
+    assert json.loads(res.stdout.strip().splitlines()[-1])["point"] == "L=48 B=1"  # whose timings the summary has
     headings = [line for line in res.stdout.splitlines() if line.startswith("L=")]
     assert [h.split()[0] for h in headings] == ["L=32", "L=48"], headings
     assert all(h.count("L=") == 1 for h in headings), headings
