@@ -172,7 +172,10 @@ def main_run(argv) -> int:
                          "CUDA GPU here")
     if args.sm_partitions and args.link not in (None, "inprocess"):
         raise ValueError(f"--sm-partitions runs every stage in this process on one GPU: drop --link {args.link}")
-    link = args.link or ("gloo" if not gpu else "inprocess" if args.sm_partitions
+    cores = usable_cores()
+    # the default demo runs on a one-core machine too, in-process (said once the checks pass); --link gloo is refused
+    fallback = args.link is None and not gpu and world is None and stages * tp > cores
+    link = args.link or ("inprocess" if fallback else "gloo" if not gpu else "inprocess" if args.sm_partitions
                          else "nccl" if torch.cuda.device_count() >= stages else "inprocess")
     if args.cuda_graphs and not (gpu and link == "inprocess" and tp == 1 and args.rows is None):
         why = ("there is no CUDA GPU here" if not gpu else f"drop --link {link}" if link != "inprocess"
@@ -184,10 +187,6 @@ def main_run(argv) -> int:
                          "then some): give --warmup 1 or more")
     if world is not None and world > 1 and link == "inprocess":
         raise ValueError("--link inprocess runs every stage in one process: launch it without torchrun")
-    cores = usable_cores()
-    fallback = args.link is None and link == "gloo" and world is None and stages * tp > cores
-    if fallback:  # the default demo runs on a one-core machine too (said once the checks pass); --link gloo is refused
-        link = "inprocess"
     device = "cuda" if gpu and link != "gloo" else "cpu"
     if link == "gloo" and world is None and stages * tp > cores:
         raise ValueError(f"{stages * tp} stage processes ({stages} stage{'s' if stages > 1 else ''} x tp {tp}) need "

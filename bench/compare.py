@@ -116,10 +116,9 @@ def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool 
         raise ValueError(f"threshold must be a finite number >= 0 (a fraction: 0.1 = 10%), got {threshold!r}")
     try:
         (base_path, base), (new_path, new) = (_load_json(p) for p in (base_path, new_path))
-        docs = base, new
-        kinds = [_is_kernels(d) for d in docs]
+        kinds = [_is_kernels(d) for d in (base, new)]
         if all(kinds):
-            return compare_kernels(*docs, threshold, force)
+            return compare_kernels(base, new, threshold, force)
         if any(kinds):
             which, other = (base_path, new_path) if kinds[0] else (new_path, base_path)
             raise NotComparable(f"{which} is a kernel benchmark file (python -m bench kernels) and {other} is not: "

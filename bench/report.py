@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.checks import count
 from pipeline.procs import usable_cores
 
 SCHEMA_VERSION = 1
@@ -38,10 +39,9 @@ def _environment() -> dict:
     commit = os.environ.get("GIT_COMMIT") or commit
     import triton
     cuda = torch.cuda.is_available()
-    cores = usable_cores()
     return dict(
         device=torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()}, "
-                                                          f"{cores} core{'s' if cores > 1 else ''})",
+                                                          f"{count(usable_cores(), 'core')})",
         torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
         cuda=torch.version.cuda if cuda else None, git_commit=commit,
     )
