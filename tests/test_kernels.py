@@ -754,13 +754,13 @@ def test_memory_bound_kernels_gpu_bf16(cuda):
 def test_empty_work_on_the_gpu_launches_nothing_and_gives_empty_outputs(cuda):
     """The empty calls of the CPU tests, compiled: no rows, empty chunks, a varlen launch of no tokens."""
     bf = dict(device=cuda, dtype=torch.bfloat16)
-    kc = torch.randn(2, 16, 2, 64, **bf)
-    k0 = kc.clone()
+    kc, vc = torch.randn(2, 16, 2, 64, **bf), torch.randn(2, 16, 2, 64, **bf)  # two caches: aliased ones are refused
+    k0, v0 = kc.clone(), vc.clone()
     assert chunk_attention(torch.zeros(2, 0, 4, 64, **bf), torch.zeros(2, 0, 2, 64, **bf),
-                           torch.zeros(2, 0, 2, 64, **bf), kc, kc, 3).shape == (2, 0, 4, 64)
+                           torch.zeros(2, 0, 2, 64, **bf), kc, vc, 3).shape == (2, 0, 4, 64)
     table = torch.zeros(0, 1, dtype=torch.int32, device=cuda)
     out = chunk_attention(torch.zeros(0, 4, 64, **bf), torch.zeros(0, 2, 64, **bf), torch.zeros(0, 2, 64, **bf), kc,
-                          kc, torch.zeros(0, dtype=torch.int32, device=cuda), block_table=table,
+                          vc, torch.zeros(0, dtype=torch.int32, device=cuda), block_table=table,
                           cu_seqlens=torch.zeros(1, dtype=torch.int32, device=cuda))
     assert out.shape == (0, 4, 64)
     x = torch.zeros(0, 4096, **bf)
@@ -769,7 +769,7 @@ def test_empty_work_on_the_gpu_launches_nothing_and_gives_empty_outputs(cuda):
     cos, sin = rope_tables(64, 8, 10000.0, device=cuda)
     assert rope(torch.zeros(0, 3, 2, 64, **bf), cos, sin, 0).shape == (0, 3, 2, 64)
     torch.cuda.synchronize()
-    assert torch.equal(kc, k0)
+    assert torch.equal(kc, k0) and torch.equal(vc, v0)
 
 
 @pytest.mark.gpu
