@@ -857,20 +857,16 @@ SCHEMA_VERSION = 1  # of kernels.json: `python -m bench compare` reads it
 
 
 # The launcher's choices made without timing them as launched, each against what it replaced, at one shape: the
-# decode-like tiles split for two programs per SM (`programs_per_sm`), against the one-per-SM split count they had
-# (14 slices of 8 programs on a GPU of 132 SMs, an H100's or H200's), at prefix 32k with 1 and 16 queries; the
-# prefix-0 tile (64x64, no prefix loops) for chunks of 17-512 at d128, against the 64x128 they had. (Timed on
-# an H200 and dropped from here: the prefix-0 tile, 1.24x the 128x128 it replaced; the paged 64x64 tile, 1.38-1.44x
-# the 64x32; the paged block-table reads ahead, 1.07x over pages of 256 and 0.88x over pages of 16, kept for the
-# former only; the softmax scale folded into the exp2's FMA, 0.98x / 0.97x at 16k/2k and 0/2k, dropped:
-# bench/results/h200/.)
+# decode-like tiles with three load stages on Hopper, against the two they had, at prefix 32k with 1 and 16 queries
+# (the sweep timed the launcher's tile with three; as launched, its split count is the launcher's either way). (Timed
+# on an H200 and dropped from here: the decode tiles split for two programs per SM, 1.37x / 1.27x the one-per-SM
+# split count at 32k/1 and 32k/16; the prefix-0 tile (64x64, no prefix loops), 1.24x the 128x128 it replaced at
+# 0/2k and 1.29x / 1.47x the 64x128 at 0/256 and 0/64; the paged 64x64 tile, 1.38-1.44x the 64x32; the paged
+# block-table reads ahead, 1.07x over pages of 256 and 0.88x over pages of 16, kept for the former only; the softmax
+# scale folded into the exp2's FMA, 0.98x / 0.97x at 16k/2k and 0/2k, dropped: bench/results/h200/.)
 # (kernel, shape, the former config): the launcher's config at that shape is timed against it
-TILE_AB = (("dense", (32768, 1), dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, pack_gqa=True,
-                                      num_splits=14)),
-           ("dense", (32768, 16), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, pack_gqa=True,
-                                       num_splits=14)),
-           *(("dense", (0, C), dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, pack_gqa=False))
-             for C in (256, 64)))
+TILE_AB = tuple(("dense", (32768, C), dict(BLOCK_M=m, BLOCK_N=32, num_warps=4, num_stages=2, pack_gqa=True))
+                for C, m in ((1, 32), (16, 64)))
 
 
 def tile_ab(device="cuda", timer=gpu_timer, deadline: float | None = None, entries=TILE_AB, **shape_kw) -> list[dict]:

@@ -81,6 +81,13 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
             c = (d, torch.bfloat16, 1, attn_mod.pick_config(4096, d, torch.bfloat16, cap, prefix=prefix))
             if c not in dense:
                 dense.append(c)
+    # under a sliding window the launcher picks the same tiles but for the decode-like ones (fewer load stages):
+    # the window variants are compiled for the windowed choices, the others for the plain ones
+    windowed = attn_mod.all_configs(cap, window=1)
+    windowed += [c for c in attn_mod.all_configs(cap, 0, window=1) if c not in windowed]
+    windowed += [c for c in dense if c[0] in (80, 96) and c not in windowed]
+    plain = list(dense)
+    dense += [c for c in windowed if c not in dense]
     # the bf16 d128 Hopper prefill tiles (128x128 over a prefix, 64x64 at prefix 0) with the softmax scale folded
     # into the exp2's multiply-add too (config fold_scale: a sweep option since an H200 timed it slower), so the
     # report sets their loops side by side
@@ -98,10 +105,11 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
         per_row_too = head_dim == 128 and dtype == torch.bfloat16 and cfg["BLOCK_M"] == 128 and has_prefix
         # a sliding window (WINDOW) masks the key-block loops at the window's edge: compiled for every 16-bit
         # launcher config, unsplit and (over a prefix) split
-        windowed = dtype != torch.float32 and not cfg.get("fold_scale")
-        variants = [(False, False, False, False)] + [(True, False, False, False)] * per_row_too + [
-            (False, True, False, False)] * (dtype != torch.float32 and has_prefix) + [
-            (False, False, False, True)] * windowed + [(False, True, False, True)] * (windowed and has_prefix)
+        is_plain = (head_dim, dtype, group, cfg) in plain or cfg.get("fold_scale")
+        win = dtype != torch.float32 and not cfg.get("fold_scale") and (head_dim, dtype, group, cfg) in windowed
+        variants = ([(False, False, False, False)] + [(True, False, False, False)] * per_row_too + [
+            (False, True, False, False)] * (dtype != torch.float32 and has_prefix)) * bool(is_plain) + [
+            (False, False, False, True)] * win + [(False, True, False, True)] * (win and has_prefix)
         for per_row, split, tma, window in variants:
             const = dict(GROUP=group if pack > 1 else 4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim),
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
