@@ -2,8 +2,9 @@
 verdict for each, and a non-zero exit when one regresses past the threshold or a correctness figure fails. Runs of
 different devices or configurations are refused unless --force (a configuration key that an older file lacks reads
 as the value a run without that option records: `CONFIG_DEFAULTS`). Two kernel benchmark files (`kernels.json` of
-`python -m bench kernels` or the gpu-suite) are compared per shape and provider (`compare_kernels`). A directory stands
-for the one results file in it (a run's --out).
+`python -m bench kernels` or the gpu-suite) are compared per shape and provider (`compare_kernels`; an attention shape
+that is launch-bound in either file is gated on its CUDA-graph replay, `triton_graph_ms`, its eager time being the
+host's). A directory stands for the one results file in it (a run's --out).
 
 Verdicts: a timing (every figure in ms, per-stage and per-chunk lists element by element; per-run lists are left out,
 their medians are compared) REGRESSED when new > base·(1 +
@@ -16,6 +17,8 @@ import json
 import math
 import sys
 from pathlib import Path
+
+from .kernels import launch_bound
 
 FLOOR_OF_TTFT = 0.01  # a timing's increase below this share of the mode's TTFT never counts as a regression
 BYTE_FIGURES = ("prefill_bytes_per_boundary", "decode_bytes_per_boundary")
@@ -192,7 +195,7 @@ def compare(base_path: str, new_path: str, threshold: float = 0.10, force: bool 
 
 
 # this project's kernels' times (a regression past the threshold fails); every other *_ms figure is a peer's
-OURS = ("triton_ms", "paged_ms", "dense_rows_ms")
+OURS = ("triton_ms", "triton_graph_ms", "paged_ms", "dense_rows_ms")
 # this project's kernels' errors against float64, checked against the row's tolerance
 OUR_ERRORS = ("max_abs_err", "triton_max_abs_err", "paged_max_abs_err", "dense_rows_max_abs_err")
 
@@ -201,8 +204,10 @@ def kernel_rows(doc: dict) -> dict:
     """(kind, shape) -> row: attention rows by (prefix, chunk), sliding-window rows by (prefix, chunk, window), paged
     rows by their batch of (prefix+chunk) rows and page size, memory-bound rows by op."""
     rows = {}
-    for r in doc.get("attention", []):
-        rows[("attention", f"P={r['prefix']} C={r['chunk']}")] = r
+    for r in doc.get("attention", []):  # the launcher's work replayed from a CUDA graph: the kernels' time alone
+        graph = r.get("launch_graph_us")
+        rows[("attention", f"P={r['prefix']} C={r['chunk']}")] = r | (
+            {"triton_graph_ms": graph / 1e3} if isinstance(graph, (int, float)) else {})
     for r in doc.get("window", []):
         rows[("window", f"P={r['prefix']} C={r['chunk']} W={r['window']}")] = r
     for r in doc.get("paged", []):
@@ -210,6 +215,13 @@ def kernel_rows(doc: dict) -> dict:
     for r in doc.get("memory_bound", []):
         rows[("memory-bound", r["op"])] = r
     return rows
+
+
+def host_bound_pair(b: dict, n: dict) -> bool:
+    """Whether two `kernel_rows` attention rows of one shape are compared by their CUDA-graph replays: the shape is
+    launch-bound in either (the launcher back to back over the kernels: the eager time is the host's, which another
+    machine's CPU moves) and both replayed the kernels from a graph."""
+    return (launch_bound(b) or launch_bound(n)) and "triton_graph_ms" in b and "triton_graph_ms" in n
 
 
 def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool = False) -> int:
@@ -239,8 +251,9 @@ def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool 
         if b.get("bytes") != n.get("bytes"):  # a memory-bound op measured on other work: the times say nothing
             rows.append((key[1], "bytes", str(b.get("bytes")), str(n.get("bytes")), "", "other work: not compared"))
             continue
+        host_bound = key[0] == "attention" and host_bound_pair(b, n)
         for fig in sorted(k for k in b if k.endswith("_ms") and isinstance(b[k], (int, float)) and b[k]):
-            ours = fig in OURS
+            ours = fig in OURS and not (host_bound and fig == "triton_ms")
             if not isinstance(n.get(fig), (int, float)) or not n[fig]:
                 rows.append((key[1], fig, f"{b[fig]:.4f}", "-", "", "did not run"))
                 if ours:
@@ -256,6 +269,9 @@ def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool 
                 verdict = "faster" if ours else "peer faster"
             if fig == "flex_ms" and flex_compiles[0] != flex_compiles[1]:
                 verdict += f" (flex compiled {flex_compiles[0]} vs {flex_compiles[1]})"
+            if fig == "triton_ms" and host_bound:
+                verdict = {"peer slower": "slower", "peer faster": "faster"}.get(verdict, verdict) \
+                    + " (launch-bound: the host's time; triton_graph_ms gates)"
             rows.append((key[1], fig, f"{b[fig]:.4f}", f"{n[fig]:.4f}", f"{ratio:.2f}", verdict))
         tol = n.get("peer_tolerance", n.get("tolerance"))
         for fig in OUR_ERRORS:

@@ -183,23 +183,43 @@ def stage_alone_lines(doc: dict) -> list[str]:
     """The stage compute growth split in two with `stage_compute_alone`: chunking's own cost (a stage's chunks over
     its whole prompt, alone on its partition) and the rest, running beside S - 1 busy stages (growth over chunking
     cost, per point); and the share of the ideal the overlapped runs would reach without that rest (of ideal x it):
-    what S GPUs, each with its own HBM and L2, would give if the schedule held."""
+    what S GPUs, each with its own HBM, L2 and power limit, would give if the schedule held. Where both clocks were
+    read, the rest is split again: the SM clock's drop (the lone stage's median clock over the overlapped runs') and
+    what is left (HBM bandwidth and L2 shared)."""
     if doc.get("stage_alone_skipped"):
         return [f"- One stage alone on its partition: not measured ({doc['stage_alone_skipped']})."]
     alone = {(a["stages"], a["prompt_len"]): a for a in doc.get("stage_alone", [])}
-    rows = [(alone[key]["chunking_cost"], g / alone[key]["chunking_cost"], p["overlapped_of_ideal"])
+    rows = [(alone[key]["chunking_cost"], g / alone[key]["chunking_cost"], p["overlapped_of_ideal"],
+             _clock_drop(alone[key], p))
             for p in doc.get("points", []) if (key := (p["stages"], p.get("prompt_len"))) in alone
             and p.get("overlapped_of_ideal") is not None and (g := stage_compute_growth(p))]
     if not rows:
         return []
     a0 = next(iter(alone.values()))
-    cost = [c for c, _, _ in rows]
-    beside = [b for _, b, _ in rows]
-    apart = [o * b for _, b, o in rows]
+    cost = [r[0] for r in rows]
+    beside = [r[1] for r in rows]
+    apart = [o * b for _, b, o, _ in rows]
+    clocks = [(b, c) for _, b, _, c in rows if c is not None]
+    split = ""
+    if len(clocks) == len(rows):
+        split = (f", of which the SM clock's drop (the power limit) {_span([c for _, c in clocks])}x and the rest "
+                 f"(HBM and L2) {_span([b / c for b, c in clocks])}x")
     return [f"- One stage alone on its partition (its layers, the prompt in chunks of {a0['chunk_size']} against "
             f"whole, nothing else running): chunking costs it {min(cost):.2f}-{max(cost):.2f}x; running beside the "
-            f"other busy stages {min(beside):.2f}-{max(beside):.2f}x more (one GPU's HBM and L2 shared: S GPUs "
-            f"would not pay it); without that, overlapped would reach {min(apart):.2f}-{max(apart):.2f} of the ideal."]
+            f"other busy stages {min(beside):.2f}-{max(beside):.2f}x more{split} (one GPU shared: S GPUs would not "
+            f"pay it); without that, overlapped would reach {min(apart):.2f}-{max(apart):.2f} of the ideal."]
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
+def _clock_drop(alone: dict, point: dict) -> float | None:
+    """The lone stage's median SM clock over the overlapped runs' at this point (above 1: the stages at once ran at
+    a lower clock); None where either was not read."""
+    mine = alone.get("gpu_clocks", {}).get("sm_clock_mhz", {}).get("median")
+    ov = point.get("gpu_clocks", {}).get("windows", {}).get("overlapped", {}).get("sm_clock_mhz", {}).get("median")
+    return mine / ov if mine and ov else None
 
 
 def clock_lines(doc: dict) -> list[str]:
@@ -350,16 +370,19 @@ def committed_baseline(kernels: dict | None, out: Path) -> tuple[str, dict] | No
 def baseline_lines(path: str, base: dict, new: dict) -> list[str]:
     """This project's attention kernels (dense, and paged) against a committed run on the same GPU, shape by shape:
     the time there over the time here (above 1: faster now), so a kernel change made since is measured by the next
-    run without a separate A/B. Another session's run: differences of a few percent are its noise."""
-    from .compare import kernel_rows
+    run without a separate A/B. Another session's run: differences of a few percent are its noise. A launch-bound
+    shape is compared by its CUDA-graph replays (marked "graph"), as `python -m bench compare` gates it."""
+    from .compare import host_bound_pair, kernel_rows
     old, now = kernel_rows(base), kernel_rows(new)
     pairs = []
     for key, b in old.items():
-        fig = {"attention": "triton_ms", "paged": "paged_ms"}.get(key[0])
         n = now.get(key)
+        fig = {"attention": "triton_ms", "paged": "paged_ms"}.get(key[0])
+        graph = fig == "triton_ms" and n is not None and host_bound_pair(b, n)
+        fig = "triton_graph_ms" if graph else fig
         if fig and n and isinstance(b.get(fig), (int, float)) and b[fig] > 0 and isinstance(n.get(fig), (int, float)) \
                 and n[fig] > 0:
-            pairs.append((key[1], b[fig] / n[fig]))
+            pairs.append((key[1] + (" (graph)" if graph else ""), b[fig] / n[fig]))
     if not pairs:
         return []
     ratios = [r for _, r in pairs]

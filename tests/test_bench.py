@@ -498,6 +498,35 @@ def test_compare_reads_kernel_benchmark_files(tmp_path, capsys):
     assert compare(str(base), str(slower)) == 2 and "different devices" in capsys.readouterr().err
 
 
+def test_compare_gates_a_launch_bound_shape_on_its_graph_time(tmp_path, capsys):
+    """A shape whose launcher takes the host longer than its kernel takes the device (the committed H200 run's prefix
+    0 / chunk 64): its eager time is the host's, which another machine's CPU moves, so it is reported but does not
+    fail; the kernels' CUDA-graph replay (`triton_graph_ms`) gates it. A shape that is not launch-bound still fails
+    on its eager time."""
+    from bench.compare import compare
+    base = ROOT / "bench/results/h200/kernels.json"
+    doc = json.loads(base.read_text())
+    i = next(i for i, r in enumerate(doc["attention"]) if (r["prefix"], r["chunk"]) == (0, 64))
+    row = doc["attention"][i]
+    assert row["launch_steady_us"] > row["launch_graph_us"]  # launch-bound in the committed run
+    new = tmp_path / "kernels.json"
+    row["triton_ms"] *= 1.7  # the host got slower, the kernel did not
+    new.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert compare(str(base), str(new)) == 0
+    out = capsys.readouterr().out
+    assert "slower (launch-bound: the host's time; triton_graph_ms gates)" in out
+    row["launch_graph_us"] *= 1.5  # now the kernel too
+    new.write_text(json.dumps(doc))
+    assert compare(str(base), str(new)) == 1 and "P=0 C=64 triton_graph_ms x1.50" in capsys.readouterr().out
+    row["launch_graph_us"] /= 1.5
+    row["triton_ms"] /= 1.7
+    j = next(i for i, r in enumerate(doc["attention"]) if (r["prefix"], r["chunk"]) == (16384, 2048))
+    doc["attention"][j]["triton_ms"] *= 1.5  # not launch-bound: its eager time is the kernel's
+    new.write_text(json.dumps(doc))
+    assert compare(str(base), str(new)) == 1 and "P=16384 C=2048 triton_ms x1.50" in capsys.readouterr().out
+
+
 def test_timelines_mark_when_each_ragged_rows_first_token_is_ready(tmp_path):
     """The step a row ends in, finished by the last stage: a dashed mark in the PNG, an instant event in the trace
     (rows ending together share one time); steps the timeline lacks mark nothing."""
