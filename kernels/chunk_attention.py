@@ -364,12 +364,13 @@ def pick_config(chunk_len: int, head_dim: int, dtype: torch.dtype, capability: t
     a head dim runs in the tile of `block_d(head_dim)`: 80 and 96 as 128; `window`: a sliding window, None for
     none). What the launcher picks for such a call. Every config this can return is compiled ahead of time in the
     tests (no spills allowed)."""
-    return dict(_pick_config(chunk_len, block_d(head_dim), dtype, capability, group, interpreted(), prefix == 0,
+    return dict(_pick_config(chunk_len, head_dim, dtype, capability, group, interpreted(), prefix == 0,
                              window is not None))
 
 
 @functools.lru_cache(maxsize=1024)  # the launcher asks on every call: host time counts for short chunks
 def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted, no_prefix=False, windowed=False) -> dict:
+    padded, head_dim = block_d(head_dim) != head_dim, block_d(head_dim)  # the tile's head dim: 80 and 96 as 128
     pack = group > 1 and chunk_len <= PACK_MAX_CHUNK
     # at least 32 rows: 16-row packed tiles spilled 4-8 B under Triton 3.7 (d64 split, d256), 32-row ones do not
     packed_rows = min(64, max(32, next_pow2(chunk_len) * pack_heads(group)))
@@ -383,12 +384,13 @@ def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted, no_
         # the rows instead. Wide heads take narrower key blocks (d128: 64-key blocks spilled under Triton 3.7) and
         # d256 eight warps (four spilled 4-8 B). A memory-bound read of the prefix: on Hopper three load stages in
         # flight (H200, d128, prefix 32k: 73 us against 94 with two at one query, 68 against 82 at 16; four no
-        # faster: bench/results/h200/sweeps.json). Only there: at d64 three spilled 4 B under Triton 3.7, and under
-        # a sliding window the d128 packed split tile spilled 4 B with three under 3.6
+        # faster: bench/results/h200/sweeps.json). Only there: with three, d64 spilled 4 B under Triton 3.7, d80 and
+        # d96 (the d128 tile padded) 4 B under 3.6, and under a sliding window the d128 packed split tile 4 B under 3.6
         return dict(BLOCK_M=packed_rows if pack else 16,
                     BLOCK_N=64 if head_dim <= 64 else 32 if head_dim == 128 else 16,
                     num_warps=8 if head_dim == 256 else 4,
-                    num_stages=3 if capability >= (9, 0) and head_dim == 128 and not windowed else 2, pack_gqa=pack)
+                    num_stages=3 if capability >= (9, 0) and head_dim == 128 and not (padded or windowed) else 2,
+                    pack_gqa=pack)
     if capability < (9, 0) and head_dim >= 64:  # Ampere: mma.sync keeps acc in registers; 128-row tiles spill
         return dict(BLOCK_M=64, BLOCK_N={64: 64, 128: 32}.get(head_dim, 16), num_warps=4, num_stages=2,
                     pack_gqa=False)
@@ -651,7 +653,7 @@ def launch_plan(q, k_new, k_cache, start_pos, config=None, window=None) -> dict:
     cap, n_sm = _device_facts(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
         if q.is_cuda else ((9, 0), 0)
     known = None if isinstance(start_pos, torch.Tensor) else start_pos  # a device tensor is not read
-    cfg = config or _pick_config(C, block_d(D), q.dtype, cap, group, interpreted(), known == 0, window is not None)
+    cfg = config or _pick_config(C, D, q.dtype, cap, group, interpreted(), known == 0, window is not None)
     pack = pack_heads(group) if cfg.get("pack_gqa") and group > 1 else 1
     grid_m, grid_h = cdiv(C, cfg["BLOCK_M"] // pack), B * (Hkv if pack > 1 else Hq)
     splits = cfg.get("num_splits")

@@ -335,6 +335,37 @@ def test_decode_like_launches_split_for_two_programs_per_sm(monkeypatch):
     assert pick_splits(8, 32768 // tile["BLOCK_N"], 132) == 14
 
 
+def test_decode_like_tiles_take_three_load_stages_on_hopper_at_d128_only(monkeypatch):
+    """The d128 decode tiles read the prefix with three load stages on Hopper (an H200 timed 1.30x / 1.20x at 32k/1
+    and 32k/16); under a sliding window, at other head dims (d80 and d96 in the d128 tile too) and on Ampere they keep
+    two (three spilled there, or were not timed). The
+    launcher passes its window to the choice; the AOT report compiles both choices."""
+    from kernels.aot import kernel_specs
+    from kernels.chunk_attention import launch_plan, pick_config
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU's choices, not the interpreter's
+    bf16 = torch.bfloat16
+    for c, group in ((1, 1), (1, 4), (16, 8)):
+        assert pick_config(c, 128, bf16, (9, 0), group=group)["num_stages"] == 3
+        assert pick_config(c, 96, bf16, (9, 0), group=group)["num_stages"] == 2  # the d128 tile padded: spilled
+        windowed = pick_config(c, 128, bf16, (9, 0), group=group, window=4096)
+        assert windowed["num_stages"] == 2 and windowed == {**pick_config(c, 128, bf16, (9, 0), group=group),
+                                                             "num_stages": 2}
+        assert pick_config(c, 128, bf16, (8, 0), group=group)["num_stages"] == 2
+        assert all(pick_config(c, d, bf16, (9, 0), group=group)["num_stages"] == 2 for d in (16, 32, 64, 256))
+    # a window changes nothing but the decode tiles
+    for c in (17, 256, 2048):
+        assert pick_config(c, 128, bf16, (9, 0), window=4096) == pick_config(c, 128, bf16, (9, 0))
+    q, k_new = torch.empty(1, 1, 32, 128, dtype=bf16), torch.empty(1, 1, 8, 128, dtype=bf16)
+    k_cache = torch.empty(1, 8192, 8, 128, dtype=bf16)
+    assert launch_plan(q, k_new, k_cache, 8000)["config"]["num_stages"] == 3
+    assert launch_plan(q, k_new, k_cache, 8000, window=4096)["config"]["num_stages"] == 2
+    # ahead of time: the plain d128 decode tile with three stages, its window variant with two
+    specs = {(s.name, s.num_stages) for s in kernel_specs(90)}
+    assert ("chunk_attention d128 bfloat16 m32n32 pack4", 3) in specs
+    assert ("chunk_attention d128 bfloat16 m32n32 pack4 split window", 2) in specs
+    assert ("chunk_attention d128 bfloat16 m32n32 pack4 window", 3) not in specs
+
+
 def test_pick_config_packs_gqa_for_short_chunks_only(monkeypatch):
     from kernels.chunk_attention import pick_config
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the GPU's choices, not the interpreter's
