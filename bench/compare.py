@@ -18,8 +18,6 @@ import math
 import sys
 from pathlib import Path
 
-from .kernels import launch_bound
-
 FLOOR_OF_TTFT = 0.01  # a timing's increase below this share of the mode's TTFT never counts as a regression
 BYTE_FIGURES = ("prefill_bytes_per_boundary", "decode_bytes_per_boundary")
 CHECKS = ("outputs_match", "bytes_exact")
@@ -221,6 +219,7 @@ def host_bound_pair(b: dict, n: dict) -> bool:
     """Whether two `kernel_rows` attention rows of one shape are compared by their CUDA-graph replays: the shape is
     launch-bound in either (the launcher back to back over the kernels: the eager time is the host's, which another
     machine's CPU moves) and both replayed the kernels from a graph."""
+    from .kernels import launch_bound  # here, not at the top: bench.kernels imports torch (seconds of start-up)
     return (launch_bound(b) or launch_bound(n)) and "triton_graph_ms" in b and "triton_graph_ms" in n
 
 

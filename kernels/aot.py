@@ -92,9 +92,11 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
     # into the exp2's multiply-add too (config fold_scale: a sweep option since an H200 timed it slower), so the
     # report sets their loops side by side
     if arch >= 90:
-        dense += [(d, dt, g, {**c, "fold_scale": True}) for d, dt, g, c in list(dense)
+        folded = [(d, dt, g, {**c, "fold_scale": True}) for d, dt, g, c in plain
                   if d == 128 and dt == torch.bfloat16 and not c["pack_gqa"]
                   and (c["BLOCK_M"], c["BLOCK_N"]) == ((64, 64) if c.get("no_prefix") else (128, 128))]
+        plain += folded
+        dense += folded
     for head_dim, dtype, group, cfg in dense:
         has_prefix = not cfg.get("no_prefix")
         sig = _attention_signature(dtype)
@@ -105,10 +107,10 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
         per_row_too = head_dim == 128 and dtype == torch.bfloat16 and cfg["BLOCK_M"] == 128 and has_prefix
         # a sliding window (WINDOW) masks the key-block loops at the window's edge: compiled for every 16-bit
         # launcher config, unsplit and (over a prefix) split
-        is_plain = (head_dim, dtype, group, cfg) in plain or cfg.get("fold_scale")
-        win = dtype != torch.float32 and not cfg.get("fold_scale") and (head_dim, dtype, group, cfg) in windowed
+        entry = (head_dim, dtype, group, cfg)
+        win = dtype != torch.float32 and not cfg.get("fold_scale") and entry in windowed
         variants = ([(False, False, False, False)] + [(True, False, False, False)] * per_row_too + [
-            (False, True, False, False)] * (dtype != torch.float32 and has_prefix)) * bool(is_plain) + [
+            (False, True, False, False)] * (dtype != torch.float32 and has_prefix)) * (entry in plain) + [
             (False, False, False, True)] * win + [(False, True, False, True)] * (win and has_prefix)
         for per_row, split, tma, window in variants:
             const = dict(GROUP=group if pack > 1 else 4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim),
