@@ -6,7 +6,9 @@ Parts, in the order they run, each with its own JSON (GPU name, driver, torch an
 Markdown summary:
 1. tests.json       the GPU-marked tests (compiled Triton, bf16 against float64, long prefixes, large batches);
 2. kernels.json     chunk_attention vs every SDPA backend (TFLOP/s, bf16 GEMM ceiling), RMSNorm/RoPE/SwiGLU vs
-                    torch eager (GB/s, copy ceiling), the compiler's resource report (registers, spills, wgmma);
+                    torch eager (GB/s, copy ceiling), the launcher's untimed tiles against the ones they replaced,
+                    on Hopper the warp-specialization probe (`bench.ws_probe`, in a process of its own), the
+                    compiler's resource report (registers, spills, wgmma);
 3. partitions.json  one GPU as S GPUs: each stage on its own SMs (green contexts), S = 2 and 4, every mode,
                     Llama-3-8B shape with random weights (fewer layers, said in the results), prompts 4k-32k, link
                     emulated at NVLink, PCIe Gen5 and 100 GbE; overlapped against naive and the ideal S·C/(C+S−1),

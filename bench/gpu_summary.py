@@ -479,6 +479,10 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
         from .kernels import tile_ab_lines
         lines += ["", "Launcher tiles chosen untimed, each against the tile it replaced (one shape each):", ""]
         lines += [f"- {line[len('tile A/B '):]}" for line in tile_ab_lines(kernels["tile_ab"])]
+    if kernels.get("ws_probe"):  # files before 2026-11-29: no probe
+        from .ws_probe import ws_probe_lines
+        head, *rest = ws_probe_lines(kernels["ws_probe"])
+        lines += ["", head[0].upper() + head[1:], ""] + [f"- {r.strip()}" for r in rest]
     hosts = any("triton_host_us" in m for m in kernels["memory_bound"])  # older files: no host times
     steady = any("eager_steady_us" in m for m in kernels["memory_bound"])
     lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target |"

@@ -913,6 +913,10 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
     # the paged batches (measured before): a budget that runs out cuts what matters least
     entries = () if quick else TILE_AB
     ab = tile_ab(device=device, timer=timer, deadline=deadline, entries=entries)
+    # whether Triton's Hopper warp specialization would pay for a prefix kernel of its own (`bench.ws_probe`)
+    from .ws_probe import run_isolated, skip_reason
+    probe_skip = "not run: --quick" if quick else skip_reason(device)
+    probe = [] if probe_skip else run_isolated(deadline if deadline is not None else time.time() + 300.0)
     window_shapes = WINDOW_SHAPES[:1] if quick else WINDOW_SHAPES
     window = bench_window(shapes=window_shapes, device=device, timer=timer, deadline=deadline)
     paged = bench_paged(batches=batches, device=device, timer=timer, deadline=deadline)
@@ -925,13 +929,16 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
     for a in attention:
         a["triton_of_gemm"] = a["triton_tflops"] / gemm
     doc = dict(schema_version=SCHEMA_VERSION, kind="kernels", flex_compile=FLEX_COMPILE, copy_gbps=copy,
-               gemm_bf16_tflops=gemm, attention=attention, paged=paged, window=window, tile_ab=ab, memory_bound=memory,
-               layer_host=layer, attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS,
+               gemm_bf16_tflops=gemm, attention=attention, paged=paged, window=window, tile_ab=ab, ws_probe=probe,
+               memory_bound=memory, layer_host=layer, attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS,
                complete=True)
+    if probe_skip:
+        doc["ws_probe_skipped"] = probe_skip
     measured = {tuple(map(tuple, r["batch"])) for r in paged}
     left = [f"attention P={P} C={C}" for P, C in shapes[len(attention):]]
     timed = {(r["kernel"], r["prefix"], r["chunk"]) for r in ab if "not_run" not in r}
     left += [f"tile A/B {kind} P={P} C={C}" for kind, (P, C), _ in entries if (kind, P, C) not in timed]
+    left += ["the warp-specialization probe"] if any("not_run" in r for r in probe) else []
     left += [f"window P={P} C={C} W={W}" for P, C, W in window_shapes[len(window):]]
     left += [f"paged batch {i}" for i, b in enumerate(batches) if tuple(b) not in measured]
     left += ["the layer's host cost"] if late else []
@@ -1018,6 +1025,9 @@ def print_report(doc: dict) -> None:
               f"({r['best_sdpa']}) {sdpa if sdpa is not None else float('nan'):.2f}x  vs flex (one call) "
               f"{r.get('paged_vs_flex') or float('nan'):.2f}x  err {r['paged_max_abs_err']:.1e}")
     for line in tile_ab_lines(doc.get("tile_ab", [])):
+        print(line)
+    from .ws_probe import ws_probe_lines
+    for line in ws_probe_lines(doc.get("ws_probe", [])):
         print(line)
     for m in doc["memory_bound"]:
         print(f"{m['op']:>13}  triton {m['triton_gbps']:.0f} GB/s ({100 * m['triton_of_copy']:.0f}% of copy)  "

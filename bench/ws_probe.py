@@ -1,0 +1,316 @@
+"""Would Triton's Hopper warp specialization speed up chunk_attention's prefix phase? The A/B that decides it.
+
+At the target shape (prefix 16k, chunk 2k) 94% of chunk_attention's work is its prefix phase: every query of the
+chunk over every prefix key, a plain (non-causal) flash-attention loop. Its 128x128 tile reaches 491 TFLOP/s on an
+H200 (70% of the GEMM), the target is 560, and FlashAttention-3 gets past 600 on Hopper with warp specialization: a
+producer warp group issues the tensor-memory (TMA) loads while two consumer warp groups, each half of the query tile,
+do the matrix multiplies and the softmax, their registers rebalanced (`setmaxnreg`).
+
+Triton 3.6-3.9 have a Hopper pass for it (`tl.range(..., warp_specialize=True)`), but chunk_attention's kernel does
+not get it. Compiled for sm_90 without a GPU, the pass fails ("Unexpected op" in WSDataPartition) unless the query
+tile comes through a 2-D tensor descriptor, and it fails whenever another loop with a matrix multiply follows the
+specialized one (chunk_attention has two: the chunk's own keys, unmasked and on the diagonal). So warp
+specialization would mean a kernel of its own for the prefix, its partial result (with its log-sum-exp) merged with
+the chunk phase's, as split-KV merges its slices: a second launch and a float32 round trip of the output (32 MB at
+16k/2k, about 2% of the kernel's time). Before building that, this probe times the loop it would run.
+
+`prefix_attention` is that loop alone, one program per (query block, query head): the query tile, each key and value
+tile through 2-D descriptors over [len, heads·D] (so the prefix must be a whole number of key blocks and the head dim
+a power of two), with and without `warp_specialize` (config `ws`); `run_ws_probe` times it at the target shape
+against float64 under a few tiles, the plain one being chunk_attention's. The gpu-suite's kernel part runs it on a
+Hopper GPU and its summary says which way it went: the best specialized tile over the best plain one. Outside the
+probe nothing uses it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.compat import FP_FUSION
+from kernels.shapes import cdiv
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefix_kernel(Q, K, V, Out, C, P, Hq, qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WS: tl.constexpr):
+    """Out[m, h] = softmax(Q[m, h] · K[:, h // GROUP]ᵀ) · V[:, h // GROUP] over all P keys, for the BLOCK_M queries
+    of program (m-block, head h); Q and Out [C, Hq, HEAD_DIM], K and V [P, Hkv, HEAD_DIM], contiguous, P a multiple of
+    BLOCK_N. WS: the key loop warp-specialized."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    Hkv = Hq // GROUP
+    qd = tl.make_tensor_descriptor(Q, shape=[C, Hq * HEAD_DIM], strides=[Hq * HEAD_DIM, 1],
+                                   block_shape=[BLOCK_M, HEAD_DIM])
+    kd = tl.make_tensor_descriptor(K, shape=[P, Hkv * HEAD_DIM], strides=[Hkv * HEAD_DIM, 1],
+                                   block_shape=[BLOCK_N, HEAD_DIM])
+    vd = tl.make_tensor_descriptor(V, shape=[P, Hkv * HEAD_DIM], strides=[Hkv * HEAD_DIM, 1],
+                                   block_shape=[BLOCK_N, HEAD_DIM])
+    q = qd.load([pid_m * BLOCK_M, h * HEAD_DIM])  # rows past C are zero-filled, their results not stored
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start in tl.range(0, P, BLOCK_N, warp_specialize=WS):
+        k = kd.load([start, kvh * HEAD_DIM])
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = vd.load([start, kvh * HEAD_DIM])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    out = acc / l_i[:, None]
+    tl.store(Out + (offs_m * Hq + h)[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=(offs_m < C)[:, None])
+
+
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "ws")
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: dict, out=None) -> torch.Tensor:
+    """Attention of queries q [C, Hq, D] over every key and value k, v [P, Hkv, D] (no mask; one batch row), with
+    `config` (CONFIG_KEYS; `ws`: the key loop warp-specialized). Written into `out` when given."""
+    if not isinstance(config, dict) or set(config) != set(CONFIG_KEYS):
+        raise ValueError(f"prefix_attention: config must give exactly {', '.join(CONFIG_KEYS)}, got "
+                         f"{sorted(config) if isinstance(config, dict) else repr(config)}")
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or q.shape[2] != k.shape[2] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"prefix_attention: expected q [C, Hq, D] and k, v [P, Hkv, D] with Hq a multiple of Hkv, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not all(t.is_contiguous() for t in (q, k, v)) or len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise ValueError("prefix_attention: q, k and v must be contiguous and of one dtype")
+    C, D, P = q.shape[0], q.shape[2], k.shape[0]
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"prefix_attention: the head dim must be a power of two >= 16 (whole descriptor tiles), "
+                         f"got {D}")
+    if P % config["BLOCK_N"] or P == 0:
+        raise ValueError(f"prefix_attention: the prefix ({P} keys) must be a positive multiple of BLOCK_N "
+                         f"({config['BLOCK_N']}): the loop has no masked tail")
+    if out is None:
+        out = torch.empty_like(q)
+    elif not (isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == q.dtype
+              and out.device == q.device and out.is_contiguous()):
+        raise ValueError(f"prefix_attention: out must be a contiguous tensor like q ({q.dtype} {tuple(q.shape)})")
+    if C:
+        _launch(q, k, v, out, config)
+    return out
+
+
+def _launch(q, k, v, out, config: dict):
+    """The launch on checked inputs; returns what Triton returns (the compiled kernel, on a GPU)."""
+    from kernels.chunk_attention import _tma_allocator
+    _tma_allocator(q.device)
+    (C, Hq, D), P = q.shape, k.shape[0]
+    grid = (cdiv(C, config["BLOCK_M"]), Hq)
+    return _prefix_kernel[grid](q, k, v, out, C, P, Hq, D ** -0.5 * LOG2E, GROUP=Hq // k.shape[1], HEAD_DIM=D,
+                         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+                         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WS=bool(config["ws"]),
+                         num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=FP_FUSION)
+
+
+def prefix_attention_ref(q, k, v) -> torch.Tensor:
+    """float64 reference of `prefix_attention`, one query head at a time (the scores of a long prefix are large)."""
+    group = q.shape[1] // k.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    for h in range(q.shape[1]):
+        kh, vh = k[:, h // group].double(), v[:, h // group].double()
+        s = q[:, h].double() @ kh.T * q.shape[2] ** -0.5
+        out[:, h] = torch.softmax(s, dim=-1) @ vh
+    return out
+
+
+# plain: chunk_attention's own tile over a prefix (128x128, 8 warps, 3 load stages) and two neighbours; specialized:
+# 4 warps, which the pass makes a producer warp group and two consumer groups of 64 query rows each (12 warps),
+# num_stages the tiles in flight (128x128 with 3 needs 246 KB of shared memory, over Hopper's 227; 128x128 plain with
+# 4 warps spills 228 B: neither is here). Compiled for sm_90 under Triton 3.6, 3.7 and 3.9: no spills, 12 warps and
+# `setmaxnreg` in every specialized one (tests/test_ws_probe.py).
+PROBE_CONFIGS = (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, ws=False),
+                 dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, ws=False),
+                 dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, ws=False),
+                 dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, ws=True),
+                 dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, ws=True),
+                 dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4, ws=True))
+
+
+def run_ws_probe(shape=(16384, 2048), Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, device="cuda", timer=None,
+                 configs=PROBE_CONFIGS, deadline: float | None = None, on_row=None) -> list[dict]:
+    """`prefix_attention` at the prefix and chunk of `shape` under each of `configs`: one row per config with its
+    time, TFLOP/s and max error against float64 (or why it did not compile or run; past `deadline` (time.time()) no
+    config starts: its row says so). On CUDA the compiled kernel's warp count is recorded (`warps`: 12 from 4 where
+    the pass specialized the loop). `on_row(row)` after each row."""
+    from .kernels import cpu_timer, gpu_timer, why
+    timer = timer or (gpu_timer if torch.device(device).type == "cuda" else cpu_timer)
+    P, C = shape
+    if deadline is not None and time.time() > deadline:  # before the inputs and their float64 reference
+        return [dict(cfg, prefix=P, chunk=C, not_run="past the kernel part's budget") for cfg in configs]
+    g = torch.Generator(device=device).manual_seed(P * 7919 + C)
+    q = torch.randn(C, Hq, D, device=device, dtype=dtype, generator=g)
+    k, v = (torch.randn(P, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+    ref = prefix_attention_ref(q, k, v)
+    flops = 4 * C * P * Hq * D
+    rows = []
+    for cfg in configs:
+        row = dict(cfg, prefix=P, chunk=C)
+        if deadline is not None and time.time() > deadline:
+            rows.append(dict(row, not_run="past the kernel part's budget"))
+            if on_row is not None:
+                on_row(rows[-1])
+            continue
+        out = torch.full_like(q, float("nan"))
+        try:
+            prefix_attention(q, k, v, cfg, out=out)  # checks the config and compiles
+            compiled = _launch(q, k, v, out, cfg) if q.is_cuda else None
+            out.fill_(float("nan"))
+            ms = timer(lambda: prefix_attention(q, k, v, cfg, out=out))  # noqa: B023 - called here
+        except Exception as e:  # noqa: BLE001 - said in the row: a config that does not compile is a result
+            rows.append(dict(row, error=why(e)))
+            if on_row is not None:
+                on_row(rows[-1])
+            continue
+        row.update(ms=ms, tflops=flops / ms / 1e9, max_abs_err=(out.double() - ref).abs().max().item())
+        if compiled is not None:
+            row["warps"] = compiled.metadata.num_warps
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def skip_reason(device) -> str | None:
+    """Why the probe has nothing to tell on `device` (None on a Hopper GPU, where it runs)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"not run: it times Hopper's warp specialization, and {device.type} is not a CUDA GPU"
+    cap = torch.cuda.get_device_capability(device)
+    if cap[0] != 9:
+        return f"not run: it times Hopper's warp specialization (compute capability 9.x), this GPU is {cap[0]}.{cap[1]}"
+    return None
+
+
+def ws_probe_lines(rows: list[dict], tol: float = 3e-2) -> list[str]:
+    """The probe in words: each config's TFLOP/s (or why not), then the best warp-specialized tile over the best plain
+    one (rows with an error over `tol` do not count)."""
+    if not rows:
+        return []
+    P, C = rows[0]["prefix"], rows[0]["chunk"]
+    out = [f"warp-specialization probe (chunk_attention's prefix phase alone: {C} queries over {P} keys, no mask):"]
+    for r in rows:
+        tile = f"{r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']}s{r['num_stages']}" + (" ws" if r["ws"] else "")
+        if "tflops" in r:
+            ok = r["max_abs_err"] <= tol
+            out.append(f"  {tile}: {r['tflops']:.0f} TFLOP/s, err {r['max_abs_err']:.1e}" + ("" if ok else " WRONG")
+                       + (f", {r['warps']} warps compiled" if r.get("warps") else ""))
+        else:
+            out.append(f"  {tile}: " + (r.get("error") or f"not run ({r.get('not_run')})"))
+    ok = [r for r in rows if "tflops" in r and r["max_abs_err"] <= tol]
+    ws, plain = ([r for r in ok if r["ws"] is flag] for flag in (True, False))
+    if ws and plain:
+        best_ws, best_plain = (max(rs, key=lambda r: r["tflops"]) for rs in (ws, plain))
+        out.append(f"  specialized over plain: {best_ws['tflops'] / best_plain['tflops']:.2f}x (best of each)")
+    else:
+        kind = "" if not (ws or plain) else "plain " if ws else "specialized "
+        tried = not kind or any(r["ws"] is (kind == "specialized ") for r in rows)
+        out.append(f"  specialized over plain: not measured (no {kind}config "
+                   + ("ran correctly)" if tried else "in the probe)"))
+    return out
+
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_S = 15.0  # the probe's process: importing torch and Triton, a CUDA context (seconds on a GPU machine)
+
+
+def run_isolated(deadline: float, case: dict | None = None, cmd: list[str] | None = None) -> list[dict]:
+    """`run_ws_probe` in a process of its own (`python -m bench.ws_probe`), killed at `deadline` (time.time()): a
+    warp-specialized kernel, its warp groups synchronised by barriers, has never run here, and one that hung would
+    hang the suite's process (a fault would poison its CUDA context for the parts after it). The rows come back one
+    JSON line each as they are measured; the config running when the process was killed, or died, says so, those
+    after it are not run. `case`: run_ws_probe's keyword arguments (shape, Hq, Hkv, D, dtype by name, device,
+    configs), for tests; `cmd`: the command instead (tests)."""
+    case = dict(case or {})
+    configs = case.get("configs", PROBE_CONFIGS)
+    P, C = case.get("shape", (16384, 2048))
+    budget = deadline - time.time()
+    if budget < STARTUP_S:
+        return [dict(cfg, prefix=P, chunk=C, not_run="past the kernel part's budget") for cfg in configs]
+    cmd = cmd or [sys.executable, "-m", "bench.ws_probe", "--budget-s", f"{budget - STARTUP_S:.0f}",
+                  "--case", json.dumps(case)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} if case.get("device", "cuda") == "cuda" \
+        else dict(os.environ)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=max(1.0, deadline - time.time()))
+        ended = f"its process ended (exit code {proc.returncode}): " \
+                f"{((err or '').strip().splitlines() or ['no message'])[-1][:300]}"
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        ended = f"killed at the kernel part's budget ({budget:.0f} s after the probe started): hung, or too slow"
+    rows = []
+    for line in out.splitlines():
+        try:
+            rows.append(json.loads(line)["row"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    rest = [dict(cfg, prefix=P, chunk=C) for cfg in configs[len(rows):]]
+    if rest:
+        rest[0]["error"] = f"not measured: {ended}"
+        for r in rest[1:]:
+            r["not_run"] = "the probe's process ended before it"
+    return rows + rest
+
+
+def _case(text: str) -> dict:
+    try:
+        case = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object of run_ws_probe's arguments, got {text!r} ({e})")
+    allowed = {"shape", "Hq", "Hkv", "D", "dtype", "device", "configs"}
+    if not isinstance(case, dict) or not set(case) <= allowed:
+        raise argparse.ArgumentTypeError(f"expected a JSON object with keys among {', '.join(sorted(allowed))}, "
+                                         f"got {text!r}")
+    if "dtype" in case:
+        if case["dtype"] not in ("float32", "float16", "bfloat16"):
+            raise argparse.ArgumentTypeError(f"dtype must be float32, float16 or bfloat16, got {case['dtype']!r}")
+        case["dtype"] = getattr(torch, case["dtype"])
+    if "configs" in case:
+        case["configs"] = tuple(case["configs"])
+    if "shape" in case:
+        case["shape"] = tuple(case["shape"])
+    return case
+
+
+def main(argv=None) -> int:
+    """`python -m bench.ws_probe`: the probe at the target shape on this machine's GPU, one JSON line per config
+    ({"row": ...}) as it is measured, then the lines of `ws_probe_lines` on stderr."""
+    ap = argparse.ArgumentParser(prog="python -m bench.ws_probe", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--budget-s", type=float, default=None, help="start no config after this many seconds")
+    ap.add_argument("--case", type=_case, default={}, help="run_ws_probe's keyword arguments as JSON (tests)")
+    args = ap.parse_args(argv)
+    case = args.case
+    device = case.get("device", "cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("python -m bench.ws_probe: refused: no CUDA GPU is visible to torch; the probe times a Hopper GPU",
+              file=sys.stderr)
+        return 2
+    deadline = None if args.budget_s is None else time.time() + args.budget_s
+    rows = run_ws_probe(**case, deadline=deadline, on_row=lambda r: print(json.dumps(dict(row=r)), flush=True))
+    for line in ws_probe_lines(rows):
+        print(line, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
