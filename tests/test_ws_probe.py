@@ -165,11 +165,14 @@ def test_the_probe_runs_on_hopper_only_and_the_summary_shows_it(monkeypatch):
     row = dict(BLOCK_M=128, BLOCK_N=128, num_stages=2, prefix=16384, chunk=2048, max_abs_err=2e-3)
     probe = [dict(row, num_warps=8, ws=False, tflops=500.0, warps=8),
              dict(row, num_warps=4, ws=True, tflops=550.0, warps=12)]
-    kernels = dict(copy_gbps=3000.0, gemm_bf16_tflops=700.0, attention=[], memory_bound=[], ws_probe=probe,
+    attention = [dict(prefix=16384, chunk=2048, triton_tflops=491.0, triton_of_gemm=0.7, best_peer="flex",
+                      speedup_vs_best_peer=1.17, max_abs_err=2e-4)]
+    kernels = dict(copy_gbps=3000.0, gemm_bf16_tflops=700.0, attention=attention, memory_bound=[], ws_probe=probe,
                    targets=dict(attention_tflops=560.0, attention_vs_best_peer=1.0, memory_bound_of_copy=0.8))
     text = summary_markdown(dict(device="NVIDIA H200"), None, kernels, None)
     assert ("Warp-specialization probe (chunk_attention's prefix phase alone: 2048 queries over 16384 keys, no mask):"
             "\n\n- 128x128 w8s2: 500 TFLOP/s, err 2.0e-03, 8 warps compiled\n- 128x128 w4s2 ws: 550 TFLOP/s, err "
-            "2.0e-03, 12 warps compiled\n- specialized over plain: 1.10x (best of each)") in text
+            "2.0e-03, 12 warps compiled\n- specialized over plain: 1.10x (best of each)\n- chunk_attention at this shape, "
+            "its chunk phase included: 491 TFLOP/s (the table above)") in text
     del kernels["ws_probe"]  # a file from before the probe
     assert "probe" not in summary_markdown(dict(device="NVIDIA H200"), None, kernels, None)
