@@ -397,7 +397,7 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
     so. `on_row(rows)` after each row (a sweep cut short keeps what it measured). `launcher_first` (default: with
     the default grid only) puts the launcher's choice before the given configs."""
     from kernels import chunk_attention
-    from kernels.chunk_attention import launch_plan
+    from kernels.chunk_attention import launch_plan, pack_heads
     P, C = shape
     q, kn, vn, kc, vc, _, ref = attention_case(P, C, B, Hq, Hkv, D, dtype, device, seed=P * 7919 + C + 1)
     plan = launch_plan(q, kn, kc, P)
@@ -407,9 +407,18 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
         configs = []
         if C <= 16 and P >= 4096:  # decode-like, first (a sweep cut short has measured them): the launcher's tile
             # split more ways than one wave of programs (a memory-bound read of the whole prefix may want several
-            # programs per SM to keep enough loads in flight), and with deeper load pipelines
+            # programs per SM to keep enough loads in flight), with other load depths, then the same packed rows
+            # over wider key blocks and with other warp counts (more bytes in flight per program), and in 16 rows
+            # where the packed queries fit (a decode step: a quarter of the 32-row tile's rows are real). The grid
+            # below has no packed tile: on an H200 the first 17-18 configs of it took 1.3-2.4x the launcher's
+            # (32k/1, 32k/16), and the suite's sweep reached no further.
             configs += [{**chosen, "num_splits": k} for k in (8, 16, 32, 64) if P // chosen["BLOCK_N"] >= k]
-            configs += [{**chosen, "num_stages": st} for st in (3, 4) if st != chosen["num_stages"]]
+            configs += [{**chosen, "num_stages": st} for st in (2, 3, 4) if st != chosen["num_stages"]]
+            configs += [{**chosen, "BLOCK_N": n, "num_warps": w, "num_stages": st} for n in (32, 64, 128)
+                        for w in (2, 4) for st in (2, 3, 4)
+                        if (n, w) != (chosen["BLOCK_N"], chosen["num_warps"])]
+            if chosen.get("pack_gqa") and chosen["BLOCK_M"] > 16 and C * pack_heads(Hq // Hkv) <= 16:
+                configs += [{**chosen, "BLOCK_M": 16, "num_stages": st} for st in (2, 3)]
         configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
                     for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
                     if not (m == 64 and w == 8)]

@@ -779,7 +779,18 @@ def test_attention_sweep_tries_split_kv_and_packing_on_short_chunks_over_long_pr
     assert rows[0].get("pack_gqa")  # the launcher's decode tile packs the group's heads
     deeper = [r["num_stages"] for r in rows if all(r[k] == tile[k] for k in ("BLOCK_M", "BLOCK_N", "num_warps"))
               and r.get("pack_gqa") and not r.get("num_splits") and r["num_stages"] != tile["num_stages"]]
-    assert sorted(deeper) == sorted({3, 4} - {tile["num_stages"]})  # and with more stages in flight
+    assert sorted(deeper) == sorted({2, 3, 4} - {tile["num_stages"]})  # and with other load depths
+    # then the packed rows over other key-block widths and warp counts, and in 16 rows (4 heads of one query fit)
+    packed = [(r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["num_stages"]) for r in rows
+              if r.get("pack_gqa") and not r.get("num_splits") and r["BLOCK_M"] == tile["BLOCK_M"]]
+    assert len(set(packed)) == len(packed) and {(n, w) for _, n, w, _ in packed} == {
+        (n, w) for n in (32, 64, 128) for w in (2, 4)} | {(tile["BLOCK_N"], tile["num_warps"])}
+    first_plain = next(i for i, r in enumerate(rows) if not r.get("pack_gqa"))
+    assert all(r.get("pack_gqa") for r in rows[:first_plain]) and first_plain >= 4 + 2 + 17
+    one = sweep_attention(shape=(4096, 1), Hq=4, Hkv=1, D=16, dtype=torch.float32, device="cpu",
+                          timer=lambda fn: 1.0)
+    assert [r["num_stages"] for r in one if r.get("pack_gqa") and r["BLOCK_M"] == 16] == [2, 3]
+    assert not any(r.get("pack_gqa") and r["BLOCK_M"] == 16 for r in rows)  # 16 queries x 4 heads: not in 16 rows
     wide = sweep_attention(shape=(4096, 17), Hq=4, Hkv=1, D=16, dtype=torch.float32, device="cpu",
                            timer=lambda fn: 1.0)
     assert max(r.get("num_splits", 1) for r in wide) == 8  # a chunk past 16 tokens: not decode-like
