@@ -457,7 +457,10 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
             plan = r.get("launch_plan") or {}
             vs = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
             lines.append(f"| {', '.join(f'{p}+{c}' for p, c in r['batch'])} | {r['page_size']} | "
-                         f"{r['paged_tflops']:.0f} | {vs(r.get('paged_vs_dense_rows'))} | "
+                         f"{r['paged_tflops']:.0f} | {vs(r.get('paged_vs_dense_rows'))}"
+                         + (f" ({vs(r['paged_vs_dense_rows_graph'])} by the dense rows' graph replay)"
+                            if r.get("dense_rows_ms", 0) > 1.1 * r.get("dense_rows_graph_ms", float("inf")) else "")
+                         + " | "
                          f"{vs(r.get('paged_vs_sdpa_rows'))} ({r.get('best_sdpa') or 'none ran'}) | "
                          + (f"{vs(r.get('paged_vs_flex'))} | " if flex else "") +
                          f"pack {plan.get('pack', '?')}, splits {plan.get('splits', '?')} | "

@@ -527,6 +527,39 @@ def test_compare_gates_a_launch_bound_shape_on_its_graph_time(tmp_path, capsys):
     assert compare(str(base), str(new)) == 1 and "P=16384 C=2048 triton_ms x1.50" in capsys.readouterr().out
 
 
+def test_compare_gates_launch_bound_dense_rows_of_a_paged_batch_on_their_graph_time(tmp_path, capsys):
+    """A paged batch's dense kernel run once per row (decode-like rows: four split launches) read 0.40 and 0.79 ms
+    eagerly in two H200 runs: the host's launch path. Where both files replayed the rows from a CUDA graph and either
+    one's eager time is over its replay's, the replay gates and the eager figure is reported; otherwise the eager
+    figure gates as before."""
+    from bench.compare import compare
+    doc = json.loads((ROOT / "bench/results/h200/kernels.json").read_text())
+    row = next(r for r in doc["paged"] if all(c == 1 for _, c in r["batch"]))  # the decode-like batch
+    row["dense_rows_graph_ms"] = 0.35
+    base, new = tmp_path / "base.json", tmp_path / "new.json"
+    base.write_text(json.dumps(doc))
+    row["dense_rows_ms"] *= 1.97  # the host got slower, the kernels did not
+    new.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert compare(str(base), str(new)) == 0
+    assert "slower (launch-bound: the host's time; dense_rows_graph_ms gates)" in capsys.readouterr().out
+    row["dense_rows_graph_ms"] *= 1.5  # now the kernels too
+    new.write_text(json.dumps(doc))
+    assert compare(str(base), str(new)) == 1 and "dense_rows_graph_ms x1.50" in capsys.readouterr().out
+    del row["dense_rows_graph_ms"]  # a file without the replay: the eager time gates
+    new.write_text(json.dumps(doc))
+    assert compare(str(base), str(new)) == 1 and "dense_rows_ms x1.97" in capsys.readouterr().out
+    mixed = next(r for r in doc["paged"] if len(r["batch"]) == 5)  # device-bound rows: eager and replay agree
+    mixed["dense_rows_graph_ms"] = mixed["dense_rows_ms"] * 0.98
+    base.write_text(json.dumps(doc))
+    mixed["dense_rows_ms"] *= 1.5
+    mixed["dense_rows_graph_ms"] *= 1.5
+    new.write_text(json.dumps(doc))
+    assert compare(str(base), str(new)) == 1
+    out = capsys.readouterr().out
+    assert "dense_rows_ms x1.50" in out and "dense_rows_graph_ms x1.50" in out  # the eager one gates too
+
+
 def test_timelines_mark_when_each_ragged_rows_first_token_is_ready(tmp_path):
     """The step a row ends in, finished by the last stage: a dashed mark in the PNG, an instant event in the trace
     (rows ending together share one time); steps the timeline lacks mark nothing."""

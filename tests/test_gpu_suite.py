@@ -419,6 +419,21 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     assert "| 16384 | 2048 | 4096 | 380 | flex | 1.21x | 128x128 w8s3, pack 1, splits 1 | 4.0e-03 |" in text
 
 
+def test_summary_gives_launch_bound_dense_rows_by_their_graph_replay_too():
+    """A paged batch whose dense per-row launches are launch-bound (eager over the replay): the speed-up over them by
+    the replay beside the eager one; device-bound rows (eager near the replay) show the eager one alone."""
+    row = dict(batch=[[4096, 1], [32000, 1]], page_size=16, paged_tflops=5.0, paged_vs_dense_rows=3.6,
+               paged_vs_sdpa_rows=0.8, best_sdpa="flash", launch_plan=dict(pack=4, splits=7), paged_max_abs_err=3e-4,
+               dense_rows_ms=0.79, dense_rows_graph_ms=0.30, paged_vs_dense_rows_graph=1.36)
+    near = dict(row, batch=[[16384, 2048]], dense_rows_ms=1.21, dense_rows_graph_ms=1.20, paged_vs_dense_rows=0.83,
+                paged_vs_dense_rows_graph=0.82)
+    kernels = dict(copy_gbps=1.0, gemm_bf16_tflops=1.0, attention=[], memory_bound=[], paged=[row, near],
+                   targets=dict(attention_tflops=560.0, attention_vs_best_peer=1.0, memory_bound_of_copy=0.8))
+    text = gpu_summary.summary_markdown(dict(device="GPU"), None, kernels, None)
+    assert "| 4096+1, 32000+1 | 16 | 5 | 3.60x (1.36x by the dense rows' graph replay) | 0.80x (flash) |" in text
+    assert "| 16384+2048 | 16 | 5 | 0.83x | 0.80x (flash) |" in text
+
+
 def test_launch_cost_tells_one_cold_call_from_calls_back_to_back(monkeypatch):
     """host_us times one call after a synchronise (the host woken from its wait: slow), steady_us calls back to back
     (each burst's first call untimed): a call that costs 5 ms after a synchronise and 0.2 ms otherwise reads about 5
