@@ -230,18 +230,22 @@ def ws_probe_lines(rows: list[dict], tol: float = 3e-2) -> list[str]:
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_S = 15.0  # the probe's process: importing torch and Triton, a CUDA context (seconds on a GPU machine)
+# the most the probe may take: six compiles and timings, about 40 s expected; a hang then costs the kernel part no
+# more than this (the rows after the probe, sliding windows and paged batches, still run)
+MAX_PROBE_S = 100.0
 
 
 def run_isolated(deadline: float, case: dict | None = None, cmd: list[str] | None = None) -> list[dict]:
-    """`run_ws_probe` in a process of its own (`python -m bench.ws_probe`), killed at `deadline` (time.time()): a
-    warp-specialized kernel, its warp groups synchronised by barriers, has never run here, and one that hung would
-    hang the suite's process (a fault would poison its CUDA context for the parts after it). The rows come back one
-    JSON line each as they are measured; the config running when the process was killed, or died, says so, those
-    after it are not run. `case`: run_ws_probe's keyword arguments (shape, Hq, Hkv, D, dtype by name, device,
+    """`run_ws_probe` in a process of its own (`python -m bench.ws_probe`), killed at `deadline` (time.time()) or
+    MAX_PROBE_S after it starts, whichever comes first: a warp-specialized kernel, its warp groups synchronised by
+    barriers, has never run here, and one that hung would hang the suite's process (a fault would poison its CUDA
+    context for the parts after it). The rows come back one JSON line each as they are measured; the config running
+    when the process was killed, or died, says so, those after it are not run. `case`: run_ws_probe's keyword arguments (shape, Hq, Hkv, D, dtype by name, device,
     configs), for tests; `cmd`: the command instead (tests)."""
     case = dict(case or {})
     configs = case.get("configs", PROBE_CONFIGS)
     P, C = case.get("shape", (16384, 2048))
+    deadline = min(deadline, time.time() + MAX_PROBE_S)
     budget = deadline - time.time()
     if budget < STARTUP_S:
         return [dict(cfg, prefix=P, chunk=C, not_run="past the kernel part's budget") for cfg in configs]
@@ -257,7 +261,7 @@ def run_isolated(deadline: float, case: dict | None = None, cmd: list[str] | Non
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        ended = f"killed at the kernel part's budget ({budget:.0f} s after the probe started): hung, or too slow"
+        ended = f"killed {budget:.0f} s after the probe started (its budget): hung, or too slow"
     rows = []
     for line in out.splitlines():
         try:
