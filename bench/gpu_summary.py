@@ -485,13 +485,8 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
     if kernels.get("ws_probe"):  # files before 2026-11-29: no probe
         from .ws_probe import ws_probe_lines
         head, *rest = ws_probe_lines(kernels["ws_probe"])
-        lines += ["", head[0].upper() + head[1:], ""] + [f"- {r.strip()}" for r in rest]
-        p0 = kernels["ws_probe"][0]
-        full = next((a for a in kernels["attention"] if (a["prefix"], a["chunk"]) == (p0["prefix"], p0["chunk"])),
-                    None)
-        if full is not None:
-            lines.append(f"- chunk_attention at this shape, its chunk phase included: {full['triton_tflops']:.0f} "
-                         "TFLOP/s (the table above)")
+        lines += ["", head[0].upper() + head[1:], ""] + [("  - " if r.startswith("    ") else "- ") + r.strip()
+                                                          for r in rest]
     hosts = any("triton_host_us" in m for m in kernels["memory_bound"])  # older files: no host times
     steady = any("eager_steady_us" in m for m in kernels["memory_bound"])
     lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target |"

@@ -422,8 +422,10 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
         configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
                     for m in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
                     if not (m == 64 and w == 8)]
-        from kernels.chunk_attention import TMA_SWEEP
+        from kernels.chunk_attention import TMA_SWEEP, WS_SWEEP
         configs += [cfg for d, cfg in TMA_SWEEP if d == D]  # the TMA prefix loads (Hopper)
+        # the prefix's whole key blocks in a warp-specialized kernel of their own (Hopper; bench.ws_probe)
+        configs += [cfg for d, cfg in WS_SWEEP if d == D and P >= cfg["BLOCK_N"]]
         if C <= 512 and P >= 4096:  # short chunks over long prefixes: split-KV and GQA packing too
             configs += [dict(BLOCK_M=64, BLOCK_N=n, num_warps=4, num_stages=3, num_splits=k, pack_gqa=pack)
                         for n in (64, 128) for k in (2, 4, 8) for pack in (False, True) if not (pack and C > 64)]
@@ -440,7 +442,7 @@ def sweep_attention(configs=None, shape=TARGET_SHAPE, B=1, Hq=32, Hkv=8, D=128, 
 
 
 SWEEP_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "pack_gqa", "num_splits", "tma", "longest_first",
-              "no_prefix", "page_ahead", "fold_scale")
+              "no_prefix", "page_ahead", "fold_scale", "ws")
 
 
 def _same_tile(a: dict, b: dict) -> bool:
@@ -1102,7 +1104,7 @@ def sweep_lines(doc: dict, tol: float | None = None) -> list[str]:
     tol = PEER_TOL[torch.bfloat16] if tol is None else tol
 
     def tile(r):
-        return tile_words(r, ("pack_gqa", "tma", "longest_first", "no_prefix", "page_ahead", "fold_scale"))
+        return tile_words(r, ("pack_gqa", "tma", "longest_first", "no_prefix", "page_ahead", "fold_scale", "ws"))
     out = []
     for kind in ("attention", "paged"):
         groups: dict = {}

@@ -9,17 +9,21 @@ do the matrix multiplies and the softmax, their registers rebalanced (`setmaxnre
 Triton 3.6-3.9 have a Hopper pass for it (`tl.range(..., warp_specialize=True)`), but chunk_attention's kernel does
 not get it. Compiled for sm_90 without a GPU, the pass fails ("Unexpected op" in WSDataPartition) unless the query
 tile comes through a 2-D tensor descriptor, and it fails whenever another loop with a matrix multiply follows the
-specialized one (chunk_attention has two: the chunk's own keys, unmasked and on the diagonal). So warp
-specialization would mean a kernel of its own for the prefix, its partial result (with its log-sum-exp) merged with
-the chunk phase's, as split-KV merges its slices: a second launch and a float32 round trip of the output (32 MB at
-16k/2k, about 2% of the kernel's time). Before building that, this probe times the loop it would run.
+specialized one (chunk_attention has two: the chunk's own keys, unmasked and on the diagonal). So chunk_attention's
+config `ws` (a sweep option; the launcher does not choose it) runs the prefix's whole key blocks in a kernel of their
+own (`_prefix_ws_kernel`), the rest of the prefix and the chunk in its usual kernel with the launcher's tile, and
+merges their partial results as split-KV merges its slices: a third launch and a float32 round trip of the output
+(32 MB at 16k/2k, about 2% of the kernel's time).
 
-`prefix_attention` is that loop alone, one program per (query block, query head): the query tile, each key and value
-tile through 2-D descriptors over [len, heads·D] (so the prefix must be a whole number of key blocks and the head dim
-a power of two), with and without `warp_specialize` (config `ws`); `run_ws_probe` times it at the target shape
-against float64 under a few tiles, the plain one being chunk_attention's. The gpu-suite's kernel part runs it on a
-Hopper GPU and its summary says which way it went: the best specialized tile over the best plain one. Outside the
-probe nothing uses it.
+This probe times both, against float64, in the same run:
+- kind "loop": `prefix_attention`, the prefix loop alone, one program per (query block, query head), the query tile
+  and each key and value tile through 2-D descriptors over [len, heads·D] (the prefix a whole number of key blocks,
+  the head dim a power of two), with and without `warp_specialize` (config key `ws`) under a few tiles, the plain one
+  being chunk_attention's: does the pass pay at all;
+- kind "chunk_attention": the whole op at the shape, its launcher's tile against config ws with each `WS_SWEEP`
+  tile, replayed from CUDA graphs too: what it buys end to end.
+The gpu-suite's kernel part runs it on a Hopper GPU (in a process of its own: `run_isolated`) and its summary says
+which way it went.
 """
 from __future__ import annotations
 
@@ -146,28 +150,38 @@ PROBE_CONFIGS = (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, ws=Fa
 
 
 def run_ws_probe(shape=(16384, 2048), Hq=32, Hkv=8, D=128, dtype=torch.bfloat16, device="cuda", timer=None,
-                 configs=PROBE_CONFIGS, deadline: float | None = None, on_row=None) -> list[dict]:
-    """`prefix_attention` at the prefix and chunk of `shape` under each of `configs`: one row per config with its
-    time, TFLOP/s and max error against float64 (or why it did not compile or run; past `deadline` (time.time()) no
-    config starts: its row says so). On CUDA the compiled kernel's warp count is recorded (`warps`: 12 from 4 where
-    the pass specialized the loop). `on_row(row)` after each row."""
-    from .kernels import cpu_timer, gpu_timer, why
+                 configs=PROBE_CONFIGS, ws_configs=None, deadline: float | None = None, on_row=None) -> list[dict]:
+    """The probe at the prefix and chunk of `shape`, one row per config (each with its time, TFLOP/s and max error
+    against float64, or why it did not compile or run; past `deadline` (time.time()) no config starts: its row says
+    so), `on_row(row)` after each:
+    - kind "loop": `prefix_attention` under each of `configs`; on CUDA with the compiled kernel's warp count (`warps`:
+      12 from 4 where the pass specialized the loop);
+    - kind "chunk_attention": the whole op at that shape, its launcher's own tile first (`launcher`), then config ws
+      (the prefix's whole key blocks in the warp-specialized kernel, the rest and the chunk in the launcher's tile,
+      merged) with each of `ws_configs` (default: `WS_SWEEP`'s at this head dim), replayed from CUDA graphs too."""
+    from kernels.chunk_attention import WS_SWEEP
+
+    from .kernels import cpu_timer, gpu_timer, sweep_attention, why
     timer = timer or (gpu_timer if torch.device(device).type == "cuda" else cpu_timer)
+    ws_configs = [cfg for d, cfg in WS_SWEEP if d == D] if ws_configs is None else list(ws_configs)
     P, C = shape
-    if deadline is not None and time.time() > deadline:  # before the inputs and their float64 reference
-        return [dict(cfg, prefix=P, chunk=C, not_run="past the kernel part's budget") for cfg in configs]
-    g = torch.Generator(device=device).manual_seed(P * 7919 + C)
-    q = torch.randn(C, Hq, D, device=device, dtype=dtype, generator=g)
-    k, v = (torch.randn(P, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
-    ref = prefix_attention_ref(q, k, v)
-    flops = 4 * C * P * Hq * D
     rows = []
+
+    def emit(row):
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    late = deadline is not None and time.time() > deadline
+    if not late:  # the inputs and their float64 reference only if a config will run
+        g = torch.Generator(device=device).manual_seed(P * 7919 + C)
+        q = torch.randn(C, Hq, D, device=device, dtype=dtype, generator=g)
+        k, v = (torch.randn(P, Hkv, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+        ref = prefix_attention_ref(q, k, v)
+    flops = 4 * C * P * Hq * D
     for cfg in configs:
-        row = dict(cfg, prefix=P, chunk=C)
+        row = dict(cfg, kind="loop", prefix=P, chunk=C)
         if deadline is not None and time.time() > deadline:
-            rows.append(dict(row, not_run="past the kernel part's budget"))
-            if on_row is not None:
-                on_row(rows[-1])
+            emit(dict(row, not_run="past the kernel part's budget"))
             continue
         out = torch.full_like(q, float("nan"))
         try:
@@ -176,16 +190,20 @@ def run_ws_probe(shape=(16384, 2048), Hq=32, Hkv=8, D=128, dtype=torch.bfloat16,
             out.fill_(float("nan"))
             ms = timer(lambda: prefix_attention(q, k, v, cfg, out=out))  # noqa: B023 - called here
         except Exception as e:  # noqa: BLE001 - said in the row: a config that does not compile is a result
-            rows.append(dict(row, error=why(e)))
-            if on_row is not None:
-                on_row(rows[-1])
+            emit(dict(row, error=why(e)))
             continue
         row.update(ms=ms, tflops=flops / ms / 1e9, max_abs_err=(out.double() - ref).abs().max().item())
         if compiled is not None:
             row["warps"] = compiled.metadata.num_warps
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
+        emit(row)
+    if deadline is not None and time.time() > deadline:
+        for cfg in [None] + ws_configs:
+            emit(dict(cfg or {}, kind="chunk_attention", prefix=P, chunk=C, launcher=cfg is None,
+                      not_run="past the kernel part's budget"))
+        return rows
+    sweep_attention(configs=ws_configs, shape=shape, B=1, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype, device=device,
+                    timer=timer, deadline=deadline, launcher_first=True,
+                    on_row=lambda so_far: emit(dict(so_far[-1], kind="chunk_attention")))
     return rows
 
 
@@ -200,32 +218,59 @@ def skip_reason(device) -> str | None:
     return None
 
 
+def _tile(r: dict) -> str:
+    return f"{r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']}s{r['num_stages']}" + (" ws" if r.get("ws") else "")
+
+
 def ws_probe_lines(rows: list[dict], tol: float = 3e-2) -> list[str]:
-    """The probe in words: each config's TFLOP/s (or why not), then the best warp-specialized tile over the best plain
-    one (rows with an error over `tol` do not count)."""
+    """The probe in words: the loop's configs (TFLOP/s or why not) and the best warp-specialized tile over the best
+    plain one; then chunk_attention with config ws against its launcher's tile, by CUDA-graph replays where every
+    row has one. Rows with an error over `tol` do not count."""
     if not rows:
         return []
     P, C = rows[0]["prefix"], rows[0]["chunk"]
+    loop = [r for r in rows if r.get("kind", "loop") == "loop"]
+    whole = [r for r in rows if r.get("kind") == "chunk_attention"]
     out = [f"warp-specialization probe (chunk_attention's prefix phase alone: {C} queries over {P} keys, no mask):"]
-    for r in rows:
-        tile = f"{r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']}s{r['num_stages']}" + (" ws" if r["ws"] else "")
+    for r in loop:
         if "tflops" in r:
             ok = r["max_abs_err"] <= tol
-            out.append(f"  {tile}: {r['tflops']:.0f} TFLOP/s, err {r['max_abs_err']:.1e}" + ("" if ok else " WRONG")
+            out.append(f"  {_tile(r)}: {r['tflops']:.0f} TFLOP/s, err {r['max_abs_err']:.1e}" + ("" if ok else " WRONG")
                        + (f", {r['warps']} warps compiled" if r.get("warps") else ""))
         else:
-            out.append(f"  {tile}: " + (r.get("error") or f"not run ({r.get('not_run')})"))
-    ok = [r for r in rows if "tflops" in r and r["max_abs_err"] <= tol]
+            out.append(f"  {_tile(r)}: " + (r.get("error") or f"not run ({r.get('not_run')})"))
+    ok = [r for r in loop if "tflops" in r and r["max_abs_err"] <= tol]
     ws, plain = ([r for r in ok if r["ws"] is flag] for flag in (True, False))
     if ws and plain:
         best_ws, best_plain = (max(rs, key=lambda r: r["tflops"]) for rs in (ws, plain))
         out.append(f"  specialized over plain: {best_ws['tflops'] / best_plain['tflops']:.2f}x (best of each)")
     else:
         kind = "" if not (ws or plain) else "plain " if ws else "specialized "
-        tried = not kind or any(r["ws"] is (kind == "specialized ") for r in rows)
+        tried = not kind or any(r["ws"] is (kind == "specialized ") for r in loop)
         out.append(f"  specialized over plain: not measured (no {kind}config "
                    + ("ran correctly)" if tried else "in the probe)"))
+    if whole:
+        good = [r for r in whole if "tflops" in r and r["max_abs_err"] <= tol]
+        graph = bool(good) and all("graph_ms" in r for r in good)
+        key = "graph_ms" if graph else "ms"
+        own = next((r for r in good if r.get("launcher")), None)
+        out.append("  chunk_attention at this shape, the prefix's whole key blocks in the specialized kernel (config "
+                   "ws) against its launcher's tile" + (" (CUDA graph replays)" if graph else "") + ":")
+        for r in whole:
+            name = "launcher " + tile_words(r) if r.get("launcher") else _tile(r)
+            if r in good:
+                vs = f" = {own[key] / r[key]:.2f}x the launcher's" if own is not None and r is not own else ""
+                out.append(f"    {name}: {r['graph_tflops' if graph else 'tflops']:.0f} TFLOP/s{vs}")
+            elif "tflops" in r:
+                out.append(f"    {name}: err {r['max_abs_err']:.1e} WRONG")
+            else:
+                out.append(f"    {name}: " + (r.get("error") or f"not run ({r.get('not_run')})"))
     return out
+
+
+def tile_words(r: dict) -> str:
+    from .kernels import tile_words as words
+    return words(r) if "BLOCK_M" in r else "tile"
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,13 +287,17 @@ def run_isolated(deadline: float, case: dict | None = None, cmd: list[str] | Non
     context for the parts after it). The rows come back one JSON line each as they are measured; the config running
     when the process was killed, or died, says so, those after it are not run. `case`: run_ws_probe's keyword arguments (shape, Hq, Hkv, D, dtype by name, device,
     configs), for tests; `cmd`: the command instead (tests)."""
+    from kernels.chunk_attention import WS_SWEEP
     case = dict(case or {})
-    configs = case.get("configs", PROBE_CONFIGS)
     P, C = case.get("shape", (16384, 2048))
+    ws_configs = case.get("ws_configs", [cfg for d, cfg in WS_SWEEP if d == case.get("D", 128)])
+    plan = [dict(cfg, kind="loop") for cfg in case.get("configs", PROBE_CONFIGS)] + [
+        dict(kind="chunk_attention", launcher=True)] + [dict(cfg, kind="chunk_attention", launcher=False)
+                                                         for cfg in ws_configs]
     deadline = min(deadline, time.time() + MAX_PROBE_S)
     budget = deadline - time.time()
     if budget < STARTUP_S:
-        return [dict(cfg, prefix=P, chunk=C, not_run="past the kernel part's budget") for cfg in configs]
+        return [dict(p, prefix=P, chunk=C, not_run="past the kernel part's budget") for p in plan]
     cmd = cmd or [sys.executable, "-m", "bench.ws_probe", "--budget-s", f"{budget - STARTUP_S:.0f}",
                   "--case", json.dumps(case)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} if case.get("device", "cuda") == "cuda" \
@@ -268,7 +317,7 @@ def run_isolated(deadline: float, case: dict | None = None, cmd: list[str] | Non
             rows.append(json.loads(line)["row"])
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    rest = [dict(cfg, prefix=P, chunk=C) for cfg in configs[len(rows):]]
+    rest = [dict(p, prefix=P, chunk=C) for p in plan[len(rows):]]
     if rest:
         rest[0]["error"] = f"not measured: {ended}"
         for r in rest[1:]:
@@ -281,7 +330,7 @@ def _case(text: str) -> dict:
         case = json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"expected a JSON object of run_ws_probe's arguments, got {text!r} ({e})")
-    allowed = {"shape", "Hq", "Hkv", "D", "dtype", "device", "configs"}
+    allowed = {"shape", "Hq", "Hkv", "D", "dtype", "device", "configs", "ws_configs"}
     if not isinstance(case, dict) or not set(case) <= allowed:
         raise argparse.ArgumentTypeError(f"expected a JSON object with keys among {', '.join(sorted(allowed))}, "
                                          f"got {text!r}")
@@ -289,8 +338,9 @@ def _case(text: str) -> dict:
         if case["dtype"] not in ("float32", "float16", "bfloat16"):
             raise argparse.ArgumentTypeError(f"dtype must be float32, float16 or bfloat16, got {case['dtype']!r}")
         case["dtype"] = getattr(torch, case["dtype"])
-    if "configs" in case:
-        case["configs"] = tuple(case["configs"])
+    for key in ("configs", "ws_configs"):
+        if key in case:
+            case[key] = tuple(case[key])
     if "shape" in case:
         case["shape"] = tuple(case["shape"])
     return case

@@ -117,7 +117,7 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
                          BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                          PRECISION="ieee" if dtype == torch.float32 else "tf32", PER_ROW_START=per_row, PACK=pack,
                          SPLIT=split, TMA=tma, LONGEST_FIRST=False, HAS_PREFIX=has_prefix,
-                         FOLD_SCALE=bool(cfg.get("fold_scale")), WINDOW=window)
+                         FOLD_SCALE=bool(cfg.get("fold_scale")), WINDOW=window, SKIP_FULL=False)
             name = (f"chunk_attention d{head_dim} {str(dtype)[6:]} m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
                     + (" fold" if cfg.get("fold_scale") else "") + (f" pack{pack}" if pack > 1 else "")
                     + (" per-row start" if per_row else "") + (" split" if split else "") + (" tma" if tma else "")
@@ -165,12 +165,33 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
             for split in (False, True):
                 const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_D=attn_mod.block_d(head_dim), BLOCK_M=cfg["BLOCK_M"],
                              BLOCK_N=cfg["BLOCK_N"], PRECISION="tf32", PER_ROW_START=False, PACK=1, SPLIT=split,
-                             TMA=True, LONGEST_FIRST=False, HAS_PREFIX=True, FOLD_SCALE=False, WINDOW=False)
+                             TMA=True, LONGEST_FIRST=False, HAS_PREFIX=True, FOLD_SCALE=False, WINDOW=False,
+                             SKIP_FULL=False)
                 specs.append(KernelSpec(f"chunk_attention d{head_dim} bfloat16 m{cfg['BLOCK_M']}n{cfg['BLOCK_N']}"
                                         f" w{cfg['num_warps']}s{cfg['num_stages']}" + (" split" if split else "")
                                         + " tma", attn_mod._chunk_attention_kernel,
                                         sig | {k: "constexpr" for k in const}, const, cfg["num_warps"],
                                         cfg["num_stages"], expect_wgmma=True, dtype="bfloat16"))
+    if arch == 90:  # config ws (Hopper's warp specialization, sweeps): the prefix kernel of each WS_SWEEP tile, and
+        # the main kernel covering the rest of the prefix and the chunk (SKIP_FULL, split) in the launcher's tiles
+        # over a prefix beside it (128x128 for chunks over 512, 64x128 for shorter ones)
+        for head_dim, cfg in attn_mod.WS_SWEEP:
+            sig = {"Q": "*bf16", "KC": "*bf16", "VC": "*bf16", "Part": "*fp32", "Lse": "*fp32", "start_pos": "i32",
+                   "max_len": "i32", "B": "i32", "C": "i32", "Hq": "i32", "qk_scale": "fp32"}
+            const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION="tf32")
+            specs.append(KernelSpec(f"chunk_attention_ws d{head_dim} bfloat16 m{cfg['BLOCK_M']}n{cfg['BLOCK_N']} "
+                                    f"w{cfg['num_warps']}s{cfg['num_stages']}", attn_mod._prefix_ws_kernel,
+                                    sig | {k: "constexpr" for k in const}, const, cfg["num_warps"],
+                                    cfg["num_stages"], expect_wgmma=True, dtype="bfloat16"))
+        for chunk in (4096, 512):
+            cfg = attn_mod.pick_config(chunk, 128, torch.bfloat16, (9, 0))
+            const = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                         PRECISION="tf32", PER_ROW_START=False, PACK=1, SPLIT=True, TMA=False, LONGEST_FIRST=False,
+                         HAS_PREFIX=True, FOLD_SCALE=False, WINDOW=False, SKIP_FULL=True)
+            specs.append(KernelSpec(f"chunk_attention d128 bfloat16 m{cfg['BLOCK_M']}n{cfg['BLOCK_N']} ws-rest split",
+                                    attn_mod._chunk_attention_kernel,
+                                    _attention_signature(torch.bfloat16) | {k: "constexpr" for k in const}, const,
+                                    cfg["num_warps"], cfg["num_stages"], expect_wgmma=True, dtype="bfloat16"))
     for page in (16, 256):  # the paged launcher's device-side check of rows and pages
         sig = {"BT": "*i32", "CuQ": "*i32", "Prefix": "*i32", "Ok": "*i32", "stride_bt": "i32", "max_pages": "i32",
                "num_pages": "i32", "PAGE_SIZE": "constexpr", "BLOCK": "constexpr"}
@@ -316,6 +337,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     ptx = kernel.asm["ptx"]
     has_dot = "BLOCK_N" in spec.constexprs  # the attention kernels (the others have no matrix multiply to find)
     return dict(kernel=spec.name, arch=f"sm_{arch}", num_warps=spec.num_warps, num_stages=spec.num_stages,
+                compiled_warps=kernel.metadata.num_warps, setmaxnreg="setmaxnreg" in ptx,
                 shared_bytes=kernel.metadata.shared, wgmma="wgmma" in ptx,
                 expect_wgmma=spec.expect_wgmma and arch == 90,
                 tma="cp.async.bulk.tensor" in ptx,
@@ -342,6 +364,8 @@ def _code_path(spec: KernelSpec) -> tuple[tuple, bool] | None:
     kernel = spec.name.split()[0]
     if "BLOCK_N" not in c:  # the split-KV merge, the paged row check, the elementwise kernels: each in bf16 only
         return ((spec.name,), False) if spec.dtype in ("bfloat16", "") else None
+    if kernel == "chunk_attention_ws" or c.get("SKIP_FULL"):  # config ws (sweeps): every tile (few, and the
+        return (kernel, "ws", c["BLOCK_M"], c["BLOCK_N"]), True  # specialization is checked per tile)
     if c.get("FOLD_SCALE") or c.get("TMA"):  # tuning-sweep options, never the launchers' choice
         return (kernel, "fold" if c.get("FOLD_SCALE") else "tma"), False
     if c.get("WINDOW"):  # a sliding window: the largest d128 windowed tile of each kernel (the quick set: all)

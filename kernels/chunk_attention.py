@@ -154,7 +154,7 @@ def _chunk_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr, PER_ROW_START: tl.constexpr, PACK: tl.constexpr, SPLIT: tl.constexpr,
     TMA: tl.constexpr = False, LONGEST_FIRST: tl.constexpr = False, HAS_PREFIX: tl.constexpr = True,
-    FOLD_SCALE: tl.constexpr = False, WINDOW: tl.constexpr = False,
+    FOLD_SCALE: tl.constexpr = False, WINDOW: tl.constexpr = False, SKIP_FULL: tl.constexpr = False,
 ):
     """One program: BLOCK_M tile rows x every visible key, for one batch row. The tile rows are BLOCK_M queries of
     one query head, or, with PACK > 1 (GQA packing), BLOCK_M // PACK queries of each of the PACK query heads that
@@ -170,7 +170,10 @@ def _chunk_attention_kernel(
     the softmax scale applied inside the exp2's multiply-add (`_softmax_step`). With WINDOW (a sliding window),
     query i at position P + i sees the keys at positions (P + i - window, P + i] only: key blocks wholly below its
     block's window are not visited, and every visited block is masked at the window's edge (a masked band and an
-    unmasked rest, two loops each for the prefix and the chunk, made tiles spill under Triton 3.6)."""
+    unmasked rest, two loops each for the prefix and the chunk, made tiles spill under Triton 3.6). With SKIP_FULL
+    (config ws, with SPLIT and one split) the prefix's keys below `window`, which then carries that boundary, are
+    `_prefix_ws_kernel`'s: this kernel covers the rest of the prefix (under one of that kernel's key blocks) and the
+    chunk, its partial result the first of the two that `_merge_splits_kernel` merges."""
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM  # a head dim that is not a power of two: padded tiles, masked columns
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # queries per head in the tile
     if LONGEST_FIRST:
@@ -245,6 +248,8 @@ def _chunk_attention_kernel(
     p0 = 0
     if WINDOW:
         p0 = (tl.maximum(P - window + 1, 0) // BLOCK_N) * BLOCK_N
+    if SKIP_FULL:
+        p0 = window
     lo, hi, chunk_end = _split_slice(P, C_ok, pid_s, n_splits, SPLIT, BLOCK_N, p0)
     if HAS_PREFIX:
         # the slice's keys are addressed from its start (a loop from 0 with a constant-free start compiles to fewer
@@ -339,6 +344,53 @@ def _merge_splits_kernel(Part, Lse, Out, n_splits, n_rows, C, Hq, stride_ob, str
     tl.store(dst[:, None] + d[None, :], out.to(Out.dtype.element_ty), mask=io_ok)
 
 
+@triton.jit(do_not_specialize=["start_pos", "max_len"])
+def _prefix_ws_kernel(Q, KC, VC, Part, Lse, start_pos, max_len, B, C, Hq, qk_scale, GROUP: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """Config ws (Hopper, sweeps): the prefix's whole key blocks [0, start_pos // BLOCK_N · BLOCK_N) for BLOCK_M
+    queries of one query head, in a loop that Triton's Hopper pass warp-specializes (a producer warp group issuing
+    the tensor-memory loads, two consumer groups of BLOCK_M / 2 rows each). That pass takes no other loop with a
+    matrix multiply after it and a query tile only through a 2-D descriptor, so this is a kernel of its own: Q is
+    [B·C, Hq·HEAD_DIM] and the caches [B·max_len, Hkv·HEAD_DIM] (contiguous rows), and its normalised partial result
+    and log2-sum-exp go to the second of the two splits of Part [2, B, C, Hq, HEAD_DIM] and Lse [2, B, C, Hq], the
+    first being `_chunk_attention_kernel`'s (SKIP_FULL: the rest of the prefix and the chunk)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    kvh = h // GROUP
+    Hkv = Hq // GROUP
+    qd = tl.make_tensor_descriptor(Q, shape=[B * C, Hq * HEAD_DIM], strides=[Hq * HEAD_DIM, 1],
+                                   block_shape=[BLOCK_M, HEAD_DIM])
+    kd = tl.make_tensor_descriptor(KC, shape=[B * max_len, Hkv * HEAD_DIM], strides=[Hkv * HEAD_DIM, 1],
+                                   block_shape=[BLOCK_N, HEAD_DIM])
+    vd = tl.make_tensor_descriptor(VC, shape=[B * max_len, Hkv * HEAD_DIM], strides=[Hkv * HEAD_DIM, 1],
+                                   block_shape=[BLOCK_N, HEAD_DIM])
+    # rows past this batch row's chunk are the next row's queries (or zero-filled): computed, never stored
+    q = qd.load([b * C + pid_m * BLOCK_M, h * HEAD_DIM])
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    row0 = b * max_len
+    n_full = (start_pos // BLOCK_N) * BLOCK_N
+    for start in tl.range(0, n_full, BLOCK_N, warp_specialize=True):
+        k = kd.load([row0 + start, kvh * HEAD_DIM])
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = vd.load([row0 + start, kvh * HEAD_DIM])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < C
+    rows = ((B + b).to(tl.int64) * C + offs_m) * Hq + h  # split 1 of [2, B, C, Hq]
+    tl.store(Part + rows[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None], mask=row_ok[:, None])
+    tl.store(Lse + rows, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)  # the tile shapes; any head dim up to 256 runs in the next one up
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -416,6 +468,12 @@ def _pick_config(chunk_len, head_dim, dtype, capability, group, interpreted, no_
 TMA_SWEEP = tuple((d, dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, tma=True))
                   for d, m, n, w, s in ((128, 128, 128, 8, 3), (128, 64, 128, 4, 3), (128, 128, 64, 8, 3),
                                         (64, 128, 64, 8, 3), (64, 64, 64, 4, 3)))
+
+# Tiles of config ws (Hopper, sweeps): `_prefix_ws_kernel`'s, each with 4 warps that Triton specializes into a
+# producer group and two consumer groups (12). Compiled for sm_90 without spills under Triton 3.6-3.9 (the tests);
+# 128x128 with 3 stages needs 246 KB of shared memory, over Hopper's 227. `pick_config` does not choose it: the
+# gpu-suite's warp-specialization probe (`bench.ws_probe`) times it first.
+WS_SWEEP = tuple((128, dict(BLOCK_M=128, BLOCK_N=n, num_warps=4, num_stages=s, ws=True)) for n, s in ((128, 2), (64, 3)))
 
 # (chunk length, group) pairs that reach every branch of pick_config: decode unpacked and packed (16 and 64 rows)
 CONFIG_PROBES = ((1, 1), (1, 4), (16, 8), (256, 1), (4096, 1))
@@ -530,7 +588,8 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 # query blocks last to first (default off: for sweeps); the kernel compiled without its prefix loops (for an int
 # start of 0 only; the launcher's prefix-0 tile sets it); the paged kernel's block-table reads one key block ahead
 # (paged path only: `kernels.paged_attention`)
-OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits", "tma", "longest_first", "no_prefix", "page_ahead", "fold_scale")
+OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits", "tma", "longest_first", "no_prefix", "page_ahead", "fold_scale",
+                        "ws")
 
 
 def _check_config(config: dict, group: int) -> dict:
@@ -550,12 +609,18 @@ def _check_config(config: dict, group: int) -> dict:
     if config.get("pack_gqa") and pack_heads(group) > config["BLOCK_M"]:
         raise ValueError(f"chunk_attention: config pack_gqa puts {pack_heads(group)} query heads in a tile of "
                          f"BLOCK_M = {config['BLOCK_M']} rows; BLOCK_M must be at least that")
-    for key in ("tma", "longest_first", "no_prefix", "page_ahead", "fold_scale"):
+    for key in ("tma", "longest_first", "no_prefix", "page_ahead", "fold_scale", "ws"):
         if not isinstance(config.get(key, False), bool):
             raise ValueError(f"chunk_attention: config {key} must be True or False, got {shown(config[key])}")
     splits = config.get("num_splits", 1)
     if isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= 256:
         raise ValueError(f"chunk_attention: config num_splits must be an int in [1, 256], got {shown(splits)}")
+    if config.get("ws"):
+        others = [k for k in ("pack_gqa", "num_splits", "tma", "longest_first", "no_prefix", "fold_scale")
+                  if config.get(k)]
+        if others:
+            raise ValueError(f"chunk_attention: config ws (the prefix's whole key blocks in a warp-specialized kernel "
+                             f"of their own) takes none of {', '.join(others)}")
     return dict(config)
 
 
@@ -604,6 +669,17 @@ def chunk_attention(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale=None,
         if config.get("tma") and window is not None:
             raise ValueError("chunk_attention: config tma reads whole prefix blocks unmasked; it does not take a "
                              "sliding window")
+        if config.get("ws"):
+            if isinstance(start_pos, torch.Tensor) or start_pos < config["BLOCK_N"]:
+                got = "a tensor" if isinstance(start_pos, torch.Tensor) else start_pos
+                raise ValueError(f"chunk_attention: config ws runs the prefix's whole key blocks in a kernel of their "
+                                 f"own: it needs an int start_pos of at least BLOCK_N ({config['BLOCK_N']}), got {got}")
+            if window is not None:
+                raise ValueError("chunk_attention: config ws reads whole prefix blocks unmasked; it does not take a "
+                                 "sliding window")
+            if block_d(D) != D:
+                raise ValueError(f"chunk_attention: config ws reads whole head-dim tiles; head dim {D} is not a power "
+                                 "of two")
     if sm_scale is None:
         sm_scale = D ** -0.5
     sm_scale = positive_number("chunk_attention: sm_scale", sm_scale)
@@ -667,6 +743,8 @@ def launch_plan(q, k_new, k_cache, start_pos, config=None, window=None) -> dict:
 
 def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=None, window=None):
     """The kernel launch alone, on checked inputs (`chunk_attention` checks them)."""
+    if config is not None and config.get("ws"):
+        return _launch_ws(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config)
     B, C, Hq, D = q.shape
     # an int start rides in the launch itself; a tensor [B] is read on the device (no host sync)
     per_row = isinstance(start_pos, torch.Tensor)
@@ -704,6 +782,56 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
 
 
 MERGE_ROWS = 16
+
+
+def _launch_ws(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_scale, out, config: dict):
+    """Config ws: the prefix's whole key blocks of `config`'s BLOCK_N in `_prefix_ws_kernel` (config's tile, warps and
+    stages: 4 warps are specialized into 12), the rest of the prefix and the chunk in `_chunk_attention_kernel`
+    (SKIP_FULL) with the tile `pick_config` gives this chunk, their float32 partial results merged into `out`."""
+    B, C, Hq, D = q.shape
+    Hkv = k_new.shape[2]
+    _check_flat_rows(k_cache, v_cache)
+    _tma_allocator(q.device)
+    qc = q if q.is_contiguous() else q.contiguous()  # the query tile comes through a 2-D descriptor
+    n_full = start_pos // config["BLOCK_N"] * config["BLOCK_N"]
+    rest = dict(launch_plan(q, k_new, k_cache, start_pos)["config"], num_splits=1)
+    dst = torch.empty((2, B, C, Hq, D), device=q.device, dtype=torch.float32)
+    lse = torch.empty((2, B, C, Hq), device=q.device, dtype=torch.float32)
+    with launching("chunk_attention", q.device):
+        _prefix_ws_kernel[(cdiv(C, config["BLOCK_M"]), B * Hq)](
+            qc, k_cache, v_cache, dst, lse, start_pos, k_cache.shape[1], B, C, Hq, sm_scale * LOG2E,
+            GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=FP_FUSION)
+        _chunk_attention_kernel[(cdiv(C, rest["BLOCK_M"]), B * Hq, 1)](
+            q, k_new, v_new, k_cache, v_cache, dst, lse, q, int(start_pos), k_cache.shape[1], n_full,
+            *q.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3],
+            *v_cache.stride()[:3], *dst.stride()[-4:-1],
+            B, C, Hq, sm_scale * LOG2E,
+            GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=D,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PER_ROW_START=False, PACK=1,
+            SPLIT=True, SKIP_FULL=True, BLOCK_M=rest["BLOCK_M"], BLOCK_N=rest["BLOCK_N"],
+            num_warps=rest["num_warps"], num_stages=rest["num_stages"], enable_fp_fusion=FP_FUSION,
+        )
+        rows = B * C * Hq
+        _merge_splits_kernel[(cdiv(rows, MERGE_ROWS),)](
+            dst, lse, out, 2, rows, C, Hq, out.stride(0), out.stride(1), out.stride(2),
+            HEAD_DIM=D, BLOCK_D=D, BLOCK_R=MERGE_ROWS, num_warps=4, enable_fp_fusion=FP_FUSION)
+    return out
+
+
+def _check_flat_rows(k_cache, v_cache) -> None:
+    """What config ws's descriptors need: a Hopper GPU (or the interpreter), and each cache flattening to
+    [B·max_len, Hkv·D] rows (contiguous but for the batch stride of max_len rows), 16-byte aligned."""
+    if k_cache.is_cuda and _device_facts(k_cache.device.index or 0)[0][0] != 9:
+        raise ValueError("chunk_attention: config ws is Triton's Hopper warp specialization: it needs a GPU of compute "
+                         f"capability 9.x; this one is {_device_facts(k_cache.device.index or 0)[0]}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        B, L, H, D = c.shape
+        if c.stride()[1:] != (H * D, D, 1) or c.stride(0) != L * H * D or c.data_ptr() % 16 \
+                or (H * D * c.element_size()) % 16:
+            raise ValueError(f"chunk_attention: config ws needs {name} to flatten to [B*max_len, Hkv*D] rows (strides "
+                             f"{(L * H * D, H * D, D, 1)} and a 16-byte aligned base; got {tuple(c.stride())})")
 
 
 def _check_tma(k_cache, v_cache) -> None:

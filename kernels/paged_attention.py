@@ -499,6 +499,9 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
         if config.get("fold_scale"):
             raise ValueError("paged chunk_attention: config fold_scale is the dense kernel's (the softmax scale in the "
                              "exp2's multiply-add); the paged path does not take it")
+        if config.get("ws"):
+            raise ValueError("paged chunk_attention: config ws is the dense kernel's (its prefix's whole key blocks "
+                             "through 2-D descriptors, warp-specialized); the paged path does not take it")
     if max_prefix is not None and integer("max_prefix", max_prefix) < 0:
         raise ValueError(f"paged chunk_attention: max_prefix (the longest row's prefix, a hint for the split-KV "
                          f"choice) must be >= 0, got {max_prefix}")

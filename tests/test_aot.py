@@ -69,6 +69,11 @@ def test_kernels_compile_for_gpu_without_spills(arch, extra, shard):
     if arch == "90":
         no_tma = [r["kernel"] for r in rows if r["kernel"].endswith(" tma") and not r["tma"]]
         assert not no_tma, f"no TMA copies (cp.async.bulk.tensor) in {no_tma}"
+    # config ws: Triton's Hopper pass made each prefix kernel's 4 warps a producer and two consumer groups (12, their
+    # registers moved by setmaxnreg); nothing else is specialized
+    ws = [r for r in rows if r["kernel"].startswith("chunk_attention_ws ")]
+    assert all(r["compiled_warps"] == 12 and r["setmaxnreg"] and r["tma"] for r in ws), ws
+    assert not [r["kernel"] for r in rows if r not in ws and (r["setmaxnreg"] or r["compiled_warps"] != r["num_warps"])]
     # the disassembly's key-block loops: every 16-bit attention kernel has some (fp32 dots are FMAs, no MMA)
     no_loops = [r["kernel"] for r in rows if r["kernel"].startswith("chunk_attention ") and "float32" not in
                 r["kernel"] and not r["mma_loops"]]
@@ -83,7 +88,8 @@ def test_the_compiled_selection_covers_every_kernel():
     # listed by kernels.aot itself: in this process TRITON_INTERPRET would pick the interpreter's tiles
     names = [r["kernel"] for r in compile_rows("--arch", "90", "--quick", "--list")]
     assert {n.split()[0] for n in names} == {"chunk_attention", "chunk_attention_merge", "chunk_attention_paged",
-                                             "chunk_attention_paged_check", "add_rms_norm", "rope", "swiglu"}
+                                             "chunk_attention_paged_check", "chunk_attention_ws", "add_rms_norm",
+                                             "rope", "swiglu"}
     # the paged, varlen kernel: every head dim in bf16, small and large pages, a padded head dim
     paged = {n for n in names if n.startswith("chunk_attention_paged ")}
     assert {f"d{d}" for d in (16, 32, 64, 80, 128, 256)} <= {n.split()[1] for n in paged if "bfloat16" in n}
@@ -126,7 +132,13 @@ def test_the_compiled_selection_covers_every_kernel():
     assert not [n for n in paged if "page16" in n and " ahead" in n]
     tma = [n for n in names if n.endswith(" tma")]  # the TMA prefix loads, alone and split, on sm_90 only
     assert any(" d128 " in n for n in tma) and any(" split tma" in n for n in tma)
-    assert not [r for r in compile_rows("--arch", "80", "--quick", "--list") if r["kernel"].endswith(" tma")]
+    assert not [r for r in compile_rows("--arch", "80", "--quick", "--list") if r["kernel"].endswith(" tma")
+                or r["kernel"].startswith("chunk_attention_ws") or " ws-rest" in r["kernel"]]
+    # config ws (sm_90 only): the warp-specialized prefix kernel of each sweep tile, and the main kernel's rest of the
+    # prefix and chunk in the launcher's two prefill tiles over a prefix
+    assert {"chunk_attention_ws d128 bfloat16 m128n128 w4s2", "chunk_attention_ws d128 bfloat16 m128n64 w4s3",
+            "chunk_attention d128 bfloat16 m128n128 ws-rest split",
+            "chunk_attention d128 bfloat16 m64n128 ws-rest split"} <= set(names)
     assert {f"d{d}" for d in (16, 32, 64, 128, 256)} <= {n.split()[1] for n in names if "bfloat16" in n}
     ampere = [r["kernel"] for r in compile_rows("--arch", "80", "--only", "d128", "--list")]
     assert any(n.startswith("chunk_attention d128 bfloat16") for n in ampere)

@@ -280,6 +280,42 @@ def test_chunk_attention_tma_refuses_a_cache_that_does_not_flatten():
                         config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, tma="yes"))
 
 
+# config ws: the prefix's whole key blocks in the warp-specialized kernel, the rest and the chunk in the main one
+WS_CASES = [(1, 37, 4, 4, 128, 45), (3, 5, 2, 1, 32, 70), (2, 19, 4, 2, 16, 64), (1, 1, 8, 1, 64, 300)]
+WS_LONG_CASES = [(2, 61, 8, 2, 16, 389)]
+WS_PARAMS = [(*case, *DTYPES[0]) for case in WS_CASES + WS_LONG_CASES] + [(*case, *DTYPES[1]) for case in WS_CASES]
+WS_IDS = ["-".join(map(str, p[:6])) + ("-fp32" if p[6] == torch.float32 else "-fp16") for p in WS_PARAMS]
+
+
+@pytest.mark.parametrize("B,C,Hq,Hkv,D,start_pos,dtype,tol", WS_PARAMS, ids=WS_IDS)
+@pytest.mark.parametrize("block_m", [32, 64])
+def test_chunk_attention_warp_specialized_prefix(B, C, Hq, Hkv, D, start_pos, dtype, tol, block_m):
+    """Config ws: batches (the query and cache descriptors span every row), GQA groups, chunks that are not whole
+    query blocks, a prefix that is whole key blocks (64) or has a tail, one query; output and cache append exact."""
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=16, num_warps=4, num_stages=2, ws=True)
+    run_attention_case(B, C, Hq, Hkv, D, start_pos, dtype, tol, seed=block_m, config=cfg)
+
+
+def test_chunk_attention_warp_specialized_prefix_refuses_what_it_cannot_run():
+    q, k = torch.randn(2, 4, 2, 16), torch.randn(2, 4, 2, 16)
+    cache = lambda: torch.zeros(2, 64, 2, 16)  # noqa: E731
+    ws = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2, ws=True)
+    with pytest.raises(ValueError, match=r"config ws .* needs an int start_pos of at least BLOCK_N \(16\), got 15"):
+        chunk_attention(q, k, k, cache(), cache(), 15, config=ws)
+    with pytest.raises(ValueError, match="needs an int start_pos of at least BLOCK_N .16., got a tensor"):
+        chunk_attention(q, k, k, cache(), cache(), torch.tensor([20, 30]), config=ws)
+    with pytest.raises(ValueError, match="config ws reads whole prefix blocks unmasked; it does not take a sliding"):
+        chunk_attention(q, k, k, cache(), cache(), 20, config=ws, window=8)
+    with pytest.raises(ValueError, match=r"config ws \(.*\) takes none of pack_gqa, num_splits$"):
+        chunk_attention(q, k, k, cache(), cache(), 20, config={**ws, "pack_gqa": True, "num_splits": 2})
+    with pytest.raises(ValueError, match="config ws needs k_cache to flatten to \\[B\\*max_len, Hkv\\*D\\] rows"):
+        big = torch.zeros(2, 64, 4, 16)
+        chunk_attention(q, k, k, big[:, :, :2], cache(), 20, config=ws)
+    q24, k24 = torch.randn(1, 4, 2, 24), torch.randn(1, 4, 2, 24)
+    with pytest.raises(ValueError, match="head dim 24 is not a power of two"):
+        chunk_attention(q24, k24, k24, torch.zeros(1, 64, 2, 24), torch.zeros(1, 64, 2, 24), 20, config=ws)
+
+
 def test_chunk_attention_split_with_per_row_starts():
     """Splits are cut per row from that row's own prefix: a long and a short prefix in one launch."""
     cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1, pack_gqa=True, num_splits=6)

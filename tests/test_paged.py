@@ -390,6 +390,7 @@ def test_bad_paged_input_is_refused_before_the_launch(over, match):
     (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, tma=True)), "config tma is not supported"),
     (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, longest_first=True)), "longest_first is the"),
     (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, no_prefix=True)), "no_prefix is the"),
+    (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, ws=True)), "config ws is the dense kernel's"),
     (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, page_ahead=1)), "page_ahead must be True or"),
     (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, pack_gqa=True)), "BLOCK_M must be at least"),
     (dict(config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, num_splits=0)), "num_splits"),

@@ -242,8 +242,10 @@ def test_an_emulated_transfer_starts_when_both_ends_are_ready_and_the_simulator_
     and on the receiver, as a real slow link makes both wait. (It used to be slept before the send: a busy receiver
     then found the data waiting and paid nothing.) And the engine and the simulator agree on the link's rules: a
     run replayed on its own compute times with the emulated link takes what it took, less the host overhead the
-    model leaves out (0.95-0.996 on a quiet machine; the bounds leave room for a loaded one). Never more: what the
-    model has, the run had too. (One test per link, its modes in a loop: the runs are made once, on one worker.)"""
+    model leaves out (0.95-0.996 on a quiet machine; 0.81-0.95 for chunked over gloo in a full suite run on two busy
+    cores, 2026-11-29: the lower bound leaves room for that, and still fails a model that loses a stage's compute).
+    Never more: what the model has, the run had too. (One test per link, its modes in a loop: the runs are made
+    once, on one worker.)"""
     from pipeline.simulate import replay
     for mode, runs in emulated_runs(link).items():
         for res in runs:
@@ -257,7 +259,7 @@ def test_an_emulated_transfer_starts_when_both_ends_are_ready_and_the_simulator_
                 assert all(w[1] >= s[1] - 1e-4 for w, s in zip(send.send_wait, send.send))
         ratios = [replay(mode, res.records, LinkModel(EMULATED), SMALL_H * ITEM).makespan_s / res.metrics["ttft_s"]
                   for res in runs]
-        assert 0.85 <= statistics.median(ratios) <= 1.02, (mode, ratios)
+        assert 0.7 <= statistics.median(ratios) <= 1.02, (mode, ratios)
 
 
 def test_overlapped_sends_hide_behind_compute():

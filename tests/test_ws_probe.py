@@ -87,14 +87,20 @@ def test_the_probe_configs_compile_for_hopper_and_the_specialized_ones_specializ
 
 
 def test_run_ws_probe_rows_and_lines():
-    times = iter([2.0, 1.0, 4.0])
+    """The loop's configs, then chunk_attention end to end (its launcher's tile, then config ws), each against float64
+    with its time, and the lines that say which way it went."""
+    times = iter([2.0, 1.0, 3.0, 1.5])  # the third loop config fails before its timing
     cfgs = (dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2, ws=False),
             dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2, ws=True),
             dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=2, ws=True))  # 48 keys: not whole blocks of 32
+    ws = [dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2, ws=True)]
     rows = run_ws_probe(shape=(48, 19), Hq=4, Hkv=2, D=16, dtype=torch.float32, device="cpu",
-                        timer=lambda fn: (fn(), next(times))[1], configs=cfgs)
-    assert [(r["prefix"], r["chunk"], r["ws"]) for r in rows] == [(48, 19, False), (48, 19, True), (48, 19, True)]
-    assert rows[0]["max_abs_err"] < 2e-5 and rows[1]["max_abs_err"] < 2e-5
+                        timer=lambda fn: (fn(), next(times))[1], configs=cfgs, ws_configs=ws)
+    assert [(r["kind"], r["prefix"], r["chunk"], r.get("ws", False)) for r in rows] == [
+        ("loop", 48, 19, False), ("loop", 48, 19, True), ("loop", 48, 19, True),
+        ("chunk_attention", 48, 19, False), ("chunk_attention", 48, 19, True)]
+    assert rows[3]["launcher"] and not rows[4]["launcher"]
+    assert all(r["max_abs_err"] < 2e-5 for r in rows if "max_abs_err" in r)
     assert rows[0]["tflops"] == pytest.approx(4 * 19 * 48 * 4 * 16 / 2.0 / 1e9)
     assert rows[2]["error"].startswith("ValueError: prefix_attention: the prefix (48 keys) must be")
     lines = ws_probe_lines(rows)
@@ -102,16 +108,25 @@ def test_run_ws_probe_rows_and_lines():
                         "no mask):")
     assert lines[1].startswith("  16x16 w4s2: 0 TFLOP/s, err ") and lines[2].startswith("  32x16 w4s2 ws: ")
     assert lines[3].startswith("  16x32 w4s2 ws: ValueError: prefix_attention: the prefix (48 keys)")
-    assert lines[-1] == "  specialized over plain: 2.00x (best of each)"
+    assert lines[4] == "  specialized over plain: 2.00x (best of each)"
+    assert lines[5] == ("  chunk_attention at this shape, the prefix's whole key blocks in the specialized kernel "
+                        "(config ws) against its launcher's tile:")
+    assert lines[6].startswith("    launcher 64x64 w4s1") and lines[7].startswith("    32x16 w4s2 ws: ")
+    assert lines[7].endswith(" = 2.00x the launcher's")
     rows[1]["max_abs_err"] = 1.0  # a wrong result does not count
+    rows[4]["max_abs_err"] = 1.0
     lines = ws_probe_lines(rows)
-    assert lines[2].endswith(" WRONG") and lines[-1] == ("  specialized over plain: not measured (no specialized "
-                                                         "config ran correctly)")
+    assert lines[2].endswith(" WRONG") and lines[4] == ("  specialized over plain: not measured (no specialized "
+                                                        "config ran correctly)")
+    assert lines[7] == "    32x16 w4s2 ws: err 1.0e+00 WRONG"
     assert ws_probe_lines([]) == []
     # past the deadline: no inputs, no reference (at the real shape a float64 reference on a CPU takes minutes)
     late = run_ws_probe(device="cpu", deadline=time.time() - 1)
-    assert [r["not_run"] for r in late] == ["past the kernel part's budget"] * len(PROBE_CONFIGS)
-    assert ws_probe_lines(late)[-1] == "  specialized over plain: not measured (no config ran correctly)"
+    assert [r["not_run"] for r in late] == ["past the kernel part's budget"] * (len(PROBE_CONFIGS) + 3)
+    assert [r["kind"] for r in late[-3:]] == ["chunk_attention"] * 3 and late[-3]["launcher"]
+    assert ws_probe_lines(late)[len(PROBE_CONFIGS) + 1] == ("  specialized over plain: not measured (no config ran "
+                                                            "correctly)")
+    assert ws_probe_lines(late)[-1].endswith(" ws: not run (past the kernel part's budget)")
     assert ws_probe_lines(rows[:1])[-1] == "  specialized over plain: not measured (no specialized config in the probe)"
 
 
@@ -120,24 +135,30 @@ def test_the_probe_runs_in_a_process_of_its_own_and_a_hang_costs_only_its_rows(m
     deadline) or died says so, the ones after it are not run."""
     import bench.ws_probe as wp
     cfgs = [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2, ws=w) for w in (False, True, True)]
-    case = dict(shape=(32, 5), Hq=2, Hkv=1, D=16, dtype="float32", device="cpu", configs=cfgs)
+    case = dict(shape=(32, 5), Hq=2, Hkv=1, D=16, dtype="float32", device="cpu", configs=cfgs, ws_configs=cfgs[1:2])
     rows = wp.run_isolated(time.time() + 300, case=case)  # the real thing, in the interpreter
-    assert [r["ws"] for r in rows] == [False, True, True] and all(r["max_abs_err"] < 2e-5 for r in rows), rows
+    assert [(r["kind"], r.get("ws", False)) for r in rows] == [("loop", False), ("loop", True), ("loop", True),
+                                                                ("chunk_attention", False), ("chunk_attention", True)]
+    assert all(r["max_abs_err"] < 2e-5 for r in rows), rows
     monkeypatch.setattr(wp, "STARTUP_S", 0.0)
     row = json.dumps(dict(row=dict(cfgs[0], prefix=32, chunk=5, ms=1.0, tflops=1.0, max_abs_err=0.0)))
     hang = [sys.executable, "-c", f"import time; print({row!r}, flush=True); time.sleep(60)"]
     t = time.time()
-    rows = wp.run_isolated(time.time() + 3, case=dict(shape=(32, 5), configs=cfgs), cmd=hang)
+    rows = wp.run_isolated(time.time() + 3, case=dict(shape=(32, 5), configs=cfgs, ws_configs=[]), cmd=hang)
     assert time.time() - t < 30
-    assert rows[0]["ms"] == 1.0 and rows[1]["error"].startswith("not measured: killed 3 s after the probe started (its budget)")
-    assert rows[2] == dict(cfgs[2], prefix=32, chunk=5, not_run="the probe's process ended before it")
+    assert rows[0]["ms"] == 1.0 and rows[1]["error"].startswith("not measured: killed 3 s after the probe started "
+                                                                "(its budget)")
+    assert rows[2] == dict(cfgs[2], kind="loop", prefix=32, chunk=5, not_run="the probe's process ended before it")
+    assert rows[3] == dict(kind="chunk_attention", launcher=True, prefix=32, chunk=5,
+                           not_run="the probe's process ended before it")
+
     died = [sys.executable, "-c", "import sys; sys.exit('boom: a fault')"]
     rows = wp.run_isolated(time.time() + 30, case=dict(shape=(32, 5), configs=cfgs), cmd=died)
     assert rows[0]["error"] == "not measured: its process ended (exit code 1): boom: a fault"
-    assert [r.get("not_run") for r in rows[1:]] == ["the probe's process ended before it"] * 2
+    assert [r.get("not_run") for r in rows[1:]] == ["the probe's process ended before it"] * 5  # 2 + launcher + 2 ws
     monkeypatch.setattr(wp, "STARTUP_S", 15.0)
     rows = wp.run_isolated(time.time() + 5, case=dict(configs=cfgs))  # too little time to start it
-    assert [r["not_run"] for r in rows] == ["past the kernel part's budget"] * 3 and rows[0]["prefix"] == 16384
+    assert [r["not_run"] for r in rows] == ["past the kernel part's budget"] * 6 and rows[0]["prefix"] == 16384
 
 
 def test_the_probe_command_refuses_bad_input_in_one_line():
@@ -163,8 +184,12 @@ def test_the_probe_runs_on_hopper_only_and_the_summary_shows_it(monkeypatch):
     assert skip_reason("cuda") is None
     from bench.gpu_summary import summary_markdown
     row = dict(BLOCK_M=128, BLOCK_N=128, num_stages=2, prefix=16384, chunk=2048, max_abs_err=2e-3)
-    probe = [dict(row, num_warps=8, ws=False, tflops=500.0, warps=8),
-             dict(row, num_warps=4, ws=True, tflops=550.0, warps=12)]
+    probe = [dict(row, kind="loop", num_warps=8, ws=False, tflops=500.0, warps=8),
+             dict(row, kind="loop", num_warps=4, ws=True, tflops=550.0, warps=12),
+             dict(row, kind="chunk_attention", launcher=True, num_warps=8, num_stages=3, ms=1.2, graph_ms=1.19,
+                  tflops=490.0, graph_tflops=491.0),
+             dict(row, kind="chunk_attention", launcher=False, num_warps=4, ws=True, ms=1.1, graph_ms=1.0,
+                  tflops=530.0, graph_tflops=585.0)]
     attention = [dict(prefix=16384, chunk=2048, triton_tflops=491.0, triton_of_gemm=0.7, best_peer="flex",
                       speedup_vs_best_peer=1.17, max_abs_err=2e-4)]
     kernels = dict(copy_gbps=3000.0, gemm_bf16_tflops=700.0, attention=attention, memory_bound=[], ws_probe=probe,
@@ -173,6 +198,8 @@ def test_the_probe_runs_on_hopper_only_and_the_summary_shows_it(monkeypatch):
     assert ("Warp-specialization probe (chunk_attention's prefix phase alone: 2048 queries over 16384 keys, no mask):"
             "\n\n- 128x128 w8s2: 500 TFLOP/s, err 2.0e-03, 8 warps compiled\n- 128x128 w4s2 ws: 550 TFLOP/s, err "
             "2.0e-03, 12 warps compiled\n- specialized over plain: 1.10x (best of each)\n- chunk_attention at this shape, "
-            "its chunk phase included: 491 TFLOP/s (the table above)") in text
+            "the prefix's whole key blocks in the specialized kernel (config ws) against its launcher's tile (CUDA graph "
+            "replays):\n  - launcher 128x128 w8s3: 491 TFLOP/s\n  - 128x128 w4s2 ws: 585 TFLOP/s = 1.19x the "
+            "launcher's") in text
     del kernels["ws_probe"]  # a file from before the probe
     assert "probe" not in summary_markdown(dict(device="NVIDIA H200"), None, kernels, None)
