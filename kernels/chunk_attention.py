@@ -587,7 +587,8 @@ CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 # GQA packing (default off); prefix splits (default: heuristic); TMA loads of the prefix (default off: untimed);
 # query blocks last to first (default off: for sweeps); the kernel compiled without its prefix loops (for an int
 # start of 0 only; the launcher's prefix-0 tile sets it); the paged kernel's block-table reads one key block ahead
-# (paged path only: `kernels.paged_attention`)
+# (paged path only: `kernels.paged_attention`); the softmax scale in the exp2's multiply-add (for sweeps); the
+# prefix's whole key blocks in a warp-specialized kernel of their own (Hopper, for sweeps: `_launch_ws`)
 OPTIONAL_CONFIG_KEYS = ("pack_gqa", "num_splits", "tma", "longest_first", "no_prefix", "page_ahead", "fold_scale",
                         "ws")
 
