@@ -932,7 +932,7 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
     # the paged batches (measured before): a budget that runs out cuts what matters least
     entries = () if quick else TILE_AB
     ab = tile_ab(device=device, timer=timer, deadline=deadline, entries=entries)
-    # whether Triton's Hopper warp specialization would pay for a prefix kernel of its own (`bench.ws_probe`)
+    # whether Hopper's warp specialization pays, the prefix loop alone and config ws end to end (`bench.ws_probe`)
     from .ws_probe import run_isolated, skip_reason
     probe_skip = "not run: --quick" if quick else skip_reason(device)
     probe = [] if probe_skip else run_isolated(deadline if deadline is not None else time.time() + 300.0)
@@ -949,8 +949,8 @@ def run_all(device="cuda", timer=gpu_timer, quick=False, deadline: float | None 
         a["triton_of_gemm"] = a["triton_tflops"] / gemm
     doc = dict(schema_version=SCHEMA_VERSION, kind="kernels", flex_compile=FLEX_COMPILE, copy_gbps=copy,
                gemm_bf16_tflops=gemm, attention=attention, paged=paged, window=window, tile_ab=ab, ws_probe=probe,
-               memory_bound=memory, layer_host=layer, attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"), targets=TARGETS,
-               complete=True)
+               memory_bound=memory, layer_host=layer, attention_config=dict(B=1, Hq=32, Hkv=8, D=128, dtype="bfloat16"),
+               targets=TARGETS, complete=True)
     if probe_skip:
         doc["ws_probe_skipped"] = probe_skip
     measured = {tuple(map(tuple, r["batch"])) for r in paged}
