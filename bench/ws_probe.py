@@ -285,8 +285,9 @@ def run_isolated(deadline: float, case: dict | None = None, cmd: list[str] | Non
     MAX_PROBE_S after it starts, whichever comes first: a warp-specialized kernel, its warp groups synchronised by
     barriers, has never run here, and one that hung would hang the suite's process (a fault would poison its CUDA
     context for the parts after it). The rows come back one JSON line each as they are measured; the config running
-    when the process was killed, or died, says so, those after it are not run. `case`: run_ws_probe's keyword arguments (shape, Hq, Hkv, D, dtype by name, device,
-    configs), for tests; `cmd`: the command instead (tests)."""
+    when the process was killed, or died, says so, those after it are not run. `case`: run_ws_probe's keyword
+    arguments (shape, Hq, Hkv, D, dtype by name, device, configs, ws_configs), for tests; `cmd`: the command instead
+    (tests)."""
     from kernels.chunk_attention import WS_SWEEP
     case = dict(case or {})
     P, C = case.get("shape", (16384, 2048))

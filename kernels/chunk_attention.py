@@ -473,7 +473,8 @@ TMA_SWEEP = tuple((d, dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, tma=
 # producer group and two consumer groups (12). Compiled for sm_90 without spills under Triton 3.6-3.9 (the tests);
 # 128x128 with 3 stages needs 246 KB of shared memory, over Hopper's 227. `pick_config` does not choose it: the
 # gpu-suite's warp-specialization probe (`bench.ws_probe`) times it first.
-WS_SWEEP = tuple((128, dict(BLOCK_M=128, BLOCK_N=n, num_warps=4, num_stages=s, ws=True)) for n, s in ((128, 2), (64, 3)))
+WS_SWEEP = tuple((128, dict(BLOCK_M=128, BLOCK_N=n, num_warps=4, num_stages=s, ws=True))
+                 for n, s in ((128, 2), (64, 3)))
 
 # (chunk length, group) pairs that reach every branch of pick_config: decode unpacked and packed (16 and 64 rows)
 CONFIG_PROBES = ((1, 1), (1, 4), (16, 8), (256, 1), (4096, 1))

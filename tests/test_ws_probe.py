@@ -197,9 +197,9 @@ def test_the_probe_runs_on_hopper_only_and_the_summary_shows_it(monkeypatch):
     text = summary_markdown(dict(device="NVIDIA H200"), None, kernels, None)
     assert ("Warp-specialization probe (chunk_attention's prefix phase alone: 2048 queries over 16384 keys, no mask):"
             "\n\n- 128x128 w8s2: 500 TFLOP/s, err 2.0e-03, 8 warps compiled\n- 128x128 w4s2 ws: 550 TFLOP/s, err "
-            "2.0e-03, 12 warps compiled\n- specialized over plain: 1.10x (best of each)\n- chunk_attention at this shape, "
-            "the prefix's whole key blocks in the specialized kernel (config ws) against its launcher's tile (CUDA graph "
-            "replays):\n  - launcher 128x128 w8s3: 491 TFLOP/s\n  - 128x128 w4s2 ws: 585 TFLOP/s = 1.19x the "
-            "launcher's") in text
+            "2.0e-03, 12 warps compiled\n- specialized over plain: 1.10x (best of each)\n- chunk_attention at this "
+            "shape, the prefix's whole key blocks in the specialized kernel (config ws) against its launcher's tile "
+            "(CUDA graph replays):\n  - launcher 128x128 w8s3: 491 TFLOP/s\n  - 128x128 w4s2 ws: 585 TFLOP/s = 1.19x "
+            "the launcher's") in text
     del kernels["ws_probe"]  # a file from before the probe
     assert "probe" not in summary_markdown(dict(device="NVIDIA H200"), None, kernels, None)
