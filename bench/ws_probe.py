@@ -360,6 +360,9 @@ def main(argv=None) -> int:
         print("python -m bench.ws_probe: refused: no CUDA GPU is visible to torch; the probe times a Hopper GPU",
               file=sys.stderr)
         return 2
+    if device == "cuda" and skip_reason(device):
+        print(f"python -m bench.ws_probe: refused, {skip_reason(device)}", file=sys.stderr)
+        return 2
     deadline = None if args.budget_s is None else time.time() + args.budget_s
     rows = run_ws_probe(**case, deadline=deadline, on_row=lambda r: print(json.dumps(dict(row=r)), flush=True))
     for line in ws_probe_lines(rows):

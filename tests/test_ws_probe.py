@@ -175,6 +175,16 @@ def test_the_probe_command_refuses_bad_input_in_one_line():
                                                               "visible to torch; the probe times a Hopper GPU")
 
 
+def test_the_probe_command_refuses_a_gpu_that_is_not_hopper(monkeypatch, capsys):
+    import bench.ws_probe as wp
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(wp, "run_ws_probe", lambda **kw: 1 / 0)  # never reached
+    assert wp.main([]) == 2
+    assert capsys.readouterr().err.strip() == ("python -m bench.ws_probe: refused, not run: it times Hopper's warp "
+                                               "specialization (compute capability 9.x), this GPU is 8.0")
+
+
 def test_the_probe_runs_on_hopper_only_and_the_summary_shows_it(monkeypatch):
     assert skip_reason("cpu") == "not run: it times Hopper's warp specialization, and cpu is not a CUDA GPU"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
