@@ -16,10 +16,9 @@ merges their partial results as split-KV merges its slices: a third launch and a
 (32 MB at 16k/2k, about 2% of the kernel's time).
 
 This probe times both, against float64, in the same run:
-- kind "loop": `prefix_attention`, the prefix loop alone, one program per (query block, query head), the query tile
-  and each key and value tile through 2-D descriptors over [len, heads·D] (the prefix a whole number of key blocks,
-  the head dim a power of two), with and without `warp_specialize` (config key `ws`) under a few tiles, the plain one
-  being chunk_attention's: does the pass pay at all;
+- kind "loop": `prefix_attention`, config ws's prefix kernel (`_prefix_ws_kernel`) alone over a prefix of whole key
+  blocks, one program per (query block, query head), with and without `warp_specialize` (its `WS`) under a few
+  tiles, the plain one with chunk_attention's own tile: does the pass pay at all;
 - kind "chunk_attention": the whole op at the shape, its launcher's tile against config ws with each `WS_SWEEP`
   tile, replayed from CUDA graphs too: what it buys end to end.
 The gpu-suite's kernel part runs it on a Hopper GPU (in a process of its own: `run_isolated`) and its summary says
@@ -36,8 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels.compat import FP_FUSION
 from kernels.shapes import cdiv
@@ -45,49 +42,26 @@ from kernels.shapes import cdiv
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
-def _prefix_kernel(Q, K, V, Out, C, P, Hq, qk_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WS: tl.constexpr):
-    """Out[m, h] = softmax(Q[m, h] · K[:, h // GROUP]ᵀ) · V[:, h // GROUP] over all P keys, for the BLOCK_M queries
-    of program (m-block, head h); Q and Out [C, Hq, HEAD_DIM], K and V [P, Hkv, HEAD_DIM], contiguous, P a multiple of
-    BLOCK_N. WS: the key loop warp-specialized."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    kvh = h // GROUP
-    Hkv = Hq // GROUP
-    qd = tl.make_tensor_descriptor(Q, shape=[C, Hq * HEAD_DIM], strides=[Hq * HEAD_DIM, 1],
-                                   block_shape=[BLOCK_M, HEAD_DIM])
-    kd = tl.make_tensor_descriptor(K, shape=[P, Hkv * HEAD_DIM], strides=[Hkv * HEAD_DIM, 1],
-                                   block_shape=[BLOCK_N, HEAD_DIM])
-    vd = tl.make_tensor_descriptor(V, shape=[P, Hkv * HEAD_DIM], strides=[Hkv * HEAD_DIM, 1],
-                                   block_shape=[BLOCK_N, HEAD_DIM])
-    q = qd.load([pid_m * BLOCK_M, h * HEAD_DIM])  # rows past C are zero-filled, their results not stored
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for start in tl.range(0, P, BLOCK_N, warp_specialize=WS):
-        k = kd.load([start, kvh * HEAD_DIM])
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = vd.load([start, kvh * HEAD_DIM])
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    out = acc / l_i[:, None]
-    tl.store(Out + (offs_m * Hq + h)[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=(offs_m < C)[:, None])
-
-
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "ws")
 
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: dict, out=None) -> torch.Tensor:
-    """Attention of queries q [C, Hq, D] over every key and value k, v [P, Hkv, D] (no mask; one batch row), with
-    `config` (CONFIG_KEYS; `ws`: the key loop warp-specialized). Written into `out` when given."""
+    """Attention of queries q [C, Hq, D] over every key and value k, v [P, Hkv, D] (no mask; one batch row) by
+    chunk_attention's `_prefix_ws_kernel` with `config` (CONFIG_KEYS; `ws`: the key loop warp-specialized), its
+    float32 result written into `out` when given, else returned in q's dtype."""
+    part, lse = _check(q, k, v, config)
+    if out is None:
+        out = torch.empty_like(q)
+    elif not (isinstance(out, torch.Tensor) and out.shape == q.shape and out.device == q.device):
+        raise ValueError(f"prefix_attention: out must be a tensor of q's shape ({tuple(q.shape)}) on {q.device}")
+    if q.shape[0]:
+        _launch(q, k, v, part, lse, config)
+    return out.copy_(part[1, 0])
+
+
+def _check(q, k, v, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probe's inputs checked; the kernel's float32 result and log-sum-exp buffers ([2, 1, C, Hq(, D)]: it writes
+    the second split, as config ws does)."""
     if not isinstance(config, dict) or set(config) != set(CONFIG_KEYS):
         raise ValueError(f"prefix_attention: config must give exactly {', '.join(CONFIG_KEYS)}, got "
                          f"{sorted(config) if isinstance(config, dict) else repr(config)}")
@@ -96,33 +70,28 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not all(t.is_contiguous() for t in (q, k, v)) or len({q.dtype, k.dtype, v.dtype}) != 1:
         raise ValueError("prefix_attention: q, k and v must be contiguous and of one dtype")
-    C, D, P = q.shape[0], q.shape[2], k.shape[0]
+    (C, Hq, D), P = q.shape, k.shape[0]
     if D & (D - 1) or D < 16:
         raise ValueError(f"prefix_attention: the head dim must be a power of two >= 16 (whole descriptor tiles), "
                          f"got {D}")
     if P % config["BLOCK_N"] or P == 0:
         raise ValueError(f"prefix_attention: the prefix ({P} keys) must be a positive multiple of BLOCK_N "
                          f"({config['BLOCK_N']}): the loop has no masked tail")
-    if out is None:
-        out = torch.empty_like(q)
-    elif not (isinstance(out, torch.Tensor) and out.shape == q.shape and out.dtype == q.dtype
-              and out.device == q.device and out.is_contiguous()):
-        raise ValueError(f"prefix_attention: out must be a contiguous tensor like q ({q.dtype} {tuple(q.shape)})")
-    if C:
-        _launch(q, k, v, out, config)
-    return out
+    return (torch.full((2, 1, C, Hq, D), float("nan"), device=q.device),
+            torch.full((2, 1, C, Hq), float("nan"), device=q.device))
 
 
-def _launch(q, k, v, out, config: dict):
-    """The launch on checked inputs; returns what Triton returns (the compiled kernel, on a GPU)."""
-    from kernels.chunk_attention import _tma_allocator
+def _launch(q, k, v, part, lse, config: dict):
+    """The kernel alone, on checked inputs: q as one batch row of C queries, k and v as a cache of P rows all of them
+    prefix; returns what Triton returns (the compiled kernel, on a GPU)."""
+    from kernels.chunk_attention import _prefix_ws_kernel, _tma_allocator
     _tma_allocator(q.device)
     (C, Hq, D), P = q.shape, k.shape[0]
-    grid = (cdiv(C, config["BLOCK_M"]), Hq)
-    return _prefix_kernel[grid](q, k, v, out, C, P, Hq, D ** -0.5 * LOG2E, GROUP=Hq // k.shape[1], HEAD_DIM=D,
-                         BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-                         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", WS=bool(config["ws"]),
-                         num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=FP_FUSION)
+    return _prefix_ws_kernel[(cdiv(C, config["BLOCK_M"]), Hq)](
+        q, k, v, part, lse, P, P, 1, C, Hq, D ** -0.5 * LOG2E, GROUP=Hq // k.shape[1], HEAD_DIM=D,
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        WS=bool(config["ws"]), num_warps=config["num_warps"], num_stages=config["num_stages"],
+        enable_fp_fusion=FP_FUSION)
 
 
 def prefix_attention_ref(q, k, v) -> torch.Tensor:
@@ -139,8 +108,8 @@ def prefix_attention_ref(q, k, v) -> torch.Tensor:
 # plain: chunk_attention's own tile over a prefix (128x128, 8 warps, 3 load stages) and two neighbours; specialized:
 # 4 warps, which the pass makes a producer warp group and two consumer groups of 64 query rows each (12 warps),
 # num_stages the tiles in flight (128x128 with 3 needs 246 KB of shared memory, over Hopper's 227; 128x128 plain with
-# 4 warps spills 228 B: neither is here). Compiled for sm_90 under Triton 3.6, 3.7 and 3.9: no spills, 12 warps and
-# `setmaxnreg` in every specialized one (tests/test_ws_probe.py).
+# 4 warps spills: neither is here). Compiled for sm_90 under Triton 3.6: no spills, at most 229,792 B of shared
+# memory, 12 warps and `setmaxnreg` in every specialized one (tests/test_ws_probe.py checks under the installed one).
 PROBE_CONFIGS = (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, ws=False),
                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, ws=False),
                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, ws=False),
@@ -183,16 +152,15 @@ def run_ws_probe(shape=(16384, 2048), Hq=32, Hkv=8, D=128, dtype=torch.bfloat16,
         if deadline is not None and time.time() > deadline:
             emit(dict(row, not_run="past the kernel part's budget"))
             continue
-        out = torch.full_like(q, float("nan"))
         try:
-            prefix_attention(q, k, v, cfg, out=out)  # checks the config and compiles
-            compiled = _launch(q, k, v, out, cfg) if q.is_cuda else None
-            out.fill_(float("nan"))
-            ms = timer(lambda: prefix_attention(q, k, v, cfg, out=out))  # noqa: B023 - called here
+            part, lse = _check(q, k, v, cfg)  # NaN-poisoned
+            compiled = _launch(q, k, v, part, lse, cfg)  # compiles; its result is checked below
+            ms = timer(lambda: _launch(q, k, v, part, lse, cfg))  # noqa: B023 - called here
         except Exception as e:  # noqa: BLE001 - said in the row: a config that does not compile is a result
             emit(dict(row, error=why(e)))
             continue
-        row.update(ms=ms, tflops=flops / ms / 1e9, max_abs_err=(out.double() - ref).abs().max().item())
+        row.update(ms=ms, tflops=flops / ms / 1e9, max_abs_err=(part[1, 0].double() - ref).abs().max().item())
+        compiled = compiled if q.is_cuda else None
         if compiled is not None:
             row["warps"] = compiled.metadata.num_warps
         emit(row)

@@ -178,7 +178,8 @@ def kernel_specs(arch: int = 90) -> list[KernelSpec]:
         for head_dim, cfg in attn_mod.WS_SWEEP:
             sig = {"Q": "*bf16", "KC": "*bf16", "VC": "*bf16", "Part": "*fp32", "Lse": "*fp32", "start_pos": "i32",
                    "max_len": "i32", "B": "i32", "C": "i32", "Hq": "i32", "qk_scale": "fp32"}
-            const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION="tf32")
+            const = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION="tf32",
+                         WS=True)
             specs.append(KernelSpec(f"chunk_attention_ws d{head_dim} bfloat16 m{cfg['BLOCK_M']}n{cfg['BLOCK_N']} "
                                     f"w{cfg['num_warps']}s{cfg['num_stages']}", attn_mod._prefix_ws_kernel,
                                     sig | {k: "constexpr" for k in const}, const, cfg["num_warps"],

@@ -346,14 +346,16 @@ def _merge_splits_kernel(Part, Lse, Out, n_splits, n_rows, C, Hq, stride_ob, str
 
 @triton.jit(do_not_specialize=["start_pos", "max_len"])
 def _prefix_ws_kernel(Q, KC, VC, Part, Lse, start_pos, max_len, B, C, Hq, qk_scale, GROUP: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                      WS: tl.constexpr = True):
     """Config ws (Hopper, sweeps): the prefix's whole key blocks [0, start_pos // BLOCK_N · BLOCK_N) for BLOCK_M
     queries of one query head, in a loop that Triton's Hopper pass warp-specializes (a producer warp group issuing
     the tensor-memory loads, two consumer groups of BLOCK_M / 2 rows each). That pass takes no other loop with a
     matrix multiply after it and a query tile only through a 2-D descriptor, so this is a kernel of its own: Q is
     [B·C, Hq·HEAD_DIM] and the caches [B·max_len, Hkv·HEAD_DIM] (contiguous rows), and its normalised partial result
     and log2-sum-exp go to the second of the two splits of Part [2, B, C, Hq, HEAD_DIM] and Lse [2, B, C, Hq], the
-    first being `_chunk_attention_kernel`'s (SKIP_FULL: the rest of the prefix and the chunk)."""
+    first being `_chunk_attention_kernel`'s (SKIP_FULL: the rest of the prefix and the chunk). WS=False: the same
+    loop not specialized (`bench.ws_probe` times both)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -373,7 +375,7 @@ def _prefix_ws_kernel(Q, KC, VC, Part, Lse, start_pos, max_len, B, C, Hq, qk_sca
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     row0 = b * max_len
     n_full = (start_pos // BLOCK_N) * BLOCK_N
-    for start in tl.range(0, n_full, BLOCK_N, warp_specialize=True):
+    for start in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         k = kd.load([row0 + start, kvh * HEAD_DIM])
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)

@@ -57,12 +57,14 @@ SPECIALIZES = """
 import json, sys
 from triton.compiler import ASTSource
 from kernels.aot import _compile, ptxas_report
-from bench.ws_probe import _prefix_kernel, PROBE_CONFIGS
-sig = dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", C="i32", P="i32", Hq="i32", qk_scale="fp32")
+from kernels.chunk_attention import _prefix_ws_kernel
+from bench.ws_probe import PROBE_CONFIGS
+sig = {"Q": "*bf16", "KC": "*bf16", "VC": "*bf16", "Part": "*fp32", "Lse": "*fp32", "start_pos": "i32",
+       "max_len": "i32", "B": "i32", "C": "i32", "Hq": "i32", "qk_scale": "fp32"}
 for cfg in PROBE_CONFIGS:
     const = dict(GROUP=4, HEAD_DIM=128, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION="tf32", WS=cfg["ws"])
-    src = ASTSource(_prefix_kernel, sig | {k: "constexpr" for k in const}, constexprs=const,
-                    attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
+    src = ASTSource(_prefix_ws_kernel, sig | {k: "constexpr" for k in const}, constexprs=const,
+                    attrs={(i,): [["tt.divisibility", 16]] for i in range(5)})
     k, log = _compile(src, 90, dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=True))
     ptx = k.asm["ptx"]
     print(json.dumps(dict(cfg, warps=k.metadata.num_warps, shared=k.metadata.shared, setmaxnreg="setmaxnreg" in ptx,
@@ -71,8 +73,9 @@ for cfg in PROBE_CONFIGS:
 
 
 def test_the_probe_configs_compile_for_hopper_and_the_specialized_ones_specialize():
-    """Compiled for sm_90 (no GPU needed): each specialized config becomes a producer warp group and two consumer
-    groups (12 warps from 4, registers moved by setmaxnreg), the plain ones do not; every one with wgmma, TMA loads,
+    """Config ws's prefix kernel under each probe config, compiled for sm_90 (no GPU needed): each specialized one
+    becomes a producer warp group and two consumer groups (12 warps from 4, registers moved by setmaxnreg), the plain
+    ones do not; every one with wgmma, TMA loads,
     no spill and within Hopper's 227 KB of shared memory per block."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", SPECIALIZES], cwd=ROOT, env=env, capture_output=True, text=True,
