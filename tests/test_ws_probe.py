@@ -214,5 +214,9 @@ def test_the_probe_runs_on_hopper_only_and_the_summary_shows_it(monkeypatch):
             "shape, the prefix's whole key blocks in the specialized kernel (config ws) against its launcher's tile "
             "(CUDA graph replays):\n  - launcher 128x128 w8s3: 491 TFLOP/s\n  - 128x128 w4s2 ws: 585 TFLOP/s = 1.19x "
             "the launcher's") in text
+    assert ("- Target ≥ 560 TFLOP/s at prefix 16k, chunk 2k: 491 → MISSED by 12%; with config ws (the "
+            "warp-specialization probe, 128x128 w4s2, not the launcher's choice): 530 → MISSED by 5%") in text
+    probe[3]["max_abs_err"] = 1.0  # a wrong run does not count
+    assert "with config ws" not in summary_markdown(dict(device="NVIDIA H200"), None, kernels, None)
     del kernels["ws_probe"]  # a file from before the probe
     assert "probe" not in summary_markdown(dict(device="NVIDIA H200"), None, kernels, None)
