@@ -225,10 +225,10 @@ def host_bound_pair(b: dict, n: dict) -> bool:
 
 def dense_rows_host_bound(b: dict, n: dict, threshold: float) -> bool:
     """Whether two paged rows' dense-per-row figures are compared by their CUDA-graph replays: both files replayed
-    them, and in either the eager time is over the replay's by more than `threshold` (the host's launch path was the
-    limit: decode-like rows, four split launches)."""
+    them, and in either the eager time is over the replay's by more than `threshold` (`dense_rows_launch_bound`)."""
+    from .kernels import dense_rows_launch_bound  # here, not at the top: bench.kernels imports torch
     both = all(isinstance(r.get("dense_rows_graph_ms"), (int, float)) for r in (b, n))
-    return both and any(r["dense_rows_ms"] > (1 + threshold) * r["dense_rows_graph_ms"] for r in (b, n))
+    return both and any(dense_rows_launch_bound(r, threshold) for r in (b, n))
 
 
 def compare_kernels(base: dict, new: dict, threshold: float = 0.10, force: bool = False) -> int:

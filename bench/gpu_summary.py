@@ -407,9 +407,12 @@ def tests_markdown(tests: dict) -> list[str]:
 def _ws_at_target(kernels: dict, target: float) -> str:
     """The target shape's best config ws run of the warp-specialization probe (chunk_attention end to end, correct,
     eager as the table above is), against the target, as a clause; "" where the probe has none."""
+    import torch
+
+    from .kernels import PEER_TOL
+    tol = PEER_TOL[torch.bfloat16]
     ws = [r for r in kernels.get("ws_probe") or [] if r.get("kind") == "chunk_attention" and r.get("ws")
-          and (r["prefix"], r["chunk"]) == (16384, 2048) and "tflops" in r
-          and r["max_abs_err"] <= r.get("tolerance", 3e-2)]
+          and (r["prefix"], r["chunk"]) == (16384, 2048) and "tflops" in r and r["max_abs_err"] <= tol]
     if not ws:
         return ""
     best = max(ws, key=lambda r: r["tflops"])
@@ -468,13 +471,14 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
                                if flex else "") + ".", "",
                   "| rows | page | paged TFLOP/s | vs dense per row | vs SDPA per row | " + ("vs flex | " * flex)
                   + "launch | max err |", "|---|---:|---:|---:|---:|" + "---:|" * flex + "---|---:|"]
+        from .kernels import dense_rows_launch_bound
         for r in kernels["paged"]:
             plan = r.get("launch_plan") or {}
             vs = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
             lines.append(f"| {', '.join(f'{p}+{c}' for p, c in r['batch'])} | {r['page_size']} | "
                          f"{r['paged_tflops']:.0f} | {vs(r.get('paged_vs_dense_rows'))}"
                          + (f" ({vs(r['paged_vs_dense_rows_graph'])} by the dense rows' graph replay)"
-                            if r.get("dense_rows_ms", 0) > 1.1 * r.get("dense_rows_graph_ms", float("inf")) else "")
+                            if dense_rows_launch_bound(r) else "")
                          + " | "
                          f"{vs(r.get('paged_vs_sdpa_rows'))} ({r.get('best_sdpa') or 'none ran'}) | "
                          + (f"{vs(r.get('paged_vs_flex'))} | " if flex else "") +

@@ -114,6 +114,14 @@ def launch_bound(row: dict) -> bool:
     return host is not None and graph is not None and host > graph
 
 
+def dense_rows_launch_bound(row: dict, margin: float = 0.10) -> bool:
+    """Whether a paged batch row's dense kernel run once per row was launch-bound: its eager time over its CUDA-graph
+    replay's by more than `margin` (the host's launch path the limit: decode-like rows, four split launches). False
+    without a replay (files before 2026-11-29, CPU runs)."""
+    graph = row.get("dense_rows_graph_ms")
+    return isinstance(graph, (int, float)) and row["dense_rows_ms"] > (1 + margin) * graph
+
+
 HOST_WARM_S = 200e-6  # `launch_cost`: the host's spin before each timed call
 # `launch_cost`: timed calls per back-to-back burst; few enough that a stage's chunk of two layers (about 20 launches
 # a call) stays well inside CUDA's queue of pending launches (about 1024), which would block the host on the device

@@ -39,6 +39,8 @@ import torch
 from kernels.compat import FP_FUSION
 from kernels.shapes import cdiv
 
+from .kernels import PEER_TOL, cpu_timer, gpu_timer, sweep_attention, tile_words, why
+
 LOG2E = 1.4426950408889634
 
 
@@ -129,8 +131,6 @@ def run_ws_probe(shape=(16384, 2048), Hq=32, Hkv=8, D=128, dtype=torch.bfloat16,
       (the prefix's whole key blocks in the warp-specialized kernel, the rest and the chunk in the launcher's tile,
       merged) with each of `ws_configs` (default: `WS_SWEEP`'s at this head dim), replayed from CUDA graphs too."""
     from kernels.chunk_attention import WS_SWEEP
-
-    from .kernels import cpu_timer, gpu_timer, sweep_attention, why
     timer = timer or (gpu_timer if torch.device(device).type == "cuda" else cpu_timer)
     ws_configs = [cfg for d, cfg in WS_SWEEP if d == D] if ws_configs is None else list(ws_configs)
     P, C = shape
@@ -160,8 +160,7 @@ def run_ws_probe(shape=(16384, 2048), Hq=32, Hkv=8, D=128, dtype=torch.bfloat16,
             emit(dict(row, error=why(e)))
             continue
         row.update(ms=ms, tflops=flops / ms / 1e9, max_abs_err=(part[1, 0].double() - ref).abs().max().item())
-        compiled = compiled if q.is_cuda else None
-        if compiled is not None:
+        if q.is_cuda:  # the compiled kernel (the interpreter returns none)
             row["warps"] = compiled.metadata.num_warps
         emit(row)
     if deadline is not None and time.time() > deadline:
@@ -186,11 +185,7 @@ def skip_reason(device) -> str | None:
     return None
 
 
-def _tile(r: dict) -> str:
-    return f"{r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']}s{r['num_stages']}" + (" ws" if r.get("ws") else "")
-
-
-def ws_probe_lines(rows: list[dict], tol: float = 3e-2) -> list[str]:
+def ws_probe_lines(rows: list[dict], tol: float = PEER_TOL[torch.bfloat16]) -> list[str]:
     """The probe in words: the loop's configs (TFLOP/s or why not) and the best warp-specialized tile over the best
     plain one; then chunk_attention with config ws against its launcher's tile, by CUDA-graph replays where every
     row has one. Rows with an error over `tol` do not count."""
@@ -203,10 +198,11 @@ def ws_probe_lines(rows: list[dict], tol: float = 3e-2) -> list[str]:
     for r in loop:
         if "tflops" in r:
             ok = r["max_abs_err"] <= tol
-            out.append(f"  {_tile(r)}: {r['tflops']:.0f} TFLOP/s, err {r['max_abs_err']:.1e}" + ("" if ok else " WRONG")
+            out.append(f"  {tile_words(r, ('ws',))}: {r['tflops']:.0f} TFLOP/s, err {r['max_abs_err']:.1e}"
+                       + ("" if ok else " WRONG")
                        + (f", {r['warps']} warps compiled" if r.get("warps") else ""))
         else:
-            out.append(f"  {_tile(r)}: " + (r.get("error") or f"not run ({r.get('not_run')})"))
+            out.append(f"  {tile_words(r, ('ws',))}: " + (r.get("error") or f"not run ({r.get('not_run')})"))
     ok = [r for r in loop if "tflops" in r and r["max_abs_err"] <= tol]
     ws, plain = ([r for r in ok if r["ws"] is flag] for flag in (True, False))
     if ws and plain:
@@ -225,7 +221,9 @@ def ws_probe_lines(rows: list[dict], tol: float = 3e-2) -> list[str]:
         out.append("  chunk_attention at this shape, the prefix's whole key blocks in the specialized kernel (config "
                    "ws) against its launcher's tile" + (" (CUDA graph replays)" if graph else "") + ":")
         for r in whole:
-            name = "launcher " + tile_words(r) if r.get("launcher") else _tile(r)
+            # a launcher row that did not run has no tile: the launcher's pick is made in the probe's process
+            name = ("launcher " if r.get("launcher") else "") + (
+                tile_words(r, ("pack_gqa", "no_prefix", "ws")) if "BLOCK_M" in r else "tile")
             if r in good:
                 vs = f" = {own[key] / r[key]:.2f}x the launcher's" if own is not None and r is not own else ""
                 out.append(f"    {name}: {r['graph_tflops' if graph else 'tflops']:.0f} TFLOP/s{vs}")
@@ -234,11 +232,6 @@ def ws_probe_lines(rows: list[dict], tol: float = 3e-2) -> list[str]:
             else:
                 out.append(f"    {name}: " + (r.get("error") or f"not run ({r.get('not_run')})"))
     return out
-
-
-def tile_words(r: dict) -> str:
-    from .kernels import tile_words as words
-    return words(r) if "BLOCK_M" in r else "tile"
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -378,9 +378,7 @@ def _prefix_ws_kernel(Q, KC, VC, Part, Lse, start_pos, max_len, B, C, Hq, qk_sca
     for start in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         k = kd.load([row0 + start, kvh * HEAD_DIM])
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        p, alpha, m_new = _softmax_step(qk, m_i, qk_scale, True)  # the raw scores, scaled in the exp2's FMA
         l_i = l_i * alpha + tl.sum(p, 1)
         v = vd.load([row0 + start, kvh * HEAD_DIM])
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
@@ -798,7 +796,7 @@ def _launch_ws(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_scale, out,
     _tma_allocator(q.device)
     qc = q if q.is_contiguous() else q.contiguous()  # the query tile comes through a 2-D descriptor
     n_full = start_pos // config["BLOCK_N"] * config["BLOCK_N"]
-    rest = dict(launch_plan(q, k_new, k_cache, start_pos)["config"], num_splits=1)
+    rest = launch_plan(q, k_new, k_cache, start_pos)["config"]  # its tile; one split (the prefix kernel's the other)
     dst = torch.empty((2, B, C, Hq, D), device=q.device, dtype=torch.float32)
     lse = torch.empty((2, B, C, Hq), device=q.device, dtype=torch.float32)
     with launching("chunk_attention", q.device):
