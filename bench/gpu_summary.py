@@ -338,11 +338,11 @@ def _launcher(row: dict) -> str:
     to back, against the same work replayed from a CUDA graph; 'launch-bound' where back to back the host takes longer
     than the device (one call's time where a file has no back-to-back figure: before 2026-11-29)."""
     host, graph, python = row.get("launch_host_us"), row.get("launch_graph_us"), row.get("launch_python_us")
-    steady = row.get("launch_steady_us")
+    steady, jit = row.get("launch_steady_us"), row.get("launch_jit_steady_us")
     if host is None:
         return "-"
     host_text = f"{host:.0f}" + (f" ({host - python:.0f})" if python is not None else "") \
-        + (f", {steady:.0f}" if steady is not None else "")
+        + (f", {steady:.0f}" if steady is not None else "") + (f" [{jit:.0f}]" if jit is not None else "")
     if graph is None:
         return f"{host_text} / -"
     from .kernels import launch_bound
@@ -433,6 +433,8 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
              "| prefix | chunk | Triton TFLOP/s | of GEMM | best peer | speed-up | max err | launcher host"
              + (" (Triton's launch)" if any("launch_python_us" in r for r in kernels["attention"]) else "")
              + (", back to back" if any("launch_steady_us" in r for r in kernels["attention"]) else "")
+             + (" [through Triton's launch path]" if any(r.get("launch_jit_steady_us") is not None
+                                                        for r in kernels["attention"]) else "")
              + " / graph µs |", "|---:|---:|---:|---:|---|---:|---:|---:|"]
     best = lambda r: r.get("best_peer", r.get("best_sdpa"))  # noqa: E731 - older files: SDPA only
     speedup = lambda r: r.get("speedup_vs_best_peer", r.get("speedup_vs_best_sdpa"))  # noqa: E731
@@ -508,14 +510,18 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
                                                           for r in rest]
     hosts = any("triton_host_us" in m for m in kernels["memory_bound"])  # older files: no host times
     steady = any("eager_steady_us" in m for m in kernels["memory_bound"])
+    jits = any(m.get("triton_jit_steady_us") is not None for m in kernels["memory_bound"])
     lines += ["", "| op | Triton GB/s | of copy | eager GB/s | target |"
-              + (f" host µs Triton (its launch){', back to back' if steady else ''} / eager"
+              + (f" host µs Triton (its launch){', back to back' if steady else ''}"
+                 + (" [through Triton's launch path]" if jits else "") + " / eager"
                  f"{', back to back' if steady else ''} |" if hosts else ""),
               "|---|---:|---:|---:|---|" + ("---:|" if hosts else "")]
     for m in kernels["memory_bound"]:
         both = "eager_steady_us" in m
+        jit = m.get("triton_jit_steady_us")
         host = (f" {m['triton_host_us']:.0f} ({m['triton_host_us'] - m['triton_python_us']:.0f})"
-                + (f", {m['triton_steady_us']:.0f}" if both else "") + f" / {m['eager_host_us']:.0f}"
+                + (f", {m['triton_steady_us']:.0f}" if both else "") + (f" [{jit:.0f}]" if jit is not None else "")
+                + f" / {m['eager_host_us']:.0f}"
                 + (f", {m['eager_steady_us']:.0f}" if both else "") + " |") if "triton_host_us" in m else " - |"
         lines.append(f"| {m['op']} | {m['triton_gbps']:.0f} | {100 * m['triton_of_copy']:.0f}% | "
                      f"{m['eager_gbps']:.0f} | {_vs_target(m['triton_of_copy'], t['memory_bound_of_copy'])} |"

@@ -68,11 +68,15 @@ def launch_cost(fn, device, timer=gpu_timer, calls: int = 50, graph: bool = True
     launcher's time measured straight after a synchronise that had waited on a long kernel (0.6-4.8 ms) came out
     151-173 us against 61-72 us after short ones, on the same launch path (a host thread woken from a blocking wait
     runs slower at first); the stubbed calls, which leave nothing to wait for, would not pay that.
+    `jit_steady_us` (with stubbed) is steady_us with every launch through Triton's `kernel[grid](...)` instead of
+    `kernels.fast_launch`'s direct launches of the compiled kernel: what the direct path saves the host.
     `steady_us` is the host's time per call back to back (bursts of STEADY_BURST calls after one untimed call, the
     device queue taking the work, the median burst): what a loop of launches costs the host once its code and data
     are warm. One call alone can take far longer: on the H200 the launcher's host_us read 61 us at prefix 0 / chunk
     64 while do_bench timed the same calls at 24 us each. Back to back, the device idles when steady_us exceeds
     graph_us."""
+    from kernels import fast_launch
+
     def median_us():
         ts = []
         for _ in range(calls):
@@ -98,12 +102,14 @@ def launch_cost(fn, device, timer=gpu_timer, calls: int = 50, graph: bool = True
             bursts.append((time.perf_counter() - t) * 1e6 / STEADY_BURST)
         return statistics.median(bursts)
     fn()
-    host_us, python_us, steady = median_us(), None, steady_us()
+    host_us, python_us, steady, jit_steady = median_us(), None, steady_us(), None
     if stubbed:
         with triton_launches_stubbed():
             python_us = median_us()
+        with fast_launch.jit_launches():
+            jit_steady = steady_us()
     graph_us = graph_replay_ms(fn, timer) * 1e3 if device != "cpu" and graph else None
-    return dict(host_us=host_us, steady_us=steady, python_us=python_us, graph_us=graph_us)
+    return dict(host_us=host_us, steady_us=steady, python_us=python_us, jit_steady_us=jit_steady, graph_us=graph_us)
 
 
 def launch_bound(row: dict) -> bool:
@@ -130,19 +136,23 @@ STEADY_BURST = 5
 
 @contextlib.contextmanager
 def triton_launches_stubbed():
-    """Every Triton kernel launch (`kernel[grid](...)`, compiled or interpreted) a no-op for the duration: timing a
-    launcher inside it leaves out Triton's part of the launch path. Nothing runs on the device: outputs are not
-    written."""
+    """Every Triton kernel launch (`kernel[grid](...)`, compiled or interpreted, and `kernels.fast_launch`'s direct
+    launches of a compiled kernel) a no-op for the duration: timing a launcher inside it leaves out Triton's part of the
+    launch path. Nothing runs on the device: outputs are not written."""
     from triton.runtime import interpreter, jit
+    from kernels import fast_launch
     classes = (jit.JITFunction, interpreter.InterpretedFunction)
     saved = [c.__dict__["run"] for c in classes]
+    saved_direct = fast_launch._run_compiled
     try:
         for c in classes:
             c.run = lambda self, *args, **kwargs: None
+        fast_launch._run_compiled = lambda *args: None
         yield
     finally:
         for c, run in zip(classes, saved):
             c.run = run
+        fast_launch._run_compiled = saved_direct
 
 
 def graph_replay_ms(fn, timer=gpu_timer) -> float:
@@ -822,7 +832,8 @@ def bench_memory_bound(tokens: int = 8192, hidden: int = 4096, intermediate: int
         cost = launch_cost(tri, device, timer, calls=20, graph=False)  # the launch path's time per call
         eager_cost = launch_cost(eager, device, timer, calls=20, graph=False, stubbed=False)
         host = dict(triton_host_us=cost["host_us"], triton_steady_us=cost["steady_us"],
-                    triton_python_us=cost["python_us"], eager_host_us=eager_cost["host_us"],
+                    triton_jit_steady_us=cost["jit_steady_us"], triton_python_us=cost["python_us"],
+                    eager_host_us=eager_cost["host_us"],
                     eager_steady_us=eager_cost["steady_us"])
         rows.append(dict(op=name, bytes=nbytes, triton_ms=t_ms, triton_gbps=nbytes / t_ms / 1e6, eager_ms=e_ms,
                          eager_gbps=nbytes / e_ms / 1e6, triton_max_abs_err=err(tri), eager_max_abs_err=err(eager),
@@ -1023,7 +1034,9 @@ def layer_host_lines(rows: list[dict]) -> list[str]:
         steady = r.get("steady_us")  # absent from files before 2026-11-29
         out.append(f"  {r['ops']} ops: host {r['host_us']:.0f} us to enqueue"
                    + (f" ({r['host_us'] - r['python_us']:.0f} of it in Triton's launches)" if r["ops"] == "triton"
-                      else "") + (f", {steady:.0f} back to back" if steady is not None else "") + ", device "
+                      else "") + (f", {steady:.0f} back to back" if steady is not None else "")
+                   + (f" ({r['jit_steady_us']:.0f} through Triton's own launch path)"
+                      if r.get("jit_steady_us") is not None else "") + ", device "
                    + (f"{graph:.0f} us (host/device {(steady or r['host_us']) / graph:.2f})" if graph
                       else "not measured")
                    + (f"; the replay within {r['replay_max_abs_diff']:.1e} of the eager Triton output"

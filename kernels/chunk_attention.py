@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .compat import FP_FUSION
+from .fast_launch import DirectLaunch
 from .shapes import (cdiv, distinct_configs, integer, interpreted, launching, next_pow2, positive_number, same_memory,
                      shown)
 
@@ -310,6 +311,11 @@ def _chunk_attention_kernel(
         tl.store(Out + b * stride_ob + o_rows, out.to(Out.dtype.element_ty), mask=io_ok)
 
 
+# launched directly after the first launch of each specialization (`kernels.fast_launch`): Triton's binding of
+# 33 arguments and 17 constexprs costs more host time than a short chunk's kernel takes
+CHUNK_LAUNCH = DirectLaunch(_chunk_attention_kernel, pointers=8)
+
+
 @triton.jit
 def _merge_splits_kernel(Part, Lse, Out, n_splits, n_rows, C, Hq, stride_ob, stride_om, stride_oh,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -342,6 +348,9 @@ def _merge_splits_kernel(Part, Lse, Out, n_splits, n_rows, C, Hq, stride_ob, str
     bi = r64 // Hq
     dst = Out + (bi // C) * stride_ob + (bi % C) * stride_om + h * stride_oh
     tl.store(dst[:, None] + d[None, :], out.to(Out.dtype.element_ty), mask=io_ok)
+
+
+MERGE_LAUNCH = DirectLaunch(_merge_splits_kernel, pointers=3)
 
 
 @triton.jit(do_not_specialize=["start_pos", "max_len"])
@@ -762,7 +771,7 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
     else:
         dst, lse = out, q  # q: a placeholder pointer the kernel never reads
     with launching("chunk_attention", q.device):
-        _chunk_attention_kernel[plan["grid"]](
+        CHUNK_LAUNCH[plan["grid"]](
             q, k_new, v_new, k_cache, v_cache, dst, lse, starts, 0 if per_row else int(start_pos), k_cache.shape[1],
             window or 0,
             *q.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3],
@@ -777,7 +786,7 @@ def _launch(q, k_new, v_new, k_cache, v_cache, start_pos, sm_scale, out, config=
         )
         if splits > 1:
             rows = B * C * Hq
-            _merge_splits_kernel[(cdiv(rows, MERGE_ROWS),)](
+            MERGE_LAUNCH[(cdiv(rows, MERGE_ROWS),)](
                 dst, lse, out, splits, rows, C, Hq, out.stride(0), out.stride(1), out.stride(2),
                 HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_R=MERGE_ROWS, num_warps=4, enable_fp_fusion=FP_FUSION)
     return out
@@ -805,7 +814,7 @@ def _launch_ws(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_scale, out,
             GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=config["num_warps"], num_stages=config["num_stages"], enable_fp_fusion=FP_FUSION)
-        _chunk_attention_kernel[(cdiv(C, rest["BLOCK_M"]), B * Hq, 1)](
+        CHUNK_LAUNCH[(cdiv(C, rest["BLOCK_M"]), B * Hq, 1)](
             q, k_new, v_new, k_cache, v_cache, dst, lse, q, int(start_pos), k_cache.shape[1], n_full,
             *q.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3],
             *v_cache.stride()[:3], *dst.stride()[-4:-1],
@@ -816,7 +825,7 @@ def _launch_ws(q, k_new, v_new, k_cache, v_cache, start_pos: int, sm_scale, out,
             num_warps=rest["num_warps"], num_stages=rest["num_stages"], enable_fp_fusion=FP_FUSION,
         )
         rows = B * C * Hq
-        _merge_splits_kernel[(cdiv(rows, MERGE_ROWS),)](
+        MERGE_LAUNCH[(cdiv(rows, MERGE_ROWS),)](
             dst, lse, out, 2, rows, C, Hq, out.stride(0), out.stride(1), out.stride(2),
             HEAD_DIM=D, BLOCK_D=D, BLOCK_R=MERGE_ROWS, num_warps=4, enable_fp_fusion=FP_FUSION)
     return out

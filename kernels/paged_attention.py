@@ -23,9 +23,10 @@ import triton
 import triton.language as tl
 
 from .chunk_attention import MAX_HEAD_DIM, MERGE_ROWS, PACK_MAX_CHUNK, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, \
-    _check_config, _device_facts, _merge_splits_kernel, _softmax_step, _split_slice, block_d, check_window, \
+    MERGE_LAUNCH, _check_config, _device_facts, _softmax_step, _split_slice, block_d, check_window, \
     pack_heads, pick_splits, programs_per_sm, window_start
 from .compat import FP_FUSION
+from .fast_launch import DirectLaunch
 from .shapes import (cdiv, distinct_configs, integer, interpreted, launching, positive_number, same_memory,
                      shown)
 
@@ -262,6 +263,9 @@ def _paged_chunk_attention_kernel(
         tl.store(Out + o_rows, out.to(Out.dtype.element_ty), mask=io_ok)
 
 
+PAGED_LAUNCH = DirectLaunch(_paged_chunk_attention_kernel, pointers=10)
+
+
 @triton.jit
 def _check_rows_kernel(BT, CuQ, Prefix, Ok, stride_bt, max_pages, num_pages, PAGE_SIZE: tl.constexpr,
                        BLOCK: tl.constexpr):
@@ -289,12 +293,15 @@ def _check_rows_kernel(BT, CuQ, Prefix, Ok, stride_bt, max_pages, num_pages, PAG
 CHECK_BLOCK = 128
 
 
+CHECK_ROWS_LAUNCH = DirectLaunch(_check_rows_kernel, pointers=4)
+
+
 def device_checks(block_table, cu_seqlens, prefix, page_size: int, num_pages: int) -> torch.Tensor:
     """Ok flags [2] int32 on the device, 1 while every row fits its block table ([0]) and uses only pages of the
     pool ([1]); computed by one launch, nothing read back (the GPU launcher asserts on them asynchronously)."""
     ok = torch.ones(2, device=block_table.device, dtype=torch.int32)
     with launching("paged chunk_attention", block_table.device):
-        _check_rows_kernel[(block_table.shape[0],)](
+        CHECK_ROWS_LAUNCH[(block_table.shape[0],)](
             block_table, cu_seqlens, prefix, ok, block_table.stride(0), block_table.shape[1], num_pages,
             PAGE_SIZE=page_size, BLOCK=CHECK_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION)
     return ok
@@ -558,7 +565,7 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
     else:
         dst, lse = flat_out[None], q  # q: a placeholder pointer the kernel never reads
     with launching("paged chunk_attention", q.device):
-        _paged_chunk_attention_kernel[plan["grid"]](
+        PAGED_LAUNCH[plan["grid"]](
             q, k_new, v_new, k_cache, v_cache, dst, lse, block_table, cu_seqlens, prefix,
             q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
@@ -571,7 +578,7 @@ def paged_chunk_attention(q, k_new, v_new, k_cache, v_cache, prefix_lens, block_
         )
         if splits > 1:  # the packed tokens as one row of N positions: Out[0, n, h]
             rows = N * Hq
-            _merge_splits_kernel[(cdiv(rows, MERGE_ROWS),)](
+            MERGE_LAUNCH[(cdiv(rows, MERGE_ROWS),)](
                 dst, lse, flat_out, splits, rows, N, Hq, 0, flat_out.stride(0), flat_out.stride(1),
                 HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_R=MERGE_ROWS, num_warps=4, enable_fp_fusion=FP_FUSION)
     return out

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .compat import FP_FUSION
+from .fast_launch import DirectLaunch
 from .shapes import as_rows, launching, next_pow2, non_negative_number, tensor
 
 
@@ -36,6 +37,9 @@ def _add_rms_norm_kernel(
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     y = (s * rstd).to(x.dtype).to(tl.float32) * w
     tl.store(Out + row * stride_o + cols, y.to(Out.dtype.element_ty), mask=mask)
+
+
+_LAUNCH = DirectLaunch(_add_rms_norm_kernel, pointers=5)  # `kernels.fast_launch`
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, out=None,
@@ -81,7 +85,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     BLOCK = next_pow2(H)
     o2, ro2 = out.view(-1, H), r_out.view(-1, H)
     with launching("add_rms_norm", x.device):
-        _add_rms_norm_kernel[(x2.shape[0],)](
+        _LAUNCH[(x2.shape[0],)](
             x2, r2, weight, o2, ro2,
             x2.stride(0), r2.stride(0), o2.stride(0), ro2.stride(0),
             H, eps,

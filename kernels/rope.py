@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .compat import FP_FUSION
+from .fast_launch import DirectLaunch
 from .shapes import cdiv, integer, launching, next_pow2, tensor
 
 
@@ -40,6 +41,8 @@ def _rope_kernel(
     tl.store(o_row + d, (x1 * cos - x2 * sin).to(Out.dtype.element_ty), mask=mask)
     tl.store(o_row + HALF + d, (x2 * cos + x1 * sin).to(Out.dtype.element_ty), mask=mask)
 
+
+_LAUNCH = DirectLaunch(_rope_kernel, pointers=5)  # `kernels.fast_launch`
 
 ROPE_TILE = 2048  # elements of x1 (and of x2) one program holds: 16 fp32 registers each per thread at 4 warps
 
@@ -98,7 +101,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos, out=N
         return out
     BLOCK_H = rope_head_block(H, half)
     with launching("rope", x.device):
-        _rope_kernel[(B * C, cdiv(H, BLOCK_H))](
+        _LAUNCH[(B * C, cdiv(H, BLOCK_H))](
             x, cos, sin, out, positions if positions is not None else cos,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), cos.stride(0),
             C, H, start_pos,

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .compat import FP_FUSION
+from .fast_launch import DirectLaunch
 from .shapes import as_rows, cdiv, launching, next_pow2, tensor
 
 
@@ -28,6 +29,9 @@ def _swiglu_kernel(
     u = tl.load(U + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     y = g / (1.0 + tl.exp(-g)) * u
     tl.store(Out + row * stride_o + cols, y.to(Out.dtype.element_ty), mask=mask)
+
+
+_LAUNCH = DirectLaunch(_swiglu_kernel, pointers=3)  # `kernels.fast_launch`
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, out=None) -> torch.Tensor:
@@ -52,7 +56,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out=None) -> torch.Tensor:
     N = gate.shape[-1]
     BLOCK = min(4096, next_pow2(N))
     with launching("swiglu", gate.device):
-        _swiglu_kernel[(g2.shape[0], cdiv(N, BLOCK))](
+        _LAUNCH[(g2.shape[0], cdiv(N, BLOCK))](
             g2, u2, o2, g2.stride(0), u2.stride(0), o2.stride(0), N, BLOCK=BLOCK,
             num_warps=min(8, max(1, BLOCK // 512)), enable_fp_fusion=FP_FUSION,
         )

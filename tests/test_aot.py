@@ -29,14 +29,15 @@ def compile_rows(*args) -> list[dict]:
 
 def test_every_launch_asks_for_fp_fusion_explicitly():
     """Triton 3.10 turns FP fusion off by default (3.9 warns): every kernel launch in kernels/ and pipeline/ passes
-    enable_fp_fusion (kernels.compat.FP_FUSION), so the code a GPU runs does not change with the release. Read from
-    the source: most of these launches run only on a GPU."""
+    enable_fp_fusion (kernels.compat.FP_FUSION), so the code a GPU runs does not change with the release, whether it
+    launches the kernel itself or through a `kernels.fast_launch.DirectLaunch` (`*_LAUNCH`). Read from the source: most
+    of these launches run only on a GPU."""
     import ast
     launches = []
     for path in sorted((ROOT / "kernels").glob("*.py")) + sorted((ROOT / "pipeline").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) \
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("_kernel"):
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id.endswith(("_kernel", "LAUNCH")):
                 named = {k.arg for k in node.keywords}
                 splats = [k.value.id for k in node.keywords if k.arg is None and isinstance(k.value, ast.Name)]
                 launches.append((f"{path.name}:{node.lineno}", "enable_fp_fusion" in named or splats))

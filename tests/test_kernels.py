@@ -808,6 +808,50 @@ def test_chunk_attention_gpu_bf16_sliding_window(cuda, B, C, Hq, Hkv, D, start_p
 
 
 @pytest.mark.gpu
+def test_direct_launches_give_tritons_path_outputs_bit_for_bit_on_the_gpu(cuda, monkeypatch):
+    """`kernels.fast_launch` compiled: every op's second call of a specialization launched directly (no Triton
+    binding), its output equal bit for bit to the same call's through Triton's own path; the dense kernel with a
+    prefix, split decode rows (with the merge kernel), a sliding window, the paged kernel, and the small ops."""
+    from kernels import fast_launch
+    from kernels.paged_attention import paged_chunk_attention
+    direct = []
+    real = fast_launch._run_compiled
+    monkeypatch.setattr(fast_launch, "_run_compiled", lambda *a: (direct.append(1), real(*a)))
+    bf = dict(device=cuda, dtype=torch.bfloat16)
+    g = torch.Generator(device=cuda).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, **bf)  # noqa: E731
+    calls = []
+    for B, C, P, window in [(1, 512, 4000, None), (4, 1, 30000, None), (2, 77, 1234, 500)]:
+        q, kn, vn = rnd(B, C, 32, 128), rnd(B, C, 8, 128), rnd(B, C, 8, 128)
+        kc, vc = rnd(B, P + C, 8, 128), rnd(B, P + C, 8, 128)
+        calls.append(lambda q=q, kn=kn, vn=vn, kc=kc, vc=vc, P=P, w=window: chunk_attention(q, kn, vn, kc, vc, P,
+                                                                                            window=w))
+    page, pages = 16, 64
+    kc, vc = rnd(pages, page, 8, 128), rnd(pages, page, 8, 128)
+    bt = torch.randperm(pages, device=cuda).to(torch.int32).view(2, 32)
+    cu = torch.tensor([0, 5, 105], device=cuda, dtype=torch.int32)
+    prefix = torch.tensor([300, 17], device=cuda, dtype=torch.int32)
+    qp, knp, vnp = rnd(105, 32, 128), rnd(105, 8, 128), rnd(105, 8, 128)
+    calls.append(lambda: paged_chunk_attention(qp, knp, vnp, kc, vc, prefix, bt, cu, 100, max_prefix=300))
+    x, r, w = rnd(3, 77, 4096), rnd(3, 77, 4096), rnd(4096)
+    calls.append(lambda: add_rms_norm(x, r, w, 1e-5))
+    gate, up = rnd(3, 77, 1000), rnd(3, 77, 1000)
+    calls.append(lambda: swiglu(gate, up))
+    cos, sin = rope_tables(128, 4096, 500000.0, device=cuda)
+    xr = rnd(2, 77, 32, 128)
+    calls.append(lambda: rope(xr, cos, sin, 1000))
+    for i, call in enumerate(calls):
+        with fast_launch.jit_launches():
+            want = call()
+        call()  # the first call of a specialization goes through Triton's path (compiles, or finds it compiled)
+        n = len(direct)
+        got = call()
+        assert len(direct) > n, f"call {i}: not launched directly"
+        want, got = (t if isinstance(t, tuple) else (t,) for t in (want, got))
+        assert all(torch.equal(a, b) for a, b in zip(want, got)), f"call {i}"
+
+
+@pytest.mark.gpu
 def test_memory_bound_kernels_gpu_bf16(cuda):
     x, r = torch.randn(8, 2048, 4096, device=cuda, dtype=torch.bfloat16), torch.randn(8, 2048, 4096, device=cuda,
                                                                                          dtype=torch.bfloat16)
