@@ -130,10 +130,12 @@ def _run_compiled(run, gx, gy, gz, stream, function, packed, args):
 
 
 def _hooked() -> bool:
-    """A launch hook (a profiler's, e.g. proton: Triton 3.6-3.9 keep them in chains, empty unless one is added) or
-    Triton's debug mode: Triton's path, which serves them."""
-    rt = knobs.runtime
-    return _set(rt.launch_enter_hook) or _set(rt.launch_exit_hook) or bool(rt.debug)
+    """A launch hook (a profiler's, e.g. proton: Triton 3.6-3.9 keep them in chains, empty unless one is added),
+    Triton's debug mode or an instrumented compile (proton's, or 3.9's FP sanitizer): Triton's path, which serves
+    them (its cache key reads these modes; this one does not)."""
+    rt, comp = knobs.runtime, knobs.compilation
+    return (_set(rt.launch_enter_hook) or _set(rt.launch_exit_hook) or bool(rt.debug)
+            or bool(comp.instrumentation_mode) or bool(getattr(comp, "fpsan_homomorphic_casts", False)))
 
 
 def _set(hook) -> bool:

@@ -272,6 +272,10 @@ def test_triton_path_serves_hooks_debug_other_grids_and_the_switch(fake_gpu, mon
     call()
     assert paths[-1] == "jit"
     monkeypatch.setattr(knobs.runtime, "debug", False)
+    monkeypatch.setattr(knobs.compilation, "instrumentation_mode", "consan")
+    call()
+    assert paths[-1] == "jit"
+    monkeypatch.setattr(knobs.compilation, "instrumentation_mode", "")
     call()
     assert paths[-1] == "direct"
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter's flag: Triton's path (here the faked compile's)
