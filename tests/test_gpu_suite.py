@@ -408,6 +408,12 @@ def test_summary_says_which_targets_are_missed_and_by_how_much(pipeline_part):
     assert ("- triton ops: host 900 us to enqueue (600 of it in Triton's launches), 600 back to back, device 3000 us "
             "(host/device 0.20)") in text
     assert "- torch ops: host 500 us to enqueue, device not measured" in text
+    memory[0]["triton_jit_steady_us"], layer[0]["jit_steady_us"] = 19.0, 950.0  # runs since 2026-11-30
+    text2 = gpu_summary.summary_markdown(env, tests, kernels, pipeline_part[0])
+    assert ("host µs Triton (its launch), back to back [through Triton's launch path] / eager, back to back |"
+            in text2 and "| met (1.12x the target) | 21 (15), 8 [19] / 10, 5 |" in text2)
+    assert ("- triton ops: host 900 us to enqueue (600 of it in Triton's launches), 600 back to back (950 through "
+            "Triton's own launch path), device 3000 us (host/device 0.20)") in text2
     assert "FAILED `tests/test_kernels.py::test_x`" in text
     assert "| chunk_attention d128 | 255 | 0 | - | 128 | yes |" in text
     assert "| chunk_attention d128 m64n128 | 255 | 140 | 36, 2 | 128 | yes |" in text
@@ -458,6 +464,14 @@ def test_launch_cost_tells_one_cold_call_from_calls_back_to_back(monkeypatch):
     assert "launcher host (Triton's launch) , back to back / graph µs |" not in text
     assert "| launcher host (Triton's launch), back to back / graph µs |" in text
     assert "| 61 (36), 10 / 15 |" in text and "| 61 (36), 24 / 15 launch-bound |" in text
+    assert "Direct launches" not in text  # files before 2026-11-30: no time through Triton's path
+    for r, jit in zip(kernels["attention"], (40.0, 48.0)):
+        r["launch_jit_steady_us"] = jit
+    text = gpu_summary.summary_markdown(dict(device="GPU"), None, kernels, None)
+    assert "back to back [through Triton's launch path] / graph µs |" in text
+    assert "| 61 (36), 10 [40] / 15 |" in text and "| 61 (36), 24 [48] / 15 launch-bound |" in text
+    assert ("- Direct launches (`kernels.fast_launch`): the launcher's host time back to back 10–24 µs a call, "
+            "through Triton's own launch path 40–48 µs (2.00–4.00x); launch-bound with them: 1 of 2 shapes") in text
 
 
 def test_summary_of_an_older_kernel_file_shows_no_columns_it_never_measured():
