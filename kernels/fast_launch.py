@@ -11,8 +11,9 @@ Its key holds everything Triton's specialization reads, so equal keys mean the s
 dtype and data pointer modulo 16, the exact value and type of every specialized scalar, the type of every
 `do_not_specialize` one (which must fit in 32 bits, else Triton's path runs: Triton types it i64), every keyword
 (constexprs and launch options) and the device. The kernel's tensor arguments come first (`pointers` of them), its
-constexprs after its runtime arguments; a call that does not fit that, a launch hook or Triton's debug mode set, the
-interpreter (TRITON_INTERPRET=1) or `ENABLED = False` take Triton's path. `tests/test_fast_launch.py` checks on CPU,
+constexprs after its runtime arguments; a call that does not fit that, a launch hook, Triton's debug mode or an
+instrumented compile, a kernel made for the interpreter (TRITON_INTERPRET=1) or `ENABLED = False` take Triton's
+path. `tests/test_fast_launch.py` checks on CPU,
 with the driver and compiler faked, that every direct launch is the one Triton's path makes: the same compiled
 kernel, the same arguments."""
 from __future__ import annotations
@@ -23,8 +24,6 @@ import operator
 import torch
 from triton import knobs
 from triton.runtime import driver
-
-from .shapes import interpreted
 
 ENABLED = True  # False: every launch through Triton's `kernel[grid](...)` (`jit_launches` for a while)
 MAX_ENTRIES = 1024  # per kernel: specializations kept (a new chunk length is a new key); past it the cache restarts
@@ -42,7 +41,7 @@ class DirectLaunch:
 
     def _read_layout(self) -> dict:
         params = getattr(self.fn, "params", None)
-        if params is None:  # not a JITFunction: the interpreter's, imported under TRITON_INTERPRET=1
+        if params is None:  # the interpreter's (`triton.jit` under TRITON_INTERPRET=1, read when the kernel was made)
             self._layout = dict(direct=False)
             return self._layout
         n = sum(1 for p in params if not p.is_constexpr)
@@ -74,7 +73,7 @@ class DirectLaunch:
         return device, tensors, lay["spec"](args), tuple(map(type, args[self.pointers:])), tuple(kwargs.items())
 
     def launch(self, grid, args, kwargs):
-        if not ENABLED or interpreted() or type(grid) is not tuple or _hooked():
+        if not ENABLED or type(grid) is not tuple or _hooked():
             return self.fn[grid](*args, **kwargs)
         lay = self._layout or self._read_layout()
         if not lay["direct"] or self.fn.pre_run_hooks:

@@ -278,9 +278,6 @@ def test_triton_path_serves_hooks_debug_other_grids_and_the_switch(fake_gpu, mon
     monkeypatch.setattr(knobs.compilation, "instrumentation_mode", "")
     call()
     assert paths[-1] == "direct"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter's flag: Triton's path (here the faked compile's)
-    call()
-    assert paths[-1] == "jit"
 
 
 def test_the_cache_is_bounded(fake_gpu, monkeypatch):
@@ -302,3 +299,16 @@ def test_equal_scalars_of_different_types_are_different_specializations(fake_gpu
     for m, s in [(1, 2.0), (True, 2.0), (1.0, 2.0), (3, 16), (3, 16.0), (3, 17), (3, False)]:
         _jit_then_direct(lambda: TOY[(1,)](x, y, 5, m, s, BLOCK=16), log, paths)
     assert len({id(e["kernel"]) for e in log}) == 7
+
+
+def test_a_kernel_made_for_the_interpreter_is_always_launched_by_it():
+    """Under TRITON_INTERPRET=1 (every CPU test) `triton.jit` makes an interpreter's function: never launched
+    directly, nothing cached, the output the interpreter's."""
+    from triton.runtime.interpreter import InterpretedFunction
+    if not isinstance(_toy_kernel, InterpretedFunction):
+        pytest.skip("this process compiles kernels (no TRITON_INTERPRET)")
+    from kernels import swiglu, swiglu_ref
+    from kernels.swiglu import _LAUNCH
+    g, u = torch.randn(3, 40), torch.randn(3, 40)
+    assert torch.allclose(swiglu(g, u), swiglu_ref(g, u), atol=1e-6)
+    assert _LAUNCH.cache == {} and _LAUNCH._layout == dict(direct=False)
