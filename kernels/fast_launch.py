@@ -73,8 +73,8 @@ class DirectLaunch:
         return device, tensors, lay["spec"](args), tuple(map(type, args[self.pointers:])), tuple(kwargs.items())
 
     def launch(self, grid, args, kwargs):
-        if not ENABLED or type(grid) is not tuple or _hooked():
-            return self.fn[grid](*args, **kwargs)
+        if not ENABLED or type(grid) is not tuple or _hooked() or torch.compiler.is_compiling():
+            return self.fn[grid](*args, **kwargs)  # (traced by torch.compile: the launch it knows, Triton's)
         lay = self._layout or self._read_layout()
         if not lay["direct"] or self.fn.pre_run_hooks:
             return self.fn[grid](*args, **kwargs)
@@ -83,7 +83,10 @@ class DirectLaunch:
         key = self.key(lay, args, kwargs, device)
         if key is None:
             return self.fn[grid](*args, **kwargs)
-        hit = self.cache.get(key)
+        try:
+            hit = self.cache.get(key)
+        except TypeError:  # a keyword value that does not hash: Triton's path, which takes it as it can
+            return self.fn[grid](*args, **kwargs)
         if hit is None:
             compiled = self.fn[grid](*args, **kwargs)
             hit = self._entry(compiled, args, kwargs)

@@ -276,8 +276,16 @@ def test_triton_path_serves_hooks_debug_other_grids_and_the_switch(fake_gpu, mon
     call()
     assert paths[-1] == "jit"
     monkeypatch.setattr(knobs.compilation, "instrumentation_mode", "")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # traced by torch.compile: Triton's launch
+    call()
+    assert paths[-1] == "jit"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     call()
     assert paths[-1] == "direct"
+    before = len(paths)
+    with pytest.raises(Exception):  # a keyword value that does not hash goes to Triton, which refuses it
+        TOY[(1,)](x, y, 3, 4, 0.5, BLOCK=[16])
+    assert paths[before:] == ["jit"]
 
 
 def test_the_cache_is_bounded(fake_gpu, monkeypatch):
