@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.compat import FP_FUSION
+from kernels.fast_launch import DirectLaunch
 
 from . import checks
 
@@ -100,6 +101,7 @@ def _wait_ns_kernel(ns):
 
 _PRELOADED: set = set()
 _WAIT_OPTIONS = dict(num_warps=1, enable_fp_fusion=FP_FUSION)  # the preload's and every launch's: one compiled kernel
+_WAIT_LAUNCH = DirectLaunch(_wait_ns_kernel, pointers=0)  # launched once per emulated transfer: `kernels.fast_launch`
 
 
 def preload_link_kernels(device) -> None:
@@ -111,7 +113,7 @@ def preload_link_kernels(device) -> None:
     if device.type != "cuda" or str(device) in _PRELOADED:
         return
     with torch.cuda.device(device):
-        _wait_ns_kernel[(1,)](0, **_WAIT_OPTIONS)
+        _WAIT_LAUNCH[(1,)](0, **_WAIT_OPTIONS)
         torch.cuda.synchronize(device)
     _PRELOADED.add(str(device))
 
@@ -120,7 +122,7 @@ def _gpu_sleep(seconds: float) -> None:
     """Occupies the current CUDA stream for `seconds` of wall time (an emulated transfer): one single-warp program,
     whatever the clocks do."""
     if seconds > 0:
-        _wait_ns_kernel[(1,)](int(seconds * 1e9), **_WAIT_OPTIONS)
+        _WAIT_LAUNCH[(1,)](int(seconds * 1e9), **_WAIT_OPTIONS)
 
 
 # ---- receive buffers ---------------------------------------------------------------------------------------------

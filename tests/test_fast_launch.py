@@ -59,7 +59,8 @@ class FakeKernel:
 
 LAUNCHERS = [("kernels.chunk_attention", "CHUNK_LAUNCH"), ("kernels.chunk_attention", "MERGE_LAUNCH"),
              ("kernels.paged_attention", "PAGED_LAUNCH"), ("kernels.paged_attention", "CHECK_ROWS_LAUNCH"),
-             ("kernels.rmsnorm", "_LAUNCH"), ("kernels.rope", "_LAUNCH"), ("kernels.swiglu", "_LAUNCH")]
+             ("kernels.rmsnorm", "_LAUNCH"), ("kernels.rope", "_LAUNCH"), ("kernels.swiglu", "_LAUNCH"),
+             ("pipeline.link", "_WAIT_LAUNCH")]
 
 
 def _as_jit(fn):
@@ -247,6 +248,8 @@ def test_paged_and_small_kernels_launch_directly_what_tritons_path_launches(fake
     prefix = torch.tensor([10, 20], dtype=torch.int32)
     out = torch.empty_like(q)
     _jit_then_direct(lambda: paged_chunk_attention(q, kn, vn, kc, vc, prefix, bt, cu, 5, out=out), log, paths)
+    from pipeline.link import _gpu_sleep  # the emulated link's wait kernel: no pointer, one unspecialized int
+    _jit_then_direct(lambda: _gpu_sleep(2e-3), log, paths)
 
 
 def test_triton_path_serves_hooks_debug_other_grids_and_the_switch(fake_gpu, monkeypatch):
