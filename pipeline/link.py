@@ -120,9 +120,16 @@ def preload_link_kernels(device) -> None:
 
 def _gpu_sleep(seconds: float) -> None:
     """Occupies the current CUDA stream for `seconds` of wall time (an emulated transfer): one single-warp program,
-    whatever the clocks do."""
-    if seconds > 0:
-        _WAIT_LAUNCH[(1,)](int(seconds * 1e9), **_WAIT_OPTIONS)
+    whatever the clocks do; a wait past 2**31 - 1 ns (2.1 s: a slow emulated link) in several, each of the kernel's
+    one compiled form (a larger count would make Triton compile an int64 one inside the run)."""
+    ns = int(seconds * 1e9) if seconds > 0 else 0
+    while ns > 0:
+        step = min(ns, MAX_WAIT_NS)
+        _WAIT_LAUNCH[(1,)](step, **_WAIT_OPTIONS)
+        ns -= step
+
+
+MAX_WAIT_NS = 2 ** 31 - 1  # the wait kernel's int32 count
 
 
 # ---- receive buffers ---------------------------------------------------------------------------------------------

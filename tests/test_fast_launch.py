@@ -250,6 +250,12 @@ def test_paged_and_small_kernels_launch_directly_what_tritons_path_launches(fake
     _jit_then_direct(lambda: paged_chunk_attention(q, kn, vn, kc, vc, prefix, bt, cu, 5, out=out), log, paths)
     from pipeline.link import _gpu_sleep  # the emulated link's wait kernel: no pointer, one unspecialized int
     _jit_then_direct(lambda: _gpu_sleep(2e-3), log, paths)
+    short = log[-1]["kernel"]
+    n = len(log)
+    _gpu_sleep(5.0)  # past int32 nanoseconds: three waits of the one compiled kernel (no int64 compile in a run)
+    waits = log[n:]
+    assert [w["args"][0] for w in waits] == [2 ** 31 - 1, 2 ** 31 - 1, 5 * 10 ** 9 - 2 * (2 ** 31 - 1)]
+    assert all(w["kernel"] is short for w in waits) and paths[-3:] == ["direct"] * 3
 
 
 def test_triton_path_serves_hooks_debug_other_grids_and_the_switch(fake_gpu, monkeypatch):
