@@ -2,20 +2,21 @@
 
 `kernel[grid](*args, **constexprs)` binds every argument, specializes it (a tensor's dtype and 16-byte alignment, an
 int's width, whether it is 1 or a multiple of 16), builds a cache key of the whole and looks the compiled kernel up:
-for chunk_attention's 33 arguments and 17 constexprs that is about 40 us of a 2-core CPU's time per launch (37 us of
-an H200 host's, against 9-12 us of kernel at prefix 0 / chunk 64), before the launch itself. `DirectLaunch` keeps, per
-specialization, the compiled kernel Triton returned from one such launch and afterwards calls its launcher directly
-(`CompiledKernel.run`, with the arguments Triton's own `JITFunction.run` passes it, the same in Triton 3.6 to 3.9).
+for chunk_attention's 33 arguments and 17 constexprs that is 20-40 us of this project's 2-core CPU per launch (measured
+with the driver and compiler faked), most of the 37 us "Triton's launch" took of an H200 host's time, against 9-12 us
+of kernel at prefix 0 / chunk 64. `DirectLaunch` keeps, per specialization, the compiled kernel Triton returned from
+one such launch and afterwards calls its launcher directly (`CompiledKernel.run`, with the arguments Triton's own
+`JITFunction.run` passes it: the same in Triton 3.6 to 3.9).
 
 Its key holds everything Triton's specialization reads, so equal keys mean the same compiled kernel: each tensor's
-dtype and data pointer modulo 16, the exact value and type of every specialized scalar, the type of every
-`do_not_specialize` one (which must fit in 32 bits, else Triton's path runs: Triton types it i64), every keyword
-(constexprs and launch options) and the device. The kernel's tensor arguments come first (`pointers` of them), its
-constexprs after its runtime arguments; a call that does not fit that, a launch hook, Triton's debug mode or an
-instrumented compile, a kernel made for the interpreter (TRITON_INTERPRET=1) or `ENABLED = False` take Triton's
-path. `tests/test_fast_launch.py` checks on CPU,
-with the driver and compiler faked, that every direct launch is the one Triton's path makes: the same compiled
-kernel, the same arguments."""
+dtype and data pointer modulo 16, the exact value of every specialized scalar, every scalar's type (1, True and 1.0
+are equal in Python, not to Triton), every keyword (constexprs and launch options) and the device; a `do_not_specialize`
+int must fit in 32 bits (Triton types a larger one i64: its path runs). The kernel's tensor arguments come first
+(`pointers` of them), its constexprs after its runtime arguments. A call that does not fit that, a launch hook,
+Triton's debug mode or an instrumented compile, tracing by torch.compile, a kernel made for the interpreter
+(TRITON_INTERPRET=1) or `ENABLED = False` take Triton's path. `tests/test_fast_launch.py` checks on CPU, Triton's
+binding and cache real with the driver and compiler faked, that every direct launch is the one Triton's path makes:
+the same compiled kernel, the same arguments."""
 from __future__ import annotations
 
 import contextlib

@@ -64,10 +64,13 @@ LAUNCHERS = [("kernels.chunk_attention", "CHUNK_LAUNCH"), ("kernels.chunk_attent
 
 
 def _as_jit(fn):
-    """A JITFunction of the kernel's Python function (under TRITON_INTERPRET=1 `triton.jit` made an interpreter's)."""
+    """A new JITFunction of the kernel's Python function: under TRITON_INTERPRET=1 `triton.jit` made an
+    interpreter's; on a GPU machine the kernel's own JITFunction holds real compiled kernels, which the fakes must
+    neither see nor join."""
     from triton.runtime import jit
     if isinstance(fn, jit.JITFunction):
-        return fn
+        return jit.JITFunction(fn.fn, do_not_specialize=fn.do_not_specialize,
+                               do_not_specialize_on_alignment=fn.do_not_specialize_on_alignment)
     return jit.JITFunction(fn.fn, **fn.kwargs)
 
 
