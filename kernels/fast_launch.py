@@ -9,9 +9,10 @@ one such launch and afterwards calls its launcher directly (`CompiledKernel.run`
 `JITFunction.run` passes it: the same in Triton 3.6 to 3.9).
 
 Its key holds everything Triton's specialization reads, so equal keys mean the same compiled kernel: each tensor's
-dtype and data pointer modulo 16, the exact value of every specialized scalar, every scalar's type (1, True and 1.0
-are equal in Python, not to Triton), every keyword (constexprs and launch options) and the device; a `do_not_specialize`
-int must fit in 32 bits (Triton types a larger one i64: its path runs). The kernel's tensor arguments come first
+dtype and data pointer modulo 16, for every specialized int whether it is 1, a multiple of 16 and within 32 bits (not
+its value: a chunk length or stride Triton compiles no new kernel for is no new entry), every scalar's type (1, True
+and 1.0 are equal in Python, not to Triton), every keyword (constexprs and launch options) and the device; a
+`do_not_specialize` int must fit in 32 bits (Triton types a larger one i64: its path runs). The kernel's tensor arguments come first
 (`pointers` of them), its constexprs after its runtime arguments. A call that does not fit that, a launch hook,
 Triton's debug mode or an instrumented compile, tracing by torch.compile, a kernel made for the interpreter
 (TRITON_INTERPRET=1) or `ENABLED = False` take Triton's path. `tests/test_fast_launch.py` checks on CPU, Triton's
@@ -27,7 +28,7 @@ from triton import knobs
 from triton.runtime import driver
 
 ENABLED = True  # False: every launch through Triton's `kernel[grid](...)` (`jit_launches` for a while)
-MAX_ENTRIES = 1024  # per kernel: specializations kept (a new chunk length is a new key); past it the cache restarts
+MAX_ENTRIES = 1024  # per kernel: specializations kept; past it the cache restarts
 _I32 = (-(2 ** 31), 2 ** 31 - 1)
 
 
@@ -71,7 +72,11 @@ class DirectLaunch:
         for v in lay["dns"](args):
             if type(v) is int and not _I32[0] <= v <= _I32[1]:
                 return None
-        return device, tensors, lay["spec"](args), tuple(map(type, args[self.pointers:])), tuple(kwargs.items())
+        # a specialized int as Triton classes it (1, a multiple of 16, 32 bits or not), not its value: a new chunk
+        # length or stride that Triton compiles no new kernel for is no new entry either
+        ints = tuple([(v == 1, not v & 15, _I32[0] <= v <= _I32[1]) if type(v) is int else None
+                      for v in lay["spec"](args)])
+        return device, tensors, ints, tuple(map(type, args[self.pointers:])), tuple(kwargs.items())
 
     def launch(self, grid, args, kwargs):
         if not ENABLED or type(grid) is not tuple or _hooked() or torch.compiler.is_compiling():

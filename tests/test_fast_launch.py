@@ -304,10 +304,10 @@ def test_the_cache_is_bounded(fake_gpu, monkeypatch):
     log, paths = fake_gpu
     monkeypatch.setattr(fast_launch, "MAX_ENTRIES", 4)
     x, y = torch.empty(16), torch.empty(16)
-    for m in range(10):
-        TOY[(1,)](x, y, 3, m + 100, 0.5, BLOCK=16)
+    for m in range(10):  # ten keywords, ten specializations
+        TOY[(1,)](x, y, 3, 4, 0.5, BLOCK=16 * (m + 1))
         assert len(TOY.cache) <= 4
-    TOY[(1,)](x, y, 3, 109, 0.5, BLOCK=16)
+    TOY[(1,)](x, y, 3, 4, 0.5, BLOCK=160)
     assert paths[-1] == "direct"
 
 
@@ -332,3 +332,46 @@ def test_a_kernel_made_for_the_interpreter_is_always_launched_by_it():
     g, u = torch.randn(3, 40), torch.randn(3, 40)
     assert torch.allclose(swiglu(g, u), swiglu_ref(g, u), atol=1e-6)
     assert _LAUNCH.cache == {} and _LAUNCH._layout == dict(direct=False)
+
+
+def test_new_chunk_lengths_and_row_counts_launch_directly_when_triton_would_reuse_its_kernel(fake_gpu):
+    """The key holds an int's specialization class, not its value: a chunk length never launched before (and the
+    strides that follow from it), or a packed batch of a new token count, is launched directly where Triton's path
+    picks the same compiled kernel, and is that kernel with those arguments."""
+    from kernels import chunk_attention
+    from kernels.paged_attention import paged_chunk_attention
+    log, paths = fake_gpu
+    kc, vc = (torch.zeros(1, 400, 2, 64, dtype=torch.float16) for _ in range(2))
+    fresh_direct = 0
+    for i, C in enumerate([33, 49, 50, 31, 47, 48, 64]):  # chunks over a prefix, each length new
+        q, k, v = torch.randn(1, C, 4, 64).half(), torch.randn(1, C, 2, 64).half(), torch.randn(1, C, 2, 64).half()
+        out = torch.empty_like(q)
+        n, p = len(log), len(paths)
+        chunk_attention(q, k, v, kc, vc, 100 + i, out=out)
+        fresh_direct += paths[p:] == ["direct"]
+        got = log[n:]
+        with fast_launch.jit_launches():
+            n = len(log)
+            chunk_attention(q, k, v, kc, vc, 100 + i, out=out)
+        _same_launch(got[0], log[n])
+    assert fresh_direct >= 4  # lengths of a class launched before (33 and 48: new; their tiles as the launcher picks)
+    page = 16
+    kc, vc = (torch.zeros(16, page, 2, 64, dtype=torch.float16) for _ in range(2))
+    bt = torch.arange(16, dtype=torch.int32).view(2, 8)
+    prefix = torch.tensor([5, 9], dtype=torch.int32)
+    fresh_direct = 0
+    for a, b in [(3, 4), (2, 7), (5, 6), (1, 12), (8, 8)]:  # packed rows: every step a new token count N
+        cu = torch.tensor([0, a, a + b], dtype=torch.int32)
+        q, kn, vn = torch.randn(a + b, 4, 64).half(), torch.randn(a + b, 2, 64).half(), torch.randn(a + b, 2, 64).half()
+        out = torch.empty_like(q)
+        n, p = len(log), len(paths)
+        paged_chunk_attention(q, kn, vn, kc, vc, prefix, bt, cu, max(a, b), out=out)
+        fresh_direct += paths[p:] == ["direct"]
+        got = log[n:]
+        with fast_launch.jit_launches():
+            n = len(log)
+            paged_chunk_attention(q, kn, vn, kc, vc, prefix, bt, cu, max(a, b), out=out)
+        assert len(got) == len(log[n:])
+        for x, y in zip(got, log[n:]):
+            _same_launch(x, y)
+    assert fresh_direct >= 2
