@@ -468,12 +468,12 @@ def kernels_markdown(kernels: dict, baseline: tuple[str, dict] | None = None) ->
     direct = [r for r in kernels["attention"] if r.get("launch_jit_steady_us") and r.get("launch_steady_us")]
     if direct:
         from .kernels import launch_bound
-        saved = [r["launch_jit_steady_us"] / r["launch_steady_us"] for r in direct]
+        steady = [r["launch_steady_us"] for r in direct]
+        jit = [r["launch_jit_steady_us"] for r in direct]
+        saved = [j / s for j, s in zip(jit, steady)]
         lines.append(f"- Direct launches (`kernels.fast_launch`): the launcher's host time back to back "
-                     f"{min(r['launch_steady_us'] for r in direct):.0f}–{max(r['launch_steady_us'] for r in direct):.0f}"
-                     f" µs a call, through Triton's own launch path "
-                     f"{min(r['launch_jit_steady_us'] for r in direct):.0f}–"
-                     f"{max(r['launch_jit_steady_us'] for r in direct):.0f} µs ({min(saved):.2f}–{max(saved):.2f}x); "
+                     f"{min(steady):.0f}–{max(steady):.0f} µs a call, through Triton's own launch path "
+                     f"{min(jit):.0f}–{max(jit):.0f} µs ({min(saved):.2f}–{max(saved):.2f}x); "
                      f"launch-bound with them: {sum(map(launch_bound, direct))} of {len(direct)} shapes")
     if kernels.get("paged"):
         flex = any("flex_ms" in r for r in kernels["paged"])  # older files: no flex peer

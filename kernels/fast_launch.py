@@ -29,7 +29,7 @@ from triton.runtime import driver
 
 ENABLED = True  # False: every launch through Triton's `kernel[grid](...)` (`jit_launches` for a while)
 MAX_ENTRIES = 1024  # per kernel: specializations kept; past it the cache restarts
-_I32 = (-(2 ** 31), 2 ** 31 - 1)
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1  # what Triton types i32; past it, i64
 
 
 class DirectLaunch:
@@ -70,11 +70,11 @@ class DirectLaunch:
         except AttributeError:  # a pointer argument that is not a tensor
             return None
         for v in lay["dns"](args):
-            if type(v) is int and not _I32[0] <= v <= _I32[1]:
+            if type(v) is int and not INT32_MIN <= v <= INT32_MAX:
                 return None
         # a specialized int as Triton classes it (1, a multiple of 16, 32 bits or not), not its value: a new chunk
         # length or stride that Triton compiles no new kernel for is no new entry either
-        ints = tuple([(v == 1, not v & 15, _I32[0] <= v <= _I32[1]) if type(v) is int else None
+        ints = tuple([(v == 1, not v & 15, INT32_MIN <= v <= INT32_MAX) if type(v) is int else None
                       for v in lay["spec"](args)])
         return device, tensors, ints, tuple(map(type, args[self.pointers:])), tuple(kwargs.items())
 

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels.compat import FP_FUSION
-from kernels.fast_launch import DirectLaunch
+from kernels.fast_launch import INT32_MAX, DirectLaunch
 
 from . import checks
 
@@ -129,7 +129,7 @@ def _gpu_sleep(seconds: float) -> None:
         ns -= step
 
 
-MAX_WAIT_NS = 2 ** 31 - 1  # the wait kernel's int32 count
+MAX_WAIT_NS = INT32_MAX  # the wait kernel's count, typed int32
 
 
 # ---- receive buffers ---------------------------------------------------------------------------------------------

@@ -86,6 +86,10 @@ def fake_gpu(monkeypatch):
     # unless the interpreter's flag is set: imported here, under the flag
     with contextlib.suppress(ImportError):
         importlib.import_module("triton.experimental.gluon")
+    # the launchers' modules imported as the rest of the process has them (under the flag: interpreted kernels) before
+    # the flag goes: one first imported without it would keep compiled kernels for every later test
+    modules = {module: sys.modules.get(module) or importlib.import_module(module) for module, _ in LAUNCHERS}
+    modules[__name__] = sys.modules[__name__]
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     saved = driver._active
     driver.set_active(FakeDriver())
@@ -108,7 +112,7 @@ def fake_gpu(monkeypatch):
         return real_direct(*args)
     monkeypatch.setattr(fast_launch, "_run_compiled", direct)
     for module, name in LAUNCHERS + [(__name__, "TOY")]:
-        mod = sys.modules.get(module) or importlib.import_module(module)
+        mod = modules[module]
         launcher = getattr(mod, name)
         monkeypatch.setattr(launcher, "fn", _as_jit(launcher.fn))
         monkeypatch.setattr(launcher, "cache", {})
